@@ -1,0 +1,42 @@
+"""Tandem's control plane: the one scheduler both execution planes drive.
+
+The C++ core (`controlplane._core`, built at install time) owns request
+lifecycles, the paged KV cache with its prefix index and policies, and batch
+planning. This package re-exports it and adds the shared loop::
+
+    plan = scheduler.step(now)
+    tokens = executor.run(plan)
+    finished = scheduler.commit(plan, tokens, now)
+"""
+
+from controlplane._core import (
+    FinishedRequest,
+    InvariantError,
+    Plan,
+    RequestState,
+    Stats,
+    parse_policy_spec,
+    policy_names,
+    transition_allowed,
+)
+from controlplane.config import SchedulerConfig
+from controlplane.scheduler import Scheduler
+from controlplane.loop import Clock, Executor, ManualClock, StepRecord, run_loop
+
+__all__ = [
+    "Clock",
+    "Executor",
+    "FinishedRequest",
+    "InvariantError",
+    "ManualClock",
+    "Plan",
+    "RequestState",
+    "Scheduler",
+    "SchedulerConfig",
+    "Stats",
+    "StepRecord",
+    "parse_policy_spec",
+    "policy_names",
+    "run_loop",
+    "transition_allowed",
+]

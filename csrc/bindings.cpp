@@ -1,0 +1,226 @@
+// pybind11 face of the control plane: `controlplane._core`.
+// Plans hand their arrays to numpy without copies; the arrays are read-only
+// and keep the plan (and through it the scheduler) alive.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "policies.h"
+#include "request.h"
+#include "scheduler.h"
+
+namespace py = pybind11;
+using namespace tandem;
+
+namespace {
+
+template <typename T>
+py::array view(const std::vector<T>& v, py::handle owner, py::dtype dtype = py::dtype::of<T>()) {
+  py::array out(dtype, {static_cast<py::ssize_t>(v.size())}, {static_cast<py::ssize_t>(sizeof(T))},
+                v.data(), owner);
+  py::detail::array_proxy(out.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return out;
+}
+
+// Integer token ids from any sequence or integer ndarray; floats and bools are refused.
+std::vector<int64_t> to_int_vector(py::handle obj, const char* what) {
+  py::array arr = py::array::ensure(obj);
+  if (!arr) throw InvalidInput(std::string(what) + " must be a sequence of integers");
+  if (arr.ndim() != 1) throw InvalidInput(std::string(what) + " must be one-dimensional");
+  if (arr.size() == 0) return {};
+  const char kind = arr.dtype().kind();
+  if (kind != 'i' && kind != 'u') {
+    throw InvalidInput(std::string(what) + " must hold integers, got dtype " +
+                       std::string(py::str(arr.dtype())));
+  }
+  auto ints = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
+  return std::vector<int64_t>(ints.data(), ints.data() + ints.size());
+}
+
+std::vector<TokenId> to_tokens(py::handle obj, const char* what) {
+  std::vector<int64_t> wide = to_int_vector(obj, what);
+  std::vector<TokenId> out(wide.size());
+  for (size_t i = 0; i < wide.size(); ++i) {
+    if (wide[i] < INT32_MIN || wide[i] > INT32_MAX) {
+      throw InvalidInput(std::string(what) + ": token id " + std::to_string(wide[i]) +
+                         " at position " + std::to_string(i) + " is outside the vocabulary");
+    }
+    out[i] = static_cast<TokenId>(wide[i]);
+  }
+  return out;
+}
+
+py::dict request_info(const Request& r) {
+  py::dict d;
+  d["id"] = r.id;
+  d["state"] = state_name(r.state);
+  d["num_prompt_tokens"] = r.num_prompt_tokens;
+  d["num_tokens"] = r.num_tokens();
+  d["num_computed_tokens"] = r.num_computed;
+  d["num_cached_tokens"] = r.num_cached_tokens;
+  d["num_preemptions"] = r.num_preemptions;
+  d["swapped"] = r.swapped();
+  d["blocks"] = r.blocks;
+  d["output_token_ids"] =
+      std::vector<TokenId>(r.tokens.begin() + r.num_prompt_tokens, r.tokens.end());
+  d["session_id"] = r.session_id;
+  d["priority"] = r.priority;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "Tandem control plane: request lifecycles, paged KV with a prefix index, batch planning.";
+  py::register_exception<InvariantViolation>(m, "InvariantError", PyExc_RuntimeError);
+
+  py::enum_<RequestState>(m, "RequestState")
+      .value("WAITING", RequestState::kWaiting)
+      .value("PREFILLING", RequestState::kPrefilling)
+      .value("DECODING", RequestState::kDecoding)
+      .value("PREEMPTED", RequestState::kPreempted)
+      .value("FINISHED", RequestState::kFinished)
+      .value("ABORTED", RequestState::kAborted);
+  m.def("transition_allowed", &transition_allowed, py::arg("src"), py::arg("dst"),
+        "Whether the request lifecycle has an edge src -> dst.");
+  m.def(
+      "policy_names",
+      [](const std::string& kind) {
+        if (kind == "ordering") return ordering_registry().names();
+        if (kind == "eviction") return eviction_registry().names();
+        if (kind == "preemption") return preemption_registry().names();
+        throw InvalidInput("unknown policy kind '" + kind + "' (ordering, eviction, preemption)");
+      },
+      py::arg("kind"), "Names registered for a policy kind.");
+  m.def(
+      "parse_policy_spec",
+      [](const std::string& spec) {
+        std::string name;
+        PolicyParams params;
+        parse_policy_spec(spec, &name, &params);
+        return py::make_tuple(name, params);
+      },
+      py::arg("spec"));
+
+  py::class_<SchedulerConfig>(m, "SchedulerConfig")
+      .def(py::init<>())
+      .def_readwrite("num_blocks", &SchedulerConfig::num_blocks)
+      .def_readwrite("block_size", &SchedulerConfig::block_size)
+      .def_readwrite("num_host_blocks", &SchedulerConfig::num_host_blocks)
+      .def_readwrite("max_num_seqs", &SchedulerConfig::max_num_seqs)
+      .def_readwrite("max_num_batched_tokens", &SchedulerConfig::max_num_batched_tokens)
+      .def_readwrite("chunk_size", &SchedulerConfig::chunk_size)
+      .def_readwrite("max_model_len", &SchedulerConfig::max_model_len)
+      .def_readwrite("vocab_size", &SchedulerConfig::vocab_size)
+      .def_readwrite("enable_prefix_caching", &SchedulerConfig::enable_prefix_caching)
+      .def_readwrite("ordering", &SchedulerConfig::ordering)
+      .def_readwrite("eviction", &SchedulerConfig::eviction)
+      .def_readwrite("preemption", &SchedulerConfig::preemption);
+
+  py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan")
+      .def_property_readonly("step_id", [](const Plan& p) { return p.step_id; })
+      .def_property_readonly("now", [](const Plan& p) { return p.now; })
+      .def_property_readonly("block_size", [](const Plan& p) { return p.block_size; })
+      .def_property_readonly("num_reqs", &Plan::num_reqs)
+      .def_property_readonly("num_tokens", &Plan::num_tokens)
+      .def_property_readonly("num_sampled", &Plan::num_sampled)
+      .def_property_readonly("is_empty", [](const Plan& p) { return p.num_reqs() == 0 && p.kv_ops.empty(); })
+      .def_property_readonly("req_ids", [](py::object self) { return view(self.cast<Plan&>().req_ids, self); })
+      .def_property_readonly("query_lens", [](py::object self) { return view(self.cast<Plan&>().query_lens, self); })
+      .def_property_readonly("cached_lens", [](py::object self) { return view(self.cast<Plan&>().cached_lens, self); })
+      .def_property_readonly("query_start_loc",
+                             [](py::object self) { return view(self.cast<Plan&>().query_start_loc, self); })
+      .def_property_readonly("slots", [](py::object self) { return view(self.cast<Plan&>().slots, self); })
+      .def_property_readonly("sample",
+                             [](py::object self) { return view(self.cast<Plan&>().sample, self, py::dtype("bool")); })
+      .def_property_readonly("logits_indices",
+                             [](py::object self) { return view(self.cast<Plan&>().logits_indices, self); })
+      .def_property_readonly("input_ids", [](py::object self) { return view(self.cast<Plan&>().input_ids, self); })
+      .def_property_readonly("positions", [](py::object self) { return view(self.cast<Plan&>().positions, self); })
+      .def_property_readonly("slot_mapping", [](py::object self) { return view(self.cast<Plan&>().slot_mapping, self); })
+      .def_property_readonly("preempted_ids",
+                             [](py::object self) { return view(self.cast<Plan&>().preempted_ids, self); })
+      .def_property_readonly("kv_ops",
+                             [](py::object self) {
+                               const Plan& p = self.cast<Plan&>();
+                               py::array out = view(p.kv_ops, self);
+                               return out.attr("reshape")(-1, 3);
+                             })
+      .def_property_readonly("block_table", [](py::object self) {
+        const Plan& p = self.cast<Plan&>();
+        py::array out(py::dtype::of<BlockId>(), {p.block_table_rows, p.block_table_cols},
+                      {static_cast<py::ssize_t>(sizeof(BlockId)) * p.block_table_cols,
+                       static_cast<py::ssize_t>(sizeof(BlockId))},
+                      p.block_table, self);
+        py::detail::array_proxy(out.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+        return out;
+      });
+
+  py::class_<FinishedRequest>(m, "FinishedRequest")
+      .def_readonly("request_id", &FinishedRequest::id)
+      .def_property_readonly("finish_reason", [](const FinishedRequest& f) { return finish_reason_name(f.reason); })
+      .def_readonly("num_prompt_tokens", &FinishedRequest::num_prompt_tokens)
+      .def_readonly("num_cached_tokens", &FinishedRequest::num_cached_tokens)
+      .def_readonly("num_preemptions", &FinishedRequest::num_preemptions)
+      .def_readonly("output_token_ids", &FinishedRequest::output_tokens)
+      .def("__repr__", [](const FinishedRequest& f) {
+        return "FinishedRequest(id=" + std::to_string(f.id) + ", reason=" + finish_reason_name(f.reason) +
+               ", outputs=" + std::to_string(f.output_tokens.size()) + ")";
+      });
+
+  py::class_<Stats>(m, "Stats")
+      .def("as_dict", [](const Stats& s) {
+        py::dict d;
+#define TANDEM_FIELD(name) d[#name] = s.name
+        TANDEM_FIELD(num_waiting); TANDEM_FIELD(num_running); TANDEM_FIELD(num_preempted);
+        TANDEM_FIELD(num_swapped); TANDEM_FIELD(num_blocks); TANDEM_FIELD(num_free_blocks);
+        TANDEM_FIELD(num_cached_blocks); TANDEM_FIELD(num_evictable_blocks); TANDEM_FIELD(num_pinned_blocks);
+        TANDEM_FIELD(num_used_blocks); TANDEM_FIELD(num_host_blocks); TANDEM_FIELD(num_free_host_blocks);
+        TANDEM_FIELD(num_steps); TANDEM_FIELD(num_finished); TANDEM_FIELD(num_aborted);
+        TANDEM_FIELD(num_preemptions_recompute); TANDEM_FIELD(num_preemptions_swap);
+        TANDEM_FIELD(num_evicted_blocks); TANDEM_FIELD(prompt_tokens); TANDEM_FIELD(computed_tokens);
+        TANDEM_FIELD(cached_tokens); TANDEM_FIELD(generated_tokens);
+#undef TANDEM_FIELD
+        return d;
+      });
+
+  py::class_<Scheduler>(m, "Scheduler")
+      .def(py::init<const SchedulerConfig&>(), py::arg("config"))
+      .def(
+          "add_request",
+          [](Scheduler& s, RequestId id, py::handle prompt, int max_new_tokens, py::handle stop_token_ids,
+             TokenId eos_token_id, bool ignore_eos, double arrival_time, py::object session_id, int priority,
+             py::object cache_namespace) {
+            SamplingLimits limits;
+            limits.max_new_tokens = max_new_tokens;
+            limits.stop_token_ids = to_tokens(stop_token_ids, "stop_token_ids");
+            limits.eos_token_id = eos_token_id;
+            limits.ignore_eos = ignore_eos;
+            std::vector<TokenId> tokens = to_tokens(prompt, "prompt_token_ids");
+            s.add_request(id, std::move(tokens), limits, arrival_time,
+                          session_id.is_none() ? std::string() : py::str(session_id).cast<std::string>(), priority,
+                          cache_namespace.is_none() ? std::string() : py::str(cache_namespace).cast<std::string>());
+          },
+          py::arg("request_id"), py::arg("prompt_token_ids"), py::kw_only(), py::arg("max_new_tokens") = 16,
+          py::arg("stop_token_ids") = py::tuple(), py::arg("eos_token_id") = -1, py::arg("ignore_eos") = false,
+          py::arg("arrival_time") = 0.0, py::arg("session_id") = py::none(), py::arg("priority") = 0,
+          py::arg("cache_namespace") = py::none())
+      .def("step", &Scheduler::step, py::arg("now"), py::keep_alive<0, 1>())
+      .def(
+          "commit",
+          [](Scheduler& s, const Plan& plan, py::handle tokens, double now) {
+            return s.commit(plan, to_int_vector(tokens, "tokens"), now);
+          },
+          py::arg("plan"), py::arg("tokens"), py::arg("now"))
+      .def("abort", &Scheduler::abort, py::arg("request_id"), py::arg("now"))
+      .def("end_session", &Scheduler::end_session, py::arg("session_id"), py::arg("now"))
+      .def("stats", &Scheduler::stats)
+      .def("check_invariants", &Scheduler::check_invariants)
+      .def("has_unfinished", &Scheduler::has_unfinished)
+      .def("has_pending_plan", &Scheduler::has_pending_plan)
+      .def("request_info", [](const Scheduler& s, RequestId id) { return request_info(s.request(id)); },
+           py::arg("request_id"))
+      .def_property_readonly("block_size", [](const Scheduler& s) { return s.config().block_size; })
+      .def_property_readonly("max_blocks_per_seq", &Scheduler::max_blocks_per_seq)
+      .def_property_readonly("ordering", &Scheduler::ordering_name);
+}

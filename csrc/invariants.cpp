@@ -1,0 +1,102 @@
+// Scheduler::check_invariants: the ownership rules of ARCHITECTURE.md as code.
+#include <algorithm>
+#include <sstream>
+
+#include "hashing.h"
+#include "scheduler.h"
+
+namespace tandem {
+namespace {
+
+[[noreturn]] void violated(const std::string& what, RequestId id) {
+  std::ostringstream msg;
+  msg << "scheduler invariant: " << what << " (request " << id << ")";
+  throw InvariantViolation(msg.str());
+}
+
+}  // namespace
+
+void Scheduler::check_invariants() const {
+  std::vector<int> holders(pool_.num_blocks(), 0);
+  std::vector<int> host_holders(host_.num_blocks(), 0);
+  std::vector<uint8_t> slot_used(config_.max_num_seqs, 0);
+  size_t n_running = 0, n_waiting = 0;
+
+  for (const auto& [id, r] : requests_) {
+    if (r.id != id) violated("stored under the wrong id", id);
+    if (r.terminal()) violated("terminal request still stored", id);
+    if (r.num_computed < 0 || r.num_computed >= r.num_tokens())
+      violated("computed tokens out of [0, num_tokens)", id);
+    if (r.num_tokens() > config_.max_model_len) violated("longer than max_model_len", id);
+    if (r.num_output_tokens() > r.limits.max_new_tokens) violated("more outputs than max_new_tokens", id);
+    for (BlockId b : r.blocks) {
+      if (b < 0 || b >= pool_.num_blocks()) violated("block id out of range", id);
+      holders[b] += 1;
+    }
+    for (int h : r.host_blocks) host_holders[h] += 1;
+
+    if (r.running()) {
+      ++n_running;
+      if (std::count(running_.begin(), running_.end(), id) != 1) violated("running but not listed once", id);
+      if (r.slot < 0 || r.slot >= config_.max_num_seqs || slot_used[r.slot]) violated("bad or shared slot", id);
+      slot_used[r.slot] = 1;
+      if (!r.host_blocks.empty()) violated("running while holding host blocks", id);
+      const int want = blocks_for(r.num_computed);
+      const int have = static_cast<int>(r.blocks.size());
+      // Between step and commit a request also holds the blocks its scheduled tokens go to.
+      if (have < want || have > max_blocks_per_seq_) violated("holds too few or too many blocks", id);
+      if (pending_step_ == 0 && have != want) violated("holds blocks it has not written", id);
+      const BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
+      for (int j = 0; j < have; ++j) {
+        if (row[j] != r.blocks[j]) violated("block table row differs from the block list", id);
+      }
+      if (have < max_blocks_per_seq_ && row[have] != kNoBlock) violated("block table row has a stale tail", id);
+      // Cached blocks it holds must hold its own tokens (and so hash to them).
+      uint64_t parent = r.ns_root;
+      for (int j = 0; j < have && (j + 1) * block_size_ <= r.num_computed; ++j) {
+        const TokenId* t = &r.tokens[static_cast<size_t>(j) * block_size_];
+        const uint64_t h = block_hash(parent, t, block_size_);
+        if (pool_.is_cached(r.blocks[j]) && pool_.lookup(h, parent, r.ns, t) != r.blocks[j])
+          violated("holds a cached block whose tokens are not its own", id);
+        parent = h;
+      }
+    } else {
+      ++n_waiting;
+      if (std::count(waiting_.begin(), waiting_.end(), id) != 1) violated("waiting but not listed once", id);
+      if (!r.blocks.empty() || r.slot != -1) violated("holds device KV while not running", id);
+      if (r.state == RequestState::kWaiting && (r.num_computed != 0 || r.swapped()))
+        violated("fresh request with KV state", id);
+      if (r.swapped() && static_cast<int>(r.host_blocks.size()) != blocks_for(r.num_computed))
+        violated("swapped KV does not cover its computed tokens", id);
+      if (!r.swapped() && r.num_computed != 0) violated("computed tokens without KV", id);
+    }
+  }
+  if (n_running != running_.size() || n_waiting != waiting_.size())
+    throw InvariantViolation("scheduler invariant: queue holds an unknown request");
+  if (static_cast<int>(running_.size()) > config_.max_num_seqs)
+    throw InvariantViolation("scheduler invariant: more running requests than max_num_seqs");
+
+  // No block writable by two requests: a block not yet fully computed has one
+  // holder and is not in the prefix cache.
+  for (const auto& [id, r] : requests_) {
+    for (size_t j = 0; j < r.blocks.size(); ++j) {
+      if (static_cast<int>((j + 1) * block_size_) <= r.num_computed) continue;
+      const BlockId b = r.blocks[j];
+      if (holders[b] != 1 || pool_.is_cached(b)) violated("writable block is shared or cached", id);
+    }
+  }
+
+  std::vector<uint8_t> slot_free(config_.max_num_seqs, 0);
+  for (int s : free_slots_) {
+    if (s < 0 || s >= config_.max_num_seqs || slot_free[s] || slot_used[s])
+      throw InvariantViolation("scheduler invariant: free slot list is corrupt");
+    slot_free[s] = 1;
+  }
+  if (free_slots_.size() + running_.size() != static_cast<size_t>(config_.max_num_seqs))
+    throw InvariantViolation("scheduler invariant: slots are not conserved");
+
+  pool_.check_invariants(holders, last_now_);
+  host_.check_invariants(host_holders);
+}
+
+}  // namespace tandem

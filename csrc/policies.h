@@ -1,0 +1,126 @@
+// Policy interfaces: small, pure, registered by name.
+//
+// A policy reads a plain view of the state and returns a decision; it never
+// reads a clock, mutates a request or touches the block pool. The scheduler
+// applies the decision. The same object serves the GPU engine and the
+// simulator, because both drive the same Scheduler.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace tandem {
+
+// Policies compare keys ascending: the smaller key runs first (ordering) or
+// is evicted first (eviction). Ties fall back to a stable, deterministic order.
+struct OrderKey {
+  double primary = 0.0;
+  double secondary = 0.0;
+};
+
+inline bool operator<(const OrderKey& a, const OrderKey& b) {
+  if (a.primary != b.primary) return a.primary < b.primary;
+  return a.secondary < b.secondary;
+}
+
+// Named numeric parameters, e.g. {"ttl": 30.0}. Unknown keys are rejected.
+using PolicyParams = std::map<std::string, double>;
+
+// What an ordering or preemption policy may read about one request.
+struct RequestView {
+  RequestId id = 0;
+  double arrival_time = 0.0;
+  int priority = 0;               // smaller value = more important (vLLM's convention)
+  int num_prompt_tokens = 0;
+  int num_output_tokens = 0;
+  int num_computed_tokens = 0;    // tokens whose KV is on the device now
+  int num_cached_tokens = 0;      // prefix-cache hit: what would match now (waiting) or matched at admission
+  int num_blocks = 0;             // device blocks held
+  bool preempted = false;
+  bool swapped = false;
+  std::string session_id;
+};
+
+// What an eviction policy may read about a cached block nobody holds.
+struct CachedBlockView {
+  BlockId block = kNoBlock;
+  double last_access = 0.0;  // `now` of the last hit or release
+  int depth = 0;             // position of the block in its sequence (0 = first)
+  int priority = 0;          // priority of the request that released it last
+  int64_t hits = 0;          // prefix-cache hits since it was cached
+};
+
+// A session's turn that just ended; its blocks enter the prefix cache.
+struct TurnView {
+  std::string session_id;
+  RequestId request_id = 0;
+  double now = 0.0;
+  int num_tokens = 0;        // prompt + output of the turn
+  int num_blocks = 0;        // full blocks it leaves in the cache
+  int priority = 0;
+};
+
+class OrderingPolicy {
+ public:
+  virtual ~OrderingPolicy() = default;
+  virtual std::string name() const = 0;
+  // Ascending: the smallest key is admitted first and preempted last.
+  virtual OrderKey key(const RequestView& request) const = 0;
+  // True if key() reads num_cached_tokens of waiting requests (costs a prefix lookup).
+  virtual bool needs_prefix_match() const { return false; }
+};
+
+class EvictionPolicy {
+ public:
+  virtual ~EvictionPolicy() = default;
+  virtual std::string name() const = 0;
+  // Retention: seconds a finished turn's blocks stay pinned (not evictable).
+  virtual double pin_seconds(const TurnView& turn) const {
+    (void)turn;
+    return 0.0;
+  }
+  // Ascending among unpinned, unheld cached blocks: the smallest is evicted first.
+  virtual OrderKey key(const CachedBlockView& block) const = 0;
+};
+
+enum class PreemptMode { kRecompute = 0, kSwap = 1 };
+
+class PreemptionPolicy {
+ public:
+  virtual ~PreemptionPolicy() = default;
+  virtual std::string name() const = 0;
+  // How to preempt `victim`, holding `blocks_needed` device blocks, when the
+  // host tier has `host_free_blocks` free. kSwap without room falls back to recompute.
+  virtual PreemptMode mode(const RequestView& victim, int host_free_blocks, int blocks_needed) const = 0;
+};
+
+// Registry: name -> factory(params). Unknown names and parameters throw InvalidInput.
+template <typename Policy>
+class PolicyRegistry {
+ public:
+  using Factory = std::function<std::shared_ptr<Policy>(const PolicyParams&)>;
+  void add(const std::string& name, Factory factory);
+  std::shared_ptr<Policy> make(const std::string& name, const PolicyParams& params) const;
+  std::vector<std::string> names() const;
+
+ private:
+  std::map<std::string, Factory> factories_;
+};
+
+PolicyRegistry<OrderingPolicy>& ordering_registry();
+PolicyRegistry<EvictionPolicy>& eviction_registry();
+PolicyRegistry<PreemptionPolicy>& preemption_registry();
+
+// Parses "name" or "name:key=value,key=value" (e.g. "ttl:ttl=30").
+void parse_policy_spec(const std::string& spec, std::string* name, PolicyParams* params);
+
+// Throws InvalidInput naming the policy if `params` has a key outside `allowed`.
+void check_params(const std::string& policy, const PolicyParams& params,
+                  const std::vector<std::string>& allowed);
+
+}  // namespace tandem

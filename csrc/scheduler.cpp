@@ -1,0 +1,590 @@
+#include "scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <tuple>
+
+#include "hashing.h"
+
+namespace tandem {
+namespace {
+
+template <typename Policy>
+std::shared_ptr<Policy> make_from_spec(PolicyRegistry<Policy>& registry, const std::string& spec) {
+  std::string name;
+  PolicyParams params;
+  parse_policy_spec(spec, &name, &params);
+  return registry.make(name, params);
+}
+
+void erase_id(std::vector<RequestId>& ids, RequestId id) {
+  auto it = std::find(ids.begin(), ids.end(), id);
+  if (it != ids.end()) ids.erase(it);
+}
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+}  // namespace
+
+Scheduler::Scheduler(const SchedulerConfig& config)
+    : Scheduler(config, make_from_spec(ordering_registry(), config.ordering),
+                make_from_spec(eviction_registry(), config.eviction),
+                make_from_spec(preemption_registry(), config.preemption)) {}
+
+Scheduler::Scheduler(const SchedulerConfig& config, std::shared_ptr<OrderingPolicy> ordering,
+                     std::shared_ptr<EvictionPolicy> eviction,
+                     std::shared_ptr<PreemptionPolicy> preemption)
+    : config_(config),
+      block_size_(config.block_size),
+      ordering_(std::move(ordering)),
+      eviction_(std::move(eviction)),
+      preemption_(std::move(preemption)),
+      pool_(config.num_blocks, config.block_size, eviction_),  // validates both
+      host_(config.num_host_blocks) {
+  TANDEM_REQUIRE(ordering_ && eviction_ && preemption_, "every policy must be set");
+  TANDEM_REQUIRE(config.max_num_seqs > 0, "max_num_seqs must be positive");
+  TANDEM_REQUIRE(config.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive");
+  TANDEM_REQUIRE(config.chunk_size > 0, "chunk_size must be positive");
+  TANDEM_REQUIRE(config.max_model_len > 1, "max_model_len must be at least 2");
+  TANDEM_REQUIRE(config.vocab_size > 0, "vocab_size must be positive");
+  ordering_name_ = ordering_->name();
+  max_blocks_per_seq_ = blocks_for(config.max_model_len);
+  block_table_.assign(static_cast<size_t>(config.max_num_seqs) * max_blocks_per_seq_, kNoBlock);
+  for (int s = config.max_num_seqs - 1; s >= 0; --s) free_slots_.push_back(s);
+  namespaces_.emplace("", 0);
+  namespace_roots_.push_back(namespace_hash(""));
+}
+
+void Scheduler::check_time(double now, const char* where) const {
+  if (!std::isfinite(now)) throw InvalidInput(std::string(where) + ": now must be finite");
+  if (now < last_now_) {
+    std::ostringstream msg;
+    msg << where << ": time went backwards (now=" << now << " < last " << last_now_ << ")";
+    throw InvalidInput(msg.str());
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Requests in
+
+void Scheduler::add_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits,
+                            double arrival_time, const std::string& session_id, int priority,
+                            const std::string& cache_namespace) {
+  const int n = static_cast<int>(prompt.size());
+  TANDEM_REQUIRE(!requests_.count(id), "duplicate request id " + str(id));
+  TANDEM_REQUIRE(n > 0, "request " + str(id) + ": empty prompt");
+  for (int i = 0; i < n; ++i) {
+    if (prompt[i] < 0 || prompt[i] >= config_.vocab_size) {
+      throw InvalidInput("request " + str(id) + ": token id " + str(prompt[i]) + " at position " +
+                         str(i) + " is outside the vocabulary [0, " + str(config_.vocab_size) + ")");
+    }
+  }
+  TANDEM_REQUIRE(n < config_.max_model_len,
+                 "request " + str(id) + ": prompt of " + str(n) + " tokens does not fit max_model_len " +
+                     str(config_.max_model_len) + " (it must leave room for one output token)");
+  TANDEM_REQUIRE(limits.max_new_tokens > 0, "request " + str(id) + ": max_new_tokens must be positive");
+  TANDEM_REQUIRE(limits.eos_token_id >= -1 && limits.eos_token_id < config_.vocab_size,
+                 "request " + str(id) + ": eos_token_id " + str(limits.eos_token_id) + " is out of range");
+  for (TokenId t : limits.stop_token_ids) {
+    TANDEM_REQUIRE(t >= 0 && t < config_.vocab_size,
+                   "request " + str(id) + ": stop token id " + str(t) + " is outside the vocabulary");
+  }
+  TANDEM_REQUIRE(std::isfinite(arrival_time), "request " + str(id) + ": arrival_time must be finite");
+  // The most KV it can ever hold: every token but the last one sampled.
+  const int64_t longest = std::min<int64_t>(static_cast<int64_t>(n) + limits.max_new_tokens,
+                                            config_.max_model_len);
+  const int64_t needed = blocks_for(static_cast<int>(longest - 1));
+  TANDEM_REQUIRE(needed <= pool_.num_blocks(),
+                 "request " + str(id) + " can never fit in the KV cache: it needs up to " + str(needed) +
+                     " blocks of " + str(block_size_) + " tokens and the cache has " +
+                     str(pool_.num_blocks()));
+
+  auto ns_it = namespaces_.find(cache_namespace);
+  if (ns_it == namespaces_.end()) {
+    ns_it = namespaces_.emplace(cache_namespace, static_cast<uint32_t>(namespace_roots_.size())).first;
+    namespace_roots_.push_back(namespace_hash(cache_namespace));
+  }
+  Request r;
+  r.id = id;
+  r.seq = next_seq_++;
+  r.tokens = std::move(prompt);
+  r.tokens.reserve(static_cast<size_t>(longest));
+  r.num_prompt_tokens = n;
+  r.limits = limits;
+  r.session_id = session_id;
+  r.ns = ns_it->second;
+  r.ns_root = namespace_roots_[r.ns];
+  r.priority = priority;
+  r.arrival_time = arrival_time;
+  requests_.emplace(id, std::move(r));
+  waiting_.push_back(id);
+  counters_.prompt_tokens += n;
+}
+
+// ---------------------------------------------------------------------------
+// Planning
+
+std::shared_ptr<Plan> Scheduler::step(double now) {
+  check_time(now, "step");
+  TANDEM_REQUIRE(pending_step_ == 0,
+                 "step(): plan " + str(static_cast<int64_t>(pending_step_)) + " has not been committed");
+  last_now_ = now;
+  pool_.expire_pins(now);
+
+  auto plan = std::make_shared<Plan>();
+  plan->step_id = next_step_++;
+  plan->now = now;
+  plan->query_start_loc.push_back(0);
+  plan->block_table = block_table_.data();
+  plan->block_table_rows = config_.max_num_seqs;
+  plan->block_table_cols = max_blocks_per_seq_;
+  plan->block_size = block_size_;
+  int budget = config_.max_num_batched_tokens;
+  bool preempted = false;
+  schedule_running(*plan, &budget, now, &preempted);
+  // A step that preempted admits nothing: swap-outs and swap-ins never share a plan.
+  if (!preempted) schedule_waiting(*plan, budget, now);
+  pending_step_ = plan->step_id;
+  if (plan->num_reqs() > 0) ++counters_.num_steps;
+  return plan;
+}
+
+void Scheduler::schedule_running(Plan& plan, int* budget, double now, bool* preempted) {
+  if (running_.size() > 1) {
+    std::vector<std::tuple<OrderKey, uint64_t, RequestId>> order;
+    order.reserve(running_.size());
+    bool sorted = true;
+    for (RequestId id : running_) {
+      const Request& r = requests_.at(id);
+      order.emplace_back(ordering_->key(view(r)), r.seq, id);
+      if (order.size() > 1 && order[order.size() - 1] < order[order.size() - 2]) sorted = false;
+    }
+    if (!sorted) {
+      std::sort(order.begin(), order.end());
+      for (size_t i = 0; i < order.size(); ++i) running_[i] = std::get<2>(order[i]);
+    }
+  }
+  size_t i = 0;
+  while (i < running_.size() && *budget > 0) {
+    Request& r = requests_.at(running_[i]);
+    const int n = std::min({r.num_tokens() - r.num_computed, *budget, config_.chunk_size});
+    bool fits = grow(r, r.num_computed + n);
+    while (!fits) {
+      // Out of KV: preempt the last request in policy order (never one already scheduled).
+      Request& victim = requests_.at(running_.back());
+      const bool self = &victim == &r;
+      preempt(victim, plan, now);
+      *preempted = true;
+      if (self) break;
+      fits = grow(r, r.num_computed + n);
+    }
+    if (!fits) break;
+    emit(r, n, plan);
+    *budget -= n;
+    ++i;
+  }
+}
+
+void Scheduler::schedule_waiting(Plan& plan, int budget, double now) {
+  if (waiting_.empty() || budget <= 0) return;
+  const bool match = ordering_->needs_prefix_match() && config_.enable_prefix_caching;
+  std::vector<std::tuple<OrderKey, uint64_t, RequestId>> order;
+  order.reserve(waiting_.size());
+  for (RequestId id : waiting_) {
+    Request& r = requests_.at(id);
+    RequestView v = view(r);
+    if (match) v.num_cached_tokens = r.swapped() ? r.num_computed : prefix_match(r, nullptr) * block_size_;
+    order.emplace_back(ordering_->key(v), r.seq, id);
+  }
+  std::sort(order.begin(), order.end());
+  size_t admitted = 0;
+  for (const auto& entry : order) {
+    if (budget <= 0 || static_cast<int>(running_.size()) >= config_.max_num_seqs) break;
+    Request& r = requests_.at(std::get<2>(entry));
+    const int n = r.swapped() ? (resume_swapped(r, budget, plan, now) ? plan.query_lens.back() : 0)
+                              : (admit(r, budget, plan, now) ? plan.query_lens.back() : 0);
+    if (n == 0) break;  // strict order: nothing overtakes a request that does not fit
+    budget -= n;
+    ++admitted;
+  }
+  if (admitted == 0) return;
+  std::vector<RequestId> still;
+  still.reserve(waiting_.size() - admitted);
+  for (RequestId id : waiting_) {
+    if (!requests_.at(id).running()) still.push_back(id);
+  }
+  waiting_.swap(still);
+}
+
+// Adds r's next n tokens to the plan.
+void Scheduler::emit(Request& r, int n, Plan& plan) {
+  const int start = r.num_computed;
+  plan.req_ids.push_back(r.id);
+  plan.seqs.push_back(r.seq);
+  plan.query_lens.push_back(n);
+  plan.cached_lens.push_back(start);
+  plan.slots.push_back(r.slot);
+  const int first = plan.num_tokens();
+  for (int p = start; p < start + n; ++p) {
+    plan.input_ids.push_back(r.tokens[p]);
+    plan.positions.push_back(p);
+    plan.slot_mapping.push_back(static_cast<int64_t>(r.blocks[p / block_size_]) * block_size_ +
+                                p % block_size_);
+  }
+  const bool samples = start + n == r.num_tokens();
+  plan.sample.push_back(samples ? 1 : 0);
+  if (samples) plan.logits_indices.push_back(first + n - 1);
+  plan.query_start_loc.push_back(plan.num_tokens());
+  r.last_step = plan.step_id;
+  counters_.computed_tokens += n;
+}
+
+// Gives r blocks for its first `total_tokens` tokens; false (nothing changed) if the pool can't.
+bool Scheduler::grow(Request& r, int total_tokens) {
+  const int need = blocks_for(total_tokens) - static_cast<int>(r.blocks.size());
+  if (need <= 0) return true;
+  if (pool_.num_available() < need) return false;
+  BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
+  for (int k = 0; k < need; ++k) {
+    BlockId b = pool_.allocate();
+    row[r.blocks.size()] = b;
+    r.blocks.push_back(b);
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------------------
+// Prefix cache
+
+void Scheduler::extend_hashes(Request& r, int num_full_blocks) {
+  while (static_cast<int>(r.block_hashes.size()) < num_full_blocks) {
+    const size_t j = r.block_hashes.size();
+    const uint64_t parent = j == 0 ? r.ns_root : r.block_hashes[j - 1];
+    r.block_hashes.push_back(block_hash(parent, &r.tokens[j * block_size_], block_size_));
+  }
+}
+
+// Number of leading full blocks of r found in the cache (at least one token is left to compute).
+int Scheduler::prefix_match(Request& r, std::vector<BlockId>* hits) {
+  if (!config_.enable_prefix_caching) return 0;
+  const int max_blocks = (r.num_tokens() - 1) / block_size_;
+  extend_hashes(r, max_blocks);
+  int m = 0;
+  for (; m < max_blocks; ++m) {
+    const uint64_t parent = m == 0 ? r.ns_root : r.block_hashes[m - 1];
+    BlockId b = pool_.lookup(r.block_hashes[m], parent, r.ns, &r.tokens[static_cast<size_t>(m) * block_size_]);
+    if (b == kNoBlock) break;
+    if (hits) hits->push_back(b);
+  }
+  return m;
+}
+
+// Offers r's newly full, computed blocks to the prefix index.
+void Scheduler::register_full_blocks(Request& r) {
+  const int full = r.num_computed / block_size_;
+  if (full <= r.num_registered) return;
+  extend_hashes(r, full);
+  for (int j = r.num_registered; j < full; ++j) {
+    const uint64_t parent = j == 0 ? r.ns_root : r.block_hashes[j - 1];
+    pool_.register_block(r.blocks[j], r.block_hashes[j], parent, r.ns, j,
+                         &r.tokens[static_cast<size_t>(j) * block_size_]);
+  }
+  r.num_registered = full;
+}
+
+// ---------------------------------------------------------------------------
+// Transitions
+
+bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
+  std::vector<BlockId> hits;
+  const int matched = prefix_match(r, &hits);
+  const int start = matched * block_size_;
+  const int n = std::min({r.num_tokens() - start, budget, config_.chunk_size});
+  const int need = blocks_for(start + n) - matched;
+  int hits_evictable = 0;
+  for (BlockId b : hits) hits_evictable += pool_.is_evictable(b) ? 1 : 0;
+  if (pool_.num_available() - hits_evictable < need) return false;
+
+  r.slot = take_slot();
+  BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
+  for (BlockId b : hits) {
+    pool_.retain(b, now);
+    row[r.blocks.size()] = b;
+    r.blocks.push_back(b);
+  }
+  r.num_computed = start;
+  r.num_registered = matched;
+  r.num_cached_tokens = start;
+  if (r.first_cached_tokens < 0) {
+    r.first_cached_tokens = start;
+    counters_.cached_tokens += start;
+  }
+  grow(r, start + n);
+  transition(r, RequestState::kPrefilling);
+  running_.push_back(r.id);
+  emit(r, n, plan);
+  return true;
+}
+
+bool Scheduler::resume_swapped(Request& r, int budget, Plan& plan, double now) {
+  (void)now;
+  const int start = r.num_computed;
+  const int n = std::min({r.num_tokens() - start, budget, config_.chunk_size});
+  const int held = static_cast<int>(r.host_blocks.size());
+  if (pool_.num_available() < blocks_for(start + n)) return false;
+
+  r.slot = take_slot();
+  BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
+  for (int k = 0; k < held; ++k) {
+    BlockId b = pool_.allocate();
+    plan.kv_ops.insert(plan.kv_ops.end(), {1, r.host_blocks[k], b});
+    host_.release(r.host_blocks[k]);
+    row[r.blocks.size()] = b;
+    r.blocks.push_back(b);
+  }
+  r.host_blocks.clear();
+  r.num_registered = 0;  // fresh device copies: offered to the index again at commit
+  grow(r, start + n);
+  const bool decoding = start + 1 == r.num_tokens() && r.num_output_tokens() > 0;
+  transition(r, decoding ? RequestState::kDecoding : RequestState::kPrefilling);
+  running_.push_back(r.id);
+  emit(r, n, plan);
+  return true;
+}
+
+void Scheduler::preempt(Request& r, Plan& plan, double now) {
+  const int held = static_cast<int>(r.blocks.size());
+  PreemptMode mode = preemption_->mode(view(r), host_.num_free(), held);
+  if (mode == PreemptMode::kSwap && held > 0 && host_.num_free() >= held) {
+    for (BlockId b : r.blocks) {
+      int h = host_.allocate();
+      plan.kv_ops.insert(plan.kv_ops.end(), {0, b, h});
+      r.host_blocks.push_back(h);
+    }
+    ++counters_.num_preemptions_swap;
+  } else {
+    r.num_computed = 0;  // recompute: the KV is dropped, the tokens (and their hashes) are kept
+    ++counters_.num_preemptions_recompute;
+  }
+  release_device(r, now);
+  r.num_registered = 0;
+  r.num_preemptions += 1;
+  transition(r, RequestState::kPreempted);
+  erase_id(running_, r.id);
+  waiting_.push_back(r.id);
+  plan.preempted_ids.push_back(r.id);
+}
+
+void Scheduler::release_device(Request& r, double now) {
+  BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
+  // Tail first, so that on equal keys a sequence's later blocks are reused before its head.
+  for (size_t k = r.blocks.size(); k-- > 0;) {
+    pool_.release(r.blocks[k], now, r.priority);
+    row[k] = kNoBlock;
+  }
+  r.blocks.clear();
+  free_slot(r);
+}
+
+void Scheduler::pin_turn(Request& r, double now) {
+  TurnView turn;
+  turn.session_id = r.session_id;
+  turn.request_id = r.id;
+  turn.now = now;
+  turn.num_tokens = r.num_tokens();
+  turn.num_blocks = r.num_registered;
+  turn.priority = r.priority;
+  const double seconds = eviction_->pin_seconds(turn);
+  TANDEM_CHECK(std::isfinite(seconds) && seconds >= 0,
+               "eviction policy '" + eviction_->name() + "' returned an invalid pin time");
+  if (seconds <= 0) return;
+  auto& pins = session_pins_[r.session_id];
+  for (BlockId b : r.blocks) {
+    if (!pool_.is_cached(b)) continue;
+    const uint32_t gen = pool_.generation(b);
+    auto it = pins.find(b);
+    const bool new_pin = it == pins.end() || it->second != gen;
+    if (new_pin) pins[b] = gen;
+    pool_.pin(b, now + seconds, now, new_pin);
+  }
+}
+
+void Scheduler::finish(Request& r, FinishReason reason, double now, std::vector<FinishedRequest>* out) {
+  transition(r, RequestState::kFinished);
+  r.finish_reason = reason;
+  if (!r.session_id.empty() && config_.enable_prefix_caching) pin_turn(r, now);
+  release_device(r, now);
+  erase_id(running_, r.id);
+  FinishedRequest f;
+  f.id = r.id;
+  f.reason = reason;
+  f.num_prompt_tokens = r.num_prompt_tokens;
+  f.num_cached_tokens = std::max(0, r.first_cached_tokens);
+  f.num_preemptions = r.num_preemptions;
+  f.output_tokens.assign(r.tokens.begin() + r.num_prompt_tokens, r.tokens.end());
+  out->push_back(std::move(f));
+  ++counters_.num_finished;
+  requests_.erase(r.id);
+}
+
+int Scheduler::take_slot() {
+  TANDEM_CHECK(!free_slots_.empty(), "no free slot although running < max_num_seqs");
+  int s = free_slots_.back();
+  free_slots_.pop_back();
+  return s;
+}
+
+void Scheduler::free_slot(Request& r) {
+  if (r.slot < 0) return;
+  free_slots_.push_back(r.slot);
+  r.slot = -1;
+}
+
+// ---------------------------------------------------------------------------
+// Results in
+
+namespace {
+
+FinishReason stop_reason(const Request& r, TokenId token, int max_model_len) {
+  if (!r.limits.ignore_eos && token == r.limits.eos_token_id) return FinishReason::kStop;
+  for (TokenId s : r.limits.stop_token_ids) {
+    if (s == token) return FinishReason::kStop;
+  }
+  if (r.num_output_tokens() >= r.limits.max_new_tokens) return FinishReason::kLength;
+  if (r.num_tokens() >= max_model_len) return FinishReason::kModelLength;
+  return FinishReason::kNone;
+}
+
+}  // namespace
+
+std::vector<FinishedRequest> Scheduler::commit(const Plan& plan, const std::vector<int64_t>& tokens,
+                                               double now) {
+  TANDEM_REQUIRE(pending_step_ != 0 && plan.step_id == pending_step_,
+                 "commit(): plan " + str(static_cast<int64_t>(plan.step_id)) +
+                     " is stale (expected plan " + str(static_cast<int64_t>(pending_step_)) + ")");
+  check_time(now, "commit");
+  TANDEM_REQUIRE(static_cast<int>(tokens.size()) == plan.num_sampled(),
+                 "commit(): plan " + str(static_cast<int64_t>(plan.step_id)) + " samples " +
+                     str(plan.num_sampled()) + " tokens, got " + str(static_cast<int64_t>(tokens.size())));
+  for (int64_t t : tokens) {
+    TANDEM_REQUIRE(t >= 0 && t < config_.vocab_size,
+                   "commit(): token id " + str(t) + " is outside the vocabulary [0, " +
+                       str(config_.vocab_size) + ")");
+  }
+  last_now_ = now;
+  pending_step_ = 0;
+  std::vector<FinishedRequest> finished;
+  size_t k = 0;
+  for (int i = 0; i < plan.num_reqs(); ++i) {
+    const bool sampled = plan.sample[i] != 0;
+    const TokenId token = sampled ? static_cast<TokenId>(tokens[k++]) : -1;
+    auto it = requests_.find(plan.req_ids[i]);
+    if (it == requests_.end() || it->second.seq != plan.seqs[i]) continue;
+    Request& r = it->second;
+    if (r.abort_pending) {
+      abort(r.id, now);
+      continue;
+    }
+    r.num_computed += plan.query_lens[i];
+    if (config_.enable_prefix_caching) register_full_blocks(r);
+    if (!sampled) continue;
+    r.tokens.push_back(token);
+    ++counters_.generated_tokens;
+    FinishReason reason = stop_reason(r, token, config_.max_model_len);
+    if (reason != FinishReason::kNone) {
+      finish(r, reason, now, &finished);
+    } else if (r.state == RequestState::kPrefilling) {
+      transition(r, RequestState::kDecoding);
+    }
+  }
+  return finished;
+}
+
+void Scheduler::abort(RequestId id, double now) {
+  check_time(now, "abort");
+  auto it = requests_.find(id);
+  TANDEM_REQUIRE(it != requests_.end(),
+                 "abort(): unknown request id " + str(id) + " (never added, or already finished)");
+  Request& r = it->second;
+  if (pending_step_ != 0 && r.last_step == pending_step_ && r.running()) {
+    r.abort_pending = true;  // its blocks are being written by the plan in flight
+    return;
+  }
+  if (r.running()) {
+    release_device(r, now);
+    erase_id(running_, id);
+  } else {
+    for (int h : r.host_blocks) host_.release(h);
+    r.host_blocks.clear();
+    erase_id(waiting_, id);
+  }
+  transition(r, RequestState::kAborted);
+  r.finish_reason = FinishReason::kAbort;
+  ++counters_.num_aborted;
+  requests_.erase(it);
+}
+
+int Scheduler::end_session(const std::string& session_id, double now) {
+  check_time(now, "end_session");
+  auto it = session_pins_.find(session_id);
+  if (it == session_pins_.end()) return 0;
+  int released = 0;
+  for (const auto& [block, gen] : it->second) {
+    if (pool_.generation(block) == gen) ++released;
+    pool_.unpin(block, gen, now);
+  }
+  session_pins_.erase(it);
+  return released;
+}
+
+// ---------------------------------------------------------------------------
+// Views
+
+RequestView Scheduler::view(const Request& r) const {
+  RequestView v;
+  v.id = r.id;
+  v.arrival_time = r.arrival_time;
+  v.priority = r.priority;
+  v.num_prompt_tokens = r.num_prompt_tokens;
+  v.num_output_tokens = r.num_output_tokens();
+  v.num_computed_tokens = r.num_computed;
+  v.num_cached_tokens = r.num_cached_tokens;
+  v.num_blocks = static_cast<int>(r.blocks.size());
+  v.preempted = r.state == RequestState::kPreempted;
+  v.swapped = r.swapped();
+  v.session_id = r.session_id;
+  return v;
+}
+
+const Request& Scheduler::request(RequestId id) const {
+  auto it = requests_.find(id);
+  TANDEM_REQUIRE(it != requests_.end(), "unknown request id " + str(id));
+  return it->second;
+}
+
+Stats Scheduler::stats() const {
+  Stats s = counters_;
+  s.num_running = static_cast<int>(running_.size());
+  for (RequestId id : waiting_) {
+    const Request& r = requests_.at(id);
+    if (r.state == RequestState::kPreempted) {
+      ++s.num_preempted;
+      if (r.swapped()) ++s.num_swapped;
+    } else {
+      ++s.num_waiting;
+    }
+  }
+  s.num_blocks = pool_.num_blocks();
+  s.num_free_blocks = pool_.num_free();
+  s.num_cached_blocks = pool_.num_cached();
+  s.num_evictable_blocks = pool_.num_evictable();
+  s.num_pinned_blocks = pool_.num_pinned();
+  s.num_used_blocks = pool_.num_blocks() - pool_.num_free() - pool_.num_evictable() - pool_.num_pinned();
+  s.num_host_blocks = host_.num_blocks();
+  s.num_free_host_blocks = host_.num_free();
+  s.num_evicted_blocks = pool_.num_evicted();
+  return s;
+}
+
+}  // namespace tandem

@@ -1,0 +1,163 @@
+// The scheduler: request lifecycles, KV ownership and batch planning.
+//
+//   plan = step(now); tokens = executor.run(plan); commit(plan, tokens, now)
+//
+// Deterministic: the same calls with the same arguments give the same plans.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "block_pool.h"
+#include "common.h"
+#include "policies.h"
+#include "request.h"
+
+namespace tandem {
+
+struct SchedulerConfig {
+  int num_blocks = 1024;              // device KV blocks
+  int block_size = 16;                // tokens per block
+  int num_host_blocks = 0;            // host tier for swap; 0 disables swapping
+  int max_num_seqs = 256;             // cap on running requests
+  int max_num_batched_tokens = 8192;  // token budget per step
+  int chunk_size = 2048;              // largest prefill chunk of one request per step
+  int max_model_len = 131072;         // prompt + output
+  int vocab_size = 128256;
+  bool enable_prefix_caching = true;
+  std::string ordering = "fcfs";      // "name" or "name:key=value,..."
+  std::string eviction = "lru";
+  std::string preemption = "recompute";
+};
+
+// One step's batch, as flat arrays (see controlplane/_core.pyi for the picture).
+struct Plan {
+  uint64_t step_id = 0;
+  double now = 0.0;
+  // per scheduled request (R rows, in batch order)
+  std::vector<int64_t> req_ids;
+  std::vector<int32_t> query_lens;       // tokens computed this step
+  std::vector<int32_t> cached_lens;      // tokens already in the KV cache before this step
+  std::vector<int32_t> query_start_loc;  // R + 1 offsets into the token arrays
+  std::vector<int32_t> slots;            // row of each request in the persistent block table
+  std::vector<uint8_t> sample;           // 1 if this step ends with a sampled token for it
+  std::vector<int32_t> logits_indices;   // token index whose logits are sampled, S rows
+  // per token (T entries)
+  std::vector<int32_t> input_ids;
+  std::vector<int32_t> positions;
+  std::vector<int64_t> slot_mapping;     // block * block_size + offset where its KV goes
+  // KV copies to run before the forward pass, in order: (op, src, dst), op 0 = device->host
+  // (swap out), 1 = host->device (swap in). A plan never holds both kinds.
+  std::vector<int32_t> kv_ops;
+  std::vector<int64_t> preempted_ids;    // requests preempted while building this plan
+  std::vector<uint64_t> seqs;            // internal: admission numbers, for commit
+  // The scheduler's persistent block table (rows = slots), valid until the next step.
+  const BlockId* block_table = nullptr;
+  int block_table_rows = 0;
+  int block_table_cols = 0;
+  int block_size = 0;
+
+  int num_reqs() const { return static_cast<int>(req_ids.size()); }
+  int num_tokens() const { return static_cast<int>(input_ids.size()); }
+  int num_sampled() const { return static_cast<int>(logits_indices.size()); }
+};
+
+struct FinishedRequest {
+  RequestId id = 0;
+  FinishReason reason = FinishReason::kNone;
+  int num_prompt_tokens = 0;
+  int num_cached_tokens = 0;  // prefix-cache hit at first admission
+  int num_preemptions = 0;
+  std::vector<TokenId> output_tokens;
+};
+
+struct Stats {
+  int num_waiting = 0, num_running = 0, num_preempted = 0, num_swapped = 0;
+  int num_blocks = 0, num_free_blocks = 0, num_cached_blocks = 0, num_evictable_blocks = 0,
+      num_pinned_blocks = 0, num_used_blocks = 0;
+  int num_host_blocks = 0, num_free_host_blocks = 0;
+  int64_t num_steps = 0, num_finished = 0, num_aborted = 0;
+  int64_t num_preemptions_recompute = 0, num_preemptions_swap = 0, num_evicted_blocks = 0;
+  int64_t prompt_tokens = 0, computed_tokens = 0, cached_tokens = 0, generated_tokens = 0;
+};
+
+class Scheduler {
+ public:
+  explicit Scheduler(const SchedulerConfig& config);
+  Scheduler(const SchedulerConfig& config, std::shared_ptr<OrderingPolicy> ordering,
+            std::shared_ptr<EvictionPolicy> eviction, std::shared_ptr<PreemptionPolicy> preemption);
+
+  void add_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits,
+                   double arrival_time, const std::string& session_id, int priority,
+                   const std::string& cache_namespace);
+  std::shared_ptr<Plan> step(double now);
+  std::vector<FinishedRequest> commit(const Plan& plan, const std::vector<int64_t>& tokens, double now);
+  void abort(RequestId id, double now);
+  int end_session(const std::string& session_id, double now);
+
+  Stats stats() const;
+  void check_invariants() const;
+  bool has_unfinished() const { return !requests_.empty(); }
+  bool has_pending_plan() const { return pending_step_ != 0; }
+  const Request& request(RequestId id) const;
+
+  const SchedulerConfig& config() const { return config_; }
+  const std::string& ordering_name() const { return ordering_name_; }
+  int max_blocks_per_seq() const { return max_blocks_per_seq_; }
+  // The persistent block table: max_num_seqs rows of max_blocks_per_seq entries, -1 = none.
+  const std::vector<BlockId>& block_table() const { return block_table_; }
+
+ private:
+  // --- transitions: the only places where blocks and slots change owner ---
+  bool admit(Request& r, int budget, Plan& plan, double now);
+  bool resume_swapped(Request& r, int budget, Plan& plan, double now);
+  void preempt(Request& r, Plan& plan, double now);
+  void finish(Request& r, FinishReason reason, double now, std::vector<FinishedRequest>* out);
+  void release_device(Request& r, double now);
+
+  // --- planning helpers ---
+  void schedule_running(Plan& plan, int* budget, double now, bool* preempted);
+  void schedule_waiting(Plan& plan, int budget, double now);
+  void emit(Request& r, int n, Plan& plan);
+  bool grow(Request& r, int new_total_tokens);
+  int blocks_for(int tokens) const { return (tokens + block_size_ - 1) / block_size_; }
+  int prefix_match(Request& r, std::vector<BlockId>* hits);
+  void extend_hashes(Request& r, int num_full_blocks);
+  void register_full_blocks(Request& r);
+  void pin_turn(Request& r, double now);
+  RequestView view(const Request& r) const;
+  int take_slot();
+  void free_slot(Request& r);
+  void check_time(double now, const char* where) const;
+
+  SchedulerConfig config_;
+  int block_size_;
+  int max_blocks_per_seq_;
+  std::string ordering_name_;
+  std::shared_ptr<OrderingPolicy> ordering_;
+  std::shared_ptr<EvictionPolicy> eviction_;
+  std::shared_ptr<PreemptionPolicy> preemption_;
+  BlockPool pool_;
+  HostPool host_;
+
+  std::unordered_map<RequestId, Request> requests_;
+  std::vector<RequestId> waiting_;  // WAITING and PREEMPTED, unordered; sorted by policy per step
+  std::vector<RequestId> running_;  // PREFILLING and DECODING
+  std::vector<BlockId> block_table_;
+  std::vector<int> free_slots_;     // stack; lowest slot on top
+  std::unordered_map<std::string, uint32_t> namespaces_;
+  std::vector<uint64_t> namespace_roots_;
+  // session -> pinned (block, generation)
+  std::map<std::string, std::unordered_map<BlockId, uint32_t>> session_pins_;
+
+  uint64_t next_seq_ = 1;
+  uint64_t next_step_ = 1;
+  uint64_t pending_step_ = 0;
+  double last_now_ = kNever;
+  Stats counters_;
+};
+
+}  // namespace tandem
