@@ -168,21 +168,23 @@ PYBIND11_MODULE(_core, m) {
                ", outputs=" + std::to_string(f.output_tokens.size()) + ")";
       });
 
-  py::class_<Stats>(m, "Stats")
-      .def("as_dict", [](const Stats& s) {
-        py::dict d;
-#define TANDEM_FIELD(name) d[#name] = s.name
-        TANDEM_FIELD(num_waiting); TANDEM_FIELD(num_running); TANDEM_FIELD(num_preempted);
-        TANDEM_FIELD(num_swapped); TANDEM_FIELD(num_blocks); TANDEM_FIELD(num_free_blocks);
-        TANDEM_FIELD(num_cached_blocks); TANDEM_FIELD(num_evictable_blocks); TANDEM_FIELD(num_pinned_blocks);
-        TANDEM_FIELD(num_used_blocks); TANDEM_FIELD(num_host_blocks); TANDEM_FIELD(num_free_host_blocks);
-        TANDEM_FIELD(num_steps); TANDEM_FIELD(num_finished); TANDEM_FIELD(num_aborted);
-        TANDEM_FIELD(num_preemptions_recompute); TANDEM_FIELD(num_preemptions_swap);
-        TANDEM_FIELD(num_evicted_blocks); TANDEM_FIELD(prompt_tokens); TANDEM_FIELD(computed_tokens);
-        TANDEM_FIELD(cached_tokens); TANDEM_FIELD(generated_tokens);
-#undef TANDEM_FIELD
-        return d;
-      });
+#define TANDEM_STATS_FIELDS(X)                                                                  \
+  X(num_waiting) X(num_running) X(num_preempted) X(num_swapped) X(num_blocks) X(num_free_blocks)    \
+  X(num_cached_blocks) X(num_evictable_blocks) X(num_pinned_blocks) X(num_used_blocks)              \
+  X(num_host_blocks) X(num_free_host_blocks) X(num_steps) X(num_finished) X(num_aborted)            \
+  X(num_preemptions_recompute) X(num_preemptions_swap) X(num_evicted_blocks) X(prompt_tokens)       \
+  X(computed_tokens) X(cached_tokens) X(generated_tokens)
+  py::class_<Stats> stats(m, "Stats");
+#define TANDEM_READONLY(name) stats.def_readonly(#name, &Stats::name);
+  TANDEM_STATS_FIELDS(TANDEM_READONLY)
+#undef TANDEM_READONLY
+  stats.def("as_dict", [](const Stats& s) {
+    py::dict d;
+#define TANDEM_ITEM(name) d[#name] = s.name;
+    TANDEM_STATS_FIELDS(TANDEM_ITEM)
+#undef TANDEM_ITEM
+    return d;
+  });
 
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init<const SchedulerConfig&>(), py::arg("config"))
