@@ -54,7 +54,8 @@ struct Plan {
   std::vector<int32_t> kv_ops;
   std::vector<int64_t> preempted_ids;    // requests preempted while building this plan
   std::vector<uint64_t> seqs;            // internal: admission numbers, for commit
-  // The scheduler's persistent block table (rows = slots), valid until the next step.
+  // The scheduler's persistent block table (rows = slots): valid from step() until this plan
+  // is committed (commit frees the rows of finished requests).
   const BlockId* block_table = nullptr;
   int block_table_rows = 0;
   int block_table_cols = 0;

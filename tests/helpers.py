@@ -17,9 +17,14 @@ def make(**overrides) -> tuple[cp.Scheduler, ToyModel]:
     return sched, ToyModel.for_scheduler(sched.config)
 
 
-def step(sched, model, now: float, check: bool = True):
-    """One step and commit at the same `now`; returns (plan, finished by id)."""
+def step(sched, model, now: float, check: bool = True, inspect=None):
+    """One step and commit at the same `now`; returns (plan, finished by id).
+
+    `inspect(plan)` runs before the commit, while the plan's block table is valid.
+    """
     plan = sched.step(now)
+    if inspect is not None:
+        inspect(plan)
     tokens, _ = model.run(plan) if not plan.is_empty else (np.empty(0, np.int64), 0.0)
     if check:
         sched.check_invariants()

@@ -1,0 +1,50 @@
+# Tandem's developer entry points. Every target that needs Python sets up .venv itself.
+#
+#   make demo      the main job on an embedded default (no GPU needed)
+#   make test      the whole CPU suite
+#   make bench     control-plane step latency (prints a table)
+#   make test-gpu  GPU tests, with the machine's own python3; installs nothing
+#
+# The C++ core is compiled at install time (scikit-build-core + pybind11); the
+# install is redone whenever csrc/, CMakeLists.txt or pyproject.toml change.
+
+PYTHON3 ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.stamp-install
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h) CMakeLists.txt pyproject.toml
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench test-gpu build clean
+
+$(PY):
+	$(PYTHON3) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first and pinned: on these CPU machines torch==2.13.0 is a local CPU wheel,
+# while a bare requirement would pull a multi-GB CUDA build.
+$(STAMP): $(PY) $(SOURCES)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12"
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+build: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m experiments.walkthrough
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m experiments.bench_controlplane
+
+# On the GPU machine: `python3 -m pip install --no-build-isolation --no-deps . && make test-gpu`
+# (see README). Uses that machine's python3 and its torch; installs nothing.
+test-gpu:
+	$(PYTHON3) -m pytest -m gpu -ra $(PYTEST_ARGS)
+
+clean:
+	rm -rf build $(VENV) .pytest_cache .hypothesis
