@@ -4,7 +4,7 @@ from hypothesis import HealthCheck, settings
 
 settings.register_profile(
     "ci",
-    max_examples=int(os.environ.get("TANDEM_HYPOTHESIS_EXAMPLES", "150")),
+    max_examples=int(os.environ.get("TANDEM_HYPOTHESIS_EXAMPLES", "400")),
     stateful_step_count=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -1,0 +1,180 @@
+"""Type stub of the C++ control plane (`csrc/bindings.cpp`).
+
+A Plan's layout, for R scheduled requests, T tokens and S sampled requests::
+
+    per request (R rows, batch order)        per token (T entries)
+    req_ids       [r0   r1   r2 ]            input_ids     [a a a a | b | c c c]
+    query_lens    [4    1    3  ]            positions     [0 1 2 3 | 9 | 4 5 6]
+    cached_lens   [0    9    4  ]            slot_mapping  [block * block_size + offset, ...]
+    query_start_loc [0  4    5    8]  (R+1)
+    slots         [0    3    1  ]  --> rows of block_table
+    sample        [1    1    0  ]  (r2 is mid-prefill: no token this step)
+    logits_indices [3   4]         (S entries: token index whose logits are sampled)
+
+    block_table  [max_num_seqs, max_blocks_per_seq] int32, -1 = no block
+       slot 0: [ 7  2 -1 -1 ...]     the scheduler's persistent table; a request's row
+       slot 1: [ 5  8 -1 -1 ...]     stays put while it runs (read rows via `slots`);
+       slot 3: [ 1  4  9 -1 ...]     valid from step() until the plan is committed
+
+    kv_ops       [K, 3] int32 rows (op, src, dst), run in order before the forward pass:
+                 op 0 = copy device block src -> host block dst (swap out)
+                 op 1 = copy host block src -> device block dst (swap in)
+
+Request r's query tokens are ``input_ids[query_start_loc[i]:query_start_loc[i+1]]``;
+its context is positions ``[0, cached_lens[i] + query_lens[i])``, addressed through
+``block_table[slots[i]]``. Every array is a read-only numpy view of C++ memory
+(no copies); it keeps the plan, and the plan keeps the scheduler, alive.
+"""
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+class InvariantError(RuntimeError):
+    """An internal invariant of the control plane was violated (a bug, never bad input)."""
+
+class RequestState:
+    WAITING: RequestState
+    PREFILLING: RequestState
+    DECODING: RequestState
+    PREEMPTED: RequestState
+    FINISHED: RequestState
+    ABORTED: RequestState
+    __members__: dict[str, RequestState]
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+def transition_allowed(src: RequestState, dst: RequestState) -> bool: ...
+def policy_names(kind: str) -> list[str]:
+    """Registered names for kind "ordering", "eviction" or "preemption"."""
+
+def parse_policy_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """Splits "name:key=value,..." into the name and its parameters."""
+
+class SchedulerConfig:
+    num_blocks: int
+    block_size: int
+    num_host_blocks: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    chunk_size: int
+    max_model_len: int
+    vocab_size: int
+    enable_prefix_caching: bool
+    ordering: str
+    eviction: str
+    preemption: str
+    def __init__(self) -> None: ...
+
+class Plan:
+    @property
+    def step_id(self) -> int: ...
+    @property
+    def now(self) -> float: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def num_reqs(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def num_sampled(self) -> int: ...
+    @property
+    def is_empty(self) -> bool:
+        """No request scheduled and no KV copy to run."""
+    @property
+    def req_ids(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def query_lens(self) -> npt.NDArray[np.int32]: ...
+    @property
+    def cached_lens(self) -> npt.NDArray[np.int32]: ...
+    @property
+    def query_start_loc(self) -> npt.NDArray[np.int32]: ...
+    @property
+    def slots(self) -> npt.NDArray[np.int32]: ...
+    @property
+    def sample(self) -> npt.NDArray[np.bool_]: ...
+    @property
+    def logits_indices(self) -> npt.NDArray[np.int32]: ...
+    @property
+    def input_ids(self) -> npt.NDArray[np.int32]: ...
+    @property
+    def positions(self) -> npt.NDArray[np.int32]: ...
+    @property
+    def slot_mapping(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def preempted_ids(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def kv_ops(self) -> npt.NDArray[np.int32]: ...
+    @property
+    def block_table(self) -> npt.NDArray[np.int32]: ...
+
+class FinishedRequest:
+    request_id: int
+    finish_reason: str  # "stop" | "length" | "model_length"
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_preemptions: int
+    output_token_ids: list[int]
+
+class Stats:
+    num_waiting: int
+    num_running: int
+    num_preempted: int
+    num_swapped: int
+    num_blocks: int
+    num_free_blocks: int
+    num_cached_blocks: int
+    num_evictable_blocks: int
+    num_pinned_blocks: int
+    num_used_blocks: int
+    num_host_blocks: int
+    num_free_host_blocks: int
+    num_steps: int
+    num_finished: int
+    num_aborted: int
+    num_preemptions_recompute: int
+    num_preemptions_swap: int
+    num_evicted_blocks: int
+    prompt_tokens: int
+    computed_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    def as_dict(self) -> dict[str, int]: ...
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None: ...
+    def add_request(
+        self,
+        request_id: int,
+        prompt_token_ids: Sequence[int] | npt.NDArray[np.integer],
+        *,
+        max_new_tokens: int = 16,
+        stop_token_ids: Iterable[int] = (),
+        eos_token_id: int = -1,
+        ignore_eos: bool = False,
+        arrival_time: float = 0.0,
+        session_id: str | None = None,
+        priority: int = 0,
+        cache_namespace: str | None = None,
+    ) -> None: ...
+    def step(self, now: float) -> Plan: ...
+    def commit(self, plan: Plan, tokens: Sequence[int] | npt.NDArray[np.integer], now: float) -> list[FinishedRequest]: ...
+    def abort(self, request_id: int, now: float) -> None: ...
+    def end_session(self, session_id: str, now: float) -> int:
+        """Releases the session's retention pins; returns how many blocks it still pinned."""
+    def stats(self) -> Stats: ...
+    def check_invariants(self) -> None:
+        """Raises InvariantError if any control-plane invariant is broken."""
+    def has_unfinished(self) -> bool: ...
+    def has_pending_plan(self) -> bool: ...
+    def request_info(self, request_id: int) -> dict: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def max_blocks_per_seq(self) -> int: ...
+    @property
+    def ordering(self) -> str: ...

@@ -1,0 +1,206 @@
+// The scheduler's transitions: the only places where a request's blocks,
+// host blocks and block-table slot change owner (see request.h for the FSM).
+//
+//   admit           WAITING    -> PREFILLING   takes prefix-cache hits + new blocks + a slot
+//   resume_swapped  PREEMPTED  -> PREFILLING | DECODING   host blocks -> new device blocks
+//   preempt         running    -> PREEMPTED    device blocks -> host (swap) or dropped (recompute)
+//   finish          running    -> FINISHED     blocks -> prefix cache (pinned for a session turn)
+//   abort           any live   -> ABORTED      everything released
+#include <algorithm>
+#include <cmath>
+
+#include "scheduler.h"
+
+namespace tandem {
+namespace {
+
+void erase_id(std::vector<RequestId>& ids, RequestId id) {
+  auto it = std::find(ids.begin(), ids.end(), id);
+  if (it != ids.end()) ids.erase(it);
+}
+
+}  // namespace
+
+bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
+  std::vector<BlockId> hits;
+  const int matched = prefix_match(r, &hits);
+  const int start = matched * block_size_;
+  const int n = std::min({r.num_tokens() - start, budget, config_.chunk_size});
+  const int need = blocks_for(start + n) - matched;
+  int hits_evictable = 0;
+  for (BlockId b : hits) hits_evictable += pool_.is_evictable(b) ? 1 : 0;
+  if (pool_.num_available() - hits_evictable < need) return false;
+
+  r.slot = take_slot();
+  BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
+  for (BlockId b : hits) {
+    pool_.retain(b, now);
+    row[r.blocks.size()] = b;
+    r.blocks.push_back(b);
+  }
+  r.num_computed = start;
+  r.num_registered = matched;
+  r.num_cached_tokens = start;
+  if (r.first_cached_tokens < 0) {
+    r.first_cached_tokens = start;
+    counters_.cached_tokens += start;
+  }
+  grow(r, start + n);
+  transition(r, RequestState::kPrefilling);
+  running_.push_back(r.id);
+  emit(r, n, plan);
+  return true;
+}
+
+bool Scheduler::resume_swapped(Request& r, int budget, Plan& plan, double now) {
+  (void)now;
+  const int start = r.num_computed;
+  const int n = std::min({r.num_tokens() - start, budget, config_.chunk_size});
+  const int held = static_cast<int>(r.host_blocks.size());
+  if (pool_.num_available() < blocks_for(start + n)) return false;
+
+  r.slot = take_slot();
+  BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
+  for (int k = 0; k < held; ++k) {
+    BlockId b = pool_.allocate();
+    plan.kv_ops.insert(plan.kv_ops.end(), {1, r.host_blocks[k], b});
+    host_.release(r.host_blocks[k]);
+    row[r.blocks.size()] = b;
+    r.blocks.push_back(b);
+  }
+  r.host_blocks.clear();
+  r.num_registered = 0;  // fresh device copies: offered to the index again at commit
+  grow(r, start + n);
+  const bool decoding = start + 1 == r.num_tokens() && r.num_output_tokens() > 0;
+  transition(r, decoding ? RequestState::kDecoding : RequestState::kPrefilling);
+  running_.push_back(r.id);
+  emit(r, n, plan);
+  return true;
+}
+
+void Scheduler::preempt(Request& r, Plan& plan, double now) {
+  const int held = static_cast<int>(r.blocks.size());
+  PreemptMode mode = preemption_->mode(view(r), host_.num_free(), held);
+  if (mode == PreemptMode::kSwap && held > 0 && host_.num_free() >= held) {
+    for (BlockId b : r.blocks) {
+      int h = host_.allocate();
+      plan.kv_ops.insert(plan.kv_ops.end(), {0, b, h});
+      r.host_blocks.push_back(h);
+    }
+    ++counters_.num_preemptions_swap;
+  } else {
+    r.num_computed = 0;  // recompute: the KV is dropped, the tokens (and their hashes) are kept
+    ++counters_.num_preemptions_recompute;
+  }
+  release_device(r, now);
+  r.num_registered = 0;
+  r.num_preemptions += 1;
+  transition(r, RequestState::kPreempted);
+  erase_id(running_, r.id);
+  waiting_.push_back(r.id);
+  plan.preempted_ids.push_back(r.id);
+}
+
+void Scheduler::release_device(Request& r, double now) {
+  BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
+  // Tail first, so that on equal keys a sequence's later blocks are reused before its head.
+  for (size_t k = r.blocks.size(); k-- > 0;) {
+    pool_.release(r.blocks[k], now, r.priority);
+    row[k] = kNoBlock;
+  }
+  r.blocks.clear();
+  free_slot(r);
+}
+
+void Scheduler::pin_turn(Request& r, double now) {
+  TurnView turn;
+  turn.session_id = r.session_id;
+  turn.request_id = r.id;
+  turn.now = now;
+  turn.num_tokens = r.num_tokens();
+  turn.num_blocks = r.num_registered;
+  turn.priority = r.priority;
+  const double seconds = eviction_->pin_seconds(turn);
+  TANDEM_CHECK(std::isfinite(seconds) && seconds >= 0,
+               "eviction policy '" + eviction_->name() + "' returned an invalid pin time");
+  if (seconds <= 0) return;
+  auto& pins = session_pins_[r.session_id];
+  for (BlockId b : r.blocks) {
+    if (!pool_.is_cached(b)) continue;
+    const uint32_t gen = pool_.generation(b);
+    auto it = pins.find(b);
+    const bool new_pin = it == pins.end() || it->second != gen;
+    if (new_pin) pins[b] = gen;
+    pool_.pin(b, now + seconds, now, new_pin);
+  }
+}
+
+void Scheduler::finish(Request& r, FinishReason reason, double now, std::vector<FinishedRequest>* out) {
+  transition(r, RequestState::kFinished);
+  r.finish_reason = reason;
+  if (!r.session_id.empty() && config_.enable_prefix_caching) pin_turn(r, now);
+  release_device(r, now);
+  erase_id(running_, r.id);
+  FinishedRequest f;
+  f.id = r.id;
+  f.reason = reason;
+  f.num_prompt_tokens = r.num_prompt_tokens;
+  f.num_cached_tokens = std::max(0, r.first_cached_tokens);
+  f.num_preemptions = r.num_preemptions;
+  f.output_tokens.assign(r.tokens.begin() + r.num_prompt_tokens, r.tokens.end());
+  out->push_back(std::move(f));
+  ++counters_.num_finished;
+  requests_.erase(r.id);
+}
+
+int Scheduler::take_slot() {
+  TANDEM_CHECK(!free_slots_.empty(), "no free slot although running < max_num_seqs");
+  int s = free_slots_.back();
+  free_slots_.pop_back();
+  return s;
+}
+
+void Scheduler::free_slot(Request& r) {
+  if (r.slot < 0) return;
+  free_slots_.push_back(r.slot);
+  r.slot = -1;
+}
+
+void Scheduler::abort(RequestId id, double now) {
+  check_time(now, "abort");
+  auto it = requests_.find(id);
+  TANDEM_REQUIRE(it != requests_.end(),
+                 "abort(): unknown request id " + std::to_string(id) + " (never added, or already finished)");
+  Request& r = it->second;
+  if (pending_step_ != 0 && r.last_step == pending_step_ && r.running()) {
+    r.abort_pending = true;  // its blocks are being written by the plan in flight
+    return;
+  }
+  if (r.running()) {
+    release_device(r, now);
+    erase_id(running_, id);
+  } else {
+    for (int h : r.host_blocks) host_.release(h);
+    r.host_blocks.clear();
+    erase_id(waiting_, id);
+  }
+  transition(r, RequestState::kAborted);
+  r.finish_reason = FinishReason::kAbort;
+  ++counters_.num_aborted;
+  requests_.erase(it);
+}
+
+int Scheduler::end_session(const std::string& session_id, double now) {
+  check_time(now, "end_session");
+  auto it = session_pins_.find(session_id);
+  if (it == session_pins_.end()) return 0;
+  int released = 0;
+  for (const auto& [block, gen] : it->second) {
+    if (pool_.generation(block) == gen) ++released;
+    pool_.unpin(block, gen, now);
+  }
+  session_pins_.erase(it);
+  return released;
+}
+
+}  // namespace tandem
