@@ -42,9 +42,10 @@ bench: $(STAMP)
 	$(PY) -m experiments.bench_controlplane
 
 # On the GPU machine: `python3 -m pip install --no-build-isolation --no-deps . && make test-gpu`
-# (see README). Uses that machine's python3 and its torch; installs nothing.
+# (see README). Uses that machine's python3 and its torch; installs nothing. PYTHONSAFEPATH
+# keeps the source tree's controlplane/ (which has no compiled _core) from shadowing the install.
 test-gpu:
-	$(PYTHON3) -m pytest -m gpu -ra $(PYTEST_ARGS)
+	PYTHONSAFEPATH=1 $(PYTHON3) -m pytest -m gpu -ra $(PYTEST_ARGS)
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .hypothesis

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <sstream>
 
 #include "hashing.h"
 
@@ -175,9 +174,7 @@ void BlockPool::unpin(BlockId block, uint32_t generation, double now) {
 void BlockPool::check_invariants(const std::vector<int>& holders, double now) const {
   (void)now;
   auto fail = [](const std::string& what, BlockId b) {
-    std::ostringstream msg;
-    msg << "block pool invariant: " << what << " (block " << b << ")";
-    throw InvariantViolation(msg.str());
+    throw InvariantViolation("block pool invariant: " + what + " (block " + std::to_string(b) + ")");
   };
   const int n = num_blocks();
   TANDEM_CHECK(static_cast<int>(holders.size()) == n, "holders has the wrong size");

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
 
@@ -24,6 +25,15 @@ struct InvalidInput : std::invalid_argument {
 struct InvariantViolation : std::logic_error {
   using std::logic_error::logic_error;
 };
+
+// Messages are built with std::string and snprintf, never iostreams: an extension
+// linked against a static libstdc++ may find its iostream locale uninitialised
+// (seen on the GPU image: formatting a double through std::ostringstream crashed).
+inline std::string format_number(double value) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", value);
+  return buf;
+}
 
 #define TANDEM_REQUIRE(cond, msg)                     \
   do {                                                \

@@ -1,6 +1,5 @@
 // Scheduler::check_invariants: the ownership rules of ARCHITECTURE.md as code.
 #include <algorithm>
-#include <sstream>
 
 #include "hashing.h"
 #include "scheduler.h"
@@ -9,9 +8,7 @@ namespace tandem {
 namespace {
 
 [[noreturn]] void violated(const std::string& what, RequestId id) {
-  std::ostringstream msg;
-  msg << "scheduler invariant: " << what << " (request " << id << ")";
-  throw InvariantViolation(msg.str());
+  throw InvariantViolation("scheduler invariant: " + what + " (request " + std::to_string(id) + ")");
 }
 
 }  // namespace

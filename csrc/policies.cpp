@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 
 namespace tandem {
 
@@ -16,10 +15,9 @@ std::shared_ptr<Policy> PolicyRegistry<Policy>::make(const std::string& name,
                                                      const PolicyParams& params) const {
   auto it = factories_.find(name);
   if (it == factories_.end()) {
-    std::ostringstream msg;
-    msg << "unknown policy '" << name << "'; registered:";
-    for (const auto& kv : factories_) msg << " " << kv.first;
-    throw InvalidInput(msg.str());
+    std::string msg = "unknown policy '" + name + "'; registered:";
+    for (const auto& kv : factories_) msg += " " + kv.first;
+    throw InvalidInput(msg);
   }
   return it->second(params);
 }
@@ -35,16 +33,15 @@ void check_params(const std::string& policy, const PolicyParams& params,
                   const std::vector<std::string>& allowed) {
   for (const auto& kv : params) {
     if (std::find(allowed.begin(), allowed.end(), kv.first) == allowed.end()) {
-      std::ostringstream msg;
-      msg << "policy '" << policy << "' has no parameter '" << kv.first << "'";
+      std::string msg = "policy '" + policy + "' has no parameter '" + kv.first + "'";
       if (allowed.empty()) {
-        msg << " (it takes none)";
+        msg += " (it takes none)";
       } else {
-        msg << " (it takes:";
-        for (const auto& a : allowed) msg << " " << a;
-        msg << ")";
+        msg += " (it takes:";
+        for (const auto& a : allowed) msg += " " + a;
+        msg += ")";
       }
-      throw InvalidInput(msg.str());
+      throw InvalidInput(msg);
     }
     if (!std::isfinite(kv.second)) {
       throw InvalidInput("policy '" + policy + "': parameter '" + kv.first + "' must be finite");
@@ -58,9 +55,13 @@ void parse_policy_spec(const std::string& spec, std::string* name, PolicyParams*
   params->clear();
   if (name->empty()) throw InvalidInput("empty policy name in spec '" + spec + "'");
   if (colon == std::string::npos) return;
-  std::stringstream rest(spec.substr(colon + 1));
-  std::string item;
-  while (std::getline(rest, item, ',')) {
+  const std::string rest = spec.substr(colon + 1);
+  for (size_t begin = 0; begin <= rest.size();) {
+    size_t end = rest.find(',', begin);
+    if (end == std::string::npos) end = rest.size();
+    const std::string item = rest.substr(begin, end - begin);
+    begin = end + 1;
+    if (item.empty() && begin > rest.size()) break;  // a trailing comma
     auto eq = item.find('=');
     if (eq == std::string::npos || eq == 0) {
       throw InvalidInput("policy spec '" + spec + "': expected key=value, got '" + item + "'");

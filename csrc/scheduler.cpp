@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 #include <tuple>
 
 #include "hashing.h"
@@ -54,9 +53,8 @@ Scheduler::Scheduler(const SchedulerConfig& config, std::shared_ptr<OrderingPoli
 void Scheduler::check_time(double now, const char* where) const {
   if (!std::isfinite(now)) throw InvalidInput(std::string(where) + ": now must be finite");
   if (now < last_now_) {
-    std::ostringstream msg;
-    msg << where << ": time went backwards (now=" << now << " < last " << last_now_ << ")";
-    throw InvalidInput(msg.str());
+    throw InvalidInput(std::string(where) + ": time went backwards (now=" + format_number(now) + " < last " +
+                       format_number(last_now_) + ")");
   }
 }
 

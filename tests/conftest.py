@@ -1,6 +1,27 @@
 import os
+import sys
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests import their shared helpers by name
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if gpu_items and not _cuda_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device: run `make test-gpu` on a GPU machine")
+        for item in gpu_items:
+            item.add_marker(skip)
+
 
 settings.register_profile(
     "ci",
