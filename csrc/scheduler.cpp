@@ -128,6 +128,19 @@ std::shared_ptr<Plan> Scheduler::step(double now) {
   auto plan = std::make_shared<Plan>();
   plan->step_id = next_step_++;
   plan->now = now;
+  // Room for every request that could run; decodes need one token each, prefills grow the token arrays.
+  const size_t rows = std::min(running_.size() + waiting_.size(), static_cast<size_t>(config_.max_num_seqs));
+  plan->req_ids.reserve(rows);
+  plan->seqs.reserve(rows);
+  plan->query_lens.reserve(rows);
+  plan->cached_lens.reserve(rows);
+  plan->slots.reserve(rows);
+  plan->sample.reserve(rows);
+  plan->logits_indices.reserve(rows);
+  plan->query_start_loc.reserve(rows + 1);
+  plan->input_ids.reserve(rows);
+  plan->positions.reserve(rows);
+  plan->slot_mapping.reserve(rows);
   plan->query_start_loc.push_back(0);
   plan->block_table = block_table_.data();
   plan->block_table_rows = config_.max_num_seqs;

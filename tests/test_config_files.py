@@ -1,0 +1,25 @@
+"""Every scheduler config in conf/ loads into a SchedulerConfig and builds a scheduler."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import yaml
+
+import controlplane as cp
+
+CONF = pathlib.Path(__file__).resolve().parent.parent / "conf" / "scheduler"
+
+
+@pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
+def test_scheduler_config_file_builds(path):
+    values = yaml.safe_load(path.read_text())
+    config = cp.SchedulerConfig.from_dict(values)
+    sched = cp.Scheduler(config)
+    assert sched.stats().num_blocks == config.num_blocks
+
+
+def test_default_file_matches_the_dataclass_defaults():
+    values = yaml.safe_load((CONF / "default.yaml").read_text())
+    assert cp.SchedulerConfig.from_dict(values) == cp.SchedulerConfig()
