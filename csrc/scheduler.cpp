@@ -246,20 +246,6 @@ void Scheduler::emit(Request& r, int n, Plan& plan) {
   counters_.computed_tokens += n;
 }
 
-// Gives r blocks for its first `total_tokens` tokens; false (nothing changed) if the pool can't.
-bool Scheduler::grow(Request& r, int total_tokens) {
-  const int need = blocks_for(total_tokens) - static_cast<int>(r.blocks.size());
-  if (need <= 0) return true;
-  if (pool_.num_available() < need) return false;
-  BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
-  for (int k = 0; k < need; ++k) {
-    BlockId b = pool_.allocate();
-    row[r.blocks.size()] = b;
-    r.blocks.push_back(b);
-  }
-  return true;
-}
-
 // ---------------------------------------------------------------------------
 // Prefix cache
 

@@ -6,6 +6,7 @@
 //   preempt         running    -> PREEMPTED    device blocks -> host (swap) or dropped (recompute)
 //   finish          running    -> FINISHED     blocks -> prefix cache (pinned for a session turn)
 //   abort           any live   -> ABORTED      everything released
+//   grow            (running, no state change)  takes new blocks for its next tokens
 #include <algorithm>
 #include <cmath>
 
@@ -20,6 +21,20 @@ void erase_id(std::vector<RequestId>& ids, RequestId id) {
 }
 
 }  // namespace
+
+// Gives r blocks for its first `total_tokens` tokens; false (nothing changed) if the pool can't.
+bool Scheduler::grow(Request& r, int total_tokens) {
+  const int need = blocks_for(total_tokens) - static_cast<int>(r.blocks.size());
+  if (need <= 0) return true;
+  if (pool_.num_available() < need) return false;
+  BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
+  for (int k = 0; k < need; ++k) {
+    BlockId b = pool_.allocate();
+    row[r.blocks.size()] = b;
+    r.blocks.push_back(b);
+  }
+  return true;
+}
 
 bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
   std::vector<BlockId> hits;
