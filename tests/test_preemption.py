@@ -90,14 +90,20 @@ def test_host_capacity_zero_disables_swap():
     assert sched.stats().num_preemptions_swap == 0
 
 
-def test_abort_while_swapped_frees_the_host_blocks():
-    sched, model = make(num_blocks=6, preemption="swap", num_host_blocks=8)
+def until_preempted(**overrides):
+    """A and B run until B is preempted; returns (sched, model, now)."""
+    sched, model = make(num_blocks=6, **overrides)
     sched.add_request(1, A, max_new_tokens=12)
     sched.add_request(2, B, max_new_tokens=12)
     now = 0.0
-    while sched.stats().num_swapped == 0:
+    while sched.stats().num_preempted == 0:
         step(sched, model, now)
         now += 1
+    return sched, model, now
+
+
+def test_abort_while_swapped_frees_the_host_blocks():
+    sched, model, now = until_preempted(preemption="swap", num_host_blocks=8)
     assert sched.request_info(2)["swapped"] and sched.stats().num_free_host_blocks == 5
     sched.abort(2, now)
     assert sched.stats().num_free_host_blocks == 8
@@ -105,13 +111,7 @@ def test_abort_while_swapped_frees_the_host_blocks():
 
 
 def test_preempted_request_keeps_its_order_over_later_arrivals():
-    sched, model = make(num_blocks=6)
-    sched.add_request(1, A, max_new_tokens=12)
-    sched.add_request(2, B, max_new_tokens=12)
-    now = 0.0
-    while sched.stats().num_preempted == 0:
-        step(sched, model, now)
-        now += 1
+    sched, model, now = until_preempted()
     sched.add_request(3, [50, 51], max_new_tokens=1, arrival_time=now)
     order = []
     while sched.has_unfinished():
