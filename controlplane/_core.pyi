@@ -83,6 +83,16 @@ class Plan:
     @property
     def num_sampled(self) -> int: ...
     @property
+    def attn_pairs(self) -> int:
+        """Sum over requests of causal (query, key) pairs computed: q*c + q*(q+1)/2."""
+    @property
+    def kv_read_tokens(self) -> int:
+        """Sum over requests of c + q: KV tokens attention reads."""
+    @property
+    def num_swap_out_blocks(self) -> int: ...
+    @property
+    def num_swap_in_blocks(self) -> int: ...
+    @property
     def is_empty(self) -> bool:
         """No request scheduled and no KV copy to run."""
     @property
@@ -118,7 +128,14 @@ class FinishedRequest:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_preemptions: int
+    num_computed_tokens: int  # over its life, recomputation included
     output_token_ids: list[int]
+    num_output_tokens: int
+    arrival_time: float
+    first_scheduled_time: float
+    first_token_time: float
+    finish_time: float
+    token_times: npt.NDArray[np.float64]  # commit time (`now`) of each output token
 
 class Stats:
     num_waiting: int

@@ -124,6 +124,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("num_reqs", &Plan::num_reqs)
       .def_property_readonly("num_tokens", &Plan::num_tokens)
       .def_property_readonly("num_sampled", &Plan::num_sampled)
+      .def_property_readonly("attn_pairs", [](const Plan& p) { return p.attn_pairs; })
+      .def_property_readonly("kv_read_tokens", [](const Plan& p) { return p.kv_read_tokens; })
+      .def_property_readonly("num_swap_out_blocks", [](const Plan& p) { return p.num_swap_out_blocks; })
+      .def_property_readonly("num_swap_in_blocks", [](const Plan& p) { return p.num_swap_in_blocks; })
       .def_property_readonly("is_empty", [](const Plan& p) { return p.num_reqs() == 0 && p.kv_ops.empty(); })
       .def_property_readonly("req_ids", [](py::object self) { return view(self.cast<Plan&>().req_ids, self); })
       .def_property_readonly("query_lens", [](py::object self) { return view(self.cast<Plan&>().query_lens, self); })
@@ -163,6 +167,19 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("num_cached_tokens", &FinishedRequest::num_cached_tokens)
       .def_readonly("num_preemptions", &FinishedRequest::num_preemptions)
       .def_readonly("output_token_ids", &FinishedRequest::output_tokens)
+      .def_readonly("num_computed_tokens", &FinishedRequest::num_computed_tokens)
+      .def_readonly("arrival_time", &FinishedRequest::arrival_time)
+      .def_readonly("first_scheduled_time", &FinishedRequest::first_scheduled_time)
+      .def_property_readonly("first_token_time",
+                             [](const FinishedRequest& f) { return f.token_times.front(); })
+      .def_property_readonly("finish_time", [](const FinishedRequest& f) { return f.token_times.back(); })
+      .def_property_readonly("num_output_tokens",
+                             [](const FinishedRequest& f) { return static_cast<int>(f.output_tokens.size()); })
+      .def_property_readonly("token_times",
+                             [](const FinishedRequest& f) {
+                               return py::array_t<double>(static_cast<py::ssize_t>(f.token_times.size()),
+                                                          f.token_times.data());
+                             })
       .def("__repr__", [](const FinishedRequest& f) {
         return "FinishedRequest(id=" + std::to_string(f.id) + ", reason=" + finish_reason_name(f.reason) +
                ", outputs=" + std::to_string(f.output_tokens.size()) + ")";

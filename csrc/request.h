@@ -52,6 +52,9 @@ struct Request {
   int num_computed = 0;             // tokens whose KV is written
   int num_cached_tokens = 0;        // prefix hit at the last admission
   int first_cached_tokens = -1;     // prefix hit at the first admission
+  int64_t num_computed_total = 0;   // tokens computed over its life, recomputation included
+  double first_scheduled_time = -1; // `now` of the step that first scheduled it
+  std::vector<double> token_times;  // `now` of the commit that appended each output token
   int num_preemptions = 0;
   std::vector<BlockId> blocks;      // device blocks, in sequence order
   std::vector<int> host_blocks;     // host blocks while swapped out

@@ -243,7 +243,10 @@ void Scheduler::emit(Request& r, int n, Plan& plan) {
   if (samples) plan.logits_indices.push_back(first + n - 1);
   plan.query_start_loc.push_back(plan.num_tokens());
   r.last_step = plan.step_id;
+  r.num_computed_total += n;
   counters_.computed_tokens += n;
+  plan.attn_pairs += static_cast<int64_t>(n) * start + static_cast<int64_t>(n) * (n + 1) / 2;
+  plan.kv_read_tokens += start + n;
 }
 
 // ---------------------------------------------------------------------------
@@ -334,6 +337,7 @@ std::vector<FinishedRequest> Scheduler::commit(const Plan& plan, const std::vect
     if (config_.enable_prefix_caching) register_full_blocks(r);
     if (!sampled) continue;
     r.tokens.push_back(token);
+    r.token_times.push_back(now);
     ++counters_.generated_tokens;
     FinishReason reason = stop_reason(r, token, config_.max_model_len);
     if (reason != FinishReason::kNone) {

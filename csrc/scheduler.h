@@ -54,6 +54,11 @@ struct Plan {
   std::vector<int32_t> kv_ops;
   std::vector<int64_t> preempted_ids;    // requests preempted while building this plan
   std::vector<uint64_t> seqs;            // internal: admission numbers, for commit
+  // Features for step-cost models and profiles (see sim/cost.py): attention work of the batch.
+  int64_t attn_pairs = 0;      // sum of causal (query, key) pairs: q*c + q*(q+1)/2 per request
+  int64_t kv_read_tokens = 0;  // sum of c + q: KV tokens attention reads
+  int num_swap_out_blocks = 0;
+  int num_swap_in_blocks = 0;
   // The scheduler's persistent block table (rows = slots): valid from step() until this plan
   // is committed (commit frees the rows of finished requests).
   const BlockId* block_table = nullptr;
@@ -72,7 +77,12 @@ struct FinishedRequest {
   int num_prompt_tokens = 0;
   int num_cached_tokens = 0;  // prefix-cache hit at first admission
   int num_preemptions = 0;
+  int64_t num_computed_tokens = 0;  // recomputation included
   std::vector<TokenId> output_tokens;
+  // Lifecycle times, all `now` values the caller passed in.
+  double arrival_time = 0.0;
+  double first_scheduled_time = 0.0;
+  std::vector<double> token_times;  // one per output token: its commit time
 };
 
 struct Stats {

@@ -58,6 +58,7 @@ bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
   r.num_cached_tokens = start;
   if (r.first_cached_tokens < 0) {
     r.first_cached_tokens = start;
+    r.first_scheduled_time = now;
     counters_.cached_tokens += start;
   }
   grow(r, start + n);
@@ -79,6 +80,7 @@ bool Scheduler::resume_swapped(Request& r, int budget, Plan& plan, double now) {
   for (int k = 0; k < held; ++k) {
     BlockId b = pool_.allocate();
     plan.kv_ops.insert(plan.kv_ops.end(), {1, r.host_blocks[k], b});
+    ++plan.num_swap_in_blocks;
     host_.release(r.host_blocks[k]);
     row[r.blocks.size()] = b;
     r.blocks.push_back(b);
@@ -100,6 +102,7 @@ void Scheduler::preempt(Request& r, Plan& plan, double now) {
     for (BlockId b : r.blocks) {
       int h = host_.allocate();
       plan.kv_ops.insert(plan.kv_ops.end(), {0, b, h});
+      ++plan.num_swap_out_blocks;
       r.host_blocks.push_back(h);
     }
     ++counters_.num_preemptions_swap;
@@ -161,6 +164,10 @@ void Scheduler::finish(Request& r, FinishReason reason, double now, std::vector<
   f.reason = reason;
   f.num_prompt_tokens = r.num_prompt_tokens;
   f.num_cached_tokens = std::max(0, r.first_cached_tokens);
+  f.num_computed_tokens = r.num_computed_total;
+  f.arrival_time = r.arrival_time;
+  f.first_scheduled_time = r.first_scheduled_time;
+  f.token_times = std::move(r.token_times);
   f.num_preemptions = r.num_preemptions;
   f.output_tokens.assign(r.tokens.begin() + r.num_prompt_tokens, r.tokens.end());
   out->push_back(std::move(f));

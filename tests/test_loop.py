@@ -29,6 +29,15 @@ def test_run_loop_finishes_everything_with_reference_tokens():
         assert rec.end == pytest.approx(rec.start + 0.01 + 0.001 * rec.num_tokens)
     assert all(a.end == b.start for a, b in zip(records, records[1:]))
     assert sum(r.num_tokens for r in records) == model.tokens_computed
+    # Each finished request carries the commit time of every output token.
+    ends = [r.end for r in records]
+    for f in finished.values():
+        times = f.token_times.tolist()
+        assert len(times) == f.num_output_tokens == 7 and all(t in ends for t in times)
+        assert times == sorted(times) and f.first_token_time == times[0] and f.finish_time == times[-1]
+        assert f.arrival_time == 0.0 and f.first_scheduled_time in [r.start for r in records]
+        assert f.first_scheduled_time < f.first_token_time
+        assert f.num_computed_tokens == f.num_prompt_tokens + 6
 
 
 def test_empty_plans_need_idle_advance():

@@ -61,6 +61,7 @@ def test_swap_copies_blocks_out_and_back():
     assert plan.preempted_ids.tolist() == [2]
     ops = plan.kv_ops
     assert ops[:, 0].tolist() == [0, 0, 0]              # device -> host, B's 3 blocks
+    assert (plan.num_swap_out_blocks, plan.num_swap_in_blocks) == (3, 0)
     before = plans[k - 1][1]["rows"][1]                  # B's block-table row before the step
     assert ops[:, 1].tolist() == before[:3].tolist()
     host = ops[:, 2].tolist()

@@ -72,6 +72,9 @@ def test_token_budget_and_mixed_batch():
     assert rows(plan) == dict(req_ids=[1, 2, 3], query_lens=[1, 1, 6], cached_lens=[11, 7, 0],
                               sample=[True, True, False])
     assert plan.logits_indices.tolist() == [0, 1]
+    # cost features: pairs q*c + q(q+1)/2 = (11+1) + (7+1) + (0+21); KV reads c+q = 12 + 8 + 6
+    assert (plan.attn_pairs, plan.kv_read_tokens) == (41, 26)
+    assert (plan.num_swap_out_blocks, plan.num_swap_in_blocks) == (0, 0)
     assert sorted(done) == [1, 2]
     done, _ = drain(sched, model, now=4.0)
     assert list(done[3].output_token_ids) == reference_generate(list(range(50, 62)), 2, V)
