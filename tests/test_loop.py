@@ -37,7 +37,10 @@ def test_run_loop_finishes_everything_with_reference_tokens():
         assert times == sorted(times) and f.first_token_time == times[0] and f.finish_time == times[-1]
         assert f.arrival_time == 0.0 and f.first_scheduled_time in [r.start for r in records]
         assert f.first_scheduled_time < f.first_token_time
-        assert f.num_computed_tokens == f.num_prompt_tokens + 6
+        if f.num_preemptions == 0:
+            assert f.num_computed_tokens == f.num_prompt_tokens + 6
+        else:
+            assert f.num_computed_tokens > f.num_prompt_tokens + 6
 
 
 def test_empty_plans_need_idle_advance():
