@@ -38,6 +38,11 @@ std::vector<int64_t> to_int_vector(py::handle obj, const char* what) {
 }
 
 std::vector<TokenId> to_tokens(py::handle obj, const char* what) {
+  // Fast path: a C-contiguous int32 array is already in the core's layout.
+  if (py::isinstance<py::array_t<int32_t, py::array::c_style>>(obj)) {
+    auto arr = py::reinterpret_borrow<py::array_t<int32_t, py::array::c_style>>(obj);
+    if (arr.ndim() == 1) return std::vector<TokenId>(arr.data(), arr.data() + arr.size());
+  }
   std::vector<int64_t> wide = to_int_vector(obj, what);
   std::vector<TokenId> out(wide.size());
   for (size_t i = 0; i < wide.size(); ++i) {
@@ -233,6 +238,15 @@ PYBIND11_MODULE(_core, m) {
           py::arg("plan"), py::arg("tokens"), py::arg("now"))
       .def("abort", &Scheduler::abort, py::arg("request_id"), py::arg("now"))
       .def("end_session", &Scheduler::end_session, py::arg("session_id"), py::arg("now"))
+      .def(
+          "cached_prefix_tokens",
+          [](const Scheduler& s, py::handle prompt, py::object cache_namespace) {
+            return s.cached_prefix_tokens(
+                to_tokens(prompt, "prompt_token_ids"),
+                cache_namespace.is_none() ? std::string() : py::str(cache_namespace).cast<std::string>());
+          },
+          py::arg("prompt_token_ids"), py::arg("cache_namespace") = py::none(),
+          "Tokens of this prompt a new request would find in the prefix cache now; changes nothing.")
       .def("stats", &Scheduler::stats)
       .def("check_invariants", &Scheduler::check_invariants)
       .def("has_unfinished", &Scheduler::has_unfinished)

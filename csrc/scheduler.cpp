@@ -275,6 +275,23 @@ int Scheduler::prefix_match(Request& r, std::vector<BlockId>* hits) {
   return m;
 }
 
+int Scheduler::cached_prefix_tokens(const std::vector<TokenId>& prompt,
+                                    const std::string& cache_namespace) const {
+  if (!config_.enable_prefix_caching || prompt.empty()) return 0;
+  auto ns = namespaces_.find(cache_namespace);
+  if (ns == namespaces_.end()) return 0;  // nothing was ever cached under it
+  const int max_blocks = (static_cast<int>(prompt.size()) - 1) / block_size_;
+  uint64_t parent = namespace_roots_[ns->second];
+  int m = 0;
+  for (; m < max_blocks; ++m) {
+    const TokenId* tokens = &prompt[static_cast<size_t>(m) * block_size_];
+    const uint64_t h = block_hash(parent, tokens, block_size_);
+    if (pool_.lookup(h, parent, ns->second, tokens) == kNoBlock) break;
+    parent = h;
+  }
+  return m * block_size_;
+}
+
 // Offers r's newly full, computed blocks to the prefix index.
 void Scheduler::register_full_blocks(Request& r) {
   const int full = r.num_computed / block_size_;

@@ -109,6 +109,9 @@ class Scheduler {
   void abort(RequestId id, double now);
   int end_session(const std::string& session_id, double now);
 
+  // Tokens of `prompt` a new request would find in the prefix cache now (read-only; routers use it).
+  int cached_prefix_tokens(const std::vector<TokenId>& prompt, const std::string& cache_namespace) const;
+
   Stats stats() const;
   void check_invariants() const;
   bool has_unfinished() const { return !requests_.empty(); }

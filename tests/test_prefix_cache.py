@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from controlplane.testing import reference_generate
 
 from helpers import drain, make, step
@@ -136,3 +138,18 @@ def test_priority_eviction_drops_less_important_blocks_first():
         lost = Y if kept is X else X
         assert hit(sched, model, 3, kept + [9], 3.0) == 8, eviction
         assert hit(sched, model, 4, lost + [9], 4.0) == 0, eviction
+
+
+def test_cached_prefix_tokens_predicts_the_hit_and_changes_nothing():
+    sched, model = make()
+    sched.add_request(0, SHARED + [1], max_new_tokens=1, cache_namespace="a")
+    drain(sched, model)
+    before = sched.stats().as_dict()
+    prompt = SHARED[:10] + [77, 78, 79, 80, 81]
+    assert sched.cached_prefix_tokens(prompt, "a") == 8
+    assert sched.cached_prefix_tokens(SHARED, "a") == 12  # the last token is always computed
+    assert sched.cached_prefix_tokens(np.asarray(SHARED + [5], dtype=np.int32), "a") == 16
+    assert sched.cached_prefix_tokens(SHARED + [5]) == 0 and sched.cached_prefix_tokens(SHARED + [5], "b") == 0
+    assert sched.stats().as_dict() == before
+    sched.add_request(1, prompt, max_new_tokens=1, cache_namespace="a")
+    assert first_plan_row(sched, model, 100.0, 1) == (8, 7)
