@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common.h"
@@ -43,7 +44,7 @@ struct RequestView {
   int num_blocks = 0;             // device blocks held
   bool preempted = false;
   bool swapped = false;
-  std::string session_id;
+  std::string_view session_id;    // valid during the policy call only
 };
 
 // What an eviction policy may read about a cached block nobody holds.

@@ -60,6 +60,10 @@ struct Request {
   std::vector<int> host_blocks;     // host blocks while swapped out
   std::vector<uint64_t> block_hashes;  // chained hashes of full blocks, computed lazily
   int num_registered = 0;           // blocks [0, num_registered) were offered to the index
+  // While waiting: the prefix hit found last time, with each block's generation, so the
+  // next step only re-checks generations instead of looking every block up again.
+  std::vector<BlockId> match_blocks;
+  std::vector<uint32_t> match_generations;
   int slot = -1;                    // row of the persistent block table while running
   uint64_t last_step = 0;           // last plan that scheduled it
   bool abort_pending = false;       // aborted while in the plan in flight: applied at commit

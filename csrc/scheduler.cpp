@@ -194,6 +194,8 @@ void Scheduler::schedule_running(Plan& plan, int* budget, double now, bool* pree
 
 void Scheduler::schedule_waiting(Plan& plan, int budget, double now) {
   if (waiting_.empty() || budget <= 0) return;
+  // Every admission or resume needs a slot and at least one block.
+  if (static_cast<int>(running_.size()) >= config_.max_num_seqs || pool_.num_available() == 0) return;
   const bool match = ordering_->needs_prefix_match() && config_.enable_prefix_caching;
   std::vector<std::tuple<OrderKey, uint64_t, RequestId>> order;
   order.reserve(waiting_.size());
@@ -261,17 +263,26 @@ void Scheduler::extend_hashes(Request& r, int num_full_blocks) {
 }
 
 // Number of leading full blocks of r found in the cache (at least one token is left to compute).
+// A waiting request is matched again every step, so the last match is remembered: a
+// remembered block still holds the same contents iff its generation is unchanged (a block
+// leaves the index only by being reallocated, which bumps the generation).
 int Scheduler::prefix_match(Request& r, std::vector<BlockId>* hits) {
   if (!config_.enable_prefix_caching) return 0;
   const int max_blocks = (r.num_tokens() - 1) / block_size_;
-  extend_hashes(r, max_blocks);
   int m = 0;
+  const int remembered = std::min(static_cast<int>(r.match_blocks.size()), max_blocks);
+  while (m < remembered && pool_.generation(r.match_blocks[m]) == r.match_generations[m]) ++m;
+  r.match_blocks.resize(m);
+  r.match_generations.resize(m);
+  extend_hashes(r, max_blocks);
   for (; m < max_blocks; ++m) {
     const uint64_t parent = m == 0 ? r.ns_root : r.block_hashes[m - 1];
     BlockId b = pool_.lookup(r.block_hashes[m], parent, r.ns, &r.tokens[static_cast<size_t>(m) * block_size_]);
     if (b == kNoBlock) break;
-    if (hits) hits->push_back(b);
+    r.match_blocks.push_back(b);
+    r.match_generations.push_back(pool_.generation(b));
   }
+  if (hits) *hits = r.match_blocks;
   return m;
 }
 

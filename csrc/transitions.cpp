@@ -37,6 +37,7 @@ bool Scheduler::grow(Request& r, int total_tokens) {
 }
 
 bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
+  if (pool_.num_available() == 0) return false;  // every admission needs at least one new block
   std::vector<BlockId> hits;
   const int matched = prefix_match(r, &hits);
   const int start = matched * block_size_;
@@ -56,6 +57,10 @@ bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
   r.num_computed = start;
   r.num_registered = matched;
   r.num_cached_tokens = start;
+  r.match_blocks.clear();  // running now: its blocks are its own
+  r.match_blocks.shrink_to_fit();
+  r.match_generations.clear();
+  r.match_generations.shrink_to_fit();
   if (r.first_cached_tokens < 0) {
     r.first_cached_tokens = start;
     r.first_scheduled_time = now;

@@ -1,0 +1,302 @@
+"""What the simulator knows about a model and a machine: shapes, rates, memory.
+
+`ModelSpec` is a decoder-only transformer (Llama / Qwen style: GQA attention,
+a gated MLP, RMSNorm) described by the handful of numbers in its public
+``config.json``. `HardwareSpec` is one accelerator described by datasheet
+rates. Both are frozen, validated on construction, and load from
+``conf/model/<name>.yaml`` and ``conf/hardware/<name>.yaml`` with unknown keys
+rejected. `kv_capacity_blocks` sizes the device KV pool the way a vLLM-like
+engine does after loading its weights.
+
+One transformer layer, as the step-cost models see it (T tokens this step)::
+
+    x [T, hidden] -> RMSNorm -> qkv  [hidden -> (heads + 2*kv_heads) * head_dim]
+                              -> attention over the KV cache (no weights)
+                              -> o    [heads * head_dim -> hidden]
+                  -> RMSNorm -> gate_up [hidden -> 2 * intermediate]
+                              -> down [intermediate -> hidden]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# What `kv_capacity_blocks` keeps free for activations when not told otherwise.
+# A vLLM-like engine measures its peak activation memory with a dummy forward
+# pass at the full token budget; for 1B-8B models and an 8192-token budget that
+# peak (MLP intermediates of the chunk, sampled logits, allocator slack) is of
+# the order of a GiB. A flat 1 GiB is a heuristic, not a measurement: pass
+# `activation_reserve_bytes` when the engine's own figure is known.
+DEFAULT_ACTIVATION_RESERVE_BYTES = 1 << 30
+
+_GB = 1e9
+
+
+def _check_positive_int(owner: str, field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{owner}: {field} must be a positive integer, got {value!r}")
+
+
+def _checked_float(owner: str, field: str, value: Any, *, allow_zero: bool) -> float:
+    """`value` as a finite float, > 0 (or >= 0 with `allow_zero`), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = ""
+        if isinstance(value, str):
+            # PyYAML reads 3.35e12 (no sign in the exponent) as a string.
+            hint = "; in YAML write floats with a dot and a signed exponent, e.g. 3.35e+12"
+        raise ValueError(f"{owner}: {field} must be a number, got {value!r}{hint}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{owner}: {field} must be finite and {bound}, got {value!r}")
+    return value
+
+
+def _from_mapping(cls, kind: str, values: Mapping[str, Any], source: str):
+    """Builds dataclass `cls` from `values`, naming unknown or missing keys."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{kind} spec {source}: expected a mapping of keys, got {type(values).__name__}")
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{kind} spec {source}: unknown keys {unknown}; known: {sorted(known)}")
+    required = {f.name for f in fields
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(values))
+    if missing:
+        raise ValueError(f"{kind} spec {source}: missing keys {missing}")
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a decoder-only transformer, as in its ``config.json``.
+
+    Args:
+        name: short identifier used in messages and file names (``llama3_8b``).
+        num_layers, hidden_size, num_heads, num_kv_heads, head_dim,
+        intermediate_size, vocab_size: the architecture (``num_hidden_layers``,
+            ``num_attention_heads``, ``num_key_value_heads`` ... in config.json).
+        dtype_bytes: bytes per weight / activation / KV element (2 = bf16).
+        tie_word_embeddings: the LM head reuses the embedding matrix.
+    """
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    dtype_bytes: int = 2
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"model spec: name must be a non-empty string, got {self.name!r}")
+        owner = f"model {self.name}"
+        for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                      "intermediate_size", "vocab_size", "dtype_bytes"):
+            _check_positive_int(owner, field, getattr(self, field))
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{owner}: num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"{owner}: tie_word_embeddings must be true or false, "
+                             f"got {self.tie_word_embeddings!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "<dict>") -> "ModelSpec":
+        """Builds a spec from a mapping, rejecting unknown and missing keys by name.
+
+        Args:
+            values: the ModelSpec fields.
+            source: where the mapping came from, for messages.
+        Returns:
+            The validated spec.
+        """
+        return _from_mapping(cls, "model", values, source)
+
+    def layer_matmuls(self) -> tuple[tuple[str, int, int], ...]:
+        """The weight matmuls of one layer as ``(name, in_features, out_features)``.
+
+        q, k and v are one fused matmul, and so are gate and up, as engines run them.
+        """
+        attn = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        return (
+            ("qkv", self.hidden_size, attn + 2 * kv),
+            ("o", attn, self.hidden_size),
+            ("gate_up", self.hidden_size, 2 * self.intermediate_size),
+            ("down", self.intermediate_size, self.hidden_size),
+        )
+
+    def num_params(self) -> int:
+        """Parameter count: embeddings, per-layer projections, MLP and two RMSNorms,
+        the final norm, and the LM head unless tied to the embeddings.
+
+        Returns:
+            The number of weights (q_norm/k_norm of Qwen3, a few thousand, are not counted).
+        """
+        embed = self.vocab_size * self.hidden_size
+        per_layer = sum(i * o for _, i, o in self.layer_matmuls()) + 2 * self.hidden_size
+        lm_head = 0 if self.tie_word_embeddings else embed
+        return embed + self.num_layers * per_layer + self.hidden_size + lm_head
+
+    def weight_bytes(self) -> int:
+        """Bytes of all weights at ``dtype_bytes`` each."""
+        return self.num_params() * self.dtype_bytes
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V one token occupies over all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """One accelerator (or a CPU), as rates and capacities.
+
+    Args:
+        name: short identifier (``h100_sxm``).
+        peak_flops: dense matrix FLOP/s at the model dtype (no sparsity).
+        mem_bandwidth: device memory bytes/s.
+        mem_bytes: device memory capacity in bytes.
+        host_link_bandwidth: device <-> host bytes/s, paid by KV swaps.
+        step_overhead_s: fixed seconds added to every non-empty step (CPU work,
+            kernel launches); 0 makes the roofline a physical lower bound.
+        source: where the numbers come from ("datasheet: ...", "estimate: ...").
+    """
+
+    name: str
+    peak_flops: float
+    mem_bandwidth: float
+    mem_bytes: float
+    host_link_bandwidth: float
+    step_overhead_s: float = 0.0
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"hardware spec: name must be a non-empty string, got {self.name!r}")
+        owner = f"hardware {self.name}"
+        for field in ("peak_flops", "mem_bandwidth", "mem_bytes", "host_link_bandwidth"):
+            object.__setattr__(self, field, _checked_float(owner, field, getattr(self, field),
+                                                           allow_zero=False))
+        object.__setattr__(self, "step_overhead_s",
+                           _checked_float(owner, "step_overhead_s", self.step_overhead_s, allow_zero=True))
+        if not isinstance(self.source, str):
+            raise ValueError(f"{owner}: source must be a string, got {self.source!r}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "<dict>") -> "HardwareSpec":
+        """Builds a spec from a mapping, rejecting unknown and missing keys by name.
+
+        Args:
+            values: the HardwareSpec fields.
+            source: where the mapping came from, for messages.
+        Returns:
+            The validated spec.
+        """
+        return _from_mapping(cls, "hardware", values, source)
+
+
+def kv_capacity_blocks(model: ModelSpec, hw: HardwareSpec, block_size: int,
+                       gpu_memory_utilization: float = 0.9,
+                       activation_reserve_bytes: float | None = None) -> int:
+    """Device KV blocks left once the weights and an activation reserve are placed.
+
+    ::
+
+        mem_bytes * gpu_memory_utilization
+        |<- weights ->|<- activations ->|<-------- KV blocks -------->|.|
+                                                                      ^ remainder < 1 block
+
+    Args:
+        model, hw: what runs where.
+        block_size: tokens per KV block.
+        gpu_memory_utilization: share of device memory the engine may use, in (0, 1].
+        activation_reserve_bytes: memory kept for activations; None means
+            `DEFAULT_ACTIVATION_RESERVE_BYTES`.
+    Returns:
+        The number of whole blocks (>= 1).
+    Raises:
+        ValueError: bad arguments, or not even one block fits.
+    """
+    _check_positive_int("kv_capacity_blocks", "block_size", block_size)
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+    if activation_reserve_bytes is None:
+        activation_reserve_bytes = DEFAULT_ACTIVATION_RESERVE_BYTES
+    if activation_reserve_bytes < 0:
+        raise ValueError(f"activation_reserve_bytes must be >= 0, got {activation_reserve_bytes!r}")
+    budget = hw.mem_bytes * gpu_memory_utilization
+    free = budget - model.weight_bytes() - activation_reserve_bytes
+    block_bytes = model.kv_bytes_per_token() * block_size
+    blocks = int(free // block_bytes) if free > 0 else 0
+    if blocks < 1:
+        raise ValueError(
+            f"model {model.name} needs {model.weight_bytes() / _GB:.1f} GB of weights; {hw.name} has "
+            f"{budget / _GB:.1f} GB usable at gpu_memory_utilization={gpu_memory_utilization}: "
+            f"after a {activation_reserve_bytes / _GB:.1f} GB activation reserve "
+            f"{free / _GB:.2f} GB is left, less than one KV block of {block_bytes / _GB:.4f} GB "
+            f"(block_size={block_size})")
+    return blocks
+
+
+def _spec_path(group: str, name_or_path: str | Path) -> Path:
+    """``conf/<group>/<name>.yaml`` for a bare name; the path itself otherwise."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        if not path.is_file():
+            raise ValueError(f"{group} spec file not found: {path}")
+        return path
+    path = CONF_DIR / group / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise ValueError(f"unknown {group} {str(name_or_path)!r}; known: {known} (in {CONF_DIR / group})")
+    return path
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"cannot parse {path}: {err}") from err
+
+
+def load_model_spec(name_or_path: str | Path) -> ModelSpec:
+    """Loads a ModelSpec from ``conf/model/<name>.yaml`` or from a YAML file path.
+
+    Args:
+        name_or_path: a name such as ``"llama3_8b"``, or a path ending in .yaml.
+    Returns:
+        The validated spec.
+    Raises:
+        ValueError: unknown name, missing file, unknown/missing keys, bad values.
+    """
+    path = _spec_path("model", name_or_path)
+    return ModelSpec.from_dict(_read_yaml(path), source=str(path))
+
+
+def load_hardware_spec(name_or_path: str | Path) -> HardwareSpec:
+    """Loads a HardwareSpec from ``conf/hardware/<name>.yaml`` or from a YAML file path.
+
+    Args:
+        name_or_path: a name such as ``"h100_sxm"``, or a path ending in .yaml.
+    Returns:
+        The validated spec.
+    Raises:
+        ValueError: unknown name, missing file, unknown/missing keys, bad values.
+    """
+    path = _spec_path("hardware", name_or_path)
+    return HardwareSpec.from_dict(_read_yaml(path), source=str(path))
