@@ -1,0 +1,156 @@
+"""Replicas as SimPy processes on the shared control plane, and the router in front of them.
+
+A replica runs the engine core's loop with a step-cost model in place of the GPU::
+
+    plan = scheduler.step(env.now)
+    yield env.timeout(cost_model.step_seconds(plan))     # the step "runs"
+    finished = scheduler.commit(plan, tokens, env.now)
+
+Every scheduling and KV decision is the C++ scheduler's; this file only moves
+simulated time and hands finished requests back to the sessions waiting on them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import simpy
+
+import controlplane as cp
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+class Replica:
+    """One engine replica (one GPU) driving its own scheduler.
+
+    Args:
+        env: the SimPy environment (its clock is the only clock).
+        index: replica number.
+        config: the control-plane config.
+        cost_model: `step_seconds(plan) -> float`.
+        on_step: called after each commit as `on_step(replica, start, seconds, plan)`.
+        idle_wait_s: when the scheduler makes an empty plan although requests are
+            waiting (blocked, e.g. on pinned KV), re-plan after this long or at the next arrival.
+        seed: seeds the synthetic output token ids.
+    """
+
+    def __init__(self, env: simpy.Environment, index: int, config: cp.SchedulerConfig, cost_model,
+                 on_step: Callable, idle_wait_s: float, seed: int) -> None:
+        self.env = env
+        self.index = index
+        self.scheduler = cp.Scheduler(config)
+        self.cost_model = cost_model
+        self.on_step = on_step
+        self.idle_wait_s = idle_wait_s
+        self.vocab_size = config.vocab_size
+        self.pending: dict[int, simpy.Event] = {}
+        self.sessions: set[str] = set()
+        rng = np.random.default_rng([seed, index, 0x70C])
+        self._token_pool = rng.integers(0, config.vocab_size, size=1 << 16, dtype=np.int64)
+        self._token_at = 0
+        self._wake: simpy.Event | None = None
+        self.process = env.process(self._loop())
+
+    @property
+    def load(self) -> int:
+        """Requests submitted and not finished."""
+        return len(self.pending)
+
+    def submit(self, request_id: int, prompt: np.ndarray, max_new_tokens: int, session_id: str) -> simpy.Event:
+        """Adds a request now; the returned event fires with its `FinishedRequest`."""
+        self.scheduler.add_request(request_id, prompt, max_new_tokens=max_new_tokens, ignore_eos=True,
+                                   arrival_time=self.env.now, session_id=session_id)
+        self.sessions.add(session_id)
+        done = self.env.event()
+        self.pending[request_id] = done
+        if self._wake is not None and not self._wake.triggered:
+            self._wake.succeed()
+        return done
+
+    def end_session(self, session_id: str) -> None:
+        if session_id in self.sessions:
+            self.sessions.discard(session_id)
+            self.scheduler.end_session(session_id, self.env.now)
+
+    def _tokens(self, n: int) -> np.ndarray:
+        """Synthetic sampled token ids (the simulator has no model)."""
+        at = self._token_at
+        if at + n > self._token_pool.size:
+            at = 0
+        self._token_at = at + n
+        return self._token_pool[at:at + n]
+
+    def _loop(self):
+        env, sched = self.env, self.scheduler
+        while True:
+            if not sched.has_unfinished():
+                self._wake = env.event()
+                yield self._wake
+                self._wake = None
+                continue
+            start = env.now
+            plan = sched.step(start)
+            if plan.is_empty:
+                sched.commit(plan, _EMPTY, start)
+                self._wake = env.event()
+                yield self._wake | env.timeout(self.idle_wait_s)
+                self._wake = None
+                continue
+            seconds = self.cost_model.step_seconds(plan)
+            yield env.timeout(seconds)
+            finished = sched.commit(plan, self._tokens(plan.num_sampled), env.now)
+            self.on_step(self, start, seconds, plan)
+            for f in finished:
+                self.pending.pop(f.request_id).succeed(f)
+
+
+class Router:
+    """Chooses a replica for each model call.
+
+    Policies:
+        round_robin: in turn.
+        least_loaded: fewest requests in flight (ties: lowest index).
+        session_affinity: a session's calls stay on the replica of its first call,
+            which is chosen least-loaded.
+        prefix_aware: most prompt tokens already in the replica's prefix cache,
+            ties broken by load.
+    """
+
+    def __init__(self, policy: str, replicas: Sequence[Replica]) -> None:
+        self.policy = policy
+        self.replicas = list(replicas)
+        self._next = 0
+        self._affinity: dict[str, Replica] = {}
+        self._choose = {
+            "round_robin": self._round_robin,
+            "least_loaded": self._least_loaded,
+            "session_affinity": self._session_affinity,
+            "prefix_aware": self._prefix_aware,
+        }[policy]
+
+    def route(self, prompt: np.ndarray, session_id: str) -> Replica:
+        if len(self.replicas) == 1:
+            return self.replicas[0]
+        return self._choose(prompt, session_id)
+
+    def forget(self, session_id: str) -> None:
+        self._affinity.pop(session_id, None)
+
+    def _round_robin(self, prompt, session_id):
+        replica = self.replicas[self._next % len(self.replicas)]
+        self._next += 1
+        return replica
+
+    def _least_loaded(self, prompt=None, session_id=None):
+        return min(self.replicas, key=lambda r: (r.load, r.index))
+
+    def _session_affinity(self, prompt, session_id):
+        replica = self._affinity.get(session_id)
+        if replica is None:
+            replica = self._affinity[session_id] = self._least_loaded()
+        return replica
+
+    def _prefix_aware(self, prompt, session_id):
+        return max(self.replicas, key=lambda r: (r.scheduler.cached_prefix_tokens(prompt), -r.load, -r.index))

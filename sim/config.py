@@ -1,0 +1,200 @@
+"""Typed configuration of a simulation: the schema Hydra validates `conf/` against.
+
+Every section is a dataclass; Hydra merges the YAML files onto them in struct
+mode, so an unknown key is an error that names it. `validate(cfg)` then checks
+values (rates, sizes, policies, that the model fits the hardware) before any
+simulated time passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from controlplane import SchedulerConfig, policy_names
+
+
+@dataclass
+class ModelConf:
+    """A model's shape (see sim.specs.ModelSpec); conf/model/*.yaml."""
+
+    name: str = "llama3_8b"
+    num_layers: int = 32
+    hidden_size: int = 4096
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    intermediate_size: int = 14336
+    vocab_size: int = 128256
+    dtype_bytes: int = 2
+    tie_word_embeddings: bool = False
+
+
+@dataclass
+class HardwareConf:
+    """One accelerator (see sim.specs.HardwareSpec); conf/hardware/*.yaml."""
+
+    name: str = "h100_sxm"
+    peak_flops: float = 989.4e12
+    mem_bandwidth: float = 3.35e12
+    mem_bytes: float = 80e9
+    host_link_bandwidth: float = 64e9
+    step_overhead_s: float = 0.0
+    source: str = ""
+
+
+@dataclass
+class WorkloadConf:
+    """A workload generator and its parameters (see sim.workloads); conf/workload/*.yaml."""
+
+    name: str = "agentic_coding"
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PolicyConf:
+    """The control plane's policies, as `"name"` or `"name:key=value"` strings; conf/policy/*.yaml."""
+
+    name: str = "lru"
+    ordering: str = "fcfs"
+    eviction: str = "lru"
+    preemption: str = "recompute"
+
+
+@dataclass
+class ClusterConf:
+    """Replicas (one GPU each) behind a router; conf/cluster/*.yaml."""
+
+    num_replicas: int = 1
+    router: str = "round_robin"
+
+
+@dataclass
+class EngineConf:
+    """What each replica's engine is configured with (as the GPU engine would be)."""
+
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    chunk_size: int = 2048
+    max_model_len: int = 131072
+    gpu_memory_utilization: float = 0.9
+    host_kv_gb: float = 0.0          # host tier for swap-out preemption, GB per replica
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class SimConf:
+    """How the simulation runs; conf/sim/*.yaml."""
+
+    seed: int = 0
+    mode: str = "open"                 # open: sessions arrive at session_rate; closed: fixed concurrency
+    num_sessions: int = 100
+    session_rate: Optional[float] = None   # sessions/s (open loop); None: the workload's default
+    concurrency: int = 8               # sessions in flight (closed loop)
+    cost_model: str = "roofline"       # roofline | profile
+    profile_path: Optional[str] = None
+    end_sessions: bool = True          # the agent ends its session after its last call
+    idle_wait_s: float = 0.05          # a replica with only blocked requests re-plans after this long
+    kv_sample_interval_s: float = 1.0
+    slo_ttft_s: float = 5.0            # goodput: a request meets the SLO if TTFT <= this ...
+    slo_tpot_s: float = 1.0 / 70.0     # ... and its time per output token <= this (70 tokens/s per user)
+    max_sim_time_s: Optional[float] = None
+    progress: bool = True
+
+
+@dataclass
+class WandbConf:
+    mode: str = "offline"              # offline | online | disabled
+    project: str = "tandem-sim"
+    group: Optional[str] = None
+
+
+@dataclass
+class OutputConf:
+    dir: str = "."                      # relative to Hydra's run directory
+    plots: bool = True
+    requests_table: bool = True
+
+
+@dataclass
+class SimulationConfig:
+    model: ModelConf = field(default_factory=ModelConf)
+    hardware: HardwareConf = field(default_factory=HardwareConf)
+    workload: WorkloadConf = field(default_factory=WorkloadConf)
+    policy: PolicyConf = field(default_factory=PolicyConf)
+    cluster: ClusterConf = field(default_factory=ClusterConf)
+    engine: EngineConf = field(default_factory=EngineConf)
+    sim: SimConf = field(default_factory=SimConf)
+    wandb: WandbConf = field(default_factory=WandbConf)
+    output: OutputConf = field(default_factory=OutputConf)
+
+
+ROUTERS = ("round_robin", "least_loaded", "session_affinity", "prefix_aware")
+
+
+def from_mapping(values: Any) -> SimulationConfig:
+    """Builds a SimulationConfig from nested mappings (e.g. an OmegaConf container), rejecting unknown keys."""
+    if isinstance(values, SimulationConfig):
+        return values
+    out = {}
+    known = {f.name: f for f in dataclasses.fields(SimulationConfig)}
+    for key, section in dict(values).items():
+        if key not in known:
+            raise ValueError(f"unknown config section '{key}'; known: {sorted(known)}")
+        cls = known[key].default_factory  # type: ignore[misc]
+        names = {f.name for f in dataclasses.fields(cls)}
+        section = dict(section or {})
+        unknown = sorted(set(section) - names)
+        if unknown:
+            raise ValueError(f"unknown keys in '{key}': {unknown}; known: {sorted(names)}")
+        out[key] = cls(**section)
+    return SimulationConfig(**out)
+
+
+def _positive(section: str, **values: float) -> None:
+    for name, value in values.items():
+        if value is None or not value > 0:
+            raise ValueError(f"{section}.{name} must be positive, got {value!r}")
+
+
+def validate(cfg: SimulationConfig) -> None:
+    """Checks values that the schema's types cannot; raises ValueError naming the setting."""
+    s, e, c = cfg.sim, cfg.engine, cfg.cluster
+    if s.mode not in ("open", "closed"):
+        raise ValueError(f"sim.mode must be 'open' or 'closed', got {s.mode!r}")
+    if s.session_rate is not None:
+        _positive("sim", session_rate=s.session_rate)
+    _positive("sim", num_sessions=s.num_sessions, concurrency=s.concurrency, idle_wait_s=s.idle_wait_s,
+              kv_sample_interval_s=s.kv_sample_interval_s, slo_ttft_s=s.slo_ttft_s, slo_tpot_s=s.slo_tpot_s)
+    if s.max_sim_time_s is not None:
+        _positive("sim", max_sim_time_s=s.max_sim_time_s)
+    if s.cost_model not in ("roofline", "profile"):
+        raise ValueError(f"sim.cost_model must be 'roofline' or 'profile', got {s.cost_model!r}")
+    if s.cost_model == "profile" and not s.profile_path:
+        raise ValueError("sim.cost_model=profile needs sim.profile_path (a step profile CSV)")
+    _positive("cluster", num_replicas=c.num_replicas)
+    if c.router not in ROUTERS:
+        raise ValueError(f"cluster.router must be one of {list(ROUTERS)}, got {c.router!r}")
+    if not 0 < e.gpu_memory_utilization <= 1:
+        raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {e.gpu_memory_utilization}")
+    if e.host_kv_gb < 0:
+        raise ValueError(f"engine.host_kv_gb must be >= 0, got {e.host_kv_gb}")
+    if cfg.wandb.mode not in ("offline", "online", "disabled"):
+        raise ValueError(f"wandb.mode must be offline, online or disabled, got {cfg.wandb.mode!r}")
+    for kind in ("ordering", "eviction", "preemption"):
+        spec = getattr(cfg.policy, kind)
+        if spec.split(":", 1)[0] not in policy_names(kind):
+            raise ValueError(f"policy.{kind}: unknown policy {spec!r}; registered: {policy_names(kind)}")
+
+
+def scheduler_config(cfg: SimulationConfig, num_blocks: int, num_host_blocks: int) -> SchedulerConfig:
+    """The control-plane config one replica runs with."""
+    e, p = cfg.engine, cfg.policy
+    return SchedulerConfig(
+        num_blocks=num_blocks, block_size=e.block_size, num_host_blocks=num_host_blocks,
+        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
+        chunk_size=e.chunk_size, max_model_len=e.max_model_len, vocab_size=cfg.model.vocab_size,
+        enable_prefix_caching=e.enable_prefix_caching, ordering=p.ordering, eviction=p.eviction,
+        preemption=p.preemption)

@@ -1,0 +1,163 @@
+"""What a simulation measures, per step, per request and per session, and its summary.
+
+Definitions (all times are simulated seconds):
+
+* TTFT: first token's commit time - arrival. TPOT: (finish - first token) / (outputs - 1).
+  ITL: time between consecutive tokens of a request (a log-binned histogram, 0.5% wide bins).
+* per-user tokens/s: (outputs - 1) / (finish - first token), one value per request.
+* per-GPU tokens/s: output tokens / (simulated span x replicas); `total` adds prompt tokens.
+* goodput: requests per second per GPU whose TTFT <= slo_ttft_s and TPOT <= slo_tpot_s.
+* prefix-cache hit rate: cached prompt tokens / prompt tokens (token-weighted).
+* prefill amplification: tokens prefilled / genuinely new tokens, where a call's
+  genuinely new tokens are its new tokens plus, the first time a shared prefix is
+  sent to the cluster, that prefix; prefilled = computed - decoded (outputs - 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+REQUEST_COLUMNS = (
+    "request_id", "session_id", "turn", "replica", "arrival", "first_scheduled", "first_token", "finish",
+    "ttft", "tpot", "e2e", "prompt_tokens", "cached_tokens", "computed_tokens", "new_tokens",
+    "genuinely_new_tokens", "output_tokens", "preemptions")
+
+_ITL_EDGES = np.geomspace(1e-5, 1e4, 4000)  # seconds; ~0.5% per bin
+
+
+@dataclass
+class Slo:
+    ttft_s: float
+    tpot_s: float
+
+
+def _pcts(values: np.ndarray, prefix: str) -> dict[str, float]:
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return {f"{prefix}_{k}": float("nan") for k in ("mean", "p50", "p90", "p99")}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99])
+    return {f"{prefix}_mean": float(values.mean()), f"{prefix}_p50": float(p50),
+            f"{prefix}_p90": float(p90), f"{prefix}_p99": float(p99)}
+
+
+class Collector:
+    """Accumulates what replicas and sessions report; `summary()` turns it into the run's figures."""
+
+    def __init__(self, num_replicas: int, num_blocks: int, sample_interval_s: float, slo: Slo) -> None:
+        self.num_replicas = num_replicas
+        self.num_blocks = num_blocks
+        self.sample_interval_s = sample_interval_s
+        self.slo = slo
+        self.step_start: list[float] = []
+        self.step_seconds: list[float] = []
+        self.step_tokens: list[int] = []
+        self.step_reqs: list[int] = []
+        self.kv_samples: list[tuple] = []   # (time, replica, used, cached, free) in blocks
+        self._next_sample = [0.0] * num_replicas
+        self.requests: list[tuple] = []
+        self.sessions: list[tuple] = []     # (session_id, start, end, calls, truncated)
+        self.itl_counts = np.zeros(_ITL_EDGES.size + 1, dtype=np.int64)
+        self.itl_sum = 0.0
+        self.itl_n = 0
+
+    # -- reports ------------------------------------------------------------------
+    def on_step(self, replica, start: float, seconds: float, plan) -> None:
+        self.step_start.append(start)
+        self.step_seconds.append(seconds)
+        self.step_tokens.append(plan.num_tokens)
+        self.step_reqs.append(plan.num_reqs)
+        i = replica.index
+        if start >= self._next_sample[i]:
+            self._next_sample[i] = start + self.sample_interval_s
+            s = replica.scheduler.stats()
+            self.kv_samples.append((start, i, s.num_used_blocks, s.num_cached_blocks, s.num_free_blocks))
+
+    def on_request(self, f, session_id: str, turn: int, replica: int, new_tokens: int, genuinely_new: int) -> None:
+        times = f.token_times
+        n = times.size
+        first, finish = float(times[0]), float(times[-1])
+        if n > 1:
+            gaps = np.diff(times)
+            self.itl_counts += np.bincount(np.searchsorted(_ITL_EDGES, gaps), minlength=self.itl_counts.size)
+            self.itl_sum += float(gaps.sum())
+            self.itl_n += n - 1
+        tpot = (finish - first) / (n - 1) if n > 1 else math.nan
+        self.requests.append((
+            f.request_id, session_id, turn, replica, f.arrival_time, f.first_scheduled_time, first, finish,
+            first - f.arrival_time, tpot, finish - f.arrival_time, f.num_prompt_tokens, f.num_cached_tokens,
+            f.num_computed_tokens, new_tokens, genuinely_new, n, f.num_preemptions))
+
+    def on_session(self, session_id: str, start: float, end: float, calls: int, truncated: bool) -> None:
+        self.sessions.append((session_id, start, end, calls, truncated))
+
+    # -- results ------------------------------------------------------------------
+    def request_table(self):
+        """The per-request table as a pandas DataFrame (columns: REQUEST_COLUMNS)."""
+        import pandas as pd
+
+        return pd.DataFrame.from_records(self.requests, columns=list(REQUEST_COLUMNS))
+
+    def itl_percentiles(self, qs=(50, 90, 99)) -> list[float]:
+        total = self.itl_counts.sum()
+        if total == 0:
+            return [math.nan for _ in qs]
+        cum = np.cumsum(self.itl_counts)
+        edges = np.concatenate([[0.0], _ITL_EDGES, [_ITL_EDGES[-1]]])
+        out = []
+        for q in qs:
+            k = int(np.searchsorted(cum, q / 100 * total))
+            out.append(float(math.sqrt(max(edges[k], 1e-12) * edges[k + 1])))  # bin's geometric centre
+        return out
+
+    def summary(self, stats: list, wall_seconds: float) -> dict:
+        """The run's figures; `stats` are the replicas' final control-plane stats."""
+        cols = {name: np.array([row[i] for row in self.requests], dtype=float)
+                for i, name in enumerate(REQUEST_COLUMNS) if name != "session_id"}
+        n = len(self.requests)
+        out: dict = {"num_requests": n, "num_sessions": len(self.sessions), "num_replicas": self.num_replicas}
+        if n == 0:
+            return out
+        span = float(cols["finish"].max() - cols["arrival"].min()) or math.nan
+        gpus = self.num_replicas
+        outputs, prompts = cols["output_tokens"].sum(), cols["prompt_tokens"].sum()
+        out.update(_pcts(cols["ttft"], "ttft_s"))
+        out.update(_pcts(cols["tpot"], "tpot_s"))
+        out.update(_pcts(cols["e2e"], "e2e_s"))
+        p50, p90, p99 = self.itl_percentiles()
+        out.update({"itl_s_mean": self.itl_sum / self.itl_n if self.itl_n else math.nan,
+                    "itl_s_p50": p50, "itl_s_p90": p90, "itl_s_p99": p99})
+        per_user = np.where(cols["tpot"] > 0, 1.0 / cols["tpot"], np.nan)
+        out.update(_pcts(per_user, "per_user_tok_s"))
+        out["per_user_tok_s_p10"] = float(np.nanpercentile(per_user, 10)) if np.isfinite(per_user).any() else math.nan
+        out["simulated_seconds"] = span
+        out["per_gpu_output_tok_s"] = outputs / span / gpus
+        out["per_gpu_total_tok_s"] = (outputs + prompts) / span / gpus
+        out["per_gpu_output_tok_min"] = 60 * out["per_gpu_output_tok_s"]
+        out["per_gpu_total_tok_min"] = 60 * out["per_gpu_total_tok_s"]
+        good = (cols["ttft"] <= self.slo.ttft_s) & ~(cols["tpot"] > self.slo.tpot_s)
+        out["slo_attainment"] = float(good.mean())
+        out["goodput_req_s_per_gpu"] = float(good.sum()) / span / gpus
+        out["prefix_hit_rate"] = float(cols["cached_tokens"].sum() / prompts)
+        prefilled = cols["computed_tokens"] - (cols["output_tokens"] - 1)
+        out["prefill_amplification"] = float(prefilled.sum() / cols["genuinely_new_tokens"].sum())
+        out["prefilled_tokens"] = int(prefilled.sum())
+        out["output_tokens"] = int(outputs)
+        out["prompt_tokens"] = int(prompts)
+        if self.sessions:
+            sess = np.array([end - start for _, start, end, _, _ in self.sessions])
+            out.update(_pcts(sess, "session_s"))
+            out["truncated_sessions"] = int(sum(1 for s in self.sessions if s[4]))
+        if self.kv_samples:
+            used = np.array([s[2] for s in self.kv_samples]) / self.num_blocks
+            out["kv_used_mean"] = float(used.mean())
+            out["kv_used_max"] = float(used.max())
+        for key in ("num_preemptions_recompute", "num_preemptions_swap", "num_evicted_blocks"):
+            out[key] = int(sum(getattr(s, key) for s in stats))
+        out["num_steps"] = len(self.step_seconds)
+        out["wall_seconds"] = wall_seconds
+        out["steps_per_wall_s"] = len(self.step_seconds) / wall_seconds if wall_seconds > 0 else math.nan
+        out["requests_per_wall_min"] = 60 * n / wall_seconds if wall_seconds > 0 else math.nan
+        return out

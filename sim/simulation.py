@@ -1,0 +1,195 @@
+"""A whole simulated cluster: workload sessions -> router -> replicas on the shared control plane.
+
+    result = Simulation(config).run()
+    result.summary["ttft_s_p50"], result.requests  # figures and the per-request table
+
+Token ids are synthetic but consistent: a session starts with its shared prefix
+(the same ids for every session with that prefix id), and each call's prompt is
+exactly the previous prompt + the previous output + the call's new tokens, so
+the prefix cache sees real reuse.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from sim.cluster import Replica, Router
+from sim.config import SimulationConfig, from_mapping, scheduler_config, validate
+from sim.cost import make_cost_model
+from sim.metrics import Collector, Slo
+from sim.specs import HardwareSpec, ModelSpec, kv_capacity_blocks
+from sim.workloads import Session, make_workload
+
+
+class TokenFactory:
+    """Deterministic synthetic token ids: shared prefixes by id, new tokens per session."""
+
+    def __init__(self, seed: int, vocab_size: int) -> None:
+        self.seed = seed
+        self.vocab_size = vocab_size
+        self._prefixes: dict[int, np.ndarray] = {}
+
+    def prefix(self, prefix_id: int, length: int) -> np.ndarray:
+        if prefix_id < 0 or length <= 0:
+            return np.empty(0, dtype=np.int32)
+        key = (prefix_id, length)
+        if key not in self._prefixes:
+            rng = np.random.default_rng([self.seed, 0x5EED, prefix_id, length])
+            self._prefixes[key] = rng.integers(0, self.vocab_size, size=length, dtype=np.int32)
+        return self._prefixes[key]
+
+    def session_rng(self, session_index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, 0x5E55, session_index])
+
+    def new_tokens(self, rng: np.random.Generator, turn) -> np.ndarray:
+        if turn.new_token_ids is not None:
+            return np.asarray(turn.new_token_ids, dtype=np.int32)
+        return rng.integers(0, self.vocab_size, size=turn.new_tokens, dtype=np.int32)
+
+
+@dataclass
+class SimResult:
+    config: SimulationConfig
+    summary: dict
+    collector: Collector
+    kv_blocks_per_replica: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def requests(self):
+        return self.collector.request_table()
+
+
+class Simulation:
+    """Builds and runs one simulation; bad configuration fails here, before any simulated time.
+
+    Args:
+        config: a SimulationConfig or nested mappings of its sections.
+    """
+
+    def __init__(self, config) -> None:
+        cfg = from_mapping(config)
+        validate(cfg)
+        self.cfg = cfg
+        self.model = ModelSpec(**vars(cfg.model))
+        self.hardware = HardwareSpec(**vars(cfg.hardware))
+        e = cfg.engine
+        self.num_blocks = kv_capacity_blocks(self.model, self.hardware, e.block_size, e.gpu_memory_utilization)
+        block_bytes = self.model.kv_bytes_per_token() * e.block_size
+        self.num_host_blocks = int(e.host_kv_gb * 1e9 // block_bytes)
+        self.scheduler_config = scheduler_config(cfg, self.num_blocks, self.num_host_blocks)
+        self.scheduler_config.to_core()  # policies and sizes are checked by the C++ core now
+        self.cost_model = make_cost_model(cfg.sim.cost_model, self.model, self.hardware, cfg.sim.profile_path)
+        self.workload = make_workload(cfg.workload.name, dict(cfg.workload.params))
+        self.capacity_tokens = self.num_blocks * e.block_size
+
+    def run(self) -> SimResult:
+        cfg, s = self.cfg, self.cfg.sim
+        env = simpy.Environment()
+        collector = Collector(cfg.cluster.num_replicas, self.num_blocks, s.kv_sample_interval_s,
+                              Slo(s.slo_ttft_s, s.slo_tpot_s))
+        replicas = [Replica(env, i, self.scheduler_config, self.cost_model, collector.on_step, s.idle_wait_s, s.seed)
+                    for i in range(cfg.cluster.num_replicas)]
+        router = Router(cfg.cluster.router, replicas)
+        tokens = TokenFactory(s.seed, self.model.vocab_size)
+        ids = itertools.count()
+        seen_prefixes: set[tuple[int, int]] = set()
+        done = env.event()
+        state = {"finished": 0}
+        progress = _progress(s.num_sessions, s.progress)
+
+        def run_session(index: int, session: Session, wait_for_start: bool):
+            if wait_for_start and session.start_time > env.now:
+                yield env.timeout(session.start_time - env.now)
+            start = env.now
+            rng = tokens.session_rng(index)
+            context = tokens.prefix(session.prefix_id, session.prefix_tokens)
+            used: set[Replica] = set()
+            truncated, calls = False, 0
+            for k, turn in enumerate(session.turns):
+                new = tokens.new_tokens(rng, turn)
+                prompt = np.concatenate([context, new]) if context.size else new
+                max_new = min(turn.output_tokens, cfg.engine.max_model_len - prompt.size)
+                if max_new < 1 or prompt.size + max_new - 1 > self.capacity_tokens:
+                    truncated = True  # the context outgrew the model length or the KV cache
+                    break
+                genuinely_new = new.size
+                key = (session.prefix_id, session.prefix_tokens)
+                if k == 0 and session.prefix_id >= 0 and key not in seen_prefixes:
+                    seen_prefixes.add(key)
+                    genuinely_new += session.prefix_tokens
+                replica = router.route(prompt, session.session_id)
+                used.add(replica)
+                finished = yield replica.submit(next(ids), prompt, max_new, session.session_id)
+                calls += 1
+                collector.on_request(finished, session.session_id, k, replica.index, new.size, genuinely_new)
+                context = np.concatenate([prompt, np.asarray(finished.output_token_ids, dtype=np.int32)])
+                if turn.pause_after > 0 and k + 1 < len(session.turns):
+                    yield env.timeout(turn.pause_after)
+            if s.end_sessions:
+                for replica in used:
+                    replica.end_session(session.session_id)
+            router.forget(session.session_id)
+            collector.on_session(session.session_id, start, env.now, calls, truncated)
+            state["finished"] += 1
+            progress.update(1)
+            if state["finished"] == s.num_sessions and not done.triggered:
+                done.succeed()
+
+        if s.mode == "open":
+            for index, session in enumerate(self.workload.sessions(s.num_sessions, s.seed, s.session_rate)):
+                env.process(run_session(index, session, wait_for_start=True))
+        else:
+            source = enumerate(itertools.islice(self.workload.iter_sessions(s.seed, s.session_rate), s.num_sessions))
+
+            def worker():
+                for index, session in source:
+                    yield from run_session(index, session, wait_for_start=False)
+
+            for _ in range(s.concurrency):
+                env.process(worker())
+
+        wall = time.perf_counter()
+        until = done if s.max_sim_time_s is None else (done | env.timeout(s.max_sim_time_s))
+        env.run(until=until)
+        wall = time.perf_counter() - wall
+        progress.close()
+        for replica in replicas:
+            replica.scheduler.check_invariants()
+        summary = collector.summary([r.scheduler.stats() for r in replicas], wall)
+        summary.update(self.describe())
+        notes = []
+        if getattr(self.cost_model, "is_physical_limit", False):
+            notes.append("roofline cost with zero step overhead: latencies are physical lower bounds")
+        summary["physical_limit"] = bool(getattr(self.cost_model, "is_physical_limit", False))
+        summary["completed"] = state["finished"] == s.num_sessions
+        return SimResult(cfg, summary, collector, self.num_blocks, notes)
+
+    def describe(self) -> dict:
+        c = self.cfg
+        return {"model": c.model.name, "hardware": c.hardware.name, "workload": c.workload.name,
+                "policy": c.policy.name, "ordering": c.policy.ordering, "eviction": c.policy.eviction,
+                "preemption": c.policy.preemption, "router": c.cluster.router,
+                "kv_blocks_per_replica": self.num_blocks, "host_blocks_per_replica": self.num_host_blocks,
+                "cost_model": c.sim.cost_model, "mode": c.sim.mode, "seed": c.sim.seed}
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="session", desc="simulating", mininterval=1.0)
