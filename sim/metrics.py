@@ -117,7 +117,8 @@ class Collector:
         cols = {name: np.array([row[i] for row in self.requests], dtype=float)
                 for i, name in enumerate(REQUEST_COLUMNS) if name != "session_id"}
         n = len(self.requests)
-        out: dict = {"num_requests": n, "num_sessions": len(self.sessions), "num_replicas": self.num_replicas}
+        out: dict = {"num_requests": n, "num_sessions": len(self.sessions), "num_replicas": self.num_replicas,
+                     "truncated_sessions": int(sum(1 for s in self.sessions if s[4]))}
         if n == 0:
             return out
         span = float(cols["finish"].max() - cols["arrival"].min()) or math.nan
@@ -149,7 +150,6 @@ class Collector:
         if self.sessions:
             sess = np.array([end - start for _, start, end, _, _ in self.sessions])
             out.update(_pcts(sess, "session_s"))
-            out["truncated_sessions"] = int(sum(1 for s in self.sessions if s[4]))
         if self.kv_samples:
             used = np.array([s[2] for s in self.kv_samples]) / self.num_blocks
             out["kv_used_mean"] = float(used.mean())

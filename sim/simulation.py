@@ -11,6 +11,7 @@ the prefix cache sees real reuse.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
+import controlplane as cp
 from sim.cluster import Replica, Router
 from sim.config import SimulationConfig, from_mapping, scheduler_config, validate
 from sim.cost import make_cost_model
@@ -83,7 +85,8 @@ class Simulation:
         block_bytes = self.model.kv_bytes_per_token() * e.block_size
         self.num_host_blocks = int(e.host_kv_gb * 1e9 // block_bytes)
         self.scheduler_config = scheduler_config(cfg, self.num_blocks, self.num_host_blocks)
-        self.scheduler_config.to_core()  # policies and sizes are checked by the C++ core now
+        # The C++ core checks sizes and policy parameters now, on a one-block scheduler.
+        cp.Scheduler(dataclasses.replace(self.scheduler_config, num_blocks=1, max_num_seqs=1))
         self.cost_model = make_cost_model(cfg.sim.cost_model, self.model, self.hardware, cfg.sim.profile_path)
         self.workload = make_workload(cfg.workload.name, dict(cfg.workload.params))
         self.capacity_tokens = self.num_blocks * e.block_size
