@@ -1,8 +1,9 @@
 # Tandem's developer entry points. Every target that needs Python sets up .venv itself.
 #
-#   make demo      the main job on an embedded default (no GPU needed)
-#   make test      the whole CPU suite
-#   make bench     control-plane step latency (prints a table)
+#   make demo         the default simulation: three KV policies on coding-agent traffic (no GPU)
+#   make test         the whole CPU suite
+#   make walkthrough  the control plane step by step
+#   make bench        control-plane step latency and simulator speed (prints tables)
 #   make test-gpu  GPU tests, with the machine's own python3; installs nothing
 #
 # The C++ core is compiled at install time (scikit-build-core + pybind11); the
@@ -16,7 +17,7 @@ STAMP   := $(VENV)/.stamp-install
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench test-gpu build clean
+.PHONY: demo walkthrough test bench test-gpu build clean notebook
 
 $(PY):
 	$(PYTHON3) -m venv $(VENV)
@@ -33,13 +34,20 @@ $(STAMP): $(PY) $(SOURCES)
 build: $(STAMP)
 
 demo: $(STAMP)
+	WANDB_SILENT=true $(PY) -m experiments.simulate -m policy=lru,ttl,lpm_lru sim=demo hydra/launcher=joblib
+
+walkthrough: $(STAMP)
 	$(PY) -m experiments.walkthrough
+
+notebook: $(STAMP)
+	$(PY) -m jupyter nbconvert --to notebook --execute --inplace notebooks/compare_policies.ipynb
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench_controlplane
+	$(PY) -m experiments.bench_sim
 
 # On the GPU machine: `python3 -m pip install --no-build-isolation --no-deps . && make test-gpu`
 # (see README). Uses that machine's python3 and its torch; installs nothing. PYTHONSAFEPATH
