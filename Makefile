@@ -40,7 +40,7 @@ walkthrough: $(STAMP)
 	$(PY) -m experiments.walkthrough
 
 notebook: $(STAMP)
-	$(PY) -m jupyter nbconvert --to notebook --execute --inplace notebooks/compare_policies.ipynb
+	$(PY) -m experiments.run_notebook notebooks/compare_policies.ipynb
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
