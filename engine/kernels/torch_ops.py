@@ -1,0 +1,201 @@
+"""The torch reference of every kernel operation: the contract other backends are tested against.
+
+Paged KV layout (one pair of tensors per layer)::
+
+    k_cache, v_cache : [num_blocks, block_size, num_kv_heads, head_dim]
+    token at position p of a request lives at
+        block_table[r, p // block_size] * block_size + p % block_size     (its "slot")
+
+Attention metadata, for R requests whose query tokens are packed back to back::
+
+    query_start_loc [R+1]  q tokens of request r are q[query_start_loc[r]:query_start_loc[r+1]]
+    seq_lens        [R]    context length after this step (cached + query)
+    block_table     [R, W] block ids, -1 past the end
+
+Query token i of request r sits at position seq_lens[r] - q_len_r + i and attends
+causally to keys [0, that position]. All of them, the new ones included, are
+read back from the paged cache, so `write_kv` runs first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.kernels.registry import register, register_probe
+
+register_probe("torch", lambda device_type: True)
+
+
+@register("rms_norm", "torch")
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32, returned in x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+@register("add_rms_norm", "torch")
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual)."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+@register("rotary_embedding", "torch")
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half (NeoX / Hugging Face Llama) rotary embedding.
+
+    Args:
+        positions: [T] int.
+        q: [T, Hq, D]; k: [T, Hk, D].
+        cos_sin: [max_pos, D] float32, cos in the first D/2 columns, sin in the rest.
+    Returns:
+        Rotated (q, k), new tensors in the inputs' dtypes.
+    """
+    half = cos_sin.shape[1] // 2
+    cs = cos_sin.index_select(0, positions.long())
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2 = xf[..., :half], xf[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    return rot(q), rot(k)
+
+
+@register("silu_and_mul", "torch")
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [gate | up] along the last dimension."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@register("write_kv", "torch")
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Stores each token's key and value at its slot (in place); slots < 0 are skipped."""
+    nb, bs = k_cache.shape[:2]
+    kc, vc = k_cache.view(nb * bs, *k_cache.shape[2:]), v_cache.view(nb * bs, *v_cache.shape[2:])
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    if not bool(keep.all()):
+        slots, k, v = slots[keep], k[keep], v[keep]
+    kc.index_copy_(0, slots, k.to(kc.dtype))
+    vc.index_copy_(0, slots, v.to(vc.dtype))
+
+
+def _gather_context(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
+    """[length, H, D] of one request's context, read through its block row."""
+    bs = cache.shape[1]
+    nblk = -(-length // bs)
+    return cache.index_select(0, blocks[:nblk].long()).reshape(nblk * bs, *cache.shape[2:])[:length]
+
+
+@register("prefill_attention", "torch")
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Causal attention of packed query tokens over their paged contexts (cached prefix included).
+
+    Args:
+        q: [T, Hq, D]; k_cache, v_cache: [NB, BS, Hk, D]; query_start_loc: [R+1];
+        seq_lens: [R]; block_table: [R, W]; scale: softmax scale.
+    Returns:
+        [T, Hq, D] in q's dtype.
+    """
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    hq, hk = q.shape[1], k_cache.shape[2]
+    for r, length in enumerate(lens):
+        s, e = starts[r], starts[r + 1]
+        if e == s:
+            continue
+        qlen = e - s
+        k = _gather_context(k_cache, block_table[r], length).float()
+        v = _gather_context(v_cache, block_table[r], length).float()
+        qr = q[s:e].float()
+        # query i is at position length - qlen + i; key j is visible iff j <= that position
+        qpos = torch.arange(length - qlen, length, device=q.device)[:, None]
+        mask = torch.arange(length, device=q.device)[None, :] <= qpos
+        o = F.scaled_dot_product_attention(qr.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           attn_mask=mask, scale=scale, enable_gqa=hq != hk)
+        out[s:e] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+@register("decode_attention", "torch")
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per request (its last position) over its whole paged context.
+
+    Args:
+        q: [B, Hq, D]; k_cache, v_cache: [NB, BS, Hk, D]; seq_lens: [B] (>= 1);
+        block_table: [B, W]; scale: softmax scale.
+    Returns:
+        [B, Hq, D] in q's dtype.
+    """
+    b, hq, d = q.shape
+    bs, hk = k_cache.shape[1], k_cache.shape[2]
+    width = block_table.shape[1]
+    blocks = block_table.long().clamp(min=0)
+    k = k_cache[blocks].reshape(b, width * bs, hk, d).float()
+    v = v_cache[blocks].reshape(b, width * bs, hk, d).float()
+    group = hq // hk
+    qf = q.float().view(b, hk, group, d)
+    scores = torch.einsum("bhgd,bthd->bhgt", qf, k) * scale
+    valid = torch.arange(width * bs, device=q.device)[None, :] < seq_lens.long()[:, None]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgt,bthd->bhgd", probs, v)
+    return out.reshape(b, hq, d).to(q.dtype)
+
+
+@register("apply_penalties", "torch")
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor,
+                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """Penalties as vLLM and OpenAI define them, on float32 logits [S, V].
+
+    Args:
+        seen: [S, V] bool, token appears in the prompt or the output (repetition penalty's scope).
+        output_counts: [S, V] int, occurrences in the output so far (presence/frequency scope).
+        repetition: [S] (1 = off): positive logits of seen tokens are divided by it, negative multiplied.
+        presence: [S] (0 = off): subtracted once from every token already output.
+        frequency: [S] (0 = off): subtracted once per occurrence in the output.
+    """
+    rep = repetition[:, None]
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    counts = output_counts.to(logits.dtype)
+    logits = logits - frequency[:, None] * counts
+    logits = logits - presence[:, None] * (counts > 0).to(logits.dtype)
+    return logits
+
+
+@register("top_k_top_p_min_p", "torch")
+def top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                      min_p: torch.Tensor) -> torch.Tensor:
+    """Sets logits outside each row's top-k, nucleus top-p and min-p sets to -inf.
+
+    Args:
+        logits: [S, V] float32 (already divided by temperature).
+        top_k: [S] int, <= 0 or >= V means off.  top_p: [S] in (0, 1], 1 = off.
+        min_p: [S] in [0, 1], 0 = off: keep tokens with prob >= min_p * max prob.
+    """
+    vocab = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.where((top_k <= 0) | (top_k > vocab), torch.full_like(top_k, vocab), top_k).long()
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    drop = ranks >= k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    # nucleus: drop a token when the mass before it already reaches top_p (the top token always stays)
+    before = probs.cumsum(dim=-1) - probs
+    drop |= before >= top_p[:, None]
+    drop |= probs < (min_p[:, None] * probs[:, :1])
+    drop[:, 0] = False
+    masked = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, masked)

@@ -1,0 +1,337 @@
+"""Paged attention in Triton: split-KV decode (flash-decoding) and varlen causal prefill.
+
+Both read K/V through the block table, one key tile at a time::
+
+    key n of request r  ->  cache[block_table[r, n // BS], n % BS, kv_head, :]
+
+    tile of BLOCK_N keys:  n0 .. n0+BLOCK_N-1   (any BS: each key's block id is gathered)
+
+and both keep an online softmax in float32 (running max m, sum l, accumulator acc) in the
+exp2 domain (scores pre-multiplied by scale * log2 e). One program owns every query head of one
+KV head (GQA group), so each K/V tile is read once per group and fed to tl.dot.
+
+Decode, grid (B, Hk, S): the context of each request is cut into S equal partitions::
+
+    request b:  |-- split 0 --|-- split 1 --|-- split 2 --|  (lse, o) each, float32, then
+                _decode_reduce_kernel merges them per (b, head)
+
+S is chosen on the host from the batch, the KV heads and the longest possible context
+(block_table width * BS: known without a device sync, so the launch is CUDA-graph safe) to
+give ~4 programs per SM. Each request's own partition length is computed in the kernel from
+its seq_len (a whole number of tiles, at least MIN_TILES of them), so a short request in a
+wide block table still spreads over all S splits or, when it is very short, over fewer.
+
+Prefill, grid (query tiles, Hk): rows of a tile are (token, head-of-group) pairs::
+
+    row m -> query token tok0 + m // G, query head kv_head * G + m % G      (BQ = BLOCK_M // G tokens)
+
+A tile of request r at query offsets [tok0, tok0 + BQ) reads keys [0, last position]: the full
+tiles below its first position unmasked, the rest with the causal mask key <= position.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tiling and split heuristic of decode_attention (see module docstring)."""
+
+    block_n: int = 64              # keys per inner-loop tile
+    programs_per_sm: int = 4       # aim for this many programs on each SM
+    min_tiles_per_split: int = 4   # a split amortises its q load and partial write over >= this
+    max_splits: int = 128
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tiling of prefill_attention: BLOCK_M (token, head) rows x BLOCK_N keys."""
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+def decode_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> DecodeConfig:
+    if device.type != "cuda":  # the interpreter: small tiles, still split so every path runs
+        return DecodeConfig(block_n=16, min_tiles_per_split=1, num_warps=1, num_stages=1)
+    # sized from ptxas -v for sm_90: no spills (fp32 tl.dot runs on FMA units, hence its small tile)
+    if dtype == torch.float32:
+        return DecodeConfig(block_n=16)
+    return DecodeConfig(block_n=64 if head_dim <= 128 else 32)
+
+
+def prefill_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> PrefillConfig:
+    if device.type != "cuda":
+        return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1)
+    # sized from ptxas -v for sm_90: 116-181 registers a thread and no spills for 16-bit caches
+    if dtype == torch.float32:
+        return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+    if head_dim > 128:
+        return PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
+    return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 caches must not be rounded to tf32 inside tl.dot (it would cost ~1e-3 relative)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
+                 kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, n_end, qk_scale,
+                 BS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                 CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One key tile [n0, n0 + BLOCK_N) of the online softmax; keys >= n_end are never loaded.
+
+    With CAUSAL, row i sees key n iff n <= pos[i]; without, every loaded key is visible
+    (the caller guarantees the whole tile is below every row's position and n_end).
+    """
+    n = n0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D_PAD)
+    nmask = n < n_end
+    blk = tl.load(bt_row + (n // BS) * bt_st1, mask=nmask, other=0).to(tl.int64)
+    in_blk = (n % BS).to(tl.int64)
+    kv_mask = nmask[:, None] & (d < D)[None, :]
+    k = tl.load(kc_ptr + (blk * kc_st0 + in_blk * kc_st1 + k_head)[:, None] + d[None, :] * kc_st3,
+                mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if CAUSAL:
+        s = tl.where((n[None, :] <= pos[:, None]) & nmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    v = tl.load(vc_ptr + (blk * vc_st0 + in_blk * vc_st1 + v_head)[:, None] + d[None, :] * vc_st3,
+                mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, l, m_new
+
+
+@triton.jit
+def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr):
+    """Keys per split of one request: its tiles shared evenly by the splits, >= MIN_TILES each."""
+    return tl.maximum(tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits), MIN_TILES) * BLOCK_N
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, seq_lens_ptr, bt_ptr, o_ptr, lse_ptr, out_ptr,
+                         q_st0, q_st1, q_st2, kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
+                         bt_st0, bt_st1, o_st0, o_st1, o_st2, lse_st0, lse_st1, out_st0, out_st1, out_st2,
+                         qk_scale, num_splits,
+                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                         BS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr,
+                         SINGLE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    part = _split_len(seq_len, num_splits, BLOCK_N, MIN_TILES)
+    start = split * part
+    stop = tl.minimum(start + part, seq_len)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    heads = kvh * G + g
+    q_mask = (g < G)[:, None] & (d < D)[None, :]
+    q = tl.load(q_ptr + b.to(tl.int64) * q_st0 + heads[:, None] * q_st1 + d[None, :] * q_st2,
+                mask=q_mask, other=0.0).to(kc_ptr.dtype.element_ty)
+
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    pos = tl.zeros([G_PAD], tl.int32) + (stop - 1)  # the query is last: every key of the split is visible
+    bt_row = bt_ptr + b.to(tl.int64) * bt_st0
+    k_head = kvh.to(tl.int64) * kc_st2
+    v_head = kvh.to(tl.int64) * vc_st2
+    for n0 in range(start, stop, BLOCK_N):  # no iteration for a split past the context
+        acc, l, m = _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
+                                 kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, stop, qk_scale,
+                                 BS, BLOCK_N, D, D_PAD, True, DOT_PREC)
+
+    l_safe = tl.where(l > 0.0, l, 1.0)
+    o = acc / l_safe[:, None]
+    if SINGLE_SPLIT:
+        tl.store(out_ptr + b.to(tl.int64) * out_st0 + heads[:, None] * out_st1 + d[None, :] * out_st2,
+                 o.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        live = start < seq_len
+        base = b.to(tl.int64) * o_st0 + split * o_st2
+        tl.store(o_ptr + base + heads[:, None] * o_st1 + d[None, :], o, mask=q_mask & live)
+        tl.store(lse_ptr + b.to(tl.int64) * lse_st0 + heads * lse_st1 + split, m + tl.log2(l_safe),
+                 mask=(g < G) & live)
+
+
+@triton.jit
+def _decode_reduce_kernel(o_ptr, lse_ptr, seq_lens_ptr, out_ptr,
+                          o_st0, o_st1, o_st2, lse_st0, lse_st1, out_st0, out_st1, out_st2,
+                          num_splits, D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+                          BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    part = _split_len(seq_len, num_splits, BLOCK_N, MIN_TILES)
+    live = tl.minimum(tl.cdiv(seq_len, part), num_splits)  # splits that saw at least one key
+    s = tl.arange(0, S_PAD)
+    lse_row = lse_ptr + b.to(tl.int64) * lse_st0 + h * lse_st1
+    lse = tl.load(lse_row + s, mask=s < live, other=float("-inf"))
+    top = tl.max(lse, 0)
+    denom = tl.sum(tl.exp2(lse - top), 0)
+    d = tl.arange(0, D_PAD)
+    acc = tl.zeros([D_PAD], tl.float32)
+    o_row = o_ptr + b.to(tl.int64) * o_st0 + h * o_st1
+    for i in range(0, live):
+        w = tl.exp2(tl.load(lse_row + i) - top)
+        acc += w * tl.load(o_row + i * o_st2 + d, mask=d < D, other=0.0)
+    tl.store(out_ptr + b.to(tl.int64) * out_st0 + h * out_st1 + d * out_st2,
+             (acc / denom).to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def decode_splits(batch: int, kv_heads: int, max_context: int, sms: int, cfg: DecodeConfig) -> int:
+    """The number of splits S of one launch.
+
+    Enough that batch * kv_heads * S reaches ~programs_per_sm programs per SM, at most
+    max_splits, and no more than a context of max_context keys can fill with splits of
+    min_tiles_per_split tiles.
+    """
+    tiles = max(1, triton.cdiv(max_context, cfg.block_n))
+    want = triton.cdiv(cfg.programs_per_sm * sms, max(1, batch * kv_heads))
+    return max(1, min(want, cfg.max_splits, tiles // cfg.min_tiles_per_split))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     block_table: torch.Tensor, scale: float, cfg: DecodeConfig | None = None) -> torch.Tensor:
+    """Paged decode attention, same contract as torch_ops.decode_attention; `cfg` overrides the tiling."""
+    batch, hq, d = q.shape
+    _, bs, hk, _ = k_cache.shape
+    group = hq // hk
+    cfg = cfg or decode_config(q.device, d, k_cache.dtype)
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    max_context = block_table.shape[1] * bs  # bounds every seq_len: no host sync needed
+    splits = decode_splits(batch, hk, max_context, num_sms(q.device), cfg)
+    d_pad = max(16, triton.next_power_of_2(d))
+    if splits > 1:
+        o = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
+        lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
+    else:  # written straight to `out`: placeholders only
+        o, lse = out, out
+    _decode_split_kernel[(batch, hk, splits)](
+        q, k_cache, v_cache, seq_lens, block_table, o, lse, out,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
+        o.stride(0), o.stride(1), o.stride(2) if splits > 1 else 0, lse.stride(0), lse.stride(1),
+        *out.stride(), scale * _LOG2E, splits,
+        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad, BS=bs,
+        BLOCK_N=cfg.block_n, MIN_TILES=cfg.min_tiles_per_split, SINGLE_SPLIT=splits == 1,
+        DOT_PREC=_dot_precision(k_cache.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits > 1:
+        _decode_reduce_kernel[(batch, hq)](
+            o, lse, seq_lens, out, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+            *out.stride(), splits, D=d, D_PAD=triton.next_power_of_2(d), S_PAD=triton.next_power_of_2(splits),
+            BLOCK_N=cfg.block_n, MIN_TILES=cfg.min_tiles_per_split, num_warps=1 if d <= 64 else 2)
+    return out
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, tile_req_ptr,
+                    q_st0, q_st1, q_st2, kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
+                    out_st0, out_st1, out_st2, bt_st0, bt_st1, qk_scale, num_tiles,
+                    G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                    BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    tile = num_tiles - 1 - tl.program_id(0)  # the last (longest) tiles of a request start first
+    kvh = tl.program_id(1)
+    req = tl.load(tile_req_ptr + tile)
+    q_start = tl.load(qsl_ptr + req)
+    q_len = tl.load(qsl_ptr + req + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
+    ctx_start = seq_len - q_len               # position of the request's first query token
+    tok0 = (tile - (q_start // BQ + req)) * BQ  # this tile's first query token, within the request
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = tok0 + rows // G
+    row_ok = (rows < BQ * G) & (tok < q_len)
+    heads = kvh * G + rows % G
+    d = tl.arange(0, D_PAD)
+    q_mask = row_ok[:, None] & (d < D)[None, :]
+    q_off = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + q_off[:, None] * q_st0 + heads[:, None] * q_st1 + d[None, :] * q_st2,
+                mask=q_mask, other=0.0).to(kc_ptr.dtype.element_ty)
+    pos = tl.where(row_ok, ctx_start + tok, seq_len - 1)  # padding rows see everything: stay finite
+
+    # keys [0, full_end) are visible to every row; [full_end, kv_end) need the causal mask
+    first_pos = ctx_start + tok0
+    kv_end = tl.where(tok0 < q_len, ctx_start + tl.minimum(tok0 + BQ, q_len), 0)
+    full_end = tl.minimum(((first_pos + 1) // BLOCK_N) * BLOCK_N, kv_end)
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    bt_row = bt_ptr + req.to(tl.int64) * bt_st0
+    k_head = kvh.to(tl.int64) * kc_st2
+    v_head = kvh.to(tl.int64) * vc_st2
+    for n0 in range(0, full_end, BLOCK_N):
+        acc, l, m = _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
+                                 kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, kv_end, qk_scale,
+                                 BS, BLOCK_N, D, D_PAD, False, DOT_PREC)
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        acc, l, m = _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
+                                 kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, kv_end, qk_scale,
+                                 BS, BLOCK_N, D, D_PAD, True, DOT_PREC)
+
+    o = acc / tl.where(l > 0.0, l, 1.0)[:, None]
+    tl.store(out_ptr + q_off[:, None] * out_st0 + heads[:, None] * out_st1 + d[None, :] * out_st2,
+             o.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                      scale: float, cfg: PrefillConfig | None = None) -> torch.Tensor:
+    """Paged causal prefill attention, same contract as torch_ops.prefill_attention."""
+    tokens, hq, d = q.shape
+    _, bs, hk, _ = k_cache.shape
+    group = hq // hk
+    reqs = seq_lens.shape[0]
+    cfg = cfg or prefill_config(q.device, d, k_cache.dtype)
+    out = torch.empty_like(q)
+    if tokens == 0 or reqs == 0:
+        return out
+    block_m = max(cfg.block_m, triton.next_power_of_2(group))
+    bq = block_m // group
+    # tile t belongs to the last request r with first_tile[r] <= t, first_tile[r] = start_r // BQ + r:
+    # an upper bound on each request's tile count that needs no host sync
+    qsl = query_start_loc.to(torch.int32)
+    first_tile = qsl[:reqs] // bq + torch.arange(reqs, dtype=torch.int32, device=q.device)
+    num_tiles = tokens // bq + reqs
+    tiles = torch.arange(num_tiles, dtype=torch.int32, device=q.device)
+    tile_req = torch.searchsorted(first_tile, tiles, right=True, out_int32=True) - 1
+    _prefill_kernel[(num_tiles, hk)](
+        q, k_cache, v_cache, out, qsl, seq_lens, block_table, tile_req,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *block_table.stride(),
+        scale * _LOG2E, num_tiles,
+        G=group, BQ=bq, D=d, D_PAD=max(16, triton.next_power_of_2(d)), BS=bs,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_precision(k_cache.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+__all__ = ["DecodeConfig", "PrefillConfig", "decode_attention", "decode_splits", "prefill_attention"]

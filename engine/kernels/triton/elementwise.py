@@ -1,0 +1,188 @@
+"""Row-wise Triton kernels: RMSNorm (with the residual add fused), rotary embedding, SiLU-and-mul
+and the paged KV write.
+
+Each kernel handles one token (one row) per program, or a row and a column tile for
+silu_and_mul; widths are padded to powers of two and masked. Arithmetic is float32 and the
+roundings to the storage dtype happen where the torch reference rounds, so bf16 results agree
+with it to the last bit in most elements.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _row_warps(block: int) -> int:
+    """Warps for a program that owns `block` elements of one row: ~512 elements a warp, 1-16."""
+    return max(1, min(16, block // 512))
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr,
+                     x_st0, x_st1, r_st0, r_st1, y_st0, s_st0, H, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(x_ptr + row * x_st0 + cols * x_st1, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * r_st0 + cols * r_st1, mask=mask, other=0.0).to(tl.float32)
+        # the sum is rounded to its storage dtype first: the reference normalises the rounded sum
+        summed = (x + r).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + row * s_st0 + cols, summed, mask=mask)
+        x = summed.to(tl.float32)
+    mean_sq = tl.sum(x * x, axis=0) / H
+    rstd = 1.0 / tl.sqrt(mean_sq + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (x * rstd) * w
+    tl.store(y_ptr + row * y_st0 + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float, y: torch.Tensor, summed: torch.Tensor | None) -> None:
+    rows, hidden = x.shape
+    if rows == 0:
+        return
+    block = triton.next_power_of_2(hidden)
+    r = residual if residual is not None else x
+    s = summed if summed is not None else y
+    _rms_norm_kernel[(rows,)](
+        x, r, weight.contiguous(), y, s,
+        x.stride(0), x.stride(1), r.stride(0), r.stride(1), y.stride(0), s.stride(0), hidden, float(eps),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_row_warps(block))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32 over the last dim of x [T, H], returned in x's dtype (a new tensor)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    _launch_rms_norm(x2, None, weight, eps, y, None)
+    return y.view(x.shape)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual), both new tensors in torch's promoted dtype."""
+    dtype = torch.result_type(x, residual)
+    x2, r2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, residual.shape[-1])
+    summed = torch.empty(x2.shape, dtype=dtype, device=x.device)
+    y = torch.empty(x2.shape, dtype=dtype, device=x.device)
+    _launch_rms_norm(x2, r2, weight, eps, y, summed)
+    return y.view(x.shape), summed.view(x.shape)
+
+
+@triton.jit
+def _rotate_heads(x_ptr, o_ptr, x_st1, x_st2, o_st1, num_heads, cos, sin, c, cmask,
+                  HALF: tl.constexpr, H_PAD: tl.constexpr):
+    """Rotate-half on the [num_heads, 2*HALF] row at x_ptr, written to o_ptr (contiguous head dim)."""
+    h = tl.arange(0, H_PAD)[:, None]
+    mask = (h < num_heads) & cmask[None, :]
+    src = x_ptr + h * x_st1 + c[None, :] * x_st2
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF * x_st2, mask=mask, other=0.0).to(tl.float32)
+    dst = o_ptr + h * o_st1 + c[None, :]
+    out_ty = o_ptr.dtype.element_ty
+    tl.store(dst, (x1 * cos[None, :] - x2 * sin[None, :]).to(out_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(out_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, qo_ptr, ko_ptr,
+                   q_st0, q_st1, q_st2, k_st0, k_st1, k_st2, qo_st0, qo_st1, ko_st0, ko_st1,
+                   cs_st0, cs_st1, HQ, HK,
+                   HALF: tl.constexpr, HALF_PAD: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    c = tl.arange(0, HALF_PAD)
+    cmask = c < HALF
+    cos = tl.load(cs_ptr + pos * cs_st0 + c * cs_st1, mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * cs_st0 + (c + HALF) * cs_st1, mask=cmask, other=0.0).to(tl.float32)
+    _rotate_heads(q_ptr + t * q_st0, qo_ptr + t * qo_st0, q_st1, q_st2, qo_st1, HQ, cos, sin, c, cmask,
+                  HALF, HQ_PAD)
+    _rotate_heads(k_ptr + t * k_st0, ko_ptr + t * ko_st0, k_st1, k_st2, ko_st1, HK, cos, sin, c, cmask,
+                  HALF, HK_PAD)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half rotary embedding of q [T, Hq, D] and k [T, Hk, D]; new tensors (see torch_ops)."""
+    tokens, hq, _ = q.shape
+    hk = k.shape[1]
+    half = cos_sin.shape[1] // 2
+    q_out = torch.empty((tokens, hq, 2 * half), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((tokens, hk, 2 * half), dtype=k.dtype, device=k.device)
+    if tokens == 0:
+        return q_out, k_out
+    width = triton.next_power_of_2(max(hq, hk)) * triton.next_power_of_2(half)
+    _rotary_kernel[(tokens,)](
+        positions, q, k, cos_sin, q_out, k_out,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        cos_sin.stride(0), cos_sin.stride(1), hq, hk,
+        HALF=half, HALF_PAD=triton.next_power_of_2(half),
+        HQ_PAD=triton.next_power_of_2(hq), HK_PAD=triton.next_power_of_2(hk),
+        num_warps=_row_warps(width))
+    return q_out, k_out
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, y_ptr, x_st0, x_st1, y_st0, F, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < F
+    gate = tl.load(x_ptr + row * x_st0 + cols * x_st1, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * x_st0 + (cols + F) * x_st1, mask=mask, other=0.0).to(tl.float32)
+    out_ty = y_ptr.dtype.element_ty
+    # torch rounds silu(gate) to the storage dtype before the product: so do we
+    act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+    tl.store(y_ptr + row * y_st0 + cols, (act * up).to(out_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :F]) * x[..., F:] for x [T, 2F]; a new tensor in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    rows, width = x2.shape
+    f = width // 2
+    y = torch.empty((rows, f), dtype=x.dtype, device=x.device)
+    if rows and f:
+        block = min(1024, triton.next_power_of_2(f))
+        _silu_and_mul_kernel[(rows, triton.cdiv(f, block))](
+            x2, y, x2.stride(0), x2.stride(1), y.stride(0), f, BLOCK=block, num_warps=max(1, block // 256))
+    return y.view(*x.shape[:-1], f)
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+                     k_st0, k_st1, k_st2, v_st0, v_st1, v_st2,
+                     kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
+                     HK, D, BS: tl.constexpr, HK_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    keep = slot >= 0  # padding tokens carry slot -1: nothing is written for them
+    slot = tl.maximum(slot, 0)
+    blk = slot // BS
+    off = slot % BS
+    h = tl.arange(0, HK_PAD)[:, None]
+    d = tl.arange(0, D_PAD)[None, :]
+    mask = (h < HK) & (d < D) & keep
+    k = tl.load(k_ptr + t * k_st0 + h * k_st1 + d * k_st2, mask=mask)
+    v = tl.load(v_ptr + t * v_st0 + h * v_st1 + d * v_st2, mask=mask)
+    tl.store(kc_ptr + blk * kc_st0 + off * kc_st1 + h * kc_st2 + d * kc_st3,
+             k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + blk * vc_st0 + off * vc_st1 + h * vc_st2 + d * vc_st3,
+             v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Stores k/v [T, Hk, D] at their slots of the paged caches, in place; slots < 0 are skipped."""
+    tokens, hk, d = k.shape
+    if tokens == 0:
+        return
+    hk_pad, d_pad = triton.next_power_of_2(hk), triton.next_power_of_2(d)
+    _write_kv_kernel[(tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
+        hk, d, BS=k_cache.shape[1], HK_PAD=hk_pad, D_PAD=d_pad, num_warps=_row_warps(hk_pad * d_pad))

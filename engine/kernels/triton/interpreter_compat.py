@@ -1,0 +1,67 @@
+"""Shims for the Triton interpreter (TRITON_INTERPRET=1: the CPU path of the triton backend).
+
+Two defects of Triton 3.6's interpreter would make the attention kernels fail or lie on CPU
+while the compiled kernels are fine; both fixes only touch the interpreter:
+
+* Scalar loop bounds are converted with ``int(array)``, but the interpreter's scalars are
+  shape-(1,) numpy arrays, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be
+  converted to Python scalars", triton-lang/triton#9171, fixed upstream after 3.6): take the
+  single element explicitly, as upstream does.
+* bfloat16 is stored as uint16 and ``tl.dot`` multiplies the raw bit patterns
+  (triton-lang/triton#11584; upstream declines: "the interpreter does not support bf16"):
+  widen bfloat16 operands to float32 (exact: the top half of a float32) before the matmul.
+
+Casts to bfloat16 in the interpreter still truncate instead of rounding to nearest even, so
+bf16 results there differ from the GPU's by up to an ulp.
+"""
+
+from __future__ import annotations
+
+_MARK = "tandem_interpreter_fix"
+
+
+def _fix_scalar_index(interpreter) -> None:
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        # the scope restores in reverse order, so this override is undone before the original's
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    setattr(patch_lang_tensor, _MARK, True)
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+def _fix_bf16_dot(interpreter) -> None:
+    import numpy as np
+    import triton.language as tl
+
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_dot
+
+    def widen(handle):
+        if handle.dtype != tl.bfloat16:
+            return handle
+        bits = handle.data.astype(np.uint32) << np.uint32(16)
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    setattr(create_dot, _MARK, True)
+    builder.create_dot = create_dot
+
+
+def fix_interpreter() -> None:
+    """Applies both fixes once (idempotent); a Triton without these internals is left alone."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - a triton without an interpreter
+        return
+    tensor_patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if tensor_patch is not None and not getattr(tensor_patch, _MARK, False):
+        _fix_scalar_index(interpreter)
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    dot = getattr(builder, "create_dot", None)
+    if dot is not None and hasattr(interpreter, "TensorHandle") and not getattr(dot, _MARK, False):
+        _fix_bf16_dot(interpreter)

@@ -1,0 +1,65 @@
+"""The `triton` backend: GPU kernels for the operations of registry.OPS (CPU under TRITON_INTERPRET=1).
+
+    rms_norm, add_rms_norm, rotary_embedding, silu_and_mul, write_kv   engine/kernels/triton/elementwise.py
+    prefill_attention, decode_attention                                 engine/kernels/triton/attention.py
+
+Signatures, layouts and return conventions are those of the torch reference (torch_ops.py).
+The sampling helpers (apply_penalties, top_k_top_p_min_p) are not implemented here: the
+registry falls back to the torch reference for them.
+
+On CPU the kernels run only under the Triton interpreter, which `@triton.jit` picks when the
+kernels are decorated (this module's first import). So the probe claims "cpu" only when
+TRITON_INTERPRET=1 both was set at that import and still is: a process that set it too late
+holds compiled-for-GPU kernels and falls back to the torch reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from engine.kernels.registry import register, register_probe
+from engine.kernels.triton import attention, elementwise  # raises ImportError without triton
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # as the kernels were decorated
+
+
+def _probe(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_available()
+    if device_type == "cpu":
+        return _INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
+    return False
+
+
+register_probe("triton", _probe)
+
+rms_norm = register("rms_norm", "triton")(elementwise.rms_norm)
+add_rms_norm = register("add_rms_norm", "triton")(elementwise.add_rms_norm)
+rotary_embedding = register("rotary_embedding", "triton")(elementwise.rotary_embedding)
+silu_and_mul = register("silu_and_mul", "triton")(elementwise.silu_and_mul)
+write_kv = register("write_kv", "triton")(elementwise.write_kv)
+
+
+@register("prefill_attention", "triton")
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Paged causal attention with a cached prefix (contract: torch_ops.prefill_attention).
+
+    Varlen flash attention: tiles of (query token, GQA head) rows against key tiles gathered
+    through the block table; no host synchronisation.
+    """
+    return attention.prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale)
+
+
+@register("decode_attention", "triton")
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float) -> torch.Tensor:
+    """Paged decode attention (contract: torch_ops.decode_attention).
+
+    Split-KV (flash-decoding): each request's context is cut into partitions sized to fill the
+    GPU, then merged by a small reduce kernel; no host synchronisation (CUDA-graph safe).
+    """
+    return attention.decode_attention(q, k_cache, v_cache, seq_lens, block_table, scale)
