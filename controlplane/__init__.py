@@ -21,7 +21,7 @@ from controlplane._core import (
 )
 from controlplane.config import SchedulerConfig
 from controlplane.scheduler import Scheduler
-from controlplane.loop import Clock, Executor, ManualClock, StepRecord, run_loop
+from controlplane.loop import Clock, Executor, ManualClock, StepRecord, StepResult, WallClock, loop_step, run_loop
 
 __all__ = [
     "Clock",
@@ -35,6 +35,9 @@ __all__ = [
     "SchedulerConfig",
     "Stats",
     "StepRecord",
+    "StepResult",
+    "WallClock",
+    "loop_step",
     "parse_policy_spec",
     "policy_names",
     "run_loop",

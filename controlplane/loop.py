@@ -59,6 +59,58 @@ class StepRecord:
     finished: list = field(default_factory=list)
 
 
+class WallClock:
+    """Real time since construction (the engine's clock); `advance` is a no-op since time passes by itself."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._perf = time.perf_counter
+        self._t0 = self._perf()
+
+    def now(self) -> float:
+        return self._perf() - self._t0
+
+    def advance(self, seconds: float) -> None:
+        pass
+
+
+@dataclass
+class StepResult:
+    """One iteration's plan, the tokens its executor produced, and what it finished."""
+
+    record: StepRecord | None      # None for an empty plan
+    plan: _core.Plan
+    tokens: np.ndarray
+    seconds: float
+
+
+def loop_step(scheduler: _core.Scheduler, executor: Executor, clock: Clock, *,
+              idle_advance: float = 0.0) -> StepResult:
+    """One `plan = step(now); tokens, cost = run(plan); commit(plan, tokens, now)` iteration.
+
+    An empty plan is committed at once and the clock moves by `idle_advance`
+    (0 raises: nothing would ever change). Both the engine core and `run_loop` call this.
+    """
+    start = clock.now()
+    plan = scheduler.step(start)
+    if plan.is_empty:
+        scheduler.commit(plan, _NO_TOKENS, start)
+        if idle_advance <= 0:
+            raise RuntimeError("scheduler made an empty plan with requests left and idle_advance=0")
+        clock.advance(idle_advance)
+        return StepResult(None, plan, _NO_TOKENS, 0.0)
+    tokens, cost = executor.run(plan)
+    clock.advance(cost)
+    end = clock.now()
+    finished = scheduler.commit(plan, tokens, end)
+    record = StepRecord(plan.step_id, start, end, plan.num_reqs, plan.num_tokens, list(finished))
+    return StepResult(record, plan, tokens, cost)
+
+
+_NO_TOKENS = np.empty(0, dtype=np.int64)
+
+
 def run_loop(
     scheduler: _core.Scheduler,
     executor: Executor,
@@ -68,7 +120,7 @@ def run_loop(
     idle_advance: float = 0.0,
     on_step: Callable[[StepRecord, _core.Plan], None] | None = None,
 ) -> list[StepRecord]:
-    """Runs `plan = step(now); tokens = run(plan); commit(plan, tokens, now)` until nothing is left.
+    """Runs `loop_step` until nothing is left.
 
     Args:
         scheduler: the control plane.
@@ -86,22 +138,12 @@ def run_loop(
     for _ in range(max_steps):
         if not scheduler.has_unfinished():
             return records
-        start = clock.now()
-        plan = scheduler.step(start)
-        if plan.is_empty:
-            scheduler.commit(plan, np.empty(0, dtype=np.int64), start)
-            if idle_advance <= 0:
-                raise RuntimeError("scheduler made an empty plan with requests left and idle_advance=0")
-            clock.advance(idle_advance)
+        result = loop_step(scheduler, executor, clock, idle_advance=idle_advance)
+        if result.record is None:
             continue
-        tokens, cost = executor.run(plan)
-        clock.advance(cost)
-        end = clock.now()
-        finished = scheduler.commit(plan, tokens, end)
-        record = StepRecord(plan.step_id, start, end, plan.num_reqs, plan.num_tokens, list(finished))
-        records.append(record)
+        records.append(result.record)
         if on_step is not None:
-            on_step(record, plan)
+            on_step(result.record, result.plan)
     raise RuntimeError(f"loop did not finish within {max_steps} steps")
 
 
@@ -114,4 +156,5 @@ def batch_block_table(plan: _core.Plan) -> np.ndarray:
     return plan.block_table[plan.slots, :width].copy()
 
 
-__all__: Sequence[str] = ["Clock", "Executor", "ManualClock", "StepRecord", "run_loop", "batch_block_table"]
+__all__: Sequence[str] = ["Clock", "Executor", "ManualClock", "StepRecord", "StepResult", "WallClock", "loop_step",
+                          "run_loop", "batch_block_table"]

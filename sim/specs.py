@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The repository's conf/; TANDEM_CONF_DIR points elsewhere (e.g. an installed package run from a checkout).
+CONF_DIR = Path(os.environ.get("TANDEM_CONF_DIR") or Path(__file__).resolve().parent.parent / "conf")
 
 # What `kv_capacity_blocks` keeps free for activations when not told otherwise.
 # A vLLM-like engine measures its peak activation memory with a dummy forward

@@ -1,0 +1,216 @@
+"""Typed, frozen configuration of a model's architecture and of an engine instance."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+# Hugging Face `architectures` names this engine runs, and the family each maps to.
+ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+class ModelConfigError(ValueError):
+    """A model's configuration is missing, malformed or describes an architecture we do not run."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a decoder-only model, read from a Hugging Face config.json or GGUF metadata."""
+
+    architecture: str                 # a key of ARCHITECTURES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Mapping[str, Any] | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False      # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool = False             # per-head RMSNorm on q and k before rotary (Qwen3)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def family(self) -> str:
+        return ARCHITECTURES[self.architecture]
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        h, i, L = self.hidden_size, self.intermediate_size, self.num_layers
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        if self.attention_bias:
+            per_layer += q + 2 * kv
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
+        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return L * per_layer + emb + h
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any]) -> "ModelConfig":
+        """Reads a Hugging Face config.json mapping; raises ModelConfigError naming what is wrong."""
+        archs = cfg.get("architectures") or []
+        if isinstance(archs, str):
+            archs = [archs]
+        supported = [a for a in archs if a in ARCHITECTURES]
+        if not supported:
+            raise ModelConfigError(
+                f"unsupported architecture {archs or cfg.get('model_type')!r}; "
+                f"this engine runs {sorted(ARCHITECTURES)}")
+        arch = supported[0]
+
+        def need(key: str):
+            if key not in cfg:
+                raise ModelConfigError(f"config.json lacks {key!r} (needed for {arch})")
+            return cfg[key]
+
+        heads = int(need("num_attention_heads"))
+        hidden = int(need("hidden_size"))
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
+        family = ARCHITECTURES[arch]
+        rope_scaling = cfg.get("rope_scaling")
+        theta = cfg.get("rope_theta")
+        params = cfg.get("rope_parameters")  # transformers >= 5 folds theta and scaling in here
+        if isinstance(params, Mapping):
+            theta = params.get("rope_theta", theta)
+            if params.get("rope_type", "default") != "default" and rope_scaling is None:
+                rope_scaling = dict(params)
+        config = cls(
+            architecture=arch,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta if theta is not None else 10000.0),
+            rope_scaling=dict(rope_scaling) if rope_scaling else None,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+            qk_norm=family == "qwen3",
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ModelConfigError(f"model config {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ModelConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("default", "llama3", "linear"):
+                raise ModelConfigError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
+
+    def to_hf(self) -> dict[str, Any]:
+        """A Hugging Face config.json mapping of this shape (for transformers references and dummy dirs)."""
+        cfg = {
+            "architectures": [self.architecture], "model_type": self.family,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu",
+            "attention_bias": self.attention_bias,
+        }
+        if self.rope_scaling:
+            cfg["rope_scaling"] = dict(self.rope_scaling)
+        if self.bos_token_id is not None:
+            cfg["bos_token_id"] = self.bos_token_id
+        if self.eos_token_ids:
+            cfg["eos_token_id"] = list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_ids[0]
+        return cfg
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one engine instance runs; unknown keys are rejected by `from_dict`.
+
+    Attributes:
+        model: a Hugging Face model directory, a .gguf file, a built-in shape name
+            (see engine.models.shapes) with load_format="dummy", or "" for the embedded default.
+        load_format: "auto" (directory or GGUF by what `model` is) or "dummy" (random weights).
+        dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
+        device: "auto" (cuda if available), "cuda" or "cpu".
+        kernel_backend: "auto", "torch", "triton" or "jax"; kernel_overrides per op.
+        gpu_memory_utilization: share of device memory the engine may use (weights + KV + activations).
+        num_gpu_blocks: if set, the KV block count (skips sizing from memory).
+        kv_cache_memory_gb: on CPU, the KV cache's size when num_gpu_blocks is unset.
+        enforce_eager: no CUDA graphs.
+        cuda_graph_batch_sizes: decode batch sizes to capture (others pad up to the next one).
+    """
+
+    model: str = ""
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    kernel_backend: str = "auto"
+    kernel_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks: int | None = None
+    kv_cache_memory_gb: float = 1.0
+    swap_space_gb: float = 0.0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    chunk_size: int = 2048
+    enable_prefix_caching: bool = True
+    ordering: str = "fcfs"
+    eviction: str = "lru"
+    preemption: str = "recompute"
+    enforce_eager: bool = False
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    profile_path: str | None = None
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown engine config keys: {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        if "cuda_graph_batch_sizes" in values:
+            values["cuda_graph_batch_sizes"] = tuple(values["cuda_graph_batch_sizes"])
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy", "hf", "gguf"):
+            raise ValueError(f"load_format must be auto, hf, gguf or dummy, got {self.load_format!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks <= 0:
+            raise ValueError(f"num_gpu_blocks must be positive, got {self.num_gpu_blocks}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -1,0 +1,167 @@
+"""The engine core: the control plane's scheduler driving a model runner, one loop step at a time.
+
+    EngineCore.step():  controlplane.loop_step(scheduler, runner, clock)
+                        = plan = step(now); tokens = runner.run(plan); commit(plan, tokens, now)
+
+It is the simulator's replica loop with a GPU in place of the step-cost model.
+Each step's plan features and measured seconds are recorded in the format the
+simulator's `profile` cost model reads (docs/profile-format.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import controlplane as cp
+from engine.config import EngineConfig
+from engine.kernels import KernelSet
+from engine.loader import LoadedModel, load_model
+from engine.memory import size_kv_cache
+from engine.runner import ModelRunner
+from engine.sampling import SamplingParams, SequenceState, make_generator
+
+log = logging.getLogger(__name__)
+
+PROFILE_FEATURES = ("num_tokens", "num_reqs", "num_sampled", "attn_pairs", "kv_read_tokens",
+                    "num_swap_out_blocks", "num_swap_in_blocks")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is visible")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced: new tokens per request (plan order) and finished requests."""
+
+    req_ids: np.ndarray
+    tokens: np.ndarray
+    finished: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class EngineCore:
+    """Loads the model, sizes the KV cache, builds the scheduler and the runner.
+
+    Args:
+        config: the EngineConfig.
+        clock: a controlplane Clock; the wall clock by default. A ManualClock
+            advanced by measured step times makes runs replayable in the simulator.
+        loaded: an already loaded model (LoadedModel) to reuse instead of loading `config.model`.
+    """
+
+    def __init__(self, config: EngineConfig, clock: cp.Clock | None = None, loaded: LoadedModel | None = None) -> None:
+        self.config = cfg = config
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        torch.manual_seed(cfg.seed)
+        if loaded is None:
+            loaded = load_model(cfg, self.device, self.dtype)
+        self.model, self.model_config, self.tokenizer, self.source = (
+            loaded.model, loaded.config, loaded.tokenizer, loaded.source)
+        mc = self.model_config
+        self.ops = KernelSet.default_for(self.device.type, cfg.kernel_backend, cfg.kernel_overrides)
+        self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {mc.max_position_embeddings}")
+        self.num_blocks, self.num_host_blocks = size_kv_cache(self.model, self.ops, cfg, self.device, self.dtype,
+                                                              self.max_model_len)
+        self.scheduler_config = cp.SchedulerConfig(
+            num_blocks=self.num_blocks, block_size=cfg.block_size, num_host_blocks=self.num_host_blocks,
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            chunk_size=cfg.chunk_size, max_model_len=self.max_model_len, vocab_size=mc.vocab_size,
+            enable_prefix_caching=cfg.enable_prefix_caching, ordering=cfg.ordering, eviction=cfg.eviction,
+            preemption=cfg.preemption)
+        self.scheduler = cp.Scheduler(self.scheduler_config)
+        graphs = () if cfg.enforce_eager or self.ops.chosen["decode_attention"] == "torch" else cfg.cuda_graph_batch_sizes
+        self.runner = ModelRunner(
+            self.model, self.ops, self.device, self.dtype, num_blocks=self.num_blocks,
+            block_size=cfg.block_size, num_host_blocks=self.num_host_blocks, max_model_len=self.max_model_len,
+            max_num_seqs=cfg.max_num_seqs, max_blocks_per_seq=self.scheduler.max_blocks_per_seq,
+            seed=cfg.seed, graph_batch_sizes=graphs)
+        self.clock = clock or cp.WallClock()
+        self.profile: list[dict] = []
+        self.eos_token_ids = tuple(mc.eos_token_ids)
+        if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            if self.tokenizer.eos_token_id not in self.eos_token_ids:
+                self.eos_token_ids = (self.tokenizer.eos_token_id,) + self.eos_token_ids
+
+    # Requests ----------------------------------------------------------------------------------
+    def add_request(self, req_id: int, prompt_ids, params: SamplingParams, *, session_id: str | None = None,
+                    cache_namespace: str | None = None, priority: int = 0, arrival_time: float | None = None) -> None:
+        """Queues one sequence; raises ValueError for an empty or too-long prompt, or bad token ids."""
+        prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        if prompt.size == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if prompt.min() < 0 or prompt.max() >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if prompt.size >= self.max_model_len:
+            raise ValueError(f"the prompt has {prompt.size} tokens; max_model_len is {self.max_model_len} "
+                             f"(prompt + at least one generated token must fit)")
+        room = self.max_model_len - prompt.size
+        max_new = min(params.max_tokens or room, room)
+        eos = -1 if not self.eos_token_ids else self.eos_token_ids[0]
+        stops = list(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stops += list(self.eos_token_ids[1:])
+        stop_ids = tuple(stops) + (() if params.ignore_eos or eos < 0 else (eos,))
+        self.runner.add_sequence(req_id, SequenceState(params, prompt.tolist(), [],
+                                                       make_generator(params.seed, self.device), stop_ids))
+        now = self.clock.now() if arrival_time is None else arrival_time
+        self.scheduler.add_request(req_id, prompt.astype(np.int32), max_new_tokens=max_new, stop_token_ids=stops,
+                                   eos_token_id=eos, ignore_eos=params.ignore_eos, arrival_time=now,
+                                   session_id=session_id, priority=priority, cache_namespace=cache_namespace)
+
+    def abort(self, req_id: int) -> None:
+        self.scheduler.abort(req_id, self.clock.now())
+        self.runner.remove_sequence(req_id)
+
+    def release(self, req_id: int) -> None:
+        """Forgets a finished request's sampling state."""
+        self.runner.remove_sequence(req_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # The loop ----------------------------------------------------------------------------------
+    def step(self, idle_advance: float = 1e-3) -> StepOutput:
+        """One loop step; an empty plan (e.g. waiting on pinned KV) moves a manual clock by `idle_advance`."""
+        result = cp.loop_step(self.scheduler, self.runner, self.clock, idle_advance=idle_advance)
+        if result.record is None:
+            return StepOutput(np.empty(0, dtype=np.int64), result.tokens)
+        plan = result.plan
+        row = {f: int(getattr(plan, f)) for f in PROFILE_FEATURES}
+        row.update(seconds=result.seconds, step_id=int(plan.step_id))
+        self.profile.append(row)
+        for f in result.record.finished:
+            self.runner.remove_sequence(f.request_id)
+        return StepOutput(self.runner.last_req_ids, np.asarray(result.tokens), result.record.finished,
+                          result.seconds)
+
+    def save_profile(self, path: str, skip: int = 0) -> int:
+        """Writes the recorded steps (after `skip` warm-up steps) as a profile CSV; returns the row count."""
+        rows = self.profile[skip:]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[*PROFILE_FEATURES, "seconds", "step_id", "model", "device"])
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**row, "model": self.source, "device": str(self.device)})
+        return len(rows)

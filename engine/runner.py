@@ -1,0 +1,181 @@
+"""The model runner: a Plan in, one sampled token per sampling request out.
+
+    plan --(numpy, decode rows first)--> one pinned int32 staging buffer --H2D--> device views
+         --> KV copies (swap) --> forward (eager, or a CUDA graph for pure-decode batches)
+         --> logits of the sampled rows --> Sampler --> tokens (host)
+
+No Python loop touches tokens: the batch is reordered and gathered with numpy
+index arithmetic, and all integer inputs travel in a single non-blocking copy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.attention import AttentionMetadata, ForwardContext, KVCache
+from engine.cuda_graphs import DecodeGraphs
+from engine.models.decoder import rope_cos_sin
+from engine.sampling import SampleResult, Sampler, SequenceState
+
+
+@dataclass
+class HostBatch:
+    """A plan reordered decodes-first, as numpy arrays (all int32)."""
+
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    num_decode: int
+    seq_lens: np.ndarray          # [R] in the new order
+    query_start_loc: np.ndarray   # [R+1] in the new order
+    block_rows: np.ndarray        # [R] rows of the scheduler's block table, new order
+    logits_rows: np.ndarray       # [S] token index (new order) of each sampled request, in plan order
+    sampled_req_ids: np.ndarray   # [S] in plan order
+
+
+def reorder_decodes_first(plan) -> HostBatch:
+    """Reorders a plan's requests (one-token requests first) and its tokens to match."""
+    ql = np.asarray(plan.query_lens, dtype=np.int64)
+    cl = np.asarray(plan.cached_lens, dtype=np.int64)
+    qsl = np.asarray(plan.query_start_loc, dtype=np.int64)
+    is_dec = ql == 1
+    order = np.concatenate([np.flatnonzero(is_dec), np.flatnonzero(~is_dec)])
+    lens = ql[order]
+    new_qsl = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(lens, out=new_qsl[1:])
+    total = int(new_qsl[-1])
+    # token k of the new order comes from plan token  qsl[order[r]] + (k - new_qsl[r])
+    tok_idx = np.repeat(qsl[:-1][order] - new_qsl[:-1], lens) + np.arange(total)
+    inv = np.empty_like(order)
+    inv[order] = np.arange(len(order))
+    sampled = np.flatnonzero(np.asarray(plan.sample))
+    logits_rows = new_qsl[inv[sampled]] + ql[sampled] - 1
+    return HostBatch(
+        input_ids=np.asarray(plan.input_ids)[tok_idx].astype(np.int32, copy=False),
+        positions=np.asarray(plan.positions)[tok_idx].astype(np.int32, copy=False),
+        slot_mapping=np.asarray(plan.slot_mapping)[tok_idx].astype(np.int32),
+        num_decode=int(is_dec.sum()),
+        seq_lens=(cl + ql)[order].astype(np.int32),
+        query_start_loc=new_qsl.astype(np.int32),
+        block_rows=np.asarray(plan.slots)[order],
+        logits_rows=logits_rows.astype(np.int32),
+        sampled_req_ids=np.asarray(plan.req_ids)[sampled],
+    )
+
+
+class ModelRunner:
+    """Owns the KV cache tensors, turns plans into forward passes and samples.
+
+    Args:
+        model: an engine CausalLM on `device`.
+        ops: the KernelSet (chosen by the caller for `device`).
+        num_blocks, block_size, num_host_blocks: the KV cache the scheduler manages.
+        max_model_len: positions the rotary table covers.
+        max_num_seqs, max_blocks_per_seq: the scheduler's block-table shape.
+        graph_batch_sizes: decode batch sizes to capture as CUDA graphs (empty: eager only).
+    """
+
+    def __init__(self, model, ops, device: torch.device, dtype: torch.dtype, *, num_blocks: int, block_size: int,
+                 num_host_blocks: int, max_model_len: int, max_num_seqs: int, max_blocks_per_seq: int,
+                 seed: int = 0, graph_batch_sizes: tuple[int, ...] = ()) -> None:
+        c = model.config
+        self.model, self.ops, self.device, self.dtype = model, ops, device, dtype
+        shape = (c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        self.kv = KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        pin = device.type == "cuda"
+        host_shape = (c.num_layers, max(num_host_blocks, 0), block_size, c.num_kv_heads, c.head_dim)
+        self.host_kv = KVCache(torch.zeros(host_shape, dtype=dtype, pin_memory=pin),
+                               torch.zeros(host_shape, dtype=dtype, pin_memory=pin))
+        self.block_size = block_size
+        self.cos_sin = rope_cos_sin(c, max_model_len).to(device)
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.seqs: dict[int, SequenceState] = {}
+        self.sampler = Sampler(ops, device, seed)
+        self.last_result: SampleResult | None = None
+        self.last_req_ids: np.ndarray = np.empty(0, dtype=np.int64)
+        self._staging = torch.empty(1 << 16, dtype=torch.int32, pin_memory=pin)
+        self.graphs = None
+        if graph_batch_sizes and device.type == "cuda":
+            self.graphs = DecodeGraphs(self, sorted(b for b in graph_batch_sizes if b <= max_num_seqs))
+
+    # Requests ----------------------------------------------------------------------------------
+    def add_sequence(self, req_id: int, seq: SequenceState) -> None:
+        self.seqs[req_id] = seq
+
+    def remove_sequence(self, req_id: int) -> None:
+        self.seqs.pop(req_id, None)
+
+    # One step ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, plan) -> tuple[np.ndarray, float]:
+        """Executes one plan; returns the sampled tokens (plan order) and the step's wall seconds."""
+        start = time.perf_counter()
+        if len(plan.kv_ops):
+            self.copy_blocks(np.asarray(plan.kv_ops))
+        if plan.num_tokens == 0:
+            return np.empty(0, dtype=np.int64), time.perf_counter() - start
+        batch = reorder_decodes_first(plan)
+        logits = self.forward(batch, plan)
+        seqs = [self.seqs[int(r)] for r in batch.sampled_req_ids]
+        result = self.sampler(logits, seqs) if seqs else None
+        tokens = result.tokens.cpu().numpy() if result is not None else np.empty(0, dtype=np.int64)
+        for seq, token in zip(seqs, tokens.tolist()):
+            seq.output_ids.append(token)
+        self.last_result, self.last_req_ids = result, batch.sampled_req_ids
+        return tokens, time.perf_counter() - start
+
+    def forward(self, batch: HostBatch, plan) -> torch.Tensor:
+        """float32 logits [S, V] of the sampled rows (plan order)."""
+        n = len(batch.input_ids)
+        if self.graphs is not None and batch.num_decode == n and self.graphs.can_run(n):
+            return self.graphs.run(batch, plan)
+        ids, pos, slots, meta = self.upload(batch, plan)
+        ctx = ForwardContext(self.ops, self.kv, meta, self.cos_sin)
+        hidden = self.model(ids, pos, ctx)
+        rows = torch.from_numpy(batch.logits_rows).to(self.device, non_blocking=True).long()
+        return self.model.compute_logits(hidden.index_select(0, rows))
+
+    def upload(self, batch: HostBatch, plan):
+        """One staging copy of every integer input; returns device ids, positions, slots and metadata."""
+        table = np.asarray(plan.block_table)
+        nd, r = batch.num_decode, len(batch.seq_lens)
+        width = max(1, -(-int(batch.seq_lens.max()) // self.block_size))
+        rows = table[batch.block_rows, :width]
+        parts = [batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens,
+                 batch.query_start_loc[nd:] - batch.query_start_loc[nd], rows.reshape(-1)]
+        sizes = [p.size for p in parts]
+        total = sum(sizes)
+        if total > self._staging.numel():
+            self._staging = torch.empty(total * 2, dtype=torch.int32, pin_memory=self._staging.is_pinned())
+        host = self._staging[:total].numpy()
+        np.concatenate(parts, out=host, casting="unsafe")
+        dev = self._staging[:total].to(self.device, non_blocking=True)
+        ids, pos, slots, seq_lens, qsl, flat_rows = dev.split(sizes)
+        blocks = flat_rows.view(r, width)
+        meta = AttentionMetadata(
+            slot_mapping=slots.long(), num_decode=nd,
+            decode_seq_lens=seq_lens[:nd], decode_block_table=blocks[:nd],
+            prefill_query_start_loc=qsl, prefill_seq_lens=seq_lens[nd:], prefill_block_table=blocks[nd:],
+            num_prefill_tokens=len(batch.input_ids) - nd)
+        return ids, pos, slots, meta
+
+    def copy_blocks(self, ops: np.ndarray) -> None:
+        """Runs the plan's KV copies in order; consecutive copies of one direction go together."""
+        start = 0
+        while start < len(ops):
+            end = start
+            while end < len(ops) and ops[end, 0] == ops[start, 0]:
+                end += 1
+            src = torch.from_numpy(ops[start:end, 1].astype(np.int64))
+            dst = torch.from_numpy(ops[start:end, 2].astype(np.int64))
+            if ops[start, 0] == 0:  # device -> host
+                for dev_t, host_t in ((self.kv.k, self.host_kv.k), (self.kv.v, self.host_kv.v)):
+                    host_t[:, dst] = dev_t[:, src.to(self.device)].cpu()
+            else:  # host -> device
+                for dev_t, host_t in ((self.kv.k, self.host_kv.k), (self.kv.v, self.host_kv.v)):
+                    dev_t[:, dst.to(self.device)] = host_t[:, src].to(self.device, non_blocking=True)
+            start = end

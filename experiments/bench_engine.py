@@ -1,0 +1,204 @@
+"""Engine speed on one GPU: decode per token, prefill, beside transformers and the weight-read floor.
+
+    python -m experiments.bench_engine          # llama-3.2-1b and llama-3.1-8b shapes (the Llama-3-8B shape with
+                                                # its 128K-context rotary scaling, so 32K prompts fit), bf16
+    python -m experiments.bench_engine --models llama-3.2-1b --quick
+
+Every figure is measured in this run on this card. Random weights of the real
+shapes (load_format=dummy). Rows:
+
+  decode bN     median seconds per engine step with N requests decoding (each step = one token per request),
+                prompts of --context tokens; CUDA graphs unless --eager
+  prefill N     seconds from adding one N-token prompt to its first token (chunked at --chunk tokens)
+  hf            transformers on the same weights (sdpa attention, its own KV cache): per-token decode
+                from generate() at batch 1 and N, and one forward pass for prefill
+  floor         weight bytes / measured device copy bandwidth (read+write bytes of a 2 GiB copy / time)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a device-to-device copy, counting bytes read and written (median of 20)."""
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    a.random_(0, 255)
+    times = []
+    for _ in range(25):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * n / statistics.median(times[5:])
+
+
+def engine_for(shape: str, args, graphs: tuple[int, ...]):
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+
+    cfg = EngineConfig(model=shape, load_format="dummy", dtype="bfloat16", num_gpu_blocks=args.blocks,
+                       max_model_len=args.max_len, max_num_seqs=max(args.batch, 1),
+                       max_num_batched_tokens=args.chunk, chunk_size=args.chunk, enforce_eager=args.eager,
+                       cuda_graph_batch_sizes=graphs, enable_prefix_caching=False)
+    return EngineCore(cfg)
+
+
+def decode_step_seconds(core, batch: int, context: int, steps: int) -> float:
+    from engine import SamplingParams
+
+    rng = np.random.default_rng(batch)
+    base = 10_000_000 + batch * 1000
+    for i in range(batch):
+        core.add_request(base + i, rng.integers(0, core.model_config.vocab_size, context),
+                         SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True))
+    times = []
+    while core.has_unfinished():
+        out = core.step()
+        row = core.profile[-1]
+        if row["num_tokens"] == batch and row["num_reqs"] == batch:  # a pure decode step of the whole batch
+            times.append(out.seconds)
+    return statistics.median(times[3:])
+
+
+def prefill_seconds(core, length: int) -> float:
+    from engine import SamplingParams
+
+    rng = np.random.default_rng(length)
+    core.add_request(20_000_000 + length, rng.integers(0, core.model_config.vocab_size, length),
+                     SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    while core.has_unfinished():
+        core.step()
+    return time.perf_counter() - start
+
+
+def hf_model(core):
+    import transformers
+
+    cfg = core.model_config.to_hf()
+    arch = cfg.pop("architectures")[0]
+    cfg.pop("model_type")
+    hf_cfg = transformers.LlamaConfig(**cfg) if arch == "LlamaForCausalLM" else transformers.Qwen3Config(**cfg)
+    with torch.device("cuda"):
+        model = getattr(transformers, arch)._from_config(hf_cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.load_state_dict(core.model.hf_state_dict(), strict=False)
+    if core.model_config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
+@torch.inference_mode()
+def hf_decode_per_token(model, batch: int, context: int, new: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def timed(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    timed(2)
+    short, long = timed(1), timed(new)
+    return (long - short) / (new - 1)
+
+
+@torch.inference_mode()
+def hf_prefill(model, length: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, length), device="cuda")
+    model(ids[:, :128], logits_to_keep=1)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    model(ids, logits_to_keep=1)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def bench_model(shape: str, args, bandwidth: float) -> list[dict]:
+    graphs = tuple(sorted({1, args.batch}))
+    core = engine_for(shape, args, graphs)
+    weight_bytes = sum(p.numel() * p.element_size() for p in core.model.parameters())
+    floor = weight_bytes / bandwidth
+    rows = [{"model": shape, "what": "weight-read floor", "engine_s": floor, "hf_s": None, "floor_s": floor,
+             "kernels": core.ops.chosen["decode_attention"]}]
+    for batch in (1, args.batch):
+        rows.append({"model": shape, "what": f"decode b{batch} ctx{args.context} (s/step)",
+                     "engine_s": decode_step_seconds(core, batch, args.context, args.steps), "floor_s": floor})
+    for length in args.prefill:
+        prefill_seconds(core, 256)  # warm-up of the prefill kernels
+        rows.append({"model": shape, "what": f"prefill {length} (s)", "engine_s": prefill_seconds(core, length)})
+    if not args.no_hf:
+        model = hf_model(core)
+        for row in rows[1:]:
+            what = row["what"]
+            if what.startswith("decode"):
+                batch = int(what.split()[1][1:])
+                row["hf_s"] = hf_decode_per_token(model, batch, args.context, args.hf_steps)
+            else:
+                row["hf_s"] = hf_prefill(model, int(what.split()[1]))
+        del model
+    del core
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--hf-steps", type=int, default=32)
+    parser.add_argument("--prefill", type=int, nargs="+", default=[2048, 32768])
+    parser.add_argument("--chunk", type=int, default=8192)
+    parser.add_argument("--blocks", type=int, default=8192)
+    parser.add_argument("--max-len", type=int, default=None)
+    parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_engine needs a CUDA device (run it on the GPU machine)")
+    if args.quick:
+        args.steps, args.hf_steps, args.prefill = 16, 8, [2048]
+    if args.max_len is None:
+        args.max_len = max(max(args.prefill) + 64, args.context + args.steps + 64)
+    bandwidth = copy_bandwidth("cuda")
+    print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth "
+          f"{bandwidth / 1e12:.2f} TB/s (read+write)")
+    rows = []
+    for shape in args.models:
+        rows += bench_model(shape, args, bandwidth)
+    header = f"{'model':>14} {'what':>32} | {'engine ms':>10} {'hf ms':>9} {'hf/engine':>9} {'engine/floor':>12}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        hf = r.get("hf_s")
+        floor = r.get("floor_s") if r["what"].startswith("decode b1 ") else None
+        print(f"{r['model']:>14} {r['what']:>32} | {r['engine_s'] * 1e3:>10.3f} "
+              f"{(hf or float('nan')) * 1e3:>9.3f} {(hf / r['engine_s']) if hf else float('nan'):>9.1f} "
+              f"{(r['engine_s'] / floor) if floor else float('nan'):>12.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
