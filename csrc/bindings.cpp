@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "fast_forward.h"
 #include "policies.h"
 #include "request.h"
 #include "scheduler.h"
@@ -71,6 +72,77 @@ py::dict request_info(const Request& r) {
   d["session_id"] = r.session_id;
   d["priority"] = r.priority;
   return d;
+}
+
+// The simulator's step costs and fast path (csrc/step_cost.h, csrc/fast_forward.h).
+void bind_simulation(py::module_& m) {
+  py::class_<StepCost>(m, "StepCost")
+      .def_static(
+          "roofline",
+          [](double overhead_s, double swap_token_s, std::vector<double> breaks,
+             std::vector<std::pair<double, double>> pieces, double head_flop_s, double head_weight_s,
+             double head_act_s, double attn_pair_s, double attn_kv_s) {
+            RooflineCoefficients c;
+            c.overhead_s = overhead_s;
+            c.swap_token_s = swap_token_s;
+            c.breaks = std::move(breaks);
+            for (const auto& [intercept, slope] : pieces) {
+              c.intercepts.push_back(intercept);
+              c.slopes.push_back(slope);
+            }
+            c.head_flop_s = head_flop_s;
+            c.head_weight_s = head_weight_s;
+            c.head_act_s = head_act_s;
+            c.attn_pair_s = attn_pair_s;
+            c.attn_kv_s = attn_kv_s;
+            return StepCost::roofline(std::move(c));
+          },
+          py::arg("overhead_s"), py::arg("swap_token_s"), py::arg("breaks"), py::arg("pieces"),
+          py::arg("head_flop_s"), py::arg("head_weight_s"), py::arg("head_act_s"), py::arg("attn_pair_s"),
+          py::arg("attn_kv_s"))
+      .def_static(
+          "linear",
+          [](double intercept, double tokens, double reqs, double sampled, double pairs, double kv,
+             double swap_out, double swap_in) {
+            return StepCost::linear({intercept, tokens, reqs, sampled, pairs, kv, swap_out, swap_in});
+          },
+          py::arg("intercept"), py::arg("num_tokens"), py::arg("num_reqs"), py::arg("num_sampled"),
+          py::arg("attn_pairs"), py::arg("kv_read_tokens"), py::arg("num_swap_out_blocks"),
+          py::arg("num_swap_in_blocks"))
+      .def(
+          "seconds",
+          [](const StepCost& c, double num_tokens, double num_reqs, double num_sampled, double attn_pairs,
+             double kv_read_tokens, double num_swap_out_blocks, double num_swap_in_blocks, double block_size) {
+            return c.seconds(StepFeatures{num_tokens, num_reqs, num_sampled, attn_pairs, kv_read_tokens,
+                                          num_swap_out_blocks, num_swap_in_blocks, block_size});
+          },
+          py::arg("num_tokens"), py::arg("num_reqs"), py::arg("num_sampled"), py::arg("attn_pairs"),
+          py::arg("kv_read_tokens"), py::arg("num_swap_out_blocks"), py::arg("num_swap_in_blocks"),
+          py::arg("block_size"))
+      .def("plan_seconds", [](const StepCost& c, const Plan& plan) { return c.seconds(plan); }, py::arg("plan"));
+
+  py::class_<ForwardResult>(m, "ForwardResult")
+      .def_readonly("starts", &ForwardResult::starts)
+      .def_readonly("seconds", &ForwardResult::seconds)
+      .def_readonly("num_tokens", &ForwardResult::num_tokens)
+      .def_readonly("num_reqs", &ForwardResult::num_reqs)
+      .def_readonly("finished", &ForwardResult::finished)
+      .def_property_readonly("num_steps", [](const ForwardResult& r) { return r.starts.size(); })
+      .def_property_readonly(
+          "plan", py::cpp_function([](const ForwardResult& r) { return r.plan; }, py::keep_alive<0, 1>()))
+      .def_readonly("plan_seconds", &ForwardResult::plan_seconds)
+      .def_readonly("now", &ForwardResult::now)
+      .def_readonly("token_at", &ForwardResult::token_at);
+
+  py::class_<FastForward>(m, "FastForward")
+      .def(py::init([](const StepCost& cost, py::handle token_pool) {
+             return FastForward(cost, to_int_vector(token_pool, "token_pool"));
+           }),
+           py::arg("cost"), py::arg("token_pool"))
+      .def("advance", &FastForward::advance, py::arg("scheduler"), py::arg("now"), py::arg("horizon"),
+           py::arg("sample_at"), py::arg("token_at"), py::arg("max_steps") = int64_t{1} << 40,
+           py::keep_alive<0, 2>(), "Runs steps from `now` while they end before `horizon` (csrc/fast_forward.h).")
+      .def_property_readonly("cost", &FastForward::cost);
 }
 
 }  // namespace
@@ -256,4 +328,6 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("block_size", [](const Scheduler& s) { return s.config().block_size; })
       .def_property_readonly("max_blocks_per_seq", &Scheduler::max_blocks_per_seq)
       .def_property_readonly("ordering", &Scheduler::ordering_name);
+
+  bind_simulation(m);
 }

@@ -67,6 +67,8 @@ struct Plan {
   int block_size = 0;
 
   int num_reqs() const { return static_cast<int>(req_ids.size()); }
+  void clear();               // empty arrays (capacity kept), features and ids reset
+  void reserve(size_t rows);  // room for `rows` requests of one token each
   int num_tokens() const { return static_cast<int>(input_ids.size()); }
   int num_sampled() const { return static_cast<int>(logits_indices.size()); }
 };
@@ -105,7 +107,12 @@ class Scheduler {
                    double arrival_time, const std::string& session_id, int priority,
                    const std::string& cache_namespace);
   std::shared_ptr<Plan> step(double now);
+  // step() into a caller's plan, reusing its arrays (the simulator's fast path, csrc/fast_forward.h).
+  void step_into(Plan& plan, double now);
   std::vector<FinishedRequest> commit(const Plan& plan, const std::vector<int64_t>& tokens, double now);
+  // commit() appending what finished to `finished`.
+  void commit(const Plan& plan, const int64_t* tokens, size_t num_tokens, double now,
+              std::vector<FinishedRequest>* finished);
   void abort(RequestId id, double now);
   int end_session(const std::string& session_id, double now);
 

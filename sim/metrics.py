@@ -69,11 +69,28 @@ class Collector:
         self.step_seconds.append(seconds)
         self.step_tokens.append(plan.num_tokens)
         self.step_reqs.append(plan.num_reqs)
+        self._sample(replica, start)
+
+    def on_steps(self, replica, starts: list, seconds: list, num_tokens: list, num_reqs: list) -> None:
+        """`on_step` for many steps at once (the replica's fast path); only the last may be sampled."""
+        self.step_start.extend(starts)
+        self.step_seconds.extend(seconds)
+        self.step_tokens.extend(num_tokens)
+        self.step_reqs.extend(num_reqs)
+        if starts:
+            self._sample(replica, starts[-1])
+
+    def _sample(self, replica, start: float) -> None:
+        """KV usage after the step that started at `start`, once per sample interval."""
         i = replica.index
         if start >= self._next_sample[i]:
             self._next_sample[i] = start + self.sample_interval_s
             s = replica.scheduler.stats()
             self.kv_samples.append((start, i, s.num_used_blocks, s.num_cached_blocks, s.num_free_blocks))
+
+    def next_sample_time(self, replica_index: int) -> float:
+        """The first step start at or after which `on_step` samples this replica's KV usage."""
+        return self._next_sample[replica_index]
 
     def on_request(self, f, session_id: str, turn: int, replica: int, new_tokens: int, genuinely_new: int) -> None:
         times = f.token_times
