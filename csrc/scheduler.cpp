@@ -289,13 +289,18 @@ void Scheduler::extend_hashes(Request& r, int num_full_blocks) {
 // Number of leading full blocks of r found in the cache (at least one token is left to compute).
 // A waiting request is matched again every step, so the last match is remembered: a
 // remembered block still holds the same contents iff its generation is unchanged (a block
-// leaves the index only by being reallocated, which bumps the generation).
+// leaves the index only by being reallocated, which bumps the generation); and when no block
+// was evicted at all since, there is nothing to re-check.
 int Scheduler::prefix_match(Request& r, std::vector<BlockId>* hits) {
   if (!config_.enable_prefix_caching) return 0;
   const int max_blocks = (r.num_tokens() - 1) / block_size_;
   int m = 0;
   const int remembered = std::min(static_cast<int>(r.match_blocks.size()), max_blocks);
-  while (m < remembered && pool_.generation(r.match_blocks[m]) == r.match_generations[m]) ++m;
+  if (r.match_evictions == pool_.num_evicted()) {
+    m = remembered;  // nothing was evicted since: every remembered block is still cached
+  } else {
+    while (m < remembered && pool_.generation(r.match_blocks[m]) == r.match_generations[m]) ++m;
+  }
   r.match_blocks.resize(m);
   r.match_generations.resize(m);
   extend_hashes(r, max_blocks);
@@ -306,6 +311,7 @@ int Scheduler::prefix_match(Request& r, std::vector<BlockId>* hits) {
     r.match_blocks.push_back(b);
     r.match_generations.push_back(pool_.generation(b));
   }
+  r.match_evictions = pool_.num_evicted();
   if (hits) *hits = r.match_blocks;
   return m;
 }

@@ -38,14 +38,20 @@ bool Scheduler::grow(Request& r, int total_tokens) {
 
 bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
   if (pool_.num_available() == 0) return false;  // every admission needs at least one new block
-  std::vector<BlockId> hits;
-  const int matched = prefix_match(r, &hits);
+  const int matched = prefix_match(r, nullptr);
+  const std::vector<BlockId>& hits = r.match_blocks;  // matched blocks, in order
   const int start = matched * block_size_;
   const int n = std::min({r.num_tokens() - start, budget, config_.chunk_size});
   const int need = blocks_for(start + n) - matched;
-  int hits_evictable = 0;
-  for (BlockId b : hits) hits_evictable += pool_.is_evictable(b) ? 1 : 0;
-  if (pool_.num_available() - hits_evictable < need) return false;
+  // Hits that are evictable stop being available once retained. Count them only when the
+  // answer depends on it (0 <= evictable hits <= hits).
+  const int available = pool_.num_available();
+  if (available < need) return false;
+  if (available - matched < need) {
+    int hits_evictable = 0;
+    for (BlockId b : hits) hits_evictable += pool_.is_evictable(b) ? 1 : 0;
+    if (available - hits_evictable < need) return false;
+  }
 
   r.slot = take_slot();
   BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
