@@ -127,6 +127,8 @@ void bind_simulation(py::module_& m) {
       .def_readonly("num_tokens", &ForwardResult::num_tokens)
       .def_readonly("num_reqs", &ForwardResult::num_reqs)
       .def_readonly("finished", &ForwardResult::finished)
+      .def_readonly("samples", &ForwardResult::samples)
+      .def_readonly("sample_at", &ForwardResult::sample_at)
       .def_property_readonly("num_steps", [](const ForwardResult& r) { return r.starts.size(); })
       .def_property_readonly(
           "plan", py::cpp_function([](const ForwardResult& r) { return r.plan; }, py::keep_alive<0, 1>()))
@@ -140,7 +142,8 @@ void bind_simulation(py::module_& m) {
            }),
            py::arg("cost"), py::arg("token_pool"))
       .def("advance", &FastForward::advance, py::arg("scheduler"), py::arg("now"), py::arg("horizon"),
-           py::arg("sample_at"), py::arg("token_at"), py::arg("max_steps") = int64_t{1} << 40,
+           py::arg("sample_at"), py::arg("sample_interval"), py::arg("token_at"),
+           py::arg("max_steps") = int64_t{1} << 40,
            py::keep_alive<0, 2>(), "Runs steps from `now` while they end before `horizon` (csrc/fast_forward.h).")
       .def_property_readonly("cost", &FastForward::cost);
 }

@@ -8,12 +8,13 @@ FastForward::FastForward(StepCost cost, std::vector<int64_t> token_pool)
 }
 
 ForwardResult FastForward::advance(Scheduler& scheduler, double now, double horizon, double sample_at,
-                                   int64_t token_at, int64_t max_steps) {
+                                   double sample_interval, int64_t token_at, int64_t max_steps) {
   TANDEM_REQUIRE(token_at >= 0 && token_at <= static_cast<int64_t>(pool_.size()),
                  "FastForward: token cursor out of range");
   ForwardResult r;
   r.now = now;
   r.token_at = token_at;
+  r.sample_at = sample_at;
   for (int64_t steps = 0;; ++steps) {
     if (!scratch_) scratch_ = std::make_shared<Plan>();
     Plan& plan = *scratch_;
@@ -38,7 +39,12 @@ ForwardResult FastForward::advance(Scheduler& scheduler, double now, double hori
     r.num_tokens.push_back(plan.num_tokens());
     r.num_reqs.push_back(plan.num_reqs());
     r.now = end;
-    if (!r.finished.empty() || !scheduler.has_unfinished() || start >= sample_at || steps + 1 >= max_steps) {
+    if (start >= r.sample_at) {
+      r.sample_at = start + sample_interval;
+      const Stats st = scheduler.stats();
+      r.samples.emplace_back(start, st.num_used_blocks, st.num_cached_blocks, st.num_free_blocks);
+    }
+    if (!r.finished.empty() || !scheduler.has_unfinished() || steps + 1 >= max_steps) {
       return r;
     }
   }

@@ -13,12 +13,15 @@
 //                                          uncommitted, the caller runs it as one event
 //
 // It also stops right after a commit that finished a request (sessions react to it at
-// that time), that left the scheduler empty, or of a step that started at or after
-// `sample_at` (the metrics read the scheduler's stats after that commit), and before an
-// empty plan (the caller waits for an arrival). No decision is made here.
+// that time) or that left the scheduler empty, and before an empty plan (the caller waits
+// for an arrival). No decision is made here.
+//
+// KV usage is sampled as sim/metrics.py's Collector does after each step: after the commit
+// of the first step that starts at or after `sample_at`, then `sample_interval` later.
 #pragma once
 
 #include <memory>
+#include <tuple>
 #include <vector>
 
 #include "scheduler.h"
@@ -31,6 +34,9 @@ struct ForwardResult {
   std::vector<double> starts, seconds;
   std::vector<int32_t> num_tokens, num_reqs;
   std::vector<FinishedRequest> finished;  // what the last committed step finished
+  // KV samples: (step start, used, cached, free blocks) after that step's commit.
+  std::vector<std::tuple<double, int, int, int>> samples;
+  double sample_at = 0.0;                 // when the next sample is due
   std::shared_ptr<Plan> plan;             // made at `now` and not committed, or null
   double plan_seconds = 0.0;              // its cost (0 if it is empty)
   double now = 0.0;                       // end of the last committed step (the start if none)
@@ -44,8 +50,8 @@ class FastForward {
   FastForward(StepCost cost, std::vector<int64_t> token_pool);
 
   // Runs steps from `now`; every committed step ends strictly before `horizon`.
-  ForwardResult advance(Scheduler& scheduler, double now, double horizon, double sample_at, int64_t token_at,
-                        int64_t max_steps);
+  ForwardResult advance(Scheduler& scheduler, double now, double horizon, double sample_at, double sample_interval,
+                        int64_t token_at, int64_t max_steps);
 
   const StepCost& cost() const { return cost_; }
 

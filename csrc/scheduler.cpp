@@ -110,6 +110,7 @@ void Scheduler::add_request(RequestId id, std::vector<TokenId> prompt, const Sam
   r.ns_root = namespace_roots_[r.ns];
   r.priority = priority;
   r.arrival_time = arrival_time;
+  if (!session_id.empty() && config_.enable_prefix_caching) recall_turn(r);
   requests_.emplace(id, std::move(r));
   waiting_.push_back(id);
   counters_.prompt_tokens += n;

@@ -5,6 +5,7 @@
 // Deterministic: the same calls with the same arguments give the same plans.
 #pragma once
 
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
@@ -97,6 +98,21 @@ struct Stats {
   int64_t prompt_tokens = 0, computed_tokens = 0, cached_tokens = 0, generated_tokens = 0;
 };
 
+// What a session's last finished turn leaves behind for its next one (csrc/turn_memo.cpp):
+// its tokens and their chained block hashes, and the leading blocks that were in the prefix
+// cache when it finished, with their generations. An agent's next prompt starts with exactly
+// those tokens, so its hashes and its prefix match need not be computed again; the
+// generations (and the pool's eviction count) say which blocks are still cached.
+struct TurnMemo {
+  uint32_t ns = 0;
+  std::vector<TokenId> tokens;
+  std::vector<uint64_t> block_hashes;
+  std::vector<BlockId> blocks;
+  std::vector<uint32_t> generations;
+  int64_t evictions = 0;  // the pool's eviction count when it was taken
+  uint64_t order = 0;     // insertion number (oldest memos are dropped first)
+};
+
 class Scheduler {
  public:
   explicit Scheduler(const SchedulerConfig& config);
@@ -149,6 +165,10 @@ class Scheduler {
   void extend_hashes(Request& r, int num_full_blocks);
   void register_full_blocks(Request& r);
   void pin_turn(Request& r, double now);
+  void remember_turn(Request& r, std::vector<BlockId> cached_blocks);
+  void recall_turn(Request& r);
+  void forget_turn(const std::string& session_id);
+  void check_turn_memos() const;
   RequestView view(const Request& r) const;
   int take_slot();
   void free_slot(Request& r);
@@ -173,6 +193,11 @@ class Scheduler {
   std::vector<uint64_t> namespace_roots_;
   // session -> pinned (block, generation)
   std::map<std::string, std::unordered_map<BlockId, uint32_t>> session_pins_;
+  // session -> its last finished turn, at most kMemoTokensPerBlock * num_blocks tokens in all
+  std::unordered_map<std::string, TurnMemo> turn_memos_;
+  std::deque<std::pair<uint64_t, std::string>> memo_order_;  // (order, session), oldest first; may be stale
+  int64_t memo_tokens_ = 0;
+  uint64_t next_memo_ = 1;
 
   uint64_t next_seq_ = 1;
   uint64_t next_step_ = 1;

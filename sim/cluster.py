@@ -38,8 +38,8 @@ class Replica:
         config: the control-plane config.
         cost_model: `step_seconds(plan) -> float`; with a `native` evaluator it also drives the fast path.
         metrics: receives `on_step(replica, start, seconds, plan)` after each commit, or
-            `on_steps(replica, starts, seconds, num_tokens, num_reqs)` after a run of them, and
-            says by `next_sample_time(index)` after which step it reads the scheduler's stats.
+            `on_steps(replica, forward_result)` after a run of them; `next_sample_time(index)` and
+            `sample_interval()` say after which steps it samples the scheduler's stats.
         idle_wait_s: when the scheduler makes an empty plan although requests are
             waiting (blocked, e.g. on pinned KV), re-plan after this long or at the next arrival.
         seed: seeds the synthetic output token ids.
@@ -137,10 +137,10 @@ class Replica:
                 yield from self._idle()
                 continue
             r = self._fast.advance(sched, env.now, env.peek(), self.metrics.next_sample_time(self.index),
-                                   self._token_at)
+                                   self.metrics.sample_interval(), self._token_at)
             self._token_at = r.token_at
             if r.num_steps:
-                self.metrics.on_steps(self, r.starts, r.seconds, r.num_tokens, r.num_reqs)
+                self.metrics.on_steps(self, r)
             plan = r.plan
             if plan is not None and not plan.is_empty:
                 yield from self._run_step(plan, r.plan_seconds, r.now)

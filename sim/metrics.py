@@ -71,17 +71,20 @@ class Collector:
         self.step_reqs.append(plan.num_reqs)
         self._sample(replica, start)
 
-    def on_steps(self, replica, starts: list, seconds: list, num_tokens: list, num_reqs: list) -> None:
-        """`on_step` for many steps at once (the replica's fast path); only the last may be sampled."""
-        self.step_start.extend(starts)
-        self.step_seconds.extend(seconds)
-        self.step_tokens.extend(num_tokens)
-        self.step_reqs.extend(num_reqs)
-        if starts:
-            self._sample(replica, starts[-1])
+    def on_steps(self, replica, result) -> None:
+        """`on_step` for a run of steps of the replica's fast path (a `controlplane.ForwardResult`),
+        which took the KV samples `_sample` would have, at the same steps."""
+        self.step_start.extend(result.starts)
+        self.step_seconds.extend(result.seconds)
+        self.step_tokens.extend(result.num_tokens)
+        self.step_reqs.extend(result.num_reqs)
+        i = replica.index
+        self.kv_samples.extend((start, i, used, cached, free) for start, used, cached, free in result.samples)
+        self._next_sample[i] = result.sample_at
 
     def _sample(self, replica, start: float) -> None:
-        """KV usage after the step that started at `start`, once per sample interval."""
+        """KV usage after the step that started at `start`, once per sample interval
+        (csrc/fast_forward.cpp samples the same way)."""
         i = replica.index
         if start >= self._next_sample[i]:
             self._next_sample[i] = start + self.sample_interval_s
@@ -91,6 +94,9 @@ class Collector:
     def next_sample_time(self, replica_index: int) -> float:
         """The first step start at or after which `on_step` samples this replica's KV usage."""
         return self._next_sample[replica_index]
+
+    def sample_interval(self) -> float:
+        return self.sample_interval_s
 
     def on_request(self, f, session_id: str, turn: int, replica: int, new_tokens: int, genuinely_new: int) -> None:
         times = f.token_times
