@@ -1,6 +1,8 @@
 // pybind11 face of the control plane: `controlplane._core`.
 // Plans hand their arrays to numpy without copies; the arrays are read-only
 // and keep the plan (and through it the scheduler) alive.
+#include <algorithm>
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -38,11 +40,17 @@ std::vector<int64_t> to_int_vector(py::handle obj, const char* what) {
   return std::vector<int64_t>(ints.data(), ints.data() + ints.size());
 }
 
-std::vector<TokenId> to_tokens(py::handle obj, const char* what) {
+// `extra`: capacity reserved beyond the tokens (a prompt grows by its outputs, without a reallocation).
+std::vector<TokenId> to_tokens(py::handle obj, const char* what, size_t extra = 0) {
   // Fast path: a C-contiguous int32 array is already in the core's layout.
   if (py::isinstance<py::array_t<int32_t, py::array::c_style>>(obj)) {
     auto arr = py::reinterpret_borrow<py::array_t<int32_t, py::array::c_style>>(obj);
-    if (arr.ndim() == 1) return std::vector<TokenId>(arr.data(), arr.data() + arr.size());
+    if (arr.ndim() == 1) {
+      std::vector<TokenId> out;
+      out.reserve(static_cast<size_t>(arr.size()) + extra);
+      out.assign(arr.data(), arr.data() + arr.size());
+      return out;
+    }
   }
   std::vector<int64_t> wide = to_int_vector(obj, what);
   std::vector<TokenId> out(wide.size());
@@ -295,7 +303,8 @@ PYBIND11_MODULE(_core, m) {
             limits.stop_token_ids = to_tokens(stop_token_ids, "stop_token_ids");
             limits.eos_token_id = eos_token_id;
             limits.ignore_eos = ignore_eos;
-            std::vector<TokenId> tokens = to_tokens(prompt, "prompt_token_ids");
+            std::vector<TokenId> tokens =
+                to_tokens(prompt, "prompt_token_ids", static_cast<size_t>(std::max(max_new_tokens, 0)));
             s.add_request(id, std::move(tokens), limits, arrival_time,
                           session_id.is_none() ? std::string() : py::str(session_id).cast<std::string>(), priority,
                           cache_namespace.is_none() ? std::string() : py::str(cache_namespace).cast<std::string>());
