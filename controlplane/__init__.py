@@ -10,11 +10,14 @@ planning. This package re-exports it and adds the shared loop::
 """
 
 from controlplane._core import (
+    FastForward,
     FinishedRequest,
+    ForwardResult,
     InvariantError,
     Plan,
     RequestState,
     Stats,
+    StepCost,
     parse_policy_spec,
     policy_names,
     transition_allowed,
@@ -26,7 +29,9 @@ from controlplane.loop import Clock, Executor, ManualClock, StepRecord, StepResu
 __all__ = [
     "Clock",
     "Executor",
+    "FastForward",
     "FinishedRequest",
+    "ForwardResult",
     "InvariantError",
     "ManualClock",
     "Plan",
@@ -34,6 +39,7 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "Stats",
+    "StepCost",
     "StepRecord",
     "StepResult",
     "WallClock",

@@ -197,3 +197,43 @@ class Scheduler:
     def max_blocks_per_seq(self) -> int: ...
     @property
     def ordering(self) -> str: ...
+
+class StepCost:
+    """A step-cost formula (csrc/step_cost.h): the one evaluator of sim/cost.py's models."""
+
+    @staticmethod
+    def roofline(overhead_s: float, swap_token_s: float, breaks: Sequence[float],
+                 pieces: Sequence[tuple[float, float]], head_flop_s: float, head_weight_s: float,
+                 head_act_s: float, attn_pair_s: float, attn_kv_s: float) -> StepCost: ...
+    @staticmethod
+    def linear(intercept: float, num_tokens: float, num_reqs: float, num_sampled: float, attn_pairs: float,
+               kv_read_tokens: float, num_swap_out_blocks: float, num_swap_in_blocks: float) -> StepCost: ...
+    def seconds(self, num_tokens: float, num_reqs: float, num_sampled: float, attn_pairs: float,
+                kv_read_tokens: float, num_swap_out_blocks: float, num_swap_in_blocks: float,
+                block_size: float) -> float: ...
+    def plan_seconds(self, plan: Plan) -> float: ...
+
+class ForwardResult:
+    """What one FastForward.advance did: the committed steps, and the plan it handed back."""
+
+    starts: list[float]
+    seconds: list[float]
+    num_tokens: list[int]
+    num_reqs: list[int]
+    finished: list[FinishedRequest]          # finished by the last committed step
+    samples: list[tuple[float, int, int, int]]  # (step start, used, cached, free blocks)
+    sample_at: float
+    num_steps: int
+    plan: Plan | None                        # made at `now`, not committed (ends at/after the horizon, or empty)
+    plan_seconds: float
+    now: float                               # end of the last committed step
+    token_at: int
+
+class FastForward:
+    """The simulator's fast path (csrc/fast_forward.h): a replica's steps up to the next other event."""
+
+    def __init__(self, cost: StepCost, token_pool: Sequence[int] | npt.NDArray[np.integer]) -> None: ...
+    def advance(self, scheduler: Scheduler, now: float, horizon: float, sample_at: float, sample_interval: float,
+                token_at: int, max_steps: int = ...) -> ForwardResult: ...
+    @property
+    def cost(self) -> StepCost: ...

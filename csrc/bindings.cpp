@@ -1,10 +1,13 @@
 // pybind11 face of the control plane: `controlplane._core`.
 // Plans hand their arrays to numpy without copies; the arrays are read-only
 // and keep the plan (and through it the scheduler) alive.
+#include <algorithm>
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "fast_forward.h"
 #include "policies.h"
 #include "request.h"
 #include "scheduler.h"
@@ -37,11 +40,17 @@ std::vector<int64_t> to_int_vector(py::handle obj, const char* what) {
   return std::vector<int64_t>(ints.data(), ints.data() + ints.size());
 }
 
-std::vector<TokenId> to_tokens(py::handle obj, const char* what) {
+// `extra`: capacity reserved beyond the tokens (a prompt grows by its outputs, without a reallocation).
+std::vector<TokenId> to_tokens(py::handle obj, const char* what, size_t extra = 0) {
   // Fast path: a C-contiguous int32 array is already in the core's layout.
   if (py::isinstance<py::array_t<int32_t, py::array::c_style>>(obj)) {
     auto arr = py::reinterpret_borrow<py::array_t<int32_t, py::array::c_style>>(obj);
-    if (arr.ndim() == 1) return std::vector<TokenId>(arr.data(), arr.data() + arr.size());
+    if (arr.ndim() == 1) {
+      std::vector<TokenId> out;
+      out.reserve(static_cast<size_t>(arr.size()) + extra);
+      out.assign(arr.data(), arr.data() + arr.size());
+      return out;
+    }
   }
   std::vector<int64_t> wide = to_int_vector(obj, what);
   std::vector<TokenId> out(wide.size());
@@ -71,6 +80,80 @@ py::dict request_info(const Request& r) {
   d["session_id"] = r.session_id;
   d["priority"] = r.priority;
   return d;
+}
+
+// The simulator's step costs and fast path (csrc/step_cost.h, csrc/fast_forward.h).
+void bind_simulation(py::module_& m) {
+  py::class_<StepCost>(m, "StepCost")
+      .def_static(
+          "roofline",
+          [](double overhead_s, double swap_token_s, std::vector<double> breaks,
+             std::vector<std::pair<double, double>> pieces, double head_flop_s, double head_weight_s,
+             double head_act_s, double attn_pair_s, double attn_kv_s) {
+            RooflineCoefficients c;
+            c.overhead_s = overhead_s;
+            c.swap_token_s = swap_token_s;
+            c.breaks = std::move(breaks);
+            for (const auto& [intercept, slope] : pieces) {
+              c.intercepts.push_back(intercept);
+              c.slopes.push_back(slope);
+            }
+            c.head_flop_s = head_flop_s;
+            c.head_weight_s = head_weight_s;
+            c.head_act_s = head_act_s;
+            c.attn_pair_s = attn_pair_s;
+            c.attn_kv_s = attn_kv_s;
+            return StepCost::roofline(std::move(c));
+          },
+          py::arg("overhead_s"), py::arg("swap_token_s"), py::arg("breaks"), py::arg("pieces"),
+          py::arg("head_flop_s"), py::arg("head_weight_s"), py::arg("head_act_s"), py::arg("attn_pair_s"),
+          py::arg("attn_kv_s"))
+      .def_static(
+          "linear",
+          [](double intercept, double tokens, double reqs, double sampled, double pairs, double kv,
+             double swap_out, double swap_in) {
+            return StepCost::linear({intercept, tokens, reqs, sampled, pairs, kv, swap_out, swap_in});
+          },
+          py::arg("intercept"), py::arg("num_tokens"), py::arg("num_reqs"), py::arg("num_sampled"),
+          py::arg("attn_pairs"), py::arg("kv_read_tokens"), py::arg("num_swap_out_blocks"),
+          py::arg("num_swap_in_blocks"))
+      .def(
+          "seconds",
+          [](const StepCost& c, double num_tokens, double num_reqs, double num_sampled, double attn_pairs,
+             double kv_read_tokens, double num_swap_out_blocks, double num_swap_in_blocks, double block_size) {
+            return c.seconds(StepFeatures{num_tokens, num_reqs, num_sampled, attn_pairs, kv_read_tokens,
+                                          num_swap_out_blocks, num_swap_in_blocks, block_size});
+          },
+          py::arg("num_tokens"), py::arg("num_reqs"), py::arg("num_sampled"), py::arg("attn_pairs"),
+          py::arg("kv_read_tokens"), py::arg("num_swap_out_blocks"), py::arg("num_swap_in_blocks"),
+          py::arg("block_size"))
+      .def("plan_seconds", [](const StepCost& c, const Plan& plan) { return c.seconds(plan); }, py::arg("plan"));
+
+  py::class_<ForwardResult>(m, "ForwardResult")
+      .def_readonly("starts", &ForwardResult::starts)
+      .def_readonly("seconds", &ForwardResult::seconds)
+      .def_readonly("num_tokens", &ForwardResult::num_tokens)
+      .def_readonly("num_reqs", &ForwardResult::num_reqs)
+      .def_readonly("finished", &ForwardResult::finished)
+      .def_readonly("samples", &ForwardResult::samples)
+      .def_readonly("sample_at", &ForwardResult::sample_at)
+      .def_property_readonly("num_steps", [](const ForwardResult& r) { return r.starts.size(); })
+      .def_property_readonly(
+          "plan", py::cpp_function([](const ForwardResult& r) { return r.plan; }, py::keep_alive<0, 1>()))
+      .def_readonly("plan_seconds", &ForwardResult::plan_seconds)
+      .def_readonly("now", &ForwardResult::now)
+      .def_readonly("token_at", &ForwardResult::token_at);
+
+  py::class_<FastForward>(m, "FastForward")
+      .def(py::init([](const StepCost& cost, py::handle token_pool) {
+             return FastForward(cost, to_int_vector(token_pool, "token_pool"));
+           }),
+           py::arg("cost"), py::arg("token_pool"))
+      .def("advance", &FastForward::advance, py::arg("scheduler"), py::arg("now"), py::arg("horizon"),
+           py::arg("sample_at"), py::arg("sample_interval"), py::arg("token_at"),
+           py::arg("max_steps") = int64_t{1} << 40,
+           py::keep_alive<0, 2>(), "Runs steps from `now` while they end before `horizon` (csrc/fast_forward.h).")
+      .def_property_readonly("cost", &FastForward::cost);
 }
 
 }  // namespace
@@ -220,7 +303,8 @@ PYBIND11_MODULE(_core, m) {
             limits.stop_token_ids = to_tokens(stop_token_ids, "stop_token_ids");
             limits.eos_token_id = eos_token_id;
             limits.ignore_eos = ignore_eos;
-            std::vector<TokenId> tokens = to_tokens(prompt, "prompt_token_ids");
+            std::vector<TokenId> tokens =
+                to_tokens(prompt, "prompt_token_ids", static_cast<size_t>(std::max(max_new_tokens, 0)));
             s.add_request(id, std::move(tokens), limits, arrival_time,
                           session_id.is_none() ? std::string() : py::str(session_id).cast<std::string>(), priority,
                           cache_namespace.is_none() ? std::string() : py::str(cache_namespace).cast<std::string>());
@@ -256,4 +340,6 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("block_size", [](const Scheduler& s) { return s.config().block_size; })
       .def_property_readonly("max_blocks_per_seq", &Scheduler::max_blocks_per_seq)
       .def_property_readonly("ordering", &Scheduler::ordering_name);
+
+  bind_simulation(m);
 }

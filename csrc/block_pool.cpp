@@ -7,8 +7,61 @@
 
 namespace tandem {
 
+PrefixIndex::PrefixIndex(int num_blocks) {
+  size_t capacity = 2;
+  shift_ = 63;
+  while (capacity < 2 * static_cast<size_t>(num_blocks)) {
+    capacity <<= 1;
+    --shift_;
+  }
+  slots_.resize(capacity);
+  mask_ = capacity - 1;
+}
+
+BlockId PrefixIndex::find(uint64_t hash) const {
+  for (size_t i = home(hash);; i = (i + 1) & mask_) {
+    const Slot& s = slots_[i];
+    if (s.block == kNoBlock) return kNoBlock;
+    if (s.hash == hash) return s.block;
+  }
+}
+
+bool PrefixIndex::insert(uint64_t hash, BlockId block) {
+  size_t i = home(hash);
+  for (; slots_[i].block != kNoBlock; i = (i + 1) & mask_) {
+    if (slots_[i].hash == hash) return false;
+  }
+  slots_[i] = {hash, block};
+  ++size_;
+  return true;
+}
+
+// Backward-shift deletion: after emptying slot i, every later entry of the
+// probe run that may legally sit at i (its home is not cyclically in (i, j])
+// moves back into it, so lookups never need tombstones.
+//
+//   home:   h  h  h+1 .            (slot i emptied, then refilled from j)
+//   slots: [a][x][b ][c][ ]  ->  [a][b][c][ ][ ]
+void PrefixIndex::erase(uint64_t hash, BlockId block) {
+  size_t i = home(hash);
+  for (;; i = (i + 1) & mask_) {
+    if (slots_[i].block == kNoBlock) return;
+    if (slots_[i].hash == hash) break;
+  }
+  if (slots_[i].block != block) return;
+  for (size_t j = (i + 1) & mask_; slots_[j].block != kNoBlock; j = (j + 1) & mask_) {
+    const size_t k = home(slots_[j].hash);
+    if (((j - k) & mask_) >= ((j - i) & mask_)) {
+      slots_[i] = slots_[j];
+      i = j;
+    }
+  }
+  slots_[i].block = kNoBlock;
+  --size_;
+}
+
 BlockPool::BlockPool(int num_blocks, int block_size, std::shared_ptr<EvictionPolicy> eviction)
-    : block_size_(block_size), eviction_(std::move(eviction)) {
+    : block_size_(block_size), eviction_(std::move(eviction)), index_(std::max(num_blocks, 1)) {
   TANDEM_REQUIRE(num_blocks > 0, "num_blocks must be positive");
   TANDEM_REQUIRE(block_size > 0, "block_size must be positive");
   meta_.resize(num_blocks);
@@ -17,9 +70,10 @@ BlockPool::BlockPool(int num_blocks, int block_size, std::shared_ptr<EvictionPol
   for (int b = num_blocks - 1; b >= 0; --b) free_.push_back(b);  // block 0 is handed out first
 }
 
-BlockPool::EvictEntry BlockPool::evict_entry(BlockId block) const {
-  const Meta& m = meta_[block];
-  return {m.key.primary, m.key.secondary, -m.depth, block};
+void BlockPool::set_where(Meta& m, Where where) {
+  num_evictable_ += (where == Where::kEvictable) - (m.where == Where::kEvictable);
+  num_pinned_ += (where == Where::kPinned) - (m.where == Where::kPinned);
+  m.where = where;
 }
 
 void BlockPool::make_evictable(BlockId block) {
@@ -31,42 +85,43 @@ void BlockPool::make_evictable(BlockId block) {
   view.priority = m.priority;
   view.hits = m.hits;
   m.key = eviction_->key(view);
-  m.where = Where::kEvictable;
-  evictable_.insert(evict_entry(block));
+  set_where(m, Where::kEvictable);
+  m.stamp = ++next_stamp_;
+  evictable_.push({m.key.primary, m.key.secondary, -m.depth, block, m.stamp});
+  evictable_.compact_if_stale(num_evictable_, [this](const EvictEntry& e) { return valid(e); });
+}
+
+void BlockPool::push_pin(BlockId block) {
+  Meta& m = meta_[block];
+  m.stamp = ++next_stamp_;
+  pinned_.push({m.pinned_until, block, m.stamp});
+  pinned_.compact_if_stale(num_pinned_, [this](const PinEntry& e) { return valid(e); });
 }
 
 void BlockPool::park(BlockId block, double now) {
   Meta& m = meta_[block];
   if (m.pinned_until > now) {
-    m.where = Where::kPinned;
-    pinned_.insert({m.pinned_until, block});
+    set_where(m, Where::kPinned);
+    push_pin(block);
   } else {
     make_evictable(block);
   }
 }
 
-void BlockPool::unpark(BlockId block) {
-  Meta& m = meta_[block];
-  if (m.where == Where::kEvictable) {
-    evictable_.erase(evict_entry(block));
-  } else if (m.where == Where::kPinned) {
-    pinned_.erase({m.pinned_until, block});
-  }
-  m.where = Where::kHeld;
-}
+void BlockPool::unpark(BlockId block) { set_where(meta_[block], Where::kHeld); }
 
 void BlockPool::expire_pins(double now) {
-  while (!pinned_.empty() && pinned_.begin()->first <= now) {
-    BlockId block = pinned_.begin()->second;
-    pinned_.erase(pinned_.begin());
-    make_evictable(block);
+  while (!pinned_.empty()) {
+    const PinEntry top = pinned_.top();
+    if (valid(top) && top.until > now) break;
+    pinned_.pop();
+    if (valid(top)) make_evictable(top.block);
   }
 }
 
 void BlockPool::uncache(BlockId block) {
   Meta& m = meta_[block];
-  auto it = index_.find(m.hash);
-  if (it != index_.end() && it->second == block) index_.erase(it);
+  index_.erase(m.hash, block);
   m.cached = false;
 }
 
@@ -76,15 +131,19 @@ BlockId BlockPool::allocate() {
     block = free_.back();
     free_.pop_back();
   } else {
-    TANDEM_CHECK(!evictable_.empty(), "allocate() with no free or evictable block");
-    block = std::get<3>(*evictable_.begin());
-    evictable_.erase(evictable_.begin());
+    TANDEM_CHECK(num_evictable_ > 0, "allocate() with no free or evictable block");
+    for (;; evictable_.pop()) {  // skip stale entries
+      TANDEM_CHECK(!evictable_.empty(), "evictable count exceeds the eviction order");
+      if (valid(evictable_.top())) break;
+    }
+    block = evictable_.top().block;
+    evictable_.pop();
     uncache(block);
     ++num_evicted_;
   }
   Meta& m = meta_[block];
   m.ref_count = 1;
-  m.where = Where::kHeld;
+  set_where(m, Where::kHeld);
   m.cached = false;
   m.pin_count = 0;
   m.pinned_until = kNever;
@@ -98,7 +157,7 @@ void BlockPool::retain(BlockId block, double now) {
   TANDEM_CHECK(m.cached, "retain() of a block that is not in the prefix cache");
   if (m.ref_count == 0) unpark(block);
   m.ref_count += 1;
-  m.where = Where::kHeld;
+  set_where(m, Where::kHeld);
   m.hits += 1;
   m.last_access = now;
 }
@@ -113,27 +172,26 @@ void BlockPool::release(BlockId block, double now, int priority) {
   if (m.cached) {
     park(block, now);
   } else {
-    m.where = Where::kFree;
+    set_where(m, Where::kFree);
     free_.push_back(block);
   }
 }
 
 BlockId BlockPool::lookup(uint64_t hash, uint64_t parent, uint32_t ns, const TokenId* tokens) const {
-  auto it = index_.find(hash);
-  if (it == index_.end()) return kNoBlock;
-  const Meta& m = meta_[it->second];
+  const BlockId block = index_.find(hash);
+  if (block == kNoBlock) return kNoBlock;
+  const Meta& m = meta_[block];
   if (m.parent != parent || m.ns != ns) return kNoBlock;
-  const TokenId* held = &tokens_[static_cast<size_t>(it->second) * block_size_];
+  const TokenId* held = &tokens_[static_cast<size_t>(block) * block_size_];
   if (std::memcmp(held, tokens, sizeof(TokenId) * block_size_) != 0) return kNoBlock;
-  return it->second;
+  return block;
 }
 
 bool BlockPool::register_block(BlockId block, uint64_t hash, uint64_t parent, uint32_t ns,
                                int depth, const TokenId* tokens) {
   Meta& m = meta_[block];
   TANDEM_CHECK(m.ref_count > 0 && !m.cached, "register_block() of a block not privately held");
-  if (index_.count(hash)) return false;
-  index_.emplace(hash, block);
+  if (!index_.insert(hash, block)) return false;
   m.cached = true;
   m.hash = hash;
   m.parent = parent;
@@ -147,16 +205,16 @@ bool BlockPool::register_block(BlockId block, uint64_t hash, uint64_t parent, ui
 void BlockPool::pin(BlockId block, double until, double now, bool new_pin) {
   Meta& m = meta_[block];
   TANDEM_CHECK(m.cached, "pin() of a block that is not in the prefix cache");
-  bool parked_pinned = m.where == Where::kPinned;
-  if (parked_pinned) pinned_.erase({m.pinned_until, block});
   if (new_pin) m.pin_count += 1;
+  const double before = m.pinned_until;
   m.pinned_until = std::max(m.pinned_until, until);
-  if (parked_pinned) pinned_.insert({m.pinned_until, block});
-  // An evictable block being pinned again goes back to the pinned set.
-  if (m.where == Where::kEvictable && m.pinned_until > now) {
-    unpark(block);
-    m.where = Where::kPinned;
-    pinned_.insert({m.pinned_until, block});
+  if (m.where == Where::kPinned) {
+    // A later `until` re-keys the pin: a new entry, the old one goes stale.
+    if (m.pinned_until != before) push_pin(block);
+  } else if (m.where == Where::kEvictable && m.pinned_until > now) {
+    // An evictable block being pinned again goes back to the pinned set.
+    set_where(m, Where::kPinned);
+    push_pin(block);
   }
 }
 
@@ -165,10 +223,50 @@ void BlockPool::unpin(BlockId block, uint32_t generation, double now) {
   if (m.generation != generation || !m.cached || m.pin_count == 0) return;  // contents changed since
   m.pin_count -= 1;
   if (m.pin_count > 0) return;
-  bool was_pinned = m.where == Where::kPinned;
-  if (was_pinned) pinned_.erase({m.pinned_until, block});
   m.pinned_until = kNever;
-  if (was_pinned) park(block, now);
+  if (m.where == Where::kPinned) park(block, now);  // kNever: into the eviction order
+}
+
+// The eviction and pin heaps: heap-ordered, bounded, exactly one valid entry
+// per parked block, each valid entry keyed by its block's current key.
+void BlockPool::check_orders() const {
+  auto fail = [](const std::string& what, BlockId b) {
+    throw InvariantViolation("block pool invariant: " + what + " (block " + std::to_string(b) + ")");
+  };
+  const int n = num_blocks();
+  if (!evictable_.is_heap()) fail("eviction order is not a heap", -1);
+  if (!pinned_.is_heap()) fail("pin order is not a heap", -1);
+  if (evictable_.size() > LazyHeap<EvictEntry>::bound(n) || pinned_.size() > LazyHeap<PinEntry>::bound(n))
+    fail("stale entries are never compacted away", -1);
+  std::vector<uint8_t> entries(n, 0);
+  for (const EvictEntry& e : evictable_.entries()) {
+    if (e.block < 0 || e.block >= n) fail("eviction order holds an id out of range", e.block);
+    if (e.stamp > next_stamp_) fail("eviction entry from the future", e.block);
+    if (!valid(e)) continue;
+    const Meta& m = meta_[e.block];
+    if (entries[e.block]++) fail("block twice in the eviction order", e.block);
+    if (e.primary != m.key.primary || e.secondary != m.key.secondary || e.neg_depth != -m.depth)
+      fail("eviction entry does not carry the block's key", e.block);
+  }
+  for (const PinEntry& e : pinned_.entries()) {
+    if (e.block < 0 || e.block >= n) fail("pin order holds an id out of range", e.block);
+    if (e.stamp > next_stamp_) fail("pin entry from the future", e.block);
+    if (!valid(e)) continue;
+    if (entries[e.block]++) fail("block twice in the pin order", e.block);
+    if (e.until != meta_[e.block].pinned_until) fail("pin entry does not carry the block's pin time", e.block);
+  }
+  int evictable = 0, pinned = 0;
+  for (BlockId b = 0; b < n; ++b) {
+    const Meta& m = meta_[b];
+    if (m.where == Where::kEvictable) ++evictable;
+    if (m.where == Where::kPinned) ++pinned;
+    const bool parked = m.where == Where::kEvictable || m.where == Where::kPinned;
+    if (parked && !entries[b])
+      fail(m.where == Where::kEvictable ? "evictable block missing from the eviction order"
+                                        : "pinned block missing from the pin order", b);
+  }
+  if (evictable != num_evictable_) fail("evictable count differs from the evictable blocks", -1);
+  if (pinned != num_pinned_) fail("pinned count differs from the pinned blocks", -1);
 }
 
 void BlockPool::check_invariants(const std::vector<int>& holders, double now) const {
@@ -197,18 +295,13 @@ void BlockPool::check_invariants(const std::vector<int>& holders, double now) co
     } else if (m.cached) {
       ++cached_unheld;
       if (m.where != Where::kPinned && m.where != Where::kEvictable) fail("cached block is lost", b);
-      if (m.where == Where::kEvictable && !evictable_.count(evict_entry(b)))
-        fail("evictable block missing from the eviction order", b);
-      if (m.where == Where::kPinned && !pinned_.count({m.pinned_until, b}))
-        fail("pinned block missing from the pin order", b);
       if (on_free_list[b]) fail("cached block is on the free list", b);
     } else {
       ++free_count;
       if (m.where != Where::kFree || !on_free_list[b]) fail("unowned block is not on the free list", b);
     }
     if (m.cached) {
-      auto it = index_.find(m.hash);
-      if (it == index_.end() || it->second != b) fail("cached block is not in the prefix index", b);
+      if (index_.find(m.hash) != b) fail("cached block is not in the prefix index", b);
       const TokenId* held_tokens = &tokens_[static_cast<size_t>(b) * block_size_];
       if (block_hash(m.parent, held_tokens, block_size_) != m.hash)
         fail("cached block does not hash to the tokens it holds", b);
@@ -216,9 +309,16 @@ void BlockPool::check_invariants(const std::vector<int>& holders, double now) co
   }
   if (free_count != num_free()) fail("free list size differs from unowned blocks", -1);
   if (held + cached_unheld + free_count != n) fail("blocks are not conserved", -1);
-  if (static_cast<int>(evictable_.size() + pinned_.size()) != cached_unheld)
+  check_orders();
+  if (num_evictable_ + num_pinned_ != cached_unheld)
     fail("evictable + pinned count differs from what the index can evict", -1);
-  if (static_cast<int>(index_.size()) != num_cached_blocks)
+  int indexed = 0;
+  index_.for_each([&](uint64_t hash, BlockId b) {
+    ++indexed;
+    if (b < 0 || b >= n || !meta_[b].cached || meta_[b].hash != hash)
+      fail("prefix index entry is not a cached block under its own hash", b);
+  });
+  if (index_.size() != num_cached_blocks || indexed != num_cached_blocks)
     fail("prefix index size differs from the cached blocks", -1);
 }
 

@@ -14,18 +14,107 @@
 // the index. Ref-0 cached blocks sit either in `pinned_` (a retention policy
 // keeps them until a time) or in `evictable_` (ordered by the eviction
 // policy's key, then deepest first so children go before their parents).
+//
+// Both orders are heaps with lazy deletion. A hit on a long cached context
+// takes thousands of blocks out of the eviction order and its release puts
+// them back, every turn; a heap entry costs no node allocation, and taking a
+// block out is O(1): its entry just goes stale.
+//
+//   evictable_: [e0 e1 e2 ...]   entry = (key, -depth, block, stamp)
+//   meta_[block].where == kEvictable && meta_[block].stamp == entry.stamp  <=> valid
+//
+// A block's stamp changes on every push, so exactly one entry per parked
+// block is valid; stale ones are skipped when they reach the top and dropped
+// when a heap is compacted. Valid entries have distinct blocks, so they pop in
+// exactly the total order a sorted set of them would have.
 #pragma once
 
+#include <algorithm>
 #include <memory>
-#include <set>
 #include <tuple>
-#include <unordered_map>
 #include <vector>
 
 #include "common.h"
 #include "policies.h"
 
 namespace tandem {
+
+// The prefix index: a block's chained hash -> the cached block. Open
+// addressing with linear probing and backward-shift deletion (no tombstones)
+// over a power-of-two table of at least 2 * num_blocks slots, so it is never
+// more than half full and never rehashes.
+class PrefixIndex {
+ public:
+  explicit PrefixIndex(int num_blocks);
+
+  // The block under `hash`, or kNoBlock.
+  BlockId find(uint64_t hash) const;
+  // False (and nothing changes) if `hash` is already present.
+  bool insert(uint64_t hash, BlockId block);
+  // Removes `hash` if it maps to `block`.
+  void erase(uint64_t hash, BlockId block);
+  int size() const { return size_; }
+  // Calls f(hash, block) for every entry (for invariant checks).
+  template <class F>
+  void for_each(F f) const {
+    for (const Slot& s : slots_)
+      if (s.block != kNoBlock) f(s.hash, s.block);
+  }
+
+ private:
+  struct Slot {
+    uint64_t hash = 0;
+    BlockId block = kNoBlock;  // kNoBlock: empty
+  };
+  // Fibonacci hashing: the top bits of hash * 2^64/phi.
+  size_t home(uint64_t hash) const { return static_cast<size_t>((hash * 0x9E3779B97F4A7C15ull) >> shift_); }
+
+  std::vector<Slot> slots_;
+  size_t mask_ = 0;
+  int shift_ = 0;
+  int size_ = 0;
+};
+
+// A min-heap over a vector, for entries deleted lazily (see the top of this file).
+template <class Entry>
+class LazyHeap {
+ public:
+  bool empty() const { return entries_.empty(); }
+  size_t size() const { return entries_.size(); }
+  const Entry& top() const { return entries_.front(); }
+  const std::vector<Entry>& entries() const { return entries_; }
+  void push(const Entry& e) {
+    entries_.push_back(e);
+    std::push_heap(entries_.begin(), entries_.end(), later);
+  }
+  void pop() {
+    std::pop_heap(entries_.begin(), entries_.end(), later);
+    entries_.pop_back();
+  }
+  // Rebuilds from the valid entries once the stale ones outnumber
+  // max(kMinStale, 2 * valid): O(1) amortized per push, memory bounded.
+  template <class Valid>
+  void compact_if_stale(size_t valid, Valid is_valid) {
+    if (entries_.size() - valid <= std::max(kMinStale, 2 * valid)) return;
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
+                                  [&](const Entry& e) { return !is_valid(e); }),
+                   entries_.end());
+    std::make_heap(entries_.begin(), entries_.end(), later);
+  }
+  bool is_heap() const { return std::is_heap(entries_.begin(), entries_.end(), later); }
+  // The most entries a heap of `max_valid` valid ones may hold.
+  static size_t bound(size_t max_valid) { return max_valid + std::max(kMinStale, 2 * max_valid); }
+
+  static constexpr size_t kMinStale = 1024;
+
+ private:
+  // std::greater on the order: a min-heap (a functor, so the heap calls inline).
+  struct Later {
+    bool operator()(const Entry& a, const Entry& b) const { return b.order() < a.order(); }
+  };
+  static constexpr Later later{};
+  std::vector<Entry> entries_;
+};
 
 class BlockPool {
  public:
@@ -34,9 +123,9 @@ class BlockPool {
   int num_blocks() const { return static_cast<int>(meta_.size()); }
   int block_size() const { return block_size_; }
   int num_free() const { return static_cast<int>(free_.size()); }
-  int num_evictable() const { return static_cast<int>(evictable_.size()); }
-  int num_pinned() const { return static_cast<int>(pinned_.size()); }
-  int num_cached() const { return static_cast<int>(index_.size()); }
+  int num_evictable() const { return num_evictable_; }
+  int num_pinned() const { return num_pinned_; }
+  int num_cached() const { return index_.size(); }
   // Blocks an allocation can take now: free plus evictable.
   int num_available() const { return num_free() + num_evictable(); }
   int64_t num_evicted() const { return num_evicted_; }
@@ -84,6 +173,7 @@ class BlockPool {
     int32_t pin_count = 0;
     uint32_t ns = 0;
     uint32_t generation = 0;
+    uint64_t stamp = 0;  // of the block's one valid heap entry while parked
     uint64_t hash = 0;
     uint64_t parent = 0;
     double last_access = 0.0;
@@ -91,24 +181,49 @@ class BlockPool {
     int64_t hits = 0;
     OrderKey key;  // eviction key while in evictable_
   };
-  // (policy key, -depth, block): deterministic, children before parents on ties.
-  using EvictEntry = std::tuple<double, double, int32_t, BlockId>;
-  using PinEntry = std::pair<double, BlockId>;
+  // Ordered by (policy key, -depth, block): deterministic, children before parents on ties.
+  struct EvictEntry {
+    double primary, secondary;
+    int32_t neg_depth;
+    BlockId block;
+    uint64_t stamp;
+    auto order() const { return std::tie(primary, secondary, neg_depth, block); }
+  };
+  // Ordered by (pinned until, block).
+  struct PinEntry {
+    double until;
+    BlockId block;
+    uint64_t stamp;
+    auto order() const { return std::tie(until, block); }
+  };
 
+  void set_where(Meta& m, Where where);    // keeps num_evictable_ / num_pinned_ exact
   void park(BlockId block, double now);    // ref 0 and cached: into pinned_ or evictable_
-  void unpark(BlockId block);              // out of pinned_ / evictable_
+  void unpark(BlockId block);              // out of pinned_ / evictable_ (its entry goes stale)
   void make_evictable(BlockId block);
+  void push_pin(BlockId block);            // m.where is kPinned; the block's old entry goes stale
   void uncache(BlockId block);
-  EvictEntry evict_entry(BlockId block) const;
+  bool valid(const EvictEntry& e) const {
+    const Meta& m = meta_[e.block];
+    return m.where == Where::kEvictable && m.stamp == e.stamp;
+  }
+  bool valid(const PinEntry& e) const {
+    const Meta& m = meta_[e.block];
+    return m.where == Where::kPinned && m.stamp == e.stamp;
+  }
+  void check_orders() const;
 
   int block_size_;
   std::shared_ptr<EvictionPolicy> eviction_;
   std::vector<Meta> meta_;
   std::vector<TokenId> tokens_;            // num_blocks * block_size; valid for cached blocks
   std::vector<BlockId> free_;              // stack; popped from the back
-  std::unordered_map<uint64_t, BlockId> index_;
-  std::set<EvictEntry> evictable_;
-  std::set<PinEntry> pinned_;
+  PrefixIndex index_;
+  LazyHeap<EvictEntry> evictable_;
+  LazyHeap<PinEntry> pinned_;
+  int num_evictable_ = 0;                  // blocks with where == kEvictable
+  int num_pinned_ = 0;                     // blocks with where == kPinned
+  uint64_t next_stamp_ = 0;
   int64_t num_evicted_ = 0;
 };
 

@@ -11,7 +11,31 @@ namespace {
   throw InvariantViolation("scheduler invariant: " + what + " (request " + std::to_string(id) + ")");
 }
 
+// hashes[j] is block j's chained hash over `tokens`.
+bool hashes_chain(uint64_t root, const std::vector<TokenId>& tokens, const std::vector<uint64_t>& hashes,
+                  int block_size) {
+  if (hashes.size() * block_size > tokens.size()) return false;
+  uint64_t parent = root;
+  for (size_t j = 0; j < hashes.size(); ++j) {
+    if (block_hash(parent, &tokens[j * block_size], block_size) != hashes[j]) return false;
+    parent = hashes[j];
+  }
+  return true;
+}
+
 }  // namespace
+
+// Turn memos: hashes of their own tokens, blocks within them, the token count kept exact.
+void Scheduler::check_turn_memos() const {
+  int64_t tokens = 0;
+  for (const auto& [session, memo] : turn_memos_) {
+    tokens += static_cast<int64_t>(memo.tokens.size());
+    if (!hashes_chain(namespace_roots_[memo.ns], memo.tokens, memo.block_hashes, block_size_) ||
+        memo.blocks.size() > memo.block_hashes.size() || memo.generations.size() != memo.blocks.size())
+      throw InvariantViolation("scheduler invariant: turn memo of session '" + session + "' is inconsistent");
+  }
+  if (tokens != memo_tokens_) throw InvariantViolation("scheduler invariant: turn memo token count is off");
+}
 
 void Scheduler::check_invariants() const {
   std::vector<int> holders(pool_.num_blocks(), 0);
@@ -21,6 +45,7 @@ void Scheduler::check_invariants() const {
 
   for (const auto& [id, r] : requests_) {
     if (r.id != id) violated("stored under the wrong id", id);
+    if (!hashes_chain(r.ns_root, r.tokens, r.block_hashes, block_size_)) violated("block hashes differ from its tokens'", id);
     if (r.terminal()) violated("terminal request still stored", id);
     if (r.num_computed < 0 || r.num_computed >= r.num_tokens())
       violated("computed tokens out of [0, num_tokens)", id);
@@ -94,6 +119,7 @@ void Scheduler::check_invariants() const {
 
   pool_.check_invariants(holders, last_now_);
   host_.check_invariants(host_holders);
+  check_turn_memos();
 }
 
 }  // namespace tandem

@@ -64,6 +64,7 @@ struct Request {
   // next step only re-checks generations instead of looking every block up again.
   std::vector<BlockId> match_blocks;
   std::vector<uint32_t> match_generations;
+  int64_t match_evictions = -1;     // the pool's eviction count when they were remembered
   int slot = -1;                    // row of the persistent block table while running
   uint64_t last_step = 0;           // last plan that scheduled it
   bool abort_pending = false;       // aborted while in the plan in flight: applied at commit

@@ -110,6 +110,7 @@ void Scheduler::add_request(RequestId id, std::vector<TokenId> prompt, const Sam
   r.ns_root = namespace_roots_[r.ns];
   r.priority = priority;
   r.arrival_time = arrival_time;
+  if (!session_id.empty() && config_.enable_prefix_caching) recall_turn(r);
   requests_.emplace(id, std::move(r));
   waiting_.push_back(id);
   counters_.prompt_tokens += n;
@@ -118,42 +119,66 @@ void Scheduler::add_request(RequestId id, std::vector<TokenId> prompt, const Sam
 // ---------------------------------------------------------------------------
 // Planning
 
+void Plan::clear() {
+  for (auto* v : {&query_lens, &cached_lens, &query_start_loc, &slots, &logits_indices, &input_ids, &positions,
+                  &kv_ops}) {
+    v->clear();
+  }
+  req_ids.clear();
+  sample.clear();
+  slot_mapping.clear();
+  preempted_ids.clear();
+  seqs.clear();
+  attn_pairs = kv_read_tokens = 0;
+  num_swap_out_blocks = num_swap_in_blocks = 0;
+}
+
+void Plan::reserve(size_t rows) {
+  req_ids.reserve(rows);
+  seqs.reserve(rows);
+  query_lens.reserve(rows);
+  cached_lens.reserve(rows);
+  slots.reserve(rows);
+  sample.reserve(rows);
+  logits_indices.reserve(rows);
+  query_start_loc.reserve(rows + 1);
+  input_ids.reserve(rows);
+  positions.reserve(rows);
+  slot_mapping.reserve(rows);
+}
+
 std::shared_ptr<Plan> Scheduler::step(double now) {
+  auto plan = std::make_shared<Plan>();
+  step_into(*plan, now);
+  return plan;
+}
+
+// Clears `plan` (keeping its arrays' capacity) and fills it with the next batch.
+void Scheduler::step_into(Plan& plan, double now) {
   check_time(now, "step");
   TANDEM_REQUIRE(pending_step_ == 0,
                  "step(): plan " + str(static_cast<int64_t>(pending_step_)) + " has not been committed");
   last_now_ = now;
   pool_.expire_pins(now);
 
-  auto plan = std::make_shared<Plan>();
-  plan->step_id = next_step_++;
-  plan->now = now;
+  plan.clear();
+  plan.step_id = next_step_++;
+  plan.now = now;
   // Room for every request that could run; decodes need one token each, prefills grow the token arrays.
   const size_t rows = std::min(running_.size() + waiting_.size(), static_cast<size_t>(config_.max_num_seqs));
-  plan->req_ids.reserve(rows);
-  plan->seqs.reserve(rows);
-  plan->query_lens.reserve(rows);
-  plan->cached_lens.reserve(rows);
-  plan->slots.reserve(rows);
-  plan->sample.reserve(rows);
-  plan->logits_indices.reserve(rows);
-  plan->query_start_loc.reserve(rows + 1);
-  plan->input_ids.reserve(rows);
-  plan->positions.reserve(rows);
-  plan->slot_mapping.reserve(rows);
-  plan->query_start_loc.push_back(0);
-  plan->block_table = block_table_.data();
-  plan->block_table_rows = config_.max_num_seqs;
-  plan->block_table_cols = max_blocks_per_seq_;
-  plan->block_size = block_size_;
+  plan.reserve(rows);
+  plan.query_start_loc.push_back(0);
+  plan.block_table = block_table_.data();
+  plan.block_table_rows = config_.max_num_seqs;
+  plan.block_table_cols = max_blocks_per_seq_;
+  plan.block_size = block_size_;
   int budget = config_.max_num_batched_tokens;
   bool preempted = false;
-  schedule_running(*plan, &budget, now, &preempted);
+  schedule_running(plan, &budget, now, &preempted);
   // A step that preempted admits nothing: swap-outs and swap-ins never share a plan.
-  if (!preempted) schedule_waiting(*plan, budget, now);
-  pending_step_ = plan->step_id;
-  if (plan->num_reqs() > 0) ++counters_.num_steps;
-  return plan;
+  if (!preempted) schedule_waiting(plan, budget, now);
+  pending_step_ = plan.step_id;
+  if (plan.num_reqs() > 0) ++counters_.num_steps;
 }
 
 void Scheduler::schedule_running(Plan& plan, int* budget, double now, bool* preempted) {
@@ -265,13 +290,18 @@ void Scheduler::extend_hashes(Request& r, int num_full_blocks) {
 // Number of leading full blocks of r found in the cache (at least one token is left to compute).
 // A waiting request is matched again every step, so the last match is remembered: a
 // remembered block still holds the same contents iff its generation is unchanged (a block
-// leaves the index only by being reallocated, which bumps the generation).
+// leaves the index only by being reallocated, which bumps the generation); and when no block
+// was evicted at all since, there is nothing to re-check.
 int Scheduler::prefix_match(Request& r, std::vector<BlockId>* hits) {
   if (!config_.enable_prefix_caching) return 0;
   const int max_blocks = (r.num_tokens() - 1) / block_size_;
   int m = 0;
   const int remembered = std::min(static_cast<int>(r.match_blocks.size()), max_blocks);
-  while (m < remembered && pool_.generation(r.match_blocks[m]) == r.match_generations[m]) ++m;
+  if (r.match_evictions == pool_.num_evicted()) {
+    m = remembered;  // nothing was evicted since: every remembered block is still cached
+  } else {
+    while (m < remembered && pool_.generation(r.match_blocks[m]) == r.match_generations[m]) ++m;
+  }
   r.match_blocks.resize(m);
   r.match_generations.resize(m);
   extend_hashes(r, max_blocks);
@@ -282,6 +312,7 @@ int Scheduler::prefix_match(Request& r, std::vector<BlockId>* hits) {
     r.match_blocks.push_back(b);
     r.match_generations.push_back(pool_.generation(b));
   }
+  r.match_evictions = pool_.num_evicted();
   if (hits) *hits = r.match_blocks;
   return m;
 }
@@ -335,21 +366,28 @@ FinishReason stop_reason(const Request& r, TokenId token, int max_model_len) {
 
 std::vector<FinishedRequest> Scheduler::commit(const Plan& plan, const std::vector<int64_t>& tokens,
                                                double now) {
+  std::vector<FinishedRequest> finished;
+  commit(plan, tokens.data(), tokens.size(), now, &finished);
+  return finished;
+}
+
+void Scheduler::commit(const Plan& plan, const int64_t* tokens, size_t num_tokens, double now,
+                       std::vector<FinishedRequest>* finished) {
   TANDEM_REQUIRE(pending_step_ != 0 && plan.step_id == pending_step_,
                  "commit(): plan " + str(static_cast<int64_t>(plan.step_id)) +
                      " is stale (expected plan " + str(static_cast<int64_t>(pending_step_)) + ")");
   check_time(now, "commit");
-  TANDEM_REQUIRE(static_cast<int>(tokens.size()) == plan.num_sampled(),
+  TANDEM_REQUIRE(static_cast<int64_t>(num_tokens) == plan.num_sampled(),
                  "commit(): plan " + str(static_cast<int64_t>(plan.step_id)) + " samples " +
-                     str(plan.num_sampled()) + " tokens, got " + str(static_cast<int64_t>(tokens.size())));
-  for (int64_t t : tokens) {
+                     str(plan.num_sampled()) + " tokens, got " + str(static_cast<int64_t>(num_tokens)));
+  for (size_t j = 0; j < num_tokens; ++j) {
+    const int64_t t = tokens[j];
     TANDEM_REQUIRE(t >= 0 && t < config_.vocab_size,
                    "commit(): token id " + str(t) + " is outside the vocabulary [0, " +
                        str(config_.vocab_size) + ")");
   }
   last_now_ = now;
   pending_step_ = 0;
-  std::vector<FinishedRequest> finished;
   size_t k = 0;
   for (int i = 0; i < plan.num_reqs(); ++i) {
     const bool sampled = plan.sample[i] != 0;
@@ -369,12 +407,11 @@ std::vector<FinishedRequest> Scheduler::commit(const Plan& plan, const std::vect
     ++counters_.generated_tokens;
     FinishReason reason = stop_reason(r, token, config_.max_model_len);
     if (reason != FinishReason::kNone) {
-      finish(r, reason, now, &finished);
+      finish(r, reason, now, finished);
     } else if (r.state == RequestState::kPrefilling) {
       transition(r, RequestState::kDecoding);
     }
   }
-  return finished;
 }
 
 // ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 // Deterministic: the same calls with the same arguments give the same plans.
 #pragma once
 
+#include <deque>
 #include <map>
 #include <memory>
 #include <string>
@@ -67,6 +68,8 @@ struct Plan {
   int block_size = 0;
 
   int num_reqs() const { return static_cast<int>(req_ids.size()); }
+  void clear();               // empty arrays (capacity kept), features and ids reset
+  void reserve(size_t rows);  // room for `rows` requests of one token each
   int num_tokens() const { return static_cast<int>(input_ids.size()); }
   int num_sampled() const { return static_cast<int>(logits_indices.size()); }
 };
@@ -95,6 +98,21 @@ struct Stats {
   int64_t prompt_tokens = 0, computed_tokens = 0, cached_tokens = 0, generated_tokens = 0;
 };
 
+// What a session's last finished turn leaves behind for its next one (csrc/turn_memo.cpp):
+// its tokens and their chained block hashes, and the leading blocks that were in the prefix
+// cache when it finished, with their generations. An agent's next prompt starts with exactly
+// those tokens, so its hashes and its prefix match need not be computed again; the
+// generations (and the pool's eviction count) say which blocks are still cached.
+struct TurnMemo {
+  uint32_t ns = 0;
+  std::vector<TokenId> tokens;
+  std::vector<uint64_t> block_hashes;
+  std::vector<BlockId> blocks;
+  std::vector<uint32_t> generations;
+  int64_t evictions = 0;  // the pool's eviction count when it was taken
+  uint64_t order = 0;     // insertion number (oldest memos are dropped first)
+};
+
 class Scheduler {
  public:
   explicit Scheduler(const SchedulerConfig& config);
@@ -105,7 +123,12 @@ class Scheduler {
                    double arrival_time, const std::string& session_id, int priority,
                    const std::string& cache_namespace);
   std::shared_ptr<Plan> step(double now);
+  // step() into a caller's plan, reusing its arrays (the simulator's fast path, csrc/fast_forward.h).
+  void step_into(Plan& plan, double now);
   std::vector<FinishedRequest> commit(const Plan& plan, const std::vector<int64_t>& tokens, double now);
+  // commit() appending what finished to `finished`.
+  void commit(const Plan& plan, const int64_t* tokens, size_t num_tokens, double now,
+              std::vector<FinishedRequest>* finished);
   void abort(RequestId id, double now);
   int end_session(const std::string& session_id, double now);
 
@@ -142,6 +165,10 @@ class Scheduler {
   void extend_hashes(Request& r, int num_full_blocks);
   void register_full_blocks(Request& r);
   void pin_turn(Request& r, double now);
+  void remember_turn(Request& r, std::vector<BlockId> cached_blocks);
+  void recall_turn(Request& r);
+  void forget_turn(const std::string& session_id);
+  void check_turn_memos() const;
   RequestView view(const Request& r) const;
   int take_slot();
   void free_slot(Request& r);
@@ -166,6 +193,11 @@ class Scheduler {
   std::vector<uint64_t> namespace_roots_;
   // session -> pinned (block, generation)
   std::map<std::string, std::unordered_map<BlockId, uint32_t>> session_pins_;
+  // session -> its last finished turn, at most kMemoTokensPerBlock * num_blocks tokens in all
+  std::unordered_map<std::string, TurnMemo> turn_memos_;
+  std::deque<std::pair<uint64_t, std::string>> memo_order_;  // (order, session), oldest first; may be stale
+  int64_t memo_tokens_ = 0;
+  uint64_t next_memo_ = 1;
 
   uint64_t next_seq_ = 1;
   uint64_t next_step_ = 1;

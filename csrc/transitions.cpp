@@ -38,14 +38,20 @@ bool Scheduler::grow(Request& r, int total_tokens) {
 
 bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
   if (pool_.num_available() == 0) return false;  // every admission needs at least one new block
-  std::vector<BlockId> hits;
-  const int matched = prefix_match(r, &hits);
+  const int matched = prefix_match(r, nullptr);
+  const std::vector<BlockId>& hits = r.match_blocks;  // matched blocks, in order
   const int start = matched * block_size_;
   const int n = std::min({r.num_tokens() - start, budget, config_.chunk_size});
   const int need = blocks_for(start + n) - matched;
-  int hits_evictable = 0;
-  for (BlockId b : hits) hits_evictable += pool_.is_evictable(b) ? 1 : 0;
-  if (pool_.num_available() - hits_evictable < need) return false;
+  // Hits that are evictable stop being available once retained. Count them only when the
+  // answer depends on it (0 <= evictable hits <= hits).
+  const int available = pool_.num_available();
+  if (available < need) return false;
+  if (available - matched < need) {
+    int hits_evictable = 0;
+    for (BlockId b : hits) hits_evictable += pool_.is_evictable(b) ? 1 : 0;
+    if (available - hits_evictable < need) return false;
+  }
 
   r.slot = take_slot();
   BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
@@ -161,7 +167,13 @@ void Scheduler::pin_turn(Request& r, double now) {
 void Scheduler::finish(Request& r, FinishReason reason, double now, std::vector<FinishedRequest>* out) {
   transition(r, RequestState::kFinished);
   r.finish_reason = reason;
-  if (!r.session_id.empty() && config_.enable_prefix_caching) pin_turn(r, now);
+  const bool memo = !r.session_id.empty() && config_.enable_prefix_caching;
+  if (memo) pin_turn(r, now);
+  std::vector<BlockId> cached;  // its leading blocks in the prefix index, for the session's next turn
+  if (memo) {
+    const int n = std::min(r.num_registered, static_cast<int>(r.blocks.size()));
+    for (int j = 0; j < n && pool_.is_cached(r.blocks[j]); ++j) cached.push_back(r.blocks[j]);
+  }
   release_device(r, now);
   erase_id(running_, r.id);
   FinishedRequest f;
@@ -176,6 +188,7 @@ void Scheduler::finish(Request& r, FinishReason reason, double now, std::vector<
   f.num_preemptions = r.num_preemptions;
   f.output_tokens.assign(r.tokens.begin() + r.num_prompt_tokens, r.tokens.end());
   out->push_back(std::move(f));
+  if (memo) remember_turn(r, std::move(cached));
   ++counters_.num_finished;
   requests_.erase(r.id);
 }
@@ -219,6 +232,7 @@ void Scheduler::abort(RequestId id, double now) {
 
 int Scheduler::end_session(const std::string& session_id, double now) {
   check_time(now, "end_session");
+  forget_turn(session_id);
   auto it = session_pins_.find(session_id);
   if (it == session_pins_.end()) return 0;
   int released = 0;

@@ -8,11 +8,18 @@ A replica runs the engine core's loop with a step-cost model in place of the GPU
 
 Every scheduling and KV decision is the C++ scheduler's; this file only moves
 simulated time and hands finished requests back to the sessions waiting on them.
+
+The fast path (`fast_forward=True`, csrc/fast_forward.h) runs that same loop in
+C++ for all the steps that end before the next event of the rest of the
+simulation (`env.peek()`): nothing else can act in between, so the steps, their
+times, the tokens and what the metrics see are exactly those of the loop above,
+with one SimPy event for the whole run of steps instead of one per step.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import math
+from typing import Sequence
 
 import numpy as np
 import simpy
@@ -29,20 +36,23 @@ class Replica:
         env: the SimPy environment (its clock is the only clock).
         index: replica number.
         config: the control-plane config.
-        cost_model: `step_seconds(plan) -> float`.
-        on_step: called after each commit as `on_step(replica, start, seconds, plan)`.
+        cost_model: `step_seconds(plan) -> float`; with a `native` evaluator it also drives the fast path.
+        metrics: receives `on_step(replica, start, seconds, plan)` after each commit, or
+            `on_steps(replica, forward_result)` after a run of them; `next_sample_time(index)` and
+            `sample_interval()` say after which steps it samples the scheduler's stats.
         idle_wait_s: when the scheduler makes an empty plan although requests are
             waiting (blocked, e.g. on pinned KV), re-plan after this long or at the next arrival.
         seed: seeds the synthetic output token ids.
+        fast_forward: run steps in C++ between other events (same results, fewer SimPy events).
     """
 
     def __init__(self, env: simpy.Environment, index: int, config: cp.SchedulerConfig, cost_model,
-                 on_step: Callable, idle_wait_s: float, seed: int) -> None:
+                 metrics, idle_wait_s: float, seed: int, fast_forward: bool = True) -> None:
         self.env = env
         self.index = index
         self.scheduler = cp.Scheduler(config)
         self.cost_model = cost_model
-        self.on_step = on_step
+        self.metrics = metrics
         self.idle_wait_s = idle_wait_s
         self.vocab_size = config.vocab_size
         self.pending: dict[int, simpy.Event] = {}
@@ -51,7 +61,9 @@ class Replica:
         self._token_pool = rng.integers(0, config.vocab_size, size=1 << 16, dtype=np.int64)
         self._token_at = 0
         self._wake: simpy.Event | None = None
-        self.process = env.process(self._loop())
+        native = getattr(cost_model, "native", None)
+        self._fast = cp.FastForward(native, self._token_pool) if fast_forward and native is not None else None
+        self.process = env.process(self._loop_fast() if self._fast is not None else self._loop())
 
     @property
     def load(self) -> int:
@@ -75,35 +87,80 @@ class Replica:
             self.scheduler.end_session(session_id, self.env.now)
 
     def _tokens(self, n: int) -> np.ndarray:
-        """Synthetic sampled token ids (the simulator has no model)."""
+        """Synthetic sampled token ids (the simulator has no model); csrc/fast_forward.cpp takes the same."""
         at = self._token_at
         if at + n > self._token_pool.size:
             at = 0
         self._token_at = at + n
         return self._token_pool[at:at + n]
 
+    def _finish(self, finished) -> None:
+        for f in finished:
+            self.pending.pop(f.request_id).succeed(f)
+
+    def _idle(self):
+        """Waits for an arrival (or `idle_wait_s`, when requests are blocked)."""
+        self._wake = self.env.event()
+        if self.scheduler.has_unfinished():
+            yield self._wake | self.env.timeout(self.idle_wait_s)
+        else:
+            yield self._wake
+        self._wake = None
+
+    def _run_step(self, plan, seconds: float, start: float):
+        """Runs one uncommitted, non-empty plan made at `start` as one SimPy event, then commits it."""
+        yield self.env.timeout(seconds) if start == self.env.now else self._timeout_at(start + seconds)
+        finished = self.scheduler.commit(plan, self._tokens(plan.num_sampled), self.env.now)
+        self.metrics.on_step(self, start, seconds, plan)
+        self._finish(finished)
+
     def _loop(self):
+        """The step-by-step loop: one SimPy event per step."""
         env, sched = self.env, self.scheduler
         while True:
             if not sched.has_unfinished():
-                self._wake = env.event()
-                yield self._wake
-                self._wake = None
+                yield from self._idle()
                 continue
             start = env.now
             plan = sched.step(start)
             if plan.is_empty:
                 sched.commit(plan, _EMPTY, start)
-                self._wake = env.event()
-                yield self._wake | env.timeout(self.idle_wait_s)
-                self._wake = None
+                yield from self._idle()
                 continue
-            seconds = self.cost_model.step_seconds(plan)
-            yield env.timeout(seconds)
-            finished = sched.commit(plan, self._tokens(plan.num_sampled), env.now)
-            self.on_step(self, start, seconds, plan)
-            for f in finished:
-                self.pending.pop(f.request_id).succeed(f)
+            yield from self._run_step(plan, self.cost_model.step_seconds(plan), start)
+
+    def _loop_fast(self):
+        """The same loop, its steps up to the next other event run in C++ (csrc/fast_forward.h)."""
+        env, sched = self.env, self.scheduler
+        while True:
+            if not sched.has_unfinished():
+                yield from self._idle()
+                continue
+            r = self._fast.advance(sched, env.now, env.peek(), self.metrics.next_sample_time(self.index),
+                                   self.metrics.sample_interval(), self._token_at)
+            self._token_at = r.token_at
+            if r.num_steps:
+                self.metrics.on_steps(self, r)
+            plan = r.plan
+            if plan is not None and not plan.is_empty:
+                yield from self._run_step(plan, r.plan_seconds, r.now)
+                continue
+            if r.now != env.now:
+                yield self._timeout_at(r.now)  # the end of the last step run in C++
+            self._finish(r.finished)
+            if plan is not None:  # empty: requests are blocked
+                sched.commit(plan, _EMPTY, r.now)
+                yield from self._idle()
+
+    def _timeout_at(self, when: float) -> simpy.Event:
+        """A timeout that fires exactly at `when` (>= now); SimPy schedules at `now + delay`."""
+        now = self.env.now
+        delay = when - now
+        while now + delay > when:
+            delay = math.nextafter(delay, -math.inf)
+        while now + delay < when:
+            delay = math.nextafter(delay, math.inf)
+        return self.env.timeout(delay)
 
 
 class Router:

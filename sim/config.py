@@ -102,6 +102,7 @@ class SimConf:
     slo_tpot_s: float = 1.0 / 70.0     # ... and its time per output token <= this (70 tokens/s per user)
     max_sim_time_s: Optional[float] = None
     progress: bool = True
+    fast_forward: bool = True          # run a replica's steps in C++ between other events (same results)
 
 
 @dataclass

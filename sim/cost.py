@@ -19,6 +19,11 @@ with these attributes works: a `controlplane` Plan, a `PlanFeatures`, a
 
 `RooflineCost` derives the time from a `ModelSpec` and a `HardwareSpec`;
 `ProfileCost` is fitted to steps measured on an engine (docs/profile-format.md).
+
+Both compute their coefficients here and evaluate them with `native`, a
+`controlplane.StepCost` (csrc/step_cost.h): the same formula, in the same
+order of floating-point operations, serves `step_seconds` and the simulator's
+C++ fast path, so the two give bit-identical step times.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from controlplane import _core
 from sim.specs import HardwareSpec, ModelSpec
 
 FEATURES = ("num_tokens", "num_reqs", "num_sampled", "attn_pairs", "kv_read_tokens",
@@ -90,6 +96,17 @@ class CostModel(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> str:
         """A few human-readable lines: what the model is and where its numbers come from."""
+
+    #: The C++ evaluator of `step_seconds` (a `controlplane.StepCost`), or None: a model
+    #: without one runs the simulator step by step.
+    native: Any = None
+
+
+def _native_seconds(native: Any, plan: Any, block_size: int | None = None) -> float:
+    """`native.seconds` of a plan-like object (ints or floats; block_size from the plan unless given)."""
+    return native.seconds(plan.num_tokens, plan.num_reqs, plan.num_sampled, plan.attn_pairs, plan.kv_read_tokens,
+                          plan.num_swap_out_blocks, plan.num_swap_in_blocks,
+                          plan.block_size if block_size is None else block_size)
 
 
 def _sum_of_max_pieces(terms: Iterable[tuple[float, float, float]]
@@ -158,6 +175,10 @@ class RooflineCost(CostModel):
         self._attn_kv_s = model.kv_bytes_per_token() / bw      # per KV token read, all layers
         self._swap_token_s = model.kv_bytes_per_token() / hw.host_link_bandwidth
         self._overhead_s = hw.step_overhead_s
+        self.native = _core.StepCost.roofline(
+            overhead_s=self._overhead_s, swap_token_s=self._swap_token_s, breaks=list(self._linear_breaks),
+            pieces=list(self._linear_pieces), head_flop_s=self._head_flop_s, head_weight_s=self._head_weight_s,
+            head_act_s=self._head_act_s, attn_pair_s=self._attn_pair_s, attn_kv_s=self._attn_kv_s)
 
     @property
     def is_physical_limit(self) -> bool:
@@ -166,26 +187,14 @@ class RooflineCost(CostModel):
 
     def step_seconds(self, plan: Any) -> float:
         """Args: plan: an object with the `FEATURES` and ``block_size`` attributes.
-        Returns: the roofline seconds of the step (0.0 for an empty plan)."""
-        tokens = plan.num_tokens
-        copies = plan.num_swap_out_blocks + plan.num_swap_in_blocks
-        seconds = self._overhead_s
-        if copies:
-            seconds += copies * plan.block_size * self._swap_token_s
-        elif tokens <= 0:
-            return 0.0
-        if tokens > 0:
-            intercept, slope = self._linear_pieces[bisect_right(self._linear_breaks, tokens)]
-            seconds += intercept + slope * tokens
-            sampled = plan.num_sampled
-            if sampled > 0:
-                flop = sampled * self._head_flop_s
-                mem = self._head_weight_s + sampled * self._head_act_s
-                seconds += flop if flop > mem else mem
-            flop = plan.attn_pairs * self._attn_pair_s
-            mem = plan.kv_read_tokens * self._attn_kv_s
-            seconds += flop if flop > mem else mem
-        return seconds
+        Returns: the roofline seconds of the step (0.0 for an empty plan)::
+
+            seconds = overhead + [copies * block_size * swap_token_s]
+                      + intercept_k + slope_k * T                  (linear layers, k = piece of T)
+                      + max(S * head_flop, head_weight + S * head_act)   if S > 0
+                      + max(attn_pairs * attn_pair, kv_read_tokens * attn_kv)
+        """
+        return _native_seconds(self.native, plan)
 
     def lower_bound_prefill_seconds(self, num_tokens: int) -> float:
         """One request alone prefilling `num_tokens` from scratch in one step (sampling one row).
@@ -361,8 +370,7 @@ class ProfileCost(CostModel):
         self.coefficients = {f: float(coefficients[f]) for f in FEATURES}
         self.source, self.num_rows, self.rmse = source, num_rows, rmse
         self.unobserved = tuple(unobserved)
-        (self._tokens, self._reqs, self._sampled, self._pairs, self._kv,
-         self._swap_out, self._swap_in) = (self.coefficients[f] for f in FEATURES)
+        self.native = _core.StepCost.linear(self.intercept, *(self.coefficients[f] for f in FEATURES))
 
     @classmethod
     def fit(cls, source: str | Path | Iterable[Mapping[str, Any]]) -> "ProfileCost":
@@ -390,14 +398,9 @@ class ProfileCost(CostModel):
 
     def step_seconds(self, plan: Any) -> float:
         """Args: plan: an object with the `FEATURES` attributes.
-        Returns: the fitted seconds of the step (0.0 for an empty plan)."""
-        tokens = plan.num_tokens
-        swap_out, swap_in = plan.num_swap_out_blocks, plan.num_swap_in_blocks
-        if tokens <= 0 and not swap_out and not swap_in:
-            return 0.0
-        return (self.intercept + self._tokens * tokens + self._reqs * plan.num_reqs
-                + self._sampled * plan.num_sampled + self._pairs * plan.attn_pairs
-                + self._kv * plan.kv_read_tokens + self._swap_out * swap_out + self._swap_in * swap_in)
+        Returns: the fitted seconds of the step (0.0 for an empty plan): intercept + the
+        coefficients times the features, summed left to right in `FEATURES` order."""
+        return _native_seconds(self.native, plan, block_size=0)
 
     def to_dict(self) -> dict[str, Any]:
         """Returns: the fitted numbers as a JSON-ready mapping (the `save` format)."""

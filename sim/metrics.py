@@ -69,11 +69,34 @@ class Collector:
         self.step_seconds.append(seconds)
         self.step_tokens.append(plan.num_tokens)
         self.step_reqs.append(plan.num_reqs)
+        self._sample(replica, start)
+
+    def on_steps(self, replica, result) -> None:
+        """`on_step` for a run of steps of the replica's fast path (a `controlplane.ForwardResult`),
+        which took the KV samples `_sample` would have, at the same steps."""
+        self.step_start.extend(result.starts)
+        self.step_seconds.extend(result.seconds)
+        self.step_tokens.extend(result.num_tokens)
+        self.step_reqs.extend(result.num_reqs)
+        i = replica.index
+        self.kv_samples.extend((start, i, used, cached, free) for start, used, cached, free in result.samples)
+        self._next_sample[i] = result.sample_at
+
+    def _sample(self, replica, start: float) -> None:
+        """KV usage after the step that started at `start`, once per sample interval
+        (csrc/fast_forward.cpp samples the same way)."""
         i = replica.index
         if start >= self._next_sample[i]:
             self._next_sample[i] = start + self.sample_interval_s
             s = replica.scheduler.stats()
             self.kv_samples.append((start, i, s.num_used_blocks, s.num_cached_blocks, s.num_free_blocks))
+
+    def next_sample_time(self, replica_index: int) -> float:
+        """The first step start at or after which `on_step` samples this replica's KV usage."""
+        return self._next_sample[replica_index]
+
+    def sample_interval(self) -> float:
+        return self.sample_interval_s
 
     def on_request(self, f, session_id: str, turn: int, replica: int, new_tokens: int, genuinely_new: int) -> None:
         times = f.token_times

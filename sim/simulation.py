@@ -96,7 +96,8 @@ class Simulation:
         env = simpy.Environment()
         collector = Collector(cfg.cluster.num_replicas, self.num_blocks, s.kv_sample_interval_s,
                               Slo(s.slo_ttft_s, s.slo_tpot_s))
-        replicas = [Replica(env, i, self.scheduler_config, self.cost_model, collector.on_step, s.idle_wait_s, s.seed)
+        replicas = [Replica(env, i, self.scheduler_config, self.cost_model, collector, s.idle_wait_s, s.seed,
+                            fast_forward=s.fast_forward)
                     for i in range(cfg.cluster.num_replicas)]
         router = Router(cfg.cluster.router, replicas)
         tokens = TokenFactory(s.seed, self.model.vocab_size)

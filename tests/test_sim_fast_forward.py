@@ -1,0 +1,246 @@
+"""The simulator's fast path (csrc/fast_forward.h) against the step-by-step loop: identical runs.
+
+Every figure a run produces (each step's start, cost, tokens and requests, every KV sample,
+every request's lifecycle times, every session, the ITL histogram, the summary) must be equal,
+not close: the fast path runs the same scheduler calls at the same simulated times.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import numpy as np
+import pytest
+
+import controlplane as cp
+from sim.cost import FEATURES, PlanFeatures, ProfileCost, RooflineCost, write_profile
+from sim.simulation import Simulation
+from sim.specs import load_hardware_spec, load_model_spec
+
+WALL_CLOCK = ("wall_seconds", "steps_per_wall_s", "requests_per_wall_min")
+
+
+def run(cfg: dict, fast_forward: bool):
+    cfg = copy.deepcopy(cfg)
+    cfg.setdefault("sim", {})["fast_forward"] = fast_forward
+    result = Simulation(cfg).run()
+    c = result.collector
+    summary = {k: v for k, v in result.summary.items() if k not in WALL_CLOCK}
+    log = {"step_start": c.step_start, "step_seconds": c.step_seconds, "step_tokens": c.step_tokens,
+           "step_reqs": c.step_reqs, "kv_samples": c.kv_samples, "requests": c.requests,
+           "sessions": c.sessions, "itl_counts": c.itl_counts.tolist(), "itl_sum": c.itl_sum}
+    return log, summary
+
+
+def same(a, b) -> bool:
+    """Equal, NaN equal to NaN (a summary's undefined percentiles)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def scenario(workload="agentic_coding", sessions=12, **sections):
+    sim = {"num_sessions": sessions, "progress": False, **sections.pop("sim", {})}
+    return {"workload": {"name": workload, "params": {}}, "sim": sim, "wandb": {"mode": "disabled"}, **sections}
+
+
+SCENARIOS = {
+    "agentic_coding": (scenario(), None),
+    "agentic_coding_busy": (scenario(sim={"session_rate": 0.5}), None),
+    "chat": (scenario("chat", sessions=120), None),
+    "swe_smith_recompute": (scenario("swe_smith", sessions=16), "num_preemptions_recompute"),
+    "swe_smith_swap_ttl": (scenario("swe_smith", sessions=16, sim={"session_rate": 0.5},
+                                    policy={"eviction": "ttl:ttl=30", "preemption": "swap"},
+                                    engine={"host_kv_gb": 20.0}), "num_preemptions_swap"),
+    "ttl_lpm_closed": (scenario(sim={"mode": "closed", "concurrency": 12},
+                                policy={"ordering": "longest_prefix_match", "eviction": "ttl:ttl=5"}), None),
+    "prefix_aware_3_replicas": (scenario(cluster={"num_replicas": 3, "router": "prefix_aware"}), None),
+    "short_run_cut_by_max_sim_time": (scenario(sim={"max_sim_time_s": 300.0, "kv_sample_interval_s": 0.25}),
+                                      None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_fast_path_gives_the_step_by_step_event_log_exactly(name):
+    cfg, must_happen = SCENARIOS[name]
+    slow_log, slow_summary = run(cfg, fast_forward=False)
+    fast_log, fast_summary = run(cfg, fast_forward=True)
+    assert slow_summary["num_steps"] > 1000
+    if must_happen:
+        assert slow_summary[must_happen] > 0, f"the scenario was meant to exercise {must_happen}"
+    for key in slow_log:
+        assert same(slow_log[key], fast_log[key]), f"{name}: {key} differs"
+    assert slow_summary.keys() == fast_summary.keys()
+    for key in slow_summary:
+        assert same(slow_summary[key], fast_summary[key]), f"{name}: summary {key} differs"
+
+
+def test_fast_path_with_a_profile_cost_model_gives_the_step_by_step_event_log(tmp_path):
+    rows = [dict(zip(FEATURES, (t, r, s, p, k, 0, 0)), seconds=1e-3 + 2e-6 * t + 1e-9 * k)
+            for t, r, s, p, k in [(1, 1, 1, 100, 100), (64, 8, 8, 5000, 40000), (2048, 1, 1, 2_000_000, 2048),
+                                  (512, 4, 3, 300000, 9000), (8, 8, 8, 80000, 80000)]]
+    path = tmp_path / "profile.csv"
+    write_profile(path, rows)
+    cfg = scenario(sim={"cost_model": "profile", "profile_path": str(path)})
+    assert same(run(cfg, False), run(cfg, True))
+
+
+# -- the cost formula: one C++ evaluator, bit-identical to the Python formulas it replaced ----------
+
+def roofline_reference(cost: RooflineCost, plan) -> float:
+    """RooflineCost.step_seconds as it was written in Python before it moved to csrc/step_cost.cpp."""
+    from bisect import bisect_right
+
+    tokens = plan.num_tokens
+    copies = plan.num_swap_out_blocks + plan.num_swap_in_blocks
+    seconds = cost._overhead_s
+    if copies:
+        seconds += copies * plan.block_size * cost._swap_token_s
+    elif tokens <= 0:
+        return 0.0
+    if tokens > 0:
+        intercept, slope = cost._linear_pieces[bisect_right(cost._linear_breaks, tokens)]
+        seconds += intercept + slope * tokens
+        sampled = plan.num_sampled
+        if sampled > 0:
+            flop = sampled * cost._head_flop_s
+            mem = cost._head_weight_s + sampled * cost._head_act_s
+            seconds += flop if flop > mem else mem
+        flop = plan.attn_pairs * cost._attn_pair_s
+        mem = plan.kv_read_tokens * cost._attn_kv_s
+        seconds += flop if flop > mem else mem
+    return seconds
+
+
+def profile_reference(cost: ProfileCost, plan) -> float:
+    c = cost.coefficients
+    if plan.num_tokens <= 0 and not plan.num_swap_out_blocks and not plan.num_swap_in_blocks:
+        return 0.0
+    return (cost.intercept + c["num_tokens"] * plan.num_tokens + c["num_reqs"] * plan.num_reqs
+            + c["num_sampled"] * plan.num_sampled + c["attn_pairs"] * plan.attn_pairs
+            + c["kv_read_tokens"] * plan.kv_read_tokens + c["num_swap_out_blocks"] * plan.num_swap_out_blocks
+            + c["num_swap_in_blocks"] * plan.num_swap_in_blocks)
+
+
+def random_plans(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        reqs = rng.randint(0, 64)
+        cached = [rng.choice([0, rng.randint(0, 131072)]) for _ in range(reqs)]
+        query = [rng.choice([1, 1, 1, rng.randint(1, 8192)]) for _ in range(reqs)]
+        base = PlanFeatures.of_requests(cached, query, num_sampled=rng.randint(0, reqs) if reqs else 0,
+                                        block_size=rng.choice([1, 16, 32]))
+        swaps = rng.choice([(0, 0), (0, 0), (rng.randint(0, 500), 0), (0, rng.randint(0, 500))])
+        yield PlanFeatures(**{**base.__dict__, "num_swap_out_blocks": swaps[0], "num_swap_in_blocks": swaps[1]})
+
+
+@pytest.mark.parametrize("model,hardware", [("llama3_8b", "h100_sxm"), ("qwen3_8b", "h200"),
+                                            ("smollm2_135m", "cpu")])
+def test_roofline_native_cost_is_bit_identical_to_the_python_formula(model, hardware):
+    cost = RooflineCost(load_model_spec(model), load_hardware_spec(hardware))
+    for plan in random_plans(3000):
+        assert cost.step_seconds(plan) == roofline_reference(cost, plan), plan
+
+
+def test_profile_native_cost_is_bit_identical_to_the_python_formula():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        coefficients = dict(zip(FEATURES, (rng.random(len(FEATURES)) * 10.0 ** rng.integers(-12, -2, len(FEATURES))).tolist()))
+        cost = ProfileCost(float(rng.random() * 1e-3), coefficients)
+        for plan in random_plans(200, seed=int(rng.integers(1 << 30))):
+            assert cost.step_seconds(plan) == profile_reference(cost, plan), plan
+
+
+# -- FastForward on a bare scheduler ---------------------------------------------------------------
+
+def stepwise(sched, cost, pool, now, horizon, token_at):
+    """What FastForward.advance documents, one step at a time in Python."""
+    starts, finished = [], []
+    while sched.has_unfinished():
+        plan = sched.step(now)
+        seconds = 0.0 if plan.is_empty else cost.step_seconds(plan)
+        if plan.is_empty or not now + seconds < horizon:
+            return starts, finished, plan, now, token_at
+        n = plan.num_sampled
+        at = 0 if token_at + n > pool.size else token_at
+        token_at = at + n
+        finished = list(sched.commit(plan, pool[at:at + n], now + seconds))
+        starts.append(now)
+        now += seconds
+        if finished:
+            return starts, finished, None, now, token_at
+    return starts, finished, None, now, token_at
+
+
+@pytest.mark.parametrize("horizon", [0.0, 0.05, 0.5, math.inf])
+def test_fast_forward_stops_before_the_horizon_and_at_the_first_finish(horizon):
+    cost = RooflineCost(load_model_spec("llama3_8b"), load_hardware_spec("h100_sxm"))
+    pool = np.random.default_rng(0).integers(0, 1000, size=37, dtype=np.int64)  # wraps around
+    scheds = [cp.Scheduler(num_blocks=64, vocab_size=1000, max_num_batched_tokens=64) for _ in range(2)]
+    for sched in scheds:
+        for i in range(4):
+            sched.add_request(i, np.arange(10 + 30 * i) % 1000, max_new_tokens=5 + 7 * i, ignore_eos=True)
+    ff = cp.FastForward(cost.native, pool)
+    now_a = now_b = 0.0
+    at_a = at_b = 3
+    while scheds[0].has_unfinished():
+        r = ff.advance(scheds[0], now_a, now_a + horizon, math.inf, 1.0, at_a)
+        starts, finished, plan, now_b, at_b = stepwise(scheds[1], cost, pool, now_b, now_b + horizon, at_b)
+        assert r.starts == starts and r.now == now_b and r.token_at == at_b
+        assert [f.request_id for f in r.finished] == [f.request_id for f in finished]
+        assert all(s + d < now_a + horizon for s, d in zip(r.starts, r.seconds))
+        now_a, at_a = r.now, r.token_at
+        for p, sched in ((r.plan, scheds[0]), (plan, scheds[1])):
+            if p is not None:  # run the step the fast path handed back, as the replica does
+                seconds = cost.step_seconds(p)
+                tokens = np.zeros(p.num_sampled, dtype=np.int64)
+                sched.commit(p, tokens, (now_a if sched is scheds[0] else now_b) + seconds)
+        if r.plan is not None:
+            assert list(r.plan.req_ids) == list(plan.req_ids) and r.plan_seconds == cost.step_seconds(plan)
+            now_a += r.plan_seconds
+            now_b += cost.step_seconds(plan)
+        scheds[0].check_invariants()
+    assert not scheds[1].has_unfinished()
+
+
+# -- turn memos change nothing but speed -------------------------------------------------------------
+
+def agent_plans(session_ids: bool, num_blocks: int = 48):
+    """Four agents taking turns on a small cache (evictions happen); every plan's arrays."""
+    sched = cp.Scheduler(num_blocks=num_blocks, block_size=4, vocab_size=500, max_num_batched_tokens=32,
+                         chunk_size=16)
+    rng = np.random.default_rng(7)
+    contexts = {s: rng.integers(0, 500, size=int(rng.integers(5, 30))) for s in range(4)}
+    log, now, next_id, turns = [], 0.0, 0, {s: 0 for s in range(4)}
+    live = {}
+    for s in range(4):
+        sched.add_request(next_id, contexts[s], max_new_tokens=6, ignore_eos=True,
+                          session_id=f"s{s}" if session_ids else None)
+        live[next_id], next_id = s, next_id + 1
+    while sched.has_unfinished():
+        plan = sched.step(now)
+        log.append((list(plan.req_ids), list(plan.query_lens), list(plan.cached_lens), list(plan.slot_mapping)))
+        tokens = (np.asarray(plan.input_ids)[np.asarray(plan.logits_indices)] * 7 + 3) % 500
+        now += 0.01
+        for f in sched.commit(plan, tokens, now):
+            s = live.pop(f.request_id)
+            turns[s] += 1
+            if turns[s] < 5:
+                new = rng.integers(0, 500, size=int(rng.integers(1, 9)))
+                contexts[s] = np.concatenate([contexts[s], f.output_token_ids, new])
+                sched.add_request(next_id, contexts[s], max_new_tokens=6, ignore_eos=True, arrival_time=now,
+                                  session_id=f"s{s}" if session_ids else None)
+                live[next_id], next_id = s, next_id + 1
+        sched.check_invariants()
+    return log, sched.stats()
+
+
+def test_turn_memos_leave_every_plan_unchanged():
+    with_sessions, stats = agent_plans(session_ids=True)
+    assert stats.num_evicted_blocks > 0 and stats.cached_tokens > 0
+    without, _ = agent_plans(session_ids=False)
+    assert with_sessions == without
