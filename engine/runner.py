@@ -98,6 +98,7 @@ class ModelRunner:
         self.last_result: SampleResult | None = None
         self.last_req_ids: np.ndarray = np.empty(0, dtype=np.int64)
         self._staging = torch.empty(1 << 16, dtype=torch.int32, pin_memory=pin)
+        self._staged = torch.cuda.Event() if pin else None  # the last copy out of the staging buffer
         self.graphs = None
         if graph_batch_sizes and device.type == "cuda":
             self.graphs = DecodeGraphs(self, sorted(b for b in graph_batch_sizes if b <= max_num_seqs))
@@ -122,7 +123,12 @@ class ModelRunner:
         logits = self.forward(batch, plan)
         seqs = [self.seqs[int(r)] for r in batch.sampled_req_ids]
         result = self.sampler(logits, seqs) if seqs else None
-        tokens = result.tokens.cpu().numpy() if result is not None else np.empty(0, dtype=np.int64)
+        if result is not None:
+            tokens = result.tokens.cpu().numpy()  # waits for the step
+        else:  # a prefill chunk that samples nothing: still time the whole step
+            tokens = np.empty(0, dtype=np.int64)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
         for seq, token in zip(seqs, tokens.tolist()):
             seq.output_ids.append(token)
         self.last_result, self.last_req_ids = result, batch.sampled_req_ids
@@ -149,11 +155,15 @@ class ModelRunner:
                  batch.query_start_loc[nd:] - batch.query_start_loc[nd], rows.reshape(-1)]
         sizes = [p.size for p in parts]
         total = sum(sizes)
+        if self._staged is not None:
+            self._staged.synchronize()  # the previous step's copy may still be reading the buffer
         if total > self._staging.numel():
             self._staging = torch.empty(total * 2, dtype=torch.int32, pin_memory=self._staging.is_pinned())
         host = self._staging[:total].numpy()
         np.concatenate(parts, out=host, casting="unsafe")
         dev = self._staging[:total].to(self.device, non_blocking=True)
+        if self._staged is not None:
+            self._staged.record()
         ids, pos, slots, seq_lens, qsl, flat_rows = dev.split(sizes)
         blocks = flat_rows.view(r, width)
         meta = AttentionMetadata(

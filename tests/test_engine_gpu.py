@@ -27,7 +27,7 @@ def _core(shape: str, **kwargs):
     return EngineCore(EngineConfig(**cfg))
 
 
-def _hf(core):
+def _hf(core, dtype=torch.bfloat16):
     import transformers
 
     cfg = core.model_config.to_hf()
@@ -35,10 +35,27 @@ def _hf(core):
     cfg.pop("model_type")
     config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen3ForCausalLM": transformers.Qwen3Config}[arch]
     with torch.device("cuda"):
-        model = getattr(transformers, arch)._from_config(config_cls(**cfg), dtype=torch.bfloat16,
-                                                         attn_implementation="sdpa")
-    model.load_state_dict(core.model.hf_state_dict(), strict=False)
+        model = getattr(transformers, arch)._from_config(config_cls(**cfg), dtype=dtype, attn_implementation="sdpa")
+    model.load_state_dict({k: v.to(dtype) for k, v in core.model.hf_state_dict().items()}, strict=False)
     return model.eval()
+
+
+@torch.inference_mode()
+def _hf_last_logits(model, ids: torch.Tensor, keep: int, chunk: int = 4096) -> torch.Tensor:
+    """transformers' logits of the last `keep` positions, the prompt fed in chunks through its KV cache
+    (a 32K-token float32 forward in one piece would materialise a 128 GB attention matrix)."""
+    from transformers import DynamicCache
+
+    past = DynamicCache()
+    n = ids.shape[1]
+    bounds = sorted({*range(0, n - keep, chunk), n - keep, n})  # the last piece is the `keep` positions
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        out = model(ids[:, s:e], past_key_values=past, use_cache=True, logits_to_keep=keep if e == n else 1)
+    return out.logits[0, -keep:].float()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
 
 
 def _engine_logits(core, prompt: list[int], decode_steps: int) -> tuple[torch.Tensor, list[int]]:
@@ -59,48 +76,64 @@ def _engine_logits(core, prompt: list[int], decode_steps: int) -> tuple[torch.Te
 @pytest.mark.parametrize("shape", ["llama-3.1-8b", "qwen3-8b"])
 @pytest.mark.parametrize("length", [1000, 32000])
 def test_bf16_logits_match_transformers(shape, length):
+    """Within bf16 tolerance: our bf16 logits are no farther from transformers in float32 (same weights)
+    than transformers' own bf16 logits are."""
     core = _core(shape)
     rng = np.random.default_rng(length)
     prompt = rng.integers(0, core.model_config.vocab_size, length).tolist()
     ours, tokens = _engine_logits(core, prompt, decode_steps=3)
-    hf = _hf(core)
-    with torch.inference_mode():
-        ids = torch.tensor([prompt + tokens[:-1]], device="cuda")
-        ref = hf(ids, logits_to_keep=len(tokens)).logits[0].float()
-    err = ((ours - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
-    cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min().item()
-    print(f"{shape} {length} tokens: max relative logit error {err:.3e}, min cosine {cos:.5f}, "
+    ids = torch.tensor([prompt + tokens[:-1]], device="cuda")
+    refs = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        hf = _hf(core, dtype)
+        refs[dtype] = _hf_last_logits(hf, ids, len(tokens))
+        del hf
+        gc.collect()
+        torch.cuda.empty_cache()
+    exact = refs[torch.float32]
+    ours_err, hf_err = _rel(ours, exact), _rel(refs[torch.bfloat16], exact)
+    print(f"{shape} {length} tokens: relative logit error vs transformers fp32: engine bf16 {ours_err:.3e}, "
+          f"transformers bf16 {hf_err:.3e}; engine vs transformers bf16 {_rel(ours, refs[torch.bfloat16]):.3e}; "
           f"kernels {core.ops.chosen['decode_attention']}/{core.ops.chosen['prefill_attention']}")
-    assert err < 5e-2 and cos > 0.998
-    del core, hf
+    assert ours_err <= 1.25 * hf_err + 1e-3
+    del core
     gc.collect()
     torch.cuda.empty_cache()
 
 
 def test_cuda_graph_decode_equals_eager_decode():
+    """Every decode step is run both ways on the same cache state; the logits must agree to bf16
+    rounding. (The two paths may split attention differently, so with random weights, whose logits
+    are nearly flat, comparing sampled tokens over many steps would only measure that rounding.)"""
     from engine import SamplingParams
 
+    core = _core("llama-3.2-1b", max_model_len=4096)
+    runner = core.runner
+    assert runner.graphs is not None
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, 128256, int(n)).tolist() for n in rng.integers(20, 700, 8)]
-    results = {}
-    for eager in (True, False):
-        core = _core("llama-3.2-1b", enforce_eager=eager, max_model_len=4096)
-        assert (core.runner.graphs is None) == eager
-        captured = []
-        forward = core.runner.forward
-        core.runner.forward = lambda batch, plan: captured.append(forward(batch, plan).clone()) or captured[-1]
-        sp = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-        for i, p in enumerate(prompts):
-            core.add_request(i, p, sp)
-        out = {}
-        while core.has_unfinished():
-            for f in core.step().finished:
-                out[f.request_id] = list(f.output_token_ids)
-        results[eager] = (out, torch.cat(captured[-20:], 0))
-        del core
-        gc.collect()
-        torch.cuda.empty_cache()
-    (eager_tokens, eager_logits), (graph_tokens, graph_logits) = results[True], results[False]
-    err = ((graph_logits - eager_logits).norm() / eager_logits.norm()).item()
-    assert err < 1e-2, err
-    assert graph_tokens == eager_tokens
+    pairs = []
+    forward = runner.forward
+
+    def both(batch, plan):
+        if runner.graphs is None or batch.num_decode != len(batch.input_ids):
+            return forward(batch, plan)
+        graph = forward(batch, plan).clone()
+        graphs, runner.graphs = runner.graphs, None
+        eager = forward(batch, plan).clone()  # rewrites this step's k/v itself before reading them
+        runner.graphs = graphs
+        pairs.append((len(batch.input_ids), graph, eager))
+        return graph
+
+    runner.forward = both
+    sp = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    for i, n in enumerate(rng.integers(20, 1500, 13)):  # 13 requests: batches of 13 pad up to the graph of 16
+        core.add_request(i, rng.integers(0, 128256, int(n)).tolist(), sp)
+    while core.has_unfinished():
+        core.step()
+    assert len(pairs) >= 15 and {b for b, _, _ in pairs} >= {13}
+    for b, graph, eager in pairs:
+        assert _rel(graph, eager) < 2e-2, (b, _rel(graph, eager))
+    agree = np.mean([float((g.argmax(-1) == e.argmax(-1)).float().mean()) for _, g, e in pairs])
+    print(f"graph vs eager decode: {len(pairs)} steps, max relative logit difference "
+          f"{max(_rel(g, e) for _, g, e in pairs):.2e}, argmax agreement {agree:.3f}")
+    assert agree > 0.9

@@ -91,8 +91,13 @@ def run_simulator(scheduler_config, profile):
 
     env = simpy.Environment()
     plans = []
-    replica = Replica(env, 0, scheduler_config, ReplayCost(profile),
-                      lambda r, start, seconds, plan: plans.append(plan_key(plan, start)), 1e-3, 0)
+
+    class Recorder:  # the replica's metrics hook, recording each plan at its start time
+        def on_step(self, replica, start, seconds, plan):
+            plans.append(plan_key(plan, start))
+
+    # ReplayCost has no native evaluator, so the replica steps one SimPy event at a time
+    replica = Replica(env, 0, scheduler_config, ReplayCost(profile), Recorder(), 1e-3, 0)
     prompts = trace_prompts(scheduler_config.vocab_size)
 
     def arrive(i):
