@@ -41,6 +41,8 @@ def reorder_decodes_first(plan) -> HostBatch:
     """Reorders a plan's requests (one-token requests first) and its tokens to match."""
     ql = np.asarray(plan.query_lens, dtype=np.int64)
     cl = np.asarray(plan.cached_lens, dtype=np.int64)
+    if plan.num_tokens == plan.num_reqs:  # all decodes: already in order, one token per request
+        return _all_decode_batch(plan, cl)
     qsl = np.asarray(plan.query_start_loc, dtype=np.int64)
     is_dec = ql == 1
     order = np.concatenate([np.flatnonzero(is_dec), np.flatnonzero(~is_dec)])
@@ -65,6 +67,18 @@ def reorder_decodes_first(plan) -> HostBatch:
         logits_rows=logits_rows.astype(np.int32),
         sampled_req_ids=np.asarray(plan.req_ids)[sampled],
     )
+
+
+def _all_decode_batch(plan, cached_lens: np.ndarray) -> HostBatch:
+    n = plan.num_reqs
+    sample = np.asarray(plan.sample)
+    rows = np.arange(n, dtype=np.int32)
+    return HostBatch(
+        input_ids=np.asarray(plan.input_ids, dtype=np.int32), positions=np.asarray(plan.positions, dtype=np.int32),
+        slot_mapping=np.asarray(plan.slot_mapping).astype(np.int32), num_decode=n,
+        seq_lens=(cached_lens + 1).astype(np.int32), query_start_loc=np.arange(n + 1, dtype=np.int32),
+        block_rows=np.asarray(plan.slots), logits_rows=rows if sample.all() else rows[sample],
+        sampled_req_ids=np.asarray(plan.req_ids) if sample.all() else np.asarray(plan.req_ids)[sample])
 
 
 class ModelRunner:

@@ -73,6 +73,22 @@ def decode_step_seconds(core, batch: int, context: int, steps: int) -> float:
     return statistics.median(times[3:])
 
 
+def replay_seconds(core, batch: int) -> float | None:
+    """GPU time of one decode graph replay of this batch size (events around the replay, median of 30)."""
+    graphs = core.runner.graphs
+    if graphs is None or batch not in graphs.graphs:
+        return None
+    times = []
+    for _ in range(33):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graphs.graphs[batch].replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return statistics.median(times[3:])
+
+
 def prefill_seconds(core, length: int) -> float:
     from engine import SamplingParams
 
@@ -139,6 +155,10 @@ def bench_model(shape: str, args, bandwidth: float) -> list[dict]:
     for batch in (1, args.batch):
         rows.append({"model": shape, "what": f"decode b{batch} ctx{args.context} (s/step)",
                      "engine_s": decode_step_seconds(core, batch, args.context, args.steps), "floor_s": floor})
+        replay = replay_seconds(core, batch)
+        if replay is not None:
+            rows.append({"model": shape, "what": f"  of which graph replay (GPU)", "engine_s": replay,
+                         "floor_s": floor})
     for length in args.prefill:
         prefill_seconds(core, 256)  # warm-up of the prefill kernels
         rows.append({"model": shape, "what": f"prefill {length} (s)", "engine_s": prefill_seconds(core, length)})
@@ -146,6 +166,8 @@ def bench_model(shape: str, args, bandwidth: float) -> list[dict]:
         model = hf_model(core)
         for row in rows[1:]:
             what = row["what"]
+            if what.startswith(" "):
+                continue
             if what.startswith("decode"):
                 batch = int(what.split()[1][1:])
                 row["hf_s"] = hf_decode_per_token(model, batch, args.context, args.hf_steps)
@@ -156,6 +178,19 @@ def bench_model(shape: str, args, bandwidth: float) -> list[dict]:
     gc.collect()
     torch.cuda.empty_cache()
     return rows
+
+
+def profile_cpu(args) -> None:
+    import cProfile
+    import pstats
+
+    core = engine_for(args.models[0], args, (1,))
+    decode_step_seconds(core, 1, args.context, 16)  # warm-up
+    prof = cProfile.Profile()
+    prof.enable()
+    decode_step_seconds(core, 1, args.context, args.steps)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--profile-cpu", action="store_true",
+                        help="profile the host side of batch-1 decode steps (cProfile) and exit")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_engine needs a CUDA device (run it on the GPU machine)")
@@ -180,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         args.steps, args.hf_steps, args.prefill = 16, 8, [2048]
     if args.max_len is None:
         args.max_len = max(max(args.prefill) + 64, args.context + args.steps + 64)
+    if args.profile_cpu:
+        return profile_cpu(args)
     bandwidth = copy_bandwidth("cuda")
     print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth "
           f"{bandwidth / 1e12:.2f} TB/s (read+write)")
@@ -189,9 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     header = f"{'model':>14} {'what':>32} | {'engine ms':>10} {'hf ms':>9} {'hf/engine':>9} {'engine/floor':>12}"
     print(header)
     print("-" * len(header))
+    prev = ""
     for r in rows:
         hf = r.get("hf_s")
-        floor = r.get("floor_s") if r["what"].startswith("decode b1 ") else None
+        floor = r.get("floor_s") if r["what"].startswith("decode b1 ") or (
+            r["what"].startswith(" ") and prev.startswith("decode b1 ")) else None
+        prev = r["what"] if not r["what"].startswith(" ") else prev
         print(f"{r['model']:>14} {r['what']:>32} | {r['engine_s'] * 1e3:>10.3f} "
               f"{(hf or float('nan')) * 1e3:>9.3f} {(hf / r['engine_s']) if hf else float('nan'):>9.1f} "
               f"{(r['engine_s'] / floor) if floor else float('nan'):>12.2f}")

@@ -121,7 +121,7 @@ class Attention(nn.Module):
             q = self.q_norm(q, ctx)
             k = self.k_norm(k, ctx)
         q, k = ctx.ops.rotary_embedding(positions, q, k, ctx.cos_sin)
-        out = self.attn(q, k, v.contiguous(), ctx)
+        out = self.attn(q, k, v, ctx)  # v stays a strided view of qkv: write_kv reads it in place
         return self.o_proj(out.reshape(t, self.hq * self.d))
 
 
