@@ -154,6 +154,7 @@ class EngineConfig:
     Attributes:
         model: a Hugging Face model directory, a .gguf file, a built-in shape name
             (see engine.models.shapes) with load_format="dummy", or "" for the embedded default.
+        tokenizer: a directory with tokenizer files, instead of the model's own (e.g. for dummy shapes).
         load_format: "auto" (directory or GGUF by what `model` is) or "dummy" (random weights).
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
         device: "auto" (cuda if available), "cuda" or "cpu".
@@ -166,6 +167,7 @@ class EngineConfig:
     """
 
     model: str = ""
+    tokenizer: str | None = None
     load_format: str = "auto"
     dtype: str = "auto"
     device: str = "auto"

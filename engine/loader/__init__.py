@@ -62,7 +62,10 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> L
     source = resolve_model(cfg.model)
     fmt = cfg.load_format
     if fmt == "dummy":
-        return dummy.load(source, cfg, device, dtype)
+        loaded = dummy.load(source, cfg, device, dtype)
+        if cfg.tokenizer:
+            loaded.tokenizer = hf_dir.load_tokenizer(cfg.tokenizer)
+        return loaded
     if fmt == "auto":
         if not os.path.exists(source):
             raise ModelLoadError(f"model {source!r} does not exist (a Hugging Face model directory or a "
@@ -73,5 +76,22 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> L
     return hf_dir.load(source, device, dtype)
 
 
+def load_tokenizer(cfg: EngineConfig):
+    """The tokenizer `load_model` would give, without loading weights (for the gateway process).
+
+    `cfg.tokenizer` (a directory with tokenizer files) wins; dummy shapes have none otherwise.
+    """
+    from engine.loader import gguf_file, hf_dir
+
+    if cfg.tokenizer:
+        return hf_dir.load_tokenizer(cfg.tokenizer)
+    source = resolve_model(cfg.model)
+    if cfg.load_format == "dummy":
+        return None
+    if os.path.isfile(source) and source.endswith(".gguf"):
+        return gguf_file.load_tokenizer(source)
+    return hf_dir.load_tokenizer(source)
+
+
 __all__ = ["LoadedModel", "ModelConfigError", "ModelLoadError", "build_model", "embedded_default_path",
-           "load_model", "rope_cos_sin"]
+           "load_model", "load_tokenizer", "rope_cos_sin"]

@@ -1,0 +1,91 @@
+"""Messages between the gateway and the engine-core process: msgpack-encoded msgspec records.
+
+    gateway -> core:  Add, Abort, EndSession, Shutdown
+    core -> gateway:  Ready, Tokens (one per step: every request that got a token), Finished,
+                      Rejected (an Add the engine refused), Stats (every ~0.5 s)
+
+Token batches carry flat arrays (ids, tokens, logprobs) rather than one record
+per token, so one step is one small message whatever the batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+
+class Add(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    prompt_ids: list[int]
+    params: dict                       # engine.sampling.SamplingParams fields
+    session_id: str | None = None
+    cache_namespace: str | None = None
+    priority: int = 0
+
+
+class Abort(msgspec.Struct, tag=True, array_like=True):
+    req_ids: list[int]
+
+
+class EndSession(msgspec.Struct, tag=True, array_like=True):
+    session_id: str
+
+
+class Shutdown(msgspec.Struct, tag=True, array_like=True):
+    pass
+
+
+class Ready(msgspec.Struct, tag=True, array_like=True):
+    model: str
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+    device: str
+
+
+class Tokens(msgspec.Struct, tag=True, array_like=True):
+    req_ids: list[int]
+    tokens: list[int]
+    logprobs: list[float] | None = None          # of each sampled token
+    top_ids: list[list[int]] | None = None       # [k][N]
+    top_logprobs: list[list[float]] | None = None
+
+
+class Finished(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    reason: str                        # stop | length | abort
+    stop_token: int | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+
+
+class Rejected(msgspec.Struct, tag=True, array_like=True):
+    req_id: int
+    message: str
+
+
+class Stats(msgspec.Struct, tag=True, array_like=True):
+    values: dict                       # controlplane Stats.as_dict() plus engine counters
+
+
+ToCore = Union[Add, Abort, EndSession, Shutdown]
+FromCore = Union[Ready, Tokens, Finished, Rejected, Stats]
+
+_to_core_enc = msgspec.msgpack.Encoder()
+_to_core_dec = msgspec.msgpack.Decoder(ToCore)
+_from_core_dec = msgspec.msgpack.Decoder(FromCore)
+
+
+def encode(msg) -> bytes:
+    return _to_core_enc.encode(msg)
+
+
+def decode_to_core(data: bytes) -> ToCore:
+    return _to_core_dec.decode(data)
+
+
+def decode_from_core(data: bytes) -> FromCore:
+    return _from_core_dec.decode(data)

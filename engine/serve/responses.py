@@ -1,0 +1,153 @@
+"""OpenAI response bodies: whole responses, and SSE chunks for streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+from engine.serve.client import CoreDied
+from engine.serve.openai_api import ApiError, chat_logprobs_entry
+
+
+@dataclass
+class Meta:
+    id: str
+    created: int
+    model: str
+    chat: bool
+    tokenizer: object
+
+
+@dataclass
+class Collected:
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, d) -> None:
+        self.text += d.text
+        self.tokens += d.tokens
+        self.logprobs += d.logprobs
+        self.top += d.top
+        if d.finish_reason is not None:
+            self.finish_reason = d.finish_reason
+
+
+def message_dict(m) -> dict:
+    content = m.content
+    if isinstance(content, list):  # content parts: keep the text ones
+        content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+    out = {k: v for k, v in m.model_dump().items() if v is not None}
+    out["content"] = content or ""
+    return out
+
+
+def _token_text(tokenizer, t: int) -> str:
+    return tokenizer.decode([t]) if tokenizer is not None else str(t)
+
+
+def completion_logprobs(meta: Meta, c: Collected, offset: int = 0) -> dict | None:
+    if not c.logprobs:
+        return None
+    tokens = [_token_text(meta.tokenizer, t) for t in c.tokens]
+    offsets, at = [], offset
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens, "token_logprobs": c.logprobs,
+            "top_logprobs": [{_token_text(meta.tokenizer, t): lp for t, lp in top} for top in c.top] or None,
+            "text_offset": offsets}
+
+
+def chat_logprobs(meta: Meta, c: Collected) -> dict | None:
+    if not c.logprobs:
+        return None
+    tops = c.top or [[] for _ in c.tokens]
+    return {"content": [chat_logprobs_entry(meta.tokenizer, t, lp, top)
+                        for t, lp, top in zip(c.tokens, c.logprobs, tops)]}
+
+
+def usage(choices) -> dict:
+    """Token counts; prompts are counted once however many choices (n) they have."""
+    per_prompt: dict[int, tuple[int, int]] = {}
+    for c in choices:
+        tokens, cached = per_prompt.get(c.prompt_index, (0, 0))
+        per_prompt[c.prompt_index] = (c.num_prompt_tokens, max(cached, c.num_cached_tokens))
+    prompt = sum(t for t, _ in per_prompt.values())
+    completion = sum(c.num_output_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(c for _, c in per_prompt.values())}}
+
+
+def full_response(meta: Meta, choices, collected: list[Collected]) -> dict:
+    out = []
+    for choice, c in zip(choices, collected):
+        if meta.chat:
+            out.append({"index": choice.index, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": chat_logprobs(meta, c), "finish_reason": c.finish_reason})
+        else:
+            out.append({"index": choice.index, "text": c.text, "logprobs": completion_logprobs(meta, c),
+                        "finish_reason": c.finish_reason})
+    return {"id": meta.id, "object": "chat.completion" if meta.chat else "text_completion", "created": meta.created,
+            "model": meta.model, "choices": out, "usage": usage(choices)}
+
+
+def _chunk(meta: Meta, choices: list[dict], usage_block=None) -> str:
+    body = {"id": meta.id, "object": "chat.completion.chunk" if meta.chat else "text_completion",
+            "created": meta.created, "model": meta.model, "choices": choices}
+    if usage_block is not None:
+        body["usage"] = usage_block
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def _delta_choice(meta: Meta, index: int, d, text_offset: int) -> dict:
+    c = Collected()
+    c.add(d)
+    if meta.chat:
+        delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+        return {"index": index, "delta": delta, "logprobs": chat_logprobs(meta, c), "finish_reason": d.finish_reason}
+    return {"index": index, "text": d.text, "logprobs": completion_logprobs(meta, c, text_offset),
+            "finish_reason": d.finish_reason}
+
+
+async def stream(meta: Meta, choices, include_usage: bool):
+    """SSE: chunks from every choice as they come, then usage (if asked) and [DONE]."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice):
+        try:
+            async for d in choice.deltas():
+                await queue.put((choice, d, None))
+        except (ApiError, CoreDied) as exc:
+            await queue.put((choice, None, exc))
+        await queue.put((choice, None, None))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    offsets = {c.index: 0 for c in choices}
+    try:
+        if meta.chat:
+            yield _chunk(meta, [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None} for c in choices])
+        open_choices = len(choices)
+        while open_choices:
+            choice, d, exc = await queue.get()
+            if exc is not None:
+                message = exc.message if isinstance(exc, ApiError) else str(exc)
+                yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
+                return
+            if d is None:
+                open_choices -= 1
+                continue
+            if d.text or d.finish_reason is not None or d.logprobs:
+                yield _chunk(meta, [_delta_choice(meta, choice.index, d, offsets[choice.index])])
+                offsets[choice.index] += len(d.text)
+        if include_usage:
+            yield _chunk(meta, [], usage(choices))
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
