@@ -2,6 +2,7 @@
 #
 #   make demo         the default simulation: three KV policies on coding-agent traffic (no GPU)
 #   make test         the whole CPU suite
+#   make serve        the OpenAI-compatible server (embedded SmolLM2 on CPU; ARGS='model=... port=...')
 #   make walkthrough  the control plane step by step
 #   make bench        control-plane step latency and simulator speed (prints tables)
 #   make test-gpu  GPU tests, with the machine's own python3; installs nothing
@@ -17,7 +18,7 @@ STAMP   := $(VENV)/.stamp-install
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: demo walkthrough test bench test-gpu build clean notebook
+.PHONY: demo walkthrough test bench test-gpu build clean notebook serve
 
 $(PY):
 	$(PYTHON3) -m venv $(VENV)
@@ -38,6 +39,9 @@ build: $(STAMP)
 
 demo: $(STAMP)
 	WANDB_SILENT=true $(PY) -m experiments.simulate -m policy=lru,ttl,lpm_lru sim=demo hydra/launcher=joblib
+
+serve: $(STAMP)
+	$(PY) -m engine.serve $(ARGS)
 
 walkthrough: $(STAMP)
 	$(PY) -m experiments.walkthrough

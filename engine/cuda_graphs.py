@@ -7,7 +7,10 @@ position 0, slot -1 (its k/v is not stored), a context of one token in block 0.
     static: ids[B]  pos[B]  slots[B]  seq_lens[B]  block_table[B, max_blocks_per_seq]  ->  logits[B, V]
 
 Only the columns a step needs are copied into block_table; the attention
-kernel reads no column past ceil(seq_len / block_size).
+kernel reads no column past ceil(seq_len / block_size). Graphs are captured
+per (batch size, block-table width bucket): the split-KV decode kernel sizes
+its grid from the table's width, so a 500-token context must not replay the
+graph captured for 128K tokens (its 66 mostly idle splits a layer cost ~10 us).
 """
 
 from __future__ import annotations
@@ -16,6 +19,11 @@ import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata, ForwardContext
+
+
+def width_buckets(max_blocks: int) -> list[int]:
+    """Block-table widths to capture: 64, 512, 4096 blocks (1K, 8K, 64K tokens of 16), then the maximum."""
+    return sorted({min(w, max_blocks) for w in (64, 512, 4096)} | {max_blocks})
 
 
 class DecodeGraphs:
@@ -34,7 +42,9 @@ class DecodeGraphs:
         self.host_table = torch.zeros(bmax, runner.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
         self.copied = torch.cuda.Event()  # the last copy out of the pinned buffers
         self.logits = None
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.widths = width_buckets(runner.max_blocks_per_seq)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.last_key: tuple[int, int] | None = None
         self.pool = None
         if self.sizes:
             self.capture()
@@ -42,12 +52,12 @@ class DecodeGraphs:
     def can_run(self, n: int) -> bool:
         return bool(self.sizes) and n <= self.sizes[-1]
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, width: int) -> torch.Tensor:
         r = self.runner
         empty = self.seq_lens[:0]
         meta = AttentionMetadata(
             slot_mapping=self.slots[:b], num_decode=b, decode_seq_lens=self.seq_lens[:b],
-            decode_block_table=self.block_table[:b], prefill_query_start_loc=empty,
+            decode_block_table=self.block_table[:b, :width], prefill_query_start_loc=empty,
             prefill_seq_lens=empty, prefill_block_table=self.block_table[:0], num_prefill_tokens=0)
         ctx = ForwardContext(r.ops, r.kv, meta, r.cos_sin)
         hidden = r.model(self.ids[:b], self.pos[:b], ctx)
@@ -61,15 +71,16 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up: autotuning, lazy initialisation, allocator
-                self.logits[:bmax].copy_(self._forward(bmax))
+            for width in self.widths:  # warm up: compilation, lazy initialisation, allocator
+                self.logits[:bmax].copy_(self._forward(bmax, width))
         torch.cuda.current_stream().wait_stream(stream)
         self.pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[:b].copy_(self._forward(b))
-            self.graphs[b] = graph
+            for width in reversed(self.widths):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.logits[:b].copy_(self._forward(b, width))
+                self.graphs[(b, width)] = graph
         torch.cuda.synchronize()
 
     def run(self, batch, plan) -> torch.Tensor:
@@ -88,7 +99,9 @@ class DecodeGraphs:
         self.inputs[:, :b].copy_(self.host_inputs[:, :b], non_blocking=True)
         self.block_table[:b, :width].copy_(self.host_table[:b, :width], non_blocking=True)
         self.copied.record()
-        self.graphs[b].replay()
+        key = (b, next(w for w in self.widths if w >= width))
+        self.last_key = key
+        self.graphs[key].replay()
         rows = batch.logits_rows
         if len(rows) == n and (rows == np.arange(n)).all():
             return self.logits[:n]

@@ -76,13 +76,14 @@ def decode_step_seconds(core, batch: int, context: int, steps: int) -> float:
 def replay_seconds(core, batch: int) -> float | None:
     """GPU time of one decode graph replay of this batch size (events around the replay, median of 30)."""
     graphs = core.runner.graphs
-    if graphs is None or batch not in graphs.graphs:
+    if graphs is None or graphs.last_key is None or graphs.last_key[0] != batch:
         return None
+    graph = graphs.graphs[graphs.last_key]  # the graph the last decode steps replayed
     times = []
     for _ in range(33):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        graphs.graphs[batch].replay()
+        graph.replay()
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e) / 1e3)

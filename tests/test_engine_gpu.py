@@ -140,3 +140,25 @@ def test_cuda_graph_decode_equals_eager_decode():
     print(f"graph vs eager decode: {len(pairs)} steps, max relative logit difference "
           f"{max(_rel(g, e) for _, g, e in pairs):.2e}, argmax agreement {agree:.3f}")
     assert agree > 0.9
+
+
+def test_kv_cache_sized_from_device_memory():
+    """Without num_gpu_blocks, the cache takes what gpu_memory_utilization leaves after weights and activations."""
+    from engine import SamplingParams
+    from engine.memory import block_bytes
+
+    core = _core("llama-3.2-1b", num_gpu_blocks=None, gpu_memory_utilization=0.4, max_model_len=8192,
+                 enforce_eager=True)
+    total = torch.cuda.get_device_properties(0).total_memory
+    weights = sum(p.numel() * p.element_size() for p in core.model.parameters())
+    kv = core.num_blocks * block_bytes(core.model, core.config.block_size, core.dtype)
+    print(f"KV cache sized from memory: {core.num_blocks} blocks = {kv / 2**30:.1f} GiB, weights "
+          f"{weights / 2**30:.1f} GiB, device {total / 2**30:.0f} GiB at utilisation 0.4")
+    assert weights + kv <= 0.4 * total
+    assert weights + kv >= 0.3 * total  # activations and the reserve take the rest
+    core.add_request(0, list(range(100, 600)), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    while core.has_unfinished():
+        core.step()
+    del core
+    gc.collect()
+    torch.cuda.empty_cache()

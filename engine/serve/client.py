@@ -74,7 +74,7 @@ class CoreClient:
             cache_namespace: str | None, priority: int = 0) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[req_id] = queue
-        self._send(P.Add(req_id, list(prompt_ids), params, session_id, cache_namespace, priority))
+        self._send(P.Add(req_id, P.pack_ids(prompt_ids), params, session_id, cache_namespace, priority))
         return queue
 
     def abort(self, req_ids: list[int]) -> None:

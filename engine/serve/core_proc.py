@@ -38,7 +38,7 @@ class CoreLoop:
         core = self.core
         if isinstance(msg, P.Add):
             try:
-                core.add_request(msg.req_id, msg.prompt_ids, SamplingParams(**msg.params), session_id=msg.session_id,
+                core.add_request(msg.req_id, P.unpack_ids(msg.prompt), SamplingParams(**msg.params), session_id=msg.session_id,
                                  cache_namespace=msg.cache_namespace, priority=msg.priority)
             except (ValueError, TypeError) as exc:
                 self.send.send(P.encode(P.Rejected(msg.req_id, str(exc))))

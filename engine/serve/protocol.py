@@ -13,11 +13,13 @@ from __future__ import annotations
 from typing import Union
 
 import msgspec
+import numpy as np
 
 
 class Add(msgspec.Struct, tag=True, array_like=True):
     req_id: int
-    prompt_ids: list[int]
+    prompt: bytes                      # token ids as little-endian int32 (see pack_ids): a 50K-token
+                                       # prompt is one 200 KB copy, not 50K msgpack integers
     params: dict                       # engine.sampling.SamplingParams fields
     session_id: str | None = None
     cache_namespace: str | None = None
@@ -69,6 +71,14 @@ class Rejected(msgspec.Struct, tag=True, array_like=True):
 
 class Stats(msgspec.Struct, tag=True, array_like=True):
     values: dict                       # controlplane Stats.as_dict() plus engine counters
+
+
+def pack_ids(ids) -> bytes:
+    return np.asarray(ids, dtype="<i4").tobytes()
+
+
+def unpack_ids(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i4")
 
 
 ToCore = Union[Add, Abort, EndSession, Shutdown]

@@ -1,0 +1,57 @@
+"""Where a decode step's GPU time goes: torch.profiler over CUDA-graph replays, kernels grouped by name.
+
+    python -m experiments.profile_decode [--model llama-3.1-8b] [--batch 1] [--context 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+
+def main(argv=None) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import SamplingParams
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=512)
+    p.add_argument("--max-len", type=int, default=32832)
+    args = p.parse_args(argv)
+    core = EngineCore(EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", num_gpu_blocks=8192,
+                                   max_model_len=args.max_len, max_num_seqs=max(args.batch, 8),
+                                   cuda_graph_batch_sizes=(args.batch,), enable_prefix_caching=False))
+    rng = np.random.default_rng(0)
+    for i in range(args.batch):
+        core.add_request(i, rng.integers(0, core.model_config.vocab_size, args.context),
+                         SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
+    for _ in range(8):
+        core.step()
+    graph = core.runner.graphs.graphs[core.runner.graphs.last_key]
+    torch.cuda.synchronize()
+    reps = 10
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = {}
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            name = evt.name[:70]
+            t, n = rows.get(name, (0.0, 0))
+            rows[name] = (t + evt.device_time, n + 1)
+    total = sum(t for t, _ in rows.values()) / reps
+    print(f"{args.model} decode b{args.batch} ctx{args.context}: {total / 1e3:.3f} ms of kernels per replay")
+    print(f"{'kernel':<70} {'us/replay':>10} {'calls':>6} {'share':>6}")
+    for name, (t, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:25]:
+        print(f"{name:<70} {t / reps:>10.1f} {n // reps:>6} {t / reps / total:>6.1%}")
+
+
+if __name__ == "__main__":
+    main()
