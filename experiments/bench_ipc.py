@@ -7,8 +7,11 @@
 2. end to end: a tiny random-weight model (its step costs ~1 ms here) served by `engine.serve`
    in-process; one streaming client. Added latency per streamed token = the client's mean gap
    between tokens minus the engine's own mean decode step time (EngineCore, same model, same
-   process, measured just before); added latency per request = TTFT minus the engine's prefill
-   step. Both are upper bounds on the gateway + IPC cost (they include HTTP and SSE framing).
+   process, measured just after); added latency per request = TTFT minus the engine's prefill
+   step. Both are upper bounds on the gateway + IPC cost (they include HTTP and SSE framing)
+   and noisy on a shared machine (the engine's steps are timed in another run). The server's own
+   `tandem_ipc_token_latency_seconds` histogram, read before and after the run, gives the IPC
+   part exactly: core send -> gateway receive of each step's Tokens record, one clock.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ async def _stream_once(url: str, prompt_len: int, tokens: int) -> tuple[float, l
     import httpx
 
     body = {"prompt": list(range(1, prompt_len + 1)), "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+            "stream": True, "return_token_ids": True}  # a random model has no tokenizer: ids make the chunks
     async with httpx.AsyncClient(timeout=120) as client:
         start = time.perf_counter()
         stamps = []
@@ -125,13 +128,30 @@ def end_to_end(options: dict, prompt_len: int = 64, tokens: int = 200) -> dict:
                 pass
             time.sleep(0.2)
         asyncio.run(_stream_once(url, prompt_len, 8))  # warm-up
+        before = _ipc_histogram(url)
         ttft, gaps = asyncio.run(_stream_once(url, prompt_len, tokens))
+        after = _ipc_histogram(url)
     finally:
         proc.terminate()
         proc.wait(10)
     prefill, decode = engine_step_times(options, prompt_len, tokens)
+    ipc = (after[0] - before[0]) / max(after[1] - before[1], 1)
     return {"ttft": ttft, "itl": statistics.mean(gaps), "itl_p50": statistics.median(gaps),
-            "engine_prefill": prefill, "engine_decode": decode}
+            "engine_prefill": prefill, "engine_decode": decode, "ipc": ipc}
+
+
+def _ipc_histogram(url: str) -> tuple[float, float]:
+    """(sum, count) of the gateway's tandem_ipc_token_latency_seconds histogram."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        for key in ("tandem_ipc_token_latency_seconds_sum", "tandem_ipc_token_latency_seconds_count"):
+            if line.startswith(key + " "):
+                values[key] = float(line.split()[1])
+    return values.get("tandem_ipc_token_latency_seconds_sum", 0.0), values.get(
+        "tandem_ipc_token_latency_seconds_count", 0.0)
 
 
 def main() -> None:
@@ -154,6 +174,7 @@ def main() -> None:
           f"(p50 {r['itl_p50'] * 1e3:.3f})   added per streamed token {(r['itl'] - r['engine_decode']) * 1e3:.3f}")
     print(f"  engine prefill step {r['engine_prefill'] * 1e3:.3f}   client TTFT {r['ttft'] * 1e3:.3f}   "
           f"added per request {(r['ttft'] - r['engine_prefill']) * 1e3:.3f}")
+    print(f"  core -> gateway per step message (measured in the server, same run): {r['ipc'] * 1e6:.1f} us")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import os
 import tempfile
+import time
 
 import zmq
 import zmq.asyncio
@@ -45,6 +46,7 @@ class CoreClient:
         self.info: P.Ready | None = None
         self.dead = False
         self.on_death = None
+        self.on_tokens_latency = None  # called with (seconds from the core's send to our receive)
         self._tasks: list[asyncio.Task] = []
 
     async def start(self, timeout_s: float = 600.0) -> P.Ready:
@@ -92,6 +94,8 @@ class CoreClient:
         while True:
             msg = P.decode_from_core(await self.from_core.recv())
             if isinstance(msg, P.Tokens):
+                if self.on_tokens_latency is not None and msg.sent_at:
+                    self.on_tokens_latency(time.perf_counter() - msg.sent_at)
                 for k, (rid, tok) in enumerate(zip(msg.req_ids, msg.tokens)):
                     q = self.queues.get(rid)
                     if q is None:

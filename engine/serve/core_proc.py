@@ -70,6 +70,7 @@ class CoreLoop:
                 tok.logprobs = result.logprobs.tolist()
                 if result.top_ids is not None:
                     tok.top_ids, tok.top_logprobs = result.top_ids.tolist(), result.top_logprobs.tolist()
+            tok.sent_at = time.perf_counter()
             self.send.send(P.encode(tok))
         for f in out.finished:
             self.live.discard(f.request_id)

@@ -171,7 +171,7 @@ async def _serve(state: GatewayState, request: Request, body, chat: bool):
     except CoreDied:
         raise ApiError("the engine core is not running", status=503, kind="server_error") from None
     meta = R.Meta(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time()), state.model_name, chat,
-                  state.tokenizer)
+                  state.tokenizer, body.return_token_ids)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(R.stream(meta, choices, usage), media_type="text/event-stream")

@@ -53,6 +53,10 @@ class Metrics:
                               registry=self.registry, buckets=_TPOT_BUCKETS)
         self.e2e = Histogram("tandem_e2e_request_latency_seconds", "request latency", registry=self.registry,
                              buckets=_LATENCY_BUCKETS)
+        self.ipc = Histogram("tandem_ipc_token_latency_seconds",
+                             "engine core sends a step's tokens -> the gateway has them (ZMQ + decode)",
+                             registry=self.registry, buckets=(2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2))
+        client.on_tokens_latency = self.ipc.observe
         self.requests = Counter("tandem_requests", "finished requests by reason", ["finish_reason"],
                                 registry=self.registry)
         self.tokens_in = Counter("tandem_request_prompt_tokens", "prompt tokens of served requests",

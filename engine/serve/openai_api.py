@@ -53,6 +53,7 @@ class _Sampling(BaseModel):
     cache_salt: Optional[str] = None
     priority: int = 0
     user: Optional[str] = None
+    return_token_ids: bool = False   # vLLM's extension: each choice also carries its token ids
 
 
 class CompletionRequest(_Sampling):

@@ -50,6 +50,8 @@ class Ready(msgspec.Struct, tag=True, array_like=True):
 class Tokens(msgspec.Struct, tag=True, array_like=True):
     req_ids: list[int]
     tokens: list[int]
+    sent_at: float = 0.0                         # time.perf_counter() in the core (CLOCK_MONOTONIC: one clock
+                                                 # for every process of the machine), for the IPC latency metric
     logprobs: list[float] | None = None          # of each sampled token
     top_ids: list[list[int]] | None = None       # [k][N]
     top_logprobs: list[list[float]] | None = None

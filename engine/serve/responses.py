@@ -17,6 +17,7 @@ class Meta:
     model: str
     chat: bool
     tokenizer: object
+    token_ids: bool = False
 
 
 @dataclass
@@ -91,6 +92,8 @@ def full_response(meta: Meta, choices, collected: list[Collected]) -> dict:
         else:
             out.append({"index": choice.index, "text": c.text, "logprobs": completion_logprobs(meta, c),
                         "finish_reason": c.finish_reason})
+        if meta.token_ids:
+            out[-1]["token_ids"] = c.tokens
     return {"id": meta.id, "object": "chat.completion" if meta.chat else "text_completion", "created": meta.created,
             "model": meta.model, "choices": out, "usage": usage(choices)}
 
@@ -108,9 +111,13 @@ def _delta_choice(meta: Meta, index: int, d, text_offset: int) -> dict:
     c.add(d)
     if meta.chat:
         delta = {"content": d.text} if d.text or d.finish_reason is None else {}
-        return {"index": index, "delta": delta, "logprobs": chat_logprobs(meta, c), "finish_reason": d.finish_reason}
-    return {"index": index, "text": d.text, "logprobs": completion_logprobs(meta, c, text_offset),
-            "finish_reason": d.finish_reason}
+        out = {"index": index, "delta": delta, "logprobs": chat_logprobs(meta, c), "finish_reason": d.finish_reason}
+    else:
+        out = {"index": index, "text": d.text, "logprobs": completion_logprobs(meta, c, text_offset),
+               "finish_reason": d.finish_reason}
+    if meta.token_ids:
+        out["token_ids"] = d.tokens
+    return out
 
 
 async def stream(meta: Meta, choices, include_usage: bool):
@@ -141,7 +148,7 @@ async def stream(meta: Meta, choices, include_usage: bool):
             if d is None:
                 open_choices -= 1
                 continue
-            if d.text or d.finish_reason is not None or d.logprobs:
+            if d.text or d.finish_reason is not None or d.logprobs or (meta.token_ids and d.tokens):
                 yield _chunk(meta, [_delta_choice(meta, choice.index, d, offsets[choice.index])])
                 offsets[choice.index] += len(d.text)
         if include_usage:
