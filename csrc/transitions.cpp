@@ -120,6 +120,7 @@ void Scheduler::preempt(Request& r, Plan& plan, double now) {
   } else {
     r.num_computed = 0;  // recompute: the KV is dropped, the tokens (and their hashes) are kept
     ++counters_.num_preemptions_recompute;
+    remember_own_match(r);
   }
   release_device(r, now);
   r.num_registered = 0;
@@ -128,6 +129,21 @@ void Scheduler::preempt(Request& r, Plan& plan, double now) {
   erase_id(running_, r.id);
   waiting_.push_back(r.id);
   plan.preempted_ids.push_back(r.id);
+}
+
+// A request preempted to recompute remembers its leading cached blocks as its prefix match (as
+// a turn memo does), so re-admitting it re-checks them instead of looking each one up again:
+// the same match, since a remembered block is kept only while it has not been evicted.
+void Scheduler::remember_own_match(Request& r) {
+  if (!config_.enable_prefix_caching) return;
+  const int n = std::min(r.num_registered, static_cast<int>(r.blocks.size()));
+  r.match_blocks.clear();
+  r.match_generations.clear();
+  for (int j = 0; j < n && pool_.is_cached(r.blocks[j]); ++j) {
+    r.match_blocks.push_back(r.blocks[j]);
+    r.match_generations.push_back(pool_.generation(r.blocks[j]));
+  }
+  r.match_evictions = pool_.num_evicted();
 }
 
 void Scheduler::release_device(Request& r, double now) {
