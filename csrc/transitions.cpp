@@ -55,6 +55,7 @@ bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
 
   r.slot = take_slot();
   BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
+  r.blocks.reserve(static_cast<size_t>(blocks_for(r.num_tokens())));
   for (BlockId b : hits) {
     pool_.retain(b, now);
     row[r.blocks.size()] = b;
