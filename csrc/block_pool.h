@@ -158,6 +158,12 @@ class BlockPool {
   bool is_evictable(BlockId block) const { return meta_[block].where == Where::kEvictable; }
   int ref_count(BlockId block) const { return meta_[block].ref_count; }
   uint32_t generation(BlockId block) const { return meta_[block].generation; }
+  // Starts loading a block's metadata (loops over a request's ~3,000 blocks are memory bound).
+  void prefetch(BlockId block) const {
+    const char* p = reinterpret_cast<const char*>(&meta_[block]);
+    __builtin_prefetch(p);
+    __builtin_prefetch(p + sizeof(Meta) - 1);
+  }
 
   // Retention pins, one per (session, block): `new_pin` counts one more pinning
   // session; either way `until` extends the block's pin.
