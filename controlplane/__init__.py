@@ -10,6 +10,8 @@ planning. This package re-exports it and adds the shared loop::
 """
 
 from controlplane._core import (
+    ClusterForward,
+    ClusterResult,
     FastForward,
     FinishedRequest,
     ForwardResult,
@@ -28,6 +30,8 @@ from controlplane.loop import Clock, Executor, ManualClock, StepRecord, StepResu
 
 __all__ = [
     "Clock",
+    "ClusterForward",
+    "ClusterResult",
     "Executor",
     "FastForward",
     "FinishedRequest",

@@ -237,3 +237,28 @@ class FastForward:
                 token_at: int, max_steps: int = ...) -> ForwardResult: ...
     @property
     def cost(self) -> StepCost: ...
+
+class ClusterResult:
+    """What one ClusterForward.advance did: the committed steps of all replicas, in commit order."""
+
+    starts: list[float]
+    seconds: list[float]
+    num_tokens: list[int]
+    num_reqs: list[int]
+    samples: list[tuple[float, int, int, int, int]]  # (step start, replica, used, cached, free blocks)
+    num_steps: int
+    stopped: int                             # replica whose last commit needs Python at stop_time, or -1
+    idle: bool                               # it has nothing runnable (no unfinished request, or an empty plan)
+    finished: list[FinishedRequest]          # finished by that commit
+    stop_time: float
+    stop_eid: int
+    next_eid: int
+
+class ClusterForward:
+    """The simulator's fast path for several replicas (csrc/cluster_forward.h): their steps merged in order."""
+
+    def __init__(self, cost: StepCost, schedulers: Sequence[Scheduler], token_pools: list[npt.NDArray[np.integer]],
+                 sample_at: Sequence[float], sample_interval: float) -> None: ...
+    def start(self, replica: int, now: float, eid: int) -> bool: ...
+    def advance(self, h_time: float, h_priority: int, h_eid: int, next_eid: int) -> ClusterResult: ...
+    def next(self) -> tuple[float, int]: ...

@@ -7,6 +7,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "cluster_forward.h"
 #include "fast_forward.h"
 #include "policies.h"
 #include "request.h"
@@ -154,6 +155,36 @@ void bind_simulation(py::module_& m) {
            py::arg("max_steps") = int64_t{1} << 40,
            py::keep_alive<0, 2>(), "Runs steps from `now` while they end before `horizon` (csrc/fast_forward.h).")
       .def_property_readonly("cost", &FastForward::cost);
+
+  py::class_<ClusterResult>(m, "ClusterResult")
+      .def_readonly("starts", &ClusterResult::starts)
+      .def_readonly("seconds", &ClusterResult::seconds)
+      .def_readonly("num_tokens", &ClusterResult::num_tokens)
+      .def_readonly("num_reqs", &ClusterResult::num_reqs)
+      .def_readonly("samples", &ClusterResult::samples)
+      .def_property_readonly("num_steps", [](const ClusterResult& r) { return r.starts.size(); })
+      .def_readonly("stopped", &ClusterResult::stopped)
+      .def_readonly("idle", &ClusterResult::idle)
+      .def_readonly("finished", &ClusterResult::finished)
+      .def_readonly("stop_time", &ClusterResult::stop_time)
+      .def_readonly("stop_eid", &ClusterResult::stop_eid)
+      .def_readonly("next_eid", &ClusterResult::next_eid);
+
+  py::class_<ClusterForward>(m, "ClusterForward")
+      .def(py::init([](const StepCost& cost, std::vector<Scheduler*> schedulers, py::list token_pools,
+                       std::vector<double> sample_at, double sample_interval) {
+             std::vector<std::vector<int64_t>> pools;
+             for (py::handle pool : token_pools) pools.push_back(to_int_vector(pool, "token_pools"));
+             return ClusterForward(cost, std::move(schedulers), std::move(pools), std::move(sample_at),
+                                   sample_interval);
+           }),
+           py::arg("cost"), py::arg("schedulers"), py::arg("token_pools"), py::arg("sample_at"),
+           py::arg("sample_interval"), py::keep_alive<1, 3>())
+      .def("start", &ClusterForward::start, py::arg("replica"), py::arg("now"), py::arg("eid"),
+           "Makes the replica's next plan at `now`; False if it was empty (committed; the replica waits).")
+      .def("advance", &ClusterForward::advance, py::arg("h_time"), py::arg("h_priority"), py::arg("h_eid"),
+           py::arg("next_eid"), "Commits busy replicas' steps in SimPy queue order before the horizon entry.")
+      .def("next", &ClusterForward::next, "(end, eid) of the earliest busy replica's step end; eid -1 if none.");
 }
 
 }  // namespace

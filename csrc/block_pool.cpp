@@ -125,6 +125,26 @@ void BlockPool::uncache(BlockId block) {
   m.cached = false;
 }
 
+void BlockPool::log_eviction(BlockId block) {
+  if (eviction_log_.size() >= 2 * meta_.size() + 1024) {  // keep the latest half
+    const size_t drop = eviction_log_.size() / 2;
+    eviction_log_.erase(eviction_log_.begin(), eviction_log_.begin() + static_cast<std::ptrdiff_t>(drop));
+    log_base_ += static_cast<int64_t>(drop);
+  }
+  eviction_log_.emplace_back(block, meta_[block].depth);
+}
+
+bool BlockPool::first_evicted(int64_t since, const BlockId* blocks, int n, int* first) const {
+  if (since < log_base_ || num_evicted_ - since > n) return false;
+  int m = n;
+  for (size_t k = static_cast<size_t>(since - log_base_); k < eviction_log_.size(); ++k) {
+    const auto [block, depth] = eviction_log_[k];
+    if (depth < m && blocks[depth] == block) m = depth;
+  }
+  *first = m;
+  return true;
+}
+
 BlockId BlockPool::allocate() {
   BlockId block;
   if (!free_.empty()) {
@@ -138,6 +158,7 @@ BlockId BlockPool::allocate() {
     }
     block = evictable_.top().block;
     evictable_.pop();
+    log_eviction(block);
     uncache(block);
     ++num_evicted_;
   }

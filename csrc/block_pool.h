@@ -130,6 +130,13 @@ class BlockPool {
   int num_available() const { return num_free() + num_evictable(); }
   int64_t num_evicted() const { return num_evicted_; }
 
+  // A remembered prefix match, `blocks[p]` found at chain position p when the pool's eviction
+  // count was `since`: the first position whose block was evicted since (a cached block changes
+  // generation only by eviction), or `n` if none. Reads the eviction log, so it costs the
+  // evictions since rather than n; false (the caller checks generations) when that is longer or
+  // the log no longer reaches back so far.
+  bool first_evicted(int64_t since, const BlockId* blocks, int n, int* first) const;
+
   // Moves cached blocks whose pin has expired by `now` into the evictable set.
   void expire_pins(double now);
 
@@ -151,6 +158,12 @@ class BlockPool {
   bool is_evictable(BlockId block) const { return meta_[block].where == Where::kEvictable; }
   int ref_count(BlockId block) const { return meta_[block].ref_count; }
   uint32_t generation(BlockId block) const { return meta_[block].generation; }
+  // Starts loading a block's metadata (loops over a request's ~3,000 blocks are memory bound).
+  void prefetch(BlockId block) const {
+    const char* p = reinterpret_cast<const char*>(&meta_[block]);
+    __builtin_prefetch(p);
+    __builtin_prefetch(p + sizeof(Meta) - 1);
+  }
 
   // Retention pins, one per (session, block): `new_pin` counts one more pinning
   // session; either way `until` extends the block's pin.
@@ -203,6 +216,7 @@ class BlockPool {
   void make_evictable(BlockId block);
   void push_pin(BlockId block);            // m.where is kPinned; the block's old entry goes stale
   void uncache(BlockId block);
+  void log_eviction(BlockId block);
   bool valid(const EvictEntry& e) const {
     const Meta& m = meta_[e.block];
     return m.where == Where::kEvictable && m.stamp == e.stamp;
@@ -225,6 +239,9 @@ class BlockPool {
   int num_pinned_ = 0;                     // blocks with where == kPinned
   uint64_t next_stamp_ = 0;
   int64_t num_evicted_ = 0;
+  // (block, its chain position) of the latest evictions: eviction k is eviction_log_[k - log_base_].
+  std::vector<std::pair<BlockId, int>> eviction_log_;
+  int64_t log_base_ = 0;
 };
 
 // The host tier for swapped-out KV: a fixed number of blocks, a free list.

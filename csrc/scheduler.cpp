@@ -299,7 +299,8 @@ int Scheduler::prefix_match(Request& r, std::vector<BlockId>* hits) {
   const int remembered = std::min(static_cast<int>(r.match_blocks.size()), max_blocks);
   if (r.match_evictions == pool_.num_evicted()) {
     m = remembered;  // nothing was evicted since: every remembered block is still cached
-  } else {
+  } else if (!pool_.first_evicted(r.match_evictions, r.match_blocks.data(), remembered, &m)) {
+    m = 0;
     while (m < remembered && pool_.generation(r.match_blocks[m]) == r.match_generations[m]) ++m;
   }
   r.match_blocks.resize(m);

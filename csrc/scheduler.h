@@ -154,6 +154,7 @@ class Scheduler {
   void preempt(Request& r, Plan& plan, double now);
   void finish(Request& r, FinishReason reason, double now, std::vector<FinishedRequest>* out);
   void release_device(Request& r, double now);
+  void remember_own_match(Request& r);  // at a recompute preemption (csrc/transitions.cpp)
 
   // --- planning helpers ---
   void schedule_running(Plan& plan, int* budget, double now, bool* preempted);

@@ -55,7 +55,11 @@ bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
 
   r.slot = take_slot();
   BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
-  for (BlockId b : hits) {
+  r.blocks.reserve(static_cast<size_t>(blocks_for(r.num_tokens())));
+  constexpr size_t kAhead = 8;  // blocks prefetched ahead in loops over a request's blocks
+  for (size_t k = 0; k < hits.size(); ++k) {
+    const BlockId b = hits[k];
+    if (k + kAhead < hits.size()) pool_.prefetch(hits[k + kAhead]);
     pool_.retain(b, now);
     row[r.blocks.size()] = b;
     r.blocks.push_back(b);
@@ -120,6 +124,7 @@ void Scheduler::preempt(Request& r, Plan& plan, double now) {
   } else {
     r.num_computed = 0;  // recompute: the KV is dropped, the tokens (and their hashes) are kept
     ++counters_.num_preemptions_recompute;
+    remember_own_match(r);
   }
   release_device(r, now);
   r.num_registered = 0;
@@ -130,10 +135,27 @@ void Scheduler::preempt(Request& r, Plan& plan, double now) {
   plan.preempted_ids.push_back(r.id);
 }
 
+// A request preempted to recompute remembers its leading cached blocks as its prefix match (as
+// a turn memo does), so re-admitting it re-checks them instead of looking each one up again:
+// the same match, since a remembered block is kept only while it has not been evicted.
+void Scheduler::remember_own_match(Request& r) {
+  if (!config_.enable_prefix_caching) return;
+  const int n = std::min(r.num_registered, static_cast<int>(r.blocks.size()));
+  r.match_blocks.clear();
+  r.match_generations.clear();
+  for (int j = 0; j < n && pool_.is_cached(r.blocks[j]); ++j) {
+    if (j + 8 < n) pool_.prefetch(r.blocks[j + 8]);
+    r.match_blocks.push_back(r.blocks[j]);
+    r.match_generations.push_back(pool_.generation(r.blocks[j]));
+  }
+  r.match_evictions = pool_.num_evicted();
+}
+
 void Scheduler::release_device(Request& r, double now) {
   BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
   // Tail first, so that on equal keys a sequence's later blocks are reused before its head.
   for (size_t k = r.blocks.size(); k-- > 0;) {
+    if (k >= 8) pool_.prefetch(r.blocks[k - 8]);
     pool_.release(r.blocks[k], now, r.priority);
     row[k] = kNoBlock;
   }
@@ -172,7 +194,10 @@ void Scheduler::finish(Request& r, FinishReason reason, double now, std::vector<
   std::vector<BlockId> cached;  // its leading blocks in the prefix index, for the session's next turn
   if (memo) {
     const int n = std::min(r.num_registered, static_cast<int>(r.blocks.size()));
-    for (int j = 0; j < n && pool_.is_cached(r.blocks[j]); ++j) cached.push_back(r.blocks[j]);
+    for (int j = 0; j < n && pool_.is_cached(r.blocks[j]); ++j) {
+      if (j + 8 < n) pool_.prefetch(r.blocks[j + 8]);
+      cached.push_back(r.blocks[j]);
+    }
   }
   release_device(r, now);
   erase_id(running_, r.id);

@@ -44,10 +44,11 @@ class Replica:
             waiting (blocked, e.g. on pinned KV), re-plan after this long or at the next arrival.
         seed: seeds the synthetic output token ids.
         fast_forward: run steps in C++ between other events (same results, fewer SimPy events).
+        driven: start no process; a `sim.cluster_fast.ClusterDriver` runs this replica's loop.
     """
 
     def __init__(self, env: simpy.Environment, index: int, config: cp.SchedulerConfig, cost_model,
-                 metrics, idle_wait_s: float, seed: int, fast_forward: bool = True) -> None:
+                 metrics, idle_wait_s: float, seed: int, fast_forward: bool = True, driven: bool = False) -> None:
         self.env = env
         self.index = index
         self.scheduler = cp.Scheduler(config)
@@ -63,7 +64,8 @@ class Replica:
         self._wake: simpy.Event | None = None
         native = getattr(cost_model, "native", None)
         self._fast = cp.FastForward(native, self._token_pool) if fast_forward and native is not None else None
-        self.process = env.process(self._loop_fast() if self._fast is not None else self._loop())
+        if not driven:
+            self.process = env.process(self._loop_fast() if self._fast is not None else self._loop())
 
     @property
     def load(self) -> int:

@@ -82,6 +82,15 @@ class Collector:
         self.kv_samples.extend((start, i, used, cached, free) for start, used, cached, free in result.samples)
         self._next_sample[i] = result.sample_at
 
+    def on_cluster_steps(self, result) -> None:
+        """`on_step` for a run of several replicas' steps (a `controlplane.ClusterResult`, commit order),
+        with the KV samples `_sample` would have taken (the C++ side keeps the next sample times)."""
+        self.step_start.extend(result.starts)
+        self.step_seconds.extend(result.seconds)
+        self.step_tokens.extend(result.num_tokens)
+        self.step_reqs.extend(result.num_reqs)
+        self.kv_samples.extend(result.samples)
+
     def _sample(self, replica, start: float) -> None:
         """KV usage after the step that started at `start`, once per sample interval
         (csrc/fast_forward.cpp samples the same way)."""

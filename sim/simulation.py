@@ -21,6 +21,7 @@ import simpy
 
 import controlplane as cp
 from sim.cluster import Replica, Router
+from sim.cluster_fast import ClusterDriver
 from sim.config import SimulationConfig, from_mapping, scheduler_config, validate
 from sim.cost import make_cost_model
 from sim.metrics import Collector, Slo
@@ -96,9 +97,12 @@ class Simulation:
         env = simpy.Environment()
         collector = Collector(cfg.cluster.num_replicas, self.num_blocks, s.kv_sample_interval_s,
                               Slo(s.slo_ttft_s, s.slo_tpot_s))
+        driven = s.fast_forward and cfg.cluster.num_replicas > 1 and getattr(self.cost_model, "native", None)
         replicas = [Replica(env, i, self.scheduler_config, self.cost_model, collector, s.idle_wait_s, s.seed,
-                            fast_forward=s.fast_forward)
+                            fast_forward=s.fast_forward, driven=bool(driven))
                     for i in range(cfg.cluster.num_replicas)]
+        if driven:
+            ClusterDriver(env, replicas, collector)
         router = Router(cfg.cluster.router, replicas)
         tokens = TokenFactory(s.seed, self.model.vocab_size)
         ids = itertools.count()
