@@ -123,12 +123,13 @@ class EngineCore:
         if not params.ignore_eos:
             stops += list(self.eos_token_ids[1:])
         stop_ids = tuple(stops) + (() if params.ignore_eos or eos < 0 else (eos,))
-        self.runner.add_sequence(req_id, SequenceState(params, prompt.tolist(), [],
-                                                       make_generator(params.seed, self.device), stop_ids))
         now = self.clock.now() if arrival_time is None else arrival_time
         self.scheduler.add_request(req_id, prompt.astype(np.int32), max_new_tokens=max_new, stop_token_ids=stops,
                                    eos_token_id=eos, ignore_eos=params.ignore_eos, arrival_time=now,
                                    session_id=session_id, priority=priority, cache_namespace=cache_namespace)
+        # only once the scheduler took it (it refuses bad ids, duplicates, ...): nothing to undo otherwise
+        self.runner.add_sequence(req_id, SequenceState(params, prompt.tolist(), [],
+                                                       make_generator(params.seed, self.device), stop_ids))
 
     def abort(self, req_id: int) -> None:
         self.scheduler.abort(req_id, self.clock.now())

@@ -89,7 +89,7 @@ def serve(options: dict) -> int:
     return 0 if server.started else 1
 
 
-@hydra.main(version_base="1.3", config_path="../../conf/serve", config_name="config")  # its own folder: conf/model is the simulator's group
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")  # in the package: works installed
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     code = serve(OmegaConf.to_container(cfg, resolve=True))

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import shutil
 import tempfile
 import time
 
@@ -137,3 +138,4 @@ class CoreClient:
                 self.proc.kill()
         self.to_core.close(linger=0)
         self.from_core.close(linger=0)
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -15,6 +15,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.serve.client import CoreClient, CoreDied
 from engine.serve.generation import Choice
@@ -43,15 +44,25 @@ def create_app(state: GatewayState, lifespan=None) -> FastAPI:
     async def api_error(request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):  # 404, 405, unparsable bodies: OpenAI's shape too
+        return JSONResponse(ApiError(str(exc.detail), status=exc.status_code).body(), status_code=exc.status_code)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
-        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        # `param` names the field: union branches (pydantic's "list[int]") and trailing list indices
+        # dropped, so "prompt.list[int].2" and "stop_token_ids.0" read "prompt" and "stop_token_ids"
+        path = [p for p in first.get("loc", ()) if p != "body" and not (isinstance(p, str) and "[" in p)]
+        while path and isinstance(path[-1], int):
+            path.pop()
+        path = [str(p) for p in path]
+        loc = ".".join(path)
         kind = first.get("type", "")
         if kind == "json_invalid":
             return JSONResponse(ApiError("malformed JSON body: " + first.get("msg", "")).body(), status_code=400)
-        message = f"{loc or 'body'}: {first.get('msg', 'invalid')}"
+        message = f"{'.'.join(path) or 'body'}: {first.get('msg', 'invalid')}"
         return JSONResponse(ApiError(message, param=loc or None).body(), status_code=400)
 
     @app.middleware("http")
@@ -112,7 +123,7 @@ def _encode_prompts(state: GatewayState, body, chat: bool) -> list[list[int]]:
                                            **(body.chat_template_kwargs or {}))
         except Exception as exc:  # a template can raise anything (jinja errors, bad roles)
             raise ApiError(f"the chat template failed on these messages: {exc}", param="messages") from None
-        return [list(tok.encode(text, add_special_tokens=False))]
+        return [_tokenize(tok, text, False, "messages")]
     prompt = body.prompt
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -125,15 +136,26 @@ def _encode_prompts(state: GatewayState, body, chat: bool) -> list[list[int]]:
         if isinstance(p, str):
             if tok is None:
                 raise ApiError("this model has no tokenizer: send token ids", param="prompt")
-            out.append(list(tok.encode(p, add_special_tokens=True)))
+            out.append(_tokenize(tok, p, True, "prompt"))
         else:
             out.append([int(t) for t in p])
     return out
 
 
-def _check_lengths(state: GatewayState, prompts: list[list[int]], max_tokens: int | None) -> None:
+def _tokenize(tok, text: str, special: bool, param: str) -> list[int]:
+    try:
+        text.encode("utf-8")  # lone surrogates are valid JSON but not text
+        return list(tok.encode(text, add_special_tokens=special))
+    except (TypeError, ValueError, UnicodeError) as exc:
+        raise ApiError(f"the {param} is not valid text: {exc}", param=param) from None
+
+
+def _check_lengths(state: GatewayState, prompts: list[list[int]], max_tokens: int | None,
+                   stop_token_ids=None) -> None:
     limit = state.max_model_len
     vocab = state.client.info.vocab_size
+    if any(t >= vocab for t in stop_token_ids or ()):
+        raise ApiError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
     for ids in prompts:
         if not ids:
             raise ApiError("the prompt is empty", param="prompt")
@@ -149,11 +171,12 @@ async def _serve(state: GatewayState, request: Request, body, chat: bool):
     _check_model(state, body.model)
     if body.n < 1 or body.n > 16:
         raise ApiError("n must be in [1, 16]", param="n")
-    max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+    limit_name = "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(body, limit_name)
     if not chat and max_tokens is None:
         max_tokens = 16  # OpenAI's default for completions
     if max_tokens is not None and max_tokens < 1:
-        raise ApiError("max_tokens must be at least 1", param="max_tokens")
+        raise ApiError(f"{limit_name} must be at least 1", param=limit_name)
     if chat:
         if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
             raise ApiError("top_logprobs must be in [0, 20]", param="top_logprobs")
@@ -162,14 +185,20 @@ async def _serve(state: GatewayState, request: Request, body, chat: bool):
         logprobs = body.logprobs
     params = sampling_params(body, max_tokens, logprobs)
     prompts = _encode_prompts(state, body, chat)
-    _check_lengths(state, prompts, max_tokens)
+    _check_lengths(state, prompts, max_tokens, body.stop_token_ids)
     session = body.session_id or request.headers.get("x-session-id")
+    choices: list[Choice] = []
     try:
-        choices = [Choice(state.client, state.tokenizer, i * body.n + k, ids, _seeded(params, k), session_id=session,
-                          namespace=body.cache_salt, priority=body.priority, metrics=state.metrics, prompt_index=i)
-                   for i, ids in enumerate(prompts) for k in range(body.n)]
+        for i, ids in enumerate(prompts):
+            for k in range(body.n):
+                choices.append(Choice(state.client, state.tokenizer, i * body.n + k, ids, _seeded(params, k),
+                                      session_id=session, namespace=body.cache_salt, priority=body.priority,
+                                      metrics=state.metrics, prompt_index=i))
     except CoreDied:
         raise ApiError("the engine core is not running", status=503, kind="server_error") from None
+    except BaseException:
+        state.client.abort([c.req_id for c in choices])  # what was sent must not run on
+        raise
     meta = R.Meta(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time()), state.model_name, chat,
                   state.tokenizer, body.return_token_ids)
     if body.stream:

@@ -77,6 +77,12 @@ class Choice:
             self.client.release(self.req_id)
 
     def _token(self, token: int, logprob, top) -> Delta:
+        # a step carries logprobs for every row when any row asks for them: keep what this one asked for
+        wanted = self.params.logprobs
+        if wanted is None:
+            logprob, top = None, None
+        elif top is not None:
+            top = top[:wanted]
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now

@@ -6,7 +6,7 @@ values are refused with a 400 naming the parameter.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,6 +23,13 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+# Integers travel to the engine core as 64-bit (seeds) or 32-bit values: bound them here, so an
+# out-of-range number is a 400 naming its field rather than an overflow deep inside.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
@@ -31,34 +38,34 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: Optional[str] = None
-    max_tokens: Optional[int] = None
+    max_tokens: Optional[Int32] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
-    top_k: Optional[int] = None
+    top_k: Optional[Int32] = None
     min_p: Optional[float] = None
-    seed: Optional[int] = None
+    seed: Optional[Int64] = None
     stop: Union[str, list[str], None] = None
-    stop_token_ids: Optional[list[int]] = None
-    n: int = 1
+    stop_token_ids: Optional[list[TokenId]] = None
+    n: Int32 = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Int32 = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     session_id: Optional[str] = None
     cache_salt: Optional[str] = None
-    priority: int = 0
+    priority: Int32 = 0
     user: Optional[str] = None
     return_token_ids: bool = False   # vLLM's extension: each choice also carries its token ids
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: Optional[int] = None
+    prompt: Union[str, list[str], list[int], list[list[int]]]  # ids range-checked by the gateway
+    logprobs: Optional[Int32] = None
     echo: bool = False
 
 
@@ -70,9 +77,9 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = None
+    max_completion_tokens: Optional[Int32] = None
     logprobs: bool = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[Int32] = None
     add_generation_prompt: bool = True
     chat_template_kwargs: Optional[dict[str, Any]] = None
 

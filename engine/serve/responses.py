@@ -40,7 +40,10 @@ class Collected:
 def message_dict(m) -> dict:
     content = m.content
     if isinstance(content, list):  # content parts: keep the text ones
-        content = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+        texts = [p.get("text") for p in content if p.get("type") == "text"]
+        if any(not isinstance(t, str) for t in texts):
+            raise ApiError("a text content part needs a string `text`", param="messages")
+        content = "".join(texts)
     out = {k: v for k, v in m.model_dump().items() if v is not None}
     out["content"] = content or ""
     return out
