@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The server on a GPU (random-weight Llama-3.2-1B shape), one plain and one streaming request,
-# then the IPC benchmark on this machine's idle CPUs. Carry .whl (../shared/tools/device-wheels.sh).
+# then the IPC benchmark on this machine's idle CPUs. Carry .whl, filled with
+# `../shared/tools/device-wheels.sh opentelemetry-api annotated-doc` (FastAPI >= 0.16x needs them; the GPU
+# image has neither: without them the gateway cannot import FastAPI there).
 set -uo pipefail
 out="${OUT:-/tmp/gpu-serve}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
