@@ -15,12 +15,16 @@ import signal
 import time
 import uuid
 
-import httpx
-import openai
 import pytest
-from hypothesis import HealthCheck, Phase, given, note, settings
 
-from serve_helpers import REQUESTS, VOCAB, ServerProcess, is_openai_error, load_round, metrics, wait_idle
+openai = pytest.importorskip("openai")  # not on the GPU machine, where only `-m gpu` runs
+pytest.importorskip("psutil")
+
+import httpx  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, note, settings  # noqa: E402
+
+from serve_helpers import (REQUESTS, VOCAB, ServerProcess, is_openai_error, load_round,  # noqa: E402
+                           metrics, wait_idle)
 
 COUNT = "1, 2, 3, 4,"
 COUNT_IDS = [33, 28, 216, 34, 28, 216, 35, 28, 216, 36, 28]  # COUNT in SmolLM2's tokenizer
