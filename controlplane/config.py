@@ -9,6 +9,14 @@ from typing import Any, Mapping
 from controlplane import _core
 
 
+def reject_unknown_keys(cls, values: Mapping[str, Any], what: str) -> None:
+    """Raises ValueError naming the keys of `values` that are not fields of the dataclass `cls`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} keys: {unknown}; known: {sorted(known)}")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Everything the scheduler is built from; validated by the C++ core.
@@ -33,10 +41,7 @@ class SchedulerConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "SchedulerConfig":
         """Builds a config from a mapping, rejecting unknown keys by name."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown scheduler config keys: {unknown}; known: {sorted(known)}")
+        reject_unknown_keys(cls, values, "scheduler config")
         return cls(**values)
 
     def to_core(self) -> _core.SchedulerConfig:

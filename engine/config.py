@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from controlplane.config import reject_unknown_keys
 
 # Hugging Face `architectures` names this engine runs, and the family each maps to.
 ARCHITECTURES: dict[str, str] = {
@@ -189,14 +190,10 @@ class EngineConfig:
     preemption: str = "recompute"
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-    profile_path: str | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EngineConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown engine config keys: {unknown}; known: {sorted(known)}")
+        reject_unknown_keys(cls, values, "engine config")
         values = dict(values)
         if "cuda_graph_batch_sizes" in values:
             values["cuda_graph_batch_sizes"] = tuple(values["cuda_graph_batch_sizes"])

@@ -40,11 +40,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from controlplane import _core
+from controlplane.profile import FEATURES, PROFILE_COLUMNS, write_profile
+from controlplane.profile import parse_row as _parse_row
 from sim.specs import HardwareSpec, ModelSpec
 
-FEATURES = ("num_tokens", "num_reqs", "num_sampled", "attn_pairs", "kv_read_tokens",
-            "num_swap_out_blocks", "num_swap_in_blocks")
-PROFILE_COLUMNS = FEATURES + ("seconds",)
 
 
 @dataclass(frozen=True)
@@ -266,23 +265,6 @@ def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     raise RuntimeError(f"nonnegative_least_squares: no convergence on a {m}x{n} problem")
 
 
-def _parse_row(row: Mapping[str, Any], where: str) -> list[float]:
-    """The FEATURES then seconds of one profile row, as non-negative finite floats."""
-    values = []
-    for column in PROFILE_COLUMNS:
-        if column not in row:
-            raise ValueError(f"{where}: missing column {column!r}")
-        raw = row[column]
-        try:
-            value = float(raw)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: column {column!r}: {raw!r} is not a number") from None
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{where}: column {column!r}: {raw!r} must be finite and >= 0")
-        values.append(value)
-    return values
-
-
 def _profile_rows(source: str | Path | Iterable[Mapping[str, Any]]) -> Iterator[tuple[str, Mapping]]:
     """Yields ``("file:line", row)`` from a CSV path, or ``("<rows>[i]", row)`` from mappings."""
     if not isinstance(source, (str, Path)):
@@ -318,29 +300,6 @@ def read_profile(source: str | Path | Iterable[Mapping[str, Any]]) -> tuple[np.n
         raise ValueError(f"{name}: empty profile (no data rows)")
     table = np.asarray(parsed, dtype=np.float64)
     return table[:, :-1], table[:, -1]
-
-
-def write_profile(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> int:
-    """Writes measured steps as a profile CSV (what the GPU engine records).
-
-    Args:
-        path: the CSV file to create (overwritten).
-        rows: mappings with every `FEATURES` name and ``seconds``; extra keys
-            (``step_id``, ``model``, ``hardware`` ...) become extra columns.
-    Returns:
-        The number of rows written.
-    Raises:
-        ValueError: a row lacks a column or has a bad value.
-    """
-    extra: dict[str, None] = {}
-    for i, row in enumerate(rows):
-        _parse_row(row, f"<rows>[{i}]")
-        extra.update((k, None) for k in row if k not in PROFILE_COLUMNS)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*PROFILE_COLUMNS, *extra], restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    return len(rows)
 
 
 class ProfileCost(CostModel):
