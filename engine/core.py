@@ -10,7 +10,6 @@ simulator's `profile` cost model reads (docs/profile-format.md).
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass, field
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 import controlplane as cp
+from controlplane.profile import plan_features, write_profile
 from engine.config import EngineConfig
 from engine.kernels import KernelSet
 from engine.loader import LoadedModel, load_model
@@ -27,8 +27,6 @@ from engine.sampling import SamplingParams, SequenceState, make_generator
 
 log = logging.getLogger(__name__)
 
-PROFILE_FEATURES = ("num_tokens", "num_reqs", "num_sampled", "attn_pairs", "kv_read_tokens",
-                    "num_swap_out_blocks", "num_swap_in_blocks")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,6 +42,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
+
+
+def finish_reason(f) -> str:
+    """OpenAI's finish reason of a FinishedRequest: "length" (max tokens or the model length) or "stop"."""
+    return "length" if f.finish_reason in ("length", "model_length") else "stop"
 
 
 @dataclass
@@ -135,10 +138,6 @@ class EngineCore:
         self.scheduler.abort(req_id, self.clock.now())
         self.runner.remove_sequence(req_id)
 
-    def release(self, req_id: int) -> None:
-        """Forgets a finished request's sampling state."""
-        self.runner.remove_sequence(req_id)
-
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
@@ -149,7 +148,7 @@ class EngineCore:
         if result.record is None:
             return StepOutput(np.empty(0, dtype=np.int64), result.tokens)
         plan = result.plan
-        row = {f: int(getattr(plan, f)) for f in PROFILE_FEATURES}
+        row = plan_features(plan)
         row.update(seconds=result.seconds, step_id=int(plan.step_id))
         self.profile.append(row)
         for f in result.record.finished:
@@ -159,10 +158,5 @@ class EngineCore:
 
     def save_profile(self, path: str, skip: int = 0) -> int:
         """Writes the recorded steps (after `skip` warm-up steps) as a profile CSV; returns the row count."""
-        rows = self.profile[skip:]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*PROFILE_FEATURES, "seconds", "step_id", "model", "device"])
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({**row, "model": self.source, "device": str(self.device)})
-        return len(rows)
+        rows = [{**row, "model": self.source, "device": str(self.device)} for row in self.profile[skip:]]
+        return write_profile(path, rows)

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from engine.config import EngineConfig
-from engine.core import EngineCore
+from engine.core import EngineCore, finish_reason
+from engine.detokenize import IncrementalDetokenizer, StopMatcher
 from engine.sampling import SamplingParams
 
 
@@ -53,6 +54,8 @@ class _Pending:
     text: str = ""
     done: CompletionOutput | None = None
     cached: int = 0
+    stop: StopMatcher | None = None          # set when the params have stop strings (and there is a tokenizer)
+    detok: IncrementalDetokenizer | None = None
 
 
 class LLM:
@@ -133,9 +136,11 @@ class LLM:
             group = []
             for k in range(p.n):
                 req_id = next(self._ids)
-                seeded = p if p.seed is None or k == 0 else _replace_seed(p, p.seed + k)
-                engine.add_request(req_id, ids, seeded)
-                pending[req_id] = _Pending(k, p, text, ids)
+                engine.add_request(req_id, ids, p.for_choice(k))
+                pending[req_id] = entry = _Pending(k, p, text, ids)
+                if p.stop_list and self.tokenizer is not None:
+                    entry.stop = StopMatcher(p.stop_list, p.include_stop_str_in_output)
+                    entry.detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens)
                 group.append(req_id)
             groups.append(group)
         bar = _progress(len(pending), use_tqdm)
@@ -153,6 +158,8 @@ class LLM:
             if p is None or rid not in live:
                 continue
             p.tokens.append(int(token))
+            if p.stop is not None and p.stop.stopped is None:
+                p.stop.push(p.detok.add(int(token)))
             if p.params.logprobs is not None and result is not None and result.logprobs is not None:
                 entry = {int(token): float(result.logprobs[k])}
                 if result.top_ids is not None and p.params.logprobs > 0:
@@ -164,25 +171,17 @@ class LLM:
             p = pending[f.request_id]
             p.cached = f.num_cached_tokens
             if f.request_id in live:
-                self._finish(f.request_id, p, "length" if f.finish_reason in ("length", "model_length") else "stop",
-                             live, bar, stop_reason=p.tokens[-1] if f.finish_reason == "stop" and p.tokens else None)
-        for rid in [r for r in live if pending[r].params.stop_list]:
-            self._check_stop_strings(rid, pending[rid], live, bar)
-
-    def _check_stop_strings(self, rid: int, p: _Pending, live: set, bar) -> None:
-        text = self._decode(p.tokens, p.params)
-        hits = [(text.find(s), s) for s in p.params.stop_list if s in text]
-        if not hits:
-            return
-        at, stop = min(hits)
-        p.text = text[:at + len(stop)] if p.params.include_stop_str_in_output else text[:at]
-        self.engine.abort(rid)
-        self._finish(rid, p, "stop", live, bar, stop_reason=stop, text_ready=True)
+                stop_token = p.tokens[-1] if f.finish_reason == "stop" and p.tokens else None
+                self._finish(f.request_id, p, finish_reason(f), live, bar, stop_reason=stop_token)
+        for rid in [r for r in live if pending[r].stop is not None and pending[r].stop.stopped is not None]:
+            p = pending[rid]
+            p.text = p.stop.text  # up to the stop string (through it with include_stop_str_in_output)
+            self.engine.abort(rid)
+            self._finish(rid, p, "stop", live, bar, stop_reason=p.stop.stopped, text_ready=True)
 
     def _finish(self, rid: int, p: _Pending, reason: str, live: set, bar, stop_reason=None,
                 text_ready: bool = False) -> None:
-        live.discard(rid)
-        self.engine.release(rid)
+        live.discard(rid)  # the engine forgot it already: on its finish, or on the abort of a stop string
         text = p.text if text_ready else self._decode(p.tokens, p.params)
         cumulative = sum(next(iter(e.values())) for e in p.logprobs) if p.logprobs else None
         p.done = CompletionOutput(p.index, text, list(p.tokens), reason, stop_reason,
@@ -198,12 +197,6 @@ class LLM:
         first = pending[group[0]]
         return RequestOutput(str(group[0]), first.prompt, first.prompt_ids, [pending[r].done for r in group],
                              True, first.cached)
-
-
-def _replace_seed(p: SamplingParams, seed: int) -> SamplingParams:
-    import dataclasses
-
-    return dataclasses.replace(p, seed=seed)
 
 
 class _NoBar:

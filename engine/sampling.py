@@ -79,6 +79,12 @@ class SamplingParams:
         if any(not isinstance(t, int) or t < 0 for t in ids):
             raise bad("stop_token_ids", "a list of token ids >= 0")
 
+    def for_choice(self, k: int) -> "SamplingParams":
+        """The parameters of the k-th of `n` samples of one prompt: a seeded request's copies get seed + k."""
+        import dataclasses
+
+        return self if self.seed is None or k == 0 else dataclasses.replace(self, seed=self.seed + k)
+
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS

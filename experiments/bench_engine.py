@@ -104,18 +104,9 @@ def prefill_seconds(core, length: int) -> float:
 
 
 def hf_model(core):
-    import transformers
+    from engine.models.hf_reference import transformers_model
 
-    cfg = core.model_config.to_hf()
-    arch = cfg.pop("architectures")[0]
-    cfg.pop("model_type")
-    hf_cfg = transformers.LlamaConfig(**cfg) if arch == "LlamaForCausalLM" else transformers.Qwen3Config(**cfg)
-    with torch.device("cuda"):
-        model = getattr(transformers, arch)._from_config(hf_cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model.load_state_dict(core.model.hf_state_dict(), strict=False)
-    if core.model_config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()
+    return transformers_model(core.model, dtype=torch.bfloat16, device="cuda")
 
 
 @torch.inference_mode()

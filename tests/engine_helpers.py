@@ -55,23 +55,9 @@ def hf_greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]:
 
 def hf_model_from_engine(engine_model):
     """A transformers model with exactly the engine model's weights (for random-weight shapes)."""
-    import transformers
+    from engine.models.hf_reference import transformers_model
 
-    cfg_dict = engine_model.config.to_hf()
-    arch = cfg_dict["architectures"][0]
-    config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
-                  "Qwen3ForCausalLM": transformers.Qwen3Config}[arch]
-    hf_cfg = config_cls(**{k: v for k, v in cfg_dict.items() if k not in ("architectures", "model_type")})
-    hf_cfg.architectures = [arch]
-    dtype = next(engine_model.parameters()).dtype
-    device = next(engine_model.parameters()).device
-    model = getattr(transformers, arch)(hf_cfg).to(dtype=dtype, device=device).eval()
-    missing, unexpected = model.load_state_dict(engine_model.hf_state_dict(), strict=False)
-    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq") and m != "lm_head.weight"]
-    assert not missing and not unexpected, (missing, unexpected)
-    if engine_model.config.tie_word_embeddings:
-        model.tie_weights()
-    return model
+    return transformers_model(engine_model)
 
 
 def tiny_config(arch: str, **overrides):

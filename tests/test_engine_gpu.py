@@ -28,16 +28,9 @@ def _core(shape: str, **kwargs):
 
 
 def _hf(core, dtype=torch.bfloat16):
-    import transformers
+    from engine.models.hf_reference import transformers_model
 
-    cfg = core.model_config.to_hf()
-    arch = cfg.pop("architectures")[0]
-    cfg.pop("model_type")
-    config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen3ForCausalLM": transformers.Qwen3Config}[arch]
-    with torch.device("cuda"):
-        model = getattr(transformers, arch)._from_config(config_cls(**cfg), dtype=dtype, attn_implementation="sdpa")
-    model.load_state_dict({k: v.to(dtype) for k, v in core.model.hf_state_dict().items()}, strict=False)
-    return model.eval()
+    return transformers_model(core.model, dtype=dtype, device="cuda")
 
 
 @torch.inference_mode()

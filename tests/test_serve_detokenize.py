@@ -1,11 +1,11 @@
-"""engine.serve.detokenize without a model: a byte-level tokenizer made of the pieces each test needs."""
+"""engine.detokenize without a model: a byte-level tokenizer made of the pieces each test needs."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.serve.detokenize import IncrementalDetokenizer, StopMatcher
+from engine.detokenize import IncrementalDetokenizer, StopMatcher
 
 
 class PieceTokenizer:

@@ -55,29 +55,32 @@ def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -
     return model.eval()
 
 
+def weights_format(cfg: EngineConfig, source: str) -> str:
+    """"dummy", "gguf" or "hf": `cfg.load_format`, or with "auto" what `source` is."""
+    if cfg.load_format != "auto":
+        return cfg.load_format
+    if not os.path.exists(source):
+        raise ModelLoadError(f"model {source!r} does not exist (a Hugging Face model directory or a "
+                             f".gguf file; or load_format=dummy with a built-in shape)")
+    return "gguf" if os.path.isfile(source) and source.endswith(".gguf") else "hf"
+
+
 def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """Loads weights by `cfg.load_format`: dummy (random), gguf, hf (a directory), or auto by path."""
     from engine.loader import dummy, gguf_file, hf_dir
 
     source = resolve_model(cfg.model)
-    fmt = cfg.load_format
-    if fmt == "dummy":
-        loaded = dummy.load(source, cfg, device, dtype)
-        if cfg.tokenizer:
-            loaded.tokenizer = hf_dir.load_tokenizer(cfg.tokenizer)
-        return loaded
-    if fmt == "auto":
-        if not os.path.exists(source):
-            raise ModelLoadError(f"model {source!r} does not exist (a Hugging Face model directory or a "
-                                 f".gguf file; or load_format=dummy with a built-in shape)")
-        fmt = "gguf" if os.path.isfile(source) and source.endswith(".gguf") else "hf"
-    if fmt == "gguf":
-        return gguf_file.load(source, device, dtype)
-    return hf_dir.load(source, device, dtype)
+    loader = {"dummy": lambda: dummy.load(source, cfg, device, dtype),
+              "gguf": lambda: gguf_file.load(source, device, dtype),
+              "hf": lambda: hf_dir.load(source, device, dtype)}[weights_format(cfg, source)]
+    loaded = loader()
+    if cfg.tokenizer:
+        loaded.tokenizer = hf_dir.load_tokenizer(cfg.tokenizer)
+    return loaded
 
 
 def load_tokenizer(cfg: EngineConfig):
-    """The tokenizer `load_model` would give, without loading weights (for the gateway process).
+    """The tokenizer `load_model` gives, without loading weights (for the gateway process).
 
     `cfg.tokenizer` (a directory with tokenizer files) wins; dummy shapes have none otherwise.
     """
@@ -86,11 +89,10 @@ def load_tokenizer(cfg: EngineConfig):
     if cfg.tokenizer:
         return hf_dir.load_tokenizer(cfg.tokenizer)
     source = resolve_model(cfg.model)
-    if cfg.load_format == "dummy":
+    fmt = weights_format(cfg, source)
+    if fmt == "dummy":
         return None
-    if os.path.isfile(source) and source.endswith(".gguf"):
-        return gguf_file.load_tokenizer(source)
-    return hf_dir.load_tokenizer(source)
+    return gguf_file.load_tokenizer(source) if fmt == "gguf" else hf_dir.load_tokenizer(source)
 
 
 __all__ = ["LoadedModel", "ModelConfigError", "ModelLoadError", "build_model", "embedded_default_path",

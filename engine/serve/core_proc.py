@@ -61,6 +61,8 @@ class CoreLoop:
         return True
 
     def step(self) -> None:
+        from engine.core import finish_reason
+
         core = self.core
         out = core.step()
         if len(out.req_ids):
@@ -75,7 +77,7 @@ class CoreLoop:
         for f in out.finished:
             self.live.discard(f.request_id)
             stop = f.output_token_ids[-1] if f.finish_reason == "stop" and f.num_output_tokens else None
-            reason = "length" if f.finish_reason in ("length", "model_length") else "stop"
+            reason = finish_reason(f)
             self.send.send(P.encode(P.Finished(f.request_id, reason, stop, f.num_prompt_tokens,
                                                f.num_cached_tokens, f.num_output_tokens)))
 

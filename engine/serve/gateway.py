@@ -191,7 +191,7 @@ async def _serve(state: GatewayState, request: Request, body, chat: bool):
     try:
         for i, ids in enumerate(prompts):
             for k in range(body.n):
-                choices.append(Choice(state.client, state.tokenizer, i * body.n + k, ids, _seeded(params, k),
+                choices.append(Choice(state.client, state.tokenizer, i * body.n + k, ids, params.for_choice(k),
                                       session_id=session, namespace=body.cache_salt, priority=body.priority,
                                       metrics=state.metrics, prompt_index=i))
     except CoreDied:
@@ -205,12 +205,6 @@ async def _serve(state: GatewayState, request: Request, body, chat: bool):
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(R.stream(meta, choices, usage), media_type="text/event-stream")
     return JSONResponse(await _complete(request, meta, choices))
-
-
-def _seeded(params, k: int):
-    import dataclasses
-
-    return params if params.seed is None or k == 0 else dataclasses.replace(params, seed=params.seed + k)
 
 
 async def _complete(request: Request, meta, choices: list[Choice]) -> dict:

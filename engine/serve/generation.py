@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.serve.client import CoreClient, CoreDied
-from engine.serve.detokenize import IncrementalDetokenizer, StopMatcher
+from engine.detokenize import IncrementalDetokenizer, StopMatcher
 from engine.serve.openai_api import ApiError
 
 _ids = itertools.count(1)
