@@ -24,6 +24,17 @@ from controlplane._core import (
     policy_names,
     transition_allowed,
 )
+from controlplane import policies
+from controlplane.policies import (
+    EvictionPolicy,
+    OrderingPolicy,
+    PolicyError,
+    PreemptionPolicy,
+    RouterPolicy,
+    import_policy_modules,
+    register_policy,
+)
+from controlplane import agent_policies  # noqa: F401,E402 - registers the Python policies shipped here
 from controlplane.config import SchedulerConfig
 from controlplane.scheduler import Scheduler
 from controlplane.loop import Clock, Executor, ManualClock, StepRecord, StepResult, WallClock, loop_step, run_loop
@@ -31,6 +42,14 @@ from controlplane.loop import Clock, Executor, ManualClock, StepRecord, StepResu
 __all__ = [
     "Clock",
     "ClusterForward",
+    "EvictionPolicy",
+    "OrderingPolicy",
+    "PolicyError",
+    "PreemptionPolicy",
+    "RouterPolicy",
+    "import_policy_modules",
+    "policies",
+    "register_policy",
     "ClusterResult",
     "Executor",
     "FastForward",

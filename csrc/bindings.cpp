@@ -16,6 +16,11 @@
 namespace py = pybind11;
 using namespace tandem;
 
+namespace tandem {
+void bind_policies(py::module_& m);  // csrc/py_policies.cpp
+std::vector<std::string> registered_names(const std::string& kind);
+}  // namespace tandem
+
 namespace {
 
 template <typename T>
@@ -192,6 +197,7 @@ void bind_simulation(py::module_& m) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "Tandem control plane: request lifecycles, paged KV with a prefix index, batch planning.";
   py::register_exception<InvariantViolation>(m, "InvariantError", PyExc_RuntimeError);
+  bind_policies(m);
 
   py::enum_<RequestState>(m, "RequestState")
       .value("WAITING", RequestState::kWaiting)
@@ -204,13 +210,8 @@ PYBIND11_MODULE(_core, m) {
         "Whether the request lifecycle has an edge src -> dst.");
   m.def(
       "policy_names",
-      [](const std::string& kind) {
-        if (kind == "ordering") return ordering_registry().names();
-        if (kind == "eviction") return eviction_registry().names();
-        if (kind == "preemption") return preemption_registry().names();
-        throw InvalidInput("unknown policy kind '" + kind + "' (ordering, eviction, preemption)");
-      },
-      py::arg("kind"), "Names registered for a policy kind.");
+      [](const std::string& kind) { return registered_names(kind); }, py::arg("kind"),
+      "Names registered for a policy kind (ordering, eviction, preemption, router), C++ and Python.");
   m.def(
       "parse_policy_spec",
       [](const std::string& spec) {
@@ -366,6 +367,12 @@ PYBIND11_MODULE(_core, m) {
       .def("check_invariants", &Scheduler::check_invariants)
       .def("has_unfinished", &Scheduler::has_unfinished)
       .def("has_pending_plan", &Scheduler::has_pending_plan)
+      .def_property_readonly("failure", &Scheduler::failure,
+                             "The PolicyError message that stopped this scheduler ('' while it runs).")
+      .def_property_readonly("num_available_blocks", [](const Scheduler& s) {
+        const Stats st = s.stats();
+        return st.num_free_blocks + st.num_evictable_blocks;
+      })
       .def("request_info", [](const Scheduler& s, RequestId id) { return request_info(s.request(id)); },
            py::arg("request_id"))
       .def_property_readonly("block_size", [](const Scheduler& s) { return s.config().block_size; })

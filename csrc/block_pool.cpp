@@ -84,7 +84,7 @@ void BlockPool::make_evictable(BlockId block) {
   view.depth = m.depth;
   view.priority = m.priority;
   view.hits = m.hits;
-  m.key = eviction_->key(view);
+  m.key = checked_key(eviction_->key(view), "eviction", *eviction_);
   set_where(m, Where::kEvictable);
   m.stamp = ++next_stamp_;
   evictable_.push({m.key.primary, m.key.secondary, -m.depth, block, m.stamp});

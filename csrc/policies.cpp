@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 namespace tandem {
 
@@ -27,6 +28,10 @@ std::vector<std::string> PolicyRegistry<Policy>::names() const {
   std::vector<std::string> out;
   for (const auto& kv : factories_) out.push_back(kv.first);
   return out;
+}
+
+std::string policy_label(const char* kind, const std::string& name) {
+  return std::string(kind) + " policy '" + name + "'";
 }
 
 void check_params(const std::string& policy, const PolicyParams& params,
@@ -106,6 +111,23 @@ class LongestPrefixMatch final : public OrderingPolicy {
   bool needs_prefix_match() const override { return true; }
 };
 
+// Program-level fairness (Autellix's PLAS): least attained service per session first, where a
+// session's service is the tokens its earlier turns and this call computed. Service is counted in
+// levels of `quantum` tokens, first come first served within a level, so a long agent session
+// does not starve short ones and small differences do not reorder the batch every step.
+class SessionLas final : public OrderingPolicy {
+ public:
+  explicit SessionLas(double quantum) : quantum_(quantum) {}
+  std::string name() const override { return "session_las"; }
+  OrderKey key(const RequestView& r) const override {
+    const double service = static_cast<double>(r.session_service + r.num_computed_total);
+    return {std::floor(service / quantum_), r.arrival_time};
+  }
+
+ private:
+  double quantum_;
+};
+
 // ---- eviction / retention ----------------------------------------------------
 
 class Lru final : public EvictionPolicy {
@@ -124,6 +146,50 @@ class Ttl final : public EvictionPolicy {
 
  private:
   double ttl_;
+};
+
+// Tool-pause-aware retention (the idea behind Continuum and InferCept): after a session's turn,
+// hold its KV for the time T that minimises the expected cost of the coming pause,
+//     cost(T) = hold_cost * share * E[min(pause, T)] + reload_s_per_token * tokens * P(pause > T),
+// where share = the turn's blocks / the cache's blocks and hold_cost is what holding the whole
+// cache for a second costs in GPU seconds (1: memory is what limits the batch). The pause law is
+// the session's own history (its earlier pauses), with `prior_pause_s` standing in until it has
+// `min_history` of them. cost(T) is piecewise linear between observed pauses, so the best T is
+// 0 or one of them; `margin` stretches it so a call arriving exactly at T still finds its KV.
+class PauseAware final : public EvictionPolicy {
+ public:
+  PauseAware(double reload_s_per_token, double hold_cost, double prior_pause_s, int min_history,
+             double margin, double max_pin_s)
+      : reload_(reload_s_per_token), hold_(hold_cost), prior_(prior_pause_s), min_history_(min_history),
+        margin_(margin), max_pin_(max_pin_s) {}
+  std::string name() const override { return "pause_aware"; }
+  OrderKey key(const CachedBlockView& b) const override { return {b.last_access, 0.0}; }
+  double pin_seconds(const TurnView& turn) const override {
+    if (turn.num_blocks <= 0 || turn.cache_blocks <= 0) return 0.0;
+    std::vector<double> pauses = turn.pauses;
+    if (static_cast<int>(pauses.size()) < min_history_) pauses.push_back(prior_);
+    std::sort(pauses.begin(), pauses.end());
+    const double n = static_cast<double>(pauses.size());
+    const double share = static_cast<double>(turn.num_blocks) / turn.cache_blocks;
+    const double reload = reload_ * turn.num_tokens;
+    // T = 0: nothing held, every pause pays the reload.
+    double best_t = 0.0, best_cost = reload;
+    double below = 0.0;  // sum of the pauses <= T
+    for (size_t i = 0; i < pauses.size(); ++i) {
+      const double t = pauses[i];
+      below += t;
+      const double longer = n - static_cast<double>(i + 1);  // pauses > t (ties are held too)
+      const double held = (below + longer * t) / n;          // E[min(pause, T)]
+      const double cost = hold_ * share * held + reload * longer / n;
+      if (cost < best_cost) best_cost = cost, best_t = t;
+    }
+    return std::min(best_t * margin_, max_pin_);
+  }
+
+ private:
+  double reload_, hold_, prior_;
+  int min_history_;
+  double margin_, max_pin_;
 };
 
 // Blocks last used by less important requests (larger priority value) go first, then LRU.
@@ -159,12 +225,89 @@ typename PolicyRegistry<Base>::Factory no_params(const std::string& name) {
   };
 }
 
+// ---- routers -------------------------------------------------------------------
+
+int least_loaded(const std::vector<ReplicaView>& replicas) {
+  int best = 0;
+  for (int i = 1; i < static_cast<int>(replicas.size()); ++i) {
+    const auto& a = replicas[i];
+    const auto& b = replicas[best];
+    if (a.load < b.load || (a.load == b.load && a.index < b.index)) best = i;
+  }
+  return best;
+}
+
+class RoundRobin final : public RouterPolicy {
+ public:
+  std::string name() const override { return "round_robin"; }
+  int route(const RouteView&, const std::vector<ReplicaView>& replicas) override {
+    return static_cast<int>(next_++ % replicas.size());
+  }
+
+ private:
+  uint64_t next_ = 0;
+};
+
+class LeastLoaded final : public RouterPolicy {
+ public:
+  std::string name() const override { return "least_loaded"; }
+  int route(const RouteView&, const std::vector<ReplicaView>& replicas) override { return least_loaded(replicas); }
+};
+
+// A session's calls stay on the replica of its first call, which is chosen least loaded.
+class SessionAffinity final : public RouterPolicy {
+ public:
+  std::string name() const override { return "session_affinity"; }
+  int route(const RouteView& call, const std::vector<ReplicaView>& replicas) override {
+    if (call.session_id.empty()) return least_loaded(replicas);
+    auto it = affinity_.find(std::string(call.session_id));
+    if (it != affinity_.end() && it->second < static_cast<int>(replicas.size())) return it->second;
+    const int chosen = least_loaded(replicas);
+    affinity_[std::string(call.session_id)] = chosen;
+    return chosen;
+  }
+  void end_session(const std::string& session_id) override { affinity_.erase(session_id); }
+
+ private:
+  std::map<std::string, int> affinity_;
+};
+
+// Most of the prompt already in the replica's prefix cache; ties: least loaded, lowest index.
+class PrefixAware final : public RouterPolicy {
+ public:
+  std::string name() const override { return "prefix_aware"; }
+  bool needs_prefix_match() const override { return true; }
+  int route(const RouteView&, const std::vector<ReplicaView>& replicas) override {
+    int best = 0;
+    for (int i = 1; i < static_cast<int>(replicas.size()); ++i) {
+      const auto& a = replicas[i];
+      const auto& b = replicas[best];
+      if (std::make_tuple(a.cached_prefix_tokens, -a.load, -a.index) >
+          std::make_tuple(b.cached_prefix_tokens, -b.load, -b.index)) {
+        best = i;
+      }
+    }
+    return best;
+  }
+};
+
+double param(const PolicyParams& params, const char* key, double fallback) {
+  auto it = params.find(key);
+  return it == params.end() ? fallback : it->second;
+}
+
 }  // namespace
 
 PolicyRegistry<OrderingPolicy>& ordering_registry() {
   static PolicyRegistry<OrderingPolicy> registry = [] {
     PolicyRegistry<OrderingPolicy> r;
     r.add("fcfs", no_params<Fcfs, OrderingPolicy>("fcfs"));
+    r.add("session_las", [](const PolicyParams& params) -> std::shared_ptr<OrderingPolicy> {
+      check_params("session_las", params, {"quantum"});
+      const double quantum = param(params, "quantum", 2048.0);
+      if (!(quantum > 0)) throw InvalidInput("policy 'session_las': quantum must be > 0 tokens");
+      return std::make_shared<SessionLas>(quantum);
+    });
     r.add("priority", no_params<Priority, OrderingPolicy>("priority"));
     r.add("longest_prefix_match", no_params<LongestPrefixMatch, OrderingPolicy>("longest_prefix_match"));
     return r;
@@ -184,6 +327,27 @@ PolicyRegistry<EvictionPolicy>& eviction_registry() {
       if (ttl < 0) throw InvalidInput("policy 'ttl': ttl must be >= 0 seconds");
       return std::make_shared<Ttl>(ttl);
     });
+    r.add("pause_aware", [](const PolicyParams& params) -> std::shared_ptr<EvictionPolicy> {
+      check_params("pause_aware", params,
+                   {"reload_s_per_token", "hold_cost", "prior_pause_s", "min_history", "margin", "max_pin_s"});
+      // Defaults: an 8B model prefills ~20K tokens/s on an H100; holding memory costs its share of
+      // the GPU; a 5 s pause until the session has shown two; 10% slack; at most 10 minutes.
+      const double reload = param(params, "reload_s_per_token", 5e-5);
+      const double hold = param(params, "hold_cost", 1.0);
+      const double prior = param(params, "prior_pause_s", 5.0);
+      const double min_history = param(params, "min_history", 2.0);
+      const double margin = param(params, "margin", 1.1);
+      const double max_pin = param(params, "max_pin_s", 600.0);
+      if (reload < 0 || hold < 0 || prior < 0 || max_pin < 0) {
+        throw InvalidInput("policy 'pause_aware': reload_s_per_token, hold_cost, prior_pause_s and max_pin_s must be >= 0");
+      }
+      if (min_history < 0 || min_history != std::floor(min_history) || min_history > kMaxPauseHistory) {
+        throw InvalidInput("policy 'pause_aware': min_history must be a whole number in [0, " +
+                           std::to_string(kMaxPauseHistory) + "]");
+      }
+      if (margin < 1) throw InvalidInput("policy 'pause_aware': margin must be >= 1");
+      return std::make_shared<PauseAware>(reload, hold, prior, static_cast<int>(min_history), margin, max_pin);
+    });
     return r;
   }();
   return registry;
@@ -199,7 +363,20 @@ PolicyRegistry<PreemptionPolicy>& preemption_registry() {
   return registry;
 }
 
+PolicyRegistry<RouterPolicy>& router_registry() {
+  static PolicyRegistry<RouterPolicy> registry = [] {
+    PolicyRegistry<RouterPolicy> r;
+    r.add("round_robin", no_params<RoundRobin, RouterPolicy>("round_robin"));
+    r.add("least_loaded", no_params<LeastLoaded, RouterPolicy>("least_loaded"));
+    r.add("session_affinity", no_params<SessionAffinity, RouterPolicy>("session_affinity"));
+    r.add("prefix_aware", no_params<PrefixAware, RouterPolicy>("prefix_aware"));
+    return r;
+  }();
+  return registry;
+}
+
 template class PolicyRegistry<OrderingPolicy>;
+template class PolicyRegistry<RouterPolicy>;
 template class PolicyRegistry<EvictionPolicy>;
 template class PolicyRegistry<PreemptionPolicy>;
 

@@ -4,6 +4,15 @@
 // reads a clock, mutates a request or touches the block pool. The scheduler
 // applies the decision. The same object serves the GPU engine and the
 // simulator, because both drive the same Scheduler.
+//
+// Four kinds, one registry each (name -> factory(params)):
+//   ordering    OrderingPolicy::key(RequestView)        who is admitted first / preempted last
+//   eviction    EvictionPolicy::key(CachedBlockView)    which unheld cached block goes first
+//               EvictionPolicy::pin_seconds(TurnView)   retention: how long a finished turn is kept
+//   preemption  PreemptionPolicy::mode(RequestView,..)  recompute or swap a victim
+//   router      RouterPolicy::route(RouteView, replicas) which replica serves a model call (simulator)
+// Python subclasses of the bound classes register into the same registries
+// (csrc/py_policies.cpp); see docs/policies.md.
 #pragma once
 
 #include <functional>
@@ -45,6 +54,11 @@ struct RequestView {
   bool preempted = false;
   bool swapped = false;
   std::string_view session_id;    // valid during the policy call only
+  int64_t num_computed_total = 0; // tokens this request computed so far, recomputation included
+  // Its session's history (zero without a session): what the earlier, finished turns did.
+  int session_turns = 0;          // finished turns of the session before this request
+  int64_t session_service = 0;    // tokens those turns computed (attained service, PLAS's measure)
+  double session_last_end = kNever;  // `now` when the previous turn finished (kNever: none)
 };
 
 // What an eviction policy may read about a cached block nobody holds.
@@ -57,6 +71,8 @@ struct CachedBlockView {
 };
 
 // A session's turn that just ended; its blocks enter the prefix cache.
+// `pauses` is the session's own history: for each earlier turn that had a successor, the
+// seconds between that turn finishing and the next one arriving (a tool call or a human).
 struct TurnView {
   std::string session_id;
   RequestId request_id = 0;
@@ -64,7 +80,13 @@ struct TurnView {
   int num_tokens = 0;        // prompt + output of the turn
   int num_blocks = 0;        // full blocks it leaves in the cache
   int priority = 0;
+  int cache_blocks = 0;      // device blocks of the whole cache
+  int turn_index = 0;        // 0 for the session's first turn
+  int64_t session_service = 0;  // tokens the session's turns computed, this one included
+  std::vector<double> pauses;   // the latest kMaxPauseHistory pauses, oldest first
 };
+
+constexpr int kMaxPauseHistory = 32;
 
 class OrderingPolicy {
  public:
@@ -100,6 +122,43 @@ class PreemptionPolicy {
   virtual PreemptMode mode(const RequestView& victim, int host_free_blocks, int blocks_needed) const = 0;
 };
 
+// The simulator's router: a model call and the replicas that could serve it.
+struct RouteView {
+  RequestId request_id = 0;
+  std::string_view session_id;  // empty: no session
+  int num_prompt_tokens = 0;
+  double now = 0.0;
+};
+
+struct ReplicaView {
+  int index = 0;
+  int load = 0;                  // requests in flight (waiting + running) on it
+  int num_free_blocks = 0;       // free + evictable device blocks
+  int num_blocks = 0;
+  int cached_prefix_tokens = 0;  // of this call's prompt, if the router needs_prefix_match()
+};
+
+// Unlike the other kinds, a router may keep state (a turn counter, session affinity): route()
+// is called once per model call in arrival order, so it stays deterministic.
+class RouterPolicy {
+ public:
+  virtual ~RouterPolicy() = default;
+  virtual std::string name() const = 0;
+  // Index into `replicas` (0 <= index < replicas.size()).
+  virtual int route(const RouteView& call, const std::vector<ReplicaView>& replicas) = 0;
+  // True if route() reads cached_prefix_tokens (a prefix lookup per replica per call).
+  virtual bool needs_prefix_match() const { return false; }
+  // The session ended: forget what was kept about it.
+  virtual void end_session(const std::string& session_id) { (void)session_id; }
+};
+
+// A policy raised, returned something invalid (a NaN key, a negative pin time, a replica out of
+// range) or was built with bad parameters. Names the policy; surfaces in Python as PolicyError.
+// A scheduler whose policy failed mid-step refuses further calls with the same message.
+struct PolicyError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 // Registry: name -> factory(params). Unknown names and parameters throw InvalidInput.
 template <typename Policy>
 class PolicyRegistry {
@@ -108,6 +167,8 @@ class PolicyRegistry {
   void add(const std::string& name, Factory factory);
   std::shared_ptr<Policy> make(const std::string& name, const PolicyParams& params) const;
   std::vector<std::string> names() const;
+  bool contains(const std::string& name) const { return factories_.count(name) > 0; }
+  bool remove(const std::string& name) { return factories_.erase(name) > 0; }
 
  private:
   std::map<std::string, Factory> factories_;
@@ -116,6 +177,19 @@ class PolicyRegistry {
 PolicyRegistry<OrderingPolicy>& ordering_registry();
 PolicyRegistry<EvictionPolicy>& eviction_registry();
 PolicyRegistry<PreemptionPolicy>& preemption_registry();
+PolicyRegistry<RouterPolicy>& router_registry();
+
+// "ordering policy 'name'": how errors name a policy.
+std::string policy_label(const char* kind, const std::string& name);
+
+// `key` unless a component is NaN (it would break the sort's strict weak order).
+template <typename Policy>
+OrderKey checked_key(const OrderKey& key, const char* kind, const Policy& policy) {
+  if (key.primary != key.primary || key.secondary != key.secondary) {
+    throw PolicyError(policy_label(kind, policy.name()) + " returned a NaN key");
+  }
+  return key;
+}
 
 // Parses "name" or "name:key=value,key=value" (e.g. "ttl:ttl=30").
 void parse_policy_spec(const std::string& spec, std::string* name, PolicyParams* params);

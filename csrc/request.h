@@ -46,6 +46,10 @@ struct Request {
   uint64_t ns_root = 0;             // hash chain root of that namespace
   int priority = 0;
   double arrival_time = 0.0;
+  // Its session's history when it arrived (what policies read as session_*).
+  int session_turns = 0;
+  int64_t session_service = 0;
+  double session_last_end = -1e300;  // kNever
 
   RequestState state = RequestState::kWaiting;
   FinishReason finish_reason = FinishReason::kNone;

@@ -110,6 +110,16 @@ void Scheduler::add_request(RequestId id, std::vector<TokenId> prompt, const Sam
   r.ns_root = namespace_roots_[r.ns];
   r.priority = priority;
   r.arrival_time = arrival_time;
+  if (!session_id.empty()) {
+    SessionHistory& h = histories_[session_id];
+    if (h.last_end != kNever) {
+      if (static_cast<int>(h.pauses.size()) == kMaxPauseHistory) h.pauses.pop_front();
+      h.pauses.push_back(std::max(0.0, arrival_time - h.last_end));
+    }
+    r.session_turns = h.turns;
+    r.session_service = h.service;
+    r.session_last_end = h.last_end;
+  }
   if (!session_id.empty() && config_.enable_prefix_caching) recall_turn(r);
   requests_.emplace(id, std::move(r));
   waiting_.push_back(id);
@@ -147,6 +157,36 @@ void Plan::reserve(size_t rows) {
   slot_mapping.reserve(rows);
 }
 
+// A policy that raised (or returned garbage) may have left a decision half applied: the
+// scheduler stops, and every later call says why instead of planning from a broken state.
+template <typename F>
+auto Scheduler::guarded(F&& body) -> decltype(body()) {
+  if (!failed_.empty()) throw PolicyError("the scheduler stopped after a policy error: " + failed_);
+  try {
+    return body();
+  } catch (const PolicyError& e) {
+    failed_ = e.what();
+    throw;
+  }
+}
+
+void Scheduler::step_into(Plan& plan, double now) {
+  guarded([&] { step_impl(plan, now); });
+}
+
+void Scheduler::commit(const Plan& plan, const int64_t* tokens, size_t num_tokens, double now,
+                       std::vector<FinishedRequest>* finished) {
+  guarded([&] { commit_impl(plan, tokens, num_tokens, now, finished); });
+}
+
+void Scheduler::abort(RequestId id, double now) {
+  guarded([&] { abort_impl(id, now); });
+}
+
+int Scheduler::end_session(const std::string& session_id, double now) {
+  return guarded([&] { return end_session_impl(session_id, now); });
+}
+
 std::shared_ptr<Plan> Scheduler::step(double now) {
   auto plan = std::make_shared<Plan>();
   step_into(*plan, now);
@@ -154,7 +194,7 @@ std::shared_ptr<Plan> Scheduler::step(double now) {
 }
 
 // Clears `plan` (keeping its arrays' capacity) and fills it with the next batch.
-void Scheduler::step_into(Plan& plan, double now) {
+void Scheduler::step_impl(Plan& plan, double now) {
   check_time(now, "step");
   TANDEM_REQUIRE(pending_step_ == 0,
                  "step(): plan " + str(static_cast<int64_t>(pending_step_)) + " has not been committed");
@@ -188,7 +228,7 @@ void Scheduler::schedule_running(Plan& plan, int* budget, double now, bool* pree
     bool sorted = true;
     for (RequestId id : running_) {
       const Request& r = requests_.at(id);
-      order.emplace_back(ordering_->key(view(r)), r.seq, id);
+      order.emplace_back(checked_key(ordering_->key(view(r)), "ordering", *ordering_), r.seq, id);
       if (order.size() > 1 && order[order.size() - 1] < order[order.size() - 2]) sorted = false;
     }
     if (!sorted) {
@@ -228,7 +268,7 @@ void Scheduler::schedule_waiting(Plan& plan, int budget, double now) {
     Request& r = requests_.at(id);
     RequestView v = view(r);
     if (match) v.num_cached_tokens = r.swapped() ? r.num_computed : prefix_match(r, nullptr) * block_size_;
-    order.emplace_back(ordering_->key(v), r.seq, id);
+    order.emplace_back(checked_key(ordering_->key(v), "ordering", *ordering_), r.seq, id);
   }
   std::sort(order.begin(), order.end());
   size_t admitted = 0;
@@ -372,8 +412,8 @@ std::vector<FinishedRequest> Scheduler::commit(const Plan& plan, const std::vect
   return finished;
 }
 
-void Scheduler::commit(const Plan& plan, const int64_t* tokens, size_t num_tokens, double now,
-                       std::vector<FinishedRequest>* finished) {
+void Scheduler::commit_impl(const Plan& plan, const int64_t* tokens, size_t num_tokens, double now,
+                            std::vector<FinishedRequest>* finished) {
   TANDEM_REQUIRE(pending_step_ != 0 && plan.step_id == pending_step_,
                  "commit(): plan " + str(static_cast<int64_t>(plan.step_id)) +
                      " is stale (expected plan " + str(static_cast<int64_t>(pending_step_)) + ")");
@@ -397,7 +437,7 @@ void Scheduler::commit(const Plan& plan, const int64_t* tokens, size_t num_token
     if (it == requests_.end() || it->second.seq != plan.seqs[i]) continue;
     Request& r = it->second;
     if (r.abort_pending) {
-      abort(r.id, now);
+      abort_impl(r.id, now);
       continue;
     }
     r.num_computed += plan.query_lens[i];
@@ -431,6 +471,10 @@ RequestView Scheduler::view(const Request& r) const {
   v.preempted = r.state == RequestState::kPreempted;
   v.swapped = r.swapped();
   v.session_id = r.session_id;
+  v.num_computed_total = r.num_computed_total;
+  v.session_turns = r.session_turns;
+  v.session_service = r.session_service;
+  v.session_last_end = r.session_last_end;
   return v;
 }
 

@@ -103,6 +103,14 @@ struct Stats {
 // cache when it finished, with their generations. An agent's next prompt starts with exactly
 // those tokens, so its hashes and its prefix match need not be computed again; the
 // generations (and the pool's eviction count) say which blocks are still cached.
+// What a session's finished turns did, for policies (RequestView / TurnView session fields).
+struct SessionHistory {
+  int turns = 0;               // finished turns
+  int64_t service = 0;         // tokens computed by its finished and aborted requests
+  double last_end = kNever;    // `now` when its latest turn finished
+  std::deque<double> pauses;   // last-turn-end -> next arrival, the latest kMaxPauseHistory
+};
+
 struct TurnMemo {
   uint32_t ns = 0;
   std::vector<TokenId> tokens;
@@ -139,6 +147,8 @@ class Scheduler {
   void check_invariants() const;
   bool has_unfinished() const { return !requests_.empty(); }
   bool has_pending_plan() const { return pending_step_ != 0; }
+  // The PolicyError that stopped this scheduler ("" while it runs).
+  const std::string& failure() const { return failed_; }
   const Request& request(RequestId id) const;
 
   const SchedulerConfig& config() const { return config_; }
@@ -155,6 +165,11 @@ class Scheduler {
   void finish(Request& r, FinishReason reason, double now, std::vector<FinishedRequest>* out);
   void release_device(Request& r, double now);
   void remember_own_match(Request& r);  // at a recompute preemption (csrc/transitions.cpp)
+  void step_impl(Plan& plan, double now);
+  void commit_impl(const Plan& plan, const int64_t* tokens, size_t num_tokens, double now,
+                   std::vector<FinishedRequest>* finished);
+  void abort_impl(RequestId id, double now);
+  int end_session_impl(const std::string& session_id, double now);
 
   // --- planning helpers ---
   void schedule_running(Plan& plan, int* budget, double now, bool* preempted);
@@ -174,6 +189,9 @@ class Scheduler {
   int take_slot();
   void free_slot(Request& r);
   void check_time(double now, const char* where) const;
+  // Runs a public mutator; a PolicyError stops the scheduler (later calls rethrow it).
+  template <typename F>
+  auto guarded(F&& body) -> decltype(body());
 
   SchedulerConfig config_;
   int block_size_;
@@ -196,6 +214,8 @@ class Scheduler {
   std::map<std::string, std::unordered_map<BlockId, uint32_t>> session_pins_;
   // session -> its last finished turn, at most kMemoTokensPerBlock * num_blocks tokens in all
   std::unordered_map<std::string, TurnMemo> turn_memos_;
+  std::unordered_map<std::string, SessionHistory> histories_;  // erased by end_session
+  std::string failed_;  // the PolicyError that stopped this scheduler, if any
   std::deque<std::pair<uint64_t, std::string>> memo_order_;  // (order, session), oldest first; may be stale
   int64_t memo_tokens_ = 0;
   uint64_t next_memo_ = 1;

@@ -171,9 +171,19 @@ void Scheduler::pin_turn(Request& r, double now) {
   turn.num_tokens = r.num_tokens();
   turn.num_blocks = r.num_registered;
   turn.priority = r.priority;
+  turn.cache_blocks = pool_.num_blocks();
+  auto h = histories_.find(r.session_id);
+  if (h != histories_.end()) {
+    turn.turn_index = h->second.turns;
+    turn.session_service = h->second.service;
+    turn.pauses.assign(h->second.pauses.begin(), h->second.pauses.end());
+  }
+  turn.session_service += r.num_computed_total;
   const double seconds = eviction_->pin_seconds(turn);
-  TANDEM_CHECK(std::isfinite(seconds) && seconds >= 0,
-               "eviction policy '" + eviction_->name() + "' returned an invalid pin time");
+  if (!(std::isfinite(seconds) && seconds >= 0)) {
+    throw PolicyError(policy_label("eviction", eviction_->name()) + " returned an invalid pin time " +
+                      format_number(seconds) + " (seconds must be finite and >= 0)");
+  }
   if (seconds <= 0) return;
   auto& pins = session_pins_[r.session_id];
   for (BlockId b : r.blocks) {
@@ -191,6 +201,12 @@ void Scheduler::finish(Request& r, FinishReason reason, double now, std::vector<
   r.finish_reason = reason;
   const bool memo = !r.session_id.empty() && config_.enable_prefix_caching;
   if (memo) pin_turn(r, now);
+  if (!r.session_id.empty()) {
+    SessionHistory& h = histories_[r.session_id];
+    h.turns += 1;
+    h.service += r.num_computed_total;
+    h.last_end = now;
+  }
   std::vector<BlockId> cached;  // its leading blocks in the prefix index, for the session's next turn
   if (memo) {
     const int n = std::min(r.num_registered, static_cast<int>(r.blocks.size()));
@@ -231,7 +247,7 @@ void Scheduler::free_slot(Request& r) {
   r.slot = -1;
 }
 
-void Scheduler::abort(RequestId id, double now) {
+void Scheduler::abort_impl(RequestId id, double now) {
   check_time(now, "abort");
   auto it = requests_.find(id);
   TANDEM_REQUIRE(it != requests_.end(),
@@ -251,13 +267,18 @@ void Scheduler::abort(RequestId id, double now) {
   }
   transition(r, RequestState::kAborted);
   r.finish_reason = FinishReason::kAbort;
+  if (!r.session_id.empty()) {
+    auto h = histories_.find(r.session_id);
+    if (h != histories_.end()) h->second.service += r.num_computed_total;
+  }
   ++counters_.num_aborted;
   requests_.erase(it);
 }
 
-int Scheduler::end_session(const std::string& session_id, double now) {
+int Scheduler::end_session_impl(const std::string& session_id, double now) {
   check_time(now, "end_session");
   forget_turn(session_id);
+  histories_.erase(session_id);
   auto it = session_pins_.find(session_id);
   if (it == session_pins_.end()) return 0;
   int released = 0;

@@ -188,6 +188,8 @@ class EngineConfig:
     ordering: str = "fcfs"
     eviction: str = "lru"
     preemption: str = "recompute"
+    # modules that register Python policies (controlplane.register_policy), imported first
+    policy_modules: tuple[str, ...] = ()
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -195,8 +197,9 @@ class EngineConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> "EngineConfig":
         reject_unknown_keys(cls, values, "engine config")
         values = dict(values)
-        if "cuda_graph_batch_sizes" in values:
-            values["cuda_graph_batch_sizes"] = tuple(values["cuda_graph_batch_sizes"])
+        for key in ("cuda_graph_batch_sizes", "policy_modules"):
+            if key in values and not isinstance(values[key], str):
+                values[key] = tuple(values[key])
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -213,3 +216,11 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "chunk_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        # Policies are named exactly as in the simulator's config; Python ones come from policy_modules.
+        from controlplane.policies import check_spec, import_policy_modules
+
+        if isinstance(self.policy_modules, str):
+            raise ValueError(f"policy_modules is a list of module names, got {self.policy_modules!r}")
+        import_policy_modules(self.policy_modules)
+        for kind in ("ordering", "eviction", "preemption"):
+            check_spec(kind, getattr(self, kind))

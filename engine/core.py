@@ -86,6 +86,7 @@ class EngineCore:
                              f"max_position_embeddings {mc.max_position_embeddings}")
         self.num_blocks, self.num_host_blocks = size_kv_cache(self.model, self.ops, cfg, self.device, self.dtype,
                                                               self.max_model_len)
+        cp.import_policy_modules(cfg.policy_modules)
         self.scheduler_config = cp.SchedulerConfig(
             num_blocks=self.num_blocks, block_size=cfg.block_size, num_host_blocks=self.num_host_blocks,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,

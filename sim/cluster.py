@@ -166,50 +166,34 @@ class Replica:
 
 
 class Router:
-    """Chooses a replica for each model call.
+    """Chooses a replica for each model call with a router policy (csrc/policies.h, RouterPolicy).
 
-    Policies:
+    `policy` is a spec naming a registered router, C++ or Python (``policy_names("router")``):
         round_robin: in turn.
         least_loaded: fewest requests in flight (ties: lowest index).
         session_affinity: a session's calls stay on the replica of its first call,
             which is chosen least-loaded.
         prefix_aware: most prompt tokens already in the replica's prefix cache,
             ties broken by load.
+    Every decision is checked (an index out of range is a PolicyError naming the router).
     """
 
     def __init__(self, policy: str, replicas: Sequence[Replica]) -> None:
         self.policy = policy
         self.replicas = list(replicas)
-        self._next = 0
-        self._affinity: dict[str, Replica] = {}
-        self._choose = {
-            "round_robin": self._round_robin,
-            "least_loaded": self._least_loaded,
-            "session_affinity": self._session_affinity,
-            "prefix_aware": self._prefix_aware,
-        }[policy]
+        self._router = cp.policies.Router(policy)
+        self._prefix = self._router.needs_prefix_match
+        self._calls = 0
 
-    def route(self, prompt: np.ndarray, session_id: str) -> Replica:
+    def route(self, prompt: np.ndarray, session_id: str, now: float = 0.0) -> Replica:
         if len(self.replicas) == 1:
             return self.replicas[0]
-        return self._choose(prompt, session_id)
+        views = [cp.policies.ReplicaView(
+            r.index, r.load, r.scheduler.num_available_blocks, r.scheduler.config.num_blocks,
+            r.scheduler.cached_prefix_tokens(prompt) if self._prefix else 0) for r in self.replicas]
+        self._calls += 1
+        chosen = self._router.route(self._calls, session_id or "", int(len(prompt)), float(now), views)
+        return self.replicas[chosen]
 
     def forget(self, session_id: str) -> None:
-        self._affinity.pop(session_id, None)
-
-    def _round_robin(self, prompt, session_id):
-        replica = self.replicas[self._next % len(self.replicas)]
-        self._next += 1
-        return replica
-
-    def _least_loaded(self, prompt=None, session_id=None):
-        return min(self.replicas, key=lambda r: (r.load, r.index))
-
-    def _session_affinity(self, prompt, session_id):
-        replica = self._affinity.get(session_id)
-        if replica is None:
-            replica = self._affinity[session_id] = self._least_loaded()
-        return replica
-
-    def _prefix_aware(self, prompt, session_id):
-        return max(self.replicas, key=lambda r: (r.scheduler.cached_prefix_tokens(prompt), -r.load, -r.index))
+        self._router.end_session(session_id)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
-from controlplane import SchedulerConfig, policy_names
+from controlplane import SchedulerConfig, import_policy_modules, policy_names
 
 
 @dataclass
@@ -60,6 +60,7 @@ class PolicyConf:
     ordering: str = "fcfs"
     eviction: str = "lru"
     preemption: str = "recompute"
+    modules: List[str] = field(default_factory=list)  # modules registering Python policies (imported first)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class ClusterConf:
     """Replicas (one GPU each) behind a router; conf/cluster/*.yaml."""
 
     num_replicas: int = 1
-    router: str = "round_robin"
+    router: str = "round_robin"  # a router policy spec: policy_names("router"), C++ or Python
 
 
 @dataclass
@@ -132,8 +133,6 @@ class SimulationConfig:
     output: OutputConf = field(default_factory=OutputConf)
 
 
-ROUTERS = ("round_robin", "least_loaded", "session_affinity", "prefix_aware")
-
 
 def from_mapping(values: Any) -> SimulationConfig:
     """Builds a SimulationConfig from nested mappings (e.g. an OmegaConf container), rejecting unknown keys."""
@@ -176,18 +175,19 @@ def validate(cfg: SimulationConfig) -> None:
     if s.cost_model == "profile" and not s.profile_path:
         raise ValueError("sim.cost_model=profile needs sim.profile_path (a step profile CSV)")
     _positive("cluster", num_replicas=c.num_replicas)
-    if c.router not in ROUTERS:
-        raise ValueError(f"cluster.router must be one of {list(ROUTERS)}, got {c.router!r}")
     if not 0 < e.gpu_memory_utilization <= 1:
         raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {e.gpu_memory_utilization}")
     if e.host_kv_gb < 0:
         raise ValueError(f"engine.host_kv_gb must be >= 0, got {e.host_kv_gb}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise ValueError(f"wandb.mode must be offline, online or disabled, got {cfg.wandb.mode!r}")
+    import_policy_modules(list(cfg.policy.modules or ()))
     for kind in ("ordering", "eviction", "preemption"):
         spec = getattr(cfg.policy, kind)
         if spec.split(":", 1)[0] not in policy_names(kind):
             raise ValueError(f"policy.{kind}: unknown policy {spec!r}; registered: {policy_names(kind)}")
+    if c.router.split(":", 1)[0] not in policy_names("router"):
+        raise ValueError(f"cluster.router: unknown router {c.router!r}; registered: {policy_names('router')}")
 
 
 def scheduler_config(cfg: SimulationConfig, num_blocks: int, num_host_blocks: int) -> SchedulerConfig:

@@ -131,7 +131,7 @@ class Simulation:
                 if k == 0 and session.prefix_id >= 0 and key not in seen_prefixes:
                     seen_prefixes.add(key)
                     genuinely_new += session.prefix_tokens
-                replica = router.route(prompt, session.session_id)
+                replica = router.route(prompt, session.session_id, env.now)
                 used.add(replica)
                 finished = yield replica.submit(next(ids), prompt, max_new, session.session_id)
                 calls += 1

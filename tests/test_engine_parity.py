@@ -47,7 +47,8 @@ class ReplayCost:
 
 
 def plan_key(plan, start: float):
-    return (start, tuple(plan.req_ids.tolist()), tuple(plan.query_lens.tolist()), tuple(plan.cached_lens.tolist()))
+    return (start, tuple(plan.req_ids.tolist()), tuple(plan.query_lens.tolist()), tuple(plan.cached_lens.tolist()),
+            tuple(plan.preempted_ids.tolist()), tuple(plan.kv_ops.tolist()))
 
 
 def run_engine(tmp_path, scheduler_options):
@@ -80,7 +81,15 @@ def run_engine(tmp_path, scheduler_options):
         if not core.has_unfinished():
             clock.advance(TRACE[pending[0]][0] - clock.now())
             continue
-        core.step()
+        # Blocked (e.g. on pinned KV), the engine re-plans after 1 ms or at the next arrival,
+        # whichever is first, as a simulated replica does (sim/cluster.py, Replica._idle).
+        arrival = TRACE[pending[0]][0] if pending else float("inf")
+        before = clock.now()
+        idle = 1e-3 if before + 1e-3 <= arrival else arrival - before
+        ran = len(plans)
+        core.step(idle_advance=idle)
+        if len(plans) == ran and idle < 1e-3:  # an empty plan: the clock moved by `idle`
+            clock._now = arrival  # exactly, as SimPy's arrival timeout fires
     return plans, core.profile, core.scheduler_config
 
 
@@ -115,10 +124,21 @@ def run_simulator(scheduler_config, profile):
     dict(num_gpu_blocks=24, chunk_size=64, max_num_batched_tokens=96, preemption="recompute"),
     dict(num_gpu_blocks=20, chunk_size=32, max_num_batched_tokens=64, preemption="swap", swap_space_gb=0.01,
          ordering="longest_prefix_match"),
-], ids=["prefix-cache", "preempt-recompute", "preempt-swap-lpm"])
+    # Python-defined policies, selected by name through the same config keys (tests/parity_policies.py,
+    # controlplane.examples), and the agent-aware ones (C++ and Python)
+    dict(num_gpu_blocks=16, chunk_size=32, max_num_batched_tokens=64, preemption="swap_long:min_blocks=2",
+         swap_space_gb=0.01, ordering="newest_first", eviction="hit_weighted_lru",
+         policy_modules=("parity_policies", "controlplane.examples")),
+    dict(num_gpu_blocks=48, chunk_size=48, max_num_batched_tokens=64, ordering="cache_credit:tokens_per_s=500",
+         eviction="pause_aware:reload_s_per_token=1"),
+    dict(num_gpu_blocks=28, chunk_size=48, max_num_batched_tokens=64, ordering="session_las:quantum=32"),
+], ids=["prefix-cache", "preempt-recompute", "preempt-swap-lpm", "python-policies", "cache-credit-pause-aware",
+        "session-las"])
 def test_engine_and_simulator_make_identical_plans(tmp_path, options):
     engine_plans, profile, sched_cfg = run_engine(tmp_path, options)
     sim_plans = run_simulator(sched_cfg, profile)
     assert len(engine_plans) == len(sim_plans) > 10
     assert sim_plans == engine_plans
     assert any(any(c > 0 for c in key[3]) for key in engine_plans)  # prefix hits happened
+    if options.get("policy_modules"):
+        assert any(key[4] for key in engine_plans)  # the Python preemption policy decided something

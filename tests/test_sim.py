@@ -177,7 +177,7 @@ def test_every_request_finishes_no_latency_beats_the_roofline_and_tokens_balance
     ({"sim": {"session_rate": -1.0}}, "sim.session_rate must be positive"),
     ({"sim": {"num_sessions": 0}}, "sim.num_sessions must be positive"),
     ({"sim": {"mode": "half-open"}}, "sim.mode must be 'open' or 'closed'"),
-    ({"cluster": {"router": "random"}}, "cluster.router must be one of"),
+    ({"cluster": {"router": "random"}}, "cluster.router: unknown router"),
     ({"cluster": {"num_replicas": 0}}, "cluster.num_replicas must be positive"),
     ({"policy": {"eviction": "fifo"}}, "policy.eviction: unknown policy 'fifo'"),
     ({"policy": {"eviction": "ttl:ttl=-3"}}, "ttl must be >= 0"),
