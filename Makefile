@@ -6,6 +6,7 @@
 #   make walkthrough  the control plane step by step
 #   make bench        control-plane step latency and simulator speed (prints tables)
 #   make test-gpu  GPU tests, with the machine's own python3; installs nothing
+#   make check-policy POLICY=name[:k=v,...] [KIND=...] [MODULES=pkg.mod,...]  the policy conformance suite
 #
 # The C++ core is compiled at install time (scikit-build-core + pybind11); the
 # install is redone whenever csrc/, CMakeLists.txt or pyproject.toml change.
@@ -18,7 +19,7 @@ STAMP   := $(VENV)/.stamp-install
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: demo walkthrough test bench test-gpu build clean notebook serve
+.PHONY: demo walkthrough test bench test-gpu build clean notebook serve check-policy
 
 $(PY):
 	$(PYTHON3) -m venv $(VENV)
@@ -55,6 +56,17 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m experiments.bench_controlplane
 	$(PY) -m experiments.bench_sim
+
+# The conformance suite for one policy (controlplane/conformance.py, docs/policies.md). A Python
+# policy's module is imported with MODULES (it must be importable: on PYTHONPATH or installed).
+POLICY   ?=
+KIND     ?=
+MODULES  ?=
+EXAMPLES ?= 300
+check-policy: $(STAMP)
+	@test -n "$(POLICY)" || { echo "usage: make check-policy POLICY=name[:key=value,...] [KIND=ordering|eviction|preemption|router] [MODULES=pkg.mod,...] [EXAMPLES=300]"; exit 2; }
+	TANDEM_POLICY="$(POLICY)" TANDEM_POLICY_KIND="$(KIND)" TANDEM_POLICY_MODULES="$(MODULES)" \
+	  TANDEM_CONFORMANCE_EXAMPLES=$(EXAMPLES) $(PY) -m pytest tests/test_policy_conformance.py -p no:cacheprovider -v --no-header
 
 # On the GPU machine: `python3 -m pip install --no-build-isolation --no-deps . && make test-gpu`
 # (see README). Uses that machine's python3 and its torch; installs nothing. PYTHONSAFEPATH

@@ -48,6 +48,7 @@ from controlplane._core import (
     RouterPolicy,
     RouteView,
     TurnView,
+    make_policy,
 )
 
 KINDS = ("ordering", "eviction", "preemption", "router")
@@ -80,6 +81,13 @@ def register_policy(kind: str, name: str, factory: Callable[..., object] | None 
         return obj
 
     return add if factory is None else add(factory)
+
+
+def unregister_policy(kind: str, name: str) -> None:
+    """Removes a Python-registered policy (built-in ones stay); ValueError if there is none by that name."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown policy kind {kind!r}; kinds: {list(KINDS)}")
+    _core._unregister_python_policy(kind, name)
 
 
 def policy_names(kind: str) -> list[str]:
@@ -118,5 +126,5 @@ atexit.register(_core._clear_python_policies)
 __all__ = [
     "BASES", "KINDS", "CachedBlockView", "EvictionPolicy", "OrderKey", "OrderingPolicy", "PolicyError",
     "PreemptMode", "PreemptionPolicy", "ReplicaView", "RequestView", "RouteView", "Router", "RouterPolicy",
-    "TurnView", "check_spec", "import_policy_modules", "policy_names", "python_policy_names", "register_policy",
+    "TurnView", "check_spec", "import_policy_modules", "make_policy", "policy_names", "python_policy_names", "register_policy", "unregister_policy",
 ]

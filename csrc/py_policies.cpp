@@ -325,6 +325,34 @@ void bind_policies(py::module_& m) {
       .value("SWAP", PreemptMode::kSwap);
 
   py::class_<PyRequestView>(m, "RequestView", "What ordering and preemption policies read about a request.")
+      .def(py::init([](RequestId id, double arrival_time, int priority, int num_prompt_tokens, int num_output_tokens,
+                       int num_computed_tokens, int num_cached_tokens, int num_blocks, bool preempted, bool swapped,
+                       std::string session_id, int64_t num_computed_total, int session_turns,
+                       int64_t session_service, py::object session_last_end) {
+             PyRequestView r;
+             r.v.id = id;
+             r.v.arrival_time = arrival_time;
+             r.v.priority = priority;
+             r.v.num_prompt_tokens = num_prompt_tokens;
+             r.v.num_output_tokens = num_output_tokens;
+             r.v.num_computed_tokens = num_computed_tokens;
+             r.v.num_cached_tokens = num_cached_tokens;
+             r.v.num_blocks = num_blocks;
+             r.v.preempted = preempted;
+             r.v.swapped = swapped;
+             r.session_id = std::move(session_id);
+             r.v.num_computed_total = num_computed_total;
+             r.v.session_turns = session_turns;
+             r.v.session_service = session_service;
+             r.v.session_last_end = session_last_end.is_none() ? kNever : session_last_end.cast<double>();
+             return r;
+           }),
+           py::kw_only(), py::arg("id") = 0, py::arg("arrival_time") = 0.0, py::arg("priority") = 0,
+           py::arg("num_prompt_tokens") = 0, py::arg("num_output_tokens") = 0, py::arg("num_computed_tokens") = 0,
+           py::arg("num_cached_tokens") = 0, py::arg("num_blocks") = 0, py::arg("preempted") = false,
+           py::arg("swapped") = false, py::arg("session_id") = "", py::arg("num_computed_total") = 0,
+           py::arg("session_turns") = 0, py::arg("session_service") = 0, py::arg("session_last_end") = py::none(),
+           "A view built by hand, to unit-test a policy's decision.")
       .def_property_readonly("id", [](const PyRequestView& r) { return r.v.id; })
       .def_property_readonly("arrival_time", [](const PyRequestView& r) { return r.v.arrival_time; })
       .def_property_readonly("priority", [](const PyRequestView& r) { return r.v.priority; })
@@ -347,6 +375,17 @@ void bind_policies(py::module_& m) {
       });
 
   py::class_<CachedBlockView>(m, "CachedBlockView", "What an eviction policy reads about an unheld cached block.")
+      .def(py::init([](BlockId block, double last_access, int depth, int priority, int64_t hits) {
+             CachedBlockView b;
+             b.block = block;
+             b.last_access = last_access;
+             b.depth = depth;
+             b.priority = priority;
+             b.hits = hits;
+             return b;
+           }),
+           py::kw_only(), py::arg("block") = 0, py::arg("last_access") = 0.0, py::arg("depth") = 0,
+           py::arg("priority") = 0, py::arg("hits") = 0)
       .def_readonly("block", &CachedBlockView::block)
       .def_readonly("last_access", &CachedBlockView::last_access)
       .def_readonly("depth", &CachedBlockView::depth)
@@ -354,6 +393,25 @@ void bind_policies(py::module_& m) {
       .def_readonly("hits", &CachedBlockView::hits);
 
   py::class_<TurnView>(m, "TurnView", "A session's turn that just finished (for retention).")
+      .def(py::init([](std::string session_id, RequestId request_id, double now, int num_tokens, int num_blocks,
+                       int priority, int cache_blocks, int turn_index, int64_t session_service,
+                       std::vector<double> pauses) {
+             TurnView t;
+             t.session_id = std::move(session_id);
+             t.request_id = request_id;
+             t.now = now;
+             t.num_tokens = num_tokens;
+             t.num_blocks = num_blocks;
+             t.priority = priority;
+             t.cache_blocks = cache_blocks;
+             t.turn_index = turn_index;
+             t.session_service = session_service;
+             t.pauses = std::move(pauses);
+             return t;
+           }),
+           py::kw_only(), py::arg("session_id") = "", py::arg("request_id") = 0, py::arg("now") = 0.0,
+           py::arg("num_tokens") = 0, py::arg("num_blocks") = 0, py::arg("priority") = 0, py::arg("cache_blocks") = 0,
+           py::arg("turn_index") = 0, py::arg("session_service") = 0, py::arg("pauses") = std::vector<double>())
       .def_readonly("session_id", &TurnView::session_id)
       .def_readonly("request_id", &TurnView::request_id)
       .def_readonly("now", &TurnView::now)
@@ -366,6 +424,16 @@ void bind_policies(py::module_& m) {
       .def_readonly("pauses", &TurnView::pauses);
 
   py::class_<PyRouteView>(m, "RouteView", "A model call to route.")
+      .def(py::init([](RequestId request_id, std::string session_id, int num_prompt_tokens, double now) {
+             PyRouteView c;
+             c.v.request_id = request_id;
+             c.session_id = std::move(session_id);
+             c.v.num_prompt_tokens = num_prompt_tokens;
+             c.v.now = now;
+             return c;
+           }),
+           py::kw_only(), py::arg("request_id") = 0, py::arg("session_id") = "", py::arg("num_prompt_tokens") = 0,
+           py::arg("now") = 0.0)
       .def_property_readonly("request_id", [](const PyRouteView& c) { return c.v.request_id; })
       .def_property_readonly("session_id", [](const PyRouteView& c) { return c.session_id; })
       .def_property_readonly("num_prompt_tokens", [](const PyRouteView& c) { return c.v.num_prompt_tokens; })
@@ -395,25 +463,49 @@ void bind_policies(py::module_& m) {
       "is admitted first and preempted last. Optionally needs_prefix_match() -> True to read "
       "num_cached_tokens of waiting requests.")
       .def(py::init<>())
-      .def("name", &OrderingPolicy::name);
+      .def("name", &OrderingPolicy::name)
+      .def("key", [](const OrderingPolicy& p, const PyRequestView& r) {
+        RequestView v = r.v;
+        v.session_id = r.session_id;
+        const OrderKey k = p.key(v);
+        return py::make_tuple(k.primary, k.secondary);
+      }, py::arg("request"))
+      .def("needs_prefix_match", &OrderingPolicy::needs_prefix_match);
   py::class_<EvictionPolicy, PyEvictionPolicy, std::shared_ptr<EvictionPolicy>>(
       m, "EvictionPolicy",
       "Subclass and define key(block: CachedBlockView) (the smallest is evicted first) and optionally "
       "pin_seconds(turn: TurnView) -> seconds a finished turn's blocks stay unevictable.")
       .def(py::init<>())
-      .def("name", &EvictionPolicy::name);
+      .def("name", &EvictionPolicy::name)
+      .def("key", [](const EvictionPolicy& p, const CachedBlockView& b) {
+        const OrderKey k = p.key(b);
+        return py::make_tuple(k.primary, k.secondary);
+      }, py::arg("block"))
+      .def("pin_seconds", &EvictionPolicy::pin_seconds, py::arg("turn"));
   py::class_<PreemptionPolicy, PyPreemptionPolicy, std::shared_ptr<PreemptionPolicy>>(
       m, "PreemptionPolicy",
       "Subclass and define mode(victim: RequestView, host_free_blocks, blocks_needed) -> 'recompute' or 'swap' "
       "(swap without room on the host falls back to recompute).")
       .def(py::init<>())
-      .def("name", &PreemptionPolicy::name);
+      .def("name", &PreemptionPolicy::name)
+      .def("mode", [](const PreemptionPolicy& p, const PyRequestView& r, int host_free_blocks, int blocks_needed) {
+        RequestView v = r.v;
+        v.session_id = r.session_id;
+        return p.mode(v, host_free_blocks, blocks_needed) == PreemptMode::kSwap ? "swap" : "recompute";
+      }, py::arg("victim"), py::arg("host_free_blocks"), py::arg("blocks_needed"));
   py::class_<RouterPolicy, PyRouterPolicy, std::shared_ptr<RouterPolicy>>(
       m, "RouterPolicy",
       "Subclass and define route(call: RouteView, replicas: list[ReplicaView]) -> index into replicas; "
       "optionally needs_prefix_match() and end_session(session_id).")
       .def(py::init<>())
-      .def("name", &RouterPolicy::name);
+      .def("name", &RouterPolicy::name)
+      .def("route", [](RouterPolicy& p, const PyRouteView& c, const std::vector<ReplicaView>& replicas) {
+        RouteView v = c.v;
+        v.session_id = c.session_id;
+        return p.route(v, replicas);
+      }, py::arg("call"), py::arg("replicas"))
+      .def("needs_prefix_match", &RouterPolicy::needs_prefix_match)
+      .def("end_session", &RouterPolicy::end_session, py::arg("session_id"));
 
   m.def(
       "_register_python_policy",
@@ -432,11 +524,36 @@ void bind_policies(py::module_& m) {
       },
       py::arg("kind"), py::arg("name"), py::arg("factory"));
   m.def(
+      "make_policy",
+      [](const std::string& kind, const std::string& spec) -> py::object {
+        std::string name;
+        PolicyParams params;
+        parse_policy_spec(spec, &name, &params);
+        if (kind == "ordering") return py::cast(ordering_registry().make(name, params));
+        if (kind == "eviction") return py::cast(eviction_registry().make(name, params));
+        if (kind == "preemption") return py::cast(preemption_registry().make(name, params));
+        if (kind == "router") return py::cast(router_registry().make(name, params));
+        throw InvalidInput("unknown policy kind '" + kind + "' (ordering, eviction, preemption, router)");
+      },
+      py::arg("kind"), py::arg("spec"), "A policy instance from a spec, e.g. to unit-test its decisions.");
+  m.def(
       "_python_policy_names", [](const std::string& kind) {
         auto& names = python_names()[kind];
         return std::vector<std::string>(names.begin(), names.end());
       },
       py::arg("kind"));
+  m.def(
+      "_unregister_python_policy",
+      [](const std::string& kind, const std::string& name) {
+        auto& mine = python_names()[kind];
+        if (!mine.count(name)) throw InvalidInput("no Python " + kind + " policy '" + name + "' is registered");
+        mine.erase(name);
+        if (kind == "ordering") return ordering_registry().remove(name);
+        if (kind == "eviction") return eviction_registry().remove(name);
+        if (kind == "preemption") return preemption_registry().remove(name);
+        return router_registry().remove(name);
+      },
+      py::arg("kind"), py::arg("name"));
   m.def("_clear_python_policies", [] {
     unregister_python(ordering_registry(), "ordering");
     unregister_python(eviction_registry(), "eviction");

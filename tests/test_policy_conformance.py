@@ -20,7 +20,7 @@ from controlplane.policies import KINDS, policy_names
 cp.import_policy_modules([m for m in os.environ.get("TANDEM_POLICY_MODULES", "").split(",") if m])
 ONLY = os.environ.get("TANDEM_POLICY", "")
 ONLY_KIND = os.environ.get("TANDEM_POLICY_KIND", "")
-EXAMPLES = int(os.environ.get("TANDEM_CONFORMANCE_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("TANDEM_CONFORMANCE_EXAMPLES", "40"))
 
 # Parameters that reach code the defaults do not (tiny pools, second-scale pauses).
 EXTRA = {
