@@ -47,8 +47,9 @@ serve: $(STAMP)
 walkthrough: $(STAMP)
 	$(PY) -m experiments.walkthrough
 
+NOTEBOOK ?= notebooks/compare_policies.ipynb
 notebook: $(STAMP)
-	$(PY) -m experiments.run_notebook notebooks/compare_policies.ipynb
+	$(PY) -m experiments.run_notebook $(NOTEBOOK)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

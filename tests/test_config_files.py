@@ -23,3 +23,15 @@ def test_scheduler_config_file_builds(path):
 def test_default_file_matches_the_dataclass_defaults():
     values = yaml.safe_load((CONF / "default.yaml").read_text())
     assert cp.SchedulerConfig.from_dict(values) == cp.SchedulerConfig()
+
+
+POLICIES = CONF.parent / "policy"
+
+
+@pytest.mark.parametrize("path", sorted(POLICIES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_policy_config_file_validates_and_builds(path):
+    from sim.config import from_mapping, scheduler_config, validate
+
+    cfg = from_mapping({"policy": yaml.safe_load(path.read_text())})
+    validate(cfg)  # imports its policy modules, checks every name is registered
+    cp.Scheduler(scheduler_config(cfg, num_blocks=64, num_host_blocks=8))

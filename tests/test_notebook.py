@@ -58,3 +58,28 @@ def test_committed_notebook_carries_full_size_outputs():
     assert _table_rows(_stdout(nb, "results-table")) == {w: list(POLICIES) * 2 for w in WORKLOADS}  # 2 seeds
     conclusion = [c for c in nb.cells if "conclusion" in c.metadata.get("tags", [])]
     assert len(conclusion) == 1 and "lpm+ttl30" in conclusion[0].source
+
+
+AGENT_NOTEBOOK = NOTEBOOK.parent / "agent_policies.ipynb"
+AGENT_POLICIES = ("fcfs+lru", "fcfs+ttl30", "fcfs+pause", "las+lru", "credit+lru", "las+pause", "credit+pause")
+
+
+def test_agent_policies_runs_small_and_reports_every_policy_on_both_workloads(monkeypatch):
+    monkeypatch.setenv("TANDEM_NOTEBOOK_SMALL", "1")
+    nb = execute(AGENT_NOTEBOOK, write=False)
+    assert _stdout(nb, "parameters").startswith("size: small")
+    assert _table_rows(_stdout(nb, "results-table")) == {w: list(AGENT_POLICIES) for w in WORKLOADS}
+    claims = re.findall(r"^\s*(\d+) of (\d+) runs", _stdout(nb, "evidence"), flags=re.M)
+    assert len(claims) == 24 and all(int(k) <= int(n) == 1 for k, n in claims)
+    figures = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(figures) == 3
+
+
+def test_committed_agent_notebook_carries_full_size_outputs_and_a_conclusion():
+    nb = nbformat.read(AGENT_NOTEBOOK, as_version=4)
+    assert _stdout(nb, "parameters").startswith("size: full")
+    assert _table_rows(_stdout(nb, "results-table")) == {w: list(AGENT_POLICIES) * 2 for w in WORKLOADS}
+    conclusion = [c for c in nb.cells if "conclusion" in c.metadata.get("tags", [])]
+    assert len(conclusion) == 1
+    for name in ("pause_aware", "session_las", "cache_credit"):
+        assert name in conclusion[0].source

@@ -63,3 +63,30 @@ def test_wandb_offline_logs_the_run(tmp_path):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def test_python_policies_are_selected_from_the_command_line(tmp_path):
+    # A user's policy module (not part of Tandem) registering a router and an ordering, picked by name.
+    (tmp_path / "my_policies.py").write_text(
+        "import controlplane as cp\n"
+        "@cp.register_policy('router', 'always_last')\n"
+        "class AlwaysLast(cp.RouterPolicy):\n"
+        "    def route(self, call, replicas): return len(replicas) - 1\n"
+        "@cp.register_policy('ordering', 'newest_first')\n"
+        "class NewestFirst(cp.OrderingPolicy):\n"
+        "    def key(self, r): return -r.arrival_time\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.simulate", *SMALL, "wandb.mode=disabled", "policy=python_examples",
+         "policy.ordering=newest_first", "policy.modules=[controlplane.examples,my_policies]", "cluster=round_robin_4",
+         "cluster.router=always_last", f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path, env={**os.environ, "WANDB_SILENT": "true", "PYTHONPATH": str(tmp_path)},
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["ordering"], summary["eviction"], summary["router"]) == ("newest_first", "hit_weighted_lru",
+                                                                             "always_last")
+    table = pd.read_csv(tmp_path / "run" / "requests.csv")
+    assert set(table["replica"]) == {3}  # every call went where the Python router said
+    bad = simulate(tmp_path, *SMALL, "wandb.mode=disabled", "policy.modules=[no_such_module]",
+                   f"hydra.run.dir={tmp_path}/bad", check=False)
+    assert bad.returncode != 0 and "policy module 'no_such_module' could not be imported" in bad.stdout + bad.stderr

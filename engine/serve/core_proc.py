@@ -81,9 +81,9 @@ class CoreLoop:
             self.send.send(P.encode(P.Finished(f.request_id, reason, stop, f.num_prompt_tokens,
                                                f.num_cached_tokens, f.num_output_tokens)))
 
-    def stats(self) -> None:
+    def stats(self, force: bool = False) -> None:
         now = time.monotonic()
-        if now - self._last_stats < STATS_INTERVAL_S:
+        if not force and now - self._last_stats < STATS_INTERVAL_S:
             return
         self._last_stats = now
         values = self.core.scheduler.stats().as_dict()
@@ -102,7 +102,10 @@ class CoreLoop:
                 events = dict(poller.poll(0))
             if self.core.has_unfinished():
                 self.step()
-            self.stats()
+                # the last request just finished: report the idle state now, not up to 0.5 s later
+                self.stats(force=not self.core.has_unfinished())
+            else:
+                self.stats()
 
 
 def main(engine_options: dict, to_core: str, from_core: str) -> None:
