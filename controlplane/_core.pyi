@@ -49,7 +49,118 @@ class RequestState:
 
 def transition_allowed(src: RequestState, dst: RequestState) -> bool: ...
 def policy_names(kind: str) -> list[str]:
-    """Registered names for kind "ordering", "eviction" or "preemption"."""
+    """Registered names (C++ and Python) for kind "ordering", "eviction", "preemption" or "router"."""
+
+# -- policies (csrc/policies.h, csrc/py_policies.cpp; docs/policies.md) ---------------------------
+
+class PolicyError(RuntimeError):
+    """A policy raised or returned something invalid; names the policy, the cause is chained."""
+
+class OrderKey:
+    def __init__(self, primary: float, secondary: float = 0.0) -> None: ...
+    primary: float
+    secondary: float
+
+class PreemptMode:
+    RECOMPUTE: PreemptMode
+    SWAP: PreemptMode
+
+class RequestView:
+    def __init__(self, *, id: int = 0, arrival_time: float = 0.0, priority: int = 0, num_prompt_tokens: int = 0,
+                 num_output_tokens: int = 0, num_computed_tokens: int = 0, num_cached_tokens: int = 0,
+                 num_blocks: int = 0, preempted: bool = False, swapped: bool = False, session_id: str = "",
+                 num_computed_total: int = 0, session_turns: int = 0, session_service: int = 0,
+                 session_last_end: float | None = None) -> None: ...
+    id: int
+    arrival_time: float
+    priority: int
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_computed_tokens: int
+    num_cached_tokens: int
+    num_blocks: int
+    preempted: bool
+    swapped: bool
+    session_id: str
+    num_computed_total: int
+    session_turns: int
+    session_service: int
+    session_last_end: float | None
+
+class CachedBlockView:
+    def __init__(self, *, block: int = 0, last_access: float = 0.0, depth: int = 0, priority: int = 0,
+                 hits: int = 0) -> None: ...
+    block: int
+    last_access: float
+    depth: int
+    priority: int
+    hits: int
+
+class TurnView:
+    def __init__(self, *, session_id: str = "", request_id: int = 0, now: float = 0.0, num_tokens: int = 0,
+                 num_blocks: int = 0, priority: int = 0, cache_blocks: int = 0, turn_index: int = 0,
+                 session_service: int = 0, pauses: Sequence[float] = ()) -> None: ...
+    session_id: str
+    request_id: int
+    now: float
+    num_tokens: int
+    num_blocks: int
+    priority: int
+    cache_blocks: int
+    turn_index: int
+    session_service: int
+    pauses: list[float]
+
+class RouteView:
+    def __init__(self, *, request_id: int = 0, session_id: str = "", num_prompt_tokens: int = 0,
+                 now: float = 0.0) -> None: ...
+    request_id: int
+    session_id: str
+    num_prompt_tokens: int
+    now: float
+
+class ReplicaView:
+    def __init__(self, index: int, load: int, num_free_blocks: int = 0, num_blocks: int = 0,
+                 cached_prefix_tokens: int = 0) -> None: ...
+    index: int
+    load: int
+    num_free_blocks: int
+    num_blocks: int
+    cached_prefix_tokens: int
+
+class OrderingPolicy:
+    def name(self) -> str: ...
+    def key(self, request: RequestView) -> float | tuple[float, float]: ...
+    def needs_prefix_match(self) -> bool: ...
+
+class EvictionPolicy:
+    def name(self) -> str: ...
+    def key(self, block: CachedBlockView) -> float | tuple[float, float]: ...
+    def pin_seconds(self, turn: TurnView) -> float: ...
+
+class PreemptionPolicy:
+    def name(self) -> str: ...
+    def mode(self, victim: RequestView, host_free_blocks: int, blocks_needed: int) -> str: ...
+
+class RouterPolicy:
+    def name(self) -> str: ...
+    def route(self, call: RouteView, replicas: list[ReplicaView]) -> int: ...
+    def needs_prefix_match(self) -> bool: ...
+    def end_session(self, session_id: str) -> None: ...
+
+class Router:
+    """A router chosen by spec; every decision checked (PolicyError if out of range)."""
+    def __init__(self, spec: str) -> None: ...
+    def route(self, request_id: int, session_id: str, num_prompt_tokens: int, now: float,
+              replicas: list[ReplicaView]) -> int: ...
+    def end_session(self, session_id: str) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def needs_prefix_match(self) -> bool: ...
+
+def make_policy(kind: str, spec: str) -> OrderingPolicy | EvictionPolicy | PreemptionPolicy | RouterPolicy:
+    """An instance of any registered policy (e.g. to unit-test its decisions on hand-built views)."""
 
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, float]]:
     """Splits "name:key=value,..." into the name and its parameters."""
@@ -188,6 +299,11 @@ class Scheduler:
         """Raises InvariantError if any control-plane invariant is broken."""
     def has_unfinished(self) -> bool: ...
     def has_pending_plan(self) -> bool: ...
+    @property
+    def failure(self) -> str:
+        """The PolicyError that stopped this scheduler ('' while it runs)."""
+    @property
+    def num_available_blocks(self) -> int: ...
     def request_info(self, request_id: int) -> dict: ...
     def cached_prefix_tokens(self, prompt_token_ids: Sequence[int] | npt.NDArray[np.integer], cache_namespace: str | None = None) -> int:
         """Tokens of this prompt a new request would find in the prefix cache now; changes nothing."""
