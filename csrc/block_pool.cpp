@@ -65,18 +65,27 @@ BlockPool::BlockPool(int num_blocks, int block_size, std::shared_ptr<EvictionPol
   TANDEM_REQUIRE(num_blocks > 0, "num_blocks must be positive");
   TANDEM_REQUIRE(block_size > 0, "block_size must be positive");
   meta_.resize(num_blocks);
+  tags_.resize(num_blocks);
+  where_.assign(num_blocks, Where::kFree);
   tokens_.assign(static_cast<size_t>(num_blocks) * block_size, 0);
   free_.reserve(num_blocks);
   for (int b = num_blocks - 1; b >= 0; --b) free_.push_back(b);  // block 0 is handed out first
 }
 
-void BlockPool::set_where(Meta& m, Where where) {
-  num_evictable_ += (where == Where::kEvictable) - (m.where == Where::kEvictable);
-  num_pinned_ += (where == Where::kPinned) - (m.where == Where::kPinned);
-  m.where = where;
+void BlockPool::set_where(BlockId block, Where where) {
+  Where& w = where_[block];
+  num_evictable_ += (where == Where::kEvictable) - (w == Where::kEvictable);
+  num_pinned_ += (where == Where::kPinned) - (w == Where::kPinned);
+  w = where;
 }
 
-void BlockPool::make_evictable(BlockId block) {
+int BlockPool::count_evictable(const BlockId* blocks, size_t n) const {
+  int count = 0;
+  for (size_t k = 0; k < n; ++k) count += where_[blocks[k]] == Where::kEvictable;
+  return count;
+}
+
+BlockPool::EvictEntry BlockPool::evictable_entry(BlockId block) {
   Meta& m = meta_[block];
   CachedBlockView view;
   view.block = block;
@@ -85,9 +94,17 @@ void BlockPool::make_evictable(BlockId block) {
   view.priority = m.priority;
   view.hits = m.hits;
   m.key = checked_key(eviction_->key(view), "eviction", *eviction_);
-  set_where(m, Where::kEvictable);
+  set_where(block, Where::kEvictable);
   m.stamp = ++next_stamp_;
-  evictable_.push({m.key.primary, m.key.secondary, -m.depth, block, m.stamp});
+  return {m.key.primary, m.key.secondary, -m.depth, block, m.stamp};
+}
+
+void BlockPool::make_evictable(BlockId block) {
+  evictable_.push(evictable_entry(block));
+  compact_orders();
+}
+
+void BlockPool::compact_orders() {
   evictable_.compact_if_stale(num_evictable_, [this](const EvictEntry& e) { return valid(e); });
 }
 
@@ -101,14 +118,14 @@ void BlockPool::push_pin(BlockId block) {
 void BlockPool::park(BlockId block, double now) {
   Meta& m = meta_[block];
   if (m.pinned_until > now) {
-    set_where(m, Where::kPinned);
+    set_where(block, Where::kPinned);
     push_pin(block);
   } else {
     make_evictable(block);
   }
 }
 
-void BlockPool::unpark(BlockId block) { set_where(meta_[block], Where::kHeld); }
+void BlockPool::unpark(BlockId block) { set_where(block, Where::kHeld); }
 
 void BlockPool::expire_pins(double now) {
   while (!pinned_.empty()) {
@@ -122,7 +139,7 @@ void BlockPool::expire_pins(double now) {
 void BlockPool::uncache(BlockId block) {
   Meta& m = meta_[block];
   index_.erase(m.hash, block);
-  m.cached = false;
+  tags_[block].cached = false;
 }
 
 void BlockPool::log_eviction(BlockId block) {
@@ -147,38 +164,56 @@ bool BlockPool::first_evicted(int64_t since, const BlockId* blocks, int n, int* 
 
 BlockId BlockPool::allocate() {
   BlockId block;
-  if (!free_.empty()) {
-    block = free_.back();
+  allocate_n(1, &block);
+  return block;
+}
+
+// The free list first, then evictions, exactly as n allocate() calls. Evictions go in two
+// passes so that the block metadata and prefix-index slots they touch load in parallel:
+// victims are popped (and marked held, so no stale entry of theirs pops again), then each is
+// logged and uncached, while the next ones' loads are in flight.
+void BlockPool::allocate_n(int n, BlockId* out) {
+  int k = 0;
+  for (; k < n && !free_.empty(); ++k) {
+    out[k] = free_.back();
     free_.pop_back();
-  } else {
+    set_where(out[k], Where::kHeld);
+  }
+  const int first_victim = k;
+  for (; k < n; ++k) {
     TANDEM_CHECK(num_evictable_ > 0, "allocate() with no free or evictable block");
-    for (;; evictable_.pop()) {  // skip stale entries
-      TANDEM_CHECK(!evictable_.empty(), "evictable count exceeds the eviction order");
-      if (valid(evictable_.top())) break;
-    }
-    block = evictable_.top().block;
-    evictable_.pop();
-    log_eviction(block);
-    uncache(block);
+    EvictEntry victim;
+    const bool found = evictable_.pop_valid([this](const EvictEntry& e) { return valid(e); }, &victim);
+    TANDEM_CHECK(found, "evictable count exceeds the eviction order");
+    out[k] = victim.block;
+    set_where(victim.block, Where::kHeld);
+    prefetch(victim.block);
+  }
+  constexpr int kAhead = 4;
+  for (int j = first_victim; j < n && j < first_victim + kAhead; ++j) index_.prefetch(meta_[out[j]].hash);
+  for (int j = first_victim; j < n; ++j) {
+    if (j + kAhead < n) index_.prefetch(meta_[out[j + kAhead]].hash);
+    log_eviction(out[j]);
+    uncache(out[j]);
     ++num_evicted_;
   }
-  Meta& m = meta_[block];
-  m.ref_count = 1;
-  set_where(m, Where::kHeld);
-  m.cached = false;
-  m.pin_count = 0;
-  m.pinned_until = kNever;
-  m.hits = 0;
-  m.generation += 1;
-  return block;
+  for (int j = 0; j < n; ++j) {
+    Meta& m = meta_[out[j]];
+    m.ref_count = 1;
+    Tag& t = tags_[out[j]];
+    t.cached = false;
+    t.generation += 1;
+    m.pin_count = 0;
+    m.pinned_until = kNever;
+    m.hits = 0;
+  }
 }
 
 void BlockPool::retain(BlockId block, double now) {
   Meta& m = meta_[block];
-  TANDEM_CHECK(m.cached, "retain() of a block that is not in the prefix cache");
-  if (m.ref_count == 0) unpark(block);
+  TANDEM_CHECK(tags_[block].cached, "retain() of a block that is not in the prefix cache");
   m.ref_count += 1;
-  set_where(m, Where::kHeld);
+  set_where(block, Where::kHeld);
   m.hits += 1;
   m.last_access = now;
 }
@@ -190,11 +225,45 @@ void BlockPool::release(BlockId block, double now, int priority) {
   m.last_access = std::max(m.last_access, now);
   m.priority = priority;
   if (m.ref_count > 0) return;
-  if (m.cached) {
+  if (tags_[block].cached) {
     park(block, now);
   } else {
-    set_where(m, Where::kFree);
+    set_where(block, Where::kFree);
     free_.push_back(block);
+  }
+}
+
+void BlockPool::release_all(const BlockId* blocks, size_t n, double now, int priority) {
+  constexpr size_t kAhead = 8;  // blocks prefetched ahead
+  run_.clear();
+  run_.reserve(n);
+  // A policy's key() may throw (a Python policy's error): the blocks parked so far still enter
+  // the order, leaving the pool as n release() calls would have.
+  struct PushRun {
+    BlockPool* pool;
+    ~PushRun() {
+      pool->evictable_.push_run(pool->run_);
+      pool->compact_orders();
+    }
+  } push_run{this};
+  for (size_t k = n; k-- > 0;) {
+    if (k >= kAhead) prefetch(blocks[k - kAhead]);
+    const BlockId block = blocks[k];
+    Meta& m = meta_[block];
+    TANDEM_CHECK(m.ref_count > 0, "release() of a block nobody holds");
+    m.ref_count -= 1;
+    m.last_access = std::max(m.last_access, now);
+    m.priority = priority;
+    if (m.ref_count > 0) continue;
+    if (!tags_[block].cached) {
+      set_where(block, Where::kFree);
+      free_.push_back(block);
+    } else if (m.pinned_until > now) {
+      set_where(block, Where::kPinned);
+      push_pin(block);
+    } else {
+      run_.push_back(evictable_entry(block));
+    }
   }
 }
 
@@ -202,7 +271,7 @@ BlockId BlockPool::lookup(uint64_t hash, uint64_t parent, uint32_t ns, const Tok
   const BlockId block = index_.find(hash);
   if (block == kNoBlock) return kNoBlock;
   const Meta& m = meta_[block];
-  if (m.parent != parent || m.ns != ns) return kNoBlock;
+  if (m.parent != parent || m.ns != ns) return kNoBlock;  // (a hash collision)
   const TokenId* held = &tokens_[static_cast<size_t>(block) * block_size_];
   if (std::memcmp(held, tokens, sizeof(TokenId) * block_size_) != 0) return kNoBlock;
   return block;
@@ -211,9 +280,9 @@ BlockId BlockPool::lookup(uint64_t hash, uint64_t parent, uint32_t ns, const Tok
 bool BlockPool::register_block(BlockId block, uint64_t hash, uint64_t parent, uint32_t ns,
                                int depth, const TokenId* tokens) {
   Meta& m = meta_[block];
-  TANDEM_CHECK(m.ref_count > 0 && !m.cached, "register_block() of a block not privately held");
+  TANDEM_CHECK(m.ref_count > 0 && !tags_[block].cached, "register_block() of a block not privately held");
   if (!index_.insert(hash, block)) return false;
-  m.cached = true;
+  tags_[block].cached = true;
   m.hash = hash;
   m.parent = parent;
   m.ns = ns;
@@ -225,27 +294,29 @@ bool BlockPool::register_block(BlockId block, uint64_t hash, uint64_t parent, ui
 
 void BlockPool::pin(BlockId block, double until, double now, bool new_pin) {
   Meta& m = meta_[block];
-  TANDEM_CHECK(m.cached, "pin() of a block that is not in the prefix cache");
+  TANDEM_CHECK(tags_[block].cached, "pin() of a block that is not in the prefix cache");
   if (new_pin) m.pin_count += 1;
   const double before = m.pinned_until;
   m.pinned_until = std::max(m.pinned_until, until);
-  if (m.where == Where::kPinned) {
+  const Where where = where_[block];
+  if (where == Where::kPinned) {
     // A later `until` re-keys the pin: a new entry, the old one goes stale.
     if (m.pinned_until != before) push_pin(block);
-  } else if (m.where == Where::kEvictable && m.pinned_until > now) {
+  } else if (where == Where::kEvictable && m.pinned_until > now) {
     // An evictable block being pinned again goes back to the pinned set.
-    set_where(m, Where::kPinned);
+    set_where(block, Where::kPinned);
     push_pin(block);
   }
 }
 
 void BlockPool::unpin(BlockId block, uint32_t generation, double now) {
   Meta& m = meta_[block];
-  if (m.generation != generation || !m.cached || m.pin_count == 0) return;  // contents changed since
+  const Tag& t = tags_[block];
+  if (t.generation != generation || !t.cached || m.pin_count == 0) return;  // contents changed since
   m.pin_count -= 1;
   if (m.pin_count > 0) return;
   m.pinned_until = kNever;
-  if (m.where == Where::kPinned) park(block, now);  // kNever: into the eviction order
+  if (where_[block] == Where::kPinned) park(block, now);  // kNever: into the eviction order
 }
 
 // The eviction and pin heaps: heap-ordered, bounded, exactly one valid entry
@@ -255,20 +326,20 @@ void BlockPool::check_orders() const {
     throw InvariantViolation("block pool invariant: " + what + " (block " + std::to_string(b) + ")");
   };
   const int n = num_blocks();
-  if (!evictable_.is_heap()) fail("eviction order is not a heap", -1);
+  if (!evictable_.well_formed()) fail("eviction order is malformed (a run unsorted, or the heaps broken)", -1);
   if (!pinned_.is_heap()) fail("pin order is not a heap", -1);
   if (evictable_.size() > LazyHeap<EvictEntry>::bound(n) || pinned_.size() > LazyHeap<PinEntry>::bound(n))
     fail("stale entries are never compacted away", -1);
   std::vector<uint8_t> entries(n, 0);
-  for (const EvictEntry& e : evictable_.entries()) {
+  evictable_.for_each([&](const EvictEntry& e) {
     if (e.block < 0 || e.block >= n) fail("eviction order holds an id out of range", e.block);
     if (e.stamp > next_stamp_) fail("eviction entry from the future", e.block);
-    if (!valid(e)) continue;
+    if (!valid(e)) return;
     const Meta& m = meta_[e.block];
     if (entries[e.block]++) fail("block twice in the eviction order", e.block);
     if (e.primary != m.key.primary || e.secondary != m.key.secondary || e.neg_depth != -m.depth)
       fail("eviction entry does not carry the block's key", e.block);
-  }
+  });
   for (const PinEntry& e : pinned_.entries()) {
     if (e.block < 0 || e.block >= n) fail("pin order holds an id out of range", e.block);
     if (e.stamp > next_stamp_) fail("pin entry from the future", e.block);
@@ -278,13 +349,13 @@ void BlockPool::check_orders() const {
   }
   int evictable = 0, pinned = 0;
   for (BlockId b = 0; b < n; ++b) {
-    const Meta& m = meta_[b];
-    if (m.where == Where::kEvictable) ++evictable;
-    if (m.where == Where::kPinned) ++pinned;
-    const bool parked = m.where == Where::kEvictable || m.where == Where::kPinned;
+    const Where where = where_[b];
+    if (where == Where::kEvictable) ++evictable;
+    if (where == Where::kPinned) ++pinned;
+    const bool parked = where == Where::kEvictable || where == Where::kPinned;
     if (parked && !entries[b])
-      fail(m.where == Where::kEvictable ? "evictable block missing from the eviction order"
-                                        : "pinned block missing from the pin order", b);
+      fail(where == Where::kEvictable ? "evictable block missing from the eviction order"
+                                      : "pinned block missing from the pin order", b);
   }
   if (evictable != num_evictable_) fail("evictable count differs from the evictable blocks", -1);
   if (pinned != num_pinned_) fail("pinned count differs from the pinned blocks", -1);
@@ -306,22 +377,23 @@ void BlockPool::check_invariants(const std::vector<int>& holders, double now) co
   int held = 0, cached_unheld = 0, free_count = 0, num_cached_blocks = 0;
   for (BlockId b = 0; b < n; ++b) {
     const Meta& m = meta_[b];
+    const Tag& t = tags_[b];
     if (m.ref_count != holders[b]) fail("reference count differs from the number of holders", b);
-    if (m.ref_count > 1 && !m.cached) fail("shared block is not an immutable cached block", b);
-    if (m.cached) ++num_cached_blocks;
+    if (m.ref_count > 1 && !t.cached) fail("shared block is not an immutable cached block", b);
+    if (t.cached) ++num_cached_blocks;
     if (m.ref_count > 0) {
       ++held;
-      if (m.where != Where::kHeld) fail("held block is parked", b);
+      if (where_[b] != Where::kHeld) fail("held block is parked", b);
       if (on_free_list[b]) fail("block is both free and held", b);
-    } else if (m.cached) {
+    } else if (t.cached) {
       ++cached_unheld;
-      if (m.where != Where::kPinned && m.where != Where::kEvictable) fail("cached block is lost", b);
+      if (where_[b] != Where::kPinned && where_[b] != Where::kEvictable) fail("cached block is lost", b);
       if (on_free_list[b]) fail("cached block is on the free list", b);
     } else {
       ++free_count;
-      if (m.where != Where::kFree || !on_free_list[b]) fail("unowned block is not on the free list", b);
+      if (where_[b] != Where::kFree || !on_free_list[b]) fail("unowned block is not on the free list", b);
     }
-    if (m.cached) {
+    if (t.cached) {
       if (index_.find(m.hash) != b) fail("cached block is not in the prefix index", b);
       const TokenId* held_tokens = &tokens_[static_cast<size_t>(b) * block_size_];
       if (block_hash(m.parent, held_tokens, block_size_) != m.hash)
@@ -336,7 +408,7 @@ void BlockPool::check_invariants(const std::vector<int>& holders, double now) co
   int indexed = 0;
   index_.for_each([&](uint64_t hash, BlockId b) {
     ++indexed;
-    if (b < 0 || b >= n || !meta_[b].cached || meta_[b].hash != hash)
+    if (b < 0 || b >= n || !tags_[b].cached || meta_[b].hash != hash)
       fail("prefix index entry is not a cached block under its own hash", b);
   });
   if (index_.size() != num_cached_blocks || indexed != num_cached_blocks)

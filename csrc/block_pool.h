@@ -15,13 +15,14 @@
 // keeps them until a time) or in `evictable_` (ordered by the eviction
 // policy's key, then deepest first so children go before their parents).
 //
-// Both orders are heaps with lazy deletion. A hit on a long cached context
-// takes thousands of blocks out of the eviction order and its release puts
-// them back, every turn; a heap entry costs no node allocation, and taking a
-// block out is O(1): its entry just goes stale.
+// Both orders delete lazily (csrc/eviction_order.h). A hit on a long cached
+// context takes thousands of blocks out of the eviction order and its release
+// puts them back, every turn; an entry costs no node allocation, taking a
+// block out is O(1) (its entry just goes stale), and a release's blocks go in
+// as one sorted run rather than one heap push each.
 //
-//   evictable_: [e0 e1 e2 ...]   entry = (key, -depth, block, stamp)
-//   meta_[block].where == kEvictable && meta_[block].stamp == entry.stamp  <=> valid
+//   evictable_: runs + singles of entries (key, -depth, block, stamp)
+//   where_[block] == kEvictable && meta_[block].stamp == entry.stamp  <=> valid
 //
 // A block's stamp changes on every push, so exactly one entry per parked
 // block is valid; stale ones are skipped when they reach the top and dropped
@@ -35,6 +36,7 @@
 #include <vector>
 
 #include "common.h"
+#include "eviction_order.h"
 #include "policies.h"
 
 namespace tandem {
@@ -54,6 +56,8 @@ class PrefixIndex {
   // Removes `hash` if it maps to `block`.
   void erase(uint64_t hash, BlockId block);
   int size() const { return size_; }
+  // Starts loading the slot where a probe for `hash` begins.
+  void prefetch(uint64_t hash) const { __builtin_prefetch(&slots_[home(hash)]); }
   // Calls f(hash, block) for every entry (for invariant checks).
   template <class F>
   void for_each(F f) const {
@@ -73,47 +77,6 @@ class PrefixIndex {
   size_t mask_ = 0;
   int shift_ = 0;
   int size_ = 0;
-};
-
-// A min-heap over a vector, for entries deleted lazily (see the top of this file).
-template <class Entry>
-class LazyHeap {
- public:
-  bool empty() const { return entries_.empty(); }
-  size_t size() const { return entries_.size(); }
-  const Entry& top() const { return entries_.front(); }
-  const std::vector<Entry>& entries() const { return entries_; }
-  void push(const Entry& e) {
-    entries_.push_back(e);
-    std::push_heap(entries_.begin(), entries_.end(), later);
-  }
-  void pop() {
-    std::pop_heap(entries_.begin(), entries_.end(), later);
-    entries_.pop_back();
-  }
-  // Rebuilds from the valid entries once the stale ones outnumber
-  // max(kMinStale, 2 * valid): O(1) amortized per push, memory bounded.
-  template <class Valid>
-  void compact_if_stale(size_t valid, Valid is_valid) {
-    if (entries_.size() - valid <= std::max(kMinStale, 2 * valid)) return;
-    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
-                                  [&](const Entry& e) { return !is_valid(e); }),
-                   entries_.end());
-    std::make_heap(entries_.begin(), entries_.end(), later);
-  }
-  bool is_heap() const { return std::is_heap(entries_.begin(), entries_.end(), later); }
-  // The most entries a heap of `max_valid` valid ones may hold.
-  static size_t bound(size_t max_valid) { return max_valid + std::max(kMinStale, 2 * max_valid); }
-
-  static constexpr size_t kMinStale = 1024;
-
- private:
-  // std::greater on the order: a min-heap (a functor, so the heap calls inline).
-  struct Later {
-    bool operator()(const Entry& a, const Entry& b) const { return b.order() < a.order(); }
-  };
-  static constexpr Later later{};
-  std::vector<Entry> entries_;
 };
 
 class BlockPool {
@@ -143,10 +106,16 @@ class BlockPool {
   // Takes a block from the free list, else evicts the first evictable one.
   // The caller checks num_available() first. The block comes back with ref 1.
   BlockId allocate();
+  // allocate() n times, into out[0..n).
+  void allocate_n(int n, BlockId* out);
   // A prefix-cache hit: one more holder of a cached block.
   void retain(BlockId block, double now);
   // One holder fewer; at ref 0 the block goes to the cache (if indexed) or the free list.
   void release(BlockId block, double now, int priority);
+  // release() of blocks[n-1], ..., blocks[0] in that order (a sequence's tail first, so that on
+  // equal keys its later blocks are reused before its head); the blocks that become evictable
+  // enter the eviction order as one run.
+  void release_all(const BlockId* blocks, size_t n, double now, int priority);
 
   // The cached block holding `tokens` after `parent` in namespace `ns`, or kNoBlock.
   BlockId lookup(uint64_t hash, uint64_t parent, uint32_t ns, const TokenId* tokens) const;
@@ -154,15 +123,24 @@ class BlockPool {
   // a block with the same content is already cached: this one stays private.
   bool register_block(BlockId block, uint64_t hash, uint64_t parent, uint32_t ns, int depth,
                       const TokenId* tokens);
-  bool is_cached(BlockId block) const { return meta_[block].cached; }
-  bool is_evictable(BlockId block) const { return meta_[block].where == Where::kEvictable; }
+  bool is_cached(BlockId block) const { return tags_[block].cached; }
+  bool is_evictable(BlockId block) const { return where_[block] == Where::kEvictable; }
   int ref_count(BlockId block) const { return meta_[block].ref_count; }
-  uint32_t generation(BlockId block) const { return meta_[block].generation; }
+  uint32_t generation(BlockId block) const { return tags_[block].generation; }
+  // How many of `blocks` are evictable (read from the compact tags, not the block metadata).
+  int count_evictable(const BlockId* blocks, size_t n) const;
   // Starts loading a block's metadata (loops over a request's ~3,000 blocks are memory bound).
   void prefetch(BlockId block) const {
     const char* p = reinterpret_cast<const char*>(&meta_[block]);
     __builtin_prefetch(p);
     __builtin_prefetch(p + sizeof(Meta) - 1);
+  }
+  // Starts loading what register_block(block, hash, ...) touches: the block's metadata, its
+  // token row and the prefix-index slot of `hash`.
+  void prefetch_register(BlockId block, uint64_t hash) const {
+    prefetch(block);
+    __builtin_prefetch(&tokens_[static_cast<size_t>(block) * block_size_], 1);
+    index_.prefetch(hash);
   }
 
   // Retention pins, one per (session, block): `new_pin` counts one more pinning
@@ -177,16 +155,19 @@ class BlockPool {
 
  private:
   enum class Where : uint8_t { kFree, kHeld, kPinned, kEvictable };
+  // What loops over a request's ~3,000 blocks read, kept apart from the block's whole Meta
+  // (two cache lines) in small arrays that stay in cache: where_ (1 byte a block) and tags_.
+  struct Tag {
+    uint32_t generation = 0;
+    bool cached = false;
+  };
   struct Meta {
     int32_t ref_count = 0;
-    Where where = Where::kFree;
-    bool cached = false;
     int32_t depth = 0;
     int32_t priority = 0;
     int32_t pin_count = 0;
     uint32_t ns = 0;
-    uint32_t generation = 0;
-    uint64_t stamp = 0;  // of the block's one valid heap entry while parked
+    uint64_t stamp = 0;  // of the block's one valid order entry while parked
     uint64_t hash = 0;
     uint64_t parent = 0;
     double last_access = 0.0;
@@ -210,33 +191,37 @@ class BlockPool {
     auto order() const { return std::tie(until, block); }
   };
 
-  void set_where(Meta& m, Where where);    // keeps num_evictable_ / num_pinned_ exact
+  void set_where(BlockId block, Where where);  // keeps num_evictable_ / num_pinned_ exact
   void park(BlockId block, double now);    // ref 0 and cached: into pinned_ or evictable_
   void unpark(BlockId block);              // out of pinned_ / evictable_ (its entry goes stale)
+  // Keys the block, marks it evictable and returns its entry (the caller puts it in the order).
+  EvictEntry evictable_entry(BlockId block);
   void make_evictable(BlockId block);
-  void push_pin(BlockId block);            // m.where is kPinned; the block's old entry goes stale
+  void compact_orders();                   // drops stale entries once they outnumber the valid ones
+  void push_pin(BlockId block);            // where is kPinned; the block's old entry goes stale
   void uncache(BlockId block);
   void log_eviction(BlockId block);
   bool valid(const EvictEntry& e) const {
-    const Meta& m = meta_[e.block];
-    return m.where == Where::kEvictable && m.stamp == e.stamp;
+    return where_[e.block] == Where::kEvictable && meta_[e.block].stamp == e.stamp;
   }
   bool valid(const PinEntry& e) const {
-    const Meta& m = meta_[e.block];
-    return m.where == Where::kPinned && m.stamp == e.stamp;
+    return where_[e.block] == Where::kPinned && meta_[e.block].stamp == e.stamp;
   }
   void check_orders() const;
 
   int block_size_;
   std::shared_ptr<EvictionPolicy> eviction_;
   std::vector<Meta> meta_;
+  std::vector<Tag> tags_;
+  std::vector<Where> where_;
   std::vector<TokenId> tokens_;            // num_blocks * block_size; valid for cached blocks
   std::vector<BlockId> free_;              // stack; popped from the back
   PrefixIndex index_;
-  LazyHeap<EvictEntry> evictable_;
+  RunOrder<EvictEntry> evictable_;
+  std::vector<EvictEntry> run_;            // release_all()'s run being built
   LazyHeap<PinEntry> pinned_;
-  int num_evictable_ = 0;                  // blocks with where == kEvictable
-  int num_pinned_ = 0;                     // blocks with where == kPinned
+  int num_evictable_ = 0;                  // blocks tagged kEvictable
+  int num_pinned_ = 0;                     // blocks tagged kPinned
   uint64_t next_stamp_ = 0;
   int64_t num_evicted_ = 0;
   // (block, its chain position) of the latest evictions: eviction k is eviction_log_[k - log_base_].

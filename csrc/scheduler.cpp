@@ -381,6 +381,7 @@ void Scheduler::register_full_blocks(Request& r) {
   if (full <= r.num_registered) return;
   extend_hashes(r, full);
   for (int j = r.num_registered; j < full; ++j) {
+    if (j + 8 < full) pool_.prefetch_register(r.blocks[j + 8], r.block_hashes[j + 8]);
     const uint64_t parent = j == 0 ? r.ns_root : r.block_hashes[j - 1];
     pool_.register_block(r.blocks[j], r.block_hashes[j], parent, r.ns, j,
                          &r.tokens[static_cast<size_t>(j) * block_size_]);

@@ -28,11 +28,10 @@ bool Scheduler::grow(Request& r, int total_tokens) {
   if (need <= 0) return true;
   if (pool_.num_available() < need) return false;
   BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
-  for (int k = 0; k < need; ++k) {
-    BlockId b = pool_.allocate();
-    row[r.blocks.size()] = b;
-    r.blocks.push_back(b);
-  }
+  const size_t have = r.blocks.size();
+  r.blocks.resize(have + need);
+  pool_.allocate_n(need, r.blocks.data() + have);
+  std::copy(r.blocks.begin() + static_cast<std::ptrdiff_t>(have), r.blocks.end(), row + have);
   return true;
 }
 
@@ -44,13 +43,12 @@ bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
   const int n = std::min({r.num_tokens() - start, budget, config_.chunk_size});
   const int need = blocks_for(start + n) - matched;
   // Hits that are evictable stop being available once retained. Count them only when the
-  // answer depends on it (0 <= evictable hits <= hits).
+  // answer depends on it (0 <= evictable hits <= min(hits, evictable blocks)).
   const int available = pool_.num_available();
   if (available < need) return false;
-  if (available - matched < need) {
-    int hits_evictable = 0;
-    for (BlockId b : hits) hits_evictable += pool_.is_evictable(b) ? 1 : 0;
-    if (available - hits_evictable < need) return false;
+  if (available - std::min(matched, pool_.num_evictable()) < need &&
+      available - pool_.count_evictable(hits.data(), hits.size()) < need) {
+    return false;
   }
 
   r.slot = take_slot();
@@ -153,12 +151,8 @@ void Scheduler::remember_own_match(Request& r) {
 
 void Scheduler::release_device(Request& r, double now) {
   BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
-  // Tail first, so that on equal keys a sequence's later blocks are reused before its head.
-  for (size_t k = r.blocks.size(); k-- > 0;) {
-    if (k >= 8) pool_.prefetch(r.blocks[k - 8]);
-    pool_.release(r.blocks[k], now, r.priority);
-    row[k] = kNoBlock;
-  }
+  pool_.release_all(r.blocks.data(), r.blocks.size(), now, r.priority);  // tail first
+  std::fill(row, row + r.blocks.size(), kNoBlock);
   r.blocks.clear();
   free_slot(r);
 }
