@@ -9,6 +9,7 @@
 // while its generation is unchanged, exactly as for a waiting request's own remembered
 // match. So plans are the same with or without memos.
 #include <algorithm>
+#include <cstring>
 
 #include "scheduler.h"
 
@@ -61,8 +62,15 @@ void Scheduler::recall_turn(Request& r) {
   turn_memos_.erase(it);
   if (memo.ns != r.ns) return;
   const size_t n = std::min(memo.tokens.size(), r.tokens.size());
-  const size_t same = std::mismatch(r.tokens.begin(), r.tokens.begin() + n, memo.tokens.begin()).first -
-                      r.tokens.begin();
+  // memcmp over chunks (libc's vector compare), then the first differing token within one.
+  constexpr size_t kChunk = 1024;
+  size_t same = 0;
+  while (same + kChunk <= n &&
+         std::memcmp(&r.tokens[same], &memo.tokens[same], kChunk * sizeof(TokenId)) == 0) {
+    same += kChunk;
+  }
+  same = std::mismatch(r.tokens.begin() + same, r.tokens.begin() + n, memo.tokens.begin() + same).first -
+         r.tokens.begin();
   const size_t full = std::min(same / block_size_, memo.block_hashes.size());
   r.block_hashes = std::move(memo.block_hashes);
   r.block_hashes.resize(full);
