@@ -241,6 +241,7 @@ class FinishedRequest:
     num_preemptions: int
     num_computed_tokens: int  # over its life, recomputation included
     output_token_ids: list[int]
+    output_token_array: npt.NDArray[np.int32]  # the same ids as one array (a copy)
     num_output_tokens: int
     arrival_time: float
     first_scheduled_time: float

@@ -295,6 +295,11 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("finish_time", [](const FinishedRequest& f) { return f.token_times.back(); })
       .def_property_readonly("num_output_tokens",
                              [](const FinishedRequest& f) { return static_cast<int>(f.output_tokens.size()); })
+      .def_property_readonly("output_token_array",
+                             [](const FinishedRequest& f) {
+                               return py::array_t<int32_t>(static_cast<py::ssize_t>(f.output_tokens.size()),
+                                                           f.output_tokens.data());
+                             })
       .def_property_readonly("token_times",
                              [](const FinishedRequest& f) {
                                return py::array_t<double>(static_cast<py::ssize_t>(f.token_times.size()),

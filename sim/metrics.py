@@ -59,7 +59,9 @@ class Collector:
         self._next_sample = [0.0] * num_replicas
         self.requests: list[tuple] = []
         self.sessions: list[tuple] = []     # (session_id, start, end, calls, truncated)
-        self.itl_counts = np.zeros(_ITL_EDGES.size + 1, dtype=np.int64)
+        self._itl_counts = np.zeros(_ITL_EDGES.size + 1, dtype=np.int64)
+        self._itl_pending: list[np.ndarray] = []  # gaps not yet binned (binned in bulk: same counts)
+        self._itl_pending_n = 0
         self.itl_sum = 0.0
         self.itl_n = 0
 
@@ -113,7 +115,10 @@ class Collector:
         first, finish = float(times[0]), float(times[-1])
         if n > 1:
             gaps = np.diff(times)
-            self.itl_counts += np.bincount(np.searchsorted(_ITL_EDGES, gaps), minlength=self.itl_counts.size)
+            self._itl_pending.append(gaps)
+            self._itl_pending_n += gaps.size
+            if self._itl_pending_n >= 1 << 18:
+                self._bin_itl()
             self.itl_sum += float(gaps.sum())
             self.itl_n += n - 1
         tpot = (finish - first) / (n - 1) if n > 1 else math.nan
@@ -121,6 +126,18 @@ class Collector:
             f.request_id, session_id, turn, replica, f.arrival_time, f.first_scheduled_time, first, finish,
             first - f.arrival_time, tpot, finish - f.arrival_time, f.num_prompt_tokens, f.num_cached_tokens,
             f.num_computed_tokens, new_tokens, genuinely_new, n, f.num_preemptions))
+
+    def _bin_itl(self) -> None:
+        if self._itl_pending:
+            gaps = np.concatenate(self._itl_pending)
+            self._itl_counts += np.bincount(np.searchsorted(_ITL_EDGES, gaps), minlength=self._itl_counts.size)
+            self._itl_pending, self._itl_pending_n = [], 0
+
+    @property
+    def itl_counts(self) -> np.ndarray:
+        """Inter-token gaps per ITL histogram bin (bin k: gaps in [edge k-1, edge k))."""
+        self._bin_itl()
+        return self._itl_counts
 
     def on_session(self, session_id: str, start: float, end: float, calls: int, truncated: bool) -> None:
         self.sessions.append((session_id, start, end, calls, truncated))

@@ -116,12 +116,13 @@ class Simulation:
                 yield env.timeout(session.start_time - env.now)
             start = env.now
             rng = tokens.session_rng(index)
-            context = tokens.prefix(session.prefix_id, session.prefix_tokens)
+            # The next prompt is context + the call's new tokens, built with one copy.
+            context = [tokens.prefix(session.prefix_id, session.prefix_tokens)]
             used: set[Replica] = set()
             truncated, calls = False, 0
             for k, turn in enumerate(session.turns):
                 new = tokens.new_tokens(rng, turn)
-                prompt = np.concatenate([context, new]) if context.size else new
+                prompt = np.concatenate(context + [new]) if sum(c.size for c in context) else new
                 max_new = min(turn.output_tokens, cfg.engine.max_model_len - prompt.size)
                 if max_new < 1 or prompt.size + max_new - 1 > self.capacity_tokens:
                     truncated = True  # the context outgrew the model length or the KV cache
@@ -136,7 +137,7 @@ class Simulation:
                 finished = yield replica.submit(next(ids), prompt, max_new, session.session_id)
                 calls += 1
                 collector.on_request(finished, session.session_id, k, replica.index, new.size, genuinely_new)
-                context = np.concatenate([prompt, np.asarray(finished.output_token_ids, dtype=np.int32)])
+                context = [prompt, finished.output_token_array]
                 if turn.pause_after > 0 and k + 1 < len(session.turns):
                     yield env.timeout(turn.pause_after)
             if s.end_sessions:
