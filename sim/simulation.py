@@ -12,6 +12,7 @@ the prefix cache sees real reuse.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,28 @@ class TokenFactory:
         if turn.new_token_ids is not None:
             return np.asarray(turn.new_token_ids, dtype=np.int32)
         return rng.integers(0, self.vocab_size, size=turn.new_tokens, dtype=np.int32)
+
+
+class SessionContext:
+    """A session's token context (shared prefix, then each call's new tokens and output) in one
+    buffer whose capacity doubles, so that a call's prompt (context + new tokens) costs a copy
+    of the new tokens rather than of the whole ~50K-token context."""
+
+    def __init__(self, prefix: np.ndarray) -> None:
+        self._buf = np.empty(max(1024, 2 * prefix.size), dtype=np.int32)
+        self._buf[:prefix.size] = prefix
+        self.size = prefix.size
+
+    def extend(self, tokens: np.ndarray) -> np.ndarray:
+        """Appends `tokens`; returns the whole context (a view, valid until the next extend)."""
+        end = self.size + tokens.size
+        if end > self._buf.size:
+            grown = np.empty(max(end, 2 * self._buf.size), dtype=np.int32)
+            grown[:self.size] = self._buf[:self.size]
+            self._buf = grown
+        self._buf[self.size:end] = tokens
+        self.size = end
+        return self._buf[:end]
 
 
 @dataclass
@@ -116,13 +139,12 @@ class Simulation:
                 yield env.timeout(session.start_time - env.now)
             start = env.now
             rng = tokens.session_rng(index)
-            # The next prompt is context + the call's new tokens, built with one copy.
-            context = [tokens.prefix(session.prefix_id, session.prefix_tokens)]
+            context = SessionContext(tokens.prefix(session.prefix_id, session.prefix_tokens))
             used: set[Replica] = set()
             truncated, calls = False, 0
             for k, turn in enumerate(session.turns):
                 new = tokens.new_tokens(rng, turn)
-                prompt = np.concatenate(context + [new]) if sum(c.size for c in context) else new
+                prompt = context.extend(new)
                 max_new = min(turn.output_tokens, cfg.engine.max_model_len - prompt.size)
                 if max_new < 1 or prompt.size + max_new - 1 > self.capacity_tokens:
                     truncated = True  # the context outgrew the model length or the KV cache
@@ -137,7 +159,7 @@ class Simulation:
                 finished = yield replica.submit(next(ids), prompt, max_new, session.session_id)
                 calls += 1
                 collector.on_request(finished, session.session_id, k, replica.index, new.size, genuinely_new)
-                context = [prompt, finished.output_token_array]
+                context.extend(finished.output_token_array)
                 if turn.pause_after > 0 and k + 1 < len(session.turns):
                     yield env.timeout(turn.pause_after)
             if s.end_sessions:
@@ -165,7 +187,13 @@ class Simulation:
 
         wall = time.perf_counter()
         until = done if s.max_sim_time_s is None else (done | env.timeout(s.max_sim_time_s))
-        env.run(until=until)
+        # The set-up's objects (modules, configs) stay out of the cyclic collector's passes during
+        # the run: full collections would traverse them all again and again.
+        gc.freeze()
+        try:
+            env.run(until=until)
+        finally:
+            gc.unfreeze()
         wall = time.perf_counter() - wall
         progress.close()
         for replica in replicas:
