@@ -74,6 +74,7 @@ BlockPool::BlockPool(int num_blocks, int block_size, std::shared_ptr<EvictionPol
 
 void BlockPool::set_where(BlockId block, Where where) {
   Where& w = where_[block];
+  evictable_epoch_ += (where == Where::kEvictable) != (w == Where::kEvictable);
   num_evictable_ += (where == Where::kEvictable) - (w == Where::kEvictable);
   num_pinned_ += (where == Where::kPinned) - (w == Where::kPinned);
   w = where;
@@ -186,7 +187,8 @@ void BlockPool::allocate_n(int n, BlockId* out) {
     const bool found = evictable_.pop_valid([this](const EvictEntry& e) { return valid(e); }, &victim);
     TANDEM_CHECK(found, "evictable count exceeds the eviction order");
     out[k] = victim.block;
-    set_where(victim.block, Where::kHeld);
+    where_[victim.block] = Where::kHeld;  // an eviction: evictable_epoch_ stays (see block_pool.h)
+    --num_evictable_;
     prefetch(victim.block);
   }
   constexpr int kAhead = 4;

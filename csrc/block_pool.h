@@ -129,6 +129,10 @@ class BlockPool {
   uint32_t generation(BlockId block) const { return tags_[block].generation; }
   // How many of `blocks` are evictable (read from the compact tags, not the block metadata).
   int count_evictable(const BlockId* blocks, size_t n) const;
+  // Counts blocks becoming or ceasing to be evictable, evictions excepted. A count of evictable
+  // blocks among cached blocks taken at some epoch still holds at the same epoch while none of
+  // them was evicted (an eviction is seen as the block's generation changing).
+  uint64_t evictable_epoch() const { return evictable_epoch_; }
   // Starts loading a block's metadata (loops over a request's ~3,000 blocks are memory bound).
   void prefetch(BlockId block) const {
     const char* p = reinterpret_cast<const char*>(&meta_[block]);
@@ -223,6 +227,7 @@ class BlockPool {
   int num_evictable_ = 0;                  // blocks tagged kEvictable
   int num_pinned_ = 0;                     // blocks tagged kPinned
   uint64_t next_stamp_ = 0;
+  uint64_t evictable_epoch_ = 1;
   int64_t num_evicted_ = 0;
   // (block, its chain position) of the latest evictions: eviction k is eviction_log_[k - log_base_].
   std::vector<std::pair<BlockId, int>> eviction_log_;

@@ -69,6 +69,10 @@ struct Request {
   std::vector<BlockId> match_blocks;
   std::vector<uint32_t> match_generations;
   int64_t match_evictions = -1;     // the pool's eviction count when they were remembered
+  // How many of match_blocks were evictable at the pool's evictable epoch `hits_epoch` (0: not
+  // counted since match_blocks last changed); a blocked admission re-checks it every step.
+  int hits_evictable = 0;
+  uint64_t hits_epoch = 0;
   int slot = -1;                    // row of the persistent block table while running
   uint64_t last_step = 0;           // last plan that scheduled it
   bool abort_pending = false;       // aborted while in the plan in flight: applied at commit

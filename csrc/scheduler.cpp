@@ -353,6 +353,7 @@ int Scheduler::prefix_match(Request& r, std::vector<BlockId>* hits) {
     m = 0;
     while (m < remembered && pool_.generation(r.match_blocks[m]) == r.match_generations[m]) ++m;
   }
+  if (m != static_cast<int>(r.match_blocks.size())) r.hits_epoch = 0;  // the match changed
   r.match_blocks.resize(m);
   r.match_generations.resize(m);
   extend_hashes(r, max_blocks);
@@ -362,6 +363,7 @@ int Scheduler::prefix_match(Request& r, std::vector<BlockId>* hits) {
     if (b == kNoBlock) break;
     r.match_blocks.push_back(b);
     r.match_generations.push_back(pool_.generation(b));
+    r.hits_epoch = 0;
   }
   r.match_evictions = pool_.num_evicted();
   if (hits) *hits = r.match_blocks;

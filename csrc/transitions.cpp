@@ -46,10 +46,14 @@ bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
   // answer depends on it (0 <= evictable hits <= min(hits, evictable blocks)).
   const int available = pool_.num_available();
   if (available < need) return false;
-  if (available - std::min(matched, pool_.num_evictable()) < need &&
-      available - pool_.count_evictable(hits.data(), hits.size()) < need) {
-    return false;
+  if (available - std::min(matched, pool_.num_evictable()) < need) {
+    if (r.hits_epoch != pool_.evictable_epoch()) {
+      r.hits_evictable = pool_.count_evictable(hits.data(), hits.size());
+      r.hits_epoch = pool_.evictable_epoch();
+    }
+    if (available - r.hits_evictable < need) return false;
   }
+  r.hits_epoch = 0;
 
   r.slot = take_slot();
   BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
