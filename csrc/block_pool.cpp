@@ -65,6 +65,7 @@ BlockPool::BlockPool(int num_blocks, int block_size, std::shared_ptr<EvictionPol
   TANDEM_REQUIRE(num_blocks > 0, "num_blocks must be positive");
   TANDEM_REQUIRE(block_size > 0, "block_size must be positive");
   meta_.resize(num_blocks);
+  content_.resize(num_blocks);
   tags_.resize(num_blocks);
   where_.assign(num_blocks, Where::kFree);
   tokens_.assign(static_cast<size_t>(num_blocks) * block_size, 0);
@@ -138,8 +139,7 @@ void BlockPool::expire_pins(double now) {
 }
 
 void BlockPool::uncache(BlockId block) {
-  Meta& m = meta_[block];
-  index_.erase(m.hash, block);
+  index_.erase(content_[block].hash, block);
   tags_[block].cached = false;
 }
 
@@ -192,9 +192,9 @@ void BlockPool::allocate_n(int n, BlockId* out) {
     prefetch(victim.block);
   }
   constexpr int kAhead = 4;
-  for (int j = first_victim; j < n && j < first_victim + kAhead; ++j) index_.prefetch(meta_[out[j]].hash);
+  for (int j = first_victim; j < n && j < first_victim + kAhead; ++j) index_.prefetch(content_[out[j]].hash);
   for (int j = first_victim; j < n; ++j) {
-    if (j + kAhead < n) index_.prefetch(meta_[out[j + kAhead]].hash);
+    if (j + kAhead < n) index_.prefetch(content_[out[j + kAhead]].hash);
     log_eviction(out[j]);
     uncache(out[j]);
     ++num_evicted_;
@@ -272,8 +272,8 @@ void BlockPool::release_all(const BlockId* blocks, size_t n, double now, int pri
 BlockId BlockPool::lookup(uint64_t hash, uint64_t parent, uint32_t ns, const TokenId* tokens) const {
   const BlockId block = index_.find(hash);
   if (block == kNoBlock) return kNoBlock;
-  const Meta& m = meta_[block];
-  if (m.parent != parent || m.ns != ns) return kNoBlock;  // (a hash collision)
+  const Content& c = content_[block];
+  if (c.parent != parent || c.ns != ns) return kNoBlock;  // (a hash collision)
   const TokenId* held = &tokens_[static_cast<size_t>(block) * block_size_];
   if (std::memcmp(held, tokens, sizeof(TokenId) * block_size_) != 0) return kNoBlock;
   return block;
@@ -285,9 +285,10 @@ bool BlockPool::register_block(BlockId block, uint64_t hash, uint64_t parent, ui
   TANDEM_CHECK(m.ref_count > 0 && !tags_[block].cached, "register_block() of a block not privately held");
   if (!index_.insert(hash, block)) return false;
   tags_[block].cached = true;
-  m.hash = hash;
-  m.parent = parent;
-  m.ns = ns;
+  Content& c = content_[block];
+  c.hash = hash;
+  c.parent = parent;
+  c.ns = ns;
   m.depth = depth;
   std::memcpy(&tokens_[static_cast<size_t>(block) * block_size_], tokens,
               sizeof(TokenId) * block_size_);
@@ -396,9 +397,10 @@ void BlockPool::check_invariants(const std::vector<int>& holders, double now) co
       if (where_[b] != Where::kFree || !on_free_list[b]) fail("unowned block is not on the free list", b);
     }
     if (t.cached) {
-      if (index_.find(m.hash) != b) fail("cached block is not in the prefix index", b);
+      const Content& c = content_[b];
+      if (index_.find(c.hash) != b) fail("cached block is not in the prefix index", b);
       const TokenId* held_tokens = &tokens_[static_cast<size_t>(b) * block_size_];
-      if (block_hash(m.parent, held_tokens, block_size_) != m.hash)
+      if (block_hash(c.parent, held_tokens, block_size_) != c.hash)
         fail("cached block does not hash to the tokens it holds", b);
     }
   }
@@ -410,7 +412,7 @@ void BlockPool::check_invariants(const std::vector<int>& holders, double now) co
   int indexed = 0;
   index_.for_each([&](uint64_t hash, BlockId b) {
     ++indexed;
-    if (b < 0 || b >= n || !tags_[b].cached || meta_[b].hash != hash)
+    if (b < 0 || b >= n || !tags_[b].cached || content_[b].hash != hash)
       fail("prefix index entry is not a cached block under its own hash", b);
   });
   if (index_.size() != num_cached_blocks || indexed != num_cached_blocks)

@@ -208,6 +208,7 @@ void Scheduler::finish(Request& r, FinishReason reason, double now, std::vector<
   std::vector<BlockId> cached;  // its leading blocks in the prefix index, for the session's next turn
   if (memo) {
     const int n = std::min(r.num_registered, static_cast<int>(r.blocks.size()));
+    cached.reserve(static_cast<size_t>(n));
     for (int j = 0; j < n && pool_.is_cached(r.blocks[j]); ++j) {
       if (j + 8 < n) pool_.prefetch(r.blocks[j + 8]);
       cached.push_back(r.blocks[j]);
