@@ -190,6 +190,7 @@ void BlockPool::allocate_n(int n, BlockId* out) {
     where_[victim.block] = Where::kHeld;  // an eviction: evictable_epoch_ stays (see block_pool.h)
     --num_evictable_;
     prefetch(victim.block);
+    __builtin_prefetch(&content_[victim.block]);  // its hash locates the index slot to free
   }
   constexpr int kAhead = 4;
   for (int j = first_victim; j < n && j < first_victim + kAhead; ++j) index_.prefetch(content_[out[j]].hash);
