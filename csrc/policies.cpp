@@ -112,16 +112,17 @@ class LongestPrefixMatch final : public OrderingPolicy {
 };
 
 // Program-level fairness (Autellix's PLAS): least attained service per session first, where a
-// session's service is the tokens its earlier turns and this call computed. Service is counted in
-// levels of `quantum` tokens, first come first served within a level, so a long agent session
-// does not starve short ones and small differences do not reorder the batch every step.
+// session's service is the tokens its earlier turns computed when this call arrived. Service is
+// counted in levels of `quantum` tokens, first come first served within a level, so a long agent
+// session does not starve short ones. The key is fixed for a call's life: counting the call's own
+// progress too made the request closest to finishing the preemption victim, and under KV pressure
+// the conformance suite found that livelock (recompute, overtake, be preempted again).
 class SessionLas final : public OrderingPolicy {
  public:
   explicit SessionLas(double quantum) : quantum_(quantum) {}
   std::string name() const override { return "session_las"; }
   OrderKey key(const RequestView& r) const override {
-    const double service = static_cast<double>(r.session_service + r.num_computed_total);
-    return {std::floor(service / quantum_), r.arrival_time};
+    return {std::floor(static_cast<double>(r.session_service) / quantum_), r.arrival_time};
   }
 
  private:
