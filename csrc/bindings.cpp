@@ -374,10 +374,8 @@ PYBIND11_MODULE(_core, m) {
       .def("has_pending_plan", &Scheduler::has_pending_plan)
       .def_property_readonly("failure", &Scheduler::failure,
                              "The PolicyError message that stopped this scheduler ('' while it runs).")
-      .def_property_readonly("num_available_blocks", [](const Scheduler& s) {
-        const Stats st = s.stats();
-        return st.num_free_blocks + st.num_evictable_blocks;
-      })
+      .def_property_readonly("num_available_blocks", &Scheduler::num_available_blocks,
+                             "Free + evictable device blocks (what a router reads, once per call and replica).")
       .def("request_info", [](const Scheduler& s, RequestId id) { return request_info(s.request(id)); },
            py::arg("request_id"))
       .def_property_readonly("block_size", [](const Scheduler& s) { return s.config().block_size; })

@@ -149,6 +149,7 @@ class Scheduler {
   bool has_pending_plan() const { return pending_step_ != 0; }
   // The PolicyError that stopped this scheduler ("" while it runs).
   const std::string& failure() const { return failed_; }
+  int num_available_blocks() const { return pool_.num_available(); }
   const Request& request(RequestId id) const;
 
   const SchedulerConfig& config() const { return config_; }

@@ -31,8 +31,8 @@ def main(argv=None) -> None:
                                    max_model_len=4096, max_num_seqs=8, cuda_graph_batch_sizes=(1,),
                                    enable_prefix_caching=False))
     r = core.runner
-    marks: dict[str, list[float]] = {k: [] for k in ("reorder", "stage+launch", "sampler", "wait", "step", "gpu",
-                                                    "core.step total", "plan", "commit+rest")}
+    marks: dict[str, list[float]] = {k: [] for k in ("reorder", "stage+launch", "sampler", "step", "gpu",
+                                                    "core.step total")}
     orig_forward, orig_sampler = r.forward, r.sampler
     ev = {}
 
@@ -51,7 +51,6 @@ def main(argv=None) -> None:
             ev["e"] = torch.cuda.Event(enable_timing=True)
             ev["e"].record()
             marks["sampler"].append(time.perf_counter() - t)
-
             return res
 
     detail: dict[str, list[float]] = {}
