@@ -178,6 +178,7 @@ class SchedulerConfig:
     ordering: str
     eviction: str
     preemption: str
+    num_lookahead_tokens: int
     def __init__(self) -> None: ...
 
 class Plan:

@@ -37,6 +37,8 @@ class SchedulerConfig:
     ordering: str = "fcfs"
     eviction: str = "lru"
     preemption: str = "recompute"
+    # blocks held ahead of a decoding request's next token (1 lets an engine overlap decode steps)
+    num_lookahead_tokens: int = 0
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "SchedulerConfig":

@@ -69,6 +69,7 @@ class Setup:
     ordering: str
     eviction: str
     preemption: str
+    num_lookahead_tokens: int = 0
 
     def scheduler(self):
         from controlplane.scheduler import Scheduler
@@ -212,13 +213,14 @@ def make_machine(fixed: dict[str, str] | None = None) -> type[RuleBasedStateMach
             preemption=_kind_strategy("preemption", fixed),
             ttl=st.sampled_from([0.5, 3.0, 50.0]),
             caching=st.booleans(),
+            lookahead=st.sampled_from([0, 0, 1, 2]),
         )
         def setup(self, block_size, num_blocks, num_host_blocks, max_num_seqs, budget, chunk, ordering, eviction,
-                  preemption, ttl, caching):
+                  preemption, ttl, caching, lookahead):
             if "eviction" not in fixed:
                 eviction = _default_spec("eviction", eviction, ttl)
             self.config = Setup(num_blocks, block_size, num_host_blocks, max_num_seqs, budget, chunk, caching,
-                                ordering, eviction, preemption)
+                                ordering, eviction, preemption, lookahead)
             self.driver = Driver(self.config)
             self.ops: list[tuple[str, tuple]] = []
             self.capacity_tokens = num_blocks * block_size

@@ -235,7 +235,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("enable_prefix_caching", &SchedulerConfig::enable_prefix_caching)
       .def_readwrite("ordering", &SchedulerConfig::ordering)
       .def_readwrite("eviction", &SchedulerConfig::eviction)
-      .def_readwrite("preemption", &SchedulerConfig::preemption);
+      .def_readwrite("preemption", &SchedulerConfig::preemption)
+      .def_readwrite("num_lookahead_tokens", &SchedulerConfig::num_lookahead_tokens);
 
   py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan")
       .def_property_readonly("step_id", [](const Plan& p) { return p.step_id; })

@@ -67,7 +67,9 @@ void Scheduler::check_invariants() const {
       const int have = static_cast<int>(r.blocks.size());
       // Between step and commit a request also holds the blocks its scheduled tokens go to.
       if (have < want || have > max_blocks_per_seq_) violated("holds too few or too many blocks", id);
-      if (pending_step_ == 0 && have != want) violated("holds blocks it has not written", id);
+      // ... and, with lookahead, the blocks of its next few tokens
+      const int ahead = blocks_for(std::min(r.num_computed + config_.num_lookahead_tokens, config_.max_model_len));
+      if (pending_step_ == 0 && (have < want || have > ahead)) violated("holds blocks it has not written", id);
       const BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
       for (int j = 0; j < have; ++j) {
         if (row[j] != r.blocks[j]) violated("block table row differs from the block list", id);

@@ -66,6 +66,8 @@ Scheduler::Scheduler(const SchedulerConfig& config, std::shared_ptr<OrderingPoli
   TANDEM_REQUIRE(config.chunk_size > 0, "chunk_size must be positive");
   TANDEM_REQUIRE(config.max_model_len > 1, "max_model_len must be at least 2");
   TANDEM_REQUIRE(config.vocab_size > 0, "vocab_size must be positive");
+  TANDEM_REQUIRE(config.num_lookahead_tokens >= 0 && config.num_lookahead_tokens <= config.block_size,
+                 "num_lookahead_tokens must be in [0, block_size]");
   ordering_name_ = ordering_->name();
   max_blocks_per_seq_ = blocks_for(config.max_model_len);
   block_table_.assign(static_cast<size_t>(config.max_num_seqs) * max_blocks_per_seq_, kNoBlock);
@@ -243,8 +245,22 @@ void Scheduler::step_impl(Plan& plan, double now) {
   schedule_running(plan, &budget, now, &preempted);
   // A step that preempted admits nothing: swap-outs and swap-ins never share a plan.
   if (!preempted) schedule_waiting(plan, budget, now);
+  if (config_.num_lookahead_tokens > 0) grow_lookahead(plan);
   pending_step_ = plan.step_id;
   if (plan.num_reqs() > 0) ++counters_.num_steps;
+}
+
+// After every scheduled token has its block: each request this plan samples for also gets the
+// blocks of its next num_lookahead_tokens tokens where the pool has them (an allocation as any
+// other, so it may evict an unused cached block; it never preempts, and it comes last so that it
+// never stands in the way of a scheduled token or an admission).
+void Scheduler::grow_lookahead(const Plan& plan) {
+  for (int i = 0; i < plan.num_reqs(); ++i) {
+    Request& r = requests_.at(plan.req_ids[i]);
+    const int end = plan.cached_lens[i] + plan.query_lens[i];
+    if (end != r.num_tokens()) continue;  // a prefill chunk short of the prompt's end samples nothing
+    grow(r, std::min(end + config_.num_lookahead_tokens, config_.max_model_len));
+  }
 }
 
 void Scheduler::schedule_running(Plan& plan, int* budget, double now, bool* preempted) {

@@ -32,6 +32,10 @@ struct SchedulerConfig {
   std::string ordering = "fcfs";      // "name" or "name:key=value,..."
   std::string eviction = "lru";
   std::string preemption = "recompute";
+  // Blocks a decoding request holds ahead of its next token: with 1, a decode step also gives each
+  // request the block of the token after the one it samples, so an executor can launch the next
+  // decode step before this one's token is back (engine/overlap.py). Taken only when free; 0: none.
+  int num_lookahead_tokens = 0;
 };
 
 // One step's batch, as flat arrays (see controlplane/_core.pyi for the picture).
@@ -175,6 +179,7 @@ class Scheduler {
   // --- planning helpers ---
   void schedule_running(Plan& plan, int* budget, double now, bool* preempted);
   void schedule_waiting(Plan& plan, int budget, double now);
+  void grow_lookahead(const Plan& plan);
   void emit(Request& r, int n, Plan& plan);
   bool grow(Request& r, int new_total_tokens);
   int blocks_for(int tokens) const { return (tokens + block_size_ - 1) / block_size_; }

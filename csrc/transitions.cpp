@@ -113,10 +113,12 @@ bool Scheduler::resume_swapped(Request& r, int budget, Plan& plan, double now) {
 }
 
 void Scheduler::preempt(Request& r, Plan& plan, double now) {
-  const int held = static_cast<int>(r.blocks.size());
+  // the blocks holding its computed tokens (not those held ahead of its next tokens: nothing is in them)
+  const int held = std::min(static_cast<int>(r.blocks.size()), blocks_for(r.num_computed));
   PreemptMode mode = preemption_->mode(view(r), host_.num_free(), held);
   if (mode == PreemptMode::kSwap && held > 0 && host_.num_free() >= held) {
-    for (BlockId b : r.blocks) {
+    for (int k = 0; k < held; ++k) {
+      const BlockId b = r.blocks[k];
       int h = host_.allocate();
       plan.kv_ops.insert(plan.kv_ops.end(), {0, b, h});
       ++plan.num_swap_out_blocks;

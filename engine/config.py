@@ -165,6 +165,9 @@ class EngineConfig:
         kv_cache_memory_gb: on CPU, the KV cache's size when num_gpu_blocks is unset.
         enforce_eager: no CUDA graphs.
         cuda_graph_batch_sizes: decode batch sizes to capture (others pad up to the next one).
+        overlap_decode: launch each decode step's guessed successor before its tokens are back
+            (engine/overlap.py); None: on where decode runs as CUDA graphs. On, the scheduler holds
+            one block ahead of each decoding request (num_lookahead_tokens = 1).
     """
 
     model: str = ""
@@ -192,6 +195,7 @@ class EngineConfig:
     policy_modules: tuple[str, ...] = ()
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    overlap_decode: bool | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EngineConfig":
@@ -213,6 +217,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks <= 0:
             raise ValueError(f"num_gpu_blocks must be positive, got {self.num_gpu_blocks}")
+        if self.overlap_decode not in (None, True, False):
+            raise ValueError(f"overlap_decode must be true, false or null (auto), got {self.overlap_decode!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "chunk_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -87,19 +87,21 @@ class EngineCore:
         self.num_blocks, self.num_host_blocks = size_kv_cache(self.model, self.ops, cfg, self.device, self.dtype,
                                                               self.max_model_len)
         cp.import_policy_modules(cfg.policy_modules)
+        graphs = () if (cfg.enforce_eager or self.device.type != "cuda"
+                        or self.ops.chosen["decode_attention"] == "torch") else cfg.cuda_graph_batch_sizes
+        self.overlap = bool(graphs) if cfg.overlap_decode is None else cfg.overlap_decode
         self.scheduler_config = cp.SchedulerConfig(
             num_blocks=self.num_blocks, block_size=cfg.block_size, num_host_blocks=self.num_host_blocks,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             chunk_size=cfg.chunk_size, max_model_len=self.max_model_len, vocab_size=mc.vocab_size,
             enable_prefix_caching=cfg.enable_prefix_caching, ordering=cfg.ordering, eviction=cfg.eviction,
-            preemption=cfg.preemption)
+            preemption=cfg.preemption, num_lookahead_tokens=1 if self.overlap else 0)
         self.scheduler = cp.Scheduler(self.scheduler_config)
-        graphs = () if cfg.enforce_eager or self.ops.chosen["decode_attention"] == "torch" else cfg.cuda_graph_batch_sizes
         self.runner = ModelRunner(
             self.model, self.ops, self.device, self.dtype, num_blocks=self.num_blocks,
             block_size=cfg.block_size, num_host_blocks=self.num_host_blocks, max_model_len=self.max_model_len,
             max_num_seqs=cfg.max_num_seqs, max_blocks_per_seq=self.scheduler.max_blocks_per_seq,
-            seed=cfg.seed, graph_batch_sizes=graphs)
+            seed=cfg.seed, graph_batch_sizes=graphs, overlap=self.overlap)
         self.clock = clock or cp.WallClock()
         self.profile: list[dict] = []
         self.eos_token_ids = tuple(mc.eos_token_ids)
@@ -133,7 +135,8 @@ class EngineCore:
                                    session_id=session_id, priority=priority, cache_namespace=cache_namespace)
         # only once the scheduler took it (it refuses bad ids, duplicates, ...): nothing to undo otherwise
         self.runner.add_sequence(req_id, SequenceState(params, prompt.tolist(), [],
-                                                       make_generator(params.seed, self.device), stop_ids))
+                                                       make_generator(params.seed, self.device), stop_ids,
+                                                       max_new_tokens=max_new))
 
     def abort(self, req_id: int) -> None:
         self.scheduler.abort(req_id, self.clock.now())

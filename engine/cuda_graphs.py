@@ -44,9 +44,11 @@ class DecodeGraphs:
         self.seq_lens.fill_(1)
         self.block_table = torch.zeros(bmax, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
         stage = 4 * bmax + bmax * runner.max_blocks_per_seq
-        self.host_stage = torch.zeros(stage, dtype=torch.int32, pin_memory=True)
+        # two pinned buffers, alternating: a step and its overlapped successor are staged back to back
+        self.host_stages = [torch.zeros(stage, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self.copied = [torch.cuda.Event(), torch.cuda.Event()]  # the last copy out of each
+        self.turn = 0
         self.dev_stage = torch.zeros(stage, dtype=torch.int32, device=dev)
-        self.copied = torch.cuda.Event()  # the last copy out of the pinned buffer
         self.logits = None
         self.widths = width_buckets(runner.max_blocks_per_seq)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -96,15 +98,18 @@ class DecodeGraphs:
                 self.graphs[(b, width)] = graph
         torch.cuda.synchronize()
 
-    def run(self, batch, plan) -> torch.Tensor:
+    def run(self, batch, plan, ids_dev: torch.Tensor | None = None) -> torch.Tensor:
+        """Replays the graph for `batch`; `ids_dev` (device, [n]) replaces its input ids."""
         n = len(batch.input_ids)
         b = next(s for s in self.sizes if s >= n)
         r = self.runner
         width = max(1, -(-int(batch.seq_lens.max()) // r.block_size))
         bucket = next(w for w in self.widths if w >= width)
         total = 4 * b + b * bucket
-        self.copied.synchronize()  # the previous step's copy may still be reading the pinned buffer
-        stage = self.host_stage.numpy()
+        self.turn ^= 1
+        host_stage, copied = self.host_stages[self.turn], self.copied[self.turn]
+        copied.synchronize()  # the copy of two steps ago may still be reading this pinned buffer
+        stage = host_stage.numpy()
         host = stage[:4 * b].reshape(4, b)
         host[0, :n], host[1, :n], host[2, :n], host[3, :n] = (batch.input_ids, batch.positions,
                                                               batch.slot_mapping, batch.seq_lens)
@@ -113,12 +118,14 @@ class DecodeGraphs:
         # the bucket's columns; those past a request's own blocks are never read
         table[:n] = np.asarray(plan.block_table)[batch.block_rows, :bucket]
         table[n:] = 0
-        self.dev_stage[:total].copy_(self.host_stage[:total], non_blocking=True)
-        self.copied.record()
+        self.dev_stage[:total].copy_(host_stage[:total], non_blocking=True)
+        copied.record()
+        if ids_dev is not None:  # an overlapped step's tokens come from the previous step, on the device
+            self.dev_stage[:n].copy_(ids_dev)
         key = (b, bucket)
         self.last_key = key
         self.graphs[key].replay()
         rows = batch.logits_rows
         if len(rows) == n and (rows == np.arange(n)).all():
             return self.logits[:n]
-        return self.logits.index_select(0, torch.from_numpy(rows.astype(np.int64)).to(r.device))
+        return self.logits.index_select(0, torch.from_numpy(rows.astype(np.int64)).to(r.device, non_blocking=True))

@@ -19,6 +19,7 @@ import torch
 from engine.attention import AttentionMetadata, ForwardContext, KVCache
 from engine.cuda_graphs import DecodeGraphs
 from engine.models.decoder import rope_cos_sin
+from engine.overlap import Guess, predict_next, select, to_host
 from engine.sampling import SampleResult, Sampler, SequenceState
 
 
@@ -91,11 +92,13 @@ class ModelRunner:
         max_model_len: positions the rotary table covers.
         max_num_seqs, max_blocks_per_seq: the scheduler's block-table shape.
         graph_batch_sizes: decode batch sizes to capture as CUDA graphs (empty: eager only).
+        overlap: launch each decode step's guessed successor before waiting for its tokens; needs
+            the scheduler's num_lookahead_tokens = 1 to guess across block boundaries.
     """
 
     def __init__(self, model, ops, device: torch.device, dtype: torch.dtype, *, num_blocks: int, block_size: int,
                  num_host_blocks: int, max_model_len: int, max_num_seqs: int, max_blocks_per_seq: int,
-                 seed: int = 0, graph_batch_sizes: tuple[int, ...] = ()) -> None:
+                 seed: int = 0, graph_batch_sizes: tuple[int, ...] = (), overlap: bool = False) -> None:
         c = model.config
         self.model, self.ops, self.device, self.dtype = model, ops, device, dtype
         shape = (c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim)
@@ -113,6 +116,9 @@ class ModelRunner:
         self.last_req_ids: np.ndarray = np.empty(0, dtype=np.int64)
         self._staging = torch.empty(1 << 16, dtype=torch.int32, pin_memory=pin)
         self._staged = torch.cuda.Event() if pin else None  # the last copy out of the staging buffer
+        self.overlap = overlap  # launch a guess of the next decode step before waiting (engine/overlap.py)
+        self.guess: Guess | None = None
+        self.num_guesses_used = self.num_guesses_dropped = 0
         self.graphs = None
         if graph_batch_sizes and device.type == "cuda":
             self.graphs = DecodeGraphs(self, sorted(b for b in graph_batch_sizes if b <= max_num_seqs))
@@ -127,33 +133,91 @@ class ModelRunner:
     # One step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, plan) -> tuple[np.ndarray, float]:
-        """Executes one plan; returns the sampled tokens (plan order) and the step's wall seconds."""
+        """Executes one plan; returns the sampled tokens (plan order) and the step's wall seconds.
+
+        With overlap on, the plan may already be on the GPU as the previous step's guess
+        (engine/overlap.py); either way a guess of the next step is launched before this
+        step's tokens are waited for.
+        """
         start = time.perf_counter()
-        if len(plan.kv_ops):
-            self.copy_blocks(np.asarray(plan.kv_ops))
-        if plan.num_tokens == 0:
-            return np.empty(0, dtype=np.int64), time.perf_counter() - start
-        batch = reorder_decodes_first(plan)
-        logits = self.forward(batch, plan)
-        seqs = [self.seqs[int(r)] for r in batch.sampled_req_ids]
-        result = self.sampler(logits, seqs) if seqs else None
-        if result is not None:
-            tokens = result.tokens.cpu().numpy()  # waits for the step
-        else:  # a prefill chunk that samples nothing: still time the whole step
-            tokens = np.empty(0, dtype=np.int64)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+        guess, self.guess = self.guess, None
+        rows = guess.match(plan) if guess is not None else None
+        if guess is not None and rows is None:
+            guess.drop()
+            self.num_guesses_dropped += 1
+        if rows is not None:  # the GPU has been computing this step since the last one ended
+            self.num_guesses_used += 1
+            if len(plan.kv_ops):  # swap-outs of requests the guess no longer has: after it, in stream order
+                self.copy_blocks(np.asarray(plan.kv_ops))
+            batch = reorder_decodes_first(plan)
+            seqs = [self.seqs[int(r)] for r in batch.sampled_req_ids]
+            identity = len(rows) == len(guess.req_ids)
+            device = guess.device if identity else _rows_on_device(guess.device, rows, self.device)
+            self._launch_guess(batch, plan, seqs, device.tokens)
+            guess.wait()
+            host = guess.host if identity else select(guess.host, rows)
+        else:
+            if len(plan.kv_ops):
+                self.copy_blocks(np.asarray(plan.kv_ops))
+            if plan.num_tokens == 0:
+                return np.empty(0, dtype=np.int64), time.perf_counter() - start
+            batch = reorder_decodes_first(plan)
+            logits = self.forward(batch, plan)
+            seqs = [self.seqs[int(r)] for r in batch.sampled_req_ids]
+            if not seqs:  # a prefill chunk that samples nothing: still time the whole step
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.last_result, self.last_req_ids = None, batch.sampled_req_ids
+                return np.empty(0, dtype=np.int64), time.perf_counter() - start
+            result = self.sampler(logits, seqs)
+            host, ready = to_host(result, self.device)
+            self._launch_guess(batch, plan, seqs, result.tokens)
+            if ready is not None:
+                ready.synchronize()
+        tokens = host.tokens.numpy()
         for seq, token in zip(seqs, tokens.tolist()):
             seq.output_ids.append(token)
-        self.last_result, self.last_req_ids = result, batch.sampled_req_ids
+        self.last_result, self.last_req_ids = host, batch.sampled_req_ids
         return tokens, time.perf_counter() - start
 
-    def forward(self, batch: HostBatch, plan) -> torch.Tensor:
-        """float32 logits [S, V] of the sampled rows (plan order)."""
+    def _launch_guess(self, batch: HostBatch, plan, seqs: list[SequenceState], tokens: torch.Tensor) -> None:
+        """Launches the guessed next decode step (engine/overlap.py) if overlap is on and a guess is safe."""
+        if not self.overlap:
+            return
+        nxt = predict_next(batch, plan, seqs, self.block_size)
+        if nxt is None:
+            return
+        n = len(nxt.keep)
+        if self.graphs is not None and not self.graphs.can_run(n) and self.device.type == "cuda":
+            return  # too large for a graph: an eager guess would cost the host more than it hides
+        kept = seqs if n == len(seqs) else [seqs[k] for k in nxt.keep.tolist()]
+        ids = tokens if n == len(seqs) else tokens.index_select(0, torch.from_numpy(nxt.keep).to(self.device, non_blocking=True))
+        guess_batch = HostBatch(
+            input_ids=np.zeros(n, dtype=np.int32), positions=nxt.positions, slot_mapping=nxt.slot_mapping,
+            num_decode=n, seq_lens=nxt.seq_lens, query_start_loc=np.arange(n + 1, dtype=np.int32),
+            block_rows=nxt.block_rows, logits_rows=np.arange(n, dtype=np.int32), sampled_req_ids=nxt.req_ids)
+        sampled = [not s.params.greedy for s in kept]
+        saved = []
+        if any(sampled):  # the draws a dropped guess must give back
+            saved.append((self.sampler.generator, self.sampler.generator.get_state()))
+            saved += [(s.generator, s.generator.get_state()) for s in kept if s.generator is not None]
+        logits = self.forward(guess_batch, plan, ids_dev=ids)
+        result = self.sampler(logits, kept, pending=1)
+        host, ready = to_host(result, self.device)
+        width = max(1, -(-int(nxt.seq_lens.max()) // self.block_size))
+        table = np.asarray(plan.block_table)[nxt.block_rows, :width].copy()
+        used = np.arange(width) < (-(-nxt.seq_lens // self.block_size))[:, None]
+        self.guess = Guess(nxt.req_ids, nxt.positions, nxt.slot_mapping, nxt.block_rows, table, used, kept, result,
+                           host, ready, saved, all(s.params.greedy or s.generator is not None for s in kept))
+
+    def forward(self, batch: HostBatch, plan, ids_dev: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [S, V] of the sampled rows (plan order); `ids_dev` replaces the input ids (device)."""
         n = len(batch.input_ids)
         if self.graphs is not None and batch.num_decode == n and self.graphs.can_run(n):
-            return self.graphs.run(batch, plan)
+            return self.graphs.run(batch, plan, ids_dev)
         ids, pos, slots, meta = self.upload(batch, plan)
+        if ids_dev is not None:
+            ids.copy_(ids_dev)
         ctx = ForwardContext(self.ops, self.kv, meta, self.cos_sin)
         hidden = self.model(ids, pos, ctx)
         rows = torch.from_numpy(batch.logits_rows).to(self.device, non_blocking=True).long()
@@ -203,3 +267,12 @@ class ModelRunner:
                 for dev_t, host_t in ((self.kv.k, self.host_kv.k), (self.kv.v, self.host_kv.v)):
                     dev_t[:, dst.to(self.device)] = host_t[:, src].to(self.device, non_blocking=True)
             start = end
+
+
+def _rows_on_device(result: SampleResult, rows: np.ndarray, device: torch.device) -> SampleResult:
+    idx = torch.from_numpy(rows).to(device, non_blocking=True)
+
+    def pick(t):
+        return None if t is None else t.index_select(0, idx)
+
+    return SampleResult(pick(result.tokens), pick(result.logprobs), pick(result.top_ids), pick(result.top_logprobs))

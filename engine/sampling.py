@@ -107,6 +107,7 @@ class SequenceState:
     output_ids: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     stop_ids: tuple[int, ...] = ()  # EOS + stop_token_ids: masked while fewer than min_tokens were output
+    max_new_tokens: int | None = None  # the scheduler's limit for it (None: unknown)
 
 
 @dataclass
@@ -125,13 +126,14 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, seqs: Sequence[SequenceState]) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, seqs: Sequence[SequenceState], pending: int = 0) -> SampleResult:
+        """`pending`: tokens each row has produced beyond its `output_ids` (1 for an overlapped next step)."""
         raw = logits
-        early = [i for i, s in enumerate(seqs) if s.stop_ids and len(s.output_ids) < s.params.min_tokens]
+        early = [i for i, s in enumerate(seqs) if s.stop_ids and len(s.output_ids) + pending < s.params.min_tokens]
         if early:
             logits = logits.clone()
             for i in early:
-                logits[i, list(seqs[i].stop_ids)] = float("-inf")
+                logits[i, self._row_tensor(list(seqs[i].stop_ids), torch.int64)] = float("-inf")
         if any(s.params.needs_penalties for s in seqs):
             logits = self._penalise(logits, seqs)
         greedy = [s.params.greedy for s in seqs]
@@ -142,7 +144,9 @@ class Sampler:
         return self._with_logprobs(raw, tokens, seqs)
 
     def _row_tensor(self, values, dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
+        # built on the host and sent without a sync: a blocking copy would wait for the whole GPU queue
+        # (with overlapped decode, the step still running)
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
     def _penalise(self, logits: torch.Tensor, seqs: Sequence[SequenceState]) -> torch.Tensor:
         s, v = logits.shape
@@ -178,7 +182,7 @@ class Sampler:
             if seq.generator is not None:
                 noise[i].exponential_(generator=seq.generator)
         sampled = (probs / noise).argmax(dim=-1)
-        greedy_t = torch.tensor(greedy, device=self.device)
+        greedy_t = self._row_tensor(greedy, torch.bool)
         return torch.where(greedy_t, logits.argmax(dim=-1), sampled)
 
     def _with_logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, seqs: Sequence[SequenceState]) -> SampleResult:

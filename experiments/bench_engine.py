@@ -7,8 +7,9 @@
 Every figure is measured in this run on this card. Random weights of the real
 shapes (load_format=dummy). Rows:
 
-  decode bN     median seconds per engine step with N requests decoding (each step = one token per request),
-                prompts of --context tokens; CUDA graphs unless --eager
+  decode bN     median wall seconds between the ends of consecutive engine steps with N requests decoding
+                (each step = one token per request), prompts of --context tokens; CUDA graphs unless --eager,
+                overlapped decode (engine/overlap.py) unless --no-overlap; "no overlap": the strict loop, same run
   prefill N     seconds from adding one N-token prompt to its first token (chunked at --chunk tokens)
   hf            transformers on the same weights (sdpa attention, its own KV cache): per-token decode
                 from generate() at batch 1 and N, and one forward pass for prefill
@@ -52,7 +53,8 @@ def engine_for(shape: str, args, graphs: tuple[int, ...]):
     cfg = EngineConfig(model=shape, load_format="dummy", dtype="bfloat16", num_gpu_blocks=args.blocks,
                        max_model_len=args.max_len, max_num_seqs=max(args.batch, 1),
                        max_num_batched_tokens=args.chunk, chunk_size=args.chunk, enforce_eager=args.eager,
-                       cuda_graph_batch_sizes=graphs, enable_prefix_caching=False)
+                       cuda_graph_batch_sizes=graphs, enable_prefix_caching=False,
+                       overlap_decode=False if args.no_overlap else None)
     return EngineCore(cfg)
 
 
@@ -65,11 +67,14 @@ def decode_step_seconds(core, batch: int, context: int, steps: int) -> float:
         core.add_request(base + i, rng.integers(0, core.model_config.vocab_size, context),
                          SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True))
     times = []
+    last = time.perf_counter()
     while core.has_unfinished():
-        out = core.step()
+        core.step()
+        now = time.perf_counter()
         row = core.profile[-1]
         if row["num_tokens"] == batch and row["num_reqs"] == batch:  # a pure decode step of the whole batch
-            times.append(out.seconds)
+            times.append(now - last)  # wall time from the previous step's end: plan, run, commit, all of it
+        last = now
     return statistics.median(times[3:])
 
 
@@ -145,6 +150,11 @@ def bench_model(shape: str, args, bandwidth: float) -> list[dict]:
     rows = [{"model": shape, "what": "weight-read floor", "engine_s": floor, "hf_s": None, "floor_s": floor,
              "kernels": core.ops.chosen["decode_attention"]}]
     for batch in (1, args.batch):
+        if core.runner.overlap:  # the strict loop too, same engine, same run
+            core.runner.overlap = False
+            rows.append({"model": shape, "what": f"decode b{batch} ctx{args.context} no overlap",
+                         "engine_s": decode_step_seconds(core, batch, args.context, args.steps), "floor_s": floor})
+            core.runner.overlap = True
         rows.append({"model": shape, "what": f"decode b{batch} ctx{args.context} (s/step)",
                      "engine_s": decode_step_seconds(core, batch, args.context, args.steps), "floor_s": floor})
         replay = replay_seconds(core, batch)
@@ -156,13 +166,16 @@ def bench_model(shape: str, args, bandwidth: float) -> list[dict]:
         rows.append({"model": shape, "what": f"prefill {length} (s)", "engine_s": prefill_seconds(core, length)})
     if not args.no_hf:
         model = hf_model(core)
+        hf_decode: dict[int, float] = {}
         for row in rows[1:]:
             what = row["what"]
             if what.startswith(" "):
                 continue
             if what.startswith("decode"):
                 batch = int(what.split()[1][1:])
-                row["hf_s"] = hf_decode_per_token(model, batch, args.context, args.hf_steps)
+                if batch not in hf_decode:
+                    hf_decode[batch] = hf_decode_per_token(model, batch, args.context, args.hf_steps)
+                row["hf_s"] = hf_decode[batch]
             else:
                 row["hf_s"] = hf_prefill(model, int(what.split()[1]))
         del model
@@ -198,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-len", type=int, default=None)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--no-overlap", action="store_true", help="the strict step/commit loop only")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--profile-cpu", action="store_true",

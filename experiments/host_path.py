@@ -1,5 +1,7 @@
 """Where the host part of a batch-1 decode step goes (wall clock, no extra syncs), for the engine's graph path.
 
+It measures the strict loop (overlap_decode off): the host work that overlap hides (engine/overlap.py).
+
     python -m experiments.host_path [--model llama-3.1-8b] [--steps 40]
 
 Prints medians of: the planner (scheduler.step), reorder, the graph path's input staging up to the replay
@@ -29,25 +31,27 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     core = EngineCore(EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", num_gpu_blocks=4096,
                                    max_model_len=4096, max_num_seqs=8, cuda_graph_batch_sizes=(1,),
-                                   enable_prefix_caching=False))
+                                   enable_prefix_caching=False, overlap_decode=False))
     r = core.runner
     marks: dict[str, list[float]] = {k: [] for k in ("reorder", "stage+launch", "sampler", "step", "gpu",
                                                     "core.step total")}
     orig_forward, orig_sampler = r.forward, r.sampler
     ev = {}
 
-    def forward(batch, plan):
+    def forward(batch, plan, ids_dev=None):
         t = time.perf_counter()
         ev["s"] = torch.cuda.Event(enable_timing=True)
         ev["s"].record()
-        out = orig_forward(batch, plan)
+        out = orig_forward(batch, plan, ids_dev)
         marks["stage+launch"].append(time.perf_counter() - t)
         return out
 
     class Sampler:
-        def __call__(self, logits, seqs):
+        generator = orig_sampler.generator
+
+        def __call__(self, logits, seqs, pending=0):
             t = time.perf_counter()
-            res = orig_sampler(logits, seqs)
+            res = orig_sampler(logits, seqs, pending)
             ev["e"] = torch.cuda.Event(enable_timing=True)
             ev["e"].record()
             marks["sampler"].append(time.perf_counter() - t)
@@ -55,16 +59,18 @@ def main(argv=None) -> None:
 
     detail: dict[str, list[float]] = {}
 
-    def graph_run(self, batch, plan):  # DecodeGraphs.run with a clock between its statements
+    def graph_run(self, batch, plan, ids_dev=None):  # DecodeGraphs.run with a clock between its statements
         t = [time.perf_counter()]
         n = len(batch.input_ids)
         b = next(x for x in self.sizes if x >= n)
         width = max(1, -(-int(batch.seq_lens.max()) // r.block_size))
         bucket = next(w for w in self.widths if w >= width)
         total = 4 * b + b * bucket
-        self.copied.synchronize()
+        self.turn ^= 1
+        host_stage, copied = self.host_stages[self.turn], self.copied[self.turn]
+        copied.synchronize()
         t.append(time.perf_counter())
-        stage = self.host_stage.numpy()
+        stage = host_stage.numpy()
         host = stage[:4 * b].reshape(4, b)
         host[0, :n], host[1, :n], host[2, :n], host[3, :n] = (batch.input_ids, batch.positions,
                                                               batch.slot_mapping, batch.seq_lens)
@@ -73,8 +79,8 @@ def main(argv=None) -> None:
         table[:n] = np.asarray(plan.block_table)[batch.block_rows, :bucket]
         table[n:] = 0
         t.append(time.perf_counter())
-        self.dev_stage[:total].copy_(self.host_stage[:total], non_blocking=True)
-        self.copied.record()
+        self.dev_stage[:total].copy_(host_stage[:total], non_blocking=True)
+        copied.record()
         t.append(time.perf_counter())
         self.last_key = (b, bucket)
         self.graphs[self.last_key].replay()

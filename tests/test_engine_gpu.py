@@ -22,7 +22,7 @@ def _core(shape: str, **kwargs):
 
     cfg = dict(model=shape, load_format="dummy", dtype="bfloat16", device="cuda", num_gpu_blocks=4096,
                max_num_seqs=16, max_num_batched_tokens=8192, chunk_size=8192, max_model_len=33000,
-               enable_prefix_caching=False, cuda_graph_batch_sizes=(1, 2, 4, 8, 16))
+               enable_prefix_caching=False, cuda_graph_batch_sizes=(1, 2, 4, 8, 16), overlap_decode=False)
     cfg.update(kwargs)
     return EngineCore(EngineConfig(**cfg))
 
@@ -133,6 +133,46 @@ def test_cuda_graph_decode_equals_eager_decode():
     print(f"graph vs eager decode: {len(pairs)} steps, max relative logit difference "
           f"{max(_rel(g, e) for _, g, e in pairs):.2e}, argmax agreement {agree:.3f}")
     assert agree > 0.9
+
+
+def test_overlapped_decode_equals_strict_decode():
+    """Overlap on (the next decode step launched as a guess before each step's tokens are back) against
+    the strict loop, same model and requests: identical tokens for greedy and seeded requests, through
+    arrivals mid-decode (guesses dropped, their draws undone), and most decode steps served by a guess."""
+    from engine import SamplingParams
+
+    def run(overlap: bool):
+        core = _core("llama-3.2-1b", max_model_len=4096, overlap_decode=overlap)
+        assert core.overlap == overlap and core.runner.graphs is not None
+        rng = np.random.default_rng(1)
+        lengths = rng.integers(20, 1500, 12)
+        params = [SamplingParams(temperature=0.0 if i % 3 else 0.8, seed=None if i % 3 else i, top_k=50,
+                                 max_tokens=int(24 + 7 * (i % 4)), ignore_eos=True) for i in range(12)]
+        ps = [rng.integers(0, 128256, int(n)).tolist() for n in lengths]
+        for i in range(8):
+            core.add_request(i, ps[i], params[i])
+        tokens: dict[int, list[int]] = {}
+        step = 0
+        while core.has_unfinished():
+            if step in (6, 15, 23, 40):  # arrivals while the others decode
+                i = 8 + (6, 15, 23, 40).index(step)
+                core.add_request(i, ps[i], params[i])
+            out = core.step()
+            for rid, tok in zip(out.req_ids.tolist(), out.tokens.tolist()):
+                tokens.setdefault(rid, []).append(tok)
+            step += 1
+        counts = (core.runner.num_guesses_used, core.runner.num_guesses_dropped, step)
+        del core
+        gc.collect()
+        torch.cuda.empty_cache()
+        return tokens, counts
+
+    strict, (used0, _, _) = run(False)
+    overlapped, (used, dropped, steps) = run(True)
+    print(f"overlapped decode: {steps} steps, {used} served by a guess, {dropped} guesses dropped")
+    assert used0 == 0
+    assert overlapped == strict
+    assert used >= steps // 2 and dropped >= 1
 
 
 def test_kv_cache_sized_from_device_memory():

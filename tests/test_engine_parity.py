@@ -90,6 +90,7 @@ def run_engine(tmp_path, scheduler_options):
         core.step(idle_advance=idle)
         if len(plans) == ran and idle < 1e-3:  # an empty plan: the clock moved by `idle`
             clock._now = arrival  # exactly, as SimPy's arrival timeout fires
+    run_engine.last_core = core
     return plans, core.profile, core.scheduler_config
 
 
@@ -132,8 +133,13 @@ def run_simulator(scheduler_config, profile):
     dict(num_gpu_blocks=48, chunk_size=48, max_num_batched_tokens=64, ordering="cache_credit:tokens_per_s=500",
          eviction="pause_aware:reload_s_per_token=1"),
     dict(num_gpu_blocks=28, chunk_size=48, max_num_batched_tokens=64, ordering="session_las:quantum=32"),
+    # overlapped decode (engine/overlap.py): the scheduler holds a block ahead (num_lookahead_tokens=1),
+    # which the simulator's replica runs with too; the plans stay the strict loop's
+    dict(num_gpu_blocks=64, chunk_size=48, max_num_batched_tokens=64, overlap_decode=True),
+    dict(num_gpu_blocks=20, chunk_size=32, max_num_batched_tokens=64, preemption="swap", swap_space_gb=0.01,
+         overlap_decode=True),
 ], ids=["prefix-cache", "preempt-recompute", "preempt-swap-lpm", "python-policies", "cache-credit-pause-aware",
-        "session-las"])
+        "session-las", "overlap-prefix-cache", "overlap-preempt-swap"])
 def test_engine_and_simulator_make_identical_plans(tmp_path, options):
     engine_plans, profile, sched_cfg = run_engine(tmp_path, options)
     sim_plans = run_simulator(sched_cfg, profile)
@@ -142,3 +148,6 @@ def test_engine_and_simulator_make_identical_plans(tmp_path, options):
     assert any(any(c > 0 for c in key[3]) for key in engine_plans)  # prefix hits happened
     if options.get("policy_modules"):
         assert any(key[4] for key in engine_plans)  # the Python preemption policy decided something
+    if options.get("overlap_decode"):
+        runner = run_engine.last_core.runner
+        assert sched_cfg.num_lookahead_tokens == 1 and runner.num_guesses_used > 20, runner.num_guesses_used
