@@ -119,6 +119,7 @@ class ModelRunner:
         self.overlap = overlap  # launch a guess of the next decode step before waiting (engine/overlap.py)
         self.guess: Guess | None = None
         self.num_guesses_used = self.num_guesses_dropped = 0
+        self._last_end: float | None = None  # when the last step's tokens were back
         self.graphs = None
         if graph_batch_sizes and device.type == "cuda":
             self.graphs = DecodeGraphs(self, sorted(b for b in graph_batch_sizes if b <= max_num_seqs))
@@ -178,7 +179,13 @@ class ModelRunner:
         for seq, token in zip(seqs, tokens.tolist()):
             seq.output_ids.append(token)
         self.last_result, self.last_req_ids = host, batch.sampled_req_ids
-        return tokens, time.perf_counter() - start
+        end = time.perf_counter()
+        # A step served by a guess began on the GPU when the previous one ended, not when run() was
+        # called: its cost is the time since the previous step's tokens were back (the host's commit
+        # and planning in between ran while the GPU computed it).
+        seconds = end - (self._last_end if rows is not None and self._last_end is not None else start)
+        self._last_end = end
+        return tokens, seconds
 
     def _launch_guess(self, batch: HostBatch, plan, seqs: list[SequenceState], tokens: torch.Tensor) -> None:
         """Launches the guessed next decode step (engine/overlap.py) if overlap is on and a guess is safe."""

@@ -83,6 +83,9 @@ class EngineConf:
     gpu_memory_utilization: float = 0.9
     host_kv_gb: float = 0.0          # host tier for swap-out preemption, GB per replica
     enable_prefix_caching: bool = True
+    # blocks held ahead of each decoding request's next token: 1 is the GPU engine with overlapped
+    # decode (engine/overlap.py, on by default there), 0 the strict loop
+    num_lookahead_tokens: int = 0
 
 
 @dataclass
@@ -179,6 +182,8 @@ def validate(cfg: SimulationConfig) -> None:
         raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {e.gpu_memory_utilization}")
     if e.host_kv_gb < 0:
         raise ValueError(f"engine.host_kv_gb must be >= 0, got {e.host_kv_gb}")
+    if not 0 <= e.num_lookahead_tokens <= e.block_size:
+        raise ValueError(f"engine.num_lookahead_tokens must be in [0, block_size], got {e.num_lookahead_tokens}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise ValueError(f"wandb.mode must be offline, online or disabled, got {cfg.wandb.mode!r}")
     import_policy_modules(list(cfg.policy.modules or ()))
@@ -198,4 +203,4 @@ def scheduler_config(cfg: SimulationConfig, num_blocks: int, num_host_blocks: in
         max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
         chunk_size=e.chunk_size, max_model_len=e.max_model_len, vocab_size=cfg.model.vocab_size,
         enable_prefix_caching=e.enable_prefix_caching, ordering=p.ordering, eviction=p.eviction,
-        preemption=p.preemption)
+        preemption=p.preemption, num_lookahead_tokens=e.num_lookahead_tokens)

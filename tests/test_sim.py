@@ -132,14 +132,16 @@ def test_same_seed_same_results_different_seed_differs():
                                ("priority", "priority", "swap"), ("fcfs", "ttl:ttl=30", "swap")]),
        replicas=st.integers(1, 3),
        router=st.sampled_from(["round_robin", "least_loaded", "session_affinity", "prefix_aware"]),
-       mode=st.sampled_from(["open", "closed"]), overhead=st.sampled_from([0.0, 0.002]))
+       mode=st.sampled_from(["open", "closed"]), overhead=st.sampled_from([0.0, 0.002]),
+       lookahead=st.sampled_from([0, 1]))
 def test_every_request_finishes_no_latency_beats_the_roofline_and_tokens_balance(
-        seed, kv_blocks, policy, replicas, router, mode, overhead):
+        seed, kv_blocks, policy, replicas, router, mode, overhead, lookahead):
     cfg = agentic(seed, mode=mode, concurrency=3)
     cfg["hardware"] = tiny_hardware(kv_blocks, overhead=overhead)
     cfg["policy"] = dict(zip(("ordering", "eviction", "preemption"), policy), name="p")
     cfg["cluster"] = {"num_replicas": replicas, "router": router}
-    cfg["engine"] = {"host_kv_gb": 0.05, "max_num_batched_tokens": 2048, "chunk_size": 1024}
+    cfg["engine"] = {"host_kv_gb": 0.05, "max_num_batched_tokens": 2048, "chunk_size": 1024,
+                     "num_lookahead_tokens": lookahead}
     sim = Simulation(cfg)
     result = sim.run()
     s = result.summary
@@ -183,6 +185,7 @@ def test_every_request_finishes_no_latency_beats_the_roofline_and_tokens_balance
     ({"policy": {"eviction": "ttl:ttl=-3"}}, "ttl must be >= 0"),
     ({"engine": {"gpu_memory_utilization": 1.5}}, "gpu_memory_utilization"),
     ({"engine": {"block_size": 0}}, "block_size"),
+    ({"engine": {"num_lookahead_tokens": -1}}, "num_lookahead_tokens"),
     ({"workload": {"name": "agentic_coding", "params": {"session_rat": 1}}}, "session_rat"),
     ({"workload": {"name": "agentic_coding", "params": {"session_rate": -2}}}, "session_rate"),
     ({"workload": {"name": "nope"}}, "nope"),
