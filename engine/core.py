@@ -89,7 +89,9 @@ class EngineCore:
         cp.import_policy_modules(cfg.policy_modules)
         graphs = () if (cfg.enforce_eager or self.device.type != "cuda"
                         or self.ops.chosen["decode_attention"] == "torch") else cfg.cuda_graph_batch_sizes
-        self.overlap = bool(graphs) if cfg.overlap_decode is None else cfg.overlap_decode
+        # auto: where decode runs as CUDA graphs of Triton kernels (XLA's kernels run on streams of their own)
+        auto = bool(graphs) and self.ops.chosen["decode_attention"] == "triton"
+        self.overlap = auto if cfg.overlap_decode is None else cfg.overlap_decode
         self.scheduler_config = cp.SchedulerConfig(
             num_blocks=self.num_blocks, block_size=cfg.block_size, num_host_blocks=self.num_host_blocks,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
