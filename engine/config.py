@@ -166,8 +166,8 @@ class EngineConfig:
         enforce_eager: no CUDA graphs.
         cuda_graph_batch_sizes: decode batch sizes to capture (others pad up to the next one).
         overlap_decode: launch each decode step's guessed successor before its tokens are back
-            (engine/overlap.py); None: on where decode runs as CUDA graphs of the Triton kernels. On, the scheduler holds
-            one block ahead of each decoding request (num_lookahead_tokens = 1).
+            (engine/overlap.py); None: on where decode runs as CUDA graphs of the Triton kernels.
+            On, the scheduler holds one block ahead of each decoding request (num_lookahead_tokens = 1).
     """
 
     model: str = ""

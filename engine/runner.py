@@ -198,7 +198,10 @@ class ModelRunner:
         if self.graphs is not None and not self.graphs.can_run(n) and self.device.type == "cuda":
             return  # too large for a graph: an eager guess would cost the host more than it hides
         kept = seqs if n == len(seqs) else [seqs[k] for k in nxt.keep.tolist()]
-        ids = tokens if n == len(seqs) else tokens.index_select(0, torch.from_numpy(nxt.keep).to(self.device, non_blocking=True))
+        if n == len(seqs):
+            ids = tokens
+        else:
+            ids = tokens.index_select(0, torch.from_numpy(nxt.keep).to(self.device, non_blocking=True))
         guess_batch = HostBatch(
             input_ids=np.zeros(n, dtype=np.int32), positions=nxt.positions, slot_mapping=nxt.slot_mapping,
             num_decode=n, seq_lens=nxt.seq_lens, query_start_loc=np.arange(n + 1, dtype=np.int32),
