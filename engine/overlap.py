@@ -115,9 +115,11 @@ def to_host(result: SampleResult, device: torch.device) -> tuple[SampleResult, t
     return host, event
 
 
-def select(result: SampleResult, rows: np.ndarray) -> SampleResult:
-    """The rows `rows` of a host SampleResult."""
+def select(result: SampleResult, rows: np.ndarray, device: torch.device | None = None) -> SampleResult:
+    """The rows `rows` of a SampleResult on the host, or on `device`."""
     idx = torch.from_numpy(rows)
+    if device is not None:
+        idx = idx.to(device, non_blocking=True)
 
     def pick(t):
         return None if t is None else t.index_select(0, idx)

@@ -153,7 +153,7 @@ class ModelRunner:
             batch = reorder_decodes_first(plan)
             seqs = [self.seqs[int(r)] for r in batch.sampled_req_ids]
             identity = len(rows) == len(guess.req_ids)
-            device = guess.device if identity else _rows_on_device(guess.device, rows, self.device)
+            device = guess.device if identity else select(guess.device, rows, self.device)
             self._launch_guess(batch, plan, seqs, device.tokens)
             guess.wait()
             host = guess.host if identity else select(guess.host, rows)
@@ -278,11 +278,3 @@ class ModelRunner:
                     dev_t[:, dst.to(self.device)] = host_t[:, src].to(self.device, non_blocking=True)
             start = end
 
-
-def _rows_on_device(result: SampleResult, rows: np.ndarray, device: torch.device) -> SampleResult:
-    idx = torch.from_numpy(rows).to(device, non_blocking=True)
-
-    def pick(t):
-        return None if t is None else t.index_select(0, idx)
-
-    return SampleResult(pick(result.tokens), pick(result.logprobs), pick(result.top_ids), pick(result.top_logprobs))
