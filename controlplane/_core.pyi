@@ -290,6 +290,29 @@ class Scheduler:
         priority: int = 0,
         cache_namespace: str | None = None,
     ) -> None: ...
+    def add_continuation(
+        self,
+        request_id: int,
+        after: int,
+        new_token_ids: Sequence[int] | npt.NDArray[np.integer],
+        *,
+        max_new_tokens: int = 16,
+        stop_token_ids: Iterable[int] = (),
+        eos_token_id: int = -1,
+        ignore_eos: bool = False,
+        arrival_time: float = 0.0,
+        session_id: str,
+        priority: int = 0,
+        cache_namespace: str | None = None,
+    ) -> bool:
+        """`add_request` of request `after`'s tokens (its prompt, then its output) + `new_token_ids`,
+        where `after` is the session's last finished request on this scheduler (its turn memo holds
+        those tokens, so the context is not sent again). Checks as `add_request` of the whole prompt.
+
+        Returns:
+            False, with nothing changed, when the session's memo is not `after`'s (dropped, taken,
+            another namespace, prefix caching off): add the whole prompt with `add_request` then.
+        """
     def step(self, now: float) -> Plan: ...
     def commit(self, plan: Plan, tokens: Sequence[int] | npt.NDArray[np.integer], now: float) -> list[FinishedRequest]: ...
     def abort(self, request_id: int, now: float) -> None: ...

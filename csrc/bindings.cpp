@@ -350,6 +350,27 @@ PYBIND11_MODULE(_core, m) {
           py::arg("stop_token_ids") = py::tuple(), py::arg("eos_token_id") = -1, py::arg("ignore_eos") = false,
           py::arg("arrival_time") = 0.0, py::arg("session_id") = py::none(), py::arg("priority") = 0,
           py::arg("cache_namespace") = py::none())
+      .def(
+          "add_continuation",
+          [](Scheduler& s, RequestId id, RequestId after, py::handle new_tokens, int max_new_tokens,
+             py::handle stop_token_ids, TokenId eos_token_id, bool ignore_eos, double arrival_time,
+             const std::string& session_id, int priority, py::object cache_namespace) {
+            SamplingLimits limits;
+            limits.max_new_tokens = max_new_tokens;
+            limits.stop_token_ids = to_tokens(stop_token_ids, "stop_token_ids");
+            limits.eos_token_id = eos_token_id;
+            limits.ignore_eos = ignore_eos;
+            return s.add_continuation(
+                id, after, to_tokens(new_tokens, "new_token_ids"), limits, arrival_time, session_id, priority,
+                cache_namespace.is_none() ? std::string() : py::str(cache_namespace).cast<std::string>());
+          },
+          py::arg("request_id"), py::arg("after"), py::arg("new_token_ids"), py::kw_only(),
+          py::arg("max_new_tokens") = 16, py::arg("stop_token_ids") = py::tuple(), py::arg("eos_token_id") = -1,
+          py::arg("ignore_eos") = false, py::arg("arrival_time") = 0.0, py::arg("session_id"),
+          py::arg("priority") = 0, py::arg("cache_namespace") = py::none(),
+          "add_request of request `after`'s tokens (prompt + output) + new_token_ids, `after` being the "
+          "session's last finished request here; False (nothing changed) when its turn memo is gone: "
+          "then add the whole prompt.")
       .def("step", &Scheduler::step, py::arg("now"), py::keep_alive<0, 1>())
       .def(
           "commit",

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <tuple>
 
 #include "hashing.h"
@@ -88,15 +89,48 @@ void Scheduler::check_time(double now, const char* where) const {
 void Scheduler::add_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits,
                             double arrival_time, const std::string& session_id, int priority,
                             const std::string& cache_namespace) {
-  const int n = static_cast<int>(prompt.size());
+  check_request(id, static_cast<int>(prompt.size()), prompt.data(), 0, limits, arrival_time);
+  insert_request(id, std::move(prompt), limits, arrival_time, session_id, priority, cache_namespace, nullptr, 0);
+}
+
+// The same checks, in the same order, as add_request() of the whole prompt: the memo's tokens
+// are a checked prompt and committed (checked) outputs, so the first token outside the
+// vocabulary, if any, is a new one, at the same position.
+bool Scheduler::add_continuation(RequestId id, RequestId after, const std::vector<TokenId>& new_tokens,
+                                 const SamplingLimits& limits, double arrival_time, const std::string& session_id,
+                                 int priority, const std::string& cache_namespace) {
+  if (session_id.empty() || !config_.enable_prefix_caching) return false;
+  auto it = turn_memos_.find(session_id);
+  if (it == turn_memos_.end() || it->second.request != after) return false;
+  auto ns = namespaces_.find(cache_namespace);
+  if (ns == namespaces_.end() || ns->second != it->second.ns) return false;
+  const size_t same = it->second.tokens.size();
+  const int64_t n = static_cast<int64_t>(same + new_tokens.size());
+  TANDEM_REQUIRE(n <= INT32_MAX, "request " + str(id) + ": prompt of " + str(n) + " tokens is too long");
+  check_request(id, static_cast<int>(n), new_tokens.data(), static_cast<int>(same), limits, arrival_time);
+  TurnMemo memo = take_memo(it);
+  std::vector<TokenId> prompt = std::move(memo.tokens);
+  // The context grows by a turn's new tokens and outputs every call: reserve geometrically, so
+  // that it is copied O(log) times over a session rather than at every call.
+  const size_t longest = static_cast<size_t>(std::min<int64_t>(n + limits.max_new_tokens, config_.max_model_len));
+  if (prompt.capacity() < longest) prompt.reserve(std::max(longest, 2 * prompt.capacity()));
+  prompt.insert(prompt.end(), new_tokens.begin(), new_tokens.end());
+  insert_request(id, std::move(prompt), limits, arrival_time, session_id, priority, cache_namespace, &memo, same);
+  return true;
+}
+
+void Scheduler::check_request(RequestId id, int n, const TokenId* unchecked, int from, const SamplingLimits& limits,
+                              double arrival_time) const {
   TANDEM_REQUIRE(!requests_.count(id), "duplicate request id " + str(id));
   TANDEM_REQUIRE(n > 0, "request " + str(id) + ": empty prompt");
   // One branch-free vectorized pass over a ~50K-token prompt; the position only on failure.
-  const bool outside = any_outside(prompt.data(), prompt.size(), config_.vocab_size);
-  for (int i = 0; outside && i < n; ++i) {
-    if (prompt[i] < 0 || prompt[i] >= config_.vocab_size) {
-      throw InvalidInput("request " + str(id) + ": token id " + str(prompt[i]) + " at position " +
-                         str(i) + " is outside the vocabulary [0, " + str(config_.vocab_size) + ")");
+  const size_t m = static_cast<size_t>(n - from);
+  const bool outside = any_outside(unchecked, m, config_.vocab_size);
+  for (size_t i = 0; outside && i < m; ++i) {
+    if (unchecked[i] < 0 || unchecked[i] >= config_.vocab_size) {
+      throw InvalidInput("request " + str(id) + ": token id " + str(unchecked[i]) + " at position " +
+                         str(from + static_cast<int64_t>(i)) + " is outside the vocabulary [0, " +
+                         str(config_.vocab_size) + ")");
     }
   }
   TANDEM_REQUIRE(n < config_.max_model_len,
@@ -118,7 +152,14 @@ void Scheduler::add_request(RequestId id, std::vector<TokenId> prompt, const Sam
                  "request " + str(id) + " can never fit in the KV cache: it needs up to " + str(needed) +
                      " blocks of " + str(block_size_) + " tokens and the cache has " +
                      str(pool_.num_blocks()));
+}
 
+void Scheduler::insert_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits,
+                               double arrival_time, const std::string& session_id, int priority,
+                               const std::string& cache_namespace, TurnMemo* memo, size_t same) {
+  const int n = static_cast<int>(prompt.size());
+  const int64_t longest = std::min<int64_t>(static_cast<int64_t>(n) + limits.max_new_tokens,
+                                            config_.max_model_len);
   auto ns_it = namespaces_.find(cache_namespace);
   if (ns_it == namespaces_.end()) {
     ns_it = namespaces_.emplace(cache_namespace, static_cast<uint32_t>(namespace_roots_.size())).first;
@@ -146,7 +187,11 @@ void Scheduler::add_request(RequestId id, std::vector<TokenId> prompt, const Sam
     r.session_service = h.service;
     r.session_last_end = h.last_end;
   }
-  if (!session_id.empty() && config_.enable_prefix_caching) recall_turn(r);
+  if (memo != nullptr) {
+    apply_memo(r, *memo, same);
+  } else if (!session_id.empty() && config_.enable_prefix_caching) {
+    recall_turn(r);
+  }
   requests_.emplace(id, std::move(r));
   waiting_.push_back(id);
   counters_.prompt_tokens += n;

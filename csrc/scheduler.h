@@ -112,6 +112,7 @@ struct SessionHistory {
 };
 
 struct TurnMemo {
+  RequestId request = 0;  // the finished request it remembers
   uint32_t ns = 0;
   std::vector<TokenId> tokens;
   std::vector<uint64_t> block_hashes;
@@ -130,6 +131,13 @@ class Scheduler {
   void add_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits,
                    double arrival_time, const std::string& session_id, int priority,
                    const std::string& cache_namespace);
+  // add_request() of the prompt `after`'s tokens (its prompt, then its output) + `new_tokens`,
+  // where `after` is the session's last finished request here: an agent's next call without its
+  // whole context sent again. The tokens come from the session's turn memo; false (and nothing
+  // changes) when that memo is not `after`'s (gone, or never taken): then send the whole prompt.
+  bool add_continuation(RequestId id, RequestId after, const std::vector<TokenId>& new_tokens,
+                        const SamplingLimits& limits, double arrival_time, const std::string& session_id,
+                        int priority, const std::string& cache_namespace);
   std::shared_ptr<Plan> step(double now);
   // step() into a caller's plan, reusing its arrays (the simulator's fast path, csrc/fast_forward.h).
   void step_into(Plan& plan, double now);
@@ -172,6 +180,17 @@ class Scheduler {
   void abort_impl(RequestId id, double now);
   int end_session_impl(const std::string& session_id, double now);
 
+  // --- requests in (csrc/scheduler.cpp) ---
+  // add_request()'s checks of a prompt of n tokens, whose tokens from position `from` on are
+  // unchecked[0..n - from) (the ones before are known to be in the vocabulary).
+  void check_request(RequestId id, int n, const TokenId* unchecked, int from, const SamplingLimits& limits,
+                     double arrival_time) const;
+  // Enters a checked request; `memo` (the session's taken memo, its first `same` tokens those of
+  // the prompt) or, if null, the session's memo if any, starts its hashes and prefix match.
+  void insert_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits,
+                      double arrival_time, const std::string& session_id, int priority,
+                      const std::string& cache_namespace, TurnMemo* memo, size_t same);
+
   // --- planning helpers ---
   void schedule_running(Plan& plan, int* budget, double now, bool* preempted);
   void schedule_waiting(Plan& plan, int budget, double now);
@@ -184,6 +203,8 @@ class Scheduler {
   void pin_turn(Request& r, double now);
   void remember_turn(Request& r, std::vector<BlockId> cached_blocks);
   void recall_turn(Request& r);
+  TurnMemo take_memo(std::unordered_map<std::string, TurnMemo>::iterator it);
+  void apply_memo(Request& r, TurnMemo& memo, size_t same);
   void forget_turn(const std::string& session_id);
   void check_turn_memos() const;
   RequestView view(const Request& r) const;

@@ -25,6 +25,7 @@ void Scheduler::remember_turn(Request& r, std::vector<BlockId> cached_blocks) {
   const int64_t limit = kMemoCaches * pool_.num_blocks() * block_size_;
   if (r.num_tokens() > limit) return;
   TurnMemo memo;
+  memo.request = r.id;
   memo.ns = r.ns;
   memo.tokens = std::move(r.tokens);
   memo.block_hashes = std::move(r.block_hashes);
@@ -57,9 +58,7 @@ void Scheduler::remember_turn(Request& r, std::vector<BlockId> cached_blocks) {
 void Scheduler::recall_turn(Request& r) {
   auto it = turn_memos_.find(r.session_id);
   if (it == turn_memos_.end()) return;
-  TurnMemo memo = std::move(it->second);
-  memo_tokens_ -= static_cast<int64_t>(memo.tokens.size());
-  turn_memos_.erase(it);
+  TurnMemo memo = take_memo(it);
   if (memo.ns != r.ns) return;
   const size_t n = std::min(memo.tokens.size(), r.tokens.size());
   // memcmp over chunks (libc's vector compare), then the first differing token within one.
@@ -71,6 +70,18 @@ void Scheduler::recall_turn(Request& r) {
   }
   same = std::mismatch(r.tokens.begin() + same, r.tokens.begin() + n, memo.tokens.begin() + same).first -
          r.tokens.begin();
+  apply_memo(r, memo, same);
+}
+
+TurnMemo Scheduler::take_memo(std::unordered_map<std::string, TurnMemo>::iterator it) {
+  TurnMemo memo = std::move(it->second);
+  memo_tokens_ -= static_cast<int64_t>(memo.tokens.size());
+  turn_memos_.erase(it);
+  return memo;
+}
+
+// r's first `same` tokens are the memo's (add_continuation: all of them, without comparing).
+void Scheduler::apply_memo(Request& r, TurnMemo& memo, size_t same) {
   const size_t full = std::min(same / block_size_, memo.block_hashes.size());
   r.block_hashes = std::move(memo.block_hashes);
   r.block_hashes.resize(full);
