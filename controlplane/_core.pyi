@@ -356,10 +356,10 @@ class StepCost:
 class ForwardResult:
     """What one FastForward.advance did: the committed steps, and the plan it handed back."""
 
-    starts: list[float]
-    seconds: list[float]
-    num_tokens: list[int]
-    num_reqs: list[int]
+    starts: npt.NDArray[np.float64]          # one entry per committed step (copies)
+    seconds: npt.NDArray[np.float64]
+    num_tokens: npt.NDArray[np.int32]
+    num_reqs: npt.NDArray[np.int32]
     finished: list[FinishedRequest]          # finished by the last committed step
     samples: list[tuple[float, int, int, int]]  # (step start, used, cached, free blocks)
     sample_at: float
@@ -381,10 +381,10 @@ class FastForward:
 class ClusterResult:
     """What one ClusterForward.advance did: the committed steps of all replicas, in commit order."""
 
-    starts: list[float]
-    seconds: list[float]
-    num_tokens: list[int]
-    num_reqs: list[int]
+    starts: npt.NDArray[np.float64]          # one entry per committed step (copies)
+    seconds: npt.NDArray[np.float64]
+    num_tokens: npt.NDArray[np.int32]
+    num_reqs: npt.NDArray[np.int32]
     samples: list[tuple[float, int, int, int, int]]  # (step start, replica, used, cached, free blocks)
     num_steps: int
     stopped: int                             # replica whose last commit needs Python at stop_time, or -1

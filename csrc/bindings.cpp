@@ -70,6 +70,12 @@ std::vector<TokenId> to_tokens(py::handle obj, const char* what, size_t extra = 
   return out;
 }
 
+// A copy of `v` as a 1-D numpy array (a run's per-step arrays: one memcpy, no Python object per step).
+template <typename T>
+py::array_t<T> to_array(const std::vector<T>& v) {
+  return py::array_t<T>(static_cast<py::ssize_t>(v.size()), v.data());
+}
+
 py::dict request_info(const Request& r) {
   py::dict d;
   d["id"] = r.id;
@@ -136,10 +142,10 @@ void bind_simulation(py::module_& m) {
       .def("plan_seconds", [](const StepCost& c, const Plan& plan) { return c.seconds(plan); }, py::arg("plan"));
 
   py::class_<ForwardResult>(m, "ForwardResult")
-      .def_readonly("starts", &ForwardResult::starts)
-      .def_readonly("seconds", &ForwardResult::seconds)
-      .def_readonly("num_tokens", &ForwardResult::num_tokens)
-      .def_readonly("num_reqs", &ForwardResult::num_reqs)
+      .def_property_readonly("starts", [](const ForwardResult& r) { return to_array(r.starts); })
+      .def_property_readonly("seconds", [](const ForwardResult& r) { return to_array(r.seconds); })
+      .def_property_readonly("num_tokens", [](const ForwardResult& r) { return to_array(r.num_tokens); })
+      .def_property_readonly("num_reqs", [](const ForwardResult& r) { return to_array(r.num_reqs); })
       .def_readonly("finished", &ForwardResult::finished)
       .def_readonly("samples", &ForwardResult::samples)
       .def_readonly("sample_at", &ForwardResult::sample_at)
@@ -162,10 +168,10 @@ void bind_simulation(py::module_& m) {
       .def_property_readonly("cost", &FastForward::cost);
 
   py::class_<ClusterResult>(m, "ClusterResult")
-      .def_readonly("starts", &ClusterResult::starts)
-      .def_readonly("seconds", &ClusterResult::seconds)
-      .def_readonly("num_tokens", &ClusterResult::num_tokens)
-      .def_readonly("num_reqs", &ClusterResult::num_reqs)
+      .def_property_readonly("starts", [](const ClusterResult& r) { return to_array(r.starts); })
+      .def_property_readonly("seconds", [](const ClusterResult& r) { return to_array(r.seconds); })
+      .def_property_readonly("num_tokens", [](const ClusterResult& r) { return to_array(r.num_tokens); })
+      .def_property_readonly("num_reqs", [](const ClusterResult& r) { return to_array(r.num_reqs); })
       .def_readonly("samples", &ClusterResult::samples)
       .def_property_readonly("num_steps", [](const ClusterResult& r) { return r.starts.size(); })
       .def_readonly("stopped", &ClusterResult::stopped)

@@ -206,7 +206,7 @@ def test_fast_forward_stops_before_the_horizon_and_at_the_first_finish(horizon):
     while scheds[0].has_unfinished():
         r = ff.advance(scheds[0], now_a, now_a + horizon, math.inf, 1.0, at_a)
         starts, finished, plan, now_b, at_b = stepwise(scheds[1], cost, pool, now_b, now_b + horizon, at_b)
-        assert r.starts == starts and r.now == now_b and r.token_at == at_b
+        assert r.starts.tolist() == starts and r.now == now_b and r.token_at == at_b
         assert [f.request_id for f in r.finished] == [f.request_id for f in finished]
         assert all(s + d < now_a + horizon for s, d in zip(r.starts, r.seconds))
         now_a, at_a = r.now, r.token_at
