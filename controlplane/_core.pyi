@@ -192,6 +192,10 @@ class Plan:
     @property
     def num_tokens(self) -> int: ...
     @property
+    def has_token_arrays(self) -> bool:
+        """False for the simulator's fast-path plans (FastForward, ClusterForward): input_ids,
+        positions and slot_mapping are empty there (no model reads them); num_tokens still counts."""
+    @property
     def num_sampled(self) -> int: ...
     @property
     def attn_pairs(self) -> int:

@@ -249,6 +249,9 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("block_size", [](const Plan& p) { return p.block_size; })
       .def_property_readonly("num_reqs", &Plan::num_reqs)
       .def_property_readonly("num_tokens", &Plan::num_tokens)
+      .def_property_readonly("has_token_arrays", [](const Plan& p) { return p.token_arrays; },
+                             "False for the simulator's fast-path plans: input_ids, positions and "
+                             "slot_mapping are left empty (num_tokens still counts the tokens).")
       .def_property_readonly("num_sampled", &Plan::num_sampled)
       .def_property_readonly("attn_pairs", [](const Plan& p) { return p.attn_pairs; })
       .def_property_readonly("kv_read_tokens", [](const Plan& p) { return p.kv_read_tokens; })

@@ -370,9 +370,24 @@ void Scheduler::emit(Request& r, int n, Plan& plan) {
   plan.cached_lens.push_back(start);
   plan.slots.push_back(r.slot);
   const int first = plan.num_tokens();
+  if (plan.token_arrays) emit_tokens(r, start, n, plan);
+  const bool samples = start + n == r.num_tokens();
+  plan.sample.push_back(samples ? 1 : 0);
+  if (samples) plan.logits_indices.push_back(first + n - 1);
+  plan.query_start_loc.push_back(first + n);
+  r.last_step = plan.step_id;
+  r.num_computed_total += n;
+  counters_.computed_tokens += n;
+  plan.attn_pairs += static_cast<int64_t>(n) * start + static_cast<int64_t>(n) * (n + 1) / 2;
+  plan.kv_read_tokens += start + n;
+}
+
+// Appends the token rows of r's tokens [start, start + n) to the plan.
+void Scheduler::emit_tokens(const Request& r, int start, int n, Plan& plan) const {
+  const size_t first = plan.input_ids.size();
   plan.input_ids.insert(plan.input_ids.end(), r.tokens.begin() + start, r.tokens.begin() + start + n);
-  plan.positions.resize(static_cast<size_t>(first) + n);
-  plan.slot_mapping.resize(static_cast<size_t>(first) + n);
+  plan.positions.resize(first + n);
+  plan.slot_mapping.resize(first + n);
   int32_t* positions = plan.positions.data() + first;
   int64_t* slots = plan.slot_mapping.data() + first;
   for (int k = 0; k < n; ++k) positions[k] = start + k;
@@ -382,15 +397,6 @@ void Scheduler::emit(Request& r, int n, Plan& plan) {
     const int64_t base = static_cast<int64_t>(r.blocks[p / block_size_]) * block_size_ - (p / block_size_) * block_size_;
     for (; p < end; ++p) slots[p - start] = base + p;
   }
-  const bool samples = start + n == r.num_tokens();
-  plan.sample.push_back(samples ? 1 : 0);
-  if (samples) plan.logits_indices.push_back(first + n - 1);
-  plan.query_start_loc.push_back(plan.num_tokens());
-  r.last_step = plan.step_id;
-  r.num_computed_total += n;
-  counters_.computed_tokens += n;
-  plan.attn_pairs += static_cast<int64_t>(n) * start + static_cast<int64_t>(n) * (n + 1) / 2;
-  plan.kv_read_tokens += start + n;
 }
 
 // ---------------------------------------------------------------------------

@@ -46,7 +46,9 @@ struct Plan {
   std::vector<int32_t> slots;            // row of each request in the persistent block table
   std::vector<uint8_t> sample;           // 1 if this step ends with a sampled token for it
   std::vector<int32_t> logits_indices;   // token index whose logits are sampled, S rows
-  // per token (T entries)
+  // per token (T entries); filled only if `token_arrays` (a simulated executor has no model to
+  // feed: the fast paths' plans carry the per-request rows and features only, T included)
+  bool token_arrays = true;
   std::vector<int32_t> input_ids;
   std::vector<int32_t> positions;
   std::vector<int64_t> slot_mapping;     // block * block_size + offset where its KV goes
@@ -70,7 +72,7 @@ struct Plan {
   int num_reqs() const { return static_cast<int>(req_ids.size()); }
   void clear();               // empty arrays (capacity kept), features and ids reset
   void reserve(size_t rows);  // room for `rows` requests of one token each
-  int num_tokens() const { return static_cast<int>(input_ids.size()); }
+  int num_tokens() const { return query_start_loc.empty() ? 0 : query_start_loc.back(); }
   int num_sampled() const { return static_cast<int>(logits_indices.size()); }
 };
 
@@ -195,6 +197,7 @@ class Scheduler {
   void schedule_running(Plan& plan, int* budget, double now, bool* preempted);
   void schedule_waiting(Plan& plan, int budget, double now);
   void emit(Request& r, int n, Plan& plan);
+  void emit_tokens(const Request& r, int start, int n, Plan& plan) const;
   bool grow(Request& r, int new_total_tokens);
   int blocks_for(int tokens) const { return (tokens + block_size_ - 1) / block_size_; }
   int prefix_match(Request& r, std::vector<BlockId>* hits);
