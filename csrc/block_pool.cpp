@@ -68,6 +68,7 @@ BlockPool::BlockPool(int num_blocks, int block_size, std::shared_ptr<EvictionPol
   content_.resize(num_blocks);
   tags_.resize(num_blocks);
   where_.assign(num_blocks, Where::kFree);
+  stamps_.assign(num_blocks, 0);
   tokens_.assign(static_cast<size_t>(num_blocks) * block_size, 0);
   free_.reserve(num_blocks);
   for (int b = num_blocks - 1; b >= 0; --b) free_.push_back(b);  // block 0 is handed out first
@@ -97,8 +98,8 @@ BlockPool::EvictEntry BlockPool::evictable_entry(BlockId block) {
   view.hits = m.hits;
   m.key = checked_key(eviction_->key(view), "eviction", *eviction_);
   set_where(block, Where::kEvictable);
-  m.stamp = ++next_stamp_;
-  return {m.key.primary, m.key.secondary, -m.depth, block, m.stamp};
+  const uint64_t stamp = stamps_[block] = ++next_stamp_;
+  return {m.key.primary, m.key.secondary, -m.depth, block, stamp};
 }
 
 void BlockPool::make_evictable(BlockId block) {
@@ -112,8 +113,8 @@ void BlockPool::compact_orders() {
 
 void BlockPool::push_pin(BlockId block) {
   Meta& m = meta_[block];
-  m.stamp = ++next_stamp_;
-  pinned_.push({m.pinned_until, block, m.stamp});
+  stamps_[block] = ++next_stamp_;
+  pinned_.push({m.pinned_until, block, stamps_[block]});
   pinned_.compact_if_stale(num_pinned_, [this](const PinEntry& e) { return valid(e); });
 }
 

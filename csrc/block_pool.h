@@ -22,7 +22,7 @@
 // as one sorted run rather than one heap push each.
 //
 //   evictable_: runs + singles of entries (key, -depth, block, stamp)
-//   where_[block] == kEvictable && meta_[block].stamp == entry.stamp  <=> valid
+//   where_[block] == kEvictable && stamps_[block] == entry.stamp  <=> valid
 //
 // A block's stamp changes on every push, so exactly one entry per parked
 // block is valid; stale ones are skipped when they reach the top and dropped
@@ -169,7 +169,6 @@ class BlockPool {
     int32_t depth = 0;
     int32_t priority = 0;
     int32_t pin_count = 0;
-    uint64_t stamp = 0;  // of the block's one valid order entry while parked
     double last_access = 0.0;
     double pinned_until = kNever;
     int64_t hits = 0;
@@ -209,10 +208,10 @@ class BlockPool {
   void uncache(BlockId block);
   void log_eviction(BlockId block);
   bool valid(const EvictEntry& e) const {
-    return where_[e.block] == Where::kEvictable && meta_[e.block].stamp == e.stamp;
+    return where_[e.block] == Where::kEvictable && stamps_[e.block] == e.stamp;
   }
   bool valid(const PinEntry& e) const {
-    return where_[e.block] == Where::kPinned && meta_[e.block].stamp == e.stamp;
+    return where_[e.block] == Where::kPinned && stamps_[e.block] == e.stamp;
   }
   void check_orders() const;
 
@@ -222,6 +221,9 @@ class BlockPool {
   std::vector<Content> content_;
   std::vector<Tag> tags_;
   std::vector<Where> where_;
+  // Each parked block's stamp: that of its one valid order entry. Apart from Meta, so that checking
+  // an entry (evictions skip stale ones, compaction scans them all) reads no block's metadata line.
+  std::vector<uint64_t> stamps_;
   std::vector<TokenId> tokens_;            // num_blocks * block_size; valid for cached blocks
   std::vector<BlockId> free_;              // stack; popped from the back
   PrefixIndex index_;

@@ -465,8 +465,12 @@ void Scheduler::register_full_blocks(Request& r) {
   const int full = r.num_computed / block_size_;
   if (full <= r.num_registered) return;
   extend_hashes(r, full);
+  constexpr int kAhead = 8;  // blocks prefetched ahead (a prefill chunk registers ~128)
+  for (int j = r.num_registered; j < full && j < r.num_registered + kAhead; ++j) {
+    pool_.prefetch_register(r.blocks[j], r.block_hashes[j]);
+  }
   for (int j = r.num_registered; j < full; ++j) {
-    if (j + 8 < full) pool_.prefetch_register(r.blocks[j + 8], r.block_hashes[j + 8]);
+    if (j + kAhead < full) pool_.prefetch_register(r.blocks[j + kAhead], r.block_hashes[j + kAhead]);
     const uint64_t parent = j == 0 ? r.ns_root : r.block_hashes[j - 1];
     pool_.register_block(r.blocks[j], r.block_hashes[j], parent, r.ns, j,
                          &r.tokens[static_cast<size_t>(j) * block_size_]);
