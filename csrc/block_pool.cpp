@@ -82,9 +82,15 @@ void BlockPool::set_where(BlockId block, Where where) {
   w = where;
 }
 
-int BlockPool::count_evictable(const BlockId* blocks, size_t n) const {
+int BlockPool::count_evictable(const BlockId* blocks, size_t n, int enough, bool* complete) const {
+  constexpr size_t kChunk = 64;  // the count is compared with `enough` once a chunk
   int count = 0;
-  for (size_t k = 0; k < n; ++k) count += where_[blocks[k]] == Where::kEvictable;
+  size_t k = 0;
+  while (k < n && count < enough) {
+    const size_t end = std::min(n, k + kChunk);
+    for (; k < end; ++k) count += where_[blocks[k]] == Where::kEvictable;
+  }
+  *complete = k == n;
   return count;
 }
 

@@ -127,8 +127,10 @@ class BlockPool {
   bool is_evictable(BlockId block) const { return where_[block] == Where::kEvictable; }
   int ref_count(BlockId block) const { return meta_[block].ref_count; }
   uint32_t generation(BlockId block) const { return tags_[block].generation; }
-  // How many of `blocks` are evictable (read from the compact tags, not the block metadata).
-  int count_evictable(const BlockId* blocks, size_t n) const;
+  // How many of `blocks` are evictable (read from the compact tags, not the block metadata);
+  // it may stop early once the count reaches `enough`, leaving *complete false (the count is
+  // then a lower bound, at least `enough`).
+  int count_evictable(const BlockId* blocks, size_t n, int enough, bool* complete) const;
   // Counts blocks becoming or ceasing to be evictable, evictions excepted. A count of evictable
   // blocks among cached blocks taken at some epoch still holds at the same epoch while none of
   // them was evicted (an eviction is seen as the block's generation changing).
