@@ -103,13 +103,14 @@ BlockPool::EvictEntry BlockPool::evictable_entry(BlockId block) {
   view.priority = m.priority;
   view.hits = m.hits;
   m.key = checked_key(eviction_->key(view), "eviction", *eviction_);
-  set_where(block, Where::kEvictable);
   const uint64_t stamp = stamps_[block] = ++next_stamp_;
   return {m.key.primary, m.key.secondary, -m.depth, block, stamp};
 }
 
 void BlockPool::make_evictable(BlockId block) {
-  evictable_.push(evictable_entry(block));
+  const EvictEntry entry = evictable_entry(block);
+  set_where(block, Where::kEvictable);
+  evictable_.push(entry);
   compact_orders();
 }
 
@@ -219,13 +220,34 @@ void BlockPool::allocate_n(int n, BlockId* out) {
   }
 }
 
-void BlockPool::retain(BlockId block, double now) {
-  Meta& m = meta_[block];
-  TANDEM_CHECK(tags_[block].cached, "retain() of a block that is not in the prefix cache");
-  m.ref_count += 1;
-  set_where(block, Where::kHeld);
-  m.hits += 1;
-  m.last_access = now;
+void BlockPool::retain_all(const BlockId* blocks, size_t n, double now) {
+  constexpr size_t kAhead = 8;  // blocks prefetched ahead
+  // What set_where(block, kHeld) does to the counts, summed over the blocks: the loop's stores to
+  // where_ (bytes, which may alias anything) would otherwise reload and store each count every block.
+  int evictable = 0, pinned = 0;
+  struct Flush {
+    BlockPool* pool;
+    const int& evictable;
+    const int& pinned;
+    ~Flush() {
+      pool->evictable_epoch_ += static_cast<uint64_t>(evictable);
+      pool->num_evictable_ -= evictable;
+      pool->num_pinned_ -= pinned;
+    }
+  } flush{this, evictable, pinned};  // also when a check throws: the counts match the blocks retained
+  for (size_t k = 0; k < n; ++k) {
+    if (k + kAhead < n) prefetch(blocks[k + kAhead]);
+    const BlockId block = blocks[k];
+    TANDEM_CHECK(tags_[block].cached, "retain_all() of a block that is not in the prefix cache");
+    Meta& m = meta_[block];
+    m.ref_count += 1;
+    m.hits += 1;
+    m.last_access = now;
+    const Where w = where_[block];
+    evictable += w == Where::kEvictable;
+    pinned += w == Where::kPinned;
+    where_[block] = Where::kHeld;
+  }
 }
 
 void BlockPool::release(BlockId block, double now, int priority) {
@@ -247,15 +269,22 @@ void BlockPool::release_all(const BlockId* blocks, size_t n, double now, int pri
   constexpr size_t kAhead = 8;  // blocks prefetched ahead
   run_.clear();
   run_.reserve(n);
-  // A policy's key() may throw (a Python policy's error): the blocks parked so far still enter
-  // the order, leaving the pool as n release() calls would have.
+  // Blocks made evictable here: their where_ is set in the loop, what set_where would add to the
+  // counts is added once at the end (the loop's byte stores to where_ may alias anything, so the
+  // counts would be reloaded and stored every block). A policy's key() may throw (a Python
+  // policy's error): the blocks parked so far still enter the order and the counts, leaving the
+  // pool as n release() calls would have.
+  int parked = 0;
   struct PushRun {
     BlockPool* pool;
+    const int& parked;
     ~PushRun() {
+      pool->evictable_epoch_ += static_cast<uint64_t>(parked);
+      pool->num_evictable_ += parked;
       pool->evictable_.push_run(pool->run_);
       pool->compact_orders();
     }
-  } push_run{this};
+  } push_run{this, parked};
   for (size_t k = n; k-- > 0;) {
     if (k >= kAhead) prefetch(blocks[k - kAhead]);
     const BlockId block = blocks[k];
@@ -266,13 +295,15 @@ void BlockPool::release_all(const BlockId* blocks, size_t n, double now, int pri
     m.priority = priority;
     if (m.ref_count > 0) continue;
     if (!tags_[block].cached) {
-      set_where(block, Where::kFree);
+      where_[block] = Where::kFree;  // from kHeld: no count changes
       free_.push_back(block);
     } else if (m.pinned_until > now) {
       set_where(block, Where::kPinned);
       push_pin(block);
     } else {
       run_.push_back(evictable_entry(block));
+      where_[block] = Where::kEvictable;  // from kHeld: counted in `parked`
+      ++parked;
     }
   }
 }

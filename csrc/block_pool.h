@@ -108,8 +108,8 @@ class BlockPool {
   BlockId allocate();
   // allocate() n times, into out[0..n).
   void allocate_n(int n, BlockId* out);
-  // A prefix-cache hit: one more holder of a cached block.
-  void retain(BlockId block, double now);
+  // Prefix-cache hits (an admission's, in order): one more holder of each cached block.
+  void retain_all(const BlockId* blocks, size_t n, double now);
   // One holder fewer; at ref 0 the block goes to the cache (if indexed) or the free list.
   void release(BlockId block, double now, int priority);
   // release() of blocks[n-1], ..., blocks[0] in that order (a sequence's tail first, so that on
@@ -202,7 +202,8 @@ class BlockPool {
   void set_where(BlockId block, Where where);  // keeps num_evictable_ / num_pinned_ exact
   void park(BlockId block, double now);    // ref 0 and cached: into pinned_ or evictable_
   void unpark(BlockId block);              // out of pinned_ / evictable_ (its entry goes stale)
-  // Keys the block, marks it evictable and returns its entry (the caller puts it in the order).
+  // Keys the block and returns its entry, with a new stamp (the caller marks it evictable and
+  // puts the entry in the order).
   EvictEntry evictable_entry(BlockId block);
   void make_evictable(BlockId block);
   void compact_orders();                   // drops stale entries once they outnumber the valid ones

@@ -61,14 +61,9 @@ bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
   r.slot = take_slot();
   BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
   r.blocks.reserve(static_cast<size_t>(blocks_for(r.num_tokens())));
-  constexpr size_t kAhead = 8;  // blocks prefetched ahead in loops over a request's blocks
-  for (size_t k = 0; k < hits.size(); ++k) {
-    const BlockId b = hits[k];
-    if (k + kAhead < hits.size()) pool_.prefetch(hits[k + kAhead]);
-    pool_.retain(b, now);
-    row[r.blocks.size()] = b;
-    r.blocks.push_back(b);
-  }
+  pool_.retain_all(hits.data(), hits.size(), now);
+  std::copy(hits.begin(), hits.end(), row + r.blocks.size());
+  r.blocks.insert(r.blocks.end(), hits.begin(), hits.end());
   r.num_computed = start;
   r.num_registered = matched;
   r.num_cached_tokens = start;
