@@ -67,9 +67,9 @@ class Collector:
 
     # -- reports ------------------------------------------------------------------
     def on_step(self, replica, start: float, seconds: float, plan) -> None:
-        starts, seconds_, tokens, reqs = self._step_tail
+        starts, costs, tokens, reqs = self._step_tail
         starts.append(start)
-        seconds_.append(seconds)
+        costs.append(seconds)
         tokens.append(plan.num_tokens)
         reqs.append(plan.num_reqs)
         self._sample(replica, start)
