@@ -193,6 +193,10 @@ class Plan:
     @property
     def num_tokens(self) -> int: ...
     @property
+    def has_token_arrays(self) -> bool:
+        """False for the simulator's fast-path plans (FastForward, ClusterForward): input_ids,
+        positions and slot_mapping are empty there (no model reads them); num_tokens still counts."""
+    @property
     def num_sampled(self) -> int: ...
     @property
     def attn_pairs(self) -> int:
@@ -291,6 +295,29 @@ class Scheduler:
         priority: int = 0,
         cache_namespace: str | None = None,
     ) -> None: ...
+    def add_continuation(
+        self,
+        request_id: int,
+        after: int,
+        new_token_ids: Sequence[int] | npt.NDArray[np.integer],
+        *,
+        max_new_tokens: int = 16,
+        stop_token_ids: Iterable[int] = (),
+        eos_token_id: int = -1,
+        ignore_eos: bool = False,
+        arrival_time: float = 0.0,
+        session_id: str,
+        priority: int = 0,
+        cache_namespace: str | None = None,
+    ) -> bool:
+        """`add_request` of request `after`'s tokens (its prompt, then its output) + `new_token_ids`,
+        where `after` is the session's last finished request on this scheduler (its turn memo holds
+        those tokens, so the context is not sent again). Checks as `add_request` of the whole prompt.
+
+        Returns:
+            False, with nothing changed, when the session's memo is not `after`'s (dropped, taken,
+            another namespace, prefix caching off): add the whole prompt with `add_request` then.
+        """
     def step(self, now: float) -> Plan: ...
     def commit(self, plan: Plan, tokens: Sequence[int] | npt.NDArray[np.integer], now: float) -> list[FinishedRequest]: ...
     def abort(self, request_id: int, now: float) -> None: ...
@@ -334,10 +361,10 @@ class StepCost:
 class ForwardResult:
     """What one FastForward.advance did: the committed steps, and the plan it handed back."""
 
-    starts: list[float]
-    seconds: list[float]
-    num_tokens: list[int]
-    num_reqs: list[int]
+    starts: npt.NDArray[np.float64]          # one entry per committed step (copies)
+    seconds: npt.NDArray[np.float64]
+    num_tokens: npt.NDArray[np.int32]
+    num_reqs: npt.NDArray[np.int32]
     finished: list[FinishedRequest]          # finished by the last committed step
     samples: list[tuple[float, int, int, int]]  # (step start, used, cached, free blocks)
     sample_at: float
@@ -359,10 +386,10 @@ class FastForward:
 class ClusterResult:
     """What one ClusterForward.advance did: the committed steps of all replicas, in commit order."""
 
-    starts: list[float]
-    seconds: list[float]
-    num_tokens: list[int]
-    num_reqs: list[int]
+    starts: npt.NDArray[np.float64]          # one entry per committed step (copies)
+    seconds: npt.NDArray[np.float64]
+    num_tokens: npt.NDArray[np.int32]
+    num_reqs: npt.NDArray[np.int32]
     samples: list[tuple[float, int, int, int, int]]  # (step start, replica, used, cached, free blocks)
     num_steps: int
     stopped: int                             # replica whose last commit needs Python at stop_time, or -1

@@ -70,6 +70,12 @@ std::vector<TokenId> to_tokens(py::handle obj, const char* what, size_t extra = 
   return out;
 }
 
+// A copy of `v` as a 1-D numpy array (a run's per-step arrays: one memcpy, no Python object per step).
+template <typename T>
+py::array_t<T> to_array(const std::vector<T>& v) {
+  return py::array_t<T>(static_cast<py::ssize_t>(v.size()), v.data());
+}
+
 py::dict request_info(const Request& r) {
   py::dict d;
   d["id"] = r.id;
@@ -136,10 +142,10 @@ void bind_simulation(py::module_& m) {
       .def("plan_seconds", [](const StepCost& c, const Plan& plan) { return c.seconds(plan); }, py::arg("plan"));
 
   py::class_<ForwardResult>(m, "ForwardResult")
-      .def_readonly("starts", &ForwardResult::starts)
-      .def_readonly("seconds", &ForwardResult::seconds)
-      .def_readonly("num_tokens", &ForwardResult::num_tokens)
-      .def_readonly("num_reqs", &ForwardResult::num_reqs)
+      .def_property_readonly("starts", [](const ForwardResult& r) { return to_array(r.starts); })
+      .def_property_readonly("seconds", [](const ForwardResult& r) { return to_array(r.seconds); })
+      .def_property_readonly("num_tokens", [](const ForwardResult& r) { return to_array(r.num_tokens); })
+      .def_property_readonly("num_reqs", [](const ForwardResult& r) { return to_array(r.num_reqs); })
       .def_readonly("finished", &ForwardResult::finished)
       .def_readonly("samples", &ForwardResult::samples)
       .def_readonly("sample_at", &ForwardResult::sample_at)
@@ -162,10 +168,10 @@ void bind_simulation(py::module_& m) {
       .def_property_readonly("cost", &FastForward::cost);
 
   py::class_<ClusterResult>(m, "ClusterResult")
-      .def_readonly("starts", &ClusterResult::starts)
-      .def_readonly("seconds", &ClusterResult::seconds)
-      .def_readonly("num_tokens", &ClusterResult::num_tokens)
-      .def_readonly("num_reqs", &ClusterResult::num_reqs)
+      .def_property_readonly("starts", [](const ClusterResult& r) { return to_array(r.starts); })
+      .def_property_readonly("seconds", [](const ClusterResult& r) { return to_array(r.seconds); })
+      .def_property_readonly("num_tokens", [](const ClusterResult& r) { return to_array(r.num_tokens); })
+      .def_property_readonly("num_reqs", [](const ClusterResult& r) { return to_array(r.num_reqs); })
       .def_readonly("samples", &ClusterResult::samples)
       .def_property_readonly("num_steps", [](const ClusterResult& r) { return r.starts.size(); })
       .def_readonly("stopped", &ClusterResult::stopped)
@@ -244,6 +250,9 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("block_size", [](const Plan& p) { return p.block_size; })
       .def_property_readonly("num_reqs", &Plan::num_reqs)
       .def_property_readonly("num_tokens", &Plan::num_tokens)
+      .def_property_readonly("has_token_arrays", [](const Plan& p) { return p.token_arrays; },
+                             "False for the simulator's fast-path plans: input_ids, positions and "
+                             "slot_mapping are left empty (num_tokens still counts the tokens).")
       .def_property_readonly("num_sampled", &Plan::num_sampled)
       .def_property_readonly("attn_pairs", [](const Plan& p) { return p.attn_pairs; })
       .def_property_readonly("kv_read_tokens", [](const Plan& p) { return p.kv_read_tokens; })
@@ -351,6 +360,27 @@ PYBIND11_MODULE(_core, m) {
           py::arg("stop_token_ids") = py::tuple(), py::arg("eos_token_id") = -1, py::arg("ignore_eos") = false,
           py::arg("arrival_time") = 0.0, py::arg("session_id") = py::none(), py::arg("priority") = 0,
           py::arg("cache_namespace") = py::none())
+      .def(
+          "add_continuation",
+          [](Scheduler& s, RequestId id, RequestId after, py::handle new_tokens, int max_new_tokens,
+             py::handle stop_token_ids, TokenId eos_token_id, bool ignore_eos, double arrival_time,
+             const std::string& session_id, int priority, py::object cache_namespace) {
+            SamplingLimits limits;
+            limits.max_new_tokens = max_new_tokens;
+            limits.stop_token_ids = to_tokens(stop_token_ids, "stop_token_ids");
+            limits.eos_token_id = eos_token_id;
+            limits.ignore_eos = ignore_eos;
+            return s.add_continuation(
+                id, after, to_tokens(new_tokens, "new_token_ids"), limits, arrival_time, session_id, priority,
+                cache_namespace.is_none() ? std::string() : py::str(cache_namespace).cast<std::string>());
+          },
+          py::arg("request_id"), py::arg("after"), py::arg("new_token_ids"), py::kw_only(),
+          py::arg("max_new_tokens") = 16, py::arg("stop_token_ids") = py::tuple(), py::arg("eos_token_id") = -1,
+          py::arg("ignore_eos") = false, py::arg("arrival_time") = 0.0, py::arg("session_id"),
+          py::arg("priority") = 0, py::arg("cache_namespace") = py::none(),
+          "add_request of request `after`'s tokens (prompt + output) + new_token_ids, `after` being the "
+          "session's last finished request here; False (nothing changed) when its turn memo is gone: "
+          "then add the whole prompt.")
       .def("step", &Scheduler::step, py::arg("now"), py::keep_alive<0, 1>())
       .def(
           "commit",

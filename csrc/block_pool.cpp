@@ -68,6 +68,7 @@ BlockPool::BlockPool(int num_blocks, int block_size, std::shared_ptr<EvictionPol
   content_.resize(num_blocks);
   tags_.resize(num_blocks);
   where_.assign(num_blocks, Where::kFree);
+  stamps_.assign(num_blocks, 0);
   tokens_.assign(static_cast<size_t>(num_blocks) * block_size, 0);
   free_.reserve(num_blocks);
   for (int b = num_blocks - 1; b >= 0; --b) free_.push_back(b);  // block 0 is handed out first
@@ -81,9 +82,15 @@ void BlockPool::set_where(BlockId block, Where where) {
   w = where;
 }
 
-int BlockPool::count_evictable(const BlockId* blocks, size_t n) const {
+int BlockPool::count_evictable(const BlockId* blocks, size_t n, int enough, bool* complete) const {
+  constexpr size_t kChunk = 64;  // the count is compared with `enough` once a chunk
   int count = 0;
-  for (size_t k = 0; k < n; ++k) count += where_[blocks[k]] == Where::kEvictable;
+  size_t k = 0;
+  while (k < n && count < enough) {
+    const size_t end = std::min(n, k + kChunk);
+    for (; k < end; ++k) count += where_[blocks[k]] == Where::kEvictable;
+  }
+  *complete = k == n;
   return count;
 }
 
@@ -96,13 +103,14 @@ BlockPool::EvictEntry BlockPool::evictable_entry(BlockId block) {
   view.priority = m.priority;
   view.hits = m.hits;
   m.key = checked_key(eviction_->key(view), "eviction", *eviction_);
-  set_where(block, Where::kEvictable);
-  m.stamp = ++next_stamp_;
-  return {m.key.primary, m.key.secondary, -m.depth, block, m.stamp};
+  const uint64_t stamp = stamps_[block] = ++next_stamp_;
+  return {m.key.primary, m.key.secondary, -m.depth, block, stamp};
 }
 
 void BlockPool::make_evictable(BlockId block) {
-  evictable_.push(evictable_entry(block));
+  const EvictEntry entry = evictable_entry(block);
+  set_where(block, Where::kEvictable);
+  evictable_.push(entry);
   compact_orders();
 }
 
@@ -112,8 +120,8 @@ void BlockPool::compact_orders() {
 
 void BlockPool::push_pin(BlockId block) {
   Meta& m = meta_[block];
-  m.stamp = ++next_stamp_;
-  pinned_.push({m.pinned_until, block, m.stamp});
+  stamps_[block] = ++next_stamp_;
+  pinned_.push({m.pinned_until, block, stamps_[block]});
   pinned_.compact_if_stale(num_pinned_, [this](const PinEntry& e) { return valid(e); });
 }
 
@@ -212,13 +220,34 @@ void BlockPool::allocate_n(int n, BlockId* out) {
   }
 }
 
-void BlockPool::retain(BlockId block, double now) {
-  Meta& m = meta_[block];
-  TANDEM_CHECK(tags_[block].cached, "retain() of a block that is not in the prefix cache");
-  m.ref_count += 1;
-  set_where(block, Where::kHeld);
-  m.hits += 1;
-  m.last_access = now;
+void BlockPool::retain_all(const BlockId* blocks, size_t n, double now) {
+  constexpr size_t kAhead = 8;  // blocks prefetched ahead
+  // What set_where(block, kHeld) does to the counts, summed over the blocks: the loop's stores to
+  // where_ (bytes, which may alias anything) would otherwise reload and store each count every block.
+  int evictable = 0, pinned = 0;
+  struct Flush {
+    BlockPool* pool;
+    const int& evictable;
+    const int& pinned;
+    ~Flush() {
+      pool->evictable_epoch_ += static_cast<uint64_t>(evictable);
+      pool->num_evictable_ -= evictable;
+      pool->num_pinned_ -= pinned;
+    }
+  } flush{this, evictable, pinned};  // also when a check throws: the counts match the blocks retained
+  for (size_t k = 0; k < n; ++k) {
+    if (k + kAhead < n) prefetch(blocks[k + kAhead]);
+    const BlockId block = blocks[k];
+    TANDEM_CHECK(tags_[block].cached, "retain_all() of a block that is not in the prefix cache");
+    Meta& m = meta_[block];
+    m.ref_count += 1;
+    m.hits += 1;
+    m.last_access = now;
+    const Where w = where_[block];
+    evictable += w == Where::kEvictable;
+    pinned += w == Where::kPinned;
+    where_[block] = Where::kHeld;
+  }
 }
 
 void BlockPool::release(BlockId block, double now, int priority) {
@@ -240,15 +269,22 @@ void BlockPool::release_all(const BlockId* blocks, size_t n, double now, int pri
   constexpr size_t kAhead = 8;  // blocks prefetched ahead
   run_.clear();
   run_.reserve(n);
-  // A policy's key() may throw (a Python policy's error): the blocks parked so far still enter
-  // the order, leaving the pool as n release() calls would have.
+  // Blocks made evictable here: their where_ is set in the loop, what set_where would add to the
+  // counts is added once at the end (the loop's byte stores to where_ may alias anything, so the
+  // counts would be reloaded and stored every block). A policy's key() may throw (a Python
+  // policy's error): the blocks parked so far still enter the order and the counts, leaving the
+  // pool as n release() calls would have.
+  int parked = 0;
   struct PushRun {
     BlockPool* pool;
+    const int& parked;
     ~PushRun() {
+      pool->evictable_epoch_ += static_cast<uint64_t>(parked);
+      pool->num_evictable_ += parked;
       pool->evictable_.push_run(pool->run_);
       pool->compact_orders();
     }
-  } push_run{this};
+  } push_run{this, parked};
   for (size_t k = n; k-- > 0;) {
     if (k >= kAhead) prefetch(blocks[k - kAhead]);
     const BlockId block = blocks[k];
@@ -259,13 +295,15 @@ void BlockPool::release_all(const BlockId* blocks, size_t n, double now, int pri
     m.priority = priority;
     if (m.ref_count > 0) continue;
     if (!tags_[block].cached) {
-      set_where(block, Where::kFree);
+      where_[block] = Where::kFree;  // from kHeld: no count changes
       free_.push_back(block);
     } else if (m.pinned_until > now) {
       set_where(block, Where::kPinned);
       push_pin(block);
     } else {
       run_.push_back(evictable_entry(block));
+      where_[block] = Where::kEvictable;  // from kHeld: counted in `parked`
+      ++parked;
     }
   }
 }

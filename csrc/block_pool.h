@@ -22,7 +22,7 @@
 // as one sorted run rather than one heap push each.
 //
 //   evictable_: runs + singles of entries (key, -depth, block, stamp)
-//   where_[block] == kEvictable && meta_[block].stamp == entry.stamp  <=> valid
+//   where_[block] == kEvictable && stamps_[block] == entry.stamp  <=> valid
 //
 // A block's stamp changes on every push, so exactly one entry per parked
 // block is valid; stale ones are skipped when they reach the top and dropped
@@ -108,8 +108,8 @@ class BlockPool {
   BlockId allocate();
   // allocate() n times, into out[0..n).
   void allocate_n(int n, BlockId* out);
-  // A prefix-cache hit: one more holder of a cached block.
-  void retain(BlockId block, double now);
+  // Prefix-cache hits (an admission's, in order): one more holder of each cached block.
+  void retain_all(const BlockId* blocks, size_t n, double now);
   // One holder fewer; at ref 0 the block goes to the cache (if indexed) or the free list.
   void release(BlockId block, double now, int priority);
   // release() of blocks[n-1], ..., blocks[0] in that order (a sequence's tail first, so that on
@@ -127,8 +127,10 @@ class BlockPool {
   bool is_evictable(BlockId block) const { return where_[block] == Where::kEvictable; }
   int ref_count(BlockId block) const { return meta_[block].ref_count; }
   uint32_t generation(BlockId block) const { return tags_[block].generation; }
-  // How many of `blocks` are evictable (read from the compact tags, not the block metadata).
-  int count_evictable(const BlockId* blocks, size_t n) const;
+  // How many of `blocks` are evictable (read from the compact tags, not the block metadata);
+  // it may stop early once the count reaches `enough`, leaving *complete false (the count is
+  // then a lower bound, at least `enough`).
+  int count_evictable(const BlockId* blocks, size_t n, int enough, bool* complete) const;
   // Counts blocks becoming or ceasing to be evictable, evictions excepted. A count of evictable
   // blocks among cached blocks taken at some epoch still holds at the same epoch while none of
   // them was evicted (an eviction is seen as the block's generation changing).
@@ -169,7 +171,6 @@ class BlockPool {
     int32_t depth = 0;
     int32_t priority = 0;
     int32_t pin_count = 0;
-    uint64_t stamp = 0;  // of the block's one valid order entry while parked
     double last_access = 0.0;
     double pinned_until = kNever;
     int64_t hits = 0;
@@ -201,7 +202,8 @@ class BlockPool {
   void set_where(BlockId block, Where where);  // keeps num_evictable_ / num_pinned_ exact
   void park(BlockId block, double now);    // ref 0 and cached: into pinned_ or evictable_
   void unpark(BlockId block);              // out of pinned_ / evictable_ (its entry goes stale)
-  // Keys the block, marks it evictable and returns its entry (the caller puts it in the order).
+  // Keys the block and returns its entry, with a new stamp (the caller marks it evictable and
+  // puts the entry in the order).
   EvictEntry evictable_entry(BlockId block);
   void make_evictable(BlockId block);
   void compact_orders();                   // drops stale entries once they outnumber the valid ones
@@ -209,10 +211,10 @@ class BlockPool {
   void uncache(BlockId block);
   void log_eviction(BlockId block);
   bool valid(const EvictEntry& e) const {
-    return where_[e.block] == Where::kEvictable && meta_[e.block].stamp == e.stamp;
+    return where_[e.block] == Where::kEvictable && stamps_[e.block] == e.stamp;
   }
   bool valid(const PinEntry& e) const {
-    return where_[e.block] == Where::kPinned && meta_[e.block].stamp == e.stamp;
+    return where_[e.block] == Where::kPinned && stamps_[e.block] == e.stamp;
   }
   void check_orders() const;
 
@@ -222,6 +224,9 @@ class BlockPool {
   std::vector<Content> content_;
   std::vector<Tag> tags_;
   std::vector<Where> where_;
+  // Each parked block's stamp: that of its one valid order entry. Apart from Meta, so that checking
+  // an entry (evictions skip stale ones, compaction scans them all) reads no block's metadata line.
+  std::vector<uint64_t> stamps_;
   std::vector<TokenId> tokens_;            // num_blocks * block_size; valid for cached blocks
   std::vector<BlockId> free_;              // stack; popped from the back
   PrefixIndex index_;

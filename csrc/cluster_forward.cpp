@@ -20,6 +20,7 @@ ClusterForward::ClusterForward(StepCost cost, std::vector<Scheduler*> schedulers
     slots_[i].scheduler = schedulers[i];
     slots_[i].pool = std::move(token_pools[i]);
     slots_[i].sample_at = sample_at[i];
+    slots_[i].plan.token_arrays = false;  // read by nothing here nor by the driver (sim/cluster_fast.py)
   }
 }
 

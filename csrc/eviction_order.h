@@ -99,6 +99,10 @@ class RunOrder {
     runs_[r].entries.swap(entries);
     runs_[r].next = 0;
     entries.clear();
+    if (!spares_.empty()) {  // a drained run's storage, for the caller's next run
+      entries.swap(spares_.back());
+      spares_.pop_back();
+    }
     run_entries_ += runs_[r].entries.size();
     heads_.push_back(r);
     std::push_heap(heads_.begin(), heads_.end(), HeadLater{this});
@@ -218,16 +222,23 @@ class RunOrder {
     }
     return e;
   }
+  // A drained run's storage is kept for a later push_run (a few: a release of a long context
+  // writes a ~100 KB run, whose fresh allocation would cost more than filling it).
   void free_run(uint32_t r) {
-    std::vector<Entry>().swap(runs_[r].entries);
+    std::vector<Entry>& entries = runs_[r].entries;
+    entries.clear();
+    if (spares_.size() < kMaxSpares) spares_.push_back(std::move(entries));
+    std::vector<Entry>().swap(entries);
     runs_[r].next = 0;
     free_runs_.push_back(r);
   }
+  static constexpr size_t kMaxSpares = 4;
 
   LazyHeap<Entry> singles_;
   std::vector<Run> runs_;
   std::vector<uint32_t> heads_;
   std::vector<uint32_t> free_runs_;
+  std::vector<std::vector<Entry>> spares_;  // empty, with capacity (free_run)
   size_t run_entries_ = 0;  // entries of live runs not yet popped
 };
 

@@ -16,7 +16,10 @@ ForwardResult FastForward::advance(Scheduler& scheduler, double now, double hori
   r.token_at = token_at;
   r.sample_at = sample_at;
   for (int64_t steps = 0;; ++steps) {
-    if (!scratch_) scratch_ = std::make_shared<Plan>();
+    if (!scratch_) {
+      scratch_ = std::make_shared<Plan>();
+      scratch_->token_arrays = false;  // read by nothing here nor by the replica (sim/cluster.py)
+    }
     Plan& plan = *scratch_;
     scheduler.step_into(plan, r.now);
     const bool empty = plan.num_reqs() == 0 && plan.kv_ops.empty();

@@ -16,6 +16,9 @@
 // that time) or that left the scheduler empty, and before an empty plan (the caller waits
 // for an arrival). No decision is made here.
 //
+// Its plans fill no per-token arrays (Plan::token_arrays is false: no model reads them), the
+// rest of a plan, its cost features included, being what step() would give.
+//
 // KV usage is sampled as sim/metrics.py's Collector does after each step: after the commit
 // of the first step that starts at or after `sample_at`, then `sample_interval` later.
 #pragma once

@@ -72,6 +72,7 @@ struct Request {
   // How many of match_blocks were evictable at the pool's evictable epoch `hits_epoch` (0: not
   // counted since match_blocks last changed); a blocked admission re-checks it every step.
   int hits_evictable = 0;
+  bool hits_complete = false;       // hits_evictable counted all of match_blocks (else a lower bound)
   uint64_t hits_epoch = 0;
   int slot = -1;                    // row of the persistent block table while running
   uint64_t last_step = 0;           // last plan that scheduled it

@@ -90,15 +90,22 @@ void Scheduler::check_time(double now, const char* where) const {
 void Scheduler::add_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits,
                             double arrival_time, const std::string& session_id, int priority,
                             const std::string& cache_namespace) {
-  const int n = static_cast<int>(prompt.size());
+  check_request(id, static_cast<int>(prompt.size()), prompt.data(), 0, limits, arrival_time);
+  insert_request(id, std::move(prompt), limits, arrival_time, session_id, priority, cache_namespace, nullptr, 0);
+}
+
+void Scheduler::check_request(RequestId id, int n, const TokenId* unchecked, int from, const SamplingLimits& limits,
+                              double arrival_time) const {
   TANDEM_REQUIRE(!requests_.count(id), "duplicate request id " + str(id));
   TANDEM_REQUIRE(n > 0, "request " + str(id) + ": empty prompt");
   // One branch-free vectorized pass over a ~50K-token prompt; the position only on failure.
-  const bool outside = any_outside(prompt.data(), prompt.size(), config_.vocab_size);
-  for (int i = 0; outside && i < n; ++i) {
-    if (prompt[i] < 0 || prompt[i] >= config_.vocab_size) {
-      throw InvalidInput("request " + str(id) + ": token id " + str(prompt[i]) + " at position " +
-                         str(i) + " is outside the vocabulary [0, " + str(config_.vocab_size) + ")");
+  const size_t m = static_cast<size_t>(n - from);
+  const bool outside = any_outside(unchecked, m, config_.vocab_size);
+  for (size_t i = 0; outside && i < m; ++i) {
+    if (unchecked[i] < 0 || unchecked[i] >= config_.vocab_size) {
+      throw InvalidInput("request " + str(id) + ": token id " + str(unchecked[i]) + " at position " +
+                         str(from + static_cast<int64_t>(i)) + " is outside the vocabulary [0, " +
+                         str(config_.vocab_size) + ")");
     }
   }
   TANDEM_REQUIRE(n < config_.max_model_len,
@@ -120,7 +127,14 @@ void Scheduler::add_request(RequestId id, std::vector<TokenId> prompt, const Sam
                  "request " + str(id) + " can never fit in the KV cache: it needs up to " + str(needed) +
                      " blocks of " + str(block_size_) + " tokens and the cache has " +
                      str(pool_.num_blocks()));
+}
 
+void Scheduler::insert_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits,
+                               double arrival_time, const std::string& session_id, int priority,
+                               const std::string& cache_namespace, TurnMemo* memo, size_t same) {
+  const int n = static_cast<int>(prompt.size());
+  const int64_t longest = std::min<int64_t>(static_cast<int64_t>(n) + limits.max_new_tokens,
+                                            config_.max_model_len);
   auto ns_it = namespaces_.find(cache_namespace);
   if (ns_it == namespaces_.end()) {
     ns_it = namespaces_.emplace(cache_namespace, static_cast<uint32_t>(namespace_roots_.size())).first;
@@ -148,7 +162,11 @@ void Scheduler::add_request(RequestId id, std::vector<TokenId> prompt, const Sam
     r.session_service = h.service;
     r.session_last_end = h.last_end;
   }
-  if (!session_id.empty() && config_.enable_prefix_caching) recall_turn(r);
+  if (memo != nullptr) {
+    apply_memo(r, *memo, same);
+  } else if (!session_id.empty() && config_.enable_prefix_caching) {
+    recall_turn(r);
+  }
   requests_.emplace(id, std::move(r));
   waiting_.push_back(id);
   counters_.prompt_tokens += n;
@@ -341,9 +359,24 @@ void Scheduler::emit(Request& r, int n, Plan& plan) {
   plan.cached_lens.push_back(start);
   plan.slots.push_back(r.slot);
   const int first = plan.num_tokens();
+  if (plan.token_arrays) emit_tokens(r, start, n, plan);
+  const bool samples = start + n == r.num_tokens();
+  plan.sample.push_back(samples ? 1 : 0);
+  if (samples) plan.logits_indices.push_back(first + n - 1);
+  plan.query_start_loc.push_back(first + n);
+  r.last_step = plan.step_id;
+  r.num_computed_total += n;
+  counters_.computed_tokens += n;
+  plan.attn_pairs += static_cast<int64_t>(n) * start + static_cast<int64_t>(n) * (n + 1) / 2;
+  plan.kv_read_tokens += start + n;
+}
+
+// Appends the token rows of r's tokens [start, start + n) to the plan.
+void Scheduler::emit_tokens(const Request& r, int start, int n, Plan& plan) const {
+  const size_t first = plan.input_ids.size();
   plan.input_ids.insert(plan.input_ids.end(), r.tokens.begin() + start, r.tokens.begin() + start + n);
-  plan.positions.resize(static_cast<size_t>(first) + n);
-  plan.slot_mapping.resize(static_cast<size_t>(first) + n);
+  plan.positions.resize(first + n);
+  plan.slot_mapping.resize(first + n);
   int32_t* positions = plan.positions.data() + first;
   int64_t* slots = plan.slot_mapping.data() + first;
   for (int k = 0; k < n; ++k) positions[k] = start + k;
@@ -353,15 +386,6 @@ void Scheduler::emit(Request& r, int n, Plan& plan) {
     const int64_t base = static_cast<int64_t>(r.blocks[p / block_size_]) * block_size_ - (p / block_size_) * block_size_;
     for (; p < end; ++p) slots[p - start] = base + p;
   }
-  const bool samples = start + n == r.num_tokens();
-  plan.sample.push_back(samples ? 1 : 0);
-  if (samples) plan.logits_indices.push_back(first + n - 1);
-  plan.query_start_loc.push_back(plan.num_tokens());
-  r.last_step = plan.step_id;
-  r.num_computed_total += n;
-  counters_.computed_tokens += n;
-  plan.attn_pairs += static_cast<int64_t>(n) * start + static_cast<int64_t>(n) * (n + 1) / 2;
-  plan.kv_read_tokens += start + n;
 }
 
 // ---------------------------------------------------------------------------
@@ -430,8 +454,12 @@ void Scheduler::register_full_blocks(Request& r) {
   const int full = r.num_computed / block_size_;
   if (full <= r.num_registered) return;
   extend_hashes(r, full);
+  constexpr int kAhead = 8;  // blocks prefetched ahead (a prefill chunk registers ~128)
+  for (int j = r.num_registered; j < full && j < r.num_registered + kAhead; ++j) {
+    pool_.prefetch_register(r.blocks[j], r.block_hashes[j]);
+  }
   for (int j = r.num_registered; j < full; ++j) {
-    if (j + 8 < full) pool_.prefetch_register(r.blocks[j + 8], r.block_hashes[j + 8]);
+    if (j + kAhead < full) pool_.prefetch_register(r.blocks[j + kAhead], r.block_hashes[j + kAhead]);
     const uint64_t parent = j == 0 ? r.ns_root : r.block_hashes[j - 1];
     pool_.register_block(r.blocks[j], r.block_hashes[j], parent, r.ns, j,
                          &r.tokens[static_cast<size_t>(j) * block_size_]);

@@ -50,7 +50,9 @@ struct Plan {
   std::vector<int32_t> slots;            // row of each request in the persistent block table
   std::vector<uint8_t> sample;           // 1 if this step ends with a sampled token for it
   std::vector<int32_t> logits_indices;   // token index whose logits are sampled, S rows
-  // per token (T entries)
+  // per token (T entries); filled only if `token_arrays` (a simulated executor has no model to
+  // feed: the fast paths' plans carry the per-request rows and features only, T included)
+  bool token_arrays = true;
   std::vector<int32_t> input_ids;
   std::vector<int32_t> positions;
   std::vector<int64_t> slot_mapping;     // block * block_size + offset where its KV goes
@@ -74,7 +76,7 @@ struct Plan {
   int num_reqs() const { return static_cast<int>(req_ids.size()); }
   void clear();               // empty arrays (capacity kept), features and ids reset
   void reserve(size_t rows);  // room for `rows` requests of one token each
-  int num_tokens() const { return static_cast<int>(input_ids.size()); }
+  int num_tokens() const { return query_start_loc.empty() ? 0 : query_start_loc.back(); }
   int num_sampled() const { return static_cast<int>(logits_indices.size()); }
 };
 
@@ -116,6 +118,7 @@ struct SessionHistory {
 };
 
 struct TurnMemo {
+  RequestId request = 0;  // the finished request it remembers
   uint32_t ns = 0;
   std::vector<TokenId> tokens;
   std::vector<uint64_t> block_hashes;
@@ -134,6 +137,13 @@ class Scheduler {
   void add_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits,
                    double arrival_time, const std::string& session_id, int priority,
                    const std::string& cache_namespace);
+  // add_request() of the prompt `after`'s tokens (its prompt, then its output) + `new_tokens`,
+  // where `after` is the session's last finished request here: an agent's next call without its
+  // whole context sent again. The tokens come from the session's turn memo; false (and nothing
+  // changes) when that memo is not `after`'s (gone, or never taken): then send the whole prompt.
+  bool add_continuation(RequestId id, RequestId after, const std::vector<TokenId>& new_tokens,
+                        const SamplingLimits& limits, double arrival_time, const std::string& session_id,
+                        int priority, const std::string& cache_namespace);
   std::shared_ptr<Plan> step(double now);
   // step() into a caller's plan, reusing its arrays (the simulator's fast path, csrc/fast_forward.h).
   void step_into(Plan& plan, double now);
@@ -176,11 +186,23 @@ class Scheduler {
   void abort_impl(RequestId id, double now);
   int end_session_impl(const std::string& session_id, double now);
 
+  // --- requests in (csrc/scheduler.cpp) ---
+  // add_request()'s checks of a prompt of n tokens, whose tokens from position `from` on are
+  // unchecked[0..n - from) (the ones before are known to be in the vocabulary).
+  void check_request(RequestId id, int n, const TokenId* unchecked, int from, const SamplingLimits& limits,
+                     double arrival_time) const;
+  // Enters a checked request; `memo` (the session's taken memo, its first `same` tokens those of
+  // the prompt) or, if null, the session's memo if any, starts its hashes and prefix match.
+  void insert_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits,
+                      double arrival_time, const std::string& session_id, int priority,
+                      const std::string& cache_namespace, TurnMemo* memo, size_t same);
+
   // --- planning helpers ---
   void schedule_running(Plan& plan, int* budget, double now, bool* preempted);
   void schedule_waiting(Plan& plan, int budget, double now);
   void grow_lookahead(const Plan& plan);
   void emit(Request& r, int n, Plan& plan);
+  void emit_tokens(const Request& r, int start, int n, Plan& plan) const;
   bool grow(Request& r, int new_total_tokens);
   int blocks_for(int tokens) const { return (tokens + block_size_ - 1) / block_size_; }
   int prefix_match(Request& r, std::vector<BlockId>* hits);
@@ -189,6 +211,8 @@ class Scheduler {
   void pin_turn(Request& r, double now);
   void remember_turn(Request& r, std::vector<BlockId> cached_blocks);
   void recall_turn(Request& r);
+  TurnMemo take_memo(std::unordered_map<std::string, TurnMemo>::iterator it);
+  void apply_memo(Request& r, TurnMemo& memo, size_t same);
   void forget_turn(const std::string& session_id);
   void check_turn_memos() const;
   RequestView view(const Request& r) const;

@@ -47,25 +47,23 @@ bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
   const int available = pool_.num_available();
   if (available < need) return false;
   if (available - std::min(matched, pool_.num_evictable()) < need) {
-    if (r.hits_epoch != pool_.evictable_epoch()) {
-      r.hits_evictable = pool_.count_evictable(hits.data(), hits.size());
+    // Blocked iff more than `spare` hits are evictable: a count may stop once it says so, and a
+    // lower bound above `spare` answers as well as the exact count would.
+    const int spare = available - need;
+    if (r.hits_epoch != pool_.evictable_epoch() || (!r.hits_complete && r.hits_evictable <= spare)) {
+      r.hits_evictable = pool_.count_evictable(hits.data(), hits.size(), spare + 1, &r.hits_complete);
       r.hits_epoch = pool_.evictable_epoch();
     }
-    if (available - r.hits_evictable < need) return false;
+    if (r.hits_evictable > spare) return false;
   }
   r.hits_epoch = 0;
 
   r.slot = take_slot();
   BlockId* row = &block_table_[static_cast<size_t>(r.slot) * max_blocks_per_seq_];
   r.blocks.reserve(static_cast<size_t>(blocks_for(r.num_tokens())));
-  constexpr size_t kAhead = 8;  // blocks prefetched ahead in loops over a request's blocks
-  for (size_t k = 0; k < hits.size(); ++k) {
-    const BlockId b = hits[k];
-    if (k + kAhead < hits.size()) pool_.prefetch(hits[k + kAhead]);
-    pool_.retain(b, now);
-    row[r.blocks.size()] = b;
-    r.blocks.push_back(b);
-  }
+  pool_.retain_all(hits.data(), hits.size(), now);
+  std::copy(hits.begin(), hits.end(), row + r.blocks.size());
+  r.blocks.insert(r.blocks.end(), hits.begin(), hits.end());
   r.num_computed = start;
   r.num_registered = matched;
   r.num_cached_tokens = start;
@@ -147,6 +145,8 @@ void Scheduler::remember_own_match(Request& r) {
   const int n = std::min(r.num_registered, static_cast<int>(r.blocks.size()));
   r.match_blocks.clear();
   r.match_generations.clear();
+  r.match_blocks.reserve(static_cast<size_t>(n));
+  r.match_generations.reserve(static_cast<size_t>(n));
   for (int j = 0; j < n && pool_.is_cached(r.blocks[j]); ++j) {
     if (j + 8 < n) pool_.prefetch(r.blocks[j + 8]);
     r.match_blocks.push_back(r.blocks[j]);

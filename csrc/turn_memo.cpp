@@ -7,8 +7,11 @@
 // A memo only saves work: the hashes are those block_hash would compute (the tokens are
 // compared first), and a remembered block is offered to prefix_match, which keeps it only
 // while its generation is unchanged, exactly as for a waiting request's own remembered
-// match. So plans are the same with or without memos.
+// match. So plans are the same with or without memos. add_continuation() also takes the
+// memo's tokens as the prompt's start (the caller vouches that the prompt is exactly them +
+// new tokens), so that an agent's ~50K-token context is neither sent nor compared again.
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "scheduler.h"
@@ -25,6 +28,7 @@ void Scheduler::remember_turn(Request& r, std::vector<BlockId> cached_blocks) {
   const int64_t limit = kMemoCaches * pool_.num_blocks() * block_size_;
   if (r.num_tokens() > limit) return;
   TurnMemo memo;
+  memo.request = r.id;
   memo.ns = r.ns;
   memo.tokens = std::move(r.tokens);
   memo.block_hashes = std::move(r.block_hashes);
@@ -57,9 +61,7 @@ void Scheduler::remember_turn(Request& r, std::vector<BlockId> cached_blocks) {
 void Scheduler::recall_turn(Request& r) {
   auto it = turn_memos_.find(r.session_id);
   if (it == turn_memos_.end()) return;
-  TurnMemo memo = std::move(it->second);
-  memo_tokens_ -= static_cast<int64_t>(memo.tokens.size());
-  turn_memos_.erase(it);
+  TurnMemo memo = take_memo(it);
   if (memo.ns != r.ns) return;
   const size_t n = std::min(memo.tokens.size(), r.tokens.size());
   // memcmp over chunks (libc's vector compare), then the first differing token within one.
@@ -71,6 +73,45 @@ void Scheduler::recall_turn(Request& r) {
   }
   same = std::mismatch(r.tokens.begin() + same, r.tokens.begin() + n, memo.tokens.begin() + same).first -
          r.tokens.begin();
+  apply_memo(r, memo, same);
+}
+
+// A session's next request from its memo. The same checks, in the same order, as add_request()
+// of the whole prompt: the memo's tokens are a checked prompt and committed (checked) outputs,
+// so the first token outside the vocabulary, if any, is a new one, at the same position.
+bool Scheduler::add_continuation(RequestId id, RequestId after, const std::vector<TokenId>& new_tokens,
+                                 const SamplingLimits& limits, double arrival_time, const std::string& session_id,
+                                 int priority, const std::string& cache_namespace) {
+  if (session_id.empty() || !config_.enable_prefix_caching) return false;
+  auto it = turn_memos_.find(session_id);
+  if (it == turn_memos_.end() || it->second.request != after) return false;
+  auto ns = namespaces_.find(cache_namespace);
+  if (ns == namespaces_.end() || ns->second != it->second.ns) return false;
+  const size_t same = it->second.tokens.size();
+  const int64_t n = static_cast<int64_t>(same + new_tokens.size());
+  TANDEM_REQUIRE(n <= INT32_MAX, "request " + std::to_string(id) + ": prompt of " + std::to_string(n) +
+                                     " tokens is too long");
+  check_request(id, static_cast<int>(n), new_tokens.data(), static_cast<int>(same), limits, arrival_time);
+  TurnMemo memo = take_memo(it);
+  std::vector<TokenId> prompt = std::move(memo.tokens);
+  // The context grows by a turn's new tokens and outputs every call: reserve geometrically, so
+  // that it is copied O(log) times over a session rather than at every call.
+  const size_t longest = static_cast<size_t>(std::min<int64_t>(n + limits.max_new_tokens, config_.max_model_len));
+  if (prompt.capacity() < longest) prompt.reserve(std::max(longest, 2 * prompt.capacity()));
+  prompt.insert(prompt.end(), new_tokens.begin(), new_tokens.end());
+  insert_request(id, std::move(prompt), limits, arrival_time, session_id, priority, cache_namespace, &memo, same);
+  return true;
+}
+
+TurnMemo Scheduler::take_memo(std::unordered_map<std::string, TurnMemo>::iterator it) {
+  TurnMemo memo = std::move(it->second);
+  memo_tokens_ -= static_cast<int64_t>(memo.tokens.size());
+  turn_memos_.erase(it);
+  return memo;
+}
+
+// r's first `same` tokens are the memo's (add_continuation: all of them, without comparing).
+void Scheduler::apply_memo(Request& r, TurnMemo& memo, size_t same) {
   const size_t full = std::min(same / block_size_, memo.block_hashes.size());
   r.block_hashes = std::move(memo.block_hashes);
   r.block_hashes.resize(full);

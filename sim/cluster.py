@@ -72,10 +72,20 @@ class Replica:
         """Requests submitted and not finished."""
         return len(self.pending)
 
-    def submit(self, request_id: int, prompt: np.ndarray, max_new_tokens: int, session_id: str) -> simpy.Event:
-        """Adds a request now; the returned event fires with its `FinishedRequest`."""
-        self.scheduler.add_request(request_id, prompt, max_new_tokens=max_new_tokens, ignore_eos=True,
-                                   arrival_time=self.env.now, session_id=session_id)
+    def submit(self, request_id: int, prompt: np.ndarray, max_new_tokens: int, session_id: str,
+               after: int | None = None, new_tokens: np.ndarray | None = None) -> simpy.Event:
+        """Adds a request now; the returned event fires with its `FinishedRequest`.
+
+        `after`: the session's previous request, finished on this replica, when `prompt` is its
+        prompt + output + `new_tokens`: then only the new tokens are sent (the scheduler keeps the
+        rest), unless it no longer has them.
+        """
+        now = self.env.now
+        if after is None or not self.scheduler.add_continuation(
+                request_id, after, new_tokens, max_new_tokens=max_new_tokens, ignore_eos=True,
+                arrival_time=now, session_id=session_id):
+            self.scheduler.add_request(request_id, prompt, max_new_tokens=max_new_tokens, ignore_eos=True,
+                                       arrival_time=now, session_id=session_id)
         self.sessions.add(session_id)
         done = self.env.event()
         self.pending[request_id] = done

@@ -51,10 +51,10 @@ class Collector:
         self.num_blocks = num_blocks
         self.sample_interval_s = sample_interval_s
         self.slo = slo
-        self.step_start: list[float] = []
-        self.step_seconds: list[float] = []
-        self.step_tokens: list[int] = []
-        self.step_reqs: list[int] = []
+        # Per step (start, seconds, tokens, requests), in order: a fast-path run's steps as the
+        # four arrays it returned, the step-by-step loop's as four lists (the tail, until a run).
+        self._step_chunks: list[tuple] = []
+        self._step_tail: tuple[list, list, list, list] = ([], [], [], [])
         self.kv_samples: list[tuple] = []   # (time, replica, used, cached, free) in blocks
         self._next_sample = [0.0] * num_replicas
         self.requests: list[tuple] = []
@@ -67,19 +67,24 @@ class Collector:
 
     # -- reports ------------------------------------------------------------------
     def on_step(self, replica, start: float, seconds: float, plan) -> None:
-        self.step_start.append(start)
-        self.step_seconds.append(seconds)
-        self.step_tokens.append(plan.num_tokens)
-        self.step_reqs.append(plan.num_reqs)
+        starts, costs, tokens, reqs = self._step_tail
+        starts.append(start)
+        costs.append(seconds)
+        tokens.append(plan.num_tokens)
+        reqs.append(plan.num_reqs)
         self._sample(replica, start)
+
+    def _add_steps(self, result) -> None:
+        """A run's steps (arrays, one entry per step), after the single steps before it."""
+        if self._step_tail[0]:
+            self._step_chunks.append(self._step_tail)
+            self._step_tail = ([], [], [], [])
+        self._step_chunks.append((result.starts, result.seconds, result.num_tokens, result.num_reqs))
 
     def on_steps(self, replica, result) -> None:
         """`on_step` for a run of steps of the replica's fast path (a `controlplane.ForwardResult`),
         which took the KV samples `_sample` would have, at the same steps."""
-        self.step_start.extend(result.starts)
-        self.step_seconds.extend(result.seconds)
-        self.step_tokens.extend(result.num_tokens)
-        self.step_reqs.extend(result.num_reqs)
+        self._add_steps(result)
         i = replica.index
         self.kv_samples.extend((start, i, used, cached, free) for start, used, cached, free in result.samples)
         self._next_sample[i] = result.sample_at
@@ -87,11 +92,36 @@ class Collector:
     def on_cluster_steps(self, result) -> None:
         """`on_step` for a run of several replicas' steps (a `controlplane.ClusterResult`, commit order),
         with the KV samples `_sample` would have taken (the C++ side keeps the next sample times)."""
-        self.step_start.extend(result.starts)
-        self.step_seconds.extend(result.seconds)
-        self.step_tokens.extend(result.num_tokens)
-        self.step_reqs.extend(result.num_reqs)
+        self._add_steps(result)
         self.kv_samples.extend(result.samples)
+
+    def _step_column(self, k: int) -> list:
+        out: list = []
+        for chunk in (*self._step_chunks, self._step_tail):
+            column = chunk[k]
+            out.extend(column.tolist() if isinstance(column, np.ndarray) else column)
+        return out
+
+    @property
+    def step_start(self) -> list[float]:
+        """Each step's start, in the order the steps were committed (a new list)."""
+        return self._step_column(0)
+
+    @property
+    def step_seconds(self) -> list[float]:
+        return self._step_column(1)
+
+    @property
+    def step_tokens(self) -> list[int]:
+        return self._step_column(2)
+
+    @property
+    def step_reqs(self) -> list[int]:
+        return self._step_column(3)
+
+    @property
+    def num_steps(self) -> int:
+        return sum(len(chunk[0]) for chunk in self._step_chunks) + len(self._step_tail[0])
 
     def _sample(self, replica, start: float) -> None:
         """KV usage after the step that started at `start`, once per sample interval
@@ -114,7 +144,7 @@ class Collector:
         n = times.size
         first, finish = float(times[0]), float(times[-1])
         if n > 1:
-            gaps = np.diff(times)
+            gaps = times[1:] - times[:-1]  # np.diff's values, without its per-call overhead
             self._itl_pending.append(gaps)
             self._itl_pending_n += gaps.size
             if self._itl_pending_n >= 1 << 18:
@@ -205,8 +235,9 @@ class Collector:
             out["kv_used_max"] = float(used.max())
         for key in ("num_preemptions_recompute", "num_preemptions_swap", "num_evicted_blocks"):
             out[key] = int(sum(getattr(s, key) for s in stats))
-        out["num_steps"] = len(self.step_seconds)
+        num_steps = self.num_steps
+        out["num_steps"] = num_steps
         out["wall_seconds"] = wall_seconds
-        out["steps_per_wall_s"] = len(self.step_seconds) / wall_seconds if wall_seconds > 0 else math.nan
+        out["steps_per_wall_s"] = num_steps / wall_seconds if wall_seconds > 0 else math.nan
         out["requests_per_wall_min"] = 60 * n / wall_seconds if wall_seconds > 0 else math.nan
         return out

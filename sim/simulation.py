@@ -142,6 +142,7 @@ class Simulation:
             context = SessionContext(tokens.prefix(session.prefix_id, session.prefix_tokens))
             used: set[Replica] = set()
             truncated, calls = False, 0
+            last: tuple[Replica, int] | None = None  # the previous call: its replica and request id
             for k, turn in enumerate(session.turns):
                 new = tokens.new_tokens(rng, turn)
                 prompt = context.extend(new)
@@ -156,7 +157,10 @@ class Simulation:
                     genuinely_new += session.prefix_tokens
                 replica = router.route(prompt, session.session_id, env.now)
                 used.add(replica)
-                finished = yield replica.submit(next(ids), prompt, max_new, session.session_id)
+                request_id = next(ids)
+                after = last[1] if last is not None and last[0] is replica else None
+                finished = yield replica.submit(request_id, prompt, max_new, session.session_id, after, new)
+                last = (replica, request_id)
                 calls += 1
                 collector.on_request(finished, session.session_id, k, replica.index, new.size, genuinely_new)
                 context.extend(finished.output_token_array)

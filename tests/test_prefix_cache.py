@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from controlplane.testing import reference_generate
 
@@ -153,3 +154,74 @@ def test_cached_prefix_tokens_predicts_the_hit_and_changes_nothing():
     assert sched.stats().as_dict() == before
     sched.add_request(1, prompt, max_new_tokens=1, cache_namespace="a")
     assert first_plan_row(sched, model, 100.0, 1) == (8, 7)
+
+
+def _plan_log(sched, model, now=0.0):
+    """Every plan's arrays until nothing is left, and what finished."""
+    log, done = [], {}
+    while sched.has_unfinished():
+        plan, fin = step(sched, model, now)
+        log.append([a.tolist() for a in (plan.req_ids, plan.cached_lens, plan.query_lens, plan.input_ids,
+                                         plan.slot_mapping)])
+        done.update({rid: (list(f.output_token_ids), f.num_cached_tokens, f.num_computed_tokens)
+                     for rid, f in fin.items()})
+        now += 1.0
+    return log, done, now
+
+
+def test_a_continuation_plans_exactly_as_the_whole_prompt_sent_again():
+    """add_continuation(after=previous) is add_request of previous prompt + output + new tokens."""
+    pair = [make(), make()]
+    first = SHARED + [1, 2, 3, 4, 5]
+    for sched, model in pair:
+        sched.add_request(0, first, max_new_tokens=6, session_id="s")
+    ends = [_plan_log(sched, model) for sched, model in pair]
+    out = ends[0][1][0][0]
+    new = [7, 8, 9, 10, 11, 12, 13]
+    (a, model_a), (b, model_b) = pair
+    assert a.add_continuation(1, 0, np.asarray(new, dtype=np.int32), max_new_tokens=5, arrival_time=ends[0][2],
+                              session_id="s")
+    b.add_request(1, first + out + new, max_new_tokens=5, arrival_time=ends[1][2], session_id="s")
+    assert a.request_info(1) == b.request_info(1)
+    log_a, log_b = _plan_log(a, model_a, ends[0][2]), _plan_log(b, model_b, ends[1][2])
+    assert log_a == log_b and log_a[1][1][1] == 24  # the memo's cached blocks were hit
+    assert a.stats().as_dict() == b.stats().as_dict()
+
+
+def test_a_continuation_without_its_memo_changes_nothing():
+    sched, model = make()
+    sched.add_request(0, SHARED + [1], max_new_tokens=2, session_id="s")
+    sched.add_request(1, SHARED + [2], max_new_tokens=2, session_id="t")
+    drain(sched, model)
+    before = sched.stats().as_dict()
+    assert not sched.add_continuation(2, 1, [5], session_id="s")  # s's memo is request 0's
+    assert not sched.add_continuation(2, 0, [5], session_id="t")
+    assert not sched.add_continuation(2, 0, [5], session_id="s", cache_namespace="other")
+    assert not sched.has_unfinished() and sched.stats().as_dict() == before
+    assert sched.add_continuation(2, 0, [5], session_id="s")
+    assert not sched.add_continuation(3, 0, [6], session_id="s")  # the memo was taken
+    off, off_model = make(enable_prefix_caching=False)
+    off.add_request(0, SHARED + [1], max_new_tokens=2, session_id="s")
+    drain(off, off_model)
+    assert not off.add_continuation(1, 0, [5], session_id="s")
+
+
+def test_a_continuation_is_checked_as_the_whole_prompt():
+    """Same errors, in the same order, as add_request of the whole prompt; a failed call keeps the memo."""
+    pair = [make(max_model_len=40, num_blocks=8), make(max_model_len=40, num_blocks=8)]
+    for sched, model in pair:
+        sched.add_request(0, SHARED + [1], max_new_tokens=2, session_id="s")
+        done, _ = drain(sched, model)
+    (a, _), (b, _) = pair
+    context = SHARED + [1] + list(done[0].output_token_ids)
+    for new, limits in (([3, V, 4], {}), ([3, -1], {}), ([3] * 30, {}), ([V] * 30, {}),
+                        ([3], {"max_new_tokens": 0}), ([3], {"eos_token_id": V}), ([3], {"stop_token_ids": [V]}),
+                        ([3], {"max_new_tokens": 30}), ([3], {"arrival_time": float("nan")})):
+        with pytest.raises(ValueError) as whole:
+            b.add_request(1, context + new, session_id="s", **limits)
+        with pytest.raises(ValueError) as continued:
+            a.add_continuation(1, 0, new, session_id="s", **limits)
+        assert str(continued.value) == str(whole.value)
+    assert str(whole.value) == "request 1: arrival_time must be finite"
+    assert a.add_continuation(1, 0, [3], max_new_tokens=2, session_id="s")  # the failed calls kept the memo
+    assert a.request_info(1)["num_prompt_tokens"] == len(context) + 1

@@ -206,7 +206,7 @@ def test_fast_forward_stops_before_the_horizon_and_at_the_first_finish(horizon):
     while scheds[0].has_unfinished():
         r = ff.advance(scheds[0], now_a, now_a + horizon, math.inf, 1.0, at_a)
         starts, finished, plan, now_b, at_b = stepwise(scheds[1], cost, pool, now_b, now_b + horizon, at_b)
-        assert r.starts == starts and r.now == now_b and r.token_at == at_b
+        assert r.starts.tolist() == starts and r.now == now_b and r.token_at == at_b
         assert [f.request_id for f in r.finished] == [f.request_id for f in finished]
         assert all(s + d < now_a + horizon for s, d in zip(r.starts, r.seconds))
         now_a, at_a = r.now, r.token_at
@@ -217,6 +217,13 @@ def test_fast_forward_stops_before_the_horizon_and_at_the_first_finish(horizon):
                 sched.commit(p, tokens, (now_a if sched is scheds[0] else now_b) + seconds)
         if r.plan is not None:
             assert list(r.plan.req_ids) == list(plan.req_ids) and r.plan_seconds == cost.step_seconds(plan)
+            # no per-token arrays in the fast path's plans; every other row and count as step()'s
+            assert plan.has_token_arrays and len(plan.input_ids) == plan.num_tokens
+            assert not r.plan.has_token_arrays and r.plan.input_ids.size == r.plan.slot_mapping.size == 0
+            for name in ("query_lens", "cached_lens", "query_start_loc", "sample", "logits_indices", "slots"):
+                assert getattr(r.plan, name).tolist() == getattr(plan, name).tolist(), name
+            assert (r.plan.num_tokens, r.plan.num_sampled, r.plan.attn_pairs, r.plan.kv_read_tokens) == \
+                (plan.num_tokens, plan.num_sampled, plan.attn_pairs, plan.kv_read_tokens)
             now_a += r.plan_seconds
             now_b += cost.step_seconds(plan)
         scheds[0].check_invariants()
