@@ -195,7 +195,7 @@ class ModelRunner:
         if nxt is None:
             return
         n = len(nxt.keep)
-        if self.graphs is not None and not self.graphs.can_run(n) and self.device.type == "cuda":
+        if self.graphs is not None and not self.graphs.can_run(n):
             return  # too large for a graph: an eager guess would cost the host more than it hides
         kept = seqs if n == len(seqs) else [seqs[k] for k in nxt.keep.tolist()]
         if n == len(seqs):
@@ -206,9 +206,8 @@ class ModelRunner:
             input_ids=np.zeros(n, dtype=np.int32), positions=nxt.positions, slot_mapping=nxt.slot_mapping,
             num_decode=n, seq_lens=nxt.seq_lens, query_start_loc=np.arange(n + 1, dtype=np.int32),
             block_rows=nxt.block_rows, logits_rows=np.arange(n, dtype=np.int32), sampled_req_ids=nxt.req_ids)
-        sampled = [not s.params.greedy for s in kept]
         saved = []
-        if any(sampled):  # the draws a dropped guess must give back
+        if not all(s.params.greedy for s in kept):  # the draws a dropped guess must give back
             saved.append((self.sampler.generator, self.sampler.generator.get_state()))
             saved += [(s.generator, s.generator.get_state()) for s in kept if s.generator is not None]
         logits = self.forward(guess_batch, plan, ids_dev=ids)
