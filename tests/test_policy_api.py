@@ -348,7 +348,8 @@ def test_views_are_copies_that_outlive_the_call():
 
 # -- the conformance suite catches broken policies --------------------------------------------
 
-FAST = dict(max_examples=60, phases=[Phase.explicit, Phase.reuse, Phase.generate], database=None)
+# derandomize: a fixed search, so that these tests cannot pass or fail by luck
+FAST = dict(max_examples=60, phases=[Phase.explicit, Phase.reuse, Phase.generate], database=None, derandomize=True)
 
 
 def test_the_suite_catches_a_nondeterministic_policy():
@@ -399,8 +400,9 @@ def test_make_check_policy_prints_the_smallest_failing_sequence(tmp_path):
         "    def key(self, b): return b.last_access\n"
         "    def pin_seconds(self, turn): return 1e12\n")
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep))
+    # SEED fixes Hypothesis's search: unseeded, 80 examples found the starvation in most runs, not all
     proc = subprocess.run(["make", "-s", "check-policy", "POLICY=pin_forever", "MODULES=my_policies", "EXAMPLES=80",
-                           f"PY={sys.executable}", "STAMP="],
+                           "SEED=0", f"PY={sys.executable}", "STAMP="],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
