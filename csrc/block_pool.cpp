@@ -65,6 +65,8 @@ BlockPool::BlockPool(int num_blocks, int block_size, std::shared_ptr<EvictionPol
   TANDEM_REQUIRE(num_blocks > 0, "num_blocks must be positive");
   TANDEM_REQUIRE(block_size > 0, "block_size must be positive");
   meta_.resize(num_blocks);
+  pins_.resize(num_blocks);
+  keys_.resize(num_blocks);
   content_.resize(num_blocks);
   tags_.resize(num_blocks);
   where_.assign(num_blocks, Where::kFree);
@@ -102,9 +104,9 @@ BlockPool::EvictEntry BlockPool::evictable_entry(BlockId block) {
   view.depth = m.depth;
   view.priority = m.priority;
   view.hits = m.hits;
-  m.key = checked_key(eviction_->key(view), "eviction", *eviction_);
+  const OrderKey key = keys_[block] = checked_key(eviction_->key(view), "eviction", *eviction_);
   const uint64_t stamp = stamps_[block] = ++next_stamp_;
-  return {m.key.primary, m.key.secondary, -m.depth, block, stamp};
+  return {key.primary, key.secondary, -m.depth, block, stamp};
 }
 
 void BlockPool::make_evictable(BlockId block) {
@@ -119,15 +121,13 @@ void BlockPool::compact_orders() {
 }
 
 void BlockPool::push_pin(BlockId block) {
-  Meta& m = meta_[block];
   stamps_[block] = ++next_stamp_;
-  pinned_.push({m.pinned_until, block, stamps_[block]});
+  pinned_.push({pins_[block].until, block, stamps_[block]});
   pinned_.compact_if_stale(num_pinned_, [this](const PinEntry& e) { return valid(e); });
 }
 
 void BlockPool::park(BlockId block, double now) {
-  Meta& m = meta_[block];
-  if (m.pinned_until > now) {
+  if (tags_[block].pinned && pins_[block].until > now) {
     set_where(block, Where::kPinned);
     push_pin(block);
   } else {
@@ -214,8 +214,10 @@ void BlockPool::allocate_n(int n, BlockId* out) {
     Tag& t = tags_[out[j]];
     t.cached = false;
     t.generation += 1;
-    m.pin_count = 0;
-    m.pinned_until = kNever;
+    if (t.pinned) {
+      pins_[out[j]] = Pin{};
+      t.pinned = false;
+    }
     m.hits = 0;
   }
 }
@@ -294,10 +296,11 @@ void BlockPool::release_all(const BlockId* blocks, size_t n, double now, int pri
     m.last_access = std::max(m.last_access, now);
     m.priority = priority;
     if (m.ref_count > 0) continue;
-    if (!tags_[block].cached) {
+    const Tag& t = tags_[block];
+    if (!t.cached) {
       where_[block] = Where::kFree;  // from kHeld: no count changes
       free_.push_back(block);
-    } else if (m.pinned_until > now) {
+    } else if (t.pinned && pins_[block].until > now) {
       set_where(block, Where::kPinned);
       push_pin(block);
     } else {
@@ -335,16 +338,17 @@ bool BlockPool::register_block(BlockId block, uint64_t hash, uint64_t parent, ui
 }
 
 void BlockPool::pin(BlockId block, double until, double now, bool new_pin) {
-  Meta& m = meta_[block];
   TANDEM_CHECK(tags_[block].cached, "pin() of a block that is not in the prefix cache");
-  if (new_pin) m.pin_count += 1;
-  const double before = m.pinned_until;
-  m.pinned_until = std::max(m.pinned_until, until);
+  Pin& p = pins_[block];
+  tags_[block].pinned = true;
+  if (new_pin) p.count += 1;
+  const double before = p.until;
+  p.until = std::max(p.until, until);
   const Where where = where_[block];
   if (where == Where::kPinned) {
     // A later `until` re-keys the pin: a new entry, the old one goes stale.
-    if (m.pinned_until != before) push_pin(block);
-  } else if (where == Where::kEvictable && m.pinned_until > now) {
+    if (p.until != before) push_pin(block);
+  } else if (where == Where::kEvictable && p.until > now) {
     // An evictable block being pinned again goes back to the pinned set.
     set_where(block, Where::kPinned);
     push_pin(block);
@@ -352,12 +356,12 @@ void BlockPool::pin(BlockId block, double until, double now, bool new_pin) {
 }
 
 void BlockPool::unpin(BlockId block, uint32_t generation, double now) {
-  Meta& m = meta_[block];
   const Tag& t = tags_[block];
-  if (t.generation != generation || !t.cached || m.pin_count == 0) return;  // contents changed since
-  m.pin_count -= 1;
-  if (m.pin_count > 0) return;
-  m.pinned_until = kNever;
+  Pin& p = pins_[block];
+  if (t.generation != generation || !t.cached || !t.pinned || p.count == 0) return;  // contents changed since
+  p.count -= 1;
+  if (p.count > 0) return;
+  p.until = kNever;
   if (where_[block] == Where::kPinned) park(block, now);  // kNever: into the eviction order
 }
 
@@ -378,8 +382,9 @@ void BlockPool::check_orders() const {
     if (e.stamp > next_stamp_) fail("eviction entry from the future", e.block);
     if (!valid(e)) return;
     const Meta& m = meta_[e.block];
+    const OrderKey& key = keys_[e.block];
     if (entries[e.block]++) fail("block twice in the eviction order", e.block);
-    if (e.primary != m.key.primary || e.secondary != m.key.secondary || e.neg_depth != -m.depth)
+    if (e.primary != key.primary || e.secondary != key.secondary || e.neg_depth != -m.depth)
       fail("eviction entry does not carry the block's key", e.block);
   });
   for (const PinEntry& e : pinned_.entries()) {
@@ -387,7 +392,7 @@ void BlockPool::check_orders() const {
     if (e.stamp > next_stamp_) fail("pin entry from the future", e.block);
     if (!valid(e)) continue;
     if (entries[e.block]++) fail("block twice in the pin order", e.block);
-    if (e.until != meta_[e.block].pinned_until) fail("pin entry does not carry the block's pin time", e.block);
+    if (e.until != pins_[e.block].until) fail("pin entry does not carry the block's pin time", e.block);
   }
   int evictable = 0, pinned = 0;
   for (BlockId b = 0; b < n; ++b) {
@@ -422,6 +427,7 @@ void BlockPool::check_invariants(const std::vector<int>& holders, double now) co
     const Tag& t = tags_[b];
     if (m.ref_count != holders[b]) fail("reference count differs from the number of holders", b);
     if (m.ref_count > 1 && !t.cached) fail("shared block is not an immutable cached block", b);
+    if (!t.pinned && (pins_[b].count != 0 || pins_[b].until != kNever)) fail("a pin the tags do not show", b);
     if (t.cached) ++num_cached_blocks;
     if (m.ref_count > 0) {
       ++held;

@@ -163,20 +163,26 @@ class BlockPool {
   struct Tag {
     uint32_t generation = 0;
     bool cached = false;
+    bool pinned = false;  // false: the block's Pin is the default one (no pin since allocation)
   };
-  // What retain, release, keying and allocation touch: one cache line a block (they each
-  // touch ~3,000 blocks of a long context per request, memory-latency bound).
-  struct alignas(64) Meta {
+  // What retain, release, keying and allocation touch: half a cache line a block (they each
+  // touch ~3,000 blocks of a long context per request, memory-latency bound, so the whole
+  // array's size is what decides how much of it stays in cache).
+  struct alignas(32) Meta {
     int32_t ref_count = 0;
     int32_t depth = 0;
     int32_t priority = 0;
-    int32_t pin_count = 0;
+    int32_t unused = 0;
     double last_access = 0.0;
-    double pinned_until = kNever;
     int64_t hits = 0;
-    OrderKey key;  // eviction key while in evictable_
   };
-  static_assert(sizeof(Meta) == 64, "a block's metadata is one cache line");
+  static_assert(sizeof(Meta) == 32, "a block's metadata is half a cache line");
+  // Retention pins: touched only where pins are made, dropped or expire (tags_[b].pinned says
+  // whether to look).
+  struct Pin {
+    double until = kNever;
+    int32_t count = 0;
+  };
   // What only the prefix index's users read (register, lookup, uncache): apart from Meta.
   struct Content {
     uint64_t hash = 0;
@@ -220,7 +226,9 @@ class BlockPool {
 
   int block_size_;
   std::shared_ptr<EvictionPolicy> eviction_;
-  std::vector<Meta> meta_;                 // 64-byte aligned (C++17 aligned new)
+  std::vector<Meta> meta_;                 // 32-byte aligned (C++17 aligned new)
+  std::vector<Pin> pins_;
+  std::vector<OrderKey> keys_;             // each evictable block's eviction key (for the checks)
   std::vector<Content> content_;
   std::vector<Tag> tags_;
   std::vector<Where> where_;
