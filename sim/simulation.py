@@ -55,6 +55,22 @@ class TokenFactory:
             return np.asarray(turn.new_token_ids, dtype=np.int32)
         return rng.integers(0, self.vocab_size, size=turn.new_tokens, dtype=np.int32)
 
+    def session_new_tokens(self, rng: np.random.Generator, turns) -> list[np.ndarray]:
+        """`new_tokens(rng, turn)` for each turn in order, drawn in one call: numpy's bounded
+        integers take the bit generator's stream in order whatever the call sizes, so the ids
+        are those of one call per turn (tests/test_sim.py checks it), without a call's fixed cost
+        (~12 us) per model call."""
+        sizes = [t.new_tokens for t in turns if t.new_token_ids is None]
+        drawn = rng.integers(0, self.vocab_size, size=sum(sizes), dtype=np.int32)
+        out, at = [], 0
+        for t in turns:
+            if t.new_token_ids is not None:
+                out.append(np.asarray(t.new_token_ids, dtype=np.int32))
+            else:
+                out.append(drawn[at:at + t.new_tokens])
+                at += t.new_tokens
+        return out
+
 
 class SessionContext:
     """A session's token context (shared prefix, then each call's new tokens and output) in one
@@ -143,8 +159,9 @@ class Simulation:
             used: set[Replica] = set()
             truncated, calls = False, 0
             last: tuple[Replica, int] | None = None  # the previous call: its replica and request id
+            new_ids = tokens.session_new_tokens(rng, session.turns)
             for k, turn in enumerate(session.turns):
-                new = tokens.new_tokens(rng, turn)
+                new = new_ids[k]
                 prompt = context.extend(new)
                 max_new = min(turn.output_tokens, cfg.engine.max_model_len - prompt.size)
                 if max_new < 1 or prompt.size + max_new - 1 > self.capacity_tokens:

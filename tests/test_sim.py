@@ -210,3 +210,17 @@ def test_summary_numbers_are_finite_and_consistent():
     # ITL percentiles (from the histogram) agree with the exact per-request TPOTs' scale
     assert 0.5 * s["tpot_s_p50"] < s["itl_s_p50"] < 2 * s["tpot_s_p90"] + 1e-9
     assert s["physical_limit"] and not np.isnan(s["kv_used_max"])
+
+
+def test_a_sessions_new_tokens_drawn_at_once_are_those_drawn_call_by_call():
+    from sim.simulation import TokenFactory
+
+    tokens = TokenFactory(seed=3, vocab_size=49152)
+    turns = [Turn(new_tokens=n, output_tokens=4, pause_after=0.0) for n in (250, 1, 2, 977, 33)]
+    turns.insert(2, Turn(new_tokens=3, output_tokens=4, pause_after=0.0, new_token_ids=(5, 6, 7)))  # a trace's own ids
+    at_once = tokens.session_new_tokens(tokens.session_rng(7), turns)
+    rng = tokens.session_rng(7)
+    one_by_one = [tokens.new_tokens(rng, t) for t in turns]
+    assert [a.tolist() for a in at_once] == [b.tolist() for b in one_by_one]
+    assert at_once[2].tolist() == [5, 6, 7] and len(at_once[4]) == 977
+    assert tokens.session_new_tokens(tokens.session_rng(8), turns)[0].tolist() != at_once[0].tolist()
