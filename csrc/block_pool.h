@@ -172,7 +172,6 @@ class BlockPool {
     int32_t ref_count = 0;
     int32_t depth = 0;
     int32_t priority = 0;
-    int32_t unused = 0;
     double last_access = 0.0;
     int64_t hits = 0;
   };

@@ -146,10 +146,10 @@ class ModelRunner:
         if guess is not None and rows is None:
             guess.drop()
             self.num_guesses_dropped += 1
+        if len(plan.kv_ops):  # with a guess in use: swap-outs of requests it no longer has, after it in stream order
+            self.copy_blocks(np.asarray(plan.kv_ops))
         if rows is not None:  # the GPU has been computing this step since the last one ended
             self.num_guesses_used += 1
-            if len(plan.kv_ops):  # swap-outs of requests the guess no longer has: after it, in stream order
-                self.copy_blocks(np.asarray(plan.kv_ops))
             batch = reorder_decodes_first(plan)
             seqs = [self.seqs[int(r)] for r in batch.sampled_req_ids]
             identity = len(rows) == len(guess.req_ids)
@@ -158,8 +158,6 @@ class ModelRunner:
             guess.wait()
             host = guess.host if identity else select(guess.host, rows)
         else:
-            if len(plan.kv_ops):
-                self.copy_blocks(np.asarray(plan.kv_ops))
             if plan.num_tokens == 0:
                 return np.empty(0, dtype=np.int64), time.perf_counter() - start
             batch = reorder_decodes_first(plan)
@@ -276,4 +274,3 @@ class ModelRunner:
                 for dev_t, host_t in ((self.kv.k, self.host_kv.k), (self.kv.v, self.host_kv.v)):
                     dev_t[:, dst.to(self.device)] = host_t[:, src].to(self.device, non_blocking=True)
             start = end
-

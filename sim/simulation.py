@@ -65,7 +65,7 @@ class TokenFactory:
         out, at = [], 0
         for t in turns:
             if t.new_token_ids is not None:
-                out.append(np.asarray(t.new_token_ids, dtype=np.int32))
+                out.append(self.new_tokens(rng, t))  # a trace's own ids: no draw
             else:
                 out.append(drawn[at:at + t.new_tokens])
                 at += t.new_tokens
