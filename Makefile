@@ -68,7 +68,7 @@ SEED     ?=
 check-policy: $(STAMP)
 	@test -n "$(POLICY)" || { echo "usage: make check-policy POLICY=name[:key=value,...] [KIND=ordering|eviction|preemption|router] [MODULES=pkg.mod,...] [EXAMPLES=300] [SEED=n]"; exit 2; }
 	TANDEM_POLICY="$(POLICY)" TANDEM_POLICY_KIND="$(KIND)" TANDEM_POLICY_MODULES="$(MODULES)" \
-	  TANDEM_CONFORMANCE_EXAMPLES=$(EXAMPLES) $(PY) -m pytest tests/test_policy_conformance.py -p no:cacheprovider -v --no-header \
+	  TANDEM_CONFORMANCE_EXAMPLES=$(EXAMPLES) TANDEM_CONFORMANCE_SEED="$(SEED)" $(PY) -m pytest tests/test_policy_conformance.py -p no:cacheprovider -v --no-header \
 	  $(if $(SEED),--hypothesis-seed=$(SEED))
 
 # On the GPU machine: `python3 -m pip install --no-build-isolation --no-deps . && make test-gpu`

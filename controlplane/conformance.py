@@ -374,10 +374,14 @@ def _run_router(spec: str, num_replicas: int, ops: list[tuple]) -> list[int]:
     return choices
 
 
-def check_router(spec: str, max_examples: int | None = None) -> None:
-    """Runs the router properties for `spec`: valid choices, determinism, every call finishes."""
+def check_router(spec: str, max_examples: int | None = None, **overrides: Any) -> None:
+    """Runs the router properties for `spec`: valid choices, determinism, every call finishes.
 
-    @settings(max_examples=max_examples) if max_examples else (lambda f: f)
+    `overrides` are further Hypothesis settings (e.g. ``derandomize=False, database=None``)."""
+
+    extra = dict(overrides, **({"max_examples": max_examples} if max_examples else {}))
+
+    @settings(**extra) if extra else (lambda f: f)
     @given(num_replicas=st.integers(2, 3), ops=_ROUTER_OPS)
     def router_properties(num_replicas, ops):
         first = _run_router(spec, num_replicas, ops)
