@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "hashing.h"
 
@@ -64,11 +65,13 @@ BlockPool::BlockPool(int num_blocks, int block_size, std::shared_ptr<EvictionPol
     : block_size_(block_size), eviction_(std::move(eviction)), index_(std::max(num_blocks, 1)) {
   TANDEM_REQUIRE(num_blocks > 0, "num_blocks must be positive");
   TANDEM_REQUIRE(block_size > 0, "block_size must be positive");
+  uniform_key_ = eviction_->key_reads_only_time_and_priority();
   meta_.resize(num_blocks);
   pins_.resize(num_blocks);
-  keys_.resize(num_blocks);
+  if (!uniform_key_) keys_.resize(num_blocks);
   content_.resize(num_blocks);
   tags_.resize(num_blocks);
+  generations_.assign(num_blocks, 0);
   where_.assign(num_blocks, Where::kFree);
   stamps_.assign(num_blocks, 0);
   tokens_.assign(static_cast<size_t>(num_blocks) * block_size, 0);
@@ -96,17 +99,22 @@ int BlockPool::count_evictable(const BlockId* blocks, size_t n, int enough, bool
   return count;
 }
 
-BlockPool::EvictEntry BlockPool::evictable_entry(BlockId block) {
-  Meta& m = meta_[block];
+CachedBlockView BlockPool::view_of(BlockId block) const {
+  const Meta& m = meta_[block];
   CachedBlockView view;
   view.block = block;
   view.last_access = m.last_access;
   view.depth = m.depth;
   view.priority = m.priority;
   view.hits = m.hits;
-  const OrderKey key = keys_[block] = checked_key(eviction_->key(view), "eviction", *eviction_);
+  return view;
+}
+
+BlockPool::EvictEntry BlockPool::evictable_entry(BlockId block) {
+  const OrderKey key = checked_key(eviction_->key(view_of(block)), "eviction", *eviction_);
+  if (!uniform_key_) keys_[block] = key;
   const uint64_t stamp = stamps_[block] = ++next_stamp_;
-  return {key.primary, key.secondary, -m.depth, block, stamp};
+  return {key.primary, key.secondary, -meta_[block].depth, block, stamp};
 }
 
 void BlockPool::make_evictable(BlockId block) {
@@ -213,7 +221,7 @@ void BlockPool::allocate_n(int n, BlockId* out) {
     m.ref_count = 1;
     Tag& t = tags_[out[j]];
     t.cached = false;
-    t.generation += 1;
+    generations_[out[j]] += 1;
     if (t.pinned) {
       pins_[out[j]] = Pin{};
       t.pinned = false;
@@ -287,6 +295,8 @@ void BlockPool::release_all(const BlockId* blocks, size_t n, double now, int pri
       pool->compact_orders();
     }
   } push_run{this, parked};
+  double key_time = std::numeric_limits<double>::quiet_NaN();  // the last_access `key` is for
+  OrderKey key{};
   for (size_t k = n; k-- > 0;) {
     if (k >= kAhead) prefetch(blocks[k - kAhead]);
     const BlockId block = blocks[k];
@@ -304,7 +314,18 @@ void BlockPool::release_all(const BlockId* blocks, size_t n, double now, int pri
       set_where(block, Where::kPinned);
       push_pin(block);
     } else {
-      run_.push_back(evictable_entry(block));
+      if (!uniform_key_) {
+        run_.push_back(evictable_entry(block));
+      } else {
+        // One key for every block released at this last_access (all of them, time being
+        // monotonic; this priority is the release's): the policy is asked once, not per block.
+        if (!(m.last_access == key_time)) {
+          key = checked_key(eviction_->key(view_of(block)), "eviction", *eviction_);
+          key_time = m.last_access;
+        }
+        const uint64_t stamp = stamps_[block] = ++next_stamp_;
+        run_.push_back({key.primary, key.secondary, -m.depth, block, stamp});
+      }
       where_[block] = Where::kEvictable;  // from kHeld: counted in `parked`
       ++parked;
     }
@@ -358,7 +379,7 @@ void BlockPool::pin(BlockId block, double until, double now, bool new_pin) {
 void BlockPool::unpin(BlockId block, uint32_t generation, double now) {
   const Tag& t = tags_[block];
   Pin& p = pins_[block];
-  if (t.generation != generation || !t.cached || !t.pinned || p.count == 0) return;  // contents changed since
+  if (generations_[block] != generation || !t.cached || !t.pinned || p.count == 0) return;  // contents changed since
   p.count -= 1;
   if (p.count > 0) return;
   p.until = kNever;
@@ -382,7 +403,8 @@ void BlockPool::check_orders() const {
     if (e.stamp > next_stamp_) fail("eviction entry from the future", e.block);
     if (!valid(e)) return;
     const Meta& m = meta_[e.block];
-    const OrderKey& key = keys_[e.block];
+    // A uniform key is recomputed from what the block holds now (unchanged while it is parked).
+    const OrderKey key = uniform_key_ ? eviction_->key(view_of(e.block)) : keys_[e.block];
     if (entries[e.block]++) fail("block twice in the eviction order", e.block);
     if (e.primary != key.primary || e.secondary != key.secondary || e.neg_depth != -m.depth)
       fail("eviction entry does not carry the block's key", e.block);

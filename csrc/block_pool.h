@@ -126,7 +126,7 @@ class BlockPool {
   bool is_cached(BlockId block) const { return tags_[block].cached; }
   bool is_evictable(BlockId block) const { return where_[block] == Where::kEvictable; }
   int ref_count(BlockId block) const { return meta_[block].ref_count; }
-  uint32_t generation(BlockId block) const { return tags_[block].generation; }
+  uint32_t generation(BlockId block) const { return generations_[block]; }
   // How many of `blocks` are evictable (read from the compact tags, not the block metadata);
   // it may stop early once the count reaches `enough`, leaving *complete false (the count is
   // then a lower bound, at least `enough`).
@@ -158,10 +158,9 @@ class BlockPool {
 
  private:
   enum class Where : uint8_t { kFree, kHeld, kPinned, kEvictable };
-  // What loops over a request's ~3,000 blocks read, kept apart from the block's whole Meta
-  // (two cache lines) in small arrays that stay in cache: where_ (1 byte a block) and tags_.
+  // What loops over a request's ~3,000 blocks read, kept apart from the block's Meta in small
+  // arrays that stay in cache: where_ and tags_ (1 and 2 bytes a block), generations_.
   struct Tag {
-    uint32_t generation = 0;
     bool cached = false;
     bool pinned = false;  // false: the block's Pin is the default one (no pin since allocation)
   };
@@ -210,6 +209,8 @@ class BlockPool {
   // Keys the block and returns its entry, with a new stamp (the caller marks it evictable and
   // puts the entry in the order).
   EvictEntry evictable_entry(BlockId block);
+  // What the eviction policy is shown of a block.
+  CachedBlockView view_of(BlockId block) const;
   void make_evictable(BlockId block);
   void compact_orders();                   // drops stale entries once they outnumber the valid ones
   void push_pin(BlockId block);            // where is kPinned; the block's old entry goes stale
@@ -227,9 +228,13 @@ class BlockPool {
   std::shared_ptr<EvictionPolicy> eviction_;
   std::vector<Meta> meta_;                 // 32-byte aligned (C++17 aligned new)
   std::vector<Pin> pins_;
-  std::vector<OrderKey> keys_;             // each evictable block's eviction key (for the checks)
+  // The policy's key is a function of last_access and priority (one key a release; the checks
+  // recompute it), else keys_ holds each evictable block's key for the checks.
+  bool uniform_key_;
+  std::vector<OrderKey> keys_;
   std::vector<Content> content_;
   std::vector<Tag> tags_;
+  std::vector<uint32_t> generations_;      // bumped when a block is reallocated (its contents change)
   std::vector<Where> where_;
   // Each parked block's stamp: that of its one valid order entry. Apart from Meta, so that checking
   // an entry (evictions skip stale ones, compaction scans them all) reads no block's metadata line.

@@ -120,7 +120,7 @@ class RunOrder {
         *out = singles_.top();
         singles_.pop();
       } else {
-        *out = take_head();
+        *out = take_head(valid);
       }
       if (valid(*out)) return true;
     }
@@ -208,19 +208,44 @@ class RunOrder {
     bool operator()(uint32_t a, uint32_t b) const { return order->head(b).order() < order->head(a).order(); }
   };
   const Entry& head(uint32_t r) const { return runs_[r].entries[runs_[r].next]; }
-  Entry take_head() {
+  // Takes the first run's head. Stale entries right behind it are dropped with it (an entry
+  // never turns valid again, and dropping one early moves no valid entry), so a streak of them
+  // costs one pass through the heads heap rather than one each.
+  template <class Valid>
+  Entry take_head(Valid valid) {
     const uint32_t r = heads_.front();
     Run& run = runs_[r];
     const Entry e = run.entries[run.next++];
-    --run_entries_;
-    std::pop_heap(heads_.begin(), heads_.end(), HeadLater{this});
+    const size_t first = run.next;
+    while (run.next < run.entries.size() && !valid(run.entries[run.next])) ++run.next;
+    run_entries_ -= 1 + (run.next - first);
     if (run.next == run.entries.size()) {
+      std::pop_heap(heads_.begin(), heads_.end(), HeadLater{this});
       heads_.pop_back();
       free_run(r);
     } else {
-      std::push_heap(heads_.begin(), heads_.end(), HeadLater{this});
+      sift_down_top();  // the run stays, with a later head: usually still the first or near it
     }
     return e;
+  }
+  // Restores the heads heap after its top run's head moved on to a later entry: one sift-down
+  // from the top (pop_heap + push_heap would take two passes), two compares when the run stays
+  // first. Which of two tied heads is on top can differ, but tied entries are of one block, so
+  // at most one is valid: the valid entries still come out in the same order.
+  void sift_down_top() {
+    const HeadLater later{this};
+    const size_t n = heads_.size();
+    size_t i = 0;
+    const uint32_t moving = heads_[0];
+    for (;;) {
+      size_t child = 2 * i + 1;
+      if (child >= n) break;
+      if (child + 1 < n && later(heads_[child], heads_[child + 1])) ++child;
+      if (!later(moving, heads_[child])) break;
+      heads_[i] = heads_[child];
+      i = child;
+    }
+    heads_[i] = moving;
   }
   // A drained run's storage is kept for a later push_run (a few: a release of a long context
   // writes a ~100 KB run, whose fresh allocation would cost more than filling it).

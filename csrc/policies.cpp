@@ -135,6 +135,7 @@ class Lru final : public EvictionPolicy {
  public:
   std::string name() const override { return "lru"; }
   OrderKey key(const CachedBlockView& b) const override { return {b.last_access, 0.0}; }
+  bool key_reads_only_time_and_priority() const override { return true; }
 };
 
 // A session's finished turn stays pinned for `ttl` seconds, then falls back to LRU.
@@ -144,6 +145,7 @@ class Ttl final : public EvictionPolicy {
   std::string name() const override { return "ttl"; }
   double pin_seconds(const TurnView&) const override { return ttl_; }
   OrderKey key(const CachedBlockView& b) const override { return {b.last_access, 0.0}; }
+  bool key_reads_only_time_and_priority() const override { return true; }
 
  private:
   double ttl_;
@@ -165,6 +167,7 @@ class PauseAware final : public EvictionPolicy {
         margin_(margin), max_pin_(max_pin_s) {}
   std::string name() const override { return "pause_aware"; }
   OrderKey key(const CachedBlockView& b) const override { return {b.last_access, 0.0}; }
+  bool key_reads_only_time_and_priority() const override { return true; }
   double pin_seconds(const TurnView& turn) const override {
     if (turn.num_blocks <= 0 || turn.cache_blocks <= 0) return 0.0;
     std::vector<double> pauses = turn.pauses;
@@ -200,6 +203,7 @@ class PriorityEviction final : public EvictionPolicy {
   OrderKey key(const CachedBlockView& b) const override {
     return {-static_cast<double>(b.priority), b.last_access};
   }
+  bool key_reads_only_time_and_priority() const override { return true; }
 };
 
 // ---- preemption ---------------------------------------------------------------

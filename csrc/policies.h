@@ -109,6 +109,10 @@ class EvictionPolicy {
   }
   // Ascending among unpinned, unheld cached blocks: the smallest is evicted first.
   virtual OrderKey key(const CachedBlockView& block) const = 0;
+  // True if key() is a pure function of last_access and priority alone: the blocks of one
+  // release (one time, one priority) then share a key, computed once (a release parks ~3,000
+  // blocks of a long context). Python policies keep the default: key() is asked for each block.
+  virtual bool key_reads_only_time_and_priority() const { return false; }
 };
 
 enum class PreemptMode { kRecompute = 0, kSwap = 1 };

@@ -224,3 +224,14 @@ def test_a_sessions_new_tokens_drawn_at_once_are_those_drawn_call_by_call():
     assert [a.tolist() for a in at_once] == [b.tolist() for b in one_by_one]
     assert at_once[2].tolist() == [5, 6, 7] and len(at_once[4]) == 977
     assert tokens.session_new_tokens(tokens.session_rng(8), turns)[0].tolist() != at_once[0].tolist()
+
+
+def test_itl_bins_are_searchsorted_bins_at_and_around_every_edge():
+    from sim.metrics import _ITL_EDGES, _itl_bins
+
+    rng = np.random.default_rng(5)
+    edges = _ITL_EDGES
+    cases = [rng.lognormal(-3.5, 2.5, 200_000), edges, np.nextafter(edges, 0), np.nextafter(edges, np.inf),
+             np.array([0.0, -1.0, 1e-12, 1e-5, 1e4, 1e6, np.inf, np.nan])]
+    for gaps in cases:
+        assert _itl_bins(gaps).tolist() == np.searchsorted(edges, gaps).tolist()
