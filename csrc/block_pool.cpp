@@ -110,15 +110,12 @@ CachedBlockView BlockPool::view_of(BlockId block) const {
   return view;
 }
 
-BlockPool::EvictEntry BlockPool::evictable_entry(BlockId block) {
-  const OrderKey key = checked_key(eviction_->key(view_of(block)), "eviction", *eviction_);
-  if (!uniform_key_) keys_[block] = key;
-  const uint64_t stamp = stamps_[block] = ++next_stamp_;
-  return {key.primary, key.secondary, -meta_[block].depth, block, stamp};
+OrderKey BlockPool::eviction_key(BlockId block) const {
+  return checked_key(eviction_->key(view_of(block)), "eviction", *eviction_);
 }
 
 void BlockPool::make_evictable(BlockId block) {
-  const EvictEntry entry = evictable_entry(block);
+  const EvictEntry entry = evictable_entry(block, eviction_key(block));
   set_where(block, Where::kEvictable);
   evictable_.push(entry);
   compact_orders();
@@ -314,18 +311,13 @@ void BlockPool::release_all(const BlockId* blocks, size_t n, double now, int pri
       set_where(block, Where::kPinned);
       push_pin(block);
     } else {
-      if (!uniform_key_) {
-        run_.push_back(evictable_entry(block));
-      } else {
-        // One key for every block released at this last_access (all of them, time being
-        // monotonic; this priority is the release's): the policy is asked once, not per block.
-        if (!(m.last_access == key_time)) {
-          key = checked_key(eviction_->key(view_of(block)), "eviction", *eviction_);
-          key_time = m.last_access;
-        }
-        const uint64_t stamp = stamps_[block] = ++next_stamp_;
-        run_.push_back({key.primary, key.secondary, -m.depth, block, stamp});
+      // A uniform key is asked once for every block released at this last_access (all of them,
+      // time being monotonic; this priority is the release's), any other key once a block.
+      if (!uniform_key_ || !(m.last_access == key_time)) {
+        key = eviction_key(block);
+        key_time = m.last_access;
       }
+      run_.push_back(evictable_entry(block, key));
       where_[block] = Where::kEvictable;  // from kHeld: counted in `parked`
       ++parked;
     }

@@ -206,9 +206,15 @@ class BlockPool {
   void set_where(BlockId block, Where where);  // keeps num_evictable_ / num_pinned_ exact
   void park(BlockId block, double now);    // ref 0 and cached: into pinned_ or evictable_
   void unpark(BlockId block);              // out of pinned_ / evictable_ (its entry goes stale)
-  // Keys the block and returns its entry, with a new stamp (the caller marks it evictable and
-  // puts the entry in the order).
-  EvictEntry evictable_entry(BlockId block);
+  // The policy's key for the block as it is now (checked: never NaN).
+  OrderKey eviction_key(BlockId block) const;
+  // The block's entry under `key`, with a new stamp (the caller marks it evictable and puts the
+  // entry in the order). Inline: release_all makes one per block.
+  EvictEntry evictable_entry(BlockId block, const OrderKey& key) {
+    if (!uniform_key_) keys_[block] = key;
+    const uint64_t stamp = stamps_[block] = ++next_stamp_;
+    return {key.primary, key.secondary, -meta_[block].depth, block, stamp};
+  }
   // What the eviction policy is shown of a block.
   CachedBlockView view_of(BlockId block) const;
   void make_evictable(BlockId block);
