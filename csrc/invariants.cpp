@@ -99,6 +99,20 @@ void Scheduler::check_invariants() const {
     throw InvariantViolation("scheduler invariant: queue holds an unknown request");
   if (static_cast<int>(running_.size()) > config_.max_num_seqs)
     throw InvariantViolation("scheduler invariant: more running requests than max_num_seqs");
+  if (fixed_order_ && ordered_version_ == waiting_version_) {
+    // The remembered order of a fixed-key policy: the waiting set, sorted by keys the policy still gives.
+    if (waiting_order_.size() != waiting_.size())
+      throw InvariantViolation("scheduler invariant: the waiting order misses a waiting request");
+    for (size_t i = 0; i < waiting_order_.size(); ++i) {
+      const WaitingEntry& e = waiting_order_[i];
+      auto it = requests_.find(e.id);
+      if (it == requests_.end() || it->second.running() || it->second.seq != e.seq)
+        violated("in the waiting order but not waiting", e.id);
+      const OrderKey key = ordering_->key(view(it->second));
+      if (key < e.key || e.key < key) violated("ordering key changed although the policy says it is fixed", e.id);
+      if (i > 0 && waiting_before(e, waiting_order_[i - 1])) violated("the waiting order is not sorted", e.id);
+    }
+  }
 
   // No block writable by two requests: a block not yet fully computed has one
   // holder and is not in the prefix cache.

@@ -91,6 +91,7 @@ class Fcfs final : public OrderingPolicy {
  public:
   std::string name() const override { return "fcfs"; }
   OrderKey key(const RequestView& r) const override { return {r.arrival_time, 0.0}; }
+  bool key_is_fixed() const override { return true; }
 };
 
 class Priority final : public OrderingPolicy {
@@ -99,6 +100,7 @@ class Priority final : public OrderingPolicy {
   OrderKey key(const RequestView& r) const override {
     return {static_cast<double>(r.priority), r.arrival_time};
   }
+  bool key_is_fixed() const override { return true; }
 };
 
 // Most cached tokens first (SGLang's "lpm"), then arrival.
@@ -124,6 +126,7 @@ class SessionLas final : public OrderingPolicy {
   OrderKey key(const RequestView& r) const override {
     return {std::floor(static_cast<double>(r.session_service) / quantum_), r.arrival_time};
   }
+  bool key_is_fixed() const override { return true; }  // session_service: as of its arrival
 
  private:
   double quantum_;

@@ -96,6 +96,10 @@ class OrderingPolicy {
   virtual OrderKey key(const RequestView& request) const = 0;
   // True if key() reads num_cached_tokens of waiting requests (costs a prefix lookup).
   virtual bool needs_prefix_match() const { return false; }
+  // True if key() reads only what is fixed for a request's life (id, arrival time, priority,
+  // its session's history at arrival): the scheduler then orders its waiting requests again
+  // only when the waiting set changes, not every step. The invariant checks recompute the keys.
+  virtual bool key_is_fixed() const { return false; }
 };
 
 class EvictionPolicy {

@@ -69,6 +69,7 @@ Scheduler::Scheduler(const SchedulerConfig& config, std::shared_ptr<OrderingPoli
   TANDEM_REQUIRE(config.num_lookahead_tokens >= 0 && config.num_lookahead_tokens <= config.block_size,
                  "num_lookahead_tokens must be in [0, block_size]");
   ordering_name_ = ordering_->name();
+  fixed_order_ = ordering_->key_is_fixed();
   max_blocks_per_seq_ = blocks_for(config.max_model_len);
   block_table_.assign(static_cast<size_t>(config.max_num_seqs) * max_blocks_per_seq_, kNoBlock);
   for (int s = config.max_num_seqs - 1; s >= 0; --s) free_slots_.push_back(s);
@@ -169,6 +170,7 @@ void Scheduler::insert_request(RequestId id, std::vector<TokenId> prompt, const 
   }
   requests_.emplace(id, std::move(r));
   waiting_.push_back(id);
+  ++waiting_version_;
   counters_.prompt_tokens += n;
 }
 
@@ -283,8 +285,8 @@ void Scheduler::grow_lookahead(const Plan& plan) {
 
 void Scheduler::schedule_running(Plan& plan, int* budget, double now, bool* preempted) {
   if (running_.size() > 1) {
-    std::vector<std::tuple<OrderKey, uint64_t, RequestId>> order;
-    order.reserve(running_.size());
+    std::vector<std::tuple<OrderKey, uint64_t, RequestId>>& order = running_order_;
+    order.clear();
     bool sorted = true;
     for (RequestId id : running_) {
       const Request& r = requests_.at(id);
@@ -322,19 +324,36 @@ void Scheduler::schedule_waiting(Plan& plan, int budget, double now) {
   // Every admission or resume needs a slot and at least one block.
   if (static_cast<int>(running_.size()) >= config_.max_num_seqs || pool_.num_available() == 0) return;
   const bool match = ordering_->needs_prefix_match() && config_.enable_prefix_caching;
-  std::vector<std::tuple<OrderKey, uint64_t, RequestId>> order;
-  order.reserve(waiting_.size());
-  for (RequestId id : waiting_) {
-    Request& r = requests_.at(id);
-    RequestView v = view(r);
-    if (match) v.num_cached_tokens = r.swapped() ? r.num_computed : prefix_match(r, nullptr) * block_size_;
-    order.emplace_back(checked_key(ordering_->key(v), "ordering", *ordering_), r.seq, id);
+  // Policy order is (key, seq), seq unique, and admission stops at the first request that does
+  // not fit. Fixed keys: the waiting requests sorted once per change of the waiting set (a
+  // blocked head then costs nothing a step). Other keys: recomputed every step and popped from
+  // a heap only as far as admission goes.
+  std::vector<WaitingEntry>& order = waiting_order_;
+  const bool fixed = fixed_order_ && !match;
+  if (!fixed || ordered_version_ != waiting_version_) {
+    order.clear();
+    for (RequestId id : waiting_) {
+      Request& r = requests_.at(id);
+      RequestView v = view(r);
+      if (match) v.num_cached_tokens = r.swapped() ? r.num_computed : prefix_match(r, nullptr) * block_size_;
+      order.push_back({checked_key(ordering_->key(v), "ordering", *ordering_), r.seq, id});
+    }
+    if (fixed) {
+      std::sort(order.begin(), order.end(), waiting_before);
+      ordered_version_ = waiting_version_;
+    } else {
+      std::make_heap(order.begin(), order.end(), waiting_after);
+    }
   }
-  std::sort(order.begin(), order.end());
   size_t admitted = 0;
-  for (const auto& entry : order) {
+  while (admitted < order.size()) {
     if (budget <= 0 || static_cast<int>(running_.size()) >= config_.max_num_seqs) break;
-    Request& r = requests_.at(std::get<2>(entry));
+    size_t at = admitted;  // fixed: sorted; else the heap's top goes behind it
+    if (!fixed) {
+      std::pop_heap(order.begin(), order.end() - static_cast<std::ptrdiff_t>(admitted), waiting_after);
+      at = order.size() - 1 - admitted;
+    }
+    Request& r = requests_.at(order[at].id);
     const int n = r.swapped() ? (resume_swapped(r, budget, plan, now) ? plan.query_lens.back() : 0)
                               : (admit(r, budget, plan, now) ? plan.query_lens.back() : 0);
     if (n == 0) break;  // strict order: nothing overtakes a request that does not fit
@@ -348,6 +367,7 @@ void Scheduler::schedule_waiting(Plan& plan, int budget, double now) {
     if (!requests_.at(id).running()) still.push_back(id);
   }
   waiting_.swap(still);
+  ++waiting_version_;
 }
 
 // Adds r's next n tokens to the plan.

@@ -67,10 +67,8 @@ bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
   r.num_computed = start;
   r.num_registered = matched;
   r.num_cached_tokens = start;
-  r.match_blocks.clear();  // running now: its blocks are its own
-  r.match_blocks.shrink_to_fit();
-  r.match_generations.clear();
-  r.match_generations.shrink_to_fit();
+  r.match_blocks.clear();  // running now: its blocks are its own (the capacity is kept for a
+  r.match_generations.clear();  // preemption's remember_own_match)
   if (r.first_cached_tokens < 0) {
     r.first_cached_tokens = start;
     r.first_scheduled_time = now;
@@ -134,6 +132,7 @@ void Scheduler::preempt(Request& r, Plan& plan, double now) {
   transition(r, RequestState::kPreempted);
   erase_id(running_, r.id);
   waiting_.push_back(r.id);
+  ++waiting_version_;
   plan.preempted_ids.push_back(r.id);
 }
 
@@ -265,6 +264,7 @@ void Scheduler::abort_impl(RequestId id, double now) {
     for (int h : r.host_blocks) host_.release(h);
     r.host_blocks.clear();
     erase_id(waiting_, id);
+    ++waiting_version_;
   }
   transition(r, RequestState::kAborted);
   r.finish_reason = FinishReason::kAbort;
