@@ -59,10 +59,6 @@ struct LineAligned {
   bool operator!=(const LineAligned<U>&) const { return false; }
 };
 
-}  // namespace tandem
-
-namespace tandem {
-
 // The prefix index: a block's chained hash -> the cached block. Open
 // addressing with linear probing and backward-shift deletion (no tombstones)
 // over a power-of-two table of at least 2 * num_blocks slots, so it is never
