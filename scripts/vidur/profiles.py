@@ -8,7 +8,8 @@ times:
     t_ms = max(flops / (PEAK_FLOPS * eff_c), bytes / (HBM_BW * eff_m)) * 1e3
            + LAUNCH_MS
 
-H100 SXM peak numbers (989e12 dense bf16 FLOP/s, 3.35e12 B/s HBM3) are scaled
+H100 SXM peak numbers (``conf/hardware/h100_sxm.yaml``: 989.4e12 dense bf16 FLOP/s,
+3.35e12 B/s HBM3; the shape is ``conf/model/llama3_8b.yaml``'s) are scaled
 by per-kernel-class efficiency factors, a small per-kernel launch cost is
 added, and every sample gets a little seeded multiplicative jitter so the
 data look like measurements but are fully deterministic.
@@ -48,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 # --- HuggingFace dataset ids Vidur 0.0.26 looks up by default -----------------
 COMPUTE_REPO = "project-vajra/dev-staging-meta-llama-llama-3-8b-h100"
@@ -57,11 +59,20 @@ DEVICE_SKU = "h100"
 NETWORK_SKU = "h100_dgx"
 REVISION = "5e" * 20  # any 40-hex string; refs/main points at it
 STAMP_FILE = "SYNTHETIC_PROFILES.json"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: shape and rates read from conf/ (peak 989.4 TFLOP/s)
 
-# --- H100 SXM roofline ---------------------------------------------------------
-PEAK_FLOPS = 989e12  # dense bf16, FLOP/s
-HBM_BW = 3.35e12  # B/s
+# --- H100 SXM roofline: the rates of the simulator's own entry ------------------
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def read_conf(group: str, name: str) -> dict:
+    """Read a built-in entry of the project, e.g. ``conf/hardware/h100_sxm.yaml``."""
+    return yaml.safe_load((CONF / group / f"{name}.yaml").read_text())
+
+
+_H100 = read_conf("hardware", "h100_sxm")
+PEAK_FLOPS = float(_H100["peak_flops"])  # dense bf16, FLOP/s
+HBM_BW = float(_H100["mem_bandwidth"])  # B/s
 NVLINK_BUS_BW = 450e9  # B/s per direction (NVLink 4, DGX H100)
 IB_BW = 50e9  # B/s, one 400 Gb/s NIC per GPU
 LAUNCH_MS = 0.005  # per-kernel launch / tail cost
@@ -72,27 +83,36 @@ EFF_ATTN_DECODE = (0.20, 0.75)  # paged decode attention
 EFF_NET = 0.80  # achieved fraction of link bandwidth
 NET_LAT_MS = 0.010  # collective launch + sync latency
 JITTER = 0.015  # relative std of the seeded noise
-BYTES = 2  # bf16
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Shape of the model the profiles describe (Llama-3-8B)."""
+    """Shape of the model the profiles describe, in Vidur's column names."""
 
-    n_q_head: int = 32
-    n_kv_head: int = 8
-    n_embd: int = 4096
-    n_expanded_embd: int = 14336
-    vocab_size: int = 128256
+    n_q_head: int
+    n_kv_head: int
+    n_embd: int
+    n_expanded_embd: int
+    vocab_size: int
+    head_dim: int
     block_size: int = 16
 
-    @property
-    def head_dim(self) -> int:
-        """Per-head width."""
-        return self.n_embd // self.n_q_head
+    @classmethod
+    def from_conf(cls, c: dict) -> ModelShape:
+        """Build the shape from one of the simulator's ``conf/model/*.yaml`` entries."""
+        return cls(
+            n_q_head=c["num_heads"],
+            n_kv_head=c["num_kv_heads"],
+            n_embd=c["hidden_size"],
+            n_expanded_embd=c["intermediate_size"],
+            vocab_size=c["vocab_size"],
+            head_dim=c["head_dim"],
+        )
 
 
-LLAMA3_8B = ModelShape()
+_LLAMA3_8B_CONF = read_conf("model", "llama3_8b")
+LLAMA3_8B = ModelShape.from_conf(_LLAMA3_8B_CONF)
+BYTES = int(_LLAMA3_8B_CONF["dtype_bytes"])  # bf16
 
 
 # --- sample grids (our own) ----------------------------------------------------
