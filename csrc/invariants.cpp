@@ -104,13 +104,13 @@ void Scheduler::check_invariants() const {
     if (waiting_order_.size() != waiting_.size())
       throw InvariantViolation("scheduler invariant: the waiting order misses a waiting request");
     for (size_t i = 0; i < waiting_order_.size(); ++i) {
-      const WaitingEntry& e = waiting_order_[i];
+      const PolicyEntry& e = waiting_order_[i];
       auto it = requests_.find(e.id);
       if (it == requests_.end() || it->second.running() || it->second.seq != e.seq)
         violated("in the waiting order but not waiting", e.id);
       const OrderKey key = ordering_->key(view(it->second));
       if (key < e.key || e.key < key) violated("ordering key changed although the policy says it is fixed", e.id);
-      if (i > 0 && waiting_before(e, waiting_order_[i - 1])) violated("the waiting order is not sorted", e.id);
+      if (i > 0 && policy_before(e, waiting_order_[i - 1])) violated("the waiting order is not sorted", e.id);
     }
   }
 

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <tuple>
 
 #include "hashing.h"
 
@@ -285,17 +284,17 @@ void Scheduler::grow_lookahead(const Plan& plan) {
 
 void Scheduler::schedule_running(Plan& plan, int* budget, double now, bool* preempted) {
   if (running_.size() > 1) {
-    std::vector<std::tuple<OrderKey, uint64_t, RequestId>>& order = running_order_;
+    std::vector<PolicyEntry>& order = running_order_;
     order.clear();
     bool sorted = true;
     for (RequestId id : running_) {
       const Request& r = requests_.at(id);
-      order.emplace_back(checked_key(ordering_->key(view(r)), "ordering", *ordering_), r.seq, id);
-      if (order.size() > 1 && order[order.size() - 1] < order[order.size() - 2]) sorted = false;
+      order.push_back({checked_key(ordering_->key(view(r)), "ordering", *ordering_), r.seq, id});
+      if (order.size() > 1 && policy_before(order[order.size() - 1], order[order.size() - 2])) sorted = false;
     }
     if (!sorted) {
-      std::sort(order.begin(), order.end());
-      for (size_t i = 0; i < order.size(); ++i) running_[i] = std::get<2>(order[i]);
+      std::sort(order.begin(), order.end(), policy_before);
+      for (size_t i = 0; i < order.size(); ++i) running_[i] = order[i].id;
     }
   }
   size_t i = 0;
@@ -324,11 +323,11 @@ void Scheduler::schedule_waiting(Plan& plan, int budget, double now) {
   // Every admission or resume needs a slot and at least one block.
   if (static_cast<int>(running_.size()) >= config_.max_num_seqs || pool_.num_available() == 0) return;
   const bool match = ordering_->needs_prefix_match() && config_.enable_prefix_caching;
-  // Policy order is (key, seq), seq unique, and admission stops at the first request that does
-  // not fit. Fixed keys: the waiting requests sorted once per change of the waiting set (a
-  // blocked head then costs nothing a step). Other keys: recomputed every step and popped from
-  // a heap only as far as admission goes.
-  std::vector<WaitingEntry>& order = waiting_order_;
+  // Admission goes in policy order and stops at the first request that does not fit. Fixed
+  // keys: the waiting requests sorted once per change of the waiting set (a blocked head then
+  // costs nothing a step). Other keys: recomputed every step and popped from a heap only as far
+  // as admission goes.
+  std::vector<PolicyEntry>& order = waiting_order_;
   const bool fixed = fixed_order_ && !match;
   if (!fixed || ordered_version_ != waiting_version_) {
     order.clear();
@@ -339,10 +338,10 @@ void Scheduler::schedule_waiting(Plan& plan, int budget, double now) {
       order.push_back({checked_key(ordering_->key(v), "ordering", *ordering_), r.seq, id});
     }
     if (fixed) {
-      std::sort(order.begin(), order.end(), waiting_before);
+      std::sort(order.begin(), order.end(), policy_before);
       ordered_version_ = waiting_version_;
     } else {
-      std::make_heap(order.begin(), order.end(), waiting_after);
+      std::make_heap(order.begin(), order.end(), policy_after);
     }
   }
   size_t admitted = 0;
@@ -350,7 +349,7 @@ void Scheduler::schedule_waiting(Plan& plan, int budget, double now) {
     if (budget <= 0 || static_cast<int>(running_.size()) >= config_.max_num_seqs) break;
     size_t at = admitted;  // fixed: sorted; else the heap's top goes behind it
     if (!fixed) {
-      std::pop_heap(order.begin(), order.end() - static_cast<std::ptrdiff_t>(admitted), waiting_after);
+      std::pop_heap(order.begin(), order.end() - static_cast<std::ptrdiff_t>(admitted), policy_after);
       at = order.size() - 1 - admitted;
     }
     Request& r = requests_.at(order[at].id);

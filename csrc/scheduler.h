@@ -9,7 +9,6 @@
 #include <map>
 #include <memory>
 #include <string>
-#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -236,24 +235,25 @@ class Scheduler {
 
   std::unordered_map<RequestId, Request> requests_;
   std::vector<RequestId> waiting_;  // WAITING and PREEMPTED, unordered; sorted by policy per step
-  struct WaitingEntry {
+  // A request in policy order: (key, seq), seq unique.
+  struct PolicyEntry {
     OrderKey key;
     uint64_t seq;
     RequestId id;  // (not a pointer: a copied Scheduler keeps a valid order)
   };
-  static bool waiting_before(const WaitingEntry& a, const WaitingEntry& b) {
+  static bool policy_before(const PolicyEntry& a, const PolicyEntry& b) {
     if (a.key < b.key) return true;
     if (b.key < a.key) return false;
     return a.seq < b.seq;
   }
-  static bool waiting_after(const WaitingEntry& a, const WaitingEntry& b) { return waiting_before(b, a); }
+  static bool policy_after(const PolicyEntry& a, const PolicyEntry& b) { return policy_before(b, a); }
   // schedule_waiting's order of the waiting requests: with a fixed-key ordering policy, sorted
   // and valid while ordered_version_ == waiting_version_ (bumped by every change of waiting_).
-  std::vector<WaitingEntry> waiting_order_;
+  std::vector<PolicyEntry> waiting_order_;
   bool fixed_order_ = false;  // ordering_->key_is_fixed()
   uint64_t waiting_version_ = 1;
   uint64_t ordered_version_ = 0;
-  std::vector<std::tuple<OrderKey, uint64_t, RequestId>> running_order_;  // schedule_running's
+  std::vector<PolicyEntry> running_order_;  // schedule_running's scratch
   std::vector<RequestId> running_;  // PREFILLING and DECODING
   std::vector<BlockId> block_table_;
   std::vector<int> free_slots_;     // stack; lowest slot on top
