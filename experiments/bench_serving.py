@@ -9,7 +9,9 @@
 
 Sessions come from `sim.workloads.make_workload(name, params).sessions(n, seed, rate)` and token
 ids from `sim.simulation.TokenFactory(seed, vocab_size)`, exactly as the simulator makes them, so
-the same seed sends the same prefixes and new tokens. Each call is one streamed
+the same seed sends the same prefixes and new tokens. The vocabulary is `--vocab-size`, else the
+`vocab_size` GET /models reports (our server does; vLLM's does not), else 49152 (SmolLM2's):
+`vocab_size_source` in the summary says which. Each call is one streamed
 `POST /v1/completions` with the prompt as token ids:
 
     call k prompt = call k-1 prompt + call k-1 output ids + turn k's new ids
@@ -18,7 +20,8 @@ the same seed sends the same prefixes and new tokens. Each call is one streamed
 
 Output ids: when every chunk carries them (vLLM `return_token_ids`: `choices[].token_ids`; or
 logprob tokens spelled `token_id:N`, vLLM's `--return-tokens-as-token-ids`) the next prompt
-holds the server's own output, as in the simulator. Otherwise (our server streams token text)
+holds the server's own output, as in the simulator (ids outside the vocabulary are refused, but
+only when the vocabulary is known: with the 49152 default the server's ids are its own). Otherwise
 the same number of synthetic ids is drawn from a per-session stream kept apart from the
 new-token stream, so the new tokens still match the simulator's; the server then cannot reuse
 its KV of the previous output, so the hit rate can be lower than the simulator's.
@@ -225,6 +228,14 @@ class ServerInfo:
     max_model_len: int | None
     vocab_size: int
     error: str | None = None          # why GET /models gave nothing (the defaults are used)
+    vocab_source: str = "default"     # where vocab_size came from: "options", "server" or "default"
+
+    def accepts(self, output_ids) -> bool:
+        """Whether the server's output ids can go into the next prompt: ids in the vocabulary, any
+        id >= 0 when the vocabulary is only the default (the server's own ids are valid for it)."""
+        if min(output_ids) < 0:
+            return False
+        return self.vocab_source == "default" or max(output_ids) < self.vocab_size
 
 
 async def server_info(client: httpx.AsyncClient, options: BenchOptions) -> ServerInfo:
@@ -238,8 +249,14 @@ async def server_info(client: httpx.AsyncClient, options: BenchOptions) -> Serve
     except (httpx.HTTPError, ValueError, AttributeError, IndexError) as exc:
         error = f"{type(exc).__name__}: {exc}"[:300]
     max_len = options.max_model_len or entry.get("max_model_len")
-    vocab = options.vocab_size or entry.get("vocab_size") or DEFAULT_VOCAB_SIZE
-    return ServerInfo(options.model or entry.get("id"), int(max_len) if max_len else None, int(vocab), error)
+    if options.vocab_size:
+        vocab, source = options.vocab_size, "options"
+    elif entry.get("vocab_size"):
+        vocab, source = entry["vocab_size"], "server"
+    else:
+        vocab, source = DEFAULT_VOCAB_SIZE, "default"
+    return ServerInfo(options.model or entry.get("id"), int(max_len) if max_len else None, int(vocab), error,
+                      source)
 
 
 class Replay:
@@ -331,7 +348,7 @@ class Replay:
             self.short_outputs += done.token_times.size != max_new
             self.collector.on_request(done, session.session_id, k, 0, new.size, genuinely_new)
             output = done.output_token_ids
-            if output is not None and min(output) >= 0 and max(output) < self.info.vocab_size:
+            if output is not None and self.info.accepts(output):
                 self.sources.append("server")
             else:
                 self.sources.append("synthetic")
@@ -429,7 +446,8 @@ def summarize(replay: Replay, options: BenchOptions, info: ServerInfo, errors: C
         "policy": options.label, "model": info.model, "hardware": options.label, "workload": options.workload,
         "base_url": options.base_url, "mode": "open" if options.concurrency is None else "closed",
         "concurrency": options.concurrency, "session_rate": options.session_rate, "seed": options.seed,
-        "pause_scale": options.pause_scale, "vocab_size": info.vocab_size, "max_model_len": info.max_model_len,
+        "pause_scale": options.pause_scale, "vocab_size": info.vocab_size,
+        "vocab_size_source": info.vocab_source, "max_model_len": info.max_model_len,
         "models_error": info.error,
         "slo_ttft_s": options.slo_ttft_s, "slo_tpot_s": options.slo_tpot_s, "num_gpus": options.num_gpus,
         "requests_sent": replay.sent, "num_errors": num_errors,
@@ -477,7 +495,8 @@ def format_details(summary: dict) -> str:
         f"SLO (TTFT <= {g('slo_ttft_s')} s, TPOT <= {fmt(g('slo_tpot_s'), 1e3)} ms) met {fmt(g('slo_attainment'))}, "
         f"goodput {fmt(g('goodput_req_s_per_gpu'))} req/s per GPU",
         f"prefix hit rate {fmt(g('prefix_hit_rate'))}  prefill amplification {fmt(g('prefill_amplification'))}  "
-        f"output ids: {g('output_ids_from_server')} from the server, {g('output_ids_synthetic')} synthetic",
+        f"output ids: {g('output_ids_from_server')} from the server, {g('output_ids_synthetic')} synthetic  "
+        f"vocabulary {g('vocab_size')} ({g('vocab_size_source')})",
     ]
     return "\n".join(lines)
 

@@ -156,6 +156,93 @@ def is_openai_error(body) -> bool:
             and isinstance(err["type"], str))
 
 
+# A tiny random-weight model whose tokens often decode to nothing --------------------------------
+# Its vocabulary is Llama-3's (128256, larger than SmolLM2's 49152, which bench_serving assumed when
+# GET /v1/models did not say: issue #14); its tokenizer knows only the first TINY_TOKENIZER_SIZE ids:
+#   0-2     special tokens (<|endoftext|> is the EOS): "" with skip_special_tokens
+#   3-258   one byte each (byte-level BPE): 0x80-0xff are parts of characters
+#   259-    " w<i>", " w<i>" + the first 2 of a CJK character's 3 bytes (ends inside a character: its
+#           text waits for the next token), a CJK character + digits
+#   >= TINY_TOKENIZER_SIZE  unknown to the tokenizer: they decode to "" (as HF tokenizers do)
+# so random weights generate a mix of tokens with text and tokens with none, every kind but the
+# special ones (rare here; the gateway-level test in test_serve.py feeds them) in a few dozen tokens.
+
+TINY_VOCAB = 128256
+TINY_TOKENIZER_SIZE = 49152
+TINY_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+TINY_BYTE0 = len(TINY_SPECIAL)  # the id of byte 0; byte b is TINY_BYTE0 + b
+_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _byte_level_chars() -> list[str]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte in a BPE vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, extra = {b: b for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b], extra = 256 + extra, extra + 1
+    return [chr(table[b]) for b in range(256)]
+
+
+def write_tiny_model(directory: str, vocab_size: int = TINY_VOCAB) -> str:
+    """config.json of a 1-layer random-weight Llama (serve it with load_format=dummy) and the synthetic
+    byte-level tokenizer described above (tokenizer.json, with a ChatML chat template), in `directory`."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    os.makedirs(directory, exist_ok=True)
+    chars = _byte_level_chars()
+
+    def piece(data: bytes) -> str:
+        return "".join(chars[b] for b in data)
+
+    vocab = {s: i for i, s in enumerate(TINY_SPECIAL)}
+    for b in range(256):
+        vocab[piece(bytes([b]))] = len(vocab)
+    i = 0
+    while len(vocab) < TINY_TOKENIZER_SIZE:
+        cjk = chr(0x4E00 + i % 20000).encode()
+        word = [f" w{i}".encode(), f" w{i}".encode() + cjk[:2], cjk + str(i).encode()][i % 3]
+        vocab.setdefault(piece(word), len(vocab))
+        i += 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in TINY_SPECIAL])
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=TINY_SPECIAL[0], bos_token=TINY_SPECIAL[1],
+                            chat_template=_CHATML).save_pretrained(directory)
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": vocab_size, "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 16, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 0}
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+    return directory
+
+
+def tiny_server(log_dir: str, model_dir: str | None = None, name: str = "tiny") -> ServerProcess:
+    """A ServerProcess (not started) serving write_tiny_model's model and tokenizer (written into log_dir
+    unless `model_dir` already holds them); `.model_dir` holds them."""
+    model_dir = model_dir or write_tiny_model(os.path.join(log_dir, f"{name}-model"))
+    server = ServerProcess(log_dir, overrides=(f"model={model_dir}", "+engine.load_format=dummy",
+                                               f"+engine.tokenizer={model_dir}"), name=name)
+    server.model_dir = model_dir
+    return server
+
+
+def sse_events(url: str, path: str, body: dict, timeout: float = 120.0) -> list[dict]:
+    """The JSON events of one streamed request ([DONE] dropped; it must end the stream)."""
+    events = []
+    with httpx.stream("POST", url + path, json=body, timeout=timeout) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events and events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
+
+
 # Load ------------------------------------------------------------------------------------------
 
 async def stream_once(http: httpx.AsyncClient, url: str, i: int, max_tokens: int, cut_after: int | None):

@@ -45,8 +45,10 @@ CHAT = dict(first_prompt_median=20.0, later_prompt_median=10.0, prompt_max=64, o
 class FakeServer:
     """A streaming /v1/completions on a free loopback port, run by uvicorn in a thread."""
 
-    def __init__(self, token_ids: bool = True, fail_on: tuple[int, ...] = (), report_cached: bool = True) -> None:
+    def __init__(self, token_ids: bool = True, fail_on: tuple[int, ...] = (), report_cached: bool = True,
+                 report_vocab: bool = True, id_base: int = 0) -> None:
         self.token_ids, self.fail_on, self.report_cached = token_ids, set(fail_on), report_cached
+        self.report_vocab, self.id_base = report_vocab, id_base  # output ids are id_base + [0, VOCAB)
         self.log: list[dict] = []            # per request: prompt, max_tokens, session_id, cached, output
         self.held: list[np.ndarray] = []     # what the fake prefix cache holds
         self.app = FastAPI()
@@ -72,7 +74,10 @@ class FakeServer:
         self.sock.close()
 
     async def models(self):
-        return {"object": "list", "data": [{"id": "fake", "max_model_len": 100_000, "vocab_size": VOCAB}]}
+        entry = {"id": "fake", "max_model_len": 100_000, "vocab_size": self.id_base + VOCAB}
+        if not self.report_vocab:  # as vLLM's /v1/models
+            del entry["vocab_size"]
+        return {"object": "list", "data": [entry]}
 
     def cached(self, prompt: np.ndarray) -> int:
         best = 0
@@ -89,7 +94,7 @@ class FakeServer:
             return JSONResponse({"error": {"message": "boom"}}, status_code=500)
         prompt = np.asarray(body["prompt"])
         n = body["max_tokens"]
-        output = [(prompt.size * 7 + j) % VOCAB for j in range(n)]
+        output = [self.id_base + (prompt.size * 7 + j) % VOCAB for j in range(n)]
         cached = self.cached(prompt)
         self.held.append(np.concatenate([prompt, output]))
         self.log.append(dict(prompt=prompt, max_tokens=n, session_id=body.get("session_id"), cached=cached,
@@ -268,6 +273,78 @@ def test_a_server_without_cached_tokens_has_no_hit_rate(tmp_path):
     assert result.requests["cached_tokens"].isna().all() and result.requests["computed_tokens"].isna().all()
     paths = B.write_outputs(result, tmp_path, plots=False)
     assert json.loads(paths["summary"].read_text())["prefix_hit_rate"] is None
+
+
+def _check_next_prompts_hold_the_outputs(log: list[dict]) -> None:
+    """Each call's prompt starts with the session's previous prompt and that call's output ids."""
+    by_session: dict[str, list[dict]] = {}
+    for e in log:
+        by_session.setdefault(e["session_id"], []).append(e)
+    for calls in by_session.values():
+        for prev, nxt in zip(calls, calls[1:]):
+            held = np.concatenate([prev["prompt"], prev["output"]])
+            np.testing.assert_array_equal(nxt["prompt"][:held.size], held)
+
+
+def test_a_server_that_does_not_report_its_vocabulary_still_gets_its_own_ids_back():
+    # vLLM's /v1/models has no vocab_size: the 49152 default is then only where new ids are drawn
+    # from, not a bound on the server's ids (before, every call with an id >= 49152 went synthetic).
+    with FakeServer(report_vocab=False, id_base=B.DEFAULT_VOCAB_SIZE) as fake:
+        result = run(B.BenchOptions(base_url=fake.url, params=AGENTIC, sessions=3, concurrency=3, seed=2,
+                                    pause_scale=0))
+    s = result.summary
+    assert s["num_requests"] == len(fake.log) > 3 and s["num_errors"] == 0
+    assert (s["vocab_size"], s["vocab_size_source"]) == (B.DEFAULT_VOCAB_SIZE, "default")
+    assert s["output_ids_from_server"] == s["num_requests"] and s["output_ids_synthetic"] == 0
+    _check_next_prompts_hold_the_outputs(fake.log)
+    # a vocabulary the server or the options give is a bound: ids beyond it are not the model's
+    with FakeServer(report_vocab=False, id_base=B.DEFAULT_VOCAB_SIZE) as fake:
+        s = run(B.BenchOptions(base_url=fake.url, params=AGENTIC, sessions=2, concurrency=2, seed=2, pause_scale=0,
+                               vocab_size=B.DEFAULT_VOCAB_SIZE)).summary
+    assert s["vocab_size_source"] == "options" and s["output_ids_from_server"] == 0
+    assert s["output_ids_synthetic"] == s["num_requests"] > 0
+
+
+# Against our own server (a tiny random-weight model with Llama-3's vocabulary) ----------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pytest.importorskip("psutil")
+    from serve_helpers import tiny_server
+
+    s = tiny_server(str(tmp_path_factory.mktemp("serve")))
+    s.start()
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def test_against_our_server_every_call_reuses_the_servers_output_ids(tiny):
+    # Issue #14: against our server with a vocabulary larger than 49152, every call fell back to synthetic
+    # output ids. /v1/models did not report vocab_size, so the benchmark assumed 49152, drew its prompts
+    # from that range and refused the server's ids >= 49152. Without the gateway fix this fails on
+    # vocab_size (49152, "default"); with the benchmark's old range check as well, on the synthetic count.
+    from serve_helpers import TINY_VOCAB
+
+    block = 16  # the server's KV block size (EngineConfig.block_size)
+    result = run(B.BenchOptions(base_url=tiny.url + "/v1", params=AGENTIC, sessions=3, concurrency=3, seed=2,
+                                pause_scale=0))
+    s = result.summary
+    assert s["num_errors"] == 0 and s["completed"], (s["errors"], tiny.log_tail())
+    assert (s["vocab_size"], s["vocab_size_source"], s["model"]) == (TINY_VOCAB, "server", "tiny-model")
+    assert s["output_ids_from_server"] == s["num_requests"] == s["requests_sent"] > 3
+    assert s["output_ids_synthetic"] == 0 and s["short_outputs"] == 0
+    # the next call's prompt holds the previous output as the server made it, so its KV is reused: every
+    # full block of the previous prompt + output (all but the last output token have KV) is a hit
+    table = result.requests.sort_values(["session_id", "turn"])
+    assert set(table["output_ids"]) == {"server"}
+    for _, rows in table.groupby("session_id"):
+        rows = rows.to_dict("records")
+        for prev, nxt in zip(rows, rows[1:]):
+            computed = prev["prompt_tokens"] + prev["output_tokens"] - 1
+            assert nxt["cached_tokens"] >= block * (computed // block), (prev, nxt)
 
 
 @pytest.mark.parametrize("choice, expected", [

@@ -23,8 +23,9 @@ pytest.importorskip("psutil")
 import httpx  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, note, settings  # noqa: E402
 
-from serve_helpers import (REQUESTS, VOCAB, ServerProcess, is_openai_error, load_round,  # noqa: E402
-                           metrics, wait_idle)
+from serve_helpers import (REQUESTS, TINY_BYTE0, TINY_TOKENIZER_SIZE, TINY_VOCAB, VOCAB,  # noqa: E402
+                           ServerProcess, is_openai_error, load_round, metrics, sse_events, tiny_server,
+                           wait_idle, write_tiny_model)
 
 COUNT = "1, 2, 3, 4,"
 COUNT_IDS = [33, 28, 216, 34, 28, 216, 35, 28, 216, 36, 28]  # COUNT in SmolLM2's tokenizer
@@ -85,6 +86,7 @@ def test_models_lists_the_served_model(server, client, model_name):
     assert model_name.startswith("SmolLM2-135M-Instruct")
     raw = httpx.get(server.url + "/v1/models", timeout=30).json()
     assert raw["object"] == "list" and raw["data"][0]["max_model_len"] == 8192
+    assert raw["data"][0]["vocab_size"] == VOCAB  # the model's (the core's), for clients that send token ids
 
 
 def test_chat_france_question_answers_paris(client, model_name):
@@ -509,6 +511,183 @@ def test_multi_turn_agent_session_reuses_its_context(server, client, model_name)
     r = httpx.delete(server.url + f"/v1/sessions/{session}-other", timeout=30)
     assert r.status_code == 200 and r.json()["ended"] is True
     assert wait_idle(server.url)["tandem_kv_cache_used_blocks"] == 0
+
+
+# Token ids (issue #14) -------------------------------------------------------------------------
+# return_token_ids (vLLM's extension) puts every generated id in the stream, whatever its text: a
+# client that sends token ids (experiments/bench_serving.py) builds its next prompt from them. These
+# tests serve serve_helpers.write_tiny_model: random weights over Llama-3's 128256 ids, a tokenizer of
+# 49152, so most generated tokens decode to "" (ids the tokenizer lacks, parts of characters).
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> str:
+    return write_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_model_dir):
+    s = tiny_server(str(tmp_path_factory.mktemp("serve")), tiny_model_dir)
+    s.start()
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def _chunk_text(choice: dict) -> str:
+    return choice["text"] if "text" in choice else choice["delta"].get("content") or ""
+
+
+_TINY_REQUESTS = [("/v1/completions", {"prompt": "Hello wörld, 你好"}),
+                  ("/v1/completions", {"prompt": [5, 6, 7, 60000, 128255]}),
+                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]
+
+
+def test_models_reports_the_vocabulary(tiny):
+    # Fails before the fix: /v1/models had no vocab_size (KeyError), so bench_serving took 49152.
+    entry = httpx.get(tiny.url + "/v1/models", timeout=30).json()["data"][0]
+    assert (entry["vocab_size"], entry["max_model_len"], entry["object"]) == (TINY_VOCAB, 2048, "model")
+
+
+@pytest.mark.parametrize("path,body", _TINY_REQUESTS)
+def test_streamed_token_ids_are_the_whole_output_even_where_the_text_is_empty(tiny, path, body):
+    # The stream's ids are the non-streamed request's, each once, however many tokens have no text yet.
+    # This guards the reporter's guess for issue #14 (chunks of empty text lose their ids), which was
+    # not the bug: before the fix the completions cases passed (they fail if the `meta.token_ids and
+    # d.tokens` clause of responses.stream is dropped); the chat case failed only because the stream's
+    # first chunk (the role) had no token_ids key.
+    body = {**body, "max_tokens": 48, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    full = httpx.post(tiny.url + path, json=body, timeout=120).json()
+    ids = full["choices"][0]["token_ids"]
+    assert len(ids) == full["usage"]["completion_tokens"] == 48
+    assert any(t >= TINY_TOKENIZER_SIZE for t in ids)  # ids the tokenizer lacks were generated: text ""
+    events = sse_events(tiny.url, path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    choices = [c for e in events for c in e["choices"]]
+    assert all(isinstance(c.get("token_ids"), list) for c in choices), [c for c in choices if "token_ids" not in c]
+    streamed = [t for c in choices for t in c["token_ids"]]
+    assert streamed == ids and events[-1]["usage"]["completion_tokens"] == len(streamed)
+    text = full["choices"][0]["text"] if "text" in full["choices"][0] else full["choices"][0]["message"]["content"]
+    assert "".join(_chunk_text(c) for c in choices) == text
+    silent = [c for c in choices if c["token_ids"] and not _chunk_text(c)]
+    assert len(silent) >= 10, "expected many tokens without text"
+
+    # a stop string: the text ends before it; the ids are those generated up to it (held-back text too)
+    at = next(i for i in range(len(text) // 3, 2 * len(text) // 3)  # mid-text, so tokens come after it
+              if "\ufffd" not in text[i:i + 2] and text.find(text[i:i + 2]) == i)
+    stop = text[at:at + 2]
+    stopped = httpx.post(tiny.url + path, json={**body, "stop": [stop]}, timeout=120).json()
+    stop_ids = stopped["choices"][0]["token_ids"]
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stop_ids == ids[:len(stop_ids)]
+    assert len(stop_ids) == stopped["usage"]["completion_tokens"] < len(ids)
+    events = sse_events(tiny.url, path, {**body, "stop": [stop], "stream": True,
+                                         "stream_options": {"include_usage": True}})
+    choices = [c for e in events for c in e["choices"]]
+    assert [t for c in choices for t in c["token_ids"]] == stop_ids
+    assert events[-1]["usage"]["completion_tokens"] == len(stop_ids)
+    assert "".join(_chunk_text(c) for c in choices) == text[:at]
+
+
+@pytest.mark.parametrize("path,body", _TINY_REQUESTS[::2])
+@pytest.mark.parametrize("flag", [None, False])
+def test_without_return_token_ids_no_choice_has_token_ids(tiny, path, body, flag):
+    body = {**body, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    if flag is not None:
+        body["return_token_ids"] = flag
+    full = httpx.post(tiny.url + path, json=body, timeout=120).json()
+    assert full["usage"]["completion_tokens"] == 12 and "token_ids" not in full["choices"][0]
+    events = sse_events(tiny.url, path, {**body, "stream": True, "stream_options": {"include_usage": True},
+                                         "logprobs": True if "messages" in body else 0})
+    choices = [c for e in events for c in e["choices"]]
+    assert choices and not any("token_ids" in c for c in choices)
+    assert events[-1]["usage"]["completion_tokens"] == 12
+
+
+class _ScriptedCore:
+    """CoreClient's face for a Choice: replays scripted engine events instead of running a model."""
+
+    def __init__(self, events) -> None:
+        self.events, self.aborted, self.stats = events, [], {}
+
+    def add(self, req_id, prompt_ids, params, session_id, namespace, priority):
+        import asyncio
+
+        queue = asyncio.Queue()
+        for e in self.events:
+            queue.put_nowait(e)
+        return queue
+
+    def abort(self, req_ids):
+        self.aborted += req_ids
+
+    def release(self, req_id):
+        pass
+
+
+def _gateway_run(tokenizer, tokens: list[int], finish: str, chat: bool, token_ids: bool, stream: bool, **params):
+    """One choice of `tokens` through the gateway's Choice and responses (stream or whole), no model."""
+    import asyncio
+
+    from engine.sampling import SamplingParams
+    from engine.serve import protocol as P
+    from engine.serve import responses as R
+    from engine.serve.generation import Choice
+    from engine.serve.metrics import Metrics
+
+    events = [("token", t, None, None) for t in tokens] + [("finished", P.Finished(0, finish, None, 3, 0, len(tokens)),
+                                                             None, None)]
+    core = _ScriptedCore(events)
+    choice = Choice(core, tokenizer, 0, [1, 2, 3], SamplingParams(max_tokens=64, **params), session_id=None,
+                    namespace=None, priority=0, metrics=Metrics(core))
+    meta = R.Meta("id", 0, "tiny", chat, tokenizer, token_ids)
+
+    async def run():
+        if stream:
+            return [json.loads(e[6:]) for e in [x async for x in R.stream(meta, [choice], True)][:-1]]
+        out = R.Collected()
+        async for d in choice.deltas():
+            out.add(d)
+        return R.full_response(meta, [choice], [out])
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_gateway_streams_the_id_of_every_token_whatever_its_text(tiny_model_dir, chat):
+    # Deterministic, no model: each kind of token whose text is "" when it arrives, and tokens after a
+    # stop string. Fails if a chunk of empty text lost its ids or one was counted twice.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    b = TINY_BYTE0
+    im_end, unknown = 2, TINY_VOCAB - 1          # a special token (skipped), an id the tokenizer lacks
+    ni = [b + x for x in "你".encode()]          # three byte tokens: "" "" then "你"
+    cases = [  # (tokens, stop strings, the ids that are output, their text)
+        ([b + ord("H"), b + ord("i"), im_end, *ni, unknown, b + ord("!")], [], None, "Hi你!"),
+        # "!!" stops the output: "a" and the first "!" are held back until it settles, the second "!"
+        # completes it (counted, no text); "b" was already in flight: not output, no id, not counted
+        ([b + ord("a"), b + ord("!"), unknown, b + ord("!"), b + ord("b")], ["!!"], 4, "a"),
+    ]
+    for tokens, stop, n_out, text in cases:
+        out = tokens[:n_out] if n_out else tokens
+        finish = "abort" if stop else "length"
+        full = _gateway_run(tok, tokens, finish, chat, True, False, stop=stop or None)
+        choice = full["choices"][0]
+        assert choice["token_ids"] == out and full["usage"]["completion_tokens"] == len(out)
+        assert (choice["message"]["content"] if chat else choice["text"]) == text
+        events = _gateway_run(tok, tokens, finish, chat, True, True, stop=stop or None)
+        choices = [c for e in events for c in e["choices"]]
+        assert all("token_ids" in c for c in choices)
+        assert [t for c in choices for t in c["token_ids"]] == out, choices
+        assert "".join(_chunk_text(c) for c in choices) == text
+        assert events[-1]["usage"]["completion_tokens"] == len(out)
+        assert choices[-1]["finish_reason"] == ("stop" if stop else "length")
+        assert sum(1 for c in choices if c["token_ids"] and not _chunk_text(c)) >= 3
+        plain = _gateway_run(tok, tokens, finish, chat, False, True, stop=stop or None)
+        assert not any("token_ids" in c for e in plain for c in e["choices"])
+    # shown, the special token has text; skipped (the default) it has none but keeps its id
+    full = _gateway_run(tok, [b + ord("H"), im_end], "length", chat, True, False, skip_special_tokens=False)
+    assert full["choices"][0]["token_ids"] == [b + ord("H"), im_end]
 
 
 # API key and engine-core death (the keyed server; death last) ------------------------------------

@@ -35,6 +35,11 @@ class GatewayState:
     def max_model_len(self) -> int:
         return self.client.info.max_model_len
 
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary (the engine core's): every token id it takes or generates is below it."""
+        return self.client.info.vocab_size
+
 
 def create_app(state: GatewayState, lifespan=None) -> FastAPI:
     app = FastAPI(title="Tandem", lifespan=lifespan)
@@ -82,8 +87,11 @@ def create_app(state: GatewayState, lifespan=None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
+        # OpenAI's model object plus vLLM's max_model_len and the vocabulary, so that a client that sends
+        # token ids (experiments/bench_serving.py) knows their range without being told
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
-                                            "owned_by": "tandem", "max_model_len": state.max_model_len}]}
+                                            "owned_by": "tandem", "max_model_len": state.max_model_len,
+                                            "vocab_size": state.vocab_size}]}
 
     @app.get("/metrics")
     async def metrics():
@@ -153,7 +161,7 @@ def _tokenize(tok, text: str, special: bool, param: str) -> list[int]:
 def _check_lengths(state: GatewayState, prompts: list[list[int]], max_tokens: int | None,
                    stop_token_ids=None) -> None:
     limit = state.max_model_len
-    vocab = state.client.info.vocab_size
+    vocab = state.vocab_size
     if any(t >= vocab for t in stop_token_ids or ()):
         raise ApiError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
     for ids in prompts:

@@ -87,8 +87,10 @@ class Choice:
         if self.first_token_at is None:
             self.first_token_at = now
             self.metrics.ttft.observe(now - self.start)
-        if self.stop.stopped is not None:
+        if self.stop.stopped is not None:  # in flight past a stop string: not output, so no id and no count
             return Delta("")
+        # from here the token is output: counted in usage and carried by its Delta (so by `token_ids`) even
+        # when its text is "" (a skipped special token, part of a character, text a stop string holds back)
         self.num_output_tokens += 1
         text = self.detok.add(token) if self.detok else ""
         out = self.stop.push(text)

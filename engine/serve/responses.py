@@ -124,7 +124,12 @@ def _delta_choice(meta: Meta, index: int, d, text_offset: int) -> dict:
 
 
 async def stream(meta: Meta, choices, include_usage: bool):
-    """SSE: chunks from every choice as they come, then usage (if asked) and [DONE]."""
+    """SSE: chunks from every choice as they come, then usage (if asked) and [DONE].
+
+    With `meta.token_ids` (return_token_ids) every choice of every chunk has `token_ids`: the ids of
+    the tokens it reports, whatever their text, so that their concatenation is the choice's output
+    (and usage.completion_tokens counts them); without it no chunk has the key.
+    """
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(choice):
@@ -139,8 +144,12 @@ async def stream(meta: Meta, choices, include_usage: bool):
     offsets = {c.index: 0 for c in choices}
     try:
         if meta.chat:
-            yield _chunk(meta, [{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                                 "logprobs": None, "finish_reason": None} for c in choices])
+            first = [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for c in choices]
+            if meta.token_ids:  # every streamed choice carries the key, as in the other chunks
+                for c in first:
+                    c["token_ids"] = []
+            yield _chunk(meta, first)
         open_choices = len(choices)
         while open_choices:
             choice, d, exc = await queue.get()
@@ -151,6 +160,9 @@ async def stream(meta: Meta, choices, include_usage: bool):
             if d is None:
                 open_choices -= 1
                 continue
+            # A token whose text is "" for now (a special token skipped, bytes of an unfinished character,
+            # text held back by a stop string, an id the tokenizer lacks) still gets its chunk when the
+            # client asked for ids or logprobs: the ids of all chunks are the whole output, each id once.
             if d.text or d.finish_reason is not None or d.logprobs or (meta.token_ids and d.tokens):
                 yield _chunk(meta, [_delta_choice(meta, choice.index, d, offsets[choice.index])])
                 offsets[choice.index] += len(d.text)
