@@ -1,19 +1,23 @@
 """The step-profile format shared by the planes: the engine writes it, the simulator's ProfileCost reads it.
 
 One row per executed step: the plan's features (the Plan properties of these names) and the measured
-seconds; docs/profile-format.md describes the file.
+seconds, under a header naming where and how the steps ran; docs/profile-format.md describes the file.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 FEATURES = ("num_tokens", "num_reqs", "num_sampled", "attn_pairs", "kv_read_tokens",
-            "num_swap_out_blocks", "num_swap_in_blocks")
+            "num_swap_out_blocks", "num_swap_in_blocks",
+            "num_decode_reqs", "decode_kv_tokens", "follows_decode", "continues_decode")
 PROFILE_COLUMNS = FEATURES + ("seconds",)
+FORMAT_LINE = "# tandem-profile/2"
 
 
 def parse_row(row: Mapping[str, Any], where: str) -> list[float]:
@@ -33,13 +37,15 @@ def parse_row(row: Mapping[str, Any], where: str) -> list[float]:
     return values
 
 
-def write_profile(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> int:
+def write_profile(path: str | Path, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any] | None = None) -> int:
     """Writes measured steps as a profile CSV (what the GPU engine records).
 
     Args:
         path: the CSV file to create (overwritten).
         rows: mappings with every `FEATURES` name and ``seconds``; extra keys
-            (``step_id``, ``model``, ``hardware`` ...) become extra columns.
+            (``step_id``, ``start`` ...) become extra columns.
+        meta: the header (card, driver, torch, dtype, kernels, overlap, graph sizes, model shape,
+            commit ...), written as one JSON comment line after the format line.
     Returns:
         The number of rows written.
     Raises:
@@ -50,10 +56,44 @@ def write_profile(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> int:
         parse_row(row, f"<rows>[{i}]")
         extra.update((k, None) for k in row if k not in PROFILE_COLUMNS)
     with open(path, "w", newline="") as f:
+        f.write(FORMAT_LINE + "\n")
+        f.write("# " + json.dumps(dict(meta or {}), sort_keys=True) + "\n")
         writer = csv.DictWriter(f, fieldnames=[*PROFILE_COLUMNS, *extra], restval="")
         writer.writeheader()
         writer.writerows(rows)
     return len(rows)
+
+
+def read_header(path: str | Path) -> tuple[dict, int, str]:
+    """A profile file's header: (meta, number of comment lines, the CSV text after them).
+
+    Raises:
+        ValueError: a comment line that is neither the format line nor a JSON object.
+    """
+    text = Path(path).read_text()
+    lines = text.splitlines(keepends=True)
+    meta: dict = {}
+    skipped = 0
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        skipped += 1
+        body = line[1:].strip()
+        if not body or body.startswith("tandem-profile/"):
+            continue
+        try:
+            meta.update(json.loads(body))
+        except (json.JSONDecodeError, TypeError, ValueError):
+            raise ValueError(f"{path}:{skipped}: a header line must hold a JSON object, got {body[:80]!r}") from None
+    return meta, skipped, "".join(lines[skipped:])
+
+
+def csv_rows(path: str | Path) -> tuple[dict, list[str] | None, list[tuple[int, dict]]]:
+    """(meta, the CSV's column names or None, [(line number, row)]) of a profile file."""
+    meta, skipped, body = read_header(path)
+    reader = csv.DictReader(io.StringIO(body, newline=""))
+    rows = [(skipped + reader.line_num, row) for row in reader]
+    return meta, reader.fieldnames, rows
 
 
 def plan_features(plan) -> dict[str, int]:

@@ -121,24 +121,50 @@ void bind_simulation(py::module_& m) {
           py::arg("head_flop_s"), py::arg("head_weight_s"), py::arg("head_act_s"), py::arg("attn_pair_s"),
           py::arg("attn_kv_s"))
       .def_static(
-          "linear",
-          [](double intercept, double tokens, double reqs, double sampled, double pairs, double kv,
-             double swap_out, double swap_in) {
-            return StepCost::linear({intercept, tokens, reqs, sampled, pairs, kv, swap_out, swap_in});
+          "profile",
+          [](const std::vector<std::tuple<std::string, double, double>>& graph_terms,
+             const std::vector<std::tuple<std::string, double, double>>& eager_terms,
+             const std::vector<std::pair<std::string, double>>& graph_limits,
+             const std::vector<std::pair<std::string, double>>& eager_limits, bool graph_observed,
+             bool eager_observed, int max_graph_batch) {
+            auto path = [](const auto& terms, const auto& limits, bool observed) {
+              ProfilePath p;
+              for (const auto& [name, knot, coef] : terms) p.terms.push_back({basis_named(name), knot, coef});
+              for (const auto& [name, limit] : limits) p.limits.emplace_back(basis_named(name), limit);
+              p.observed = observed;
+              return p;
+            };
+            ProfileCoefficients c;
+            c.graph = path(graph_terms, graph_limits, graph_observed);
+            c.eager = path(eager_terms, eager_limits, eager_observed);
+            c.max_graph_batch = max_graph_batch;
+            return StepCost::profile(std::move(c));
           },
-          py::arg("intercept"), py::arg("num_tokens"), py::arg("num_reqs"), py::arg("num_sampled"),
-          py::arg("attn_pairs"), py::arg("kv_read_tokens"), py::arg("num_swap_out_blocks"),
-          py::arg("num_swap_in_blocks"))
+          py::arg("graph_terms"), py::arg("eager_terms"), py::arg("graph_limits"), py::arg("eager_limits"),
+          py::arg("graph_observed"), py::arg("eager_observed"), py::arg("max_graph_batch"))
       .def(
           "seconds",
           [](const StepCost& c, double num_tokens, double num_reqs, double num_sampled, double attn_pairs,
-             double kv_read_tokens, double num_swap_out_blocks, double num_swap_in_blocks, double block_size) {
-            return c.seconds(StepFeatures{num_tokens, num_reqs, num_sampled, attn_pairs, kv_read_tokens,
-                                          num_swap_out_blocks, num_swap_in_blocks, block_size});
+             double kv_read_tokens, double num_swap_out_blocks, double num_swap_in_blocks, double block_size,
+             double num_decode_reqs, double decode_kv_tokens, double follows_decode, double continues_decode) {
+            StepFeatures f{num_tokens, num_reqs, num_sampled, attn_pairs, kv_read_tokens,
+                           num_swap_out_blocks, num_swap_in_blocks};
+            f.num_decode_reqs = num_decode_reqs;
+            f.decode_kv_tokens = decode_kv_tokens;
+            f.follows_decode = follows_decode;
+            f.continues_decode = continues_decode;
+            f.block_size = block_size;
+            return c.seconds(f);
           },
           py::arg("num_tokens"), py::arg("num_reqs"), py::arg("num_sampled"), py::arg("attn_pairs"),
           py::arg("kv_read_tokens"), py::arg("num_swap_out_blocks"), py::arg("num_swap_in_blocks"),
-          py::arg("block_size"))
+          py::arg("block_size"), py::arg("num_decode_reqs") = 0.0, py::arg("decode_kv_tokens") = 0.0,
+          py::arg("follows_decode") = 0.0, py::arg("continues_decode") = 0.0)
+      .def_property_readonly("num_steps", [](const StepCost& c) { return c.counts().steps; },
+                             "Steps priced so far, by this cost and every copy of it (fast paths).")
+      .def_property_readonly("num_extrapolated", [](const StepCost& c) { return c.counts().extrapolated; },
+                             "Of those, steps outside what the profile covered (profile costs only).")
+      .def("reset_counts", &StepCost::reset_counts)
       .def("plan_seconds", [](const StepCost& c, const Plan& plan) { return c.seconds(plan); }, py::arg("plan"));
 
   py::class_<ForwardResult>(m, "ForwardResult")
@@ -256,6 +282,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("num_sampled", &Plan::num_sampled)
       .def_property_readonly("attn_pairs", [](const Plan& p) { return p.attn_pairs; })
       .def_property_readonly("kv_read_tokens", [](const Plan& p) { return p.kv_read_tokens; })
+      .def_property_readonly("num_decode_reqs", [](const Plan& p) { return p.num_decode_reqs; })
+      .def_property_readonly("decode_kv_tokens", [](const Plan& p) { return p.decode_kv_tokens; })
+      .def_property_readonly("follows_decode", [](const Plan& p) { return static_cast<int>(p.follows_decode); })
+      .def_property_readonly("continues_decode", [](const Plan& p) { return static_cast<int>(p.continues_decode); })
       .def_property_readonly("num_swap_out_blocks", [](const Plan& p) { return p.num_swap_out_blocks; })
       .def_property_readonly("num_swap_in_blocks", [](const Plan& p) { return p.num_swap_in_blocks; })
       .def_property_readonly("is_empty", [](const Plan& p) { return p.num_reqs() == 0 && p.kv_ops.empty(); })

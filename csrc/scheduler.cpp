@@ -186,7 +186,9 @@ void Plan::clear() {
   slot_mapping.clear();
   preempted_ids.clear();
   seqs.clear();
-  attn_pairs = kv_read_tokens = 0;
+  attn_pairs = kv_read_tokens = decode_kv_tokens = 0;
+  num_decode_reqs = num_continuing = 0;
+  follows_decode = continues_decode = false;
   num_swap_out_blocks = num_swap_in_blocks = 0;
 }
 
@@ -265,6 +267,10 @@ void Scheduler::step_impl(Plan& plan, double now) {
   // A step that preempted admits nothing: swap-outs and swap-ins never share a plan.
   if (!preempted) schedule_waiting(plan, budget, now);
   if (config_.num_lookahead_tokens > 0) grow_lookahead(plan);
+  if (plan.num_reqs() > 0) {
+    plan.follows_decode = guessed_step_ != 0;
+    plan.continues_decode = plan.follows_decode && plan.is_pure_decode() && plan.num_continuing == plan.num_reqs();
+  }
   pending_step_ = plan.step_id;
   if (plan.num_reqs() > 0) ++counters_.num_steps;
 }
@@ -383,11 +389,16 @@ void Scheduler::emit(Request& r, int n, Plan& plan) {
   plan.sample.push_back(samples ? 1 : 0);
   if (samples) plan.logits_indices.push_back(first + n - 1);
   plan.query_start_loc.push_back(first + n);
+  if (guessed_step_ != 0 && r.last_step == guessed_step_) ++plan.num_continuing;
   r.last_step = plan.step_id;
   r.num_computed_total += n;
   counters_.computed_tokens += n;
   plan.attn_pairs += static_cast<int64_t>(n) * start + static_cast<int64_t>(n) * (n + 1) / 2;
   plan.kv_read_tokens += start + n;
+  if (n == 1) {
+    ++plan.num_decode_reqs;
+    plan.decode_kv_tokens += start + 1;
+  }
 }
 
 // Appends the token rows of r's tokens [start, start + n) to the plan.
@@ -527,6 +538,7 @@ void Scheduler::commit_impl(const Plan& plan, const int64_t* tokens, size_t num_
   }
   last_now_ = now;
   pending_step_ = 0;
+  int going_on = 0;  // sampled rows that did not finish here
   size_t k = 0;
   for (int i = 0; i < plan.num_reqs(); ++i) {
     const bool sampled = plan.sample[i] != 0;
@@ -547,9 +559,15 @@ void Scheduler::commit_impl(const Plan& plan, const int64_t* tokens, size_t num_
     FinishReason reason = stop_reason(r, token, config_.max_model_len);
     if (reason != FinishReason::kNone) {
       finish(r, reason, now, finished);
-    } else if (r.state == RequestState::kPrefilling) {
-      transition(r, RequestState::kDecoding);
+      continue;
     }
+    ++going_on;
+    if (r.state == RequestState::kPrefilling) transition(r, RequestState::kDecoding);
+  }
+  // An engine launched a guess of the next step after this one iff (engine/overlap.py, predict_next)
+  // every row decoded and sampled and one goes on; any other non-empty plan drops a guess.
+  if (plan.num_reqs() > 0 || !plan.kv_ops.empty()) {
+    guessed_step_ = plan.is_pure_decode() && going_on > 0 ? plan.step_id : 0;
   }
 }
 

@@ -64,8 +64,19 @@ struct Plan {
   // Features for step-cost models and profiles (see sim/cost.py): attention work of the batch.
   int64_t attn_pairs = 0;      // sum of causal (query, key) pairs: q*c + q*(q+1)/2 per request
   int64_t kv_read_tokens = 0;  // sum of c + q: KV tokens attention reads
+  int num_decode_reqs = 0;       // requests with q == 1 (the engine's decode rows)
+  int64_t decode_kv_tokens = 0;  // sum of c + 1 over those rows (their share of kv_read_tokens)
   int num_swap_out_blocks = 0;
   int num_swap_in_blocks = 0;
+  // Where the plan sits in the sequence (an engine with overlapped decode runs a guess of the next
+  // pure-decode step while the host commits, engine/overlap.py):
+  //   follows_decode:   the last non-empty plan committed was a pure decode (T == R == S) with a
+  //                     request that went on after it (the engine launched a guess of this step);
+  //   continues_decode: that, and this plan is a pure decode of requests all in that plan (the
+  //                     engine's guess is this step).
+  bool follows_decode = false;
+  bool continues_decode = false;
+  int num_continuing = 0;        // internal: rows that were in the plan of follows_decode
   // The scheduler's persistent block table (rows = slots): valid from step() until this plan
   // is committed (commit frees the rows of finished requests).
   const BlockId* block_table = nullptr;
@@ -78,6 +89,8 @@ struct Plan {
   void reserve(size_t rows);  // room for `rows` requests of one token each
   int num_tokens() const { return query_start_loc.empty() ? 0 : query_start_loc.back(); }
   int num_sampled() const { return static_cast<int>(logits_indices.size()); }
+  // Every row computes one token and samples it (the engine's decode graphs run these).
+  bool is_pure_decode() const { return num_reqs() > 0 && num_tokens() == num_reqs() && num_sampled() == num_reqs(); }
 };
 
 struct FinishedRequest {
@@ -272,6 +285,7 @@ class Scheduler {
   uint64_t next_seq_ = 1;
   uint64_t next_step_ = 1;
   uint64_t pending_step_ = 0;
+  uint64_t guessed_step_ = 0;  // the committed pure-decode plan an engine would guess a successor of (0: none)
   double last_now_ = kNever;
   Stats counters_;
 };

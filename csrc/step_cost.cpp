@@ -16,8 +16,56 @@ StepFeatures features_of(const Plan& plan) {
   f.kv_read_tokens = plan.kv_read_tokens;
   f.num_swap_out_blocks = plan.num_swap_out_blocks;
   f.num_swap_in_blocks = plan.num_swap_in_blocks;
+  f.num_decode_reqs = plan.num_decode_reqs;
+  f.decode_kv_tokens = plan.decode_kv_tokens;
+  f.follows_decode = plan.follows_decode ? 1.0 : 0.0;
+  f.continues_decode = plan.continues_decode ? 1.0 : 0.0;
   f.block_size = plan.block_size;
   return f;
+}
+
+namespace {
+
+const char* const kBasisNames[] = {"one",          "tokens",     "reqs",       "sampled",     "sampled_any",
+                                   "decode_reqs",  "prefill_reqs", "decode_kv", "prefill_pairs", "prefill_kv",
+                                   "strict",       "dropped",    "dropped_kv", "swap_out",    "swap_in",
+                                   "tokens_over",  "reqs_over"};
+
+}  // namespace
+
+Basis basis_named(const std::string& name) {
+  std::string known;
+  for (size_t i = 0; i < std::size(kBasisNames); ++i) {
+    if (name == kBasisNames[i]) return static_cast<Basis>(i);
+    known += (i ? ", " : "") + std::string(kBasisNames[i]);
+  }
+  TANDEM_REQUIRE(false, "profile cost: unknown basis '" + name + "'; known: " + known);
+  return Basis::kOne;
+}
+
+double basis_value(Basis basis, double knot, const StepFeatures& f) {
+  const bool strict = f.continues_decode == 0.0;
+  const bool dropped = f.follows_decode != 0.0 && strict;
+  switch (basis) {
+    case Basis::kOne: return 1.0;
+    case Basis::kTokens: return f.num_tokens;
+    case Basis::kReqs: return f.num_reqs;
+    case Basis::kSampled: return f.num_sampled;
+    case Basis::kSampledAny: return f.num_sampled > 0 ? 1.0 : 0.0;
+    case Basis::kDecodeReqs: return f.num_decode_reqs;
+    case Basis::kPrefillReqs: return f.num_reqs - f.num_decode_reqs;
+    case Basis::kDecodeKv: return f.decode_kv_tokens;
+    case Basis::kPrefillPairs: return f.attn_pairs - f.decode_kv_tokens;
+    case Basis::kPrefillKv: return f.kv_read_tokens - f.decode_kv_tokens;
+    case Basis::kStrict: return strict ? 1.0 : 0.0;
+    case Basis::kDropped: return dropped ? 1.0 : 0.0;
+    case Basis::kDroppedKv: return dropped ? f.decode_kv_tokens : 0.0;
+    case Basis::kSwapOut: return f.num_swap_out_blocks;
+    case Basis::kSwapIn: return f.num_swap_in_blocks;
+    case Basis::kTokensOver: return f.num_tokens > knot ? f.num_tokens - knot : 0.0;
+    case Basis::kReqsOver: return f.num_reqs > knot ? f.num_reqs - knot : 0.0;
+  }
+  return 0.0;
 }
 
 StepCost StepCost::roofline(RooflineCoefficients c) {
@@ -30,15 +78,16 @@ StepCost StepCost::roofline(RooflineCoefficients c) {
   return cost;
 }
 
-StepCost StepCost::linear(LinearCoefficients c) {
+StepCost StepCost::profile(ProfileCoefficients c) {
+  TANDEM_REQUIRE(c.max_graph_batch >= 0, "profile cost: max_graph_batch must be >= 0");
   StepCost cost;
-  cost.kind_ = Kind::kLinear;
-  cost.lin_ = c;
+  cost.kind_ = Kind::kProfile;
+  cost.prof_ = std::move(c);
   return cost;
 }
 
 double StepCost::seconds(const StepFeatures& f) const {
-  return kind_ == Kind::kRoofline ? roofline_seconds(f) : linear_seconds(f);
+  return kind_ == Kind::kRoofline ? roofline_seconds(f) : profile_seconds(f);
 }
 
 // Term by term, in the order of the formula at the top of step_cost.h.
@@ -52,6 +101,7 @@ double StepCost::roofline_seconds(const StepFeatures& f) const {
   } else if (tokens <= 0) {
     return 0.0;
   }
+  ++counts_->steps;
   if (tokens > 0) {
     const size_t k = std::upper_bound(c.breaks.begin(), c.breaks.end(), tokens) - c.breaks.begin();
     seconds += c.intercepts[k] + c.slopes[k] * tokens;
@@ -68,12 +118,18 @@ double StepCost::roofline_seconds(const StepFeatures& f) const {
   return seconds;
 }
 
-double StepCost::linear_seconds(const StepFeatures& f) const {
-  const LinearCoefficients& c = lin_;
+double StepCost::profile_seconds(const StepFeatures& f) const {
   if (f.num_tokens <= 0 && f.num_swap_out_blocks == 0 && f.num_swap_in_blocks == 0) return 0.0;
-  return c.intercept + c.tokens * f.num_tokens + c.reqs * f.num_reqs + c.sampled * f.num_sampled +
-         c.pairs * f.attn_pairs + c.kv * f.kv_read_tokens + c.swap_out * f.num_swap_out_blocks +
-         c.swap_in * f.num_swap_in_blocks;
+  const bool graph = prof_.max_graph_batch > 0 && f.num_tokens > 0 && f.num_tokens == f.num_reqs &&
+                     f.num_reqs <= prof_.max_graph_batch;
+  const ProfilePath& path = graph ? prof_.graph : prof_.eager;
+  double seconds = 0.0;
+  for (const ProfileTerm& t : path.terms) seconds += t.coef * basis_value(t.basis, t.knot, f);
+  ++counts_->steps;
+  bool outside = !path.observed;
+  for (const auto& [basis, limit] : path.limits) outside = outside || basis_value(basis, 0.0, f) > limit;
+  if (outside) ++counts_->extrapolated;
+  return seconds > 0.0 ? seconds : 0.0;
 }
 
 }  // namespace tandem

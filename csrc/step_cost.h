@@ -11,12 +11,16 @@
 //              + intercept_k + slope_k*T                       (k: pieces of the linear layers)
 //              + max(S*head_flop_s, head_weight_s + S*head_act_s)   (if S > 0)
 //              + max(pairs*attn_pair_s, kv_read*attn_kv_s)
-//   linear:    intercept + c_T*T + c_R*R + c_S*S + c_pairs*pairs + c_kv*kv_read + c_out*out + c_in*in
+//   profile:   sum of coef_i * basis_i(plan) over the terms of the plan's path, in order:
+//              the graph path for an all-decode plan (0 < T == R) of at most max_graph_batch rows
+//              (the engine replays a CUDA graph), the eager path otherwise (docs/profile-format.md)
 //
 // Both cost an empty plan (T == 0, no copies) 0 seconds.
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <string>
 #include <vector>
 
 namespace tandem {
@@ -29,6 +33,7 @@ struct Plan;
 struct StepFeatures {
   double num_tokens = 0, num_reqs = 0, num_sampled = 0, attn_pairs = 0, kv_read_tokens = 0;
   double num_swap_out_blocks = 0, num_swap_in_blocks = 0;
+  double num_decode_reqs = 0, decode_kv_tokens = 0, follows_decode = 0, continues_decode = 0;
   double block_size = 16;
 };
 
@@ -44,29 +49,64 @@ struct RooflineCoefficients {
   double attn_pair_s = 0.0, attn_kv_s = 0.0;
 };
 
-struct LinearCoefficients {
-  double intercept = 0.0;
-  // per num_tokens, num_reqs, num_sampled, attn_pairs, kv_read_tokens, swap_out, swap_in
-  double tokens = 0.0, reqs = 0.0, sampled = 0.0, pairs = 0.0, kv = 0.0, swap_out = 0.0, swap_in = 0.0;
+// The basis functions of a profile term (sim/cost.py PROFILE_BASIS has the same, by name):
+//   one 1 | tokens T | reqs R | sampled S | sampled_any [S > 0] | decode_reqs Rd | prefill_reqs R - Rd
+//   decode_kv Kd | prefill_pairs pairs - Kd | prefill_kv kv_read - Kd
+//   strict [not continues_decode] | dropped [follows_decode and not continues_decode] | dropped_kv dropped*Kd
+//   swap_out | swap_in (blocks) | tokens_over max(0, T - knot) | reqs_over max(0, R - knot)
+enum class Basis : int {
+  kOne, kTokens, kReqs, kSampled, kSampledAny, kDecodeReqs, kPrefillReqs, kDecodeKv, kPrefillPairs,
+  kPrefillKv, kStrict, kDropped, kDroppedKv, kSwapOut, kSwapIn, kTokensOver, kReqsOver
+};
+Basis basis_named(const std::string& name);  // throws InvalidInput naming the known ones
+double basis_value(Basis basis, double knot, const StepFeatures& f);
+
+struct ProfileTerm {
+  Basis basis = Basis::kOne;
+  double knot = 0.0;  // for tokens_over / reqs_over
+  double coef = 0.0;
+};
+
+// One path of a fitted profile, and the largest value of each extensive basis seen when fitting:
+// a step beyond any of them (or on a path no profiled step took) is an extrapolation.
+struct ProfilePath {
+  std::vector<ProfileTerm> terms;
+  std::vector<std::pair<Basis, double>> limits;
+  bool observed = true;
+};
+
+struct ProfileCoefficients {
+  ProfilePath graph, eager;
+  int max_graph_batch = 0;  // largest captured decode batch (0: the engine ran without graphs)
+};
+
+// How many steps a cost model priced, and how many of them outside what its profile covered.
+struct CostCounts {
+  int64_t steps = 0;
+  int64_t extrapolated = 0;
 };
 
 class StepCost {
  public:
   static StepCost roofline(RooflineCoefficients c);  // throws InvalidInput on a malformed table
-  static StepCost linear(LinearCoefficients c);
+  static StepCost profile(ProfileCoefficients c);
 
   double seconds(const StepFeatures& f) const;
   double seconds(const Plan& plan) const { return seconds(features_of(plan)); }
   bool is_roofline() const { return kind_ == Kind::kRoofline; }
+  // Shared by every copy of this cost (a fast path holds one): the counts of all of them.
+  const CostCounts& counts() const { return *counts_; }
+  void reset_counts() { *counts_ = CostCounts{}; }
 
  private:
-  enum class Kind { kRoofline, kLinear };
+  enum class Kind { kRoofline, kProfile };
   double roofline_seconds(const StepFeatures& f) const;
-  double linear_seconds(const StepFeatures& f) const;
+  double profile_seconds(const StepFeatures& f) const;
 
-  Kind kind_ = Kind::kLinear;
+  Kind kind_ = Kind::kProfile;
   RooflineCoefficients roof_;
-  LinearCoefficients lin_;
+  ProfileCoefficients prof_;
+  std::shared_ptr<CostCounts> counts_ = std::make_shared<CostCounts>();
 };
 
 }  // namespace tandem

@@ -162,7 +162,42 @@ class EngineCore:
         return StepOutput(self.runner.last_req_ids, np.asarray(result.tokens), result.record.finished,
                           result.seconds)
 
+    def reset(self, scheduler_config: cp.SchedulerConfig | None = None, clock: cp.Clock | None = None) -> None:
+        """Starts a new run on this warm engine (weights, KV tensors, graphs and compiled kernels kept):
+        a fresh scheduler (of `scheduler_config`, e.g. other policies; default: the current one), no
+        request, no overlap guess, no recorded profile, and `clock` (default: a new wall clock).
+
+        Raises:
+            ValueError: a config whose KV shape or block table differs from the one the runner was built for.
+        """
+        new = self.scheduler_config if scheduler_config is None else scheduler_config
+        fixed = ("num_blocks", "block_size", "num_host_blocks", "max_num_seqs", "max_model_len", "vocab_size")
+        changed = [k for k in fixed if getattr(new, k) != getattr(self.scheduler_config, k)]
+        if changed:
+            raise ValueError(f"reset(): {changed} must stay as the engine was built "
+                             f"({ {k: getattr(self.scheduler_config, k) for k in changed} })")
+        if new.num_lookahead_tokens != self.scheduler_config.num_lookahead_tokens:
+            raise ValueError(f"reset(): num_lookahead_tokens is {self.scheduler_config.num_lookahead_tokens} on this "
+                             f"engine (overlapped decode {'on' if self.overlap else 'off'})")
+        self.scheduler_config = new
+        self.scheduler = cp.Scheduler(new)
+        runner = self.runner
+        if runner.guess is not None:
+            runner.guess.wait()
+            runner.guess = None
+        runner.seqs.clear()
+        runner.last_result, runner._last_end = None, None
+        self.clock = clock or cp.WallClock()
+        self.profile = []
+
     def save_profile(self, path: str, skip: int = 0) -> int:
-        """Writes the recorded steps (after `skip` warm-up steps) as a profile CSV; returns the row count."""
+        """Writes the recorded steps (after `skip` warm-up steps) as a profile CSV; returns the row count.
+
+        Their seconds are the runner's (its forward pass and sampling), not the loop's period that
+        `experiments.calibrate` measures (the host's planning and commit between steps included)."""
         rows = [{**row, "model": self.source, "device": str(self.device)} for row in self.profile[skip:]]
-        return write_profile(path, rows)
+        graphs = self.runner.graphs
+        meta = {"timing": "runner", "overlap": bool(self.overlap), "block_size": self.config.block_size,
+                "max_graph_batch": max(graphs.sizes, default=0) if graphs is not None else 0,
+                "engine_shape": self.source, "device": str(self.device)}
+        return write_profile(path, rows, meta)

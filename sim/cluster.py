@@ -45,13 +45,18 @@ class Replica:
         seed: seeds the synthetic output token ids.
         fast_forward: run steps in C++ between other events (same results, fewer SimPy events).
         driven: start no process; a `sim.cluster_fast.ClusterDriver` runs this replica's loop.
+        scheduler: the scheduler to drive (default: a new one of `config`).
+
+    A subclass that runs plans elsewhere (on an engine, experiments/engine_replica.py) overrides
+    `_execute`; the loop, its events and the metrics stay these.
     """
 
     def __init__(self, env: simpy.Environment, index: int, config: cp.SchedulerConfig, cost_model,
-                 metrics, idle_wait_s: float, seed: int, fast_forward: bool = True, driven: bool = False) -> None:
+                 metrics, idle_wait_s: float, seed: int, fast_forward: bool = True, driven: bool = False,
+                 scheduler: cp.Scheduler | None = None) -> None:
         self.env = env
         self.index = index
-        self.scheduler = cp.Scheduler(config)
+        self.scheduler = cp.Scheduler(config) if scheduler is None else scheduler
         self.cost_model = cost_model
         self.metrics = metrics
         self.idle_wait_s = idle_wait_s
@@ -119,10 +124,16 @@ class Replica:
             yield self._wake
         self._wake = None
 
-    def _run_step(self, plan, seconds: float, start: float):
+    def _execute(self, plan) -> tuple[float, np.ndarray | None]:
+        """Runs one plan made now: its seconds, and its sampled tokens (None: synthetic ones)."""
+        return self.cost_model.step_seconds(plan), None
+
+    def _run_step(self, plan, seconds: float, start: float, tokens: np.ndarray | None = None):
         """Runs one uncommitted, non-empty plan made at `start` as one SimPy event, then commits it."""
         yield self.env.timeout(seconds) if start == self.env.now else self._timeout_at(start + seconds)
-        finished = self.scheduler.commit(plan, self._tokens(plan.num_sampled), self.env.now)
+        if tokens is None:
+            tokens = self._tokens(plan.num_sampled)
+        finished = self.scheduler.commit(plan, tokens, self.env.now)
         self.metrics.on_step(self, start, seconds, plan)
         self._finish(finished)
 
@@ -139,7 +150,8 @@ class Replica:
                 sched.commit(plan, _EMPTY, start)
                 yield from self._idle()
                 continue
-            yield from self._run_step(plan, self.cost_model.step_seconds(plan), start)
+            seconds, tokens = self._execute(plan)
+            yield from self._run_step(plan, seconds, start, tokens)
 
     def _loop_fast(self):
         """The same loop, its steps up to the next other event run in C++ (csrc/fast_forward.h)."""

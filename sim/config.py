@@ -9,6 +9,7 @@ simulated time passes.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -86,6 +87,8 @@ class EngineConf:
     # blocks held ahead of each decoding request's next token: 1 is the GPU engine with overlapped
     # decode (engine/overlap.py, on by default there), 0 the strict loop
     num_lookahead_tokens: int = 0
+    num_gpu_blocks: Optional[int] = None    # device KV blocks; None: sized from hardware.mem_bytes
+    num_host_blocks: Optional[int] = None   # host-tier blocks; None: from host_kv_gb
 
 
 @dataclass
@@ -97,8 +100,8 @@ class SimConf:
     num_sessions: int = 100
     session_rate: Optional[float] = None   # sessions/s (open loop); None: the workload's default
     concurrency: int = 8               # sessions in flight (closed loop)
-    cost_model: str = "roofline"       # roofline | profile
-    profile_path: Optional[str] = None
+    cost_model: str = "roofline"       # roofline | profile (conf/cost/)
+    profile_path: Optional[str] = None  # profile: None = conf/profiles/<hardware>/<model>.json
     end_sessions: bool = True          # the agent ends its session after its last call
     idle_wait_s: float = 0.05          # a replica with only blocked requests re-plans after this long
     kv_sample_interval_s: float = 1.0
@@ -175,13 +178,17 @@ def validate(cfg: SimulationConfig) -> None:
         _positive("sim", max_sim_time_s=s.max_sim_time_s)
     if s.cost_model not in ("roofline", "profile"):
         raise ValueError(f"sim.cost_model must be 'roofline' or 'profile', got {s.cost_model!r}")
-    if s.cost_model == "profile" and not s.profile_path:
-        raise ValueError("sim.cost_model=profile needs sim.profile_path (a step profile CSV)")
+    if s.cost_model == "profile" and s.profile_path and not os.path.isfile(s.profile_path):
+        raise ValueError(f"sim.profile_path: no such file {s.profile_path!r}")
     _positive("cluster", num_replicas=c.num_replicas)
     if not 0 < e.gpu_memory_utilization <= 1:
         raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {e.gpu_memory_utilization}")
     if e.host_kv_gb < 0:
         raise ValueError(f"engine.host_kv_gb must be >= 0, got {e.host_kv_gb}")
+    if e.num_gpu_blocks is not None:
+        _positive("engine", num_gpu_blocks=e.num_gpu_blocks)
+    if e.num_host_blocks is not None and e.num_host_blocks < 0:
+        raise ValueError(f"engine.num_host_blocks must be >= 0, got {e.num_host_blocks}")
     if not 0 <= e.num_lookahead_tokens <= e.block_size:
         raise ValueError(f"engine.num_lookahead_tokens must be in [0, block_size], got {e.num_lookahead_tokens}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):

@@ -11,6 +11,9 @@ long each would have run. A model sees only a plan's integer features
     kv_read_tokens       sum over requests of c + q: KV tokens attention reads
     num_swap_out_blocks  KV block copies device -> host
     num_swap_in_blocks   KV block copies host -> device
+    num_decode_reqs      requests with q == 1, and decode_kv_tokens their sum of c + 1
+    follows_decode       the previous plan was a pure decode an engine with overlap guessed a successor of
+    continues_decode     ... and this plan is that successor (csrc/scheduler.h, Plan)
 
 (c = a request's cached length, q = its query length this step.) Any object
 with these attributes works: a `controlplane` Plan, a `PlanFeatures`, a
@@ -18,7 +21,8 @@ with these attributes works: a `controlplane` Plan, a `PlanFeatures`, a
 0 seconds.
 
 `RooflineCost` derives the time from a `ModelSpec` and a `HardwareSpec`;
-`ProfileCost` is fitted to steps measured on an engine (docs/profile-format.md).
+`ProfileCost` (sim/profile_cost.py) is fitted to steps measured on an engine by
+`experiments.calibrate` (docs/profile-format.md).
 
 Both compute their coefficients here and evaluate them with `native`, a
 `controlplane.StepCost` (csrc/step_cost.h): the same formula, in the same
@@ -29,21 +33,14 @@ C++ fast path, so the two give bit-identical step times.
 from __future__ import annotations
 
 import abc
-import csv
-import json
 import math
-from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
-
-import numpy as np
+from typing import Any, Callable, Iterable, Sequence
 
 from controlplane import _core
 from controlplane.profile import FEATURES, PROFILE_COLUMNS, write_profile
-from controlplane.profile import parse_row as _parse_row
-from sim.specs import HardwareSpec, ModelSpec
-
+from sim.specs import CONF_DIR, HardwareSpec, ModelSpec
 
 
 @dataclass(frozen=True)
@@ -57,6 +54,10 @@ class PlanFeatures:
     kv_read_tokens: int = 0
     num_swap_out_blocks: int = 0
     num_swap_in_blocks: int = 0
+    num_decode_reqs: int = 0
+    decode_kv_tokens: int = 0
+    follows_decode: int = 0
+    continues_decode: int = 0
     block_size: int = 16
 
     @classmethod
@@ -78,6 +79,8 @@ class PlanFeatures:
             num_sampled=len(query_lens) if num_sampled is None else num_sampled,
             attn_pairs=sum(q * c + q * (q + 1) // 2 for c, q in zip(cached_lens, query_lens)),
             kv_read_tokens=sum(c + q for c, q in zip(cached_lens, query_lens)),
+            num_decode_reqs=sum(1 for q in query_lens if q == 1),
+            decode_kv_tokens=sum(c + 1 for c, q in zip(cached_lens, query_lens) if q == 1),
             block_size=block_size,
         )
 
@@ -102,10 +105,13 @@ class CostModel(abc.ABC):
 
 
 def _native_seconds(native: Any, plan: Any, block_size: int | None = None) -> float:
-    """`native.seconds` of a plan-like object (ints or floats; block_size from the plan unless given)."""
+    """`native.seconds` of a plan-like object (ints or floats; block_size from the plan unless given).
+    A plan-like object without the decode features counts as one with none (all 0)."""
     return native.seconds(plan.num_tokens, plan.num_reqs, plan.num_sampled, plan.attn_pairs, plan.kv_read_tokens,
                           plan.num_swap_out_blocks, plan.num_swap_in_blocks,
-                          plan.block_size if block_size is None else block_size)
+                          plan.block_size if block_size is None else block_size,
+                          getattr(plan, "num_decode_reqs", 0), getattr(plan, "decode_kv_tokens", 0),
+                          getattr(plan, "follows_decode", 0), getattr(plan, "continues_decode", 0))
 
 
 def _sum_of_max_pieces(terms: Iterable[tuple[float, float, float]]
@@ -228,190 +234,30 @@ class RooflineCost(CostModel):
         ])
 
 
-def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solves min ||a @ x - b||_2 subject to x >= 0 (Lawson and Hanson's active-set method).
-
-    Args:
-        a: [m, n] matrix (scale its columns to similar magnitudes first).
-        b: [m] vector.
-    Returns:
-        x, shape [n], every entry >= 0.
-    Raises:
-        RuntimeError: no convergence within 3n outer iterations (degenerate input).
-    """
-    m, n = a.shape
-    tol = 10 * np.finfo(float).eps * max(m, n) * max(np.abs(a).sum(axis=0).max(), 1.0)
-    x = np.zeros(n)
-    passive = np.zeros(n, dtype=bool)     # columns allowed to be > 0
-    for _ in range(3 * n + 1):
-        gradient = a.T @ (b - a @ x)
-        candidates = np.flatnonzero(~passive & (gradient > tol))
-        if candidates.size == 0:
-            return x
-        passive[candidates[np.argmax(gradient[candidates])]] = True
-        while True:
-            z = np.zeros(n)
-            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
-            if np.all(z[passive] > 0):
-                break
-            # Walk from x toward z until the first passive entry hits 0; drop it.
-            blocked = passive & (z <= 0)
-            step = x[blocked] - z[blocked]
-            alpha = np.min(np.where(step > 0, x[blocked] / np.where(step > 0, step, 1.0), 0.0))
-            x = x + alpha * (z - x)
-            passive &= x > tol
-            x[~passive] = 0.0
-        x = z
-    raise RuntimeError(f"nonnegative_least_squares: no convergence on a {m}x{n} problem")
+def shipped_profile_path(model: str, hardware: str) -> Path:
+    """Where `experiments.calibrate` writes, and `cost=profile` reads, a model's fit on a machine."""
+    return CONF_DIR / "profiles" / hardware / f"{model}.json"
 
 
-def _profile_rows(source: str | Path | Iterable[Mapping[str, Any]]) -> Iterator[tuple[str, Mapping]]:
-    """Yields ``("file:line", row)`` from a CSV path, or ``("<rows>[i]", row)`` from mappings."""
-    if not isinstance(source, (str, Path)):
-        for i, row in enumerate(source):
-            yield f"<rows>[{i}]", row
-        return
-    with open(source, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            raise ValueError(f"{source}: empty profile (no header line)")
-        missing = [c for c in PROFILE_COLUMNS if c not in reader.fieldnames]
-        if missing:
-            raise ValueError(f"{source}:1: header lacks columns {missing}; "
-                             f"required: {list(PROFILE_COLUMNS)}")
-        for row in reader:
-            yield f"{source}:{reader.line_num}", row
-
-
-def read_profile(source: str | Path | Iterable[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """Reads measured steps (format: docs/profile-format.md).
-
-    Args:
-        source: a CSV path, or an iterable of mappings with the same columns.
-    Returns:
-        ``features`` [n, len(FEATURES)] and ``seconds`` [n], as float64.
-    Raises:
-        ValueError: empty profile, missing column, non-numeric or negative value
-            (the message names the file and line, or the row index).
-    """
-    parsed = [_parse_row(row, where) for where, row in _profile_rows(source)]
-    if not parsed:
-        name = source if isinstance(source, (str, Path)) else "<rows>"
-        raise ValueError(f"{name}: empty profile (no data rows)")
-    table = np.asarray(parsed, dtype=np.float64)
-    return table[:, :-1], table[:, -1]
-
-
-class ProfileCost(CostModel):
-    """seconds = intercept + sum_i coefficients[i] * feature_i, all terms >= 0.
-
-    Fitted to steps measured on one engine, model, machine and block size
-    (`fit`); the fitted numbers round-trip through JSON (`save`, `load`).
-
-    Args:
-        intercept: seconds every non-empty step costs.
-        coefficients: seconds per unit of each `FEATURES` name (all of them).
-        source: where the fit came from; num_rows, rmse: the fit's size and residual.
-        unobserved: features that were 0 in every profiled step (their cost is unknown, taken as 0).
-    """
-
-    name = "profile"
-
-    def __init__(self, intercept: float, coefficients: Mapping[str, float], source: str = "",
-                 num_rows: int = 0, rmse: float = 0.0, unobserved: Sequence[str] = ()) -> None:
-        if sorted(coefficients) != sorted(FEATURES):
-            raise ValueError(f"ProfileCost coefficients must name exactly {list(FEATURES)}, "
-                             f"got {sorted(coefficients)}")
-        for key, value in [("intercept", intercept), *coefficients.items()]:
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"ProfileCost {key} must be finite and >= 0, got {value!r}")
-        self.intercept = float(intercept)
-        self.coefficients = {f: float(coefficients[f]) for f in FEATURES}
-        self.source, self.num_rows, self.rmse = source, num_rows, rmse
-        self.unobserved = tuple(unobserved)
-        self.native = _core.StepCost.linear(self.intercept, *(self.coefficients[f] for f in FEATURES))
-
-    @classmethod
-    def fit(cls, source: str | Path | Iterable[Mapping[str, Any]]) -> "ProfileCost":
-        """Fits the coefficients by non-negative least squares.
-
-        Args:
-            source: a profile CSV path or an iterable of row mappings (see `read_profile`).
-        Returns:
-            The fitted model.
-        Raises:
-            ValueError: a malformed profile.
-        """
-        features, seconds = read_profile(source)
-        design = np.hstack([np.ones((len(seconds), 1)), features])
-        scale = np.abs(design).max(axis=0)
-        observed = scale > 0
-        scale[~observed] = 1.0
-        b_scale = max(float(np.abs(seconds).max()), 1e-300)
-        x = nonnegative_least_squares(design / scale, seconds / b_scale) * b_scale / scale
-        rmse = float(np.sqrt(np.mean((design @ x - seconds) ** 2)))
-        name = str(source) if isinstance(source, (str, Path)) else "<rows>"
-        return cls(float(x[0]), dict(zip(FEATURES, x[1:].tolist())), source=name,
-                   num_rows=len(seconds), rmse=rmse,
-                   unobserved=[f for f, seen in zip(FEATURES, observed[1:]) if not seen])
-
-    def step_seconds(self, plan: Any) -> float:
-        """Args: plan: an object with the `FEATURES` attributes.
-        Returns: the fitted seconds of the step (0.0 for an empty plan): intercept + the
-        coefficients times the features, summed left to right in `FEATURES` order."""
-        return _native_seconds(self.native, plan, block_size=0)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Returns: the fitted numbers as a JSON-ready mapping (the `save` format)."""
-        return {"format": "tandem.ProfileCost/1", "intercept": self.intercept,
-                "coefficients": dict(self.coefficients), "source": self.source,
-                "num_rows": self.num_rows, "rmse": self.rmse, "unobserved": list(self.unobserved)}
-
-    def save(self, path: str | Path) -> None:
-        """Writes `to_dict` as JSON to `path`."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ProfileCost":
-        """Reads a model written by `save`.
-
-        Args:
-            path: the JSON file.
-        Returns:
-            The model.
-        Raises:
-            ValueError: not a saved ProfileCost, or unknown keys.
-        """
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not JSON: {err}") from err
-        if not isinstance(data, dict) or data.get("format") != "tandem.ProfileCost/1":
-            raise ValueError(f"{path}: not a saved ProfileCost (format tandem.ProfileCost/1)")
-        known = {"format", "intercept", "coefficients", "source", "num_rows", "rmse", "unobserved"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown keys {unknown}")
-        data.pop("format")
-        return cls(**data)
-
-    def describe(self) -> str:
-        """Returns: the fitted formula, its residual and the features it never saw."""
-        terms = " + ".join(f"{c:.3g}*{f}" for f, c in self.coefficients.items() if c)
-        lines = [f"profile: fitted to {self.num_rows} steps from {self.source or '?'}",
-                 f"  seconds = {self.intercept:.3g}" + (f" + {terms}" if terms else ""),
-                 f"  rmse {self.rmse:.3g} s"]
-        if self.unobserved:
-            lines.append(f"  never varied in the profile (cost taken as 0): {', '.join(self.unobserved)}")
-        return "\n".join(lines)
+def shipped_profiles() -> list[str]:
+    """The fits shipped in conf/profiles, as ``hardware/model`` names."""
+    root = CONF_DIR / "profiles"
+    return sorted(f"{p.parent.name}/{p.stem}" for p in root.glob("*/*.json"))
 
 
 def _profile_cost(model: ModelSpec, hw: HardwareSpec, profile_path: str | Path | None) -> CostModel:
+    from sim.profile_cost import ProfileCost
+
     if profile_path is None:
-        raise ValueError("cost model 'profile' needs profile_path (a profile .csv or a saved .json)")
-    if Path(profile_path).suffix == ".json":
-        return ProfileCost.load(profile_path)
-    return ProfileCost.fit(profile_path)
+        path = shipped_profile_path(model.name, hw.name)
+        if not path.is_file():
+            raise ValueError(f"cost model 'profile': no fit of {model.name} on {hw.name} in conf/profiles "
+                             f"(shipped: {shipped_profiles() or 'none'}); run `python -m experiments.calibrate` "
+                             f"on that GPU, or give sim.profile_path (a profile .csv or a fitted .json)")
+        profile_path = path
+    cost = ProfileCost.load(profile_path) if Path(profile_path).suffix == ".json" else ProfileCost.fit(profile_path)
+    cost.check_model(model)
+    return cost
 
 
 _COST_MODELS: dict[str, Callable[[ModelSpec, HardwareSpec, Any], CostModel]] = {
@@ -427,16 +273,27 @@ def make_cost_model(kind: str, model: ModelSpec, hw: HardwareSpec,
     Args:
         kind: ``"roofline"`` or ``"profile"``.
         model, hw: the specs (the roofline's inputs; a profile is for one pair already).
-        profile_path: for ``"profile"``: a profile CSV to fit, or a JSON written by `ProfileCost.save`.
+        profile_path: for ``"profile"``: a profile CSV to fit, or a JSON written by `ProfileCost.save`;
+            None: the fit shipped for (model, hw) in conf/profiles (`shipped_profile_path`).
     Returns:
         The cost model.
     Raises:
-        ValueError: unknown kind, missing or malformed profile.
+        ValueError: unknown kind, missing or malformed profile, a profile of another model shape.
     """
     if kind not in _COST_MODELS:
         raise ValueError(f"unknown cost model {kind!r}; known: {sorted(_COST_MODELS)}")
     return _COST_MODELS[kind](model, hw, profile_path)
 
 
+def __getattr__(name: str):
+    """ProfileCost and its helpers, from sim/profile_cost.py (which imports CostModel from here)."""
+    if name in ("ProfileCost", "nonnegative_least_squares", "read_profile"):
+        from sim import profile_cost
+
+        return getattr(profile_cost, name)
+    raise AttributeError(f"module 'sim.cost' has no attribute {name!r}")
+
+
 __all__ = ["FEATURES", "PROFILE_COLUMNS", "PlanFeatures", "CostModel", "RooflineCost", "ProfileCost",
-           "nonnegative_least_squares", "read_profile", "write_profile", "make_cost_model"]
+           "nonnegative_least_squares", "read_profile", "write_profile", "make_cost_model",
+           "shipped_profile_path", "shipped_profiles"]

@@ -121,9 +121,11 @@ class Simulation:
         self.model = ModelSpec(**vars(cfg.model))
         self.hardware = HardwareSpec(**vars(cfg.hardware))
         e = cfg.engine
-        self.num_blocks = kv_capacity_blocks(self.model, self.hardware, e.block_size, e.gpu_memory_utilization)
+        self.num_blocks = (kv_capacity_blocks(self.model, self.hardware, e.block_size, e.gpu_memory_utilization)
+                           if e.num_gpu_blocks is None else e.num_gpu_blocks)
         block_bytes = self.model.kv_bytes_per_token() * e.block_size
-        self.num_host_blocks = int(e.host_kv_gb * 1e9 // block_bytes)
+        self.num_host_blocks = (int(e.host_kv_gb * 1e9 // block_bytes) if e.num_host_blocks is None
+                                else e.num_host_blocks)
         self.scheduler_config = scheduler_config(cfg, self.num_blocks, self.num_host_blocks)
         # The C++ core checks sizes and policy parameters now, on a one-block scheduler.
         cp.Scheduler(dataclasses.replace(self.scheduler_config, num_blocks=1, max_num_seqs=1))
@@ -131,15 +133,32 @@ class Simulation:
         self.workload = make_workload(cfg.workload.name, dict(cfg.workload.params))
         self.capacity_tokens = self.num_blocks * e.block_size
 
-    def run(self) -> SimResult:
+    def run(self, env: simpy.Environment | None = None, replica_factory=None) -> SimResult:
+        """Runs the workload to its end.
+
+        Args:
+            env: the clock (default: a new simpy.Environment); a simpy.rt.RealtimeEnvironment runs
+                the sessions in real time.
+            replica_factory: ``(env, index, scheduler_config, collector) -> Replica`` in place of
+                the simulated replicas (e.g. one that runs its plans on an engine,
+                experiments/engine_replica.py); they run step by step.
+        """
         cfg, s = self.cfg, self.cfg.sim
-        env = simpy.Environment()
+        env = simpy.Environment() if env is None else env
         collector = Collector(cfg.cluster.num_replicas, self.num_blocks, s.kv_sample_interval_s,
                               Slo(s.slo_ttft_s, s.slo_tpot_s))
-        driven = s.fast_forward and cfg.cluster.num_replicas > 1 and getattr(self.cost_model, "native", None)
-        replicas = [Replica(env, i, self.scheduler_config, self.cost_model, collector, s.idle_wait_s, s.seed,
-                            fast_forward=s.fast_forward, driven=bool(driven))
-                    for i in range(cfg.cluster.num_replicas)]
+        driven = (s.fast_forward and replica_factory is None and cfg.cluster.num_replicas > 1
+                  and getattr(self.cost_model, "native", None))
+        if replica_factory is not None:
+            replicas = [replica_factory(env, i, self.scheduler_config, collector)
+                        for i in range(cfg.cluster.num_replicas)]
+        else:
+            replicas = [Replica(env, i, self.scheduler_config, self.cost_model, collector, s.idle_wait_s, s.seed,
+                                fast_forward=s.fast_forward, driven=bool(driven))
+                        for i in range(cfg.cluster.num_replicas)]
+        native = getattr(self.cost_model, "native", None)
+        if native is not None:
+            native.reset_counts()
         if driven:
             ClusterDriver(env, replicas, collector)
         router = Router(cfg.cluster.router, replicas)
@@ -221,12 +240,30 @@ class Simulation:
             replica.scheduler.check_invariants()
         summary = collector.summary([r.scheduler.stats() for r in replicas], wall)
         summary.update(self.describe())
-        notes = []
+        notes = self._cost_notes(summary, native if replica_factory is None else None)
         if getattr(self.cost_model, "is_physical_limit", False):
             notes.append("roofline cost with zero step overhead: latencies are physical lower bounds")
         summary["physical_limit"] = bool(getattr(self.cost_model, "is_physical_limit", False))
         summary["completed"] = state["finished"] == s.num_sessions
         return SimResult(cfg, summary, collector, self.num_blocks, notes)
+
+    def _cost_notes(self, summary: dict, native) -> list[str]:
+        """What the summary should say about how steps were priced: steps beyond a profile's range,
+        a profile measured with another decode loop than this simulation plans for."""
+        notes = []
+        if native is not None:
+            summary["cost_steps"] = int(native.num_steps)
+            summary["cost_steps_extrapolated"] = int(native.num_extrapolated)
+            if native.num_extrapolated:
+                notes.append(f"{native.num_extrapolated} of {native.num_steps} steps lie beyond the profiled range: "
+                             f"priced by extending the fitted rates linearly")
+        meta = getattr(self.cost_model, "meta", {})
+        overlap = meta.get("overlap")
+        if overlap is not None and bool(overlap) != (self.cfg.engine.num_lookahead_tokens > 0):
+            notes.append(f"the profile was measured with overlapped decode {'on' if overlap else 'off'}, but "
+                         f"engine.num_lookahead_tokens={self.cfg.engine.num_lookahead_tokens} plans as an engine "
+                         f"with it {'off' if overlap else 'on'}")
+        return notes
 
     def describe(self) -> dict:
         c = self.cfg

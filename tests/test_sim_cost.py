@@ -1,4 +1,4 @@
-"""Step-cost models and the specs they read (sim/specs.py, sim/cost.py).
+"""Step-cost models and the specs they read (sim/specs.py, sim/cost.py; the fitted model: test_profile_cost.py).
 
 Most expected costs are worked out by hand below for a tiny invented model on
 an invented machine with round numbers:
@@ -21,7 +21,6 @@ an invented machine with round numbers:
 
 from __future__ import annotations
 
-import json
 import types
 
 import numpy as np
@@ -30,8 +29,7 @@ import yaml
 
 import controlplane as cp
 from sim import specs
-from sim.cost import (FEATURES, PlanFeatures, ProfileCost, RooflineCost, make_cost_model,
-                      nonnegative_least_squares, read_profile, write_profile)
+from sim.cost import FEATURES, PlanFeatures, RooflineCost, make_cost_model
 from sim.specs import HardwareSpec, ModelSpec, kv_capacity_blocks, load_hardware_spec, load_model_spec
 
 TINY = ModelSpec(name="tiny", num_layers=1, hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4,
@@ -264,127 +262,9 @@ def test_plan_features_agree_with_the_control_plane_plan():
     assert {f: getattr(real, f) for f in FEATURES} == {f: getattr(mine, f) for f in FEATURES}
 
 
-# --- profile -----------------------------------------------------------------------------------
-
-TRUE = {"num_tokens": 3e-6, "num_reqs": 1e-5, "num_sampled": 2e-5, "attn_pairs": 1e-11,
-        "kv_read_tokens": 5e-9, "num_swap_out_blocks": 1e-4, "num_swap_in_blocks": 1.5e-4}
-TRUE_INTERCEPT = 2e-3
-
-
-def synthetic_rows(n: int, noise: float, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for step in range(n):
-        row = {"num_tokens": int(rng.integers(1, 8192)), "num_reqs": int(rng.integers(1, 256)),
-               "attn_pairs": int(rng.integers(0, 10**8)), "kv_read_tokens": int(rng.integers(0, 10**6)),
-               "num_swap_out_blocks": int(rng.integers(0, 64)), "num_swap_in_blocks": int(rng.integers(0, 64))}
-        row["num_sampled"] = int(rng.integers(0, row["num_reqs"] + 1))
-        seconds = TRUE_INTERCEPT + sum(TRUE[f] * row[f] for f in FEATURES)
-        rows.append(row | {"seconds": seconds * (1 + noise * rng.standard_normal()),
-                           "step_id": step, "model": "tiny"})
-    return rows
-
-
-def test_profile_recovers_noiseless_coefficients(tmp_path):
-    path = tmp_path / "profile.csv"
-    assert write_profile(path, synthetic_rows(200, noise=0.0)) == 200
-    fitted = ProfileCost.fit(path)
-    assert fitted.intercept == pytest.approx(TRUE_INTERCEPT, rel=1e-6)
-    for f in FEATURES:
-        assert fitted.coefficients[f] == pytest.approx(TRUE[f], rel=1e-6), f
-    assert fitted.num_rows == 200 and fitted.rmse < 1e-12 and fitted.unobserved == ()
-
-
-def test_profile_fit_with_small_noise_stays_near():
-    rows = synthetic_rows(400, noise=0.01, seed=1)
-    fitted = ProfileCost.fit(rows)
-    for f in ("num_tokens", "attn_pairs", "kv_read_tokens", "num_swap_out_blocks", "num_swap_in_blocks"):
-        assert fitted.coefficients[f] == pytest.approx(TRUE[f], rel=0.1), f
-    for row in rows[:50]:
-        truth = TRUE_INTERCEPT + sum(TRUE[f] * row[f] for f in FEATURES)
-        assert fitted.step_seconds(types.SimpleNamespace(**row)) == pytest.approx(truth, rel=0.03)
-
-
-def test_profile_step_seconds_is_the_dot_product_and_empty_costs_nothing():
-    model = ProfileCost(0.5, {f: float(i + 1) for i, f in enumerate(FEATURES)})
-    # 0.5 + 1*2 + 2*1 + 3*1 + 4*3 + 5*3 + 6*0 + 7*1
-    p = plan(num_tokens=2, num_reqs=1, num_sampled=1, attn_pairs=3, kv_read_tokens=3, num_swap_in_blocks=1)
-    assert model.step_seconds(p) == 41.5
-    assert model.step_seconds(plan()) == 0.0
-
-
-def test_profile_fit_never_goes_negative_and_reports_unobserved_features():
-    # seconds fall as num_reqs grows: unconstrained least squares would give it a negative cost
-    rows = [{f: 0 for f in FEATURES} | {"num_tokens": t, "num_reqs": r, "seconds": 1.0 + 0.1 * t - 0.01 * r}
-            for t in range(1, 6) for r in range(1, 6)]
-    fitted = ProfileCost.fit(rows)
-    assert all(c >= 0 for c in fitted.coefficients.values())
-    assert fitted.coefficients["num_reqs"] == 0.0
-    assert fitted.coefficients["num_tokens"] == pytest.approx(0.1)
-    assert fitted.unobserved == ("num_sampled", "attn_pairs", "kv_read_tokens",
-                                 "num_swap_out_blocks", "num_swap_in_blocks")
-    assert "never varied" in fitted.describe()
-
-
-def test_nonnegative_least_squares_small_cases():
-    np.testing.assert_allclose(nonnegative_least_squares(np.eye(2), np.array([1.0, -1.0])), [1.0, 0.0])
-    # y falls with x: the best non-negative line through (1,3) (2,2) (3,1) is flat at the mean
-    a = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
-    np.testing.assert_allclose(nonnegative_least_squares(a, np.array([3.0, 2.0, 1.0])), [2.0, 0.0])
-    np.testing.assert_allclose(nonnegative_least_squares(a, np.array([2.0, 3.0, 4.0])), [1.0, 1.0])
-
-
-HEADER = ",".join(FEATURES) + ",seconds\n"
-
-
-@pytest.mark.parametrize("text, message", [
-    ("", r"empty profile \(no header line\)"),
-    (HEADER, r"empty profile \(no data rows\)"),
-    ("num_tokens,seconds\n1,0.1\n", r":1: header lacks columns \['num_reqs'"),
-    (HEADER + "1,1,1,1,1,0,0,0.1\n1,1,1,1,1,0,0,-0.1\n", r"profile\.csv:3: column 'seconds': '-0\.1' must be"),
-    (HEADER + "1,1,x,1,1,0,0,0.1\n", r"profile\.csv:2: column 'num_sampled': 'x' is not a number"),
-    (HEADER + "1,1,1\n", r"profile\.csv:2: column 'attn_pairs': None is not a number"),
-])
-def test_malformed_profiles_are_rejected_with_file_and_line(tmp_path, text, message):
-    path = tmp_path / "profile.csv"
-    path.write_text(text)
-    with pytest.raises(ValueError, match=message):
-        ProfileCost.fit(path)
-
-
-def test_write_profile_rejects_a_row_without_seconds(tmp_path):
-    with pytest.raises(ValueError, match=r"<rows>\[0\]: missing column 'seconds'"):
-        write_profile(tmp_path / "p.csv", [{f: 1 for f in FEATURES}])
-
-
-def test_read_profile_ignores_extra_columns(tmp_path):
-    path = tmp_path / "profile.csv"
-    write_profile(path, synthetic_rows(3, noise=0.0))
-    assert path.read_text().splitlines()[0] == HEADER.strip() + ",step_id,model"
-    features, seconds = read_profile(path)
-    assert features.shape == (3, len(FEATURES)) and seconds.shape == (3,)
-
-
-def test_profile_cost_round_trips_through_json(tmp_path):
-    fitted = ProfileCost.fit(synthetic_rows(50, noise=0.0))
-    fitted.save(tmp_path / "cost.json")
-    loaded = ProfileCost.load(tmp_path / "cost.json")
-    assert loaded.to_dict() == fitted.to_dict()
-    (tmp_path / "bad.json").write_text(json.dumps(fitted.to_dict() | {"extra": 1}))
-    with pytest.raises(ValueError, match=r"unknown keys \['extra'\]"):
-        ProfileCost.load(tmp_path / "bad.json")
-
-
 # --- factory -----------------------------------------------------------------------------------
 
-def test_make_cost_model(tmp_path):
+def test_make_cost_model():
     assert isinstance(make_cost_model("roofline", TINY, SLOW), RooflineCost)
-    write_profile(tmp_path / "p.csv", synthetic_rows(30, noise=0.0))
-    from_csv = make_cost_model("profile", TINY, SLOW, profile_path=tmp_path / "p.csv")
-    from_csv.save(tmp_path / "p.json")
-    from_json = make_cost_model("profile", TINY, SLOW, profile_path=tmp_path / "p.json")
-    assert from_json.to_dict() == from_csv.to_dict()
-    with pytest.raises(ValueError, match="needs profile_path"):
-        make_cost_model("profile", TINY, SLOW)
     with pytest.raises(ValueError, match=r"unknown cost model 'vidur'; known: \['profile', 'roofline'\]"):
         make_cost_model("vidur", TINY, SLOW)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import controlplane as cp
-from sim.cost import FEATURES, PlanFeatures, ProfileCost, RooflineCost, write_profile
+from sim.cost import PlanFeatures, ProfileCost, RooflineCost
+from sim.profile_cost import PROFILE_BASIS, ProfilePath
 from sim.simulation import Simulation
 from sim.specs import load_hardware_spec, load_model_spec
 
@@ -96,11 +97,8 @@ def test_fast_path_gives_the_step_by_step_event_log_exactly(name):
 
 
 def test_fast_path_with_a_profile_cost_model_gives_the_step_by_step_event_log(tmp_path):
-    rows = [dict(zip(FEATURES, (t, r, s, p, k, 0, 0)), seconds=1e-3 + 2e-6 * t + 1e-9 * k)
-            for t, r, s, p, k in [(1, 1, 1, 100, 100), (64, 8, 8, 5000, 40000), (2048, 1, 1, 2_000_000, 2048),
-                                  (512, 4, 3, 300000, 9000), (8, 8, 8, 80000, 80000)]]
-    path = tmp_path / "profile.csv"
-    write_profile(path, rows)
+    path = tmp_path / "profile.json"
+    random_profile_cost(np.random.default_rng(3), max_graph_batch=8).save(path)
     cfg = scenario(sim={"cost_model": "profile", "profile_path": str(path)})
     assert same(run(cfg, False), run(cfg, True))
 
@@ -132,14 +130,43 @@ def roofline_reference(cost: RooflineCost, plan) -> float:
     return seconds
 
 
+def random_profile_cost(rng: np.random.Generator, max_graph_batch: int = 64) -> ProfileCost:
+    """A ProfileCost of every basis on both paths, with random coefficients and limits."""
+    def path(bases):
+        terms = tuple((b, float(rng.integers(1, 300)) if b.endswith("_over") else 0.0,
+                       float(rng.random() * 10.0 ** rng.integers(-12, -2))) for b in bases)
+        limits = {b: float(rng.integers(1, 10**6)) for b in ("tokens", "reqs", "decode_kv", "prefill_pairs")}
+        return ProfilePath(terms, limits)
+
+    graph = path(["one", "reqs", "reqs_over", "reqs_over", "decode_kv", "strict", "dropped", "dropped_kv",
+                  "swap_out", "swap_in"])
+    return ProfileCost({"graph": graph, "eager": path(sorted(PROFILE_BASIS))}, max_graph_batch)
+
+
 def profile_reference(cost: ProfileCost, plan) -> float:
-    c = cost.coefficients
+    """ProfileCost.step_seconds written out in Python: term by term, in the terms' order."""
     if plan.num_tokens <= 0 and not plan.num_swap_out_blocks and not plan.num_swap_in_blocks:
         return 0.0
-    return (cost.intercept + c["num_tokens"] * plan.num_tokens + c["num_reqs"] * plan.num_reqs
-            + c["num_sampled"] * plan.num_sampled + c["attn_pairs"] * plan.attn_pairs
-            + c["kv_read_tokens"] * plan.kv_read_tokens + c["num_swap_out_blocks"] * plan.num_swap_out_blocks
-            + c["num_swap_in_blocks"] * plan.num_swap_in_blocks)
+    graph = 0 < cost.max_graph_batch and 0 < plan.num_tokens == plan.num_reqs <= cost.max_graph_batch
+    strict = not plan.continues_decode
+    dropped = bool(plan.follows_decode) and strict
+    values = {"one": 1.0, "tokens": plan.num_tokens, "reqs": plan.num_reqs, "sampled": plan.num_sampled,
+              "sampled_any": float(plan.num_sampled > 0), "decode_reqs": plan.num_decode_reqs,
+              "prefill_reqs": plan.num_reqs - plan.num_decode_reqs, "decode_kv": plan.decode_kv_tokens,
+              "prefill_pairs": plan.attn_pairs - plan.decode_kv_tokens,
+              "prefill_kv": plan.kv_read_tokens - plan.decode_kv_tokens, "strict": float(strict),
+              "dropped": float(dropped), "dropped_kv": plan.decode_kv_tokens if dropped else 0.0,
+              "swap_out": plan.num_swap_out_blocks, "swap_in": plan.num_swap_in_blocks}
+    seconds = 0.0
+    for basis, knot, coef in cost.paths["graph" if graph else "eager"].terms:
+        if basis == "tokens_over":
+            value = max(plan.num_tokens - knot, 0.0)
+        elif basis == "reqs_over":
+            value = max(plan.num_reqs - knot, 0.0)
+        else:
+            value = float(values[basis])
+        seconds += coef * value
+    return max(seconds, 0.0)
 
 
 def random_plans(n: int, seed: int = 0):
@@ -151,7 +178,9 @@ def random_plans(n: int, seed: int = 0):
         base = PlanFeatures.of_requests(cached, query, num_sampled=rng.randint(0, reqs) if reqs else 0,
                                         block_size=rng.choice([1, 16, 32]))
         swaps = rng.choice([(0, 0), (0, 0), (rng.randint(0, 500), 0), (0, rng.randint(0, 500))])
-        yield PlanFeatures(**{**base.__dict__, "num_swap_out_blocks": swaps[0], "num_swap_in_blocks": swaps[1]})
+        follows = rng.random() < 0.5
+        yield PlanFeatures(**{**base.__dict__, "num_swap_out_blocks": swaps[0], "num_swap_in_blocks": swaps[1],
+                              "follows_decode": int(follows), "continues_decode": int(follows and rng.random() < 0.5)})
 
 
 @pytest.mark.parametrize("model,hardware", [("llama3_8b", "h100_sxm"), ("qwen3_8b", "h200"),
@@ -165,8 +194,7 @@ def test_roofline_native_cost_is_bit_identical_to_the_python_formula(model, hard
 def test_profile_native_cost_is_bit_identical_to_the_python_formula():
     rng = np.random.default_rng(1)
     for _ in range(20):
-        coefficients = dict(zip(FEATURES, (rng.random(len(FEATURES)) * 10.0 ** rng.integers(-12, -2, len(FEATURES))).tolist()))
-        cost = ProfileCost(float(rng.random() * 1e-3), coefficients)
+        cost = random_profile_cost(rng, max_graph_batch=int(rng.choice([0, 8, 64])))
         for plan in random_plans(200, seed=int(rng.integers(1 << 30))):
             assert cost.step_seconds(plan) == profile_reference(cost, plan), plan
 
