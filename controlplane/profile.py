@@ -17,6 +17,8 @@ FEATURES = ("num_tokens", "num_reqs", "num_sampled", "attn_pairs", "kv_read_toke
             "num_swap_out_blocks", "num_swap_in_blocks",
             "num_decode_reqs", "decode_kv_tokens", "follows_decode", "continues_decode")
 PROFILE_COLUMNS = FEATURES + ("seconds",)
+# Optional column: the step's prefill rows (q > 1) as "q:c q:c ...", for per-request cost terms.
+PREFILL_ROWS = "prefill_rows"
 FORMAT_LINE = "# tandem-profile/2"
 
 
@@ -96,6 +98,28 @@ def csv_rows(path: str | Path) -> tuple[dict, list[str] | None, list[tuple[int, 
     return meta, reader.fieldnames, rows
 
 
-def plan_features(plan) -> dict[str, int]:
-    """A plan's FEATURES as a profile row's columns (add ``seconds``)."""
-    return {f: int(getattr(plan, f)) for f in FEATURES}
+def plan_features(plan) -> dict[str, Any]:
+    """A plan's FEATURES and its prefill rows as a profile row's columns (add ``seconds``)."""
+    row: dict[str, Any] = {f: int(getattr(plan, f)) for f in FEATURES}
+    row[PREFILL_ROWS] = encode_prefill_rows(plan.query_lens, plan.cached_lens)
+    return row
+
+
+def encode_prefill_rows(query_lens, cached_lens) -> str:
+    """"q:c q:c ..." of the rows with q > 1 ("" for a pure decode)."""
+    return " ".join(f"{int(q)}:{int(c)}" for q, c in zip(query_lens, cached_lens) if q > 1)
+
+
+def decode_prefill_rows(text: str, where: str = "") -> list[tuple[int, int]]:
+    """The (q, c) pairs of an encoded prefill_rows value.
+
+    Raises:
+        ValueError: not of the form "q:c q:c ..." with non-negative integers.
+    """
+    out = []
+    for item in (text or "").split():
+        q, sep, c = item.partition(":")
+        if not sep or not q.isdigit() or not c.isdigit():
+            raise ValueError(f"{where}: column {PREFILL_ROWS!r}: {item!r} is not q:c")
+        out.append((int(q), int(c)))
+    return out

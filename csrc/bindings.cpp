@@ -146,7 +146,10 @@ void bind_simulation(py::module_& m) {
           "seconds",
           [](const StepCost& c, double num_tokens, double num_reqs, double num_sampled, double attn_pairs,
              double kv_read_tokens, double num_swap_out_blocks, double num_swap_in_blocks, double block_size,
-             double num_decode_reqs, double decode_kv_tokens, double follows_decode, double continues_decode) {
+             double num_decode_reqs, double decode_kv_tokens, double follows_decode, double continues_decode,
+             std::vector<int32_t> query_lens, std::vector<int32_t> cached_lens) {
+            TANDEM_REQUIRE(query_lens.size() == cached_lens.size(),
+                           "StepCost.seconds: query_lens and cached_lens must have one entry per request");
             StepFeatures f{num_tokens, num_reqs, num_sampled, attn_pairs, kv_read_tokens,
                            num_swap_out_blocks, num_swap_in_blocks};
             f.num_decode_reqs = num_decode_reqs;
@@ -154,12 +157,16 @@ void bind_simulation(py::module_& m) {
             f.follows_decode = follows_decode;
             f.continues_decode = continues_decode;
             f.block_size = block_size;
+            f.query_lens = query_lens.data();
+            f.cached_lens = cached_lens.data();
+            f.rows = static_cast<int64_t>(query_lens.size());
             return c.seconds(f);
           },
           py::arg("num_tokens"), py::arg("num_reqs"), py::arg("num_sampled"), py::arg("attn_pairs"),
           py::arg("kv_read_tokens"), py::arg("num_swap_out_blocks"), py::arg("num_swap_in_blocks"),
           py::arg("block_size"), py::arg("num_decode_reqs") = 0.0, py::arg("decode_kv_tokens") = 0.0,
-          py::arg("follows_decode") = 0.0, py::arg("continues_decode") = 0.0)
+          py::arg("follows_decode") = 0.0, py::arg("continues_decode") = 0.0,
+          py::arg("query_lens") = std::vector<int32_t>{}, py::arg("cached_lens") = std::vector<int32_t>{})
       .def_property_readonly("num_steps", [](const StepCost& c) { return c.counts().steps; },
                              "Steps priced so far, by this cost and every copy of it (fast paths).")
       .def_property_readonly("num_extrapolated", [](const StepCost& c) { return c.counts().extrapolated; },

@@ -1,6 +1,7 @@
 #include "step_cost.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "common.h"
 #include "scheduler.h"
@@ -21,6 +22,9 @@ StepFeatures features_of(const Plan& plan) {
   f.follows_decode = plan.follows_decode ? 1.0 : 0.0;
   f.continues_decode = plan.continues_decode ? 1.0 : 0.0;
   f.block_size = plan.block_size;
+  f.query_lens = plan.query_lens.data();
+  f.cached_lens = plan.cached_lens.data();
+  f.rows = plan.num_reqs();
   return f;
 }
 
@@ -29,7 +33,7 @@ namespace {
 const char* const kBasisNames[] = {"one",          "tokens",     "reqs",       "sampled",     "sampled_any",
                                    "decode_reqs",  "prefill_reqs", "decode_kv", "prefill_pairs", "prefill_kv",
                                    "strict",       "dropped",    "dropped_kv", "swap_out",    "swap_in",
-                                   "tokens_over",  "reqs_over"};
+                                   "tokens_over",  "reqs_over",  "prefill_waves_kv"};
 
 }  // namespace
 
@@ -64,6 +68,14 @@ double basis_value(Basis basis, double knot, const StepFeatures& f) {
     case Basis::kSwapIn: return f.num_swap_in_blocks;
     case Basis::kTokensOver: return f.num_tokens > knot ? f.num_tokens - knot : 0.0;
     case Basis::kReqsOver: return f.num_reqs > knot ? f.num_reqs - knot : 0.0;
+    case Basis::kPrefillWavesKv: {
+      double sum = 0.0;
+      for (int64_t i = 0; i < f.rows; ++i) {
+        const double q = f.query_lens[i];
+        if (q > 1) sum += (f.cached_lens[i] + q) * std::ceil(q / knot);
+      }
+      return sum;
+    }
   }
   return 0.0;
 }
@@ -80,6 +92,12 @@ StepCost StepCost::roofline(RooflineCoefficients c) {
 
 StepCost StepCost::profile(ProfileCoefficients c) {
   TANDEM_REQUIRE(c.max_graph_batch >= 0, "profile cost: max_graph_batch must be >= 0");
+  for (const ProfilePath* path : {&c.graph, &c.eager}) {
+    for (const ProfileTerm& t : path->terms) {
+      TANDEM_REQUIRE(t.basis != Basis::kPrefillWavesKv || t.knot > 0,
+                     "profile cost: a prefill_waves_kv term needs a knot (tokens a wave) > 0");
+    }
+  }
   StepCost cost;
   cost.kind_ = Kind::kProfile;
   cost.prof_ = std::move(c);

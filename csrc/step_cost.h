@@ -35,6 +35,11 @@ struct StepFeatures {
   double num_swap_out_blocks = 0, num_swap_in_blocks = 0;
   double num_decode_reqs = 0, decode_kv_tokens = 0, follows_decode = 0, continues_decode = 0;
   double block_size = 16;
+  // The rows themselves (a plan's query_lens / cached_lens; null when only the sums are known):
+  // the prefill_waves_kv basis reads them.
+  const int32_t* query_lens = nullptr;
+  const int32_t* cached_lens = nullptr;
+  int64_t rows = 0;
 };
 
 StepFeatures features_of(const Plan& plan);
@@ -54,9 +59,11 @@ struct RooflineCoefficients {
 //   decode_kv Kd | prefill_pairs pairs - Kd | prefill_kv kv_read - Kd
 //   strict [not continues_decode] | dropped [follows_decode and not continues_decode] | dropped_kv dropped*Kd
 //   swap_out | swap_in (blocks) | tokens_over max(0, T - knot) | reqs_over max(0, R - knot)
+//   prefill_waves_kv  sum over rows with q > 1 of (c + q) * ceil(q / knot): a prefill's attention runs
+//                     in waves of query tiles, each reading the whole context (0 without the rows)
 enum class Basis : int {
   kOne, kTokens, kReqs, kSampled, kSampledAny, kDecodeReqs, kPrefillReqs, kDecodeKv, kPrefillPairs,
-  kPrefillKv, kStrict, kDropped, kDroppedKv, kSwapOut, kSwapIn, kTokensOver, kReqsOver
+  kPrefillKv, kStrict, kDropped, kDroppedKv, kSwapOut, kSwapIn, kTokensOver, kReqsOver, kPrefillWavesKv
 };
 Basis basis_named(const std::string& name);  // throws InvalidInput naming the known ones
 double basis_value(Basis basis, double knot, const StepFeatures& f);

@@ -44,7 +44,7 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from controlplane.profile import FEATURES
+from controlplane.profile import FEATURES, PREFILL_ROWS, decode_prefill_rows
 from experiments import fidelity_report as R
 from experiments.calibrate import (ENGINE_SHAPES, GridSpec, check_shape, engine_for_model, engine_loaded,
                                    engine_meta, hardware_name, warm_up)
@@ -190,7 +190,9 @@ def step_predictions(cost: ProfileCost, steps: StepLog) -> tuple[np.ndarray, np.
     measured = np.array([row["seconds"] for row in steps.rows])
     if not len(measured):
         return np.zeros(0), measured
-    return cost.predict(features), measured
+    prefill = [np.asarray(decode_prefill_rows(row[PREFILL_ROWS]), dtype=np.float64).reshape(-1, 2)
+               for row in steps.rows]
+    return cost.predict(features, prefill), measured
 
 
 def run_server(fc: FidelityConf, run: RunConf, engine_model: str, num_blocks: int, out: Path) -> dict:
@@ -301,7 +303,8 @@ def evaluate(fc: FidelityConf, progress=print) -> dict:
                             "twin": _plain(twin.summary), "twin_notes": twin.notes,
                             "replay_equal": equal, "replay_detail": detail,
                             "steps": {"measured": measured.tolist(), "predicted": predicted.tolist(),
-                                      "graph": [int(r["num_tokens"] == r["num_reqs"]) for r in steps.rows]},
+                                      "features": [[r[f] for f in FEATURES] for r in steps.rows],
+                                      "prefill_rows": [r[PREFILL_ROWS] for r in steps.rows]},
                             "requests": {"engine": _per_request(engine_result), "twin": _per_request(twin)},
                             "num_blocks": core.num_blocks, "engine_model": engine_model})
         del core

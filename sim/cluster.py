@@ -18,11 +18,12 @@ with one SimPy event for the whole run of steps instead of one per step.
 
 from __future__ import annotations
 
-import math
+import heapq
 from typing import Sequence
 
 import numpy as np
 import simpy
+from simpy.core import NORMAL
 
 import controlplane as cp
 
@@ -177,14 +178,18 @@ class Replica:
                 yield from self._idle()
 
     def _timeout_at(self, when: float) -> simpy.Event:
-        """A timeout that fires exactly at `when` (>= now); SimPy schedules at `now + delay`."""
-        now = self.env.now
-        delay = when - now
-        while now + delay > when:
-            delay = math.nextafter(delay, -math.inf)
-        while now + delay < when:
-            delay = math.nextafter(delay, math.inf)
-        return self.env.timeout(delay)
+        """A timeout that fires exactly at `when` (>= now), as the step-by-step loop's does.
+
+        SimPy schedules at `now + delay`, and no float delay need round to `when` (with round-half-even,
+        sums of a fixed `now` and consecutive delays can skip it): the event is queued at `when`
+        itself, taking one event id as a Timeout would (SimPy 4's Environment._queue and _eid, as
+        sim/cluster_fast.py does)."""
+        if when < self.env.now:
+            raise ValueError(f"a timeout at {when} is in the past (now {self.env.now})")
+        event = simpy.Event(self.env)
+        event._ok, event._value = True, None
+        heapq.heappush(self.env._queue, (when, NORMAL, next(self.env._eid), event))
+        return event
 
 
 class Router:

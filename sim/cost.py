@@ -59,6 +59,8 @@ class PlanFeatures:
     follows_decode: int = 0
     continues_decode: int = 0
     block_size: int = 16
+    query_lens: tuple = ()         # the rows themselves, when known (per-request cost terms read them)
+    cached_lens: tuple = ()
 
     @classmethod
     def of_requests(cls, cached_lens: Sequence[int], query_lens: Sequence[int],
@@ -82,6 +84,8 @@ class PlanFeatures:
             num_decode_reqs=sum(1 for q in query_lens if q == 1),
             decode_kv_tokens=sum(c + 1 for c, q in zip(cached_lens, query_lens) if q == 1),
             block_size=block_size,
+            query_lens=tuple(query_lens),
+            cached_lens=tuple(cached_lens),
         )
 
 
@@ -105,13 +109,17 @@ class CostModel(abc.ABC):
 
 
 def _native_seconds(native: Any, plan: Any, block_size: int | None = None) -> float:
-    """`native.seconds` of a plan-like object (ints or floats; block_size from the plan unless given).
-    A plan-like object without the decode features counts as one with none (all 0)."""
+    """`native.seconds` of a plan (read in C++) or a plan-like object (ints or floats; block_size from the
+    plan unless given). A plan-like object without the decode features or the rows counts as one with
+    none (0, and no per-request terms)."""
+    if isinstance(plan, _core.Plan):
+        return native.plan_seconds(plan)
     return native.seconds(plan.num_tokens, plan.num_reqs, plan.num_sampled, plan.attn_pairs, plan.kv_read_tokens,
                           plan.num_swap_out_blocks, plan.num_swap_in_blocks,
                           plan.block_size if block_size is None else block_size,
                           getattr(plan, "num_decode_reqs", 0), getattr(plan, "decode_kv_tokens", 0),
-                          getattr(plan, "follows_decode", 0), getattr(plan, "continues_decode", 0))
+                          getattr(plan, "follows_decode", 0), getattr(plan, "continues_decode", 0),
+                          list(getattr(plan, "query_lens", ())), list(getattr(plan, "cached_lens", ())))
 
 
 def _sum_of_max_pieces(terms: Iterable[tuple[float, float, float]]

@@ -10,7 +10,9 @@ per path the engine takes (csrc/step_cost.h evaluates them)::
         one + tokens + sum_k tokens_over(k)                    the weights' matmuls: flat, then compute bound
         + sampled_any + sampled                                the LM head and the sampler
         + decode_reqs + decode_kv                              decode rows' attention (KV bytes read)
-        + prefill_reqs + prefill_pairs + prefill_kv            prefill attention (query x key pairs)
+        + prefill_reqs + prefill_pairs + prefill_kv            prefill attention (query x key pairs) ...
+        + sum_k prefill_waves_kv(k)                            ... run in waves of query tiles, each reading the
+                                                               whole context: (c + q) * ceil(q / k) per request
         + dropped + dropped_kv + swap_out + swap_in            a dropped overlap guess; KV copies
 
 `strict` (a decode step the engine could not overlap with the host's work) and `dropped` (the
@@ -34,7 +36,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from controlplane import _core
-from controlplane.profile import FEATURES, PROFILE_COLUMNS, csv_rows
+from controlplane.profile import FEATURES, PREFILL_ROWS, PROFILE_COLUMNS, csv_rows, decode_prefill_rows
 from controlplane.profile import parse_row as _parse_row
 from sim.cost import CostModel, _native_seconds
 from sim.specs import ModelSpec
@@ -60,23 +62,31 @@ PROFILE_BASIS = {
     "swap_in": lambda f, k: f["num_swap_in_blocks"],
     "tokens_over": lambda f, k: np.maximum(f["num_tokens"] - k, 0.0),
     "reqs_over": lambda f, k: np.maximum(f["num_reqs"] - k, 0.0),
+    "prefill_waves_kv": lambda f, k: np.array([float(((r[:, 0] + r[:, 1]) * np.ceil(r[:, 0] / k)).sum())
+                                               for r in f[PREFILL_ROWS]]) if PREFILL_ROWS in f
+    else np.zeros_like(f["num_tokens"]),
 }
 PATH_TERMS = {
     "graph": ("one", "reqs", "reqs_over", "decode_kv", "strict", "dropped", "dropped_kv", "swap_out", "swap_in"),
     "eager": ("one", "tokens", "tokens_over", "sampled_any", "sampled", "decode_reqs", "decode_kv", "prefill_reqs",
-              "prefill_pairs", "prefill_kv", "dropped", "dropped_kv", "swap_out", "swap_in"),
+              "prefill_pairs", "prefill_kv", "prefill_waves_kv", "dropped", "dropped_kv", "swap_out", "swap_in"),
 }
 KNOTS = {"tokens_over": (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
-         "reqs_over": (2, 4, 8, 16, 32, 64, 128)}
+         "reqs_over": (2, 4, 8, 16, 32, 64, 128),
+         "prefill_waves_kv": (128, 256, 512, 1024)}
 OVERLAP_ONLY = ("strict", "dropped", "dropped_kv")   # fitted only for an engine with overlapped decode
 LIMIT_BASES = ("tokens", "reqs", "decode_kv", "prefill_pairs", "prefill_kv", "swap_out", "swap_in")
 MIN_ROWS_PER_TERM = 3
 MIN_PATH_ROWS = 20
 MIN_ROWS_BEYOND_KNOT = 5
-# Rows this far off the first fit (relative) are dropped once and the fit redone: host hiccups
-# (a garbage collection, a page fault) are not the step's cost; at most TRIM_MAX_SHARE of a path.
-TRIM_REL_ERR = 0.10
-TRIM_MAX_SHARE = 0.05
+# A step over twice (or under half) its fitted time, and far off compared with the others, is a
+# hiccup rather than a step's cost (a kernel compiled on first use, a garbage collection, a page
+# fault): such rows are dropped and the fit redone, up to TRIM_ROUNDS times and TRIM_MAX_SHARE of
+# a path's rows; how many were dropped is kept with the fit.
+TRIM_LOG_RATIO = math.log(2.0)
+TRIM_MEDIAN_FACTOR = 8.0
+TRIM_ROUNDS = 3
+TRIM_MAX_SHARE = 0.10
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
               "vocab_size", "dtype_bytes")
 
@@ -135,29 +145,49 @@ def _profile_rows(source: str | Path | Iterable[Mapping[str, Any]]) -> tuple[dic
     return meta, ((f"{source}:{line}", row) for line, row in rows)
 
 
-def read_profile(source: str | Path | Iterable[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray, dict]:
+def read_profile(source: str | Path | Iterable[Mapping[str, Any]]
+                 ) -> tuple[np.ndarray, np.ndarray, dict, list[np.ndarray] | None]:
     """Reads measured steps (format: docs/profile-format.md).
 
     Args:
         source: a CSV path, or an iterable of mappings with the same columns.
     Returns:
-        ``features`` [n, len(FEATURES)], ``seconds`` [n] (float64) and the header's meta ({} for mappings).
+        ``features`` [n, len(FEATURES)], ``seconds`` [n] (float64), the header's meta ({} for mappings)
+        and each row's prefill rows as a [k, 2] array of (q, c), or None without the optional column.
     Raises:
         ValueError: empty profile, missing column, non-numeric or negative value
             (the message names the file and line, or the row index).
     """
     meta, rows = _profile_rows(source)
-    parsed = [_parse_row(row, where) for where, row in rows]
+    parsed, prefill = [], []
+    for where, row in rows:
+        parsed.append(_parse_row(row, where))
+        if prefill is not None and PREFILL_ROWS in row:
+            pairs = decode_prefill_rows(row[PREFILL_ROWS], where)
+            prefill.append(np.asarray(pairs, dtype=np.float64).reshape(-1, 2))
+        else:
+            prefill = None
     if not parsed:
         name = source if isinstance(source, (str, Path)) else "<rows>"
         raise ValueError(f"{name}: empty profile (no data rows)")
     table = np.asarray(parsed, dtype=np.float64)
-    return table[:, :-1], table[:, -1], meta
+    return table[:, :-1], table[:, -1], meta, prefill
 
 
-def feature_columns(features: np.ndarray) -> dict[str, np.ndarray]:
-    """The [n, len(FEATURES)] matrix as one array per feature name."""
-    return {name: features[:, i] for i, name in enumerate(FEATURES)}
+def feature_columns(features: np.ndarray, prefill: list[np.ndarray] | None = None) -> dict[str, Any]:
+    """The [n, len(FEATURES)] matrix as one array per feature name (and the prefill rows, if known)."""
+    cols: dict[str, Any] = {name: features[:, i] for i, name in enumerate(FEATURES)}
+    if prefill is not None:
+        cols[PREFILL_ROWS] = prefill
+    return cols
+
+
+def _subset(cols: Mapping[str, Any], rows: np.ndarray) -> dict[str, Any]:
+    """The columns of the rows selected by a boolean mask."""
+    out = {k: v[rows] for k, v in cols.items() if k != PREFILL_ROWS}
+    if PREFILL_ROWS in cols:
+        out[PREFILL_ROWS] = [r for r, keep in zip(cols[PREFILL_ROWS], rows) if keep]
+    return out
 
 
 def graph_rows(cols: Mapping[str, np.ndarray], max_graph_batch: int) -> np.ndarray:
@@ -218,6 +248,10 @@ def _candidate_terms(path: str, cols: Mapping[str, np.ndarray], overlap: bool) -
     for basis in PATH_TERMS[path]:
         if basis in OVERLAP_ONLY and not overlap:
             continue
+        if basis == "prefill_waves_kv":
+            if PREFILL_ROWS in cols and any(len(r) for r in cols[PREFILL_ROWS]):
+                chosen += [(basis, float(k)) for k in KNOTS[basis]]
+            continue
         if basis in KNOTS:
             axis = PROFILE_BASIS[basis.split("_")[0]](cols, 0.0)
             chosen += [(basis, float(k)) for k in KNOTS[basis] if (axis > k).sum() >= MIN_ROWS_BEYOND_KNOT]
@@ -248,15 +282,18 @@ def _fit_path(path: str, cols: Mapping[str, np.ndarray], seconds: np.ndarray, ov
         raise ValueError(f"{where}: the {path} path has steps of 0 seconds; a measured step takes time")
     probe = ProfilePath(tuple((b, k, 0.0) for b, k in terms))
     design = probe.design(cols)
+    keep = np.ones(len(seconds), dtype=bool)
     coef = _weighted_nnls(design, seconds)
-    rel = np.abs(design @ coef / seconds - 1)
-    outliers = rel > max(TRIM_REL_ERR, 5 * float(np.median(rel)))
-    trimmed = 0
-    if 0 < outliers.sum() <= TRIM_MAX_SHARE * len(seconds):
-        trimmed = int(outliers.sum())
-        coef = _weighted_nnls(design[~outliers], seconds[~outliers])
-        rel = np.abs(design @ coef / seconds - 1)
-    kept = rel if not trimmed else rel[~outliers]
+    for _ in range(TRIM_ROUNDS):
+        predicted = np.maximum(design @ coef, 1e-12)
+        off = np.abs(np.log(seconds / predicted))
+        hiccup = (off > TRIM_LOG_RATIO) & (off > TRIM_MEDIAN_FACTOR * float(np.median(off[keep])))
+        if not (hiccup & keep).any() or (keep & ~hiccup).sum() < (1 - TRIM_MAX_SHARE) * len(seconds):
+            break
+        keep &= ~hiccup
+        coef = _weighted_nnls(design[keep], seconds[keep])
+    trimmed = int((~keep).sum())
+    kept = np.abs(design[keep] @ coef / seconds[keep] - 1)
     limits = {b: float(PROFILE_BASIS[b](cols, 0.0).max()) for b in LIMIT_BASES if b in PATH_TERMS[path]}
     return ProfilePath(tuple((b, k, float(c)) for (b, k), c in zip(terms, coef)), limits, True, len(seconds),
                        trimmed, float(np.median(kept)), float(np.percentile(kept, 90)), tuple(unvaried))
@@ -310,12 +347,12 @@ class ProfileCost(CostModel):
         Raises:
             ValueError: a malformed profile, too few steps on a path, another model's profile.
         """
-        features, seconds, file_meta = read_profile(source)
+        features, seconds, file_meta, prefill = read_profile(source)
         meta = {**file_meta, **(meta or {})}
         where = str(source) if isinstance(source, (str, Path)) else "<rows>"
         max_graph_batch = int(meta.get("max_graph_batch", 0))
         overlap = bool(meta.get("overlap", False))
-        cols = feature_columns(features)
+        cols = feature_columns(features, prefill)
         work = (cols["num_tokens"] > 0) | (cols["num_swap_out_blocks"] + cols["num_swap_in_blocks"] > 0)
         graph = graph_rows(cols, max_graph_batch)
         paths = {}
@@ -323,8 +360,7 @@ class ProfileCost(CostModel):
             if name == "graph" and max_graph_batch == 0:
                 paths[name] = ProfilePath((), observed=False)
                 continue
-            sub = {k: v[rows] for k, v in cols.items()}
-            paths[name] = _fit_path(name, sub, seconds[rows], overlap, where)
+            paths[name] = _fit_path(name, _subset(cols, rows), seconds[rows], overlap, where)
         meta.update(source_file=where, rows=int(work.sum()))
         cost = cls(paths, max_graph_batch, meta)
         if model is not None:
@@ -347,17 +383,16 @@ class ProfileCost(CostModel):
         Returns: the fitted seconds of the step (0.0 for an empty plan)."""
         return _native_seconds(self.native, plan, block_size=0)
 
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        """Seconds of many steps at once ([n, len(FEATURES)] rows), by numpy; equal to `step_seconds`
-        up to rounding (the sums run in another order)."""
-        cols = feature_columns(np.asarray(features, dtype=np.float64))
+    def predict(self, features: np.ndarray, prefill: list[np.ndarray] | None = None) -> np.ndarray:
+        """Seconds of many steps at once ([n, len(FEATURES)] rows, and each row's (q, c) prefill rows),
+        by numpy; equal to `step_seconds` up to rounding (the sums run in another order)."""
+        cols = feature_columns(np.asarray(features, dtype=np.float64), prefill)
         graph = graph_rows(cols, self.max_graph_batch)
         out = np.zeros(len(cols["num_tokens"]))
         for name, rows in (("graph", graph), ("eager", ~graph)):
             p = self.paths[name]
             if rows.any() and p.terms:
-                sub = {k: v[rows] for k, v in cols.items()}
-                out[rows] = p.design(sub) @ np.array([c for _, _, c in p.terms])
+                out[rows] = p.design(_subset(cols, rows)) @ np.array([c for _, _, c in p.terms])
         empty = (cols["num_tokens"] <= 0) & (cols["num_swap_out_blocks"] + cols["num_swap_in_blocks"] <= 0)
         out[empty] = 0.0
         return out

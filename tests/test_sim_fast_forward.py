@@ -16,7 +16,7 @@ import pytest
 
 import controlplane as cp
 from sim.cost import PlanFeatures, ProfileCost, RooflineCost
-from sim.profile_cost import PROFILE_BASIS, ProfilePath
+from sim.profile_cost import KNOTS, PROFILE_BASIS, ProfilePath
 from sim.simulation import Simulation
 from sim.specs import load_hardware_spec, load_model_spec
 
@@ -133,7 +133,7 @@ def roofline_reference(cost: RooflineCost, plan) -> float:
 def random_profile_cost(rng: np.random.Generator, max_graph_batch: int = 64) -> ProfileCost:
     """A ProfileCost of every basis on both paths, with random coefficients and limits."""
     def path(bases):
-        terms = tuple((b, float(rng.integers(1, 300)) if b.endswith("_over") else 0.0,
+        terms = tuple((b, float(rng.integers(1, 300)) if b in KNOTS else 0.0,
                        float(rng.random() * 10.0 ** rng.integers(-12, -2))) for b in bases)
         limits = {b: float(rng.integers(1, 10**6)) for b in ("tokens", "reqs", "decode_kv", "prefill_pairs")}
         return ProfilePath(terms, limits)
@@ -159,7 +159,12 @@ def profile_reference(cost: ProfileCost, plan) -> float:
               "swap_out": plan.num_swap_out_blocks, "swap_in": plan.num_swap_in_blocks}
     seconds = 0.0
     for basis, knot, coef in cost.paths["graph" if graph else "eager"].terms:
-        if basis == "tokens_over":
+        if basis == "prefill_waves_kv":
+            value = 0.0
+            for q, c in zip(plan.query_lens, plan.cached_lens):
+                if q > 1:
+                    value += (c + q) * math.ceil(q / knot)
+        elif basis == "tokens_over":
             value = max(plan.num_tokens - knot, 0.0)
         elif basis == "reqs_over":
             value = max(plan.num_reqs - knot, 0.0)

@@ -27,6 +27,11 @@ Prefill, grid (query tiles, Hk): rows of a tile are (token, head-of-group) pairs
 
 A tile of request r at query offsets [tok0, tok0 + BQ) reads keys [0, last position]: the full
 tiles below its first position unmasked, the rest with the causal mask key <= position.
+
+Integer arguments that change from step to step (the block table's row stride, which is the batch's
+widest context in blocks; the split and tile counts; strides that follow them) are not specialized
+(`do_not_specialize`): Triton would otherwise compile another variant, for about a second, the first
+time such a value is 1 or a multiple of 16, in the middle of serving.
 """
 
 from __future__ import annotations
@@ -134,7 +139,7 @@ def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_TILES: tl.constex
     return tl.maximum(tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits), MIN_TILES) * BLOCK_N
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['bt_st0', 'o_st0', 'o_st1', 'lse_st0', 'lse_st1', 'num_splits'])
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, seq_lens_ptr, bt_ptr, o_ptr, lse_ptr, out_ptr,
                          q_st0, q_st1, q_st2, kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
                          bt_st0, bt_st1, o_st0, o_st1, o_st2, lse_st0, lse_st1, out_st0, out_st1, out_st2,
@@ -182,7 +187,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, seq_lens_ptr, bt_ptr, o_ptr, lse
                  mask=(g < G) & live)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['o_st0', 'o_st1', 'lse_st0', 'lse_st1', 'num_splits'])
 def _decode_reduce_kernel(o_ptr, lse_ptr, seq_lens_ptr, out_ptr,
                           o_st0, o_st1, o_st2, lse_st0, lse_st1, out_st0, out_st1, out_st2,
                           num_splits, D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
@@ -254,7 +259,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['bt_st0', 'num_tiles'])
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, tile_req_ptr,
                     q_st0, q_st1, q_st2, kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
                     out_st0, out_st1, out_st2, bt_st0, bt_st1, qk_scale, num_tiles,
