@@ -2,6 +2,7 @@
 
     python -m experiments.fidelity                        # conf/fidelity.yaml on this machine's GPU -> docs/fidelity.md
     python -m experiments.fidelity 'only=[swe_smith_c1]' server=false report=null
+    python -m experiments.fidelity render=outputs/fidelity/DATE/TIME/results.json   # the report of a past run
 
 Each run of `runs` is one simulator configuration (workload, its parameters scaled to fit, the
 arrival process, a policy from conf/policy). It runs three times:
@@ -95,6 +96,7 @@ class FidelityConf:
     report: Optional[str] = None            # the markdown report's path (None: out_dir/fidelity.md)
     plots_dir: Optional[str] = None         # None: out_dir
     command: str = "python -m experiments.fidelity"
+    render: Optional[str] = None            # a results.json to write the report of (no run)
 
 
 ConfigStore.instance().store(name="fidelity_schema", node=FidelityConf)
@@ -450,8 +452,11 @@ def main(cfg: DictConfig) -> None:
     runs = [RunConf(**r) for r in container.pop("runs")]
     fc = FidelityConf(**container, runs=runs)
     out = Path(fc.out_dir)
-    results = evaluate(fc, progress=lambda s: print(s, flush=True))
-    (out / "results.json").write_text(json.dumps(results, default=_json_default) + "\n")
+    if fc.render:
+        results = json.loads(Path(fc.render).read_text())
+    else:
+        results = evaluate(fc, progress=lambda s: print(s, flush=True))
+        (out / "results.json").write_text(json.dumps(results, default=_json_default) + "\n")
     report = Path(fc.report) if fc.report else out / "fidelity.md"
     print(write_report(results, report, Path(fc.plots_dir) if fc.plots_dir else out))
     print(f"report: {report}; results: {out / 'results.json'}")

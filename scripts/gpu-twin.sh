@@ -31,11 +31,10 @@ install() {
 }
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 
+# The report, its plots and results.json go to $state/fidelity (outside the tree the next call re-sends).
+fidelity_args="report=$state/fidelity/fidelity.md plots_dir=$state/fidelity out_dir=$state/fidelity"
 collect_fidelity() {
-  cp docs/fidelity.md docs/fidelity/*.png "$out"/ 2>/dev/null
-  latest=$(ls -td outputs/fidelity/*/* 2>/dev/null | head -1)
-  [ -n "$latest" ] && cp "$latest/results.json" "$out"/ 2>/dev/null
-  cp "$state/fidelity.log" "$out"/ 2>/dev/null
+  cp "$state"/fidelity/* "$state/fidelity.log" "$out"/ 2>/dev/null
   ls -la "$out"
 }
 
@@ -63,7 +62,7 @@ case "$what" in
     ;;
   fidelity)
     install
-    python3 -m experiments.fidelity --config-path "$repo/conf" "$@" 2>&1 | tee "$state/fidelity.log"
+    python3 -m experiments.fidelity --config-path "$repo/conf" $fidelity_args "$@" 2>&1 | tee "$state/fidelity.log"
     status=${PIPESTATUS[0]}
     collect_fidelity
     exit "$status"
@@ -71,7 +70,7 @@ case "$what" in
   start-fidelity)
     install
     rm -f "$state/fidelity.done"
-    setsid bash -c "python3 -m experiments.fidelity --config-path '$repo/conf' $* > '$state/fidelity.log' 2>&1; \
+    setsid bash -c "python3 -m experiments.fidelity --config-path '$repo/conf' $fidelity_args $* > '$state/fidelity.log' 2>&1; \
                     echo \$? > '$state/fidelity.done'" < /dev/null &
     follow
     ;;
