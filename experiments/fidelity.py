@@ -286,10 +286,13 @@ def evaluate(fc: FidelityConf, progress=print) -> dict:
         if cost is None:
             fc = dataclasses.replace(fc, hardware=fc.hardware or hardware_name(core))
             meta = engine_meta(core, spec, fc.hardware)
-            profile_path = fc.profile_path or str(shipped_profile_path(spec.name, fc.hardware))
-            cost = ProfileCost.load(profile_path) if profile_path.endswith(".json") else ProfileCost.fit(profile_path)
+            source = fc.profile_path or str(shipped_profile_path(spec.name, fc.hardware))
+            cost = ProfileCost.load(source) if source.endswith(".json") else ProfileCost.fit(source)
             cost.check_model(spec)
             _check_profile(cost, meta)
+            profile_path = str(out / "profile.json")  # the twins read this copy: the run outlives edits of conf/
+            cost.save(profile_path)
+            cost.meta["source_file"] = source
         progress(f"engine: {meta['card']}, {core.num_blocks} KV blocks; warming up")
         if fc.warmup:
             warm_up(core, GridSpec.quick())
@@ -309,6 +312,9 @@ def evaluate(fc: FidelityConf, progress=print) -> dict:
                                       "prefill_rows": [r[PREFILL_ROWS] for r in steps.rows]},
                             "requests": {"engine": _per_request(engine_result), "twin": _per_request(twin)},
                             "num_blocks": core.num_blocks, "engine_model": engine_model})
+            partial = {"meta": meta, "profile": {"path": source, "meta": cost.meta}, "config": dataclasses.asdict(fc),
+                       "runs": results}
+            (out / "results.partial.json").write_text(json.dumps(partial, default=_json_default) + "\n")
         del core
         _free()
     del loaded
@@ -319,7 +325,7 @@ def evaluate(fc: FidelityConf, progress=print) -> dict:
             if run.server:
                 progress(f"{run.name}: through the server ...")
                 result["server"] = _plain(run_server(fc, run, engine_model, result["num_blocks"], out))
-    return {"meta": meta, "profile": {"path": profile_path, "meta": cost.meta, "describe": cost.describe()},
+    return {"meta": meta, "profile": {"path": source, "meta": cost.meta, "describe": cost.describe()},
             "config": dataclasses.asdict(fc), "runs": results}
 
 

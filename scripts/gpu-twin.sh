@@ -34,7 +34,7 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 # The report, its plots and results.json go to $state/fidelity (outside the tree the next call re-sends).
 fidelity_args="report=$state/fidelity/fidelity.md plots_dir=$state/fidelity out_dir=$state/fidelity"
 collect_fidelity() {
-  cp "$state"/fidelity/* "$state/fidelity.log" "$out"/ 2>/dev/null
+  cp "$state"/fidelity/*.* "$state/fidelity.log" "$out"/ 2>/dev/null
   ls -la "$out"
 }
 
