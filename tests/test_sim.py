@@ -193,7 +193,11 @@ def test_every_request_finishes_no_latency_beats_the_roofline_and_tokens_balance
                    "host_link_bandwidth": 1e10}}, "does not fit|needs .* of weights"),
     ({"hardware": {"name": "neg", "peak_flops": -1.0, "mem_bandwidth": 1e12, "mem_bytes": 8e10,
                    "host_link_bandwidth": 1e10}}, "peak_flops"),
-    ({"sim": {"cost_model": "profile"}}, "profile_path"),
+    # cost=profile reads conf/profiles/<hardware>/<model>.json: none for this hardware entry
+    ({"hardware": {"name": "h100_pcie", "peak_flops": 7.56e14, "mem_bandwidth": 2.0e12, "mem_bytes": 8e10,
+                   "host_link_bandwidth": 6.4e10}, "sim": {"cost_model": "profile"}},
+     r"no fit of llama3_8b on h100_pcie .*shipped: \[.*h100_sxm/llama3_8b.*profile_path"),
+    ({"sim": {"cost_model": "profile", "profile_path": "/no/such/profile.json"}}, "no such file"),
 ])
 def test_bad_config_fails_before_the_run(override, message):
     with pytest.raises(ValueError, match=message):
