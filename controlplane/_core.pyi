@@ -209,6 +209,19 @@ class Plan:
     @property
     def num_swap_in_blocks(self) -> int: ...
     @property
+    def num_decode_reqs(self) -> int:
+        """Requests with q == 1 (the engine's decode rows)."""
+    @property
+    def decode_kv_tokens(self) -> int:
+        """Sum of c + 1 over those rows."""
+    @property
+    def follows_decode(self) -> int:
+        """1 if the last non-empty plan committed was a pure decode (T == R == S) with a request that
+        went on after it: an engine with overlapped decode launched a guess of this step."""
+    @property
+    def continues_decode(self) -> int:
+        """1 if follows_decode and this plan is a pure decode of requests all in that plan (the guess is it)."""
+    @property
     def is_empty(self) -> bool:
         """No request scheduled and no KV copy to run."""
     @property
@@ -351,12 +364,24 @@ class StepCost:
                  pieces: Sequence[tuple[float, float]], head_flop_s: float, head_weight_s: float,
                  head_act_s: float, attn_pair_s: float, attn_kv_s: float) -> StepCost: ...
     @staticmethod
-    def linear(intercept: float, num_tokens: float, num_reqs: float, num_sampled: float, attn_pairs: float,
-               kv_read_tokens: float, num_swap_out_blocks: float, num_swap_in_blocks: float) -> StepCost: ...
+    def profile(graph_terms: Sequence[tuple[str, float, float]], eager_terms: Sequence[tuple[str, float, float]],
+                graph_limits: Sequence[tuple[str, float]], eager_limits: Sequence[tuple[str, float]],
+                graph_observed: bool, eager_observed: bool, max_graph_batch: int) -> StepCost:
+        """Terms are (basis, knot, coefficient) with a basis of sim/profile_cost.py PROFILE_BASIS; limits
+        are the largest value of a basis profiled on the path (beyond: an extrapolated step)."""
     def seconds(self, num_tokens: float, num_reqs: float, num_sampled: float, attn_pairs: float,
                 kv_read_tokens: float, num_swap_out_blocks: float, num_swap_in_blocks: float,
-                block_size: float) -> float: ...
+                block_size: float, num_decode_reqs: float = 0.0, decode_kv_tokens: float = 0.0,
+                follows_decode: float = 0.0, continues_decode: float = 0.0,
+                query_lens: Sequence[int] = (), cached_lens: Sequence[int] = ()) -> float: ...
     def plan_seconds(self, plan: Plan) -> float: ...
+    @property
+    def num_steps(self) -> int:
+        """Steps priced so far by this cost and every copy of it (the fast paths hold copies)."""
+    @property
+    def num_extrapolated(self) -> int:
+        """Of those, steps beyond the profiled range (profile costs only)."""
+    def reset_counts(self) -> None: ...
 
 class ForwardResult:
     """What one FastForward.advance did: the committed steps, and the plan it handed back."""

@@ -129,6 +129,8 @@ def verdict(runs: Sequence[RunReport], overall_step: Mapping[str, float], rankin
             worst = max(errors)
             where = runs[[abs(r.comparison[key]["rel_err"]) for r in runs].index(worst)].name
             checks.append({"target": f"{label}: worst |error| ({where})", "value": worst, "bound": bound})
+        elif runs:  # no run could say: an unmet target, not a silent one
+            checks.append({"target": f"{label}: no run measured it", "value": math.nan, "bound": bound})
     for c in checks:
         c["met"] = bool(math.isfinite(c["value"]) and c["value"] <= c["bound"])
     for r in rankings:
@@ -187,7 +189,8 @@ def verdict_table(checks: Sequence[Mapping]) -> str:
     for c in checks:
         value, bound = c["value"], c["bound"]
         if isinstance(value, float) and isinstance(bound, float):
-            value, bound = f"{100 * value:.1f}%", f"{100 * bound:.0f}%"
+            value = f"{100 * value:.1f}%" if math.isfinite(value) else "-"
+            bound = f"{100 * bound:.0f}%"
         lines.append(f"| {c['target']} | {value} | {bound} | {'yes' if c['met'] else '**no**'} |")
     return "\n".join(lines)
 

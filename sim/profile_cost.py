@@ -27,6 +27,7 @@ extends linearly (the fitted per-token and per-pair rates); such steps are count
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ LIMIT_BASES = ("tokens", "reqs", "decode_kv", "prefill_pairs", "prefill_kv", "sw
 MIN_ROWS_PER_TERM = 3
 MIN_PATH_ROWS = 20
 MIN_ROWS_BEYOND_KNOT = 5
+MIN_SUPPORT = 3          # steps where a basis is not 0 before its coefficient is fitted
+SHARED = ("swap_out", "swap_in")   # the same copies on either path: one path's fit serves the other
 # A step over twice (or under half) its fitted time, and far off compared with the others, is a
 # hiccup rather than a step's cost (a kernel compiled on first use, a garbage collection, a page
 # fault): such rows are dropped and the fit redone, up to TRIM_ROUNDS times and TRIM_MAX_SHARE of
@@ -210,7 +213,7 @@ class ProfilePath:
     trimmed: int = 0
     median_rel_err: float = math.nan
     p90_rel_err: float = math.nan
-    unvaried: tuple[str, ...] = ()       # bases that never varied in this path's steps (cost not separable)
+    unvaried: tuple[str, ...] = ()       # bases that never varied (or on < MIN_SUPPORT steps): cost not fitted
 
     def design(self, cols: Mapping[str, np.ndarray]) -> np.ndarray:
         """[n, len(terms)]: each term's basis values (numpy's evaluation of csrc/step_cost.cpp)."""
@@ -257,8 +260,8 @@ def _candidate_terms(path: str, cols: Mapping[str, np.ndarray], overlap: bool) -
             chosen += [(basis, float(k)) for k in KNOTS[basis] if (axis > k).sum() >= MIN_ROWS_BEYOND_KNOT]
             continue
         values = PROFILE_BASIS[basis](cols, 0.0)
-        if basis != "one" and np.ptp(values) == 0:
-            unvaried.append(basis)   # constant here: its cost cannot be told from the intercept's
+        if basis != "one" and (np.ptp(values) == 0 or np.count_nonzero(values) < MIN_SUPPORT):
+            unvaried.append(basis)   # constant (or all but constant) here: its cost cannot be told apart
             continue
         chosen.append((basis, 0.0))
     return chosen, unvaried
@@ -297,6 +300,21 @@ def _fit_path(path: str, cols: Mapping[str, np.ndarray], seconds: np.ndarray, ov
     limits = {b: float(PROFILE_BASIS[b](cols, 0.0).max()) for b in LIMIT_BASES if b in PATH_TERMS[path]}
     return ProfilePath(tuple((b, k, float(c)) for (b, k), c in zip(terms, coef)), limits, True, len(seconds),
                        trimmed, float(np.median(kept)), float(np.percentile(kept, 90)), tuple(unvaried))
+
+
+def _share_copies(paths: dict[str, ProfilePath]) -> dict[str, ProfilePath]:
+    """A KV copy costs the same before either path's forward pass: a path whose steps never copied
+    takes the other path's copy terms and range (else such steps would cost their copies nothing)."""
+    out = dict(paths)
+    for name, other in (("graph", "eager"), ("eager", "graph")):
+        mine, theirs = out[name], paths[other]
+        have = {b for b, _, _ in mine.terms}
+        borrowed = [t for t in theirs.terms if t[0] in SHARED and t[0] not in have]
+        if borrowed:
+            limits = {**mine.limits, **{b: theirs.limits.get(b, 0.0) for b, _, _ in borrowed}}
+            out[name] = dataclasses.replace(mine, terms=mine.terms + tuple(borrowed), limits=limits,
+                                            unvaried=tuple(u for u in mine.unvaried if u not in SHARED))
+    return out
 
 
 # --------------------------------------------------------------------------- the model
@@ -361,6 +379,8 @@ class ProfileCost(CostModel):
                 paths[name] = ProfilePath((), observed=False)
                 continue
             paths[name] = _fit_path(name, _subset(cols, rows), seconds[rows], overlap, where)
+        if max_graph_batch:
+            paths = _share_copies(paths)
         meta.update(source_file=where, rows=int(work.sum()))
         cost = cls(paths, max_graph_batch, meta)
         if model is not None:
