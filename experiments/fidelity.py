@@ -3,6 +3,7 @@
     python -m experiments.fidelity                        # conf/fidelity.yaml on this machine's GPU -> docs/fidelity.md
     python -m experiments.fidelity 'only=[swe_smith_c1]' server=false report=null
     python -m experiments.fidelity render=outputs/fidelity/DATE/TIME/results.json   # the report of a past run
+    python -m experiments.fidelity render=... retwin=true   # ... its twin's side again on today's fit
 
 Each run of `runs` is one simulator configuration (workload, its parameters scaled to fit, the
 arrival process, a policy from conf/policy). It runs three times:
@@ -96,7 +97,8 @@ class FidelityConf:
     report: Optional[str] = None            # the markdown report's path (None: out_dir/fidelity.md)
     plots_dir: Optional[str] = None         # None: out_dir
     command: str = "python -m experiments.fidelity"
-    render: Optional[str] = None            # a results.json to write the report of (no run)
+    render: Optional[str] = None            # a results.json to write the report of (no run) ...
+    retwin: bool = False                    # ... after running its twin's side again on the profile at hand
 
 
 ConfigStore.instance().store(name="fidelity_schema", node=FidelityConf)
@@ -134,20 +136,25 @@ def policy_label(run: RunConf) -> str:
     return f"{p['ordering']}+{p['eviction']}" + ("" if p["preemption"] == "recompute" else f"+{p['preemption']}")
 
 
-def sim_config(fc: FidelityConf, run: RunConf, core, cost_model: str, profile_path: str | None) -> dict:
-    """The simulator configuration of `run`, with the engine's exact scheduler settings and KV sizes."""
+def engine_section(core) -> dict:
+    """The simulator's `engine` section of an engine: its exact scheduler settings and KV sizes."""
     c = core.config
+    return {"block_size": c.block_size, "max_num_seqs": c.max_num_seqs,
+            "max_num_batched_tokens": c.max_num_batched_tokens, "chunk_size": c.chunk_size,
+            "max_model_len": core.max_model_len, "enable_prefix_caching": c.enable_prefix_caching,
+            "num_gpu_blocks": core.num_blocks, "num_host_blocks": core.num_host_blocks,
+            "num_lookahead_tokens": 1 if core.overlap else 0}
+
+
+def sim_config(fc: FidelityConf, run: RunConf, engine: dict, cost_model: str, profile_path: str | None) -> dict:
+    """The simulator configuration of `run` on an engine of these settings (`engine_section`)."""
     return {
         "model": dataclasses.asdict(load_model_spec(fc.model)),
         "hardware": dataclasses.asdict(load_hardware_spec(fc.hardware)),
         "workload": {"name": run.workload, "params": dict(run.params)},
         "policy": policy_section(run),
         "cluster": {"num_replicas": 1, "router": "round_robin"},
-        "engine": {"block_size": c.block_size, "max_num_seqs": c.max_num_seqs,
-                   "max_num_batched_tokens": c.max_num_batched_tokens, "chunk_size": c.chunk_size,
-                   "max_model_len": core.max_model_len, "enable_prefix_caching": c.enable_prefix_caching,
-                   "num_gpu_blocks": core.num_blocks, "num_host_blocks": core.num_host_blocks,
-                   "num_lookahead_tokens": 1 if core.overlap else 0},
+        "engine": dict(engine),
         "sim": {"seed": fc.seed, "mode": run.mode, "num_sessions": run.sessions, "session_rate": run.session_rate,
                 "concurrency": run.concurrency, "cost_model": cost_model, "profile_path": profile_path,
                 "progress": False, "kv_sample_interval_s": 0.25},
@@ -296,13 +303,14 @@ def evaluate(fc: FidelityConf, progress=print) -> dict:
         progress(f"engine: {meta['card']}, {core.num_blocks} KV blocks; warming up")
         if fc.warmup:
             warm_up(core, GridSpec.quick())
+        engine = engine_section(core)
         for run in group:
             progress(f"{run.name}: engine ...")
             t0 = time.monotonic()
-            engine_result, steps = run_engine(core, sim_config(fc, run, core, "roofline", None), fc.seed)
+            engine_result, steps = run_engine(core, sim_config(fc, run, engine, "roofline", None), fc.seed)
             progress(f"{run.name}: engine took {time.monotonic() - t0:.1f} s, {len(steps.rows)} steps; twin, replay")
-            twin = Simulation(sim_config(fc, run, core, "profile", profile_path)).run()
-            equal, detail = run_replay(sim_config(fc, run, core, "roofline", None), steps, fc.seed)
+            twin = Simulation(sim_config(fc, run, engine, "profile", profile_path)).run()
+            equal, detail = run_replay(sim_config(fc, run, engine, "roofline", None), steps, fc.seed)
             predicted, measured = step_predictions(cost, steps)
             results.append({"run": dataclasses.asdict(run), "engine": _plain(engine_result.summary),
                             "twin": _plain(twin.summary), "twin_notes": twin.notes,
@@ -311,7 +319,7 @@ def evaluate(fc: FidelityConf, progress=print) -> dict:
                                       "features": [[r[f] for f in FEATURES] for r in steps.rows],
                                       "prefill_rows": [r[PREFILL_ROWS] for r in steps.rows]},
                             "requests": {"engine": _per_request(engine_result), "twin": _per_request(twin)},
-                            "num_blocks": core.num_blocks, "engine_model": engine_model})
+                            "num_blocks": core.num_blocks, "engine_model": engine_model, "engine_settings": engine})
             partial = {"meta": meta, "profile": {"path": source, "meta": cost.meta}, "config": dataclasses.asdict(fc),
                        "runs": results}
             (out / "results.partial.json").write_text(json.dumps(partial, default=_json_default) + "\n")
@@ -327,6 +335,35 @@ def evaluate(fc: FidelityConf, progress=print) -> dict:
                 result["server"] = _plain(run_server(fc, run, engine_model, result["num_blocks"], out))
     return {"meta": meta, "profile": {"path": source, "meta": cost.meta, "describe": cost.describe()},
             "config": dataclasses.asdict(fc), "runs": results}
+
+
+def retwin(results: dict, fc: FidelityConf, out: Path) -> dict:
+    """Past results with the twin's side run again on the profile at hand (after a refit): the engine's
+    measurements stay, the twin's runs and per-step predictions are recomputed."""
+    meta = results["meta"]
+    fc = dataclasses.replace(fc, model=results["config"]["model"], hardware=meta["hardware"])
+    source = fc.profile_path or str(shipped_profile_path(meta["model"], meta["hardware"]))
+    cost = ProfileCost.load(source) if source.endswith(".json") else ProfileCost.fit(source)
+    cost.check_model(load_model_spec(fc.model))
+    _check_profile(cost, meta)
+    out.mkdir(parents=True, exist_ok=True)
+    profile_path = str(out / "profile.json")
+    cost.save(profile_path)
+    for r in results["runs"]:
+        run = RunConf(**r["run"])
+        engine = r.get("engine_settings") or {  # results written before engine_settings: the engine's defaults
+            "block_size": meta["block_size"], "max_num_seqs": meta["max_num_seqs"],
+            "max_num_batched_tokens": meta["max_num_batched_tokens"], "chunk_size": meta["chunk_size"],
+            "max_model_len": 131072, "enable_prefix_caching": True, "num_gpu_blocks": r["num_blocks"],
+            "num_host_blocks": 0, "num_lookahead_tokens": 1 if meta["overlap"] else 0}
+        twin = Simulation(sim_config(fc, run, engine, "profile", profile_path)).run()
+        features = np.asarray(r["steps"]["features"], dtype=np.float64)
+        prefill = [np.asarray(decode_prefill_rows(t), dtype=np.float64).reshape(-1, 2) for t in r["steps"]["prefill_rows"]]
+        r.update(twin=_plain(twin.summary), twin_notes=twin.notes, engine_settings=engine)
+        r["requests"]["twin"] = _per_request(twin)
+        r["steps"]["predicted"] = cost.predict(features, prefill).tolist() if len(features) else []
+    results["profile"] = {"path": source, "meta": {**cost.meta, "source_file": source}, "describe": cost.describe()}
+    return results
 
 
 def _check_profile(cost: ProfileCost, meta: dict) -> None:
@@ -460,6 +497,9 @@ def main(cfg: DictConfig) -> None:
     out = Path(fc.out_dir)
     if fc.render:
         results = json.loads(Path(fc.render).read_text())
+        if fc.retwin:
+            results = retwin(results, fc, out)
+            (out / "results.json").write_text(json.dumps(results, default=_json_default) + "\n")
     else:
         results = evaluate(fc, progress=lambda s: print(s, flush=True))
         (out / "results.json").write_text(json.dumps(results, default=_json_default) + "\n")
