@@ -335,10 +335,13 @@ def calibrate_engine(spec: ModelSpec, engine_model: str, grid: GridSpec, *, hard
         swap_blocks = max(64, 4 * grid.swap_context // core.config.block_size)
         loaded = engine_loaded(core)
         del core
-        _free_device()
+        free_device()
+        from engine.memory import block_bytes
+
+        block = block_bytes(loaded.model, options.get("block_size", 16), weights_dtype(loaded))
+        host_gib = 2 * swap_blocks * block / 2**30  # room for the pool twice over
         small = engine_for_model(engine_model, device, loaded=loaded, **{
-            **options, "num_gpu_blocks": swap_blocks, "swap_space_gb": 2 * swap_blocks * _block_gib(loaded, options),
-            "preemption": "swap", "max_num_seqs": 8})
+            **options, "num_gpu_blocks": swap_blocks, "swap_space_gb": host_gib, "preemption": "swap", "max_num_seqs": 8})
         warm_up(small, dataclasses.replace(grid, arrival_lengths=(), probe_lengths=(64,)))
         run_on_engine(small, grid, log, swap_phase=True)
     meta["grid"] = dataclasses.asdict(grid)
@@ -346,22 +349,13 @@ def calibrate_engine(spec: ModelSpec, engine_model: str, grid: GridSpec, *, hard
     return log.rows, meta
 
 
-def spec_of_engine(core, name: str) -> ModelSpec:
-    """A simulator ModelSpec of the engine's model (for shapes without a conf/model entry)."""
-    mc = core.model_config
-    return ModelSpec(name=name, num_layers=mc.num_layers, hidden_size=mc.hidden_size, num_heads=mc.num_heads,
-                     num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, intermediate_size=mc.intermediate_size,
-                     vocab_size=mc.vocab_size, dtype_bytes=core.dtype.itemsize,
-                     tie_word_embeddings=mc.tie_word_embeddings)
+def weights_dtype(loaded):
+    """The dtype of a loaded model's weights (its KV cache's)."""
+    return next(loaded.model.parameters()).dtype
 
 
-def _block_gib(loaded, options: dict) -> float:
-    c = loaded.config
-    dtype_bytes = next(loaded.model.parameters()).element_size()
-    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * options.get("block_size", 16) * dtype_bytes / 2**30
-
-
-def _free_device() -> None:
+def free_device() -> None:
+    """Returns freed device memory (a dropped engine's KV pool) to the driver."""
     import gc
 
     import torch
@@ -372,12 +366,6 @@ def _free_device() -> None:
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def fit_and_save(rows_or_csv, meta: dict, out_json: Path, model_spec: ModelSpec | None) -> ProfileCost:
-    cost = ProfileCost.fit(rows_or_csv, meta=meta, model=model_spec)
-    cost.save(out_json)
-    return cost
 
 
 def summary_table(cost: ProfileCost) -> str:
@@ -427,7 +415,8 @@ def main(argv: list[str] | None = None) -> ProfileCost:
         write_profile(csv_path, rows, meta)
         print(f"profile: {csv_path} ({len(rows)} steps)")
         out_json = Path(a.save_to) if a.save_to else shipped_profile_path(meta["model"], meta["hardware"])
-        cost = fit_and_save(csv_path, {}, out_json, spec)
+        cost = ProfileCost.fit(csv_path, model=spec)
+        cost.save(out_json)
     print(cost.describe())
     print(summary_table(cost))
     print(f"fit: {out_json}")

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -49,7 +47,7 @@ from omegaconf import DictConfig, OmegaConf
 from controlplane.profile import FEATURES, PREFILL_ROWS, decode_prefill_rows
 from experiments import fidelity_report as R
 from experiments.calibrate import (ENGINE_SHAPES, GridSpec, check_shape, engine_for_model, engine_loaded,
-                                   engine_meta, hardware_name, warm_up)
+                                   engine_meta, free_device, hardware_name, warm_up)
 from experiments.engine_replica import StepLog, engine_replicas, replay_replicas
 from sim.cost import shipped_profile_path
 from sim.profile_cost import ProfileCost
@@ -254,17 +252,6 @@ def run_server(fc: FidelityConf, run: RunConf, engine_model: str, num_blocks: in
 # --------------------------------------------------------------------------- the whole evaluation
 
 
-def _free() -> None:
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
-
-
 def _groups(runs: list[RunConf]) -> list[list[RunConf]]:
     """Runs by engine KV size (one engine each, built on the same weights), in the configured order."""
     out: dict[Any, list[RunConf]] = {}
@@ -324,9 +311,9 @@ def evaluate(fc: FidelityConf, progress=print) -> dict:
                        "runs": results}
             (out / "results.partial.json").write_text(json.dumps(partial, default=_json_default) + "\n")
         del core
-        _free()
+        free_device()
     del loaded
-    _free()
+    free_device()
     if fc.server:
         for result in results:
             run = RunConf(**result["run"])
@@ -511,8 +498,6 @@ def main(cfg: DictConfig) -> None:
 def _json_default(value):
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
     raise TypeError(f"not JSON: {type(value).__name__}")
 
 
