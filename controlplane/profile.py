@@ -101,7 +101,9 @@ def csv_rows(path: str | Path) -> tuple[dict, list[str] | None, list[tuple[int, 
 def plan_features(plan) -> dict[str, Any]:
     """A plan's FEATURES and its prefill rows as a profile row's columns (add ``seconds``)."""
     row: dict[str, Any] = {f: int(getattr(plan, f)) for f in FEATURES}
-    row[PREFILL_ROWS] = encode_prefill_rows(plan.query_lens, plan.cached_lens)
+    # a pure decode (most engine steps) has no prefill rows: no per-row work on the engine's step path
+    row[PREFILL_ROWS] = "" if row["num_decode_reqs"] == row["num_reqs"] else \
+        encode_prefill_rows(plan.query_lens, plan.cached_lens)
     return row
 
 
