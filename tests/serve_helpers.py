@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import asyncio
 import json
 import os
@@ -78,6 +80,16 @@ class ServerProcess:
                 return f.read().decode("utf-8", "replace")[-chars:]
         except OSError:
             return "(no log)"
+
+    @contextlib.contextmanager
+    def running(self):
+        """Started and ready inside the block, stopped after it (also when the block fails)."""
+        self.start()
+        try:
+            self.wait_ready()
+            yield self
+        finally:
+            self.stop()
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL (the gateway and its children) if it has not exited within 15 s."""

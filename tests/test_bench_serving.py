@@ -312,13 +312,8 @@ def tiny(tmp_path_factory):
     pytest.importorskip("psutil")
     from serve_helpers import tiny_server
 
-    s = tiny_server(str(tmp_path_factory.mktemp("serve")))
-    s.start()
-    try:
-        s.wait_ready()
+    with tiny_server(str(tmp_path_factory.mktemp("serve"))).running() as s:
         yield s
-    finally:
-        s.stop()
 
 
 def test_against_our_server_every_call_reuses_the_servers_output_ids(tiny):

@@ -40,25 +40,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = ServerProcess(str(tmp_path_factory.mktemp("serve")), name="plain")
-    s.start()
-    try:
-        s.wait_ready()
+    with ServerProcess(str(tmp_path_factory.mktemp("serve")), name="plain").running() as s:
         print(f"server log: {s.log_path}")
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory):
-    s = ServerProcess(str(tmp_path_factory.mktemp("serve")), overrides=("api_key=sk-test-123",), name="keyed")
-    s.start()
-    try:
-        s.wait_ready()
+    keyed = ServerProcess(str(tmp_path_factory.mktemp("serve")), overrides=("api_key=sk-test-123",), name="keyed")
+    with keyed.running() as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -526,13 +517,8 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_model_dir):
-    s = tiny_server(str(tmp_path_factory.mktemp("serve")), tiny_model_dir)
-    s.start()
-    try:
-        s.wait_ready()
+    with tiny_server(str(tmp_path_factory.mktemp("serve")), tiny_model_dir).running() as s:
         yield s
-    finally:
-        s.stop()
 
 
 def _chunk_text(choice: dict) -> str:
