@@ -34,7 +34,6 @@ from controlplane.policies import (
     import_policy_modules,
     register_policy,
 )
-from controlplane import agent_policies  # noqa: F401,E402 - registers the Python policies shipped here
 from controlplane.config import SchedulerConfig
 from controlplane.scheduler import Scheduler
 from controlplane.loop import Clock, Executor, ManualClock, StepRecord, StepResult, WallClock, loop_step, run_loop

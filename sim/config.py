@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from controlplane import SchedulerConfig, import_policy_modules, policy_names
+from sim.workloads import make_workload
 
 
 @dataclass
@@ -97,7 +98,7 @@ class SimConf:
 
     seed: int = 0
     mode: str = "open"                 # open: sessions arrive at session_rate; closed: fixed concurrency
-    num_sessions: int = 100
+    num_sessions: Optional[int] = None  # None: every session of a trace (a generated workload needs a number)
     session_rate: Optional[float] = None   # sessions/s (open loop); None: the workload's default
     concurrency: int = 8               # sessions in flight (closed loop)
     cost_model: str = "roofline"       # roofline | profile (conf/cost/)
@@ -172,7 +173,9 @@ def validate(cfg: SimulationConfig) -> None:
         raise ValueError(f"sim.mode must be 'open' or 'closed', got {s.mode!r}")
     if s.session_rate is not None:
         _positive("sim", session_rate=s.session_rate)
-    _positive("sim", num_sessions=s.num_sessions, concurrency=s.concurrency, idle_wait_s=s.idle_wait_s,
+    if s.num_sessions is not None:
+        _positive("sim", num_sessions=s.num_sessions)
+    _positive("sim", concurrency=s.concurrency, idle_wait_s=s.idle_wait_s,
               kv_sample_interval_s=s.kv_sample_interval_s, slo_ttft_s=s.slo_ttft_s, slo_tpot_s=s.slo_tpot_s)
     if s.max_sim_time_s is not None:
         _positive("sim", max_sim_time_s=s.max_sim_time_s)
@@ -200,6 +203,7 @@ def validate(cfg: SimulationConfig) -> None:
             raise ValueError(f"policy.{kind}: unknown policy {spec!r}; registered: {policy_names(kind)}")
     if c.router.split(":", 1)[0] not in policy_names("router"):
         raise ValueError(f"cluster.router: unknown router {c.router!r}; registered: {policy_names('router')}")
+    make_workload(cfg.workload.name, dict(cfg.workload.params)).check()  # e.g. a trace file that is not there
 
 
 def scheduler_config(cfg: SimulationConfig, num_blocks: int, num_host_blocks: int) -> SchedulerConfig:

@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from controlplane import _core
 from controlplane.profile import FEATURES, PROFILE_COLUMNS, write_profile
-from sim.specs import CONF_DIR, HardwareSpec, ModelSpec
+from sim.specs import CONF_DIR, HardwareSpec, ModelSpec, hardware_label
 
 
 @dataclass(frozen=True)
@@ -233,10 +233,14 @@ class RooflineCost(CostModel):
         """Returns: the model, the machine, the rates' source and two sample step costs."""
         limit = ("physical limit (no per-step overhead)" if self.is_physical_limit
                  else f"plus {self._overhead_s * 1e3:.3f} ms overhead per step")
+        label = hardware_label(self.hw)
+        source = self.hw.source or "source not given"
+        if label != self.hw.name:
+            source += ", except the rates modified above"
         return "\n".join([
             f"roofline: {self.model.name} ({self.model.num_params() / 1e9:.2f}B params) "
-            f"on {self.hw.name}, {limit}",
-            f"  rates: {self.hw.source or 'source not given'}",
+            f"on {label}, {limit}",
+            f"  rates: {source}",
             f"  decode 1 token at 4096 context: {self.lower_bound_decode_seconds(4096) * 1e3:.3f} ms;"
             f" prefill 2048 tokens: {self.lower_bound_prefill_seconds(2048) * 1e3:.3f} ms",
         ])

@@ -56,6 +56,19 @@ class Slo:
     tpot_s: float
 
 
+def overload_warnings(summary: dict, slo_ttft_s: float) -> list[str]:
+    """A warning when a run is heavily overloaded: fewer than half of its requests got their
+    first token within the TTFT SLO, so queueing, not the policy under study, sets the figures.
+    (A low `slo_attainment` alone is not overload: a tight TPOT target can be out of reach at
+    long contexts with an empty queue.)"""
+    met = summary.get("slo_ttft_attainment")
+    if met is None or met >= 0.5:
+        return []
+    return [(f"overloaded: only {met:.0%} of requests had their first token within sim.slo_ttft_s={slo_ttft_s:g} s "
+             f"(TTFT p50 {summary['ttft_s_p50']:.1f} s): queueing sets these figures. If that is not the intent, "
+             f"lower the load (sim.session_rate, sim.num_sessions, sim.concurrency) or add replicas")]
+
+
 def _pcts(values: np.ndarray, prefix: str) -> dict[str, float]:
     values = values[~np.isnan(values)]
     if values.size == 0:
@@ -239,8 +252,11 @@ class Collector:
         out["per_gpu_total_tok_s"] = (outputs + prompts) / span / gpus
         out["per_gpu_output_tok_min"] = 60 * out["per_gpu_output_tok_s"]
         out["per_gpu_total_tok_min"] = 60 * out["per_gpu_total_tok_s"]
-        good = (cols["ttft"] <= self.slo.ttft_s) & ~(cols["tpot"] > self.slo.tpot_s)
+        ttft_met, tpot_met = cols["ttft"] <= self.slo.ttft_s, ~(cols["tpot"] > self.slo.tpot_s)
+        good = ttft_met & tpot_met
         out["slo_attainment"] = float(good.mean())
+        out["slo_ttft_attainment"] = float(ttft_met.mean())
+        out["slo_tpot_attainment"] = float(tpot_met.mean())
         out["goodput_req_s_per_gpu"] = float(good.sum()) / span / gpus
         out["prefix_hit_rate"] = float(cols["cached_tokens"].sum() / prompts)
         prefilled = cols["computed_tokens"] - (cols["output_tokens"] - 1)
@@ -262,4 +278,5 @@ class Collector:
         out["wall_seconds"] = wall_seconds
         out["steps_per_wall_s"] = num_steps / wall_seconds if wall_seconds > 0 else math.nan
         out["requests_per_wall_min"] = 60 * n / wall_seconds if wall_seconds > 0 else math.nan
-        return out
+        # plain Python numbers: a numpy scalar prints as np.float64(...) and is not JSON
+        return {k: v.item() if isinstance(v, np.generic) else v for k, v in out.items()}

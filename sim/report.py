@@ -29,6 +29,8 @@ def write_outputs(result: SimResult, out_dir: str | Path, plots: bool = True, re
     paths = {}
     summary = {k: _jsonable(v) for k, v in result.summary.items()}
     summary["notes"] = result.notes
+    if hasattr(result, "warnings"):  # experiments/bench_serving.py's results have none
+        summary["warnings"] = result.warnings
     paths["summary"] = out / SUMMARY_FILE
     paths["summary"].write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     if requests_table:
@@ -159,13 +161,21 @@ TABLE_COLUMNS = (
 )
 
 
+# What else can tell a sweep's runs apart: a column each, shown only where the runs differ.
+VARYING_COLUMNS = (("model", "model", "{}"), ("hardware", "hardware", "{}"), ("workload", "workload", "{}"),
+                   ("router", "router", "{}"), ("GPUs", "num_replicas", "{}"), ("mode", "mode", "{}"),
+                   ("seed", "seed", "{}"))
+
+
 def format_table(summaries: list[dict]) -> str:
     """A plain-text comparison table, one row per run."""
-    header = [c[0] for c in TABLE_COLUMNS]
+    varying = tuple(c for c in VARYING_COLUMNS if len({str(s.get(c[1])) for s in summaries}) > 1)
+    columns = TABLE_COLUMNS[:1] + varying + TABLE_COLUMNS[1:]
+    header = [c[0] for c in columns]
     rows = []
     for s in summaries:
         row = []
-        for col in TABLE_COLUMNS:
+        for col in columns:
             value = s.get(col[1])
             if value is None or (isinstance(value, float) and not math.isfinite(value)):
                 row.append("-")

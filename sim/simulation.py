@@ -25,8 +25,8 @@ from sim.cluster import Replica, Router
 from sim.cluster_fast import ClusterDriver
 from sim.config import SimulationConfig, from_mapping, scheduler_config, validate
 from sim.cost import make_cost_model
-from sim.metrics import Collector, Slo
-from sim.specs import HardwareSpec, ModelSpec, kv_capacity_blocks
+from sim.metrics import Collector, Slo, overload_warnings
+from sim.specs import HardwareSpec, ModelSpec, hardware_label, kv_capacity_blocks
 from sim.workloads import Session, make_workload
 
 
@@ -101,6 +101,7 @@ class SimResult:
     collector: Collector
     kv_blocks_per_replica: int
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. a heavily overloaded run (sim.metrics.overload_warnings)
 
     @property
     def requests(self):
@@ -120,8 +121,10 @@ class Simulation:
         self.cfg = cfg
         self.model = ModelSpec(**vars(cfg.model))
         self.hardware = HardwareSpec(**vars(cfg.hardware))
+        self.hardware_label = hardware_label(self.hardware)
         e = cfg.engine
-        self.num_blocks = (kv_capacity_blocks(self.model, self.hardware, e.block_size, e.gpu_memory_utilization)
+        labelled = dataclasses.replace(self.hardware, name=self.hardware_label)  # for its messages
+        self.num_blocks = (kv_capacity_blocks(self.model, labelled, e.block_size, e.gpu_memory_utilization)
                            if e.num_gpu_blocks is None else e.num_gpu_blocks)
         block_bytes = self.model.kv_bytes_per_token() * e.block_size
         self.num_host_blocks = (int(e.host_kv_gb * 1e9 // block_bytes) if e.num_host_blocks is None
@@ -131,6 +134,9 @@ class Simulation:
         cp.Scheduler(dataclasses.replace(self.scheduler_config, num_blocks=1, max_num_seqs=1))
         self.cost_model = make_cost_model(cfg.sim.cost_model, self.model, self.hardware, cfg.sim.profile_path)
         self.workload = make_workload(cfg.workload.name, dict(cfg.workload.params))
+        if cfg.sim.num_sessions is None and self.workload.endless:
+            raise ValueError(f"sim.num_sessions: workload {cfg.workload.name!r} generates sessions without end; "
+                             f"say how many to run (null replays every session of a trace)")
         self.capacity_tokens = self.num_blocks * e.block_size
 
     def run(self, env: simpy.Environment | None = None, replica_factory=None) -> SimResult:
@@ -167,7 +173,8 @@ class Simulation:
         seen_prefixes: set[tuple[int, int]] = set()
         done = env.event()
         state = {"finished": 0}
-        progress = _progress(s.num_sessions, s.progress)
+        planned, notes = self._planned_sessions()
+        progress = _progress(len(planned), s.progress)
 
         def run_session(index: int, session: Session, wait_for_start: bool):
             if wait_for_start and session.start_time > env.now:
@@ -209,14 +216,14 @@ class Simulation:
             collector.on_session(session.session_id, start, env.now, calls, truncated)
             state["finished"] += 1
             progress.update(1)
-            if state["finished"] == s.num_sessions and not done.triggered:
+            if state["finished"] == len(planned) and not done.triggered:
                 done.succeed()
 
         if s.mode == "open":
-            for index, session in enumerate(self.workload.sessions(s.num_sessions, s.seed, s.session_rate)):
+            for index, session in enumerate(planned):
                 env.process(run_session(index, session, wait_for_start=True))
         else:
-            source = enumerate(itertools.islice(self.workload.iter_sessions(s.seed, s.session_rate), s.num_sessions))
+            source = enumerate(planned)
 
             def worker():
                 for index, session in source:
@@ -240,12 +247,25 @@ class Simulation:
             replica.scheduler.check_invariants()
         summary = collector.summary([r.scheduler.stats() for r in replicas], wall)
         summary.update(self.describe())
-        notes = self._cost_notes(summary, native if replica_factory is None else None)
+        summary["num_sessions_planned"] = len(planned)
+        notes += self._cost_notes(summary, native if replica_factory is None else None)
         if getattr(self.cost_model, "is_physical_limit", False):
             notes.append("roofline cost with zero step overhead: latencies are physical lower bounds")
         summary["physical_limit"] = bool(getattr(self.cost_model, "is_physical_limit", False))
-        summary["completed"] = state["finished"] == s.num_sessions
-        return SimResult(cfg, summary, collector, self.num_blocks, notes)
+        summary["completed"] = state["finished"] == len(planned)
+        return SimResult(cfg, summary, collector, self.num_blocks, notes, overload_warnings(summary, s.slo_ttft_s))
+
+    def _planned_sessions(self) -> tuple[list[Session], list[str]]:
+        """The sessions this run replays or generates, and a note when a trace is cut short."""
+        s = self.cfg.sim
+        if self.workload.endless:
+            return self.workload.sessions(s.num_sessions, s.seed, s.session_rate), []
+        everything = self.workload.sessions(None, s.seed, s.session_rate)
+        planned = everything[:s.num_sessions]
+        if len(planned) < len(everything):
+            return planned, [(f"replayed the first {len(planned)} of the trace's {len(everything)} sessions "
+                              f"(sim.num_sessions={s.num_sessions}; null replays them all)")]
+        return planned, []
 
     def _cost_notes(self, summary: dict, native) -> list[str]:
         """What the summary should say about how steps were priced: steps beyond a profile's range,
@@ -267,7 +287,7 @@ class Simulation:
 
     def describe(self) -> dict:
         c = self.cfg
-        return {"model": c.model.name, "hardware": c.hardware.name, "workload": c.workload.name,
+        return {"model": c.model.name, "hardware": self.hardware_label, "workload": c.workload.name,
                 "policy": c.policy.name, "ordering": c.policy.ordering, "eviction": c.policy.eviction,
                 "preemption": c.policy.preemption, "router": c.cluster.router,
                 "kv_blocks_per_replica": self.num_blocks, "host_blocks_per_replica": self.num_host_blocks,

@@ -276,6 +276,24 @@ def _read_yaml(path: Path) -> Any:
         raise ValueError(f"cannot parse {path}: {err}") from err
 
 
+HARDWARE_RATES = ("peak_flops", "mem_bandwidth", "mem_bytes", "host_link_bandwidth", "step_overhead_s")
+
+
+def hardware_label(hw: HardwareSpec) -> str:
+    """How summaries and messages name `hw`: its name, or, when the name is a shipped entry
+    (conf/hardware/<name>.yaml) but a rate differs from it, the name and what was changed,
+    e.g. ``h100_sxm (modified: mem_bandwidth=2e+12)``: the datasheet's name alone would claim
+    the datasheet's rates.
+    """
+    path = CONF_DIR / "hardware" / f"{hw.name}.yaml"
+    if Path(hw.name).name != hw.name or not path.is_file():
+        return hw.name
+    shipped = HardwareSpec.from_dict(_read_yaml(path), source=str(path))
+    changed = [f"{field}={getattr(hw, field):g}" for field in HARDWARE_RATES
+               if getattr(hw, field) != getattr(shipped, field)]
+    return f"{hw.name} (modified: {', '.join(changed)})" if changed else hw.name
+
+
 def load_model_spec(name_or_path: str | Path) -> ModelSpec:
     """Loads a ModelSpec from ``conf/model/<name>.yaml`` or from a YAML file path.
 

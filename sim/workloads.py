@@ -25,6 +25,7 @@ import functools
 import itertools
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
@@ -248,23 +249,31 @@ class Workload(abc.ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[_Config]]
+    endless: ClassVar[bool] = True  # generated without end: a run must say how many sessions
 
     def __init__(self, config: _Config) -> None:
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}")
         self.config = config
 
-    def sessions(self, num_sessions: int, seed: int, rate: float | None = None) -> list[Session]:
+    def check(self) -> None:
+        """Checks what the parameters alone cannot (e.g. that a trace file exists), before a run."""
+
+    def sessions(self, num_sessions: int | None, seed: int, rate: float | None = None) -> list[Session]:
         """The first `num_sessions` sessions of `iter_sessions(seed, rate)`.
 
         Args:
-            num_sessions: how many sessions (>= 0).
+            num_sessions: how many sessions (>= 0); None: all of them (only for a workload that
+                is not `endless`).
             seed: non-negative integer; the same seed gives the same sessions.
             rate: session arrivals per second (None: the config's `session_rate`).
         Returns:
             Sessions sorted by start_time.
         """
-        _check_natural("num_sessions", num_sessions)
+        if num_sessions is None and self.endless:
+            raise ValueError(f"workload {self.name!r} generates sessions without end: num_sessions must be a number")
+        if num_sessions is not None:
+            _check_natural("num_sessions", num_sessions)
         return list(itertools.islice(self.iter_sessions(seed, rate), num_sessions))
 
     @abc.abstractmethod
@@ -382,10 +391,22 @@ class TraceWorkload(Workload):
 
     name = "trace"
     config_class = TraceConfig
+    endless = False
 
-    def sessions(self, num_sessions: int, seed: int = 0, rate: float | None = None) -> list[Session]:
-        """The file's first `num_sessions` sessions by start time (fewer if it has fewer)."""
-        _check_natural("num_sessions", num_sessions)
+    def check(self) -> None:
+        """Reads the whole trace: a missing file, a bad line or no sessions at all fail here, by path."""
+        if not os.path.isfile(self.config.path):
+            raise ValueError(f"workload.params.path: no such trace file {os.path.abspath(self.config.path)!r}")
+        if not load_trace(self.config.path):
+            # An empty trace is almost always a failed export or the wrong file: a run of 0
+            # requests would only hide that behind undefined percentiles and empty plots.
+            raise ValueError(f"workload.params.path: the trace {os.path.abspath(self.config.path)!r} "
+                             f"has no sessions")
+
+    def sessions(self, num_sessions: int | None = None, seed: int = 0, rate: float | None = None) -> list[Session]:
+        """The file's first `num_sessions` sessions by start time (fewer if it has fewer; None: all)."""
+        if num_sessions is not None:
+            _check_natural("num_sessions", num_sessions)
         return load_trace(self.config.path)[:num_sessions]
 
     def iter_sessions(self, seed: int = 0, rate: float | None = None) -> Iterator[Session]:

@@ -49,7 +49,7 @@ def test_bad_config_is_a_value_error(overrides, message):
 
 
 def test_policy_registry_and_specs():
-    # built-in (C++) names, plus the Python ones shipped in controlplane.agent_policies
+    # built-in (C++) names
     assert {"fcfs", "longest_prefix_match", "priority", "session_las", "cache_credit"} <= set(cp.policy_names("ordering"))
     assert {"lru", "priority", "ttl", "pause_aware"} <= set(cp.policy_names("eviction"))
     assert {"recompute", "swap"} <= set(cp.policy_names("preemption"))

@@ -239,3 +239,48 @@ def test_itl_bins_are_searchsorted_bins_at_and_around_every_edge():
              np.array([0.0, -1.0, 1e-12, 1e-5, 1e4, 1e6, np.inf, np.nan])]
     for gaps in cases:
         assert _itl_bins(gaps).tolist() == np.searchsorted(edges, gaps).tolist()
+
+
+# -- what a summary says -----------------------------------------------------------------------
+
+def test_summary_values_are_plain_python_numbers_not_numpy_scalars():
+    s = Simulation(agentic(1)).run().summary
+    assert not [k for k, v in s.items() if isinstance(v, np.generic)]
+    assert "np." not in repr(s)  # e.g. np.float64(193.49) in a printed summary
+
+
+def h100_with(**rates) -> dict:
+    import dataclasses
+
+    from sim.specs import load_hardware_spec
+
+    return {**dataclasses.asdict(load_hardware_spec("h100_sxm")), **rates}
+
+
+@pytest.mark.parametrize("hardware, label", [
+    (h100_with(), "h100_sxm"),
+    (h100_with(mem_bandwidth=2.0e12), "h100_sxm (modified: mem_bandwidth=2e+12)"),
+    (h100_with(peak_flops=5e14, step_overhead_s=0.002), "h100_sxm (modified: peak_flops=5e+14, step_overhead_s=0.002)"),
+    (h100_with(name="my_gpu", mem_bandwidth=2.0e12), "my_gpu"),  # a name of the user's own: no datasheet claimed
+])
+def test_hardware_with_changed_rates_is_not_named_as_the_datasheet(hardware, label):
+    cfg = {**agentic(1), "hardware": hardware, "sim": {**agentic(1)["sim"], "num_sessions": 2}}
+    simulation = Simulation(cfg)
+    assert simulation.run().summary["hardware"] == label
+    assert f"on {label}," in simulation.cost_model.describe()
+
+
+def test_a_changed_memory_size_is_named_in_the_does_not_fit_message():
+    with pytest.raises(ValueError, match=r"h100_sxm \(modified: mem_bytes=1e\+10\) has 9.0 GB usable"):
+        Simulation({"hardware": h100_with(mem_bytes=1.0e10), "sim": {"num_sessions": 1}})
+
+
+def test_a_heavily_overloaded_run_warns_and_a_light_one_does_not():
+    light = Simulation(agentic(1)).run()
+    assert light.summary["slo_ttft_attainment"] > 0.5 and light.warnings == []
+    cfg = agentic(1, session_rate=50.0, num_sessions=40)
+    cfg["hardware"] = tiny_hardware(600, overhead=0.05)  # 50 ms a step: a queue that only grows
+    heavy = Simulation(cfg).run()
+    assert heavy.summary["slo_ttft_attainment"] < 0.5
+    assert len(heavy.warnings) == 1 and heavy.warnings[0].startswith("overloaded: only ")
+    assert "sim.slo_ttft_s=5 s" in heavy.warnings[0]

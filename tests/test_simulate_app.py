@@ -90,3 +90,66 @@ def test_python_policies_are_selected_from_the_command_line(tmp_path):
     bad = simulate(tmp_path, *SMALL, "wandb.mode=disabled", "policy.modules=[no_such_module]",
                    f"hydra.run.dir={tmp_path}/bad", check=False)
     assert bad.returncode != 0 and "policy module 'no_such_module' could not be imported" in bad.stdout + bad.stderr
+
+
+def test_the_plain_command_is_quiet_and_prints_plain_numbers(tmp_path):
+    # No WANDB_SILENT here: the default wandb.mode=offline must not print wandb's banner and tables.
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    proc = subprocess.run([sys.executable, "-m", "experiments.simulate", *SMALL, f"hydra.run.dir={tmp_path}/run"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "wandb:" not in out and "np.float64" not in out and "np.int64" not in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert f"3 of 3 sessions, {summary['num_requests']} requests" in out
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1  # still logged
+
+
+def test_the_default_simulation_is_a_sensible_load(tmp_path):
+    # conf/config.yaml as it ships: it gave TTFT p50 79 s and SLO met 8.6% (0.2 sessions/s, 200 sessions)
+    proc = simulate(tmp_path, "output.plots=false", "wandb.mode=disabled", f"hydra.run.dir={tmp_path}/run")
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (s["workload"], s["num_sessions"], s["completed"]) == ("agentic_coding", 120, True)
+    assert s["ttft_s_p50"] < 0.5 and s["slo_ttft_attainment"] > 0.9 and s["warnings"] == []
+    assert "overloaded" not in proc.stdout + proc.stderr
+
+
+def test_a_heavily_overloaded_run_prints_a_warning(tmp_path):
+    # the old default: agentic_coding at the generator's own 0.2 sessions/s, 200 sessions, one H100
+    proc = simulate(tmp_path, "sim.progress=false", "wandb.mode=disabled", "output.plots=false",
+                    "sim.num_sessions=200", "sim.session_rate=0.2", f"hydra.run.dir={tmp_path}/run")
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "overloaded: only" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["warnings"]
+
+
+def test_a_trace_replays_every_session_from_a_path_relative_to_the_launch_dir(tmp_path):
+    from sim.workloads import Session, Turn, write_trace
+
+    sessions = [Session(f"s{i}", i * 0.5, -1, 0, (Turn(50, 3, 0.1), Turn(20, 2, 0.0))) for i in range(250)]
+    write_trace(str(tmp_path / "mine.jsonl"), sessions)
+    trace = ["model=smollm2_135m", "workload=trace", "workload.params.path=mine.jsonl", "sim.progress=false",
+             "wandb.mode=disabled", "output.plots=false"]
+    proc = simulate(tmp_path, *trace, f"hydra.run.dir={tmp_path}/all")
+    assert "250 of 250 sessions, 500 requests" in proc.stdout + proc.stderr
+    capped = simulate(tmp_path, *trace, "sim.num_sessions=100", f"hydra.run.dir={tmp_path}/capped")
+    assert "100 of 100 sessions, 200 requests" in capped.stdout + capped.stderr
+    assert "replayed the first 100 of the trace's 250 sessions" in capped.stdout + capped.stderr
+
+
+def test_a_missing_trace_file_is_reported_before_the_run_with_its_path(tmp_path):
+    proc = simulate(tmp_path, "workload=trace", "workload.params.path=nowhere/t.jsonl", "wandb.mode=disabled",
+                    f"hydra.run.dir={tmp_path}/run", check=False)
+    assert proc.returncode != 0
+    assert f"no such trace file '{tmp_path}/nowhere/t.jsonl'" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_changed_hardware_rates_are_named_in_the_summary_and_the_sweep_table(tmp_path):
+    proc = simulate(tmp_path, "-m", *SMALL, "wandb.mode=disabled", "output.plots=false",
+                    "hardware.mem_bandwidth=2.0e12,3.35e12", f"hydra.sweep.dir={tmp_path}/sweep")
+    out = proc.stdout
+    assert "smollm2_135m on (varies) x1" in out
+    assert "h100_sxm (modified: mem_bandwidth=2e+12)" in out  # its own column in the table
+    rows = [line for line in out.splitlines() if line.strip().startswith("lru")]
+    assert len(rows) == 2 and rows[1].split()[1] == "h100_sxm"
