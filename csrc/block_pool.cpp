@@ -210,6 +210,7 @@ void BlockPool::allocate_n(int n, BlockId* out) {
   for (int j = first_victim; j < n; ++j) {
     if (j + kAhead < n) index_.prefetch(content_[out[j + kAhead]].hash);
     log_eviction(out[j]);
+    if (recording_) events_.records.push_back({content_[out[j]].hash, 0, false, false});
     uncache(out[j]);
     ++num_evicted_;
   }
@@ -347,6 +348,10 @@ bool BlockPool::register_block(BlockId block, uint64_t hash, uint64_t parent, ui
   m.depth = depth;
   std::memcpy(&tokens_[static_cast<size_t>(block) * block_size_], tokens,
               sizeof(TokenId) * block_size_);
+  if (recording_) {
+    events_.records.push_back({hash, parent, true, depth > 0});
+    events_.tokens.insert(events_.tokens.end(), tokens, tokens + block_size_);
+  }
   return true;
 }
 

@@ -34,6 +34,7 @@
 #include <memory>
 #include <new>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -95,6 +96,24 @@ class PrefixIndex {
   size_t mask_ = 0;
   int shift_ = 0;
   int size_ = 0;
+};
+
+// What entered and left the prefix index, in order, for an engine to publish as KV cache events
+// (docs/kv-events.md). One record a block:
+//
+//   records: [stored h0 (no parent)][stored h1 (parent h0)][removed h7][stored h2 (parent h1)] ...
+//   tokens:  [ h0's block_size ids ][ h1's ids            ]            [ h2's ids            ] ...
+//
+// Recording is off by default; off, it costs one predictable branch per registered or evicted block.
+struct KvEventLog {
+  struct Record {
+    uint64_t hash;
+    uint64_t parent;  // the chain's previous block's hash; meaningless when !has_parent
+    bool stored;      // false: removed (evicted)
+    bool has_parent;  // false: the first block of its sequence (its parent is the namespace root)
+  };
+  std::vector<Record> records;
+  std::vector<TokenId> tokens;  // block_size ids per stored record, in record order
 };
 
 class BlockPool {
@@ -169,6 +188,19 @@ class BlockPool {
   void pin(BlockId block, double until, double now, bool new_pin);
   // Drops one pin if the block still holds the same contents (`generation`).
   void unpin(BlockId block, uint32_t generation, double now);
+
+  // KV cache events: record_events(true) starts logging what enters and leaves the prefix index;
+  // take_events() hands the log over and starts an empty one. Recording changes no decision.
+  void record_events(bool on) { recording_ = on; }
+  bool recording_events() const { return recording_; }
+  KvEventLog take_events() { return std::exchange(events_, KvEventLog{}); }
+  // The hashes in the prefix index now (unordered): what a consumer of the events should hold.
+  std::vector<uint64_t> cached_hashes() const {
+    std::vector<uint64_t> out;
+    out.reserve(static_cast<size_t>(index_.size()));
+    index_.for_each([&](uint64_t hash, BlockId) { out.push_back(hash); });
+    return out;
+  }
 
   // Throws InvariantViolation with a description if the pool is inconsistent.
   // `holders[b]` is how many requests list block b (computed by the scheduler).
@@ -277,6 +309,8 @@ class BlockPool {
   // (block, its chain position) of the latest evictions: eviction k is eviction_log_[k - log_base_].
   std::vector<std::pair<BlockId, int>> eviction_log_;
   int64_t log_base_ = 0;
+  bool recording_ = false;                 // record_events()
+  KvEventLog events_;
 };
 
 // The host tier for swapped-out KV: a fixed number of blocks, a free list.

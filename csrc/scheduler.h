@@ -184,6 +184,9 @@ class Scheduler {
   int max_blocks_per_seq() const { return max_blocks_per_seq_; }
   // The persistent block table: max_num_seqs rows of max_blocks_per_seq entries, -1 = none.
   const std::vector<BlockId>& block_table() const { return block_table_; }
+  // The device block pool, for its KV event recorder (block_pool.h KvEventLog) and read-only queries.
+  BlockPool& block_pool() { return pool_; }
+  const BlockPool& block_pool() const { return pool_; }
 
  private:
   // --- transitions: the only places where blocks and slots change owner ---

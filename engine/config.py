@@ -196,6 +196,8 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     overlap_decode: bool | None = None
+    # KV cache events over ZMQ in vLLM's format (engine/kv_events.py KVEventsConfig fields; docs/kv-events.md); None: off
+    kv_events: Mapping[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EngineConfig":
