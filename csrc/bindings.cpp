@@ -9,6 +9,7 @@
 
 #include "cluster_forward.h"
 #include "fast_forward.h"
+#include "hashing.h"
 #include "policies.h"
 #include "request.h"
 #include "scheduler.h"
@@ -231,6 +232,39 @@ void bind_simulation(py::module_& m) {
       .def("next", &ClusterForward::next, "(end, eid) of the earliest busy replica's step end; eid -1 if none.");
 }
 
+// A KvEventLog as vLLM-style events: (kind, block_hashes, parent_block_hash or None, token_ids)
+// tuples, kind "BlockStored" or "BlockRemoved". Stored records that continue the previous one's
+// chain (parent == its hash) join its event, as vLLM stores a request's new full blocks in one
+// event; consecutive removals join one event.
+py::list kv_events_to_python(const KvEventLog& log, int block_size) {
+  py::list out;
+  const size_t n = log.records.size();
+  size_t token_at = 0;
+  for (size_t i = 0; i < n;) {
+    const KvEventLog::Record& first = log.records[i];
+    std::vector<uint64_t> hashes{first.hash};
+    size_t j = i + 1;
+    while (j < n && log.records[j].stored == first.stored &&
+           (!first.stored || (log.records[j].has_parent && log.records[j].parent == hashes.back()))) {
+      hashes.push_back(log.records[j].hash);
+      ++j;
+    }
+    if (first.stored) {
+      const size_t num_tokens = hashes.size() * static_cast<size_t>(block_size);
+      std::vector<TokenId> tokens(log.tokens.begin() + static_cast<std::ptrdiff_t>(token_at),
+                                  log.tokens.begin() + static_cast<std::ptrdiff_t>(token_at + num_tokens));
+      token_at += num_tokens;
+      out.append(py::make_tuple("BlockStored", hashes,
+                                first.has_parent ? py::object(py::int_(first.parent)) : py::object(py::none()),
+                                tokens));
+    } else {
+      out.append(py::make_tuple("BlockRemoved", hashes, py::none(), py::list()));
+    }
+    i = j;
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -251,6 +285,23 @@ PYBIND11_MODULE(_core, m) {
       "policy_names",
       [](const std::string& kind) { return registered_names(kind); }, py::arg("kind"),
       "Names registered for a policy kind (ordering, eviction, preemption, router), C++ and Python.");
+  m.def(
+      "prompt_block_hashes",
+      [](py::handle prompt, int block_size, py::object cache_namespace) {
+        if (block_size <= 0) throw py::value_error("block_size must be positive");
+        const std::vector<TokenId> tokens = to_tokens(prompt, "prompt_token_ids");
+        uint64_t parent = namespace_hash(cache_namespace.is_none() ? std::string()
+                                                                   : py::str(cache_namespace).cast<std::string>());
+        std::vector<uint64_t> out;
+        for (size_t at = 0; at + static_cast<size_t>(block_size) <= tokens.size(); at += block_size) {
+          parent = block_hash(parent, &tokens[at], block_size);
+          out.push_back(parent);
+        }
+        return out;
+      },
+      py::arg("prompt_token_ids"), py::arg("block_size"), py::arg("cache_namespace") = py::none(),
+      "The chained prefix-index hashes of the prompt's full blocks, as the scheduler computes them "
+      "(csrc/hashing.h): what a router compares with an engine's KV events.");
   m.def(
       "parse_policy_spec",
       [](const std::string& spec) {
@@ -446,6 +497,25 @@ PYBIND11_MODULE(_core, m) {
                              "Free + evictable device blocks (what a router reads, once per call and replica).")
       .def("request_info", [](const Scheduler& s, RequestId id) { return request_info(s.request(id)); },
            py::arg("request_id"))
+      .def(
+          "record_kv_events", [](Scheduler& s, bool on) { s.block_pool().record_events(on); }, py::arg("on") = true,
+          "Starts (or stops) recording what enters and leaves the prefix index, for drain_kv_events(); "
+          "off by default. Changes no decision.")
+      .def_property_readonly("recording_kv_events",
+                             [](const Scheduler& s) { return s.block_pool().recording_events(); })
+      .def(
+          "drain_kv_events",
+          [](Scheduler& s) { return kv_events_to_python(s.block_pool().take_events(), s.config().block_size); },
+          "The KV cache events recorded since the last drain, oldest first, as (kind, block_hashes, "
+          "parent_block_hash, token_ids) tuples; kind 'BlockStored' or 'BlockRemoved'.")
+      .def(
+          "cached_block_hashes",
+          [](const Scheduler& s) {
+            std::vector<uint64_t> hashes = s.block_pool().cached_hashes();
+            std::sort(hashes.begin(), hashes.end());
+            return hashes;
+          },
+          "The block hashes in the prefix index now, sorted.")
       .def_property_readonly("block_size", [](const Scheduler& s) { return s.config().block_size; })
       .def_property_readonly("max_blocks_per_seq", &Scheduler::max_blocks_per_seq)
       .def_property_readonly("ordering", &Scheduler::ordering_name);

@@ -20,6 +20,7 @@ import controlplane as cp
 from controlplane.profile import plan_features, write_profile
 from engine.config import EngineConfig
 from engine.kernels import KernelSet
+from engine.kv_events import ALL_BLOCKS_CLEARED, KVEventPublisher, KVEventsConfig, make_publisher
 from engine.loader import LoadedModel, load_model
 from engine.memory import size_kv_cache
 from engine.runner import ModelRunner
@@ -71,6 +72,7 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig, clock: cp.Clock | None = None, loaded: LoadedModel | None = None) -> None:
         self.config = cfg = config
+        kv_events = KVEventsConfig.from_value(cfg.kv_events)  # a bad one fails before the model loads
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         torch.manual_seed(cfg.seed)
@@ -99,6 +101,10 @@ class EngineCore:
             enable_prefix_caching=cfg.enable_prefix_caching, ordering=cfg.ordering, eviction=cfg.eviction,
             preemption=cfg.preemption, num_lookahead_tokens=1 if self.overlap else 0)
         self.scheduler = cp.Scheduler(self.scheduler_config)
+        # None: events off, and the control plane records none
+        self.kv_events: KVEventPublisher | None = make_publisher(kv_events, cfg.block_size)
+        self.kept_kv_events: list | None = None  # see keep_kv_events()
+        self._start_kv_events()
         self.runner = ModelRunner(
             self.model, self.ops, self.device, self.dtype, num_blocks=self.num_blocks,
             block_size=cfg.block_size, num_host_blocks=self.num_host_blocks, max_model_len=self.max_model_len,
@@ -151,6 +157,7 @@ class EngineCore:
     def step(self, idle_advance: float = 1e-3) -> StepOutput:
         """One loop step; an empty plan (e.g. waiting on pinned KV) moves a manual clock by `idle_advance`."""
         result = cp.loop_step(self.scheduler, self.runner, self.clock, idle_advance=idle_advance)
+        self.drain_kv_events()
         if result.record is None:
             return StepOutput(np.empty(0, dtype=np.int64), result.tokens)
         plan = result.plan
@@ -181,6 +188,7 @@ class EngineCore:
                              f"engine (overlapped decode {'on' if self.overlap else 'off'})")
         self.scheduler_config = new
         self.scheduler = cp.Scheduler(new)
+        self._start_kv_events()
         runner = self.runner
         if runner.guess is not None:
             runner.guess.wait()
@@ -189,6 +197,39 @@ class EngineCore:
         runner.last_result, runner._last_end = None, None
         self.clock = clock or cp.WallClock()
         self.profile = []
+
+    def keep_kv_events(self) -> None:
+        """Records KV events into `kept_kv_events` too (besides any publisher), for a caller that forwards
+        them itself: the data-parallel gateway's prefix shadow (docs/serving.md)."""
+        self.kept_kv_events = []
+        self.scheduler.record_kv_events()
+
+    def drain_kv_events(self) -> None:
+        """Moves what the scheduler recorded since the last drain to the publisher and `kept_kv_events`."""
+        if self.kv_events is None and self.kept_kv_events is None:
+            return
+        events = self.scheduler.drain_kv_events()
+        if self.kv_events is not None:
+            self.kv_events.publish(events)
+        if self.kept_kv_events is not None:
+            self.kept_kv_events.extend(events)
+
+    def _start_kv_events(self) -> None:
+        """Has a new (empty) scheduler record KV events, and tells subscribers its cache starts empty."""
+        if self.kv_events is not None or self.kept_kv_events is not None:
+            self.scheduler.record_kv_events()
+        if self.kv_events is not None:
+            self.kv_events.publish([ALL_BLOCKS_CLEARED])
+        if self.kept_kv_events is not None:
+            self.kept_kv_events.append(ALL_BLOCKS_CLEARED)
+
+    def close(self) -> None:
+        """Stops publishing KV events (what is queued is sent first); the engine may still step."""
+        if self.kv_events is not None:
+            self.scheduler.record_kv_events(False)
+            self.scheduler.drain_kv_events()
+            self.kv_events.close()
+            self.kv_events = None
 
     def save_profile(self, path: str, skip: int = 0) -> int:
         """Writes the recorded steps (after `skip` warm-up steps) as a profile CSV; returns the row count.

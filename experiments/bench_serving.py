@@ -58,6 +58,7 @@ import itertools
 import json
 import math
 import re
+import sys
 import time
 import warnings
 from collections import Counter
@@ -271,6 +272,9 @@ class Replay:
         self.ids = itertools.count()
         self.sent = 0
         self.cut_sessions = 0                 # stopped by --max-requests or a failed call
+        self.truncated_sessions = 0           # stopped before a call over max_model_len / --max-prompt-tokens
+        self.unsent_sessions = 0              # ... of them, stopped before their first call
+        self.unsent_turns = 0                 # turns those sessions did not send
         self.short_outputs = 0                # calls that returned fewer or more tokens than max_tokens
         self.t0 = time.perf_counter()
 
@@ -317,19 +321,22 @@ class Replay:
 
     async def run_session(self, index: int, session: Session, wait_for_start: bool) -> None:
         """One session, as sim/simulation.py's run_session builds its prompts."""
-        if wait_for_start and session.start_time > self.clock():
+        news = self.tokens.session_new_tokens(self.tokens.session_rng(index), session.turns)
+        context = self.tokens.prefix(session.prefix_id, session.prefix_tokens)
+        sends_nothing = self.fits(context.size + news[0].size, session.turns[0].output_tokens) < 1
+        if wait_for_start and not sends_nothing and session.start_time > self.clock():
             await asyncio.sleep(session.start_time - self.clock())
         start = self.clock()
-        rng = self.tokens.session_rng(index)
         outputs_rng = np.random.default_rng([self.options.seed, _SYNTHETIC_OUTPUT_KEY, index])
-        context = self.tokens.prefix(session.prefix_id, session.prefix_tokens)
         truncated, calls = False, 0
-        for k, turn in enumerate(session.turns):
-            new = self.tokens.new_tokens(rng, turn)
+        for k, (turn, new) in enumerate(zip(session.turns, news)):
             prompt = np.concatenate([context, new]) if context.size else new
             max_new = self.fits(prompt.size, turn.output_tokens)
             if max_new < 1:
                 truncated = True
+                self.truncated_sessions += 1
+                self.unsent_sessions += k == 0
+                self.unsent_turns += len(session.turns) - k
                 break
             if self.options.max_requests is not None and self.sent >= self.options.max_requests:
                 self.cut_sessions += 1
@@ -453,6 +460,8 @@ def summarize(replay: Replay, options: BenchOptions, info: ServerInfo, errors: C
         "requests_sent": replay.sent, "num_errors": num_errors,
         "cancelled_requests": replay.sent - len(c.requests) - num_errors,
         "errors": dict(errors), "cut_sessions": replay.cut_sessions, "short_outputs": replay.short_outputs,
+        "truncated_sessions": replay.truncated_sessions, "unsent_sessions": replay.unsent_sessions,
+        "unsent_turns": replay.unsent_turns, "max_prompt_tokens": options.max_prompt_tokens,
         "timed_out": timed_out, "output_ids_from_server": replay.sources.count("server"),
         "output_ids_synthetic": replay.sources.count("synthetic"),
         "completed": not timed_out and len(c.sessions) == options.sessions and not replay.cut_sessions,
@@ -568,7 +577,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchOptions, argparse.Na
     return options, a
 
 
+def truncation_warning(summary: dict) -> str | None:
+    """What the context limits cut, in words (the simulator's truncation, easy to miss in a table)."""
+    n = summary.get("truncated_sessions") or 0
+    if not n:
+        return None
+    limits = [f"max_model_len {summary['max_model_len']}"] if summary.get("max_model_len") else []
+    if summary.get("max_prompt_tokens"):
+        limits.append(f"--max-prompt-tokens {summary['max_prompt_tokens']}")
+    return (f"warning: {n} of {summary['num_sessions']} sessions were cut short by {' and '.join(limits)}: "
+            f"{summary['unsent_sessions']} sent nothing (their first call did not fit) and "
+            f"{summary['unsent_turns']} turns were not sent. Make the workload fit: --params "
+            f"context_max={summary.get('max_model_len') or 'N'} (for agentic_coding also prefix_tokens_min, "
+            "prefix_tokens_max, new_tokens_max and output_max that fit in it).")
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """Runs the benchmark and prints its table.
+
+    Raises:
+        SystemExit: (non-zero) when no call completed, e.g. every session cut by max_model_len.
+    """
     options, args = parse_args(argv)
     result = asyncio.run(run_benchmark(options))
     summaries = [result.summary] + [json.loads(Path(path).read_text()) for path in args.compare]
@@ -580,6 +609,13 @@ def main(argv: list[str] | None = None) -> dict:
             warnings.simplefilter("ignore", UserWarning)
             paths = write_outputs(result, args.out, plots=args.plots and result.summary["num_requests"] > 0)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
+    warning = truncation_warning(result.summary)
+    if warning:
+        print(warning, file=sys.stderr)
+    if not result.summary["num_requests"]:
+        s = result.summary
+        raise SystemExit(f"bench_serving: no call completed ({s['requests_sent']} sent, {s['num_errors']} failed "
+                         f"{s['errors']}, {s['unsent_sessions']} of {options.sessions} sessions sent nothing)")
     return result.summary
 
 

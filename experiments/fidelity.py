@@ -44,6 +44,7 @@ import yaml
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from controlplane.cli import fix_sys_argv
 from controlplane.profile import FEATURES, PREFILL_ROWS, decode_prefill_rows
 from experiments import fidelity_report as R
 from experiments.calibrate import (ENGINE_SHAPES, GridSpec, check_shape, engine_for_model, engine_loaded,
@@ -211,8 +212,7 @@ def run_server(fc: FidelityConf, run: RunConf, engine_model: str, num_blocks: in
     options = {"load_format": "dummy", "device": fc.device, **fc.engine, "num_gpu_blocks": num_blocks}
     cmd = [sys.executable, "-m", "engine.serve", f"model={engine_model}", f"port={fc.server_port}",
            "log_level=warning", "hydra.run.dir=" + str(out / "server"), "hydra.output_subdir=null"]
-    cmd += [f"+engine.{k}={json.dumps(v)}" for k, v in options.items() if k != "max_num_seqs"]
-    cmd += [f"engine.max_num_seqs={options.get('max_num_seqs', 256)}"]
+    cmd += [f"engine.{k}={json.dumps(v)}" for k, v in options.items()]
     base = f"http://127.0.0.1:{fc.server_port}/v1"
     with open(out / f"server-{run.name}.log", "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -502,4 +502,5 @@ def _json_default(value):
 
 
 if __name__ == "__main__":
+    fix_sys_argv(mappings={"engine"})  # engine.KEY=VALUE adds an EngineConfig field to the runs
     main()

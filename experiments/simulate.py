@@ -20,8 +20,10 @@ from typing import Any
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.experimental.callback import Callback
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from controlplane.cli import fix_sys_argv
 from sim.config import SimulationConfig
 from sim.report import SUMMARY_FILE, format_table, plot_comparison, write_outputs
 from sim.simulation import Simulation
@@ -32,15 +34,42 @@ ConfigStore.instance().store(name="simulation_schema", node=SimulationConfig)
 
 
 def run(cfg: DictConfig, out_dir: str | Path = ".") -> dict:
-    """Validates, simulates, writes the outputs and logs to wandb; returns the summary."""
+    """Validates, simulates, writes the outputs and logs to wandb; returns the summary (with its notes)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("hydra", None)
+    _paths_from_launch_dir(container)
     simulation = Simulation(container)  # bad configs fail here, before simulated time passes
     result = simulation.run()
     out = Path(out_dir) / cfg.output.dir
     paths = write_outputs(result, out, plots=cfg.output.plots, requests_table=cfg.output.requests_table)
     _log_wandb(cfg, container, result, paths)
-    return result.summary
+    return {**result.summary, "notes": list(result.notes), "warnings": list(result.warnings)}
+
+
+def _paths_from_launch_dir(container: dict) -> None:
+    """Relative file paths in the config are relative to where the command ran, not to the run
+    directory Hydra changes into (hydra.job.chdir)."""
+    params, sim = container["workload"].get("params") or {}, container["sim"]
+    if params.get("path"):
+        params["path"] = to_absolute_path(params["path"])
+    if sim.get("profile_path"):
+        sim["profile_path"] = to_absolute_path(sim["profile_path"])
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """What a run prints: what ran, its headline figures in plain numbers, then its notes
+    (`summary["warnings"]` are logged apart, as warnings)."""
+    s = summary
+    ran = (f"summary: {s['model']} on {s['hardware']} x{s['num_replicas']}, {s['workload']}, policy {s['policy']}: "
+           f"{s['num_sessions']} of {s['num_sessions_planned']} sessions, {s['num_requests']} requests")
+    if "ttft_s_p50" not in s:
+        return [ran, *s.get("notes", [])]
+    figures = (f"prefix hit {s['prefix_hit_rate']:.1%}, TTFT p50 {s['ttft_s_p50']:.2f} s p90 {s['ttft_s_p90']:.2f} s, "
+               f"TPOT p50 {s['tpot_s_p50'] * 1e3:.1f} ms, GPU {s['per_gpu_output_tok_s']:.0f} output tok/s, "
+               f"SLO met {s['slo_attainment']:.1%} (TTFT {s['slo_ttft_attainment']:.1%}, "
+               f"TPOT {s['slo_tpot_attainment']:.1%}); {s['simulated_seconds']:.0f} simulated s "
+               f"in {s['wall_seconds']:.1f} s")
+    return [ran, figures, *s.get("notes", [])]
 
 
 def _log_wandb(cfg: DictConfig, container: dict, result, paths: dict) -> None:
@@ -48,8 +77,12 @@ def _log_wandb(cfg: DictConfig, container: dict, result, paths: dict) -> None:
         return
     import wandb
 
+    # Offline (the default) is quiet: wandb's banner and run tables would bury the summary. Online
+    # keeps wandb's own lines (the run's URL).
+    settings = wandb.Settings(silent=True) if cfg.wandb.mode == "offline" else None
     run = wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, mode=cfg.wandb.mode, config=container,
-                     name=f"{cfg.policy.name}-{cfg.workload.name}-s{cfg.sim.seed}", dir=".", reinit="finish_previous")
+                     name=f"{cfg.policy.name}-{cfg.workload.name}-s{cfg.sim.seed}", dir=".", reinit="finish_previous",
+                     settings=settings)
     try:
         numbers = {k: v for k, v in result.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         run.summary.update(numbers)
@@ -76,23 +109,35 @@ class CompareRuns(Callback):
         if not summaries:
             return
         table = format_table(summaries)
-        first = summaries[0]
-        header = (f"{first['model']} on {first['hardware']} x{first['num_replicas']}, workload {first['workload']}, "
-                  f"{first['num_requests']} requests per run"
-                  + (" (roofline with zero overhead: physical lower bounds)" if first.get("physical_limit") else ""))
+        header = _sweep_header(summaries)
         print(f"\n{header}\n{table}\n")
         (sweep_dir / "comparison.md").write_text(f"{header}\n\n```\n{table}\n```\n")
         plot_comparison(summaries, sweep_dir)
         print(f"results: {sweep_dir}/*/summary.json, requests.csv, *.png; comparison: {sweep_dir}/comparison.png")
 
 
+def _sweep_header(summaries: list[dict]) -> str:
+    """What the runs of a sweep share (what differs has a column in the table)."""
+    def common(key: str) -> str:
+        values = {str(s[key]) for s in summaries}
+        return values.pop() if len(values) == 1 else "(varies)"
+
+    requests = sorted({s["num_requests"] for s in summaries})
+    per_run = f"{requests[0]}" if len(requests) == 1 else f"{requests[0]}-{requests[-1]}"
+    return (f"{common('model')} on {common('hardware')} x{common('num_replicas')}, workload {common('workload')}, "
+            f"{per_run} requests per run"
+            + (" (roofline with zero overhead: physical lower bounds)" if summaries[0].get("physical_limit") else ""))
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     summary = run(cfg)
-    keys = ("num_requests", "prefix_hit_rate", "ttft_s_p50", "tpot_s_p50", "per_user_tok_s_p50",
-            "per_gpu_output_tok_s", "wall_seconds")
-    log.info("summary: %s", {k: summary.get(k) for k in keys})
+    for line in summary_lines(summary):
+        log.info("%s", line)
+    for line in summary.get("warnings", []):
+        log.warning("%s", line)
 
 
 if __name__ == "__main__":
+    fix_sys_argv()
     main()

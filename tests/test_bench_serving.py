@@ -359,3 +359,36 @@ def test_bad_options_fail_before_any_request():
     with pytest.raises(ValueError, match="concurrency"):
         B.BenchOptions(concurrency=0)
     assert math.isclose(B.BenchOptions().slo_tpot_s, 1 / 70)
+
+
+def test_sessions_cut_by_max_model_len_are_reported_and_nothing_sent_fails(capsys):
+    # Issue #19: against an 8K-context model agentic_coding's 20-60K-token prefixes never fit; the run
+    # waited 85 s for the sessions' start times, sent nothing and exited 0 with a table of dashes.
+    seed, sessions = 0, 4
+    workload = make_workload("agentic_coding", AGENTIC).sessions(sessions, seed, 0.05)  # starts 0-100 s
+    assert max(s.start_time for s in workload) > 10
+    params = ["--params", *[f"{k}={v}" for k, v in AGENTIC.items()]]
+    with FakeServer() as fake:
+        start = time.perf_counter()
+        with pytest.raises(SystemExit) as exit_info:  # every first call > 20 tokens: nothing is sent
+            B.main(["--base-url", fake.url, "--sessions", str(sessions), "--session-rate", "0.05",
+                    "--max-model-len", "20", *params])
+        assert time.perf_counter() - start < 5  # no waiting for sessions that send nothing
+        assert fake.log == []
+    assert exit_info.value.code and "no call completed" in str(exit_info.value.code)
+    err = capsys.readouterr().err
+    turns = sum(len(s.turns) for s in workload)
+    assert (f"warning: {sessions} of {sessions} sessions were cut short by max_model_len 20: {sessions} sent "
+            f"nothing (their first call did not fit) and {turns} turns were not sent") in err
+    # some sessions cut after their first calls: a warning with the counts, and the run succeeds
+    prompts = [s.prefix_tokens + s.turns[0].new_tokens + s.turns[0].output_tokens for s in workload]
+    limit = max(prompts) + 1
+    with FakeServer() as fake:
+        summary = B.main(["--base-url", fake.url, "--sessions", str(sessions), "--concurrency", "2",
+                          "--pause-scale", "0", "--max-model-len", str(limit), *params])
+    err = capsys.readouterr().err
+    assert summary["unsent_sessions"] == 0 and summary["num_requests"] == len(fake.log) >= sessions
+    assert 0 < summary["truncated_sessions"] < sessions
+    assert (f"{summary['truncated_sessions']} of {sessions} sessions were cut short by max_model_len {limit}: "
+            f"0 sent nothing") in err
+    assert summary["num_requests"] + summary["unsent_turns"] == turns

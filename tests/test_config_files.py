@@ -35,3 +35,19 @@ def test_policy_config_file_validates_and_builds(path):
     cfg = from_mapping({"policy": yaml.safe_load(path.read_text())})
     validate(cfg)  # imports its policy modules, checks every name is registered
     cp.Scheduler(scheduler_config(cfg, num_blocks=64, num_host_blocks=8))
+
+
+def test_the_servers_engine_node_is_engine_config_with_its_defaults():
+    # issue #19: the node was a plain dict, so `engine.ordering=...` needed a `+`
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from engine.config import EngineConfig
+    from engine.serve.__main__ import ServeConfig
+
+    node = OmegaConf.to_container(OmegaConf.structured(ServeConfig))["engine"]
+    assert set(node) == {f.name for f in dataclasses.fields(EngineConfig)} - {"model"}
+    assert EngineConfig.from_dict(node) == EngineConfig()
+    served = yaml.safe_load((CONF.parents[1] / "engine" / "serve" / "conf" / "config.yaml").read_text())["engine"]
+    assert EngineConfig.from_dict({**node, **served}) == EngineConfig.from_dict(served)

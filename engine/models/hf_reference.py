@@ -28,12 +28,18 @@ def transformers_model(engine_model, dtype: torch.dtype | None = None, device: t
     hf_cfg.architectures = [arch]
     with torch.device(device):
         model = getattr(transformers, arch)._from_config(hf_cfg, dtype=dtype, attn_implementation=attn_implementation)
-    state = {k: v.to(dtype) for k, v in engine_model.hf_state_dict().items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq") and m != "lm_head.weight"]
+    # tensor by tensor into transformers' own parameters: converting the whole state dict first would hold a
+    # second full copy (32 GB for an 8B model in float32) beside the model on the device
+    state = engine_model.hf_state_dict()
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"]
     if missing or unexpected:
         raise ValueError(f"weights do not line up with transformers' {arch}: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor)
     if engine_model.config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

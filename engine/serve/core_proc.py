@@ -5,14 +5,17 @@
         if work: out = core.step(); send Tokens + Finished
         every 0.5 s: send Stats
 
-It never parses HTTP, tokenizes or detokenizes.
+It never parses HTTP, tokenizes or detokenizes, and it dies with the gateway that spawned it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -22,14 +25,20 @@ from engine.serve import protocol as P
 
 log = logging.getLogger("tandem.core")
 STATS_INTERVAL_S = 0.5
+PARENT_POLL_S = 0.5
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class CoreLoop:
     def __init__(self, core, recv: zmq.Socket, send: zmq.Socket) -> None:
         self.core, self.recv, self.send = core, recv, send
         self.live: set[int] = set()
+        # sessions with a request here and not ended since: the scheduler keeps no such set that it shows,
+        # and POST /v1/sessions/{id}/end must tell an unknown id from a known one
+        self.sessions: set[str] = set()
         self.aborted = 0
         self._last_stats = 0.0
+        self.forward_kv_events = core.kept_kv_events is not None  # a data-parallel gateway's prefix shadow
 
     def handle(self, msg) -> bool:
         """Applies one message; False on Shutdown."""
@@ -44,6 +53,8 @@ class CoreLoop:
                 self.send.send(P.encode(P.Rejected(msg.req_id, str(exc))))
                 return True
             self.live.add(msg.req_id)
+            if msg.session_id:
+                self.sessions.add(msg.session_id)
         elif isinstance(msg, P.Abort):
             for rid in msg.req_ids:
                 if rid in self.live:
@@ -56,15 +67,28 @@ class CoreLoop:
                                                        len(info["output_token_ids"]))))
         elif isinstance(msg, P.EndSession):
             core.scheduler.end_session(msg.session_id, core.clock.now())
+            known = msg.session_id in self.sessions
+            self.sessions.discard(msg.session_id)
+            self.send.send(P.encode(P.SessionEnded(msg.session_id, known)))
         elif isinstance(msg, P.Shutdown):
             return False
         return True
+
+    def send_kv_events(self) -> None:
+        """Sends what entered and left the prefix index since the last call (ahead of the step's outputs)."""
+        if not self.forward_kv_events:
+            return
+        self.core.drain_kv_events()
+        events, self.core.kept_kv_events = self.core.kept_kv_events, []
+        if events:
+            self.send.send(P.encode(P.KvEvents([(kind, list(hashes)) for kind, hashes, _, _ in events])))
 
     def step(self) -> None:
         from engine.core import finish_reason
 
         core = self.core
         out = core.step()
+        self.send_kv_events()
         if len(out.req_ids):
             result = core.runner.last_result
             tok = P.Tokens(out.req_ids.tolist(), out.tokens.tolist())
@@ -79,7 +103,8 @@ class CoreLoop:
             stop = f.output_token_ids[-1] if f.finish_reason == "stop" and f.num_output_tokens else None
             reason = finish_reason(f)
             self.send.send(P.encode(P.Finished(f.request_id, reason, stop, f.num_prompt_tokens,
-                                               f.num_cached_tokens, f.num_output_tokens)))
+                                               f.num_cached_tokens, f.num_output_tokens,
+                                               f.first_scheduled_time - f.arrival_time)))
 
     def stats(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -100,6 +125,7 @@ class CoreLoop:
                 if not self.handle(P.decode_to_core(self.recv.recv())):
                     return
                 events = dict(poller.poll(0))
+            self.send_kv_events()  # an abort can change the index too
             if self.core.has_unfinished():
                 self.step()
                 # the last request just finished: report the idle state now, not up to 0.5 s later
@@ -108,8 +134,39 @@ class CoreLoop:
                 self.stats()
 
 
-def main(engine_options: dict, to_core: str, from_core: str) -> None:
-    """Entry point of the spawned process."""
+def exit_with_parent(parent_pid: int) -> None:
+    """Dies with the gateway, however it dies: a SIGKILLed gateway cleans nothing up, and its core would
+    run on, re-parented, holding its memory (and GPU).
+
+    Linux: PR_SET_PDEATHSIG has the kernel SIGKILL us when the thread that spawned us exits (the
+    gateway's event-loop thread, which lives as long as the gateway). Everywhere: a thread that
+    exits once the parent pid changes, which also covers a parent that died before the prctl.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def main(engine_options: dict, to_core: str, from_core: str, parent_pid: int, keep_kv_events: bool = False,
+         cuda_devices: str | None = None) -> None:
+    """Entry point of the spawned process.
+
+    Args:
+        keep_kv_events: send the prefix index's KV events to the gateway (KvEvents), for its router.
+        cuda_devices: this core's CUDA_VISIBLE_DEVICES (a data-parallel replica's GPU); None: inherited.
+    """
+    if cuda_devices is not None:  # before anything initializes CUDA (torch reads it at its first CUDA call)
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_devices
+    exit_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s core %(levelname)s %(message)s")
     ctx = zmq.Context()
     recv = ctx.socket(zmq.PULL)
@@ -119,10 +176,15 @@ def main(engine_options: dict, to_core: str, from_core: str) -> None:
     try:
         from engine.config import EngineConfig
         from engine.core import EngineCore
+        from engine.memory import block_bytes
 
         core = EngineCore(EngineConfig.from_dict(engine_options))
-        send.send(P.encode(P.Ready(core.source, core.max_model_len, core.model_config.vocab_size, core.num_blocks,
-                                   core.config.block_size, str(core.device))))
+        if keep_kv_events:
+            core.keep_kv_events()
+        bs = core.config.block_size
+        send.send(P.encode(P.Ready(core.source, core.max_model_len, core.model_config.vocab_size, core.num_blocks, bs,
+                                   str(core.device), str(core.dtype).removeprefix("torch."),
+                                   core.num_blocks * block_bytes(core.model, bs, core.dtype))))
         CoreLoop(core, recv, send).run()
     except BaseException:  # noqa: BLE001 - report, then die with a non-zero status
         traceback.print_exc()

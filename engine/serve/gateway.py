@@ -2,12 +2,14 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics, POST /v1/sessions/{id}/end (and DELETE /v1/sessions/{id}).
-Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}; /openapi.json says so
+(api_schema.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -17,19 +19,42 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine.serve import api_schema as S
+from engine.serve import responses as R
 from engine.serve.client import CoreClient, CoreDied
 from engine.serve.generation import Choice
 from engine.serve.metrics import Metrics
-from engine.serve.openai_api import ApiError, ChatRequest, CompletionRequest, sampling_params
-from engine.serve import responses as R
+from engine.serve.openai_api import (
+    UNSUPPORTED,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    sampling_params,
+)
+from engine.serve.router import ReplicaRouter
 
 log = logging.getLogger("tandem.gateway")
+REPLICA_HEADER = "x-tandem-replica"  # the engine core (replica index) each prompt of the request went to
 
 
 class GatewayState:
-    def __init__(self, client: CoreClient, tokenizer, model_name: str, api_key: str | None) -> None:
-        self.client, self.tokenizer, self.model_name, self.api_key = client, tokenizer, model_name, api_key
-        self.metrics = Metrics(client)
+    """What the routes share: the engine cores (one, or a data-parallel set behind `router`), the tokenizer."""
+
+    def __init__(self, cores: CoreClient | ReplicaRouter, tokenizer, model_name: str, api_key: str | None) -> None:
+        self.router = cores if isinstance(cores, ReplicaRouter) else ReplicaRouter([cores])
+        self.tokenizer, self.model_name, self.api_key = tokenizer, model_name, api_key
+        self.metrics = Metrics(self.router.clients)
+
+    @property
+    def client(self) -> CoreClient:
+        """A live core (the first one if none lives): what every core shares (model length, vocabulary)."""
+        live = self.router.live
+        return live[0] if live else self.router.clients[0]
+
+    @property
+    def dead(self) -> bool:
+        """No engine core is running."""
+        return not self.router.live
 
     @property
     def max_model_len(self) -> int:
@@ -41,9 +66,40 @@ class GatewayState:
         return self.client.info.vocab_size
 
 
+class Gate:
+    """The API key (every route but /health) and the core's liveness (a 503 on every route but /metrics).
+
+    A pure ASGI middleware: under Starlette's BaseHTTPMiddleware (`@app.middleware("http")`) a route's
+    request.is_disconnected() never turns true, and a non-streamed request outlived its client.
+    """
+
+    def __init__(self, app, state: GatewayState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            error = self.refusal(scope["path"], dict(scope["headers"]).get(b"authorization", b""))
+            if error is not None:
+                await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def refusal(self, path: str, authorization: bytes) -> ApiError | None:
+        key = self.state.api_key
+        if key and path != "/health":
+            scheme, _, token = authorization.decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), str(key).encode()):
+                return ApiError("invalid or missing API key", status=401, kind="authentication_error")
+        if self.state.dead and path != "/metrics":
+            return ApiError("the engine core is not running", status=503, kind="server_error")
+        return None
+
+
 def create_app(state: GatewayState, lifespan=None) -> FastAPI:
     app = FastAPI(title="Tandem", lifespan=lifespan)
     app.state.gateway = state
+    app.add_middleware(Gate, state=state)
+    app.openapi = lambda: S.openapi(app, state)
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
@@ -51,41 +107,19 @@ def create_app(state: GatewayState, lifespan=None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):  # 404, 405, unparsable bodies: OpenAI's shape too
-        return JSONResponse(ApiError(str(exc.detail), status=exc.status_code).body(), status_code=exc.status_code)
+        return JSONResponse(ApiError(str(exc.detail), status=exc.status_code).body(), status_code=exc.status_code,
+                            headers=exc.headers)  # a 405's Allow
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        # `param` names the field: union branches (pydantic's "list[int]") and trailing list indices
-        # dropped, so "prompt.list[int].2" and "stop_token_ids.0" read "prompt" and "stop_token_ids"
-        path = [p for p in first.get("loc", ()) if p != "body" and not (isinstance(p, str) and "[" in p)]
-        while path and isinstance(path[-1], int):
-            path.pop()
-        path = [str(p) for p in path]
-        loc = ".".join(path)
-        kind = first.get("type", "")
-        if kind == "json_invalid":
-            return JSONResponse(ApiError("malformed JSON body: " + first.get("msg", "")).body(), status_code=400)
-        message = f"{'.'.join(path) or 'body'}: {first.get('msg', 'invalid')}"
-        return JSONResponse(ApiError(message, param=loc or None).body(), status_code=400)
+        error = _validation_error(exc.errors())
+        return JSONResponse(error.body(), status_code=error.status)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if state.api_key and request.url.path != "/health":
-            if request.headers.get("authorization", "") != f"Bearer {state.api_key}":
-                return JSONResponse(ApiError("invalid or missing API key", status=401,
-                                             kind="authentication_error").body(), status_code=401)
-        if state.client.dead and request.url.path != "/metrics":
-            return JSONResponse(ApiError("the engine core is not running", status=503, kind="server_error").body(),
-                                status_code=503)
-        return await call_next(request)
-
-    @app.get("/health")
+    @app.get("/health", response_model=S.Health)
     async def health():
         return {"status": "ok"}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=S.ModelList)
     async def models():
         # OpenAI's model object plus vLLM's max_model_len and the vocabulary, so that a client that sends
         # token ids (experiments/bench_serving.py) knows their range without being told
@@ -93,25 +127,70 @@ def create_app(state: GatewayState, lifespan=None) -> FastAPI:
                                             "owned_by": "tandem", "max_model_len": state.max_model_len,
                                             "vocab_size": state.vocab_size}]}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=S.METRICS_RESPONSES)
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/sessions/{session_id}/end")
-    @app.delete("/v1/sessions/{session_id}")
+    @app.post("/v1/sessions/{session_id}/end", response_model=S.SessionEnded, responses=S.SESSION_RESPONSES)
+    @app.delete("/v1/sessions/{session_id}", response_model=S.SessionEnded, responses=S.SESSION_RESPONSES)
     async def end_session(session_id: str):
-        state.client.end_session(session_id)
+        try:
+            known = await state.router.end_session(session_id)
+        except CoreDied as exc:
+            raise ApiError(str(exc), status=503, kind="server_error") from None
+        if not known:
+            raise ApiError(f"no session {session_id!r}: never started here, or already ended", status=404,
+                           code="session_not_found")
         return {"session_id": session_id, "ended": True}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_class=JSONResponse, responses=S.generation_responses(S.Completion))
     async def completions(body: CompletionRequest, request: Request):
         return await _serve(state, request, body, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_class=JSONResponse,
+              responses=S.generation_responses(S.ChatCompletion))
     async def chat_completions(body: ChatRequest, request: Request):
         return await _serve(state, request, body, chat=True)
 
     return app
+
+
+def _validation_error(errors: list[dict]) -> ApiError:
+    """One 400 for pydantic's errors: an unsupported parameter's if there is one, else the closest one's."""
+    for e in errors:
+        path = _field_path(e)
+        at = next((i for i, p in enumerate(path) if p in UNSUPPORTED), None)
+        if at is not None:  # named up to the parameter: "response_format", not "response_format.type"
+            return ApiError(UNSUPPORTED[path[at]], param=".".join(path[:at + 1]))
+    first = _closest_error(errors)
+    if first.get("type") == "json_invalid":
+        return ApiError("malformed JSON body: " + first.get("msg", ""))
+    loc = ".".join(_field_path(first))
+    return ApiError(f"{loc or 'body'}: {first.get('msg', 'invalid')}", param=loc or None)
+
+
+def _field_path(error: dict) -> list[str]:
+    """The field an error is about: union branches (pydantic's "list[int]", "constrained-str", "str") and
+    trailing list indices dropped, so "prompt.list[int].2" and "stop_token_ids.0" read "prompt" and
+    "stop_token_ids"."""
+    path = [p for p in error.get("loc", ()) if p != "body" and not _is_union_branch(p)]
+    while path and isinstance(path[-1], int):
+        path.pop()
+    return [str(p) for p in path]
+
+
+def _is_union_branch(part) -> bool:
+    return isinstance(part, str) and ("[" in part or "-" in part or part in ("str", "int", "float", "bool"))
+
+
+def _closest_error(errors: list[dict]) -> dict:
+    """The error of the union branch that got furthest (the deepest location; a bound missed before a
+    wrong type), so that [true, 2] as a prompt reads "a valid integer", not "a valid string"."""
+    if not errors:
+        return {}
+    depth = max(len(e.get("loc", ())) for e in errors)
+    deepest = [e for e in errors if len(e.get("loc", ())) == depth]
+    return next((e for e in deepest if not e.get("type", "").endswith("_type")), deepest[0])
 
 
 def _check_model(state: GatewayState, model: str | None) -> None:
@@ -132,11 +211,9 @@ def _encode_prompts(state: GatewayState, body, chat: bool) -> list[list[int]]:
         except Exception as exc:  # a template can raise anything (jinja errors, bad roles)
             raise ApiError(f"the chat template failed on these messages: {exc}", param="messages") from None
         return [_tokenize(tok, text, False, "messages")]
-    prompt = body.prompt
+    prompt = body.prompt  # never empty: the request model says so
     if isinstance(prompt, str):
         prompt = [prompt]
-    if not prompt:
-        raise ApiError("prompt is empty", param="prompt")
     if all(isinstance(p, int) for p in prompt):
         prompt = [prompt]
     out = []
@@ -177,42 +254,50 @@ def _check_lengths(state: GatewayState, prompts: list[list[int]], max_tokens: in
 
 async def _serve(state: GatewayState, request: Request, body, chat: bool):
     _check_model(state, body.model)
-    if body.n < 1 or body.n > 16:
-        raise ApiError("n must be in [1, 16]", param="n")
-    limit_name = "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
-    max_tokens = getattr(body, limit_name)
+    max_tokens = body.max_completion_tokens if chat and body.max_completion_tokens is not None else body.max_tokens
     if not chat and max_tokens is None:
         max_tokens = 16  # OpenAI's default for completions
-    if max_tokens is not None and max_tokens < 1:
-        raise ApiError(f"{limit_name} must be at least 1", param=limit_name)
     if chat:
-        if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
-            raise ApiError("top_logprobs must be in [0, 20]", param="top_logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
     else:
+        if body.best_of not in (None, body.n):  # best-of-n ranking is not implemented
+            raise ApiError(f"best_of must equal n ({body.n}): the server returns every choice", param="best_of")
         logprobs = body.logprobs
     params = sampling_params(body, max_tokens, logprobs)
     prompts = _encode_prompts(state, body, chat)
     _check_lengths(state, prompts, max_tokens, body.stop_token_ids)
     session = body.session_id or request.headers.get("x-session-id")
     choices: list[Choice] = []
+    replicas: list[int] = []  # the core each prompt went to: the x-tandem-replica header
     try:
         for i, ids in enumerate(prompts):
+            core = state.router.route(ids, session, body.cache_salt)  # a prompt's n choices go together
+            replicas.append(core.index)
             for k in range(body.n):
-                choices.append(Choice(state.client, state.tokenizer, i * body.n + k, ids, params.for_choice(k),
+                choices.append(Choice(core, state.tokenizer, i * body.n + k, ids, params.for_choice(k),
                                       session_id=session, namespace=body.cache_salt, priority=body.priority,
                                       metrics=state.metrics, prompt_index=i))
-    except CoreDied:
-        raise ApiError("the engine core is not running", status=503, kind="server_error") from None
+    except CoreDied as exc:
+        _abort(choices)
+        raise ApiError(str(exc), status=503, kind="server_error") from None
     except BaseException:
-        state.client.abort([c.req_id for c in choices])  # what was sent must not run on
+        _abort(choices)  # what was sent must not run on
         raise
     meta = R.Meta(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time()), state.model_name, chat,
                   state.tokenizer, body.return_token_ids)
+    headers = {REPLICA_HEADER: ",".join(map(str, replicas))}
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(R.stream(meta, choices, usage), media_type="text/event-stream")
-    return JSONResponse(await _complete(request, meta, choices))
+        return StreamingResponse(R.stream(meta, choices, usage), media_type="text/event-stream", headers=headers)
+    return JSONResponse(await _complete(request, meta, choices), headers=headers)
+
+
+def _abort(choices: list[Choice]) -> None:
+    for c in choices:
+        if not c.client.dead:
+            c.client.abort([c.req_id])
 
 
 async def _complete(request: Request, meta, choices: list[Choice]) -> dict:
@@ -231,14 +316,18 @@ async def _complete(request: Request, meta, choices: list[Choice]) -> dict:
             for t in done:
                 t.result()  # re-raises ApiError / CoreDied
             if pending and await request.is_disconnected():
+                for c in choices:
+                    c.disconnected = True
                 break
-    except CoreDied:
-        raise ApiError("the engine core died while serving this request", status=503, kind="server_error") from None
+    except CoreDied as exc:
+        raise ApiError(f"{exc} while serving this request", status=503, kind="server_error") from None
     finally:
         for t in pending:
             t.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        for c in choices:
+            c.close()
     return R.full_response(meta, choices, collected)
 
 

@@ -46,6 +46,7 @@ class Choice:
         self.num_cached_tokens = 0
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
+        self.disconnected = False  # set by the response when its client goes away: the metrics' reason
         self.text = ""
         self.start = time.perf_counter()
         self.first_token_at: float | None = None
@@ -65,16 +66,25 @@ class Choice:
                 elif kind == "finished":
                     yield self._finished(a)
                 elif kind == "rejected":
-                    self.finish_reason = "error"
+                    self._end("error")
                     raise ApiError(a, param="prompt")
                 else:
-                    self.finish_reason = "error"
-                    raise CoreDied("the engine core died")
+                    self._end("error")
+                    raise CoreDied(self.client.death_message)
         finally:
-            if not self.done:  # the client went away (or the handler failed): free the KV now
-                self.client.abort([self.req_id])
-                self.finish_reason = "abort"
-            self.client.release(self.req_id)
+            self.close()
+
+    def close(self) -> None:
+        """Ends the choice if it has not ended (its client went away, or the handler failed): the engine
+        frees its KV now. Its response calls it too, for a choice whose task was cancelled before it ran."""
+        if not self.done:
+            self.client.abort([self.req_id])
+            self._end("client_disconnect" if self.disconnected else "abort")
+        self.client.release(self.req_id)
+
+    def _end(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.metrics.requests.labels(reason).inc()
 
     def _token(self, token: int, logprob, top) -> Delta:
         # a step carries logprobs for every row when any row asks for them: keep what this one asked for
@@ -103,13 +113,14 @@ class Choice:
         self.num_cached_tokens = msg.num_cached_tokens
         tail = self.stop.flush() if self.stop.stopped is None else ""
         reason = "stop" if self.stop.stopped is not None else ("length" if msg.reason == "length" else "stop")
-        self.finish_reason = reason
+        self._end(reason)
         self.text = self.stop.text
         now = time.perf_counter()
         self.metrics.e2e.observe(now - self.start)
         if self.first_token_at is not None and self.num_output_tokens > 1:
             self.metrics.tpot.observe((now - self.first_token_at) / (self.num_output_tokens - 1))
-        self.metrics.requests.labels(reason).inc()
+        if msg.queue_time is not None:
+            self.metrics.queue_time.observe(msg.queue_time)
         self.metrics.tokens_in.inc(self.num_prompt_tokens)
         self.metrics.tokens_out.inc(self.num_output_tokens)
         return Delta(tail, finish_reason=reason)

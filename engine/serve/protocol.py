@@ -2,7 +2,9 @@
 
     gateway -> core:  Add, Abort, EndSession, Shutdown
     core -> gateway:  Ready, Tokens (one per step: every request that got a token), Finished,
-                      Rejected (an Add the engine refused), Stats (every ~0.5 s)
+                      Rejected (an Add the engine refused), SessionEnded (the answer to EndSession),
+                      Stats (every ~0.5 s), KvEvents (data-parallel only: what entered and left the
+                      prefix index, sent before the step's Tokens so that it is ordered with them)
 
 Token batches carry flat arrays (ids, tokens, logprobs) rather than one record
 per token, so one step is one small message whatever the batch size.
@@ -45,6 +47,8 @@ class Ready(msgspec.Struct, tag=True, array_like=True):
     num_blocks: int
     block_size: int
     device: str
+    dtype: str
+    kv_bytes: int                      # of the num_blocks KV blocks
 
 
 class Tokens(msgspec.Struct, tag=True, array_like=True):
@@ -64,6 +68,7 @@ class Finished(msgspec.Struct, tag=True, array_like=True):
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    queue_time: float | None = None    # arrival -> first scheduled (None when aborted)
 
 
 class Rejected(msgspec.Struct, tag=True, array_like=True):
@@ -71,8 +76,17 @@ class Rejected(msgspec.Struct, tag=True, array_like=True):
     message: str
 
 
+class SessionEnded(msgspec.Struct, tag=True, array_like=True):
+    session_id: str
+    known: bool                        # False: the core never had it, or it was already ended
+
+
 class Stats(msgspec.Struct, tag=True, array_like=True):
     values: dict                       # controlplane Stats.as_dict() plus engine counters
+
+
+class KvEvents(msgspec.Struct, tag=True, array_like=True):
+    events: list[tuple[str, list[int]]]   # (BlockStored | BlockRemoved | AllBlocksCleared, block hashes), in order
 
 
 def pack_ids(ids) -> bytes:
@@ -84,7 +98,7 @@ def unpack_ids(data: bytes) -> np.ndarray:
 
 
 ToCore = Union[Add, Abort, EndSession, Shutdown]
-FromCore = Union[Ready, Tokens, Finished, Rejected, Stats]
+FromCore = Union[Ready, Tokens, Finished, Rejected, SessionEnded, Stats, KvEvents]
 
 _to_core_enc = msgspec.msgpack.Encoder()
 _to_core_dec = msgspec.msgpack.Decoder(ToCore)

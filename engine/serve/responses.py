@@ -38,14 +38,12 @@ class Collected:
 
 
 def message_dict(m) -> dict:
+    """A ChatMessage as the chat template takes it: text parts joined (the request model admits no others)."""
     content = m.content
-    if isinstance(content, list):  # content parts: keep the text ones
-        texts = [p.get("text") for p in content if p.get("type") == "text"]
-        if any(not isinstance(t, str) for t in texts):
-            raise ApiError("a text content part needs a string `text`", param="messages")
-        content = "".join(texts)
+    if isinstance(content, list):
+        content = "".join(p.text for p in content)
     out = {k: v for k, v in m.model_dump().items() if v is not None}
-    out["content"] = content or ""
+    out["content"] = content
     return out
 
 
@@ -169,7 +167,13 @@ async def stream(meta: Meta, choices, include_usage: bool):
         if include_usage:
             yield _chunk(meta, [], usage(choices))
         yield "data: [DONE]\n\n"
+    except (asyncio.CancelledError, GeneratorExit):  # the response stopped: its client went away
+        for c in choices:
+            c.disconnected = True
+        raise
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for c in choices:
+            c.close()
