@@ -9,6 +9,7 @@ the step loop never waits on a socket. Format, options and a consumer: docs/kv-e
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -59,6 +60,22 @@ class KVEventsConfig:
     topic: str = ""
     data_parallel_rank: int = 0
     wire_format: str = "array"
+
+    def for_rank(self, rank: int) -> KVEventsConfig:
+        """The config of data-parallel core `rank`: its rank in every batch, and endpoints of its own (a TCP
+        port plus `rank`, as vLLM offsets them; an ipc/inproc path with "-dp<rank>" appended)."""
+        def own(endpoint: str | None) -> str | None:
+            if endpoint is None or rank == 0:
+                return endpoint
+            if endpoint.startswith(("ipc://", "inproc://")):
+                return f"{endpoint}-dp{rank}"
+            head, sep, port = endpoint.rpartition(":")
+            if not sep or not port.isdigit():
+                raise ValueError(f"kv_events endpoint {endpoint!r}: data-parallel cores need a TCP port to offset")
+            return f"{head}:{int(port) + rank}"
+
+        return dataclasses.replace(self, data_parallel_rank=rank, endpoint=own(self.endpoint),
+                                   replay_endpoint=own(self.replay_endpoint))
 
     @classmethod
     def from_value(cls, value: KVEventsConfig | Mapping[str, Any] | None) -> KVEventsConfig | None:

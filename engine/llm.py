@@ -77,6 +77,10 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def close(self) -> None:
+        """Stops publishing KV events (what is queued is sent first, its sockets closed)."""
+        self.engine.close()
+
     # Inputs --------------------------------------------------------------------------------------
     def _encode(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):

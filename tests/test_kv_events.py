@@ -290,3 +290,21 @@ def test_scheduler_records_chains_and_evictions():
     removed = {h for e in events if e[0] == "BlockRemoved" for h in e[1]}
     assert removed and removed <= held | {h for e in stored for h in e[1]}
     s.check_invariants()
+
+
+def test_data_parallel_cores_publish_on_endpoints_of_their_own():
+    """With data_parallel_size=N every core gets its rank and its own endpoints (a TCP port + rank, as vLLM
+    offsets them): before, every core bound the same port and the second one failed to start."""
+    from engine.kv_events import KVEventsConfig
+    from engine.serve.__main__ import _rank_options
+
+    options = {"model": "x", "kv_events": {"enable_kv_cache_events": True, "endpoint": "tcp://*:5557",
+                                           "replay_endpoint": "tcp://*:5600"}}
+    ranks = [KVEventsConfig.from_value(_rank_options(options, r, 3)["kv_events"]) for r in range(3)]
+    assert [c.endpoint for c in ranks] == ["tcp://*:5557", "tcp://*:5558", "tcp://*:5559"]
+    assert [c.replay_endpoint for c in ranks] == ["tcp://*:5600", "tcp://*:5601", "tcp://*:5602"]
+    assert [c.data_parallel_rank for c in ranks] == [0, 1, 2]
+    assert KVEventsConfig(endpoint="ipc:///tmp/kv").for_rank(2).endpoint == "ipc:///tmp/kv-dp2"
+    assert _rank_options(options, 0, 1) is options  # one core: as configured
+    with pytest.raises(ValueError, match="TCP port"):
+        KVEventsConfig(endpoint="tcp://host").for_rank(1)

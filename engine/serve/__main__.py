@@ -20,6 +20,7 @@ import os
 import sys
 import types
 import typing
+import dataclasses
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import Any, Dict, List, Optional
 
@@ -190,9 +191,19 @@ def make_router(engine_options: dict, engine_cfg: EngineConfig, size: int, spec:
             if len(ids) < size:
                 raise ValueError(f"data_parallel_size={size} needs {size} GPUs; {len(ids)} visible")
             devices = ids[:size]
-    clients = [CoreClient(engine_options, index=i, keep_kv_events=size > 1, cuda_devices=devices[i])
-               for i in range(size)]
+    clients = [CoreClient(_rank_options(engine_options, i, size), index=i, keep_kv_events=size > 1,
+                          cuda_devices=devices[i]) for i in range(size)]
     return ReplicaRouter(clients, spec, engine_cfg.block_size)
+
+
+def _rank_options(engine_options: dict, rank: int, size: int) -> dict:
+    """Core `rank`'s engine options: with several cores, KV events on endpoints of its own and its rank."""
+    from engine.kv_events import KVEventsConfig
+
+    events = KVEventsConfig.from_value(engine_options.get("kv_events"))
+    if size == 1 or events is None:
+        return engine_options
+    return {**engine_options, "kv_events": dataclasses.asdict(events.for_rank(rank))}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")  # in the package: works installed

@@ -186,6 +186,7 @@ def main(engine_options: dict, to_core: str, from_core: str, parent_pid: int, ke
                                    str(core.device), str(core.dtype).removeprefix("torch."),
                                    core.num_blocks * block_bytes(core.model, bs, core.dtype))))
         CoreLoop(core, recv, send).run()
+        core.close()  # KV events still queued are sent
     except BaseException:  # noqa: BLE001 - report, then die with a non-zero status
         traceback.print_exc()
         sys.stderr.flush()

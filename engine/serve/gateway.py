@@ -295,9 +295,12 @@ async def _serve(state: GatewayState, request: Request, body, chat: bool):
 
 
 def _abort(choices: list[Choice]) -> None:
+    """Ends choices sent before their request failed: aborted in the core, counted, their queues released."""
     for c in choices:
-        if not c.client.dead:
-            c.client.abort([c.req_id])
+        if c.client.dead:
+            c.client.release(c.req_id)
+        else:
+            c.close()
 
 
 async def _complete(request: Request, meta, choices: list[Choice]) -> dict:

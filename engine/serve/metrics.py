@@ -13,8 +13,8 @@ _GAUGES = ("num_running", "num_waiting", "num_preempted", "num_free_blocks", "nu
 
 
 class _CoreCollector:
-    """The cores' Stats as Prometheus families: unlabeled totals over the cores and, with several cores,
-    one sample per core labeled `replica` (a dead core's gauges read 0, its counters keep their last value)."""
+    """The cores' Stats as Prometheus families: with one core unlabeled, with several one sample per core
+    labeled `replica` (a dead core's gauges read 0, its counters keep their last value)."""
 
     def __init__(self, clients) -> None:
         self.clients = list(clients)
@@ -31,7 +31,9 @@ class _CoreCollector:
         total = {k: sum(s.get(k, 0) for s in per) for k in set().union(*per)
                  if all(isinstance(s.get(k, 0), (int, float)) for s in per)}
         labeled = len(self.clients) > 1
-        rows = [([], total)] + ([([str(c.index)], s) for c, s in zip(self.clients, per)] if labeled else [])
+        # several cores: one sample per core only (PromQL's sum() gives the total; an unlabeled total beside
+        # them would be counted twice)
+        rows = [([str(c.index)], s) for c, s in zip(self.clients, per)] if labeled else [([], total)]
 
         def family(kind, name, doc, value):
             f = kind(f"tandem_{name}", doc, labels=["replica"] if labeled else None)

@@ -24,6 +24,9 @@ from controlplane import _core
 from engine.serve.client import CoreClient, CoreDied
 
 
+DEAD_LOAD = 1 << 30  # a dead core's load in the router's view
+
+
 class ReplicaRouter:
     """Chooses an engine core for each model call and keeps which cores saw which session.
 
@@ -56,6 +59,9 @@ class ReplicaRouter:
             hashes = _core.prompt_block_hashes(prompt_ids[:limit * self.block_size], self.block_size, namespace)
         out = []
         for c in clients:
+            if c.dead:  # kept in the list so that indices (session_affinity's memory) stay put; never chosen
+                out.append(cp.policies.ReplicaView(c.index, DEAD_LOAD, 0, c.info.num_blocks, 0))
+                continue
             s = c.stats or {}
             free = s.get("num_free_blocks", c.info.num_blocks) + s.get("num_evictable_blocks", 0)
             out.append(cp.policies.ReplicaView(c.index, len(c.in_flight), free, c.info.num_blocks,
@@ -70,10 +76,15 @@ class ReplicaRouter:
         if len(live) == 1:  # as the twin's Router: nothing to choose, the policy is not asked
             chosen = live[0]
         else:
+            # every core, dead ones too, so that a policy's memory of positions (session_affinity) still
+            # means the same cores; a dead one looks fully loaded, and if a policy picks it anyway (its turn
+            # in round_robin, a session pinned there) the call goes to the least loaded live core
             self._calls += 1
             at = self._router.route(self._calls, session_id or "", len(prompt_ids), time.monotonic() - self._start,
-                                    self.views(live, prompt_ids, namespace))
-            chosen = live[at]
+                                    self.views(self.clients, prompt_ids, namespace))
+            chosen = self.clients[at]
+            if chosen.dead:
+                chosen = min(live, key=lambda c: (len(c.in_flight), c.index))
         if session_id:
             self.sessions.setdefault(session_id, set()).add(chosen.index)
         chosen.num_routed += 1
@@ -92,4 +103,10 @@ class ReplicaRouter:
             raise CoreDied(f"session {session_id!r} was on engine core replica(s) "
                            f"{', '.join(str(c.index) for c in holders)}, which died")
         answers = await asyncio.gather(*(c.end_session(session_id) for c in live), return_exceptions=True)
-        return any(a is True for a in answers)
+        if any(a is True for a in answers):
+            return True
+        failed = [c.index for c, a in zip(live, answers) if isinstance(a, BaseException)]
+        if failed:  # a core that may have held it could not answer: not a 404
+            raise CoreDied(f"session {session_id!r}: engine core replica(s) {', '.join(map(str, failed))} "
+                           "did not answer")
+        return False
