@@ -570,9 +570,18 @@ def _parse_prefix(record: dict, where: str, first: bool) -> tuple[int, int]:
 def load_trace(path: str) -> list[Session]:
     """Reads a JSONL trace: one object per call, grouped by session_id in order of appearance.
 
+    A run reads its trace more than once (the config check, then the replay): the parse is kept while
+    the file's path, size and modification time stay the same (sessions are frozen).
+
     Returns:
         Sessions sorted by start time (stable). Raises ValueError naming the file and line.
     """
+    stat = os.stat(path)
+    return list(_read_trace(os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_trace(path: str, size: int, mtime_ns: int) -> tuple[Session, ...]:
     drafts: dict[str, dict] = {}
     prefix_sizes: dict[int, int] = {}
     with open(path, encoding="utf-8") as lines:
@@ -592,7 +601,7 @@ def load_trace(path: str) -> list[Session]:
                 drafts[sid] = dict(start=start, prefix_id=prefix_id, prefix_tokens=prefix_tokens, turns=[])
             drafts[sid]["turns"].append(_parse_turn(record, where))
     sessions = [_draft_session(sid, d) for sid, d in drafts.items()]
-    return sorted(sessions, key=lambda s: s.start_time)
+    return tuple(sorted(sessions, key=lambda s: s.start_time))
 
 
 def _draft_session(session_id: str, draft: dict) -> Session:

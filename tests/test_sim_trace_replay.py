@@ -76,3 +76,17 @@ def test_a_bad_trace_line_fails_before_the_run(tmp_path):
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(ValueError, match="bad.jsonl, line 7"):
         Simulation(trace_config(path))
+
+
+def test_a_run_parses_its_trace_once_and_a_changed_file_again(tmp_path):
+    """The config check and the replay share one parse; a rewritten file is read afresh."""
+    from sim import workloads
+
+    path = tmp_path / "t.jsonl"
+    write_trace(str(path), short_sessions(5))
+    workloads._read_trace.cache_clear()
+    result = Simulation(trace_config(path)).run()
+    assert result.summary["num_sessions"] == 5
+    assert workloads._read_trace.cache_info().misses == 1
+    write_trace(str(path), short_sessions(7))
+    assert len(workloads.load_trace(str(path))) == 7
