@@ -70,3 +70,14 @@ def tiny_config(arch: str, **overrides):
             "tie_word_embeddings": False, "eos_token_id": 1}
     base.update(overrides)
     return ModelConfig.from_hf(base)
+
+
+def write_tiny_config(directory, arch: str, **overrides) -> str:
+    """tiny_config's config.json in `directory`; its path (an EngineConfig model for load_format=dummy)."""
+    import json
+    import os
+
+    path = os.path.join(str(directory), "config.json")
+    with open(path, "w") as f:
+        json.dump(tiny_config(arch, **overrides).to_hf(), f)
+    return path

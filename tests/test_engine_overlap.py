@@ -10,20 +10,16 @@ guesses were really used (or really dropped) where they should be.
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 
-from engine_helpers import tiny_config
+from engine_helpers import write_tiny_config
 
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    config = tiny_config("Qwen3ForCausalLM", vocab_size=1024)
-    path = tmp_path_factory.mktemp("overlap") / "config.json"
-    path.write_text(json.dumps(config.to_hf()))
-    return str(path)
+    return write_tiny_config(tmp_path_factory.mktemp("overlap"), "Qwen3ForCausalLM", vocab_size=1024)
 
 
 def make_core(model_path, overlap: bool, **options):

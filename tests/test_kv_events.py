@@ -6,7 +6,6 @@ and change no token.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 import zmq
 
 import controlplane as cp
-from engine_helpers import tiny_config
+from engine_helpers import write_tiny_config
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "kv-events.md"
 BLOCK = 4
@@ -37,10 +36,7 @@ def doc_consumer() -> dict:
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    config = tiny_config("Qwen3ForCausalLM", vocab_size=256)
-    path = tmp_path_factory.mktemp("kv_events") / "config.json"
-    path.write_text(json.dumps(config.to_hf()))
-    return str(path)
+    return write_tiny_config(tmp_path_factory.mktemp("kv_events"), "Qwen3ForCausalLM", vocab_size=256)
 
 
 def endpoints(tmp_path) -> dict:
@@ -118,6 +114,25 @@ def test_stream_rebuilds_the_prefix_index_with_contiguous_sequence_numbers(model
         core.close()
 
 
+def replay(core, start: int, end_marker: bytes) -> list[tuple[int, bytes]]:
+    """(sequence number, payload) of every batch the replay socket resends from `start`, up to its end marker."""
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.connect(core.kv_events.config.replay_endpoint)
+    dealer.send_multipart([b"", start.to_bytes(8, "big")])
+    out = []
+    try:
+        while True:
+            assert dealer.poll(5000)
+            empty, seq, payload = dealer.recv_multipart()
+            assert empty == b""
+            if seq == end_marker:
+                assert payload == b""
+                return out
+            out.append((int.from_bytes(seq, "big"), payload))
+    finally:
+        dealer.close(linger=0)
+
+
 def test_replay_resends_missed_batches_then_the_end_marker(model_path, tmp_path):
     ns = doc_consumer()
     core = make_core(model_path, endpoints(tmp_path))
@@ -126,23 +141,8 @@ def test_replay_resends_missed_batches_then_the_end_marker(model_path, tmp_path)
         assert core.kv_events.wait_sent()
         n = core.kv_events.num_published
         assert n > 3
-        ctx = zmq.Context.instance()
-        dealer = ctx.socket(zmq.DEALER)
-        dealer.connect(core.kv_events.config.replay_endpoint)
         for start in (0, n - 2):
-            dealer.send_multipart([b"", start.to_bytes(8, "big")])
-            seqs, payloads = [], []
-            while True:
-                assert dealer.poll(5000)
-                empty, seq, payload = dealer.recv_multipart()
-                assert empty == b""
-                if seq == ns["END_OF_REPLAY"]:
-                    assert payload == b""
-                    break
-                seqs.append(int.from_bytes(seq, "big"))
-                payloads.append(payload)
-            assert seqs == list(range(start, n))
-        dealer.close(linger=0)
+            assert [seq for seq, _ in replay(core, start, ns["END_OF_REPLAY"])] == list(range(start, n))
         # a view that saw nothing live rebuilds the index from the replay alone
         view = ns["EngineCacheView"](core.kv_events.config.endpoint, core.kv_events.config.replay_endpoint)
         view.catch_up()
@@ -160,17 +160,7 @@ def test_batches_are_vllm_shaped(model_path, tmp_path):
     try:
         run(core, workload(2))
         assert core.kv_events.wait_sent()
-        dealer = zmq.Context.instance().socket(zmq.DEALER)
-        dealer.connect(core.kv_events.config.replay_endpoint)
-        dealer.send_multipart([b"", (0).to_bytes(8, "big")])
-        raw = []
-        while True:
-            assert dealer.poll(5000)
-            _, seq, payload = dealer.recv_multipart()
-            if seq == ns["END_OF_REPLAY"]:
-                break
-            raw.append(msgspec.msgpack.decode(payload))
-        dealer.close(linger=0)
+        raw = [msgspec.msgpack.decode(payload) for _, payload in replay(core, 0, ns["END_OF_REPLAY"])]
         assert raw[0][1] == [["AllBlocksCleared"]] and raw[0][2] == 0
         kinds = set()
         for ts, events, rank in raw:
