@@ -177,6 +177,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     chunk_size: int
+    idle_chunk_size: int
     max_model_len: int
     vocab_size: int
     enable_prefix_caching: bool

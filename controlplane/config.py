@@ -31,6 +31,9 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     chunk_size: int = 2048
+    # the prefill chunk cap (and, if larger, the token budget) of a step no decode waits in;
+    # 0 (or <= chunk_size): chunk_size in every step (docs/controlplane.md, "Chunked prefill")
+    idle_chunk_size: int = 0
     max_model_len: int = 131072
     vocab_size: int = 128256
     enable_prefix_caching: bool = True

@@ -11,7 +11,10 @@ retention and preemption happen all the time. After every operation:
   no block writable by two requests);
 * each plan stays within the capacity the scheduler was given: at most
   ``max_num_batched_tokens`` tokens, ``max_num_seqs`` requests, ``chunk_size`` tokens of one
-  request, swap-outs into host blocks that exist, each request at most once;
+  request (with an ``idle_chunk_size`` above ``chunk_size``, a step no decode waits in -- no
+  running or swapped-out request has output and all but its last token computed -- may take
+  up to that many tokens of one request, and as many in all if more than
+  ``max_num_batched_tokens``), swap-outs into host blocks that exist, each request at most once;
 * every finished request's tokens equal the toy model's reference output (they do only if
   every plan addressed the right KV: see controlplane/testing.py).
 
@@ -70,6 +73,7 @@ class Setup:
     eviction: str
     preemption: str
     num_lookahead_tokens: int = 0
+    idle_chunk_size: int = 0
 
     def scheduler(self):
         from controlplane.scheduler import Scheduler
@@ -145,17 +149,29 @@ class Driver:
             raise ConformanceError(f"resources held after every request finished: {stats.as_dict()}")
 
     # -- checks -----------------------------------------------------------------------
+    def decode_waits(self) -> bool:
+        """A running or swapped-out request's next token is a decode (SchedulerConfig.idle_chunk_size)."""
+        for rid in self.live:
+            r = self.sched.request_info(rid)
+            if ((r["state"] in ("PREFILLING", "DECODING") or r["swapped"]) and r["num_tokens"] > r["num_prompt_tokens"]
+                    and r["num_computed_tokens"] + 1 == r["num_tokens"]):
+                return True
+        return False
+
     def _step(self):
-        plan = self.sched.step(self.now)
         s = self.setup
+        idle = s.idle_chunk_size > s.chunk_size and not self.decode_waits()
+        budget = max(s.max_num_batched_tokens, s.idle_chunk_size) if idle else s.max_num_batched_tokens
+        chunk, chunk_name = (s.idle_chunk_size, "idle_chunk_size") if idle else (s.chunk_size, "chunk_size")
+        plan = self.sched.step(self.now)
         q = plan.query_lens
-        if plan.num_tokens > s.max_num_batched_tokens:
-            raise ConformanceError(f"plan has {plan.num_tokens} tokens > max_num_batched_tokens "
-                                   f"{s.max_num_batched_tokens}")
+        if plan.num_tokens > budget:
+            raise ConformanceError(f"plan has {plan.num_tokens} tokens > its budget {budget} (max_num_batched_tokens "
+                                   f"{s.max_num_batched_tokens}{', no decode waits' if idle else ''})")
         if plan.num_reqs > s.max_num_seqs:
             raise ConformanceError(f"plan has {plan.num_reqs} requests > max_num_seqs {s.max_num_seqs}")
-        if len(q) and (q.max() > s.chunk_size or q.min() < 1):
-            raise ConformanceError(f"query lengths {q.tolist()} outside [1, chunk_size={s.chunk_size}]")
+        if len(q) and (q.max() > chunk or q.min() < 1):
+            raise ConformanceError(f"query lengths {q.tolist()} outside [1, {chunk_name}={chunk}]")
         if len(set(plan.req_ids.tolist())) != plan.num_reqs:
             raise ConformanceError(f"a request appears twice in one plan: {plan.req_ids.tolist()}")
         for op, _src, dst in plan.kv_ops.tolist():
@@ -214,13 +230,14 @@ def make_machine(fixed: dict[str, str] | None = None) -> type[RuleBasedStateMach
             ttl=st.sampled_from([0.5, 3.0, 50.0]),
             caching=st.booleans(),
             lookahead=st.sampled_from([0, 0, 1, 2]),
+            idle_chunk=st.sampled_from([0, 0, 12, 32]),
         )
         def setup(self, block_size, num_blocks, num_host_blocks, max_num_seqs, budget, chunk, ordering, eviction,
-                  preemption, ttl, caching, lookahead):
+                  preemption, ttl, caching, lookahead, idle_chunk):
             if "eviction" not in fixed:
                 eviction = _default_spec("eviction", eviction, ttl)
             self.config = Setup(num_blocks, block_size, num_host_blocks, max_num_seqs, budget, chunk, caching,
-                                ordering, eviction, preemption, lookahead)
+                                ordering, eviction, preemption, lookahead, idle_chunk)
             self.driver = Driver(self.config)
             self.ops: list[tuple[str, tuple]] = []
             self.capacity_tokens = num_blocks * block_size

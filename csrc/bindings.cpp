@@ -320,6 +320,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("max_num_seqs", &SchedulerConfig::max_num_seqs)
       .def_readwrite("max_num_batched_tokens", &SchedulerConfig::max_num_batched_tokens)
       .def_readwrite("chunk_size", &SchedulerConfig::chunk_size)
+      .def_readwrite("idle_chunk_size", &SchedulerConfig::idle_chunk_size)
       .def_readwrite("max_model_len", &SchedulerConfig::max_model_len)
       .def_readwrite("vocab_size", &SchedulerConfig::vocab_size)
       .def_readwrite("enable_prefix_caching", &SchedulerConfig::enable_prefix_caching)

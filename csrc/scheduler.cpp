@@ -63,6 +63,8 @@ Scheduler::Scheduler(const SchedulerConfig& config, std::shared_ptr<OrderingPoli
   TANDEM_REQUIRE(config.max_num_seqs > 0, "max_num_seqs must be positive");
   TANDEM_REQUIRE(config.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive");
   TANDEM_REQUIRE(config.chunk_size > 0, "chunk_size must be positive");
+  TANDEM_REQUIRE(config.idle_chunk_size >= 0,
+                 "idle_chunk_size must be >= 0 (0: chunk_size in every step), got " + str(config.idle_chunk_size));
   TANDEM_REQUIRE(config.max_model_len > 1, "max_model_len must be at least 2");
   TANDEM_REQUIRE(config.vocab_size > 0, "vocab_size must be positive");
   TANDEM_REQUIRE(config.num_lookahead_tokens >= 0 && config.num_lookahead_tokens <= config.block_size,
@@ -262,6 +264,11 @@ void Scheduler::step_impl(Plan& plan, double now) {
   plan.block_table_cols = max_blocks_per_seq_;
   plan.block_size = block_size_;
   int budget = config_.max_num_batched_tokens;
+  step_chunk_ = config_.chunk_size;
+  if (config_.idle_chunk_size > config_.chunk_size && !decode_waits()) {
+    step_chunk_ = config_.idle_chunk_size;  // nobody's decode stalls: large chunks, and the budget for one
+    budget = std::max(budget, config_.idle_chunk_size);
+  }
   bool preempted = false;
   schedule_running(plan, &budget, now, &preempted);
   // A step that preempted admits nothing: swap-outs and swap-ins never share a plan.
@@ -288,6 +295,23 @@ void Scheduler::grow_lookahead(const Plan& plan) {
   }
 }
 
+// Whether a request's next token is a decode (it has output and all but its last token computed)
+// while it runs or waits swapped out; a request preempted to recompute has its prefill to redo.
+bool Scheduler::decode_waits() const {
+  const auto decode_next = [](const Request& r) {
+    return r.num_output_tokens() > 0 && r.num_computed + 1 == r.num_tokens();
+  };
+  for (RequestId id : running_) {
+    if (decode_next(requests_.at(id))) return true;
+  }
+  if (host_.num_free() == host_.num_blocks()) return false;  // nothing is swapped out
+  for (RequestId id : waiting_) {
+    const Request& r = requests_.at(id);
+    if (r.swapped() && decode_next(r)) return true;
+  }
+  return false;
+}
+
 void Scheduler::schedule_running(Plan& plan, int* budget, double now, bool* preempted) {
   if (running_.size() > 1) {
     std::vector<PolicyEntry>& order = running_order_;
@@ -306,7 +330,7 @@ void Scheduler::schedule_running(Plan& plan, int* budget, double now, bool* pree
   size_t i = 0;
   while (i < running_.size() && *budget > 0) {
     Request& r = requests_.at(running_[i]);
-    const int n = std::min({r.num_tokens() - r.num_computed, *budget, config_.chunk_size});
+    const int n = std::min({r.num_tokens() - r.num_computed, *budget, step_chunk_});
     bool fits = grow(r, r.num_computed + n);
     while (!fits) {
       // Out of KV: preempt the last request in policy order (never one already scheduled).

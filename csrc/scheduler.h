@@ -26,6 +26,12 @@ struct SchedulerConfig {
   int max_num_seqs = 256;             // cap on running requests
   int max_num_batched_tokens = 8192;  // token budget per step
   int chunk_size = 2048;              // largest prefill chunk of one request per step
+  // Chunked prefill by what else runs: in a step where no decode waits (no running request, and no
+  // request swapped out, whose next token is a decode: it has output and all but its last token
+  // computed) a request's prefill chunk may be up to idle_chunk_size tokens, and the step's budget
+  // is max(max_num_batched_tokens, idle_chunk_size); chunk_size and max_num_batched_tokens bound
+  // every step a decode waits in (its stall). 0, or anything <= chunk_size: chunk_size always.
+  int idle_chunk_size = 0;
   int max_model_len = 131072;         // prompt + output
   int vocab_size = 128256;
   bool enable_prefix_caching = true;
@@ -214,6 +220,7 @@ class Scheduler {
                       const std::string& cache_namespace, TurnMemo* memo, size_t same);
 
   // --- planning helpers ---
+  bool decode_waits() const;  // a decode is running or swapped out (see SchedulerConfig::idle_chunk_size)
   void schedule_running(Plan& plan, int* budget, double now, bool* preempted);
   void schedule_waiting(Plan& plan, int budget, double now);
   void grow_lookahead(const Plan& plan);
@@ -241,6 +248,7 @@ class Scheduler {
 
   SchedulerConfig config_;
   int block_size_;
+  int step_chunk_ = 0;  // this step's largest prefill chunk of one request (set by step_impl)
   int max_blocks_per_seq_;
   std::string ordering_name_;
   std::shared_ptr<OrderingPolicy> ordering_;

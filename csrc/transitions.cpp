@@ -40,7 +40,7 @@ bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
   const int matched = prefix_match(r, nullptr);
   const std::vector<BlockId>& hits = r.match_blocks;  // matched blocks, in order
   const int start = matched * block_size_;
-  const int n = std::min({r.num_tokens() - start, budget, config_.chunk_size});
+  const int n = std::min({r.num_tokens() - start, budget, step_chunk_});
   const int need = blocks_for(start + n) - matched;
   // Hits that are evictable stop being available once retained. Count them only when the
   // answer depends on it (0 <= evictable hits <= min(hits, evictable blocks)).
@@ -84,7 +84,7 @@ bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
 bool Scheduler::resume_swapped(Request& r, int budget, Plan& plan, double now) {
   (void)now;
   const int start = r.num_computed;
-  const int n = std::min({r.num_tokens() - start, budget, config_.chunk_size});
+  const int n = std::min({r.num_tokens() - start, budget, step_chunk_});
   const int held = static_cast<int>(r.host_blocks.size());
   if (pool_.num_available() < blocks_for(start + n)) return false;
 

@@ -148,6 +148,12 @@ class ModelConfig:
         return cfg
 
 
+# EngineConfig.idle_chunk_size=None on CUDA with a tiled prefill attention kernel: a lone 50K-token
+# prompt is prefilled in 4 steps of 16384 tokens instead of 25 of chunk_size (2048), while a step
+# that a decode waits in keeps chunk_size and max_num_batched_tokens (docs/engine.md).
+AUTO_IDLE_CHUNK_SIZE = 16384
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How one engine instance runs; unknown keys are rejected by `from_dict`.
@@ -165,6 +171,12 @@ class EngineConfig:
         kv_cache_memory_gb: on CPU, the KV cache's size when num_gpu_blocks is unset.
         enforce_eager: no CUDA graphs.
         cuda_graph_batch_sizes: decode batch sizes to capture (others pad up to the next one).
+        chunk_size: a request's largest prefill chunk in a step that a decode waits in (the bound on
+            how long one prefill stalls the decoding requests), within max_num_batched_tokens tokens.
+        idle_chunk_size: a request's largest prefill chunk in a step no decode waits in (e.g. a lone
+            long prompt), whose token budget is then max(max_num_batched_tokens, idle_chunk_size);
+            0 (or <= chunk_size): chunk_size always. None: AUTO_IDLE_CHUNK_SIZE on CUDA where
+            prefill attention is a tiled kernel (not the torch reference), else 0.
         overlap_decode: launch each decode step's guessed successor before its tokens are back
             (engine/overlap.py); None: on where decode runs as CUDA graphs of the Triton kernels.
             On, the scheduler holds one block ahead of each decoding request (num_lookahead_tokens = 1).
@@ -187,6 +199,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     chunk_size: int = 2048
+    idle_chunk_size: int | None = None
     enable_prefix_caching: bool = True
     ordering: str = "fcfs"
     eviction: str = "lru"
@@ -224,6 +237,11 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "chunk_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.idle_chunk_size is not None and (isinstance(self.idle_chunk_size, bool)
+                                                 or not isinstance(self.idle_chunk_size, int)
+                                                 or self.idle_chunk_size < 0):
+            raise ValueError(f"idle_chunk_size must be an int >= 0 (0: chunk_size always) or null (auto), "
+                             f"got {self.idle_chunk_size!r}")
         # Policies are named exactly as in the simulator's config; Python ones come from policy_modules.
         from controlplane.policies import check_spec, import_policy_modules
 

@@ -18,7 +18,7 @@ import torch
 
 import controlplane as cp
 from controlplane.profile import plan_features, write_profile
-from engine.config import EngineConfig
+from engine.config import AUTO_IDLE_CHUNK_SIZE, EngineConfig
 from engine.kernels import KernelSet
 from engine.kv_events import ALL_BLOCKS_CLEARED, KVEventPublisher, KVEventsConfig, make_publisher
 from engine.loader import LoadedModel, load_model
@@ -86,8 +86,13 @@ class EngineCore:
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {mc.max_position_embeddings}")
+        # auto: large prefill chunks in steps no decode waits in, where prefill attention is tiled (the torch
+        # reference materializes a chunk's scores against its whole context)
+        self.idle_chunk_size = cfg.idle_chunk_size if cfg.idle_chunk_size is not None else (
+            AUTO_IDLE_CHUNK_SIZE if self.device.type == "cuda" and self.ops.chosen["prefill_attention"] != "torch"
+            else 0)
         self.num_blocks, self.num_host_blocks = size_kv_cache(self.model, self.ops, cfg, self.device, self.dtype,
-                                                              self.max_model_len)
+                                                              self.max_model_len, self.idle_chunk_size)
         cp.import_policy_modules(cfg.policy_modules)
         graphs = () if (cfg.enforce_eager or self.device.type != "cuda"
                         or self.ops.chosen["decode_attention"] == "torch") else cfg.cuda_graph_batch_sizes
@@ -97,7 +102,8 @@ class EngineCore:
         self.scheduler_config = cp.SchedulerConfig(
             num_blocks=self.num_blocks, block_size=cfg.block_size, num_host_blocks=self.num_host_blocks,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            chunk_size=cfg.chunk_size, max_model_len=self.max_model_len, vocab_size=mc.vocab_size,
+            chunk_size=cfg.chunk_size, idle_chunk_size=self.idle_chunk_size, max_model_len=self.max_model_len,
+            vocab_size=mc.vocab_size,
             enable_prefix_caching=cfg.enable_prefix_caching, ordering=cfg.ordering, eviction=cfg.eviction,
             preemption=cfg.preemption, num_lookahead_tokens=1 if self.overlap else 0)
         self.scheduler = cp.Scheduler(self.scheduler_config)

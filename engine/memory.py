@@ -3,8 +3,10 @@
     budget = total * gpu_memory_utilization - (memory others already use) - weights - peak activations
     blocks = budget // (2 * layers * kv_heads * head_dim * dtype_bytes * block_size)
 
-Peak activations are measured by a profiling forward pass of
-`max_num_batched_tokens` tokens (in `chunk_size` prefill chunks), as vLLM does.
+Peak activations are measured by a profiling forward pass of the largest step the scheduler
+can plan, as vLLM does: `max_num_batched_tokens` tokens in `chunk_size` prefill chunks, or, with
+an `idle_chunk_size` above `chunk_size`, max(max_num_batched_tokens, idle_chunk_size) tokens in
+chunks of that size (a step no decode waits in).
 On the CPU the cache is `kv_cache_memory_gb` unless `num_gpu_blocks` is given.
 """
 
@@ -25,11 +27,14 @@ def block_bytes(model, block_size: int, dtype: torch.dtype) -> int:
 
 
 @torch.inference_mode()
-def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len: int) -> int:
+def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len: int,
+                                  idle_chunk_size: int = 0) -> int:
     """Runs one forward pass of the largest batch the scheduler can plan; returns its peak extra bytes."""
     c = model.config
-    tokens = cfg.max_num_batched_tokens
-    chunk = min(cfg.chunk_size, tokens, max_model_len - 1)
+    tokens, chunk = cfg.max_num_batched_tokens, cfg.chunk_size
+    if idle_chunk_size > chunk:  # a step no decode waits in: larger chunks, a budget of at least one
+        tokens, chunk = max(tokens, idle_chunk_size), idle_chunk_size
+    chunk = min(chunk, tokens, max_model_len - 1)
     lens = [chunk] * (tokens // chunk) + ([tokens % chunk] if tokens % chunk else [])
     bs = cfg.block_size
     blocks_per = [-(-n // bs) for n in lens]
@@ -63,8 +68,8 @@ def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len:
     return int(peak)
 
 
-def size_kv_cache(model, ops, cfg, device, dtype, max_model_len: int) -> tuple[int, int]:
-    """(device blocks, host blocks) for this engine."""
+def size_kv_cache(model, ops, cfg, device, dtype, max_model_len: int, idle_chunk_size: int = 0) -> tuple[int, int]:
+    """(device blocks, host blocks) for this engine (`idle_chunk_size`: the scheduler's, resolved)."""
     per_block = block_bytes(model, cfg.block_size, dtype)
     host = int(cfg.swap_space_gb * (1 << 30) // per_block)
     if cfg.num_gpu_blocks is not None:
@@ -75,11 +80,11 @@ def size_kv_cache(model, ops, cfg, device, dtype, max_model_len: int) -> tuple[i
     free, total = torch.cuda.mem_get_info(device)
     ours = torch.cuda.memory_allocated(device)
     others = total - free - torch.cuda.memory_reserved(device)
-    activations = profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len)
+    activations = profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len, idle_chunk_size)
     budget = total * cfg.gpu_memory_utilization - others - ours - activations - _GRAPH_RESERVE
     blocks = int(budget // per_block)
     if blocks < -(-max_model_len // cfg.block_size) // 8 or blocks <= 0:
         raise ValueError(f"not enough device memory for the KV cache: {budget / 2**30:.2f} GiB left after "
                          f"weights ({ours / 2**30:.2f} GiB) and activations ({activations / 2**30:.2f} GiB); "
-                         f"raise gpu_memory_utilization or lower max_num_batched_tokens")
+                         f"raise gpu_memory_utilization or lower max_num_batched_tokens (or idle_chunk_size)")
     return blocks, host

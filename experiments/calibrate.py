@@ -249,6 +249,7 @@ def engine_meta(core, spec: ModelSpec, hardware: str) -> dict:
             "kernels": dict(core.ops.chosen), "overlap": bool(core.overlap),
             "graph_batch_sizes": list(core.runner.graphs.sizes) if core.runner.graphs is not None else [],
             "block_size": core.config.block_size, "chunk_size": core.config.chunk_size,
+            "idle_chunk_size": core.scheduler_config.idle_chunk_size,
             "max_num_batched_tokens": core.config.max_num_batched_tokens, "max_num_seqs": core.config.max_num_seqs,
             "num_blocks": core.num_blocks, "timing": "loop period (experiments/engine_replica.py)",
             "commit": git_commit(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

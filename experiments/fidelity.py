@@ -140,6 +140,7 @@ def engine_section(core) -> dict:
     c = core.config
     return {"block_size": c.block_size, "max_num_seqs": c.max_num_seqs,
             "max_num_batched_tokens": c.max_num_batched_tokens, "chunk_size": c.chunk_size,
+            "idle_chunk_size": core.scheduler_config.idle_chunk_size,  # resolved (EngineConfig's None: auto)
             "max_model_len": core.max_model_len, "enable_prefix_caching": c.enable_prefix_caching,
             "num_gpu_blocks": core.num_blocks, "num_host_blocks": core.num_host_blocks,
             "num_lookahead_tokens": 1 if core.overlap else 0}

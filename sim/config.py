@@ -81,6 +81,9 @@ class EngineConf:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     chunk_size: int = 2048
+    # a step no decode waits in prefills up to this many tokens of one request (and takes a budget
+    # of at least as many); 0: chunk_size always, as before (controlplane.SchedulerConfig)
+    idle_chunk_size: int = 0
     max_model_len: int = 131072
     gpu_memory_utilization: float = 0.9
     host_kv_gb: float = 0.0          # host tier for swap-out preemption, GB per replica
@@ -192,6 +195,8 @@ def validate(cfg: SimulationConfig) -> None:
         _positive("engine", num_gpu_blocks=e.num_gpu_blocks)
     if e.num_host_blocks is not None and e.num_host_blocks < 0:
         raise ValueError(f"engine.num_host_blocks must be >= 0, got {e.num_host_blocks}")
+    if isinstance(e.idle_chunk_size, bool) or not isinstance(e.idle_chunk_size, int) or e.idle_chunk_size < 0:
+        raise ValueError(f"engine.idle_chunk_size must be an int >= 0 (0: chunk_size always), got {e.idle_chunk_size!r}")
     if not 0 <= e.num_lookahead_tokens <= e.block_size:
         raise ValueError(f"engine.num_lookahead_tokens must be in [0, block_size], got {e.num_lookahead_tokens}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
@@ -212,6 +217,7 @@ def scheduler_config(cfg: SimulationConfig, num_blocks: int, num_host_blocks: in
     return SchedulerConfig(
         num_blocks=num_blocks, block_size=e.block_size, num_host_blocks=num_host_blocks,
         max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-        chunk_size=e.chunk_size, max_model_len=e.max_model_len, vocab_size=cfg.model.vocab_size,
+        chunk_size=e.chunk_size, idle_chunk_size=e.idle_chunk_size, max_model_len=e.max_model_len,
+        vocab_size=cfg.model.vocab_size,
         enable_prefix_caching=e.enable_prefix_caching, ordering=p.ordering, eviction=p.eviction,
         preemption=p.preemption, num_lookahead_tokens=e.num_lookahead_tokens)

@@ -29,6 +29,8 @@ def snapshot(sched: cp.Scheduler) -> tuple:
     (dict(max_num_seqs=0), "max_num_seqs"),
     (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
     (dict(chunk_size=0), "chunk_size"),
+    (dict(idle_chunk_size=-1), "idle_chunk_size must be >= 0"),
+    (dict(idle_chunk_size=2.5), "idle_chunk_size must be an int"),
     (dict(max_model_len=1), "max_model_len"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(ordering="fifo"), "unknown policy 'fifo'"),

@@ -57,6 +57,12 @@ SCENARIOS = {
     "swe_smith_swap_ttl": (scenario("swe_smith", sessions=16, sim={"session_rate": 0.5},
                                     policy={"eviction": "ttl:ttl=30", "preemption": "swap"},
                                     engine={"host_kv_gb": 20.0}), "num_preemptions_swap"),
+    # chunked prefill by what else runs (engine.idle_chunk_size): lone prompts in 16K chunks, swapped decodes
+    "agentic_coding_idle_chunks": (scenario(engine={"idle_chunk_size": 16384}), None),
+    "swe_smith_swap_idle_chunks": (scenario("swe_smith", sessions=16, sim={"session_rate": 0.5},
+                                            policy={"eviction": "ttl:ttl=30", "preemption": "swap"},
+                                            engine={"host_kv_gb": 20.0, "idle_chunk_size": 8192}),
+                                   "num_preemptions_swap"),
     "ttl_lpm_closed": (scenario(sim={"mode": "closed", "concurrency": 12},
                                 policy={"ordering": "longest_prefix_match", "eviction": "ttl:ttl=5"}), None),
     "prefix_aware_3_replicas": (scenario(cluster={"num_replicas": 3, "router": "prefix_aware"}), None),

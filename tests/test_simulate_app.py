@@ -47,6 +47,7 @@ def test_sweep_prints_a_comparison(tmp_path):
     ("sim.bogus=1", "bogus"),
     ("+model.layers=3", "layers"),
     ("sim.session_rate=-1", "sim.session_rate must be positive"),
+    ("engine.idle_chunk_size=-1", "engine.idle_chunk_size must be an int >= 0"),
     ("hardware.mem_bytes=1.0e+9", "does not fit|weights"),
 ])
 def test_bad_configs_fail_with_a_message(tmp_path, override, message):
