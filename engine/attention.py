@@ -54,14 +54,21 @@ class ForwardContext:
     ops: object                 # engine.kernels.KernelSet
     kv: KVCache
     meta: AttentionMetadata
-    cos_sin: torch.Tensor       # [max_positions, head_dim] float32
+    cos_sin: torch.Tensor       # [max_positions, head_dim] float32 (rotary: cos | sin)
 
-    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  scale: float) -> torch.Tensor:
-        """Stores k/v for this step's tokens in layer `layer`'s cache, then attends; returns [T, Hq, D]."""
+    def attention(self, layer: int, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor, scale: float, q_norm: torch.Tensor | None = None,
+                  k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6) -> torch.Tensor:
+        """A layer's attention from its q/k/v projections; returns [T, Hq, D].
+
+        One fused op rotates q and k (after the per-head RMSNorms `q_norm`/`k_norm` [D], Qwen3's,
+        when given) and stores k and v at this step's slots of layer `layer`'s cache; then the
+        decode and prefill kernels attend over the cache. q, k, v may be strided views.
+        """
         m, ops = self.meta, self.ops
         kc, vc = self.kv.k[layer], self.kv.v[layer]
-        ops.write_kv(k, v, kc, vc, m.slot_mapping)
+        q = ops.rotary_write_kv(positions, q, k, v, self.cos_sin, kc, vc, m.slot_mapping,
+                                q_norm=q_norm, k_norm=k_norm, eps=norm_eps)
         nd = m.num_decode
         if m.num_prefill_tokens == 0:
             return ops.decode_attention(q, kc, vc, m.decode_seq_lens, m.decode_block_table, scale)

@@ -1,28 +1,44 @@
-"""Engine speed on one GPU: decode per token, prefill, beside transformers and the weight-read floor.
+"""Engine speed on one GPU, each figure beside its floor or roofline on the same card, and beside transformers.
 
     python -m experiments.bench_engine          # llama-3.2-1b and llama-3.1-8b shapes (the Llama-3-8B shape with
-                                                # its 128K-context rotary scaling, so 32K prompts fit), bf16
+                                                # its 128K-context rotary scaling, so long prompts fit), bf16
+    python -m experiments.bench_engine --models llama-3.1-8b --decode 1x512 1x50000 4x50000 64x512 \
+        --prefill 2048 32768 50000 --turn 55000+1300
     python -m experiments.bench_engine --models llama-3.2-1b --quick
 
 Every figure is measured in this run on this card. Random weights of the real
 shapes (load_format=dummy). Rows:
 
-  decode bN     median wall seconds between the ends of consecutive engine steps with N requests decoding
-                (each step = one token per request), prompts of --context tokens; CUDA graphs unless --eager,
-                overlapped decode (engine/overlap.py) unless --no-overlap; "no overlap": the strict loop, same run
-  prefill N     seconds from adding one N-token prompt to its first token (chunked at --chunk tokens)
+  decode BxC    median wall seconds between the ends of consecutive engine steps with B requests decoding
+                at a C-token context (each step = one token per request); CUDA graphs unless --eager,
+                overlapped decode (engine/overlap.py) unless --no-overlap; "no overlap": the strict loop,
+                same run, for batch 1
+  prefill N     seconds from adding one N-token prompt to its first token (the engine's chunking, or
+                --chunk tokens a chunk)
+  turn P+N      seconds from adding a prompt of N new tokens on a P-token prefix already cached (an
+                agent's later turn) to its first token
   hf            transformers on the same weights (sdpa attention, its own KV cache): per-token decode
-                from generate() at batch 1 and N, and one forward pass for prefill
-  floor         weight bytes / measured device copy bandwidth (read+write bytes of a 2 GiB copy / time)
+                from generate() at batch 1 and B (short contexts only), one forward pass for prefill
+
+Floors and rooflines (the "bound" column, measured on this card in this run):
+
+  decode        bytes a step must read over the copy bandwidth (read+write bytes of a 1 GiB copy / time):
+                every weight but the input embedding table (a gather of B rows; a tied table is read
+                whole by the LM head and counts once) plus the K/V of every request's context
+  prefill/turn  FLOPs over the bf16 matmul rate (an 8192^3 torch.mm): 2 x the non-embedding weights a
+                token (LM head on the sampled row only) plus causal attention, 4 x head_dim x Hq
+                per visible query-key pair a layer
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import statistics
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,25 +62,76 @@ def copy_bandwidth(device) -> float:
     return 2 * n / statistics.median(times[5:])
 
 
-def engine_for(shape: str, args, graphs: tuple[int, ...]):
+def matmul_rate(device) -> float:
+    """FLOP/s of a bf16 8192^3 matrix product (median of 20 after 5 warm-ups)."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    times = []
+    for _ in range(25):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * n ** 3 / statistics.median(times[5:])
+
+
+def engine_for(shape: str, args, graphs: tuple[int, ...], blocks: int, max_len: int):
     from engine.config import EngineConfig
     from engine.core import EngineCore
 
-    cfg = EngineConfig(model=shape, load_format="dummy", dtype="bfloat16", num_gpu_blocks=args.blocks,
-                       max_model_len=args.max_len, max_num_seqs=max(args.batch, 1),
-                       max_num_batched_tokens=args.chunk, chunk_size=args.chunk, enforce_eager=args.eager,
-                       cuda_graph_batch_sizes=graphs, enable_prefix_caching=False,
-                       overlap_decode=False if args.no_overlap else None)
+    chunking = {} if args.chunk is None else dict(max_num_batched_tokens=args.chunk, chunk_size=args.chunk)
+    cfg = EngineConfig(model=shape, load_format="dummy", dtype="bfloat16", num_gpu_blocks=blocks,
+                       max_model_len=max_len, max_num_seqs=max(max(b for b, _ in args.decode), 1),
+                       enforce_eager=args.eager, cuda_graph_batch_sizes=graphs, enable_prefix_caching=True,
+                       overlap_decode=False if args.no_overlap else None, **chunking)
     return EngineCore(cfg)
+
+
+@dataclass(frozen=True)
+class Bytes:
+    """What a model's step reads and computes, from its configuration and parameters."""
+
+    weights_read: int     # bytes a decode step reads of the weights (input embedding table excluded)
+    kv_per_token: int     # K and V bytes of one context token, all layers
+    linear_flops: int     # FLOPs a token spends in the layers' matrices (2 x weights)
+    head_flops: int       # FLOPs of the LM head for one sampled row
+    attn_flops_pair: int  # FLOPs per visible query-key pair, all layers
+
+    @classmethod
+    def of(cls, core) -> "Bytes":
+        model, c = core.model, core.model_config
+        params = {id(p): p for p in model.parameters()}  # a tied table counts once
+        total = sum(p.numel() * p.element_size() for p in params.values())
+        embed = model.model.embed_tokens.weight
+        tied = c.tie_word_embeddings
+        weights_read = total - (0 if tied else embed.numel() * embed.element_size())
+        linear = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)
+                     or type(m).__name__ == "Linear")
+        kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * embed.element_size()
+        return cls(weights_read, kv, 2 * linear, 2 * c.vocab_size * c.hidden_size,
+                   4 * c.head_dim * c.num_heads * c.num_layers)
+
+    def decode_floor(self, batch: int, context: int, bandwidth: float) -> float:
+        return (self.weights_read + batch * context * self.kv_per_token) / bandwidth
+
+    def prefill_roofline(self, prefix: int, new: int, rate: float) -> float:
+        pairs = new * prefix + new * (new + 1) // 2
+        return (new * self.linear_flops + self.head_flops + pairs * self.attn_flops_pair) / rate
+
+
+_IDS = itertools.count(10_000_000)
 
 
 def decode_step_seconds(core, batch: int, context: int, steps: int) -> float:
     from engine import SamplingParams
 
-    rng = np.random.default_rng(batch)
-    base = 10_000_000 + batch * 1000
-    for i in range(batch):
-        core.add_request(base + i, rng.integers(0, core.model_config.vocab_size, context),
+    rng = np.random.default_rng(batch * 100_003 + context)
+    for _ in range(batch):
+        core.add_request(next(_IDS), rng.integers(0, core.model_config.vocab_size, context),
                          SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True))
     times = []
     last = time.perf_counter()
@@ -95,17 +162,29 @@ def replay_seconds(core, batch: int) -> float | None:
     return statistics.median(times[3:])
 
 
-def prefill_seconds(core, length: int) -> float:
+def first_token_seconds(core, prompt: np.ndarray) -> float:
+    """Seconds from adding `prompt` to its first token (the engine runs nothing else)."""
     from engine import SamplingParams
 
-    rng = np.random.default_rng(length)
-    core.add_request(20_000_000 + length, rng.integers(0, core.model_config.vocab_size, length),
-                     SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    core.add_request(next(_IDS), prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
     torch.cuda.synchronize()
     start = time.perf_counter()
     while core.has_unfinished():
         core.step()
     return time.perf_counter() - start
+
+
+def prefill_seconds(core, length: int) -> float:
+    rng = np.random.default_rng(length)
+    return first_token_seconds(core, rng.integers(0, core.model_config.vocab_size, length))
+
+
+def turn_seconds(core, prefix: int, new: int) -> float:
+    """A later turn: `new` tokens on a `prefix`-token prompt that a finished request left cached."""
+    rng = np.random.default_rng(prefix * 7 + new)
+    first = rng.integers(0, core.model_config.vocab_size, prefix)
+    first_token_seconds(core, first)
+    return first_token_seconds(core, np.concatenate([first, rng.integers(0, core.model_config.vocab_size, new)]))
 
 
 def hf_model(core):
@@ -142,42 +221,60 @@ def hf_prefill(model, length: int) -> float:
     return time.perf_counter() - t
 
 
-def bench_model(shape: str, args, bandwidth: float) -> list[dict]:
-    graphs = tuple(sorted({1, args.batch}))
-    core = engine_for(shape, args, graphs)
-    weight_bytes = sum(p.numel() * p.element_size() for p in core.model.parameters())
-    floor = weight_bytes / bandwidth
-    rows = [{"model": shape, "what": "weight-read floor", "engine_s": floor, "hf_s": None, "floor_s": floor,
-             "kernels": core.ops.chosen["decode_attention"]}]
-    for batch in (1, args.batch):
-        if core.runner.overlap:  # the strict loop too, same engine, same run
+def parse_decode(spec: str) -> tuple[int, int]:
+    batch, context = spec.lower().split("x")
+    return int(batch), int(context)
+
+
+def parse_turn(spec: str) -> tuple[int, int]:
+    prefix, new = spec.split("+")
+    return int(prefix), int(new)
+
+
+def bench_model(shape: str, args, bandwidth: float, rate: float) -> list[dict]:
+    block = 16
+    need = max([b * (c + args.steps + 16) + 1024 for b, c in args.decode]
+               + [n + 1024 for n in args.prefill] + [2 * (p + n) + 1024 for p, n in args.turn])
+    blocks = args.blocks or -(-need // block) + 64
+    max_len = args.max_len or max([c + args.steps + 64 for _, c in args.decode] + [n + 64 for n in args.prefill]
+                                  + [p + n + 64 for p, n in args.turn])
+    graphs = tuple(sorted({b for b, _ in args.decode}))
+    core = engine_for(shape, args, graphs, blocks, max_len)
+    nb = Bytes.of(core)
+    rows = []
+
+    def add(what: str, engine_s: float, bound_s: float | None = None, **extra) -> None:
+        rows.append({"model": shape, "what": what, "engine_s": engine_s, "bound_s": bound_s, "hf_s": None, **extra})
+
+    for batch, context in args.decode:
+        floor = nb.decode_floor(batch, context + args.steps // 2, bandwidth)
+        if batch == 1 and core.runner.overlap:  # the strict loop too, same engine, same run
             core.runner.overlap = False
-            rows.append({"model": shape, "what": f"decode b{batch} ctx{args.context} no overlap",
-                         "engine_s": decode_step_seconds(core, batch, args.context, args.steps), "floor_s": floor})
+            add(f"decode b{batch} ctx{context} no overlap", decode_step_seconds(core, batch, context, args.steps),
+                floor, batch=batch, context=context)
             core.runner.overlap = True
-        rows.append({"model": shape, "what": f"decode b{batch} ctx{args.context} (s/step)",
-                     "engine_s": decode_step_seconds(core, batch, args.context, args.steps), "floor_s": floor})
+        add(f"decode b{batch} ctx{context} (s/step)", decode_step_seconds(core, batch, context, args.steps), floor,
+            batch=batch, context=context)
         replay = replay_seconds(core, batch)
         if replay is not None:
-            rows.append({"model": shape, "what": f"  of which graph replay (GPU)", "engine_s": replay,
-                         "floor_s": floor})
+            add("  of which graph replay (GPU)", replay, floor)
+    first_token_seconds(core, np.arange(256) % core.model_config.vocab_size)  # warm-up of the prefill kernels
     for length in args.prefill:
-        prefill_seconds(core, 256)  # warm-up of the prefill kernels
-        rows.append({"model": shape, "what": f"prefill {length} (s)", "engine_s": prefill_seconds(core, length)})
+        add(f"prefill {length} (s)", prefill_seconds(core, length), nb.prefill_roofline(0, length, rate),
+            prefix=0, new=length)
+    for prefix, new in args.turn:
+        add(f"turn {new} on {prefix} cached (s)", turn_seconds(core, prefix, new),
+            nb.prefill_roofline(prefix, new, rate), prefix=prefix, new=new)
     if not args.no_hf:
         model = hf_model(core)
         hf_decode: dict[int, float] = {}
-        for row in rows[1:]:
-            what = row["what"]
-            if what.startswith(" "):
-                continue
-            if what.startswith("decode"):
-                batch = int(what.split()[1][1:])
-                if batch not in hf_decode:
-                    hf_decode[batch] = hf_decode_per_token(model, batch, args.context, args.hf_steps)
-                row["hf_s"] = hf_decode[batch]
-            else:
-                row["hf_s"] = hf_prefill(model, int(what.split()[1]))
+        for row in rows:
+            if row["what"].startswith("decode") and row["context"] <= args.hf_max_context:
+                if row["batch"] not in hf_decode:
+                    hf_decode[row["batch"]] = hf_decode_per_token(model, row["batch"], row["context"], args.hf_steps)
+                row["hf_s"] = hf_decode[row["batch"]]
+            elif row["what"].startswith("prefill"):
+                row["hf_s"] = hf_prefill(model, row["new"])
         del model
     del core
     gc.collect()
@@ -189,7 +286,7 @@ def profile_cpu(args) -> None:
     import cProfile
     import pstats
 
-    core = engine_for(args.models[0], args, (1,))
+    core = engine_for(args.models[0], args, (1,), args.blocks or 4096, args.context + args.steps + 64)
     decode_step_seconds(core, 1, args.context, 16)  # warm-up
     prof = cProfile.Profile()
     prof.enable()
@@ -201,13 +298,18 @@ def profile_cpu(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--decode", type=parse_decode, nargs="+", default=None, metavar="BxC",
+                        help="decode rows, batch x context (default: 1x512 1x50000 4x50000 64x512)")
+    parser.add_argument("--context", type=int, default=512, help="the context of --profile-cpu's steps")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--hf-steps", type=int, default=32)
-    parser.add_argument("--prefill", type=int, nargs="+", default=[2048, 32768])
-    parser.add_argument("--chunk", type=int, default=8192)
-    parser.add_argument("--blocks", type=int, default=8192)
+    parser.add_argument("--hf-max-context", type=int, default=4096, help="transformers decode rows only up to here")
+    parser.add_argument("--prefill", type=int, nargs="+", default=[2048, 32768, 50000])
+    parser.add_argument("--turn", type=parse_turn, nargs="*", default=None, metavar="P+N",
+                        help="later-turn rows: N new tokens on P cached (default: 55000+1300)")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="chunk_size and max_num_batched_tokens (default: the engine's own chunking)")
+    parser.add_argument("--blocks", type=int, default=None, help="KV blocks (default: what the rows need)")
     parser.add_argument("--max-len", type=int, default=None)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--no-hf", action="store_true")
@@ -221,31 +323,36 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("bench_engine needs a CUDA device (run it on the GPU machine)")
     if args.quick:
         args.steps, args.hf_steps, args.prefill = 16, 8, [2048]
-    if args.max_len is None:
-        args.max_len = max(max(args.prefill) + 64, args.context + args.steps + 64)
+        args.decode = args.decode or [(1, 512), (8, 512)]
+        args.turn = [] if args.turn is None else args.turn
+    args.decode = args.decode or [(1, 512), (1, 50000), (4, 50000), (64, 512)]
+    args.turn = [(55000, 1300)] if args.turn is None else args.turn
     if args.profile_cpu:
         return profile_cpu(args)
-    bandwidth = copy_bandwidth("cuda")
+    bandwidth, rate = copy_bandwidth("cuda"), matmul_rate("cuda")
     print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth "
-          f"{bandwidth / 1e12:.2f} TB/s (read+write)")
+          f"{bandwidth / 1e12:.2f} TB/s (read+write), bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     rows = []
     for shape in args.models:
-        rows += bench_model(shape, args, bandwidth)
-    header = f"{'model':>14} {'what':>32} | {'engine ms':>10} {'hf ms':>9} {'hf/engine':>9} {'engine/floor':>12}"
-    print(header)
-    print("-" * len(header))
-    prev = ""
-    for r in rows:
-        hf = r.get("hf_s")
-        floor = r.get("floor_s") if r["what"].startswith("decode b1 ") or (
-            r["what"].startswith(" ") and prev.startswith("decode b1 ")) else None
-        prev = r["what"] if not r["what"].startswith(" ") else prev
-        print(f"{r['model']:>14} {r['what']:>32} | {r['engine_s'] * 1e3:>10.3f} "
-              f"{(hf or float('nan')) * 1e3:>9.3f} {(hf / r['engine_s']) if hf else float('nan'):>9.1f} "
-              f"{(r['engine_s'] / floor) if floor else float('nan'):>12.2f}")
+        rows += bench_model(shape, args, bandwidth, rate)
+    print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"card": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "matmul_rate": rate,
+                       "rows": rows}, f, indent=1)
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'model':>14} {'what':>34} | {'engine ms':>10} {'bound ms':>9} {'engine/bound':>12} |"
+              f" {'hf ms':>9} {'hf/engine':>9}")
+    print(header)
+    print("-" * len(header))
+    nan = float("nan")
+    for r in rows:
+        hf, bound = r.get("hf_s"), r.get("bound_s")
+        print(f"{r['model']:>14} {r['what']:>34} | {r['engine_s'] * 1e3:>10.3f} {(bound or nan) * 1e3:>9.3f} "
+              f"{(r['engine_s'] / bound) if bound else nan:>12.2f} | {(hf or nan) * 1e3:>9.3f} "
+              f"{(hf / r['engine_s']) if hf else nan:>9.2f}")
 
 
 if __name__ == "__main__":

@@ -131,12 +131,18 @@ def elementwise_cases(tokens: int):
     vc = torch.zeros_like(kc)
     slots = torch.randperm(kc.shape[0] * BS, device="cuda")[:tokens]
     kv = torch.randn(tokens, HK, D, **dev)
+    # the model's fused step: q, k, v strided views of the qkv projection's output
+    qkv = torch.randn(tokens, (HQ + 2 * HK) * D, **dev)
+    fq, fk, fv = (t.view(tokens, h, D) for t, h in zip(qkv.split([HQ * D, HK * D, HK * D], dim=-1), (HQ, HK, HK)))
     return [
         ("rms_norm", (x, w, 1e-6), 2 * tokens * hidden * e),
         ("add_rms_norm", (x, r, w, 1e-6), 4 * tokens * hidden * e),
         ("rotary_embedding", (pos, q, k, cos_sin), 2 * tokens * (HQ + HK) * D * e + tokens * D * 4),
         ("silu_and_mul", (gate_up,), 3 * tokens * ffn * e),
         ("write_kv", (kv, kv, kc, vc, slots), 4 * tokens * HK * D * e),
+        # reads q, k, v and a cos/sin row; writes the rotated q and k, v into the cache
+        ("rotary_write_kv", (pos, fq, fk, fv, cos_sin, kc, vc, slots),
+         2 * tokens * (HQ + 2 * HK) * D * e + tokens * D * 4),
     ]
 
 

@@ -7,6 +7,9 @@ once, in a fresh interpreter subprocess (this file run as a script), and each py
 reports one case. On CUDA (@pytest.mark.gpu) the same cases run in-process with the GPU tile
 configurations, plus long-context checks at real sizes in bf16.
 
+The fused rotary_write_kv is checked bit for bit against the triton ops it fuses (rotary_embedding
+then write_kv), and through a tiny model's prefill and decode steps (tests/model_steps.py).
+
 Every case draws fresh inputs from its own seed: ragged seq_lens that are not multiples of
 the block size, block tables that are random permutations padded with -1, GQA groups of
 1/3/4, head dims 64/128. Cache slots that hold no live token are poisoned with NaN before
@@ -24,6 +27,7 @@ import traceback
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from unittest import mock
 from typing import Callable
 
 import pytest
@@ -133,6 +137,60 @@ def check_write_kv(device: str, seed: int, src_dtype: torch.dtype, cache_dtype: 
         torch.testing.assert_close(got, want, atol=atol, rtol=rtol, equal_nan=True)
 
 
+def _assert_cache_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Caches poisoned with NaN: the same slots written, the written values close."""
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: other slots written"
+    live = ~want.isnan()
+    _assert_close(got[live], want[live], dtype, what)
+
+
+def check_rotary_write_kv(device: str, seed: int, dtype: torch.dtype, tokens: int, hq: int, hk: int, d: int,
+                          bs: int, cache_dtype: torch.dtype | None = None, q_norm: bool = False,
+                          k_norm: bool = False) -> None:
+    """The fused op against the triton ops it fuses (bit for bit) and the torch reference (TOL)."""
+    triton_ops, torch_ops = _ops()
+    gen = _rng(device, seed)
+    cache_dtype = cache_dtype or dtype
+    qkv = _randn((tokens, (hq + 2 * hk) * d), gen, dtype, 2.0)  # q, k, v: strided views, as in the model
+    q, k, v = (t.view(tokens, -1, d) for t in qkv.split([hq * d, hk * d, hk * d], dim=-1))
+    cos_sin = _cos_sin(512, d, device)
+    positions = torch.randint(0, 512, (tokens,), generator=gen, device=device)
+    num_blocks = tokens // bs + 3
+    slots = torch.randperm(num_blocks * bs, generator=gen, device=device)[:tokens]
+    slots[1::3] = -1  # padding tokens: k/v not written, q still rotated
+    qw = (1.0 + 0.3 * _randn((d,), gen, F32)).to(dtype) if q_norm else None
+    kw = (1.0 + 0.3 * _randn((d,), gen, F32)).to(dtype) if k_norm else None
+    eps = 1e-6
+    empty = torch.full((num_blocks, bs, hk, d), float("nan"), dtype=cache_dtype, device=device)
+    caches = {name: (empty.clone(), empty.clone()) for name in ("fused", "composed", "reference")}
+
+    q_fused = triton_ops.rotary_write_kv(positions, q, k, v, cos_sin, *caches["fused"], slots,
+                                         q_norm=qw, k_norm=kw, eps=eps)
+    qn = triton_ops.rms_norm(q, qw, eps) if q_norm else q
+    kn = triton_ops.rms_norm(k, kw, eps) if k_norm else k
+    q_comp, k_comp = triton_ops.rotary_embedding(positions, qn, kn, cos_sin)
+    triton_ops.write_kv(k_comp, v, *caches["composed"], slots)
+    q_ref = torch_ops.rotary_write_kv(positions, q, k, v, cos_sin, *caches["reference"], slots,
+                                      q_norm=qw, k_norm=kw, eps=eps)
+
+    assert q_fused.shape == (tokens, hq, d) and q_fused.is_contiguous()
+    if not (q_norm or k_norm):
+        # the same roundings in the same order as rotary_embedding then write_kv: identical bits
+        assert torch.equal(q_fused, q_comp), "rotary_write_kv q differs from rotary_embedding's"
+        for got, want in zip(caches["fused"], caches["composed"]):
+            torch.testing.assert_close(got, want, atol=0.0, rtol=0.0, equal_nan=True)
+    else:
+        # the fused norm sums each head's squares in another order than rms_norm: an ulp at most
+        _assert_close(q_fused, q_comp, dtype, "rotary_write_kv q vs the triton ops")
+        _assert_cache_close(caches["fused"][0], caches["composed"][0], cache_dtype, "k cache vs the triton ops")
+        torch.testing.assert_close(caches["fused"][1], caches["composed"][1], atol=0.0, rtol=0.0, equal_nan=True)
+    _assert_close(q_fused, q_ref, dtype, "rotary_write_kv q")
+    _assert_cache_close(caches["fused"][0], caches["reference"][0], cache_dtype, "rotary_write_kv k cache")
+    v_tol = (0.0, 0.0) if cache_dtype == dtype else TOL[cache_dtype]
+    torch.testing.assert_close(caches["fused"][1], caches["reference"][1], atol=v_tol[0], rtol=v_tol[1],
+                               equal_nan=True)
+
+
 # ---------------------------------------------------------------- paged attention cases
 
 
@@ -218,11 +276,32 @@ def check_prefill(device: str, seed: int, dtype: torch.dtype, reqs: list[tuple[i
     _assert_close(got, want, dtype, f"prefill_attention reqs={reqs[:3]}")
 
 
+def check_model_fused_vs_unfused(device: str, arch: str, dtype: torch.dtype, exact: bool) -> None:
+    """A tiny model's logits with rotary_write_kv fused, and with the triton ops it replaces, one by one."""
+    from engine.kernels.registry import KernelSet
+    from model_steps import UnfusedRotaryWriteKV, prefill_then_decode, tiny_model
+    model = tiny_model(arch, dtype=dtype, device=device)
+    ops = KernelSet(device, prefer=("triton", "torch"))
+    assert ops.chosen["rotary_write_kv"] == "triton"
+    fused, fused_tokens = prefill_then_decode(model, ops, [9, 20], steps=2)
+    unfused, unfused_tokens = prefill_then_decode(model, UnfusedRotaryWriteKV(ops), [9, 20], steps=2)
+    assert fused_tokens == unfused_tokens
+    for step, (a, b) in enumerate(zip(fused, unfused)):
+        if exact:
+            assert torch.equal(a, b), f"step {step}: logits differ"
+        else:
+            _assert_close(a, b, dtype, f"step {step} logits")
+
+
 def check_registry(device: str) -> None:
     from engine.kernels.registry import OPS, KernelSet
     kernels = KernelSet(device, prefer=("triton", "torch"))
     expected = {op: "torch" if op in ("apply_penalties", "top_k_top_p_min_p") else "triton" for op in OPS}
     assert kernels.chosen == expected, kernels.chosen
+
+
+# prefill tiles of the interpreter that split every key range in up to 7 parts (see prefill_splits)
+SPLIT_CFG = dict(block_m=32, block_n=16, num_warps=1, num_stages=1, min_split_keys=16, max_splits=7, split_waves=8)
 
 
 # Small enough for the interpreter (two slow cores): every case is a few dozen programs.
@@ -240,6 +319,24 @@ CASES: dict[str, Callable[[str], None]] = {
     "write_kv_f32": partial(check_write_kv, seed=9, src_dtype=F32, cache_dtype=F32, tokens=20, hk=2, d=64, bs=16),
     "write_kv_f32_into_bf16": partial(check_write_kv, seed=10, src_dtype=F32, cache_dtype=BF16,
                                       tokens=13, hk=3, d=128, bs=8),
+    # rotary + KV write fused: strided views of one qkv tensor, GQA, slots -1, Qwen3's q/k norms
+    "rotary_write_kv_f32_gqa4_d64": partial(check_rotary_write_kv, seed=20, dtype=F32, tokens=7, hq=8, hk=2,
+                                            d=64, bs=16),
+    "rotary_write_kv_bf16_gqa3_d128_bs8": partial(check_rotary_write_kv, seed=21, dtype=BF16, tokens=5, hq=6,
+                                                  hk=2, d=128, bs=8),
+    "rotary_write_kv_f32_into_bf16_mha_d96": partial(check_rotary_write_kv, seed=22, dtype=F32, tokens=4, hq=3,
+                                                     hk=3, d=96, bs=4, cache_dtype=BF16),
+    "rotary_write_kv_bf16_qk_norm_gqa4_d128": partial(check_rotary_write_kv, seed=23, dtype=BF16, tokens=4, hq=8,
+                                                      hk=2, d=128, bs=16, q_norm=True, k_norm=True),
+    "rotary_write_kv_f32_qk_norm_gqa2_d64": partial(check_rotary_write_kv, seed=24, dtype=F32, tokens=6, hq=4,
+                                                    hk=2, d=64, bs=8, q_norm=True, k_norm=True),
+    "rotary_write_kv_f16_q_norm_only": partial(check_rotary_write_kv, seed=25, dtype=F16, tokens=3, hq=2, hk=1,
+                                               d=64, bs=16, q_norm=True),
+    # the model's path: the fused op against the ops it replaces (Qwen3: q/k norms fused, an ulp apart)
+    "model_llama_fused_equals_unfused_f32": partial(check_model_fused_vs_unfused, arch="LlamaForCausalLM",
+                                                    dtype=F32, exact=True),
+    "model_qwen3_fused_vs_unfused_f32": partial(check_model_fused_vs_unfused, arch="Qwen3ForCausalLM",
+                                                dtype=F32, exact=False),
     # decode: seq_len 1, lengths off the block grid, several splits, tiles spanning and inside blocks
     "decode_f32_gqa4_d64": partial(check_decode, seed=11, dtype=F32, lens=[1, 37, 100], hq=8, hk=2, d=64, bs=16),
     "decode_bf16_gqa3_d128_bs8": partial(check_decode, seed=12, dtype=BF16, lens=[50, 3], hq=6, hk=2, d=128, bs=8),
@@ -257,6 +354,12 @@ CASES: dict[str, Callable[[str], None]] = {
                                                       reqs=[(100, 20), (10, 0), (0, 3)], hq=2, hk=2, d=64, bs=32),
     "prefill_bf16_gpu_tiles": partial(check_prefill, seed=19, dtype=BF16, reqs=[(150, 70), (0, 90)], hq=8, hk=2,
                                       d=128, bs=16, cfg=dict(block_m=128, block_n=64), q_scale=2.0),
+    # short queries over long prefixes: the key range split over 7 programs and merged (splits that see no
+    # key of some rows, a prefix ending mid-block, ragged requests, one-token queries)
+    "prefill_bf16_split_key_range": partial(check_prefill, seed=40, dtype=BF16, reqs=[(300, 3), (20, 2)], hq=4,
+                                            hk=1, d=64, bs=16, cfg=SPLIT_CFG, q_scale=3.0),
+    "prefill_f32_split_ragged": partial(check_prefill, seed=41, dtype=F32, reqs=[(250, 9), (0, 5), (37, 1)], hq=8,
+                                        hk=2, d=64, bs=16, cfg=SPLIT_CFG, q_scale=3.0),
 }
 
 
@@ -286,27 +389,39 @@ def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
         config = attention.DecodeConfig(**{**vars(attention.decode_config(cuda, d, dtype)), **cfg})
         attention.decode_attention(torch.zeros(2, hq, d, dtype=dtype), kc, kc, seq_lens, table, 0.1, config)
 
-    def prefill(dtype, hq, hk, d):
+    def prefill(dtype, hq, hk, d, tokens=100, context=100):
         kc = torch.zeros(8, 16, hk, d, dtype=dtype)
-        seq_lens, table = torch.full((2,), 100, dtype=torch.int32), torch.zeros(2, 8, dtype=torch.int32)
-        qsl = torch.tensor([0, 60, 100], dtype=torch.int32)
-        attention.prefill_attention(torch.zeros(100, hq, d, dtype=dtype), kc, kc, qsl, seq_lens, table, 0.1,
-                                    attention.prefill_config(cuda, d, dtype))
+        seq_lens = torch.full((2,), context, dtype=torch.int32)
+        table = torch.zeros(2, -(-context // 16), dtype=torch.int32)
+        qsl = torch.tensor([0, tokens // 2, tokens], dtype=torch.int32)
+        cfg = attention.prefill_config(cuda, d, dtype)
+        assert (attention.prefill_splits(tokens, 2, hk, cfg.block_m // (hq // hk), table.shape[1] * 16, 132, cfg)
+                > 1) == (context > 10_000)
+        with mock.patch.object(attention, "num_sms", lambda device: 132):  # an H100's, not the CPU stand-in's
+            attention.prefill_attention(torch.zeros(tokens, hq, d, dtype=dtype), kc, kc, qsl, seq_lens, table, 0.1,
+                                        cfg)
 
     x, w = torch.zeros(4, 4096, dtype=BF16), torch.zeros(4096, dtype=BF16)
     kv, cache = torch.zeros(4, 8, 128, dtype=BF16), torch.zeros(2, 16, 8, 128, dtype=BF16)
+    q, k, v = torch.zeros(4, (32 + 2 * 8) * 128, dtype=BF16).split([32 * 128, 8 * 128, 8 * 128], dim=-1)
+    fused_args = (torch.zeros(4, dtype=torch.long), q.view(4, 32, 128), k.view(4, 8, 128), v.view(4, 8, 128),
+                  torch.zeros(16, 128), cache, cache, torch.zeros(4, dtype=torch.long))
+    norm_w = torch.zeros(128, dtype=BF16)
     return {
         "decode_bf16_d128_gqa4_splits": partial(decode, BF16, 32, 8, 128, programs_per_sm=64, min_tiles_per_split=1),
         "decode_bf16_d128_gqa4_one_split": partial(decode, BF16, 32, 8, 128, max_splits=1),
         "decode_f16_d64_gqa3_splits": partial(decode, F16, 12, 4, 64, programs_per_sm=64, min_tiles_per_split=1),
         "prefill_bf16_d128_gqa4": partial(prefill, BF16, 32, 8, 128),
         "prefill_f16_d64_gqa3": partial(prefill, F16, 12, 4, 64),
+        "prefill_bf16_d128_gqa4_split_key_range": partial(prefill, BF16, 32, 8, 128, tokens=8, context=70_000),
         "rms_norm": partial(elementwise.rms_norm, x, w, 1e-6),
         "add_rms_norm": partial(elementwise.add_rms_norm, x, x, w, 1e-6),
         "rotary_embedding": partial(elementwise.rotary_embedding, torch.zeros(4, dtype=torch.long),
                                     torch.zeros(4, 32, 128, dtype=BF16), kv, torch.zeros(16, 128)),
         "silu_and_mul": partial(elementwise.silu_and_mul, torch.zeros(4, 2 * 14336, dtype=BF16)),
         "write_kv": partial(elementwise.write_kv, kv, kv, cache, cache, torch.zeros(4, dtype=torch.long)),
+        "rotary_write_kv": partial(elementwise.rotary_write_kv, *fused_args),
+        "rotary_write_kv_qk_norm": partial(elementwise.rotary_write_kv, *fused_args, q_norm=norm_w, k_norm=norm_w),
     }
 
 
@@ -433,6 +548,36 @@ def test_decode_replays_in_a_cuda_graph_gpu() -> None:
     graph.replay()
     want = torch_ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_table, 0.088)
     _assert_close(out, want, BF16, "decode_attention in a CUDA graph")
+
+
+@pytest.mark.gpu
+def test_rotary_write_kv_replays_in_a_cuda_graph_gpu() -> None:
+    """No host sync or varying allocation in the fused launch: captured once, replayed on new inputs."""
+    triton_ops, torch_ops = _ops()
+    gen = _rng("cuda", 401)
+    hq, hk, d, tokens = 32, 8, 128, 4
+    qkv = _randn((tokens, (hq + 2 * hk) * d), gen, BF16)
+    q, k, v = (t.view(tokens, h, d) for t, h in zip(qkv.split([hq * d, hk * d, hk * d], dim=-1), (hq, hk, hk)))
+    cos_sin = _cos_sin(4096, d, "cuda")
+    positions = torch.zeros(tokens, dtype=torch.long, device="cuda")
+    slots = torch.full((tokens,), -1, dtype=torch.long, device="cuda")
+    k_cache = torch.zeros(16, 16, hk, d, dtype=BF16, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+    norm = (1.0 + 0.2 * _randn((d,), gen, F32)).to(BF16)
+    args = (positions, q, k, v, cos_sin, k_cache, v_cache, slots)
+    triton_ops.rotary_write_kv(*args, q_norm=norm, k_norm=norm)  # compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_ops.rotary_write_kv(*args, q_norm=norm, k_norm=norm)
+    qkv.copy_(_randn(qkv.shape, gen, BF16))
+    positions.copy_(torch.tensor([5, 4095, 0, 77]))
+    slots.copy_(torch.tensor([3, 200, -1, 17]))
+    graph.replay()
+    want_k, want_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    want = torch_ops.rotary_write_kv(positions, q, k, v, cos_sin, want_k, want_v, slots, q_norm=norm, k_norm=norm)
+    _assert_close(out, want, BF16, "rotary_write_kv q in a CUDA graph")
+    _assert_close(k_cache, want_k, BF16, "rotary_write_kv k cache in a CUDA graph")
+    assert torch.equal(v_cache, want_v)
 
 
 @pytest.mark.gpu

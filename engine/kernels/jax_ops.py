@@ -1,5 +1,7 @@
 """The `jax` backend: every kernel operation but `write_kv` as a jitted XLA computation.
 
+(`rotary_write_kv` is its rms_norm / rotary_embedding here, then torch's write_kv: see below.)
+
 Torch tensors cross into JAX and back through DLPack, so nothing is copied, on a GPU
 or on CPU, the KV cache included (that one is imported with copy=False: an error beats
 a silent per-step copy). The exceptions are what DLPack cannot share: int64 metadata,
@@ -29,6 +31,9 @@ What falls back to the torch reference, and why:
               so a JAX write_kv would copy the whole cache on every call. The
               scatter is the whole op, so there is nothing left to compute in JAX:
               it is left unregistered and the registry picks torch's index_copy_.
+    rotary_write_kv  for the same reason not one XLA computation: the (q/k norm and) rotary
+              run here, the rotated k and v go into the cache through torch's write_kv;
+              the same ops, in the same order, as the unfused path of this backend.
 
 Attention (prefill and decode share one core): queries are laid out per request as
 [R, Q, Hq, D]; the loop walks the block table CB blocks at a time, gathering those
@@ -53,6 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 from jax import dlpack, lax  # noqa: E402
 
+from engine.kernels import torch_ops  # noqa: E402
 from engine.kernels.registry import register, register_probe  # noqa: E402
 
 _PLATFORMS = {"cpu": "cpu", "cuda": "gpu"}
@@ -177,6 +183,21 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     qr, kr = _rotary_jit(_index_to_jax(_pad_rows(positions, tb)), _to_jax(_pad_rows(q, tb)),
                          _to_jax(_pad_rows(k, tb)), _to_jax(cos_sin))
     return _to_torch(qr)[:t], _to_torch(kr)[:t]
+
+
+@register("rotary_write_kv", "jax")
+def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
+                    k_norm: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """[q/k RMSNorm,] rotary in JAX, then k and v stored by torch's write_kv; returns the rotated q."""
+    if q_norm is not None:
+        q = rms_norm(q, q_norm, eps)
+    if k_norm is not None:
+        k = rms_norm(k, k_norm, eps)
+    q, k = rotary_embedding(positions, q, k, cos_sin)
+    torch_ops.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
 
 
 @jax.jit

@@ -28,6 +28,8 @@ OPS: tuple[str, ...] = (
     "rotary_embedding",    # (positions[T], q[T,Hq,D], k[T,Hk,D], cos_sin[P,D]) -> (q, k)
     "silu_and_mul",        # (x[T,2F]) -> silu(x[:, :F]) * x[:, F:]
     "write_kv",            # (k[T,Hk,D], v[T,Hk,D], k_cache, v_cache, slot_mapping[T]) -> None, in place
+    "rotary_write_kv",     # (positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping[, q_norm, k_norm, eps])
+                           #   -> rotated q; k rotated and v stored in the cache: rotary_embedding + write_kv
     "prefill_attention",   # paged, causal, with a cached prefix: see torch_ops.prefill_attention
     "decode_attention",    # paged, one query token per request: see torch_ops.decode_attention
     "apply_penalties",     # repetition / presence / frequency penalties on logits

@@ -14,7 +14,7 @@ Attention metadata, for R requests whose query tokens are packed back to back::
 
 Query token i of request r sits at position seq_lens[r] - q_len_r + i and attends
 causally to keys [0, that position]. All of them, the new ones included, are
-read back from the paged cache, so `write_kv` runs first.
+read back from the paged cache, so `write_kv` (in a model, `rotary_write_kv`) runs first.
 """
 
 from __future__ import annotations
@@ -86,6 +86,35 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         slots, k, v = slots[keep], k[keep], v[keep]
     kc.index_copy_(0, slots, k.to(kc.dtype))
     vc.index_copy_(0, slots, v.to(vc.dtype))
+
+
+@register("rotary_write_kv", "torch")
+def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
+                    k_norm: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """A layer's step before attention: rotary on q and k, then k and v into the paged cache.
+
+    Exactly ``rotary_embedding`` followed by ``write_kv`` (a backend fuses them into one kernel and
+    must round where they do), preceded, for Qwen3's per-head norms, by ``rms_norm`` of q over
+    each head with `q_norm` [D] and of k with `k_norm` [D] (its output rounded to the input's
+    dtype before the rotary).
+
+    Args:
+        positions: [T] int.  q: [T, Hq, D]; k, v: [T, Hk, D]; any strides (views of a qkv output).
+        cos_sin: [max_pos, D] float32 (see rotary_embedding).
+        k_cache, v_cache: [NB, BS, Hk, D], written in place.  slot_mapping: [T], slots < 0 skipped.
+        q_norm, k_norm: optional RMSNorm weights [D]; eps: their epsilon.
+    Returns:
+        The rotated q, a new [T, Hq, D] tensor in q's dtype.
+    """
+    if q_norm is not None:
+        q = rms_norm(q, q_norm, eps)
+    if k_norm is not None:
+        k = rms_norm(k, k_norm, eps)
+    q, k = rotary_embedding(positions, q, k, cos_sin)
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
 
 
 def _gather_context(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The `triton` backend: GPU kernels for the operations of registry.OPS (CPU under TRITON_INTERPRET=1).
 
-    rms_norm, add_rms_norm, rotary_embedding, silu_and_mul, write_kv   engine/kernels/triton/elementwise.py
+    rms_norm, add_rms_norm, rotary_embedding, silu_and_mul, write_kv,
+    rotary_write_kv (one kernel: [q/k norm,] rotary and the KV write)  engine/kernels/triton/elementwise.py
     prefill_attention, decode_attention                                 engine/kernels/triton/attention.py
 
 Signatures, layouts and return conventions are those of the torch reference (torch_ops.py).
@@ -40,6 +41,7 @@ add_rms_norm = register("add_rms_norm", "triton")(elementwise.add_rms_norm)
 rotary_embedding = register("rotary_embedding", "triton")(elementwise.rotary_embedding)
 silu_and_mul = register("silu_and_mul", "triton")(elementwise.silu_and_mul)
 write_kv = register("write_kv", "triton")(elementwise.write_kv)
+rotary_write_kv = register("rotary_write_kv", "triton")(elementwise.rotary_write_kv)
 
 
 @register("prefill_attention", "triton")

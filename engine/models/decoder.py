@@ -63,7 +63,9 @@ class VocabEmbedding(nn.Module):
 
 
 class PagedAttention(nn.Module):
-    """Writes this layer's new k/v into the paged cache, then attends over it (head-local)."""
+    """Rotary on q and k and this layer's new k/v into the paged cache (one fused kernel), then
+    attention over the cache (head-local). Qwen3's per-head q/k norms, when passed, run in the
+    fused kernel too."""
 
     placement = head_local()
 
@@ -72,8 +74,12 @@ class PagedAttention(nn.Module):
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, num_heads, num_kv_heads, head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return ctx.attention(self.layer, q, k, v, self.scale)
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                ctx: ForwardContext, qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> torch.Tensor:
+        if qk_norm is None:
+            return ctx.attention(self.layer, positions, q, k, v, self.scale)
+        q_norm, k_norm = qk_norm
+        return ctx.attention(self.layer, positions, q, k, v, self.scale, q_norm.weight, k_norm.weight, q_norm.eps)
 
 
 def rope_cos_sin(config: ModelConfig, max_positions: int) -> torch.Tensor:
@@ -106,7 +112,7 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, (hq + 2 * hk) * d, config.attention_bias,
                                column_parallel(segments=(hq * d, hk * d, hk * d)))
         self.qk_norm = config.qk_norm
-        if self.qk_norm:
+        if self.qk_norm:  # their weights; the fused rotary / KV-write op applies them (PagedAttention)
             self.q_norm = RMSNorm(d, config.rms_norm_eps, head_local())
             self.k_norm = RMSNorm(d, config.rms_norm_eps, head_local())
         self.attn = PagedAttention(layer, hq, hk, d)
@@ -116,12 +122,9 @@ class Attention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.hq * self.d, self.hk * self.d, self.hk * self.d], dim=-1)
+        # strided views of the qkv output: the fused rotary / KV-write kernel reads them in place
         q, k, v = q.reshape(t, self.hq, self.d), k.reshape(t, self.hk, self.d), v.reshape(t, self.hk, self.d)
-        if self.qk_norm:
-            q = self.q_norm(q, ctx)
-            k = self.k_norm(k, ctx)
-        q, k = ctx.ops.rotary_embedding(positions, q, k, ctx.cos_sin)
-        out = self.attn(q, k, v, ctx)  # v stays a strided view of qkv: write_kv reads it in place
+        out = self.attn(positions, q, k, v, ctx, (self.q_norm, self.k_norm) if self.qk_norm else None)
         return self.o_proj(out.reshape(t, self.hq * self.d))
 
 

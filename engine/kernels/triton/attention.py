@@ -60,12 +60,15 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class PrefillConfig:
-    """Tiling of prefill_attention: BLOCK_M (token, head) rows x BLOCK_N keys."""
+    """Tiling of prefill_attention, BLOCK_M (token, head) rows x BLOCK_N keys, and its key-range split."""
 
     block_m: int = 128
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 2
+    max_splits: int = 16        # 1: never split the key range
+    min_split_keys: int = 1024  # a split amortises its q load and partial write over >= this many keys
+    split_waves: int = 2        # aim for at least this many waves of programs (see prefill_splits)
 
 
 def decode_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> DecodeConfig:
@@ -80,8 +83,8 @@ def decode_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> De
 
 
 def prefill_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> PrefillConfig:
-    if device.type != "cuda":
-        return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1)
+    if device.type != "cuda":  # the interpreter: small tiles, splits from short contexts so that path runs
+        return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1, min_split_keys=32)
     # sized from ptxas -v for sm_90: 116-181 registers a thread and no spills for 16-bit caches
     if dtype == torch.float32:
         return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
@@ -109,26 +112,43 @@ def _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
                  CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key tile [n0, n0 + BLOCK_N) of the online softmax; keys >= n_end are never loaded.
 
-    With CAUSAL, row i sees key n iff n <= pos[i]; without, every loaded key is visible
-    (the caller guarantees the whole tile is below every row's position and n_end).
+    With CAUSAL, row i sees key n iff n <= pos[i]; without, every key of the tile is visible and
+    loaded unmasked (the caller guarantees the whole tile is below every row's position and n_end).
+    The running max m is kept in scaled units (score x qk_scale), so p = 2^(score x qk_scale - m)
+    is one fused multiply-add an element.
     """
     n = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D_PAD)
-    nmask = n < n_end
-    blk = tl.load(bt_row + (n // BS) * bt_st1, mask=nmask, other=0).to(tl.int64)
     in_blk = (n % BS).to(tl.int64)
-    kv_mask = nmask[:, None] & (d < D)[None, :]
-    k = tl.load(kc_ptr + (blk * kc_st0 + in_blk * kc_st1 + k_head)[:, None] + d[None, :] * kc_st3,
-                mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    d_mask = (d < D)[None, :]
+    if CAUSAL:
+        nmask = n < n_end
+        blk = tl.load(bt_row + (n // BS) * bt_st1, mask=nmask, other=0).to(tl.int64)
+        kv_mask = nmask[:, None] & d_mask
+    else:
+        blk = tl.load(bt_row + (n // BS) * bt_st1).to(tl.int64)
+        kv_mask = d_mask
+    k_ptrs = kc_ptr + (blk * kc_st0 + in_blk * kc_st1 + k_head)[:, None] + d[None, :] * kc_st3
+    if CAUSAL or D != D_PAD:
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if CAUSAL:
         s = tl.where((n[None, :] <= pos[:, None]) & nmask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
+    if CAUSAL:  # a row may see no key yet (a split of the key range starting past its position)
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+    else:
+        m_ref = m_new
+    alpha = tl.exp2(m - m_ref)
+    p = tl.exp2(s * qk_scale - m_ref[:, None])
     l = l * alpha + tl.sum(p, 1)
-    v = tl.load(vc_ptr + (blk * vc_st0 + in_blk * vc_st1 + v_head)[:, None] + d[None, :] * vc_st3,
-                mask=kv_mask, other=0.0)
+    v_ptrs = vc_ptr + (blk * vc_st0 + in_blk * vc_st1 + v_head)[:, None] + d[None, :] * vc_st3
+    if CAUSAL or D != D_PAD:
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l, m_new
 
@@ -259,12 +279,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
-@triton.jit(do_not_specialize=['bt_st0', 'num_tiles'])
-def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, tile_req_ptr,
+@triton.jit(do_not_specialize=['bt_st0', 'num_tiles', 'num_splits', 'o_st0', 'o_st1', 'lse_st0', 'lse_st1'])
+def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, o_ptr, lse_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, tile_req_ptr,
                     q_st0, q_st1, q_st2, kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
-                    out_st0, out_st1, out_st2, bt_st0, bt_st1, qk_scale, num_tiles,
+                    out_st0, out_st1, out_st2, bt_st0, bt_st1, o_st0, o_st1, o_st2, lse_st0, lse_st1,
+                    qk_scale, num_tiles, num_splits,
                     G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                    BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                    BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
     tile = num_tiles - 1 - tl.program_id(0)  # the last (longest) tiles of a request start first
     kvh = tl.program_id(1)
     req = tl.load(tile_req_ptr + tile)
@@ -289,6 +311,13 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_pt
     first_pos = ctx_start + tok0
     kv_end = tl.where(tok0 < q_len, ctx_start + tl.minimum(tok0 + BQ, q_len), 0)
     full_end = tl.minimum(((first_pos + 1) // BLOCK_N) * BLOCK_N, kv_end)
+    lo = 0
+    hi = kv_end
+    if SPLIT:  # this program's share of the key range: whole tiles, split = program_id(2)
+        split = tl.program_id(2)
+        part = tl.cdiv(tl.cdiv(kv_end, BLOCK_N), num_splits) * BLOCK_N
+        lo = tl.minimum(split * part, kv_end)
+        hi = tl.minimum(lo + part, kv_end)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
@@ -296,18 +325,78 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_pt
     bt_row = bt_ptr + req.to(tl.int64) * bt_st0
     k_head = kvh.to(tl.int64) * kc_st2
     v_head = kvh.to(tl.int64) * vc_st2
-    for n0 in range(0, full_end, BLOCK_N):
+    for n0 in range(lo, tl.minimum(full_end, hi), BLOCK_N):
         acc, l, m = _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
                                  kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, kv_end, qk_scale,
                                  BS, BLOCK_N, D, D_PAD, False, DOT_PREC)
-    for n0 in range(full_end, kv_end, BLOCK_N):
+    for n0 in range(tl.maximum(full_end, lo), hi, BLOCK_N):
         acc, l, m = _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
                                  kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, kv_end, qk_scale,
                                  BS, BLOCK_N, D, D_PAD, True, DOT_PREC)
 
-    o = acc / tl.where(l > 0.0, l, 1.0)[:, None]
-    tl.store(out_ptr + q_off[:, None] * out_st0 + heads[:, None] * out_st1 + d[None, :] * out_st2,
-             o.to(out_ptr.dtype.element_ty), mask=q_mask)
+    l_safe = tl.where(l > 0.0, l, 1.0)
+    o = acc / l_safe[:, None]
+    if SPLIT:  # partial (o, lse) of this split; a split past the keys leaves o = 0, lse = -inf
+        base = q_off[:, None] * o_st0 + heads[:, None] * o_st1 + split * o_st2
+        tl.store(o_ptr + base + d[None, :], o, mask=q_mask)
+        tl.store(lse_ptr + q_off * lse_st0 + heads * lse_st1 + split,
+                 tl.where(l > 0.0, m + tl.log2(l_safe), float("-inf")), mask=row_ok)
+    else:
+        tl.store(out_ptr + q_off[:, None] * out_st0 + heads[:, None] * out_st1 + d[None, :] * out_st2,
+                 o.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit(do_not_specialize=['o_st0', 'o_st1', 'lse_st0', 'lse_st1', 'num_heads'])
+def _merge_splits_kernel(o_ptr, lse_ptr, out_ptr, o_st0, o_st1, o_st2, lse_st0, lse_st1,
+                         out_st0, out_st1, out_st2, num_heads,
+                         S: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                         H_BLOCK: tl.constexpr):
+    """out[t, h] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse): H_BLOCK heads of one token."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D_PAD)
+    hmask = h < num_heads
+    lse = tl.load(lse_ptr + t * lse_st0 + h[:, None] * lse_st1 + s[None, :],
+                  mask=hmask[:, None] & (s < S)[None, :], other=float("-inf"))
+    top = tl.max(lse, 1)
+    top = tl.where(top > float("-inf"), top, 0.0)
+    w = tl.exp2(lse - top[:, None])                    # [H_BLOCK, S_PAD]
+    denom = tl.sum(w, 1)
+    acc = tl.zeros([H_BLOCK, D_PAD], tl.float32)
+    for i in tl.static_range(S):
+        wi = tl.sum(tl.where(s[None, :] == i, w, 0.0), 1)
+        oi = tl.load(o_ptr + t * o_st0 + h[:, None] * o_st1 + i * o_st2 + d[None, :],
+                     mask=hmask[:, None] & (d < D)[None, :], other=0.0)
+        acc += wi[:, None] * oi
+    out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
+    tl.store(out_ptr + t * out_st0 + h[:, None] * out_st1 + d[None, :] * out_st2,
+             out.to(out_ptr.dtype.element_ty), mask=hmask[:, None] & (d < D)[None, :])
+
+
+def prefill_splits(tokens: int, reqs: int, kv_heads: int, bq: int, max_context: int, sms: int,
+                   cfg: PrefillConfig) -> int:
+    """Key-range splits S of one prefill launch (1 = none), from host-known sizes only.
+
+    A short query over a long cached prefix gives few (query tile, KV head) programs, each with a
+    long key loop: fewer programs than SMs leaves SMs idle, and a few more than a whole number of
+    waves leaves the last wave mostly idle. S splits every program's key range in S parts (merged
+    by _merge_splits_kernel). S is the smallest that fills `cfg.split_waves` waves or wastes at
+    most 1/8 of the last one, and no more than the widest context can give `cfg.min_split_keys`
+    keys a split; a long prompt (many programs) gets S = 1.
+    """
+    if cfg.max_splits <= 1:
+        return 1
+    programs = max(1, (tokens // bq + reqs) * kv_heads)
+    best = 1
+    limit = max(1, min(cfg.max_splits, max_context // max(1, cfg.min_split_keys)))
+    for s in range(1, limit + 1):
+        n = programs * s
+        waves = -(-n // sms)
+        best = s
+        if waves >= cfg.split_waves * 4 or (waves >= cfg.split_waves and n / (waves * sms) >= 7 / 8):
+            break
+    return best
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -331,14 +420,29 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     num_tiles = tokens // bq + reqs
     tiles = torch.arange(num_tiles, dtype=torch.int32, device=q.device)
     tile_req = torch.searchsorted(first_tile, tiles, right=True, out_int32=True) - 1
-    _prefill_kernel[(num_tiles, hk)](
-        q, k_cache, v_cache, out, qsl, seq_lens, block_table, tile_req,
+    splits = prefill_splits(tokens, reqs, hk, bq, block_table.shape[1] * bs, num_sms(q.device), cfg)
+    d_pad = max(16, triton.next_power_of_2(d))
+    if splits > 1:
+        o = torch.empty((tokens, hq, splits, d), dtype=torch.float32, device=q.device)
+        lse = torch.empty((tokens, hq, splits), dtype=torch.float32, device=q.device)
+        o_strides, lse_strides = o.stride()[:3], lse.stride()[:2]
+    else:  # written straight to `out`: placeholders only
+        o, lse, o_strides, lse_strides = out, out, (0, 0, 0), (0, 0)
+    _prefill_kernel[(num_tiles, hk, splits)](
+        q, k_cache, v_cache, out, o, lse, qsl, seq_lens, block_table, tile_req,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *block_table.stride(),
-        scale * _LOG2E, num_tiles,
-        G=group, BQ=bq, D=d, D_PAD=max(16, triton.next_power_of_2(d)), BS=bs,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_precision(k_cache.dtype),
+        *o_strides, *lse_strides, scale * _LOG2E, num_tiles, splits,
+        G=group, BQ=bq, D=d, D_PAD=d_pad, BS=bs,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=splits > 1, DOT_PREC=_dot_precision(k_cache.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits > 1:
+        h_block = min(triton.next_power_of_2(hq), 8)
+        _merge_splits_kernel[(tokens, triton.cdiv(hq, h_block))](
+            o, lse, out, *o.stride()[:3], *lse.stride()[:2], *out.stride(), hq,
+            S=splits, S_PAD=triton.next_power_of_2(splits), D=d, D_PAD=d_pad, H_BLOCK=h_block,
+            num_warps=4)
     return out
 
 
-__all__ = ["DecodeConfig", "PrefillConfig", "decode_attention", "decode_splits", "prefill_attention"]
+__all__ = ["DecodeConfig", "PrefillConfig", "decode_attention", "decode_splits", "prefill_attention",
+           "prefill_splits"]

@@ -1,10 +1,17 @@
-"""Row-wise Triton kernels: RMSNorm (with the residual add fused), rotary embedding, SiLU-and-mul
-and the paged KV write.
+"""Row-wise Triton kernels: RMSNorm (with the residual add fused), rotary embedding, SiLU-and-mul,
+the paged KV write, and rotary fused with the KV write (optionally after Qwen3's q/k norm).
 
 Each kernel handles one token (one row) per program, or a row and a column tile for
 silu_and_mul; widths are padded to powers of two and masked. Arithmetic is float32 and the
 roundings to the storage dtype happen where the torch reference rounds, so bf16 results agree
 with it to the last bit in most elements.
+
+Rotary kernels see a head as two halves of HALF = D/2 columns (rotate-half pairs column i with
+i + HALF), each a [heads, HALF] tile; q, k and v may be strided views (e.g. of a fused qkv
+projection's output [T, (Hq + 2 Hk) * D]), so every pointer comes with its strides::
+
+    qkv row t:  [ q h0 | q h1 | ... | k h0 | ... | v h0 | ... ]      head h: [ x1 (HALF) | x2 (HALF) ]
+    rotated:    [ x1 cos - x2 sin | x2 cos + x1 sin ]                cos, sin = cos_sin[pos[t]]
 """
 
 from __future__ import annotations
@@ -74,6 +81,28 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 @triton.jit
+def _rope(x1, x2, cos, sin):
+    """Rotate-half of a head tile's halves x1, x2 [heads, HALF] (float32) by cos, sin [HALF]."""
+    return x1 * cos[None, :] - x2 * sin[None, :], x2 * cos[None, :] + x1 * sin[None, :]
+
+
+@triton.jit
+def _rms_norm_halves(x1, x2, w_ptr, c, cmask, eps, HALF: tl.constexpr, out_ty: tl.constexpr):
+    """Per-head RMSNorm of [heads, 2*HALF] given as halves (masked lanes 0), weight w_ptr [2*HALF].
+
+    Float32 like rms_norm, rounded to `out_ty` as the reference's rms_norm output is, and returned
+    in float32 for the rotary that follows.
+    """
+    mean_sq = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF)
+    rstd = (1.0 / tl.sqrt(mean_sq + eps))[:, None]
+    w1 = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    w2 = tl.load(w_ptr + HALF + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    y1 = ((x1 * rstd) * w1).to(out_ty).to(tl.float32)
+    y2 = ((x2 * rstd) * w2).to(out_ty).to(tl.float32)
+    return y1, y2
+
+
+@triton.jit
 def _rotate_heads(x_ptr, o_ptr, x_st1, x_st2, o_st1, num_heads, cos, sin, c, cmask,
                   HALF: tl.constexpr, H_PAD: tl.constexpr):
     """Rotate-half on the [num_heads, 2*HALF] row at x_ptr, written to o_ptr (contiguous head dim)."""
@@ -82,10 +111,11 @@ def _rotate_heads(x_ptr, o_ptr, x_st1, x_st2, o_st1, num_heads, cos, sin, c, cma
     src = x_ptr + h * x_st1 + c[None, :] * x_st2
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF * x_st2, mask=mask, other=0.0).to(tl.float32)
+    y1, y2 = _rope(x1, x2, cos, sin)
     dst = o_ptr + h * o_st1 + c[None, :]
     out_ty = o_ptr.dtype.element_ty
-    tl.store(dst, (x1 * cos[None, :] - x2 * sin[None, :]).to(out_ty), mask=mask)
-    tl.store(dst + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(out_ty), mask=mask)
+    tl.store(dst, y1.to(out_ty), mask=mask)
+    tl.store(dst + HALF, y2.to(out_ty), mask=mask)
 
 
 @triton.jit
@@ -125,6 +155,96 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         HQ_PAD=triton.next_power_of_2(hq), HK_PAD=triton.next_power_of_2(hk),
         num_warps=_row_warps(width))
     return q_out, k_out
+
+
+@triton.jit
+def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, qo_ptr,
+                            qw_ptr, kw_ptr,
+                            q_st0, q_st1, q_st2, k_st0, k_st1, k_st2, v_st0, v_st1, v_st2,
+                            kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
+                            qo_st0, qo_st1, cs_st0, cs_st1, HQ, HK, eps,
+                            BS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+                            HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
+                            Q_NORM: tl.constexpr, K_NORM: tl.constexpr):
+    """One token: [q norm], rotary -> q_out; [k norm], rotary -> k_cache[slot]; v -> v_cache[slot].
+
+    Roundings as rms_norm -> rotary_embedding -> write_kv: the norm's output to the input dtype,
+    the rotated q and k to theirs, then k and v to the cache's.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    c = tl.arange(0, HALF_PAD)
+    cmask = c < HALF
+    cos = tl.load(cs_ptr + pos * cs_st0 + c * cs_st1, mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_ptr + pos * cs_st0 + (c + HALF) * cs_st1, mask=cmask, other=0.0).to(tl.float32)
+
+    # q: every token
+    hq = tl.arange(0, HQ_PAD)[:, None]
+    qmask = (hq < HQ) & cmask[None, :]
+    src = q_ptr + t * q_st0 + hq * q_st1 + c[None, :] * q_st2
+    q1 = tl.load(src, mask=qmask, other=0.0).to(tl.float32)
+    q2 = tl.load(src + HALF * q_st2, mask=qmask, other=0.0).to(tl.float32)
+    if Q_NORM:
+        q1, q2 = _rms_norm_halves(q1, q2, qw_ptr, c, cmask, eps, HALF, q_ptr.dtype.element_ty)
+    q1, q2 = _rope(q1, q2, cos, sin)
+    dst = qo_ptr + t * qo_st0 + hq * qo_st1 + c[None, :]
+    tl.store(dst, q1.to(qo_ptr.dtype.element_ty), mask=qmask)
+    tl.store(dst + HALF, q2.to(qo_ptr.dtype.element_ty), mask=qmask)
+
+    # k and v: only tokens with a slot (padding tokens carry -1 and are neither read nor written)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    keep = slot >= 0
+    slot = tl.maximum(slot, 0)
+    blk = slot // BS
+    off = slot % BS
+    hk = tl.arange(0, HK_PAD)[:, None]
+    kmask = (hk < HK) & cmask[None, :] & keep
+    src = k_ptr + t * k_st0 + hk * k_st1 + c[None, :] * k_st2
+    k1 = tl.load(src, mask=kmask, other=0.0).to(tl.float32)
+    k2 = tl.load(src + HALF * k_st2, mask=kmask, other=0.0).to(tl.float32)
+    if K_NORM:
+        k1, k2 = _rms_norm_halves(k1, k2, kw_ptr, c, cmask, eps, HALF, k_ptr.dtype.element_ty)
+    k1, k2 = _rope(k1, k2, cos, sin)
+    k_ty = k_ptr.dtype.element_ty
+    kc_ty = kc_ptr.dtype.element_ty
+    dst = kc_ptr + blk * kc_st0 + off * kc_st1 + hk * kc_st2 + c[None, :] * kc_st3
+    tl.store(dst, k1.to(k_ty).to(kc_ty), mask=kmask)
+    tl.store(dst + HALF * kc_st3, k2.to(k_ty).to(kc_ty), mask=kmask)
+    src = v_ptr + t * v_st0 + hk * v_st1 + c[None, :] * v_st2
+    dst = vc_ptr + blk * vc_st0 + off * vc_st1 + hk * vc_st2 + c[None, :] * vc_st3
+    vc_ty = vc_ptr.dtype.element_ty
+    tl.store(dst, tl.load(src, mask=kmask).to(vc_ty), mask=kmask)
+    tl.store(dst + HALF * vc_st3, tl.load(src + HALF * v_st2, mask=kmask).to(vc_ty), mask=kmask)
+
+
+def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
+                    k_norm: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """rotary_embedding then write_kv (after a per-head q/k RMSNorm if given) in one kernel.
+
+    q [T, Hq, D], k and v [T, Hk, D] may be strided views; caches [NB, BS, Hk, D]. Returns the
+    rotated q, a new [T, Hq, D] tensor in q's dtype; the rotated k and v land in the caches
+    (slots < 0 skipped). One program per token; no host synchronisation (CUDA-graph safe).
+    """
+    tokens, hq, _ = q.shape
+    hk = k.shape[1]
+    half = cos_sin.shape[1] // 2
+    q_out = torch.empty((tokens, hq, 2 * half), dtype=q.dtype, device=q.device)
+    if tokens == 0:
+        return q_out
+    qw = q_norm.contiguous() if q_norm is not None else q_out
+    kw = k_norm.contiguous() if k_norm is not None else q_out
+    half_pad = triton.next_power_of_2(half)
+    width = triton.next_power_of_2(max(hq, hk)) * half_pad
+    _rotary_write_kv_kernel[(tokens,)](
+        positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping, q_out, qw, kw,
+        *q.stride(), *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
+        q_out.stride(0), q_out.stride(1), cos_sin.stride(0), cos_sin.stride(1), hq, hk, float(eps),
+        BS=k_cache.shape[1], HALF=half, HALF_PAD=half_pad,
+        HQ_PAD=triton.next_power_of_2(hq), HK_PAD=triton.next_power_of_2(hk),
+        Q_NORM=q_norm is not None, K_NORM=k_norm is not None, num_warps=_row_warps(width))
+    return q_out
 
 
 @triton.jit

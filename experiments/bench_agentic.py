@@ -1,0 +1,422 @@
+"""The swe_smith shape served end to end beside the roofline twin of the same card.
+
+    python -m experiments.bench_agentic              # GPU: llama-3.1-8b shape, bf16, concurrency 1 2 4 (~5 min, H100)
+    python -m experiments.bench_agentic --quick      # a smoke run: short sessions, one wave each
+    python -m experiments.bench_agentic --params turns_min=10 turns_max=15 --sessions 4 --json out.json
+
+The engine: `python -m engine.serve` (random weights, load_format=dummy), driven closed-loop by
+experiments.bench_serving at each concurrency, with a seed of its own per level so that no level
+hits what an earlier one cached. The twin: the simulator on the same sessions (workload, seed,
+concurrency), the server's scheduler settings and KV size, and the roofline cost on this card's
+measured rates (not the datasheet's): device copy bandwidth (read + write bytes, as
+experiments.bench_engine) and the FLOP/s of a large GEMM. Every ratio is engine / roofline: above 1
+for TTFT (slower than the bound), below 1 for throughputs (the share of the bound reached).
+Without CUDA it runs on the CPU: SmolLM2-135M's shape in float32 and a small swe_smith.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import torch
+
+from experiments.bench_engine import copy_bandwidth
+from experiments.bench_serving import BenchOptions, _pairs, run_benchmark
+from experiments.calibrate import ENGINE_SHAPES, check_shape, git_commit, hardware_name
+from experiments.fidelity import FidelityConf, RunConf, sim_config
+from sim.simulation import Simulation
+from sim.specs import HardwareSpec, ModelSpec, hardware_label, load_hardware_spec, load_model_spec
+
+WORKLOAD = "swe_smith"
+# 50K-token first turn, 800 new + 500 output tokens a later turn (swe_smith's defaults), 4 turns
+# a session instead of 10-15 so that three levels of two waves each take ~4 minutes on an H100.
+GPU_PARAMS = {"turns_min": 4, "turns_max": 4}
+QUICK_PARAMS = {"first_turn_tokens": 8000, "later_turn_tokens": 800, "output_tokens": 100, "turns_min": 2,
+                "turns_max": 2}
+CPU_PARAMS = {"first_turn_tokens": 200, "later_turn_tokens": 40, "output_tokens": 16, "turns_min": 3,
+              "turns_max": 3}
+WARMUP_SEED = 1000  # the warm-up's sessions: another seed, so no prefix is shared with a measured level
+
+# (key, label, kind): the five figures compared, each as engine / roofline
+FIGURES = (("per_user_tok_s", "per-user tok/s (mean)", "rate"),
+           ("per_gpu_output_tok_min", "per-GPU output tok/min", "rate"),
+           ("first_turn_ttft_s", "first-turn TTFT s (mean)", "time"),
+           ("later_ttft_s_p50", "later-turn TTFT s p50", "time"),
+           ("later_ttft_s_p90", "later-turn TTFT s p90", "time"))
+
+
+@dataclass(frozen=True)
+class CardRates:
+    """The two rates measured on the device; the roofline twin's peak FLOP/s and memory bandwidth."""
+
+    device: str
+    card: str
+    copy_bytes_s: float      # device-to-device copy, bytes read + written per second
+    matmul_flops: float      # FLOP/s of an n x n x n GEMM in `dtype`
+    matmul_n: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One side's figures of one concurrency level (sim/metrics.py definitions)."""
+
+    per_user_tok_s: float           # mean over requests of 1 / TPOT
+    per_gpu_output_tok_min: float   # output tokens / (last finish - first arrival), per GPU
+    first_turn_ttft_s: float        # mean TTFT of the sessions' first calls
+    later_ttft_s_p50: float         # TTFT of every later call
+    later_ttft_s_p90: float
+
+    @classmethod
+    def of(cls, summary: dict, requests) -> Figures:
+        """From a run's summary and request table (a SimResult's or a BenchResult's)."""
+        turn, ttft = np.asarray(requests["turn"]), np.asarray(requests["ttft"], dtype=np.float64)
+        first, later = ttft[turn == 0], ttft[turn > 0]
+        p50, p90 = np.percentile(later, [50, 90]) if later.size else (math.nan, math.nan)
+        return cls(summary.get("per_user_tok_s_mean", math.nan), summary.get("per_gpu_output_tok_min", math.nan),
+                   float(first.mean()) if first.size else math.nan, float(p50), float(p90))
+
+
+# --------------------------------------------------------------------------- the card
+
+
+def _seconds_per_call(fn, device: str, repeats: int) -> float:
+    """Wall seconds of one call of `fn`, over `repeats` calls after two unrecorded ones."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn(), fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def matmul_rate(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
+    """FLOP/s (2 n^3 a product) of n x n GEMMs into a preallocated output; the best of five trials."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    c = torch.empty_like(a)
+    best = min(_seconds_per_call(lambda: torch.mm(a, b, out=c), device, repeats) for _ in range(5))
+    return 2.0 * n ** 3 / best
+
+
+def host_copy_bandwidth(num_bytes: int = 1 << 26) -> float:
+    """Bytes per second of a host memory copy, counting bytes read and written (the best of five trials)."""
+    a = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
+    b = torch.empty_like(a)
+    return 2 * num_bytes / min(_seconds_per_call(lambda: b.copy_(a), "cpu", 5) for _ in range(5))
+
+
+def measure_card(device: str, dtype: torch.dtype) -> CardRates:
+    """Copy bandwidth and GEMM rate of `device` (CUDA: bench_engine's 1 GiB copies, 8192^3 GEMMs; the CPU:
+    one thread, as the CPU server's engine runs)."""
+    name = str(dtype).replace("torch.", "")
+    if device == "cuda":
+        rates = CardRates(device, torch.cuda.get_device_name(), copy_bandwidth("cuda"),
+                          matmul_rate(device, dtype, 8192, 20), 8192, name)
+        torch.cuda.empty_cache()  # the server sizes its KV cache from what is free
+        return rates
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return CardRates(device, "CPU", host_copy_bandwidth(), matmul_rate(device, dtype, 1024, 3), 1024, name)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def twin_hardware(rates: CardRates, base: str) -> HardwareSpec:
+    """The conf/hardware entry `base` with the measured rates as its peak FLOP/s and bandwidth, no step overhead."""
+    hw = load_hardware_spec(base)
+    return dataclasses.replace(
+        hw, peak_flops=rates.matmul_flops, mem_bandwidth=rates.copy_bytes_s, step_overhead_s=0.0,
+        source=f"measured on {rates.card}: copy {rates.copy_bytes_s / 1e9:.1f} GB/s (read+write), "
+               f"{rates.dtype} GEMM {rates.matmul_n}^3 {rates.matmul_flops / 1e12:.2f} TFLOP/s")
+
+
+def twin_model(model: str, engine_model: str, dtype: torch.dtype) -> ModelSpec:
+    """The simulator's model `model` at the engine's dtype; raises ValueError unless the engine runs its shape."""
+    from engine.loader.dummy import config_for
+
+    spec = dataclasses.replace(load_model_spec(model), dtype_bytes=dtype.itemsize)
+    # check_shape reads only these two attributes of a core: the server's core is in another process
+    check_shape(SimpleNamespace(model_config=config_for(engine_model), dtype=dtype), spec)
+    return spec
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(engine_model: str, options: dict, out: Path, env: dict | None = None,
+            timeout_s: float = 900.0) -> Iterator[str]:
+    """`python -m engine.serve` of `engine_model` with EngineConfig `options` on a loopback port (`env` added
+    to its environment); yields its /v1 URL once GET /v1/models answers, stops it on exit. Log: out/server.log."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "engine.serve", f"model={engine_model}", f"port={port}", "log_level=warning",
+           f"hydra.run.dir={out / 'server'}", "hydra.output_subdir=null"]
+    cmd += [f"engine.{k}={json.dumps(v)}" for k, v in options.items()]
+    base = f"http://127.0.0.1:{port}/v1"
+    with open(out / "server.log", "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the server exited with {proc.returncode} (log: {logf.name})")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{base}/models", timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server did not start within {timeout_s:.0f} s (log: {logf.name})")
+                time.sleep(0.5)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def server_kv_blocks(base: str, timeout_s: float = 10.0) -> int:
+    """The engine's KV blocks, from the server's /metrics (the core reports its stats every 0.5 s)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = httpx.get(base.removesuffix("/v1") + "/metrics", timeout=5).text
+        found = re.search(r"^tandem_kv_cache_total_blocks (\S+)$", text, re.MULTILINE)
+        if found and float(found.group(1)) > 0:
+            return int(float(found.group(1)))
+        time.sleep(0.25)
+    raise RuntimeError("the server's /metrics reported no KV blocks")
+
+
+def twin_engine_section(options: dict, base: str, device: str) -> dict:
+    """The simulator's `engine` section of the server: its EngineConfig's scheduler settings, its context
+    length and KV blocks as it reports them, and the lookahead block that overlapped decode holds (its default
+    is on where decode runs as CUDA graphs: on CUDA unless enforce_eager)."""
+    from engine.config import EngineConfig
+
+    c = EngineConfig.from_dict(options)
+    max_model_len = httpx.get(f"{base}/models", timeout=5).json()["data"][0]["max_model_len"]
+    overlap = (device == "cuda" and not c.enforce_eager) if c.overlap_decode is None else c.overlap_decode
+    return {"block_size": c.block_size, "max_num_seqs": c.max_num_seqs,
+            "max_num_batched_tokens": c.max_num_batched_tokens, "chunk_size": c.chunk_size,
+            "max_model_len": max_model_len, "enable_prefix_caching": c.enable_prefix_caching,
+            "num_gpu_blocks": c.num_gpu_blocks or server_kv_blocks(base), "num_host_blocks": 0,
+            "num_lookahead_tokens": 1 if overlap else 0}
+
+
+# --------------------------------------------------------------------------- one level
+
+
+@dataclass(frozen=True)
+class Level:
+    """One concurrency level: `sessions` swe_smith sessions, `concurrency` in flight, from `seed`."""
+
+    concurrency: int
+    sessions: int
+    seed: int
+    params: dict
+
+
+def run_engine(base: str, level: Level):
+    """The level through the server (bench_serving, closed loop, greedy, sessions ended): its BenchResult."""
+    return asyncio.run(run_benchmark(BenchOptions(
+        base_url=base, workload=WORKLOAD, params=dict(level.params), sessions=level.sessions,
+        concurrency=level.concurrency, seed=level.seed, end_sessions=True, extra_body={"temperature": 0.0},
+        label="engine", timeout_s=None)))
+
+
+def run_twin(level: Level, model: str, spec: ModelSpec, hw: HardwareSpec, engine: dict):
+    """The level in the simulator with the roofline cost on `hw`: its SimResult."""
+    run = RunConf(name=f"c{level.concurrency}", workload=WORKLOAD, params=dict(level.params), mode="closed",
+                  concurrency=level.concurrency, sessions=level.sessions, policy="lru")
+    cfg = sim_config(FidelityConf(model=model, hardware=hw.name, seed=level.seed), run, engine, "roofline", None)
+    cfg.update(model=dataclasses.asdict(spec), hardware=dataclasses.asdict(hw))
+    return Simulation(cfg).run()
+
+
+def compare(level: Level, engine: Figures, twin: Figures) -> list[dict]:
+    """One row per figure: both values and engine / roofline."""
+    rows = []
+    for key, label, kind in FIGURES:
+        e, r = getattr(engine, key), getattr(twin, key)
+        rows.append({"concurrency": level.concurrency, "sessions": level.sessions, "seed": level.seed,
+                     "figure": key, "label": label, "kind": kind, "engine": e, "roofline": r,
+                     "ratio": e / r if r else math.nan})
+    return rows
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def _fmt(value: float) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def format_rows(rows: list[dict]) -> str:
+    """The comparison as text, one block per concurrency level."""
+    lines = [f"{'conc':>4}  {'figure':<26}{'engine':>10}{'roofline':>10}{'engine/roofline':>17}"]
+    for row in rows:
+        lines.append(f"{row['concurrency']:>4}  {row['label']:<26}{_fmt(row['engine']):>10}"
+                     f"{_fmt(row['roofline']):>10}{_fmt(row['ratio']):>17}")
+    return "\n".join(lines)
+
+
+def workload_params(device: str, quick: bool, overrides: dict) -> dict:
+    """swe_smith's parameters: the device's defaults (--quick: shorter), then `overrides`."""
+    if device == "cuda":
+        base = QUICK_PARAMS if quick else GPU_PARAMS
+    else:
+        base = {**CPU_PARAMS, "turns_min": 2, "turns_max": 2} if quick else CPU_PARAMS
+    return {**base, **overrides}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What one run serves and simulates, from the command line and the device."""
+
+    device: str
+    dtype: torch.dtype
+    model: str                  # the twin's conf/model name or .yaml
+    engine_model: str           # the server's shape or config.json
+    spec: ModelSpec             # `model` at the engine's dtype
+    options: dict               # the server's EngineConfig fields
+    levels: tuple[Level, ...]
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Setup:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.dtype == "auto":
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        else:
+            dtype = getattr(torch, args.dtype)
+        model = args.model or ("llama3_8b" if device == "cuda" else "smollm2_135m")
+        engine_model = args.engine_model or ENGINE_SHAPES.get(load_model_spec(model).name)
+        if engine_model is None:
+            raise SystemExit(f"no engine shape for the model {model!r}: pass --engine-model")
+        params = workload_params(device, args.quick, _pairs(args.params))
+        levels = tuple(Level(c, args.sessions or (c if args.quick else 2 * c), args.seed + k, params)
+                       for k, c in enumerate(args.concurrency))
+        options = {"load_format": "dummy", "device": device, "dtype": str(dtype).replace("torch.", ""),
+                   **_pairs(args.engine)}
+        return cls(device, dtype, model, engine_model, twin_model(model, engine_model, dtype), options, levels)
+
+
+def serve_levels(setup: Setup, base: str, hw: HardwareSpec, warm_seed: int, progress=print) -> tuple[list, list, dict]:
+    """Warms the server up, then each level through it and in the twin: (rows, per-level summaries, the
+    twin's engine section)."""
+    params = setup.levels[0].params
+    warm = {**params, "first_turn_tokens": min(3000, params.get("first_turn_tokens", 50_000)), "output_tokens": 32,
+            "turns_min": 2, "turns_max": 2}
+    run_engine(base, Level(2, 2, warm_seed, warm))
+    engine = twin_engine_section(setup.options, base, setup.device)
+    rows, levels = [], []
+    for level in setup.levels:
+        t0 = time.monotonic()
+        served = run_engine(base, level)
+        s = served.summary
+        progress(f"concurrency {level.concurrency}: {level.sessions} sessions served in {time.monotonic() - t0:.1f} s")
+        if s["num_errors"] or not s["completed"]:
+            progress(f"  warning: {s['num_errors']} failed calls {s['errors']}, completed {s['completed']}")
+        twin = run_twin(level, setup.model, setup.spec, hw, engine)
+        rows += compare(level, Figures.of(s, served.requests), Figures.of(twin.summary, twin.requests))
+        levels.append({"level": dataclasses.asdict(level), "engine": s, "roofline": twin.summary,
+                       "roofline_notes": twin.notes})
+    return rows, levels, engine
+
+
+def run(args: argparse.Namespace, progress=print) -> dict:
+    """Measures the card, serves every level, runs the twin on each; returns the results (JSON-ready)."""
+    start = time.monotonic()
+    setup = Setup.of(args)
+    rates = measure_card(setup.device, setup.dtype)
+    hw = twin_hardware(rates, args.hardware or hardware_name(SimpleNamespace(device=torch.device(setup.device))))
+    progress(f"card: {rates.card}; copy {rates.copy_bytes_s / 1e9:.1f} GB/s (read+write), {rates.dtype} GEMM "
+             f"{rates.matmul_n}^3 {rates.matmul_flops / 1e12:.2f} TFLOP/s; twin hardware {hardware_label(hw)}")
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_agentic-"))
+    out.mkdir(parents=True, exist_ok=True)
+    # on the CPU one intra-op thread: the engine's spinning OpenMP workers would fight the client for the cores
+    env = {"OMP_NUM_THREADS": "1"} if setup.device == "cpu" else None
+    with serving(setup.engine_model, setup.options, out, env) as base:
+        progress(f"server up at {time.monotonic() - start:.0f} s ({setup.engine_model}, {rates.dtype}); warming up")
+        rows, levels, engine = serve_levels(setup, base, hw, args.seed + WARMUP_SEED, progress)
+    meta = {"rates": dataclasses.asdict(rates), "hardware": dataclasses.asdict(hw),
+            "hardware_label": hardware_label(hw), "model": dataclasses.asdict(setup.spec),
+            "engine_model": setup.engine_model, "engine_options": setup.options, "twin_engine": engine,
+            "workload": WORKLOAD, "params": setup.levels[0].params, "torch": torch.__version__,
+            "commit": git_commit(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "wall_seconds": time.monotonic() - start, "out": str(out)}
+    return {"meta": meta, "rows": rows, "levels": levels}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4], help="closed-loop levels")
+    p.add_argument("--sessions", type=int, help="sessions at each level (default: 2 x concurrency; --quick: 1 x)")
+    p.add_argument("--params", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="swe_smith parameters over the defaults (GPU: 4 turns a session; CPU: a small shape)")
+    p.add_argument("--model", help="conf/model name or .yaml of the twin (default: llama3_8b; CPU: smollm2_135m)")
+    p.add_argument("--engine-model", help="the engine's shape or config.json (default: the model's, ENGINE_SHAPES)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32", "float16"),
+                   help="auto: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--hardware", help="conf/hardware entry the measured rates replace (default: from the card)")
+    p.add_argument("--engine", nargs="*", default=[], metavar="KEY=VALUE", help="EngineConfig fields of the server")
+    p.add_argument("--seed", type=int, default=0, help="level k runs sessions of seed + k")
+    p.add_argument("--quick", action="store_true", help="short sessions, one wave a level")
+    p.add_argument("--out", help="the server's log and Hydra directory (default: a temporary directory)")
+    p.add_argument("--json", help="write the rows, the summaries and the measured rates here")
+    args = p.parse_args(argv)
+    if min(args.concurrency) < 1 or (args.sessions is not None and args.sessions < 1):
+        p.error("--concurrency and --sessions must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the benchmark, prints the comparison and returns the results."""
+    args = parse_args(argv)
+    results = run(args, progress=lambda s: print(s, flush=True))
+    m = results["meta"]
+    print(f"\n{WORKLOAD} {m['params']}, {m['engine_model']} (random weights, {m['rates']['dtype']}) on "
+          f"{m['rates']['card']}, {m['twin_engine']['num_gpu_blocks']} KV blocks; twin: roofline on "
+          f"{m['hardware_label']}")
+    print("ratio = engine / roofline: > 1 for TTFT (slower than the bound), < 1 for throughputs (share reached)")
+    print(format_rows(results["rows"]))
+    print(f"wall {m['wall_seconds']:.0f} s; server log {m['out']}/server.log")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=float) + "\n")
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The agentic path's GPU check and figures (issue #15), phases in one device call (run from the repo root):
+#   scripts/gpu-agentic.sh tune|bench|tests|served ...     e.g.  scripts/gpu-agentic.sh tune bench
+#     tune    python -m experiments.tune_attention $TUNE_ARGS (tile sweeps; needs no build)
+#     kernels the Triton kernels' GPU tests against the torch reference (a part of make test-gpu)
+#     bench   python -m experiments.bench_engine on the 8B shape: decode b1/b4/b64, prefill, a later turn
+#     tests   make test-gpu
+#     served  python -m experiments.bench_agentic (swe_smith served at concurrency 1, 2, 4 beside the twin)
+# Carry .whl (../shared/tools/device-wheels.sh) for simpy/hydra/fastapi. Logs go to $OUT (or /tmp/gpu-agentic).
+# Each phase has its own time limit (TUNE_S, BENCH_S, TESTS_S, SERVED_S seconds) so that what ran comes back.
+set -uo pipefail
+out="${OUT:-/tmp/gpu-agentic}"; mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
+git rev-parse --short HEAD > "$out/commit.txt" 2>/dev/null; git status --short >> "$out/commit.txt" 2>/dev/null
+installed=0
+install() {
+  [ $installed = 1 ] && return 0
+  if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  python3 -m pip install -q --no-build-isolation --no-deps . > "$out/install.txt" 2>&1 || { tail -20 "$out/install.txt"; return 1; }
+  installed=1
+}
+status=0
+for phase in "$@"; do
+  case "$phase" in
+    tune) timeout "${TUNE_S:-300}" python3 -m experiments.tune_attention ${TUNE_ARGS:-} > "$out/tune.txt" 2> "$out/tune.err" \
+      || status=1 ;;
+    kernels) install || exit 1
+      timeout "${KERNELS_S:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
+        tests/test_kernels_triton.py tests/test_kernels_fused.py tests/test_attention_agentic_gpu.py \
+        > "$out/kernels-gpu.txt" 2>&1 || status=1 ;;
+    bench) install || exit 1
+      PYTHONSAFEPATH=1 timeout "${BENCH_S:-300}" python3 -m experiments.bench_engine --models llama-3.1-8b --no-hf ${BENCH_ARGS:-} \
+        --json "$out/bench-engine.json" > "$out/bench-engine.txt" 2>&1 || status=1 ;;
+    tests) install || exit 1
+      timeout "${TESTS_S:-300}" make test-gpu PYTEST_ARGS="-v" > "$out/test-gpu.txt" 2>&1 || status=1 ;;
+    served) install || exit 1
+      export TANDEM_CONF_DIR=$PWD/conf
+      PYTHONSAFEPATH=1 timeout "${SERVED_S:-330}" python3 -m experiments.bench_agentic --json "$out/bench-agentic.json" \
+        --out /tmp/bench_agentic > "$out/bench-agentic.txt" 2>&1 || status=1 ;;
+    *) echo "unknown phase $phase"; exit 2 ;;
+  esac
+  echo "phase $phase done (status so far $status)"
+done
+exit $status

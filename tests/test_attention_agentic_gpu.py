@@ -1,0 +1,43 @@
+"""Paged prefill attention at a coding agent's shapes, on the GPU, against the torch reference.
+
+Long causal prompts, short turns over long cached prefixes (where the key range is split over
+several programs and merged), ragged batches, prefixes that end mid-block and contexts past 64K.
+The small versions of the same paths run on the CPU under the Triton interpreter
+(tests/test_kernels_triton.py); these run with `make test-gpu`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_kernels_triton import BF16, check_prefill
+
+AGENTIC = {
+    "short_turn_long_prefix": [(70_001, 128)],                     # ends mid-block, split key range
+    "turn_on_100k": [(100_000 - 4096 + 3, 4093)],                  # past 64K, 4K query
+    "ragged_turns": [(50_000, 1300), (0, 700), (30_007, 1), (16_384, 8192)],
+    "one_token_queries": [(65_536 + 9, 1), (12, 1), (40_000, 2)],
+    "long_causal_prompt": [(0, 16_384)],
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(AGENTIC))
+def test_prefill_agentic_shape_matches_reference(name: str) -> None:
+    check_prefill("cuda", seed=400 + len(name), dtype=BF16, reqs=AGENTIC[name], hq=32, hk=8, d=128, bs=16,
+                  q_scale=2.0)
+    torch.cuda.empty_cache()
+
+
+def test_short_turn_over_long_prefix_splits_the_key_range() -> None:
+    """The heuristic itself (host-side, no GPU): a 128-token turn on 70K cached splits; a long prompt does not."""
+    from engine.kernels.triton.attention import PrefillConfig, prefill_splits
+
+    cfg = PrefillConfig()
+    bq = cfg.block_m // 4
+    assert prefill_splits(128, 1, 8, bq, 70_144, 132, cfg) > 1
+    assert prefill_splits(16_384, 1, 8, bq, 16_384, 132, cfg) == 1
+    assert prefill_splits(128, 1, 8, bq, 70_144, 132, PrefillConfig(max_splits=1)) == 1
+    # never more splits than the widest context gives min_split_keys keys each
+    assert prefill_splits(1, 1, 8, bq, 2048, 132, cfg) <= 2048 // cfg.min_split_keys

@@ -1,0 +1,79 @@
+"""experiments.bench_agentic end to end on the CPU: a tiny random-weight Llama served by `python -m engine.serve`
+at concurrency 1, 2 and 4, beside the roofline twin on the rates measured here.
+
+CPU step times are noisy: nothing here asserts how close the engine comes to the bound, only what was run,
+that the twin ran the very sessions the server was sent, and that the roofline bounds the engine (on this
+model the engine's per-step overhead puts it ten times or more past the bound).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+from engine_helpers import write_tiny_config
+
+from experiments import bench_agentic
+from experiments.bench_agentic import FIGURES, Figures, workload_params
+
+MODEL_YAML = """\
+name: tiny
+num_layers: 2
+hidden_size: 128
+num_heads: 8
+num_kv_heads: 2
+head_dim: 32
+intermediate_size: 256
+vocab_size: 1024
+dtype_bytes: 4
+"""
+
+
+def test_figures_split_first_turns_from_later_ones():
+    requests = pd.DataFrame({"turn": [0, 1, 2, 0, 1, 2, 3], "ttft": [3.0, 0.1, 0.2, 5.0, 0.3, 0.4, 0.5]})
+    f = Figures.of({"per_user_tok_s_mean": 80.0, "per_gpu_output_tok_min": 6000.0}, requests)
+    assert f.first_turn_ttft_s == 4.0
+    assert f.later_ttft_s_p50 == 0.3
+    assert math.isclose(f.later_ttft_s_p90, float(np.percentile([0.1, 0.2, 0.3, 0.4, 0.5], 90)))
+    assert (f.per_user_tok_s, f.per_gpu_output_tok_min) == (80.0, 6000.0)
+
+
+def test_workload_params_overrides_come_last():
+    assert workload_params("cuda", False, {}) == {"turns_min": 4, "turns_max": 4}
+    assert workload_params("cuda", True, {"output_tokens": 7})["output_tokens"] == 7
+    assert workload_params("cpu", True, {})["turns_max"] == 2
+
+
+def test_served_levels_beside_the_roofline(tmp_path, capsys):
+    (tmp_path / "tiny.yaml").write_text(MODEL_YAML)
+    config = write_tiny_config(tmp_path, "LlamaForCausalLM", vocab_size=1024, max_position_embeddings=4096)
+    out = tmp_path / "results.json"
+    results = bench_agentic.main([
+        "--model", str(tmp_path / "tiny.yaml"), "--engine-model", config, "--concurrency", "1", "2", "4",
+        "--params", "first_turn_tokens=160", "later_turn_tokens=24", "output_tokens=8",
+        "--engine", "num_gpu_blocks=512", "max_num_seqs=16", "--out", str(tmp_path / "run"), "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "engine/roofline" in printed and "later-turn TTFT s p90" in printed
+
+    rows = results["rows"]
+    assert [(r["concurrency"], r["figure"]) for r in rows] == [(c, key) for c in (1, 2, 4) for key, _, _ in FIGURES]
+    for row in rows:
+        assert row["engine"] > 0 and row["roofline"] > 0 and math.isfinite(row["ratio"]) and row["ratio"] > 0
+        assert row["ratio"] > 1 if row["kind"] == "time" else row["ratio"] < 1, row
+    m = results["meta"]
+    assert m["hardware"]["peak_flops"] == m["rates"]["matmul_flops"] > 0
+    assert m["hardware"]["mem_bandwidth"] == m["rates"]["copy_bytes_s"] > 0
+    assert m["twin_engine"]["num_gpu_blocks"] == 512 and m["twin_engine"]["max_model_len"] == 4096
+    assert m["params"] == {"first_turn_tokens": 160, "later_turn_tokens": 24, "output_tokens": 8, "turns_min": 3,
+                           "turns_max": 3}
+    # each level: its own seed, 2 x concurrency sessions of 3 calls, all served, the same calls in the twin
+    assert [lv["level"]["seed"] for lv in results["levels"]] == [0, 1, 2]
+    for level in results["levels"]:
+        engine, twin, c = level["engine"], level["roofline"], level["level"]["concurrency"]
+        assert engine["completed"] and engine["num_errors"] == 0
+        assert engine["num_requests"] == twin["num_requests"] == 3 * 2 * c
+        assert engine["output_tokens"] == twin["output_tokens"] == 8 * 3 * 2 * c
+        assert engine["prompt_tokens"] == twin["prompt_tokens"]
+    assert json.loads(out.read_text())["rows"] == rows
