@@ -153,6 +153,9 @@ class ModelConfig:
 # that a decode waits in keeps chunk_size and max_num_batched_tokens (docs/engine.md).
 AUTO_IDLE_CHUNK_SIZE = 16384
 
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")   # the KV cache's element type ("auto": the model's dtype)
+QUANTIZATIONS = ("none", "fp8")           # the weights' ("fp8": e4m3, per-output-channel scales)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -164,6 +167,10 @@ class EngineConfig:
         tokenizer: a directory with tokenizer files, instead of the model's own (e.g. for dummy shapes).
         load_format: "auto" (directory or GGUF by what `model` is) or "dummy" (random weights).
         dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
+        kv_cache_dtype: "auto" (the model's dtype) or "fp8_e4m3" (K/V stored in FP8 with scales;
+            docs/fp8.md): half the KV bytes of bf16, so twice the tokens in the same memory.
+        quantization: "none" or "fp8" (e4m3 weights with per-output-channel scales, quantized at load
+            from a bf16 checkpoint or read as they are from an FP8 one; docs/fp8.md).
         device: "auto" (cuda if available), "cuda" or "cpu".
         kernel_backend: "auto", "torch", "triton" or "jax"; kernel_overrides per op.
         gpu_memory_utilization: share of device memory the engine may use (weights + KV + activations).
@@ -186,6 +193,8 @@ class EngineConfig:
     tokenizer: str | None = None
     load_format: str = "auto"
     dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    quantization: str = "none"
     device: str = "auto"
     seed: int = 0
     kernel_backend: str = "auto"
@@ -226,6 +235,10 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto, hf, gguf or dummy, got {self.load_format!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -18,6 +18,7 @@ import torch
 
 import controlplane as cp
 from controlplane.profile import plan_features, write_profile
+from engine.attention import is_fp8, resolve_kv_cache_dtype
 from engine.config import AUTO_IDLE_CHUNK_SIZE, EngineConfig
 from engine.kernels import KernelSet
 from engine.kv_events import ALL_BLOCKS_CLEARED, KVEventPublisher, KVEventsConfig, make_publisher
@@ -43,6 +44,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
+
+
+# Triton's float8e4nv (the FP8 KV cache in its kernels) compiles for compute capability 8.9+ only
+FP8_KV_MIN_CAPABILITY = (8, 9)
+
+
+def check_fp8_kv_support(device: torch.device, kv_dtype: torch.dtype, chosen: dict[str, str]) -> None:
+    """Raises ValueError for an FP8 KV cache whose chosen Triton kernels cannot run on this GPU (pre-Ada)."""
+    if device.type != "cuda" or not is_fp8(kv_dtype):
+        return
+    triton_ops = sorted(op for op in ("write_kv", "rotary_write_kv", "prefill_attention", "decode_attention")
+                        if chosen.get(op) == "triton")
+    capability = torch.cuda.get_device_capability(device)
+    if triton_ops and tuple(capability) < FP8_KV_MIN_CAPABILITY:
+        raise ValueError(f"kv_cache_dtype=fp8_e4m3 with the triton kernels ({', '.join(triton_ops)}) needs a GPU of "
+                         f"compute capability {FP8_KV_MIN_CAPABILITY[0]}.{FP8_KV_MIN_CAPABILITY[1]}+ (Ada, Hopper); "
+                         f"this one is {capability[0]}.{capability[1]}: use kv_cache_dtype=auto, or "
+                         f"kernel_backend torch or jax")
 
 
 def finish_reason(f) -> str:
@@ -75,6 +94,8 @@ class EngineCore:
         kv_events = KVEventsConfig.from_value(cfg.kv_events)  # a bad one fails before the model loads
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        # the KV cache's element type: the model's, or float8_e4m3fn with per-token, per-head scales (docs/fp8.md)
+        self.kv_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.dtype)
         torch.manual_seed(cfg.seed)
         if loaded is None:
             loaded = load_model(cfg, self.device, self.dtype)
@@ -82,6 +103,7 @@ class EngineCore:
             loaded.model, loaded.config, loaded.tokenizer, loaded.source)
         mc = self.model_config
         self.ops = KernelSet.default_for(self.device.type, cfg.kernel_backend, cfg.kernel_overrides)
+        check_fp8_kv_support(self.device, self.kv_dtype, self.ops.chosen)
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
@@ -115,7 +137,7 @@ class EngineCore:
             self.model, self.ops, self.device, self.dtype, num_blocks=self.num_blocks,
             block_size=cfg.block_size, num_host_blocks=self.num_host_blocks, max_model_len=self.max_model_len,
             max_num_seqs=cfg.max_num_seqs, max_blocks_per_seq=self.scheduler.max_blocks_per_seq,
-            seed=cfg.seed, graph_batch_sizes=graphs, overlap=self.overlap)
+            seed=cfg.seed, graph_batch_sizes=graphs, overlap=self.overlap, kv_dtype=self.kv_dtype)
         self.clock = clock or cp.WallClock()
         self.profile: list[dict] = []
         self.eos_token_ids = tuple(mc.eos_token_ids)

@@ -1,7 +1,11 @@
 """How many KV blocks fit: device memory x utilisation, minus weights, activations and a reserve.
 
     budget = total * gpu_memory_utilization - (memory others already use) - weights - peak activations
-    blocks = budget // (2 * layers * kv_heads * head_dim * dtype_bytes * block_size)
+    blocks = budget // (2 * layers * kv_heads * block_size * (head_dim * dtype_bytes + scale_bytes))
+
+The KV dtype is EngineConfig.kv_cache_dtype's ("auto": the model's). An FP8 cache stores one byte
+an element plus a float32 scale per (token, KV head) for K and for V (scale_bytes = 4, else 0):
+at head_dim 128, 132 bytes a head-token against bf16's 256, so 1.94x the blocks in the same memory.
 
 Peak activations are measured by a profiling forward pass of the largest step the scheduler
 can plan, as vLLM does: `max_num_batched_tokens` tokens in `chunk_size` prefill chunks, or, with
@@ -15,21 +19,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engine.attention import AttentionMetadata, ForwardContext, KVCache
+from engine.attention import AttentionMetadata, ForwardContext, KVCache, is_fp8, resolve_kv_cache_dtype
 from engine.models.decoder import rope_cos_sin
 
 _GRAPH_RESERVE = 512 << 20  # CUDA graphs and the sampler's buffers
 
 
 def block_bytes(model, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block of `dtype` (the KV cache's element type), all layers, K and V, FP8 scales included."""
     c = model.config
-    return 2 * c.num_layers * c.num_kv_heads * c.head_dim * block_size * torch.finfo(dtype).bits // 8
+    per_head = c.head_dim * torch.finfo(dtype).bits // 8 + (4 if is_fp8(dtype) else 0)
+    return 2 * c.num_layers * c.num_kv_heads * block_size * per_head
 
 
 @torch.inference_mode()
 def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len: int,
                                   idle_chunk_size: int = 0) -> int:
-    """Runs one forward pass of the largest batch the scheduler can plan; returns its peak extra bytes."""
+    """Runs one forward pass of the largest batch the scheduler can plan; returns its peak extra bytes.
+
+    `dtype` is the model's; the pass's KV cache has cfg.kv_cache_dtype's type (so FP8's kernels run)."""
     c = model.config
     tokens, chunk = cfg.max_num_batched_tokens, cfg.chunk_size
     if idle_chunk_size > chunk:  # a step no decode waits in: larger chunks, a budget of at least one
@@ -39,8 +47,8 @@ def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len:
     bs = cfg.block_size
     blocks_per = [-(-n // bs) for n in lens]
     nblocks = sum(blocks_per)
-    kv = KVCache(torch.zeros((c.num_layers, nblocks, bs, c.num_kv_heads, c.head_dim), dtype=dtype, device=device),
-                 torch.zeros((c.num_layers, nblocks, bs, c.num_kv_heads, c.head_dim), dtype=dtype, device=device))
+    kv = KVCache.allocate(c.num_layers, nblocks, bs, c.num_kv_heads, c.head_dim,
+                          resolve_kv_cache_dtype(cfg.kv_cache_dtype, dtype), device)
     width = max(blocks_per)
     table = np.zeros((len(lens), width), dtype=np.int32)
     at = 0
@@ -69,8 +77,10 @@ def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len:
 
 
 def size_kv_cache(model, ops, cfg, device, dtype, max_model_len: int, idle_chunk_size: int = 0) -> tuple[int, int]:
-    """(device blocks, host blocks) for this engine (`idle_chunk_size`: the scheduler's, resolved)."""
-    per_block = block_bytes(model, cfg.block_size, dtype)
+    """(device blocks, host blocks) for this engine (`idle_chunk_size`: the scheduler's, resolved).
+
+    `dtype` is the model's; blocks are sized in cfg.kv_cache_dtype's bytes (FP8: with their scales)."""
+    per_block = block_bytes(model, cfg.block_size, resolve_kv_cache_dtype(cfg.kv_cache_dtype, dtype))
     host = int(cfg.swap_space_gb * (1 << 30) // per_block)
     if cfg.num_gpu_blocks is not None:
         return cfg.num_gpu_blocks, host

@@ -94,19 +94,22 @@ class ModelRunner:
         graph_batch_sizes: decode batch sizes to capture as CUDA graphs (empty: eager only).
         overlap: launch each decode step's guessed successor before waiting for its tokens; needs
             the scheduler's num_lookahead_tokens = 1 to guess across block boundaries.
+        kv_dtype: the KV cache's element type (default: `dtype`); float8_e4m3fn adds per-slot,
+            per-head float32 scales (engine.attention.KVCache), on the device and the host tier.
     """
 
     def __init__(self, model, ops, device: torch.device, dtype: torch.dtype, *, num_blocks: int, block_size: int,
                  num_host_blocks: int, max_model_len: int, max_num_seqs: int, max_blocks_per_seq: int,
-                 seed: int = 0, graph_batch_sizes: tuple[int, ...] = (), overlap: bool = False) -> None:
+                 seed: int = 0, graph_batch_sizes: tuple[int, ...] = (), overlap: bool = False,
+                 kv_dtype: torch.dtype | None = None) -> None:
         c = model.config
         self.model, self.ops, self.device, self.dtype = model, ops, device, dtype
-        shape = (c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim)
-        self.kv = KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        self.kv_dtype = kv_dtype = dtype if kv_dtype is None else kv_dtype
+        heads = (c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        self.kv = KVCache.allocate(*heads, dtype=kv_dtype, device=device)
         pin = device.type == "cuda"
-        host_shape = (c.num_layers, max(num_host_blocks, 0), block_size, c.num_kv_heads, c.head_dim)
-        self.host_kv = KVCache(torch.zeros(host_shape, dtype=dtype, pin_memory=pin),
-                               torch.zeros(host_shape, dtype=dtype, pin_memory=pin))
+        self.host_kv = KVCache.allocate(c.num_layers, max(num_host_blocks, 0), *heads[2:], dtype=kv_dtype,
+                                        pin_memory=pin)
         self.block_size = block_size
         self.cos_sin = rope_cos_sin(c, max_model_len).to(device)
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -259,7 +262,12 @@ class ModelRunner:
         return ids, pos, slots, meta
 
     def copy_blocks(self, ops: np.ndarray) -> None:
-        """Runs the plan's KV copies in order; consecutive copies of one direction go together."""
+        """Runs the plan's KV copies in order; consecutive copies of one direction go together.
+
+        A block is its slice of every KV tensor: k, v and, for an FP8 cache, their scales (FP8
+        values are copied as bytes).
+        """
+        pairs = [(_bytes(d), _bytes(h)) for d, h in zip(self.kv.tensors(), self.host_kv.tensors())]
         start = 0
         while start < len(ops):
             end = start
@@ -268,9 +276,14 @@ class ModelRunner:
             src = torch.from_numpy(ops[start:end, 1].astype(np.int64))
             dst = torch.from_numpy(ops[start:end, 2].astype(np.int64))
             if ops[start, 0] == 0:  # device -> host
-                for dev_t, host_t in ((self.kv.k, self.host_kv.k), (self.kv.v, self.host_kv.v)):
+                for dev_t, host_t in pairs:
                     host_t[:, dst] = dev_t[:, src.to(self.device)].cpu()
             else:  # host -> device
-                for dev_t, host_t in ((self.kv.k, self.host_kv.k), (self.kv.v, self.host_kv.v)):
+                for dev_t, host_t in pairs:
                     dev_t[:, dst.to(self.device)] = host_t[:, src].to(self.device, non_blocking=True)
             start = end
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor as its bytes (indexed copies of float8 are not on every device); others as they are."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t

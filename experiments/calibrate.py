@@ -46,7 +46,7 @@ import simpy
 from controlplane.profile import write_profile
 from experiments.engine_replica import StepLog
 from sim.cost import shipped_profile_path
-from sim.profile_cost import SHAPE_KEYS, ProfileCost
+from sim.profile_cost import SHAPE_KEYS, STORAGE_DEFAULTS, ProfileCost, profile_storage
 from sim.specs import ModelSpec, load_model_spec
 
 # The engine's built-in shape (random weights) of each simulator model.
@@ -239,12 +239,17 @@ def hardware_name(core) -> str:
     raise ValueError(f"no conf/hardware entry for the card {name!r}: pass --hardware NAME")
 
 
+def engine_storage(core) -> dict[str, str]:
+    """How the engine stores weights and KV: its ``kv_cache_dtype`` and ``quantization`` settings."""
+    return {k: str(getattr(core.config, k, default)) for k, default in STORAGE_DEFAULTS.items()}
+
+
 def engine_meta(core, spec: ModelSpec, hardware: str) -> dict:
     """The profile's header: where and how the steps ran."""
     import torch
 
     meta = {"model": spec.name, "engine_shape": core.source, "hardware": hardware,
-            "model_shape": {k: getattr(spec, k) for k in SHAPE_KEYS},
+            "model_shape": {k: getattr(spec, k) for k in SHAPE_KEYS}, **engine_storage(core),
             "device": str(core.device), "dtype": str(core.dtype).replace("torch.", ""), "torch": torch.__version__,
             "kernels": dict(core.ops.chosen), "overlap": bool(core.overlap),
             "graph_batch_sizes": list(core.runner.graphs.sizes) if core.runner.graphs is not None else [],
@@ -396,8 +401,8 @@ def main(argv: list[str] | None = None) -> ProfileCost:
         model, hardware = cost.meta.get("model"), a.hardware or cost.meta.get("hardware")
         if not model or not hardware:
             raise SystemExit(f"{a.fit}: its header names no model or hardware; pass --hardware")
-        if model in ENGINE_SHAPES:
-            cost.check_model(load_model_spec(model))
+        if model in ENGINE_SHAPES:   # the shape; the storage is what the profile says it measured
+            cost.check_model(dataclasses.replace(load_model_spec(model), **profile_storage(cost.meta)))
         out_json = Path(a.save_to) if a.save_to else shipped_profile_path(model, hardware)
         cost.save(out_json)
     else:
@@ -416,7 +421,7 @@ def main(argv: list[str] | None = None) -> ProfileCost:
         write_profile(csv_path, rows, meta)
         print(f"profile: {csv_path} ({len(rows)} steps)")
         out_json = Path(a.save_to) if a.save_to else shipped_profile_path(meta["model"], meta["hardware"])
-        cost = ProfileCost.fit(csv_path, model=spec)
+        cost = ProfileCost.fit(csv_path, model=dataclasses.replace(spec, **profile_storage(meta)))
         cost.save(out_json)
     print(cost.describe())
     print(summary_table(cost))

@@ -51,7 +51,7 @@ from experiments.calibrate import (ENGINE_SHAPES, GridSpec, check_shape, engine_
                                    engine_meta, free_device, hardware_name, warm_up)
 from experiments.engine_replica import StepLog, engine_replicas, replay_replicas
 from sim.cost import shipped_profile_path
-from sim.profile_cost import ProfileCost
+from sim.profile_cost import STORAGE_DEFAULTS, ProfileCost, profile_storage
 from sim.simulation import Simulation
 from sim.specs import CONF_DIR, load_hardware_spec, load_model_spec
 
@@ -149,7 +149,8 @@ def engine_section(core) -> dict:
 def sim_config(fc: FidelityConf, run: RunConf, engine: dict, cost_model: str, profile_path: str | None) -> dict:
     """The simulator configuration of `run` on an engine of these settings (`engine_section`)."""
     return {
-        "model": dataclasses.asdict(load_model_spec(fc.model)),
+        "model": {**dataclasses.asdict(load_model_spec(fc.model)),   # stored as the engine runs it
+                  **{k: fc.engine[k] for k in STORAGE_DEFAULTS if k in fc.engine}},
         "hardware": dataclasses.asdict(load_hardware_spec(fc.hardware)),
         "workload": {"name": run.workload, "params": dict(run.params)},
         "policy": policy_section(run),
@@ -283,7 +284,7 @@ def evaluate(fc: FidelityConf, progress=print) -> dict:
             meta = engine_meta(core, spec, fc.hardware)
             source = fc.profile_path or str(shipped_profile_path(spec.name, fc.hardware))
             cost = ProfileCost.load(source) if source.endswith(".json") else ProfileCost.fit(source)
-            cost.check_model(spec)
+            cost.check_model(dataclasses.replace(spec, **profile_storage(meta)))   # the engine's storage
             _check_profile(cost, meta)
             profile_path = str(out / "profile.json")  # the twins read this copy: the run outlives edits of conf/
             cost.save(profile_path)
@@ -332,7 +333,7 @@ def retwin(results: dict, fc: FidelityConf, out: Path) -> dict:
     fc = dataclasses.replace(fc, model=results["config"]["model"], hardware=meta["hardware"])
     source = fc.profile_path or str(shipped_profile_path(meta["model"], meta["hardware"]))
     cost = ProfileCost.load(source) if source.endswith(".json") else ProfileCost.fit(source)
-    cost.check_model(load_model_spec(fc.model))
+    cost.check_model(dataclasses.replace(load_model_spec(fc.model), **profile_storage(meta)))
     _check_profile(cost, meta)
     out.mkdir(parents=True, exist_ok=True)
     profile_path = str(out / "profile.json")

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from controlplane import SchedulerConfig, import_policy_modules, policy_names
+from sim.specs import KV_CACHE_DTYPES, QUANTIZATIONS, check_choice
 from sim.workloads import make_workload
 
 
 @dataclass
 class ModelConf:
-    """A model's shape (see sim.specs.ModelSpec); conf/model/*.yaml."""
+    """A model's shape and storage (see sim.specs.ModelSpec); conf/model/*.yaml."""
 
     name: str = "llama3_8b"
     num_layers: int = 32
@@ -31,6 +32,8 @@ class ModelConf:
     vocab_size: int = 128256
     dtype_bytes: int = 2
     tie_word_embeddings: bool = False
+    kv_cache_dtype: str = "auto"     # auto (dtype_bytes) | fp8_e4m3: as the engine's setting (docs/simulator.md)
+    quantization: str = "none"       # none | fp8: e4m3 linear weights, per-output-channel scales
 
 
 @dataclass
@@ -44,6 +47,7 @@ class HardwareConf:
     host_link_bandwidth: float = 64e9
     step_overhead_s: float = 0.0
     source: str = ""
+    peak_flops_fp8: Optional[float] = None   # dense FP8 FLOP/s; None: FP8 linear layers at peak_flops
 
 
 @dataclass
@@ -172,6 +176,8 @@ def _positive(section: str, **values: float) -> None:
 def validate(cfg: SimulationConfig) -> None:
     """Checks values that the schema's types cannot; raises ValueError naming the setting."""
     s, e, c = cfg.sim, cfg.engine, cfg.cluster
+    check_choice("model.kv_cache_dtype", cfg.model.kv_cache_dtype, KV_CACHE_DTYPES)
+    check_choice("model.quantization", cfg.model.quantization, QUANTIZATIONS)
     if s.mode not in ("open", "closed"):
         raise ValueError(f"sim.mode must be 'open' or 'closed', got {s.mode!r}")
     if s.session_rate is not None:

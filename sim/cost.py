@@ -153,13 +153,19 @@ def _sum_of_max_pieces(terms: Iterable[tuple[float, float, float]]
 class RooflineCost(CostModel):
     """Each operation takes the longer of its FLOPs at peak and its bytes at full bandwidth.
 
-    Per step (L layers, db bytes per element, T tokens, S sampled rows):
+    Per step (L layers, db bytes per element at the model's dtype, T tokens, S sampled rows):
 
     * each weight matmul (in -> out) of each layer:
-      ``max(2*T*in*out / peak, (in*out + T*(in+out)) * db / bw)``
-    * LM head on S rows only: the same with in = hidden, out = vocab (0 if S == 0)
-    * attention, per layer:
-      ``max(4*heads*head_dim*attn_pairs / peak, kv_read_tokens*2*kv_heads*head_dim*db / bw)``
+      ``max(2*T*in*out / peak_linear, (in*out*wb + out*sb + T*(in+out)*db) / bw)``
+      where wb, sb are the weights' bytes per element and scale bytes per output channel
+      (db and 0; 1 and 4 with quantization fp8: `ModelSpec.linear_bytes`) and peak_linear is
+      ``hw.peak_flops_fp8`` with quantization fp8 when the hardware entry gives one, else
+      ``hw.peak_flops``; activations stay at db
+    * LM head on S rows only: ``max(2*S*hidden*vocab / peak, (hidden*vocab + S*(hidden+vocab)) * db / bw)``
+      (0 if S == 0): unquantized, at the model's dtype and rate, whatever the quantization
+    * attention: ``max(L*4*heads*head_dim*attn_pairs / peak, kv_read_tokens*kv_bytes_per_token / bw)``,
+      at the model's rate (the engine computes attention in bf16) on the KV as stored
+      (`ModelSpec.kv_bytes_per_token`: fp8_e4m3's scales included)
     * KV copies: ``(swap_out + swap_in) * kv_bytes_per_token * block_size / host_link``
     * plus ``hw.step_overhead_s``; operations run one after another (no overlap).
 
@@ -177,8 +183,12 @@ class RooflineCost(CostModel):
         self.hw = hw
         layers, db = model.num_layers, model.dtype_bytes
         peak, bw = hw.peak_flops, hw.mem_bandwidth
+        self.linear_peak_flops = (hw.peak_flops_fp8 if model.quantization == "fp8" and hw.peak_flops_fp8 is not None
+                                  else peak)
+        # Weights' bytes in integers (exact): with quantization none, layers*i*o*db as before.
         self._linear_breaks, self._linear_pieces = _sum_of_max_pieces(
-            (layers * 2 * i * o / peak, layers * i * o * db / bw, layers * (i + o) * db / bw)
+            (layers * 2 * i * o / self.linear_peak_flops, layers * model.linear_bytes(i, o) / bw,
+             layers * (i + o) * db / bw)
             for _, i, o in model.layer_matmuls())
         hidden, vocab = model.hidden_size, model.vocab_size
         self._head_flop_s = 2 * hidden * vocab / peak          # per sampled row
@@ -237,13 +247,21 @@ class RooflineCost(CostModel):
         source = self.hw.source or "source not given"
         if label != self.hw.name:
             source += ", except the rates modified above"
-        return "\n".join([
-            f"roofline: {self.model.name} ({self.model.num_params() / 1e9:.2f}B params) "
+        lines = [
+            f"roofline: {self.model.label} ({self.model.num_params() / 1e9:.2f}B params) "
             f"on {label}, {limit}",
             f"  rates: {source}",
-            f"  decode 1 token at 4096 context: {self.lower_bound_decode_seconds(4096) * 1e3:.3f} ms;"
-            f" prefill 2048 tokens: {self.lower_bound_prefill_seconds(2048) * 1e3:.3f} ms",
-        ])
+        ]
+        if self.model.label != self.model.name:
+            m = self.model
+            rate = ("" if m.quantization != "fp8" else
+                    f"; linear layers at {self.linear_peak_flops / 1e12:.1f} TFLOP/s" +
+                    (" (no hardware.peak_flops_fp8: the bf16 rate)" if self.hw.peak_flops_fp8 is None else " (fp8)"))
+            lines.append(f"  storage: weights {m.weight_bytes() / 1e9:.2f} GB, KV {m.kv_bytes_per_token()} "
+                         f"bytes/token{rate}")
+        lines.append(f"  decode 1 token at 4096 context: {self.lower_bound_decode_seconds(4096) * 1e3:.3f} ms;"
+                     f" prefill 2048 tokens: {self.lower_bound_prefill_seconds(2048) * 1e3:.3f} ms")
+        return "\n".join(lines)
 
 
 def shipped_profile_path(model: str, hardware: str) -> Path:

@@ -15,6 +15,15 @@ per path the engine takes (csrc/step_cost.h evaluates them)::
                                                                whole context: (c + q) * ceil(q / k) per request
         + dropped + dropped_kv + swap_out + swap_in            a dropped overlap guess; KV copies
 
+A profile prices the engine it measured, storage included: its header's ``kv_cache_dtype`` and
+``quantization`` (absent in a header: "auto" and "none", what every engine ran before FP8) must be
+the simulated model's, else `check_model` refuses it. A bf16 fit is not rescaled to FP8: its
+coefficients mix the bytes a step moves with what does not scale with them (kernel launches, the
+host's share, the quantize and dequantize work FP8 adds, the attention kernel's own rate), so a
+byte ratio applied to them would be a guess presented as a measurement. FP8 runs take the roofline
+(whose bytes do follow the storage) or a profile calibrated on an FP8 engine
+(``python -m experiments.calibrate --engine-option 'kv_cache_dtype="fp8_e4m3"' ...``).
+
 `strict` (a decode step the engine could not overlap with the host's work) and `dropped` (the
 guess of an overlapped decode that the next plan did not match, whose GPU time that plan waits
 for) come from the plan's place in the sequence, which the scheduler tracks (csrc/scheduler.h).
@@ -92,6 +101,13 @@ TRIM_ROUNDS = 3
 TRIM_MAX_SHARE = 0.10
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
               "vocab_size", "dtype_bytes")
+# How the profiled engine stored weights and KV (header keys) and what a header without them means.
+STORAGE_DEFAULTS = {"kv_cache_dtype": "auto", "quantization": "none"}
+
+
+def profile_storage(meta: Mapping[str, Any]) -> dict[str, str]:
+    """The profiled engine's ``kv_cache_dtype`` and ``quantization`` from a profile's header."""
+    return {k: str(meta.get(k, default)) for k, default in STORAGE_DEFAULTS.items()}
 
 
 def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -388,7 +404,19 @@ class ProfileCost(CostModel):
         return cost
 
     def check_model(self, model: ModelSpec) -> None:
-        """Raises ValueError if the profile names a model shape other than `model`'s."""
+        """Raises ValueError if the profile names a model shape other than `model`'s, or was measured
+        with another ``kv_cache_dtype`` or ``quantization`` (a header without them: auto and none)."""
+        measured = profile_storage(self.meta)
+        wanted = {k: getattr(model, k) for k in STORAGE_DEFAULTS}
+        if measured != wanted:
+            says = ", ".join(f"{k}={v}" for k, v in measured.items())
+            asks = ", ".join(f"{k}={v}" for k, v in wanted.items())
+            options = " ".join(f"--engine-option '{k}=\"{v}\"'" for k, v in wanted.items() if v != measured[k])
+            raise ValueError(
+                f"profile {self.meta.get('source_file', '')!s}: measured on an engine with {says}, but model "
+                f"{model.name} is simulated with {asks}; a fitted profile prices only the storage it measured "
+                f"(no rescaling by byte ratios: sim/profile_cost.py). Use cost=roofline, or calibrate an engine "
+                f"with those settings (python -m experiments.calibrate {options}) and pass sim.profile_path")
         shape = self.meta.get("model_shape")
         if not shape:
             return
@@ -472,5 +500,5 @@ class ProfileCost(CostModel):
         return "\n".join(lines)
 
 
-__all__ = ["FORMAT", "PROFILE_BASIS", "ProfileCost", "ProfilePath", "nonnegative_least_squares", "read_profile",
-           "feature_columns", "graph_rows"]
+__all__ = ["FORMAT", "PROFILE_BASIS", "STORAGE_DEFAULTS", "profile_storage", "ProfileCost", "ProfilePath",
+           "nonnegative_least_squares", "read_profile", "feature_columns", "graph_rows"]

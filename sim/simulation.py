@@ -251,6 +251,10 @@ class Simulation:
         notes += self._cost_notes(summary, native if replica_factory is None else None)
         if getattr(self.cost_model, "is_physical_limit", False):
             notes.append("roofline cost with zero step overhead: latencies are physical lower bounds")
+        if (self.model.quantization == "fp8" and self.hardware.peak_flops_fp8 is None
+                and getattr(self.cost_model, "name", "") == "roofline"):
+            notes.append(f"hardware {self.hardware_label} gives no peak_flops_fp8: the FP8 linear layers are "
+                         f"priced at peak_flops, the model dtype's rate")
         summary["physical_limit"] = bool(getattr(self.cost_model, "is_physical_limit", False))
         summary["completed"] = state["finished"] == len(planned)
         return SimResult(cfg, summary, collector, self.num_blocks, notes, overload_warnings(summary, s.slo_ttft_s))
@@ -287,7 +291,7 @@ class Simulation:
 
     def describe(self) -> dict:
         c = self.cfg
-        return {"model": c.model.name, "hardware": self.hardware_label, "workload": c.workload.name,
+        return {"model": self.model.label, "hardware": self.hardware_label, "workload": c.workload.name,
                 "policy": c.policy.name, "ordering": c.policy.ordering, "eviction": c.policy.eviction,
                 "preemption": c.policy.preemption, "router": c.cluster.router,
                 "kv_blocks_per_replica": self.num_blocks, "host_blocks_per_replica": self.num_host_blocks,

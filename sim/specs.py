@@ -8,6 +8,21 @@ rates. Both are frozen, validated on construction, and load from
 rejected. `kv_capacity_blocks` sizes the device KV pool the way a vLLM-like
 engine does after loading its weights.
 
+A model spec also says how its weights and KV cache are stored, as the engine's
+``kv_cache_dtype`` and ``quantization`` settings (engine/config.py) do; the bytes
+every cost and capacity reads follow from them (`ModelSpec.weight_bytes`,
+`ModelSpec.kv_bytes_per_token`):
+
+    kv_cache_dtype  auto      K and V at dtype_bytes per element
+                    fp8_e4m3  1 byte per element, plus one float32 scale per
+                              (token, KV head) for K and one for V
+    quantization    none      every weight at dtype_bytes
+                    fp8       the linear layers (qkv, o, gate_up, down) at 1 byte per
+                              weight plus one float32 scale per output channel; the
+                              embedding table, the norms and the LM head stay at
+                              dtype_bytes (as vLLM keeps lm_head unquantized in FP8
+                              per-channel checkpoints)
+
 One transformer layer, as the step-cost models see it (T tokens this step)::
 
     x [T, hidden] -> RMSNorm -> qkv  [hidden -> (heads + 2*kv_heads) * head_dim]
@@ -40,6 +55,19 @@ CONF_DIR = Path(os.environ.get("TANDEM_CONF_DIR") or Path(__file__).resolve().pa
 DEFAULT_ACTIVATION_RESERVE_BYTES = 1 << 30
 
 _GB = 1e9
+
+# The engine's names and values (engine/config.py KV_CACHE_DTYPES, QUANTIZATIONS); the simulator
+# does not import the engine (torch), tests/test_sim_fp8.py checks the two agree.
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")   # "auto": the model's dtype (dtype_bytes)
+QUANTIZATIONS = ("none", "fp8")           # "fp8": e4m3 linear weights, per-output-channel scales
+FP8_BYTES = 1                             # an e4m3 element
+SCALE_BYTES = 4                           # a float32 scale
+
+
+def check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """ValueError ``"<field> must be one of a, b, got 'x'"`` (the engine's wording) unless value is allowed."""
+    if value not in allowed:
+        raise ValueError(f"{field} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def _check_positive_int(owner: str, field: str, value: Any) -> None:
@@ -88,8 +116,12 @@ class ModelSpec:
         num_layers, hidden_size, num_heads, num_kv_heads, head_dim,
         intermediate_size, vocab_size: the architecture (``num_hidden_layers``,
             ``num_attention_heads``, ``num_key_value_heads`` ... in config.json).
-        dtype_bytes: bytes per weight / activation / KV element (2 = bf16).
+        dtype_bytes: bytes per weight / activation / KV element (2 = bf16) at the model's dtype.
         tie_word_embeddings: the LM head reuses the embedding matrix.
+        kv_cache_dtype: "auto" (KV at dtype_bytes) or "fp8_e4m3" (1 byte an element plus
+            float32 scales per token and KV head), as the engine's setting of that name.
+        quantization: "none" or "fp8" (the linear layers' weights in e4m3 with a float32
+            scale per output channel; embeddings, norms and LM head at dtype_bytes).
     """
 
     name: str
@@ -102,6 +134,8 @@ class ModelSpec:
     vocab_size: int
     dtype_bytes: int = 2
     tie_word_embeddings: bool = False
+    kv_cache_dtype: str = "auto"
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -116,6 +150,8 @@ class ModelSpec:
         if not isinstance(self.tie_word_embeddings, bool):
             raise ValueError(f"{owner}: tie_word_embeddings must be true or false, "
                              f"got {self.tie_word_embeddings!r}")
+        check_choice(f"{owner}: kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        check_choice(f"{owner}: quantization", self.quantization, QUANTIZATIONS)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "<dict>") -> "ModelSpec":
@@ -155,13 +191,53 @@ class ModelSpec:
         lm_head = 0 if self.tie_word_embeddings else embed
         return embed + self.num_layers * per_layer + self.hidden_size + lm_head
 
+    @property
+    def label(self) -> str:
+        """How summaries and messages name the model: its name, with the storage settings that
+        are not the defaults, e.g. ``llama3_8b (kv_cache_dtype=fp8_e4m3, quantization=fp8)``."""
+        changed = [f"{field}={getattr(self, field)}" for field, default in
+                   (("kv_cache_dtype", KV_CACHE_DTYPES[0]), ("quantization", QUANTIZATIONS[0]))
+                   if getattr(self, field) != default]
+        return f"{self.name} ({', '.join(changed)})" if changed else self.name
+
+    @property
+    def linear_weight_dtype_bytes(self) -> int:
+        """Bytes per weight of the linear layers (`layer_matmuls`): 1 with quantization fp8."""
+        return FP8_BYTES if self.quantization == "fp8" else self.dtype_bytes
+
+    @property
+    def linear_scale_bytes(self) -> int:
+        """Bytes of scales per output channel of a linear layer: a float32 with fp8, else none."""
+        return SCALE_BYTES if self.quantization == "fp8" else 0
+
+    @property
+    def kv_dtype_bytes(self) -> int:
+        """Bytes per K or V element in the cache: 1 with fp8_e4m3, else dtype_bytes."""
+        return FP8_BYTES if self.kv_cache_dtype == "fp8_e4m3" else self.dtype_bytes
+
+    @property
+    def kv_scale_bytes(self) -> int:
+        """Bytes of scales per (token, KV head) of K (and as many of V): a float32 with fp8_e4m3."""
+        return SCALE_BYTES if self.kv_cache_dtype == "fp8_e4m3" else 0
+
+    def linear_bytes(self, in_features: int, out_features: int) -> int:
+        """Bytes of one linear layer's weights and scales: ``in*out*wb + out*scale``."""
+        return in_features * out_features * self.linear_weight_dtype_bytes + out_features * self.linear_scale_bytes
+
     def weight_bytes(self) -> int:
-        """Bytes of all weights at ``dtype_bytes`` each."""
-        return self.num_params() * self.dtype_bytes
+        """Bytes of all weights: the linear layers per `linear_bytes` (all layers), everything else
+        (embeddings, norms, the LM head) at ``dtype_bytes`` each; ``num_params() * dtype_bytes``
+        with quantization none."""
+        linear_params = self.num_layers * sum(i * o for _, i, o in self.layer_matmuls())
+        linear = self.num_layers * sum(self.linear_bytes(i, o) for _, i, o in self.layer_matmuls())
+        return (self.num_params() - linear_params) * self.dtype_bytes + linear
 
     def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V one token occupies over all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        """Bytes of K and V one token occupies over all layers, scales included::
+
+            2 * num_layers * num_kv_heads * (head_dim * kv_dtype_bytes + kv_scale_bytes)
+        """
+        return 2 * self.num_layers * self.num_kv_heads * (self.head_dim * self.kv_dtype_bytes + self.kv_scale_bytes)
 
 
 @dataclass(frozen=True)
@@ -171,6 +247,8 @@ class HardwareSpec:
     Args:
         name: short identifier (``h100_sxm``).
         peak_flops: dense matrix FLOP/s at the model dtype (no sparsity).
+        peak_flops_fp8: dense FP8 matrix FLOP/s (no sparsity), or None (not known): the rate of the
+            linear layers of a model with quantization fp8; None prices them at peak_flops.
         mem_bandwidth: device memory bytes/s.
         mem_bytes: device memory capacity in bytes.
         host_link_bandwidth: device <-> host bytes/s, paid by KV swaps.
@@ -186,6 +264,7 @@ class HardwareSpec:
     host_link_bandwidth: float
     step_overhead_s: float = 0.0
     source: str = ""
+    peak_flops_fp8: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -194,6 +273,9 @@ class HardwareSpec:
         for field in ("peak_flops", "mem_bandwidth", "mem_bytes", "host_link_bandwidth"):
             object.__setattr__(self, field, _checked_float(owner, field, getattr(self, field),
                                                            allow_zero=False))
+        if self.peak_flops_fp8 is not None:
+            object.__setattr__(self, "peak_flops_fp8",
+                               _checked_float(owner, "peak_flops_fp8", self.peak_flops_fp8, allow_zero=False))
         object.__setattr__(self, "step_overhead_s",
                            _checked_float(owner, "step_overhead_s", self.step_overhead_s, allow_zero=True))
         if not isinstance(self.source, str):
@@ -247,7 +329,7 @@ def kv_capacity_blocks(model: ModelSpec, hw: HardwareSpec, block_size: int,
     blocks = int(free // block_bytes) if free > 0 else 0
     if blocks < 1:
         raise ValueError(
-            f"model {model.name} needs {model.weight_bytes() / _GB:.1f} GB of weights; {hw.name} has "
+            f"model {model.label} needs {model.weight_bytes() / _GB:.1f} GB of weights; {hw.name} has "
             f"{budget / _GB:.1f} GB usable at gpu_memory_utilization={gpu_memory_utilization}: "
             f"after a {activation_reserve_bytes / _GB:.1f} GB activation reserve "
             f"{free / _GB:.2f} GB is left, less than one KV block of {block_bytes / _GB:.4f} GB "
@@ -276,21 +358,22 @@ def _read_yaml(path: Path) -> Any:
         raise ValueError(f"cannot parse {path}: {err}") from err
 
 
-HARDWARE_RATES = ("peak_flops", "mem_bandwidth", "mem_bytes", "host_link_bandwidth", "step_overhead_s")
+HARDWARE_RATES = ("peak_flops", "mem_bandwidth", "mem_bytes", "host_link_bandwidth", "step_overhead_s",
+                  "peak_flops_fp8")
 
 
 def hardware_label(hw: HardwareSpec) -> str:
     """How summaries and messages name `hw`: its name, or, when the name is a shipped entry
     (conf/hardware/<name>.yaml) but a rate differs from it, the name and what was changed,
     e.g. ``h100_sxm (modified: mem_bandwidth=2e+12)``: the datasheet's name alone would claim
-    the datasheet's rates.
+    the datasheet's rates. An FP8 rate left out (None: not known) is not a change.
     """
     path = CONF_DIR / "hardware" / f"{hw.name}.yaml"
     if Path(hw.name).name != hw.name or not path.is_file():
         return hw.name
     shipped = HardwareSpec.from_dict(_read_yaml(path), source=str(path))
     changed = [f"{field}={getattr(hw, field):g}" for field in HARDWARE_RATES
-               if getattr(hw, field) != getattr(shipped, field)]
+               if getattr(hw, field) is not None and getattr(hw, field) != getattr(shipped, field)]
     return f"{hw.name} (modified: {', '.join(changed)})" if changed else hw.name
 
 

@@ -142,6 +142,10 @@ CHECKS: dict[str, object] = {
         Run(extra=SIM_SHORT),
     "python -m experiments.simulate workload=trace workload.params.path=run.jsonl": Run(
         replace=(("run.jsonl", "{repo}/tests/data/example_trace.jsonl"),), extra=SIM_SHORT),
+    "python -m experiments.simulate model.kv_cache_dtype=fp8_e4m3 model.quantization=fp8": Run(
+        extra=SIM_SHORT, expect=("llama3_8b (kv_cache_dtype=fp8_e4m3, quantization=fp8)",)),
+    "python -m experiments.simulate -m model.kv_cache_dtype=auto,fp8_e4m3 model.quantization=none,fp8": Run(
+        extra=SIM_SHORT, expect=("llama3_8b (kv_cache_dtype=fp8_e4m3)", "llama3_8b (quantization=fp8)")),
     # docs/sweeps.md
     "python -m experiments.simulate -m policy=lru,ttl,lpm_lru sim=demo hydra/launcher=joblib":
         Run(extra=SIM_SHORT, expect=("lpm_lru",)),

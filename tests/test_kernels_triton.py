@@ -15,6 +15,11 @@ the block size, block tables that are random permutations padded with -1, GQA gr
 1/3/4, head dims 64/128. Cache slots that hold no live token are poisoned with NaN before
 the triton kernel runs (the reference reads the clean caches), so a kernel that reads past a
 request's context fails loudly.
+
+FP8 KV caches (kv_fp8=True; docs/fp8.md): the writes must store the reference's bytes and scales
+exactly (torch_ops.quantize_fp8), and the attention kernels read the same FP8 caches as the
+reference does, so they are held to q's dtype's tolerance (the poison is an FP8 NaN and a NaN
+scale).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ TOL = {
 }
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+FP8 = torch.float8_e4m3fn
 
 
 def _ops():
@@ -137,11 +143,97 @@ def check_write_kv(device: str, seed: int, src_dtype: torch.dtype, cache_dtype: 
         torch.testing.assert_close(got, want, atol=atol, rtol=rtol, equal_nan=True)
 
 
+def _fp8_caches(num_blocks: int, bs: int, hk: int, d: int, device: str) -> list[torch.Tensor]:
+    """k, v FP8 caches and their scales, every byte and scale NaN (so unwritten slots show)."""
+    cache = torch.full((num_blocks, bs, hk, d), 0x7F, dtype=torch.uint8, device=device).view(FP8)  # e4m3fn NaN
+    scale = torch.full((num_blocks, bs, hk), float("nan"), device=device)
+    return [cache, cache.clone(), scale, scale.clone()]
+
+
+def _assert_same_fp8(got: list[torch.Tensor], want: list[torch.Tensor], what: str) -> None:
+    """FP8 caches and scales bit for bit (NaN where nothing was written)."""
+    for a, b in zip(got, want):
+        if a.dtype == FP8:
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"{what}: FP8 bytes differ"
+        else:
+            torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True, msg=lambda m: f"{what} scales: {m}")
+
+
+def check_write_kv_fp8(device: str, seed: int, src_dtype: torch.dtype, tokens: int, hk: int, d: int,
+                       bs: int) -> None:
+    """Quantizing writes: the reference's FP8 bytes and scales exactly (an all-zero head included)."""
+    triton_ops, torch_ops = _ops()
+    gen = _rng(device, seed)
+    num_blocks = tokens // bs + 3
+    k, v = _randn((tokens, hk, d), gen, src_dtype, 5.0), _randn((tokens, hk, d), gen, src_dtype)
+    k[0, 0] = 0.0  # scale 1, zeros stored
+    v[1] *= 1e-3
+    slots = torch.randperm(num_blocks * bs, generator=gen, device=device)[:tokens]
+    slots[2::3] = -1
+    got, want = _fp8_caches(num_blocks, bs, hk, d, device), _fp8_caches(num_blocks, bs, hk, d, device)
+    assert triton_ops.write_kv(k, v, got[0], got[1], slots, *got[2:]) is None
+    torch_ops.write_kv(k, v, want[0], want[1], slots, *want[2:])
+    _assert_same_fp8(got, want, "write_kv fp8")
+    assert float(want[2].view(-1, hk)[slots[0], 0]) == 1.0  # the all-zero head
+    assert bool((want[2].view(-1, hk)[slots[slots >= 0].long()] > 0).all())
+
+
 def _assert_cache_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     """Caches poisoned with NaN: the same slots written, the written values close."""
     assert torch.equal(got.isnan(), want.isnan()), f"{what}: other slots written"
     live = ~want.isnan()
     _assert_close(got[live], want[live], dtype, what)
+
+
+def check_rotary_write_kv_fp8(device: str, seed: int, dtype: torch.dtype, tokens: int, hq: int, hk: int, d: int,
+                              bs: int, q_norm: bool = False, k_norm: bool = False) -> None:
+    """Into FP8 caches: the fused op's bytes and scales are the reference's, and those of the triton ops it fuses."""
+    triton_ops, torch_ops = _ops()
+    gen = _rng(device, seed)
+    qkv = _randn((tokens, (hq + 2 * hk) * d), gen, dtype, 2.0)
+    q, k, v = (t.view(tokens, -1, d) for t in qkv.split([hq * d, hk * d, hk * d], dim=-1))
+    cos_sin = _cos_sin(512, d, device)
+    positions = torch.randint(0, 512, (tokens,), generator=gen, device=device)
+    num_blocks = tokens // bs + 3
+    slots = torch.randperm(num_blocks * bs, generator=gen, device=device)[:tokens]
+    slots[1::3] = -1
+    qw = (1.0 + 0.3 * _randn((d,), gen, F32)).to(dtype) if q_norm else None
+    kw = (1.0 + 0.3 * _randn((d,), gen, F32)).to(dtype) if k_norm else None
+    caches = {name: _fp8_caches(num_blocks, bs, hk, d, device) for name in ("fused", "composed", "reference")}
+    fused, comp, ref = caches["fused"], caches["composed"], caches["reference"]
+    q_fused = triton_ops.rotary_write_kv(positions, q, k, v, cos_sin, fused[0], fused[1], slots,
+                                         q_norm=qw, k_norm=kw, k_scale=fused[2], v_scale=fused[3])
+    q_ref = torch_ops.rotary_write_kv(positions, q, k, v, cos_sin, ref[0], ref[1], slots, q_norm=qw, k_norm=kw,
+                                      k_scale=ref[2], v_scale=ref[3])
+    _assert_close(q_fused, q_ref, dtype, "rotary_write_kv fp8 q")
+    norms = q_norm or k_norm
+    if not norms:  # the roundings of rotary_embedding then write_kv: the same bits
+        _, k_rot = triton_ops.rotary_embedding(positions, q, k, cos_sin)
+        triton_ops.write_kv(k_rot, v, comp[0], comp[1], slots, comp[2], comp[3])
+        _assert_same_fp8(fused, comp, "rotary_write_kv fp8 vs rotary_embedding + write_kv")
+    if dtype == F32 and not norms:
+        _assert_same_fp8(fused, ref, "rotary_write_kv fp8 vs the reference")
+    else:  # k rounded to a 16-bit dtype (the interpreter truncates) or normed in another order: an ulp apart
+        _assert_fp8_near(fused, ref, dtype, "rotary_write_kv fp8 vs the reference")
+
+
+def _assert_fp8_near(got: list[torch.Tensor], want: list[torch.Tensor], dtype: torch.dtype, what: str) -> None:
+    """FP8 caches whose inputs were an ulp of `dtype` apart: the same slots written, most codes equal,
+    and the dequantized values within one FP8 step (2^-3 relative) plus TOL of the peak (a rotated
+    element that cancels to near zero keeps its input's absolute error); the scales within an ulp."""
+    from engine.kernels.torch_ops import dequantize_fp8
+    for a, b in zip(got[:2], want[:2]):
+        assert torch.equal(a.view(torch.uint8) == 0x7F, b.view(torch.uint8) == 0x7F), f"{what}: other slots written"
+        assert float((a.view(torch.uint8) != b.view(torch.uint8)).float().mean()) < 0.05, f"{what}: many codes differ"
+    ulp = torch.finfo(dtype).eps
+    for a, b in zip(got[2:], want[2:]):
+        torch.testing.assert_close(a, b, atol=0, rtol=ulp, equal_nan=True, msg=lambda m: f"{what} scales: {m}")
+    for name, (a, sa), (b, sb) in (("k", got[::2], want[::2]), ("v", got[1::2], want[1::2])):
+        live = ~sb.isnan()
+        da, db = dequantize_fp8(a, sa)[live], dequantize_fp8(b, sb)[live]
+        peak = float(db.abs().max()) if db.numel() else 1.0
+        torch.testing.assert_close(da, db, atol=TOL[dtype][0] * peak, rtol=2.0 ** -3,
+                                   msg=lambda m, name=name: f"{what} {name} (dequantized): {m}")
 
 
 def check_rotary_write_kv(device: str, seed: int, dtype: torch.dtype, tokens: int, hq: int, hk: int, d: int,
@@ -200,22 +292,42 @@ class PagedKV:
     v_cache: torch.Tensor
     block_table: torch.Tensor   # [R, W] int32, -1 past each request's blocks
     seq_lens: torch.Tensor      # [R] int32
+    k_scale: torch.Tensor | None = None  # [NB, BS, Hk] float32 with FP8 caches
+    v_scale: torch.Tensor | None = None
 
-    def poisoned(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of the caches with NaN in every slot that holds no live token."""
+    @property
+    def scales(self) -> dict[str, torch.Tensor]:
+        return {} if self.k_scale is None else {"k_scale": self.k_scale, "v_scale": self.v_scale}
+
+    def poisoned(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Copies of the caches (and scales) with NaN in every slot that holds no live token."""
         bs = self.k_cache.shape[1]
         live = torch.zeros(self.k_cache.shape[:2], dtype=torch.bool, device=self.k_cache.device)
         offsets = torch.arange(bs, device=live.device)
         for r, length in enumerate(self.seq_lens.tolist()):
             blocks = self.block_table[r, :-(-length // bs)].long()
             live.view(-1)[(blocks[:, None] * bs + offsets).flatten()[:length]] = True
-        k, v = self.k_cache.clone(), self.v_cache.clone()
-        k[~live], v[~live] = float("nan"), float("nan")
-        return k, v
+        if self.k_scale is None:
+            k, v = self.k_cache.clone(), self.v_cache.clone()
+            k[~live], v[~live] = float("nan"), float("nan")
+            return k, v, {}
+        out = []
+        for cache in (self.k_cache, self.v_cache):
+            raw = cache.view(torch.uint8).clone()
+            raw[~live] = 0x7F  # e4m3fn NaN
+            out.append(raw.view(FP8))
+        scales = {name: t.clone() for name, t in self.scales.items()}
+        for t in scales.values():
+            t[~live] = float("nan")
+        return out[0], out[1], scales
 
 
-def paged_kv(lens: list[int], hk: int, d: int, bs: int, dtype: torch.dtype, gen: torch.Generator) -> PagedKV:
-    """Random caches holding `lens` tokens; each request's blocks are scattered over the pool."""
+def paged_kv(lens: list[int], hk: int, d: int, bs: int, dtype: torch.dtype, gen: torch.Generator,
+             kv_fp8: bool = False) -> PagedKV:
+    """Random caches holding `lens` tokens; each request's blocks are scattered over the pool.
+
+    kv_fp8: the caches quantized to FP8 (torch_ops.quantize_fp8) with scales, the keys' heads of
+    magnitudes spread over two decades (so that the per-head scales matter)."""
     device = gen.device
     nblk = [-(-n // bs) for n in lens]
     num_blocks = sum(nblk) + 3
@@ -227,7 +339,13 @@ def paged_kv(lens: list[int], hk: int, d: int, bs: int, dtype: torch.dtype, gen:
         used += n
     k = _randn((num_blocks, bs, hk, d), gen, dtype)
     v = _randn((num_blocks, bs, hk, d), gen, dtype)
-    return PagedKV(k, v, table, torch.tensor(lens, dtype=torch.int32, device=device))
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    if not kv_fp8:
+        return PagedKV(k, v, table, seq_lens)
+    from engine.kernels.torch_ops import quantize_fp8
+    spread = 10.0 ** (2 * torch.rand((num_blocks, bs, hk, 1), generator=gen, device=device) - 1)
+    (k8, ks), (v8, vs) = quantize_fp8(k.float() * spread), quantize_fp8(v)
+    return PagedKV(k8, v8, table, seq_lens, ks, vs)
 
 
 def _attention_cfg(kind: str, cfg: dict | None):
@@ -238,41 +356,42 @@ def _attention_cfg(kind: str, cfg: dict | None):
 
 
 def check_decode(device: str, seed: int, dtype: torch.dtype, lens: list[int], hq: int, hk: int, d: int,
-                 bs: int, cfg: dict | None = None, q_scale: float = 1.0) -> None:
+                 bs: int, cfg: dict | None = None, q_scale: float = 1.0, kv_fp8: bool = False) -> None:
     triton_ops, torch_ops = _ops()
     from engine.kernels.triton import attention
     gen = _rng(device, seed)
-    kv = paged_kv(lens, hk, d, bs, dtype, gen)
+    kv = paged_kv(lens, hk, d, bs, dtype, gen, kv_fp8)
     q = _randn((len(lens), hq, d), gen, dtype, q_scale)
     scale = d ** -0.5
-    want = torch_ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_table, scale)
-    k_bad, v_bad = kv.poisoned()
+    want = torch_ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_table, scale, **kv.scales)
+    k_bad, v_bad, scales_bad = kv.poisoned()
     if cfg is None:
-        got = triton_ops.decode_attention(q, k_bad, v_bad, kv.seq_lens, kv.block_table, scale)
+        got = triton_ops.decode_attention(q, k_bad, v_bad, kv.seq_lens, kv.block_table, scale, **scales_bad)
     else:
         got = attention.decode_attention(q, k_bad, v_bad, kv.seq_lens, kv.block_table, scale,
-                                         _attention_cfg("decode", cfg))
+                                         _attention_cfg("decode", cfg), **scales_bad)
     _assert_close(got, want, dtype, f"decode_attention lens={lens[:4]}")
 
 
 def check_prefill(device: str, seed: int, dtype: torch.dtype, reqs: list[tuple[int, int]], hq: int, hk: int,
-                  d: int, bs: int, cfg: dict | None = None, q_scale: float = 1.0) -> None:
+                  d: int, bs: int, cfg: dict | None = None, q_scale: float = 1.0, kv_fp8: bool = False) -> None:
     """`reqs`: (cached prefix, new query tokens) per request."""
     triton_ops, torch_ops = _ops()
     from engine.kernels.triton import attention
     gen = _rng(device, seed)
-    kv = paged_kv([p + n for p, n in reqs], hk, d, bs, dtype, gen)
+    kv = paged_kv([p + n for p, n in reqs], hk, d, bs, dtype, gen, kv_fp8)
     qlens = torch.tensor([0] + [n for _, n in reqs], device=device)
     query_start_loc = qlens.cumsum(0).to(torch.int32)
     q = _randn((int(query_start_loc[-1]), hq, d), gen, dtype, q_scale)
     scale = d ** -0.5
     args = (kv.seq_lens, kv.block_table, scale)
-    want = torch_ops.prefill_attention(q, kv.k_cache, kv.v_cache, query_start_loc, *args)
-    k_bad, v_bad = kv.poisoned()
+    want = torch_ops.prefill_attention(q, kv.k_cache, kv.v_cache, query_start_loc, *args, **kv.scales)
+    k_bad, v_bad, scales_bad = kv.poisoned()
     if cfg is None:
-        got = triton_ops.prefill_attention(q, k_bad, v_bad, query_start_loc, *args)
+        got = triton_ops.prefill_attention(q, k_bad, v_bad, query_start_loc, *args, **scales_bad)
     else:
-        got = attention.prefill_attention(q, k_bad, v_bad, query_start_loc, *args, _attention_cfg("prefill", cfg))
+        got = attention.prefill_attention(q, k_bad, v_bad, query_start_loc, *args, _attention_cfg("prefill", cfg),
+                                          **scales_bad)
     _assert_close(got, want, dtype, f"prefill_attention reqs={reqs[:3]}")
 
 
@@ -360,6 +479,30 @@ CASES: dict[str, Callable[[str], None]] = {
                                             hk=1, d=64, bs=16, cfg=SPLIT_CFG, q_scale=3.0),
     "prefill_f32_split_ragged": partial(check_prefill, seed=41, dtype=F32, reqs=[(250, 9), (0, 5), (37, 1)], hq=8,
                                         hk=2, d=64, bs=16, cfg=SPLIT_CFG, q_scale=3.0),
+    # FP8 KV caches: quantizing writes bit for bit; attention reading FP8 (every path: one and several
+    # splits, GPU tiles, prefixes ending mid-block, the split key range) against the reference on the same caches
+    "write_kv_fp8_from_f32": partial(check_write_kv_fp8, seed=50, src_dtype=F32, tokens=13, hk=3, d=64, bs=8),
+    "write_kv_fp8_from_bf16_d128": partial(check_write_kv_fp8, seed=51, src_dtype=BF16, tokens=9, hk=2, d=128,
+                                           bs=16),
+    "rotary_write_kv_fp8_bf16_gqa3": partial(check_rotary_write_kv_fp8, seed=52, dtype=BF16, tokens=5, hq=6, hk=2,
+                                             d=128, bs=8),
+    "rotary_write_kv_fp8_f32_d96": partial(check_rotary_write_kv_fp8, seed=53, dtype=F32, tokens=4, hq=3, hk=3,
+                                           d=96, bs=4),
+    "rotary_write_kv_fp8_bf16_qk_norm": partial(check_rotary_write_kv_fp8, seed=54, dtype=BF16, tokens=4, hq=8,
+                                                hk=2, d=128, bs=16, q_norm=True, k_norm=True),
+    "decode_fp8_f32_gqa4_d64": partial(check_decode, seed=55, dtype=F32, lens=[1, 37, 100], hq=8, hk=2, d=64,
+                                       bs=16, kv_fp8=True),
+    "decode_fp8_bf16_gqa3_d128_bs8": partial(check_decode, seed=56, dtype=BF16, lens=[50, 3], hq=6, hk=2, d=128,
+                                             bs=8, kv_fp8=True, q_scale=2.0),
+    "decode_fp8_f16_gpu_tiles_one_split": partial(check_decode, seed=57, dtype=F16, lens=[130, 1, 64], hq=8, hk=2,
+                                                  d=64, bs=16, cfg=dict(block_n=64, max_splits=1), kv_fp8=True),
+    "prefill_fp8_f32_gqa4_d64": partial(check_prefill, seed=58, dtype=F32, reqs=[(0, 40), (83, 17), (5, 1)],
+                                        hq=8, hk=2, d=64, bs=16, kv_fp8=True),
+    "prefill_fp8_bf16_gpu_tiles": partial(check_prefill, seed=59, dtype=BF16, reqs=[(150, 70), (0, 90)], hq=8,
+                                          hk=2, d=128, bs=16, cfg=dict(block_m=128, block_n=64), q_scale=2.0,
+                                          kv_fp8=True),
+    "prefill_fp8_bf16_split_key_range": partial(check_prefill, seed=60, dtype=BF16, reqs=[(300, 3), (21, 2)], hq=4,
+                                                hk=1, d=64, bs=16, cfg=SPLIT_CFG, q_scale=3.0, kv_fp8=True),
 }
 
 
@@ -383,23 +526,31 @@ def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
     from engine.kernels.triton import attention, elementwise
     cuda = torch.device("cuda")
 
-    def decode(dtype, hq, hk, d, **cfg):
-        kc = torch.zeros(8, 16, hk, d, dtype=dtype)
-        seq_lens, table = torch.full((2,), 100, dtype=torch.int32), torch.zeros(2, 8, dtype=torch.int32)
-        config = attention.DecodeConfig(**{**vars(attention.decode_config(cuda, d, dtype)), **cfg})
-        attention.decode_attention(torch.zeros(2, hq, d, dtype=dtype), kc, kc, seq_lens, table, 0.1, config)
+    def caches(dtype, hk, d, kv_fp8):
+        """A cache (for k and v) and the scale keywords: FP8 with scales, or `dtype` and none."""
+        if not kv_fp8:
+            return torch.zeros(8, 16, hk, d, dtype=dtype), {}
+        scale = torch.ones(8, 16, hk)
+        return torch.zeros(8, 16, hk, d, dtype=FP8), {"k_scale": scale, "v_scale": scale}
 
-    def prefill(dtype, hq, hk, d, tokens=100, context=100):
-        kc = torch.zeros(8, 16, hk, d, dtype=dtype)
+    def decode(dtype, hq, hk, d, kv_fp8=False, **cfg):
+        kc, scales = caches(dtype, hk, d, kv_fp8)
+        seq_lens, table = torch.full((2,), 100, dtype=torch.int32), torch.zeros(2, 8, dtype=torch.int32)
+        config = attention.DecodeConfig(**{**vars(attention.decode_config(cuda, d, dtype, kv_fp8)), **cfg})
+        attention.decode_attention(torch.zeros(2, hq, d, dtype=dtype), kc, kc, seq_lens, table, 0.1, config,
+                                   **scales)
+
+    def prefill(dtype, hq, hk, d, tokens=100, context=100, kv_fp8=False):
+        kc, scales = caches(dtype, hk, d, kv_fp8)
         seq_lens = torch.full((2,), context, dtype=torch.int32)
         table = torch.zeros(2, -(-context // 16), dtype=torch.int32)
         qsl = torch.tensor([0, tokens // 2, tokens], dtype=torch.int32)
-        cfg = attention.prefill_config(cuda, d, dtype)
+        cfg = attention.prefill_config(cuda, d, dtype, kv_fp8)
         assert (attention.prefill_splits(tokens, 2, hk, cfg.block_m // (hq // hk), table.shape[1] * 16, 132, cfg)
                 > 1) == (context > 10_000)
         with mock.patch.object(attention, "num_sms", lambda device: 132):  # an H100's, not the CPU stand-in's
             attention.prefill_attention(torch.zeros(tokens, hq, d, dtype=dtype), kc, kc, qsl, seq_lens, table, 0.1,
-                                        cfg)
+                                        cfg, **scales)
 
     x, w = torch.zeros(4, 4096, dtype=BF16), torch.zeros(4096, dtype=BF16)
     kv, cache = torch.zeros(4, 8, 128, dtype=BF16), torch.zeros(2, 16, 8, 128, dtype=BF16)
@@ -407,6 +558,9 @@ def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
     fused_args = (torch.zeros(4, dtype=torch.long), q.view(4, 32, 128), k.view(4, 8, 128), v.view(4, 8, 128),
                   torch.zeros(16, 128), cache, cache, torch.zeros(4, dtype=torch.long))
     norm_w = torch.zeros(128, dtype=BF16)
+    fp8_cache, fp8_scale = torch.zeros(2, 16, 8, 128, dtype=FP8), torch.ones(2, 16, 8)
+    fp8_args = (*fused_args[:5], fp8_cache, fp8_cache, fused_args[7])
+    fp8_scales = {"k_scale": fp8_scale, "v_scale": fp8_scale}
     return {
         "decode_bf16_d128_gqa4_splits": partial(decode, BF16, 32, 8, 128, programs_per_sm=64, min_tiles_per_split=1),
         "decode_bf16_d128_gqa4_one_split": partial(decode, BF16, 32, 8, 128, max_splits=1),
@@ -422,6 +576,23 @@ def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
         "write_kv": partial(elementwise.write_kv, kv, kv, cache, cache, torch.zeros(4, dtype=torch.long)),
         "rotary_write_kv": partial(elementwise.rotary_write_kv, *fused_args),
         "rotary_write_kv_qk_norm": partial(elementwise.rotary_write_kv, *fused_args, q_norm=norm_w, k_norm=norm_w),
+        # FP8 KV caches (sm_90 converts e4m3 natively; Triton refuses float8e4nv below sm_89)
+        "decode_fp8_kv_bf16_d128_gqa4_splits": partial(decode, BF16, 32, 8, 128, kv_fp8=True, programs_per_sm=64,
+                                                       min_tiles_per_split=1),
+        "decode_fp8_kv_bf16_d128_gqa4_one_split": partial(decode, BF16, 32, 8, 128, kv_fp8=True, max_splits=1),
+        "decode_fp8_kv_f16_d64_gqa3_splits": partial(decode, F16, 12, 4, 64, kv_fp8=True, programs_per_sm=64,
+                                                     min_tiles_per_split=1),
+        "decode_fp8_kv_f32_d128_gqa4": partial(decode, F32, 32, 8, 128, kv_fp8=True),
+        "prefill_fp8_kv_bf16_d128_gqa4": partial(prefill, BF16, 32, 8, 128, kv_fp8=True),
+        "prefill_fp8_kv_bf16_d256_gqa2": partial(prefill, BF16, 16, 8, 256, kv_fp8=True),
+        "prefill_fp8_kv_f32_d64_gqa4": partial(prefill, F32, 32, 8, 64, kv_fp8=True),
+        "prefill_fp8_kv_bf16_d128_gqa4_split_key_range": partial(prefill, BF16, 32, 8, 128, tokens=8, context=70_000,
+                                                                 kv_fp8=True),
+        "write_kv_fp8": partial(elementwise.write_kv, kv, kv, fp8_cache, fp8_cache, torch.zeros(4, dtype=torch.long),
+                                fp8_scale, fp8_scale),
+        "rotary_write_kv_fp8": partial(elementwise.rotary_write_kv, *fp8_args, **fp8_scales),
+        "rotary_write_kv_fp8_qk_norm": partial(elementwise.rotary_write_kv, *fp8_args, q_norm=norm_w, k_norm=norm_w,
+                                               **fp8_scales),
     }
 
 
@@ -533,20 +704,22 @@ def test_prefill_long_prefix_matches_reference_gpu() -> None:
 
 
 @pytest.mark.gpu
-def test_decode_replays_in_a_cuda_graph_gpu() -> None:
+@pytest.mark.parametrize("kv_fp8", [False, True])
+def test_decode_replays_in_a_cuda_graph_gpu(kv_fp8: bool) -> None:
     """No host sync in the decode launch: it captures into a CUDA graph and replays correctly."""
     triton_ops, torch_ops = _ops()
     gen = _rng("cuda", 400)
-    kv = paged_kv([3000, 17, 900], 8, 128, 16, BF16, gen)
+    kv = paged_kv([3000, 17, 900], 8, 128, 16, BF16, gen, kv_fp8)
     q = _randn((3, 32, 128), gen, BF16)
-    triton_ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_table, 0.088)  # compile
+    args = (kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_table, 0.088)
+    triton_ops.decode_attention(q, *args, **kv.scales)  # compile
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = triton_ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_table, 0.088)
+        out = triton_ops.decode_attention(q, *args, **kv.scales)
     q.copy_(_randn((3, 32, 128), gen, BF16))
     kv.seq_lens.copy_(torch.tensor([2999, 5, 901], dtype=torch.int32))
     graph.replay()
-    want = torch_ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_table, 0.088)
+    want = torch_ops.decode_attention(q, *args, **kv.scales)
     _assert_close(out, want, BF16, "decode_attention in a CUDA graph")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import signal
 import time
 import uuid
@@ -539,6 +540,14 @@ def test_models_reports_the_vocabulary(tiny):
     # Fails before the fix: /v1/models had no vocab_size (KeyError), so bench_serving took 49152.
     entry = httpx.get(tiny.url + "/v1/models", timeout=30).json()["data"][0]
     assert (entry["vocab_size"], entry["max_model_len"], entry["object"]) == (TINY_VOCAB, 2048, "model")
+
+
+def test_models_and_metrics_say_the_precision_in_effect(tiny):
+    entry = httpx.get(tiny.url + "/v1/models", timeout=30).json()["data"][0]
+    assert (entry["dtype"], entry["kv_cache_dtype"], entry["quantization"]) == ("float32", "auto", "none")
+    metrics = httpx.get(tiny.url + "/metrics", timeout=30).text
+    assert re.search(r'tandem_model_info\{[^}]*dtype="float32"[^}]*kv_cache_dtype="auto"[^}]*quantization="none"'
+                     r'[^}]*\} 1\.0', metrics), metrics[:2000]
 
 
 @pytest.mark.parametrize("path,body", _TINY_REQUESTS)

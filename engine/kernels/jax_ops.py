@@ -34,6 +34,7 @@ What falls back to the torch reference, and why:
     rotary_write_kv  for the same reason not one XLA computation: the (q/k norm and) rotary
               run here, the rotated k and v go into the cache through torch's write_kv;
               the same ops, in the same order, as the unfused path of this backend.
+              So it takes FP8 caches as torch's write_kv does.
 
 Attention (prefill and decode share one core): queries are laid out per request as
 [R, Q, Hq, D]; the loop walks the block table CB blocks at a time, gathering those
@@ -42,6 +43,10 @@ is max(seq_lens) / (CB * block_size), so unused block-table columns cost nothing
 
     block_table[r] = [ 7   2 | 9   4 | -1  -1 | -1  -1 ]     W bucketed to 8, CB = 2
                       chunk 0  chunk 1  not visited: max(seq_lens) <= 4 blocks
+
+FP8 KV caches (float8_e4m3fn through DLPack, scales [NB, BS, Hk] float32; torch_ops' contract):
+the gathered blocks are converted to q's dtype (exact) and the scales applied to the score and
+probability columns, as the Triton kernels do.
 """
 
 from __future__ import annotations
@@ -189,14 +194,15 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
-                    k_norm: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+                    k_norm: torch.Tensor | None = None, eps: float = 1e-6, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """[q/k RMSNorm,] rotary in JAX, then k and v stored by torch's write_kv; returns the rotated q."""
     if q_norm is not None:
         q = rms_norm(q, q_norm, eps)
     if k_norm is not None:
         k = rms_norm(k, k_norm, eps)
     q, k = rotary_embedding(positions, q, k, cos_sin)
-    torch_ops.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    torch_ops.write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q
 
 
@@ -227,13 +233,15 @@ def _chunk_blocks(r: int, q: int, hq: int, hk: int, d: int, bs: int, width: int,
 
 
 def _paged_attention(q: jax.Array, qpos: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                     blocks: jax.Array, scale: float, chunk_elements: int) -> jax.Array:
+                     blocks: jax.Array, scale: float, chunk_elements: int, k_scale: jax.Array | None = None,
+                     v_scale: jax.Array | None = None) -> jax.Array:
     """Flash-style attention of per-request queries over their paged contexts.
 
     Args:
         q: [R, Q, Hq, D]; qpos: [R, Q] position of each query (-1: padding, sees nothing);
         k_cache, v_cache: [NB, BS, Hk, D]; blocks: [R, W] block ids (< 0 past the end);
         chunk_elements: memory budget of one loop step, in elements.
+        k_scale, v_scale: [NB, BS, Hk] float32 with FP8 caches, else None.
     Returns:
         [R, Q, Hq, D] float32; a query that sees no key gets zeros.
     """
@@ -251,13 +259,22 @@ def _paged_attention(q: jax.Array, qpos: jax.Array, k_cache: jax.Array, v_cache:
     # a key at position p is visible to a query at qpos iff p <= qpos (p < seq_len follows)
     n_chunks = jnp.minimum((jnp.max(qpos) + ct) // ct, width // cb)
 
+    fp8 = k_scale is not None
+
+    def columns(scales, blk):  # [NB, BS, Hk] -> the chunk's [R, Hk, 1, 1, CT], to scale score columns
+        return scales[blk].reshape(r, ct, hk).transpose(0, 2, 1)[:, :, None, None, :]
+
     def step(c, state):
         m, l, acc = state
         blk = lax.dynamic_slice_in_dim(blocks, c * cb, cb, axis=1)
         k = k_cache[blk].reshape(r, ct, hk, d)
         v = v_cache[blk].reshape(r, ct, hk, d)
+        if fp8:  # e4m3 -> q's dtype is exact; the scales go on the columns
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
         s = jnp.einsum("rqhgd,rkhd->rhgqk", qg, k, precision=precision,
                        preferred_element_type=jnp.float32) * scale
+        if fp8:
+            s = s * columns(k_scale, blk)
         kpos = c * ct + jnp.arange(ct)
         visible = (kpos[None, None, :] <= qpos[:, :, None])[:, None, None]
         s = jnp.where(visible, s, -jnp.inf)
@@ -265,7 +282,8 @@ def _paged_attention(q: jax.Array, qpos: jax.Array, k_cache: jax.Array, v_cache:
         m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # all masked so far: avoid inf - inf
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(m - m_safe)
-        pv = jnp.einsum("rhgqk,rkhd->rhgqd", p.astype(v.dtype), v, precision=precision,
+        pw = p * columns(v_scale, blk) if fp8 else p  # l sums the unscaled p
+        pv = jnp.einsum("rhgqk,rkhd->rhgqd", pw.astype(v.dtype), v, precision=precision,
                         preferred_element_type=jnp.float32)
         return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
 
@@ -278,7 +296,7 @@ def _paged_attention(q: jax.Array, qpos: jax.Array, k_cache: jax.Array, v_cache:
 
 
 @partial(jax.jit, static_argnames=("max_q", "scale", "chunk_elements"))
-def _prefill_jit(q, k_cache, v_cache, query_start_loc, seq_lens, block_table, *, max_q: int,
+def _prefill_jit(q, k_cache, v_cache, query_start_loc, seq_lens, block_table, k_scale, v_scale, *, max_q: int,
                  scale: float, chunk_elements: int):
     starts, ends = query_start_loc[:-1], query_start_loc[1:]
     qlen = ends - starts
@@ -286,7 +304,7 @@ def _prefill_jit(q, k_cache, v_cache, query_start_loc, seq_lens, block_table, *,
     valid = i[None, :] < qlen[:, None]                               # [R, Q]
     qpos = jnp.where(valid, seq_lens[:, None] - qlen[:, None] + i[None, :], -1)
     tok = jnp.where(valid, starts[:, None] + i[None, :], 0)
-    out = _paged_attention(q[tok], qpos, k_cache, v_cache, block_table, scale, chunk_elements)
+    out = _paged_attention(q[tok], qpos, k_cache, v_cache, block_table, scale, chunk_elements, k_scale, v_scale)
     # back to packed order: token t belongs to the first request whose end is past t
     t = jnp.arange(q.shape[0])
     req = jnp.minimum(jnp.searchsorted(ends, t, side="right"), ends.shape[0] - 1)
@@ -294,14 +312,24 @@ def _prefill_jit(q, k_cache, v_cache, query_start_loc, seq_lens, block_table, *,
     return out[req, slot].astype(q.dtype)
 
 
+def _scales_to_jax(k_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                   v_scale: torch.Tensor | None) -> tuple[jax.Array | None, jax.Array | None]:
+    """An FP8 cache's scales as JAX views (contract checked), or (None, None)."""
+    if not torch_ops.check_kv_scales(k_cache, k_scale, v_scale):
+        return None, None
+    return _cache_to_jax(k_scale), _cache_to_jax(v_scale)
+
+
 @register("prefill_attention", "jax")
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+                      scale: float, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal paged attention of packed queries, cached prefix included (see torch_ops).
 
     Reads the longest query length on the host (one sync) to size the query bucket.
     """
+    scales = _scales_to_jax(k_cache, k_scale, v_scale)
     t, r = q.shape[0], seq_lens.shape[0]
     if t == 0 or r == 0:
         return torch.empty_like(q)
@@ -312,22 +340,24 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     qsl[r + 1:] = query_start_loc[-1]
     out = _prefill_jit(_to_jax(_pad_rows(q, tb)), _cache_to_jax(k_cache), _cache_to_jax(v_cache),
                        _index_to_jax(qsl), _index_to_jax(_pad_rows(seq_lens, rb)),
-                       _index_to_jax(_pad(block_table, (rb, wb), -1)), max_q=max_q, scale=float(scale),
+                       _index_to_jax(_pad(block_table, (rb, wb), -1)), *scales, max_q=max_q, scale=float(scale),
                        chunk_elements=_CHUNK_ELEMENTS)
     return _to_torch(out)[:t]
 
 
 @partial(jax.jit, static_argnames=("scale", "chunk_elements"))
-def _decode_jit(q, k_cache, v_cache, seq_lens, block_table, *, scale: float, chunk_elements: int):
+def _decode_jit(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, *, scale: float, chunk_elements: int):
     qpos = (seq_lens - 1)[:, None]
-    out = _paged_attention(q[:, None], qpos, k_cache, v_cache, block_table, scale, chunk_elements)
+    out = _paged_attention(q[:, None], qpos, k_cache, v_cache, block_table, scale, chunk_elements, k_scale, v_scale)
     return out[:, 0].astype(q.dtype)
 
 
 @register("decode_attention", "jax")
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float) -> torch.Tensor:
+                     seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per request over its whole paged context (see torch_ops)."""
+    scales = _scales_to_jax(k_cache, k_scale, v_scale)
     b = q.shape[0]
     if b == 0:
         return torch.empty_like(q)
@@ -335,7 +365,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # padded requests have seq_len 0: their query sits at -1 and sees nothing
     out = _decode_jit(_to_jax(_pad_rows(q, bb)), _cache_to_jax(k_cache), _cache_to_jax(v_cache),
                       _index_to_jax(_pad_rows(seq_lens, bb)), _index_to_jax(_pad(block_table, (bb, wb), -1)),
-                      scale=float(scale), chunk_elements=_CHUNK_ELEMENTS)
+                      *scales, scale=float(scale), chunk_elements=_CHUNK_ELEMENTS)
     return _to_torch(out)[:b]
 
 

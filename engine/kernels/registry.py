@@ -11,6 +11,10 @@ each operation to the first backend in its preference list that implements it
 and can run on the device; the torch reference is always the last resort, so a
 model never fails for want of a kernel. Which backend won is recorded
 (``KernelSet.chosen``) so tests and benchmarks can say what they ran.
+
+Every backend's KV ops (write_kv, rotary_write_kv, prefill_attention, decode_attention) take
+FP8 caches: float8_e4m3fn caches with keyword scales k_scale, v_scale [NB, BS, Hk] float32,
+quantized on write and dequantized on read (the contract: torch_ops; docs/fp8.md).
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ OPS: tuple[str, ...] = (
     "add_rms_norm",        # (x[T,H], residual[T,H], weight[H], eps) -> (y, x + residual)
     "rotary_embedding",    # (positions[T], q[T,Hq,D], k[T,Hk,D], cos_sin[P,D]) -> (q, k)
     "silu_and_mul",        # (x[T,2F]) -> silu(x[:, :F]) * x[:, F:]
-    "write_kv",            # (k[T,Hk,D], v[T,Hk,D], k_cache, v_cache, slot_mapping[T]) -> None, in place
-    "rotary_write_kv",     # (positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping[, q_norm, k_norm, eps])
-                           #   -> rotated q; k rotated and v stored in the cache: rotary_embedding + write_kv
-    "prefill_attention",   # paged, causal, with a cached prefix: see torch_ops.prefill_attention
-    "decode_attention",    # paged, one query token per request: see torch_ops.decode_attention
+    "write_kv",            # (k[T,Hk,D], v[T,Hk,D], k_cache, v_cache, slot_mapping[T][, k_scale, v_scale]) -> None,
+                           #   in place (FP8 caches: quantized, scales stored)
+    "rotary_write_kv",     # (positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping[, q_norm, k_norm, eps,
+                           #   k_scale, v_scale]) -> rotated q; k rotated and v stored in the cache:
+                           #   rotary_embedding + write_kv
+    "prefill_attention",   # paged, causal, with a cached prefix[, k_scale, v_scale]: see torch_ops.prefill_attention
+    "decode_attention",    # paged, one query token per request[, k_scale, v_scale]: see torch_ops.decode_attention
     "apply_penalties",     # repetition / presence / frequency penalties on logits
     "top_k_top_p_min_p",   # masks logits outside top-k / top-p / min-p with -inf
 )

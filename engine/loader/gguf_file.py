@@ -138,16 +138,18 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
 
 
-def load(path: str, device, dtype):
+def load(path: str, device, dtype, quantization: str = "none"):
+    """quantization="fp8": the decoder layers' linear weights, dequantized from the file's types to
+    float32 tensor by tensor, are quantized to FP8 per output channel as each is loaded."""
     from engine.loader import LoadedModel, ModelLoadError, build_model
 
     reader = _reader(path)
     config = read_config(reader, path)
-    model = build_model(config, device, dtype)
+    model = build_model(config, device, dtype, quantization)
     try:
         model.load_weights(iter_tensors(reader, config, path))
     except ModelLoadError:
         raise
     except ValueError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
-    return LoadedModel(model, config, load_tokenizer(path), path)
+    return LoadedModel(model, config, load_tokenizer(path), path, quantization)

@@ -1,15 +1,28 @@
-"""A Hugging Face model directory: config.json, *.safetensors shards, tokenizer files."""
+"""A Hugging Face model directory: config.json, *.safetensors shards, tokenizer files.
+
+FP8 checkpoints (config.json's `quantization_config`: compressed-tensors, fbgemm_fp8, or per-tensor
+`fp8`; engine.quant.checkpoint_format) load as FP8 whatever EngineConfig.quantization says, as vLLM
+does; a bf16 checkpoint with quantization="fp8" is quantized tensor by tensor as it loads.
+"""
 
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 
 from engine.config import ModelConfig, ModelConfigError
 
+log = logging.getLogger(__name__)
+
 
 def read_config(path: str) -> ModelConfig:
+    return ModelConfig.from_hf(read_hf_config(path))
+
+
+def read_hf_config(path: str) -> dict:
+    """config.json as a mapping (with generation_config.json's eos_token_id when config.json has none)."""
     from engine.loader import ModelLoadError
 
     if not os.path.isdir(path):
@@ -30,7 +43,25 @@ def read_config(path: str) -> ModelConfig:
             eos = json.load(f).get("eos_token_id")
         if eos is not None:
             raw = {**raw, "eos_token_id": eos}
-    return ModelConfig.from_hf(raw)
+    return raw
+
+
+def resolve_quantization(path: str, raw: dict, quantization: str) -> str:
+    """The quantization the weights load with: "fp8" for a checkpoint declaring FP8 (logged when
+    `quantization` said "none"), else `quantization`. Raises ModelLoadError for formats not read."""
+    from engine.loader import ModelLoadError
+    from engine.quant import checkpoint_format
+
+    try:
+        fmt = checkpoint_format(raw, os.path.join(path, "config.json"))
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if fmt is None:
+        return quantization
+    if quantization != "fp8":
+        log.info("%s is an FP8 checkpoint (%s, %s scales): loading FP8 weights (quantization=fp8)",
+                 path, fmt.method, fmt.strategy)
+    return "fp8"
 
 
 def iter_safetensors(path: str):
@@ -61,15 +92,17 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def load(path: str, device, dtype):
+def load(path: str, device, dtype, quantization: str = "none"):
     from engine.loader import LoadedModel, ModelLoadError, build_model
 
-    config = read_config(path)
-    model = build_model(config, device, dtype)
+    raw = read_hf_config(path)
+    config = ModelConfig.from_hf(raw)
+    quantization = resolve_quantization(path, raw, quantization)
+    model = build_model(config, device, dtype, quantization)
     try:
         model.load_weights(iter_safetensors(path))
     except (ValueError, ModelConfigError) as exc:
         if isinstance(exc, ModelLoadError):
             raise
         raise ModelLoadError(f"{path}: {exc}") from None
-    return LoadedModel(model, config, load_tokenizer(path), path)
+    return LoadedModel(model, config, load_tokenizer(path), path, quantization)

@@ -9,6 +9,9 @@ KernelSet in through the ForwardContext.
 
 Activations are packed tokens, [T, hidden]; attention reads and writes the
 paged KV cache through the context's metadata (engine.attention).
+
+With quantization="fp8" the decoder layers' linear weights are FP8 with per-output-channel
+scales (engine.quant, docs/fp8.md); everything else stays in the model's dtype.
 """
 
 from __future__ import annotations
@@ -20,20 +23,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import quant
 from engine.attention import ForwardContext
 from engine.config import ModelConfig
 from engine.placement import Partial, Placement, Replicate, Shard, column_parallel, head_local, replicated, row_parallel
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool, placement: Placement) -> None:
+    """y = x W^T (+ b). With quantization="fp8" the weight is float8_e4m3fn with a float32 scale per output
+    channel (`weight_scale`, [out]) and the product runs through engine.quant.fp8_linear; the bias stays
+    in the model's dtype. Fused q|k|v and gate|up keep one scale per row, so their parts' scales simply
+    stack."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, placement: Placement,
+                 quantization: str = "none") -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        if quantization not in ("none", "fp8"):
+            raise ValueError(f"quantization must be none or fp8, got {quantization!r}")
+        self.quantized = quantization == "fp8"
+        if self.quantized:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=quant.FP8), requires_grad=False)
+            # the scale shards like the weight's rows (column-parallel) or is whole on every rank (row-parallel)
+            rows = placement.params.get("weight")
+            scale_placement = rows if isinstance(rows, Shard) and rows.dim == 0 else Replicate()
+            placement = Placement(placement.input, placement.output,
+                                  {**placement.params, "weight_scale": scale_placement})
+            self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32), requires_grad=False)
+        else:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.placement = placement
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:
+            return quant.fp8_linear(x, self.weight, self.weight_scale, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def load_float_(self, tensor: torch.Tensor, offset: int = 0) -> None:
+        """Quantizes a floating-point [rows, in] slice of the weight (a checkpoint's bf16 tensor, or one
+        part of a fused weight) on this layer's device and writes rows offset.. of weight and weight_scale."""
+        rows = tensor.shape[0]
+        q, scale = quant.quantize_fp8_per_channel(tensor.to(self.weight.device))
+        self.weight.data.narrow(0, offset, rows).copy_(q)
+        self.weight_scale.data.narrow(0, offset, rows).copy_(scale)
 
 
 class RMSNorm(nn.Module):
@@ -105,18 +137,18 @@ def rope_cos_sin(config: ModelConfig, max_positions: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, quantization: str = "none") -> None:
         super().__init__()
         hq, hk, d = config.num_heads, config.num_kv_heads, config.head_dim
         self.hq, self.hk, self.d = hq, hk, d
         self.qkv_proj = Linear(config.hidden_size, (hq + 2 * hk) * d, config.attention_bias,
-                               column_parallel(segments=(hq * d, hk * d, hk * d)))
+                               column_parallel(segments=(hq * d, hk * d, hk * d)), quantization)
         self.qk_norm = config.qk_norm
         if self.qk_norm:  # their weights; the fused rotary / KV-write op applies them (PagedAttention)
             self.q_norm = RMSNorm(d, config.rms_norm_eps, head_local())
             self.k_norm = RMSNorm(d, config.rms_norm_eps, head_local())
         self.attn = PagedAttention(layer, hq, hk, d)
-        self.o_proj = Linear(hq * d, config.hidden_size, False, row_parallel())
+        self.o_proj = Linear(hq * d, config.hidden_size, False, row_parallel(), quantization)
         self.flow = ["qkv_proj"] + (["q_norm"] if self.qk_norm else []) + ["attn", "o_proj"]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -131,12 +163,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     flow = ["gate_up_proj", "act", "down_proj"]
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quantization: str = "none") -> None:
         super().__init__()
         i = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * i, False, column_parallel(segments=(i, i)))
+        self.gate_up_proj = Linear(config.hidden_size, 2 * i, False, column_parallel(segments=(i, i)), quantization)
         self.act = SiluAndMul()
-        self.down_proj = Linear(i, config.hidden_size, False, row_parallel())
+        self.down_proj = Linear(i, config.hidden_size, False, row_parallel(), quantization)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x), ctx))
@@ -152,12 +184,12 @@ class SiluAndMul(nn.Module):
 class DecoderLayer(nn.Module):
     flow = ["input_layernorm", "self_attn", "post_attention_layernorm", "mlp"]
 
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, quantization: str = "none") -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer)
+        self.self_attn = Attention(config, layer, quantization)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, quantization)
 
     def forward(self, positions, x, residual, ctx: ForwardContext):
         if residual is None:
@@ -173,10 +205,10 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     flow = ["embed_tokens", "layers", "norm"]
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quantization: str = "none") -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, quantization) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
@@ -206,14 +238,20 @@ class LMHead(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """The whole model: `forward` gives final hidden states, `compute_logits` the float32 logits."""
+    """The whole model: `forward` gives final hidden states, `compute_logits` the float32 logits.
+
+    quantization="fp8": every Linear of the decoder layers (q|k|v, o, gate|up, down) holds FP8 weights
+    with per-output-channel scales; the embedding table, the LM head and the norms stay in the model's
+    dtype (as vLLM runs FP8 per-channel checkpoints, whose lm_head is left unquantized).
+    """
 
     flow = ["model", "lm_head"]
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quantization: str = "none") -> None:
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config)
+        self.quantization = quantization
+        self.model = DecoderModel(config, quantization)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(tied, config.vocab_size, config.hidden_size)
 
@@ -239,17 +277,38 @@ class CausalLM(nn.Module):
             out[f"{m}.up_proj.weight"] = (f"{m}.gate_up_proj.weight", i, i)
         return out
 
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights under Hugging Face names, fused tensors split again (for transformers references)."""
+    def hf_state_dict(self, quantized: bool = False) -> dict[str, torch.Tensor]:
+        """The weights under Hugging Face names, fused tensors split again (for transformers references).
+
+        An FP8 model's linear weights come dequantized to the model's dtype (new tensors, not views);
+        with `quantized=True` they come as they are, float8_e4m3fn, each with its `<name>.weight_scale`
+        of shape [rows, 1] (the layout of compressed-tensors' per-channel FP8 checkpoints).
+        """
         params = dict(self.named_parameters())
+        dtype = self.model.embed_tokens.weight.dtype
+        dequantized: dict[str, torch.Tensor] = {}
+
+        def value(target: str) -> torch.Tensor:
+            p = params[target]
+            if p.dtype != quant.FP8 or quantized:
+                return p.data
+            if target not in dequantized:
+                dequantized[target] = quant.dequantize(p.data, params[target + "_scale"].data, dtype)
+            return dequantized[target]
+
         out = {}
         for name, (target, offset, rows) in self.fused_targets().items():
             if target in params:
-                out[name] = params[target].data.narrow(0, offset, rows)
+                out[name] = value(target).narrow(0, offset, rows)
+                if quantized and params[target].dtype == quant.FP8:
+                    out[name + "_scale"] = params[target + "_scale"].data.narrow(0, offset, rows).unsqueeze(1)
         fused = {t for t, _, _ in self.fused_targets().values()}
         for name, p in params.items():
-            if name not in fused:
-                out[name] = p.data
+            if name in fused or name.endswith(".weight_scale"):
+                continue
+            out[name] = value(name)
+            if quantized and p.dtype == quant.FP8:
+                out[name + "_scale"] = params[name + "_scale"].data.unsqueeze(1)
         if not self.config.tie_word_embeddings:
             out["lm_head.weight"] = params["lm_head.weight"].data
         return out
@@ -257,16 +316,35 @@ class CausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies checkpoint tensors (Hugging Face names) into the parameters; every parameter must be set.
 
+        In an FP8 model a linear layer's weight may come as float8_e4m3fn (copied as it is, its scale from
+        `<name>.weight_scale`: per-channel [rows, 1] / [rows] or per-tensor, broadcast to the rows) or in
+        floating point (quantized here, per output channel, on the model's device, tensor by tensor).
+        Static activation and KV-cache scales (quant.IGNORED_SUFFIXES) are read past.
+
         Raises:
-            ValueError: a tensor with an unknown name or the wrong shape, or parameters left unset.
+            ValueError: a tensor with an unknown name or the wrong shape, an FP8 tensor for a parameter
+                kept in the model's dtype, or parameters left unset.
         """
         params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
         fused = self.fused_targets()
         filled: dict[str, int] = {}
         for name, tensor in weights:
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
-            if name.endswith("rotary_emb.inv_freq"):
+            if name.endswith(("rotary_emb.inv_freq", *quant.IGNORED_SUFFIXES)):
+                continue
+            if name.endswith(".weight_scale"):
+                weight_name = name[:-len("_scale")]
+                target, offset, rows = fused.get(weight_name, (weight_name, 0, None))
+                target += "_scale"
+                if target not in params:
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}"
+                                     + ("" if self.quantization == "fp8" else " (an FP8 scale, but the model "
+                                        "is not quantized: quantization=fp8)"))
+                dst = params[target].data if rows is None else params[target].data.narrow(0, offset, rows)
+                dst.copy_(quant.per_channel_scale(tensor, dst.shape[0]))
+                filled[target] = filled.get(target, 0) + dst.numel()
                 continue
             target, offset, rows = fused.get(name, (name, 0, None))
             if target not in params:
@@ -276,7 +354,16 @@ class CausalLM(nn.Module):
             if tuple(tensor.shape) != tuple(dst.shape):
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(dst.shape)}")
-            dst.copy_(tensor)
+            if tensor.dtype in quant.OTHER_FP8_DTYPES:
+                raise ValueError(f"checkpoint tensor {name!r} is {tensor.dtype}; FP8 weights must be float8_e4m3fn")
+            if tensor.dtype == quant.FP8 and param.dtype != quant.FP8:
+                raise ValueError(f"checkpoint tensor {name!r} is FP8, but {target} stays in {param.dtype} "
+                                 f"(only the linear layers of the decoder layers hold FP8 weights)")
+            if param.dtype == quant.FP8 and tensor.dtype != quant.FP8:
+                modules[target.rsplit(".", 1)[0]].load_float_(tensor, offset)
+                filled[target + "_scale"] = filled.get(target + "_scale", 0) + dst.shape[0]
+            else:
+                dst.copy_(tensor)
             filled[target] = filled.get(target, 0) + dst.numel()
         missing = [n for n, p in params.items() if filled.get(n, 0) != p.numel()]
         if missing:

@@ -82,6 +82,9 @@ class ModelCard(BaseModel):
     owned_by: str
     max_model_len: int
     vocab_size: int
+    dtype: str
+    kv_cache_dtype: str
+    quantization: str
 
 
 class ModelList(BaseModel):

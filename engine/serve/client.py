@@ -88,9 +88,10 @@ class CoreClient:
             if loop.time() > deadline:
                 raise CoreDied(f"the engine core did not start within {timeout_s} s")
         i = self.info
-        log.info("engine core%s ready: %s on %s, %s, %d KV blocks of %d tokens (%.2f GiB), max_model_len %d",
-                 f" replica {self.index} (pid {self.proc.pid})" if self.keeps_kv_events else "", os.path.basename(os.path.normpath(i.model)), i.device, i.dtype, i.num_blocks, i.block_size,
-                 i.kv_bytes / 2**30, i.max_model_len)
+        log.info("engine core%s ready: %s on %s, %s (KV cache %s, weights %s), %d KV blocks of %d tokens (%.2f GiB), "
+                 "max_model_len %d", f" replica {self.index} (pid {self.proc.pid})" if self.keeps_kv_events else "",
+                 os.path.basename(os.path.normpath(i.model)), i.device, i.dtype, i.kv_cache_dtype, i.quantization,
+                 i.num_blocks, i.block_size, i.kv_bytes / 2**30, i.max_model_len)
         self._tasks = [asyncio.create_task(self._pump()), asyncio.create_task(self._watch())]
         return self.info
 

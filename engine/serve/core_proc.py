@@ -184,7 +184,8 @@ def main(engine_options: dict, to_core: str, from_core: str, parent_pid: int, ke
         bs = core.config.block_size
         send.send(P.encode(P.Ready(core.source, core.max_model_len, core.model_config.vocab_size, core.num_blocks, bs,
                                    str(core.device), str(core.dtype).removeprefix("torch."),
-                                   core.num_blocks * block_bytes(core.model, bs, core.dtype))))
+                                   core.num_blocks * block_bytes(core.model, bs, core.kv_dtype),
+                                   core.config.kv_cache_dtype, getattr(core, "quantization", core.config.quantization))))
         CoreLoop(core, recv, send).run()
         core.close()  # KV events still queued are sent
     except BaseException:  # noqa: BLE001 - report, then die with a non-zero status

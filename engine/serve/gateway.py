@@ -122,10 +122,14 @@ def create_app(state: GatewayState, lifespan=None) -> FastAPI:
     @app.get("/v1/models", response_model=S.ModelList)
     async def models():
         # OpenAI's model object plus vLLM's max_model_len and the vocabulary, so that a client that sends
-        # token ids (experiments/bench_serving.py) knows their range without being told
+        # token ids (experiments/bench_serving.py) knows their range without being told; and the precision
+        # in effect (activations, KV cache, weights)
+        info = state.client.info
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
                                             "owned_by": "tandem", "max_model_len": state.max_model_len,
-                                            "vocab_size": state.vocab_size}]}
+                                            "vocab_size": state.vocab_size, "dtype": info.dtype,
+                                            "kv_cache_dtype": info.kv_cache_dtype,
+                                            "quantization": info.quantization}]}
 
     @app.get("/metrics", response_class=Response, responses=S.METRICS_RESPONSES)
     async def metrics():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -65,6 +67,13 @@ class _CoreCollector:
                      lambda s: s.get("num_preemptions_recompute", 0) + s.get("num_preemptions_swap", 0))
         yield family(C, "evicted_blocks", "KV blocks evicted from the prefix cache",
                      lambda s: s.get("num_evicted_blocks", 0))
+        info = getattr(self.clients[0], "info", None)
+        if info is not None:  # what every core runs
+            model = GaugeMetricFamily("tandem_model_info", "1; the labels say the model and its precision",
+                                      labels=["model", "dtype", "kv_cache_dtype", "quantization"])
+            model.add_metric([os.path.basename(os.path.normpath(info.model)), info.dtype, info.kv_cache_dtype,
+                              info.quantization], 1.0)
+            yield model
         if labeled:
             yield from self._router_families()
 

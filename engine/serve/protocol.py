@@ -49,6 +49,8 @@ class Ready(msgspec.Struct, tag=True, array_like=True):
     device: str
     dtype: str
     kv_bytes: int                      # of the num_blocks KV blocks
+    kv_cache_dtype: str = "auto"       # EngineConfig.kv_cache_dtype in effect
+    quantization: str = "none"         # the weights' quantization in effect ("fp8" also from an FP8 checkpoint)
 
 
 class Tokens(msgspec.Struct, tag=True, array_like=True):

@@ -28,6 +28,12 @@ Prefill, grid (query tiles, Hk): rows of a tile are (token, head-of-group) pairs
 A tile of request r at query offsets [tok0, tok0 + BQ) reads keys [0, last position]: the full
 tiles below its first position unmasked, the rest with the causal mask key <= position.
 
+FP8 caches (float8e4nv, KV_FP8; scales [NB, BS, Hk] float32 per slot and KV head, see
+torch_ops): a tile is loaded as FP8 (half the bytes of bf16) and converted in registers to q's dtype
+(exact: every e4m3 value is a bf16, f16 and f32 value); the scales are applied to the tile's
+columns, not its elements: s = (q @ k8^T) * k_scale[None, :] and acc += (p * v_scale[None, :]) @ v8,
+with l summing the unscaled p. q stays in its own dtype (never cast to FP8).
+
 Integer arguments that change from step to step (the block table's row stride, which is the batch's
 widest context in blocks; the split and tile counts; strides that follow them) are not specialized
 (`do_not_specialize`): Triton would otherwise compile another variant, for about a second, the first
@@ -42,6 +48,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.torch_ops import check_kv_scales
 
 _LOG2E = 1.4426950408889634
 
@@ -71,9 +79,13 @@ class PrefillConfig:
     split_waves: int = 2        # aim for at least this many waves of programs (see prefill_splits)
 
 
-def decode_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> DecodeConfig:
+def decode_config(device: torch.device, head_dim: int, dtype: torch.dtype, kv_fp8: bool = False) -> DecodeConfig:
+    """Tiles for q and tiles multiplied in `dtype` (the cache's, or q's for an FP8 cache: kv_fp8)."""
     if device.type != "cuda":  # the interpreter: small tiles, still split so every path runs
         return DecodeConfig(block_n=16, min_tiles_per_split=1, num_warps=1, num_stages=1)
+    if kv_fp8 and dtype == torch.float32:
+        # FP8 -> fp32 tiles: two stages spill (255 registers + ~300 bytes); one stage takes 63 (ptxas, sm_90)
+        return DecodeConfig(block_n=16, num_stages=1)
     # sized from ptxas -v for sm_90: no spills (fp32 tl.dot runs on FMA units, hence its small tile)
     if dtype == torch.float32:
         return DecodeConfig(block_n=16)
@@ -82,12 +94,19 @@ def decode_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> De
     return DecodeConfig(block_n=64 if head_dim <= 128 else 32, min_tiles_per_split=1)
 
 
-def prefill_config(device: torch.device, head_dim: int, dtype: torch.dtype) -> PrefillConfig:
+def prefill_config(device: torch.device, head_dim: int, dtype: torch.dtype, kv_fp8: bool = False) -> PrefillConfig:
+    """Tiles for tiles multiplied in `dtype` (the cache's, or q's for an FP8 cache: kv_fp8)."""
     if device.type != "cuda":  # the interpreter: small tiles, splits from short contexts so that path runs
         return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1, min_split_keys=32)
     # sized from ptxas -v for sm_90: 116-181 registers a thread and no spills for 16-bit caches
     if dtype == torch.float32:
         return PrefillConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+    if kv_fp8:
+        # FP8 tiles converted in registers: the 16-bit caches' tiles spill (255 registers + 32 bytes at
+        # head_dim 128 and 256); these take 194 and 228 registers, no spills (ptxas -v, sm_90; not timed)
+        if head_dim > 128:
+            return PrefillConfig(block_m=64, block_n=16, num_warps=8, num_stages=2)
+        return PrefillConfig(block_m=128, block_n=32, num_warps=8, num_stages=3)
     if head_dim > 128:
         return PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
     return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
@@ -108,14 +127,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
 @triton.jit
 def _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
                  kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, n_end, qk_scale,
+                 ks_ptr, vs_ptr, ks_head, vs_head, ks_st0, ks_st1, vs_st0, vs_st1,
                  BS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                 CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+                 CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr):
     """One key tile [n0, n0 + BLOCK_N) of the online softmax; keys >= n_end are never loaded.
 
     With CAUSAL, row i sees key n iff n <= pos[i]; without, every key of the tile is visible and
     loaded unmasked (the caller guarantees the whole tile is below every row's position and n_end).
     The running max m is kept in scaled units (score x qk_scale), so p = 2^(score x qk_scale - m)
-    is one fused multiply-add an element.
+    is one fused multiply-add an element. KV_FP8: k and v are FP8, converted to q's dtype, and
+    each key's scale multiplies its score column and its probability column.
     """
     n = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D_PAD)
@@ -133,7 +154,15 @@ def _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     else:
         k = tl.load(k_ptrs)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if KV_FP8:
+        s_off = blk * ks_st0 + in_blk * ks_st1
+        if CAUSAL:
+            k_sc = tl.load(ks_ptr + ks_head + s_off, mask=nmask, other=0.0)
+        else:
+            k_sc = tl.load(ks_ptr + ks_head + s_off)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * k_sc[None, :]
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if CAUSAL:
         s = tl.where((n[None, :] <= pos[:, None]) & nmask[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
@@ -149,7 +178,16 @@ def _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     else:
         v = tl.load(v_ptrs)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    if KV_FP8:
+        vs_off = blk * vs_st0 + in_blk * vs_st1
+        if CAUSAL:
+            v_sc = tl.load(vs_ptr + vs_head + vs_off, mask=nmask, other=0.0)
+        else:
+            v_sc = tl.load(vs_ptr + vs_head + vs_off)
+        pv = tl.dot((p * v_sc[None, :]).to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
+    else:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    acc = acc * alpha[:, None] + pv
     return acc, l, m_new
 
 
@@ -160,13 +198,14 @@ def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_TILES: tl.constex
 
 
 @triton.jit(do_not_specialize=['bt_st0', 'o_st0', 'o_st1', 'lse_st0', 'lse_st1', 'num_splits'])
-def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, seq_lens_ptr, bt_ptr, o_ptr, lse_ptr, out_ptr,
+def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, seq_lens_ptr, bt_ptr, o_ptr, lse_ptr, out_ptr, ks_ptr, vs_ptr,
                          q_st0, q_st1, q_st2, kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
                          bt_st0, bt_st1, o_st0, o_st1, o_st2, lse_st0, lse_st1, out_st0, out_st1, out_st2,
+                         ks_st0, ks_st1, ks_st2, vs_st0, vs_st1, vs_st2,
                          qk_scale, num_splits,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                          BS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr,
-                         SINGLE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+                         SINGLE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -180,7 +219,9 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, seq_lens_ptr, bt_ptr, o_ptr, lse
     heads = kvh * G + g
     q_mask = (g < G)[:, None] & (d < D)[None, :]
     q = tl.load(q_ptr + b.to(tl.int64) * q_st0 + heads[:, None] * q_st1 + d[None, :] * q_st2,
-                mask=q_mask, other=0.0).to(kc_ptr.dtype.element_ty)
+                mask=q_mask, other=0.0)
+    if not KV_FP8:  # an FP8 cache is read in q's dtype instead
+        q = q.to(kc_ptr.dtype.element_ty)
 
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
@@ -189,10 +230,13 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, seq_lens_ptr, bt_ptr, o_ptr, lse
     bt_row = bt_ptr + b.to(tl.int64) * bt_st0
     k_head = kvh.to(tl.int64) * kc_st2
     v_head = kvh.to(tl.int64) * vc_st2
+    ks_head = kvh.to(tl.int64) * ks_st2
+    vs_head = kvh.to(tl.int64) * vs_st2
     for n0 in range(start, stop, BLOCK_N):  # no iteration for a split past the context
         acc, l, m = _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
                                  kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, stop, qk_scale,
-                                 BS, BLOCK_N, D, D_PAD, True, DOT_PREC)
+                                 ks_ptr, vs_ptr, ks_head, vs_head, ks_st0, ks_st1, vs_st0, vs_st1,
+                                 BS, BLOCK_N, D, D_PAD, True, DOT_PREC, KV_FP8)
 
     l_safe = tl.where(l > 0.0, l, 1.0)
     o = acc / l_safe[:, None]
@@ -244,13 +288,28 @@ def decode_splits(batch: int, kv_heads: int, max_context: int, sms: int, cfg: De
     return max(1, min(want, cfg.max_splits, tiles // cfg.min_tiles_per_split))
 
 
+def _compute_dtype(q: torch.Tensor, k_cache: torch.Tensor, k_scale, v_scale) -> tuple[bool, torch.dtype]:
+    """(FP8 cache?, the dtype tiles are multiplied in: the cache's, or q's for an FP8 cache)."""
+    fp8 = check_kv_scales(k_cache, k_scale, v_scale)
+    return fp8, q.dtype if fp8 else k_cache.dtype
+
+
+def _scale_args(k_cache: torch.Tensor, k_scale, v_scale) -> tuple:
+    """k_scale, v_scale and their strides for a launch (the cache and zeros without them)."""
+    if k_scale is None:
+        return (k_cache, k_cache), (0, 0, 0, 0, 0, 0)
+    return (k_scale, v_scale), (*k_scale.stride(), *v_scale.stride())
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                     block_table: torch.Tensor, scale: float, cfg: DecodeConfig | None = None) -> torch.Tensor:
+                     block_table: torch.Tensor, scale: float, cfg: DecodeConfig | None = None, *,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Paged decode attention, same contract as torch_ops.decode_attention; `cfg` overrides the tiling."""
     batch, hq, d = q.shape
     _, bs, hk, _ = k_cache.shape
     group = hq // hk
-    cfg = cfg or decode_config(q.device, d, k_cache.dtype)
+    fp8, compute = _compute_dtype(q, k_cache, k_scale, v_scale)
+    cfg = cfg or decode_config(q.device, d, compute, fp8)
     out = torch.empty_like(q)
     if batch == 0:
         return out
@@ -262,14 +321,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
     else:  # written straight to `out`: placeholders only
         o, lse = out, out
+    scales, scale_strides = _scale_args(k_cache, k_scale, v_scale)
     _decode_split_kernel[(batch, hk, splits)](
-        q, k_cache, v_cache, seq_lens, block_table, o, lse, out,
+        q, k_cache, v_cache, seq_lens, block_table, o, lse, out, *scales,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
         o.stride(0), o.stride(1), o.stride(2) if splits > 1 else 0, lse.stride(0), lse.stride(1),
-        *out.stride(), scale * _LOG2E, splits,
+        *out.stride(), *scale_strides, scale * _LOG2E, splits,
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad, BS=bs,
         BLOCK_N=cfg.block_n, MIN_TILES=cfg.min_tiles_per_split, SINGLE_SPLIT=splits == 1,
-        DOT_PREC=_dot_precision(k_cache.dtype),
+        DOT_PREC=_dot_precision(compute), KV_FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         _decode_reduce_kernel[(batch, hq)](
@@ -281,12 +341,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 @triton.jit(do_not_specialize=['bt_st0', 'num_tiles', 'num_splits', 'o_st0', 'o_st1', 'lse_st0', 'lse_st1'])
 def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, o_ptr, lse_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, tile_req_ptr,
+                    ks_ptr, vs_ptr,
                     q_st0, q_st1, q_st2, kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
                     out_st0, out_st1, out_st2, bt_st0, bt_st1, o_st0, o_st1, o_st2, lse_st0, lse_st1,
+                    ks_st0, ks_st1, ks_st2, vs_st0, vs_st1, vs_st2,
                     qk_scale, num_tiles, num_splits,
                     G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                     BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                    DOT_PREC: tl.constexpr):
+                    DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr):
     tile = num_tiles - 1 - tl.program_id(0)  # the last (longest) tiles of a request start first
     kvh = tl.program_id(1)
     req = tl.load(tile_req_ptr + tile)
@@ -304,7 +366,9 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, o_ptr, lse_ptr, qsl_ptr, seq
     q_mask = row_ok[:, None] & (d < D)[None, :]
     q_off = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + q_off[:, None] * q_st0 + heads[:, None] * q_st1 + d[None, :] * q_st2,
-                mask=q_mask, other=0.0).to(kc_ptr.dtype.element_ty)
+                mask=q_mask, other=0.0)
+    if not KV_FP8:  # an FP8 cache is read in q's dtype instead
+        q = q.to(kc_ptr.dtype.element_ty)
     pos = tl.where(row_ok, ctx_start + tok, seq_len - 1)  # padding rows see everything: stay finite
 
     # keys [0, full_end) are visible to every row; [full_end, kv_end) need the causal mask
@@ -325,14 +389,18 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, o_ptr, lse_ptr, qsl_ptr, seq
     bt_row = bt_ptr + req.to(tl.int64) * bt_st0
     k_head = kvh.to(tl.int64) * kc_st2
     v_head = kvh.to(tl.int64) * vc_st2
+    ks_head = kvh.to(tl.int64) * ks_st2
+    vs_head = kvh.to(tl.int64) * vs_st2
     for n0 in range(lo, tl.minimum(full_end, hi), BLOCK_N):
         acc, l, m = _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
                                  kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, kv_end, qk_scale,
-                                 BS, BLOCK_N, D, D_PAD, False, DOT_PREC)
+                                 ks_ptr, vs_ptr, ks_head, vs_head, ks_st0, ks_st1, vs_st0, vs_st1,
+                                 BS, BLOCK_N, D, D_PAD, False, DOT_PREC, KV_FP8)
     for n0 in range(tl.maximum(full_end, lo), hi, BLOCK_N):
         acc, l, m = _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
                                  kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, kv_end, qk_scale,
-                                 BS, BLOCK_N, D, D_PAD, True, DOT_PREC)
+                                 ks_ptr, vs_ptr, ks_head, vs_head, ks_st0, ks_st1, vs_st0, vs_st1,
+                                 BS, BLOCK_N, D, D_PAD, True, DOT_PREC, KV_FP8)
 
     l_safe = tl.where(l > 0.0, l, 1.0)
     o = acc / l_safe[:, None]
@@ -401,13 +469,15 @@ def prefill_splits(tokens: int, reqs: int, kv_heads: int, bq: int, max_context: 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                      scale: float, cfg: PrefillConfig | None = None) -> torch.Tensor:
+                      scale: float, cfg: PrefillConfig | None = None, *, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Paged causal prefill attention, same contract as torch_ops.prefill_attention."""
     tokens, hq, d = q.shape
     _, bs, hk, _ = k_cache.shape
     group = hq // hk
     reqs = seq_lens.shape[0]
-    cfg = cfg or prefill_config(q.device, d, k_cache.dtype)
+    fp8, compute = _compute_dtype(q, k_cache, k_scale, v_scale)
+    cfg = cfg or prefill_config(q.device, d, compute, fp8)
     out = torch.empty_like(q)
     if tokens == 0 or reqs == 0:
         return out
@@ -428,12 +498,13 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         o_strides, lse_strides = o.stride()[:3], lse.stride()[:2]
     else:  # written straight to `out`: placeholders only
         o, lse, o_strides, lse_strides = out, out, (0, 0, 0), (0, 0)
+    scales, scale_strides = _scale_args(k_cache, k_scale, v_scale)
     _prefill_kernel[(num_tiles, hk, splits)](
-        q, k_cache, v_cache, out, o, lse, qsl, seq_lens, block_table, tile_req,
+        q, k_cache, v_cache, out, o, lse, qsl, seq_lens, block_table, tile_req, *scales,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *block_table.stride(),
-        *o_strides, *lse_strides, scale * _LOG2E, num_tiles, splits,
+        *o_strides, *lse_strides, *scale_strides, scale * _LOG2E, num_tiles, splits,
         G=group, BQ=bq, D=d, D_PAD=d_pad, BS=bs,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=splits > 1, DOT_PREC=_dot_precision(k_cache.dtype),
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=splits > 1, DOT_PREC=_dot_precision(compute), KV_FP8=fp8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         h_block = min(triton.next_power_of_2(hq), 8)

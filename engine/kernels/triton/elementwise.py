@@ -12,6 +12,11 @@ projection's output [T, (Hq + 2 Hk) * D]), so every pointer comes with its strid
 
     qkv row t:  [ q h0 | q h1 | ... | k h0 | ... | v h0 | ... ]      head h: [ x1 (HALF) | x2 (HALF) ]
     rotated:    [ x1 cos - x2 sin | x2 cos + x1 sin ]                cos, sin = cos_sin[pos[t]]
+
+The KV writes quantize into FP8 caches (float8e4nv, with float32 scales [NB, BS, Hk] at the same
+slots; torch_ops.quantize_fp8 is the contract): one scale per (token, KV head), max|x| / 448 of
+the value as the unquantized write would store it, and x / scale rounded to nearest even, both
+with IEEE division (div_rn) so that the bits match the reference.
 """
 
 from __future__ import annotations
@@ -20,10 +25,33 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.torch_ops import check_kv_scales
+
 
 def _row_warps(block: int) -> int:
     """Warps for a program that owns `block` elements of one row: ~512 elements a warp, 1-16."""
     return max(1, min(16, block // 512))
+
+
+FP8_MAX = tl.constexpr(448.0)  # float8e4nv's largest finite value (torch_ops.FP8_MAX)
+
+
+@triton.jit
+def _fp8_scale(amax):
+    """Per-row scales of a quantized head: max|x| / 448, 1 for a zero row (IEEE division)."""
+    return tl.where(amax > 0.0, tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32)), 1.0)
+
+
+@triton.jit
+def _fp8_quantize(x, scale):
+    """float32 rows x [H, C] / scale [H], clamped to +-448, rounded to nearest even float8e4nv."""
+    y = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
+    return tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX).to(tl.float8e4nv)
+
+
+def _scale_args(cache: torch.Tensor, scale: torch.Tensor | None) -> tuple:
+    """A scale tensor and its 3 strides for a launch; the cache itself and zeros without one."""
+    return (scale, *scale.stride()) if scale is not None else (cache, 0, 0, 0)
 
 
 @triton.jit
@@ -159,17 +187,19 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 @triton.jit
 def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, qo_ptr,
-                            qw_ptr, kw_ptr,
+                            qw_ptr, kw_ptr, ks_ptr, vs_ptr,
                             q_st0, q_st1, q_st2, k_st0, k_st1, k_st2, v_st0, v_st1, v_st2,
                             kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
+                            ks_st0, ks_st1, ks_st2, vs_st0, vs_st1, vs_st2,
                             qo_st0, qo_st1, cs_st0, cs_st1, HQ, HK, eps,
                             BS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
                             HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
-                            Q_NORM: tl.constexpr, K_NORM: tl.constexpr):
+                            Q_NORM: tl.constexpr, K_NORM: tl.constexpr, KV_FP8: tl.constexpr):
     """One token: [q norm], rotary -> q_out; [k norm], rotary -> k_cache[slot]; v -> v_cache[slot].
 
     Roundings as rms_norm -> rotary_embedding -> write_kv: the norm's output to the input dtype,
-    the rotated q and k to theirs, then k and v to the cache's.
+    the rotated q and k to theirs, then k and v to the cache's (KV_FP8: quantized per head, the
+    scales stored at the slot of ks_ptr / vs_ptr).
     """
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -208,25 +238,45 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, kc_ptr, vc_ptr
     k_ty = k_ptr.dtype.element_ty
     kc_ty = kc_ptr.dtype.element_ty
     dst = kc_ptr + blk * kc_st0 + off * kc_st1 + hk * kc_st2 + c[None, :] * kc_st3
-    tl.store(dst, k1.to(k_ty).to(kc_ty), mask=kmask)
-    tl.store(dst + HALF * kc_st3, k2.to(k_ty).to(kc_ty), mask=kmask)
     src = v_ptr + t * v_st0 + hk * v_st1 + c[None, :] * v_st2
-    dst = vc_ptr + blk * vc_st0 + off * vc_st1 + hk * vc_st2 + c[None, :] * vc_st3
-    vc_ty = vc_ptr.dtype.element_ty
-    tl.store(dst, tl.load(src, mask=kmask).to(vc_ty), mask=kmask)
-    tl.store(dst + HALF * vc_st3, tl.load(src + HALF * v_st2, mask=kmask).to(vc_ty), mask=kmask)
+    vdst = vc_ptr + blk * vc_st0 + off * vc_st1 + hk * vc_st2 + c[None, :] * vc_st3
+    if KV_FP8:
+        # the rotated k rounded to its dtype (what an unquantized cache would hold), then quantized
+        k1 = k1.to(k_ty).to(tl.float32)
+        k2 = k2.to(k_ty).to(tl.float32)
+        v1 = tl.load(src, mask=kmask, other=0.0).to(tl.float32)
+        v2 = tl.load(src + HALF * v_st2, mask=kmask, other=0.0).to(tl.float32)
+        ks = _fp8_scale(tl.maximum(tl.max(tl.abs(k1), 1), tl.max(tl.abs(k2), 1)))
+        vs = _fp8_scale(tl.maximum(tl.max(tl.abs(v1), 1), tl.max(tl.abs(v2), 1)))
+        tl.store(dst, _fp8_quantize(k1, ks), mask=kmask)
+        tl.store(dst + HALF * kc_st3, _fp8_quantize(k2, ks), mask=kmask)
+        tl.store(vdst, _fp8_quantize(v1, vs), mask=kmask)
+        tl.store(vdst + HALF * vc_st3, _fp8_quantize(v2, vs), mask=kmask)
+        h = tl.arange(0, HK_PAD)
+        smask = (h < HK) & keep
+        tl.store(ks_ptr + blk * ks_st0 + off * ks_st1 + h * ks_st2, ks, mask=smask)
+        tl.store(vs_ptr + blk * vs_st0 + off * vs_st1 + h * vs_st2, vs, mask=smask)
+    else:
+        tl.store(dst, k1.to(k_ty).to(kc_ty), mask=kmask)
+        tl.store(dst + HALF * kc_st3, k2.to(k_ty).to(kc_ty), mask=kmask)
+        vc_ty = vc_ptr.dtype.element_ty
+        tl.store(vdst, tl.load(src, mask=kmask).to(vc_ty), mask=kmask)
+        tl.store(vdst + HALF * vc_st3, tl.load(src + HALF * v_st2, mask=kmask).to(vc_ty), mask=kmask)
 
 
 def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
-                    k_norm: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+                    k_norm: torch.Tensor | None = None, eps: float = 1e-6, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """rotary_embedding then write_kv (after a per-head q/k RMSNorm if given) in one kernel.
 
     q [T, Hq, D], k and v [T, Hk, D] may be strided views; caches [NB, BS, Hk, D]. Returns the
     rotated q, a new [T, Hq, D] tensor in q's dtype; the rotated k and v land in the caches
-    (slots < 0 skipped). One program per token; no host synchronisation (CUDA-graph safe).
+    (slots < 0 skipped), quantized when they are FP8 (scales into k_scale / v_scale [NB, BS, Hk]).
+    One program per token; no host synchronisation (CUDA-graph safe).
     """
+    fp8 = check_kv_scales(k_cache, k_scale, v_scale)
     tokens, hq, _ = q.shape
     hk = k.shape[1]
     half = cos_sin.shape[1] // 2
@@ -237,13 +287,15 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     kw = k_norm.contiguous() if k_norm is not None else q_out
     half_pad = triton.next_power_of_2(half)
     width = triton.next_power_of_2(max(hq, hk)) * half_pad
+    ks, *ks_st = _scale_args(k_cache, k_scale)
+    vs, *vs_st = _scale_args(v_cache, v_scale)
     _rotary_write_kv_kernel[(tokens,)](
-        positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping, q_out, qw, kw,
-        *q.stride(), *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
+        positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping, q_out, qw, kw, ks, vs,
+        *q.stride(), *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), *ks_st, *vs_st,
         q_out.stride(0), q_out.stride(1), cos_sin.stride(0), cos_sin.stride(1), hq, hk, float(eps),
         BS=k_cache.shape[1], HALF=half, HALF_PAD=half_pad,
         HQ_PAD=triton.next_power_of_2(hq), HK_PAD=triton.next_power_of_2(hk),
-        Q_NORM=q_norm is not None, K_NORM=k_norm is not None, num_warps=_row_warps(width))
+        Q_NORM=q_norm is not None, K_NORM=k_norm is not None, KV_FP8=fp8, num_warps=_row_warps(width))
     return q_out
 
 
@@ -274,10 +326,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
                      k_st0, k_st1, k_st2, v_st0, v_st1, v_st2,
                      kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
-                     HK, D, BS: tl.constexpr, HK_PAD: tl.constexpr, D_PAD: tl.constexpr):
+                     ks_st0, ks_st1, ks_st2, vs_st0, vs_st1, vs_st2,
+                     HK, D, BS: tl.constexpr, HK_PAD: tl.constexpr, D_PAD: tl.constexpr, KV_FP8: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     keep = slot >= 0  # padding tokens carry slot -1: nothing is written for them
@@ -287,22 +340,41 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
     h = tl.arange(0, HK_PAD)[:, None]
     d = tl.arange(0, D_PAD)[None, :]
     mask = (h < HK) & (d < D) & keep
-    k = tl.load(k_ptr + t * k_st0 + h * k_st1 + d * k_st2, mask=mask)
-    v = tl.load(v_ptr + t * v_st0 + h * v_st1 + d * v_st2, mask=mask)
-    tl.store(kc_ptr + blk * kc_st0 + off * kc_st1 + h * kc_st2 + d * kc_st3,
-             k.to(kc_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc_ptr + blk * vc_st0 + off * vc_st1 + h * vc_st2 + d * vc_st3,
-             v.to(vc_ptr.dtype.element_ty), mask=mask)
+    k_dst = kc_ptr + blk * kc_st0 + off * kc_st1 + h * kc_st2 + d * kc_st3
+    v_dst = vc_ptr + blk * vc_st0 + off * vc_st1 + h * vc_st2 + d * vc_st3
+    if KV_FP8:  # one scale per (token, head): the max over its head dim
+        k = tl.load(k_ptr + t * k_st0 + h * k_st1 + d * k_st2, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + t * v_st0 + h * v_st1 + d * v_st2, mask=mask, other=0.0).to(tl.float32)
+        ks = _fp8_scale(tl.max(tl.abs(k), 1))
+        vs = _fp8_scale(tl.max(tl.abs(v), 1))
+        tl.store(k_dst, _fp8_quantize(k, ks), mask=mask)
+        tl.store(v_dst, _fp8_quantize(v, vs), mask=mask)
+        hs = tl.arange(0, HK_PAD)
+        smask = (hs < HK) & keep
+        tl.store(ks_ptr + blk * ks_st0 + off * ks_st1 + hs * ks_st2, ks, mask=smask)
+        tl.store(vs_ptr + blk * vs_st0 + off * vs_st1 + hs * vs_st2, vs, mask=smask)
+    else:
+        k = tl.load(k_ptr + t * k_st0 + h * k_st1 + d * k_st2, mask=mask)
+        v = tl.load(v_ptr + t * v_st0 + h * v_st1 + d * v_st2, mask=mask)
+        tl.store(k_dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Stores k/v [T, Hk, D] at their slots of the paged caches, in place; slots < 0 are skipped."""
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """Stores k/v [T, Hk, D] at their slots of the paged caches, in place; slots < 0 are skipped.
+
+    FP8 caches: quantized per (token, head), the scales stored into k_scale / v_scale [NB, BS, Hk].
+    """
+    fp8 = check_kv_scales(k_cache, k_scale, v_scale)
     tokens, hk, d = k.shape
     if tokens == 0:
         return
     hk_pad, d_pad = triton.next_power_of_2(hk), triton.next_power_of_2(d)
+    ks, *ks_st = _scale_args(k_cache, k_scale)
+    vs, *vs_st = _scale_args(v_cache, v_scale)
     _write_kv_kernel[(tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
-        hk, d, BS=k_cache.shape[1], HK_PAD=hk_pad, D_PAD=d_pad, num_warps=_row_warps(hk_pad * d_pad))
+        k, v, k_cache, v_cache, slot_mapping, ks, vs,
+        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), *ks_st, *vs_st,
+        hk, d, BS=k_cache.shape[1], HK_PAD=hk_pad, D_PAD=d_pad, KV_FP8=fp8, num_warps=_row_warps(hk_pad * d_pad))

@@ -1,7 +1,7 @@
 """Shims for the Triton interpreter (TRITON_INTERPRET=1: the CPU path of the triton backend).
 
-Two defects of Triton 3.6's interpreter would make the attention kernels fail or lie on CPU
-while the compiled kernels are fine; both fixes only touch the interpreter:
+Three defects of Triton 3.6's interpreter would make the kernels fail or lie on CPU while the
+compiled kernels are fine; the fixes only touch the interpreter:
 
 * Scalar loop bounds are converted with ``int(array)``, but the interpreter's scalars are
   shape-(1,) numpy arrays, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be
@@ -10,6 +10,11 @@ while the compiled kernels are fine; both fixes only touch the interpreter:
 * bfloat16 is stored as uint16 and ``tl.dot`` multiplies the raw bit patterns
   (triton-lang/triton#11584; upstream declines: "the interpreter does not support bf16"):
   widen bfloat16 operands to float32 (exact: the top half of a float32) before the matmul.
+
+* Conversions to float8e4nv (the FP8 KV cache) round the mantissa without carrying into the
+  exponent (31.13 becomes 16, not 32) and know no NaN (0x7f reads back as 480): convert to and
+  from float8e4nv exactly, as the GPU does (cvt.rn.satfinite: round to nearest even, saturating
+  at +-448, NaN kept), through torch's float8_e4m3fn.
 
 Casts to bfloat16 in the interpreter still truncate instead of rounding to nearest even, so
 bf16 results there differ from the GPU's by up to an ulp.
@@ -52,8 +57,44 @@ def _fix_bf16_dot(interpreter) -> None:
     builder.create_dot = create_dot
 
 
+def _fix_fp8e4nv_convert(interpreter) -> None:
+    import numpy as np
+    import torch
+    import triton.language as tl
+
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_fp_to_fp
+
+    def to_float32(handle) -> np.ndarray:
+        data, dtype = handle.data, handle.dtype.scalar
+        if dtype == tl.bfloat16:  # stored as uint16: the top half of a float32
+            return (data.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return data.astype(np.float32)
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+        if dst_ty == tl.float8e4nv and src_ty in (tl.float32, tl.float16, tl.bfloat16):
+            x = np.clip(to_float32(src), -448.0, 448.0)  # satfinite; NaN stays NaN
+            data = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+            return interpreter.TensorHandle(data.reshape(src.data.shape), dst_ty)
+        if src_ty == tl.float8e4nv and dst_ty in (tl.float32, tl.float16, tl.bfloat16):
+            bits = torch.from_numpy(np.ascontiguousarray(src.data).view(np.uint8))
+            x = bits.view(torch.float8_e4m3fn).float()  # exact (NaN included)
+            if dst_ty == tl.float32:
+                data = x.numpy()
+            elif dst_ty == tl.float16:
+                data = x.half().numpy()
+            else:
+                data = x.bfloat16().view(torch.uint16).numpy()
+            return interpreter.TensorHandle(data.reshape(src.data.shape), dst_ty)
+        return original(self, src, dst_type, rounding_mode)
+
+    setattr(create_fp_to_fp, _MARK, True)
+    builder.create_fp_to_fp = create_fp_to_fp
+
+
 def fix_interpreter() -> None:
-    """Applies both fixes once (idempotent); a Triton without these internals is left alone."""
+    """Applies the fixes once (idempotent); a Triton without these internals is left alone."""
     try:
         from triton.runtime import interpreter
     except ImportError:  # pragma: no cover - a triton without an interpreter
@@ -65,3 +106,6 @@ def fix_interpreter() -> None:
     dot = getattr(builder, "create_dot", None)
     if dot is not None and hasattr(interpreter, "TensorHandle") and not getattr(dot, _MARK, False):
         _fix_bf16_dot(interpreter)
+    convert = getattr(builder, "create_fp_to_fp", None)
+    if convert is not None and hasattr(interpreter, "TensorHandle") and not getattr(convert, _MARK, False):
+        _fix_fp8e4nv_convert(interpreter)
