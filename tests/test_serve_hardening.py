@@ -227,10 +227,11 @@ def test_startup_log_names_device_dtype_model_and_kv_cache(server):
     # Fails before the fix: the log said only "serving <model> on <url>".
     with open(server.log_path, encoding="utf-8", errors="replace") as f:
         head = f.read(20_000)
-    line = re.search(r"engine core ready: (\S+) on (\S+), (\S+), 1024 KV blocks of 16 tokens \(([\d.]+) GiB\)", head)
+    line = re.search(r"engine core ready: (\S+) on (\S+), (\S+) \(KV cache (\S+), weights (\S+)\), "
+                     r"1024 KV blocks of 16 tokens \(([\d.]+) GiB\)", head)
     assert line, head
-    model, device, dtype, gib = line.groups()
-    assert model.startswith("SmolLM2-135M") and (device, dtype) == ("cpu", "float32")
+    model, device, dtype, kv_dtype, weights, gib = line.groups()
+    assert model.startswith("SmolLM2-135M") and (device, dtype, kv_dtype, weights) == ("cpu", "float32", "auto", "none")
     # SmolLM2-135M: 30 layers x (K + V) x 3 KV heads x 64 dims x 4 bytes = 46080 bytes a token
     assert float(gib) == pytest.approx(1024 * 16 * 46080 / 2**30, abs=0.01)
 
