@@ -147,16 +147,23 @@ def _rotate_heads(x_ptr, o_ptr, x_st1, x_st2, o_st1, num_heads, cos, sin, c, cma
 
 
 @triton.jit
-def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, qo_ptr, ko_ptr,
-                   q_st0, q_st1, q_st2, k_st0, k_st1, k_st2, qo_st0, qo_st1, ko_st0, ko_st1,
-                   cs_st0, cs_st1, HQ, HK,
-                   HALF: tl.constexpr, HALF_PAD: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+def _cos_sin_row(pos_ptr, cs_ptr, t, cs_st0, cs_st1, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+    """Token t's rotary row: (cos, sin) in float32 over the half width, its columns and their mask."""
     pos = tl.load(pos_ptr + t).to(tl.int64)
     c = tl.arange(0, HALF_PAD)
     cmask = c < HALF
     cos = tl.load(cs_ptr + pos * cs_st0 + c * cs_st1, mask=cmask, other=0.0).to(tl.float32)
     sin = tl.load(cs_ptr + pos * cs_st0 + (c + HALF) * cs_st1, mask=cmask, other=0.0).to(tl.float32)
+    return cos, sin, c, cmask
+
+
+@triton.jit
+def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, qo_ptr, ko_ptr,
+                   q_st0, q_st1, q_st2, k_st0, k_st1, k_st2, qo_st0, qo_st1, ko_st0, ko_st1,
+                   cs_st0, cs_st1, HQ, HK,
+                   HALF: tl.constexpr, HALF_PAD: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cos, sin, c, cmask = _cos_sin_row(pos_ptr, cs_ptr, t, cs_st0, cs_st1, HALF, HALF_PAD)
     _rotate_heads(q_ptr + t * q_st0, qo_ptr + t * qo_st0, q_st1, q_st2, qo_st1, HQ, cos, sin, c, cmask,
                   HALF, HQ_PAD)
     _rotate_heads(k_ptr + t * k_st0, ko_ptr + t * ko_st0, k_st1, k_st2, ko_st1, HK, cos, sin, c, cmask,
@@ -202,11 +209,7 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, kc_ptr, vc_ptr
     scales stored at the slot of ks_ptr / vs_ptr).
     """
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    c = tl.arange(0, HALF_PAD)
-    cmask = c < HALF
-    cos = tl.load(cs_ptr + pos * cs_st0 + c * cs_st1, mask=cmask, other=0.0).to(tl.float32)
-    sin = tl.load(cs_ptr + pos * cs_st0 + (c + HALF) * cs_st1, mask=cmask, other=0.0).to(tl.float32)
+    cos, sin, c, cmask = _cos_sin_row(pos_ptr, cs_ptr, t, cs_st0, cs_st1, HALF, HALF_PAD)
 
     # q: every token
     hq = tl.arange(0, HQ_PAD)[:, None]
