@@ -142,15 +142,15 @@ def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor,
 
 # The decode GEMV (Triton) ------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
-def _gemv_kernel():
-    """The Triton kernel, decorated on first use (so TRITON_INTERPRET=1 set before that call applies)."""
+def _gemv_kernels() -> dict:
+    """The Triton kernels, decorated on first use (so TRITON_INTERPRET=1 set before that call applies)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+    def fp8_gemv_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                            HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # one program: BLOCK_N output channels for all (<= BLOCK_M) rows; the FP8 weight tile is read
         # once, widened to x's dtype in registers, and multiplied on the tensor cores (fp32 accumulate)
         pid = tl.program_id(0)
@@ -162,7 +162,7 @@ def _gemv_kernel():
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + rk
-            k_ok = k < K
+            k_ok = (k < K) | EVEN_K
             w = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
@@ -173,22 +173,62 @@ def _gemv_kernel():
         tl.store(o_ptr + rm[:, None] * stride_om + rn[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
-    return fp8_gemv_kernel
+    @triton.jit
+    def fp8_gemv_fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                            HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one program: BLOCK_N output channels for the (<= BLOCK_M, a few) rows, on the CUDA cores: each
+        # weight element is widened to float32 once and multiplied into every row's running products,
+        # [BLOCK_M, BLOCK_N, BLOCK_K] of them, reduced over K once at the end (no tensor-core padding of
+        # one row to 16, no per-tile reduction)
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        m_ok = rm < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + rk
+            k_ok = (k < K) | EVEN_K
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
+            acc += w[None, :, :] * x[:, None, :]
+        s = tl.load(s_ptr + rn, mask=n_ok, other=0.0)
+        out = tl.sum(acc, axis=2) * s[None, :]
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(o_ptr + rm[:, None] * stride_om + rn[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    return {"dot": fp8_gemv_dot_kernel, "fma": fp8_gemv_fma_kernel}
 
 
-def gemv_config(n: int, k: int) -> dict[str, int]:
-    """Tile sizes of the decode GEMV. BLOCK_N 16 (tl.dot's smallest): the most programs, two or more per
-    SM for N >= 4224 on an H100's 132 SMs. BLOCK_K 512: Triton does not software-pipeline this loop
-    (the weight tile is widened in registers, not staged through shared memory), so each iteration's
-    16 x 512 bytes of weights are what a program has in flight. For sm_90 this compiles to 168
-    registers and no spills (BLOCK_N 64 spills). Chosen from the compiled code, not measured on a GPU."""
+FMA_ROWS = 4  # at most this many rows take the CUDA-core kernel; more, the tensor-core one
+
+
+def gemv_config(m: int, n: int, k: int) -> dict:
+    """The kernel and tiles of the decode GEMV for m rows of [n, k] weights.
+
+    `fma` (m <= FMA_ROWS): BLOCK_N 8 x BLOCK_K 1024 / rows, 4 warps: 8 KiB of weights a program in flight
+    each iteration at one row, n / 8 programs (512 for n = 4096 on an H100's 132 SMs). `dot` (more rows): BLOCK_M the rows
+    padded to 16, BLOCK_N 16 (tl.dot's smallest), BLOCK_K 512, 168 registers on sm_90, no spills. Neither
+    loop is software-pipelined by Triton (the weight tile is widened in registers, not staged through shared
+    memory), so the tile is what a program has in flight. experiments.tune_fp8_gemv sweeps these."""
     block_k = 512 if k >= 512 else max(16, 1 << (max(k, 1) - 1).bit_length())
-    return {"BLOCK_M": DECODE_ROWS, "BLOCK_N": 16, "BLOCK_K": block_k}
+    if m <= FMA_ROWS:
+        rows = max(1, 1 << (m - 1).bit_length())
+        block_k = min(1024 // rows, max(16, 1 << (max(k, 1) - 1).bit_length()))  # 64 running products a thread
+        return {"kind": "fma", "BLOCK_M": rows, "BLOCK_N": 8, "BLOCK_K": block_k, "num_warps": 4}
+    return {"kind": "dot", "BLOCK_M": DECODE_ROWS, "BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 4}
 
 
 def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-             *, num_warps: int = 4) -> torch.Tensor:
-    """x W^T for at most DECODE_ROWS rows, reading the FP8 weights once (the decode path)."""
+             *, config: dict | None = None) -> torch.Tensor:
+    """x W^T for at most DECODE_ROWS rows, reading the FP8 weights once (the decode path). `config`
+    overrides gemv_config's choice (experiments.tune_fp8_gemv)."""
     shape = x.shape
     k, n = shape[-1], w_fp8.shape[0]
     x2 = x.reshape(-1, k)
@@ -199,12 +239,13 @@ def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bias: to
         x2 = x2.contiguous()
     if w_fp8.stride(-1) != 1:
         w_fp8 = w_fp8.contiguous()
-    cfg = gemv_config(n, k)
+    cfg = dict(config or gemv_config(m, n, k))
+    kernel = _gemv_kernels()[cfg.pop("kind")]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (-(-n // cfg["BLOCK_N"]),)
-    _gemv_kernel()[grid](x2, w_fp8, scale, bias if bias is not None else scale, out, m, n, k,
-                         x2.stride(0), w_fp8.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                         num_warps=num_warps, **cfg)
+    kernel[grid](x2, w_fp8, scale, bias if bias is not None else scale, out, m, n, k,
+                 x2.stride(0), w_fp8.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+                 EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
     return out.reshape(*shape[:-1], n)
 
 

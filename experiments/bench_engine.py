@@ -79,16 +79,23 @@ def matmul_rate(device) -> float:
     return 2 * n ** 3 / statistics.median(times[5:])
 
 
-def engine_for(shape: str, args, graphs: tuple[int, ...], blocks: int, max_len: int):
+def engine_for(shape: str, args, graphs: tuple[int, ...], blocks: int, max_len: int, variant: str = "bf16"):
     from engine.config import EngineConfig
     from engine.core import EngineCore
 
     chunking = {} if args.chunk is None else dict(max_num_batched_tokens=args.chunk, chunk_size=args.chunk)
+    quantization, kv_cache_dtype = VARIANTS[variant]
     cfg = EngineConfig(model=shape, load_format="dummy", dtype="bfloat16", num_gpu_blocks=blocks,
                        max_model_len=max_len, max_num_seqs=max(max(b for b, _ in args.decode), 1),
                        enforce_eager=args.eager, cuda_graph_batch_sizes=graphs, enable_prefix_caching=True,
-                       overlap_decode=False if args.no_overlap else None, **chunking)
+                       overlap_decode=False if args.no_overlap else None, quantization=quantization,
+                       kv_cache_dtype=kv_cache_dtype, **chunking)
     return EngineCore(cfg)
+
+
+# --variants: (quantization, kv_cache_dtype) of the engine; each variant is a fresh engine of the same shape
+VARIANTS = {"bf16": ("none", "auto"), "fp8w": ("fp8", "auto"), "fp8kv": ("none", "fp8_e4m3"),
+            "fp8": ("fp8", "fp8_e4m3")}
 
 
 @dataclass(frozen=True)
@@ -111,7 +118,10 @@ class Bytes:
         weights_read = total - (0 if tied else embed.numel() * embed.element_size())
         linear = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)
                      or type(m).__name__ == "Linear")
-        kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * embed.element_size()
+        if core.config.kv_cache_dtype == "fp8_e4m3":  # one byte an element and a float32 scale per token and head
+            kv = 2 * c.num_layers * c.num_kv_heads * (c.head_dim + 4)
+        else:
+            kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * embed.element_size()
         return cls(weights_read, kv, 2 * linear, 2 * c.vocab_size * c.hidden_size,
                    4 * c.head_dim * c.num_heads * c.num_layers)
 
@@ -179,12 +189,18 @@ def prefill_seconds(core, length: int) -> float:
     return first_token_seconds(core, rng.integers(0, core.model_config.vocab_size, length))
 
 
-def turn_seconds(core, prefix: int, new: int) -> float:
-    """A later turn: `new` tokens on a `prefix`-token prompt that a finished request left cached."""
+def turn_prompts(core, prefix: int, new: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first turn's prompt and the later turn's (that prompt and `new` tokens more)."""
     rng = np.random.default_rng(prefix * 7 + new)
     first = rng.integers(0, core.model_config.vocab_size, prefix)
+    return first, np.concatenate([first, rng.integers(0, core.model_config.vocab_size, new)])
+
+
+def turn_seconds(core, prefix: int, new: int) -> float:
+    """A later turn: `new` tokens on a `prefix`-token prompt that a finished request left cached."""
+    first, later = turn_prompts(core, prefix, new)
     first_token_seconds(core, first)
-    return first_token_seconds(core, np.concatenate([first, rng.integers(0, core.model_config.vocab_size, new)]))
+    return first_token_seconds(core, later)
 
 
 def hf_model(core):
@@ -231,7 +247,7 @@ def parse_turn(spec: str) -> tuple[int, int]:
     return int(prefix), int(new)
 
 
-def bench_model(shape: str, args, bandwidth: float, rate: float) -> list[dict]:
+def bench_model(shape: str, args, bandwidth: float, rate: float, variant: str = "bf16") -> list[dict]:
     block = 16
     need = max([b * (c + args.steps + 16) + 1024 for b, c in args.decode]
                + [n + 1024 for n in args.prefill] + [2 * (p + n) + 1024 for p, n in args.turn])
@@ -239,12 +255,14 @@ def bench_model(shape: str, args, bandwidth: float, rate: float) -> list[dict]:
     max_len = args.max_len or max([c + args.steps + 64 for _, c in args.decode] + [n + 64 for n in args.prefill]
                                   + [p + n + 64 for p, n in args.turn])
     graphs = tuple(sorted({b for b, _ in args.decode}))
-    core = engine_for(shape, args, graphs, blocks, max_len)
+    core = engine_for(shape, args, graphs, blocks, max_len, variant)
     nb = Bytes.of(core)
     rows = []
+    label = shape if variant == "bf16" else f"{shape} {variant}"
 
     def add(what: str, engine_s: float, bound_s: float | None = None, **extra) -> None:
-        rows.append({"model": shape, "what": what, "engine_s": engine_s, "bound_s": bound_s, "hf_s": None, **extra})
+        rows.append({"model": label, "variant": variant, "what": what, "engine_s": engine_s, "bound_s": bound_s,
+                     "hf_s": None, **extra})
 
     for batch, context in args.decode:
         floor = nb.decode_floor(batch, context + args.steps // 2, bandwidth)
@@ -257,7 +275,7 @@ def bench_model(shape: str, args, bandwidth: float, rate: float) -> list[dict]:
             batch=batch, context=context)
         replay = replay_seconds(core, batch)
         if replay is not None:
-            add("  of which graph replay (GPU)", replay, floor)
+            add(f"  of which graph replay b{batch} c{context}", replay, floor)
     first_token_seconds(core, np.arange(256) % core.model_config.vocab_size)  # warm-up of the prefill kernels
     for length in args.prefill:
         add(f"prefill {length} (s)", prefill_seconds(core, length), nb.prefill_roofline(0, length, rate),
@@ -265,7 +283,14 @@ def bench_model(shape: str, args, bandwidth: float, rate: float) -> list[dict]:
     for prefix, new in args.turn:
         add(f"turn {new} on {prefix} cached (s)", turn_seconds(core, prefix, new),
             nb.prefill_roofline(prefix, new, rate), prefix=prefix, new=new)
-    if not args.no_hf:
+    if args.profile_gpu:
+        for length in args.prefill:
+            profile_gpu(core, f"{label}: prefill {length}", lambda: prefill_seconds(core, length))
+        for prefix, new in args.turn:
+            first, later = turn_prompts(core, prefix, new)
+            first_token_seconds(core, first)  # cached (again) before the profiled turn
+            profile_gpu(core, f"{label}: turn {new} on {prefix} cached", lambda: first_token_seconds(core, later))
+    if not args.no_hf and variant == "bf16":
         model = hf_model(core)
         hf_decode: dict[int, float] = {}
         for row in rows:
@@ -280,6 +305,41 @@ def bench_model(shape: str, args, bandwidth: float, rate: float) -> list[dict]:
     gc.collect()
     torch.cuda.empty_cache()
     return rows
+
+
+# kernel name -> what it is, first match wins (Triton kernels by their function names, cuBLAS/CUTLASS by theirs)
+KERNEL_KINDS = (("attention", ("attention", "attn", "flash", "fmha", "_merge_splits")),
+                ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "sm90_", "sm80_", "matmul", "_scaled_mm")),
+                ("norm", ("norm",)), ("rotary/kv write", ("rotary", "write_kv")), ("activation", ("silu", "act")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_gpu(core, what: str, run) -> None:
+    """GPU time of one call of `run` by kernel (torch.profiler), grouped by kind: where a row's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall = run()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            kernels.setdefault(ev.name, []).append(ev.device_time / 1e3)  # ms
+    total = sum(sum(v) for v in kernels.values())
+    kinds: dict[str, float] = {}
+    for name, times in kernels.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + sum(times)
+    print(f"\nprofile of {what}: wall {wall * 1e3:.1f} ms, GPU kernels {total:.1f} ms "
+          f"({total / (wall * 1e3):.0%} of the wall time)")
+    for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:>16} {ms:10.2f} ms {ms / total:6.1%}")
+    for name, times in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:12]:
+        print(f"    {sum(times):9.2f} ms {len(times):6d}x  {name[:110]}")
 
 
 def profile_cpu(args) -> None:
@@ -316,6 +376,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-overlap", action="store_true", help="the strict step/commit loop only")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--variants", nargs="+", default=["bf16"], choices=list(VARIANTS),
+                        help="engines to measure, each fresh: bf16, fp8w (FP8 weights), fp8kv (FP8 KV cache), fp8 "
+                             "(both)")
+    parser.add_argument("--profile-gpu", action="store_true",
+                        help="also print where each prefill and turn row's GPU time goes, by kernel (torch.profiler)")
     parser.add_argument("--profile-cpu", action="store_true",
                         help="profile the host side of batch-1 decode steps (cProfile) and exit")
     args = parser.parse_args(argv)
@@ -334,23 +399,38 @@ def main(argv: list[str] | None = None) -> None:
           f"{bandwidth / 1e12:.2f} TB/s (read+write), bf16 matmul {rate / 1e12:.0f} TFLOP/s")
     rows = []
     for shape in args.models:
-        rows += bench_model(shape, args, bandwidth, rate)
+        for variant in args.variants:
+            rows += bench_model(shape, args, bandwidth, rate, variant)
     print_table(rows)
+    print_ratios(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"card": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "matmul_rate": rate,
                        "rows": rows}, f, indent=1)
 
 
+def print_ratios(rows: list[dict]) -> None:
+    """Each FP8 variant's row over the bf16 row of the same shape and figure (same run, same card)."""
+    base = {(r["model"], r["what"]): r["engine_s"] for r in rows if r.get("variant", "bf16") == "bf16"}
+    lines = []
+    for r in rows:
+        shape = r["model"].split(" ")[0]
+        if r.get("variant", "bf16") != "bf16" and (shape, r["what"]) in base:
+            lines.append(f"{r['model']:>20} {r['what']:>34} | {r['engine_s'] / base[(shape, r['what'])]:8.3f}")
+    if lines:
+        print(f"\n{'variant':>20} {'what':>34} | {'x bf16':>8}")
+        print("\n".join(lines))
+
+
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'model':>14} {'what':>34} | {'engine ms':>10} {'bound ms':>9} {'engine/bound':>12} |"
+    header = (f"{'model':>20} {'what':>34} | {'engine ms':>10} {'bound ms':>9} {'engine/bound':>12} |"
               f" {'hf ms':>9} {'hf/engine':>9}")
     print(header)
     print("-" * len(header))
     nan = float("nan")
     for r in rows:
         hf, bound = r.get("hf_s"), r.get("bound_s")
-        print(f"{r['model']:>14} {r['what']:>34} | {r['engine_s'] * 1e3:>10.3f} {(bound or nan) * 1e3:>9.3f} "
+        print(f"{r['model']:>20} {r['what']:>34} | {r['engine_s'] * 1e3:>10.3f} {(bound or nan) * 1e3:>9.3f} "
               f"{(r['engine_s'] / bound) if bound else nan:>12.2f} | {(hf or nan) * 1e3:>9.3f} "
               f"{(hf / r['engine_s']) if hf else nan:>9.2f}")
 

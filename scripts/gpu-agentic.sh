@@ -3,11 +3,12 @@
 #   scripts/gpu-agentic.sh tune|bench|tests|served ...     e.g.  scripts/gpu-agentic.sh tune bench
 #     tune    python -m experiments.tune_attention $TUNE_ARGS (tile sweeps; needs no build)
 #     kernels the Triton kernels' GPU tests against the torch reference (a part of make test-gpu)
+#     gemv    python -m experiments.tune_fp8_gemv $GEMV_ARGS (the FP8 decode GEMV's tile sweep)
 #     bench   python -m experiments.bench_engine on the 8B shape: decode b1/b4/b64, prefill, a later turn
 #     tests   make test-gpu
 #     served  python -m experiments.bench_agentic (swe_smith served at concurrency 1, 2, 4 beside the twin)
 # Carry .whl (../shared/tools/device-wheels.sh) for simpy/hydra/fastapi. Logs go to $OUT (or /tmp/gpu-agentic).
-# Each phase has its own time limit (TUNE_S, BENCH_S, TESTS_S, SERVED_S seconds) so that what ran comes back.
+# Each phase has its own time limit (TUNE_S, KERNELS_S, GEMV_S, BENCH_S, TESTS_S, SERVED_S seconds) so that what ran comes back.
 set -uo pipefail
 out="${OUT:-/tmp/gpu-agentic}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -29,9 +30,12 @@ for phase in "$@"; do
     tune) timeout "${TUNE_S:-300}" python3 -m experiments.tune_attention ${TUNE_ARGS:-} > "$out/tune.txt" 2> "$out/tune.err" \
       || status=1 ;;
     kernels) install || exit 1
-      timeout "${KERNELS_S:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
-        tests/test_kernels_triton.py tests/test_kernels_fused.py tests/test_attention_agentic_gpu.py \
+      PYTHONSAFEPATH=1 timeout "${KERNELS_S:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
+        tests/test_kernels_triton.py tests/test_kernels_fused.py tests/test_attention_agentic_gpu.py tests/test_fp8_kv.py tests/test_fp8_weights.py \
         > "$out/kernels-gpu.txt" 2>&1 || status=1 ;;
+    gemv) install || exit 1
+      PYTHONSAFEPATH=1 timeout "${GEMV_S:-240}" python3 -m experiments.tune_fp8_gemv ${GEMV_ARGS:-} > "$out/gemv.txt" 2>&1 \
+        || status=1 ;;
     bench) install || exit 1
       PYTHONSAFEPATH=1 timeout "${BENCH_S:-300}" python3 -m experiments.bench_engine --models llama-3.1-8b --no-hf ${BENCH_ARGS:-} \
         --json "$out/bench-engine.json" > "$out/bench-engine.txt" 2>&1 || status=1 ;;

@@ -534,22 +534,26 @@ def compile_for_hopper() -> dict[str, str | None]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from engine.quant import _gemv_kernel, gemv_config
+    from engine.quant import _gemv_kernels, gemv_config
 
     results: dict[str, str | None] = {}
     for xdt in ("bf16", "fp16"):
         for bias in (False, True):
-            for n, k in [(6144, 4096), (576, 1536)]:
-                name = f"{xdt}-n{n}-k{k}{'-bias' if bias else ''}"
+            for m, n, k in [(1, 6144, 4096), (4, 4096, 14336), (16, 6144, 4096), (3, 576, 1536), (9, 576, 1000)]:
+                name = f"{xdt}-m{m}-n{n}-k{k}{'-bias' if bias else ''}"
                 try:
                     sig = {"x_ptr": f"*{xdt}", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": f"*{xdt}",
                            "o_ptr": f"*{xdt}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-                           "stride_wn": "i32", "stride_om": "i32", "HAS_BIAS": "constexpr",
+                           "stride_wn": "i32", "stride_om": "i32", "HAS_BIAS": "constexpr", "EVEN_K": "constexpr",
                            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
-                    constexprs = {"HAS_BIAS": bias, **gemv_config(n, k)}
-                    src = ASTSource(fn=_gemv_kernel(), signature=sig, constexprs=constexprs)
-                    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-                    assert "cvt.rn.f16x2.e4m3x2" in kernel.asm["ptx"] and "mma.sync" in kernel.asm["ptx"]
+                    cfg = gemv_config(m, n, k)
+                    kind, warps = cfg.pop("kind"), cfg.pop("num_warps")
+                    constexprs = {"HAS_BIAS": bias, "EVEN_K": k % cfg["BLOCK_K"] == 0, **cfg}
+                    src = ASTSource(fn=_gemv_kernels()[kind], signature=sig, constexprs=constexprs)
+                    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                    ptx = kernel.asm["ptx"]
+                    assert "cvt.rn.f16x2.e4m3x2" in ptx, "no hardware FP8 conversion"
+                    assert kind != "dot" or "mma.sync" in ptx, "the dot kernel without tensor cores"
                     results[name] = None
                 except Exception:
                     results[name] = traceback.format_exc()
@@ -622,29 +626,17 @@ def test_decode_gemv_replays_in_a_cuda_graph_gpu():
 @pytest.mark.gpu
 def test_batch1_decode_gemv_takes_about_half_the_bf16_time_gpu():
     """Llama-3.1-8B's linear shapes at batch 1: the FP8 GEMV reads half the bytes of bf16 and should take
-    not much more than half cuBLAS's bf16 time (the issue asks "close to half")."""
+    not much more than half cuBLAS's bf16 time (the issue asks "close to half"). GPU time as decode runs
+    it, in CUDA graphs (host launch cost is not the kernel's)."""
     from engine.quant import fp8_linear, quantize_fp8_per_channel
+    from experiments.tune_fp8_gemv import SHAPES, graph_us
 
-    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in shapes]
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for n, k in SHAPES]
     quantized = [quantize_fp8_per_channel(w) for w in weights]
-    xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes]
-
-    def timed(fn, reps=200):
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-
-    bf16 = timed(lambda: [F.linear(x, w) for x, w in zip(xs, weights)])
-    fp8 = timed(lambda: [fp8_linear(x, q, s) for x, (q, s) in zip(xs, quantized)])
-    print(f"batch-1 linears of a Llama-3.1-8B layer: bf16 {bf16 * 1e3:.1f} us, fp8 {fp8 * 1e3:.1f} us "
-          f"({fp8 / bf16:.2f}x)")
+    xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in SHAPES]
+    bf16 = graph_us(lambda: [F.linear(x, w) for x, w in zip(xs, weights)])
+    fp8 = graph_us(lambda: [fp8_linear(x, q, s) for x, (q, s) in zip(xs, quantized)])
+    print(f"batch-1 linears of a Llama-3.1-8B layer: bf16 {bf16:.1f} us, fp8 {fp8:.1f} us ({fp8 / bf16:.2f}x)")
     assert fp8 < 0.65 * bf16
 
 

@@ -136,3 +136,25 @@ def test_model_logits_equal_the_unfused_path(family, backend):
     assert fused_tokens == unfused_tokens
     for a, b in zip(fused, unfused):
         assert torch.equal(a, b)
+
+
+def test_reference_prefill_attention_in_pieces_equals_at_once(monkeypatch):
+    """The torch reference computes long prefills in pieces of query rows (bounded memory): the same result
+    up to the matmul's summation order (BLAS blocks by the number of rows)."""
+    from engine.kernels import torch_ops
+
+    g = torch.Generator().manual_seed(5)
+    bs, hq, hk, d = 4, 4, 2, 16
+    lens, qlens = [37, 9], [21, 9]  # a prefix ending mid-block, and a whole prompt
+    nb = sum(-(-n // bs) for n in lens) + 1
+    k_cache, v_cache = torch.randn(nb, bs, hk, d, generator=g), torch.randn(nb, bs, hk, d, generator=g)
+    table = torch.tensor([list(range(0, 10)), list(range(10, 13)) + [0] * 7], dtype=torch.int32)
+    q = torch.randn(sum(qlens), hq, d, generator=g)
+    starts = torch.tensor([0, qlens[0], sum(qlens)], dtype=torch.int32)
+    args = (q, k_cache, v_cache, starts, torch.tensor(lens, dtype=torch.int32), table, d ** -0.5)
+    whole = torch_ops.prefill_attention(*args)
+    monkeypatch.setattr(torch_ops, "REFERENCE_SCORES", hq * 37 * 2)  # two query rows a piece
+    pieces = torch_ops.prefill_attention(*args)
+    torch.testing.assert_close(pieces, whole, atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(torch_ops, "REFERENCE_SCORES", 1)  # one row a piece: a wrong mask offset shows
+    torch.testing.assert_close(torch_ops.prefill_attention(*args), whole, atol=1e-6, rtol=1e-6)

@@ -40,6 +40,7 @@ register_probe("torch", lambda device_type: True)
 
 KV_FP8 = torch.float8_e4m3fn  # the FP8 KV cache's element type
 FP8_MAX = 448.0               # its largest finite value
+REFERENCE_SCORES = 1 << 28     # prefill_attention's float32 scores at once (1 GiB), in pieces of query rows
 
 
 def check_kv_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
@@ -64,7 +65,9 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     xf = x.float()
     amax = xf.abs().amax(dim=-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # amax / a tensor, not / a Python float: CUDA divides by a scalar as a multiply by its reciprocal,
+    # which is 1 ulp off IEEE division for some values; the Triton writes divide exactly (div_rn).
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, FP8_MAX), torch.ones_like(amax))
     values = (xf / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(KV_FP8)
     return values, scale
 
@@ -218,13 +221,18 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         qlen = e - s
         k = _gather_context(k_cache, block_table[r], length, k_scale)
         v = _gather_context(v_cache, block_table[r], length, v_scale)
-        qr = q[s:e].float()
-        # query i is at position length - qlen + i; key j is visible iff j <= that position
-        qpos = torch.arange(length - qlen, length, device=q.device)[:, None]
-        mask = torch.arange(length, device=q.device)[None, :] <= qpos
-        o = F.scaled_dot_product_attention(qr.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                           attn_mask=mask, scale=scale, enable_gqa=hq != hk)
-        out[s:e] = o.transpose(0, 1).to(q.dtype)
+        kt, vt = k.transpose(0, 1), v.transpose(0, 1)
+        # Query rows in pieces so the float32 scores [Hq, rows, length] stay under ~1 GiB (a 4K turn on
+        # a 100K prefix would need 52 GB at once); each row's result does not depend on the others.
+        rows = max(1, REFERENCE_SCORES // (hq * length))
+        for a in range(s, e, rows):
+            b = min(e, a + rows)
+            # query i is at position length - qlen + (i - s); key j is visible iff j <= that position
+            qpos = torch.arange(length - qlen + (a - s), length - qlen + (b - s), device=q.device)[:, None]
+            mask = torch.arange(length, device=q.device)[None, :] <= qpos
+            o = F.scaled_dot_product_attention(q[a:b].float().transpose(0, 1), kt, vt,
+                                               attn_mask=mask, scale=scale, enable_gqa=hq != hk)
+            out[a:b] = o.transpose(0, 1).to(q.dtype)
     return out
 
 
