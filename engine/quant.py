@@ -206,23 +206,27 @@ def _gemv_kernels() -> dict:
     return {"dot": fp8_gemv_dot_kernel, "fma": fp8_gemv_fma_kernel}
 
 
-FMA_ROWS = 4  # at most this many rows take the CUDA-core kernel; more, the tensor-core one
-
-
 def gemv_config(m: int, n: int, k: int) -> dict:
-    """The kernel and tiles of the decode GEMV for m rows of [n, k] weights.
+    """The kernel and tiles of the decode GEMV for m rows of [n, k] weights, from experiments.tune_fp8_gemv
+    on an H100 80GB HBM3 (2026-12-06, Llama-3.1-8B's four linear shapes, GPU time in CUDA graphs; the
+    sweep's table is in docs/perf.md):
 
-    `fma` (m <= FMA_ROWS): BLOCK_N 8 x BLOCK_K 1024 / rows, 4 warps: 8 KiB of weights a program in flight
-    each iteration at one row, n / 8 programs (512 for n = 4096 on an H100's 132 SMs). `dot` (more rows): BLOCK_M the rows
-    padded to 16, BLOCK_N 16 (tl.dot's smallest), BLOCK_K 512, 168 registers on sm_90, no spills. Neither
-    loop is software-pipelined by Triton (the weight tile is widened in registers, not staged through shared
-    memory), so the tile is what a program has in flight. experiments.tune_fp8_gemv sweeps these."""
-    block_k = 512 if k >= 512 else max(16, 1 << (max(k, 1) - 1).bit_length())
-    if m <= FMA_ROWS:
-        rows = max(1, 1 << (m - 1).bit_length())
-        block_k = min(1024 // rows, max(16, 1 << (max(k, 1) - 1).bit_length()))  # 64 running products a thread
-        return {"kind": "fma", "BLOCK_M": rows, "BLOCK_N": 8, "BLOCK_K": block_k, "num_warps": 4}
-    return {"kind": "dot", "BLOCK_M": DECODE_ROWS, "BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 4}
+      one row      `fma` (CUDA cores: each weight widened to float32 once, [BLOCK_N, BLOCK_K] running
+                   products, reduced at the end): BLOCK_N 8 x BLOCK_K 1024, or 4 x 2048 for k >= 8192
+                   (the down projection: 25.9 vs 27.5 us); but `dot` 32 x 512 for n >= 16384 (gate|up:
+                   45.7 vs 48.5 us). A layer 88.5 us against cuBLAS bf16's 157 (0.56x).
+      2-16 rows    `dot` (tensor cores, the rows padded to 16): BLOCK_N 32 x BLOCK_K 512, or 1024 for
+                   k >= 8192; 4 warps (0.65x bf16 at 4 and 16 rows; `fma` at 4 rows was 1.30x).
+    Neither loop is software-pipelined by Triton (the weight tile is widened in registers, not staged
+    through shared memory), so the tile is what a program has in flight."""
+    def pow2(v: int) -> int:
+        return max(16, 1 << (max(v, 1) - 1).bit_length())
+
+    if m == 1 and n < 16384:
+        bn, bk = (4, 2048) if k >= 8192 else (8, 1024)
+        return {"kind": "fma", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": min(bk, pow2(k)), "num_warps": 4}
+    return {"kind": "dot", "BLOCK_M": DECODE_ROWS, "BLOCK_N": 32, "BLOCK_K": min(1024 if k >= 8192 else 512, pow2(k)),
+            "num_warps": 4}
 
 
 def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,

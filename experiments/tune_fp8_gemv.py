@@ -52,7 +52,7 @@ def configs(rows: int) -> list[dict]:
         for bn, bk, w in itertools.product((4, 8, 16), (256, 512, 1024, 2048), (4, 8)):
             if bm * bn * bk // (32 * w) <= 128:  # running products a thread
                 out.append({"kind": "fma", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w})
-    for bn, bk, w in itertools.product((16, 32), (256, 512, 1024), (4, 8)):
+    for bn, bk, w in itertools.product((16, 32, 64), (256, 512, 1024), (4, 8)):
         out.append({"kind": "dot", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w})
     return out
 

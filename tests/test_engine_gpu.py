@@ -54,7 +54,7 @@ def _engine_logits(core, prompt: list[int], decode_steps: int) -> tuple[torch.Te
 
     captured = []
     forward = core.runner.forward
-    core.runner.forward = lambda batch, plan: captured.append(forward(batch, plan).clone()) or captured[-1]
+    core.runner.forward = lambda batch, plan, **kw: captured.append(forward(batch, plan, **kw).clone()) or captured[-1]
     core.add_request(0, prompt, SamplingParams(temperature=0.0, max_tokens=decode_steps + 1, ignore_eos=True))
     tokens = []
     while core.has_unfinished():

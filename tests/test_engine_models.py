@@ -46,7 +46,7 @@ def test_random_model_logits_match_transformers(family, tmp_path):
 
     captured: list[torch.Tensor] = []
     forward = core.runner.forward
-    core.runner.forward = lambda batch, plan: captured.append(forward(batch, plan)) or captured[-1]
+    core.runner.forward = lambda batch, plan, **kw: captured.append(forward(batch, plan, **kw)) or captured[-1]
     from engine import SamplingParams
 
     core.add_request(0, prompt, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))

