@@ -13,7 +13,9 @@ set -uo pipefail
 out="${OUT:-/tmp/gpu-agentic}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
-git rev-parse --short HEAD > "$out/commit.txt" 2>/dev/null; git status --short >> "$out/commit.txt" 2>/dev/null
+# an exported tree (git archive HEAD into an untracked folder) names its commit in COMMIT; a checkout asks git
+if [ -f COMMIT ]; then cp COMMIT "$out/commit.txt"
+else git rev-parse --short HEAD > "$out/commit.txt" 2>/dev/null; git status --short >> "$out/commit.txt" 2>/dev/null; fi
 installed=0
 install() {
   [ $installed = 1 ] && return 0
