@@ -176,23 +176,32 @@ def _gemv_kernels() -> dict:
     @triton.jit
     def fp8_gemv_fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                             HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr = False):
         # one program: BLOCK_N output channels for the (<= BLOCK_M, a few) rows, on the CUDA cores: each
         # weight element is widened to float32 once and multiplied into every row's running products,
         # [BLOCK_M, BLOCK_N, BLOCK_K] of them, reduced over K once at the end (no tensor-core padding of
-        # one row to 16, no per-tile reduction)
+        # one row to 16, no per-tile reduction). Triton does not pipeline this loop (no dot), so with
+        # PREFETCH the next weight tile's load is issued before this one is used: two tiles in flight,
+        # the waiting one packed (BLOCK_N x BLOCK_K bytes, a few registers a thread)
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
         rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
         m_ok = rm < M
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if PREFETCH:
+            w_next = tl.load(w_ptrs, mask=n_ok[:, None] & ((rk < K) | EVEN_K)[None, :], other=0.0)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + rk
             k_ok = (k < K) | EVEN_K
-            w = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
+            if PREFETCH:
+                w8 = w_next
+                w_next = tl.load(w_ptrs + (k0 + BLOCK_K), mask=n_ok[:, None] & (k + BLOCK_K < K)[None, :], other=0.0)
+            else:
+                w8 = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            w = w8.to(tl.float32)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0).to(tl.float32)
             acc += w[None, :, :] * x[:, None, :]
@@ -212,7 +221,8 @@ def gemv_config(m: int, n: int, k: int) -> dict:
     sweep's table is in docs/perf.md):
 
       one row      `fma` (CUDA cores: each weight widened to float32 once, [BLOCK_N, BLOCK_K] running
-                   products, reduced at the end): BLOCK_N 8 x BLOCK_K 1024, or 4 x 2048 for k >= 8192
+                   products, reduced at the end, the next tile prefetched): BLOCK_N 8 x BLOCK_K 1024, or
+                   4 x 2048 for k >= 8192
                    (the down projection: 25.9 vs 27.5 us); but `dot` 32 x 512 for n >= 16384 (gate|up:
                    45.7 vs 48.5 us). A layer 88.5 us against cuBLAS bf16's 157 (0.56x).
       2-16 rows    `dot` (tensor cores, the rows padded to 16): BLOCK_N 32 x BLOCK_K 512, or 1024 for
@@ -224,7 +234,8 @@ def gemv_config(m: int, n: int, k: int) -> dict:
 
     if m == 1 and n < 16384:
         bn, bk = (4, 2048) if k >= 8192 else (8, 1024)
-        return {"kind": "fma", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": min(bk, pow2(k)), "num_warps": 4}
+        return {"kind": "fma", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": min(bk, pow2(k)), "num_warps": 4,
+                "PREFETCH": True}
     return {"kind": "dot", "BLOCK_M": DECODE_ROWS, "BLOCK_N": 32, "BLOCK_K": min(1024 if k >= 8192 else 512, pow2(k)),
             "num_warps": 4}
 

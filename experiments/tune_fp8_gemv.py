@@ -49,9 +49,10 @@ def configs(rows: int) -> list[dict]:
     out = []
     if rows <= 4:
         bm = max(1, 1 << (rows - 1).bit_length())
-        for bn, bk, w in itertools.product((4, 8, 16), (256, 512, 1024, 2048), (4, 8)):
-            if bm * bn * bk // (32 * w) <= 128:  # running products a thread
-                out.append({"kind": "fma", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w})
+        for bn, bk, w, pf in itertools.product((4, 8, 16), (256, 512, 1024, 2048), (4, 8), (False, True)):
+            if bm * bn * bk // (32 * w) <= 128 and (bk >= 512 or not pf):  # running products a thread
+                out.append({"kind": "fma", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w,
+                            "PREFETCH": pf})
     for bn, bk, w in itertools.product((16, 32, 64), (256, 512, 1024), (4, 8)):
         out.append({"kind": "dot", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w})
     return out
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--fma-only", action="store_true", help="one row: only the CUDA-core kernel's tiles")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("tune_fp8_gemv needs a CUDA device")
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
             default = graph_us(lambda: fp8_gemv(x, q, s))
             timed = []
             for cfg in configs(rows):
+                if args.fma_only and cfg["kind"] != "fma":
+                    continue
                 try:
                     timed.append((graph_us(lambda: fp8_gemv(x, q, s, config=cfg)), cfg))
                 except Exception as exc:  # a tile the compiler refuses (shared memory, registers)
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{n * k / best_us / 1e3:9.0f}  {best} (default {gemv_config(rows, n, k)})")
             ranked = sorted(timed, key=lambda t: t[0])[:5]
             print("          top 5: " + "; ".join(f"{us:.1f} {c['kind']} {c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']}"
-                                             for us, c in ranked))
+                                             f"{' prefetch' if c.get('PREFETCH') else ''}" for us, c in ranked))
         print(f"{'':>8} {'a layer':>12} {totals['bf16']:8.1f} {totals['default']:10.1f} {totals['best']:8.1f}   "
               f"default/bf16 {totals['default'] / totals['bf16']:.2f}, best/bf16 {totals['best'] / totals['bf16']:.2f}")
 

@@ -511,7 +511,8 @@ def interpreter_cases() -> dict[str, str | None]:
     results: dict[str, str | None] = {}
     g = _gen(11)
     for m, n, k, dtype, bias in [(1, 48, 80, torch.float32, False), (3, 70, 600, torch.float16, True),
-                                 (DECODE_ROWS, 64, 512, torch.bfloat16, False), (2, 33, 1030, torch.float16, True)]:
+                                 (DECODE_ROWS, 64, 512, torch.bfloat16, False), (2, 33, 1030, torch.float16, True),
+                                 (1, 20, 2100, torch.bfloat16, True)]:
         name = f"m{m}-n{n}-k{k}-{str(dtype).split('.')[-1]}{'-bias' if bias else ''}"
         try:
             q, s = quantize_fp8_per_channel(torch.randn(n, k, generator=g) * 0.05)
@@ -539,7 +540,8 @@ def compile_for_hopper() -> dict[str, str | None]:
     results: dict[str, str | None] = {}
     for xdt in ("bf16", "fp16"):
         for bias in (False, True):
-            for m, n, k in [(1, 6144, 4096), (4, 4096, 14336), (16, 6144, 4096), (3, 576, 1536), (9, 576, 1000)]:
+            for m, n, k in [(1, 6144, 4096), (1, 4096, 14336), (4, 4096, 14336), (16, 6144, 4096), (1, 576, 1000),
+                            (9, 576, 1000)]:
                 name = f"{xdt}-m{m}-n{n}-k{k}{'-bias' if bias else ''}"
                 try:
                     sig = {"x_ptr": f"*{xdt}", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": f"*{xdt}",
