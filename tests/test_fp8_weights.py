@@ -526,6 +526,22 @@ def interpreter_cases() -> dict[str, str | None]:
             results[name] = None
         except Exception:
             results[name] = traceback.format_exc()
+    from engine.quant import quantize_fp8_per_token, quantize_rows
+
+    for m, k, dtype in [(5, 300, torch.bfloat16), (3, 1024, torch.float16), (2, 70, torch.float32)]:
+        name = f"quantize_rows-m{m}-k{k}-{str(dtype).split('.')[-1]}"
+        try:
+            x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+            x[1] = 0.0  # a row of zeros: the minimum scale, zeros stored
+            q, s = quantize_rows(x)
+            q_ref, s_ref = quantize_fp8_per_token(x)
+            torch.testing.assert_close(s, s_ref, rtol=2e-7, atol=0)
+            codes_differ = (q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean().item()
+            assert q.dtype == FP8 and codes_differ < 0.01, f"{codes_differ:.1%} of the FP8 codes differ"
+            assert bool((q[1].float() == 0).all())
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc()
     return results
 
 

@@ -375,9 +375,13 @@ def check_decode(device: str, seed: int, dtype: torch.dtype, lens: list[int], hq
 
 
 def check_prefill(device: str, seed: int, dtype: torch.dtype, reqs: list[tuple[int, int]], hq: int, hk: int,
-                  d: int, bs: int, cfg: dict | None = None, q_scale: float = 1.0, kv_fp8: bool = False) -> None:
-    """`reqs`: (cached prefix, new query tokens) per request."""
+                  d: int, bs: int, cfg: dict | None = None, q_scale: float = 1.0, kv_fp8: bool = False,
+                  fp8_copy: bool | None = None) -> None:
+    """`reqs`: (cached prefix, new query tokens) per request. With an FP8 cache and no `cfg`, the kernel reads
+    a dequantized 16-bit copy of the context (attention.FP8_PREFILL_COPY_BYTES; fp8_copy=False sets it to 0):
+    the reference then attends over that copy's values (FP8 x scale rounded to the 16-bit dtype)."""
     triton_ops, torch_ops = _ops()
+    from engine.kernels.torch_ops import dequantize_fp8
     from engine.kernels.triton import attention
     gen = _rng(device, seed)
     kv = paged_kv([p + n for p, n in reqs], hk, d, bs, dtype, gen, kv_fp8)
@@ -386,9 +390,18 @@ def check_prefill(device: str, seed: int, dtype: torch.dtype, reqs: list[tuple[i
     q = _randn((int(query_start_loc[-1]), hq, d), gen, dtype, q_scale)
     scale = d ** -0.5
     args = (kv.seq_lens, kv.block_table, scale)
-    want = torch_ops.prefill_attention(q, kv.k_cache, kv.v_cache, query_start_loc, *args, **kv.scales)
+    copied = kv_fp8 and cfg is None and fp8_copy is not False
+    if copied:
+        k16, v16 = (dequantize_fp8(c, kv.scales[n]).to(dtype) for c, n in ((kv.k_cache, "k_scale"),
+                                                                           (kv.v_cache, "v_scale")))
+        want = torch_ops.prefill_attention(q, k16, v16, query_start_loc, *args)
+    else:
+        want = torch_ops.prefill_attention(q, kv.k_cache, kv.v_cache, query_start_loc, *args, **kv.scales)
     k_bad, v_bad, scales_bad = kv.poisoned()
-    if cfg is None:
+    if fp8_copy is False:
+        with mock.patch.object(attention, "FP8_PREFILL_COPY_BYTES", 0):
+            got = triton_ops.prefill_attention(q, k_bad, v_bad, query_start_loc, *args, **scales_bad)
+    elif cfg is None:
         got = triton_ops.prefill_attention(q, k_bad, v_bad, query_start_loc, *args, **scales_bad)
     else:
         got = attention.prefill_attention(q, k_bad, v_bad, query_start_loc, *args, _attention_cfg("prefill", cfg),
@@ -502,6 +515,10 @@ CASES: dict[str, Callable[[str], None]] = {
     "prefill_fp8_bf16_gpu_tiles": partial(check_prefill, seed=59, dtype=BF16, reqs=[(150, 70), (0, 90)], hq=8,
                                           hk=2, d=128, bs=16, cfg=dict(block_m=128, block_n=64), q_scale=2.0,
                                           kv_fp8=True),
+    "prefill_fp8_bf16_via_16bit_copy": partial(check_prefill, seed=61, dtype=BF16, reqs=[(150, 70), (0, 90), (33, 1)],
+                                               hq=8, hk=2, d=128, bs=16, q_scale=2.0, kv_fp8=True),
+    "prefill_fp8_bf16_without_the_copy": partial(check_prefill, seed=62, dtype=BF16, reqs=[(150, 70), (0, 20)],
+                                                 hq=8, hk=2, d=128, bs=16, kv_fp8=True, fp8_copy=False),
     "prefill_fp8_bf16_split_key_range": partial(check_prefill, seed=60, dtype=BF16, reqs=[(300, 3), (21, 2)], hq=4,
                                                 hk=1, d=64, bs=16, cfg=SPLIT_CFG, q_scale=3.0, kv_fp8=True),
 }

@@ -467,6 +467,68 @@ def prefill_splits(tokens: int, reqs: int, kv_heads: int, bq: int, max_context: 
     return best
 
 
+# An FP8 cache's prefill reads its context through a 16-bit copy when the copy takes at most this many bytes
+# (K and V of every block the launch's block table names): the copy holds the dequantized values (FP8 value
+# x scale, rounded to nearest in the 16-bit dtype: the precision a 16-bit cache would have had), and the
+# 16-bit kernel runs on it, with its tiles going to the tensor cores (wgmma on Hopper) from shared memory.
+# The FP8-reading kernel widens its tiles in registers on the way and multiplies the scales in, which costs
+# it wgmma and registers: on an H100 it made a 1,300-token turn on 55K cached tokens 2.07x slower than bf16
+# (docs/perf.md). The copy costs one read of the FP8 context and one write of the copy a layer. Above the
+# limit (many requests with long contexts in one launch) the FP8 tiles are read directly.
+FP8_PREFILL_COPY_BYTES = 512 << 20
+
+
+@triton.jit
+def _dequant_blocks_kernel(kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, seq_lens_ptr, ko_ptr, vo_ptr,
+                           kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
+                           ks_st0, ks_st1, ks_st2, vs_st0, vs_st1, vs_st2, bt_st0, bt_st1,
+                           ko_st0, ko_st1, ko_st2, W,
+                           BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+    """Block j of request r (program r * W + j), KV head h: its FP8 K and V times their scales, rounded to
+    nearest in the copies' dtype, into block r * W + j of the copies; slots past the request's length get
+    zeros."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    r = pid // W
+    j = pid % W
+    seq = tl.load(seq_lens_ptr + r)
+    if j * BS < seq:
+        src = tl.load(bt_ptr + r * bt_st0 + j * bt_st1).to(tl.int64)
+        t = tl.arange(0, BS)
+        d = tl.arange(0, D_PAD)
+        live = (j * BS + t) < seq
+        mask = live[:, None] & (d < D)[None, :]
+        dst = pid.to(tl.int64) * ko_st0 + t[:, None] * ko_st1 + h * ko_st2 + d[None, :]
+        k = tl.load(kc_ptr + src * kc_st0 + t[:, None] * kc_st1 + h * kc_st2 + d[None, :] * kc_st3, mask=mask,
+                    other=0.0).to(tl.float32)
+        k_sc = tl.load(ks_ptr + src * ks_st0 + t * ks_st1 + h * ks_st2, mask=live, other=0.0)
+        tl.store(ko_ptr + dst, (k * k_sc[:, None]).to(ko_ptr.dtype.element_ty),
+                 mask=(d < D)[None, :])
+        v = tl.load(vc_ptr + src * vc_st0 + t[:, None] * vc_st1 + h * vc_st2 + d[None, :] * vc_st3, mask=mask,
+                    other=0.0).to(tl.float32)
+        v_sc = tl.load(vs_ptr + src * vs_st0 + t * vs_st1 + h * vs_st2, mask=live, other=0.0)
+        tl.store(vo_ptr + dst, (v * v_sc[:, None]).to(vo_ptr.dtype.element_ty),
+                 mask=(d < D)[None, :])
+
+
+def dequantized_context(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+                        seq_lens: torch.Tensor, block_table: torch.Tensor, dtype: torch.dtype
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k, v, block_table): `dtype` copies of the FP8 blocks a prefill reads, dequantized; request r's block j
+    is block r * W + j of the copies (W = block_table's width). No host sync."""
+    reqs, width = block_table.shape
+    _, bs, hk, d = k_cache.shape
+    k_out = torch.empty((reqs * width, bs, hk, d), dtype=dtype, device=k_cache.device)
+    v_out = torch.empty_like(k_out)
+    table = torch.arange(reqs * width, dtype=torch.int32, device=k_cache.device).view(reqs, width)
+    if reqs * width:
+        _dequant_blocks_kernel[(reqs * width, hk)](
+            k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, k_out, v_out,
+            *k_cache.stride(), *v_cache.stride(), *k_scale.stride(), *v_scale.stride(), *block_table.stride(),
+            *k_out.stride()[:3], width, BS=bs, D=d, D_PAD=max(16, triton.next_power_of_2(d)), num_warps=4)
+    return k_out, v_out, table
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                       scale: float, cfg: PrefillConfig | None = None, *, k_scale: torch.Tensor | None = None,
@@ -477,6 +539,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     group = hq // hk
     reqs = seq_lens.shape[0]
     fp8, compute = _compute_dtype(q, k_cache, k_scale, v_scale)
+    copy_bytes = 2 * block_table.numel() * bs * hk * d * torch.finfo(compute).bits // 8
+    if fp8 and cfg is None and tokens and reqs and copy_bytes <= FP8_PREFILL_COPY_BYTES:
+        k_cache, v_cache, block_table = dequantized_context(k_cache, v_cache, k_scale, v_scale, seq_lens,
+                                                            block_table, compute)
+        fp8, k_scale, v_scale = False, None, None
     cfg = cfg or prefill_config(q.device, d, compute, fp8)
     out = torch.empty_like(q)
     if tokens == 0 or reqs == 0:
@@ -515,5 +582,5 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out
 
 
-__all__ = ["DecodeConfig", "PrefillConfig", "decode_attention", "decode_splits", "prefill_attention",
-           "prefill_splits"]
+__all__ = ["DecodeConfig", "FP8_PREFILL_COPY_BYTES", "PrefillConfig", "decode_attention", "decode_splits",
+           "dequantized_context", "prefill_attention", "prefill_splits"]

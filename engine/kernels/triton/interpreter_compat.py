@@ -1,6 +1,6 @@
 """Shims for the Triton interpreter (TRITON_INTERPRET=1: the CPU path of the triton backend).
 
-Three defects of Triton 3.6's interpreter would make the kernels fail or lie on CPU while the
+Four defects of Triton 3.6's interpreter would make the kernels fail or lie on CPU while the
 compiled kernels are fine; the fixes only touch the interpreter:
 
 * Scalar loop bounds are converted with ``int(array)``, but the interpreter's scalars are
@@ -16,8 +16,8 @@ compiled kernels are fine; the fixes only touch the interpreter:
   from float8e4nv exactly, as the GPU does (cvt.rn.satfinite: round to nearest even, saturating
   at +-448, NaN kept), through torch's float8_e4m3fn.
 
-Casts to bfloat16 in the interpreter still truncate instead of rounding to nearest even, so
-bf16 results there differ from the GPU's by up to an ulp.
+* Casts from float32 to bfloat16 truncate instead of rounding to nearest even (the GPU's
+  cvt.rn.bf16.f32): round them through torch.
 """
 
 from __future__ import annotations
@@ -91,6 +91,19 @@ def _fix_fp8e4nv_convert(interpreter) -> None:
 
     setattr(create_fp_to_fp, _MARK, True)
     builder.create_fp_to_fp = create_fp_to_fp
+
+    trunc = builder.create_fp_trunc
+
+    def create_fp_trunc(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            # round to nearest even, as the GPU's cvt.rn.bf16.f32 (the interpreter truncates)
+            x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            data = x.bfloat16().view(torch.uint16).numpy()
+            return interpreter.TensorHandle(data.reshape(src.data.shape), dst_type.scalar)
+        return trunc(self, src, dst_type)
+
+    setattr(create_fp_trunc, _MARK, True)
+    builder.create_fp_trunc = create_fp_trunc
 
 
 def fix_interpreter() -> None:
