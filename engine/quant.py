@@ -217,25 +217,24 @@ def _gemv_kernels() -> dict:
 
 def gemv_config(m: int, n: int, k: int) -> dict:
     """The kernel and tiles of the decode GEMV for m rows of [n, k] weights, from experiments.tune_fp8_gemv
-    on an H100 80GB HBM3 (2026-12-06, Llama-3.1-8B's four linear shapes, GPU time in CUDA graphs; the
-    sweep's table is in docs/perf.md):
+    (Llama-3.1-8B's four linear shapes, GPU time in CUDA graphs; the sweeps are in docs/perf.md):
 
       one row      `fma` (CUDA cores: each weight widened to float32 once, [BLOCK_N, BLOCK_K] running
-                   products, reduced at the end, the next tile prefetched): BLOCK_N 8 x BLOCK_K 1024, or
-                   4 x 2048 for k >= 8192
-                   (the down projection: 25.9 vs 27.5 us); but `dot` 32 x 512 for n >= 16384 (gate|up:
-                   45.7 vs 48.5 us). A layer 88.5 us against cuBLAS bf16's 157 (0.56x).
+                   products, reduced at the end): BLOCK_N 8 x BLOCK_K 1024, 4 warps, no prefetch. The best
+                   or within 6% of it at every shape on an H100 80GB HBM3 and an H200 (2026-12-06): a layer
+                   92.9 us against cuBLAS bf16's 157 on the H100 (0.59x), 84.4 against 113.9 on the H200
+                   (0.74x). Prefetching the next tile was slower on the H200 (97.2 us). Its ceiling,
+                   ~2.5-2.7 TB/s on both cards, is the conversions (e4m3x2 -> f16x2, then f16 -> f32: 1.5
+                   conversion instructions a weight at 16 a clock an SM), not the memory.
       2-16 rows    `dot` (tensor cores, the rows padded to 16): BLOCK_N 32 x BLOCK_K 512, or 1024 for
-                   k >= 8192; 4 warps (0.65x bf16 at 4 and 16 rows; `fma` at 4 rows was 1.30x).
+                   k >= 8192; 4 warps (H100: 0.65x bf16 at 4 and 16 rows; `fma` at 4 rows was 1.30x).
     Neither loop is software-pipelined by Triton (the weight tile is widened in registers, not staged
     through shared memory), so the tile is what a program has in flight."""
     def pow2(v: int) -> int:
         return max(16, 1 << (max(v, 1) - 1).bit_length())
 
-    if m == 1 and n < 16384:
-        bn, bk = (4, 2048) if k >= 8192 else (8, 1024)
-        return {"kind": "fma", "BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": min(bk, pow2(k)), "num_warps": 4,
-                "PREFETCH": True}
+    if m == 1:
+        return {"kind": "fma", "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": min(1024, pow2(k)), "num_warps": 4}
     return {"kind": "dot", "BLOCK_M": DECODE_ROWS, "BLOCK_N": 32, "BLOCK_K": min(1024 if k >= 8192 else 512, pow2(k)),
             "num_warps": 4}
 
