@@ -20,7 +20,7 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.stamp-install
 SIM_STAMP := $(VENV)/.stamp-sim
-SOURCES := $(wildcard csrc/*.cpp csrc/*.h) CMakeLists.txt pyproject.toml
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/sim/*.cpp csrc/sim/*.h) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 
 .PHONY: demo walkthrough test bench test-gpu build clean notebook serve check-policy

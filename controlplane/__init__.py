@@ -10,16 +10,11 @@ planning. This package re-exports it and adds the shared loop::
 """
 
 from controlplane._core import (
-    ClusterForward,
-    ClusterResult,
-    FastForward,
     FinishedRequest,
-    ForwardResult,
     InvariantError,
     Plan,
     RequestState,
     Stats,
-    StepCost,
     parse_policy_spec,
     policy_names,
     transition_allowed,
@@ -40,7 +35,6 @@ from controlplane.loop import Clock, Executor, ManualClock, StepRecord, StepResu
 
 __all__ = [
     "Clock",
-    "ClusterForward",
     "EvictionPolicy",
     "OrderingPolicy",
     "PolicyError",
@@ -49,11 +43,8 @@ __all__ = [
     "import_policy_modules",
     "policies",
     "register_policy",
-    "ClusterResult",
     "Executor",
-    "FastForward",
     "FinishedRequest",
-    "ForwardResult",
     "InvariantError",
     "ManualClock",
     "Plan",
@@ -61,7 +52,6 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "Stats",
-    "StepCost",
     "StepRecord",
     "StepResult",
     "WallClock",

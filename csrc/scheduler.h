@@ -164,7 +164,7 @@ class Scheduler {
                         const SamplingLimits& limits, double arrival_time, const std::string& session_id,
                         int priority, const std::string& cache_namespace);
   std::shared_ptr<Plan> step(double now);
-  // step() into a caller's plan, reusing its arrays (the simulator's fast path, csrc/fast_forward.h).
+  // step() into a caller's plan, reusing its arrays (the simulator's fast path, csrc/sim/fast_forward.h).
   void step_into(Plan& plan, double now);
   std::vector<FinishedRequest> commit(const Plan& plan, const std::vector<int64_t>& tokens, double now);
   // commit() appending what finished to `finished`.

@@ -9,7 +9,7 @@ A replica runs the engine core's loop with a step-cost model in place of the GPU
 Every scheduling and KV decision is the C++ scheduler's; this file only moves
 simulated time and hands finished requests back to the sessions waiting on them.
 
-The fast path (`fast_forward=True`, csrc/fast_forward.h) runs that same loop in
+The fast path (`fast_forward=True`, csrc/sim/fast_forward.h) runs that same loop in
 C++ for all the steps that end before the next event of the rest of the
 simulation (`env.peek()`): nothing else can act in between, so the steps, their
 times, the tokens and what the metrics see are exactly those of the loop above,
@@ -26,6 +26,7 @@ import simpy
 from simpy.core import NORMAL
 
 import controlplane as cp
+from sim import _native
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
@@ -69,7 +70,7 @@ class Replica:
         self._token_at = 0
         self._wake: simpy.Event | None = None
         native = getattr(cost_model, "native", None)
-        self._fast = cp.FastForward(native, self._token_pool) if fast_forward and native is not None else None
+        self._fast = _native.FastForward(native, self._token_pool) if fast_forward and native is not None else None
         if not driven:
             self.process = env.process(self._loop_fast() if self._fast is not None else self._loop())
 
@@ -105,7 +106,7 @@ class Replica:
             self.scheduler.end_session(session_id, self.env.now)
 
     def _tokens(self, n: int) -> np.ndarray:
-        """Synthetic sampled token ids (the simulator has no model); csrc/fast_forward.cpp takes the same."""
+        """Synthetic sampled token ids (the simulator has no model); csrc/sim/fast_forward.cpp takes the same."""
         at = self._token_at
         if at + n > self._token_pool.size:
             at = 0
@@ -155,7 +156,7 @@ class Replica:
             yield from self._run_step(plan, seconds, start, tokens)
 
     def _loop_fast(self):
-        """The same loop, its steps up to the next other event run in C++ (csrc/fast_forward.h)."""
+        """The same loop, its steps up to the next other event run in C++ (csrc/sim/fast_forward.h)."""
         env, sched = self.env, self.scheduler
         while True:
             if not sched.has_unfinished():

@@ -1,4 +1,4 @@
-"""The fast path for several replicas: all replicas' steps merged in C++ (csrc/cluster_forward.h).
+"""The fast path for several replicas: all replicas' steps merged in C++ (csrc/sim/cluster_forward.h).
 
 With one replica, `Replica._loop_fast` runs its steps up to the next other event. With several,
 each replica's steps are such events for the others, so instead one `ClusterDriver` runs every
@@ -29,11 +29,11 @@ from typing import Sequence
 import simpy
 from simpy.events import NORMAL
 
-import controlplane as cp
+from sim import _native
 
 
 class ClusterDriver:
-    """Runs the loops of several `Replica`s (made with `driven=True`) on one `controlplane.ClusterForward`.
+    """Runs the loops of several `Replica`s (made with `driven=True`) on one `sim._native.ClusterForward`.
 
     Args:
         env: the SimPy environment.
@@ -46,10 +46,10 @@ class ClusterDriver:
         self.replicas = list(replicas)
         self.metrics = metrics
         native = self.replicas[0].cost_model.native
-        self._cf = cp.ClusterForward(native, [r.scheduler for r in self.replicas],
-                                     [r._token_pool for r in self.replicas],
-                                     [metrics.next_sample_time(r.index) for r in self.replicas],
-                                     metrics.sample_interval())
+        self._cf = _native.ClusterForward(native, [r.scheduler for r in self.replicas],
+                                          [r._token_pool for r in self.replicas],
+                                          [metrics.next_sample_time(r.index) for r in self.replicas],
+                                          metrics.sample_interval())
         self._queued: list[tuple[float, int]] = []  # positions (time, eid) of the driver's events in env._queue
         self._stop = None  # (position, ClusterResult): a replica's commit whose follow-up is due there
         for replica in self.replicas:

@@ -25,7 +25,7 @@ with these attributes works: a `controlplane` Plan, a `PlanFeatures`, a
 `experiments.calibrate` (docs/profile-format.md).
 
 Both compute their coefficients here and evaluate them with `native`, a
-`controlplane.StepCost` (csrc/step_cost.h): the same formula, in the same
+`sim._native.StepCost` (csrc/sim/step_cost.h): the same formula, in the same
 order of floating-point operations, serves `step_seconds` and the simulator's
 C++ fast path, so the two give bit-identical step times.
 """
@@ -38,8 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from controlplane import _core
+from controlplane import Plan
 from controlplane.profile import FEATURES, PROFILE_COLUMNS, write_profile
+from sim import _native
 from sim.specs import CONF_DIR, HardwareSpec, ModelSpec, hardware_label
 
 
@@ -103,7 +104,7 @@ class CostModel(abc.ABC):
     def describe(self) -> str:
         """A few human-readable lines: what the model is and where its numbers come from."""
 
-    #: The C++ evaluator of `step_seconds` (a `controlplane.StepCost`), or None: a model
+    #: The C++ evaluator of `step_seconds` (a `sim._native.StepCost`), or None: a model
     #: without one runs the simulator step by step.
     native: Any = None
 
@@ -112,7 +113,7 @@ def _native_seconds(native: Any, plan: Any, block_size: int | None = None) -> fl
     """`native.seconds` of a plan (read in C++) or a plan-like object (ints or floats; block_size from the
     plan unless given). A plan-like object without the decode features or the rows counts as one with
     none (0, and no per-request terms)."""
-    if isinstance(plan, _core.Plan):
+    if isinstance(plan, Plan):
         return native.plan_seconds(plan)
     return native.seconds(plan.num_tokens, plan.num_reqs, plan.num_sampled, plan.attn_pairs, plan.kv_read_tokens,
                           plan.num_swap_out_blocks, plan.num_swap_in_blocks,
@@ -198,7 +199,7 @@ class RooflineCost(CostModel):
         self._attn_kv_s = model.kv_bytes_per_token() / bw      # per KV token read, all layers
         self._swap_token_s = model.kv_bytes_per_token() / hw.host_link_bandwidth
         self._overhead_s = hw.step_overhead_s
-        self.native = _core.StepCost.roofline(
+        self.native = _native.StepCost.roofline(
             overhead_s=self._overhead_s, swap_token_s=self._swap_token_s, breaks=list(self._linear_breaks),
             pieces=list(self._linear_pieces), head_flop_s=self._head_flop_s, head_weight_s=self._head_weight_s,
             head_act_s=self._head_act_s, attn_pair_s=self._attn_pair_s, attn_kv_s=self._attn_kv_s)

@@ -117,7 +117,7 @@ class Collector:
         self._step_chunks.append((result.starts, result.seconds, result.num_tokens, result.num_reqs))
 
     def on_steps(self, replica, result) -> None:
-        """`on_step` for a run of steps of the replica's fast path (a `controlplane.ForwardResult`),
+        """`on_step` for a run of steps of the replica's fast path (a `sim._native.ForwardResult`),
         which took the KV samples `_sample` would have, at the same steps."""
         self._add_steps(result)
         i = replica.index
@@ -125,7 +125,7 @@ class Collector:
         self._next_sample[i] = result.sample_at
 
     def on_cluster_steps(self, result) -> None:
-        """`on_step` for a run of several replicas' steps (a `controlplane.ClusterResult`, commit order),
+        """`on_step` for a run of several replicas' steps (a `sim._native.ClusterResult`, commit order),
         with the KV samples `_sample` would have taken (the C++ side keeps the next sample times)."""
         self._add_steps(result)
         self.kv_samples.extend(result.samples)
@@ -160,7 +160,7 @@ class Collector:
 
     def _sample(self, replica, start: float) -> None:
         """KV usage after the step that started at `start`, once per sample interval
-        (csrc/fast_forward.cpp samples the same way)."""
+        (csrc/sim/fast_forward.cpp samples the same way)."""
         i = replica.index
         if start >= self._next_sample[i]:
             self._next_sample[i] = start + self.sample_interval_s

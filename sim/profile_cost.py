@@ -2,7 +2,7 @@
 
 `experiments.calibrate` runs the engine over a grid of step shapes and writes a profile
 (docs/profile-format.md); `ProfileCost.fit` turns it into a sum of non-negative terms, one set
-per path the engine takes (csrc/step_cost.h evaluates them)::
+per path the engine takes (csrc/sim/step_cost.h evaluates them)::
 
     graph (all-decode plan, a CUDA graph replay):
         one + reqs + sum_k reqs_over(k) + decode_kv + strict + dropped + dropped_kv + swaps
@@ -45,14 +45,14 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from controlplane import _core
 from controlplane.profile import FEATURES, PREFILL_ROWS, PROFILE_COLUMNS, csv_rows, decode_prefill_rows
 from controlplane.profile import parse_row as _parse_row
+from sim import _native
 from sim.cost import CostModel, _native_seconds
 from sim.specs import ModelSpec
 
 FORMAT = "tandem.ProfileCost/2"
-# The basis functions by name (csrc/step_cost.h has the same); f: feature columns, k: a knot.
+# The basis functions by name (csrc/sim/step_cost.h has the same); f: feature columns, k: a knot.
 PROFILE_BASIS = {
     "one": lambda f, k: np.ones_like(f["num_tokens"]),
     "tokens": lambda f, k: f["num_tokens"],
@@ -232,7 +232,7 @@ class ProfilePath:
     unvaried: tuple[str, ...] = ()       # bases that never varied (or on < MIN_SUPPORT steps): cost not fitted
 
     def design(self, cols: Mapping[str, np.ndarray]) -> np.ndarray:
-        """[n, len(terms)]: each term's basis values (numpy's evaluation of csrc/step_cost.cpp)."""
+        """[n, len(terms)]: each term's basis values (numpy's evaluation of csrc/sim/step_cost.cpp)."""
         return np.stack([PROFILE_BASIS[b](cols, k) for b, k, _ in self.terms], axis=1) if self.terms else \
             np.zeros((len(cols["num_tokens"]), 0))
 
@@ -364,8 +364,8 @@ class ProfileCost(CostModel):
             return ([(b, k, c) for b, k, c in p.terms], sorted(p.limits.items()))
 
         (gt, gl), (et, el) = native_path(self.paths["graph"]), native_path(self.paths["eager"])
-        self.native = _core.StepCost.profile(gt, et, gl, el, self.paths["graph"].observed,
-                                             self.paths["eager"].observed, max_graph_batch)
+        self.native = _native.StepCost.profile(gt, et, gl, el, self.paths["graph"].observed,
+                                              self.paths["eager"].observed, max_graph_batch)
 
     @classmethod
     def fit(cls, source: str | Path | Iterable[Mapping[str, Any]], meta: Mapping[str, Any] | None = None,

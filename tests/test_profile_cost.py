@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import controlplane as cp
-from controlplane import _core
 from controlplane.profile import FEATURES, PREFILL_ROWS, encode_prefill_rows, write_profile
+from sim import _native
 from sim import cost as sim_cost
 from sim.cost import PlanFeatures, make_cost_model
 from sim.profile_cost import FORMAT, KNOTS, SHAPE_KEYS, ProfileCost, ProfilePath, nonnegative_least_squares
@@ -373,7 +373,7 @@ def test_a_json_of_another_format_or_with_unknown_keys_is_refused(fitted, tmp_pa
 def test_a_prefill_waves_term_without_a_knot_is_refused_by_the_cpp_constructor(fitted, tmp_path):
     eager = ProfilePath((("one", 0.0, 1e-3), ("prefill_waves_kv", 0.0, 1e-9)))
     with pytest.raises(ValueError, match=r"prefill_waves_kv term needs a knot"):
-        _core.StepCost.profile([], [("one", 0.0, 1e-3), ("prefill_waves_kv", 0.0, 1e-9)], [], [], False, True, 0)
+        _native.StepCost.profile([], [("one", 0.0, 1e-3), ("prefill_waves_kv", 0.0, 1e-9)], [], [], False, True, 0)
     with pytest.raises(ValueError, match=r"prefill_waves_kv term needs a knot"):
         ProfileCost({"graph": ProfilePath((), observed=False), "eager": eager}, 0)
     _, fit, _ = fitted
@@ -384,7 +384,7 @@ def test_a_prefill_waves_term_without_a_knot_is_refused_by_the_cpp_constructor(f
     with pytest.raises(ValueError, match=r"prefill_waves_kv term needs a knot"):
         ProfileCost.load(path)
     # a positive knot is fine
-    _core.StepCost.profile([], [("prefill_waves_kv", 128.0, 1e-9)], [], [], False, True, 0)
+    _native.StepCost.profile([], [("prefill_waves_kv", 128.0, 1e-9)], [], [], False, True, 0)
 
 
 def test_constructor_refusals():

@@ -1,4 +1,4 @@
-"""The simulator's fast path (csrc/fast_forward.h) against the step-by-step loop: identical runs.
+"""The simulator's fast path (csrc/sim/fast_forward.h) against the step-by-step loop: identical runs.
 
 Every figure a run produces (each step's start, cost, tokens and requests, every KV sample,
 every request's lifecycle times, every session, the ITL histogram, the summary) must be equal,
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import controlplane as cp
+from sim import _native
 from sim.cost import PlanFeatures, ProfileCost, RooflineCost
 from sim.profile_cost import KNOTS, PROFILE_BASIS, ProfilePath
 from sim.simulation import Simulation
@@ -66,7 +67,7 @@ SCENARIOS = {
     "ttl_lpm_closed": (scenario(sim={"mode": "closed", "concurrency": 12},
                                 policy={"ordering": "longest_prefix_match", "eviction": "ttl:ttl=5"}), None),
     "prefix_aware_3_replicas": (scenario(cluster={"num_replicas": 3, "router": "prefix_aware"}), None),
-    # several replicas: csrc/cluster_forward.h merges their steps (sim/cluster_fast.py)
+    # several replicas: csrc/sim/cluster_forward.h merges their steps (sim/cluster_fast.py)
     "round_robin_4_replicas_busy": (scenario(sessions=24, sim={"session_rate": 0.8},
                                              cluster={"num_replicas": 4, "router": "round_robin"}), None),
     "least_loaded_2_replicas_closed": (scenario(sim={"mode": "closed", "concurrency": 10},
@@ -112,7 +113,7 @@ def test_fast_path_with_a_profile_cost_model_gives_the_step_by_step_event_log(tm
 # -- the cost formula: one C++ evaluator, bit-identical to the Python formulas it replaced ----------
 
 def roofline_reference(cost: RooflineCost, plan) -> float:
-    """RooflineCost.step_seconds as it was written in Python before it moved to csrc/step_cost.cpp."""
+    """RooflineCost.step_seconds as it was written in Python before it moved to csrc/sim/step_cost.cpp."""
     from bisect import bisect_right
 
     tokens = plan.num_tokens
@@ -239,7 +240,7 @@ def test_fast_forward_stops_before_the_horizon_and_at_the_first_finish(horizon):
     for sched in scheds:
         for i in range(4):
             sched.add_request(i, np.arange(10 + 30 * i) % 1000, max_new_tokens=5 + 7 * i, ignore_eos=True)
-    ff = cp.FastForward(cost.native, pool)
+    ff = _native.FastForward(cost.native, pool)
     now_a = now_b = 0.0
     at_a = at_b = 3
     while scheds[0].has_unfinished():
