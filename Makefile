@@ -23,7 +23,7 @@ SIM_STAMP := $(VENV)/.stamp-sim
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/sim/*.cpp csrc/sim/*.h) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: demo walkthrough test bench test-gpu build clean notebook serve check-policy
+.PHONY: demo walkthrough test test-fast lint bench test-gpu build clean notebook serve check-policy
 
 $(PY):
 	$(PYTHON3) -m venv $(VENV)
@@ -71,6 +71,14 @@ notebook: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the edit-test loop: no slow or GPU tests, Hypothesis at its dev profile
+test-fast: $(STAMP)
+	TANDEM_HYPOTHESIS_PROFILE=dev $(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+# ruff's lint rules (ruff.toml); `ruff format --check` joins when the one-off format commit lands
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 bench: $(SIM_STAMP)
 	$(PY) -m experiments.bench_controlplane $(ARGS)
