@@ -168,69 +168,22 @@ class Simulation:
         if driven:
             ClusterDriver(env, replicas, collector)
         router = Router(cfg.cluster.router, replicas)
-        tokens = TokenFactory(s.seed, self.model.vocab_size)
-        ids = itertools.count()
-        seen_prefixes: set[tuple[int, int]] = set()
-        done = env.event()
-        state = {"finished": 0}
         planned, notes = self._planned_sessions()
-        progress = _progress(len(planned), s.progress)
-
-        def run_session(index: int, session: Session, wait_for_start: bool):
-            if wait_for_start and session.start_time > env.now:
-                yield env.timeout(session.start_time - env.now)
-            start = env.now
-            rng = tokens.session_rng(index)
-            context = SessionContext(tokens.prefix(session.prefix_id, session.prefix_tokens))
-            used: set[Replica] = set()
-            truncated, calls = False, 0
-            last: tuple[Replica, int] | None = None  # the previous call: its replica and request id
-            new_ids = tokens.session_new_tokens(rng, session.turns)
-            for k, turn in enumerate(session.turns):
-                new = new_ids[k]
-                prompt = context.extend(new)
-                max_new = min(turn.output_tokens, cfg.engine.max_model_len - prompt.size)
-                if max_new < 1 or prompt.size + max_new - 1 > self.capacity_tokens:
-                    truncated = True  # the context outgrew the model length or the KV cache
-                    break
-                genuinely_new = new.size
-                key = (session.prefix_id, session.prefix_tokens)
-                if k == 0 and session.prefix_id >= 0 and key not in seen_prefixes:
-                    seen_prefixes.add(key)
-                    genuinely_new += session.prefix_tokens
-                replica = router.route(prompt, session.session_id, env.now)
-                used.add(replica)
-                request_id = next(ids)
-                after = last[1] if last is not None and last[0] is replica else None
-                finished = yield replica.submit(request_id, prompt, max_new, session.session_id, after, new)
-                last = (replica, request_id)
-                calls += 1
-                collector.on_request(finished, session.session_id, k, replica.index, new.size, genuinely_new)
-                context.extend(finished.output_token_array)
-                if turn.pause_after > 0 and k + 1 < len(session.turns):
-                    yield env.timeout(turn.pause_after)
-            if s.end_sessions:
-                for replica in used:
-                    replica.end_session(session.session_id)
-            router.forget(session.session_id)
-            collector.on_session(session.session_id, start, env.now, calls, truncated)
-            state["finished"] += 1
-            progress.update(1)
-            if state["finished"] == len(planned) and not done.triggered:
-                done.succeed()
-
+        sessions = _SessionRunner(self, env, router, collector, TokenFactory(s.seed, self.model.vocab_size),
+                                  len(planned), _progress(len(planned), s.progress))
         if s.mode == "open":
             for index, session in enumerate(planned):
-                env.process(run_session(index, session, wait_for_start=True))
+                env.process(sessions.run(index, session, wait_for_start=True))
         else:
             source = enumerate(planned)
 
             def worker():
                 for index, session in source:
-                    yield from run_session(index, session, wait_for_start=False)
+                    yield from sessions.run(index, session, wait_for_start=False)
 
             for _ in range(s.concurrency):
                 env.process(worker())
+        done, progress = sessions.done, sessions.progress
 
         wall = time.perf_counter()
         until = done if s.max_sim_time_s is None else (done | env.timeout(s.max_sim_time_s))
@@ -256,7 +209,7 @@ class Simulation:
             notes.append(f"hardware {self.hardware_label} gives no peak_flops_fp8: the FP8 linear layers are "
                          f"priced at peak_flops, the model dtype's rate")
         summary["physical_limit"] = bool(getattr(self.cost_model, "is_physical_limit", False))
-        summary["completed"] = state["finished"] == len(planned)
+        summary["completed"] = sessions.finished == len(planned)
         return SimResult(cfg, summary, collector, self.num_blocks, notes, overload_warnings(summary, s.slo_ttft_s))
 
     def _planned_sessions(self) -> tuple[list[Session], list[str]]:
@@ -304,6 +257,65 @@ class _NoProgress:
 
     def close(self) -> None:
         pass
+
+
+class _SessionRunner:
+    """One simulation's agent sessions as SimPy processes: each turn's prompt built on the session's
+    context, routed, submitted and waited for, then the pause before the next; the run ends (`done`) when
+    every planned session has."""
+
+    def __init__(self, sim: Simulation, env: simpy.Environment, router: Router, collector: Collector,
+                 tokens: TokenFactory, planned: int, progress) -> None:
+        self.sim, self.env, self.router, self.collector, self.tokens = sim, env, router, collector, tokens
+        self.planned, self.progress = planned, progress
+        self.ids = itertools.count()
+        self.seen_prefixes: set[tuple[int, int]] = set()
+        self.done = env.event()
+        self.finished = 0
+
+    def run(self, index: int, session: Session, wait_for_start: bool):
+        env, cfg, collector, tokens = self.env, self.sim.cfg, self.collector, self.tokens
+        if wait_for_start and session.start_time > env.now:
+            yield env.timeout(session.start_time - env.now)
+        start = env.now
+        rng = tokens.session_rng(index)
+        context = SessionContext(tokens.prefix(session.prefix_id, session.prefix_tokens))
+        used: set[Replica] = set()
+        truncated, calls = False, 0
+        last: tuple[Replica, int] | None = None  # the previous call: its replica and request id
+        new_ids = tokens.session_new_tokens(rng, session.turns)
+        for k, turn in enumerate(session.turns):
+            new = new_ids[k]
+            prompt = context.extend(new)
+            max_new = min(turn.output_tokens, cfg.engine.max_model_len - prompt.size)
+            if max_new < 1 or prompt.size + max_new - 1 > self.sim.capacity_tokens:
+                truncated = True  # the context outgrew the model length or the KV cache
+                break
+            genuinely_new = new.size
+            key = (session.prefix_id, session.prefix_tokens)
+            if k == 0 and session.prefix_id >= 0 and key not in self.seen_prefixes:
+                self.seen_prefixes.add(key)
+                genuinely_new += session.prefix_tokens
+            replica = self.router.route(prompt, session.session_id, env.now)
+            used.add(replica)
+            request_id = next(self.ids)
+            after = last[1] if last is not None and last[0] is replica else None
+            finished = yield replica.submit(request_id, prompt, max_new, session.session_id, after, new)
+            last = (replica, request_id)
+            calls += 1
+            collector.on_request(finished, session.session_id, k, replica.index, new.size, genuinely_new)
+            context.extend(finished.output_token_array)
+            if turn.pause_after > 0 and k + 1 < len(session.turns):
+                yield env.timeout(turn.pause_after)
+        if cfg.sim.end_sessions:
+            for replica in used:
+                replica.end_session(session.session_id)
+        self.router.forget(session.session_id)
+        collector.on_session(session.session_id, start, env.now, calls, truncated)
+        self.finished += 1
+        self.progress.update(1)
+        if self.finished == self.planned and not self.done.triggered:
+            self.done.succeed()
 
 
 def _progress(total: int, enabled: bool):
