@@ -1,4 +1,4 @@
-// Scheduler::check_invariants: the ownership rules of ARCHITECTURE.md as code.
+// Scheduler::check_invariants (and the SessionStore's): the ownership rules of ARCHITECTURE.md as code.
 #include <algorithm>
 
 #include "hashing.h"
@@ -26,11 +26,11 @@ bool hashes_chain(uint64_t root, const std::vector<TokenId>& tokens, const std::
 }  // namespace
 
 // Turn memos: hashes of their own tokens, blocks within them, the token count kept exact.
-void Scheduler::check_turn_memos() const {
+void SessionStore::check_invariants(const std::vector<uint64_t>& namespace_roots) const {
   int64_t tokens = 0;
   for (const auto& [session, memo] : turn_memos_) {
     tokens += static_cast<int64_t>(memo.tokens.size());
-    if (!hashes_chain(namespace_roots_[memo.ns], memo.tokens, memo.block_hashes, block_size_) ||
+    if (!hashes_chain(namespace_roots[memo.ns], memo.tokens, memo.block_hashes, block_size_) ||
         memo.blocks.size() > memo.block_hashes.size() || memo.generations.size() != memo.blocks.size())
       throw InvariantViolation("scheduler invariant: turn memo of session '" + session + "' is inconsistent");
   }
@@ -135,7 +135,7 @@ void Scheduler::check_invariants() const {
 
   pool_.check_invariants(holders, last_now_);
   host_.check_invariants(host_holders);
-  check_turn_memos();
+  sessions_.check_invariants(namespace_roots_);
 }
 
 }  // namespace tandem

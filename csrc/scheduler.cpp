@@ -58,7 +58,8 @@ Scheduler::Scheduler(const SchedulerConfig& config, std::shared_ptr<OrderingPoli
       eviction_(std::move(eviction)),
       preemption_(std::move(preemption)),
       pool_(config.num_blocks, config.block_size, eviction_),  // validates both
-      host_(config.num_host_blocks) {
+      host_(config.num_host_blocks),
+      sessions_(config.block_size) {
   TANDEM_REQUIRE(ordering_ && eviction_ && preemption_, "every policy must be set");
   TANDEM_REQUIRE(config.max_num_seqs > 0, "max_num_seqs must be positive");
   TANDEM_REQUIRE(config.max_num_batched_tokens > 0, "max_num_batched_tokens must be positive");
@@ -154,25 +155,43 @@ void Scheduler::insert_request(RequestId id, std::vector<TokenId> prompt, const 
   r.ns_root = namespace_roots_[r.ns];
   r.priority = priority;
   r.arrival_time = arrival_time;
-  if (!session_id.empty()) {
-    SessionHistory& h = histories_[session_id];
-    if (h.last_end != kNever) {
-      if (static_cast<int>(h.pauses.size()) == kMaxPauseHistory) h.pauses.pop_front();
-      h.pauses.push_back(std::max(0.0, arrival_time - h.last_end));
-    }
-    r.session_turns = h.turns;
-    r.session_service = h.service;
-    r.session_last_end = h.last_end;
-  }
+  if (!session_id.empty()) sessions_.on_arrival(r);
   if (memo != nullptr) {
-    apply_memo(r, *memo, same);
+    sessions_.apply_memo(r, *memo, same);
   } else if (!session_id.empty() && config_.enable_prefix_caching) {
-    recall_turn(r);
+    sessions_.recall_turn(r);
   }
   requests_.emplace(id, std::move(r));
   waiting_.push_back(id);
   ++waiting_version_;
   counters_.prompt_tokens += n;
+}
+
+// A session's next request from its memo. The same checks, in the same order, as add_request()
+// of the whole prompt: the memo's tokens are a checked prompt and committed (checked) outputs,
+// so the first token outside the vocabulary, if any, is a new one, at the same position.
+bool Scheduler::add_continuation(RequestId id, RequestId after, const std::vector<TokenId>& new_tokens,
+                                 const SamplingLimits& limits, double arrival_time, const std::string& session_id,
+                                 int priority, const std::string& cache_namespace) {
+  if (session_id.empty() || !config_.enable_prefix_caching) return false;
+  const TurnMemo* last = sessions_.memo(session_id);
+  if (last == nullptr || last->request != after) return false;
+  auto ns = namespaces_.find(cache_namespace);
+  if (ns == namespaces_.end() || ns->second != last->ns) return false;
+  const size_t same = last->tokens.size();
+  const int64_t n = static_cast<int64_t>(same + new_tokens.size());
+  TANDEM_REQUIRE(n <= INT32_MAX, "request " + std::to_string(id) + ": prompt of " + std::to_string(n) +
+                                     " tokens is too long");
+  check_request(id, static_cast<int>(n), new_tokens.data(), static_cast<int>(same), limits, arrival_time);
+  TurnMemo memo = sessions_.take_memo(session_id);
+  std::vector<TokenId> prompt = std::move(memo.tokens);
+  // The context grows by a turn's new tokens and outputs every call: reserve geometrically, so
+  // that it is copied O(log) times over a session rather than at every call.
+  const size_t longest = static_cast<size_t>(std::min<int64_t>(n + limits.max_new_tokens, config_.max_model_len));
+  if (prompt.capacity() < longest) prompt.reserve(std::max(longest, 2 * prompt.capacity()));
+  prompt.insert(prompt.end(), new_tokens.begin(), new_tokens.end());
+  insert_request(id, std::move(prompt), limits, arrival_time, session_id, priority, cache_namespace, &memo, same);
+  return true;
 }
 
 // ---------------------------------------------------------------------------

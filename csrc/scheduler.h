@@ -5,8 +5,6 @@
 // Deterministic: the same calls with the same arguments give the same plans.
 #pragma once
 
-#include <deque>
-#include <map>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -16,6 +14,7 @@
 #include "common.h"
 #include "policies.h"
 #include "request.h"
+#include "session_store.h"
 
 namespace tandem {
 
@@ -123,30 +122,6 @@ struct Stats {
   int64_t prompt_tokens = 0, computed_tokens = 0, cached_tokens = 0, generated_tokens = 0;
 };
 
-// What a session's last finished turn leaves behind for its next one (csrc/turn_memo.cpp):
-// its tokens and their chained block hashes, and the leading blocks that were in the prefix
-// cache when it finished, with their generations. An agent's next prompt starts with exactly
-// those tokens, so its hashes and its prefix match need not be computed again; the
-// generations (and the pool's eviction count) say which blocks are still cached.
-// What a session's finished turns did, for policies (RequestView / TurnView session fields).
-struct SessionHistory {
-  int turns = 0;               // finished turns
-  int64_t service = 0;         // tokens computed by its finished and aborted requests
-  double last_end = kNever;    // `now` when its latest turn finished
-  std::deque<double> pauses;   // last-turn-end -> next arrival, the latest kMaxPauseHistory
-};
-
-struct TurnMemo {
-  RequestId request = 0;  // the finished request it remembers
-  uint32_t ns = 0;
-  std::vector<TokenId> tokens;
-  std::vector<uint64_t> block_hashes;
-  std::vector<BlockId> blocks;
-  std::vector<uint32_t> generations;
-  int64_t evictions = 0;  // the pool's eviction count when it was taken
-  uint64_t order = 0;     // insertion number (oldest memos are dropped first)
-};
-
 class Scheduler {
  public:
   explicit Scheduler(const SchedulerConfig& config);
@@ -231,13 +206,6 @@ class Scheduler {
   int prefix_match(Request& r, std::vector<BlockId>* hits);
   void extend_hashes(Request& r, int num_full_blocks);
   void register_full_blocks(Request& r);
-  void pin_turn(Request& r, double now);
-  void remember_turn(Request& r, std::vector<BlockId> cached_blocks);
-  void recall_turn(Request& r);
-  TurnMemo take_memo(std::unordered_map<std::string, TurnMemo>::iterator it);
-  void apply_memo(Request& r, TurnMemo& memo, size_t same);
-  void forget_turn(const std::string& session_id);
-  void check_turn_memos() const;
   RequestView view(const Request& r) const;
   int take_slot();
   void free_slot(Request& r);
@@ -283,15 +251,8 @@ class Scheduler {
   std::vector<int> free_slots_;     // stack; lowest slot on top
   std::unordered_map<std::string, uint32_t> namespaces_;
   std::vector<uint64_t> namespace_roots_;
-  // session -> pinned (block, generation)
-  std::map<std::string, std::unordered_map<BlockId, uint32_t>> session_pins_;
-  // session -> its last finished turn, at most kMemoTokensPerBlock * num_blocks tokens in all
-  std::unordered_map<std::string, TurnMemo> turn_memos_;
-  std::unordered_map<std::string, SessionHistory> histories_;  // erased by end_session
+  SessionStore sessions_;  // pins, turn memos and histories of sessions
   std::string failed_;  // the PolicyError that stopped this scheduler, if any
-  std::deque<std::pair<uint64_t, std::string>> memo_order_;  // (order, session), oldest first; may be stale
-  int64_t memo_tokens_ = 0;
-  uint64_t next_memo_ = 1;
 
   uint64_t next_seq_ = 1;
   uint64_t next_step_ = 1;

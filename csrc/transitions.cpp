@@ -162,50 +162,12 @@ void Scheduler::release_device(Request& r, double now) {
   free_slot(r);
 }
 
-void Scheduler::pin_turn(Request& r, double now) {
-  TurnView turn;
-  turn.session_id = r.session_id;
-  turn.request_id = r.id;
-  turn.now = now;
-  turn.num_tokens = r.num_tokens();
-  turn.num_blocks = r.num_registered;
-  turn.priority = r.priority;
-  turn.cache_blocks = pool_.num_blocks();
-  auto h = histories_.find(r.session_id);
-  if (h != histories_.end()) {
-    turn.turn_index = h->second.turns;
-    turn.session_service = h->second.service;
-    turn.pauses.assign(h->second.pauses.begin(), h->second.pauses.end());
-  }
-  turn.session_service += r.num_computed_total;
-  const double seconds = eviction_->pin_seconds(turn);
-  if (!(std::isfinite(seconds) && seconds >= 0)) {
-    throw PolicyError(policy_label("eviction", eviction_->name()) + " returned an invalid pin time " +
-                      format_number(seconds) + " (seconds must be finite and >= 0)");
-  }
-  if (seconds <= 0) return;
-  auto& pins = session_pins_[r.session_id];
-  for (BlockId b : r.blocks) {
-    if (!pool_.is_cached(b)) continue;
-    const uint32_t gen = pool_.generation(b);
-    auto it = pins.find(b);
-    const bool new_pin = it == pins.end() || it->second != gen;
-    if (new_pin) pins[b] = gen;
-    pool_.pin(b, now + seconds, now, new_pin);
-  }
-}
-
 void Scheduler::finish(Request& r, FinishReason reason, double now, std::vector<FinishedRequest>* out) {
   transition(r, RequestState::kFinished);
   r.finish_reason = reason;
   const bool memo = !r.session_id.empty() && config_.enable_prefix_caching;
-  if (memo) pin_turn(r, now);
-  if (!r.session_id.empty()) {
-    SessionHistory& h = histories_[r.session_id];
-    h.turns += 1;
-    h.service += r.num_computed_total;
-    h.last_end = now;
-  }
+  if (memo) sessions_.pin_turn(r, now, pool_, *eviction_);
+  if (!r.session_id.empty()) sessions_.on_turn_end(r, now);
   std::vector<BlockId> cached;  // its leading blocks in the prefix index, for the session's next turn
   if (memo) {
     const int n = std::min(r.num_registered, static_cast<int>(r.blocks.size()));
@@ -229,7 +191,7 @@ void Scheduler::finish(Request& r, FinishReason reason, double now, std::vector<
   f.num_preemptions = r.num_preemptions;
   f.output_tokens.assign(r.tokens.begin() + r.num_prompt_tokens, r.tokens.end());
   out->push_back(std::move(f));
-  if (memo) remember_turn(r, std::move(cached));
+  if (memo) sessions_.remember_turn(r, std::move(cached), pool_);
   ++counters_.num_finished;
   requests_.erase(r.id);
 }
@@ -268,27 +230,14 @@ void Scheduler::abort_impl(RequestId id, double now) {
   }
   transition(r, RequestState::kAborted);
   r.finish_reason = FinishReason::kAbort;
-  if (!r.session_id.empty()) {
-    auto h = histories_.find(r.session_id);
-    if (h != histories_.end()) h->second.service += r.num_computed_total;
-  }
+  if (!r.session_id.empty()) sessions_.on_abort(r);
   ++counters_.num_aborted;
   requests_.erase(it);
 }
 
 int Scheduler::end_session_impl(const std::string& session_id, double now) {
   check_time(now, "end_session");
-  forget_turn(session_id);
-  histories_.erase(session_id);
-  auto it = session_pins_.find(session_id);
-  if (it == session_pins_.end()) return 0;
-  int released = 0;
-  for (const auto& [block, gen] : it->second) {
-    if (pool_.generation(block) == gen) ++released;
-    pool_.unpin(block, gen, now);
-  }
-  session_pins_.erase(it);
-  return released;
+  return sessions_.end_session(session_id, now, pool_);
 }
 
 }  // namespace tandem

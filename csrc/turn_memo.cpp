@@ -7,14 +7,14 @@
 // A memo only saves work: the hashes are those block_hash would compute (the tokens are
 // compared first), and a remembered block is offered to prefix_match, which keeps it only
 // while its generation is unchanged, exactly as for a waiting request's own remembered
-// match. So plans are the same with or without memos. add_continuation() also takes the
-// memo's tokens as the prompt's start (the caller vouches that the prompt is exactly them +
-// new tokens), so that an agent's ~50K-token context is neither sent nor compared again.
+// match. So plans are the same with or without memos. Scheduler::add_continuation() also
+// takes the memo's tokens as the prompt's start (the caller vouches that the prompt is exactly
+// them + new tokens), so that an agent's ~50K-token context is neither sent nor compared again.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
-#include "scheduler.h"
+#include "session_store.h"
 
 namespace tandem {
 namespace {
@@ -23,9 +23,9 @@ constexpr int64_t kMemoCaches = 8;  // memos hold at most 8 KV caches' worth of 
 
 // At finish, before the blocks are released: `cached_blocks` are r's leading blocks that are
 // in the prefix index (each under r's own hash for it).
-void Scheduler::remember_turn(Request& r, std::vector<BlockId> cached_blocks) {
+void SessionStore::remember_turn(Request& r, std::vector<BlockId> cached_blocks, const BlockPool& pool) {
   forget_turn(r.session_id);
-  const int64_t limit = kMemoCaches * pool_.num_blocks() * block_size_;
+  const int64_t limit = kMemoCaches * pool.num_blocks() * block_size_;
   if (r.num_tokens() > limit) return;
   TurnMemo memo;
   memo.request = r.id;
@@ -34,8 +34,8 @@ void Scheduler::remember_turn(Request& r, std::vector<BlockId> cached_blocks) {
   memo.block_hashes = std::move(r.block_hashes);
   memo.blocks = std::move(cached_blocks);
   memo.generations.reserve(memo.blocks.size());
-  for (BlockId b : memo.blocks) memo.generations.push_back(pool_.generation(b));
-  memo.evictions = pool_.num_evicted();
+  for (BlockId b : memo.blocks) memo.generations.push_back(pool.generation(b));
+  memo.evictions = pool.num_evicted();
   memo.order = next_memo_++;
   memo_tokens_ += static_cast<int64_t>(memo.tokens.size());
   memo_order_.emplace_back(memo.order, r.session_id);
@@ -58,7 +58,7 @@ void Scheduler::remember_turn(Request& r, std::vector<BlockId> cached_blocks) {
 
 // At add_request: takes the session's memo; r starts with the hashes of the full blocks it
 // shares with the memo's tokens and with the memo's blocks as its remembered prefix match.
-void Scheduler::recall_turn(Request& r) {
+void SessionStore::recall_turn(Request& r) {
   auto it = turn_memos_.find(r.session_id);
   if (it == turn_memos_.end()) return;
   TurnMemo memo = take_memo(it);
@@ -76,34 +76,18 @@ void Scheduler::recall_turn(Request& r) {
   apply_memo(r, memo, same);
 }
 
-// A session's next request from its memo. The same checks, in the same order, as add_request()
-// of the whole prompt: the memo's tokens are a checked prompt and committed (checked) outputs,
-// so the first token outside the vocabulary, if any, is a new one, at the same position.
-bool Scheduler::add_continuation(RequestId id, RequestId after, const std::vector<TokenId>& new_tokens,
-                                 const SamplingLimits& limits, double arrival_time, const std::string& session_id,
-                                 int priority, const std::string& cache_namespace) {
-  if (session_id.empty() || !config_.enable_prefix_caching) return false;
+const TurnMemo* SessionStore::memo(const std::string& session_id) const {
   auto it = turn_memos_.find(session_id);
-  if (it == turn_memos_.end() || it->second.request != after) return false;
-  auto ns = namespaces_.find(cache_namespace);
-  if (ns == namespaces_.end() || ns->second != it->second.ns) return false;
-  const size_t same = it->second.tokens.size();
-  const int64_t n = static_cast<int64_t>(same + new_tokens.size());
-  TANDEM_REQUIRE(n <= INT32_MAX, "request " + std::to_string(id) + ": prompt of " + std::to_string(n) +
-                                     " tokens is too long");
-  check_request(id, static_cast<int>(n), new_tokens.data(), static_cast<int>(same), limits, arrival_time);
-  TurnMemo memo = take_memo(it);
-  std::vector<TokenId> prompt = std::move(memo.tokens);
-  // The context grows by a turn's new tokens and outputs every call: reserve geometrically, so
-  // that it is copied O(log) times over a session rather than at every call.
-  const size_t longest = static_cast<size_t>(std::min<int64_t>(n + limits.max_new_tokens, config_.max_model_len));
-  if (prompt.capacity() < longest) prompt.reserve(std::max(longest, 2 * prompt.capacity()));
-  prompt.insert(prompt.end(), new_tokens.begin(), new_tokens.end());
-  insert_request(id, std::move(prompt), limits, arrival_time, session_id, priority, cache_namespace, &memo, same);
-  return true;
+  return it == turn_memos_.end() ? nullptr : &it->second;
 }
 
-TurnMemo Scheduler::take_memo(std::unordered_map<std::string, TurnMemo>::iterator it) {
+TurnMemo SessionStore::take_memo(const std::string& session_id) {
+  auto it = turn_memos_.find(session_id);
+  TANDEM_CHECK(it != turn_memos_.end(), "take_memo() of a session without a memo");
+  return take_memo(it);
+}
+
+TurnMemo SessionStore::take_memo(std::unordered_map<std::string, TurnMemo>::iterator it) {
   TurnMemo memo = std::move(it->second);
   memo_tokens_ -= static_cast<int64_t>(memo.tokens.size());
   turn_memos_.erase(it);
@@ -111,7 +95,7 @@ TurnMemo Scheduler::take_memo(std::unordered_map<std::string, TurnMemo>::iterato
 }
 
 // r's first `same` tokens are the memo's (add_continuation: all of them, without comparing).
-void Scheduler::apply_memo(Request& r, TurnMemo& memo, size_t same) {
+void SessionStore::apply_memo(Request& r, TurnMemo& memo, size_t same) const {
   const size_t full = std::min(same / block_size_, memo.block_hashes.size());
   r.block_hashes = std::move(memo.block_hashes);
   r.block_hashes.resize(full);
@@ -121,7 +105,7 @@ void Scheduler::apply_memo(Request& r, TurnMemo& memo, size_t same) {
   r.match_evictions = memo.evictions;
 }
 
-void Scheduler::forget_turn(const std::string& session_id) {
+void SessionStore::forget_turn(const std::string& session_id) {
   auto it = turn_memos_.find(session_id);
   if (it == turn_memos_.end()) return;
   memo_tokens_ -= static_cast<int64_t>(it->second.tokens.size());
