@@ -11,7 +11,6 @@ simulator's `profile` cost model reads (docs/profile-format.md).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from engine.kernels import KernelSet
 from engine.kv_events import ALL_BLOCKS_CLEARED, KVEventPublisher, KVEventsConfig, make_publisher
 from engine.loader import LoadedModel, load_model
 from engine.memory import size_kv_cache
+from engine.output import Finished, StepOutput
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams, SequenceState, make_generator
 
@@ -62,21 +62,6 @@ def check_fp8_kv_support(device: torch.device, kv_dtype: torch.dtype, chosen: di
                          f"compute capability {FP8_KV_MIN_CAPABILITY[0]}.{FP8_KV_MIN_CAPABILITY[1]}+ (Ada, Hopper); "
                          f"this one is {capability[0]}.{capability[1]}: use kv_cache_dtype=auto, or "
                          f"kernel_backend torch or jax")
-
-
-def finish_reason(f) -> str:
-    """OpenAI's finish reason of a FinishedRequest: "length" (max tokens or the model length) or "stop"."""
-    return "length" if f.finish_reason in ("length", "model_length") else "stop"
-
-
-@dataclass
-class StepOutput:
-    """What one engine step produced: new tokens per request (plan order) and finished requests."""
-
-    req_ids: np.ndarray
-    tokens: np.ndarray
-    finished: list = field(default_factory=list)
-    seconds: float = 0.0
 
 
 class EngineCore:
@@ -174,9 +159,24 @@ class EngineCore:
                                                        make_generator(params.seed, self.device), stop_ids,
                                                        max_new_tokens=max_new))
 
-    def abort(self, req_id: int) -> None:
+    def abort(self, req_id: int) -> Finished | None:
+        """Ends a request now; returns its Finished (reason "abort"), or None if it is not running here
+        (never added, finished or aborted already)."""
+        if req_id not in self.runner.seqs:
+            return None
+        info = self.scheduler.request_info(req_id)
         self.scheduler.abort(req_id, self.clock.now())
         self.runner.remove_sequence(req_id)
+        return Finished(req_id, "abort", None, info["num_prompt_tokens"], info["num_cached_tokens"],
+                        len(info["output_token_ids"]))
+
+    def end_session(self, session_id: str) -> int:
+        """Releases the session's retention pins; returns how many blocks it still pinned."""
+        return self.scheduler.end_session(session_id, self.clock.now())
+
+    def stats(self) -> cp.Stats:
+        """The scheduler's counters and gauges."""
+        return self.scheduler.stats()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -192,10 +192,19 @@ class EngineCore:
         row = plan_features(plan)
         row.update(seconds=result.seconds, step_id=int(plan.step_id))
         self.profile.append(row)
-        for f in result.record.finished:
-            self.runner.remove_sequence(f.request_id)
-        return StepOutput(self.runner.last_req_ids, np.asarray(result.tokens), result.record.finished,
-                          result.seconds)
+        finished = [self._finished(f) for f in result.record.finished]
+        host = self.runner.last_result  # beside the tokens: their logprobs, if any row asked
+        logprobs = () if host is None else (host.logprobs, host.top_ids, host.top_logprobs)
+        return StepOutput(self.runner.last_req_ids, np.asarray(result.tokens), finished, result.seconds,
+                          *(t if t is None else t.numpy() for t in logprobs))
+
+    def _finished(self, f) -> Finished:
+        """A FinishedRequest of the scheduler in OpenAI's terms; the runner forgets it."""
+        self.runner.remove_sequence(f.request_id)
+        stop = f.output_token_ids[-1] if f.finish_reason == "stop" and f.num_output_tokens else None
+        reason = "length" if f.finish_reason in ("length", "model_length") else "stop"
+        return Finished(f.request_id, reason, stop, f.num_prompt_tokens, f.num_cached_tokens, f.num_output_tokens,
+                        f.first_scheduled_time - f.arrival_time)
 
     def reset(self, scheduler_config: cp.SchedulerConfig | None = None, clock: cp.Clock | None = None) -> None:
         """Starts a new run on this warm engine (weights, KV tensors, graphs and compiled kernels kept):
@@ -217,12 +226,7 @@ class EngineCore:
         self.scheduler_config = new
         self.scheduler = cp.Scheduler(new)
         self._start_kv_events()
-        runner = self.runner
-        if runner.guess is not None:
-            runner.guess.wait()
-            runner.guess = None
-        runner.seqs.clear()
-        runner.last_result, runner._last_end = None, None
+        self.runner.clear()
         self.clock = clock or cp.WallClock()
         self.profile = []
 

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from engine.config import EngineConfig
-from engine.core import EngineCore, finish_reason
-from engine.detokenize import IncrementalDetokenizer, StopMatcher
+from engine.core import EngineCore
+from engine.output import OutputProcessor, RequestState
 from engine.sampling import SamplingParams
 
 
@@ -41,21 +41,6 @@ class RequestOutput:
     finished: bool = True
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class _Pending:
-    index: int
-    params: SamplingParams
-    prompt: str | None
-    prompt_ids: list[int]
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, float]] = field(default_factory=list)
-    text: str = ""
-    done: CompletionOutput | None = None
-    cached: int = 0
-    stop: StopMatcher | None = None          # set when the params have stop strings (and there is a tokenizer)
-    detok: IncrementalDetokenizer | None = None
 
 
 class LLM:
@@ -133,87 +118,38 @@ class LLM:
 
     # The loop ------------------------------------------------------------------------------------
     def _run(self, encoded, params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
-        engine = self.engine
-        pending: dict[int, _Pending] = {}
-        groups: list[list[int]] = []
-        for (text, ids), p in zip(encoded, params):
+        engine, outputs = self.engine, OutputProcessor(self.tokenizer, stream=False)
+        groups: list[list[RequestState]] = []
+        for (_, ids), p in zip(encoded, params):
             group = []
             for k in range(p.n):
                 req_id = next(self._ids)
                 engine.add_request(req_id, ids, p.for_choice(k))
-                pending[req_id] = entry = _Pending(k, p, text, ids)
-                if p.stop_list and self.tokenizer is not None:
-                    entry.stop = StopMatcher(p.stop_list, p.include_stop_str_in_output)
-                    entry.detok = IncrementalDetokenizer(self.tokenizer, p.skip_special_tokens)
-                group.append(req_id)
+                group.append(outputs.add(req_id, p, len(ids)))
             groups.append(group)
-        bar = _progress(len(pending), use_tqdm)
-        live = set(pending)
-        while live:
-            out = engine.step()
-            self._collect(out, pending, live, bar)
+        bar = _progress(len(outputs.requests), use_tqdm)
+        while outputs.requests:
+            ended, stopped = outputs.process(engine.step())
+            for r in stopped:  # a stop string ended it: the engine runs it no further
+                outputs.finish(engine.abort(r.req_id))
+            bar.update(len(ended) + len(stopped))
         bar.close()
-        return [self._request_output(g, pending) for g in groups]
-
-    def _collect(self, out, pending: dict[int, _Pending], live: set, bar) -> None:
-        result = self.engine.runner.last_result
-        for k, (rid, token) in enumerate(zip(out.req_ids.tolist(), out.tokens.tolist())):
-            p = pending.get(rid)
-            if p is None or rid not in live:
-                continue
-            p.tokens.append(int(token))
-            if p.stop is not None and p.stop.stopped is None:
-                p.stop.push(p.detok.add(int(token)))
-            if p.params.logprobs is not None and result is not None and result.logprobs is not None:
-                entry = {int(token): float(result.logprobs[k])}
-                if result.top_ids is not None and p.params.logprobs > 0:
-                    for t, lp in zip(result.top_ids[k, :p.params.logprobs].tolist(),
-                                     result.top_logprobs[k, :p.params.logprobs].tolist()):
-                        entry.setdefault(int(t), float(lp))
-                p.logprobs.append(entry)
-        for f in out.finished:
-            p = pending[f.request_id]
-            p.cached = f.num_cached_tokens
-            if f.request_id in live:
-                stop_token = p.tokens[-1] if f.finish_reason == "stop" and p.tokens else None
-                self._finish(f.request_id, p, finish_reason(f), live, bar, stop_reason=stop_token)
-        for rid in [r for r in live if pending[r].stop is not None and pending[r].stop.stopped is not None]:
-            p = pending[rid]
-            p.text = p.stop.text  # up to the stop string (through it with include_stop_str_in_output)
-            self.engine.abort(rid)
-            self._finish(rid, p, "stop", live, bar, stop_reason=p.stop.stopped, text_ready=True)
-
-    def _finish(self, rid: int, p: _Pending, reason: str, live: set, bar, stop_reason=None,
-                text_ready: bool = False) -> None:
-        live.discard(rid)  # the engine forgot it already: on its finish, or on the abort of a stop string
-        text = p.text if text_ready else self._decode(p.tokens, p.params)
-        cumulative = sum(next(iter(e.values())) for e in p.logprobs) if p.logprobs else None
-        p.done = CompletionOutput(p.index, text, list(p.tokens), reason, stop_reason,
-                                  p.logprobs if p.params.logprobs is not None else None, cumulative)
-        bar.update(1)
-
-    def _decode(self, tokens: list[int], params: SamplingParams) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(tokens, skip_special_tokens=params.skip_special_tokens)
-
-    def _request_output(self, group: list[int], pending: dict[int, _Pending]) -> RequestOutput:
-        first = pending[group[0]]
-        return RequestOutput(str(group[0]), first.prompt, first.prompt_ids, [pending[r].done for r in group],
-                             True, first.cached)
+        return [RequestOutput(str(g[0].req_id), text, ids, [_completion(k, r) for k, r in enumerate(g)], True,
+                              g[0].num_cached_tokens) for (text, ids), g in zip(encoded, groups)]
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+def _completion(index: int, r: RequestState) -> CompletionOutput:
+    logprobs = None
+    if r.params.logprobs is not None:  # per token: {token id: logprob}, the sampled token first
+        logprobs = [{token: lp} for token, lp in zip(r.tokens, r.logprobs)]
+        for entry, top in zip(logprobs, r.top):
+            for t, lp in top:
+                entry.setdefault(t, lp)
+    cumulative = sum(r.logprobs) if r.logprobs else None
+    return CompletionOutput(index, r.text, list(r.tokens), r.finish_reason, r.stop_reason, logprobs, cumulative)
 
 
 def _progress(total: int, enabled: bool):
-    if not enabled or total < 16:
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="generating", unit="req", mininterval=0.5)
+    return tqdm(total=total, desc="generating", unit="req", mininterval=0.5, disable=not enabled or total < 16)

@@ -1,34 +1,14 @@
 """Overlapped decode: the next decode step is on the GPU before this step's tokens reach the host.
 
-The control plane's loop is strict: `plan = step(now); tokens = run(plan); commit(plan, tokens, now)`,
-and the next plan exists only after the commit. Done literally, the GPU idles for the host's part of
-every step (waiting for the token, commit, step, building inputs, launching): ~0.3 ms of a 5 ms
-batch-1 step of an 8B model on an H200. The runner hides it without changing the contract:
-
     run(plan N):   launch N  ->  launch a *guess* of plan N+1 (same requests, one token further,
                    its input ids taken on the device from N's sampled tokens)  ->  wait for N's tokens
     commit(N), plan N+1 = step(now)        (the GPU is already computing the guess)
     run(plan N+1): the guess matches -> its tokens are N+1's tokens; launch a guess of N+2; wait
-                   otherwise         -> drop the guess, run plan N+1 as usual
+                   otherwise         -> drop the guess (its random draws undone), run plan N+1 as usual
 
-The scheduler stays the only one who decides; plans, commits and the simulator's replay are those
-of the strict loop. A guess is made only when it can be checked and dropped safely:
-
-- every request of plan N is a decode that samples; no row needs penalties (their counts need N's
-  token on the host);
-- a request expected to continue has fewer than max_tokens - 1 outputs, and the block of its next
-  position is already its own: in its current last block, or the one the scheduler gave it ahead
-  (`SchedulerConfig.num_lookahead_tokens = 1`, which the engine sets when overlap is on). A guess
-  writes K/V only at that next position of a request's own, not yet computed, not cached block,
-  and with the very token the request will get there, so a dropped guess leaves nothing wrong behind:
-  a block freed meanwhile is rewritten before anyone reads it, in stream order;
-- it matches plan N+1 when plan N+1 is a pure decode of the guessed requests (all, or a subset when
-  every guessed row is greedy or has its own seed, whose results do not depend on the batch), with the
-  same positions, KV slots and block-table rows. A dropped guess's random draws are undone (the
-  generators' states are restored), so greedy and seeded requests get the same tokens as without
-  overlap.
-
-A guess that is dropped cost one step of GPU time (a new request's prefill waited for it).
+The scheduler still decides everything. A guess is made only where dropping it is safe: pure decodes
+that sample, no penalties, each next position in a block the request already owns (the scheduler's
+`num_lookahead_tokens = 1`); why that suffices, and what it costs: docs/engine.md#overlapped-decode.
 """
 
 from __future__ import annotations

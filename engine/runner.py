@@ -134,6 +134,13 @@ class ModelRunner:
     def remove_sequence(self, req_id: int) -> None:
         self.seqs.pop(req_id, None)
 
+    def clear(self) -> None:
+        """Forgets every request, any guess in flight and the last step's results (KV tensors, graphs kept)."""
+        if self.guess is not None:
+            self.guess.wait()
+        self.guess, self.last_result, self._last_end = None, None, None
+        self.seqs.clear()
+
     # One step ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, plan) -> tuple[np.ndarray, float]:
@@ -161,7 +168,8 @@ class ModelRunner:
             guess.wait()
             host = guess.host if identity else select(guess.host, rows)
         else:
-            if plan.num_tokens == 0:
+            if plan.num_tokens == 0:  # KV copies only
+                self.last_result, self.last_req_ids = None, np.empty(0, dtype=np.int64)
                 return np.empty(0, dtype=np.int64), time.perf_counter() - start
             batch = reorder_decodes_first(plan)
             logits = self.forward(batch, plan)

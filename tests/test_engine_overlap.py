@@ -49,11 +49,10 @@ def drive(core, requests, events=()):
             step += 1
             continue
         out = core.step()
-        result = core.runner.last_result
         for k, (rid, tok) in enumerate(zip(out.req_ids.tolist(), out.tokens.tolist())):
             tokens.setdefault(rid, []).append(tok)
-            if result is not None and result.logprobs is not None:
-                logprobs.setdefault(rid, []).append(round(float(result.logprobs[k]), 5))
+            if out.logprobs is not None:
+                logprobs.setdefault(rid, []).append(round(float(out.logprobs[k]), 5))
         step += 1
     return tokens, logprobs, (core.runner.num_guesses_used, core.runner.num_guesses_dropped)
 

@@ -612,9 +612,11 @@ class _ScriptedCore:
     def add(self, req_id, prompt_ids, params, session_id, namespace, priority):
         import asyncio
 
+        import msgspec
+
         queue = asyncio.Queue()
-        for e in self.events:
-            queue.put_nowait(e)
+        for kind, a, lp, top in self.events:  # a Finished names the request, as the core's do
+            queue.put_nowait((kind, msgspec.structs.replace(a, req_id=req_id) if kind == "finished" else a, lp, top))
         return queue
 
     def abort(self, req_ids):
@@ -628,6 +630,7 @@ def _gateway_run(tokenizer, tokens: list[int], finish: str, chat: bool, token_id
     """One choice of `tokens` through the gateway's Choice and responses (stream or whole), no model."""
     import asyncio
 
+    from engine.output import OutputProcessor
     from engine.sampling import SamplingParams
     from engine.serve import protocol as P
     from engine.serve import responses as R
@@ -637,17 +640,16 @@ def _gateway_run(tokenizer, tokens: list[int], finish: str, chat: bool, token_id
     events = [("token", t, None, None) for t in tokens] + [("finished", P.Finished(0, finish, None, 3, 0, len(tokens)),
                                                              None, None)]
     core = _ScriptedCore(events)
-    choice = Choice(core, tokenizer, 0, [1, 2, 3], SamplingParams(max_tokens=64, **params), session_id=None,
-                    namespace=None, priority=0, metrics=Metrics(core))
+    choice = Choice(core, OutputProcessor(tokenizer), 0, [1, 2, 3], SamplingParams(max_tokens=64, **params),
+                    session_id=None, namespace=None, priority=0, metrics=Metrics(core))
     meta = R.Meta("id", 0, "tiny", chat, tokenizer, token_ids)
 
     async def run():
         if stream:
             return [json.loads(e[6:]) for e in [x async for x in R.stream(meta, [choice], True)][:-1]]
-        out = R.Collected()
-        async for d in choice.deltas():
-            out.add(d)
-        return R.full_response(meta, [choice], [out])
+        async for _ in choice.deltas():
+            pass
+        return R.full_response(meta, [choice])
 
     return asyncio.run(run())
 

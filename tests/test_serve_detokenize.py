@@ -1,11 +1,12 @@
-"""engine.detokenize without a model: a byte-level tokenizer made of the pieces each test needs."""
+"""engine.output's detokenizer and stop matcher without a model: a byte-level tokenizer made of the pieces
+each test needs."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.detokenize import IncrementalDetokenizer, StopMatcher
+from engine.output import IncrementalDetokenizer, StopMatcher
 
 
 class PieceTokenizer:

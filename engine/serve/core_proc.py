@@ -32,7 +32,6 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 class CoreLoop:
     def __init__(self, core, recv: zmq.Socket, send: zmq.Socket) -> None:
         self.core, self.recv, self.send = core, recv, send
-        self.live: set[int] = set()
         # sessions with a request here and not ended since: the scheduler keeps no such set that it shows,
         # and POST /v1/sessions/{id}/end must tell an unknown id from a known one
         self.sessions: set[str] = set()
@@ -52,21 +51,16 @@ class CoreLoop:
             except (ValueError, TypeError) as exc:
                 self.send.send(P.encode(P.Rejected(msg.req_id, str(exc))))
                 return True
-            self.live.add(msg.req_id)
             if msg.session_id:
                 self.sessions.add(msg.session_id)
         elif isinstance(msg, P.Abort):
             for rid in msg.req_ids:
-                if rid in self.live:
-                    info = core.scheduler.request_info(rid)
-                    core.abort(rid)
-                    self.live.discard(rid)
+                finished = core.abort(rid)  # None: it finished (or was aborted) already
+                if finished is not None:
                     self.aborted += 1
-                    self.send.send(P.encode(P.Finished(rid, "abort", None, info["num_prompt_tokens"],
-                                                       info["num_cached_tokens"],
-                                                       len(info["output_token_ids"]))))
+                    self.send.send(P.encode(finished))
         elif isinstance(msg, P.EndSession):
-            core.scheduler.end_session(msg.session_id, core.clock.now())
+            core.end_session(msg.session_id)
             known = msg.session_id in self.sessions
             self.sessions.discard(msg.session_id)
             self.send.send(P.encode(P.SessionEnded(msg.session_id, known)))
@@ -84,34 +78,22 @@ class CoreLoop:
             self.send.send(P.encode(P.KvEvents([(kind, list(hashes)) for kind, hashes, _, _ in events])))
 
     def step(self) -> None:
-        from engine.core import finish_reason
-
-        core = self.core
-        out = core.step()
+        out = self.core.step()
         self.send_kv_events()
         if len(out.req_ids):
-            result = core.runner.last_result
-            tok = P.Tokens(out.req_ids.tolist(), out.tokens.tolist())
-            if result is not None and result.logprobs is not None:
-                tok.logprobs = result.logprobs.tolist()
-                if result.top_ids is not None:
-                    tok.top_ids, tok.top_logprobs = result.top_ids.tolist(), result.top_logprobs.tolist()
+            logprobs = (None if a is None else a.tolist() for a in (out.logprobs, out.top_ids, out.top_logprobs))
+            tok = P.Tokens(out.req_ids.tolist(), out.tokens.tolist(), 0.0, *logprobs)
             tok.sent_at = time.perf_counter()
             self.send.send(P.encode(tok))
         for f in out.finished:
-            self.live.discard(f.request_id)
-            stop = f.output_token_ids[-1] if f.finish_reason == "stop" and f.num_output_tokens else None
-            reason = finish_reason(f)
-            self.send.send(P.encode(P.Finished(f.request_id, reason, stop, f.num_prompt_tokens,
-                                               f.num_cached_tokens, f.num_output_tokens,
-                                               f.first_scheduled_time - f.arrival_time)))
+            self.send.send(P.encode(f))
 
     def stats(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_stats < STATS_INTERVAL_S:
             return
         self._last_stats = now
-        values = self.core.scheduler.stats().as_dict()
+        values = self.core.stats().as_dict()
         values["num_aborted_by_gateway"] = self.aborted
         self.send.send(P.encode(P.Stats(values)))
 

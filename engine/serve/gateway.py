@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine.output import OutputProcessor
 from engine.serve import api_schema as S
 from engine.serve import responses as R
 from engine.serve.client import CoreClient, CoreDied
@@ -38,12 +39,14 @@ REPLICA_HEADER = "x-tandem-replica"  # the engine core (replica index) each prom
 
 
 class GatewayState:
-    """What the routes share: the engine cores (one, or a data-parallel set behind `router`), the tokenizer."""
+    """What the routes share: the engine cores (one, or a data-parallel set behind `router`), the tokenizer,
+    and the output processor of every request in flight."""
 
     def __init__(self, cores: CoreClient | ReplicaRouter, tokenizer, model_name: str, api_key: str | None) -> None:
         self.router = cores if isinstance(cores, ReplicaRouter) else ReplicaRouter([cores])
         self.tokenizer, self.model_name, self.api_key = tokenizer, model_name, api_key
         self.metrics = Metrics(self.router.clients)
+        self.outputs = OutputProcessor(tokenizer)
 
     @property
     def client(self) -> CoreClient:
@@ -280,7 +283,7 @@ async def _serve(state: GatewayState, request: Request, body, chat: bool):
             core = state.router.route(ids, session, body.cache_salt)  # a prompt's n choices go together
             replicas.append(core.index)
             for k in range(body.n):
-                choices.append(Choice(core, state.tokenizer, i * body.n + k, ids, params.for_choice(k),
+                choices.append(Choice(core, state.outputs, i * body.n + k, ids, params.for_choice(k),
                                       session_id=session, namespace=body.cache_salt, priority=body.priority,
                                       metrics=state.metrics, prompt_index=i))
     except CoreDied as exc:
@@ -302,20 +305,19 @@ def _abort(choices: list[Choice]) -> None:
     """Ends choices sent before their request failed: aborted in the core, counted, their queues released."""
     for c in choices:
         if c.client.dead:
-            c.client.release(c.req_id)
+            c.release()
         else:
             c.close()
 
 
 async def _complete(request: Request, meta, choices: list[Choice]) -> dict:
-    """Runs every choice to its end; a client that disconnects aborts them all."""
-    collected = [R.Collected() for _ in choices]
+    """Runs every choice to its end (its output gathers in its record); a client that disconnects aborts all."""
 
-    async def run(choice: Choice, out):
-        async for d in choice.deltas():
-            out.add(d)
+    async def run(choice: Choice):
+        async for _ in choice.deltas():
+            pass
 
-    tasks = [asyncio.create_task(run(c, o)) for c, o in zip(choices, collected)]
+    tasks = [asyncio.create_task(run(c)) for c in choices]
     pending = set(tasks)
     try:
         while pending:
@@ -335,7 +337,7 @@ async def _complete(request: Request, meta, choices: list[Choice]) -> dict:
             await asyncio.gather(*pending, return_exceptions=True)
         for c in choices:
             c.close()
-    return R.full_response(meta, choices, collected)
+    return R.full_response(meta, choices)
 
 
 __all__ = ["GatewayState", "create_app"]

@@ -1,21 +1,17 @@
-"""One choice of one request, from engine tokens to OpenAI text: detokenize, stop strings, logprobs, timing."""
+"""One choice of one request: sent to an engine core, its events turned into Deltas by the gateway's output
+processor (engine/output.py), its latencies recorded."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import time
-from dataclasses import dataclass, field
 
+from engine.output import Delta, OutputProcessor
 from engine.serve.client import CoreClient, CoreDied
-from engine.detokenize import IncrementalDetokenizer, StopMatcher
 from engine.serve.openai_api import ApiError
 
-_ids = itertools.count(1)
-
-
-def next_request_id() -> int:
-    return next(_ids)
+_ids = itertools.count(1)  # request ids, unique in the gateway
 
 
 def params_dict(params) -> dict:
@@ -23,38 +19,25 @@ def params_dict(params) -> dict:
     return {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.init}
 
 
-@dataclass
-class Delta:
-    text: str
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list[list[tuple[int, float]]] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
 class Choice:
-    """Consumes one engine request's events and yields Deltas; aborts the request on a stop string."""
+    """Consumes one engine request's events and yields Deltas; aborts the request on a stop string. Its output
+    (text, tokens, logprobs, counts, finish reason) is `request`, the output processor's record."""
 
-    def __init__(self, client: CoreClient, tokenizer, index: int, prompt_ids: list[int], params, *,
+    def __init__(self, client: CoreClient, outputs: OutputProcessor, index: int, prompt_ids: list[int], params, *,
                  session_id: str | None, namespace: str | None, priority: int, metrics, prompt_index: int = 0) -> None:
-        self.client, self.index, self.params, self.metrics = client, index, params, metrics
+        self.client, self.outputs, self.index, self.metrics = client, outputs, index, metrics
         self.prompt_index = prompt_index
-        self.req_id = next_request_id()
-        self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer else None
-        self.stop = StopMatcher(params.stop_list, params.include_stop_str_in_output)
-        self.num_prompt_tokens = len(prompt_ids)
-        self.num_cached_tokens = 0
-        self.num_output_tokens = 0
-        self.finish_reason: str | None = None
+        self.req_id = next(_ids)
+        self.outcome: str | None = None  # the metrics' finish_reason: the output's, abort, client_disconnect, error
         self.disconnected = False  # set by the response when its client goes away: the metrics' reason
-        self.text = ""
         self.start = time.perf_counter()
         self.first_token_at: float | None = None
         self.queue = client.add(self.req_id, prompt_ids, params_dict(params), session_id, namespace, priority)
+        self.request = outputs.add(self.req_id, params, len(prompt_ids))  # once sent: released in close()
 
     @property
     def done(self) -> bool:
-        return self.finish_reason is not None
+        return self.outcome is not None
 
     async def deltas(self):
         """Yields a Delta per engine event until the choice finishes (the last one has finish_reason)."""
@@ -62,7 +45,9 @@ class Choice:
             while not self.done:
                 kind, a, lp, top = await self.queue.get()
                 if kind == "token":
-                    yield self._token(a, lp, top)
+                    delta = self._token(a, lp, top)
+                    if delta is not None:  # None: in flight past a stop string, not output
+                        yield delta
                 elif kind == "finished":
                     yield self._finished(a)
                 elif kind == "rejected":
@@ -80,47 +65,35 @@ class Choice:
         if not self.done:
             self.client.abort([self.req_id])
             self._end("client_disconnect" if self.disconnected else "abort")
+        self.release()
+
+    def release(self) -> None:
+        """Forgets the choice here: its event queue and its output record."""
         self.client.release(self.req_id)
+        self.outputs.release(self.req_id)
 
     def _end(self, reason: str) -> None:
-        self.finish_reason = reason
+        self.outcome = reason
         self.metrics.requests.labels(reason).inc()
 
-    def _token(self, token: int, logprob, top) -> Delta:
-        # a step carries logprobs for every row when any row asks for them: keep what this one asked for
-        wanted = self.params.logprobs
-        if wanted is None:
-            logprob, top = None, None
-        elif top is not None:
-            top = top[:wanted]
-        now = time.perf_counter()
+    def _token(self, token: int, logprob, top) -> Delta | None:
         if self.first_token_at is None:
-            self.first_token_at = now
+            self.first_token_at = now = time.perf_counter()
             self.metrics.ttft.observe(now - self.start)
-        if self.stop.stopped is not None:  # in flight past a stop string: not output, so no id and no count
-            return Delta("")
-        # from here the token is output: counted in usage and carried by its Delta (so by `token_ids`) even
-        # when its text is "" (a skipped special token, part of a character, text a stop string holds back)
-        self.num_output_tokens += 1
-        text = self.detok.add(token) if self.detok else ""
-        out = self.stop.push(text)
-        delta = Delta(out, [token], [logprob] if logprob is not None else [], [top] if top is not None else [])
-        if self.stop.stopped is not None:  # ends here; the core's tokens in flight are ignored
+        delta = self.outputs.on_token(self.req_id, token, logprob, top)
+        if delta is not None and self.request.stop.stopped is not None:  # ends here; the tokens in flight are ignored
             self.client.abort([self.req_id])
         return delta
 
     def _finished(self, msg) -> Delta:
-        self.num_cached_tokens = msg.num_cached_tokens
-        tail = self.stop.flush() if self.stop.stopped is None else ""
-        reason = "stop" if self.stop.stopped is not None else ("length" if msg.reason == "length" else "stop")
-        self._end(reason)
-        self.text = self.stop.text
-        now = time.perf_counter()
+        delta = self.outputs.finish(msg)
+        self._end(self.request.finish_reason)
+        now, n = time.perf_counter(), len(self.request.tokens)
         self.metrics.e2e.observe(now - self.start)
-        if self.first_token_at is not None and self.num_output_tokens > 1:
-            self.metrics.tpot.observe((now - self.first_token_at) / (self.num_output_tokens - 1))
+        if self.first_token_at is not None and n > 1:
+            self.metrics.tpot.observe((now - self.first_token_at) / (n - 1))
         if msg.queue_time is not None:
             self.metrics.queue_time.observe(msg.queue_time)
-        self.metrics.tokens_in.inc(self.num_prompt_tokens)
-        self.metrics.tokens_out.inc(self.num_output_tokens)
-        return Delta(tail, finish_reason=reason)
+        self.metrics.tokens_in.inc(self.request.num_prompt_tokens)
+        self.metrics.tokens_out.inc(n)
+        return delta

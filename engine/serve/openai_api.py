@@ -147,13 +147,3 @@ def sampling_params(req: _Sampling, max_tokens: int | None, logprobs: int | None
         param = str(exc).split(" ", 1)[0]
         raise ApiError(str(exc), param=param) from None
     return params
-
-
-def chat_logprobs_entry(tokenizer, token: int, logprob: float, top: list[tuple[int, float]]) -> dict:
-    def one(t: int, lp: float) -> dict:
-        text = tokenizer.decode([t]) if tokenizer is not None else str(t)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
-
-    entry = one(token, logprob)
-    entry["top_logprobs"] = [one(t, lp) for t, lp in top]
-    return entry

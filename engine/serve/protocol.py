@@ -17,6 +17,8 @@ from typing import Union
 import msgspec
 import numpy as np
 
+from engine.output import Finished  # the engine's record of a finished request, sent as it is
+
 
 class Add(msgspec.Struct, tag=True, array_like=True):
     req_id: int
@@ -61,16 +63,6 @@ class Tokens(msgspec.Struct, tag=True, array_like=True):
     logprobs: list[float] | None = None          # of each sampled token
     top_ids: list[list[int]] | None = None       # [k][N]
     top_logprobs: list[list[float]] | None = None
-
-
-class Finished(msgspec.Struct, tag=True, array_like=True):
-    req_id: int
-    reason: str                        # stop | length | abort
-    stop_token: int | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    num_output_tokens: int
-    queue_time: float | None = None    # arrival -> first scheduled (None when aborted)
 
 
 class Rejected(msgspec.Struct, tag=True, array_like=True):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.serve.client import CoreDied
-from engine.serve.openai_api import ApiError, chat_logprobs_entry
+from engine.serve.openai_api import ApiError
 
 
 @dataclass
@@ -18,23 +18,6 @@ class Meta:
     chat: bool
     tokenizer: object
     token_ids: bool = False
-
-
-@dataclass
-class Collected:
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list = field(default_factory=list)
-    finish_reason: str | None = None
-
-    def add(self, d) -> None:
-        self.text += d.text
-        self.tokens += d.tokens
-        self.logprobs += d.logprobs
-        self.top += d.top
-        if d.finish_reason is not None:
-            self.finish_reason = d.finish_reason
 
 
 def message_dict(m) -> dict:
@@ -51,7 +34,7 @@ def _token_text(tokenizer, t: int) -> str:
     return tokenizer.decode([t]) if tokenizer is not None else str(t)
 
 
-def completion_logprobs(meta: Meta, c: Collected, offset: int = 0) -> dict | None:
+def completion_logprobs(meta: Meta, c, offset: int = 0) -> dict | None:
     if not c.logprobs:
         return None
     tokens = [_token_text(meta.tokenizer, t) for t in c.tokens]
@@ -64,11 +47,15 @@ def completion_logprobs(meta: Meta, c: Collected, offset: int = 0) -> dict | Non
             "text_offset": offsets}
 
 
-def chat_logprobs(meta: Meta, c: Collected) -> dict | None:
+def chat_logprobs(meta: Meta, c) -> dict | None:
     if not c.logprobs:
         return None
+    def one(t: int, lp: float) -> dict:
+        text = _token_text(meta.tokenizer, t)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
     tops = c.top or [[] for _ in c.tokens]
-    return {"content": [chat_logprobs_entry(meta.tokenizer, t, lp, top)
+    return {"content": [{**one(t, lp), "top_logprobs": [one(*x) for x in top]}
                         for t, lp, top in zip(c.tokens, c.logprobs, tops)]}
 
 
@@ -77,16 +64,17 @@ def usage(choices) -> dict:
     per_prompt: dict[int, tuple[int, int]] = {}
     for c in choices:
         tokens, cached = per_prompt.get(c.prompt_index, (0, 0))
-        per_prompt[c.prompt_index] = (c.num_prompt_tokens, max(cached, c.num_cached_tokens))
+        per_prompt[c.prompt_index] = (c.request.num_prompt_tokens, max(cached, c.request.num_cached_tokens))
     prompt = sum(t for t, _ in per_prompt.values())
-    completion = sum(c.num_output_tokens for c in choices)
+    completion = sum(len(c.request.tokens) for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": sum(c for _, c in per_prompt.values())}}
 
 
-def full_response(meta: Meta, choices, collected: list[Collected]) -> dict:
+def full_response(meta: Meta, choices) -> dict:
     out = []
-    for choice, c in zip(choices, collected):
+    for choice in choices:
+        c = choice.request
         if meta.chat:
             out.append({"index": choice.index, "message": {"role": "assistant", "content": c.text},
                         "logprobs": chat_logprobs(meta, c), "finish_reason": c.finish_reason})
@@ -108,13 +96,11 @@ def _chunk(meta: Meta, choices: list[dict], usage_block=None) -> str:
 
 
 def _delta_choice(meta: Meta, index: int, d, text_offset: int) -> dict:
-    c = Collected()
-    c.add(d)
     if meta.chat:
         delta = {"content": d.text} if d.text or d.finish_reason is None else {}
-        out = {"index": index, "delta": delta, "logprobs": chat_logprobs(meta, c), "finish_reason": d.finish_reason}
+        out = {"index": index, "delta": delta, "logprobs": chat_logprobs(meta, d), "finish_reason": d.finish_reason}
     else:
-        out = {"index": index, "text": d.text, "logprobs": completion_logprobs(meta, c, text_offset),
+        out = {"index": index, "text": d.text, "logprobs": completion_logprobs(meta, d, text_offset),
                "finish_reason": d.finish_reason}
     if meta.token_ids:
         out["token_ids"] = d.tokens
