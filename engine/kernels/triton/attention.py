@@ -125,6 +125,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _tile_scales(head_ptr, offsets, nmask, CAUSAL: tl.constexpr):
+    """A key tile's FP8 scales of one head (keys past the context masked to 0 in a causal tile)."""
+    if CAUSAL:
+        return tl.load(head_ptr + offsets, mask=nmask, other=0.0)
+    return tl.load(head_ptr + offsets)
+
+
+@triton.jit
 def _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
                  kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, n_end, qk_scale,
                  ks_ptr, vs_ptr, ks_head, vs_head, ks_st0, ks_st1, vs_st0, vs_st1,
@@ -142,8 +150,8 @@ def _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
     d = tl.arange(0, D_PAD)
     in_blk = (n % BS).to(tl.int64)
     d_mask = (d < D)[None, :]
+    nmask = n < n_end  # used by a causal tile only
     if CAUSAL:
-        nmask = n < n_end
         blk = tl.load(bt_row + (n // BS) * bt_st1, mask=nmask, other=0).to(tl.int64)
         kv_mask = nmask[:, None] & d_mask
     else:
@@ -155,11 +163,7 @@ def _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
     else:
         k = tl.load(k_ptrs)
     if KV_FP8:
-        s_off = blk * ks_st0 + in_blk * ks_st1
-        if CAUSAL:
-            k_sc = tl.load(ks_ptr + ks_head + s_off, mask=nmask, other=0.0)
-        else:
-            k_sc = tl.load(ks_ptr + ks_head + s_off)
+        k_sc = _tile_scales(ks_ptr + ks_head, blk * ks_st0 + in_blk * ks_st1, nmask, CAUSAL)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * k_sc[None, :]
     else:
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
@@ -179,11 +183,7 @@ def _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
     else:
         v = tl.load(v_ptrs)
     if KV_FP8:
-        vs_off = blk * vs_st0 + in_blk * vs_st1
-        if CAUSAL:
-            v_sc = tl.load(vs_ptr + vs_head + vs_off, mask=nmask, other=0.0)
-        else:
-            v_sc = tl.load(vs_ptr + vs_head + vs_off)
+        v_sc = _tile_scales(vs_ptr + vs_head, blk * vs_st0 + in_blk * vs_st1, nmask, CAUSAL)
         pv = tl.dot((p * v_sc[None, :]).to(q.dtype), v.to(q.dtype), input_precision=DOT_PREC)
     else:
         pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -479,6 +479,14 @@ FP8_PREFILL_COPY_BYTES = 512 << 20
 
 
 @triton.jit
+def _dequant_rows(c_ptr, s_ptr, t, d, c_st1, c_st3, s_st1, mask, live, dtype: tl.constexpr):
+    """One block's rows t of one head: FP8 values x their scales, rounded to `dtype` (0 where masked)."""
+    x = tl.load(c_ptr + t[:, None] * c_st1 + d[None, :] * c_st3, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(s_ptr + t * s_st1, mask=live, other=0.0)
+    return (x * scale[:, None]).to(dtype)
+
+
+@triton.jit
 def _dequant_blocks_kernel(kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, seq_lens_ptr, ko_ptr, vo_ptr,
                            kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
                            ks_st0, ks_st1, ks_st2, vs_st0, vs_st1, vs_st2, bt_st0, bt_st1,
@@ -498,17 +506,12 @@ def _dequant_blocks_kernel(kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, seq_lens_ptr,
         d = tl.arange(0, D_PAD)
         live = (j * BS + t) < seq
         mask = live[:, None] & (d < D)[None, :]
-        dst = pid.to(tl.int64) * ko_st0 + t[:, None] * ko_st1 + h * ko_st2 + d[None, :]
-        k = tl.load(kc_ptr + src * kc_st0 + t[:, None] * kc_st1 + h * kc_st2 + d[None, :] * kc_st3, mask=mask,
-                    other=0.0).to(tl.float32)
-        k_sc = tl.load(ks_ptr + src * ks_st0 + t * ks_st1 + h * ks_st2, mask=live, other=0.0)
-        tl.store(ko_ptr + dst, (k * k_sc[:, None]).to(ko_ptr.dtype.element_ty),
-                 mask=(d < D)[None, :])
-        v = tl.load(vc_ptr + src * vc_st0 + t[:, None] * vc_st1 + h * vc_st2 + d[None, :] * vc_st3, mask=mask,
-                    other=0.0).to(tl.float32)
-        v_sc = tl.load(vs_ptr + src * vs_st0 + t * vs_st1 + h * vs_st2, mask=live, other=0.0)
-        tl.store(vo_ptr + dst, (v * v_sc[:, None]).to(vo_ptr.dtype.element_ty),
-                 mask=(d < D)[None, :])
+        dst = ko_ptr.dtype.element_ty  # the copies' dtype
+        out = pid.to(tl.int64) * ko_st0 + t[:, None] * ko_st1 + h * ko_st2 + d[None, :]
+        tl.store(ko_ptr + out, _dequant_rows(kc_ptr + src * kc_st0 + h * kc_st2, ks_ptr + src * ks_st0 + h * ks_st2,
+                                             t, d, kc_st1, kc_st3, ks_st1, mask, live, dst), mask=(d < D)[None, :])
+        tl.store(vo_ptr + out, _dequant_rows(vc_ptr + src * vc_st0 + h * vc_st2, vs_ptr + src * vs_st0 + h * vs_st2,
+                                             t, d, vc_st1, vc_st3, vs_st1, mask, live, dst), mask=(d < D)[None, :])
 
 
 def dequantized_context(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
