@@ -320,6 +320,15 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
 
 
+def kernel_times(prof) -> dict[str, list[float]]:
+    """Milliseconds of every CUDA kernel call a torch.profiler session saw, by kernel name."""
+    kernels: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            kernels.setdefault(ev.name, []).append(ev.device_time / 1e3)
+    return kernels
+
+
 def profile_gpu(core, what: str, run) -> None:
     """GPU time of one call of `run` by kernel (torch.profiler), grouped by kind: where a row's time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -328,10 +337,7 @@ def profile_gpu(core, what: str, run) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         wall = run()
         torch.cuda.synchronize()
-    kernels: dict[str, list[float]] = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
-            kernels.setdefault(ev.name, []).append(ev.device_time / 1e3)  # ms
+    kernels = kernel_times(prof)
     total = sum(sum(v) for v in kernels.values())
     kinds: dict[str, float] = {}
     for name, times in kernels.items():

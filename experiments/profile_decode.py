@@ -18,6 +18,7 @@ def main(argv=None) -> None:
     from engine import SamplingParams
     from engine.config import EngineConfig
     from engine.core import EngineCore
+    from experiments.bench_engine import kernel_times
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-3.1-8b")
@@ -46,12 +47,10 @@ def main(argv=None) -> None:
         for _ in range(reps):
             graph.replay()
         torch.cuda.synchronize()
-    rows = {}
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
-            name = evt.name[:70]
-            t, n = rows.get(name, (0.0, 0))
-            rows[name] = (t + evt.device_time, n + 1)
+    rows: dict[str, tuple[float, int]] = {}  # kernel -> (us, calls) over all replays
+    for name, times in kernel_times(prof).items():
+        t, n = rows.get(name[:70], (0.0, 0))
+        rows[name[:70]] = (t + sum(times) * 1e3, n + len(times))
     total = sum(t for t, _ in rows.values()) / reps
     print(f"{args.model} decode b{args.batch} ctx{args.context} (weights {args.quantization}, KV {args.kv_cache_dtype}): "
           f"{total / 1e3:.3f} ms of kernels per replay")
