@@ -76,9 +76,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	TANDEM_HYPOTHESIS_PROFILE=dev $(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
-# ruff's lint rules (ruff.toml); `ruff format --check` joins when the one-off format commit lands
+# ruff's lint rules and format (ruff.toml), clang-format on csrc/ (.clang-format): checks, never rewrites
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $$(find csrc -name '*.h' -o -name '*.cpp')
 
 bench: $(SIM_STAMP)
 	$(PY) -m experiments.bench_controlplane $(ARGS)

@@ -9,6 +9,7 @@ planning. This package re-exports it and adds the shared loop::
     finished = scheduler.commit(plan, tokens, now)
 """
 
+from controlplane import policies
 from controlplane._core import (
     FinishedRequest,
     InvariantError,
@@ -19,7 +20,8 @@ from controlplane._core import (
     policy_names,
     transition_allowed,
 )
-from controlplane import policies
+from controlplane.config import SchedulerConfig
+from controlplane.loop import Clock, Executor, ManualClock, StepRecord, StepResult, WallClock, loop_step, run_loop
 from controlplane.policies import (
     EvictionPolicy,
     OrderingPolicy,
@@ -29,9 +31,7 @@ from controlplane.policies import (
     import_policy_modules,
     register_policy,
 )
-from controlplane.config import SchedulerConfig
 from controlplane.scheduler import Scheduler
-from controlplane.loop import Clock, Executor, ManualClock, StepRecord, StepResult, WallClock, loop_step, run_loop
 
 __all__ = [
     "Clock",

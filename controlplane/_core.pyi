@@ -66,11 +66,25 @@ class PreemptMode:
     SWAP: PreemptMode
 
 class RequestView:
-    def __init__(self, *, id: int = 0, arrival_time: float = 0.0, priority: int = 0, num_prompt_tokens: int = 0,
-                 num_output_tokens: int = 0, num_computed_tokens: int = 0, num_cached_tokens: int = 0,
-                 num_blocks: int = 0, preempted: bool = False, swapped: bool = False, session_id: str = "",
-                 num_computed_total: int = 0, session_turns: int = 0, session_service: int = 0,
-                 session_last_end: float | None = None) -> None: ...
+    def __init__(
+        self,
+        *,
+        id: int = 0,
+        arrival_time: float = 0.0,
+        priority: int = 0,
+        num_prompt_tokens: int = 0,
+        num_output_tokens: int = 0,
+        num_computed_tokens: int = 0,
+        num_cached_tokens: int = 0,
+        num_blocks: int = 0,
+        preempted: bool = False,
+        swapped: bool = False,
+        session_id: str = "",
+        num_computed_total: int = 0,
+        session_turns: int = 0,
+        session_service: int = 0,
+        session_last_end: float | None = None,
+    ) -> None: ...
     id: int
     arrival_time: float
     priority: int
@@ -88,8 +102,9 @@ class RequestView:
     session_last_end: float | None
 
 class CachedBlockView:
-    def __init__(self, *, block: int = 0, last_access: float = 0.0, depth: int = 0, priority: int = 0,
-                 hits: int = 0) -> None: ...
+    def __init__(
+        self, *, block: int = 0, last_access: float = 0.0, depth: int = 0, priority: int = 0, hits: int = 0
+    ) -> None: ...
     block: int
     last_access: float
     depth: int
@@ -97,9 +112,20 @@ class CachedBlockView:
     hits: int
 
 class TurnView:
-    def __init__(self, *, session_id: str = "", request_id: int = 0, now: float = 0.0, num_tokens: int = 0,
-                 num_blocks: int = 0, priority: int = 0, cache_blocks: int = 0, turn_index: int = 0,
-                 session_service: int = 0, pauses: Sequence[float] = ()) -> None: ...
+    def __init__(
+        self,
+        *,
+        session_id: str = "",
+        request_id: int = 0,
+        now: float = 0.0,
+        num_tokens: int = 0,
+        num_blocks: int = 0,
+        priority: int = 0,
+        cache_blocks: int = 0,
+        turn_index: int = 0,
+        session_service: int = 0,
+        pauses: Sequence[float] = (),
+    ) -> None: ...
     session_id: str
     request_id: int
     now: float
@@ -112,16 +138,18 @@ class TurnView:
     pauses: list[float]
 
 class RouteView:
-    def __init__(self, *, request_id: int = 0, session_id: str = "", num_prompt_tokens: int = 0,
-                 now: float = 0.0) -> None: ...
+    def __init__(
+        self, *, request_id: int = 0, session_id: str = "", num_prompt_tokens: int = 0, now: float = 0.0
+    ) -> None: ...
     request_id: int
     session_id: str
     num_prompt_tokens: int
     now: float
 
 class ReplicaView:
-    def __init__(self, index: int, load: int, num_free_blocks: int = 0, num_blocks: int = 0,
-                 cached_prefix_tokens: int = 0) -> None: ...
+    def __init__(
+        self, index: int, load: int, num_free_blocks: int = 0, num_blocks: int = 0, cached_prefix_tokens: int = 0
+    ) -> None: ...
     index: int
     load: int
     num_free_blocks: int
@@ -151,8 +179,9 @@ class RouterPolicy:
 class Router:
     """A router chosen by spec; every decision checked (PolicyError if out of range)."""
     def __init__(self, spec: str) -> None: ...
-    def route(self, request_id: int, session_id: str, num_prompt_tokens: int, now: float,
-              replicas: list[ReplicaView]) -> int: ...
+    def route(
+        self, request_id: int, session_id: str, num_prompt_tokens: int, now: float, replicas: list[ReplicaView]
+    ) -> int: ...
     def end_session(self, session_id: str) -> None: ...
     @property
     def name(self) -> str: ...
@@ -162,8 +191,9 @@ class Router:
 def make_policy(kind: str, spec: str) -> OrderingPolicy | EvictionPolicy | PreemptionPolicy | RouterPolicy:
     """An instance of any registered policy (e.g. to unit-test its decisions on hand-built views)."""
 
-def prompt_block_hashes(prompt_token_ids: Sequence[int] | np.ndarray, block_size: int,
-                        cache_namespace: str | None = None) -> list[int]:
+def prompt_block_hashes(
+    prompt_token_ids: Sequence[int] | np.ndarray, block_size: int, cache_namespace: str | None = None
+) -> list[int]:
     """The chained prefix-index hashes of the prompt's full blocks, as the scheduler computes them
     (csrc/hashing.h): what a router compares with an engine's KV events."""
 
@@ -338,7 +368,9 @@ class Scheduler:
             another namespace, prefix caching off): add the whole prompt with `add_request` then.
         """
     def step(self, now: float) -> Plan: ...
-    def commit(self, plan: Plan, tokens: Sequence[int] | npt.NDArray[np.integer], now: float) -> list[FinishedRequest]: ...
+    def commit(
+        self, plan: Plan, tokens: Sequence[int] | npt.NDArray[np.integer], now: float
+    ) -> list[FinishedRequest]: ...
     def abort(self, request_id: int, now: float) -> None: ...
     def end_session(self, session_id: str, now: float) -> int:
         """Releases the session's retention pins; returns how many blocks it still pinned."""
@@ -353,7 +385,9 @@ class Scheduler:
     @property
     def num_available_blocks(self) -> int: ...
     def request_info(self, request_id: int) -> dict: ...
-    def cached_prefix_tokens(self, prompt_token_ids: Sequence[int] | npt.NDArray[np.integer], cache_namespace: str | None = None) -> int:
+    def cached_prefix_tokens(
+        self, prompt_token_ids: Sequence[int] | npt.NDArray[np.integer], cache_namespace: str | None = None
+    ) -> int:
         """Tokens of this prompt a new request would find in the prefix cache now; changes nothing."""
     def record_kv_events(self, on: bool = True) -> None:
         """Starts (or stops) recording what enters and leaves the prefix index (off by default; changes

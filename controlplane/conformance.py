@@ -33,10 +33,10 @@ import dataclasses
 from typing import Any, Callable
 
 import numpy as np
-from hypothesis import event, given, settings, strategies as st
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from controlplane import _core
 from controlplane.policies import KINDS, policy_names, python_policy_names
 from controlplane.testing import ToyModel, reference_generate
 
@@ -56,8 +56,14 @@ def _default_spec(kind: str, name: str, ttl: float) -> str:
 
 def plan_digest(plan) -> tuple:
     """What a plan decided, for exact comparison."""
-    return (tuple(plan.req_ids.tolist()), tuple(plan.query_lens.tolist()), tuple(plan.cached_lens.tolist()),
-            tuple(plan.slot_mapping.tolist()), tuple(plan.kv_ops.tolist()), tuple(plan.preempted_ids.tolist()))
+    return (
+        tuple(plan.req_ids.tolist()),
+        tuple(plan.query_lens.tolist()),
+        tuple(plan.cached_lens.tolist()),
+        tuple(plan.slot_mapping.tolist()),
+        tuple(plan.kv_ops.tolist()),
+        tuple(plan.preempted_ids.tolist()),
+    )
 
 
 @dataclasses.dataclass
@@ -96,8 +102,16 @@ class Driver:
 
     # -- operations (each is replayable from its arguments) --------------------------
     def add(self, rid: int, prompt: list[int], max_new: int, session, priority: int, namespace, stop) -> None:
-        self.sched.add_request(rid, prompt, max_new_tokens=max_new, stop_token_ids=stop, arrival_time=self.now,
-                               session_id=session, priority=priority, cache_namespace=namespace)
+        self.sched.add_request(
+            rid,
+            prompt,
+            max_new_tokens=max_new,
+            stop_token_ids=stop,
+            arrival_time=self.now,
+            session_id=session,
+            priority=priority,
+            cache_namespace=namespace,
+        )
         self.live[rid] = (prompt, max_new, stop)
 
     def step_commit(self, dt: float, steps: int) -> None:
@@ -140,8 +154,10 @@ class Driver:
             self._commit(plan, tokens)
             self.sched.check_invariants()
         if self.sched.has_unfinished():
-            raise ConformanceError(f"starvation: requests still unfinished after {max_steps} steps with no "
-                                   f"arrivals: {self.sched.stats().as_dict()}")
+            raise ConformanceError(
+                f"starvation: requests still unfinished after {max_steps} steps with no "
+                f"arrivals: {self.sched.stats().as_dict()}"
+            )
         if self.live:
             raise ConformanceError(f"requests never reported as finished: {sorted(self.live)}")
         stats = self.sched.stats()
@@ -153,8 +169,11 @@ class Driver:
         """A running or swapped-out request's next token is a decode (SchedulerConfig.idle_chunk_size)."""
         for rid in self.live:
             r = self.sched.request_info(rid)
-            if ((r["state"] in ("PREFILLING", "DECODING") or r["swapped"]) and r["num_tokens"] > r["num_prompt_tokens"]
-                    and r["num_computed_tokens"] + 1 == r["num_tokens"]):
+            if (
+                (r["state"] in ("PREFILLING", "DECODING") or r["swapped"])
+                and r["num_tokens"] > r["num_prompt_tokens"]
+                and r["num_computed_tokens"] + 1 == r["num_tokens"]
+            ):
                 return True
         return False
 
@@ -166,8 +185,10 @@ class Driver:
         plan = self.sched.step(self.now)
         q = plan.query_lens
         if plan.num_tokens > budget:
-            raise ConformanceError(f"plan has {plan.num_tokens} tokens > its budget {budget} (max_num_batched_tokens "
-                                   f"{s.max_num_batched_tokens}{', no decode waits' if idle else ''})")
+            raise ConformanceError(
+                f"plan has {plan.num_tokens} tokens > its budget {budget} (max_num_batched_tokens "
+                f"{s.max_num_batched_tokens}{', no decode waits' if idle else ''})"
+            )
         if plan.num_reqs > s.max_num_seqs:
             raise ConformanceError(f"plan has {plan.num_reqs} requests > max_num_seqs {s.max_num_seqs}")
         if len(q) and (q.max() > chunk or q.min() < 1):
@@ -189,8 +210,10 @@ class Driver:
         out = list(f.output_token_ids)
         self.outputs[f.request_id] = (f.finish_reason, tuple(out))
         if out != reference_generate(prompt, len(out), VOCAB):
-            raise ConformanceError(f"request {f.request_id} produced tokens that its context does not give: "
-                                   "some plan addressed the wrong KV")
+            raise ConformanceError(
+                f"request {f.request_id} produced tokens that its context does not give: "
+                "some plan addressed the wrong KV"
+            )
         if not 1 <= len(out) <= max_new:
             raise ConformanceError(f"request {f.request_id} finished with {len(out)} tokens (max {max_new})")
         if f.finish_reason == "stop":
@@ -232,12 +255,38 @@ def make_machine(fixed: dict[str, str] | None = None) -> type[RuleBasedStateMach
             lookahead=st.sampled_from([0, 0, 1, 2]),
             idle_chunk=st.sampled_from([0, 0, 12, 32]),
         )
-        def setup(self, block_size, num_blocks, num_host_blocks, max_num_seqs, budget, chunk, ordering, eviction,
-                  preemption, ttl, caching, lookahead, idle_chunk):
+        def setup(
+            self,
+            block_size,
+            num_blocks,
+            num_host_blocks,
+            max_num_seqs,
+            budget,
+            chunk,
+            ordering,
+            eviction,
+            preemption,
+            ttl,
+            caching,
+            lookahead,
+            idle_chunk,
+        ):
             if "eviction" not in fixed:
                 eviction = _default_spec("eviction", eviction, ttl)
-            self.config = Setup(num_blocks, block_size, num_host_blocks, max_num_seqs, budget, chunk, caching,
-                                ordering, eviction, preemption, lookahead, idle_chunk)
+            self.config = Setup(
+                num_blocks,
+                block_size,
+                num_host_blocks,
+                max_num_seqs,
+                budget,
+                chunk,
+                caching,
+                ordering,
+                eviction,
+                preemption,
+                lookahead,
+                idle_chunk,
+            )
             self.driver = Driver(self.config)
             self.ops: list[tuple[str, tuple]] = []
             self.capacity_tokens = num_blocks * block_size
@@ -249,11 +298,15 @@ def make_machine(fixed: dict[str, str] | None = None) -> type[RuleBasedStateMach
 
         # -- arrivals ----------------------------------------------------------------
         @precondition(lambda self: self.driver.pending is None)
-        @rule(prefix=st.sampled_from(range(len(PREFIXES) + 1)),
-              suffix=st.lists(st.integers(0, VOCAB - 1), min_size=0, max_size=10),
-              max_new=st.integers(1, 12), session=st.sampled_from([None, "s1", "s2", "s3"]),
-              priority=st.integers(0, 3), namespace=st.sampled_from([None, "tenant-b"]),
-              stop=st.sampled_from([(), (3,), (7, 11)]))
+        @rule(
+            prefix=st.sampled_from(range(len(PREFIXES) + 1)),
+            suffix=st.lists(st.integers(0, VOCAB - 1), min_size=0, max_size=10),
+            max_new=st.integers(1, 12),
+            session=st.sampled_from([None, "s1", "s2", "s3"]),
+            priority=st.integers(0, 3),
+            namespace=st.sampled_from([None, "tenant-b"]),
+            stop=st.sampled_from([(), (3,), (7, 11)]),
+        )
         def add(self, prefix, suffix, max_new, session, priority, namespace, stop):
             self._add(prefix, suffix, max_new, session, priority, namespace, stop)
 
@@ -263,9 +316,15 @@ def make_machine(fixed: dict[str, str] | None = None) -> type[RuleBasedStateMach
             for seed in seeds:
                 rng = np.random.default_rng(seed)
                 suffix = [int(t) for t in rng.integers(0, VOCAB, size=int(rng.integers(0, 8)))]
-                self._add(int(rng.integers(0, len(PREFIXES) + 1)), suffix, int(rng.integers(1, 12)),
-                          [None, "s1", "s2"][seed % 3], seed % 4, None if seed % 5 else "tenant-b",
-                          () if seed % 2 else (3,))
+                self._add(
+                    int(rng.integers(0, len(PREFIXES) + 1)),
+                    suffix,
+                    int(rng.integers(1, 12)),
+                    [None, "s1", "s2"][seed % 3],
+                    seed % 4,
+                    None if seed % 5 else "tenant-b",
+                    () if seed % 2 else (3,),
+                )
 
         def _add(self, prefix, suffix, max_new, session, priority, namespace, stop):
             prompt = (PREFIXES[prefix] if prefix < len(PREFIXES) else []) + list(suffix)
@@ -318,8 +377,13 @@ def make_machine(fixed: dict[str, str] | None = None) -> type[RuleBasedStateMach
                 return
             self._do("drain")
             stats = self.driver.sched.stats()
-            for name in ("num_preemptions_recompute", "num_preemptions_swap", "num_evicted_blocks",
-                         "cached_tokens", "num_aborted"):
+            for name in (
+                "num_preemptions_recompute",
+                "num_preemptions_swap",
+                "num_evicted_blocks",
+                "cached_tokens",
+                "num_aborted",
+            ):
                 event(f"{name} > 0: {getattr(stats, name) > 0}")
             # Determinism: the same operations on a fresh scheduler and policy give the same plans.
             replay = Driver(self.config)
@@ -327,13 +391,19 @@ def make_machine(fixed: dict[str, str] | None = None) -> type[RuleBasedStateMach
                 try:
                     getattr(replay, name)(*args)
                 except Exception as exc:  # noqa: BLE001 - the first run accepted this operation
-                    raise ConformanceError(f"not deterministic: replaying the same operations failed at operation "
-                                           f"{i} ({name}{args}): {exc!r} ({self.config})") from exc
+                    raise ConformanceError(
+                        f"not deterministic: replaying the same operations failed at operation "
+                        f"{i} ({name}{args}): {exc!r} ({self.config})"
+                    ) from exc
             if replay.digests != self.driver.digests or replay.outputs != self.driver.outputs:
-                first = next((i for i, (a, b) in enumerate(zip(replay.digests, self.driver.digests)) if a != b),
-                             min(len(replay.digests), len(self.driver.digests)))
-                raise ConformanceError(f"not deterministic: replaying the same operations gave a different plan "
-                                       f"at step {first} ({self.config})")
+                first = next(
+                    (i for i, (a, b) in enumerate(zip(replay.digests, self.driver.digests)) if a != b),
+                    min(len(replay.digests), len(self.driver.digests)),
+                )
+                raise ConformanceError(
+                    f"not deterministic: replaying the same operations gave a different plan "
+                    f"at step {first} ({self.config})"
+                )
 
     return PolicyMachine
 
@@ -342,8 +412,9 @@ def make_machine(fixed: dict[str, str] | None = None) -> type[RuleBasedStateMach
 
 _ROUTER_OPS = st.lists(
     st.one_of(
-        st.tuples(st.just("call"), st.integers(0, 4), st.integers(0, len(PREFIXES)), st.integers(0, 6),
-                  st.integers(1, 6)),
+        st.tuples(
+            st.just("call"), st.integers(0, 4), st.integers(0, len(PREFIXES)), st.integers(0, 6), st.integers(1, 6)
+        ),
         st.tuples(st.just("step"), st.integers(1, 4)),
         st.tuples(st.just("end"), st.integers(0, 4)),
     ),
@@ -370,11 +441,20 @@ def _run_router(spec: str, num_replicas: int, ops: list[tuple]) -> list[int]:
     for op in ops:
         if op[0] == "call":
             _, session, prefix, suffix, max_new = op
-            prompt = (PREFIXES[prefix] if prefix < len(PREFIXES) else []) + [(rid * 7 + k) % VOCAB for k in range(suffix)]
+            prompt = (PREFIXES[prefix] if prefix < len(PREFIXES) else []) + [
+                (rid * 7 + k) % VOCAB for k in range(suffix)
+            ]
             prompt = prompt or [1]
-            views = [ReplicaView(i, len(d.live), d.sched.num_available_blocks, setup.num_blocks,
-                                 d.sched.cached_prefix_tokens(prompt) if router.needs_prefix_match else 0)
-                     for i, d in enumerate(drivers)]
+            views = [
+                ReplicaView(
+                    i,
+                    len(d.live),
+                    d.sched.num_available_blocks,
+                    setup.num_blocks,
+                    d.sched.cached_prefix_tokens(prompt) if router.needs_prefix_match else 0,
+                )
+                for i, d in enumerate(drivers)
+            ]
             chosen = router.route(rid, f"s{session}", len(prompt), drivers[0].now, views)
             choices.append(chosen)
             drivers[chosen].add(rid, prompt, max_new, f"s{session}", 0, None, ())

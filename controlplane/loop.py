@@ -79,14 +79,13 @@ class WallClock:
 class StepResult:
     """One iteration's plan, the tokens its executor produced, and what it finished."""
 
-    record: StepRecord | None      # None for an empty plan
+    record: StepRecord | None  # None for an empty plan
     plan: _core.Plan
     tokens: np.ndarray
     seconds: float
 
 
-def loop_step(scheduler: _core.Scheduler, executor: Executor, clock: Clock, *,
-              idle_advance: float = 0.0) -> StepResult:
+def loop_step(scheduler: _core.Scheduler, executor: Executor, clock: Clock, *, idle_advance: float = 0.0) -> StepResult:
     """One `plan = step(now); tokens, cost = run(plan); commit(plan, tokens, now)` iteration.
 
     An empty plan is committed at once and the clock moves by `idle_advance`
@@ -156,5 +155,14 @@ def batch_block_table(plan: _core.Plan) -> np.ndarray:
     return plan.block_table[plan.slots, :width].copy()
 
 
-__all__: Sequence[str] = ["Clock", "Executor", "ManualClock", "StepRecord", "StepResult", "WallClock", "loop_step",
-                          "run_loop", "batch_block_table"]
+__all__: Sequence[str] = [
+    "Clock",
+    "Executor",
+    "ManualClock",
+    "StepRecord",
+    "StepResult",
+    "WallClock",
+    "loop_step",
+    "run_loop",
+    "batch_block_table",
+]

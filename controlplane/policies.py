@@ -37,23 +37,22 @@ from controlplane import _core
 from controlplane._core import (
     CachedBlockView,
     EvictionPolicy,
-    OrderingPolicy,
     OrderKey,
+    OrderingPolicy,
     PolicyError,
-    PreemptionPolicy,
     PreemptMode,
+    PreemptionPolicy,
     ReplicaView,
     RequestView,
+    RouteView,
     Router,
     RouterPolicy,
-    RouteView,
     TurnView,
     make_policy,
 )
 
 KINDS = ("ordering", "eviction", "preemption", "router")
-BASES = {"ordering": OrderingPolicy, "eviction": EvictionPolicy, "preemption": PreemptionPolicy,
-         "router": RouterPolicy}
+BASES = {"ordering": OrderingPolicy, "eviction": EvictionPolicy, "preemption": PreemptionPolicy, "router": RouterPolicy}
 
 T = TypeVar("T")
 
@@ -73,8 +72,9 @@ def register_policy(kind: str, name: str, factory: Callable[..., object] | None 
 
     def add(obj: T) -> T:
         if isinstance(obj, type) and not issubclass(obj, BASES[kind]):
-            raise TypeError(f"{kind} policy {name!r}: {obj.__qualname__} must subclass "
-                            f"controlplane.{BASES[kind].__name__}")
+            raise TypeError(
+                f"{kind} policy {name!r}: {obj.__qualname__} must subclass controlplane.{BASES[kind].__name__}"
+            )
         if not callable(obj):
             raise TypeError(f"{kind} policy {name!r}: the factory must be a class or a callable")
         _core._register_python_policy(kind, name, obj)
@@ -124,7 +124,26 @@ def check_spec(kind: str, spec: str) -> None:
 atexit.register(_core._clear_python_policies)
 
 __all__ = [
-    "BASES", "KINDS", "CachedBlockView", "EvictionPolicy", "OrderKey", "OrderingPolicy", "PolicyError",
-    "PreemptMode", "PreemptionPolicy", "ReplicaView", "RequestView", "RouteView", "Router", "RouterPolicy",
-    "TurnView", "check_spec", "import_policy_modules", "make_policy", "policy_names", "python_policy_names", "register_policy", "unregister_policy",
+    "BASES",
+    "KINDS",
+    "CachedBlockView",
+    "EvictionPolicy",
+    "OrderKey",
+    "OrderingPolicy",
+    "PolicyError",
+    "PreemptMode",
+    "PreemptionPolicy",
+    "ReplicaView",
+    "RequestView",
+    "RouteView",
+    "Router",
+    "RouterPolicy",
+    "TurnView",
+    "check_spec",
+    "import_policy_modules",
+    "make_policy",
+    "policy_names",
+    "python_policy_names",
+    "register_policy",
+    "unregister_policy",
 ]

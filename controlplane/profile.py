@@ -13,9 +13,19 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-FEATURES = ("num_tokens", "num_reqs", "num_sampled", "attn_pairs", "kv_read_tokens",
-            "num_swap_out_blocks", "num_swap_in_blocks",
-            "num_decode_reqs", "decode_kv_tokens", "follows_decode", "continues_decode")
+FEATURES = (
+    "num_tokens",
+    "num_reqs",
+    "num_sampled",
+    "attn_pairs",
+    "kv_read_tokens",
+    "num_swap_out_blocks",
+    "num_swap_in_blocks",
+    "num_decode_reqs",
+    "decode_kv_tokens",
+    "follows_decode",
+    "continues_decode",
+)
 PROFILE_COLUMNS = FEATURES + ("seconds",)
 # Optional column: the step's prefill rows (q > 1) as "q:c q:c ...", for per-request cost terms.
 PREFILL_ROWS = "prefill_rows"
@@ -102,13 +112,14 @@ def plan_features(plan) -> dict[str, Any]:
     """A plan's FEATURES and its prefill rows as a profile row's columns (add ``seconds``)."""
     row: dict[str, Any] = {f: int(getattr(plan, f)) for f in FEATURES}
     # a pure decode (most engine steps) has no prefill rows: no per-row work on the engine's step path
-    row[PREFILL_ROWS] = "" if row["num_decode_reqs"] == row["num_reqs"] else \
-        encode_prefill_rows(plan.query_lens, plan.cached_lens)
+    row[PREFILL_ROWS] = (
+        "" if row["num_decode_reqs"] == row["num_reqs"] else encode_prefill_rows(plan.query_lens, plan.cached_lens)
+    )
     return row
 
 
 def encode_prefill_rows(query_lens, cached_lens) -> str:
-    """"q:c q:c ..." of the rows with q > 1 ("" for a pure decode)."""
+    """ "q:c q:c ..." of the rows with q > 1 ("" for a pure decode)."""
     return " ".join(f"{int(q)}:{int(c)}" for q, c in zip(query_lens, cached_lens) if q > 1)
 
 

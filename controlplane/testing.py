@@ -58,8 +58,15 @@ class ToyModel:
         step_cost: seconds reported per step, as `(fixed, per_token)`.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, vocab_size: int, num_host_blocks: int = 0,
-                 avoid: tuple[int, ...] = (), step_cost: tuple[float, float] = (0.01, 0.0)) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        vocab_size: int,
+        num_host_blocks: int = 0,
+        avoid: tuple[int, ...] = (),
+        step_cost: tuple[float, float] = (0.01, 0.0),
+    ) -> None:
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.avoid = tuple(avoid)
@@ -77,8 +84,8 @@ class ToyModel:
 
     def _copy_blocks(self, src_tok, src_pos, dst_tok, dst_pos, src: int, dst: int) -> None:
         bs = self.block_size
-        dst_tok[dst * bs:(dst + 1) * bs] = src_tok[src * bs:(src + 1) * bs]
-        dst_pos[dst * bs:(dst + 1) * bs] = src_pos[src * bs:(src + 1) * bs]
+        dst_tok[dst * bs : (dst + 1) * bs] = src_tok[src * bs : (src + 1) * bs]
+        dst_pos[dst * bs : (dst + 1) * bs] = src_pos[src * bs : (src + 1) * bs]
 
     def run(self, plan: _core.Plan) -> tuple[np.ndarray, float]:
         for op, src, dst in plan.kv_ops:

@@ -25,8 +25,7 @@ namespace {
 
 template <typename T>
 py::array view(const std::vector<T>& v, py::handle owner, py::dtype dtype = py::dtype::of<T>()) {
-  py::array out(dtype, {static_cast<py::ssize_t>(v.size())}, {static_cast<py::ssize_t>(sizeof(T))},
-                v.data(), owner);
+  py::array out(dtype, {static_cast<py::ssize_t>(v.size())}, {static_cast<py::ssize_t>(sizeof(T))}, v.data(), owner);
   py::detail::array_proxy(out.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
   return out;
 }
@@ -47,8 +46,8 @@ std::vector<TokenId> to_tokens(py::handle obj, const char* what, size_t extra = 
   std::vector<TokenId> out(wide.size());
   for (size_t i = 0; i < wide.size(); ++i) {
     if (wide[i] < INT32_MIN || wide[i] > INT32_MAX) {
-      throw InvalidInput(std::string(what) + ": token id " + std::to_string(wide[i]) +
-                         " at position " + std::to_string(i) + " is outside the vocabulary");
+      throw InvalidInput(std::string(what) + ": token id " + std::to_string(wide[i]) + " at position " +
+                         std::to_string(i) + " is outside the vocabulary");
     }
     out[i] = static_cast<TokenId>(wide[i]);
   }
@@ -66,8 +65,7 @@ py::dict request_info(const Request& r) {
   d["num_preemptions"] = r.num_preemptions;
   d["swapped"] = r.swapped();
   d["blocks"] = r.blocks;
-  d["output_token_ids"] =
-      std::vector<TokenId>(r.tokens.begin() + r.num_prompt_tokens, r.tokens.end());
+  d["output_token_ids"] = std::vector<TokenId>(r.tokens.begin() + r.num_prompt_tokens, r.tokens.end());
   d["session_id"] = r.session_id;
   d["priority"] = r.priority;
   return d;
@@ -123,16 +121,15 @@ PYBIND11_MODULE(_core, m) {
   m.def("transition_allowed", &transition_allowed, py::arg("src"), py::arg("dst"),
         "Whether the request lifecycle has an edge src -> dst.");
   m.def(
-      "policy_names",
-      [](const std::string& kind) { return registered_names(kind); }, py::arg("kind"),
+      "policy_names", [](const std::string& kind) { return registered_names(kind); }, py::arg("kind"),
       "Names registered for a policy kind (ordering, eviction, preemption, router), C++ and Python.");
   m.def(
       "prompt_block_hashes",
       [](py::handle prompt, int block_size, py::object cache_namespace) {
         if (block_size <= 0) throw py::value_error("block_size must be positive");
         const std::vector<TokenId> tokens = to_tokens(prompt, "prompt_token_ids");
-        uint64_t parent = namespace_hash(cache_namespace.is_none() ? std::string()
-                                                                   : py::str(cache_namespace).cast<std::string>());
+        uint64_t parent =
+            namespace_hash(cache_namespace.is_none() ? std::string() : py::str(cache_namespace).cast<std::string>());
         std::vector<uint64_t> out;
         for (size_t at = 0; at + static_cast<size_t>(block_size) <= tokens.size(); at += block_size) {
           parent = block_hash(parent, &tokens[at], block_size);
@@ -176,9 +173,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("block_size", [](const Plan& p) { return p.block_size; })
       .def_property_readonly("num_reqs", &Plan::num_reqs)
       .def_property_readonly("num_tokens", &Plan::num_tokens)
-      .def_property_readonly("has_token_arrays", [](const Plan& p) { return p.token_arrays; },
-                             "False for the simulator's fast-path plans: input_ids, positions and "
-                             "slot_mapping are left empty (num_tokens still counts the tokens).")
+      .def_property_readonly(
+          "has_token_arrays", [](const Plan& p) { return p.token_arrays; },
+          "False for the simulator's fast-path plans: input_ids, positions and "
+          "slot_mapping are left empty (num_tokens still counts the tokens).")
       .def_property_readonly("num_sampled", &Plan::num_sampled)
       .def_property_readonly("attn_pairs", [](const Plan& p) { return p.attn_pairs; })
       .def_property_readonly("kv_read_tokens", [](const Plan& p) { return p.kv_read_tokens; })
@@ -201,7 +199,8 @@ PYBIND11_MODULE(_core, m) {
                              [](py::object self) { return view(self.cast<Plan&>().logits_indices, self); })
       .def_property_readonly("input_ids", [](py::object self) { return view(self.cast<Plan&>().input_ids, self); })
       .def_property_readonly("positions", [](py::object self) { return view(self.cast<Plan&>().positions, self); })
-      .def_property_readonly("slot_mapping", [](py::object self) { return view(self.cast<Plan&>().slot_mapping, self); })
+      .def_property_readonly("slot_mapping",
+                             [](py::object self) { return view(self.cast<Plan&>().slot_mapping, self); })
       .def_property_readonly("preempted_ids",
                              [](py::object self) { return view(self.cast<Plan&>().preempted_ids, self); })
       .def_property_readonly("kv_ops",
@@ -212,10 +211,10 @@ PYBIND11_MODULE(_core, m) {
                              })
       .def_property_readonly("block_table", [](py::object self) {
         const Plan& p = self.cast<Plan&>();
-        py::array out(py::dtype::of<BlockId>(), {p.block_table_rows, p.block_table_cols},
-                      {static_cast<py::ssize_t>(sizeof(BlockId)) * p.block_table_cols,
-                       static_cast<py::ssize_t>(sizeof(BlockId))},
-                      p.block_table, self);
+        py::array out(
+            py::dtype::of<BlockId>(), {p.block_table_rows, p.block_table_cols},
+            {static_cast<py::ssize_t>(sizeof(BlockId)) * p.block_table_cols, static_cast<py::ssize_t>(sizeof(BlockId))},
+            p.block_table, self);
         py::detail::array_proxy(out.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
         return out;
       });
@@ -230,8 +229,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("num_computed_tokens", &FinishedRequest::num_computed_tokens)
       .def_readonly("arrival_time", &FinishedRequest::arrival_time)
       .def_readonly("first_scheduled_time", &FinishedRequest::first_scheduled_time)
-      .def_property_readonly("first_token_time",
-                             [](const FinishedRequest& f) { return f.token_times.front(); })
+      .def_property_readonly("first_token_time", [](const FinishedRequest& f) { return f.token_times.front(); })
       .def_property_readonly("finish_time", [](const FinishedRequest& f) { return f.token_times.back(); })
       .def_property_readonly("num_output_tokens",
                              [](const FinishedRequest& f) { return static_cast<int>(f.output_tokens.size()); })
@@ -250,12 +248,15 @@ PYBIND11_MODULE(_core, m) {
                ", outputs=" + std::to_string(f.output_tokens.size()) + ")";
       });
 
-#define TANDEM_STATS_FIELDS(X)                                                                  \
+  // An X-macro list laid out by hand (clang-format does not settle on one layout for it).
+  // clang-format off
+#define TANDEM_STATS_FIELDS(X)                                                                      \
   X(num_waiting) X(num_running) X(num_preempted) X(num_swapped) X(num_blocks) X(num_free_blocks)    \
   X(num_cached_blocks) X(num_evictable_blocks) X(num_pinned_blocks) X(num_used_blocks)              \
   X(num_host_blocks) X(num_free_host_blocks) X(num_steps) X(num_finished) X(num_aborted)            \
   X(num_preemptions_recompute) X(num_preemptions_swap) X(num_evicted_blocks) X(prompt_tokens)       \
   X(computed_tokens) X(cached_tokens) X(generated_tokens)
+  // clang-format on
   py::class_<Stats> stats(m, "Stats");
 #define TANDEM_READONLY(name) stats.def_readonly(#name, &Stats::name);
   TANDEM_STATS_FIELDS(TANDEM_READONLY)
@@ -306,8 +307,8 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("request_id"), py::arg("after"), py::arg("new_token_ids"), py::kw_only(),
           py::arg("max_new_tokens") = 16, py::arg("stop_token_ids") = py::tuple(), py::arg("eos_token_id") = -1,
-          py::arg("ignore_eos") = false, py::arg("arrival_time") = 0.0, py::arg("session_id"),
-          py::arg("priority") = 0, py::arg("cache_namespace") = py::none(),
+          py::arg("ignore_eos") = false, py::arg("arrival_time") = 0.0, py::arg("session_id"), py::arg("priority") = 0,
+          py::arg("cache_namespace") = py::none(),
           "add_request of request `after`'s tokens (prompt + output) + new_token_ids, `after` being the "
           "session's last finished request here; False (nothing changed) when its turn memo is gone: "
           "then add the whole prompt.")
@@ -337,8 +338,9 @@ PYBIND11_MODULE(_core, m) {
                              "The PolicyError message that stopped this scheduler ('' while it runs).")
       .def_property_readonly("num_available_blocks", &Scheduler::num_available_blocks,
                              "Free + evictable device blocks (what a router reads, once per call and replica).")
-      .def("request_info", [](const Scheduler& s, RequestId id) { return request_info(s.request(id)); },
-           py::arg("request_id"))
+      .def(
+          "request_info", [](const Scheduler& s, RequestId id) { return request_info(s.request(id)); },
+          py::arg("request_id"))
       .def(
           "record_kv_events", [](Scheduler& s, bool on) { s.block_pool().record_events(on); }, py::arg("on") = true,
           "Starts (or stops) recording what enters and leaves the prefix index, for drain_kv_events(); "

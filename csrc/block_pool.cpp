@@ -335,8 +335,8 @@ BlockId BlockPool::lookup(uint64_t hash, uint64_t parent, uint32_t ns, const Tok
   return block;
 }
 
-bool BlockPool::register_block(BlockId block, uint64_t hash, uint64_t parent, uint32_t ns,
-                               int depth, const TokenId* tokens) {
+bool BlockPool::register_block(BlockId block, uint64_t hash, uint64_t parent, uint32_t ns, int depth,
+                               const TokenId* tokens) {
   Meta& m = meta_[block];
   TANDEM_CHECK(m.ref_count > 0 && !tags_[block].cached, "register_block() of a block not privately held");
   if (!index_.insert(hash, block)) return false;
@@ -346,8 +346,7 @@ bool BlockPool::register_block(BlockId block, uint64_t hash, uint64_t parent, ui
   c.parent = parent;
   c.ns = ns;
   m.depth = depth;
-  std::memcpy(&tokens_[static_cast<size_t>(block) * block_size_], tokens,
-              sizeof(TokenId) * block_size_);
+  std::memcpy(&tokens_[static_cast<size_t>(block) * block_size_], tokens, sizeof(TokenId) * block_size_);
   if (recording_) {
     events_.records.push_back({hash, parent, true, depth > 0});
     events_.tokens.insert(events_.tokens.end(), tokens, tokens + block_size_);
@@ -421,7 +420,8 @@ void BlockPool::check_orders() const {
     const bool parked = where == Where::kEvictable || where == Where::kPinned;
     if (parked && !entries[b])
       fail(where == Where::kEvictable ? "evictable block missing from the eviction order"
-                                      : "pinned block missing from the pin order", b);
+                                      : "pinned block missing from the pin order",
+           b);
   }
   if (evictable != num_evictable_) fail("evictable count differs from the evictable blocks", -1);
   if (pinned != num_pinned_) fail("pinned count differs from the pinned blocks", -1);

@@ -55,9 +55,13 @@ struct LineAligned {
   T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
   void deallocate(T* p, size_t) { ::operator delete(p, kAlign); }
   template <class U>
-  bool operator==(const LineAligned<U>&) const { return true; }
+  bool operator==(const LineAligned<U>&) const {
+    return true;
+  }
   template <class U>
-  bool operator!=(const LineAligned<U>&) const { return false; }
+  bool operator!=(const LineAligned<U>&) const {
+    return false;
+  }
 };
 
 // The prefix index: a block's chained hash -> the cached block. Open
@@ -158,8 +162,7 @@ class BlockPool {
   BlockId lookup(uint64_t hash, uint64_t parent, uint32_t ns, const TokenId* tokens) const;
   // Enters a held, full block into the index. False (and nothing changes) if
   // a block with the same content is already cached: this one stays private.
-  bool register_block(BlockId block, uint64_t hash, uint64_t parent, uint32_t ns, int depth,
-                      const TokenId* tokens);
+  bool register_block(BlockId block, uint64_t hash, uint64_t parent, uint32_t ns, int depth, const TokenId* tokens);
   bool is_cached(BlockId block) const { return tags_[block].cached; }
   bool is_evictable(BlockId block) const { return where_[block] == Where::kEvictable; }
   int ref_count(BlockId block) const { return meta_[block].ref_count; }
@@ -272,12 +275,8 @@ class BlockPool {
   void push_pin(BlockId block);            // where is kPinned; the block's old entry goes stale
   void uncache(BlockId block);
   void log_eviction(BlockId block);
-  bool valid(const EvictEntry& e) const {
-    return where_[e.block] == Where::kEvictable && stamps_[e.block] == e.stamp;
-  }
-  bool valid(const PinEntry& e) const {
-    return where_[e.block] == Where::kPinned && stamps_[e.block] == e.stamp;
-  }
+  bool valid(const EvictEntry& e) const { return where_[e.block] == Where::kEvictable && stamps_[e.block] == e.stamp; }
+  bool valid(const PinEntry& e) const { return where_[e.block] == Where::kPinned && stamps_[e.block] == e.stamp; }
   void check_orders() const;
 
   int block_size_;

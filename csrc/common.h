@@ -35,14 +35,14 @@ inline std::string format_number(double value) {
   return buf;
 }
 
-#define TANDEM_REQUIRE(cond, msg)                     \
-  do {                                                \
-    if (!(cond)) throw ::tandem::InvalidInput(msg);   \
+#define TANDEM_REQUIRE(cond, msg)                   \
+  do {                                              \
+    if (!(cond)) throw ::tandem::InvalidInput(msg); \
   } while (0)
 
-#define TANDEM_CHECK(cond, msg)                               \
-  do {                                                        \
-    if (!(cond)) throw ::tandem::InvariantViolation(msg);     \
+#define TANDEM_CHECK(cond, msg)                           \
+  do {                                                    \
+    if (!(cond)) throw ::tandem::InvariantViolation(msg); \
   } while (0)
 
 }  // namespace tandem

@@ -51,8 +51,7 @@ class LazyHeap {
   }
   template <class Valid>
   void compact(Valid is_valid) {
-    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
-                                  [&](const Entry& e) { return !is_valid(e); }),
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [&](const Entry& e) { return !is_valid(e); }),
                    entries_.end());
     std::make_heap(entries_.begin(), entries_.end(), later);
   }

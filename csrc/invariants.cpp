@@ -45,10 +45,10 @@ void Scheduler::check_invariants() const {
 
   for (const auto& [id, r] : requests_) {
     if (r.id != id) violated("stored under the wrong id", id);
-    if (!hashes_chain(r.ns_root, r.tokens, r.block_hashes, block_size_)) violated("block hashes differ from its tokens'", id);
+    if (!hashes_chain(r.ns_root, r.tokens, r.block_hashes, block_size_))
+      violated("block hashes differ from its tokens'", id);
     if (r.terminal()) violated("terminal request still stored", id);
-    if (r.num_computed < 0 || r.num_computed >= r.num_tokens())
-      violated("computed tokens out of [0, num_tokens)", id);
+    if (r.num_computed < 0 || r.num_computed >= r.num_tokens()) violated("computed tokens out of [0, num_tokens)", id);
     if (r.num_tokens() > config_.max_model_len) violated("longer than max_model_len", id);
     if (r.num_output_tokens() > r.limits.max_new_tokens) violated("more outputs than max_new_tokens", id);
     for (BlockId b : r.blocks) {

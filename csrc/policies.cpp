@@ -12,8 +12,7 @@ void PolicyRegistry<Policy>::add(const std::string& name, Factory factory) {
 }
 
 template <typename Policy>
-std::shared_ptr<Policy> PolicyRegistry<Policy>::make(const std::string& name,
-                                                     const PolicyParams& params) const {
+std::shared_ptr<Policy> PolicyRegistry<Policy>::make(const std::string& name, const PolicyParams& params) const {
   auto it = factories_.find(name);
   if (it == factories_.end()) {
     std::string msg = "unknown policy '" + name + "'; registered:";
@@ -34,8 +33,7 @@ std::string policy_label(const char* kind, const std::string& name) {
   return std::string(kind) + " policy '" + name + "'";
 }
 
-void check_params(const std::string& policy, const PolicyParams& params,
-                  const std::vector<std::string>& allowed) {
+void check_params(const std::string& policy, const PolicyParams& params, const std::vector<std::string>& allowed) {
   for (const auto& kv : params) {
     if (std::find(allowed.begin(), allowed.end(), kv.first) == allowed.end()) {
       std::string msg = "policy '" + policy + "' has no parameter '" + kv.first + "'";
@@ -97,9 +95,7 @@ class Fcfs final : public OrderingPolicy {
 class Priority final : public OrderingPolicy {
  public:
   std::string name() const override { return "priority"; }
-  OrderKey key(const RequestView& r) const override {
-    return {static_cast<double>(r.priority), r.arrival_time};
-  }
+  OrderKey key(const RequestView& r) const override { return {static_cast<double>(r.priority), r.arrival_time}; }
   bool key_is_fixed() const override { return true; }
 };
 
@@ -145,8 +141,7 @@ class CacheCredit final : public OrderingPolicy {
   std::string name() const override { return "cache_credit"; }
   OrderKey key(const RequestView& r) const override {
     const int64_t done = std::max(r.num_cached_tokens, r.num_computed_tokens);
-    const int64_t work = std::max<int64_t>(
-        0, static_cast<int64_t>(r.num_prompt_tokens) + r.num_output_tokens - done);
+    const int64_t work = std::max<int64_t>(0, static_cast<int64_t>(r.num_prompt_tokens) + r.num_output_tokens - done);
     return {r.arrival_time + static_cast<double>(work) / tokens_per_s_, r.arrival_time};
   }
   bool needs_prefix_match() const override { return true; }
@@ -187,10 +182,14 @@ class Ttl final : public EvictionPolicy {
 // 0 or one of them; `margin` stretches it so a call arriving exactly at T still finds its KV.
 class PauseAware final : public EvictionPolicy {
  public:
-  PauseAware(double reload_s_per_token, double hold_cost, double prior_pause_s, int min_history,
-             double margin, double max_pin_s)
-      : reload_(reload_s_per_token), hold_(hold_cost), prior_(prior_pause_s), min_history_(min_history),
-        margin_(margin), max_pin_(max_pin_s) {}
+  PauseAware(double reload_s_per_token, double hold_cost, double prior_pause_s, int min_history, double margin,
+             double max_pin_s)
+      : reload_(reload_s_per_token),
+        hold_(hold_cost),
+        prior_(prior_pause_s),
+        min_history_(min_history),
+        margin_(margin),
+        max_pin_(max_pin_s) {}
   std::string name() const override { return "pause_aware"; }
   OrderKey key(const CachedBlockView& b) const override { return {b.last_access, 0.0}; }
   bool key_reads_only_time_and_priority() const override { return true; }
@@ -226,9 +225,7 @@ class PauseAware final : public EvictionPolicy {
 class PriorityEviction final : public EvictionPolicy {
  public:
   std::string name() const override { return "priority"; }
-  OrderKey key(const CachedBlockView& b) const override {
-    return {-static_cast<double>(b.priority), b.last_access};
-  }
+  OrderKey key(const CachedBlockView& b) const override { return {-static_cast<double>(b.priority), b.last_access}; }
   bool key_reads_only_time_and_priority() const override { return true; }
 };
 
@@ -376,7 +373,8 @@ PolicyRegistry<EvictionPolicy>& eviction_registry() {
       const double margin = param(params, "margin", 1.1);
       const double max_pin = param(params, "max_pin_s", 600.0);
       if (reload < 0 || hold < 0 || prior < 0 || max_pin < 0) {
-        throw InvalidInput("policy 'pause_aware': reload_s_per_token, hold_cost, prior_pause_s and max_pin_s must be >= 0");
+        throw InvalidInput(
+            "policy 'pause_aware': reload_s_per_token, hold_cost, prior_pause_s and max_pin_s must be >= 0");
       }
       if (min_history < 0 || min_history != std::floor(min_history) || min_history > kMaxPauseHistory) {
         throw InvalidInput("policy 'pause_aware': min_history must be a whole number in [0, " +

@@ -203,7 +203,6 @@ OrderKey checked_key(const OrderKey& key, const char* kind, const Policy& policy
 void parse_policy_spec(const std::string& spec, std::string* name, PolicyParams* params);
 
 // Throws InvalidInput naming the policy if `params` has a key outside `allowed`.
-void check_params(const std::string& policy, const PolicyParams& params,
-                  const std::vector<std::string>& allowed);
+void check_params(const std::string& policy, const PolicyParams& params, const std::vector<std::string>& allowed);
 
 }  // namespace tandem

@@ -22,8 +22,7 @@ inline std::vector<int64_t> to_int_vector(pybind11::handle obj, const char* what
   if (arr.size() == 0) return {};
   const char kind = arr.dtype().kind();
   if (kind != 'i' && kind != 'u') {
-    throw InvalidInput(std::string(what) + " must hold integers, got dtype " +
-                       std::string(py::str(arr.dtype())));
+    throw InvalidInput(std::string(what) + " must hold integers, got dtype " + std::string(py::str(arr.dtype())));
   }
   auto ints = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(arr);
   return std::vector<int64_t>(ints.data(), ints.data() + ints.size());

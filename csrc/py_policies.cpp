@@ -84,8 +84,7 @@ Ret call(const Base* self, const PyPolicyBase& meta, const char* method, Convert
     const std::string msg = label_of(meta, obj) + " raised in " + method + "(): " + e.what();
     throw PyPolicyError(msg, std::move(e));
   } catch (const py::cast_error& e) {
-    throw PolicyError(label_of(meta, obj) + ": " + method + "() returned a value of the wrong type (" +
-                      e.what() + ")");
+    throw PolicyError(label_of(meta, obj) + ": " + method + "() returned a value of the wrong type (" + e.what() + ")");
   }
 }
 
@@ -133,8 +132,9 @@ class PyEvictionPolicy : public EvictionPolicy, public PyPolicyBase {
   std::string name() const override { return name_of(static_cast<const EvictionPolicy*>(this), *this); }
   double pin_seconds(const TurnView& turn) const override {
     if (!has_override(static_cast<const EvictionPolicy*>(this), "pin_seconds")) return 0.0;
-    return call<double>(static_cast<const EvictionPolicy*>(this), *this, "pin_seconds",
-                        [](const py::object& r) { return r.cast<double>(); }, turn);
+    return call<double>(
+        static_cast<const EvictionPolicy*>(this), *this, "pin_seconds",
+        [](const py::object& r) { return r.cast<double>(); }, turn);
   }
   OrderKey key(const CachedBlockView& b) const override {
     return call<OrderKey>(static_cast<const EvictionPolicy*>(this), *this, "key", to_key, b);
@@ -168,12 +168,13 @@ class PyRouterPolicy : public RouterPolicy, public PyPolicyBase {
   int route(const RouteView& c, const std::vector<ReplicaView>& replicas) override {
     PyRouteView call_view{c, std::string(c.session_id)};
     call_view.v.session_id = {};
-    return call<int>(static_cast<const RouterPolicy*>(this), *this, "route",
-                     [](const py::object& r) {
-                       if (py::isinstance<py::bool_>(r)) throw py::cast_error("a replica index, not a bool");
-                       return r.cast<int>();
-                     },
-                     call_view, replicas);
+    return call<int>(
+        static_cast<const RouterPolicy*>(this), *this, "route",
+        [](const py::object& r) {
+          if (py::isinstance<py::bool_>(r)) throw py::cast_error("a replica index, not a bool");
+          return r.cast<int>();
+        },
+        call_view, replicas);
   }
   bool needs_prefix_match() const override {
     if (!has_override(static_cast<const RouterPolicy*>(this), "needs_prefix_match")) return false;
@@ -181,8 +182,8 @@ class PyRouterPolicy : public RouterPolicy, public PyPolicyBase {
   }
   void end_session(const std::string& session_id) override {
     if (!has_override(static_cast<const RouterPolicy*>(this), "end_session")) return;
-    call<int>(static_cast<const RouterPolicy*>(this), *this, "end_session", [](const py::object&) { return 0; },
-              session_id);
+    call<int>(
+        static_cast<const RouterPolicy*>(this), *this, "end_session", [](const py::object&) { return 0; }, session_id);
   }
 };
 
@@ -327,8 +328,8 @@ void bind_policies(py::module_& m) {
   py::class_<PyRequestView>(m, "RequestView", "What ordering and preemption policies read about a request.")
       .def(py::init([](RequestId id, double arrival_time, int priority, int num_prompt_tokens, int num_output_tokens,
                        int num_computed_tokens, int num_cached_tokens, int num_blocks, bool preempted, bool swapped,
-                       std::string session_id, int64_t num_computed_total, int session_turns,
-                       int64_t session_service, py::object session_last_end) {
+                       std::string session_id, int64_t num_computed_total, int session_turns, int64_t session_service,
+                       py::object session_last_end) {
              PyRequestView r;
              r.v.id = id;
              r.v.arrival_time = arrival_time;
@@ -367,9 +368,11 @@ void bind_policies(py::module_& m) {
       .def_property_readonly("num_computed_total", [](const PyRequestView& r) { return r.v.num_computed_total; })
       .def_property_readonly("session_turns", [](const PyRequestView& r) { return r.v.session_turns; })
       .def_property_readonly("session_service", [](const PyRequestView& r) { return r.v.session_service; })
-      .def_property_readonly("session_last_end", [](const PyRequestView& r) {
-        return r.v.session_last_end == kNever ? py::object(py::none()) : py::object(py::float_(r.v.session_last_end));
-      })
+      .def_property_readonly("session_last_end",
+                             [](const PyRequestView& r) {
+                               return r.v.session_last_end == kNever ? py::object(py::none())
+                                                                     : py::object(py::float_(r.v.session_last_end));
+                             })
       .def("__repr__", [](const PyRequestView& r) {
         return "RequestView(id=" + std::to_string(r.v.id) + ", session='" + r.session_id + "')";
       });
@@ -464,12 +467,15 @@ void bind_policies(py::module_& m) {
       "num_cached_tokens of waiting requests.")
       .def(py::init<>())
       .def("name", &OrderingPolicy::name)
-      .def("key", [](const OrderingPolicy& p, const PyRequestView& r) {
-        RequestView v = r.v;
-        v.session_id = r.session_id;
-        const OrderKey k = p.key(v);
-        return py::make_tuple(k.primary, k.secondary);
-      }, py::arg("request"))
+      .def(
+          "key",
+          [](const OrderingPolicy& p, const PyRequestView& r) {
+            RequestView v = r.v;
+            v.session_id = r.session_id;
+            const OrderKey k = p.key(v);
+            return py::make_tuple(k.primary, k.secondary);
+          },
+          py::arg("request"))
       .def("needs_prefix_match", &OrderingPolicy::needs_prefix_match);
   py::class_<EvictionPolicy, PyEvictionPolicy, std::shared_ptr<EvictionPolicy>>(
       m, "EvictionPolicy",
@@ -477,10 +483,13 @@ void bind_policies(py::module_& m) {
       "pin_seconds(turn: TurnView) -> seconds a finished turn's blocks stay unevictable.")
       .def(py::init<>())
       .def("name", &EvictionPolicy::name)
-      .def("key", [](const EvictionPolicy& p, const CachedBlockView& b) {
-        const OrderKey k = p.key(b);
-        return py::make_tuple(k.primary, k.secondary);
-      }, py::arg("block"))
+      .def(
+          "key",
+          [](const EvictionPolicy& p, const CachedBlockView& b) {
+            const OrderKey k = p.key(b);
+            return py::make_tuple(k.primary, k.secondary);
+          },
+          py::arg("block"))
       .def("pin_seconds", &EvictionPolicy::pin_seconds, py::arg("turn"));
   py::class_<PreemptionPolicy, PyPreemptionPolicy, std::shared_ptr<PreemptionPolicy>>(
       m, "PreemptionPolicy",
@@ -488,22 +497,28 @@ void bind_policies(py::module_& m) {
       "(swap without room on the host falls back to recompute).")
       .def(py::init<>())
       .def("name", &PreemptionPolicy::name)
-      .def("mode", [](const PreemptionPolicy& p, const PyRequestView& r, int host_free_blocks, int blocks_needed) {
-        RequestView v = r.v;
-        v.session_id = r.session_id;
-        return p.mode(v, host_free_blocks, blocks_needed) == PreemptMode::kSwap ? "swap" : "recompute";
-      }, py::arg("victim"), py::arg("host_free_blocks"), py::arg("blocks_needed"));
+      .def(
+          "mode",
+          [](const PreemptionPolicy& p, const PyRequestView& r, int host_free_blocks, int blocks_needed) {
+            RequestView v = r.v;
+            v.session_id = r.session_id;
+            return p.mode(v, host_free_blocks, blocks_needed) == PreemptMode::kSwap ? "swap" : "recompute";
+          },
+          py::arg("victim"), py::arg("host_free_blocks"), py::arg("blocks_needed"));
   py::class_<RouterPolicy, PyRouterPolicy, std::shared_ptr<RouterPolicy>>(
       m, "RouterPolicy",
       "Subclass and define route(call: RouteView, replicas: list[ReplicaView]) -> index into replicas; "
       "optionally needs_prefix_match() and end_session(session_id).")
       .def(py::init<>())
       .def("name", &RouterPolicy::name)
-      .def("route", [](RouterPolicy& p, const PyRouteView& c, const std::vector<ReplicaView>& replicas) {
-        RouteView v = c.v;
-        v.session_id = c.session_id;
-        return p.route(v, replicas);
-      }, py::arg("call"), py::arg("replicas"))
+      .def(
+          "route",
+          [](RouterPolicy& p, const PyRouteView& c, const std::vector<ReplicaView>& replicas) {
+            RouteView v = c.v;
+            v.session_id = c.session_id;
+            return p.route(v, replicas);
+          },
+          py::arg("call"), py::arg("replicas"))
       .def("needs_prefix_match", &RouterPolicy::needs_prefix_match)
       .def("end_session", &RouterPolicy::end_session, py::arg("session_id"));
 
@@ -537,7 +552,8 @@ void bind_policies(py::module_& m) {
       },
       py::arg("kind"), py::arg("spec"), "A policy instance from a spec, e.g. to unit-test its decisions.");
   m.def(
-      "_python_policy_names", [](const std::string& kind) {
+      "_python_policy_names",
+      [](const std::string& kind) {
         auto& names = python_names()[kind];
         return std::vector<std::string>(names.begin(), names.end());
       },

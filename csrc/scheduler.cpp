@@ -50,8 +50,7 @@ Scheduler::Scheduler(const SchedulerConfig& config)
                 make_from_spec(preemption_registry(), config.preemption)) {}
 
 Scheduler::Scheduler(const SchedulerConfig& config, std::shared_ptr<OrderingPolicy> ordering,
-                     std::shared_ptr<EvictionPolicy> eviction,
-                     std::shared_ptr<PreemptionPolicy> preemption)
+                     std::shared_ptr<EvictionPolicy> eviction, std::shared_ptr<PreemptionPolicy> preemption)
     : config_(config),
       block_size_(config.block_size),
       ordering_(std::move(ordering)),
@@ -111,9 +110,9 @@ void Scheduler::check_request(RequestId id, int n, const TokenId* unchecked, int
                          str(config_.vocab_size) + ")");
     }
   }
-  TANDEM_REQUIRE(n < config_.max_model_len,
-                 "request " + str(id) + ": prompt of " + str(n) + " tokens does not fit max_model_len " +
-                     str(config_.max_model_len) + " (it must leave room for one output token)");
+  TANDEM_REQUIRE(n < config_.max_model_len, "request " + str(id) + ": prompt of " + str(n) +
+                                                " tokens does not fit max_model_len " + str(config_.max_model_len) +
+                                                " (it must leave room for one output token)");
   TANDEM_REQUIRE(limits.max_new_tokens > 0, "request " + str(id) + ": max_new_tokens must be positive");
   TANDEM_REQUIRE(limits.eos_token_id >= -1 && limits.eos_token_id < config_.vocab_size,
                  "request " + str(id) + ": eos_token_id " + str(limits.eos_token_id) + " is out of range");
@@ -123,21 +122,18 @@ void Scheduler::check_request(RequestId id, int n, const TokenId* unchecked, int
   }
   TANDEM_REQUIRE(std::isfinite(arrival_time), "request " + str(id) + ": arrival_time must be finite");
   // The most KV it can ever hold: every token but the last one sampled.
-  const int64_t longest = std::min<int64_t>(static_cast<int64_t>(n) + limits.max_new_tokens,
-                                            config_.max_model_len);
+  const int64_t longest = std::min<int64_t>(static_cast<int64_t>(n) + limits.max_new_tokens, config_.max_model_len);
   const int64_t needed = blocks_for(static_cast<int>(longest - 1));
   TANDEM_REQUIRE(needed <= pool_.num_blocks(),
                  "request " + str(id) + " can never fit in the KV cache: it needs up to " + str(needed) +
-                     " blocks of " + str(block_size_) + " tokens and the cache has " +
-                     str(pool_.num_blocks()));
+                     " blocks of " + str(block_size_) + " tokens and the cache has " + str(pool_.num_blocks()));
 }
 
 void Scheduler::insert_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits,
                                double arrival_time, const std::string& session_id, int priority,
                                const std::string& cache_namespace, TurnMemo* memo, size_t same) {
   const int n = static_cast<int>(prompt.size());
-  const int64_t longest = std::min<int64_t>(static_cast<int64_t>(n) + limits.max_new_tokens,
-                                            config_.max_model_len);
+  const int64_t longest = std::min<int64_t>(static_cast<int64_t>(n) + limits.max_new_tokens, config_.max_model_len);
   auto ns_it = namespaces_.find(cache_namespace);
   if (ns_it == namespaces_.end()) {
     ns_it = namespaces_.emplace(cache_namespace, static_cast<uint32_t>(namespace_roots_.size())).first;
@@ -180,8 +176,8 @@ bool Scheduler::add_continuation(RequestId id, RequestId after, const std::vecto
   if (ns == namespaces_.end() || ns->second != last->ns) return false;
   const size_t same = last->tokens.size();
   const int64_t n = static_cast<int64_t>(same + new_tokens.size());
-  TANDEM_REQUIRE(n <= INT32_MAX, "request " + std::to_string(id) + ": prompt of " + std::to_string(n) +
-                                     " tokens is too long");
+  TANDEM_REQUIRE(n <= INT32_MAX,
+                 "request " + std::to_string(id) + ": prompt of " + std::to_string(n) + " tokens is too long");
   check_request(id, static_cast<int>(n), new_tokens.data(), static_cast<int>(same), limits, arrival_time);
   TurnMemo memo = sessions_.take_memo(session_id);
   std::vector<TokenId> prompt = std::move(memo.tokens);
@@ -198,8 +194,8 @@ bool Scheduler::add_continuation(RequestId id, RequestId after, const std::vecto
 // Planning
 
 void Plan::clear() {
-  for (auto* v : {&query_lens, &cached_lens, &query_start_loc, &slots, &logits_indices, &input_ids, &positions,
-                  &kv_ops}) {
+  for (auto* v :
+       {&query_lens, &cached_lens, &query_start_loc, &slots, &logits_indices, &input_ids, &positions, &kv_ops}) {
     v->clear();
   }
   req_ids.clear();
@@ -456,7 +452,8 @@ void Scheduler::emit_tokens(const Request& r, int start, int n, Plan& plan) cons
   // Slots block by block: block * block_size + offset for each position it covers.
   for (int p = start; p < start + n;) {
     const int end = std::min(start + n, (p / block_size_ + 1) * block_size_);
-    const int64_t base = static_cast<int64_t>(r.blocks[p / block_size_]) * block_size_ - (p / block_size_) * block_size_;
+    const int64_t base =
+        static_cast<int64_t>(r.blocks[p / block_size_]) * block_size_ - (p / block_size_) * block_size_;
     for (; p < end; ++p) slots[p - start] = base + p;
   }
 }
@@ -505,8 +502,7 @@ int Scheduler::prefix_match(Request& r, std::vector<BlockId>* hits) {
   return m;
 }
 
-int Scheduler::cached_prefix_tokens(const std::vector<TokenId>& prompt,
-                                    const std::string& cache_namespace) const {
+int Scheduler::cached_prefix_tokens(const std::vector<TokenId>& prompt, const std::string& cache_namespace) const {
   if (!config_.enable_prefix_caching || prompt.empty()) return 0;
   auto ns = namespaces_.find(cache_namespace);
   if (ns == namespaces_.end()) return 0;  // nothing was ever cached under it
@@ -557,8 +553,7 @@ FinishReason stop_reason(const Request& r, TokenId token, int max_model_len) {
 
 }  // namespace
 
-std::vector<FinishedRequest> Scheduler::commit(const Plan& plan, const std::vector<int64_t>& tokens,
-                                               double now) {
+std::vector<FinishedRequest> Scheduler::commit(const Plan& plan, const std::vector<int64_t>& tokens, double now) {
   std::vector<FinishedRequest> finished;
   commit(plan, tokens.data(), tokens.size(), now, &finished);
   return finished;
@@ -567,17 +562,16 @@ std::vector<FinishedRequest> Scheduler::commit(const Plan& plan, const std::vect
 void Scheduler::commit_impl(const Plan& plan, const int64_t* tokens, size_t num_tokens, double now,
                             std::vector<FinishedRequest>* finished) {
   TANDEM_REQUIRE(pending_step_ != 0 && plan.step_id == pending_step_,
-                 "commit(): plan " + str(static_cast<int64_t>(plan.step_id)) +
-                     " is stale (expected plan " + str(static_cast<int64_t>(pending_step_)) + ")");
+                 "commit(): plan " + str(static_cast<int64_t>(plan.step_id)) + " is stale (expected plan " +
+                     str(static_cast<int64_t>(pending_step_)) + ")");
   check_time(now, "commit");
   TANDEM_REQUIRE(static_cast<int64_t>(num_tokens) == plan.num_sampled(),
-                 "commit(): plan " + str(static_cast<int64_t>(plan.step_id)) + " samples " +
-                     str(plan.num_sampled()) + " tokens, got " + str(static_cast<int64_t>(num_tokens)));
+                 "commit(): plan " + str(static_cast<int64_t>(plan.step_id)) + " samples " + str(plan.num_sampled()) +
+                     " tokens, got " + str(static_cast<int64_t>(num_tokens)));
   for (size_t j = 0; j < num_tokens; ++j) {
     const int64_t t = tokens[j];
     TANDEM_REQUIRE(t >= 0 && t < config_.vocab_size,
-                   "commit(): token id " + str(t) + " is outside the vocabulary [0, " +
-                       str(config_.vocab_size) + ")");
+                   "commit(): token id " + str(t) + " is outside the vocabulary [0, " + str(config_.vocab_size) + ")");
   }
   last_now_ = now;
   pending_step_ = 0;

@@ -114,8 +114,8 @@ struct FinishedRequest {
 
 struct Stats {
   int num_waiting = 0, num_running = 0, num_preempted = 0, num_swapped = 0;
-  int num_blocks = 0, num_free_blocks = 0, num_cached_blocks = 0, num_evictable_blocks = 0,
-      num_pinned_blocks = 0, num_used_blocks = 0;
+  int num_blocks = 0, num_free_blocks = 0, num_cached_blocks = 0, num_evictable_blocks = 0, num_pinned_blocks = 0,
+      num_used_blocks = 0;
   int num_host_blocks = 0, num_free_host_blocks = 0;
   int64_t num_steps = 0, num_finished = 0, num_aborted = 0;
   int64_t num_preemptions_recompute = 0, num_preemptions_swap = 0, num_evicted_blocks = 0;
@@ -128,16 +128,15 @@ class Scheduler {
   Scheduler(const SchedulerConfig& config, std::shared_ptr<OrderingPolicy> ordering,
             std::shared_ptr<EvictionPolicy> eviction, std::shared_ptr<PreemptionPolicy> preemption);
 
-  void add_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits,
-                   double arrival_time, const std::string& session_id, int priority,
-                   const std::string& cache_namespace);
+  void add_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits, double arrival_time,
+                   const std::string& session_id, int priority, const std::string& cache_namespace);
   // add_request() of the prompt `after`'s tokens (its prompt, then its output) + `new_tokens`,
   // where `after` is the session's last finished request here: an agent's next call without its
   // whole context sent again. The tokens come from the session's turn memo; false (and nothing
   // changes) when that memo is not `after`'s (gone, or never taken): then send the whole prompt.
   bool add_continuation(RequestId id, RequestId after, const std::vector<TokenId>& new_tokens,
-                        const SamplingLimits& limits, double arrival_time, const std::string& session_id,
-                        int priority, const std::string& cache_namespace);
+                        const SamplingLimits& limits, double arrival_time, const std::string& session_id, int priority,
+                        const std::string& cache_namespace);
   std::shared_ptr<Plan> step(double now);
   // step() into a caller's plan, reusing its arrays (the simulator's fast path, csrc/sim/fast_forward.h).
   void step_into(Plan& plan, double now);
@@ -190,9 +189,9 @@ class Scheduler {
                      double arrival_time) const;
   // Enters a checked request; `memo` (the session's taken memo, its first `same` tokens those of
   // the prompt) or, if null, the session's memo if any, starts its hashes and prefix match.
-  void insert_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits,
-                      double arrival_time, const std::string& session_id, int priority,
-                      const std::string& cache_namespace, TurnMemo* memo, size_t same);
+  void insert_request(RequestId id, std::vector<TokenId> prompt, const SamplingLimits& limits, double arrival_time,
+                      const std::string& session_id, int priority, const std::string& cache_namespace, TurnMemo* memo,
+                      size_t same);
 
   // --- planning helpers ---
   bool decode_waits() const;  // a decode is running or swapped out (see SchedulerConfig::idle_chunk_size)

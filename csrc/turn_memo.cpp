@@ -67,12 +67,11 @@ void SessionStore::recall_turn(Request& r) {
   // memcmp over chunks (libc's vector compare), then the first differing token within one.
   constexpr size_t kChunk = 1024;
   size_t same = 0;
-  while (same + kChunk <= n &&
-         std::memcmp(&r.tokens[same], &memo.tokens[same], kChunk * sizeof(TokenId)) == 0) {
+  while (same + kChunk <= n && std::memcmp(&r.tokens[same], &memo.tokens[same], kChunk * sizeof(TokenId)) == 0) {
     same += kChunk;
   }
-  same = std::mismatch(r.tokens.begin() + same, r.tokens.begin() + n, memo.tokens.begin() + same).first -
-         r.tokens.begin();
+  same =
+      std::mismatch(r.tokens.begin() + same, r.tokens.begin() + n, memo.tokens.begin() + same).first - r.tokens.begin();
   apply_memo(r, memo, same);
 }
 

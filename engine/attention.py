@@ -23,13 +23,13 @@ import torch
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor            # [T] int64, slot of each token's k/v (-1: none)
-    num_decode: int                       # the first num_decode tokens are one-token requests
-    decode_seq_lens: torch.Tensor         # [num_decode] int32
-    decode_block_table: torch.Tensor      # [num_decode, W] int32
+    slot_mapping: torch.Tensor  # [T] int64, slot of each token's k/v (-1: none)
+    num_decode: int  # the first num_decode tokens are one-token requests
+    decode_seq_lens: torch.Tensor  # [num_decode] int32
+    decode_block_table: torch.Tensor  # [num_decode, W] int32
     prefill_query_start_loc: torch.Tensor  # [R_p + 1] int32
-    prefill_seq_lens: torch.Tensor        # [R_p] int32
-    prefill_block_table: torch.Tensor     # [R_p, W] int32
+    prefill_seq_lens: torch.Tensor  # [R_p] int32
+    prefill_block_table: torch.Tensor  # [R_p, W] int32
     num_prefill_tokens: int = 0
 
 
@@ -64,8 +64,17 @@ class KVCache:
     v_scale: torch.Tensor | None = None
 
     @classmethod
-    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", pin_memory: bool = False) -> KVCache:
+    def allocate(
+        cls,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        pin_memory: bool = False,
+    ) -> KVCache:
         """Zeroed caches (and, for FP8, scales of 1) of that shape."""
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
 
@@ -106,14 +115,23 @@ class KVCache:
 
 @dataclass
 class ForwardContext:
-    ops: object                 # engine.kernels.KernelSet
+    ops: object  # engine.kernels.KernelSet
     kv: KVCache
     meta: AttentionMetadata
-    cos_sin: torch.Tensor       # [max_positions, head_dim] float32 (rotary: cos | sin)
+    cos_sin: torch.Tensor  # [max_positions, head_dim] float32 (rotary: cos | sin)
 
-    def attention(self, layer: int, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                  v: torch.Tensor, scale: float, q_norm: torch.Tensor | None = None,
-                  k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6) -> torch.Tensor:
+    def attention(
+        self,
+        layer: int,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        q_norm: torch.Tensor | None = None,
+        k_norm: torch.Tensor | None = None,
+        norm_eps: float = 1e-6,
+    ) -> torch.Tensor:
         """A layer's attention from its q/k/v projections; returns [T, Hq, D].
 
         One fused op rotates q and k (after the per-head RMSNorms `q_norm`/`k_norm` [D], Qwen3's,
@@ -124,13 +142,15 @@ class ForwardContext:
         m, ops = self.meta, self.ops
         kc, vc = self.kv.k[layer], self.kv.v[layer]
         sc = self.kv.layer_scales(layer)
-        q = ops.rotary_write_kv(positions, q, k, v, self.cos_sin, kc, vc, m.slot_mapping,
-                                q_norm=q_norm, k_norm=k_norm, eps=norm_eps, **sc)
+        q = ops.rotary_write_kv(
+            positions, q, k, v, self.cos_sin, kc, vc, m.slot_mapping, q_norm=q_norm, k_norm=k_norm, eps=norm_eps, **sc
+        )
         nd = m.num_decode
         if m.num_prefill_tokens == 0:
             return ops.decode_attention(q, kc, vc, m.decode_seq_lens, m.decode_block_table, scale, **sc)
-        pre = ops.prefill_attention(q[nd:], kc, vc, m.prefill_query_start_loc, m.prefill_seq_lens,
-                                    m.prefill_block_table, scale, **sc)
+        pre = ops.prefill_attention(
+            q[nd:], kc, vc, m.prefill_query_start_loc, m.prefill_seq_lens, m.prefill_block_table, scale, **sc
+        )
         if nd == 0:
             return pre
         dec = ops.decode_attention(q[:nd], kc, vc, m.decode_seq_lens, m.decode_block_table, scale, **sc)

@@ -23,7 +23,7 @@ class ModelConfigError(ValueError):
 class ModelConfig:
     """The shape of a decoder-only model, read from a Hugging Face config.json or GGUF metadata."""
 
-    architecture: str                 # a key of ARCHITECTURES
+    architecture: str  # a key of ARCHITECTURES
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -36,8 +36,8 @@ class ModelConfig:
     rope_scaling: Mapping[str, Any] | None = None
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
-    attention_bias: bool = False      # q/k/v projections carry a bias (Qwen2)
-    qk_norm: bool = False             # per-head RMSNorm on q and k before rotary (Qwen3)
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before rotary (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -69,8 +69,8 @@ class ModelConfig:
         supported = [a for a in archs if a in ARCHITECTURES]
         if not supported:
             raise ModelConfigError(
-                f"unsupported architecture {archs or cfg.get('model_type')!r}; "
-                f"this engine runs {sorted(ARCHITECTURES)}")
+                f"unsupported architecture {archs or cfg.get('model_type')!r}; this engine runs {sorted(ARCHITECTURES)}"
+            )
         arch = supported[0]
 
         def need(key: str):
@@ -113,8 +113,15 @@ class ModelConfig:
         return config
 
     def validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ModelConfigError(f"model config {name} must be a positive integer, got {value!r}")
@@ -130,13 +137,20 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """A Hugging Face config.json mapping of this shape (for transformers references and dummy dirs)."""
         cfg = {
-            "architectures": [self.architecture], "model_type": self.family,
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "architectures": [self.architecture],
+            "model_type": self.family,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
             "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
             "attention_bias": self.attention_bias,
         }
         if self.rope_scaling:
@@ -153,8 +167,8 @@ class ModelConfig:
 # that a decode waits in keeps chunk_size and max_num_batched_tokens (docs/engine.md).
 AUTO_IDLE_CHUNK_SIZE = 16384
 
-KV_CACHE_DTYPES = ("auto", "fp8_e4m3")   # the KV cache's element type ("auto": the model's dtype)
-QUANTIZATIONS = ("none", "fp8")           # the weights' ("fp8": e4m3, per-output-channel scales)
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # the KV cache's element type ("auto": the model's dtype)
+QUANTIZATIONS = ("none", "fp8")  # the weights' ("fp8": e4m3, per-output-channel scales)
 
 
 @dataclass(frozen=True)
@@ -218,7 +232,8 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     overlap_decode: bool | None = None
-    # KV cache events over ZMQ in vLLM's format (engine/kv_events.py KVEventsConfig fields; docs/kv-events.md); None: off
+    # KV cache events over ZMQ in vLLM's format (engine/kv_events.py KVEventsConfig fields;
+    # docs/kv-events.md); None: off
     kv_events: Mapping[str, Any] | None = None
 
     @classmethod
@@ -250,11 +265,15 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "chunk_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.idle_chunk_size is not None and (isinstance(self.idle_chunk_size, bool)
-                                                 or not isinstance(self.idle_chunk_size, int)
-                                                 or self.idle_chunk_size < 0):
-            raise ValueError(f"idle_chunk_size must be an int >= 0 (0: chunk_size always) or null (auto), "
-                             f"got {self.idle_chunk_size!r}")
+        if self.idle_chunk_size is not None and (
+            isinstance(self.idle_chunk_size, bool)
+            or not isinstance(self.idle_chunk_size, int)
+            or self.idle_chunk_size < 0
+        ):
+            raise ValueError(
+                f"idle_chunk_size must be an int >= 0 (0: chunk_size always) or null (auto), "
+                f"got {self.idle_chunk_size!r}"
+            )
         # Policies are named exactly as in the simulator's config; Python ones come from policy_modules.
         from controlplane.policies import check_spec, import_policy_modules
 

@@ -54,14 +54,19 @@ def check_fp8_kv_support(device: torch.device, kv_dtype: torch.dtype, chosen: di
     """Raises ValueError for an FP8 KV cache whose chosen Triton kernels cannot run on this GPU (pre-Ada)."""
     if device.type != "cuda" or not is_fp8(kv_dtype):
         return
-    triton_ops = sorted(op for op in ("write_kv", "rotary_write_kv", "prefill_attention", "decode_attention")
-                        if chosen.get(op) == "triton")
+    triton_ops = sorted(
+        op
+        for op in ("write_kv", "rotary_write_kv", "prefill_attention", "decode_attention")
+        if chosen.get(op) == "triton"
+    )
     capability = torch.cuda.get_device_capability(device)
     if triton_ops and tuple(capability) < FP8_KV_MIN_CAPABILITY:
-        raise ValueError(f"kv_cache_dtype=fp8_e4m3 with the triton kernels ({', '.join(triton_ops)}) needs a GPU of "
-                         f"compute capability {FP8_KV_MIN_CAPABILITY[0]}.{FP8_KV_MIN_CAPABILITY[1]}+ (Ada, Hopper); "
-                         f"this one is {capability[0]}.{capability[1]}: use kv_cache_dtype=auto, or "
-                         f"kernel_backend torch or jax")
+        raise ValueError(
+            f"kv_cache_dtype=fp8_e4m3 with the triton kernels ({', '.join(triton_ops)}) needs a GPU of "
+            f"compute capability {FP8_KV_MIN_CAPABILITY[0]}.{FP8_KV_MIN_CAPABILITY[1]}+ (Ada, Hopper); "
+            f"this one is {capability[0]}.{capability[1]}: use kv_cache_dtype=auto, or "
+            f"kernel_backend torch or jax"
+        )
 
 
 class EngineCore:
@@ -85,44 +90,80 @@ class EngineCore:
         if loaded is None:
             loaded = load_model(cfg, self.device, self.dtype)
         self.model, self.model_config, self.tokenizer, self.source = (
-            loaded.model, loaded.config, loaded.tokenizer, loaded.source)
+            loaded.model,
+            loaded.config,
+            loaded.tokenizer,
+            loaded.source,
+        )
         mc = self.model_config
         self.ops = KernelSet.default_for(self.device.type, cfg.kernel_backend, cfg.kernel_overrides)
         check_fp8_kv_support(self.device, self.kv_dtype, self.ops.chosen)
         self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings {mc.max_position_embeddings}")
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the model's "
+                f"max_position_embeddings {mc.max_position_embeddings}"
+            )
         # auto: large prefill chunks in steps no decode waits in, where prefill attention is tiled (the torch
         # reference materializes a chunk's scores against its whole context)
-        self.idle_chunk_size = cfg.idle_chunk_size if cfg.idle_chunk_size is not None else (
-            AUTO_IDLE_CHUNK_SIZE if self.device.type == "cuda" and self.ops.chosen["prefill_attention"] != "torch"
-            else 0)
-        self.num_blocks, self.num_host_blocks = size_kv_cache(self.model, self.ops, cfg, self.device, self.dtype,
-                                                              self.max_model_len, self.idle_chunk_size)
+        self.idle_chunk_size = (
+            cfg.idle_chunk_size
+            if cfg.idle_chunk_size is not None
+            else (
+                AUTO_IDLE_CHUNK_SIZE
+                if self.device.type == "cuda" and self.ops.chosen["prefill_attention"] != "torch"
+                else 0
+            )
+        )
+        self.num_blocks, self.num_host_blocks = size_kv_cache(
+            self.model, self.ops, cfg, self.device, self.dtype, self.max_model_len, self.idle_chunk_size
+        )
         cp.import_policy_modules(cfg.policy_modules)
-        graphs = () if (cfg.enforce_eager or self.device.type != "cuda"
-                        or self.ops.chosen["decode_attention"] == "torch") else cfg.cuda_graph_batch_sizes
+        graphs = (
+            ()
+            if (cfg.enforce_eager or self.device.type != "cuda" or self.ops.chosen["decode_attention"] == "torch")
+            else cfg.cuda_graph_batch_sizes
+        )
         # auto: where decode runs as CUDA graphs of Triton kernels (XLA's kernels run on streams of their own)
         auto = bool(graphs) and self.ops.chosen["decode_attention"] == "triton"
         self.overlap = auto if cfg.overlap_decode is None else cfg.overlap_decode
         self.scheduler_config = cp.SchedulerConfig(
-            num_blocks=self.num_blocks, block_size=cfg.block_size, num_host_blocks=self.num_host_blocks,
-            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            chunk_size=cfg.chunk_size, idle_chunk_size=self.idle_chunk_size, max_model_len=self.max_model_len,
+            num_blocks=self.num_blocks,
+            block_size=cfg.block_size,
+            num_host_blocks=self.num_host_blocks,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            chunk_size=cfg.chunk_size,
+            idle_chunk_size=self.idle_chunk_size,
+            max_model_len=self.max_model_len,
             vocab_size=mc.vocab_size,
-            enable_prefix_caching=cfg.enable_prefix_caching, ordering=cfg.ordering, eviction=cfg.eviction,
-            preemption=cfg.preemption, num_lookahead_tokens=1 if self.overlap else 0)
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            ordering=cfg.ordering,
+            eviction=cfg.eviction,
+            preemption=cfg.preemption,
+            num_lookahead_tokens=1 if self.overlap else 0,
+        )
         self.scheduler = cp.Scheduler(self.scheduler_config)
         # None: events off, and the control plane records none
         self.kv_events: KVEventPublisher | None = make_publisher(kv_events, cfg.block_size)
         self.kept_kv_events: list | None = None  # see keep_kv_events()
         self._start_kv_events()
         self.runner = ModelRunner(
-            self.model, self.ops, self.device, self.dtype, num_blocks=self.num_blocks,
-            block_size=cfg.block_size, num_host_blocks=self.num_host_blocks, max_model_len=self.max_model_len,
-            max_num_seqs=cfg.max_num_seqs, max_blocks_per_seq=self.scheduler.max_blocks_per_seq,
-            seed=cfg.seed, graph_batch_sizes=graphs, overlap=self.overlap, kv_dtype=self.kv_dtype)
+            self.model,
+            self.ops,
+            self.device,
+            self.dtype,
+            num_blocks=self.num_blocks,
+            block_size=cfg.block_size,
+            num_host_blocks=self.num_host_blocks,
+            max_model_len=self.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            max_blocks_per_seq=self.scheduler.max_blocks_per_seq,
+            seed=cfg.seed,
+            graph_batch_sizes=graphs,
+            overlap=self.overlap,
+            kv_dtype=self.kv_dtype,
+        )
         self.clock = clock or cp.WallClock()
         self.profile: list[dict] = []
         self.eos_token_ids = tuple(mc.eos_token_ids)
@@ -131,8 +172,17 @@ class EngineCore:
                 self.eos_token_ids = (self.tokenizer.eos_token_id,) + self.eos_token_ids
 
     # Requests ----------------------------------------------------------------------------------
-    def add_request(self, req_id: int, prompt_ids, params: SamplingParams, *, session_id: str | None = None,
-                    cache_namespace: str | None = None, priority: int = 0, arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        req_id: int,
+        prompt_ids,
+        params: SamplingParams,
+        *,
+        session_id: str | None = None,
+        cache_namespace: str | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
         """Queues one sequence; raises ValueError for an empty or too-long prompt, or bad token ids."""
         prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
         if prompt.size == 0:
@@ -141,8 +191,10 @@ class EngineCore:
         if prompt.min() < 0 or prompt.max() >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if prompt.size >= self.max_model_len:
-            raise ValueError(f"the prompt has {prompt.size} tokens; max_model_len is {self.max_model_len} "
-                             f"(prompt + at least one generated token must fit)")
+            raise ValueError(
+                f"the prompt has {prompt.size} tokens; max_model_len is {self.max_model_len} "
+                f"(prompt + at least one generated token must fit)"
+            )
         room = self.max_model_len - prompt.size
         max_new = min(params.max_tokens or room, room)
         eos = -1 if not self.eos_token_ids else self.eos_token_ids[0]
@@ -151,13 +203,25 @@ class EngineCore:
             stops += list(self.eos_token_ids[1:])
         stop_ids = tuple(stops) + (() if params.ignore_eos or eos < 0 else (eos,))
         now = self.clock.now() if arrival_time is None else arrival_time
-        self.scheduler.add_request(req_id, prompt.astype(np.int32), max_new_tokens=max_new, stop_token_ids=stops,
-                                   eos_token_id=eos, ignore_eos=params.ignore_eos, arrival_time=now,
-                                   session_id=session_id, priority=priority, cache_namespace=cache_namespace)
+        self.scheduler.add_request(
+            req_id,
+            prompt.astype(np.int32),
+            max_new_tokens=max_new,
+            stop_token_ids=stops,
+            eos_token_id=eos,
+            ignore_eos=params.ignore_eos,
+            arrival_time=now,
+            session_id=session_id,
+            priority=priority,
+            cache_namespace=cache_namespace,
+        )
         # only once the scheduler took it (it refuses bad ids, duplicates, ...): nothing to undo otherwise
-        self.runner.add_sequence(req_id, SequenceState(params, prompt.tolist(), [],
-                                                       make_generator(params.seed, self.device), stop_ids,
-                                                       max_new_tokens=max_new))
+        self.runner.add_sequence(
+            req_id,
+            SequenceState(
+                params, prompt.tolist(), [], make_generator(params.seed, self.device), stop_ids, max_new_tokens=max_new
+            ),
+        )
 
     def abort(self, req_id: int) -> Finished | None:
         """Ends a request now; returns its Finished (reason "abort"), or None if it is not running here
@@ -167,8 +231,9 @@ class EngineCore:
         info = self.scheduler.request_info(req_id)
         self.scheduler.abort(req_id, self.clock.now())
         self.runner.remove_sequence(req_id)
-        return Finished(req_id, "abort", None, info["num_prompt_tokens"], info["num_cached_tokens"],
-                        len(info["output_token_ids"]))
+        return Finished(
+            req_id, "abort", None, info["num_prompt_tokens"], info["num_cached_tokens"], len(info["output_token_ids"])
+        )
 
     def end_session(self, session_id: str) -> int:
         """Releases the session's retention pins; returns how many blocks it still pinned."""
@@ -195,16 +260,28 @@ class EngineCore:
         finished = [self._finished(f) for f in result.record.finished]
         host = self.runner.last_result  # beside the tokens: their logprobs, if any row asked
         logprobs = () if host is None else (host.logprobs, host.top_ids, host.top_logprobs)
-        return StepOutput(self.runner.last_req_ids, np.asarray(result.tokens), finished, result.seconds,
-                          *(t if t is None else t.numpy() for t in logprobs))
+        return StepOutput(
+            self.runner.last_req_ids,
+            np.asarray(result.tokens),
+            finished,
+            result.seconds,
+            *(t if t is None else t.numpy() for t in logprobs),
+        )
 
     def _finished(self, f) -> Finished:
         """A FinishedRequest of the scheduler in OpenAI's terms; the runner forgets it."""
         self.runner.remove_sequence(f.request_id)
         stop = f.output_token_ids[-1] if f.finish_reason == "stop" and f.num_output_tokens else None
         reason = "length" if f.finish_reason in ("length", "model_length") else "stop"
-        return Finished(f.request_id, reason, stop, f.num_prompt_tokens, f.num_cached_tokens, f.num_output_tokens,
-                        f.first_scheduled_time - f.arrival_time)
+        return Finished(
+            f.request_id,
+            reason,
+            stop,
+            f.num_prompt_tokens,
+            f.num_cached_tokens,
+            f.num_output_tokens,
+            f.first_scheduled_time - f.arrival_time,
+        )
 
     def reset(self, scheduler_config: cp.SchedulerConfig | None = None, clock: cp.Clock | None = None) -> None:
         """Starts a new run on this warm engine (weights, KV tensors, graphs and compiled kernels kept):
@@ -218,11 +295,15 @@ class EngineCore:
         fixed = ("num_blocks", "block_size", "num_host_blocks", "max_num_seqs", "max_model_len", "vocab_size")
         changed = [k for k in fixed if getattr(new, k) != getattr(self.scheduler_config, k)]
         if changed:
-            raise ValueError(f"reset(): {changed} must stay as the engine was built "
-                             f"({ {k: getattr(self.scheduler_config, k) for k in changed} })")
+            raise ValueError(
+                f"reset(): {changed} must stay as the engine was built "
+                f"({ {k: getattr(self.scheduler_config, k) for k in changed} })"
+            )
         if new.num_lookahead_tokens != self.scheduler_config.num_lookahead_tokens:
-            raise ValueError(f"reset(): num_lookahead_tokens is {self.scheduler_config.num_lookahead_tokens} on this "
-                             f"engine (overlapped decode {'on' if self.overlap else 'off'})")
+            raise ValueError(
+                f"reset(): num_lookahead_tokens is {self.scheduler_config.num_lookahead_tokens} on this "
+                f"engine (overlapped decode {'on' if self.overlap else 'off'})"
+            )
         self.scheduler_config = new
         self.scheduler = cp.Scheduler(new)
         self._start_kv_events()
@@ -270,7 +351,12 @@ class EngineCore:
         `experiments.calibrate` measures (the host's planning and commit between steps included)."""
         rows = [{**row, "model": self.source, "device": str(self.device)} for row in self.profile[skip:]]
         graphs = self.runner.graphs
-        meta = {"timing": "runner", "overlap": bool(self.overlap), "block_size": self.config.block_size,
-                "max_graph_batch": max(graphs.sizes, default=0) if graphs is not None else 0,
-                "engine_shape": self.source, "device": str(self.device)}
+        meta = {
+            "timing": "runner",
+            "overlap": bool(self.overlap),
+            "block_size": self.config.block_size,
+            "max_graph_batch": max(graphs.sizes, default=0) if graphs is not None else 0,
+            "engine_shape": self.source,
+            "device": str(self.device),
+        }
         return write_profile(path, rows, meta)

@@ -62,16 +62,22 @@ class DecodeGraphs:
 
     def _unpack(self, b: int, width: int) -> None:
         """Staging buffer -> static inputs (captured at the head of each graph)."""
-        self.inputs[:, :b].copy_(self.dev_stage[:4 * b].view(4, b))
-        self.block_table[:b, :width].copy_(self.dev_stage[4 * b:4 * b + b * width].view(b, width))
+        self.inputs[:, :b].copy_(self.dev_stage[: 4 * b].view(4, b))
+        self.block_table[:b, :width].copy_(self.dev_stage[4 * b : 4 * b + b * width].view(b, width))
 
     def _forward(self, b: int, width: int) -> torch.Tensor:
         r = self.runner
         empty = self.seq_lens[:0]
         meta = AttentionMetadata(
-            slot_mapping=self.slots[:b], num_decode=b, decode_seq_lens=self.seq_lens[:b],
-            decode_block_table=self.block_table[:b, :width], prefill_query_start_loc=empty,
-            prefill_seq_lens=empty, prefill_block_table=self.block_table[:0], num_prefill_tokens=0)
+            slot_mapping=self.slots[:b],
+            num_decode=b,
+            decode_seq_lens=self.seq_lens[:b],
+            decode_block_table=self.block_table[:b, :width],
+            prefill_query_start_loc=empty,
+            prefill_seq_lens=empty,
+            prefill_block_table=self.block_table[:0],
+            num_prefill_tokens=0,
+        )
         ctx = ForwardContext(r.ops, r.kv, meta, r.cos_sin)
         hidden = r.model(self.ids[:b], self.pos[:b], ctx)
         return r.model.compute_logits(hidden)
@@ -110,11 +116,15 @@ class DecodeGraphs:
         host_stage, copied = self.host_stages[self.turn], self.copied[self.turn]
         copied.synchronize()  # the copy of two steps ago may still be reading this pinned buffer
         stage = host_stage.numpy()
-        host = stage[:4 * b].reshape(4, b)
-        host[0, :n], host[1, :n], host[2, :n], host[3, :n] = (batch.input_ids, batch.positions,
-                                                              batch.slot_mapping, batch.seq_lens)
+        host = stage[: 4 * b].reshape(4, b)
+        host[0, :n], host[1, :n], host[2, :n], host[3, :n] = (
+            batch.input_ids,
+            batch.positions,
+            batch.slot_mapping,
+            batch.seq_lens,
+        )
         host[:, n:b] = ((0,), (0,), (-1,), (1,))  # padding rows: no KV write, a one-token context
-        table = stage[4 * b:total].reshape(b, bucket)
+        table = stage[4 * b : total].reshape(b, bucket)
         # the bucket's columns; those past a request's own blocks are never read
         table[:n] = np.asarray(plan.block_table)[batch.block_rows, :bucket]
         table[n:] = 0

@@ -64,6 +64,7 @@ class KVEventsConfig:
     def for_rank(self, rank: int) -> KVEventsConfig:
         """The config of data-parallel core `rank`: its rank in every batch, and endpoints of its own (a TCP
         port plus `rank`, as vLLM offsets them; an ipc/inproc path with "-dp<rank>" appended)."""
+
         def own(endpoint: str | None) -> str | None:
             if endpoint is None or rank == 0:
                 return endpoint
@@ -74,8 +75,9 @@ class KVEventsConfig:
                 raise ValueError(f"kv_events endpoint {endpoint!r}: data-parallel cores need a TCP port to offset")
             return f"{head}:{int(port) + rank}"
 
-        return dataclasses.replace(self, data_parallel_rank=rank, endpoint=own(self.endpoint),
-                                   replay_endpoint=own(self.replay_endpoint))
+        return dataclasses.replace(
+            self, data_parallel_rank=rank, endpoint=own(self.endpoint), replay_endpoint=own(self.replay_endpoint)
+        )
 
     @classmethod
     def from_value(cls, value: KVEventsConfig | Mapping[str, Any] | None) -> KVEventsConfig | None:
@@ -106,10 +108,19 @@ def _event_types(array_like: bool) -> tuple[type, type, type]:
 
     Every field is required, so each is always written, in vLLM's field order."""
     options = {"tag": True, "array_like": array_like, "omit_defaults": True, "gc": False}
-    stored = msgspec.defstruct("BlockStored", [
-        ("block_hashes", list[int]), ("parent_block_hash", int | None), ("token_ids", list[int]),
-        ("block_size", int), ("lora_id", int | None), ("medium", str | None), ("lora_name", str | None)],
-        **options)
+    stored = msgspec.defstruct(
+        "BlockStored",
+        [
+            ("block_hashes", list[int]),
+            ("parent_block_hash", int | None),
+            ("token_ids", list[int]),
+            ("block_size", int),
+            ("lora_id", int | None),
+            ("medium", str | None),
+            ("lora_name", str | None),
+        ],
+        **options,
+    )
     removed = msgspec.defstruct("BlockRemoved", [("block_hashes", list[int]), ("medium", str | None)], **options)
     cleared = msgspec.defstruct("AllBlocksCleared", [], **options)
     return stored, removed, cleared
@@ -266,5 +277,12 @@ def make_publisher(value: KVEventsConfig | Mapping[str, Any] | None, block_size:
     return KVEventPublisher(config, block_size)
 
 
-__all__ = ["ALL_BLOCKS_CLEARED", "EVENT_TYPES", "KVEventBatch", "KVEventPublisher", "KVEventsConfig",
-           "encode_batch", "make_publisher"]
+__all__ = [
+    "ALL_BLOCKS_CLEARED",
+    "EVENT_TYPES",
+    "KVEventBatch",
+    "KVEventPublisher",
+    "KVEventsConfig",
+    "encode_batch",
+    "make_publisher",
+]

@@ -1,10 +1,10 @@
 """The offline API in the shape vLLM users know.
 
-    from engine import LLM, SamplingParams
-    llm = LLM()                                   # the embedded default, SmolLM2-135M-Instruct
-    out = llm.generate(["Hello"], SamplingParams(max_tokens=32))
-    out[0].outputs[0].text, out[0].outputs[0].token_ids
-    llm.chat([{"role": "user", "content": "What is the capital of France?"}])
+from engine import LLM, SamplingParams
+llm = LLM()                                   # the embedded default, SmolLM2-135M-Instruct
+out = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+out[0].outputs[0].text, out[0].outputs[0].token_ids
+llm.chat([{"role": "user", "content": "What is the capital of France?"}])
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None        # "stop" | "length"
+    finish_reason: str | None  # "stop" | "length"
     stop_reason: int | str | None = None
-    logprobs: list[dict[int, float]] | None = None   # per token: {token id: logprob}, sampled token first
+    logprobs: list[dict[int, float]] | None = None  # per token: {token id: logprob}, sampled token first
     cumulative_logprob: float | None = None
 
 
@@ -74,34 +74,41 @@ class LLM:
             prompt = prompt.get("prompt")
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass prompts as token ids "
-                                 "({'prompt_token_ids': [...]})")
+                raise ValueError("this model has no tokenizer: pass prompts as token ids ({'prompt_token_ids': [...]})")
             return prompt, list(self.tokenizer.encode(prompt, add_special_tokens=True))
         if isinstance(prompt, (list, tuple, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in prompt):
             return None, [int(t) for t in prompt]
         raise ValueError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
-    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True
+    ) -> list[RequestOutput]:
         """Generates for every prompt (strings, token-id lists or {"prompt_token_ids": ...} dicts)."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
-                                                and isinstance(prompts[0], (int, np.integer))):
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], (int, np.integer))
+        ):
             prompts = [prompts]
         encoded = [self._encode(p) for p in prompts]
         params = self._params_per_prompt(sampling_params, len(encoded))
         return self._run(encoded, params, use_tqdm)
 
-    def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
         """Applies the model's chat template to one conversation or a list of them, then generates."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         encoded = []
         for conv in conversations:
-            text = self.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                      **(chat_template_kwargs or {}))
+            text = self.tokenizer.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+            )
             encoded.append((text, list(self.tokenizer.encode(text, add_special_tokens=False))))
         return self._run(encoded, self._params_per_prompt(sampling_params, len(encoded)), use_tqdm)
 
@@ -134,8 +141,12 @@ class LLM:
                 outputs.finish(engine.abort(r.req_id))
             bar.update(len(ended) + len(stopped))
         bar.close()
-        return [RequestOutput(str(g[0].req_id), text, ids, [_completion(k, r) for k, r in enumerate(g)], True,
-                              g[0].num_cached_tokens) for (text, ids), g in zip(encoded, groups)]
+        return [
+            RequestOutput(
+                str(g[0].req_id), text, ids, [_completion(k, r) for k, r in enumerate(g)], True, g[0].num_cached_tokens
+            )
+            for (text, ids), g in zip(encoded, groups)
+        ]
 
 
 def _completion(index: int, r: RequestState) -> CompletionOutput:

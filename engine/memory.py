@@ -33,8 +33,7 @@ def block_bytes(model, block_size: int, dtype: torch.dtype) -> int:
 
 
 @torch.inference_mode()
-def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len: int,
-                                  idle_chunk_size: int = 0) -> int:
+def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len: int, idle_chunk_size: int = 0) -> int:
     """Runs one forward pass of the largest batch the scheduler can plan; returns its peak extra bytes.
 
     `dtype` is the model's; the pass's KV cache has cfg.kv_cache_dtype's type (so FP8's kernels run)."""
@@ -47,8 +46,9 @@ def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len:
     bs = cfg.block_size
     blocks_per = [-(-n // bs) for n in lens]
     nblocks = sum(blocks_per)
-    kv = KVCache.allocate(c.num_layers, nblocks, bs, c.num_kv_heads, c.head_dim,
-                          resolve_kv_cache_dtype(cfg.kv_cache_dtype, dtype), device)
+    kv = KVCache.allocate(
+        c.num_layers, nblocks, bs, c.num_kv_heads, c.head_dim, resolve_kv_cache_dtype(cfg.kv_cache_dtype, dtype), device
+    )
     width = max(blocks_per)
     table = np.zeros((len(lens), width), dtype=np.int32)
     at = 0
@@ -59,15 +59,16 @@ def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len:
     slots = np.concatenate([table[i, np.arange(n) // bs] * bs + np.arange(n) % bs for i, n in enumerate(lens)])
     qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     to = lambda a, dt=torch.int32: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
-    meta = AttentionMetadata(to(slots, torch.int64), 0, to([]), to(np.zeros((0, width))), to(qsl), to(lens),
-                             to(table), tokens)
+    meta = AttentionMetadata(
+        to(slots, torch.int64), 0, to([]), to(np.zeros((0, width))), to(qsl), to(lens), to(table), tokens
+    )
     ctx = ForwardContext(ops, kv, meta, rope_cos_sin(c, max_model_len).to(device))
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     ids = torch.randint(0, c.vocab_size, (tokens,), device=device)
     hidden = model(ids, to(positions), ctx)
-    logits = model.compute_logits(hidden[:cfg.max_num_seqs])
+    logits = model.compute_logits(hidden[: cfg.max_num_seqs])
     torch.softmax(logits, dim=-1)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
@@ -94,7 +95,9 @@ def size_kv_cache(model, ops, cfg, device, dtype, max_model_len: int, idle_chunk
     budget = total * cfg.gpu_memory_utilization - others - ours - activations - _GRAPH_RESERVE
     blocks = int(budget // per_block)
     if blocks < -(-max_model_len // cfg.block_size) // 8 or blocks <= 0:
-        raise ValueError(f"not enough device memory for the KV cache: {budget / 2**30:.2f} GiB left after "
-                         f"weights ({ours / 2**30:.2f} GiB) and activations ({activations / 2**30:.2f} GiB); "
-                         f"raise gpu_memory_utilization or lower max_num_batched_tokens (or idle_chunk_size)")
+        raise ValueError(
+            f"not enough device memory for the KV cache: {budget / 2**30:.2f} GiB left after "
+            f"weights ({ours / 2**30:.2f} GiB) and activations ({activations / 2**30:.2f} GiB); "
+            f"raise gpu_memory_utilization or lower max_num_batched_tokens (or idle_chunk_size)"
+        )
     return blocks, host

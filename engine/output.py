@@ -24,12 +24,12 @@ class Finished(msgspec.Struct, tag=True, array_like=True):
     """A request the engine ended, in OpenAI's terms, and its counts (also the server's IPC record)."""
 
     req_id: int
-    reason: str                        # stop | length | abort
-    stop_token: int | None             # the stop token that ended it (reason "stop")
+    reason: str  # stop | length | abort
+    stop_token: int | None  # the stop token that ended it (reason "stop")
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
-    queue_time: float | None = None    # arrival -> first scheduled (None when aborted)
+    queue_time: float | None = None  # arrival -> first scheduled (None when aborted)
 
 
 @dataclass
@@ -41,9 +41,9 @@ class StepOutput:
     tokens: np.ndarray
     finished: list[Finished] = field(default_factory=list)
     seconds: float = 0.0
-    logprobs: np.ndarray | None = None        # [S] of the sampled tokens
-    top_ids: np.ndarray | None = None         # [S, N]: N the most any row asked for
-    top_logprobs: np.ndarray | None = None    # [S, N]
+    logprobs: np.ndarray | None = None  # [S] of the sampled tokens
+    top_ids: np.ndarray | None = None  # [S, N]: N the most any row asked for
+    top_logprobs: np.ndarray | None = None  # [S, N]
 
 
 @dataclass
@@ -66,11 +66,11 @@ class RequestState:
     num_prompt_tokens: int
     stop: StopMatcher
     detok: IncrementalDetokenizer | None
-    tokens: list[int] = field(default_factory=list)     # output: up to the token that ended a stop string
+    tokens: list[int] = field(default_factory=list)  # output: up to the token that ended a stop string
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
-    text: str = ""                      # the whole text, once finished
-    finish_reason: str | None = None    # "stop" | "length", once finished
+    text: str = ""  # the whole text, once finished
+    finish_reason: str | None = None  # "stop" | "length", once finished
     stop_reason: int | str | None = None  # the stop token or stop string that ended it
     num_cached_tokens: int = 0
 
@@ -93,8 +93,9 @@ class OutputProcessor:
         """Starts a request's record; the processor keeps it until `finish` or `release`."""
         watch = self.tokenizer is not None and (self.stream or bool(params.stop_list))
         detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if watch else None
-        state = RequestState(req_id, params, num_prompt_tokens,
-                             StopMatcher(params.stop_list, params.include_stop_str_in_output), detok)
+        state = RequestState(
+            req_id, params, num_prompt_tokens, StopMatcher(params.stop_list, params.include_stop_str_in_output), detok
+        )
         self.requests[req_id] = state
         return state
 
@@ -102,8 +103,9 @@ class OutputProcessor:
         """Forgets a request that will not finish here (its client went away, its core died)."""
         self.requests.pop(req_id, None)
 
-    def on_token(self, req_id: int, token: int, logprob: float | None = None,
-                 top: list[tuple[int, float]] | None = None) -> Delta | None:
+    def on_token(
+        self, req_id: int, token: int, logprob: float | None = None, top: list[tuple[int, float]] | None = None
+    ) -> Delta | None:
         """One sampled token; None if it is not output (a request not here, or a token in flight past the
         stop string that ended it). `logprob`, `top`: the step's, computed for every row when any row asks."""
         r = self.requests.get(req_id)
@@ -140,8 +142,9 @@ class OutputProcessor:
     def process(self, out: StepOutput) -> tuple[list[RequestState], list[RequestState]]:
         """Applies one engine step (its tokens, then its finished requests); returns the requests the engine
         finished, and those a stop string ended that it still runs (abort them, and `finish` their Finished)."""
-        lps, top_ids, top_lps = (None if a is None else a.tolist() for a in (out.logprobs, out.top_ids,
-                                                                             out.top_logprobs))
+        lps, top_ids, top_lps = (
+            None if a is None else a.tolist() for a in (out.logprobs, out.top_ids, out.top_logprobs)
+        )
         hit = []
         for k, (rid, token) in enumerate(zip(out.req_ids.tolist(), out.tokens.tolist())):
             r = self.requests.get(rid)
@@ -158,6 +161,7 @@ class OutputProcessor:
 
 # Text ------------------------------------------------------------------------------------------
 
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
@@ -171,10 +175,10 @@ class IncrementalDetokenizer:
         """Appends one token; returns the newly complete text (possibly "")."""
         self.ids.append(int(token))
         decode = self.tokenizer.decode
-        prefix_text = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip)
-        new_text = decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip)
+        prefix_text = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=self.skip)
+        new_text = decode(self.ids[self.prefix_offset :], skip_special_tokens=self.skip)
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            delta = new_text[len(prefix_text):]
+            delta = new_text[len(prefix_text) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             self.text += delta
             return delta
@@ -188,8 +192,8 @@ class StopMatcher:
         self.stops = tuple(s for s in stops if s)
         self.include = include_stop
         self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.text = ""       # all text seen
-        self.emitted = 0     # chars of `text` released to the client
+        self.text = ""  # all text seen
+        self.emitted = 0  # chars of `text` released to the client
         self.stopped: str | None = None
 
     def push(self, delta: str) -> str:
@@ -205,16 +209,16 @@ class StopMatcher:
                 at, stop = min(hits)
                 self.stopped = stop
                 end = at + len(stop) if self.include else at
-                out, self.text = self.text[self.emitted:end], self.text[:end]
+                out, self.text = self.text[self.emitted : end], self.text[:end]
                 self.emitted = end
                 return out
         safe = len(self.text) - self.hold if self.stops else len(self.text)
-        out = self.text[self.emitted:max(safe, self.emitted)]
+        out = self.text[self.emitted : max(safe, self.emitted)]
         self.emitted += len(out)
         return out
 
     def flush(self) -> str:
         """The held-back tail, at the end of the output."""
-        out = self.text[self.emitted:]
+        out = self.text[self.emitted :]
         self.emitted = len(self.text)
         return out

@@ -25,18 +25,18 @@ from engine.sampling import SampleResult, SequenceState
 class Guess:
     """A launched guess of the next decode step: its rows and the results still on their way."""
 
-    req_ids: np.ndarray         # [n] int64, rows in batch order
-    positions: np.ndarray       # [n] int32
-    slot_mapping: np.ndarray    # [n] int32
-    block_rows: np.ndarray      # [n] rows of the scheduler's block table
-    table: np.ndarray           # [n, width] the block-table columns it read (a row reads its first `used`)
-    used: np.ndarray            # [n, width] bool: columns row k's attention reads
+    req_ids: np.ndarray  # [n] int64, rows in batch order
+    positions: np.ndarray  # [n] int32
+    slot_mapping: np.ndarray  # [n] int32
+    block_rows: np.ndarray  # [n] rows of the scheduler's block table
+    table: np.ndarray  # [n, width] the block-table columns it read (a row reads its first `used`)
+    used: np.ndarray  # [n, width] bool: columns row k's attention reads
     seqs: list[SequenceState]
-    device: SampleResult        # on the device
-    host: SampleResult          # pinned host copies, valid once `ready` has fired
+    device: SampleResult  # on the device
+    host: SampleResult  # pinned host copies, valid once `ready` has fired
     ready: torch.cuda.Event | None
     saved_states: list[tuple[torch.Generator, torch.Tensor]]
-    batch_free: bool            # every row greedy or seeded: a subset of the rows keeps its results
+    batch_free: bool  # every row greedy or seeded: a subset of the rows keeps its results
 
     def match(self, plan) -> np.ndarray | None:
         """Indices of plan's rows among the guessed ones if the guess computed exactly plan's step, else None."""
@@ -111,7 +111,7 @@ def select(result: SampleResult, rows: np.ndarray, device: torch.device | None =
 class NextStep:
     """The guessed next decode step's inputs, in the runner's HostBatch terms."""
 
-    keep: np.ndarray            # indices of this step's rows that continue
+    keep: np.ndarray  # indices of this step's rows that continue
     positions: np.ndarray
     slot_mapping: np.ndarray
     seq_lens: np.ndarray
@@ -142,7 +142,11 @@ def predict_next(batch, plan, seqs: list[SequenceState], block_size: int) -> Nex
     blocks = table[rows, pos // block_size]
     if (blocks < 0).any():  # the next position's block is not the request's own yet
         return None
-    return NextStep(keep=keep, positions=pos.astype(np.int32),
-                    slot_mapping=(blocks.astype(np.int64) * block_size + pos % block_size).astype(np.int32),
-                    seq_lens=(batch.seq_lens[keep] + 1).astype(np.int32), block_rows=rows,
-                    req_ids=np.asarray(batch.sampled_req_ids)[keep])
+    return NextStep(
+        keep=keep,
+        positions=pos.astype(np.int32),
+        slot_mapping=(blocks.astype(np.int64) * block_size + pos % block_size).astype(np.int32),
+        seq_lens=(batch.seq_lens[keep] + 1).astype(np.int32),
+        block_rows=rows,
+        req_ids=np.asarray(batch.sampled_req_ids)[keep],
+    )

@@ -79,8 +79,8 @@ def head_local() -> Placement:
 
 @dataclass(frozen=True)
 class Collective:
-    where: str   # module path whose input needs it
-    op: str      # "all_reduce" | "all_gather" | "slice"
+    where: str  # module path whose input needs it
+    op: str  # "all_reduce" | "all_gather" | "slice"
 
 
 def _transition(have: object, want: object) -> str | None:

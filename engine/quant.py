@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 FP8 = torch.float8_e4m3fn
-OTHER_FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                         if hasattr(torch, n))
-FP8_MAX = 448.0          # torch.finfo(torch.float8_e4m3fn).max
-DECODE_ROWS = 16         # at most this many rows on CUDA: the weight-only GEMV; more: FP8 tensor cores
+OTHER_FP8_DTYPES = tuple(
+    getattr(torch, n) for n in ("float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)
+)
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+DECODE_ROWS = 16  # at most this many rows on CUDA: the weight-only GEMV; more: FP8 tensor cores
 _MIN_ACT_SCALE = 1.0 / (FP8_MAX * 512.0)  # a token of zeros still gets a finite scale (as vLLM)
 
 
@@ -83,19 +84,22 @@ def per_channel_scale(scale: torch.Tensor, rows: int) -> torch.Tensor:
         return flat.expand(rows)
     if flat.numel() == rows and (scale.dim() == 1 or (scale.dim() == 2 and scale.shape[1] == 1)):
         return flat
-    raise ValueError(f"weight scale of shape {tuple(scale.shape)} is neither per-tensor nor per-channel "
-                     f"for {rows} output channels")
+    raise ValueError(
+        f"weight scale of shape {tuple(scale.shape)} is neither per-tensor nor per-channel for {rows} output channels"
+    )
 
 
 # The linear op -----------------------------------------------------------------------------------
-def reference_linear(x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+def reference_linear(
+    x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """The CPU path and the reference of the others: dequantize to x's dtype, then F.linear."""
     return F.linear(x, dequantize(w_fp8, scale, x.dtype), bias)
 
 
-def scaled_mm_linear(x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+def scaled_mm_linear(
+    x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """x W^T on FP8 tensor cores: x quantized per token (dynamic), torch._scaled_mm with row-wise scales
     ([M, 1] for x, [1, N] for W), output in x's dtype. torch's CPU build runs it too (tests)."""
     shape = x.shape
@@ -119,8 +123,9 @@ def _have_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def fp8_linear(x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_linear(
+    x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """F.linear(x, dequantize(w_fp8, scale), bias), by the fastest path the device has (module docstring).
 
     Args:
@@ -148,9 +153,24 @@ def _gemv_kernels() -> dict:
     import triton.language as tl
 
     @triton.jit
-    def fp8_gemv_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                            HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def fp8_gemv_dot_kernel(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        b_ptr,
+        o_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_om,
+        HAS_BIAS: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         # one program: BLOCK_N output channels for all (<= BLOCK_M) rows; the FP8 weight tile is read
         # once, widened to x's dtype in registers, and multiplied on the tensor cores (fp32 accumulate)
         pid = tl.program_id(0)
@@ -170,13 +190,32 @@ def _gemv_kernels() -> dict:
         out = acc * s[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(o_ptr + rm[:, None] * stride_om + rn[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(
+            o_ptr + rm[:, None] * stride_om + rn[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
 
     @triton.jit
-    def fp8_gemv_fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, o_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                            HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr = False):
+    def fp8_gemv_fma_kernel(
+        x_ptr,
+        w_ptr,
+        s_ptr,
+        b_ptr,
+        o_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_om,
+        HAS_BIAS: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PREFETCH: tl.constexpr = False,
+    ):
         # one program: BLOCK_N output channels for the (<= BLOCK_M, a few) rows, on the CUDA cores: each
         # weight element is widened to float32 once and multiplied into every row's running products,
         # [BLOCK_M, BLOCK_N, BLOCK_K] of them, reduced over K once at the end (no tensor-core padding of
@@ -202,15 +241,19 @@ def _gemv_kernels() -> dict:
             else:
                 w8 = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             w = w8.to(tl.float32)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(
+                tl.float32
+            )
             acc += w[None, :, :] * x[:, None, :]
         s = tl.load(s_ptr + rn, mask=n_ok, other=0.0)
         out = tl.sum(acc, axis=2) * s[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(o_ptr + rm[:, None] * stride_om + rn[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(
+            o_ptr + rm[:, None] * stride_om + rn[None, :],
+            out.to(o_ptr.dtype.element_ty),
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
 
     return {"dot": fp8_gemv_dot_kernel, "fma": fp8_gemv_fma_kernel}
 
@@ -230,17 +273,29 @@ def gemv_config(m: int, n: int, k: int) -> dict:
                    k >= 8192; 4 warps (H100: 0.65x bf16 at 4 and 16 rows; `fma` at 4 rows was 1.30x).
     Neither loop is software-pipelined by Triton (the weight tile is widened in registers, not staged
     through shared memory), so the tile is what a program has in flight."""
+
     def pow2(v: int) -> int:
         return max(16, 1 << (max(v, 1) - 1).bit_length())
 
     if m == 1:
         return {"kind": "fma", "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": min(1024, pow2(k)), "num_warps": 4}
-    return {"kind": "dot", "BLOCK_M": DECODE_ROWS, "BLOCK_N": 32, "BLOCK_K": min(1024 if k >= 8192 else 512, pow2(k)),
-            "num_warps": 4}
+    return {
+        "kind": "dot",
+        "BLOCK_M": DECODE_ROWS,
+        "BLOCK_N": 32,
+        "BLOCK_K": min(1024 if k >= 8192 else 512, pow2(k)),
+        "num_warps": 4,
+    }
 
 
-def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-             *, config: dict | None = None) -> torch.Tensor:
+def fp8_gemv(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: dict | None = None,
+) -> torch.Tensor:
     """x W^T for at most DECODE_ROWS rows, reading the FP8 weights once (the decode path). `config`
     overrides gemv_config's choice (experiments.tune_fp8_gemv)."""
     shape = x.shape
@@ -257,9 +312,22 @@ def fp8_gemv(x: torch.Tensor, w_fp8: torch.Tensor, scale: torch.Tensor, bias: to
     kernel = _gemv_kernels()[cfg.pop("kind")]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (-(-n // cfg["BLOCK_N"]),)
-    kernel[grid](x2, w_fp8, scale, bias if bias is not None else scale, out, m, n, k,
-                 x2.stride(0), w_fp8.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-                 EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
+    kernel[grid](
+        x2,
+        w_fp8,
+        scale,
+        bias if bias is not None else scale,
+        out,
+        m,
+        n,
+        k,
+        x2.stride(0),
+        w_fp8.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        EVEN_K=k % cfg["BLOCK_K"] == 0,
+        **cfg,
+    )
     return out.reshape(*shape[:-1], n)
 
 
@@ -270,8 +338,9 @@ def _quantize_rows_kernel():
     import triton.language as tl
 
     @triton.jit
-    def fp8_quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, MIN_SCALE,
-                                 FP8_LIMIT: tl.constexpr, BLOCK_K: tl.constexpr):
+    def fp8_quantize_rows_kernel(
+        x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, MIN_SCALE, FP8_LIMIT: tl.constexpr, BLOCK_K: tl.constexpr
+    ):
         # one program a row: amax, the row's scale, the row divided, clamped and rounded to e4m3
         row = tl.program_id(0).to(tl.int64)
         k = tl.arange(0, BLOCK_K)
@@ -295,8 +364,18 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         block = max(16, 1 << (k - 1).bit_length())
-        _quantize_rows_kernel()[(m,)](x, q, scale, k, x.stride(0), q.stride(0), _MIN_ACT_SCALE,
-                                      FP8_LIMIT=FP8_MAX, BLOCK_K=block, num_warps=max(1, min(16, block // 1024)))
+        _quantize_rows_kernel()[(m,)](
+            x,
+            q,
+            scale,
+            k,
+            x.stride(0),
+            q.stride(0),
+            _MIN_ACT_SCALE,
+            FP8_LIMIT=FP8_MAX,
+            BLOCK_K=block,
+            num_warps=max(1, min(16, block // 1024)),
+        )
     return q, scale
 
 
@@ -305,12 +384,15 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class CheckpointFP8:
     """An FP8 checkpoint's format: `method` (quant_method) and the weights' scale `strategy`."""
 
-    method: str      # "compressed-tensors" | "fbgemm_fp8" | "fp8"
-    strategy: str    # "channel" | "tensor"
+    method: str  # "compressed-tensors" | "fbgemm_fp8" | "fp8"
+    strategy: str  # "channel" | "tensor"
 
 
-SUPPORTED_FORMATS = ("compressed-tensors (float 8-bit weights, strategy channel or tensor)",
-                     "fbgemm_fp8", "fp8 (per-tensor, no weight_block_size)")
+SUPPORTED_FORMATS = (
+    "compressed-tensors (float 8-bit weights, strategy channel or tensor)",
+    "fbgemm_fp8",
+    "fp8 (per-tensor, no weight_block_size)",
+)
 
 # checkpoint tensors we read past: static activation scales (activations are quantized per token
 # here), their upper bounds, and KV-cache scales of compressed-tensors' kv_cache_scheme
@@ -338,18 +420,24 @@ def checkpoint_format(hf_config: Mapping[str, Any], where: str = "config.json") 
             w = (group or {}).get("weights") or {}
             kind, bits, strategy = w.get("type"), w.get("num_bits"), w.get("strategy")
             if kind != "float" or bits != 8:
-                raise ValueError(f"{where}: compressed-tensors group {name!r} quantizes weights to {bits}-bit "
-                                 f"{kind}; this engine reads only FP8 (float 8-bit) weights{supported}")
+                raise ValueError(
+                    f"{where}: compressed-tensors group {name!r} quantizes weights to {bits}-bit "
+                    f"{kind}; this engine reads only FP8 (float 8-bit) weights{supported}"
+                )
             if w.get("symmetric") is False:
-                raise ValueError(f"{where}: compressed-tensors group {name!r} has asymmetric FP8 weights "
-                                 f"(zero points){supported}")
+                raise ValueError(
+                    f"{where}: compressed-tensors group {name!r} has asymmetric FP8 weights (zero points){supported}"
+                )
             if strategy == "block" or w.get("block_structure"):
-                raise ValueError(f"{where}: block-wise FP8 weights (compressed-tensors group {name!r}, "
-                                 f"block_structure {w.get('block_structure')}) are not supported; use the "
-                                 f"bf16 checkpoint with quantization=fp8{supported}")
+                raise ValueError(
+                    f"{where}: block-wise FP8 weights (compressed-tensors group {name!r}, "
+                    f"block_structure {w.get('block_structure')}) are not supported; use the "
+                    f"bf16 checkpoint with quantization=fp8{supported}"
+                )
             if strategy not in ("channel", "tensor"):
-                raise ValueError(f"{where}: compressed-tensors group {name!r} has FP8 weight strategy "
-                                 f"{strategy!r}{supported}")
+                raise ValueError(
+                    f"{where}: compressed-tensors group {name!r} has FP8 weight strategy {strategy!r}{supported}"
+                )
             strategies.add(strategy)
         if not strategies:
             raise ValueError(f"{where}: compressed-tensors quantization_config has no config_groups")
@@ -359,9 +447,11 @@ def checkpoint_format(hf_config: Mapping[str, Any], where: str = "config.json") 
     if method == "fp8":
         block = qc.get("weight_block_size")
         if block:
-            raise ValueError(f"{where}: block-wise FP8 (quant_method fp8, weight_block_size {list(block)}, "
-                             f"weight_scale_inv per {block[0]}x{block[1]} block, as DeepSeek and Qwen3 FP8 "
-                             f"checkpoints) is not supported; use the bf16 checkpoint with "
-                             f"quantization=fp8{supported}")
+            raise ValueError(
+                f"{where}: block-wise FP8 (quant_method fp8, weight_block_size {list(block)}, "
+                f"weight_scale_inv per {block[0]}x{block[1]} block, as DeepSeek and Qwen3 FP8 "
+                f"checkpoints) is not supported; use the bf16 checkpoint with "
+                f"quantization=fp8{supported}"
+            )
         return CheckpointFP8("fp8", "tensor")
     raise ValueError(f"{where}: quantization method {method or qc!r} is not supported{supported}")

@@ -31,11 +31,11 @@ class HostBatch:
     positions: np.ndarray
     slot_mapping: np.ndarray
     num_decode: int
-    seq_lens: np.ndarray          # [R] in the new order
-    query_start_loc: np.ndarray   # [R+1] in the new order
-    block_rows: np.ndarray        # [R] rows of the scheduler's block table, new order
-    logits_rows: np.ndarray       # [S] token index (new order) of each sampled request, in plan order
-    sampled_req_ids: np.ndarray   # [S] in plan order
+    seq_lens: np.ndarray  # [R] in the new order
+    query_start_loc: np.ndarray  # [R+1] in the new order
+    block_rows: np.ndarray  # [R] rows of the scheduler's block table, new order
+    logits_rows: np.ndarray  # [S] token index (new order) of each sampled request, in plan order
+    sampled_req_ids: np.ndarray  # [S] in plan order
 
 
 def reorder_decodes_first(plan) -> HostBatch:
@@ -75,11 +75,16 @@ def _all_decode_batch(plan, cached_lens: np.ndarray) -> HostBatch:
     sample = np.asarray(plan.sample)
     rows = np.arange(n, dtype=np.int32)
     return HostBatch(
-        input_ids=np.asarray(plan.input_ids, dtype=np.int32), positions=np.asarray(plan.positions, dtype=np.int32),
-        slot_mapping=np.asarray(plan.slot_mapping).astype(np.int32), num_decode=n,
-        seq_lens=(cached_lens + 1).astype(np.int32), query_start_loc=np.arange(n + 1, dtype=np.int32),
-        block_rows=np.asarray(plan.slots), logits_rows=rows if sample.all() else rows[sample],
-        sampled_req_ids=np.asarray(plan.req_ids) if sample.all() else np.asarray(plan.req_ids)[sample])
+        input_ids=np.asarray(plan.input_ids, dtype=np.int32),
+        positions=np.asarray(plan.positions, dtype=np.int32),
+        slot_mapping=np.asarray(plan.slot_mapping).astype(np.int32),
+        num_decode=n,
+        seq_lens=(cached_lens + 1).astype(np.int32),
+        query_start_loc=np.arange(n + 1, dtype=np.int32),
+        block_rows=np.asarray(plan.slots),
+        logits_rows=rows if sample.all() else rows[sample],
+        sampled_req_ids=np.asarray(plan.req_ids) if sample.all() else np.asarray(plan.req_ids)[sample],
+    )
 
 
 class ModelRunner:
@@ -98,18 +103,33 @@ class ModelRunner:
             per-head float32 scales (engine.attention.KVCache), on the device and the host tier.
     """
 
-    def __init__(self, model, ops, device: torch.device, dtype: torch.dtype, *, num_blocks: int, block_size: int,
-                 num_host_blocks: int, max_model_len: int, max_num_seqs: int, max_blocks_per_seq: int,
-                 seed: int = 0, graph_batch_sizes: tuple[int, ...] = (), overlap: bool = False,
-                 kv_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        ops,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        num_blocks: int,
+        block_size: int,
+        num_host_blocks: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+        seed: int = 0,
+        graph_batch_sizes: tuple[int, ...] = (),
+        overlap: bool = False,
+        kv_dtype: torch.dtype | None = None,
+    ) -> None:
         c = model.config
         self.model, self.ops, self.device, self.dtype = model, ops, device, dtype
         self.kv_dtype = kv_dtype = dtype if kv_dtype is None else kv_dtype
         heads = (c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim)
         self.kv = KVCache.allocate(*heads, dtype=kv_dtype, device=device)
         pin = device.type == "cuda"
-        self.host_kv = KVCache.allocate(c.num_layers, max(num_host_blocks, 0), *heads[2:], dtype=kv_dtype,
-                                        pin_memory=pin)
+        self.host_kv = KVCache.allocate(
+            c.num_layers, max(num_host_blocks, 0), *heads[2:], dtype=kv_dtype, pin_memory=pin
+        )
         self.block_size = block_size
         self.cos_sin = rope_cos_sin(c, max_model_len).to(device)
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -212,9 +232,16 @@ class ModelRunner:
         else:
             ids = tokens.index_select(0, torch.from_numpy(nxt.keep).to(self.device, non_blocking=True))
         guess_batch = HostBatch(
-            input_ids=np.zeros(n, dtype=np.int32), positions=nxt.positions, slot_mapping=nxt.slot_mapping,
-            num_decode=n, seq_lens=nxt.seq_lens, query_start_loc=np.arange(n + 1, dtype=np.int32),
-            block_rows=nxt.block_rows, logits_rows=np.arange(n, dtype=np.int32), sampled_req_ids=nxt.req_ids)
+            input_ids=np.zeros(n, dtype=np.int32),
+            positions=nxt.positions,
+            slot_mapping=nxt.slot_mapping,
+            num_decode=n,
+            seq_lens=nxt.seq_lens,
+            query_start_loc=np.arange(n + 1, dtype=np.int32),
+            block_rows=nxt.block_rows,
+            logits_rows=np.arange(n, dtype=np.int32),
+            sampled_req_ids=nxt.req_ids,
+        )
         saved = []
         if not all(s.params.greedy for s in kept):  # the draws a dropped guess must give back
             saved.append((self.sampler.generator, self.sampler.generator.get_state()))
@@ -225,8 +252,20 @@ class ModelRunner:
         width = max(1, -(-int(nxt.seq_lens.max()) // self.block_size))
         table = np.asarray(plan.block_table)[nxt.block_rows, :width].copy()
         used = np.arange(width) < (-(-nxt.seq_lens // self.block_size))[:, None]
-        self.guess = Guess(nxt.req_ids, nxt.positions, nxt.slot_mapping, nxt.block_rows, table, used, kept, result,
-                           host, ready, saved, all(s.params.greedy or s.generator is not None for s in kept))
+        self.guess = Guess(
+            nxt.req_ids,
+            nxt.positions,
+            nxt.slot_mapping,
+            nxt.block_rows,
+            table,
+            used,
+            kept,
+            result,
+            host,
+            ready,
+            saved,
+            all(s.params.greedy or s.generator is not None for s in kept),
+        )
 
     def forward(self, batch: HostBatch, plan, ids_dev: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits [S, V] of the sampled rows (plan order); `ids_dev` replaces the input ids (device)."""
@@ -247,8 +286,14 @@ class ModelRunner:
         nd, r = batch.num_decode, len(batch.seq_lens)
         width = max(1, -(-int(batch.seq_lens.max()) // self.block_size))
         rows = table[batch.block_rows, :width]
-        parts = [batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens,
-                 batch.query_start_loc[nd:] - batch.query_start_loc[nd], rows.reshape(-1)]
+        parts = [
+            batch.input_ids,
+            batch.positions,
+            batch.slot_mapping,
+            batch.seq_lens,
+            batch.query_start_loc[nd:] - batch.query_start_loc[nd],
+            rows.reshape(-1),
+        ]
         sizes = [p.size for p in parts]
         total = sum(sizes)
         if self._staged is not None:
@@ -263,10 +308,15 @@ class ModelRunner:
         ids, pos, slots, seq_lens, qsl, flat_rows = dev.split(sizes)
         blocks = flat_rows.view(r, width)
         meta = AttentionMetadata(
-            slot_mapping=slots.long(), num_decode=nd,
-            decode_seq_lens=seq_lens[:nd], decode_block_table=blocks[:nd],
-            prefill_query_start_loc=qsl, prefill_seq_lens=seq_lens[nd:], prefill_block_table=blocks[nd:],
-            num_prefill_tokens=len(batch.input_ids) - nd)
+            slot_mapping=slots.long(),
+            num_decode=nd,
+            decode_seq_lens=seq_lens[:nd],
+            decode_block_table=blocks[:nd],
+            prefill_query_start_loc=qsl,
+            prefill_seq_lens=seq_lens[nd:],
+            prefill_block_table=blocks[nd:],
+            num_prefill_tokens=len(batch.input_ids) - nd,
+        )
         return ids, pos, slots, meta
 
     def copy_blocks(self, ops: np.ndarray) -> None:

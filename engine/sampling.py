@@ -28,10 +28,10 @@ class SamplingParams:
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0                  # 0 or -1: off
+    top_k: int = 0  # 0 or -1: off
     min_p: float = 0.0
     seed: int | None = None
-    max_tokens: int | None = 16     # None: up to the model length
+    max_tokens: int | None = 16  # None: up to the model length
     min_tokens: int = 0
     stop: Sequence[str] | str | None = None
     stop_token_ids: Sequence[int] | None = None
@@ -39,7 +39,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: int | None = None     # top-N logprobs per generated token (0: the sampled token's only)
+    logprobs: int | None = None  # top-N logprobs per generated token (0: the sampled token's only)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stop_list: tuple[str, ...] = field(default=(), init=False, repr=False)
@@ -112,10 +112,10 @@ class SequenceState:
 
 @dataclass
 class SampleResult:
-    tokens: torch.Tensor                        # [S] int64
-    logprobs: torch.Tensor | None = None        # [S] fp32, of the sampled tokens (raw logits)
-    top_ids: torch.Tensor | None = None         # [S, N]
-    top_logprobs: torch.Tensor | None = None    # [S, N]
+    tokens: torch.Tensor  # [S] int64
+    logprobs: torch.Tensor | None = None  # [S] fp32, of the sampled tokens (raw logits)
+    top_ids: torch.Tensor | None = None  # [S, N]
+    top_logprobs: torch.Tensor | None = None  # [S, N]
 
 
 class Sampler:
@@ -163,9 +163,13 @@ class Sampler:
                 counts[i].index_add_(0, out, torch.ones_like(out, dtype=torch.int32))
         p = [seq.params for seq in seqs]
         return self.ops.apply_penalties(
-            logits, seen, counts, self._row_tensor([x.repetition_penalty for x in p], torch.float32),
+            logits,
+            seen,
+            counts,
+            self._row_tensor([x.repetition_penalty for x in p], torch.float32),
             self._row_tensor([x.presence_penalty for x in p], torch.float32),
-            self._row_tensor([x.frequency_penalty for x in p], torch.float32))
+            self._row_tensor([x.frequency_penalty for x in p], torch.float32),
+        )
 
     def _sample(self, logits: torch.Tensor, seqs: Sequence[SequenceState], greedy: list[bool]) -> torch.Tensor:
         p = [seq.params for seq in seqs]
@@ -173,9 +177,11 @@ class Sampler:
         scaled = logits / temps[:, None]
         if any(x.top_k > 0 or x.top_p < 1 or x.min_p > 0 for x in p):
             scaled = self.ops.top_k_top_p_min_p(
-                scaled, self._row_tensor([x.top_k for x in p], torch.int64),
+                scaled,
+                self._row_tensor([x.top_k for x in p], torch.int64),
                 self._row_tensor([x.top_p for x in p], torch.float32),
-                self._row_tensor([x.min_p for x in p], torch.float32))
+                self._row_tensor([x.min_p for x in p], torch.float32),
+            )
         probs = torch.softmax(scaled, dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, seq in enumerate(seqs):

@@ -50,18 +50,24 @@ WORKLOAD = "swe_smith"
 # 50K-token first turn, 800 new + 500 output tokens a later turn (swe_smith's defaults), 4 turns
 # a session instead of 10-15 so that three levels of two waves each take ~4 minutes on an H100.
 GPU_PARAMS = {"turns_min": 4, "turns_max": 4}
-QUICK_PARAMS = {"first_turn_tokens": 8000, "later_turn_tokens": 800, "output_tokens": 100, "turns_min": 2,
-                "turns_max": 2}
-CPU_PARAMS = {"first_turn_tokens": 200, "later_turn_tokens": 40, "output_tokens": 16, "turns_min": 3,
-              "turns_max": 3}
+QUICK_PARAMS = {
+    "first_turn_tokens": 8000,
+    "later_turn_tokens": 800,
+    "output_tokens": 100,
+    "turns_min": 2,
+    "turns_max": 2,
+}
+CPU_PARAMS = {"first_turn_tokens": 200, "later_turn_tokens": 40, "output_tokens": 16, "turns_min": 3, "turns_max": 3}
 WARMUP_SEED = 1000  # the warm-up's sessions: another seed, so no prefix is shared with a measured level
 
 # (key, label, kind): the five figures compared, each as engine / roofline
-FIGURES = (("per_user_tok_s", "per-user tok/s (mean)", "rate"),
-           ("per_gpu_output_tok_min", "per-GPU output tok/min", "rate"),
-           ("first_turn_ttft_s", "first-turn TTFT s (mean)", "time"),
-           ("later_ttft_s_p50", "later-turn TTFT s p50", "time"),
-           ("later_ttft_s_p90", "later-turn TTFT s p90", "time"))
+FIGURES = (
+    ("per_user_tok_s", "per-user tok/s (mean)", "rate"),
+    ("per_gpu_output_tok_min", "per-GPU output tok/min", "rate"),
+    ("first_turn_ttft_s", "first-turn TTFT s (mean)", "time"),
+    ("later_ttft_s_p50", "later-turn TTFT s p50", "time"),
+    ("later_ttft_s_p90", "later-turn TTFT s p90", "time"),
+)
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,8 @@ class CardRates:
 
     device: str
     card: str
-    copy_bytes_s: float      # device-to-device copy, bytes read + written per second
-    matmul_flops: float      # FLOP/s of an n x n x n GEMM in `dtype`
+    copy_bytes_s: float  # device-to-device copy, bytes read + written per second
+    matmul_flops: float  # FLOP/s of an n x n x n GEMM in `dtype`
     matmul_n: int
     dtype: str
 
@@ -80,10 +86,10 @@ class CardRates:
 class Figures:
     """One side's figures of one concurrency level (sim/metrics.py definitions)."""
 
-    per_user_tok_s: float           # mean over requests of 1 / TPOT
-    per_gpu_output_tok_min: float   # output tokens / (last finish - first arrival), per GPU
-    first_turn_ttft_s: float        # mean TTFT of the sessions' first calls
-    later_ttft_s_p50: float         # TTFT of every later call
+    per_user_tok_s: float  # mean over requests of 1 / TPOT
+    per_gpu_output_tok_min: float  # output tokens / (last finish - first arrival), per GPU
+    first_turn_ttft_s: float  # mean TTFT of the sessions' first calls
+    later_ttft_s_p50: float  # TTFT of every later call
     later_ttft_s_p90: float
 
     @classmethod
@@ -92,8 +98,13 @@ class Figures:
         turn, ttft = np.asarray(requests["turn"]), np.asarray(requests["ttft"], dtype=np.float64)
         first, later = ttft[turn == 0], ttft[turn > 0]
         p50, p90 = np.percentile(later, [50, 90]) if later.size else (math.nan, math.nan)
-        return cls(summary.get("per_user_tok_s_mean", math.nan), summary.get("per_gpu_output_tok_min", math.nan),
-                   float(first.mean()) if first.size else math.nan, float(p50), float(p90))
+        return cls(
+            summary.get("per_user_tok_s_mean", math.nan),
+            summary.get("per_gpu_output_tok_min", math.nan),
+            float(first.mean()) if first.size else math.nan,
+            float(p50),
+            float(p90),
+        )
 
 
 # --------------------------------------------------------------------------- the card
@@ -116,7 +127,7 @@ def matmul_rate(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     c = torch.empty_like(a)
     best = min(_seconds_per_call(lambda: torch.mm(a, b, out=c), device, repeats) for _ in range(5))
-    return 2.0 * n ** 3 / best
+    return 2.0 * n**3 / best
 
 
 def host_copy_bandwidth(num_bytes: int = 1 << 26) -> float:
@@ -131,8 +142,14 @@ def measure_card(device: str, dtype: torch.dtype) -> CardRates:
     one thread, as the CPU server's engine runs)."""
     name = str(dtype).replace("torch.", "")
     if device == "cuda":
-        rates = CardRates(device, torch.cuda.get_device_name(), copy_bandwidth("cuda"),
-                          matmul_rate(device, dtype, 8192, 20), 8192, name)
+        rates = CardRates(
+            device,
+            torch.cuda.get_device_name(),
+            copy_bandwidth("cuda"),
+            matmul_rate(device, dtype, 8192, 20),
+            8192,
+            name,
+        )
         torch.cuda.empty_cache()  # the server sizes its KV cache from what is free
         return rates
     threads = torch.get_num_threads()
@@ -147,9 +164,13 @@ def twin_hardware(rates: CardRates, base: str) -> HardwareSpec:
     """The conf/hardware entry `base` with the measured rates as its peak FLOP/s and bandwidth, no step overhead."""
     hw = load_hardware_spec(base)
     return dataclasses.replace(
-        hw, peak_flops=rates.matmul_flops, mem_bandwidth=rates.copy_bytes_s, step_overhead_s=0.0,
+        hw,
+        peak_flops=rates.matmul_flops,
+        mem_bandwidth=rates.copy_bytes_s,
+        step_overhead_s=0.0,
         source=f"measured on {rates.card}: copy {rates.copy_bytes_s / 1e9:.1f} GB/s (read+write), "
-               f"{rates.dtype} GEMM {rates.matmul_n}^3 {rates.matmul_flops / 1e12:.2f} TFLOP/s")
+        f"{rates.dtype} GEMM {rates.matmul_n}^3 {rates.matmul_flops / 1e12:.2f} TFLOP/s",
+    )
 
 
 def twin_model(model: str, engine_model: str, dtype: torch.dtype) -> ModelSpec:
@@ -172,18 +193,28 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(engine_model: str, options: dict, out: Path, env: dict | None = None,
-            timeout_s: float = 900.0) -> Iterator[str]:
+def serving(
+    engine_model: str, options: dict, out: Path, env: dict | None = None, timeout_s: float = 900.0
+) -> Iterator[str]:
     """`python -m engine.serve` of `engine_model` with EngineConfig `options` on a loopback port (`env` added
     to its environment); yields its /v1 URL once GET /v1/models answers, stops it on exit. Log: out/server.log."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "engine.serve", f"model={engine_model}", f"port={port}", "log_level=warning",
-           f"hydra.run.dir={out / 'server'}", "hydra.output_subdir=null"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.serve",
+        f"model={engine_model}",
+        f"port={port}",
+        "log_level=warning",
+        f"hydra.run.dir={out / 'server'}",
+        "hydra.output_subdir=null",
+    ]
     cmd += [f"engine.{k}={json.dumps(v)}" for k, v in options.items()]
     base = f"http://127.0.0.1:{port}/v1"
     with open(out / "server.log", "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        proc = subprocess.Popen(
+            cmd, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        )
         try:
             deadline = time.monotonic() + timeout_s
             while True:
@@ -226,11 +257,17 @@ def twin_engine_section(options: dict, base: str, device: str) -> dict:
     c = EngineConfig.from_dict(options)
     max_model_len = httpx.get(f"{base}/models", timeout=5).json()["data"][0]["max_model_len"]
     overlap = (device == "cuda" and not c.enforce_eager) if c.overlap_decode is None else c.overlap_decode
-    return {"block_size": c.block_size, "max_num_seqs": c.max_num_seqs,
-            "max_num_batched_tokens": c.max_num_batched_tokens, "chunk_size": c.chunk_size,
-            "max_model_len": max_model_len, "enable_prefix_caching": c.enable_prefix_caching,
-            "num_gpu_blocks": c.num_gpu_blocks or server_kv_blocks(base), "num_host_blocks": 0,
-            "num_lookahead_tokens": 1 if overlap else 0}
+    return {
+        "block_size": c.block_size,
+        "max_num_seqs": c.max_num_seqs,
+        "max_num_batched_tokens": c.max_num_batched_tokens,
+        "chunk_size": c.chunk_size,
+        "max_model_len": max_model_len,
+        "enable_prefix_caching": c.enable_prefix_caching,
+        "num_gpu_blocks": c.num_gpu_blocks or server_kv_blocks(base),
+        "num_host_blocks": 0,
+        "num_lookahead_tokens": 1 if overlap else 0,
+    }
 
 
 # --------------------------------------------------------------------------- one level
@@ -248,16 +285,35 @@ class Level:
 
 def run_engine(base: str, level: Level):
     """The level through the server (bench_serving, closed loop, greedy, sessions ended): its BenchResult."""
-    return asyncio.run(run_benchmark(BenchOptions(
-        base_url=base, workload=WORKLOAD, params=dict(level.params), sessions=level.sessions,
-        concurrency=level.concurrency, seed=level.seed, end_sessions=True, extra_body={"temperature": 0.0},
-        label="engine", timeout_s=None)))
+    return asyncio.run(
+        run_benchmark(
+            BenchOptions(
+                base_url=base,
+                workload=WORKLOAD,
+                params=dict(level.params),
+                sessions=level.sessions,
+                concurrency=level.concurrency,
+                seed=level.seed,
+                end_sessions=True,
+                extra_body={"temperature": 0.0},
+                label="engine",
+                timeout_s=None,
+            )
+        )
+    )
 
 
 def run_twin(level: Level, model: str, spec: ModelSpec, hw: HardwareSpec, engine: dict):
     """The level in the simulator with the roofline cost on `hw`: its SimResult."""
-    run = RunConf(name=f"c{level.concurrency}", workload=WORKLOAD, params=dict(level.params), mode="closed",
-                  concurrency=level.concurrency, sessions=level.sessions, policy="lru")
+    run = RunConf(
+        name=f"c{level.concurrency}",
+        workload=WORKLOAD,
+        params=dict(level.params),
+        mode="closed",
+        concurrency=level.concurrency,
+        sessions=level.sessions,
+        policy="lru",
+    )
     cfg = sim_config(FidelityConf(model=model, hardware=hw.name, seed=level.seed), run, engine, "roofline", None)
     cfg.update(model=dataclasses.asdict(spec), hardware=dataclasses.asdict(hw))
     return Simulation(cfg).run()
@@ -268,9 +324,19 @@ def compare(level: Level, engine: Figures, twin: Figures) -> list[dict]:
     rows = []
     for key, label, kind in FIGURES:
         e, r = getattr(engine, key), getattr(twin, key)
-        rows.append({"concurrency": level.concurrency, "sessions": level.sessions, "seed": level.seed,
-                     "figure": key, "label": label, "kind": kind, "engine": e, "roofline": r,
-                     "ratio": e / r if r else math.nan})
+        rows.append(
+            {
+                "concurrency": level.concurrency,
+                "sessions": level.sessions,
+                "seed": level.seed,
+                "figure": key,
+                "label": label,
+                "kind": kind,
+                "engine": e,
+                "roofline": r,
+                "ratio": e / r if r else math.nan,
+            }
+        )
     return rows
 
 
@@ -287,8 +353,10 @@ def format_rows(rows: list[dict]) -> str:
     """The comparison as text, one block per concurrency level."""
     lines = [f"{'conc':>4}  {'figure':<26}{'engine':>10}{'roofline':>10}{'engine/roofline':>17}"]
     for row in rows:
-        lines.append(f"{row['concurrency']:>4}  {row['label']:<26}{_fmt(row['engine']):>10}"
-                     f"{_fmt(row['roofline']):>10}{_fmt(row['ratio']):>17}")
+        lines.append(
+            f"{row['concurrency']:>4}  {row['label']:<26}{_fmt(row['engine']):>10}"
+            f"{_fmt(row['roofline']):>10}{_fmt(row['ratio']):>17}"
+        )
     return "\n".join(lines)
 
 
@@ -307,10 +375,10 @@ class Setup:
 
     device: str
     dtype: torch.dtype
-    model: str                  # the twin's conf/model name or .yaml
-    engine_model: str           # the server's shape or config.json
-    spec: ModelSpec             # `model` at the engine's dtype
-    options: dict               # the server's EngineConfig fields
+    model: str  # the twin's conf/model name or .yaml
+    engine_model: str  # the server's shape or config.json
+    spec: ModelSpec  # `model` at the engine's dtype
+    options: dict  # the server's EngineConfig fields
     levels: tuple[Level, ...]
 
     @classmethod
@@ -325,10 +393,16 @@ class Setup:
         if engine_model is None:
             raise SystemExit(f"no engine shape for the model {model!r}: pass --engine-model")
         params = workload_params(device, args.quick, _pairs(args.params))
-        levels = tuple(Level(c, args.sessions or (c if args.quick else 2 * c), args.seed + k, params)
-                       for k, c in enumerate(args.concurrency))
-        options = {"load_format": "dummy", "device": device, "dtype": str(dtype).replace("torch.", ""),
-                   **_pairs(args.engine)}
+        levels = tuple(
+            Level(c, args.sessions or (c if args.quick else 2 * c), args.seed + k, params)
+            for k, c in enumerate(args.concurrency)
+        )
+        options = {
+            "load_format": "dummy",
+            "device": device,
+            "dtype": str(dtype).replace("torch.", ""),
+            **_pairs(args.engine),
+        }
         return cls(device, dtype, model, engine_model, twin_model(model, engine_model, dtype), options, levels)
 
 
@@ -336,8 +410,13 @@ def serve_levels(setup: Setup, base: str, hw: HardwareSpec, warm_seed: int, prog
     """Warms the server up, then each level through it and in the twin: (rows, per-level summaries, the
     twin's engine section)."""
     params = setup.levels[0].params
-    warm = {**params, "first_turn_tokens": min(3000, params.get("first_turn_tokens", 50_000)), "output_tokens": 32,
-            "turns_min": 2, "turns_max": 2}
+    warm = {
+        **params,
+        "first_turn_tokens": min(3000, params.get("first_turn_tokens", 50_000)),
+        "output_tokens": 32,
+        "turns_min": 2,
+        "turns_max": 2,
+    }
     run_engine(base, Level(2, 2, warm_seed, warm))
     engine = twin_engine_section(setup.options, base, setup.device)
     rows, levels = [], []
@@ -350,8 +429,9 @@ def serve_levels(setup: Setup, base: str, hw: HardwareSpec, warm_seed: int, prog
             progress(f"  warning: {s['num_errors']} failed calls {s['errors']}, completed {s['completed']}")
         twin = run_twin(level, setup.model, setup.spec, hw, engine)
         rows += compare(level, Figures.of(s, served.requests), Figures.of(twin.summary, twin.requests))
-        levels.append({"level": dataclasses.asdict(level), "engine": s, "roofline": twin.summary,
-                       "roofline_notes": twin.notes})
+        levels.append(
+            {"level": dataclasses.asdict(level), "engine": s, "roofline": twin.summary, "roofline_notes": twin.notes}
+        )
     return rows, levels, engine
 
 
@@ -361,8 +441,10 @@ def run(args: argparse.Namespace, progress=print) -> dict:
     setup = Setup.of(args)
     rates = measure_card(setup.device, setup.dtype)
     hw = twin_hardware(rates, args.hardware or hardware_name(SimpleNamespace(device=torch.device(setup.device))))
-    progress(f"card: {rates.card}; copy {rates.copy_bytes_s / 1e9:.1f} GB/s (read+write), {rates.dtype} GEMM "
-             f"{rates.matmul_n}^3 {rates.matmul_flops / 1e12:.2f} TFLOP/s; twin hardware {hardware_label(hw)}")
+    progress(
+        f"card: {rates.card}; copy {rates.copy_bytes_s / 1e9:.1f} GB/s (read+write), {rates.dtype} GEMM "
+        f"{rates.matmul_n}^3 {rates.matmul_flops / 1e12:.2f} TFLOP/s; twin hardware {hardware_label(hw)}"
+    )
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_agentic-"))
     out.mkdir(parents=True, exist_ok=True)
     # on the CPU one intra-op thread: the engine's spinning OpenMP workers would fight the client for the cores
@@ -370,12 +452,22 @@ def run(args: argparse.Namespace, progress=print) -> dict:
     with serving(setup.engine_model, setup.options, out, env) as base:
         progress(f"server up at {time.monotonic() - start:.0f} s ({setup.engine_model}, {rates.dtype}); warming up")
         rows, levels, engine = serve_levels(setup, base, hw, args.seed + WARMUP_SEED, progress)
-    meta = {"rates": dataclasses.asdict(rates), "hardware": dataclasses.asdict(hw),
-            "hardware_label": hardware_label(hw), "model": dataclasses.asdict(setup.spec),
-            "engine_model": setup.engine_model, "engine_options": setup.options, "twin_engine": engine,
-            "workload": WORKLOAD, "params": setup.levels[0].params, "torch": torch.__version__,
-            "commit": git_commit(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "wall_seconds": time.monotonic() - start, "out": str(out)}
+    meta = {
+        "rates": dataclasses.asdict(rates),
+        "hardware": dataclasses.asdict(hw),
+        "hardware_label": hardware_label(hw),
+        "model": dataclasses.asdict(setup.spec),
+        "engine_model": setup.engine_model,
+        "engine_options": setup.options,
+        "twin_engine": engine,
+        "workload": WORKLOAD,
+        "params": setup.levels[0].params,
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": time.monotonic() - start,
+        "out": str(out),
+    }
     return {"meta": meta, "rows": rows, "levels": levels}
 
 
@@ -383,12 +475,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4], help="closed-loop levels")
     p.add_argument("--sessions", type=int, help="sessions at each level (default: 2 x concurrency; --quick: 1 x)")
-    p.add_argument("--params", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="swe_smith parameters over the defaults (GPU: 4 turns a session; CPU: a small shape)")
+    p.add_argument(
+        "--params",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="swe_smith parameters over the defaults (GPU: 4 turns a session; CPU: a small shape)",
+    )
     p.add_argument("--model", help="conf/model name or .yaml of the twin (default: llama3_8b; CPU: smollm2_135m)")
     p.add_argument("--engine-model", help="the engine's shape or config.json (default: the model's, ENGINE_SHAPES)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float32", "float16"),
-                   help="auto: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float32", "float16"),
+        help="auto: bfloat16 on CUDA, float32 on the CPU",
+    )
     p.add_argument("--hardware", help="conf/hardware entry the measured rates replace (default: from the card)")
     p.add_argument("--engine", nargs="*", default=[], metavar="KEY=VALUE", help="EngineConfig fields of the server")
     p.add_argument("--seed", type=int, default=0, help="level k runs sessions of seed + k")
@@ -406,9 +507,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     results = run(args, progress=lambda s: print(s, flush=True))
     m = results["meta"]
-    print(f"\n{WORKLOAD} {m['params']}, {m['engine_model']} (random weights, {m['rates']['dtype']}) on "
-          f"{m['rates']['card']}, {m['twin_engine']['num_gpu_blocks']} KV blocks; twin: roofline on "
-          f"{m['hardware_label']}")
+    print(
+        f"\n{WORKLOAD} {m['params']}, {m['engine_model']} (random weights, {m['rates']['dtype']}) on "
+        f"{m['rates']['card']}, {m['twin_engine']['num_gpu_blocks']} KV blocks; twin: roofline on "
+        f"{m['hardware_label']}"
+    )
     print("ratio = engine / roofline: > 1 for TTFT (slower than the bound), < 1 for throughputs (share reached)")
     print(format_rows(results["rows"]))
     print(f"wall {m['wall_seconds']:.0f} s; server log {m['out']}/server.log")

@@ -33,8 +33,14 @@ def fill(num_reqs: int, context: int, block_size: int, seed: int) -> cp.Schedule
     blocks_per_req = -(-(max_model_len) // block_size)
     budget = max(num_reqs, 1 << 16)
     sched = cp.Scheduler(
-        num_blocks=num_reqs * blocks_per_req, block_size=block_size, max_num_seqs=max(num_reqs, 1),
-        max_num_batched_tokens=budget, chunk_size=budget, max_model_len=max_model_len, vocab_size=128256)
+        num_blocks=num_reqs * blocks_per_req,
+        block_size=block_size,
+        max_num_seqs=max(num_reqs, 1),
+        max_num_batched_tokens=budget,
+        chunk_size=budget,
+        max_model_len=max_model_len,
+        vocab_size=128256,
+    )
     rng = np.random.default_rng(seed)
     for rid in range(num_reqs):
         prompt = rng.integers(0, 128256, size=context, dtype=np.int32)
@@ -49,7 +55,8 @@ def fill(num_reqs: int, context: int, block_size: int, seed: int) -> cp.Schedule
 
 def any_prefilling(sched: cp.Scheduler, num_reqs: int) -> bool:
     return sched.stats().num_running < num_reqs or any(
-        sched.request_info(r)["state"] == "PREFILLING" for r in range(num_reqs))
+        sched.request_info(r)["state"] == "PREFILLING" for r in range(num_reqs)
+    )
 
 
 def measure(sched: cp.Scheduler, num_reqs: int, steps: int, now: float = 1e6) -> dict[str, float]:
@@ -74,8 +81,13 @@ def measure(sched: cp.Scheduler, num_reqs: int, steps: int, now: float = 1e6) ->
             commit_part.append(t3 - t2)
         now += 0.01
     us = lambda xs: np.asarray(xs) / 1e3  # noqa: E731
-    return dict(mean=us(total).mean(), p50=np.median(us(total)), p99=np.percentile(us(total), 99),
-                step=us(step_part).mean(), commit=us(commit_part).mean())
+    return dict(
+        mean=us(total).mean(),
+        p50=np.median(us(total)),
+        p99=np.percentile(us(total), 99),
+        step=us(step_part).mean(),
+        commit=us(commit_part).mean(),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,8 +105,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"control-plane step+commit latency, block_size={args.block_size}, {args.steps} decode steps per row")
     print(f"machine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}")
-    header = (f"{'requests':>8} {'context':>8} | {'mean us':>9} {'p50 us':>9} {'p99 us':>9} | "
-              f"{'step us':>8} {'commit us':>9} | {'us/req':>7} | {'setup s':>7}")
+    header = (
+        f"{'requests':>8} {'context':>8} | {'mean us':>9} {'p50 us':>9} {'p99 us':>9} | "
+        f"{'step us':>8} {'commit us':>9} | {'us/req':>7} | {'setup s':>7}"
+    )
     print(header)
     print("-" * len(header))
     for context in contexts:
@@ -104,8 +118,11 @@ def main(argv: list[str] | None = None) -> None:
             setup = time.perf_counter() - t0
             r = measure(sched, n, args.steps)
             sched.check_invariants()
-            print(f"{n:>8} {context:>8} | {r['mean']:>9.1f} {r['p50']:>9.1f} {r['p99']:>9.1f} | "
-                  f"{r['step']:>8.1f} {r['commit']:>9.1f} | {r['mean'] / n:>7.2f} | {setup:>7.1f}", flush=True)
+            print(
+                f"{n:>8} {context:>8} | {r['mean']:>9.1f} {r['p50']:>9.1f} {r['p99']:>9.1f} | "
+                f"{r['step']:>8.1f} {r['commit']:>9.1f} | {r['mean'] / n:>7.2f} | {setup:>7.1f}",
+                flush=True,
+            )
             del sched
 
 

@@ -61,8 +61,10 @@ class TwinCluster:
 
         self.env = simpy.Environment()
         cost, metrics = _ConstantCost(step_s), _NoMetrics()
-        self.replicas = [Replica(self.env, i, config, cost, metrics, idle_wait_s=step_s, seed=0, fast_forward=False)
-                         for i in range(num_replicas)]
+        self.replicas = [
+            Replica(self.env, i, config, cost, metrics, idle_wait_s=step_s, seed=0, fast_forward=False)
+            for i in range(num_replicas)
+        ]
         self.router = Router(router, self.replicas)
         self._ids = itertools.count(1)
         self.prompt_tokens = 0
@@ -94,10 +96,22 @@ class TwinCluster:
 
 # The real gateway -----------------------------------------------------------------------------------
 
-TINY = {"architectures": ["LlamaForCausalLM"], "vocab_size": 8192, "hidden_size": 256, "intermediate_size": 512,
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048, "tie_word_embeddings": False,
-        "bos_token_id": 1, "eos_token_id": 0}
+TINY = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 8192,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 0,
+}
 NUM_BLOCKS = 1024
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 2048
@@ -117,10 +131,21 @@ class Server:
         os.makedirs(model, exist_ok=True)
         with open(os.path.join(model, "config.json"), "w") as f:
             json.dump(TINY, f)
-        self.args = [sys.executable, "-m", "engine.serve", f"model={model}", f"port={self.port}",
-                     f"data_parallel_size={size}", f"cluster.router={router}", "log_level=warning",
-                     f"hydra.run.dir={os.path.join(workdir, f'hydra-{size}-{router}')}", "engine.load_format=dummy",
-                     "engine.device=cpu", f"engine.num_gpu_blocks={NUM_BLOCKS}", f"engine.max_model_len={MAX_MODEL_LEN}"]
+        self.args = [
+            sys.executable,
+            "-m",
+            "engine.serve",
+            f"model={model}",
+            f"port={self.port}",
+            f"data_parallel_size={size}",
+            f"cluster.router={router}",
+            "log_level=warning",
+            f"hydra.run.dir={os.path.join(workdir, f'hydra-{size}-{router}')}",
+            "engine.load_format=dummy",
+            "engine.device=cpu",
+            f"engine.num_gpu_blocks={NUM_BLOCKS}",
+            f"engine.max_model_len={MAX_MODEL_LEN}",
+        ]
         self.log = os.path.join(workdir, f"server-{size}-{router}.log")
 
     def __enter__(self) -> Server:
@@ -158,8 +183,9 @@ def throughput(url: str, requests: int, concurrency: int, prompt_tokens: int, ou
     async def client(http):
         done = 0
         for prompt in todo:
-            r = await http.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": output_tokens,
-                                                               "ignore_eos": True})
+            r = await http.post(
+                url + "/v1/completions", json={"prompt": prompt, "max_tokens": output_tokens, "ignore_eos": True}
+            )
             r.raise_for_status()
             done += r.json()["usage"]["completion_tokens"]
         return done
@@ -177,9 +203,18 @@ def throughput(url: str, requests: int, concurrency: int, prompt_tokens: int, ou
 
 # The agentic trace ------------------------------------------------------------------------------------
 
-AGENTIC = {"num_prefixes": 3, "prefix_tokens_min": 200, "prefix_tokens_max": 600, "new_tokens_mean": 40.0,
-           "new_tokens_max": 256, "output_mean": 12.0, "output_max": 48, "calls_mean": 6.0, "calls_max": 12,
-           "context_max": MAX_MODEL_LEN - 64}
+AGENTIC = {
+    "num_prefixes": 3,
+    "prefix_tokens_min": 200,
+    "prefix_tokens_max": 600,
+    "new_tokens_mean": 40.0,
+    "new_tokens_max": 256,
+    "output_mean": 12.0,
+    "output_max": 48,
+    "calls_mean": 6.0,
+    "calls_max": 12,
+    "context_max": MAX_MODEL_LEN - 64,
+}
 
 
 def agentic_trace(num_sessions: int, seed: int = 0) -> list[tuple]:
@@ -216,8 +251,10 @@ def replay_gateway(url: str, ops) -> tuple[float, list[int]]:
             if op[0] == "end":
                 http.post(f"{url}/v1/sessions/{op[1]}/end")
                 continue
-            r = http.post(url + "/v1/completions", json={"prompt": op[2], "max_tokens": op[3], "ignore_eos": True,
-                                                         "session_id": op[1]})
+            r = http.post(
+                url + "/v1/completions",
+                json={"prompt": op[2], "max_tokens": op[3], "ignore_eos": True, "session_id": op[1]},
+            )
             r.raise_for_status()
             usage = r.json()["usage"]
             prompt += usage["prompt_tokens"]
@@ -227,8 +264,9 @@ def replay_gateway(url: str, ops) -> tuple[float, list[int]]:
 
 
 def replay_twin(size: int, router: str, ops) -> tuple[float, list[int]]:
-    config = cp.SchedulerConfig(num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, vocab_size=TINY["vocab_size"],
-                                max_model_len=MAX_MODEL_LEN)
+    config = cp.SchedulerConfig(
+        num_blocks=NUM_BLOCKS, block_size=BLOCK_SIZE, vocab_size=TINY["vocab_size"], max_model_len=MAX_MODEL_LEN
+    )
     twin, chosen = TwinCluster(size, router, config), []
     for op in ops:
         if op[0] == "end":
@@ -251,23 +289,32 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-dp-") as work:
         for size in (1, args.replicas):
             with Server(work, size, "least_loaded") as server:
-                out["throughput"][size] = throughput(server.url, args.requests, args.concurrency, args.prompt_tokens,
-                                                     args.output_tokens)
+                out["throughput"][size] = throughput(
+                    server.url, args.requests, args.concurrency, args.prompt_tokens, args.output_tokens
+                )
         ops = agentic_trace(args.sessions)
         for router in ("round_robin", "prefix_aware"):
             with Server(work, args.replicas, router) as server:
                 real, real_chosen = replay_gateway(server.url, ops)
             twin, twin_chosen = replay_twin(args.replicas, router, ops)
-            out["hit_rate"][router] = {"gateway": real, "twin": twin, "same_routes": real_chosen == twin_chosen,
-                                       "calls": len(real_chosen)}
+            out["hit_rate"][router] = {
+                "gateway": real,
+                "twin": twin,
+                "same_routes": real_chosen == twin_chosen,
+                "calls": len(real_chosen),
+            }
     t = out["throughput"]
-    print(f"throughput (closed loop, {args.concurrency} clients, {args.requests} calls of {args.prompt_tokens}+"
-          f"{args.output_tokens} tokens, least_loaded; CPU, {os.cpu_count()} cores)")
+    print(
+        f"throughput (closed loop, {args.concurrency} clients, {args.requests} calls of {args.prompt_tokens}+"
+        f"{args.output_tokens} tokens, least_loaded; CPU, {os.cpu_count()} cores)"
+    )
     print(f"{'cores':>6} {'tok/s':>9} {'req/s':>7} {'seconds':>8}")
     for size, row in t.items():
         print(f"{size:>6} {row['tok_s']:>9.1f} {row['req_s']:>7.2f} {row['seconds']:>8.1f}")
-    print(f"\nprefix hit rate, agentic trace ({args.sessions} sessions, calls one at a time), "
-          f"data_parallel_size={args.replicas}")
+    print(
+        f"\nprefix hit rate, agentic trace ({args.sessions} sessions, calls one at a time), "
+        f"data_parallel_size={args.replicas}"
+    )
     print(f"{'router':>14} {'gateway':>8} {'twin':>8} {'same routes':>12} {'calls':>6}")
     for router, row in out["hit_rate"].items():
         print(f"{router:>14} {row['gateway']:>8.3f} {row['twin']:>8.3f} {row['same_routes']!s:>12} {row['calls']:>6}")

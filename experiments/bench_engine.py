@@ -76,7 +76,7 @@ def matmul_rate(device) -> float:
         e.synchronize()
         times.append(s.elapsed_time(e) / 1e3)
     del a, b
-    return 2 * n ** 3 / statistics.median(times[5:])
+    return 2 * n**3 / statistics.median(times[5:])
 
 
 def engine_for(shape: str, args, graphs: tuple[int, ...], blocks: int, max_len: int, variant: str = "bf16"):
@@ -85,27 +85,41 @@ def engine_for(shape: str, args, graphs: tuple[int, ...], blocks: int, max_len: 
 
     chunking = {} if args.chunk is None else dict(max_num_batched_tokens=args.chunk, chunk_size=args.chunk)
     quantization, kv_cache_dtype = VARIANTS[variant]
-    cfg = EngineConfig(model=shape, load_format="dummy", dtype="bfloat16", num_gpu_blocks=blocks,
-                       max_model_len=max_len, max_num_seqs=max(max(b for b, _ in args.decode), 1),
-                       enforce_eager=args.eager, cuda_graph_batch_sizes=graphs, enable_prefix_caching=True,
-                       overlap_decode=False if args.no_overlap else None, quantization=quantization,
-                       kv_cache_dtype=kv_cache_dtype, **chunking)
+    cfg = EngineConfig(
+        model=shape,
+        load_format="dummy",
+        dtype="bfloat16",
+        num_gpu_blocks=blocks,
+        max_model_len=max_len,
+        max_num_seqs=max(max(b for b, _ in args.decode), 1),
+        enforce_eager=args.eager,
+        cuda_graph_batch_sizes=graphs,
+        enable_prefix_caching=True,
+        overlap_decode=False if args.no_overlap else None,
+        quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
+        **chunking,
+    )
     return EngineCore(cfg)
 
 
 # --variants: (quantization, kv_cache_dtype) of the engine; each variant is a fresh engine of the same shape
-VARIANTS = {"bf16": ("none", "auto"), "fp8w": ("fp8", "auto"), "fp8kv": ("none", "fp8_e4m3"),
-            "fp8": ("fp8", "fp8_e4m3")}
+VARIANTS = {
+    "bf16": ("none", "auto"),
+    "fp8w": ("fp8", "auto"),
+    "fp8kv": ("none", "fp8_e4m3"),
+    "fp8": ("fp8", "fp8_e4m3"),
+}
 
 
 @dataclass(frozen=True)
 class Bytes:
     """What a model's step reads and computes, from its configuration and parameters."""
 
-    weights_read: int     # bytes a decode step reads of the weights (input embedding table excluded)
-    kv_per_token: int     # K and V bytes of one context token, all layers
-    linear_flops: int     # FLOPs a token spends in the layers' matrices (2 x weights)
-    head_flops: int       # FLOPs of the LM head for one sampled row
+    weights_read: int  # bytes a decode step reads of the weights (input embedding table excluded)
+    kv_per_token: int  # K and V bytes of one context token, all layers
+    linear_flops: int  # FLOPs a token spends in the layers' matrices (2 x weights)
+    head_flops: int  # FLOPs of the LM head for one sampled row
     attn_flops_pair: int  # FLOPs per visible query-key pair, all layers
 
     @classmethod
@@ -116,14 +130,18 @@ class Bytes:
         embed = model.model.embed_tokens.weight
         tied = c.tie_word_embeddings
         weights_read = total - (0 if tied else embed.numel() * embed.element_size())
-        linear = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)
-                     or type(m).__name__ == "Linear")
+        linear = sum(
+            m.weight.numel()
+            for m in model.model.layers.modules()
+            if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Linear"
+        )
         if core.config.kv_cache_dtype == "fp8_e4m3":  # one byte an element and a float32 scale per token and head
             kv = 2 * c.num_layers * c.num_kv_heads * (c.head_dim + 4)
         else:
             kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * embed.element_size()
-        return cls(weights_read, kv, 2 * linear, 2 * c.vocab_size * c.hidden_size,
-                   4 * c.head_dim * c.num_heads * c.num_layers)
+        return cls(
+            weights_read, kv, 2 * linear, 2 * c.vocab_size * c.hidden_size, 4 * c.head_dim * c.num_heads * c.num_layers
+        )
 
     def decode_floor(self, batch: int, context: int, bandwidth: float) -> float:
         return (self.weights_read + batch * context * self.kv_per_token) / bandwidth
@@ -141,8 +159,11 @@ def decode_step_seconds(core, batch: int, context: int, steps: int) -> float:
 
     rng = np.random.default_rng(batch * 100_003 + context)
     for _ in range(batch):
-        core.add_request(next(_IDS), rng.integers(0, core.model_config.vocab_size, context),
-                         SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True))
+        core.add_request(
+            next(_IDS),
+            rng.integers(0, core.model_config.vocab_size, context),
+            SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True),
+        )
     times = []
     last = time.perf_counter()
     while core.has_unfinished():
@@ -249,11 +270,17 @@ def parse_turn(spec: str) -> tuple[int, int]:
 
 def bench_model(shape: str, args, bandwidth: float, rate: float, variant: str = "bf16") -> list[dict]:
     block = 16
-    need = max([b * (c + args.steps + 16) + 1024 for b, c in args.decode]
-               + [n + 1024 for n in args.prefill] + [2 * (p + n) + 1024 for p, n in args.turn])
+    need = max(
+        [b * (c + args.steps + 16) + 1024 for b, c in args.decode]
+        + [n + 1024 for n in args.prefill]
+        + [2 * (p + n) + 1024 for p, n in args.turn]
+    )
     blocks = args.blocks or -(-need // block) + 64
-    max_len = args.max_len or max([c + args.steps + 64 for _, c in args.decode] + [n + 64 for n in args.prefill]
-                                  + [p + n + 64 for p, n in args.turn])
+    max_len = args.max_len or max(
+        [c + args.steps + 64 for _, c in args.decode]
+        + [n + 64 for n in args.prefill]
+        + [p + n + 64 for p, n in args.turn]
+    )
     graphs = tuple(sorted({b for b, _ in args.decode}))
     core = engine_for(shape, args, graphs, blocks, max_len, variant)
     nb = Bytes.of(core)
@@ -261,28 +288,57 @@ def bench_model(shape: str, args, bandwidth: float, rate: float, variant: str = 
     label = shape if variant == "bf16" else f"{shape} {variant}"
 
     def add(what: str, engine_s: float, bound_s: float | None = None, **extra) -> None:
-        rows.append({"model": label, "variant": variant, "what": what, "engine_s": engine_s, "bound_s": bound_s,
-                     "hf_s": None, **extra})
+        rows.append(
+            {
+                "model": label,
+                "variant": variant,
+                "what": what,
+                "engine_s": engine_s,
+                "bound_s": bound_s,
+                "hf_s": None,
+                **extra,
+            }
+        )
 
     for batch, context in args.decode:
         floor = nb.decode_floor(batch, context + args.steps // 2, bandwidth)
         if batch == 1 and core.runner.overlap:  # the strict loop too, same engine, same run
             core.runner.overlap = False
-            add(f"decode b{batch} ctx{context} no overlap", decode_step_seconds(core, batch, context, args.steps),
-                floor, batch=batch, context=context)
+            add(
+                f"decode b{batch} ctx{context} no overlap",
+                decode_step_seconds(core, batch, context, args.steps),
+                floor,
+                batch=batch,
+                context=context,
+            )
             core.runner.overlap = True
-        add(f"decode b{batch} ctx{context} (s/step)", decode_step_seconds(core, batch, context, args.steps), floor,
-            batch=batch, context=context)
+        add(
+            f"decode b{batch} ctx{context} (s/step)",
+            decode_step_seconds(core, batch, context, args.steps),
+            floor,
+            batch=batch,
+            context=context,
+        )
         replay = replay_seconds(core, batch)
         if replay is not None:
             add(f"  of which graph replay b{batch} c{context}", replay, floor)
     first_token_seconds(core, np.arange(256) % core.model_config.vocab_size)  # warm-up of the prefill kernels
     for length in args.prefill:
-        add(f"prefill {length} (s)", prefill_seconds(core, length), nb.prefill_roofline(0, length, rate),
-            prefix=0, new=length)
+        add(
+            f"prefill {length} (s)",
+            prefill_seconds(core, length),
+            nb.prefill_roofline(0, length, rate),
+            prefix=0,
+            new=length,
+        )
     for prefix, new in args.turn:
-        add(f"turn {new} on {prefix} cached (s)", turn_seconds(core, prefix, new),
-            nb.prefill_roofline(prefix, new, rate), prefix=prefix, new=new)
+        add(
+            f"turn {new} on {prefix} cached (s)",
+            turn_seconds(core, prefix, new),
+            nb.prefill_roofline(prefix, new, rate),
+            prefix=prefix,
+            new=new,
+        )
     if args.profile_gpu:
         # fresh prompts (seed 1): the timed rows' prompts are in the prefix cache now
         for length in args.prefill:
@@ -309,10 +365,16 @@ def bench_model(shape: str, args, bandwidth: float, rate: float, variant: str = 
 
 
 # kernel name -> what it is, first match wins (Triton kernels by their function names, cuBLAS/CUTLASS by theirs)
-KERNEL_KINDS = (("attention", ("attention", "attn", "flash", "fmha", "_prefill_kernel", "_decode_split", "_decode_reduce",
-                               "_merge_splits")),
-                ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "sm90_", "sm80_", "matmul", "_scaled_mm")),
-                ("norm", ("norm",)), ("rotary/kv write", ("rotary", "write_kv")), ("activation", ("silu", "act")))
+KERNEL_KINDS = (
+    (
+        "attention",
+        ("attention", "attn", "flash", "fmha", "_prefill_kernel", "_decode_split", "_decode_reduce", "_merge_splits"),
+    ),
+    ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "sm90_", "sm80_", "matmul", "_scaled_mm")),
+    ("norm", ("norm",)),
+    ("rotary/kv write", ("rotary", "write_kv")),
+    ("activation", ("silu", "act")),
+)
 
 
 def kernel_kind(name: str) -> str:
@@ -342,8 +404,10 @@ def profile_gpu(core, what: str, run) -> None:
     kinds: dict[str, float] = {}
     for name, times in kernels.items():
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + sum(times)
-    print(f"\nprofile of {what}: wall {wall * 1e3:.1f} ms, GPU kernels {total:.1f} ms "
-          f"({total / (wall * 1e3):.0%} of the wall time)")
+    print(
+        f"\nprofile of {what}: wall {wall * 1e3:.1f} ms, GPU kernels {total:.1f} ms "
+        f"({total / (wall * 1e3):.0%} of the wall time)"
+    )
     for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:>16} {ms:10.2f} ms {ms / total:6.1%}")
     for name, times in sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:12]:
@@ -366,17 +430,33 @@ def profile_cpu(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"])
-    parser.add_argument("--decode", type=parse_decode, nargs="+", default=None, metavar="BxC",
-                        help="decode rows, batch x context (default: 1x512 1x50000 4x50000 64x512)")
+    parser.add_argument(
+        "--decode",
+        type=parse_decode,
+        nargs="+",
+        default=None,
+        metavar="BxC",
+        help="decode rows, batch x context (default: 1x512 1x50000 4x50000 64x512)",
+    )
     parser.add_argument("--context", type=int, default=512, help="the context of --profile-cpu's steps")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--hf-steps", type=int, default=32)
     parser.add_argument("--hf-max-context", type=int, default=4096, help="transformers decode rows only up to here")
     parser.add_argument("--prefill", type=int, nargs="+", default=[2048, 32768, 50000])
-    parser.add_argument("--turn", type=parse_turn, nargs="*", default=None, metavar="P+N",
-                        help="later-turn rows: N new tokens on P cached (default: 55000+1300)")
-    parser.add_argument("--chunk", type=int, default=None,
-                        help="chunk_size and max_num_batched_tokens (default: the engine's own chunking)")
+    parser.add_argument(
+        "--turn",
+        type=parse_turn,
+        nargs="*",
+        default=None,
+        metavar="P+N",
+        help="later-turn rows: N new tokens on P cached (default: 55000+1300)",
+    )
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=None,
+        help="chunk_size and max_num_batched_tokens (default: the engine's own chunking)",
+    )
     parser.add_argument("--blocks", type=int, default=None, help="KV blocks (default: what the rows need)")
     parser.add_argument("--max-len", type=int, default=None)
     parser.add_argument("--eager", action="store_true")
@@ -384,13 +464,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-overlap", action="store_true", help="the strict step/commit loop only")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None, help="also write the rows here")
-    parser.add_argument("--variants", nargs="+", default=["bf16"], choices=list(VARIANTS),
-                        help="engines to measure, each fresh: bf16, fp8w (FP8 weights), fp8kv (FP8 KV cache), fp8 "
-                             "(both)")
-    parser.add_argument("--profile-gpu", action="store_true",
-                        help="also print where each prefill and turn row's GPU time goes, by kernel (torch.profiler)")
-    parser.add_argument("--profile-cpu", action="store_true",
-                        help="profile the host side of batch-1 decode steps (cProfile) and exit")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["bf16"],
+        choices=list(VARIANTS),
+        help="engines to measure, each fresh: bf16, fp8w (FP8 weights), fp8kv (FP8 KV cache), fp8 (both)",
+    )
+    parser.add_argument(
+        "--profile-gpu",
+        action="store_true",
+        help="also print where each prefill and turn row's GPU time goes, by kernel (torch.profiler)",
+    )
+    parser.add_argument(
+        "--profile-cpu", action="store_true", help="profile the host side of batch-1 decode steps (cProfile) and exit"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_engine needs a CUDA device (run it on the GPU machine)")
@@ -403,8 +491,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile_cpu:
         return profile_cpu(args)
     bandwidth, rate = copy_bandwidth("cuda"), matmul_rate("cuda")
-    print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth "
-          f"{bandwidth / 1e12:.2f} TB/s (read+write), bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    print(
+        f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth "
+        f"{bandwidth / 1e12:.2f} TB/s (read+write), bf16 matmul {rate / 1e12:.0f} TFLOP/s"
+    )
     rows = []
     for shape in args.models:
         for variant in args.variants:
@@ -413,8 +503,11 @@ def main(argv: list[str] | None = None) -> None:
     print_ratios(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"card": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "matmul_rate": rate,
-                       "rows": rows}, f, indent=1)
+            json.dump(
+                {"card": torch.cuda.get_device_name(), "copy_bandwidth": bandwidth, "matmul_rate": rate, "rows": rows},
+                f,
+                indent=1,
+            )
 
 
 def print_ratios(rows: list[dict]) -> None:
@@ -431,16 +524,20 @@ def print_ratios(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'model':>20} {'what':>34} | {'engine ms':>10} {'bound ms':>9} {'engine/bound':>12} |"
-              f" {'hf ms':>9} {'hf/engine':>9}")
+    header = (
+        f"{'model':>20} {'what':>34} | {'engine ms':>10} {'bound ms':>9} {'engine/bound':>12} |"
+        f" {'hf ms':>9} {'hf/engine':>9}"
+    )
     print(header)
     print("-" * len(header))
     nan = float("nan")
     for r in rows:
         hf, bound = r.get("hf_s"), r.get("bound_s")
-        print(f"{r['model']:>20} {r['what']:>34} | {r['engine_s'] * 1e3:>10.3f} {(bound or nan) * 1e3:>9.3f} "
-              f"{(r['engine_s'] / bound) if bound else nan:>12.2f} | {(hf or nan) * 1e3:>9.3f} "
-              f"{(hf / r['engine_s']) if hf else nan:>9.2f}")
+        print(
+            f"{r['model']:>20} {r['what']:>34} | {r['engine_s'] * 1e3:>10.3f} {(bound or nan) * 1e3:>9.3f} "
+            f"{(r['engine_s'] / bound) if bound else nan:>12.2f} | {(hf or nan) * 1e3:>9.3f} "
+            f"{(hf / r['engine_s']) if hf else nan:>9.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -56,11 +56,13 @@ def channel_rows(repeats: int = 2000) -> list[tuple[str, float]]:
     proc = multiprocessing.get_context("spawn").Process(target=_echo, args=(a_in, a_out), daemon=True)
     proc.start()
     rows = []
-    for name, msg in [("Add, 20-token prompt -> Tokens b20", P.Add(1, P.pack_ids(range(20)), {"max_tokens": 16})),
-                      ("Add, 50K-token prompt -> Tokens b256", P.Add(1, P.pack_ids(range(50_000)), {"max_tokens": 16})),
-                      ("Abort -> empty Tokens", P.Abort([1, 2, 3]))]:
+    for name, msg in [
+        ("Add, 20-token prompt -> Tokens b20", P.Add(1, P.pack_ids(range(20)), {"max_tokens": 16})),
+        ("Add, 50K-token prompt -> Tokens b256", P.Add(1, P.pack_ids(range(50_000)), {"max_tokens": 16})),
+        ("Abort -> empty Tokens", P.Abort([1, 2, 3])),
+    ]:
         times = []
-        for i in range(repeats if "50K" not in name else repeats // 10):
+        for _ in range(repeats if "50K" not in name else repeats // 10):
             t = time.perf_counter()
             send.send(P.encode(msg))
             P.decode_from_core(recv.recv())
@@ -78,8 +80,11 @@ def engine_step_times(options: dict, prompt_len: int, tokens: int) -> tuple[floa
 
     core = EngineCore(EngineConfig.from_dict(options))
     for _ in range(2):
-        core.add_request(len(core.profile) + 1000, list(range(1, prompt_len + 1)),
-                         SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True))
+        core.add_request(
+            len(core.profile) + 1000,
+            list(range(1, prompt_len + 1)),
+            SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True),
+        )
         core.profile.clear()
         while core.has_unfinished():
             core.step()
@@ -91,8 +96,14 @@ def engine_step_times(options: dict, prompt_len: int, tokens: int) -> tuple[floa
 async def _stream_once(url: str, prompt_len: int, tokens: int) -> tuple[float, list[float]]:
     import httpx
 
-    body = {"prompt": list(range(1, prompt_len + 1)), "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "return_token_ids": True}  # a random model has no tokenizer: ids make the chunks
+    body = {
+        "prompt": list(range(1, prompt_len + 1)),
+        "max_tokens": tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+    }  # a random model has no tokenizer: ids make the chunks
     async with httpx.AsyncClient(timeout=120) as client:
         start = time.perf_counter()
         stamps = []
@@ -115,8 +126,9 @@ def end_to_end(options: dict, prompt_len: int = 64, tokens: int = 200) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [sys.executable, "-m", "engine.serve", f"port={port}", "log_level=warning",
-            f"model={options['model']}"] + [f"+engine.{k}={v}" for k, v in options.items() if k != "model"]
+    args = [sys.executable, "-m", "engine.serve", f"port={port}", "log_level=warning", f"model={options['model']}"] + [
+        f"+engine.{k}={v}" for k, v in options.items() if k != "model"
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -136,8 +148,14 @@ def end_to_end(options: dict, prompt_len: int = 64, tokens: int = 200) -> dict:
         proc.wait(10)
     prefill, decode = engine_step_times(options, prompt_len, tokens)
     ipc = (after[0] - before[0]) / max(after[1] - before[1], 1)
-    return {"ttft": ttft, "itl": statistics.mean(gaps), "itl_p50": statistics.median(gaps),
-            "engine_prefill": prefill, "engine_decode": decode, "ipc": ipc}
+    return {
+        "ttft": ttft,
+        "itl": statistics.mean(gaps),
+        "itl_p50": statistics.median(gaps),
+        "engine_prefill": prefill,
+        "engine_decode": decode,
+        "ipc": ipc,
+    }
 
 
 def _ipc_histogram(url: str) -> tuple[float, float]:
@@ -151,7 +169,8 @@ def _ipc_histogram(url: str) -> tuple[float, float]:
             if line.startswith(key + " "):
                 values[key] = float(line.split()[1])
     return values.get("tandem_ipc_token_latency_seconds_sum", 0.0), values.get(
-        "tandem_ipc_token_latency_seconds_count", 0.0)
+        "tandem_ipc_token_latency_seconds_count", 0.0
+    )
 
 
 def main() -> None:
@@ -161,19 +180,32 @@ def main() -> None:
     cfg_dir = tempfile.mkdtemp()
     from engine.models.shapes import SHAPES
 
-    cfg = {**SHAPES["llama-3.2-1b"], "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 4096,
-           "bos_token_id": 1, "eos_token_id": 2}
+    cfg = {
+        **SHAPES["llama-3.2-1b"],
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "vocab_size": 4096,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     path = os.path.join(cfg_dir, "config.json")
     with open(path, "w") as f:
         json.dump(cfg, f)
     options = {"model": path, "load_format": "dummy", "device": "cpu", "num_gpu_blocks": 512}
     r = end_to_end(options)
     print("end to end, one streaming client, tiny random model on the CPU (ms)")
-    print(f"  engine decode step {r['engine_decode'] * 1e3:.3f}   client inter-token gap mean {r['itl'] * 1e3:.3f} "
-          f"(p50 {r['itl_p50'] * 1e3:.3f})   added per streamed token {(r['itl'] - r['engine_decode']) * 1e3:.3f}")
-    print(f"  engine prefill step {r['engine_prefill'] * 1e3:.3f}   client TTFT {r['ttft'] * 1e3:.3f}   "
-          f"added per request {(r['ttft'] - r['engine_prefill']) * 1e3:.3f}")
+    print(
+        f"  engine decode step {r['engine_decode'] * 1e3:.3f}   client inter-token gap mean {r['itl'] * 1e3:.3f} "
+        f"(p50 {r['itl_p50'] * 1e3:.3f})   added per streamed token {(r['itl'] - r['engine_decode']) * 1e3:.3f}"
+    )
+    print(
+        f"  engine prefill step {r['engine_prefill'] * 1e3:.3f}   client TTFT {r['ttft'] * 1e3:.3f}   "
+        f"added per request {(r['ttft'] - r['engine_prefill']) * 1e3:.3f}"
+    )
     print(f"  core -> gateway per step message (measured in the server, same run): {r['ipc'] * 1e6:.1f} us")
 
 

@@ -27,6 +27,7 @@ DTYPE = torch.bfloat16
 
 def bench_us(fn) -> float:
     import triton.testing
+
     return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
@@ -37,7 +38,7 @@ def paged_cache(lens: list[int], gen: torch.Generator):
     table = torch.full((len(lens), max(nblk)), -1, dtype=torch.int32, device="cuda")
     used = 0
     for r, n in enumerate(nblk):
-        table[r, :n] = order[used:used + n]
+        table[r, :n] = order[used : used + n]
         used += n
     shape = (sum(nblk), BS, HK, D)
     k = torch.randn(shape, generator=gen, device="cuda", dtype=DTYPE)
@@ -58,18 +59,20 @@ def fmt(value: float | None, spec: str) -> str:
 def bench_decode(batches, contexts, ref_gib: float) -> None:
     from engine.kernels import torch_ops, triton_ops
     from engine.kernels.triton.attention import decode_config, decode_splits, num_sms
+
     print(f"\ndecode attention  Hq {HQ}  Hk {HK}  D {D}  block {BS}  bf16   (us; GB/s of K/V read)")
-    print(f"{'batch':>5} {'context':>7} {'splits':>6} {'triton':>9} {'GB/s':>7} {'torch-ref':>10} {'GB/s':>7}"
-          f" {'sdpa-dense':>10} {'GB/s':>7}")
+    print(
+        f"{'batch':>5} {'context':>7} {'splits':>6} {'triton':>9} {'GB/s':>7} {'torch-ref':>10} {'GB/s':>7}"
+        f" {'sdpa-dense':>10} {'GB/s':>7}"
+    )
     gen = torch.Generator(device="cuda").manual_seed(0)
-    scale = D ** -0.5
+    scale = D**-0.5
     for b in batches:
         for ctx in contexts:
             k, v, table, lens = paged_cache([ctx] * b, gen)
             q = torch.randn((b, HQ, D), generator=gen, device="cuda", dtype=DTYPE)
             kv_bytes = 2 * b * ctx * HK * D * k.element_size()
-            splits = decode_splits(b, HK, table.shape[1] * BS, num_sms(q.device),
-                                      decode_config(q.device, D, DTYPE))
+            splits = decode_splits(b, HK, table.shape[1] * BS, num_sms(q.device), decode_config(q.device, D, DTYPE))
             t_tri = bench_us(lambda: triton_ops.decode_attention(q, k, v, lens, table, scale))
             t_ref = None
             if 2 * b * table.shape[1] * BS * HK * D * 4 <= ref_gib * 2**30:
@@ -78,19 +81,24 @@ def bench_decode(batches, contexts, ref_gib: float) -> None:
             q4 = q[:, :, None, :]
             t_sdpa = bench_us(lambda: F.scaled_dot_product_attention(q4, kd, vd, scale=scale, enable_gqa=True))
             gbs = [None if t is None else kv_bytes / t / 1e3 for t in (t_tri, t_ref, t_sdpa)]
-            print(f"{b:>5} {ctx:>7} {splits:>6} {t_tri:>9.1f} {gbs[0]:>7.0f} {fmt(t_ref, '10.1f')} "
-                  f"{fmt(gbs[1], '7.0f')} {t_sdpa:>10.1f} {gbs[2]:>7.0f}")
+            print(
+                f"{b:>5} {ctx:>7} {splits:>6} {t_tri:>9.1f} {gbs[0]:>7.0f} {fmt(t_ref, '10.1f')} "
+                f"{fmt(gbs[1], '7.0f')} {t_sdpa:>10.1f} {gbs[2]:>7.0f}"
+            )
             del k, v, kd, vd
             torch.cuda.empty_cache()
 
 
 def bench_prefill(cases: list[tuple[int, int]], ref_gib: float) -> None:
     from engine.kernels import torch_ops, triton_ops
+
     print(f"\nprefill attention  Hq {HQ}  Hk {HK}  D {D}  block {BS}  bf16, one request   (us; TFLOP/s)")
-    print(f"{'prefix':>7} {'chunk':>6} {'triton':>10} {'TFLOP/s':>8} {'torch-ref':>10} {'TFLOP/s':>8}"
-          f" {'sdpa-causal':>11} {'TFLOP/s':>8}")
+    print(
+        f"{'prefix':>7} {'chunk':>6} {'triton':>10} {'TFLOP/s':>8} {'torch-ref':>10} {'TFLOP/s':>8}"
+        f" {'sdpa-causal':>11} {'TFLOP/s':>8}"
+    )
     gen = torch.Generator(device="cuda").manual_seed(1)
-    scale = D ** -0.5
+    scale = D**-0.5
     for prefix, chunk in cases:
         length = prefix + chunk
         k, v, table, lens = paged_cache([length], gen)
@@ -109,11 +117,14 @@ def bench_prefill(cases: list[tuple[int, int]], ref_gib: float) -> None:
         if prefix == 0:  # dense causal flash attention over the same tokens
             kd, vd = contiguous_kv(k, table, length), contiguous_kv(v, table, length)
             q4 = q.transpose(0, 1)[None]
-            t_sdpa = bench_us(lambda: F.scaled_dot_product_attention(q4, kd, vd, is_causal=True, scale=scale,
-                                                                     enable_gqa=True))
+            t_sdpa = bench_us(
+                lambda: F.scaled_dot_product_attention(q4, kd, vd, is_causal=True, scale=scale, enable_gqa=True)
+            )
         tf = [None if t is None else flops / t / 1e6 for t in (t_tri, t_ref, t_sdpa)]
-        print(f"{prefix:>7} {chunk:>6} {t_tri:>10.1f} {tf[0]:>8.1f} {fmt(t_ref, '10.1f')} {fmt(tf[1], '8.1f')}"
-              f" {fmt(t_sdpa, '11.1f')} {fmt(tf[2], '8.1f')}")
+        print(
+            f"{prefix:>7} {chunk:>6} {t_tri:>10.1f} {tf[0]:>8.1f} {fmt(t_ref, '10.1f')} {fmt(tf[1], '8.1f')}"
+            f" {fmt(t_sdpa, '11.1f')} {fmt(tf[2], '8.1f')}"
+        )
         del k, v
         torch.cuda.empty_cache()
 
@@ -141,32 +152,44 @@ def elementwise_cases(tokens: int):
         ("silu_and_mul", (gate_up,), 3 * tokens * ffn * e),
         ("write_kv", (kv, kv, kc, vc, slots), 4 * tokens * HK * D * e),
         # reads q, k, v and a cos/sin row; writes the rotated q and k, v into the cache
-        ("rotary_write_kv", (pos, fq, fk, fv, cos_sin, kc, vc, slots),
-         2 * tokens * (HQ + 2 * HK) * D * e + tokens * D * 4),
+        (
+            "rotary_write_kv",
+            (pos, fq, fk, fv, cos_sin, kc, vc, slots),
+            2 * tokens * (HQ + 2 * HK) * D * e + tokens * D * 4,
+        ),
     ]
 
 
 def bench_elementwise(token_counts) -> None:
     from engine.kernels import torch_ops, triton_ops
+
     print("\nelementwise ops  (hidden 4096, ffn 14336, Hq 32, Hk 8, D 128, bf16)   (us; GB/s)")
     print(f"{'op':>17} {'tokens':>6} {'triton':>9} {'GB/s':>7} {'torch':>9} {'GB/s':>7}")
     for tokens in token_counts:
         for name, args, nbytes in elementwise_cases(tokens):
             t_tri = bench_us(lambda: getattr(triton_ops, name)(*args))
             t_ref = bench_us(lambda: getattr(torch_ops, name)(*args))
-            print(f"{name:>17} {tokens:>6} {t_tri:>9.1f} {nbytes / t_tri / 1e3:>7.0f} {t_ref:>9.1f}"
-                  f" {nbytes / t_ref / 1e3:>7.0f}")
+            print(
+                f"{name:>17} {tokens:>6} {t_tri:>9.1f} {nbytes / t_tri / 1e3:>7.0f} {t_ref:>9.1f}"
+                f" {nbytes / t_ref / 1e3:>7.0f}"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few rows of each table")
-    parser.add_argument("--ref-gib", type=float, default=8.0,
-                        help="skip the torch reference where its float32 K/V would exceed this (GiB)")
+    parser.add_argument(
+        "--ref-gib",
+        type=float,
+        default=8.0,
+        help="skip the torch reference where its float32 K/V would exceed this (GiB)",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("bench_kernels needs a CUDA GPU (torch.cuda.is_available() is False here); "
-                 "the CPU correctness checks are `pytest tests/test_kernels_triton.py`")
+        sys.exit(
+            "bench_kernels needs a CUDA GPU (torch.cuda.is_available() is False here); "
+            "the CPU correctness checks are `pytest tests/test_kernels_triton.py`"
+        )
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     if args.quick:
         bench_decode([1, 8], [4096, 16384], args.ref_gib)

@@ -75,8 +75,14 @@ from sim.simulation import TokenFactory
 from sim.workloads import Session, make_workload
 
 DEFAULT_VOCAB_SIZE = 49152  # SmolLM2, the default served model
-_SCHEDULER_ONLY = ("num_preemptions_recompute", "num_preemptions_swap", "num_evicted_blocks", "num_steps",
-                   "steps_per_wall_s", "simulated_seconds")
+_SCHEDULER_ONLY = (
+    "num_preemptions_recompute",
+    "num_preemptions_swap",
+    "num_evicted_blocks",
+    "num_steps",
+    "steps_per_wall_s",
+    "simulated_seconds",
+)
 _CACHED, _PROMPT, _OUTPUTS = (REQUEST_COLUMNS.index(k) for k in ("cached_tokens", "prompt_tokens", "output_tokens"))
 assert REQUEST_COLUMNS[_CACHED + 1] == "computed_tokens"
 # Synthetic output ids come from their own stream (TokenFactory uses 0x5EED and 0x5E55), so the
@@ -119,8 +125,15 @@ class BenchOptions:
         for name in ("sessions", "num_gpus"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("session_rate", "concurrency", "max_requests", "timeout_s", "max_prompt_tokens",
-                     "vocab_size", "max_model_len"):
+        for name in (
+            "session_rate",
+            "concurrency",
+            "max_requests",
+            "timeout_s",
+            "max_prompt_tokens",
+            "vocab_size",
+            "max_model_len",
+        ):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 (or unset)")
@@ -146,11 +159,11 @@ class StreamedCall:
     request_id: int
     arrival_time: float
     token_times: np.ndarray
-    output_token_ids: list[int] | None        # None: the server did not give them all
+    output_token_ids: list[int] | None  # None: the server did not give them all
     num_prompt_tokens: int
-    num_cached_tokens: float                  # NaN: the server did not report it
+    num_cached_tokens: float  # NaN: the server did not report it
     finish_time: float
-    first_scheduled_time: float = math.nan    # not visible from the client
+    first_scheduled_time: float = math.nan  # not visible from the client
     num_preemptions: float = math.nan
 
     @property
@@ -216,8 +229,15 @@ async def stream_call(client: httpx.AsyncClient, url: str, body: dict, clock, re
     if not times:
         raise CallFailed("no_tokens")
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-    return StreamedCall(request_id, arrival, np.asarray(times), ids if ids and len(ids) == len(times) else None,
-                        len(body["prompt"]), float(cached) if cached is not None else math.nan, end)
+    return StreamedCall(
+        request_id,
+        arrival,
+        np.asarray(times),
+        ids if ids and len(ids) == len(times) else None,
+        len(body["prompt"]),
+        float(cached) if cached is not None else math.nan,
+        end,
+    )
 
 
 # --------------------------------------------------------------------------- the replay
@@ -228,8 +248,8 @@ class ServerInfo:
     model: str | None
     max_model_len: int | None
     vocab_size: int
-    error: str | None = None          # why GET /models gave nothing (the defaults are used)
-    vocab_source: str = "default"     # where vocab_size came from: "options", "server" or "default"
+    error: str | None = None  # why GET /models gave nothing (the defaults are used)
+    vocab_source: str = "default"  # where vocab_size came from: "options", "server" or "default"
 
     def accepts(self, output_ids) -> bool:
         """Whether the server's output ids can go into the next prompt: ids in the vocabulary, any
@@ -256,8 +276,7 @@ async def server_info(client: httpx.AsyncClient, options: BenchOptions) -> Serve
         vocab, source = entry["vocab_size"], "server"
     else:
         vocab, source = DEFAULT_VOCAB_SIZE, "default"
-    return ServerInfo(options.model or entry.get("id"), int(max_len) if max_len else None, int(vocab), error,
-                      source)
+    return ServerInfo(options.model or entry.get("id"), int(max_len) if max_len else None, int(vocab), error, source)
 
 
 class Replay:
@@ -267,15 +286,15 @@ class Replay:
         self.options, self.client, self.info, self.errors = options, client, info, errors
         self.tokens = TokenFactory(options.seed, info.vocab_size)
         self.collector = Collector(options.num_gpus, 1, math.inf, Slo(options.slo_ttft_s, options.slo_tpot_s))
-        self.sources: list[str] = []          # per collected request: "server" or "synthetic"
+        self.sources: list[str] = []  # per collected request: "server" or "synthetic"
         self.seen_prefixes: set[tuple[int, int]] = set()
         self.ids = itertools.count()
         self.sent = 0
-        self.cut_sessions = 0                 # stopped by --max-requests or a failed call
-        self.truncated_sessions = 0           # stopped before a call over max_model_len / --max-prompt-tokens
-        self.unsent_sessions = 0              # ... of them, stopped before their first call
-        self.unsent_turns = 0                 # turns those sessions did not send
-        self.short_outputs = 0                # calls that returned fewer or more tokens than max_tokens
+        self.cut_sessions = 0  # stopped by --max-requests or a failed call
+        self.truncated_sessions = 0  # stopped before a call over max_model_len / --max-prompt-tokens
+        self.unsent_sessions = 0  # ... of them, stopped before their first call
+        self.unsent_turns = 0  # turns those sessions did not send
+        self.short_outputs = 0  # calls that returned fewer or more tokens than max_tokens
         self.t0 = time.perf_counter()
 
     def clock(self) -> float:
@@ -283,8 +302,13 @@ class Replay:
 
     def body(self, prompt: np.ndarray, max_tokens: int, session_id: str) -> dict:
         o = self.options
-        body: dict[str, Any] = {"prompt": prompt.tolist(), "max_tokens": int(max_tokens), "ignore_eos": True,
-                                "stream": True, "stream_options": {"include_usage": True}}
+        body: dict[str, Any] = {
+            "prompt": prompt.tolist(),
+            "max_tokens": int(max_tokens),
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         if self.info.model:
             body["model"] = self.info.model
         if o.send_session_id:
@@ -307,8 +331,9 @@ class Replay:
         """One call; failures are counted by kind and give None."""
         url = f"{self.options.base_url}/completions"
         try:
-            return await stream_call(self.client, url, self.body(prompt, max_new, session_id), self.clock,
-                                     next(self.ids))
+            return await stream_call(
+                self.client, url, self.body(prompt, max_new, session_id), self.clock, next(self.ids)
+            )
         except CallFailed as exc:
             self.errors[exc.kind] += 1
         except httpx.TimeoutException:
@@ -379,8 +404,7 @@ async def _drive(replay: Replay, workload, options: BenchOptions) -> None:
         sessions = workload.sessions(options.sessions, options.seed, options.session_rate)
         await asyncio.gather(*(replay.run_session(i, s, wait_for_start=True) for i, s in enumerate(sessions)))
         return
-    source = enumerate(itertools.islice(workload.iter_sessions(options.seed, options.session_rate),
-                                        options.sessions))
+    source = enumerate(itertools.islice(workload.iter_sessions(options.seed, options.session_rate), options.sessions))
 
     async def worker():
         for index, session in source:
@@ -431,8 +455,9 @@ async def run_benchmark(options: BenchOptions) -> BenchResult:
     return BenchResult(summarize(replay, options, info, errors, wall, timed_out), replay.collector, replay.sources)
 
 
-def summarize(replay: Replay, options: BenchOptions, info: ServerInfo, errors: Counter, wall: float,
-              timed_out: bool) -> dict:
+def summarize(
+    replay: Replay, options: BenchOptions, info: ServerInfo, errors: Counter, wall: float, timed_out: bool
+) -> dict:
     """The simulator's summary of what was measured, plus whole-endpoint throughput and the run's facts."""
     c = replay.collector
     num_errors = int(sum(v for k, v in errors.items() if k != "end_session"))
@@ -449,24 +474,42 @@ def summarize(replay: Replay, options: BenchOptions, info: ServerInfo, errors: C
             out[f"{kind}_tok_min"] = 60 * out[f"{kind}_tok_s"]
         if not cached_known:
             out.update(prefix_hit_rate=math.nan, prefill_amplification=math.nan, prefilled_tokens=None)
-    out.update({
-        "policy": options.label, "model": info.model, "hardware": options.label, "workload": options.workload,
-        "base_url": options.base_url, "mode": "open" if options.concurrency is None else "closed",
-        "concurrency": options.concurrency, "session_rate": options.session_rate, "seed": options.seed,
-        "pause_scale": options.pause_scale, "vocab_size": info.vocab_size,
-        "vocab_size_source": info.vocab_source, "max_model_len": info.max_model_len,
-        "models_error": info.error,
-        "slo_ttft_s": options.slo_ttft_s, "slo_tpot_s": options.slo_tpot_s, "num_gpus": options.num_gpus,
-        "requests_sent": replay.sent, "num_errors": num_errors,
-        "cancelled_requests": replay.sent - len(c.requests) - num_errors,
-        "errors": dict(errors), "cut_sessions": replay.cut_sessions, "short_outputs": replay.short_outputs,
-        "truncated_sessions": replay.truncated_sessions, "unsent_sessions": replay.unsent_sessions,
-        "unsent_turns": replay.unsent_turns, "max_prompt_tokens": options.max_prompt_tokens,
-        "timed_out": timed_out, "output_ids_from_server": replay.sources.count("server"),
-        "output_ids_synthetic": replay.sources.count("synthetic"),
-        "completed": not timed_out and len(c.sessions) == options.sessions and not replay.cut_sessions,
-        "wall_seconds": wall,
-    })
+    out.update(
+        {
+            "policy": options.label,
+            "model": info.model,
+            "hardware": options.label,
+            "workload": options.workload,
+            "base_url": options.base_url,
+            "mode": "open" if options.concurrency is None else "closed",
+            "concurrency": options.concurrency,
+            "session_rate": options.session_rate,
+            "seed": options.seed,
+            "pause_scale": options.pause_scale,
+            "vocab_size": info.vocab_size,
+            "vocab_size_source": info.vocab_source,
+            "max_model_len": info.max_model_len,
+            "models_error": info.error,
+            "slo_ttft_s": options.slo_ttft_s,
+            "slo_tpot_s": options.slo_tpot_s,
+            "num_gpus": options.num_gpus,
+            "requests_sent": replay.sent,
+            "num_errors": num_errors,
+            "cancelled_requests": replay.sent - len(c.requests) - num_errors,
+            "errors": dict(errors),
+            "cut_sessions": replay.cut_sessions,
+            "short_outputs": replay.short_outputs,
+            "truncated_sessions": replay.truncated_sessions,
+            "unsent_sessions": replay.unsent_sessions,
+            "unsent_turns": replay.unsent_turns,
+            "max_prompt_tokens": options.max_prompt_tokens,
+            "timed_out": timed_out,
+            "output_ids_from_server": replay.sources.count("server"),
+            "output_ids_synthetic": replay.sources.count("synthetic"),
+            "completed": not timed_out and len(c.sessions) == options.sessions and not replay.cut_sessions,
+            "wall_seconds": wall,
+        }
+    )
     return out
 
 
@@ -476,25 +519,37 @@ def _collector_summary(c: Collector, wall: float) -> dict:
     if all(math.isfinite(row[_CACHED]) for row in c.requests):
         return c.summary([], wall)
     filled = copy.copy(c)
-    filled.requests = [row if math.isfinite(row[_CACHED]) else
-                       row[:_CACHED] + (0.0, row[_PROMPT] + row[_OUTPUTS] - 1) + row[_CACHED + 2:]
-                       for row in c.requests]
+    filled.requests = [
+        row
+        if math.isfinite(row[_CACHED])
+        else row[:_CACHED] + (0.0, row[_PROMPT] + row[_OUTPUTS] - 1) + row[_CACHED + 2 :]
+        for row in c.requests
+    ]
     return filled.summary([], wall)
 
 
-DETAIL_ROWS = (("TTFT s", "ttft_s", 1), ("TPOT ms", "tpot_s", 1e3), ("ITL ms", "itl_s", 1e3),
-               ("E2E s", "e2e_s", 1), ("user tok/s", "per_user_tok_s", 1), ("session s", "session_s", 1))
+DETAIL_ROWS = (
+    ("TTFT s", "ttft_s", 1),
+    ("TPOT ms", "tpot_s", 1e3),
+    ("ITL ms", "itl_s", 1e3),
+    ("E2E s", "e2e_s", 1),
+    ("user tok/s", "per_user_tok_s", 1),
+    ("session s", "session_s", 1),
+)
 
 
 def format_details(summary: dict) -> str:
     """Latency percentiles, throughput, goodput and cache figures of one run, as plain text."""
+
     def fmt(value, scale=1.0):
         return "-" if value is None or not math.isfinite(value) else f"{value * scale:.3f}"
 
     lines = [f"{'':12}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"]
     for label, key, scale in DETAIL_ROWS:
-        lines.append(f"{label:12}" + "".join(f"{fmt(summary.get(f'{key}_{q}'), scale):>10}"
-                                             for q in ("mean", "p50", "p90", "p99")))
+        lines.append(
+            f"{label:12}"
+            + "".join(f"{fmt(summary.get(f'{key}_{q}'), scale):>10}" for q in ("mean", "p50", "p90", "p99"))
+        )
     g = summary.get
     lines += [
         f"requests {g('num_requests')}  sessions {g('num_sessions')}  errors {g('num_errors')} {g('errors')}  "
@@ -567,13 +622,32 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchOptions, argparse.Na
     if a.trace:
         workload, params["path"] = "trace", a.trace
     options = BenchOptions(
-        base_url=a.base_url.rstrip("/"), workload=workload, params=params, sessions=a.sessions,
-        session_rate=a.session_rate, concurrency=a.concurrency, seed=a.seed, model=a.model,
-        vocab_size=a.vocab_size, max_model_len=a.max_model_len, max_prompt_tokens=a.max_prompt_tokens,
-        pause_scale=a.pause_scale, slo_ttft_s=a.slo_ttft, slo_tpot_s=a.slo_tpot, num_gpus=a.num_gpus,
-        max_requests=a.max_requests, timeout_s=a.timeout, request_timeout_s=a.request_timeout, api_key=a.api_key,
-        logprobs=not a.no_logprobs, return_token_ids=not a.no_return_token_ids, send_session_id=not a.no_session_id,
-        end_sessions=a.end_sessions, extra_body=json.loads(a.extra_body), label=a.label)
+        base_url=a.base_url.rstrip("/"),
+        workload=workload,
+        params=params,
+        sessions=a.sessions,
+        session_rate=a.session_rate,
+        concurrency=a.concurrency,
+        seed=a.seed,
+        model=a.model,
+        vocab_size=a.vocab_size,
+        max_model_len=a.max_model_len,
+        max_prompt_tokens=a.max_prompt_tokens,
+        pause_scale=a.pause_scale,
+        slo_ttft_s=a.slo_ttft,
+        slo_tpot_s=a.slo_tpot,
+        num_gpus=a.num_gpus,
+        max_requests=a.max_requests,
+        timeout_s=a.timeout,
+        request_timeout_s=a.request_timeout,
+        api_key=a.api_key,
+        logprobs=not a.no_logprobs,
+        return_token_ids=not a.no_return_token_ids,
+        send_session_id=not a.no_session_id,
+        end_sessions=a.end_sessions,
+        extra_body=json.loads(a.extra_body),
+        label=a.label,
+    )
     return options, a
 
 
@@ -585,11 +659,13 @@ def truncation_warning(summary: dict) -> str | None:
     limits = [f"max_model_len {summary['max_model_len']}"] if summary.get("max_model_len") else []
     if summary.get("max_prompt_tokens"):
         limits.append(f"--max-prompt-tokens {summary['max_prompt_tokens']}")
-    return (f"warning: {n} of {summary['num_sessions']} sessions were cut short by {' and '.join(limits)}: "
-            f"{summary['unsent_sessions']} sent nothing (their first call did not fit) and "
-            f"{summary['unsent_turns']} turns were not sent. Make the workload fit: --params "
-            f"context_max={summary.get('max_model_len') or 'N'} (for agentic_coding also prefix_tokens_min, "
-            "prefix_tokens_max, new_tokens_max and output_max that fit in it).")
+    return (
+        f"warning: {n} of {summary['num_sessions']} sessions were cut short by {' and '.join(limits)}: "
+        f"{summary['unsent_sessions']} sent nothing (their first call did not fit) and "
+        f"{summary['unsent_turns']} turns were not sent. Make the workload fit: --params "
+        f"context_max={summary.get('max_model_len') or 'N'} (for agentic_coding also prefix_tokens_min, "
+        "prefix_tokens_max, new_tokens_max and output_max that fit in it)."
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -614,8 +690,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(warning, file=sys.stderr)
     if not result.summary["num_requests"]:
         s = result.summary
-        raise SystemExit(f"bench_serving: no call completed ({s['requests_sent']} sent, {s['num_errors']} failed "
-                         f"{s['errors']}, {s['unsent_sessions']} of {options.sessions} sessions sent nothing)")
+        raise SystemExit(
+            f"bench_serving: no call completed ({s['requests_sent']} sent, {s['num_errors']} failed "
+            f"{s['errors']}, {s['unsent_sessions']} of {options.sessions} sessions sent nothing)"
+        )
     return result.summary
 
 

@@ -50,8 +50,12 @@ from sim.profile_cost import SHAPE_KEYS, STORAGE_DEFAULTS, ProfileCost, profile_
 from sim.specs import ModelSpec, load_model_spec
 
 # The engine's built-in shape (random weights) of each simulator model.
-ENGINE_SHAPES = {"llama3_8b": "llama-3.1-8b", "llama3_2_1b": "llama-3.2-1b", "qwen3_8b": "qwen3-8b",
-                 "smollm2_135m": "smollm2-135m"}
+ENGINE_SHAPES = {
+    "llama3_8b": "llama-3.1-8b",
+    "llama3_2_1b": "llama-3.2-1b",
+    "qwen3_8b": "qwen3-8b",
+    "smollm2_135m": "smollm2-135m",
+}
 # conf/hardware entries by the card's name.
 CARDS = (("H200", "h200"), ("H100", "h100_sxm"))
 
@@ -61,22 +65,28 @@ class GridSpec:
     """The calibration grid (module docstring); the defaults are sized for an 8B model on one H100/H200."""
 
     contexts: tuple[int, ...] = (512, 2048, 8192, 24576, 65536)
-    prefill_budget: int = 262_144          # prompt tokens a ladder may send (B * C <= this)
+    prefill_budget: int = 262_144  # prompt tokens a ladder may send (B * C <= this)
     max_batch: int = 256
-    steps_per_level: int = 6               # decode steps at each batch size of a ladder
+    steps_per_level: int = 6  # decode steps at each batch size of a ladder
     probe_fractions: tuple[float, ...] = (0.0, 0.5, 1.0)
     probe_lengths: tuple[int, ...] = (64, 256, 1024, 2048, 8192)
     arrival_lengths: tuple[int, ...] = (256, 800, 2048, 4096)
-    arrival_batch: int = 4                 # requests decoding while the arrivals come
-    arrival_gap_steps: int = 6             # decode steps between two arrivals
+    arrival_batch: int = 4  # requests decoding while the arrivals come
+    arrival_gap_steps: int = 6  # decode steps between two arrivals
     swap: bool = True
-    swap_context: int = 4096               # the swap phase's pool holds four requests of this many tokens
+    swap_context: int = 4096  # the swap phase's pool holds four requests of this many tokens
     seed: int = 0
 
     @classmethod
     def quick(cls) -> "GridSpec":
-        return cls(contexts=(512, 4096, 32768), prefill_budget=65536, max_batch=64, steps_per_level=4,
-                   probe_lengths=(64, 512, 2048, 8192), arrival_lengths=(256, 2048))
+        return cls(
+            contexts=(512, 4096, 32768),
+            prefill_budget=65536,
+            max_batch=64,
+            steps_per_level=4,
+            probe_lengths=(64, 512, 2048, 8192),
+            arrival_lengths=(256, 2048),
+        )
 
 
 # --------------------------------------------------------------------------- the grid, as SimPy processes
@@ -108,8 +118,9 @@ class GridDriver:
         b, per = len(prompts), self.spec.steps_per_level
         levels = [-(-b // (1 << k)) for k in range(max(1, b.bit_length()))]
         levels = sorted(set(levels), reverse=True)
-        yield self.env.all_of([self.submit(p, per * sum(1 for size in levels if size > i) + 1)
-                               for i, p in enumerate(prompts)])
+        yield self.env.all_of(
+            [self.submit(p, per * sum(1 for size in levels if size > i) + 1) for i, p in enumerate(prompts)]
+        )
 
     def probes(self, base: np.ndarray):
         for frac in self.spec.probe_fractions:
@@ -158,12 +169,21 @@ class GridDriver:
             yield self.env.all_of([self.submit(self.tokens(n), 3 * self.block) for n in lens])
 
 
-def run_grid(env: simpy.Environment, replica, spec: GridSpec, vocab_size: int, log: StepLog,
-             capacity_tokens: int, max_model_len: int, swap_phase: bool = False) -> None:
+def run_grid(
+    env: simpy.Environment,
+    replica,
+    spec: GridSpec,
+    vocab_size: int,
+    log: StepLog,
+    capacity_tokens: int,
+    max_model_len: int,
+    swap_phase: bool = False,
+) -> None:
     """Runs the grid (or the swap phase) on `replica` to its end."""
     driver = GridDriver(env, replica, spec, vocab_size, log)
-    gen = driver.swaps(replica.scheduler.config.num_blocks) if swap_phase else driver.run(capacity_tokens,
-                                                                                         max_model_len)
+    gen = (
+        driver.swaps(replica.scheduler.config.num_blocks) if swap_phase else driver.run(capacity_tokens, max_model_len)
+    )
     env.run(until=env.process(gen))
 
 
@@ -183,8 +203,16 @@ def calibrate_simulated(cost, spec: GridSpec, scheduler_config, swap_config=None
         env = simpy.Environment()
         collector = Collector(1, config.num_blocks, 1e9, Slo(1.0, 1.0))
         replica = RecordingReplica(env, 0, config, cost, collector, 1e-3, spec.seed, fast_forward=False, log=log)
-        run_grid(env, replica, spec, config.vocab_size, log, config.num_blocks * config.block_size,
-                 config.max_model_len, swap_phase=swap)
+        run_grid(
+            env,
+            replica,
+            spec,
+            config.vocab_size,
+            log,
+            config.num_blocks * config.block_size,
+            config.max_model_len,
+            swap_phase=swap,
+        )
     return log.rows
 
 
@@ -217,13 +245,22 @@ def engine_loaded(core):
 def check_shape(core, spec: ModelSpec) -> None:
     """Raises ValueError if the engine's model is not the simulator model's shape."""
     mc = core.model_config
-    engine = {"num_layers": mc.num_layers, "hidden_size": mc.hidden_size, "num_heads": mc.num_heads,
-              "num_kv_heads": mc.num_kv_heads, "head_dim": mc.head_dim, "intermediate_size": mc.intermediate_size,
-              "vocab_size": mc.vocab_size, "dtype_bytes": core.dtype.itemsize}
+    engine = {
+        "num_layers": mc.num_layers,
+        "hidden_size": mc.hidden_size,
+        "num_heads": mc.num_heads,
+        "num_kv_heads": mc.num_kv_heads,
+        "head_dim": mc.head_dim,
+        "intermediate_size": mc.intermediate_size,
+        "vocab_size": mc.vocab_size,
+        "dtype_bytes": core.dtype.itemsize,
+    }
     diff = {k: (engine[k], getattr(spec, k)) for k in SHAPE_KEYS if engine[k] != getattr(spec, k)}
     if diff:
-        raise ValueError(f"the engine's model differs from {spec.name}: "
-                         + ", ".join(f"{k} {a} (engine) vs {b}" for k, (a, b) in diff.items()))
+        raise ValueError(
+            f"the engine's model differs from {spec.name}: "
+            + ", ".join(f"{k} {a} (engine) vs {b}" for k, (a, b) in diff.items())
+        )
 
 
 def hardware_name(core) -> str:
@@ -248,17 +285,29 @@ def engine_meta(core, spec: ModelSpec, hardware: str) -> dict:
     """The profile's header: where and how the steps ran."""
     import torch
 
-    meta = {"model": spec.name, "engine_shape": core.source, "hardware": hardware,
-            "model_shape": {k: getattr(spec, k) for k in SHAPE_KEYS}, **engine_storage(core),
-            "device": str(core.device), "dtype": str(core.dtype).replace("torch.", ""), "torch": torch.__version__,
-            "kernels": dict(core.ops.chosen), "overlap": bool(core.overlap),
-            "graph_batch_sizes": list(core.runner.graphs.sizes) if core.runner.graphs is not None else [],
-            "block_size": core.config.block_size, "chunk_size": core.config.chunk_size,
-            "idle_chunk_size": core.scheduler_config.idle_chunk_size,
-            "max_num_batched_tokens": core.config.max_num_batched_tokens, "max_num_seqs": core.config.max_num_seqs,
-            "num_blocks": core.num_blocks, "timing": "loop period (experiments/engine_replica.py)",
-            "commit": git_commit(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version()}
+    meta = {
+        "model": spec.name,
+        "engine_shape": core.source,
+        "hardware": hardware,
+        "model_shape": {k: getattr(spec, k) for k in SHAPE_KEYS},
+        **engine_storage(core),
+        "device": str(core.device),
+        "dtype": str(core.dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "kernels": dict(core.ops.chosen),
+        "overlap": bool(core.overlap),
+        "graph_batch_sizes": list(core.runner.graphs.sizes) if core.runner.graphs is not None else [],
+        "block_size": core.config.block_size,
+        "chunk_size": core.config.chunk_size,
+        "idle_chunk_size": core.scheduler_config.idle_chunk_size,
+        "max_num_batched_tokens": core.config.max_num_batched_tokens,
+        "max_num_seqs": core.config.max_num_seqs,
+        "num_blocks": core.num_blocks,
+        "timing": "loop period (experiments/engine_replica.py)",
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+    }
     meta["max_graph_batch"] = max(meta["graph_batch_sizes"], default=0)
     if core.device.type == "cuda":
         meta["card"] = torch.cuda.get_device_name(core.device)
@@ -282,8 +331,9 @@ def git_commit() -> str:
         return os.environ["TANDEM_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -291,8 +341,12 @@ def git_commit() -> str:
 
 def _nvidia_smi(field_name: str) -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={field_name}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={field_name}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -310,28 +364,52 @@ def run_on_engine(core, spec: GridSpec, log: StepLog, swap_phase: bool = False) 
     env = simpy.rt.RealtimeEnvironment(strict=False)
     collector = Collector(1, core.num_blocks, 1e9, Slo(1.0, 1.0))
     replica = EngineReplica(env, 0, core, collector, 1e-3, spec.seed, SamplingParams(temperature=0.0), log)
-    run_grid(env, replica, spec, core.model_config.vocab_size, log, core.num_blocks * core.config.block_size,
-             core.max_model_len, swap_phase=swap_phase)
+    run_grid(
+        env,
+        replica,
+        spec,
+        core.model_config.vocab_size,
+        log,
+        core.num_blocks * core.config.block_size,
+        core.max_model_len,
+        swap_phase=swap_phase,
+    )
 
 
 def warm_up(core, spec: GridSpec) -> None:
     """Compiles and caches what the grid will use (kernels, graphs, GEMM choices) on a tiny grid; not recorded."""
-    small = dataclasses.replace(spec, contexts=tuple(c for c in (256, 1024) if c <= core.max_model_len // 2),
-                                prefill_budget=4096, max_batch=8, steps_per_level=2,
-                                probe_lengths=(64, 300, 2048), arrival_lengths=(100, 777), swap=False)
+    small = dataclasses.replace(
+        spec,
+        contexts=tuple(c for c in (256, 1024) if c <= core.max_model_len // 2),
+        prefill_budget=4096,
+        max_batch=8,
+        steps_per_level=2,
+        probe_lengths=(64, 300, 2048),
+        arrival_lengths=(100, 777),
+        swap=False,
+    )
     run_on_engine(core, small, StepLog())
 
 
-def calibrate_engine(spec: ModelSpec, engine_model: str, grid: GridSpec, *, hardware: str | None = None,
-                     device: str = "auto", engine_options: dict | None = None,
-                     progress: Callable[[str], None] = print) -> tuple[list, dict]:
+def calibrate_engine(
+    spec: ModelSpec,
+    engine_model: str,
+    grid: GridSpec,
+    *,
+    hardware: str | None = None,
+    device: str = "auto",
+    engine_options: dict | None = None,
+    progress: Callable[[str], None] = print,
+) -> tuple[list, dict]:
     """Runs the grid on a new engine of `engine_model` (which must have `spec`'s shape); returns (rows, meta)."""
     options = dict(engine_options or {})
     core = engine_for_model(engine_model, device, **options)
     check_shape(core, spec)
     meta = engine_meta(core, spec, hardware or hardware_name(core))
-    progress(f"engine: {meta['card']}, {core.num_blocks} KV blocks, overlap {core.overlap}, "
-             f"graphs up to batch {meta['max_graph_batch']}; warming up")
+    progress(
+        f"engine: {meta['card']}, {core.num_blocks} KV blocks, overlap {core.overlap}, "
+        f"graphs up to batch {meta['max_graph_batch']}; warming up"
+    )
     warm_up(core, grid)
     log = StepLog()
     progress("grid ...")
@@ -346,8 +424,18 @@ def calibrate_engine(spec: ModelSpec, engine_model: str, grid: GridSpec, *, hard
 
         block = block_bytes(loaded.model, options.get("block_size", 16), weights_dtype(loaded))
         host_gib = 2 * swap_blocks * block / 2**30  # room for the pool twice over
-        small = engine_for_model(engine_model, device, loaded=loaded, **{
-            **options, "num_gpu_blocks": swap_blocks, "swap_space_gb": host_gib, "preemption": "swap", "max_num_seqs": 8})
+        small = engine_for_model(
+            engine_model,
+            device,
+            loaded=loaded,
+            **{
+                **options,
+                "num_gpu_blocks": swap_blocks,
+                "swap_space_gb": host_gib,
+                "preemption": "swap",
+                "max_num_seqs": 8,
+            },
+        )
         warm_up(small, dataclasses.replace(grid, arrival_lengths=(), probe_lengths=(64,)))
         run_on_engine(small, grid, log, swap_phase=True)
     meta["grid"] = dataclasses.asdict(grid)
@@ -393,15 +481,20 @@ def main(argv: list[str] | None = None) -> ProfileCost:
     p.add_argument("--out", default="outputs/calibrate", help="where the profile CSV goes")
     p.add_argument("--save-to", help="the fit's JSON (default: conf/profiles/<hardware>/<model>.json)")
     p.add_argument("--fit", metavar="CSV", help="refit a saved profile (no engine run)")
-    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an EngineConfig field (JSON value), e.g. enforce_eager=true")
+    p.add_argument(
+        "--engine-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an EngineConfig field (JSON value), e.g. enforce_eager=true",
+    )
     a = p.parse_args(argv)
     if a.fit:
         cost = ProfileCost.fit(a.fit)
         model, hardware = cost.meta.get("model"), a.hardware or cost.meta.get("hardware")
         if not model or not hardware:
             raise SystemExit(f"{a.fit}: its header names no model or hardware; pass --hardware")
-        if model in ENGINE_SHAPES:   # the shape; the storage is what the profile says it measured
+        if model in ENGINE_SHAPES:  # the shape; the storage is what the profile says it measured
             cost.check_model(dataclasses.replace(load_model_spec(model), **profile_storage(cost.meta)))
         out_json = Path(a.save_to) if a.save_to else shipped_profile_path(model, hardware)
         cost.save(out_json)
@@ -414,8 +507,9 @@ def main(argv: list[str] | None = None) -> ProfileCost:
         engine_model = a.engine_model or ENGINE_SHAPES.get(spec.name)
         if engine_model is None:
             raise SystemExit(f"no engine shape for the model {spec.name!r}: pass --engine-model")
-        rows, meta = calibrate_engine(spec, engine_model, grid, hardware=a.hardware, device=a.device,
-                                      engine_options=options)
+        rows, meta = calibrate_engine(
+            spec, engine_model, grid, hardware=a.hardware, device=a.device, engine_options=options
+        )
         csv_path = Path(a.out) / meta["hardware"] / f"{meta['model']}.csv"
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         write_profile(csv_path, rows, meta)

@@ -36,8 +36,14 @@ from sim.cluster import Replica
 
 def plan_key(plan, start: float) -> tuple:
     """What identifies a plan's decisions: when, which requests, how many tokens, preemptions, KV copies."""
-    return (start, tuple(plan.req_ids.tolist()), tuple(plan.query_lens.tolist()), tuple(plan.cached_lens.tolist()),
-            tuple(plan.preempted_ids.tolist()), tuple(np.asarray(plan.kv_ops).reshape(-1).tolist()))
+    return (
+        start,
+        tuple(plan.req_ids.tolist()),
+        tuple(plan.query_lens.tolist()),
+        tuple(plan.cached_lens.tolist()),
+        tuple(plan.preempted_ids.tolist()),
+        tuple(np.asarray(plan.kv_ops).reshape(-1).tolist()),
+    )
 
 
 @dataclass
@@ -80,8 +86,10 @@ class ReplayCost:
             raise RuntimeError(f"replay: the simulation ran more steps than the {len(self.rows)} recorded")
         row = self.rows[self.at]
         if (plan.num_tokens, plan.num_reqs) != (row["num_tokens"], row["num_reqs"]):
-            raise RuntimeError(f"replay: step {self.at} plans {plan.num_reqs} requests / {plan.num_tokens} tokens; "
-                               f"the engine ran {row['num_reqs']} / {row['num_tokens']}")
+            raise RuntimeError(
+                f"replay: step {self.at} plans {plan.num_reqs} requests / {plan.num_tokens} tokens; "
+                f"the engine ran {row['num_reqs']} / {row['num_tokens']}"
+            )
         self.at += 1
         return row["seconds"]
 
@@ -91,8 +99,10 @@ class ReplayCost:
 
 def wall_clock(env: simpy.rt.RealtimeEnvironment):
     """The wall time on a real-time environment's clock (its `now` is the time of the event in hand)."""
+
     def now() -> float:
         return (time.monotonic() - env.real_start) / env.factor + env.env_start
+
     return now
 
 
@@ -110,15 +120,31 @@ class EngineReplica(Replica):
     """
 
     def __init__(self, env, index: int, core, metrics, idle_wait_s: float, seed: int, sampling, log: StepLog) -> None:
-        super().__init__(env, index, core.scheduler_config, None, metrics, idle_wait_s, seed,
-                         fast_forward=False, scheduler=core.scheduler)
+        super().__init__(
+            env,
+            index,
+            core.scheduler_config,
+            None,
+            metrics,
+            idle_wait_s,
+            seed,
+            fast_forward=False,
+            scheduler=core.scheduler,
+        )
         if sampling.needs_penalties:
             raise ValueError("the engine replica runs without penalties (it keeps no prompt ids for them)")
         self.core, self.sampling, self.log = core, sampling, log
         self.wall = wall_clock(env)
 
-    def submit(self, request_id: int, prompt: np.ndarray, max_new_tokens: int, session_id: str,
-               after: int | None = None, new_tokens: np.ndarray | None = None) -> simpy.Event:
+    def submit(
+        self,
+        request_id: int,
+        prompt: np.ndarray,
+        max_new_tokens: int,
+        session_id: str,
+        after: int | None = None,
+        new_tokens: np.ndarray | None = None,
+    ) -> simpy.Event:
         from engine.sampling import SequenceState
 
         done = super().submit(request_id, prompt, max_new_tokens, session_id, after, new_tokens)
@@ -141,21 +167,34 @@ class EngineReplica(Replica):
 
 def engine_replicas(core, idle_wait_s: float, seed: int, sampling, log: StepLog):
     """A `Simulation.run` replica_factory of one EngineReplica on `core` (one engine, one replica)."""
+
     def factory(env, index, scheduler_config, collector):
         if index:
             raise ValueError("an engine run has one replica (cluster.num_replicas=1)")
         core.reset(scheduler_config)
         return EngineReplica(env, index, core, collector, idle_wait_s, seed, sampling, log)
+
     return factory
 
 
 def replay_replicas(rows: list[dict], idle_wait_s: float, seed: int, log: StepLog):
     """A replica_factory of simulated replicas stepping by the measured `rows`' seconds, logging their plans."""
+
     def factory(env, index, scheduler_config, collector):
-        return RecordingReplica(env, index, scheduler_config, ReplayCost(rows), collector, idle_wait_s, seed,
-                                fast_forward=False, log=log)
+        return RecordingReplica(
+            env, index, scheduler_config, ReplayCost(rows), collector, idle_wait_s, seed, fast_forward=False, log=log
+        )
+
     return factory
 
 
-__all__ = ["EngineReplica", "RecordingReplica", "ReplayCost", "StepLog", "engine_replicas", "plan_key",
-           "replay_replicas", "wall_clock"]
+__all__ = [
+    "EngineReplica",
+    "RecordingReplica",
+    "ReplayCost",
+    "StepLog",
+    "engine_replicas",
+    "plan_key",
+    "replay_replicas",
+    "wall_clock",
+]

@@ -34,8 +34,8 @@ DEFAULT_OPTIONS = ("auto/none", "fp8_e4m3/none", "auto/fp8", "fp8_e4m3/fp8")
 class Reply:
     """One evaluation sequence: the chat-templated user turn and the assistant reply, as token ids."""
 
-    ids: tuple[int, ...]     # prompt + reply
-    reply_start: int         # the reply's first token is ids[reply_start]
+    ids: tuple[int, ...]  # prompt + reply
+    reply_start: int  # the reply's first token is ids[reply_start]
 
 
 def sharegpt_replies(tokenizer, turns: int, max_prompt: int, reply_min: int, reply_max: int) -> list[Reply]:
@@ -48,8 +48,9 @@ def sharegpt_replies(tokenizer, turns: int, max_prompt: int, reply_min: int, rep
         user, reply = msgs[0].get("value", ""), msgs[1].get("value", "")
         if not user.strip() or not reply.strip():
             continue
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
         if len(prompt_ids) > max_prompt or not reply_min <= len(reply_ids) <= reply_max:
@@ -106,17 +107,22 @@ def reply_nll(core, replies: list[Reply]) -> tuple[float, int]:
     try:
         for i, r in enumerate(replies):
             capture.hidden.clear()
-            core.add_request(900_000_000 + i, np.asarray(r.ids, dtype=np.int64),
-                             SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+            core.add_request(
+                900_000_000 + i,
+                np.asarray(r.ids, dtype=np.int64),
+                SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+            )
             while core.has_unfinished():
                 core.step()
             hidden = torch.cat(capture.hidden, dim=0)  # the prompt's tokens, in order (one request a step)
             if hidden.shape[0] != len(r.ids):
-                raise RuntimeError(f"captured {hidden.shape[0]} rows for a {len(r.ids)}-token prompt "
-                                   f"(prefix caching must be off and the prompt prefilled alone)")
-            rows = hidden[r.reply_start - 1:len(r.ids) - 1]
+                raise RuntimeError(
+                    f"captured {hidden.shape[0]} rows for a {len(r.ids)}-token prompt "
+                    f"(prefix caching must be off and the prompt prefilled alone)"
+                )
+            rows = hidden[r.reply_start - 1 : len(r.ids) - 1]
             logp = torch.log_softmax(core.model.compute_logits(rows).float(), dim=-1)
-            target = torch.tensor(r.ids[r.reply_start:], device=logp.device)
+            target = torch.tensor(r.ids[r.reply_start :], device=logp.device)
             total -= float(logp.gather(1, target[:, None]).sum())
             count += len(target)
     finally:
@@ -132,15 +138,30 @@ def evaluate(model: str, options: list[str], replies: list[Reply], engine_kw: di
     longest = max(len(r.ids) for r in replies)
     for option in options:
         kv_cache_dtype, quantization = option.split("/")
-        cfg = EngineConfig(model=model, kv_cache_dtype=kv_cache_dtype, quantization=quantization,
-                           enable_prefix_caching=False, max_model_len=longest + 8,
-                           chunk_size=longest, max_num_batched_tokens=longest, **engine_kw)
+        cfg = EngineConfig(
+            model=model,
+            kv_cache_dtype=kv_cache_dtype,
+            quantization=quantization,
+            enable_prefix_caching=False,
+            max_model_len=longest + 8,
+            chunk_size=longest,
+            max_num_batched_tokens=longest,
+            **engine_kw,
+        )
         core = EngineCore(cfg)
         start = time.perf_counter()
         nll, count = reply_nll(core, replies)
-        rows.append({"kv_cache_dtype": kv_cache_dtype, "quantization": quantization, "dtype": str(core.dtype),
-                     "tokens": count, "nll": nll / count, "perplexity": math.exp(nll / count),
-                     "seconds": time.perf_counter() - start})
+        rows.append(
+            {
+                "kv_cache_dtype": kv_cache_dtype,
+                "quantization": quantization,
+                "dtype": str(core.dtype),
+                "tokens": count,
+                "nll": nll / count,
+                "perplexity": math.exp(nll / count),
+                "seconds": time.perf_counter() - start,
+            }
+        )
         del core
     base = rows[0]["perplexity"]
     for row in rows:
@@ -152,8 +173,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="", help="an engine model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--turns", type=int, default=200)
-    parser.add_argument("--options", nargs="+", default=list(DEFAULT_OPTIONS), metavar="KV/WEIGHTS",
-                        help="kv_cache_dtype/quantization pairs; the first is the baseline")
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        default=list(DEFAULT_OPTIONS),
+        metavar="KV/WEIGHTS",
+        help="kv_cache_dtype/quantization pairs; the first is the baseline",
+    )
     parser.add_argument("--max-prompt", type=int, default=256)
     parser.add_argument("--reply-min", type=int, default=32)
     parser.add_argument("--reply-max", type=int, default=384)
@@ -163,19 +189,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for option in args.options:
         if option.count("/") != 1:
             parser.error(f"--options takes kv_cache_dtype/quantization pairs, got {option!r}")
-    from engine.loader import load_tokenizer
     from engine.config import EngineConfig
+    from engine.loader import load_tokenizer
 
     tokenizer = load_tokenizer(EngineConfig(model=args.model))
     if tokenizer is None:
         raise SystemExit(f"model {args.model!r} has no tokenizer to template the conversations with")
     replies = sharegpt_replies(tokenizer, args.turns, args.max_prompt, args.reply_min, args.reply_max)
     rows = evaluate(args.model, args.options, replies, {"device": args.device})
-    print(f"{len(replies)} ShareGPT replies, {rows[0]['tokens']} reply tokens; model {args.model or 'SmolLM2-135M-Instruct'}")
+    print(
+        f"{len(replies)} ShareGPT replies, {rows[0]['tokens']} reply tokens; "
+        f"model {args.model or 'SmolLM2-135M-Instruct'}"
+    )
     print(f"{'kv_cache_dtype':>15} {'quantization':>12} {'dtype':>15} | {'perplexity':>10} {'ratio':>7} {'s':>7}")
     for r in rows:
-        print(f"{r['kv_cache_dtype']:>15} {r['quantization']:>12} {r['dtype']:>15} | {r['perplexity']:>10.4f} "
-              f"{r['ratio']:>7.4f} {r['seconds']:>7.1f}")
+        print(
+            f"{r['kv_cache_dtype']:>15} {r['quantization']:>12} {r['dtype']:>15} | {r['perplexity']:>10.4f} "
+            f"{r['ratio']:>7.4f} {r['seconds']:>7.1f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

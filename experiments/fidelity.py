@@ -47,8 +47,17 @@ from omegaconf import DictConfig, OmegaConf
 from controlplane.cli import fix_sys_argv
 from controlplane.profile import FEATURES, PREFILL_ROWS, decode_prefill_rows
 from experiments import fidelity_report as R
-from experiments.calibrate import (ENGINE_SHAPES, GridSpec, check_shape, engine_for_model, engine_loaded,
-                                   engine_meta, free_device, hardware_name, warm_up)
+from experiments.calibrate import (
+    ENGINE_SHAPES,
+    GridSpec,
+    check_shape,
+    engine_for_model,
+    engine_loaded,
+    engine_meta,
+    free_device,
+    hardware_name,
+    warm_up,
+)
 from experiments.engine_replica import StepLog, engine_replicas, replay_replicas
 from sim.cost import shipped_profile_path
 from sim.profile_cost import STORAGE_DEFAULTS, ProfileCost, profile_storage
@@ -65,39 +74,39 @@ class RunConf:
     name: str = "run"
     workload: str = "swe_smith"
     params: Dict[str, Any] = field(default_factory=dict)
-    mode: str = "closed"                    # closed: `concurrency` sessions in flight; open: `session_rate`
+    mode: str = "closed"  # closed: `concurrency` sessions in flight; open: `session_rate`
     concurrency: int = 1
     sessions: int = 2
     session_rate: Optional[float] = None
-    policy: str = "lru"                     # a conf/policy name ...
-    ordering: Optional[str] = None          # ... with these specs in place of its own
+    policy: str = "lru"  # a conf/policy name ...
+    ordering: Optional[str] = None  # ... with these specs in place of its own
     eviction: Optional[str] = None
     preemption: Optional[str] = None
-    kv_blocks: Optional[int] = None         # the engine's KV pool (None: sized from free memory)
-    group: Optional[str] = None             # runs of one group are ranked by policy
-    server: bool = False                    # also through engine.serve + bench_serving
+    kv_blocks: Optional[int] = None  # the engine's KV pool (None: sized from free memory)
+    group: Optional[str] = None  # runs of one group are ranked by policy
+    server: bool = False  # also through engine.serve + bench_serving
 
 
 @dataclass
 class FidelityConf:
-    model: str = "llama3_8b"                # conf/model name or .yaml path
-    engine_model: Optional[str] = None      # the engine's shape or config.json (default: ENGINE_SHAPES[model])
-    hardware: Optional[str] = None          # conf/hardware name (None: from the card)
-    profile_path: Optional[str] = None      # None: conf/profiles/<hardware>/<model>.json
+    model: str = "llama3_8b"  # conf/model name or .yaml path
+    engine_model: Optional[str] = None  # the engine's shape or config.json (default: ENGINE_SHAPES[model])
+    hardware: Optional[str] = None  # conf/hardware name (None: from the card)
+    profile_path: Optional[str] = None  # None: conf/profiles/<hardware>/<model>.json
     device: str = "auto"
     seed: int = 0
-    engine: Dict[str, Any] = field(default_factory=dict)   # EngineConfig fields of every engine run
+    engine: Dict[str, Any] = field(default_factory=dict)  # EngineConfig fields of every engine run
     runs: List[RunConf] = field(default_factory=list)
-    only: List[str] = field(default_factory=list)           # run names to run (empty: all)
-    server: bool = True                     # the runs marked `server` also through the server
+    only: List[str] = field(default_factory=list)  # run names to run (empty: all)
+    server: bool = True  # the runs marked `server` also through the server
     server_port: int = 8391
     warmup: bool = True
-    out_dir: str = "."                      # results.json and plots
-    report: Optional[str] = None            # the markdown report's path (None: out_dir/fidelity.md)
-    plots_dir: Optional[str] = None         # None: out_dir
+    out_dir: str = "."  # results.json and plots
+    report: Optional[str] = None  # the markdown report's path (None: out_dir/fidelity.md)
+    plots_dir: Optional[str] = None  # None: out_dir
     command: str = "python -m experiments.fidelity"
-    render: Optional[str] = None            # a results.json to write the report of (no run) ...
-    retwin: bool = False                    # ... after running its twin's side again on the profile at hand
+    render: Optional[str] = None  # a results.json to write the report of (no run) ...
+    retwin: bool = False  # ... after running its twin's side again on the profile at hand
 
 
 ConfigStore.instance().store(name="fidelity_schema", node=FidelityConf)
@@ -138,27 +147,43 @@ def policy_label(run: RunConf) -> str:
 def engine_section(core) -> dict:
     """The simulator's `engine` section of an engine: its exact scheduler settings and KV sizes."""
     c = core.config
-    return {"block_size": c.block_size, "max_num_seqs": c.max_num_seqs,
-            "max_num_batched_tokens": c.max_num_batched_tokens, "chunk_size": c.chunk_size,
-            "idle_chunk_size": core.scheduler_config.idle_chunk_size,  # resolved (EngineConfig's None: auto)
-            "max_model_len": core.max_model_len, "enable_prefix_caching": c.enable_prefix_caching,
-            "num_gpu_blocks": core.num_blocks, "num_host_blocks": core.num_host_blocks,
-            "num_lookahead_tokens": 1 if core.overlap else 0}
+    return {
+        "block_size": c.block_size,
+        "max_num_seqs": c.max_num_seqs,
+        "max_num_batched_tokens": c.max_num_batched_tokens,
+        "chunk_size": c.chunk_size,
+        "idle_chunk_size": core.scheduler_config.idle_chunk_size,  # resolved (EngineConfig's None: auto)
+        "max_model_len": core.max_model_len,
+        "enable_prefix_caching": c.enable_prefix_caching,
+        "num_gpu_blocks": core.num_blocks,
+        "num_host_blocks": core.num_host_blocks,
+        "num_lookahead_tokens": 1 if core.overlap else 0,
+    }
 
 
 def sim_config(fc: FidelityConf, run: RunConf, engine: dict, cost_model: str, profile_path: str | None) -> dict:
     """The simulator configuration of `run` on an engine of these settings (`engine_section`)."""
     return {
-        "model": {**dataclasses.asdict(load_model_spec(fc.model)),   # stored as the engine runs it
-                  **{k: fc.engine[k] for k in STORAGE_DEFAULTS if k in fc.engine}},
+        "model": {
+            **dataclasses.asdict(load_model_spec(fc.model)),  # stored as the engine runs it
+            **{k: fc.engine[k] for k in STORAGE_DEFAULTS if k in fc.engine},
+        },
         "hardware": dataclasses.asdict(load_hardware_spec(fc.hardware)),
         "workload": {"name": run.workload, "params": dict(run.params)},
         "policy": policy_section(run),
         "cluster": {"num_replicas": 1, "router": "round_robin"},
         "engine": dict(engine),
-        "sim": {"seed": fc.seed, "mode": run.mode, "num_sessions": run.sessions, "session_rate": run.session_rate,
-                "concurrency": run.concurrency, "cost_model": cost_model, "profile_path": profile_path,
-                "progress": False, "kv_sample_interval_s": 0.25},
+        "sim": {
+            "seed": fc.seed,
+            "mode": run.mode,
+            "num_sessions": run.sessions,
+            "session_rate": run.session_rate,
+            "concurrency": run.concurrency,
+            "cost_model": cost_model,
+            "profile_path": profile_path,
+            "progress": False,
+            "kv_sample_interval_s": 0.25,
+        },
         "wandb": {"mode": "disabled"},
     }
 
@@ -172,9 +197,10 @@ def run_engine(core, cfg: dict, seed: int):
 
     steps = StepLog()
     sim = Simulation(cfg)
-    result = sim.run(env=WallEnvironment(),
-                     replica_factory=engine_replicas(core, sim.cfg.sim.idle_wait_s, seed,
-                                                     SamplingParams(temperature=0.0), steps))
+    result = sim.run(
+        env=WallEnvironment(),
+        replica_factory=engine_replicas(core, sim.cfg.sim.idle_wait_s, seed, SamplingParams(temperature=0.0), steps),
+    )
     return result, steps
 
 
@@ -200,8 +226,9 @@ def step_predictions(cost: ProfileCost, steps: StepLog) -> tuple[np.ndarray, np.
     measured = np.array([row["seconds"] for row in steps.rows])
     if not len(measured):
         return np.zeros(0), measured
-    prefill = [np.asarray(decode_prefill_rows(row[PREFILL_ROWS]), dtype=np.float64).reshape(-1, 2)
-               for row in steps.rows]
+    prefill = [
+        np.asarray(decode_prefill_rows(row[PREFILL_ROWS]), dtype=np.float64).reshape(-1, 2) for row in steps.rows
+    ]
     return cost.predict(features, prefill), measured
 
 
@@ -212,8 +239,16 @@ def run_server(fc: FidelityConf, run: RunConf, engine_model: str, num_blocks: in
     from experiments.bench_serving import BenchOptions, run_benchmark
 
     options = {"load_format": "dummy", "device": fc.device, **fc.engine, "num_gpu_blocks": num_blocks}
-    cmd = [sys.executable, "-m", "engine.serve", f"model={engine_model}", f"port={fc.server_port}",
-           "log_level=warning", "hydra.run.dir=" + str(out / "server"), "hydra.output_subdir=null"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.serve",
+        f"model={engine_model}",
+        f"port={fc.server_port}",
+        "log_level=warning",
+        "hydra.run.dir=" + str(out / "server"),
+        "hydra.output_subdir=null",
+    ]
     cmd += [f"engine.{k}={json.dumps(v)}" for k, v in options.items()]
     base = f"http://127.0.0.1:{fc.server_port}/v1"
     with open(out / f"server-{run.name}.log", "w") as logf:
@@ -231,17 +266,36 @@ def run_server(fc: FidelityConf, run: RunConf, engine_model: str, num_blocks: in
                 if time.monotonic() > deadline:
                     raise RuntimeError("the server did not start within 900 s")
                 time.sleep(1.0)
-            common = dict(base_url=base, workload=run.workload, seed=fc.seed, end_sessions=True,
-                          extra_body={"temperature": 0.0}, label="server")
+            common = dict(
+                base_url=base,
+                workload=run.workload,
+                seed=fc.seed,
+                end_sessions=True,
+                extra_body={"temperature": 0.0},
+                label="server",
+            )
             # a short warm-up (kernels compile on first use), another seed, so no prefix is shared
-            warm = {**run.params, "first_turn_tokens": 3000, "turns_min": 2, "turns_max": 2, "output_tokens": 32} \
-                if run.workload == "swe_smith" else dict(run.params)
-            asyncio.run(run_benchmark(BenchOptions(**{**common, "seed": fc.seed + 1000, "params": warm},
-                                                   sessions=2, concurrency=2)))
-            result = asyncio.run(run_benchmark(BenchOptions(
-                **common, params=dict(run.params), sessions=run.sessions,
-                concurrency=run.concurrency if run.mode == "closed" else None,
-                session_rate=run.session_rate if run.mode == "open" else None)))
+            warm = (
+                {**run.params, "first_turn_tokens": 3000, "turns_min": 2, "turns_max": 2, "output_tokens": 32}
+                if run.workload == "swe_smith"
+                else dict(run.params)
+            )
+            asyncio.run(
+                run_benchmark(
+                    BenchOptions(**{**common, "seed": fc.seed + 1000, "params": warm}, sessions=2, concurrency=2)
+                )
+            )
+            result = asyncio.run(
+                run_benchmark(
+                    BenchOptions(
+                        **common,
+                        params=dict(run.params),
+                        sessions=run.sessions,
+                        concurrency=run.concurrency if run.mode == "closed" else None,
+                        session_rate=run.session_rate if run.mode == "open" else None,
+                    )
+                )
+            )
             return result.summary
         finally:
             proc.terminate()
@@ -284,7 +338,7 @@ def evaluate(fc: FidelityConf, progress=print) -> dict:
             meta = engine_meta(core, spec, fc.hardware)
             source = fc.profile_path or str(shipped_profile_path(spec.name, fc.hardware))
             cost = ProfileCost.load(source) if source.endswith(".json") else ProfileCost.fit(source)
-            cost.check_model(dataclasses.replace(spec, **profile_storage(meta)))   # the engine's storage
+            cost.check_model(dataclasses.replace(spec, **profile_storage(meta)))  # the engine's storage
             _check_profile(cost, meta)
             profile_path = str(out / "profile.json")  # the twins read this copy: the run outlives edits of conf/
             cost.save(profile_path)
@@ -301,16 +355,32 @@ def evaluate(fc: FidelityConf, progress=print) -> dict:
             twin = Simulation(sim_config(fc, run, engine, "profile", profile_path)).run()
             equal, detail = run_replay(sim_config(fc, run, engine, "roofline", None), steps, fc.seed)
             predicted, measured = step_predictions(cost, steps)
-            results.append({"run": dataclasses.asdict(run), "engine": _plain(engine_result.summary),
-                            "twin": _plain(twin.summary), "twin_notes": twin.notes,
-                            "replay_equal": equal, "replay_detail": detail,
-                            "steps": {"measured": measured.tolist(), "predicted": predicted.tolist(),
-                                      "features": [[r[f] for f in FEATURES] for r in steps.rows],
-                                      "prefill_rows": [r[PREFILL_ROWS] for r in steps.rows]},
-                            "requests": {"engine": _per_request(engine_result), "twin": _per_request(twin)},
-                            "num_blocks": core.num_blocks, "engine_model": engine_model, "engine_settings": engine})
-            partial = {"meta": meta, "profile": {"path": source, "meta": cost.meta}, "config": dataclasses.asdict(fc),
-                       "runs": results}
+            results.append(
+                {
+                    "run": dataclasses.asdict(run),
+                    "engine": _plain(engine_result.summary),
+                    "twin": _plain(twin.summary),
+                    "twin_notes": twin.notes,
+                    "replay_equal": equal,
+                    "replay_detail": detail,
+                    "steps": {
+                        "measured": measured.tolist(),
+                        "predicted": predicted.tolist(),
+                        "features": [[r[f] for f in FEATURES] for r in steps.rows],
+                        "prefill_rows": [r[PREFILL_ROWS] for r in steps.rows],
+                    },
+                    "requests": {"engine": _per_request(engine_result), "twin": _per_request(twin)},
+                    "num_blocks": core.num_blocks,
+                    "engine_model": engine_model,
+                    "engine_settings": engine,
+                }
+            )
+            partial = {
+                "meta": meta,
+                "profile": {"path": source, "meta": cost.meta},
+                "config": dataclasses.asdict(fc),
+                "runs": results,
+            }
             (out / "results.partial.json").write_text(json.dumps(partial, default=_json_default) + "\n")
         del core
         free_device()
@@ -322,8 +392,12 @@ def evaluate(fc: FidelityConf, progress=print) -> dict:
             if run.server:
                 progress(f"{run.name}: through the server ...")
                 result["server"] = _plain(run_server(fc, run, engine_model, result["num_blocks"], out))
-    return {"meta": meta, "profile": {"path": source, "meta": cost.meta, "describe": cost.describe()},
-            "config": dataclasses.asdict(fc), "runs": results}
+    return {
+        "meta": meta,
+        "profile": {"path": source, "meta": cost.meta, "describe": cost.describe()},
+        "config": dataclasses.asdict(fc),
+        "runs": results,
+    }
 
 
 def retwin(results: dict, fc: FidelityConf, out: Path) -> dict:
@@ -341,13 +415,21 @@ def retwin(results: dict, fc: FidelityConf, out: Path) -> dict:
     for r in results["runs"]:
         run = RunConf(**r["run"])
         engine = r.get("engine_settings") or {  # results written before engine_settings: the engine's defaults
-            "block_size": meta["block_size"], "max_num_seqs": meta["max_num_seqs"],
-            "max_num_batched_tokens": meta["max_num_batched_tokens"], "chunk_size": meta["chunk_size"],
-            "max_model_len": 131072, "enable_prefix_caching": True, "num_gpu_blocks": r["num_blocks"],
-            "num_host_blocks": 0, "num_lookahead_tokens": 1 if meta["overlap"] else 0}
+            "block_size": meta["block_size"],
+            "max_num_seqs": meta["max_num_seqs"],
+            "max_num_batched_tokens": meta["max_num_batched_tokens"],
+            "chunk_size": meta["chunk_size"],
+            "max_model_len": 131072,
+            "enable_prefix_caching": True,
+            "num_gpu_blocks": r["num_blocks"],
+            "num_host_blocks": 0,
+            "num_lookahead_tokens": 1 if meta["overlap"] else 0,
+        }
         twin = Simulation(sim_config(fc, run, engine, "profile", profile_path)).run()
         features = np.asarray(r["steps"]["features"], dtype=np.float64)
-        prefill = [np.asarray(decode_prefill_rows(t), dtype=np.float64).reshape(-1, 2) for t in r["steps"]["prefill_rows"]]
+        prefill = [
+            np.asarray(decode_prefill_rows(t), dtype=np.float64).reshape(-1, 2) for t in r["steps"]["prefill_rows"]
+        ]
         r.update(twin=_plain(twin.summary), twin_notes=twin.notes, engine_settings=engine)
         r["requests"]["twin"] = _per_request(twin)
         r["steps"]["predicted"] = cost.predict(features, prefill).tolist() if len(features) else []
@@ -361,8 +443,10 @@ def _check_profile(cost: ProfileCost, meta: dict) -> None:
         if key in cost.meta and cost.meta[key] != meta[key]:
             raise ValueError(f"the profile was measured with {key}={cost.meta[key]}, this engine runs {meta[key]}")
     if cost.max_graph_batch != meta["max_graph_batch"]:
-        raise ValueError(f"the profile's decode graphs go up to batch {cost.max_graph_batch}, this engine's "
-                         f"to {meta['max_graph_batch']}")
+        raise ValueError(
+            f"the profile's decode graphs go up to batch {cost.max_graph_batch}, this engine's "
+            f"to {meta['max_graph_batch']}"
+        )
 
 
 def _per_request(result) -> dict:
@@ -389,11 +473,24 @@ def reports(results: dict) -> tuple[list[R.RunReport], dict, list[dict]]:
     for r in results["runs"]:
         step = R.step_errors(r["steps"]["predicted"], r["steps"]["measured"])
         run = RunConf(**r["run"])
-        desc = (f"{run.workload} {r['run']['params'] or ''}, {run.mode} loop "
-                + (f"concurrency {run.concurrency}" if run.mode == "closed" else f"rate {run.session_rate}/s")
-                + f", {run.sessions} sessions, policy {policy_label(run)}, {r['num_blocks']} KV blocks")
-        runs.append(R.RunReport(run.name, desc, r["engine"], r["twin"], step, r["replay_equal"], r["replay_detail"],
-                                r.get("server"), r["twin"] if r.get("server") else None))
+        desc = (
+            f"{run.workload} {r['run']['params'] or ''}, {run.mode} loop "
+            + (f"concurrency {run.concurrency}" if run.mode == "closed" else f"rate {run.session_rate}/s")
+            + f", {run.sessions} sessions, policy {policy_label(run)}, {r['num_blocks']} KV blocks"
+        )
+        runs.append(
+            R.RunReport(
+                run.name,
+                desc,
+                r["engine"],
+                r["twin"],
+                step,
+                r["replay_equal"],
+                r["replay_detail"],
+                r.get("server"),
+                r["twin"] if r.get("server") else None,
+            )
+        )
     measured = np.concatenate([np.asarray(r["steps"]["measured"]) for r in results["runs"]])
     predicted = np.concatenate([np.asarray(r["steps"]["predicted"]) for r in results["runs"]])
     overall = R.step_errors(predicted, measured)
@@ -419,9 +516,15 @@ def write_report(results: dict, path: Path, plots_dir: Path) -> str:
     predicted = np.concatenate([np.asarray(r["steps"]["predicted"]) for r in results["runs"]])
     R.plot_steps(plots_dir / "steps.png", measured, predicted, labels)
     for key, label, scale in (("ttft", "TTFT (s)", 1.0), ("tpot", "TPOT (ms)", 1e3)):
-        R.plot_cdfs(plots_dir / f"{key}.png", {r["run"]["name"]: (np.asarray(r["requests"]["engine"][key]),
-                                                                  np.asarray(r["requests"]["twin"][key]))
-                                               for r in results["runs"]}, label, scale)
+        R.plot_cdfs(
+            plots_dir / f"{key}.png",
+            {
+                r["run"]["name"]: (np.asarray(r["requests"]["engine"][key]), np.asarray(r["requests"]["twin"][key]))
+                for r in results["runs"]
+            },
+            label,
+            scale,
+        )
     m, p = results["meta"], results["profile"]["meta"]
     rel = os.path.relpath(plots_dir, path.parent)
     lines = [
@@ -450,8 +553,16 @@ def write_report(results: dict, path: Path, plots_dir: Path) -> str:
         "",
     ]
     for run in runs:
-        lines += [f"### {run.name}", "", run.description + ".", "", R.run_table(run), "",
-                  f"Replay (the simulator stepping by the measured seconds): {run.replay_detail}.", ""]
+        lines += [
+            f"### {run.name}",
+            "",
+            run.description + ".",
+            "",
+            R.run_table(run),
+            "",
+            f"Replay (the simulator stepping by the measured seconds): {run.replay_detail}.",
+            "",
+        ]
         notes = next(r["twin_notes"] for r in results["runs"] if r["run"]["name"] == run.name)
         if notes:
             lines += ["Twin notes: " + "; ".join(notes) + ".", ""]
@@ -461,16 +572,31 @@ def write_report(results: dict, path: Path, plots_dir: Path) -> str:
             lines += [R.ranking_table(r), ""]
     served = [run for run in runs if run.server]
     if served:
-        lines += ["## Through the server", "",
-                  "The same runs via `python -m experiments.bench_serving` against `python -m engine.serve` "
-                  "(gateway, tokenizer-free token-id prompts, streamed token ids; client-side times).", ""]
+        lines += [
+            "## Through the server",
+            "",
+            "The same runs via `python -m experiments.bench_serving` against `python -m engine.serve` "
+            "(gateway, tokenizer-free token-id prompts, streamed token ids; client-side times).",
+            "",
+        ]
         for run in served:
             server_run = R.RunReport(run.name + " (server)", "", run.server, run.twin, run.step)
             lines += [f"### {run.name} through the server", "", R.run_table(server_run), ""]
-            lines += [f"output ids from the server: {run.server.get('output_ids_from_server')}, synthetic: "
-                      f"{run.server.get('output_ids_synthetic')}; prefix hit rate {run.server.get('prefix_hit_rate')}", ""]
-    lines += ["## Plots", "", f"![predicted vs measured step time]({rel}/steps.png)", "",
-              f"![TTFT CDFs]({rel}/ttft.png)", "", f"![TPOT CDFs]({rel}/tpot.png)", ""]
+            lines += [
+                f"output ids from the server: {run.server.get('output_ids_from_server')}, synthetic: "
+                f"{run.server.get('output_ids_synthetic')}; prefix hit rate {run.server.get('prefix_hit_rate')}",
+                "",
+            ]
+    lines += [
+        "## Plots",
+        "",
+        f"![predicted vs measured step time]({rel}/steps.png)",
+        "",
+        f"![TTFT CDFs]({rel}/ttft.png)",
+        "",
+        f"![TPOT CDFs]({rel}/tpot.png)",
+        "",
+    ]
     text = "\n".join(lines)
     path.write_text(text)
     return R.verdict_table(checks) + "\n\n" + R.summary_table(runs)

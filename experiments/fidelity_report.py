@@ -69,8 +69,12 @@ def step_errors(predicted: Sequence[float], measured: Sequence[float]) -> dict[s
     if not keep.any():
         return {"median": math.nan, "p90": math.nan, "signed_mean": math.nan, "n": 0}
     rel = (p[keep] - m[keep]) / m[keep]
-    return {"median": float(np.median(np.abs(rel))), "p90": float(np.percentile(np.abs(rel), 90)),
-            "signed_mean": float(rel.mean()), "n": int(keep.sum())}
+    return {
+        "median": float(np.median(np.abs(rel))),
+        "p90": float(np.percentile(np.abs(rel), 90)),
+        "signed_mean": float(rel.mean()),
+        "n": int(keep.sum()),
+    }
 
 
 def ranking(pairs: Mapping[str, tuple[Mapping, Mapping]], key: str, higher_is_better: bool) -> dict:
@@ -84,17 +88,27 @@ def ranking(pairs: Mapping[str, tuple[Mapping, Mapping]], key: str, higher_is_be
         {"engine": [...], "twin": [...], "same": bool, "engine_values": {...}, "twin_values": {...},
          "min_gap": the smallest relative gap between neighbours in the engine's order}.
     """
+
     def order(side: int) -> list[str]:
         values = {name: metric(p[side], key) for name, p in pairs.items()}
         return sorted(values, key=lambda n: -values[n] if higher_is_better else values[n])
 
     engine_values = {n: metric(p[0], key) for n, p in pairs.items()}
     engine_order, twin_order = order(0), order(1)
-    gaps = [abs(engine_values[b] - engine_values[a]) / abs(engine_values[a])
-            for a, b in zip(engine_order, engine_order[1:]) if engine_values[a]]
-    return {"key": key, "engine": engine_order, "twin": twin_order, "same": engine_order == twin_order,
-            "engine_values": engine_values, "twin_values": {n: metric(p[1], key) for n, p in pairs.items()},
-            "min_gap": min(gaps) if gaps else math.nan}
+    gaps = [
+        abs(engine_values[b] - engine_values[a]) / abs(engine_values[a])
+        for a, b in zip(engine_order, engine_order[1:])
+        if engine_values[a]
+    ]
+    return {
+        "key": key,
+        "engine": engine_order,
+        "twin": twin_order,
+        "same": engine_order == twin_order,
+        "engine_values": engine_values,
+        "twin_values": {n: metric(p[1], key) for n, p in pairs.items()},
+        "min_gap": min(gaps) if gaps else math.nan,
+    }
 
 
 @dataclass
@@ -106,9 +120,9 @@ class RunReport:
     engine: Mapping
     twin: Mapping
     step: Mapping[str, float]
-    replay_equal: bool | None = None          # the simulator, fed the measured step times, planned as the engine did
+    replay_equal: bool | None = None  # the simulator, fed the measured step times, planned as the engine did
     replay_detail: str = ""
-    server: Mapping | None = None             # the same run through engine.serve + bench_serving
+    server: Mapping | None = None  # the same run through engine.serve + bench_serving
     twin_for_server: Mapping | None = None
     comparison: dict = field(default_factory=dict)
 
@@ -119,8 +133,10 @@ class RunReport:
 
 def verdict(runs: Sequence[RunReport], overall_step: Mapping[str, float], rankings: Sequence[Mapping]) -> list[dict]:
     """Each target with its worst value over the runs: {"target", "value", "bound", "met"}."""
-    checks = [{"target": "per-step |error| median", "value": overall_step["median"], "bound": STEP_MEDIAN_TARGET},
-              {"target": "per-step |error| p90", "value": overall_step["p90"], "bound": STEP_P90_TARGET}]
+    checks = [
+        {"target": "per-step |error| median", "value": overall_step["median"], "bound": STEP_MEDIAN_TARGET},
+        {"target": "per-step |error| p90", "value": overall_step["p90"], "bound": STEP_P90_TARGET},
+    ]
     for key, label, bound in METRICS:
         if bound is None:
             continue
@@ -134,12 +150,24 @@ def verdict(runs: Sequence[RunReport], overall_step: Mapping[str, float], rankin
     for c in checks:
         c["met"] = bool(math.isfinite(c["value"]) and c["value"] <= c["bound"])
     for r in rankings:
-        checks.append({"target": f"ranking by {r['key']}", "value": " > ".join(r["engine"]),
-                       "bound": " > ".join(r["twin"]), "met": bool(r["same"])})
+        checks.append(
+            {
+                "target": f"ranking by {r['key']}",
+                "value": " > ".join(r["engine"]),
+                "bound": " > ".join(r["twin"]),
+                "met": bool(r["same"]),
+            }
+        )
     replays = [r for r in runs if r.replay_equal is not None]
     if replays:
-        checks.append({"target": "replayed plan sequence equals the engine's", "value": sum(r.replay_equal for r in replays),
-                       "bound": len(replays), "met": all(r.replay_equal for r in replays)})
+        checks.append(
+            {
+                "target": "replayed plan sequence equals the engine's",
+                "value": sum(r.replay_equal for r in replays),
+                "bound": len(replays),
+                "met": all(r.replay_equal for r in replays),
+            }
+        )
     return checks
 
 
@@ -164,11 +192,14 @@ def run_table(run: RunReport) -> str:
     lines = ["| metric | engine | twin | twin error |", "|---|---:|---:|---:|"]
     for key, label, bound in METRICS:
         c = run.comparison[key]
-        mark = "" if bound is None or not math.isfinite(c["rel_err"]) else (" ✓" if abs(c["rel_err"]) <= bound else " ✗")
+        mark = (
+            "" if bound is None or not math.isfinite(c["rel_err"]) else (" ✓" if abs(c["rel_err"]) <= bound else " ✗")
+        )
         lines.append(f"| {label} | {_fmt(c['engine'], key)} | {_fmt(c['twin'], key)} | {_pct(c['rel_err'])}{mark} |")
     s = run.step
-    lines.append(f"| per-step |error| median / p90 ({s['n']} steps) | | | {100 * s['median']:.1f}% / "
-                 f"{100 * s['p90']:.1f}% |")
+    lines.append(
+        f"| per-step |error| median / p90 ({s['n']} steps) | | | {100 * s['median']:.1f}% / {100 * s['p90']:.1f}% |"
+    )
     return "\n".join(lines)
 
 
@@ -198,10 +229,14 @@ def verdict_table(checks: Sequence[Mapping]) -> str:
 def ranking_table(r: Mapping) -> str:
     lines = [f"| policy | engine {r['key']} | twin {r['key']} |", "|---|---:|---:|"]
     for name in r["engine"]:
-        lines.append(f"| {name} | {_fmt(r['engine_values'][name], r['key'])} | {_fmt(r['twin_values'][name], r['key'])} |")
-    lines.append(f"\nengine order: {' > '.join(r['engine'])}; twin order: {' > '.join(r['twin'])} "
-                 f"({'the same' if r['same'] else 'different'}; smallest gap between neighbours on the engine "
-                 f"{_pct(r['min_gap'])})")
+        lines.append(
+            f"| {name} | {_fmt(r['engine_values'][name], r['key'])} | {_fmt(r['twin_values'][name], r['key'])} |"
+        )
+    lines.append(
+        f"\nengine order: {' > '.join(r['engine'])}; twin order: {' > '.join(r['twin'])} "
+        f"({'the same' if r['same'] else 'different'}; smallest gap between neighbours on the engine "
+        f"{_pct(r['min_gap'])})"
+    )
     return "\n".join(lines)
 
 
@@ -220,7 +255,10 @@ def plot_steps(path, measured: np.ndarray, predicted: np.ndarray, labels: Sequen
     for name in sorted(set(labels.tolist())):
         k = labels == name
         ax.scatter(measured[k] * 1e3, predicted[k] * 1e3, s=6, alpha=0.5, label=name)
-    lo, hi = float(min(measured.min(), predicted.min())) * 1e3 * 0.8, float(max(measured.max(), predicted.max())) * 1e3 * 1.25
+    lo, hi = (
+        float(min(measured.min(), predicted.min())) * 1e3 * 0.8,
+        float(max(measured.max(), predicted.max())) * 1e3 * 1.25,
+    )
     xs = np.geomspace(lo, hi, 50)
     ax.plot(xs, xs, "k-", lw=1, label="y = x")
     ax.fill_between(xs, xs * 0.92, xs * 1.08, color="grey", alpha=0.2, label="±8%")
@@ -262,5 +300,19 @@ def plot_cdfs(path, series: Mapping[str, tuple[np.ndarray, np.ndarray]], xlabel:
     plt.close(fig)
 
 
-__all__ = ["METRICS", "RunReport", "compare", "metric", "plot_cdfs", "plot_steps", "ranking", "ranking_table",
-           "relative_error", "run_table", "step_errors", "summary_table", "verdict", "verdict_table"]
+__all__ = [
+    "METRICS",
+    "RunReport",
+    "compare",
+    "metric",
+    "plot_cdfs",
+    "plot_steps",
+    "ranking",
+    "ranking_table",
+    "relative_error",
+    "run_table",
+    "step_errors",
+    "summary_table",
+    "verdict",
+    "verdict_table",
+]

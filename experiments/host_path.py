@@ -20,21 +20,32 @@ import torch
 
 
 def main(argv=None) -> None:
+    import engine.runner as runner_mod
     from engine import SamplingParams
     from engine.config import EngineConfig
     from engine.core import EngineCore
-    import engine.runner as runner_mod
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-3.1-8b")
     p.add_argument("--steps", type=int, default=40)
     args = p.parse_args(argv)
-    core = EngineCore(EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", num_gpu_blocks=4096,
-                                   max_model_len=4096, max_num_seqs=8, cuda_graph_batch_sizes=(1,),
-                                   enable_prefix_caching=False, overlap_decode=False))
+    core = EngineCore(
+        EngineConfig(
+            model=args.model,
+            load_format="dummy",
+            dtype="bfloat16",
+            num_gpu_blocks=4096,
+            max_model_len=4096,
+            max_num_seqs=8,
+            cuda_graph_batch_sizes=(1,),
+            enable_prefix_caching=False,
+            overlap_decode=False,
+        )
+    )
     r = core.runner
-    marks: dict[str, list[float]] = {k: [] for k in ("reorder", "stage+launch", "sampler", "step", "gpu",
-                                                    "core.step total")}
+    marks: dict[str, list[float]] = {
+        k: [] for k in ("reorder", "stage+launch", "sampler", "step", "gpu", "core.step total")
+    }
     orig_forward, orig_sampler = r.forward, r.sampler
     ev = {}
 
@@ -71,11 +82,15 @@ def main(argv=None) -> None:
         copied.synchronize()
         t.append(time.perf_counter())
         stage = host_stage.numpy()
-        host = stage[:4 * b].reshape(4, b)
-        host[0, :n], host[1, :n], host[2, :n], host[3, :n] = (batch.input_ids, batch.positions,
-                                                              batch.slot_mapping, batch.seq_lens)
+        host = stage[: 4 * b].reshape(4, b)
+        host[0, :n], host[1, :n], host[2, :n], host[3, :n] = (
+            batch.input_ids,
+            batch.positions,
+            batch.slot_mapping,
+            batch.seq_lens,
+        )
         host[:, n:b] = ((0,), (0,), (-1,), (1,))
-        table = stage[4 * b:total].reshape(b, bucket)
+        table = stage[4 * b : total].reshape(b, bucket)
         table[:n] = np.asarray(plan.block_table)[batch.block_rows, :bucket]
         table[n:] = 0
         t.append(time.perf_counter())
@@ -86,8 +101,12 @@ def main(argv=None) -> None:
         self.graphs[self.last_key].replay()
         t.append(time.perf_counter())
         out = self.logits[:n]
-        for name, a, z in (("sync prev copy", 0, 1), ("numpy staging", 1, 2), ("H2D launch", 2, 3),
-                           ("graph replay()", 3, 4)):
+        for name, a, z in (
+            ("sync prev copy", 0, 1),
+            ("numpy staging", 1, 2),
+            ("H2D launch", 2, 3),
+            ("graph replay()", 3, 4),
+        ):
             detail.setdefault(name, []).append(t[z] - t[a])
         return out
 
@@ -105,8 +124,11 @@ def main(argv=None) -> None:
     runner_mod.reorder_decodes_first = reorder
 
     rng = np.random.default_rng(0)
-    core.add_request(1, rng.integers(0, core.model_config.vocab_size, 512),
-                     SamplingParams(temperature=0.0, max_tokens=args.steps + 10, ignore_eos=True))
+    core.add_request(
+        1,
+        rng.integers(0, core.model_config.vocab_size, 512),
+        SamplingParams(temperature=0.0, max_tokens=args.steps + 10, ignore_eos=True),
+    )
     for i in range(args.steps + 8):
         t = time.perf_counter()
         out = core.step()
@@ -126,7 +148,10 @@ def main(argv=None) -> None:
     for k, v in detail.items():
         print(f"    graphs.run {k:16s} {1e3 * statistics.median(v[4:]):8.3f}")
     print(f"  step - gpu         {1e3 * (statistics.median(marks['step']) - statistics.median(marks['gpu'])):8.3f}")
-    print(f"  core.step - step   {1e3 * (statistics.median(marks['core.step total']) - statistics.median(marks['step'])):8.3f}")
+    print(
+        f"  core.step - step   "
+        f"{1e3 * (statistics.median(marks['core.step total']) - statistics.median(marks['step'])):8.3f}"
+    )
 
 
 if __name__ == "__main__":

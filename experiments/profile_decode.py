@@ -29,15 +29,27 @@ def main(argv=None) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8_e4m3"))
     args = p.parse_args(argv)
     blocks = max(8192, -(-args.batch * (args.context + 80) // 16) + 64)
-    core = EngineCore(EngineConfig(model=args.model, load_format="dummy", dtype="bfloat16", num_gpu_blocks=blocks,
-                                   max_model_len=max(args.max_len, args.context + 80),
-                                   max_num_seqs=max(args.batch, 8), cuda_graph_batch_sizes=(args.batch,),
-                                   enable_prefix_caching=False, quantization=args.quantization,
-                                   kv_cache_dtype=args.kv_cache_dtype))
+    core = EngineCore(
+        EngineConfig(
+            model=args.model,
+            load_format="dummy",
+            dtype="bfloat16",
+            num_gpu_blocks=blocks,
+            max_model_len=max(args.max_len, args.context + 80),
+            max_num_seqs=max(args.batch, 8),
+            cuda_graph_batch_sizes=(args.batch,),
+            enable_prefix_caching=False,
+            quantization=args.quantization,
+            kv_cache_dtype=args.kv_cache_dtype,
+        )
+    )
     rng = np.random.default_rng(0)
     for i in range(args.batch):
-        core.add_request(i, rng.integers(0, core.model_config.vocab_size, args.context),
-                         SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
+        core.add_request(
+            i,
+            rng.integers(0, core.model_config.vocab_size, args.context),
+            SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True),
+        )
     for _ in range(8):
         core.step()
     graph = core.runner.graphs.graphs[core.runner.graphs.last_key]
@@ -52,8 +64,10 @@ def main(argv=None) -> None:
         t, n = rows.get(name[:70], (0.0, 0))
         rows[name[:70]] = (t + sum(times) * 1e3, n + len(times))
     total = sum(t for t, _ in rows.values()) / reps
-    print(f"{args.model} decode b{args.batch} ctx{args.context} (weights {args.quantization}, KV {args.kv_cache_dtype}): "
-          f"{total / 1e3:.3f} ms of kernels per replay")
+    print(
+        f"{args.model} decode b{args.batch} ctx{args.context} (weights {args.quantization}, KV {args.kv_cache_dtype}): "
+        f"{total / 1e3:.3f} ms of kernels per replay"
+    )
     print(f"{'kernel':<70} {'us/replay':>10} {'calls':>6} {'share':>6}")
     for name, (t, n) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:25]:
         print(f"{name:<70} {t / reps:>10.1f} {n // reps:>6} {t / reps / total:>6.1%}")

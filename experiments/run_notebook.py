@@ -19,8 +19,9 @@ def execute(path: str | Path, small: bool = False, timeout: int = 1800, write: b
     if small:
         os.environ["TANDEM_NOTEBOOK_SMALL"] = "1"
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     if write:
         nbformat.write(nb, path)
     return nb

@@ -60,15 +60,19 @@ def summary_lines(summary: dict) -> list[str]:
     """What a run prints: what ran, its headline figures in plain numbers, then its notes
     (`summary["warnings"]` are logged apart, as warnings)."""
     s = summary
-    ran = (f"summary: {s['model']} on {s['hardware']} x{s['num_replicas']}, {s['workload']}, policy {s['policy']}: "
-           f"{s['num_sessions']} of {s['num_sessions_planned']} sessions, {s['num_requests']} requests")
+    ran = (
+        f"summary: {s['model']} on {s['hardware']} x{s['num_replicas']}, {s['workload']}, policy {s['policy']}: "
+        f"{s['num_sessions']} of {s['num_sessions_planned']} sessions, {s['num_requests']} requests"
+    )
     if "ttft_s_p50" not in s:
         return [ran, *s.get("notes", [])]
-    figures = (f"prefix hit {s['prefix_hit_rate']:.1%}, TTFT p50 {s['ttft_s_p50']:.2f} s p90 {s['ttft_s_p90']:.2f} s, "
-               f"TPOT p50 {s['tpot_s_p50'] * 1e3:.1f} ms, GPU {s['per_gpu_output_tok_s']:.0f} output tok/s, "
-               f"SLO met {s['slo_attainment']:.1%} (TTFT {s['slo_ttft_attainment']:.1%}, "
-               f"TPOT {s['slo_tpot_attainment']:.1%}); {s['simulated_seconds']:.0f} simulated s "
-               f"in {s['wall_seconds']:.1f} s")
+    figures = (
+        f"prefix hit {s['prefix_hit_rate']:.1%}, TTFT p50 {s['ttft_s_p50']:.2f} s p90 {s['ttft_s_p90']:.2f} s, "
+        f"TPOT p50 {s['tpot_s_p50'] * 1e3:.1f} ms, GPU {s['per_gpu_output_tok_s']:.0f} output tok/s, "
+        f"SLO met {s['slo_attainment']:.1%} (TTFT {s['slo_ttft_attainment']:.1%}, "
+        f"TPOT {s['slo_tpot_attainment']:.1%}); {s['simulated_seconds']:.0f} simulated s "
+        f"in {s['wall_seconds']:.1f} s"
+    )
     return [ran, figures, *s.get("notes", [])]
 
 
@@ -80,9 +84,16 @@ def _log_wandb(cfg: DictConfig, container: dict, result, paths: dict) -> None:
     # Offline (the default) is quiet: wandb's banner and run tables would bury the summary. Online
     # keeps wandb's own lines (the run's URL).
     settings = wandb.Settings(silent=True) if cfg.wandb.mode == "offline" else None
-    run = wandb.init(project=cfg.wandb.project, group=cfg.wandb.group, mode=cfg.wandb.mode, config=container,
-                     name=f"{cfg.policy.name}-{cfg.workload.name}-s{cfg.sim.seed}", dir=".", reinit="finish_previous",
-                     settings=settings)
+    run = wandb.init(
+        project=cfg.wandb.project,
+        group=cfg.wandb.group,
+        mode=cfg.wandb.mode,
+        config=container,
+        name=f"{cfg.policy.name}-{cfg.workload.name}-s{cfg.sim.seed}",
+        dir=".",
+        reinit="finish_previous",
+        settings=settings,
+    )
     try:
         numbers = {k: v for k, v in result.summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         run.summary.update(numbers)
@@ -118,15 +129,18 @@ class CompareRuns(Callback):
 
 def _sweep_header(summaries: list[dict]) -> str:
     """What the runs of a sweep share (what differs has a column in the table)."""
+
     def common(key: str) -> str:
         values = {str(s[key]) for s in summaries}
         return values.pop() if len(values) == 1 else "(varies)"
 
     requests = sorted({s["num_requests"] for s in summaries})
     per_run = f"{requests[0]}" if len(requests) == 1 else f"{requests[0]}-{requests[-1]}"
-    return (f"{common('model')} on {common('hardware')} x{common('num_replicas')}, workload {common('workload')}, "
-            f"{per_run} requests per run"
-            + (" (roofline with zero overhead: physical lower bounds)" if summaries[0].get("physical_limit") else ""))
+    return (
+        f"{common('model')} on {common('hardware')} x{common('num_replicas')}, workload {common('workload')}, "
+        f"{per_run} requests per run"
+        + (" (roofline with zero overhead: physical lower bounds)" if summaries[0].get("physical_limit") else "")
+    )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

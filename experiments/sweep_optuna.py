@@ -42,22 +42,26 @@ STUDIES = CONF_DIR / "hydra" / "optuna"
 class StudyConf:
     """A search: which summary.json number to optimise, over which parameters, on which runs."""
 
-    objective: str                      # a summary.json key: goodput_req_s_per_gpu, ttft_s_p90, ...
-    direction: str                      # maximize | minimize
-    params: dict[str, str]              # name -> interval(a, b) | range(a, b[, step]) | choice(...), tag(log, ...)
-    overrides: list[str]                # the app's overrides; "{name}" takes the trial's value
+    objective: str  # a summary.json key: goodput_req_s_per_gpu, ttft_s_p90, ...
+    direction: str  # maximize | minimize
+    params: dict[str, str]  # name -> interval(a, b) | range(a, b[, step]) | choice(...), tag(log, ...)
+    overrides: list[str]  # the app's overrides; "{name}" takes the trial's value
     n_trials: int = 20
-    batch_size: int = 2                 # trials launched together (in parallel through the launcher)
-    seed: int = 0                       # the TPE sampler's
-    storage: str | None = None          # e.g. sqlite:///study.db to resume; None: in memory
-    study_name: str | None = None       # None: the study file's name
+    batch_size: int = 2  # trials launched together (in parallel through the launcher)
+    seed: int = 0  # the TPE sampler's
+    storage: str | None = None  # e.g. sqlite:///study.db to resume; None: in memory
+    study_name: str | None = None  # None: the study file's name
 
 
 def load_study(name: str, **replace: Any) -> StudyConf:
     """Reads conf/hydra/optuna/<name>.yaml (or a path) into a StudyConf; unknown keys are errors."""
     path = Path(name) if name.endswith(".yaml") else STUDIES / f"{name}.yaml"
-    conf = OmegaConf.merge(OmegaConf.structured(StudyConf), {"study_name": path.stem}, OmegaConf.load(path),
-                           {k: v for k, v in replace.items() if v is not None})
+    conf = OmegaConf.merge(
+        OmegaConf.structured(StudyConf),
+        {"study_name": path.stem},
+        OmegaConf.load(path),
+        {k: v for k, v in replace.items() if v is not None},
+    )
     study: StudyConf = OmegaConf.to_object(conf)
     if study.direction not in ("maximize", "minimize"):
         raise ValueError(f"direction must be maximize or minimize, not {study.direction!r}")
@@ -122,8 +126,13 @@ def optimize(study: StudyConf, app_overrides: Sequence[str] = ()) -> optuna.Stud
     """
     space = {name: distribution(expr) for name, expr in study.params.items()}
     sampler = optuna.samplers.TPESampler(seed=study.seed, constant_liar=study.batch_size > 1)
-    optuna_study = optuna.create_study(direction=study.direction, sampler=sampler, storage=study.storage,
-                                       study_name=study.study_name, load_if_exists=study.storage is not None)
+    optuna_study = optuna.create_study(
+        direction=study.direction,
+        sampler=sampler,
+        storage=study.storage,
+        study_name=study.study_name,
+        load_if_exists=study.storage is not None,
+    )
     static = [o for o in study.overrides if "{" not in o]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="simulate"):
         hydra = GlobalHydra.instance().hydra
@@ -132,8 +141,10 @@ def optimize(study: StudyConf, app_overrides: Sequence[str] = ()) -> optuna.Stud
         callbacks = Callbacks(cfg)
         callbacks.on_multirun_start(config=cfg, config_name="config")
         launcher = Plugins.instance().instantiate_launcher(
-            config=cfg, hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),
-            task_function=run)
+            config=cfg,
+            hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=callbacks),
+            task_function=run,
+        )
         sweep_dir = Path(str(cfg.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         done = 0
@@ -159,11 +170,26 @@ def _write_results(study: StudyConf, optuna_study: optuna.Study, sweep_dir: Path
         log.error("no trial completed: see the runs' logs in %s", sweep_dir)
         return
     best = optuna_study.best_trial
-    (sweep_dir / "optuna_best.json").write_text(json.dumps(
-        {"objective": study.objective, "direction": study.direction, "value": best.value,
-         "trial": best.number, "params": best.params, "overrides": trial_overrides(study, best.params)}, indent=2))
-    log.info("best %s = %.6g at trial %d: %s", study.objective, best.value, best.number,
-             " ".join(trial_overrides(study, best.params)))
+    (sweep_dir / "optuna_best.json").write_text(
+        json.dumps(
+            {
+                "objective": study.objective,
+                "direction": study.direction,
+                "value": best.value,
+                "trial": best.number,
+                "params": best.params,
+                "overrides": trial_overrides(study, best.params),
+            },
+            indent=2,
+        )
+    )
+    log.info(
+        "best %s = %.6g at trial %d: %s",
+        study.objective,
+        best.value,
+        best.number,
+        " ".join(trial_overrides(study, best.params)),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -175,8 +201,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--storage")
     parser.add_argument("overrides", nargs="*", help="the app's Hydra overrides, for every trial")
     args = parser.parse_intermixed_args(argv)
-    study = load_study(args.study, n_trials=args.n_trials, batch_size=args.batch_size, seed=args.seed,
-                       storage=args.storage)
+    study = load_study(
+        args.study, n_trials=args.n_trials, batch_size=args.batch_size, seed=args.seed, storage=args.storage
+    )
     optimize(study, args.overrides)
 
 

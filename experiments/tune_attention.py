@@ -25,32 +25,33 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from experiments.bench_kernels import BS, D, DTYPE, HK, HQ, bench_us, contiguous_kv, paged_cache
+from experiments.bench_kernels import BS, DTYPE, HK, HQ, D, bench_us, contiguous_kv, paged_cache
 
-PREFILL_SHAPES = [(0, 8192), (24576, 8192), (0, 16384), (32768, 16384), (55000, 1300), (16384, 512),
-                  (65536, 128)]
+PREFILL_SHAPES = [(0, 8192), (24576, 8192), (0, 16384), (32768, 16384), (55000, 1300), (16384, 512), (65536, 128)]
 DECODE_SHAPES = [(1, 512), (1, 50000), (4, 50000), (64, 512), (8, 16384)]
 
 
 def matmul_tflops() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
     b = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
-    return 2 * 8192 ** 3 / bench_us(lambda: a @ b) / 1e6
+    return 2 * 8192**3 / bench_us(lambda: a @ b) / 1e6
 
 
 def copy_gbs() -> float:
-    x = torch.empty(2 ** 30 // 2, device="cuda", dtype=DTYPE)
+    x = torch.empty(2**30 // 2, device="cuda", dtype=DTYPE)
     y = torch.empty_like(x)
     return 2 * x.numel() * 2 / bench_us(lambda: y.copy_(x)) / 1e3
 
 
 def prefill_configs(quick: bool, small: bool = False):
     from engine.kernels.triton.attention import PrefillConfig
+
     if quick:
         return [PrefillConfig(), PrefillConfig(block_n=128, num_stages=3), PrefillConfig(max_splits=1)]
     out = []
-    for bm, bn, w, st in itertools.product((128,) if small else (64, 128), (64, 128), (4, 8),
-                                           (2, 3) if small else (2, 3, 4)):
+    for bm, bn, w, st in itertools.product(
+        (128,) if small else (64, 128), (64, 128), (4, 8), (2, 3) if small else (2, 3, 4)
+    ):
         if bm == 64 and w == 8 and bn == 128:
             continue
         out.append(PrefillConfig(block_m=bm, block_n=bn, num_warps=w, num_stages=st))
@@ -58,14 +59,16 @@ def prefill_configs(quick: bool, small: bool = False):
 
 
 def label(cfg, base) -> str:
-    diff = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-            if getattr(cfg, f.name) != getattr(base, f.name)}
+    diff = {
+        f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(base, f.name)
+    }
     return ",".join(f"{k}={v}" for k, v in diff.items()) or "default"
 
 
 def sweep_prefill(shapes, quick: bool, mm: float, small: bool = False) -> None:
     from engine.kernels import torch_ops
     from engine.kernels.triton import attention
+
     base = attention.prefill_config(torch.device("cuda"), D, DTYPE)
     configs = prefill_configs(quick, small)
     if base not in configs:
@@ -73,7 +76,7 @@ def sweep_prefill(shapes, quick: bool, mm: float, small: bool = False) -> None:
     nosplit = dataclasses.replace(base, max_splits=1)
     print(f"\nprefill attention sweep  Hq {HQ} Hk {HK} D {D} block {BS} bf16; matmul {mm:.0f} TFLOP/s")
     gen = torch.Generator(device="cuda").manual_seed(1)
-    scale = D ** -0.5
+    scale = D**-0.5
     best_overall: dict[str, list[float]] = {}
     for prefix, chunk in shapes:
         length = prefix + chunk
@@ -100,18 +103,22 @@ def sweep_prefill(shapes, quick: bool, mm: float, small: bool = False) -> None:
         if prefix == 0:
             kd, vd = contiguous_kv(k, table, length), contiguous_kv(v, table, length)
             q4 = q.transpose(0, 1)[None]
-            sdpa = bench_us(lambda: F.scaled_dot_product_attention(q4, kd, vd, is_causal=True, scale=scale,
-                                                                   enable_gqa=True))
+            sdpa = bench_us(
+                lambda: F.scaled_dot_product_attention(q4, kd, vd, is_causal=True, scale=scale, enable_gqa=True)
+            )
             del kd, vd
         ok = {n: t for n, t in times.items() if t == t}
         best = min(ok, key=ok.get)
-        splits = attention.prefill_splits(chunk, 1, HK, base.block_m // (HQ // HK), table.shape[1] * BS,
-                                          attention.num_sms(q.device), base)
+        splits = attention.prefill_splits(
+            chunk, 1, HK, base.block_m // (HQ // HK), table.shape[1] * BS, attention.num_sms(q.device), base
+        )
         tf = lambda t: flops / t / 1e6  # noqa: E731
-        print(f"prefix {prefix:>6} chunk {chunk:>6}: default {times['default']:9.1f} us {tf(times['default']):6.1f}"
-              f" TFLOP/s (splits {splits}), no split {times['default,max_splits=1']:9.1f} us; best {best}:"
-              f" {ok[best]:9.1f} us {tf(ok[best]):6.1f} TFLOP/s = {tf(ok[best]) / mm:.2f} of mm"
-              + (f"; sdpa {sdpa:9.1f} us {tf(sdpa):6.1f} TFLOP/s" if sdpa else ""))
+        print(
+            f"prefix {prefix:>6} chunk {chunk:>6}: default {times['default']:9.1f} us {tf(times['default']):6.1f}"
+            f" TFLOP/s (splits {splits}), no split {times['default,max_splits=1']:9.1f} us; best {best}:"
+            f" {ok[best]:9.1f} us {tf(ok[best]):6.1f} TFLOP/s = {tf(ok[best]) / mm:.2f} of mm"
+            + (f"; sdpa {sdpa:9.1f} us {tf(sdpa):6.1f} TFLOP/s" if sdpa else "")
+        )
         for n, t in sorted(ok.items(), key=lambda kv: kv[1])[:6]:
             print(f"      {t:9.1f} us {tf(t):6.1f} TFLOP/s  {n}")
         for n, t in ok.items():
@@ -126,15 +133,18 @@ def sweep_prefill(shapes, quick: bool, mm: float, small: bool = False) -> None:
 
 def sweep_decode(shapes, quick: bool, bw: float) -> None:
     from engine.kernels.triton import attention
+
     base = attention.decode_config(torch.device("cuda"), D, DTYPE)
     if quick:
         configs = [base, dataclasses.replace(base, num_stages=3)]
     else:
-        configs = [dataclasses.replace(base, block_n=bn, programs_per_sm=pps, num_stages=st, num_warps=w)
-                   for bn, pps, st, w in itertools.product((32, 64, 128), (4, 8, 16), (2, 3, 4), (4,))]
+        configs = [
+            dataclasses.replace(base, block_n=bn, programs_per_sm=pps, num_stages=st, num_warps=w)
+            for bn, pps, st, w in itertools.product((32, 64, 128), (4, 8, 16), (2, 3, 4), (4,))
+        ]
     print(f"\ndecode attention sweep; copy bandwidth {bw:.0f} GB/s (read+write)")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    scale = D ** -0.5
+    scale = D**-0.5
     for b, ctx in shapes:
         k, v, table, lens = paged_cache([ctx] * b, gen)
         q = torch.randn((b, HQ, D), generator=gen, device="cuda", dtype=DTYPE)
@@ -152,8 +162,10 @@ def sweep_decode(shapes, quick: bool, bw: float) -> None:
                 print(f"  {label(cfg, base)}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
         best = min(times, key=times.get)
         gbs = lambda t: kv_bytes / t / 1e3  # noqa: E731
-        print(f"batch {b:>3} ctx {ctx:>6}: default {times['default']:8.1f} us {gbs(times['default']):6.0f} GB/s;"
-              f" best {best}: {times[best]:8.1f} us {gbs(times[best]):6.0f} GB/s")
+        print(
+            f"batch {b:>3} ctx {ctx:>6}: default {times['default']:8.1f} us {gbs(times['default']):6.0f} GB/s;"
+            f" best {best}: {times[best]:8.1f} us {gbs(times[best]):6.0f} GB/s"
+        )
         for n, t in sorted(times.items(), key=lambda kv: kv[1])[:4]:
             print(f"      {t:8.1f} us {gbs(t):6.0f} GB/s  {n}")
         del k, v

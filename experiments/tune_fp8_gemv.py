@@ -51,8 +51,7 @@ def configs(rows: int) -> list[dict]:
         bm = max(1, 1 << (rows - 1).bit_length())
         for bn, bk, w, pf in itertools.product((4, 8, 16), (256, 512, 1024, 2048), (4, 8), (False, True)):
             if bm * bn * bk // (32 * w) <= 128 and (bk >= 512 or not pf):  # running products a thread
-                out.append({"kind": "fma", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w,
-                            "PREFETCH": pf})
+                out.append({"kind": "fma", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "PREFETCH": pf})
     for bn, bk, w in itertools.product((16, 32, 64), (256, 512, 1024), (4, 8)):
         out.append({"kind": "dot", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w})
     return out
@@ -73,7 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     quantized = {s: quantize_fp8_per_channel(w) for s, w in weights.items()}
     for rows in args.rows:
         totals = {"bf16": 0.0, "default": 0.0, "best": 0.0}
-        print(f"\nrows {rows}: {'n x k':>12} {'bf16 us':>8} {'default us':>10} {'best us':>8} {'best GB/s':>9}  best config")
+        print(
+            f"\nrows {rows}: {'n x k':>12} {'bf16 us':>8} {'default us':>10} {'best us':>8} "
+            f"{'best GB/s':>9}  best config"
+        )
         for (n, k), w in weights.items():
             q, s = quantized[(n, k)]
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -91,13 +93,23 @@ def main(argv: list[str] | None = None) -> None:
             totals["bf16"] += bf16
             totals["default"] += default
             totals["best"] += best_us
-            print(f"{'':>8} {f'{n}x{k}':>12} {bf16:8.1f} {default:10.1f} {best_us:8.1f} "
-                  f"{n * k / best_us / 1e3:9.0f}  {best} (default {gemv_config(rows, n, k)})")
+            print(
+                f"{'':>8} {f'{n}x{k}':>12} {bf16:8.1f} {default:10.1f} {best_us:8.1f} "
+                f"{n * k / best_us / 1e3:9.0f}  {best} (default {gemv_config(rows, n, k)})"
+            )
             ranked = sorted(timed, key=lambda t: t[0])[:5]
-            print("          top 5: " + "; ".join(f"{us:.1f} {c['kind']} {c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']}"
-                                             f"{' prefetch' if c.get('PREFETCH') else ''}" for us, c in ranked))
-        print(f"{'':>8} {'a layer':>12} {totals['bf16']:8.1f} {totals['default']:10.1f} {totals['best']:8.1f}   "
-              f"default/bf16 {totals['default'] / totals['bf16']:.2f}, best/bf16 {totals['best'] / totals['bf16']:.2f}")
+            print(
+                "          top 5: "
+                + "; ".join(
+                    f"{us:.1f} {c['kind']} {c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']}"
+                    f"{' prefetch' if c.get('PREFETCH') else ''}"
+                    for us, c in ranked
+                )
+            )
+        print(
+            f"{'':>8} {'a layer':>12} {totals['bf16']:8.1f} {totals['default']:10.1f} {totals['best']:8.1f}   "
+            f"default/bf16 {totals['default'] / totals['bf16']:.2f}, best/bf16 {totals['best'] / totals['bf16']:.2f}"
+        )
 
 
 if __name__ == "__main__":

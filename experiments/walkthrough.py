@@ -48,14 +48,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ordering", default="fcfs", help="fcfs | priority | longest_prefix_match")
     args = parser.parse_args(argv)
 
-    config = cp.SchedulerConfig(num_blocks=20, block_size=4, num_host_blocks=16, max_num_seqs=4,
-                                max_num_batched_tokens=24, chunk_size=12, max_model_len=96, vocab_size=200,
-                                ordering=args.ordering, eviction=args.eviction, preemption=args.preemption)
+    config = cp.SchedulerConfig(
+        num_blocks=20,
+        block_size=4,
+        num_host_blocks=16,
+        max_num_seqs=4,
+        max_num_batched_tokens=24,
+        chunk_size=12,
+        max_model_len=96,
+        vocab_size=200,
+        ordering=args.ordering,
+        eviction=args.eviction,
+        preemption=args.preemption,
+    )
     sched = cp.Scheduler(config)
     model = ToyModel.for_scheduler(config, step_cost=(0.005, 0.0005))
     print("Tandem control plane walk-through")
-    print(f"  {config.num_blocks} KV blocks x {config.block_size} tokens, {config.num_host_blocks} host blocks, "
-          f"budget {config.max_num_batched_tokens} tokens/step, chunk {config.chunk_size}")
+    print(
+        f"  {config.num_blocks} KV blocks x {config.block_size} tokens, {config.num_host_blocks} host blocks, "
+        f"budget {config.max_num_batched_tokens} tokens/step, chunk {config.chunk_size}"
+    )
     print(f"  policies: ordering={config.ordering} eviction={config.eviction} preemption={config.preemption}\n")
 
     prompts: dict[int, list[int]] = {}
@@ -74,8 +86,10 @@ def main(argv: list[str] | None = None) -> None:
                 for rid, prompt, max_new, session in arrivals.pop(t):
                     prompts[rid] = (prompt, max_new)
                     sched.add_request(rid, prompt, max_new_tokens=max_new, session_id=session, arrival_time=now)
-                    print(f"t={now:6.3f}  + request {rid} arrives: {len(prompt)} prompt tokens"
-                          + (f", session {session}" if session else ""))
+                    print(
+                        f"t={now:6.3f}  + request {rid} arrives: {len(prompt)} prompt tokens"
+                        + (f", session {session}" if session else "")
+                    )
         if not sched.has_unfinished() and not arrivals:
             break
         plan = sched.step(now)
@@ -87,21 +101,27 @@ def main(argv: list[str] | None = None) -> None:
         clock.advance(cost)
         done = sched.commit(plan, tokens, clock.now())
         stats = sched.stats()
-        print(f"t={now:6.3f}  step {plan.step_id}: {plan.num_reqs} requests, {plan.num_tokens} tokens "
-              f"({cost * 1e3:.1f} ms); KV blocks: {stats.num_used_blocks} held, {stats.num_pinned_blocks} pinned, "
-              f"{stats.num_evictable_blocks} evictable, {stats.num_free_blocks} free")
+        print(
+            f"t={now:6.3f}  step {plan.step_id}: {plan.num_reqs} requests, {plan.num_tokens} tokens "
+            f"({cost * 1e3:.1f} ms); KV blocks: {stats.num_used_blocks} held, {stats.num_pinned_blocks} pinned, "
+            f"{stats.num_evictable_blocks} evictable, {stats.num_free_blocks} free"
+        )
         print("\n".join(describe(plan)))
         for f in done:
             finished[f.request_id] = f
-            print(f"    req {f.request_id:>2} FINISHED ({f.finish_reason}): {len(f.output_token_ids)} tokens, "
-                  f"{f.num_cached_tokens} prompt tokens from the prefix cache, {f.num_preemptions} preemptions")
+            print(
+                f"    req {f.request_id:>2} FINISHED ({f.finish_reason}): {len(f.output_token_ids)} tokens, "
+                f"{f.num_cached_tokens} prompt tokens from the prefix cache, {f.num_preemptions} preemptions"
+            )
             if f.request_id == 1 and second_turn_at is None:
                 # The agent calls a tool for 2 s, then sends its next turn: history + tool result.
                 second_turn_at = clock.now() + 2.0
                 history = prompts[1][0] + list(f.output_token_ids) + [60, 61, 62]
                 arrivals[second_turn_at] = [(5, history, 4, "agent-a")]
-                print(f"    (agent-a calls a tool for 2 s; the retention policy ({config.eviction}) pins its "
-                      f"turn's blocks for its next turn)")
+                print(
+                    f"    (agent-a calls a tool for 2 s; the retention policy ({config.eviction}) pins its "
+                    f"turn's blocks for its next turn)"
+                )
 
     print("\nEvery output equals the toy model run alone on its prompt:")
     for rid in sorted(finished):
@@ -113,8 +133,16 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"request {rid}: outputs differ from the reference")
     sched.check_invariants()
     stats = sched.stats().as_dict()
-    keys = ["num_steps", "computed_tokens", "cached_tokens", "generated_tokens", "num_preemptions_recompute",
-            "num_preemptions_swap", "num_evicted_blocks", "num_pinned_blocks"]
+    keys = [
+        "num_steps",
+        "computed_tokens",
+        "cached_tokens",
+        "generated_tokens",
+        "num_preemptions_recompute",
+        "num_preemptions_swap",
+        "num_evicted_blocks",
+        "num_pinned_blocks",
+    ]
     print("\nstats: " + ", ".join(f"{k}={stats[k]}" for k in keys))
     sched.end_session("agent-a", clock.now())
     sched.end_session("agent-b", clock.now())

@@ -16,20 +16,46 @@ class StepCost:
     """A step-cost formula (csrc/sim/step_cost.h): the one evaluator of sim/cost.py's models."""
 
     @staticmethod
-    def roofline(overhead_s: float, swap_token_s: float, breaks: Sequence[float],
-                 pieces: Sequence[tuple[float, float]], head_flop_s: float, head_weight_s: float,
-                 head_act_s: float, attn_pair_s: float, attn_kv_s: float) -> StepCost: ...
+    def roofline(
+        overhead_s: float,
+        swap_token_s: float,
+        breaks: Sequence[float],
+        pieces: Sequence[tuple[float, float]],
+        head_flop_s: float,
+        head_weight_s: float,
+        head_act_s: float,
+        attn_pair_s: float,
+        attn_kv_s: float,
+    ) -> StepCost: ...
     @staticmethod
-    def profile(graph_terms: Sequence[tuple[str, float, float]], eager_terms: Sequence[tuple[str, float, float]],
-                graph_limits: Sequence[tuple[str, float]], eager_limits: Sequence[tuple[str, float]],
-                graph_observed: bool, eager_observed: bool, max_graph_batch: int) -> StepCost:
+    def profile(
+        graph_terms: Sequence[tuple[str, float, float]],
+        eager_terms: Sequence[tuple[str, float, float]],
+        graph_limits: Sequence[tuple[str, float]],
+        eager_limits: Sequence[tuple[str, float]],
+        graph_observed: bool,
+        eager_observed: bool,
+        max_graph_batch: int,
+    ) -> StepCost:
         """Terms are (basis, knot, coefficient) with a basis of sim/profile_cost.py PROFILE_BASIS; limits
         are the largest value of a basis profiled on the path (beyond: an extrapolated step)."""
-    def seconds(self, num_tokens: float, num_reqs: float, num_sampled: float, attn_pairs: float,
-                kv_read_tokens: float, num_swap_out_blocks: float, num_swap_in_blocks: float,
-                block_size: float, num_decode_reqs: float = 0.0, decode_kv_tokens: float = 0.0,
-                follows_decode: float = 0.0, continues_decode: float = 0.0,
-                query_lens: Sequence[int] = (), cached_lens: Sequence[int] = ()) -> float: ...
+    def seconds(
+        self,
+        num_tokens: float,
+        num_reqs: float,
+        num_sampled: float,
+        attn_pairs: float,
+        kv_read_tokens: float,
+        num_swap_out_blocks: float,
+        num_swap_in_blocks: float,
+        block_size: float,
+        num_decode_reqs: float = 0.0,
+        decode_kv_tokens: float = 0.0,
+        follows_decode: float = 0.0,
+        continues_decode: float = 0.0,
+        query_lens: Sequence[int] = (),
+        cached_lens: Sequence[int] = (),
+    ) -> float: ...
     def plan_seconds(self, plan: Plan) -> float: ...
     @property
     def num_steps(self) -> int:
@@ -42,40 +68,48 @@ class StepCost:
 class ForwardResult:
     """What one FastForward.advance did: the committed steps, and the plan it handed back."""
 
-    starts: npt.NDArray[np.float64]          # one entry per committed step (copies)
+    starts: npt.NDArray[np.float64]  # one entry per committed step (copies)
     seconds: npt.NDArray[np.float64]
     num_tokens: npt.NDArray[np.int32]
     num_reqs: npt.NDArray[np.int32]
-    finished: list[FinishedRequest]          # finished by the last committed step
+    finished: list[FinishedRequest]  # finished by the last committed step
     samples: list[tuple[float, int, int, int]]  # (step start, used, cached, free blocks)
     sample_at: float
     num_steps: int
-    plan: Plan | None                        # made at `now`, not committed (ends at/after the horizon, or empty)
+    plan: Plan | None  # made at `now`, not committed (ends at/after the horizon, or empty)
     plan_seconds: float
-    now: float                               # end of the last committed step
+    now: float  # end of the last committed step
     token_at: int
 
 class FastForward:
     """The simulator's fast path (csrc/sim/fast_forward.h): a replica's steps up to the next other event."""
 
     def __init__(self, cost: StepCost, token_pool: Sequence[int] | npt.NDArray[np.integer]) -> None: ...
-    def advance(self, scheduler: Scheduler, now: float, horizon: float, sample_at: float, sample_interval: float,
-                token_at: int, max_steps: int = ...) -> ForwardResult: ...
+    def advance(
+        self,
+        scheduler: Scheduler,
+        now: float,
+        horizon: float,
+        sample_at: float,
+        sample_interval: float,
+        token_at: int,
+        max_steps: int = ...,
+    ) -> ForwardResult: ...
     @property
     def cost(self) -> StepCost: ...
 
 class ClusterResult:
     """What one ClusterForward.advance did: the committed steps of all replicas, in commit order."""
 
-    starts: npt.NDArray[np.float64]          # one entry per committed step (copies)
+    starts: npt.NDArray[np.float64]  # one entry per committed step (copies)
     seconds: npt.NDArray[np.float64]
     num_tokens: npt.NDArray[np.int32]
     num_reqs: npt.NDArray[np.int32]
     samples: list[tuple[float, int, int, int, int]]  # (step start, replica, used, cached, free blocks)
     num_steps: int
-    stopped: int                             # replica whose last commit needs Python at stop_time, or -1
-    idle: bool                               # it has nothing runnable (no unfinished request, or an empty plan)
-    finished: list[FinishedRequest]          # finished by that commit
+    stopped: int  # replica whose last commit needs Python at stop_time, or -1
+    idle: bool  # it has nothing runnable (no unfinished request, or an empty plan)
+    finished: list[FinishedRequest]  # finished by that commit
     stop_time: float
     stop_eid: int
     next_eid: int
@@ -83,8 +117,14 @@ class ClusterResult:
 class ClusterForward:
     """The simulator's fast path for several replicas (csrc/sim/cluster_forward.h): their steps merged in order."""
 
-    def __init__(self, cost: StepCost, schedulers: Sequence[Scheduler], token_pools: list[npt.NDArray[np.integer]],
-                 sample_at: Sequence[float], sample_interval: float) -> None: ...
+    def __init__(
+        self,
+        cost: StepCost,
+        schedulers: Sequence[Scheduler],
+        token_pools: list[npt.NDArray[np.integer]],
+        sample_at: Sequence[float],
+        sample_interval: float,
+    ) -> None: ...
     def start(self, replica: int, now: float, eid: int) -> bool: ...
     def advance(self, h_time: float, h_priority: int, h_eid: int, next_eid: int) -> ClusterResult: ...
     def next(self) -> tuple[float, int]: ...

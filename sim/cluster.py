@@ -53,9 +53,19 @@ class Replica:
     `_execute`; the loop, its events and the metrics stay these.
     """
 
-    def __init__(self, env: simpy.Environment, index: int, config: cp.SchedulerConfig, cost_model,
-                 metrics, idle_wait_s: float, seed: int, fast_forward: bool = True, driven: bool = False,
-                 scheduler: cp.Scheduler | None = None) -> None:
+    def __init__(
+        self,
+        env: simpy.Environment,
+        index: int,
+        config: cp.SchedulerConfig,
+        cost_model,
+        metrics,
+        idle_wait_s: float,
+        seed: int,
+        fast_forward: bool = True,
+        driven: bool = False,
+        scheduler: cp.Scheduler | None = None,
+    ) -> None:
         self.env = env
         self.index = index
         self.scheduler = cp.Scheduler(config) if scheduler is None else scheduler
@@ -79,8 +89,15 @@ class Replica:
         """Requests submitted and not finished."""
         return len(self.pending)
 
-    def submit(self, request_id: int, prompt: np.ndarray, max_new_tokens: int, session_id: str,
-               after: int | None = None, new_tokens: np.ndarray | None = None) -> simpy.Event:
+    def submit(
+        self,
+        request_id: int,
+        prompt: np.ndarray,
+        max_new_tokens: int,
+        session_id: str,
+        after: int | None = None,
+        new_tokens: np.ndarray | None = None,
+    ) -> simpy.Event:
         """Adds a request now; the returned event fires with its `FinishedRequest`.
 
         `after`: the session's previous request, finished on this replica, when `prompt` is its
@@ -89,10 +106,22 @@ class Replica:
         """
         now = self.env.now
         if after is None or not self.scheduler.add_continuation(
-                request_id, after, new_tokens, max_new_tokens=max_new_tokens, ignore_eos=True,
-                arrival_time=now, session_id=session_id):
-            self.scheduler.add_request(request_id, prompt, max_new_tokens=max_new_tokens, ignore_eos=True,
-                                       arrival_time=now, session_id=session_id)
+            request_id,
+            after,
+            new_tokens,
+            max_new_tokens=max_new_tokens,
+            ignore_eos=True,
+            arrival_time=now,
+            session_id=session_id,
+        ):
+            self.scheduler.add_request(
+                request_id,
+                prompt,
+                max_new_tokens=max_new_tokens,
+                ignore_eos=True,
+                arrival_time=now,
+                session_id=session_id,
+            )
         self.sessions.add(session_id)
         done = self.env.event()
         self.pending[request_id] = done
@@ -111,7 +140,7 @@ class Replica:
         if at + n > self._token_pool.size:
             at = 0
         self._token_at = at + n
-        return self._token_pool[at:at + n]
+        return self._token_pool[at : at + n]
 
     def _finish(self, finished) -> None:
         for f in finished:
@@ -162,8 +191,14 @@ class Replica:
             if not sched.has_unfinished():
                 yield from self._idle()
                 continue
-            r = self._fast.advance(sched, env.now, env.peek(), self.metrics.next_sample_time(self.index),
-                                   self.metrics.sample_interval(), self._token_at)
+            r = self._fast.advance(
+                sched,
+                env.now,
+                env.peek(),
+                self.metrics.next_sample_time(self.index),
+                self.metrics.sample_interval(),
+                self._token_at,
+            )
             self._token_at = r.token_at
             if r.num_steps:
                 self.metrics.on_steps(self, r)
@@ -216,9 +251,16 @@ class Router:
     def route(self, prompt: np.ndarray, session_id: str, now: float = 0.0) -> Replica:
         if len(self.replicas) == 1:
             return self.replicas[0]
-        views = [cp.policies.ReplicaView(
-            r.index, r.load, r.scheduler.num_available_blocks, r.scheduler.config.num_blocks,
-            r.scheduler.cached_prefix_tokens(prompt) if self._prefix else 0) for r in self.replicas]
+        views = [
+            cp.policies.ReplicaView(
+                r.index,
+                r.load,
+                r.scheduler.num_available_blocks,
+                r.scheduler.config.num_blocks,
+                r.scheduler.cached_prefix_tokens(prompt) if self._prefix else 0,
+            )
+            for r in self.replicas
+        ]
         self._calls += 1
         chosen = self._router.route(self._calls, session_id or "", int(len(prompt)), float(now), views)
         return self.replicas[chosen]

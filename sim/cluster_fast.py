@@ -46,10 +46,13 @@ class ClusterDriver:
         self.replicas = list(replicas)
         self.metrics = metrics
         native = self.replicas[0].cost_model.native
-        self._cf = _native.ClusterForward(native, [r.scheduler for r in self.replicas],
-                                          [r._token_pool for r in self.replicas],
-                                          [metrics.next_sample_time(r.index) for r in self.replicas],
-                                          metrics.sample_interval())
+        self._cf = _native.ClusterForward(
+            native,
+            [r.scheduler for r in self.replicas],
+            [r._token_pool for r in self.replicas],
+            [metrics.next_sample_time(r.index) for r in self.replicas],
+            metrics.sample_interval(),
+        )
         self._queued: list[tuple[float, int]] = []  # positions (time, eid) of the driver's events in env._queue
         self._stop = None  # (position, ClusterResult): a replica's commit whose follow-up is due there
         for replica in self.replicas:
@@ -104,8 +107,9 @@ class ClusterDriver:
 
     def _continue(self, replica) -> None:
         """The top of `Replica._loop` at env.now: plan a step, or wait."""
-        if not replica.scheduler.has_unfinished() or not self._cf.start(replica.index, self.env.now,
-                                                                        next(self.env._eid)):
+        if not replica.scheduler.has_unfinished() or not self._cf.start(
+            replica.index, self.env.now, next(self.env._eid)
+        ):
             self._idle(replica)
 
     def _idle(self, replica) -> None:

@@ -32,8 +32,8 @@ class ModelConf:
     vocab_size: int = 128256
     dtype_bytes: int = 2
     tie_word_embeddings: bool = False
-    kv_cache_dtype: str = "auto"     # auto (dtype_bytes) | fp8_e4m3: as the engine's setting (docs/simulator.md)
-    quantization: str = "none"       # none | fp8: e4m3 linear weights, per-output-channel scales
+    kv_cache_dtype: str = "auto"  # auto (dtype_bytes) | fp8_e4m3: as the engine's setting (docs/simulator.md)
+    quantization: str = "none"  # none | fp8: e4m3 linear weights, per-output-channel scales
 
 
 @dataclass
@@ -47,7 +47,7 @@ class HardwareConf:
     host_link_bandwidth: float = 64e9
     step_overhead_s: float = 0.0
     source: str = ""
-    peak_flops_fp8: Optional[float] = None   # dense FP8 FLOP/s; None: FP8 linear layers at peak_flops
+    peak_flops_fp8: Optional[float] = None  # dense FP8 FLOP/s; None: FP8 linear layers at peak_flops
 
 
 @dataclass
@@ -90,13 +90,13 @@ class EngineConf:
     idle_chunk_size: int = 0
     max_model_len: int = 131072
     gpu_memory_utilization: float = 0.9
-    host_kv_gb: float = 0.0          # host tier for swap-out preemption, GB per replica
+    host_kv_gb: float = 0.0  # host tier for swap-out preemption, GB per replica
     enable_prefix_caching: bool = True
     # blocks held ahead of each decoding request's next token: 1 is the GPU engine with overlapped
     # decode (engine/overlap.py, on by default there), 0 the strict loop
     num_lookahead_tokens: int = 0
-    num_gpu_blocks: Optional[int] = None    # device KV blocks; None: sized from hardware.mem_bytes
-    num_host_blocks: Optional[int] = None   # host-tier blocks; None: from host_kv_gb
+    num_gpu_blocks: Optional[int] = None  # device KV blocks; None: sized from hardware.mem_bytes
+    num_host_blocks: Optional[int] = None  # host-tier blocks; None: from host_kv_gb
 
 
 @dataclass
@@ -104,32 +104,32 @@ class SimConf:
     """How the simulation runs; conf/sim/*.yaml."""
 
     seed: int = 0
-    mode: str = "open"                 # open: sessions arrive at session_rate; closed: fixed concurrency
+    mode: str = "open"  # open: sessions arrive at session_rate; closed: fixed concurrency
     num_sessions: Optional[int] = None  # None: every session of a trace (a generated workload needs a number)
-    session_rate: Optional[float] = None   # sessions/s (open loop); None: the workload's default
-    concurrency: int = 8               # sessions in flight (closed loop)
-    cost_model: str = "roofline"       # roofline | profile (conf/cost/)
+    session_rate: Optional[float] = None  # sessions/s (open loop); None: the workload's default
+    concurrency: int = 8  # sessions in flight (closed loop)
+    cost_model: str = "roofline"  # roofline | profile (conf/cost/)
     profile_path: Optional[str] = None  # profile: None = conf/profiles/<hardware>/<model>.json
-    end_sessions: bool = True          # the agent ends its session after its last call
-    idle_wait_s: float = 0.05          # a replica with only blocked requests re-plans after this long
+    end_sessions: bool = True  # the agent ends its session after its last call
+    idle_wait_s: float = 0.05  # a replica with only blocked requests re-plans after this long
     kv_sample_interval_s: float = 1.0
-    slo_ttft_s: float = 5.0            # goodput: a request meets the SLO if TTFT <= this ...
-    slo_tpot_s: float = 1.0 / 70.0     # ... and its time per output token <= this (70 tokens/s per user)
+    slo_ttft_s: float = 5.0  # goodput: a request meets the SLO if TTFT <= this ...
+    slo_tpot_s: float = 1.0 / 70.0  # ... and its time per output token <= this (70 tokens/s per user)
     max_sim_time_s: Optional[float] = None
     progress: bool = True
-    fast_forward: bool = True          # run a replica's steps in C++ between other events (same results)
+    fast_forward: bool = True  # run a replica's steps in C++ between other events (same results)
 
 
 @dataclass
 class WandbConf:
-    mode: str = "offline"              # offline | online | disabled
+    mode: str = "offline"  # offline | online | disabled
     project: str = "tandem-sim"
     group: Optional[str] = None
 
 
 @dataclass
 class OutputConf:
-    dir: str = "."                      # relative to Hydra's run directory
+    dir: str = "."  # relative to Hydra's run directory
     plots: bool = True
     requests_table: bool = True
 
@@ -145,7 +145,6 @@ class SimulationConfig:
     sim: SimConf = field(default_factory=SimConf)
     wandb: WandbConf = field(default_factory=WandbConf)
     output: OutputConf = field(default_factory=OutputConf)
-
 
 
 def from_mapping(values: Any) -> SimulationConfig:
@@ -184,8 +183,14 @@ def validate(cfg: SimulationConfig) -> None:
         _positive("sim", session_rate=s.session_rate)
     if s.num_sessions is not None:
         _positive("sim", num_sessions=s.num_sessions)
-    _positive("sim", concurrency=s.concurrency, idle_wait_s=s.idle_wait_s,
-              kv_sample_interval_s=s.kv_sample_interval_s, slo_ttft_s=s.slo_ttft_s, slo_tpot_s=s.slo_tpot_s)
+    _positive(
+        "sim",
+        concurrency=s.concurrency,
+        idle_wait_s=s.idle_wait_s,
+        kv_sample_interval_s=s.kv_sample_interval_s,
+        slo_ttft_s=s.slo_ttft_s,
+        slo_tpot_s=s.slo_tpot_s,
+    )
     if s.max_sim_time_s is not None:
         _positive("sim", max_sim_time_s=s.max_sim_time_s)
     if s.cost_model not in ("roofline", "profile"):
@@ -202,7 +207,9 @@ def validate(cfg: SimulationConfig) -> None:
     if e.num_host_blocks is not None and e.num_host_blocks < 0:
         raise ValueError(f"engine.num_host_blocks must be >= 0, got {e.num_host_blocks}")
     if isinstance(e.idle_chunk_size, bool) or not isinstance(e.idle_chunk_size, int) or e.idle_chunk_size < 0:
-        raise ValueError(f"engine.idle_chunk_size must be an int >= 0 (0: chunk_size always), got {e.idle_chunk_size!r}")
+        raise ValueError(
+            f"engine.idle_chunk_size must be an int >= 0 (0: chunk_size always), got {e.idle_chunk_size!r}"
+        )
     if not 0 <= e.num_lookahead_tokens <= e.block_size:
         raise ValueError(f"engine.num_lookahead_tokens must be in [0, block_size], got {e.num_lookahead_tokens}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
@@ -221,9 +228,18 @@ def scheduler_config(cfg: SimulationConfig, num_blocks: int, num_host_blocks: in
     """The control-plane config one replica runs with."""
     e, p = cfg.engine, cfg.policy
     return SchedulerConfig(
-        num_blocks=num_blocks, block_size=e.block_size, num_host_blocks=num_host_blocks,
-        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-        chunk_size=e.chunk_size, idle_chunk_size=e.idle_chunk_size, max_model_len=e.max_model_len,
+        num_blocks=num_blocks,
+        block_size=e.block_size,
+        num_host_blocks=num_host_blocks,
+        max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        chunk_size=e.chunk_size,
+        idle_chunk_size=e.idle_chunk_size,
+        max_model_len=e.max_model_len,
         vocab_size=cfg.model.vocab_size,
-        enable_prefix_caching=e.enable_prefix_caching, ordering=p.ordering, eviction=p.eviction,
-        preemption=p.preemption, num_lookahead_tokens=e.num_lookahead_tokens)
+        enable_prefix_caching=e.enable_prefix_caching,
+        ordering=p.ordering,
+        eviction=p.eviction,
+        preemption=p.preemption,
+        num_lookahead_tokens=e.num_lookahead_tokens,
+    )

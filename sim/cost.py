@@ -60,12 +60,13 @@ class PlanFeatures:
     follows_decode: int = 0
     continues_decode: int = 0
     block_size: int = 16
-    query_lens: tuple = ()         # the rows themselves, when known (per-request cost terms read them)
+    query_lens: tuple = ()  # the rows themselves, when known (per-request cost terms read them)
     cached_lens: tuple = ()
 
     @classmethod
-    def of_requests(cls, cached_lens: Sequence[int], query_lens: Sequence[int],
-                    num_sampled: int | None = None, block_size: int = 16) -> "PlanFeatures":
+    def of_requests(
+        cls, cached_lens: Sequence[int], query_lens: Sequence[int], num_sampled: int | None = None, block_size: int = 16
+    ) -> "PlanFeatures":
         """The features of a batch with no KV copies.
 
         Args:
@@ -115,16 +116,27 @@ def _native_seconds(native: Any, plan: Any, block_size: int | None = None) -> fl
     none (0, and no per-request terms)."""
     if isinstance(plan, Plan):
         return native.plan_seconds(plan)
-    return native.seconds(plan.num_tokens, plan.num_reqs, plan.num_sampled, plan.attn_pairs, plan.kv_read_tokens,
-                          plan.num_swap_out_blocks, plan.num_swap_in_blocks,
-                          plan.block_size if block_size is None else block_size,
-                          getattr(plan, "num_decode_reqs", 0), getattr(plan, "decode_kv_tokens", 0),
-                          getattr(plan, "follows_decode", 0), getattr(plan, "continues_decode", 0),
-                          list(getattr(plan, "query_lens", ())), list(getattr(plan, "cached_lens", ())))
+    return native.seconds(
+        plan.num_tokens,
+        plan.num_reqs,
+        plan.num_sampled,
+        plan.attn_pairs,
+        plan.kv_read_tokens,
+        plan.num_swap_out_blocks,
+        plan.num_swap_in_blocks,
+        plan.block_size if block_size is None else block_size,
+        getattr(plan, "num_decode_reqs", 0),
+        getattr(plan, "decode_kv_tokens", 0),
+        getattr(plan, "follows_decode", 0),
+        getattr(plan, "continues_decode", 0),
+        list(getattr(plan, "query_lens", ())),
+        list(getattr(plan, "cached_lens", ())),
+    )
 
 
-def _sum_of_max_pieces(terms: Iterable[tuple[float, float, float]]
-                       ) -> tuple[tuple[float, ...], tuple[tuple[float, float], ...]]:
+def _sum_of_max_pieces(
+    terms: Iterable[tuple[float, float, float]],
+) -> tuple[tuple[float, ...], tuple[tuple[float, float], ...]]:
     """Rewrites f(x) = sum_i max(a_i*x, b_i + c_i*x) as one piecewise-linear function.
 
     A term is memory bound (b + c*x: weights once, activations per token) until
@@ -184,25 +196,37 @@ class RooflineCost(CostModel):
         self.hw = hw
         layers, db = model.num_layers, model.dtype_bytes
         peak, bw = hw.peak_flops, hw.mem_bandwidth
-        self.linear_peak_flops = (hw.peak_flops_fp8 if model.quantization == "fp8" and hw.peak_flops_fp8 is not None
-                                  else peak)
+        self.linear_peak_flops = (
+            hw.peak_flops_fp8 if model.quantization == "fp8" and hw.peak_flops_fp8 is not None else peak
+        )
         # Weights' bytes in integers (exact): with quantization none, layers*i*o*db as before.
         self._linear_breaks, self._linear_pieces = _sum_of_max_pieces(
-            (layers * 2 * i * o / self.linear_peak_flops, layers * model.linear_bytes(i, o) / bw,
-             layers * (i + o) * db / bw)
-            for _, i, o in model.layer_matmuls())
+            (
+                layers * 2 * i * o / self.linear_peak_flops,
+                layers * model.linear_bytes(i, o) / bw,
+                layers * (i + o) * db / bw,
+            )
+            for _, i, o in model.layer_matmuls()
+        )
         hidden, vocab = model.hidden_size, model.vocab_size
-        self._head_flop_s = 2 * hidden * vocab / peak          # per sampled row
-        self._head_weight_s = hidden * vocab * db / bw         # once per step
-        self._head_act_s = (hidden + vocab) * db / bw          # per sampled row
+        self._head_flop_s = 2 * hidden * vocab / peak  # per sampled row
+        self._head_weight_s = hidden * vocab * db / bw  # once per step
+        self._head_act_s = (hidden + vocab) * db / bw  # per sampled row
         self._attn_pair_s = layers * 4 * model.num_heads * model.head_dim / peak
-        self._attn_kv_s = model.kv_bytes_per_token() / bw      # per KV token read, all layers
+        self._attn_kv_s = model.kv_bytes_per_token() / bw  # per KV token read, all layers
         self._swap_token_s = model.kv_bytes_per_token() / hw.host_link_bandwidth
         self._overhead_s = hw.step_overhead_s
         self.native = _native.StepCost.roofline(
-            overhead_s=self._overhead_s, swap_token_s=self._swap_token_s, breaks=list(self._linear_breaks),
-            pieces=list(self._linear_pieces), head_flop_s=self._head_flop_s, head_weight_s=self._head_weight_s,
-            head_act_s=self._head_act_s, attn_pair_s=self._attn_pair_s, attn_kv_s=self._attn_kv_s)
+            overhead_s=self._overhead_s,
+            swap_token_s=self._swap_token_s,
+            breaks=list(self._linear_breaks),
+            pieces=list(self._linear_pieces),
+            head_flop_s=self._head_flop_s,
+            head_weight_s=self._head_weight_s,
+            head_act_s=self._head_act_s,
+            attn_pair_s=self._attn_pair_s,
+            attn_kv_s=self._attn_kv_s,
+        )
 
     @property
     def is_physical_limit(self) -> bool:
@@ -242,26 +266,34 @@ class RooflineCost(CostModel):
 
     def describe(self) -> str:
         """Returns: the model, the machine, the rates' source and two sample step costs."""
-        limit = ("physical limit (no per-step overhead)" if self.is_physical_limit
-                 else f"plus {self._overhead_s * 1e3:.3f} ms overhead per step")
+        limit = (
+            "physical limit (no per-step overhead)"
+            if self.is_physical_limit
+            else f"plus {self._overhead_s * 1e3:.3f} ms overhead per step"
+        )
         label = hardware_label(self.hw)
         source = self.hw.source or "source not given"
         if label != self.hw.name:
             source += ", except the rates modified above"
         lines = [
-            f"roofline: {self.model.label} ({self.model.num_params() / 1e9:.2f}B params) "
-            f"on {label}, {limit}",
+            f"roofline: {self.model.label} ({self.model.num_params() / 1e9:.2f}B params) on {label}, {limit}",
             f"  rates: {source}",
         ]
         if self.model.label != self.model.name:
             m = self.model
-            rate = ("" if m.quantization != "fp8" else
-                    f"; linear layers at {self.linear_peak_flops / 1e12:.1f} TFLOP/s" +
-                    (" (no hardware.peak_flops_fp8: the bf16 rate)" if self.hw.peak_flops_fp8 is None else " (fp8)"))
-            lines.append(f"  storage: weights {m.weight_bytes() / 1e9:.2f} GB, KV {m.kv_bytes_per_token()} "
-                         f"bytes/token{rate}")
-        lines.append(f"  decode 1 token at 4096 context: {self.lower_bound_decode_seconds(4096) * 1e3:.3f} ms;"
-                     f" prefill 2048 tokens: {self.lower_bound_prefill_seconds(2048) * 1e3:.3f} ms")
+            rate = (
+                ""
+                if m.quantization != "fp8"
+                else f"; linear layers at {self.linear_peak_flops / 1e12:.1f} TFLOP/s"
+                + (" (no hardware.peak_flops_fp8: the bf16 rate)" if self.hw.peak_flops_fp8 is None else " (fp8)")
+            )
+            lines.append(
+                f"  storage: weights {m.weight_bytes() / 1e9:.2f} GB, KV {m.kv_bytes_per_token()} bytes/token{rate}"
+            )
+        lines.append(
+            f"  decode 1 token at 4096 context: {self.lower_bound_decode_seconds(4096) * 1e3:.3f} ms;"
+            f" prefill 2048 tokens: {self.lower_bound_prefill_seconds(2048) * 1e3:.3f} ms"
+        )
         return "\n".join(lines)
 
 
@@ -282,9 +314,11 @@ def _profile_cost(model: ModelSpec, hw: HardwareSpec, profile_path: str | Path |
     if profile_path is None:
         path = shipped_profile_path(model.name, hw.name)
         if not path.is_file():
-            raise ValueError(f"cost model 'profile': no fit of {model.name} on {hw.name} in conf/profiles "
-                             f"(shipped: {shipped_profiles() or 'none'}); run `python -m experiments.calibrate` "
-                             f"on that GPU, or give sim.profile_path (a profile .csv or a fitted .json)")
+            raise ValueError(
+                f"cost model 'profile': no fit of {model.name} on {hw.name} in conf/profiles "
+                f"(shipped: {shipped_profiles() or 'none'}); run `python -m experiments.calibrate` "
+                f"on that GPU, or give sim.profile_path (a profile .csv or a fitted .json)"
+            )
         profile_path = path
     cost = ProfileCost.load(profile_path) if Path(profile_path).suffix == ".json" else ProfileCost.fit(profile_path)
     cost.check_model(model)
@@ -297,8 +331,7 @@ _COST_MODELS: dict[str, Callable[[ModelSpec, HardwareSpec, Any], CostModel]] = {
 }
 
 
-def make_cost_model(kind: str, model: ModelSpec, hw: HardwareSpec,
-                    profile_path: str | Path | None = None) -> CostModel:
+def make_cost_model(kind: str, model: ModelSpec, hw: HardwareSpec, profile_path: str | Path | None = None) -> CostModel:
     """Builds a cost model by name.
 
     Args:
@@ -325,6 +358,17 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'sim.cost' has no attribute {name!r}")
 
 
-__all__ = ["FEATURES", "PROFILE_COLUMNS", "PlanFeatures", "CostModel", "RooflineCost", "ProfileCost",
-           "nonnegative_least_squares", "read_profile", "write_profile", "make_cost_model",
-           "shipped_profile_path", "shipped_profiles"]
+__all__ = [
+    "FEATURES",
+    "PROFILE_COLUMNS",
+    "PlanFeatures",
+    "CostModel",
+    "RooflineCost",
+    "ProfileCost",
+    "nonnegative_least_squares",
+    "read_profile",
+    "write_profile",
+    "make_cost_model",
+    "shipped_profile_path",
+    "shipped_profiles",
+]

@@ -21,9 +21,25 @@ from dataclasses import dataclass
 import numpy as np
 
 REQUEST_COLUMNS = (
-    "request_id", "session_id", "turn", "replica", "arrival", "first_scheduled", "first_token", "finish",
-    "ttft", "tpot", "e2e", "prompt_tokens", "cached_tokens", "computed_tokens", "new_tokens",
-    "genuinely_new_tokens", "output_tokens", "preemptions")
+    "request_id",
+    "session_id",
+    "turn",
+    "replica",
+    "arrival",
+    "first_scheduled",
+    "first_token",
+    "finish",
+    "ttft",
+    "tpot",
+    "e2e",
+    "prompt_tokens",
+    "cached_tokens",
+    "computed_tokens",
+    "new_tokens",
+    "genuinely_new_tokens",
+    "output_tokens",
+    "preemptions",
+)
 
 _ITL_EDGES = np.geomspace(1e-5, 1e4, 4000)  # seconds; ~0.5% per bin
 # Binning by table: a float's top bits (sign, exponent, the first _ITL_SLICE_BITS of mantissa)
@@ -32,10 +48,11 @@ _ITL_EDGES = np.geomspace(1e-5, 1e4, 4000)  # seconds; ~0.5% per bin
 # above edges[k]. Exactly np.searchsorted(_ITL_EDGES, gaps), without its ~12 compares a gap.
 _ITL_SLICE_BITS = 12
 _ITL_SHIFT = 52 - _ITL_SLICE_BITS
-_ITL_LO = int(np.array(_ITL_EDGES[0] / 4).view(np.int64)) >> _ITL_SHIFT   # slices below: bin 0
+_ITL_LO = int(np.array(_ITL_EDGES[0] / 4).view(np.int64)) >> _ITL_SHIFT  # slices below: bin 0
 _ITL_HI = int(np.array(_ITL_EDGES[-1] * 4).view(np.int64)) >> _ITL_SHIFT  # slices above: bin n
 _ITL_FIRST = np.searchsorted(  # each slice's first edge at or above its start
-    _ITL_EDGES, (np.arange(_ITL_LO, _ITL_HI + 1, dtype=np.int64) << _ITL_SHIFT).view(np.float64)).astype(np.int16)
+    _ITL_EDGES, (np.arange(_ITL_LO, _ITL_HI + 1, dtype=np.int64) << _ITL_SHIFT).view(np.float64)
+).astype(np.int16)
 _ITL_EDGES_INF = np.append(_ITL_EDGES, np.inf)
 
 
@@ -64,9 +81,13 @@ def overload_warnings(summary: dict, slo_ttft_s: float) -> list[str]:
     met = summary.get("slo_ttft_attainment")
     if met is None or met >= 0.5:
         return []
-    return [(f"overloaded: only {met:.0%} of requests had their first token within sim.slo_ttft_s={slo_ttft_s:g} s "
-             f"(TTFT p50 {summary['ttft_s_p50']:.1f} s): queueing sets these figures. If that is not the intent, "
-             f"lower the load (sim.session_rate, sim.num_sessions, sim.concurrency) or add replicas")]
+    return [
+        (
+            f"overloaded: only {met:.0%} of requests had their first token within sim.slo_ttft_s={slo_ttft_s:g} s "
+            f"(TTFT p50 {summary['ttft_s_p50']:.1f} s): queueing sets these figures. If that is not the intent, "
+            f"lower the load (sim.session_rate, sim.num_sessions, sim.concurrency) or add replicas"
+        )
+    ]
 
 
 def _pcts(values: np.ndarray, prefix: str) -> dict[str, float]:
@@ -74,8 +95,12 @@ def _pcts(values: np.ndarray, prefix: str) -> dict[str, float]:
     if values.size == 0:
         return {f"{prefix}_{k}": float("nan") for k in ("mean", "p50", "p90", "p99")}
     p50, p90, p99 = np.percentile(values, [50, 90, 99])
-    return {f"{prefix}_mean": float(values.mean()), f"{prefix}_p50": float(p50),
-            f"{prefix}_p90": float(p90), f"{prefix}_p99": float(p99)}
+    return {
+        f"{prefix}_mean": float(values.mean()),
+        f"{prefix}_p50": float(p50),
+        f"{prefix}_p90": float(p90),
+        f"{prefix}_p99": float(p99),
+    }
 
 
 class Collector:
@@ -90,10 +115,10 @@ class Collector:
         # four arrays it returned, the step-by-step loop's as four lists (the tail, until a run).
         self._step_chunks: list[tuple] = []
         self._step_tail: tuple[list, list, list, list] = ([], [], [], [])
-        self.kv_samples: list[tuple] = []   # (time, replica, used, cached, free) in blocks
+        self.kv_samples: list[tuple] = []  # (time, replica, used, cached, free) in blocks
         self._next_sample = [0.0] * num_replicas
         self.requests: list[tuple] = []
-        self.sessions: list[tuple] = []     # (session_id, start, end, calls, truncated)
+        self.sessions: list[tuple] = []  # (session_id, start, end, calls, truncated)
         self._itl_counts = np.zeros(_ITL_EDGES.size + 1, dtype=np.int64)
         self._itl_pending: list[np.ndarray] = []  # gaps not yet binned (binned in bulk: same counts)
         self._itl_pending_n = 0
@@ -187,10 +212,28 @@ class Collector:
             self.itl_sum += float(gaps.sum())
             self.itl_n += n - 1
         tpot = (finish - first) / (n - 1) if n > 1 else math.nan
-        self.requests.append((
-            f.request_id, session_id, turn, replica, f.arrival_time, f.first_scheduled_time, first, finish,
-            first - f.arrival_time, tpot, finish - f.arrival_time, f.num_prompt_tokens, f.num_cached_tokens,
-            f.num_computed_tokens, new_tokens, genuinely_new, n, f.num_preemptions))
+        self.requests.append(
+            (
+                f.request_id,
+                session_id,
+                turn,
+                replica,
+                f.arrival_time,
+                f.first_scheduled_time,
+                first,
+                finish,
+                first - f.arrival_time,
+                tpot,
+                finish - f.arrival_time,
+                f.num_prompt_tokens,
+                f.num_cached_tokens,
+                f.num_computed_tokens,
+                new_tokens,
+                genuinely_new,
+                n,
+                f.num_preemptions,
+            )
+        )
 
     def _bin_itl(self) -> None:
         if self._itl_pending:
@@ -228,11 +271,18 @@ class Collector:
 
     def summary(self, stats: list, wall_seconds: float) -> dict:
         """The run's figures; `stats` are the replicas' final control-plane stats."""
-        cols = {name: np.array([row[i] for row in self.requests], dtype=float)
-                for i, name in enumerate(REQUEST_COLUMNS) if name != "session_id"}
+        cols = {
+            name: np.array([row[i] for row in self.requests], dtype=float)
+            for i, name in enumerate(REQUEST_COLUMNS)
+            if name != "session_id"
+        }
         n = len(self.requests)
-        out: dict = {"num_requests": n, "num_sessions": len(self.sessions), "num_replicas": self.num_replicas,
-                     "truncated_sessions": int(sum(1 for s in self.sessions if s[4]))}
+        out: dict = {
+            "num_requests": n,
+            "num_sessions": len(self.sessions),
+            "num_replicas": self.num_replicas,
+            "truncated_sessions": int(sum(1 for s in self.sessions if s[4])),
+        }
         if n == 0:
             return out
         span = float(cols["finish"].max() - cols["arrival"].min()) or math.nan
@@ -242,8 +292,14 @@ class Collector:
         out.update(_pcts(cols["tpot"], "tpot_s"))
         out.update(_pcts(cols["e2e"], "e2e_s"))
         p50, p90, p99 = self.itl_percentiles()
-        out.update({"itl_s_mean": self.itl_sum / self.itl_n if self.itl_n else math.nan,
-                    "itl_s_p50": p50, "itl_s_p90": p90, "itl_s_p99": p99})
+        out.update(
+            {
+                "itl_s_mean": self.itl_sum / self.itl_n if self.itl_n else math.nan,
+                "itl_s_p50": p50,
+                "itl_s_p90": p90,
+                "itl_s_p99": p99,
+            }
+        )
         per_user = np.where(cols["tpot"] > 0, 1.0 / cols["tpot"], np.nan)
         out.update(_pcts(per_user, "per_user_tok_s"))
         out["per_user_tok_s_p10"] = float(np.nanpercentile(per_user, 10)) if np.isfinite(per_user).any() else math.nan

@@ -66,31 +66,51 @@ PROFILE_BASIS = {
     "prefill_kv": lambda f, k: f["kv_read_tokens"] - f["decode_kv_tokens"],
     "strict": lambda f, k: (f["continues_decode"] == 0).astype(float),
     "dropped": lambda f, k: ((f["follows_decode"] != 0) & (f["continues_decode"] == 0)).astype(float),
-    "dropped_kv": lambda f, k: np.where((f["follows_decode"] != 0) & (f["continues_decode"] == 0),
-                                        f["decode_kv_tokens"], 0.0),
+    "dropped_kv": lambda f, k: np.where(
+        (f["follows_decode"] != 0) & (f["continues_decode"] == 0), f["decode_kv_tokens"], 0.0
+    ),
     "swap_out": lambda f, k: f["num_swap_out_blocks"],
     "swap_in": lambda f, k: f["num_swap_in_blocks"],
     "tokens_over": lambda f, k: np.maximum(f["num_tokens"] - k, 0.0),
     "reqs_over": lambda f, k: np.maximum(f["num_reqs"] - k, 0.0),
-    "prefill_waves_kv": lambda f, k: np.array([float(((r[:, 0] + r[:, 1]) * np.ceil(r[:, 0] / k)).sum())
-                                               for r in f[PREFILL_ROWS]]) if PREFILL_ROWS in f
-    else np.zeros_like(f["num_tokens"]),
+    "prefill_waves_kv": lambda f, k: (
+        np.array([float(((r[:, 0] + r[:, 1]) * np.ceil(r[:, 0] / k)).sum()) for r in f[PREFILL_ROWS]])
+        if PREFILL_ROWS in f
+        else np.zeros_like(f["num_tokens"])
+    ),
 }
 PATH_TERMS = {
     "graph": ("one", "reqs", "reqs_over", "decode_kv", "strict", "dropped", "dropped_kv", "swap_out", "swap_in"),
-    "eager": ("one", "tokens", "tokens_over", "sampled_any", "sampled", "decode_reqs", "decode_kv", "prefill_reqs",
-              "prefill_pairs", "prefill_kv", "prefill_waves_kv", "dropped", "dropped_kv", "swap_out", "swap_in"),
+    "eager": (
+        "one",
+        "tokens",
+        "tokens_over",
+        "sampled_any",
+        "sampled",
+        "decode_reqs",
+        "decode_kv",
+        "prefill_reqs",
+        "prefill_pairs",
+        "prefill_kv",
+        "prefill_waves_kv",
+        "dropped",
+        "dropped_kv",
+        "swap_out",
+        "swap_in",
+    ),
 }
-KNOTS = {"tokens_over": (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
-         "reqs_over": (2, 4, 8, 16, 32, 64, 128),
-         "prefill_waves_kv": (128, 256, 512, 1024)}
-OVERLAP_ONLY = ("strict", "dropped", "dropped_kv")   # fitted only for an engine with overlapped decode
+KNOTS = {
+    "tokens_over": (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+    "reqs_over": (2, 4, 8, 16, 32, 64, 128),
+    "prefill_waves_kv": (128, 256, 512, 1024),
+}
+OVERLAP_ONLY = ("strict", "dropped", "dropped_kv")  # fitted only for an engine with overlapped decode
 LIMIT_BASES = ("tokens", "reqs", "decode_kv", "prefill_pairs", "prefill_kv", "swap_out", "swap_in")
 MIN_ROWS_PER_TERM = 3
 MIN_PATH_ROWS = 20
 MIN_ROWS_BEYOND_KNOT = 5
-MIN_SUPPORT = 3          # steps where a basis is not 0 before its coefficient is fitted
-SHARED = ("swap_out", "swap_in")   # the same copies on either path: one path's fit serves the other
+MIN_SUPPORT = 3  # steps where a basis is not 0 before its coefficient is fitted
+SHARED = ("swap_out", "swap_in")  # the same copies on either path: one path's fit serves the other
 # A step over twice (or under half) its fitted time, and far off compared with the others, is a
 # hiccup rather than a step's cost (a kernel compiled on first use, a garbage collection, a page
 # fault): such rows are dropped and the fit redone, up to TRIM_ROUNDS times and TRIM_MAX_SHARE of
@@ -99,8 +119,16 @@ TRIM_LOG_RATIO = math.log(2.0)
 TRIM_MEDIAN_FACTOR = 8.0
 TRIM_ROUNDS = 3
 TRIM_MAX_SHARE = 0.10
-SHAPE_KEYS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
-              "vocab_size", "dtype_bytes")
+SHAPE_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "dtype_bytes",
+)
 # How the profiled engine stored weights and KV (header keys) and what a header without them means.
 STORAGE_DEFAULTS = {"kv_cache_dtype": "auto", "quantization": "none"}
 
@@ -124,7 +152,7 @@ def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     m, n = a.shape
     tol = 10 * np.finfo(float).eps * max(m, n) * max(np.abs(a).sum(axis=0).max(), 1.0)
     x = np.zeros(n)
-    passive = np.zeros(n, dtype=bool)     # columns allowed to be > 0
+    passive = np.zeros(n, dtype=bool)  # columns allowed to be > 0
     for _ in range(3 * n + 1):
         gradient = a.T @ (b - a @ x)
         candidates = np.flatnonzero(~passive & (gradient > tol))
@@ -159,13 +187,16 @@ def _profile_rows(source: str | Path | Iterable[Mapping[str, Any]]) -> tuple[dic
         raise ValueError(f"{source}: empty profile (no header line)")
     missing = [c for c in PROFILE_COLUMNS if c not in columns]
     if missing:
-        raise ValueError(f"{source}: the column header lacks {missing}; required: {list(PROFILE_COLUMNS)} "
-                         f"(a profile of an older format? re-run `python -m experiments.calibrate`)")
+        raise ValueError(
+            f"{source}: the column header lacks {missing}; required: {list(PROFILE_COLUMNS)} "
+            f"(a profile of an older format? re-run `python -m experiments.calibrate`)"
+        )
     return meta, ((f"{source}:{line}", row) for line, row in rows)
 
 
-def read_profile(source: str | Path | Iterable[Mapping[str, Any]]
-                 ) -> tuple[np.ndarray, np.ndarray, dict, list[np.ndarray] | None]:
+def read_profile(
+    source: str | Path | Iterable[Mapping[str, Any]],
+) -> tuple[np.ndarray, np.ndarray, dict, list[np.ndarray] | None]:
     """Reads measured steps (format: docs/profile-format.md).
 
     Args:
@@ -229,17 +260,27 @@ class ProfilePath:
     trimmed: int = 0
     median_rel_err: float = math.nan
     p90_rel_err: float = math.nan
-    unvaried: tuple[str, ...] = ()       # bases that never varied (or on < MIN_SUPPORT steps): cost not fitted
+    unvaried: tuple[str, ...] = ()  # bases that never varied (or on < MIN_SUPPORT steps): cost not fitted
 
     def design(self, cols: Mapping[str, np.ndarray]) -> np.ndarray:
         """[n, len(terms)]: each term's basis values (numpy's evaluation of csrc/sim/step_cost.cpp)."""
-        return np.stack([PROFILE_BASIS[b](cols, k) for b, k, _ in self.terms], axis=1) if self.terms else \
-            np.zeros((len(cols["num_tokens"]), 0))
+        return (
+            np.stack([PROFILE_BASIS[b](cols, k) for b, k, _ in self.terms], axis=1)
+            if self.terms
+            else np.zeros((len(cols["num_tokens"]), 0))
+        )
 
     def to_dict(self) -> dict:
-        return {"terms": [list(t) for t in self.terms], "limits": dict(self.limits), "observed": self.observed,
-                "rows": self.rows, "trimmed": self.trimmed, "median_rel_err": self.median_rel_err,
-                "p90_rel_err": self.p90_rel_err, "unvaried": list(self.unvaried)}
+        return {
+            "terms": [list(t) for t in self.terms],
+            "limits": dict(self.limits),
+            "observed": self.observed,
+            "rows": self.rows,
+            "trimmed": self.trimmed,
+            "median_rel_err": self.median_rel_err,
+            "p90_rel_err": self.p90_rel_err,
+            "unvaried": list(self.unvaried),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> "ProfilePath":
@@ -250,15 +291,24 @@ class ProfilePath:
         terms = []
         for term in data.get("terms", []):
             if len(term) != 3 or term[0] not in PROFILE_BASIS:
-                raise ValueError(f"{where}: a term is [basis, knot, coefficient] with a basis of "
-                                 f"{sorted(PROFILE_BASIS)}, got {term!r}")
+                raise ValueError(
+                    f"{where}: a term is [basis, knot, coefficient] with a basis of "
+                    f"{sorted(PROFILE_BASIS)}, got {term!r}"
+                )
             basis, knot, coef = term[0], float(term[1]), float(term[2])
             if not (math.isfinite(coef) and coef >= 0 and math.isfinite(knot)):
                 raise ValueError(f"{where}: term {basis} coefficient must be finite and >= 0, got {coef!r}")
             terms.append((basis, knot, coef))
-        return cls(tuple(terms), dict(data.get("limits", {})), bool(data.get("observed", True)),
-                   int(data.get("rows", 0)), int(data.get("trimmed", 0)), float(data.get("median_rel_err", math.nan)),
-                   float(data.get("p90_rel_err", math.nan)), tuple(data.get("unvaried", ())))
+        return cls(
+            tuple(terms),
+            dict(data.get("limits", {})),
+            bool(data.get("observed", True)),
+            int(data.get("rows", 0)),
+            int(data.get("trimmed", 0)),
+            float(data.get("median_rel_err", math.nan)),
+            float(data.get("p90_rel_err", math.nan)),
+            tuple(data.get("unvaried", ())),
+        )
 
 
 def _candidate_terms(path: str, cols: Mapping[str, np.ndarray], overlap: bool) -> tuple[list, list[str]]:
@@ -277,7 +327,7 @@ def _candidate_terms(path: str, cols: Mapping[str, np.ndarray], overlap: bool) -
             continue
         values = PROFILE_BASIS[basis](cols, 0.0)
         if basis != "one" and (np.ptp(values) == 0 or np.count_nonzero(values) < MIN_SUPPORT):
-            unvaried.append(basis)   # constant (or all but constant) here: its cost cannot be told apart
+            unvaried.append(basis)  # constant (or all but constant) here: its cost cannot be told apart
             continue
         chosen.append((basis, 0.0))
     return chosen, unvaried
@@ -295,8 +345,10 @@ def _fit_path(path: str, cols: Mapping[str, np.ndarray], seconds: np.ndarray, ov
     terms, unvaried = _candidate_terms(path, cols, overlap)
     need = max(MIN_PATH_ROWS, MIN_ROWS_PER_TERM * len(terms))
     if len(seconds) < need:
-        raise ValueError(f"{where}: the {path} path has {len(seconds)} measured steps; a fit of its "
-                         f"{len(terms)} terms needs at least {need} (too few rows: profile a larger grid)")
+        raise ValueError(
+            f"{where}: the {path} path has {len(seconds)} measured steps; a fit of its "
+            f"{len(terms)} terms needs at least {need} (too few rows: profile a larger grid)"
+        )
     if (seconds <= 0).any():
         raise ValueError(f"{where}: the {path} path has steps of 0 seconds; a measured step takes time")
     probe = ProfilePath(tuple((b, k, 0.0) for b, k in terms))
@@ -314,8 +366,16 @@ def _fit_path(path: str, cols: Mapping[str, np.ndarray], seconds: np.ndarray, ov
     trimmed = int((~keep).sum())
     kept = np.abs(design[keep] @ coef / seconds[keep] - 1)
     limits = {b: float(PROFILE_BASIS[b](cols, 0.0).max()) for b in LIMIT_BASES if b in PATH_TERMS[path]}
-    return ProfilePath(tuple((b, k, float(c)) for (b, k), c in zip(terms, coef)), limits, True, len(seconds),
-                       trimmed, float(np.median(kept)), float(np.percentile(kept, 90)), tuple(unvaried))
+    return ProfilePath(
+        tuple((b, k, float(c)) for (b, k), c in zip(terms, coef)),
+        limits,
+        True,
+        len(seconds),
+        trimmed,
+        float(np.median(kept)),
+        float(np.percentile(kept, 90)),
+        tuple(unvaried),
+    )
 
 
 def _share_copies(paths: dict[str, ProfilePath]) -> dict[str, ProfilePath]:
@@ -328,8 +388,12 @@ def _share_copies(paths: dict[str, ProfilePath]) -> dict[str, ProfilePath]:
         borrowed = [t for t in theirs.terms if t[0] in SHARED and t[0] not in have]
         if borrowed:
             limits = {**mine.limits, **{b: theirs.limits.get(b, 0.0) for b, _, _ in borrowed}}
-            out[name] = dataclasses.replace(mine, terms=mine.terms + tuple(borrowed), limits=limits,
-                                            unvaried=tuple(u for u in mine.unvaried if u not in SHARED))
+            out[name] = dataclasses.replace(
+                mine,
+                terms=mine.terms + tuple(borrowed),
+                limits=limits,
+                unvaried=tuple(u for u in mine.unvaried if u not in SHARED),
+            )
     return out
 
 
@@ -348,8 +412,9 @@ class ProfileCost(CostModel):
 
     name = "profile"
 
-    def __init__(self, paths: Mapping[str, ProfilePath], max_graph_batch: int = 0,
-                 meta: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, paths: Mapping[str, ProfilePath], max_graph_batch: int = 0, meta: Mapping[str, Any] | None = None
+    ) -> None:
         if sorted(paths) != ["eager", "graph"]:
             raise ValueError(f"ProfileCost needs the paths 'graph' and 'eager', got {sorted(paths)}")
         if isinstance(max_graph_batch, bool) or not isinstance(max_graph_batch, int) or max_graph_batch < 0:
@@ -364,12 +429,17 @@ class ProfileCost(CostModel):
             return ([(b, k, c) for b, k, c in p.terms], sorted(p.limits.items()))
 
         (gt, gl), (et, el) = native_path(self.paths["graph"]), native_path(self.paths["eager"])
-        self.native = _native.StepCost.profile(gt, et, gl, el, self.paths["graph"].observed,
-                                              self.paths["eager"].observed, max_graph_batch)
+        self.native = _native.StepCost.profile(
+            gt, et, gl, el, self.paths["graph"].observed, self.paths["eager"].observed, max_graph_batch
+        )
 
     @classmethod
-    def fit(cls, source: str | Path | Iterable[Mapping[str, Any]], meta: Mapping[str, Any] | None = None,
-            model: ModelSpec | None = None) -> "ProfileCost":
+    def fit(
+        cls,
+        source: str | Path | Iterable[Mapping[str, Any]],
+        meta: Mapping[str, Any] | None = None,
+        model: ModelSpec | None = None,
+    ) -> "ProfileCost":
         """Fits both paths by non-negative least squares on relative errors.
 
         Args:
@@ -416,15 +486,18 @@ class ProfileCost(CostModel):
                 f"profile {self.meta.get('source_file', '')!s}: measured on an engine with {says}, but model "
                 f"{model.name} is simulated with {asks}; a fitted profile prices only the storage it measured "
                 f"(no rescaling by byte ratios: sim/profile_cost.py). Use cost=roofline, or calibrate an engine "
-                f"with those settings (python -m experiments.calibrate {options}) and pass sim.profile_path")
+                f"with those settings (python -m experiments.calibrate {options}) and pass sim.profile_path"
+            )
         shape = self.meta.get("model_shape")
         if not shape:
             return
         ours = {k: getattr(model, k) for k in SHAPE_KEYS}
         diff = {k: (shape.get(k), ours[k]) for k in SHAPE_KEYS if k in shape and shape[k] != ours[k]}
         if diff:
-            raise ValueError(f"profile {self.meta.get('source_file', '')!s}: measured on another model shape than "
-                             f"{model.name}: " + ", ".join(f"{k} {a} (profile) vs {b}" for k, (a, b) in diff.items()))
+            raise ValueError(
+                f"profile {self.meta.get('source_file', '')!s}: measured on another model shape than "
+                f"{model.name}: " + ", ".join(f"{k} {a} (profile) vs {b}" for k, (a, b) in diff.items())
+            )
 
     def step_seconds(self, plan: Any) -> float:
         """Args: plan: an object with the `FEATURES` attributes.
@@ -452,8 +525,12 @@ class ProfileCost(CostModel):
 
     def to_dict(self) -> dict[str, Any]:
         """Returns: the fitted numbers as a JSON-ready mapping (the `save` format)."""
-        return {"format": FORMAT, "max_graph_batch": self.max_graph_batch,
-                "paths": {k: v.to_dict() for k, v in self.paths.items()}, "meta": self.meta}
+        return {
+            "format": FORMAT,
+            "max_graph_batch": self.max_graph_batch,
+            "paths": {k: v.to_dict() for k, v in self.paths.items()},
+            "meta": self.meta,
+        }
 
     def save(self, path: str | Path) -> None:
         """Writes `to_dict` as JSON to `path` (its folder is created)."""
@@ -473,32 +550,50 @@ class ProfileCost(CostModel):
             raise ValueError(f"{path}: not JSON: {err}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             found = data.get("format") if isinstance(data, dict) else None
-            raise ValueError(f"{path}: not a saved ProfileCost of format {FORMAT} (found {found!r}); "
-                             f"refit it with `python -m experiments.calibrate --fit PROFILE.csv`")
+            raise ValueError(
+                f"{path}: not a saved ProfileCost of format {FORMAT} (found {found!r}); "
+                f"refit it with `python -m experiments.calibrate --fit PROFILE.csv`"
+            )
         unknown = sorted(set(data) - {"format", "max_graph_batch", "paths", "meta"})
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown}")
         paths = data.get("paths") or {}
         meta = {**data.get("meta", {}), "source_file": str(path)}
-        return cls({k: ProfilePath.from_dict(v, f"{path}: paths.{k}") for k, v in paths.items()},
-                   int(data.get("max_graph_batch", 0)), meta)
+        return cls(
+            {k: ProfilePath.from_dict(v, f"{path}: paths.{k}") for k, v in paths.items()},
+            int(data.get("max_graph_batch", 0)),
+            meta,
+        )
 
     def describe(self) -> str:
         """Returns: where the profile came from, each path's terms, fit quality and range."""
         m = self.meta
-        lines = [f"profile: {m.get('model', '?')} on {m.get('card', m.get('hardware', '?'))}, fitted to "
-                 f"{m.get('rows', '?')} steps ({m.get('source_file', '?')}); overlap {m.get('overlap', '?')}, "
-                 f"decode graphs up to batch {self.max_graph_batch}"]
+        lines = [
+            f"profile: {m.get('model', '?')} on {m.get('card', m.get('hardware', '?'))}, fitted to "
+            f"{m.get('rows', '?')} steps ({m.get('source_file', '?')}); overlap {m.get('overlap', '?')}, "
+            f"decode graphs up to batch {self.max_graph_batch}"
+        ]
         for name, p in self.paths.items():
             if not p.observed:
                 lines.append(f"  {name}: not profiled")
                 continue
-            terms = " + ".join(f"{c:.3g}*{b}" + (f"({k:g})" if b.endswith("_over") else "")
-                               for b, k, c in p.terms if c)
-            lines.append(f"  {name} ({p.rows} steps, {p.trimmed} trimmed; |rel err| median {p.median_rel_err:.3f},"
-                         f" p90 {p.p90_rel_err:.3f}): seconds = {terms or 0}")
+            terms = " + ".join(f"{c:.3g}*{b}" + (f"({k:g})" if b.endswith("_over") else "") for b, k, c in p.terms if c)
+            lines.append(
+                f"  {name} ({p.rows} steps, {p.trimmed} trimmed; |rel err| median {p.median_rel_err:.3f},"
+                f" p90 {p.p90_rel_err:.3f}): seconds = {terms or 0}"
+            )
         return "\n".join(lines)
 
 
-__all__ = ["FORMAT", "PROFILE_BASIS", "STORAGE_DEFAULTS", "profile_storage", "ProfileCost", "ProfilePath",
-           "nonnegative_least_squares", "read_profile", "feature_columns", "graph_rows"]
+__all__ = [
+    "FORMAT",
+    "PROFILE_BASIS",
+    "STORAGE_DEFAULTS",
+    "profile_storage",
+    "ProfileCost",
+    "ProfilePath",
+    "nonnegative_least_squares",
+    "read_profile",
+    "feature_columns",
+    "graph_rows",
+]

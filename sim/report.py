@@ -78,8 +78,13 @@ def plot_run(result: SimResult, out: Path) -> dict:
         for replica in np.unique(samples[:, 1]):
             rows = samples[samples[:, 1] == replica]
             ax.plot(rows[:, 0], rows[:, 2] / result.kv_blocks_per_replica, label=f"replica {int(replica)} held")
-            ax.plot(rows[:, 0], 1 - rows[:, 4] / result.kv_blocks_per_replica,
-                    alpha=0.4, linestyle="--", label=f"replica {int(replica)} held + cached")
+            ax.plot(
+                rows[:, 0],
+                1 - rows[:, 4] / result.kv_blocks_per_replica,
+                alpha=0.4,
+                linestyle="--",
+                label=f"replica {int(replica)} held + cached",
+            )
     ax.set_xlabel("simulated time (s)")
     ax.set_ylabel("fraction of KV blocks")
     ax.set_ylim(0, 1.05)
@@ -162,9 +167,15 @@ TABLE_COLUMNS = (
 
 
 # What else can tell a sweep's runs apart: a column each, shown only where the runs differ.
-VARYING_COLUMNS = (("model", "model", "{}"), ("hardware", "hardware", "{}"), ("workload", "workload", "{}"),
-                   ("router", "router", "{}"), ("GPUs", "num_replicas", "{}"), ("mode", "mode", "{}"),
-                   ("seed", "seed", "{}"))
+VARYING_COLUMNS = (
+    ("model", "model", "{}"),
+    ("hardware", "hardware", "{}"),
+    ("workload", "workload", "{}"),
+    ("router", "router", "{}"),
+    ("GPUs", "num_replicas", "{}"),
+    ("mode", "mode", "{}"),
+    ("seed", "seed", "{}"),
+)
 
 
 def format_table(summaries: list[dict]) -> str:

@@ -67,7 +67,7 @@ class TokenFactory:
             if t.new_token_ids is not None:
                 out.append(self.new_tokens(rng, t))  # a trace's own ids: no draw
             else:
-                out.append(drawn[at:at + t.new_tokens])
+                out.append(drawn[at : at + t.new_tokens])
                 at += t.new_tokens
         return out
 
@@ -79,7 +79,7 @@ class SessionContext:
 
     def __init__(self, prefix: np.ndarray) -> None:
         self._buf = np.empty(max(1024, 2 * prefix.size), dtype=np.int32)
-        self._buf[:prefix.size] = prefix
+        self._buf[: prefix.size] = prefix
         self.size = prefix.size
 
     def extend(self, tokens: np.ndarray) -> np.ndarray:
@@ -87,9 +87,9 @@ class SessionContext:
         end = self.size + tokens.size
         if end > self._buf.size:
             grown = np.empty(max(end, 2 * self._buf.size), dtype=np.int32)
-            grown[:self.size] = self._buf[:self.size]
+            grown[: self.size] = self._buf[: self.size]
             self._buf = grown
-        self._buf[self.size:end] = tokens
+        self._buf[self.size : end] = tokens
         self.size = end
         return self._buf[:end]
 
@@ -124,19 +124,25 @@ class Simulation:
         self.hardware_label = hardware_label(self.hardware)
         e = cfg.engine
         labelled = dataclasses.replace(self.hardware, name=self.hardware_label)  # for its messages
-        self.num_blocks = (kv_capacity_blocks(self.model, labelled, e.block_size, e.gpu_memory_utilization)
-                           if e.num_gpu_blocks is None else e.num_gpu_blocks)
+        self.num_blocks = (
+            kv_capacity_blocks(self.model, labelled, e.block_size, e.gpu_memory_utilization)
+            if e.num_gpu_blocks is None
+            else e.num_gpu_blocks
+        )
         block_bytes = self.model.kv_bytes_per_token() * e.block_size
-        self.num_host_blocks = (int(e.host_kv_gb * 1e9 // block_bytes) if e.num_host_blocks is None
-                                else e.num_host_blocks)
+        self.num_host_blocks = (
+            int(e.host_kv_gb * 1e9 // block_bytes) if e.num_host_blocks is None else e.num_host_blocks
+        )
         self.scheduler_config = scheduler_config(cfg, self.num_blocks, self.num_host_blocks)
         # The C++ core checks sizes and policy parameters now, on a one-block scheduler.
         cp.Scheduler(dataclasses.replace(self.scheduler_config, num_blocks=1, max_num_seqs=1))
         self.cost_model = make_cost_model(cfg.sim.cost_model, self.model, self.hardware, cfg.sim.profile_path)
         self.workload = make_workload(cfg.workload.name, dict(cfg.workload.params))
         if cfg.sim.num_sessions is None and self.workload.endless:
-            raise ValueError(f"sim.num_sessions: workload {cfg.workload.name!r} generates sessions without end; "
-                             f"say how many to run (null replays every session of a trace)")
+            raise ValueError(
+                f"sim.num_sessions: workload {cfg.workload.name!r} generates sessions without end; "
+                f"say how many to run (null replays every session of a trace)"
+            )
         self.capacity_tokens = self.num_blocks * e.block_size
 
     def run(self, env: simpy.Environment | None = None, replica_factory=None) -> SimResult:
@@ -151,17 +157,34 @@ class Simulation:
         """
         cfg, s = self.cfg, self.cfg.sim
         env = simpy.Environment() if env is None else env
-        collector = Collector(cfg.cluster.num_replicas, self.num_blocks, s.kv_sample_interval_s,
-                              Slo(s.slo_ttft_s, s.slo_tpot_s))
-        driven = (s.fast_forward and replica_factory is None and cfg.cluster.num_replicas > 1
-                  and getattr(self.cost_model, "native", None))
+        collector = Collector(
+            cfg.cluster.num_replicas, self.num_blocks, s.kv_sample_interval_s, Slo(s.slo_ttft_s, s.slo_tpot_s)
+        )
+        driven = (
+            s.fast_forward
+            and replica_factory is None
+            and cfg.cluster.num_replicas > 1
+            and getattr(self.cost_model, "native", None)
+        )
         if replica_factory is not None:
-            replicas = [replica_factory(env, i, self.scheduler_config, collector)
-                        for i in range(cfg.cluster.num_replicas)]
+            replicas = [
+                replica_factory(env, i, self.scheduler_config, collector) for i in range(cfg.cluster.num_replicas)
+            ]
         else:
-            replicas = [Replica(env, i, self.scheduler_config, self.cost_model, collector, s.idle_wait_s, s.seed,
-                                fast_forward=s.fast_forward, driven=bool(driven))
-                        for i in range(cfg.cluster.num_replicas)]
+            replicas = [
+                Replica(
+                    env,
+                    i,
+                    self.scheduler_config,
+                    self.cost_model,
+                    collector,
+                    s.idle_wait_s,
+                    s.seed,
+                    fast_forward=s.fast_forward,
+                    driven=bool(driven),
+                )
+                for i in range(cfg.cluster.num_replicas)
+            ]
         native = getattr(self.cost_model, "native", None)
         if native is not None:
             native.reset_counts()
@@ -169,8 +192,15 @@ class Simulation:
             ClusterDriver(env, replicas, collector)
         router = Router(cfg.cluster.router, replicas)
         planned, notes = self._planned_sessions()
-        sessions = _SessionRunner(self, env, router, collector, TokenFactory(s.seed, self.model.vocab_size),
-                                  len(planned), _progress(len(planned), s.progress))
+        sessions = _SessionRunner(
+            self,
+            env,
+            router,
+            collector,
+            TokenFactory(s.seed, self.model.vocab_size),
+            len(planned),
+            _progress(len(planned), s.progress),
+        )
         if s.mode == "open":
             for index, session in enumerate(planned):
                 env.process(sessions.run(index, session, wait_for_start=True))
@@ -204,10 +234,15 @@ class Simulation:
         notes += self._cost_notes(summary, native if replica_factory is None else None)
         if getattr(self.cost_model, "is_physical_limit", False):
             notes.append("roofline cost with zero step overhead: latencies are physical lower bounds")
-        if (self.model.quantization == "fp8" and self.hardware.peak_flops_fp8 is None
-                and getattr(self.cost_model, "name", "") == "roofline"):
-            notes.append(f"hardware {self.hardware_label} gives no peak_flops_fp8: the FP8 linear layers are "
-                         f"priced at peak_flops, the model dtype's rate")
+        if (
+            self.model.quantization == "fp8"
+            and self.hardware.peak_flops_fp8 is None
+            and getattr(self.cost_model, "name", "") == "roofline"
+        ):
+            notes.append(
+                f"hardware {self.hardware_label} gives no peak_flops_fp8: the FP8 linear layers are "
+                f"priced at peak_flops, the model dtype's rate"
+            )
         summary["physical_limit"] = bool(getattr(self.cost_model, "is_physical_limit", False))
         summary["completed"] = sessions.finished == len(planned)
         return SimResult(cfg, summary, collector, self.num_blocks, notes, overload_warnings(summary, s.slo_ttft_s))
@@ -218,10 +253,14 @@ class Simulation:
         if self.workload.endless:
             return self.workload.sessions(s.num_sessions, s.seed, s.session_rate), []
         everything = self.workload.sessions(None, s.seed, s.session_rate)
-        planned = everything[:s.num_sessions]
+        planned = everything[: s.num_sessions]
         if len(planned) < len(everything):
-            return planned, [(f"replayed the first {len(planned)} of the trace's {len(everything)} sessions "
-                              f"(sim.num_sessions={s.num_sessions}; null replays them all)")]
+            return planned, [
+                (
+                    f"replayed the first {len(planned)} of the trace's {len(everything)} sessions "
+                    f"(sim.num_sessions={s.num_sessions}; null replays them all)"
+                )
+            ]
         return planned, []
 
     def _cost_notes(self, summary: dict, native) -> list[str]:
@@ -232,23 +271,37 @@ class Simulation:
             summary["cost_steps"] = int(native.num_steps)
             summary["cost_steps_extrapolated"] = int(native.num_extrapolated)
             if native.num_extrapolated:
-                notes.append(f"{native.num_extrapolated} of {native.num_steps} steps lie beyond the profiled range: "
-                             f"priced by extending the fitted rates linearly")
+                notes.append(
+                    f"{native.num_extrapolated} of {native.num_steps} steps lie beyond the profiled range: "
+                    f"priced by extending the fitted rates linearly"
+                )
         meta = getattr(self.cost_model, "meta", {})
         overlap = meta.get("overlap")
         if overlap is not None and bool(overlap) != (self.cfg.engine.num_lookahead_tokens > 0):
-            notes.append(f"the profile was measured with overlapped decode {'on' if overlap else 'off'}, but "
-                         f"engine.num_lookahead_tokens={self.cfg.engine.num_lookahead_tokens} plans as an engine "
-                         f"with it {'off' if overlap else 'on'}")
+            notes.append(
+                f"the profile was measured with overlapped decode {'on' if overlap else 'off'}, but "
+                f"engine.num_lookahead_tokens={self.cfg.engine.num_lookahead_tokens} plans as an engine "
+                f"with it {'off' if overlap else 'on'}"
+            )
         return notes
 
     def describe(self) -> dict:
         c = self.cfg
-        return {"model": self.model.label, "hardware": self.hardware_label, "workload": c.workload.name,
-                "policy": c.policy.name, "ordering": c.policy.ordering, "eviction": c.policy.eviction,
-                "preemption": c.policy.preemption, "router": c.cluster.router,
-                "kv_blocks_per_replica": self.num_blocks, "host_blocks_per_replica": self.num_host_blocks,
-                "cost_model": c.sim.cost_model, "mode": c.sim.mode, "seed": c.sim.seed}
+        return {
+            "model": self.model.label,
+            "hardware": self.hardware_label,
+            "workload": c.workload.name,
+            "policy": c.policy.name,
+            "ordering": c.policy.ordering,
+            "eviction": c.policy.eviction,
+            "preemption": c.policy.preemption,
+            "router": c.cluster.router,
+            "kv_blocks_per_replica": self.num_blocks,
+            "host_blocks_per_replica": self.num_host_blocks,
+            "cost_model": c.sim.cost_model,
+            "mode": c.sim.mode,
+            "seed": c.sim.seed,
+        }
 
 
 class _NoProgress:
@@ -264,8 +317,16 @@ class _SessionRunner:
     context, routed, submitted and waited for, then the pause before the next; the run ends (`done`) when
     every planned session has."""
 
-    def __init__(self, sim: Simulation, env: simpy.Environment, router: Router, collector: Collector,
-                 tokens: TokenFactory, planned: int, progress) -> None:
+    def __init__(
+        self,
+        sim: Simulation,
+        env: simpy.Environment,
+        router: Router,
+        collector: Collector,
+        tokens: TokenFactory,
+        planned: int,
+        progress,
+    ) -> None:
         self.sim, self.env, self.router, self.collector, self.tokens = sim, env, router, collector, tokens
         self.planned, self.progress = planned, progress
         self.ids = itertools.count()

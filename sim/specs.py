@@ -58,10 +58,10 @@ _GB = 1e9
 
 # The engine's names and values (engine/config.py KV_CACHE_DTYPES, QUANTIZATIONS); the simulator
 # does not import the engine (torch), tests/test_sim_fp8.py checks the two agree.
-KV_CACHE_DTYPES = ("auto", "fp8_e4m3")   # "auto": the model's dtype (dtype_bytes)
-QUANTIZATIONS = ("none", "fp8")           # "fp8": e4m3 linear weights, per-output-channel scales
-FP8_BYTES = 1                             # an e4m3 element
-SCALE_BYTES = 4                           # a float32 scale
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # "auto": the model's dtype (dtype_bytes)
+QUANTIZATIONS = ("none", "fp8")  # "fp8": e4m3 linear weights, per-output-channel scales
+FP8_BYTES = 1  # an e4m3 element
+SCALE_BYTES = 4  # a float32 scale
 
 
 def check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -99,8 +99,7 @@ def _from_mapping(cls, kind: str, values: Mapping[str, Any], source: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{kind} spec {source}: unknown keys {unknown}; known: {sorted(known)}")
-    required = {f.name for f in fields
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     missing = sorted(required - set(values))
     if missing:
         raise ValueError(f"{kind} spec {source}: missing keys {missing}")
@@ -141,15 +140,23 @@ class ModelSpec:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"model spec: name must be a non-empty string, got {self.name!r}")
         owner = f"model {self.name}"
-        for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                      "intermediate_size", "vocab_size", "dtype_bytes"):
+        for field in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+            "dtype_bytes",
+        ):
             _check_positive_int(owner, field, getattr(self, field))
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"{owner}: num_heads ({self.num_heads}) must be a multiple of "
-                             f"num_kv_heads ({self.num_kv_heads})")
+            raise ValueError(
+                f"{owner}: num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
         if not isinstance(self.tie_word_embeddings, bool):
-            raise ValueError(f"{owner}: tie_word_embeddings must be true or false, "
-                             f"got {self.tie_word_embeddings!r}")
+            raise ValueError(f"{owner}: tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         check_choice(f"{owner}: kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         check_choice(f"{owner}: quantization", self.quantization, QUANTIZATIONS)
 
@@ -195,9 +202,11 @@ class ModelSpec:
     def label(self) -> str:
         """How summaries and messages name the model: its name, with the storage settings that
         are not the defaults, e.g. ``llama3_8b (kv_cache_dtype=fp8_e4m3, quantization=fp8)``."""
-        changed = [f"{field}={getattr(self, field)}" for field, default in
-                   (("kv_cache_dtype", KV_CACHE_DTYPES[0]), ("quantization", QUANTIZATIONS[0]))
-                   if getattr(self, field) != default]
+        changed = [
+            f"{field}={getattr(self, field)}"
+            for field, default in (("kv_cache_dtype", KV_CACHE_DTYPES[0]), ("quantization", QUANTIZATIONS[0]))
+            if getattr(self, field) != default
+        ]
         return f"{self.name} ({', '.join(changed)})" if changed else self.name
 
     @property
@@ -235,7 +244,7 @@ class ModelSpec:
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V one token occupies over all layers, scales included::
 
-            2 * num_layers * num_kv_heads * (head_dim * kv_dtype_bytes + kv_scale_bytes)
+        2 * num_layers * num_kv_heads * (head_dim * kv_dtype_bytes + kv_scale_bytes)
         """
         return 2 * self.num_layers * self.num_kv_heads * (self.head_dim * self.kv_dtype_bytes + self.kv_scale_bytes)
 
@@ -271,13 +280,14 @@ class HardwareSpec:
             raise ValueError(f"hardware spec: name must be a non-empty string, got {self.name!r}")
         owner = f"hardware {self.name}"
         for field in ("peak_flops", "mem_bandwidth", "mem_bytes", "host_link_bandwidth"):
-            object.__setattr__(self, field, _checked_float(owner, field, getattr(self, field),
-                                                           allow_zero=False))
+            object.__setattr__(self, field, _checked_float(owner, field, getattr(self, field), allow_zero=False))
         if self.peak_flops_fp8 is not None:
-            object.__setattr__(self, "peak_flops_fp8",
-                               _checked_float(owner, "peak_flops_fp8", self.peak_flops_fp8, allow_zero=False))
-        object.__setattr__(self, "step_overhead_s",
-                           _checked_float(owner, "step_overhead_s", self.step_overhead_s, allow_zero=True))
+            object.__setattr__(
+                self, "peak_flops_fp8", _checked_float(owner, "peak_flops_fp8", self.peak_flops_fp8, allow_zero=False)
+            )
+        object.__setattr__(
+            self, "step_overhead_s", _checked_float(owner, "step_overhead_s", self.step_overhead_s, allow_zero=True)
+        )
         if not isinstance(self.source, str):
             raise ValueError(f"{owner}: source must be a string, got {self.source!r}")
 
@@ -294,9 +304,13 @@ class HardwareSpec:
         return _from_mapping(cls, "hardware", values, source)
 
 
-def kv_capacity_blocks(model: ModelSpec, hw: HardwareSpec, block_size: int,
-                       gpu_memory_utilization: float = 0.9,
-                       activation_reserve_bytes: float | None = None) -> int:
+def kv_capacity_blocks(
+    model: ModelSpec,
+    hw: HardwareSpec,
+    block_size: int,
+    gpu_memory_utilization: float = 0.9,
+    activation_reserve_bytes: float | None = None,
+) -> int:
     """Device KV blocks left once the weights and an activation reserve are placed.
 
     ::
@@ -333,7 +347,8 @@ def kv_capacity_blocks(model: ModelSpec, hw: HardwareSpec, block_size: int,
             f"{budget / _GB:.1f} GB usable at gpu_memory_utilization={gpu_memory_utilization}: "
             f"after a {activation_reserve_bytes / _GB:.1f} GB activation reserve "
             f"{free / _GB:.2f} GB is left, less than one KV block of {block_bytes / _GB:.4f} GB "
-            f"(block_size={block_size})")
+            f"(block_size={block_size})"
+        )
     return blocks
 
 
@@ -358,8 +373,14 @@ def _read_yaml(path: Path) -> Any:
         raise ValueError(f"cannot parse {path}: {err}") from err
 
 
-HARDWARE_RATES = ("peak_flops", "mem_bandwidth", "mem_bytes", "host_link_bandwidth", "step_overhead_s",
-                  "peak_flops_fp8")
+HARDWARE_RATES = (
+    "peak_flops",
+    "mem_bandwidth",
+    "mem_bytes",
+    "host_link_bandwidth",
+    "step_overhead_s",
+    "peak_flops_fp8",
+)
 
 
 def hardware_label(hw: HardwareSpec) -> str:
@@ -372,8 +393,11 @@ def hardware_label(hw: HardwareSpec) -> str:
     if Path(hw.name).name != hw.name or not path.is_file():
         return hw.name
     shipped = HardwareSpec.from_dict(_read_yaml(path), source=str(path))
-    changed = [f"{field}={getattr(hw, field):g}" for field in HARDWARE_RATES
-               if getattr(hw, field) is not None and getattr(hw, field) != getattr(shipped, field)]
+    changed = [
+        f"{field}={getattr(hw, field):g}"
+        for field in HARDWARE_RATES
+        if getattr(hw, field) is not None and getattr(hw, field) != getattr(shipped, field)
+    ]
     return f"{hw.name} (modified: {', '.join(changed)})" if changed else hw.name
 
 

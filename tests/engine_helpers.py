@@ -34,8 +34,9 @@ def hf_smollm2():
     from transformers import AutoModelForCausalLM
 
     path = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    )
     return model.eval()
 
 
@@ -64,10 +65,21 @@ def tiny_config(arch: str, **overrides):
     """A small random-weight shape of a real family (CPU-sized)."""
     from engine.config import ModelConfig
 
-    base = {"architectures": [arch], "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
-            "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32,
-            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-            "tie_word_embeddings": False, "eos_token_id": 1}
+    base = {
+        "architectures": [arch],
+        "vocab_size": 512,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "eos_token_id": 1,
+    }
     base.update(overrides)
     return ModelConfig.from_hf(base)
 

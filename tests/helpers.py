@@ -10,8 +10,15 @@ from controlplane.testing import ToyModel
 
 def make(**overrides) -> tuple[cp.Scheduler, ToyModel]:
     """A scheduler with small defaults and a toy model of the same cache shape."""
-    base = dict(num_blocks=32, block_size=4, vocab_size=97, max_model_len=128,
-                max_num_batched_tokens=64, chunk_size=64, max_num_seqs=8)
+    base = dict(
+        num_blocks=32,
+        block_size=4,
+        vocab_size=97,
+        max_model_len=128,
+        max_num_batched_tokens=64,
+        chunk_size=64,
+        max_num_seqs=8,
+    )
     base.update(overrides)
     sched = cp.Scheduler(**base)
     return sched, ToyModel.for_scheduler(sched.config)

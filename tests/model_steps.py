@@ -32,8 +32,9 @@ class UnfusedRotaryWriteKV:
     def __getattr__(self, name: str):
         return getattr(self.ops, name)
 
-    def rotary_write_kv(self, positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping,
-                        q_norm=None, k_norm=None, eps=1e-6):
+    def rotary_write_kv(
+        self, positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping, q_norm=None, k_norm=None, eps=1e-6
+    ):
         if q_norm is not None:
             q = self.ops.rms_norm(q, q_norm, eps)
         if k_norm is not None:
@@ -63,13 +64,20 @@ def _to(meta, device):
     """The metadata's tensors on `device`."""
     from dataclasses import fields, replace
 
-    return replace(meta, **{f.name: getattr(meta, f.name).to(device) for f in fields(meta)
-                            if isinstance(getattr(meta, f.name), torch.Tensor)})
+    return replace(
+        meta,
+        **{
+            f.name: getattr(meta, f.name).to(device)
+            for f in fields(meta)
+            if isinstance(getattr(meta, f.name), torch.Tensor)
+        },
+    )
 
 
 @torch.inference_mode()
-def prefill_then_decode(model, ops, prompt_lens: list[int], steps: int, block_size: int = 8,
-                        seed: int = 0, on_step=None) -> tuple[list[torch.Tensor], list[list[int]]]:
+def prefill_then_decode(
+    model, ops, prompt_lens: list[int], steps: int, block_size: int = 8, seed: int = 0, on_step=None
+) -> tuple[list[torch.Tensor], list[list[int]]]:
     """Logits [R, V] of each step (the prefill's last tokens, then each decode) and the greedy tokens.
 
     `on_step(i)` is called before step i (0: the prefill), e.g. to reset a RecordingOps.
@@ -83,7 +91,7 @@ def prefill_then_decode(model, ops, prompt_lens: list[int], steps: int, block_si
     gen = torch.Generator().manual_seed(seed)
     r = len(prompt_lens)
     width = -(-(max(prompt_lens) + steps) // block_size)
-    num_blocks = r * width + 1                                   # block 0: the padding row's context
+    num_blocks = r * width + 1  # block 0: the padding row's context
     table = (1 + torch.randperm(r * width, generator=gen)).view(r, width).to(torch.int32)
     shape = (c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim)
     kv = KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
@@ -98,9 +106,14 @@ def prefill_then_decode(model, ops, prompt_lens: list[int], steps: int, block_si
     qsl = torch.tensor([0] + prompt_lens).cumsum(0).to(torch.int32)
     meta = AttentionMetadata(
         slot_mapping=torch.tensor([slot(q, p) for q, n in enumerate(prompt_lens) for p in range(n)]),
-        num_decode=0, decode_seq_lens=torch.zeros(0, **i32), decode_block_table=torch.zeros(0, width, **i32),
-        prefill_query_start_loc=qsl, prefill_seq_lens=torch.tensor(prompt_lens, **i32),
-        prefill_block_table=table, num_prefill_tokens=int(qsl[-1]))
+        num_decode=0,
+        decode_seq_lens=torch.zeros(0, **i32),
+        decode_block_table=torch.zeros(0, width, **i32),
+        prefill_query_start_loc=qsl,
+        prefill_seq_lens=torch.tensor(prompt_lens, **i32),
+        prefill_block_table=table,
+        num_prefill_tokens=int(qsl[-1]),
+    )
     if on_step:
         on_step(0)
     hidden = model(torch.cat(ids).to(device), positions.to(device), ForwardContext(ops, kv, _to(meta, device), cos_sin))
@@ -111,13 +124,21 @@ def prefill_then_decode(model, ops, prompt_lens: list[int], steps: int, block_si
     for step in range(1, steps + 1):
         meta = AttentionMetadata(
             slot_mapping=torch.tensor([slot(q, n) for q, n in enumerate(lens)] + [-1]),
-            num_decode=r + 1, decode_seq_lens=torch.tensor([n + 1 for n in lens] + [1], **i32),
-            decode_block_table=torch.cat([table, pad_table]), prefill_query_start_loc=torch.zeros(1, **i32),
-            prefill_seq_lens=torch.zeros(0, **i32), prefill_block_table=table[:0], num_prefill_tokens=0)
+            num_decode=r + 1,
+            decode_seq_lens=torch.tensor([n + 1 for n in lens] + [1], **i32),
+            decode_block_table=torch.cat([table, pad_table]),
+            prefill_query_start_loc=torch.zeros(1, **i32),
+            prefill_seq_lens=torch.zeros(0, **i32),
+            prefill_block_table=table[:0],
+            num_prefill_tokens=0,
+        )
         if on_step:
             on_step(step)
-        hidden = model(torch.tensor([t[-1] for t in tokens] + [0], device=device),
-                       torch.tensor(lens + [0], device=device), ForwardContext(ops, kv, _to(meta, device), cos_sin))
+        hidden = model(
+            torch.tensor([t[-1] for t in tokens] + [0], device=device),
+            torch.tensor(lens + [0], device=device),
+            ForwardContext(ops, kv, _to(meta, device), cos_sin),
+        )
         all_logits.append(model.compute_logits(hidden[:r]))
         for q, t in enumerate(all_logits[-1].argmax(-1).tolist()):
             tokens[q].append(t)

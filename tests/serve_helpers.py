@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -45,8 +44,16 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(log_dir, f"{name}.log")
         run_dir = os.path.join(log_dir, f"{name}-hydra")
-        self.args = [sys.executable, "-m", "engine.serve", f"port={self.port}", f"hydra.run.dir={run_dir}",
-                     f"+engine.num_gpu_blocks={NUM_BLOCKS}", "+engine.device=cpu", *overrides]
+        self.args = [
+            sys.executable,
+            "-m",
+            "engine.serve",
+            f"port={self.port}",
+            f"hydra.run.dir={run_dir}",
+            f"+engine.num_gpu_blocks={NUM_BLOCKS}",
+            "+engine.device=cpu",
+            *overrides,
+        ]
         self.proc: subprocess.Popen | None = None
         self._log = None
 
@@ -152,8 +159,11 @@ def wait_idle(url: str, timeout_s: float = 30.0, headers: dict | None = None) ->
     deadline = time.monotonic() + timeout_s
     while True:
         m = metrics(url, headers)
-        idle = (m["tandem_num_requests_running"] == 0 and m["tandem_num_requests_waiting"] == 0
-                and m["tandem_kv_cache_used_blocks"] == 0)
+        idle = (
+            m["tandem_num_requests_running"] == 0
+            and m["tandem_num_requests_waiting"] == 0
+            and m["tandem_kv_cache_used_blocks"] == 0
+        )
         if idle or time.monotonic() > deadline:
             return m
         time.sleep(0.25)
@@ -164,8 +174,12 @@ def is_openai_error(body) -> bool:
     if not isinstance(body, dict) or not isinstance(body.get("error"), dict):
         return False
     err = body["error"]
-    return (set(err) >= {"message", "type", "param", "code"} and isinstance(err["message"], str) and err["message"]
-            and isinstance(err["type"], str))
+    return (
+        set(err) >= {"message", "type", "param", "code"}
+        and isinstance(err["message"], str)
+        and err["message"]
+        and isinstance(err["type"], str)
+    )
 
 
 # A tiny random-weight model whose tokens often decode to nothing --------------------------------
@@ -183,8 +197,10 @@ TINY_VOCAB = 128256
 TINY_TOKENIZER_SIZE = 49152
 TINY_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 TINY_BYTE0 = len(TINY_SPECIAL)  # the id of byte 0; byte b is TINY_BYTE0 + b
-_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def _byte_level_chars() -> list[str]:
@@ -222,12 +238,25 @@ def write_tiny_model(directory: str, vocab_size: int = TINY_VOCAB) -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in TINY_SPECIAL])
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=TINY_SPECIAL[0], bos_token=TINY_SPECIAL[1],
-                            chat_template=_CHATML).save_pretrained(directory)
-    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": vocab_size, "hidden_size": 64,
-              "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "head_dim": 16, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-              "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 0}
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=TINY_SPECIAL[0], bos_token=TINY_SPECIAL[1], chat_template=_CHATML
+    ).save_pretrained(directory)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 0,
+    }
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f)
     return directory
@@ -237,8 +266,11 @@ def tiny_server(log_dir: str, model_dir: str | None = None, name: str = "tiny") 
     """A ServerProcess (not started) serving write_tiny_model's model and tokenizer (written into log_dir
     unless `model_dir` already holds them); `.model_dir` holds them."""
     model_dir = model_dir or write_tiny_model(os.path.join(log_dir, f"{name}-model"))
-    server = ServerProcess(log_dir, overrides=(f"model={model_dir}", "+engine.load_format=dummy",
-                                               f"+engine.tokenizer={model_dir}"), name=name)
+    server = ServerProcess(
+        log_dir,
+        overrides=(f"model={model_dir}", "+engine.load_format=dummy", f"+engine.tokenizer={model_dir}"),
+        name=name,
+    )
     server.model_dir = model_dir
     return server
 
@@ -256,6 +288,7 @@ def sse_events(url: str, path: str, body: dict, timeout: float = 120.0) -> list[
 
 
 # Load ------------------------------------------------------------------------------------------
+
 
 async def stream_once(http: httpx.AsyncClient, url: str, i: int, max_tokens: int, cut_after: int | None):
     """One streaming request; returns ("cut", chunks) or ("done", finish_reason, saw [DONE]).
@@ -297,8 +330,9 @@ def load_round(url: str, clients: int, max_tokens: int, seed: int, timeout_s: fl
     async def main():
         limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=clients + 10)
         async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s, connect=60)) as http:
-            jobs = [stream_once(http, url, i, max_tokens, rng.randint(1, 3) if i in cut else None)
-                    for i in range(clients)]
+            jobs = [
+                stream_once(http, url, i, max_tokens, rng.randint(1, 3) if i in cut else None) for i in range(clients)
+            ]
             return await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), timeout_s)
 
     return asyncio.run(main())
@@ -309,39 +343,64 @@ def load_round(url: str, clients: int, max_tokens: int, seed: int, timeout_s: fl
 # Integers beyond 64 bits are drawn too; lone surrogates (st.text never draws them) and non-string
 # text parts have their own tests in test_serve.py.
 
-_INT64 = st.integers(min_value=-2**63, max_value=2**63 - 1)
+_INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 _JUNK = st.recursive(
-    st.none() | st.booleans() | _INT64 | st.sampled_from([0, -1, 2**31, 2**62, -2**63, 2**64, -2**70])
-    | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([1e300, -1e300, 1e-300])
+    st.none()
+    | st.booleans()
+    | _INT64
+    | st.sampled_from([0, -1, 2**31, 2**62, -(2**63), 2**64, -(2**70)])
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from([1e300, -1e300, 1e-300])
     | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=6)
+    max_leaves=6,
+)
 _SHORT_TEXT = st.text(max_size=24)
 _COMMON = {
-    "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1), "top_k": st.sampled_from([-1, 0, 1, 5, 50]),
-    "min_p": st.floats(0, 1), "seed": _INT64, "stop": st.text(min_size=1, max_size=4) | st.lists(
-        st.text(min_size=1, max_size=4), max_size=3), "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=3),
-    "n": st.integers(1, 2), "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2),
-    "repetition_penalty": st.floats(0.5, 2), "ignore_eos": st.booleans(), "min_tokens": st.integers(0, 3),
-    "skip_special_tokens": st.booleans(), "include_stop_str_in_output": st.booleans(), "stream": st.booleans(),
-    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}), "session_id": _SHORT_TEXT,
-    "cache_salt": _SHORT_TEXT, "priority": st.integers(-10, 10), "user": _SHORT_TEXT,
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.05, 1),
+    "top_k": st.sampled_from([-1, 0, 1, 5, 50]),
+    "min_p": st.floats(0, 1),
+    "seed": _INT64,
+    "stop": st.text(min_size=1, max_size=4) | st.lists(st.text(min_size=1, max_size=4), max_size=3),
+    "stop_token_ids": st.lists(st.integers(0, VOCAB - 1), max_size=3),
+    "n": st.integers(1, 2),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 2),
+    "ignore_eos": st.booleans(),
+    "min_tokens": st.integers(0, 3),
+    "skip_special_tokens": st.booleans(),
+    "include_stop_str_in_output": st.booleans(),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "session_id": _SHORT_TEXT,
+    "cache_salt": _SHORT_TEXT,
+    "priority": st.integers(-10, 10),
+    "user": _SHORT_TEXT,
     "model": st.sampled_from([None, "default", "default", "gpt-4"]),
 }
 _COMPLETION = {
-    "prompt": st.text(min_size=1, max_size=24) | st.lists(st.text(min_size=1, max_size=24), min_size=1, max_size=2)
+    "prompt": st.text(min_size=1, max_size=24)
+    | st.lists(st.text(min_size=1, max_size=24), min_size=1, max_size=2)
     | st.lists(st.integers(-3, VOCAB + 3), min_size=1, max_size=12)
     | st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=6), min_size=1, max_size=2),
-    "logprobs": st.integers(-1, 22), "echo": st.booleans(),
+    "logprobs": st.integers(-1, 22),
+    "echo": st.booleans(),
 }
 _PART = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": _SHORT_TEXT})
 _MESSAGE = st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "user", "assistant", "tool", "developer", "wizard"]),
-     "content": _SHORT_TEXT | st.none() | st.lists(_PART, max_size=2)},
-    optional={"name": _SHORT_TEXT, "extra": _JUNK})
+    {
+        "role": st.sampled_from(["system", "user", "assistant", "tool", "developer", "wizard"]),
+        "content": _SHORT_TEXT | st.none() | st.lists(_PART, max_size=2),
+    },
+    optional={"name": _SHORT_TEXT, "extra": _JUNK},
+)
 _CHAT = {
-    "messages": st.lists(_MESSAGE, min_size=1, max_size=3), "logprobs": st.booleans(),
-    "top_logprobs": st.integers(-1, 22), "add_generation_prompt": st.booleans(),
+    "messages": st.lists(_MESSAGE, min_size=1, max_size=3),
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(-1, 22),
+    "add_generation_prompt": st.booleans(),
     "chat_template_kwargs": st.dictionaries(st.sampled_from(["enable_thinking", "tokenize", "foo"]), _JUNK, max_size=2),
 }
 
@@ -366,5 +425,6 @@ def _bodies(draw, fields: dict, chat: bool):
     return body
 
 
-REQUESTS = (_bodies({**_COMMON, **_COMPLETION}, chat=False).map(lambda b: ("/v1/completions", b))
-             | _bodies({**_COMMON, **_CHAT}, chat=True).map(lambda b: ("/v1/chat/completions", b)))
+REQUESTS = _bodies({**_COMMON, **_COMPLETION}, chat=False).map(lambda b: ("/v1/completions", b)) | _bodies(
+    {**_COMMON, **_CHAT}, chat=True
+).map(lambda b: ("/v1/chat/completions", b))

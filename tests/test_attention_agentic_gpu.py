@@ -14,8 +14,8 @@ import torch
 from test_kernels_triton import BF16, check_prefill
 
 AGENTIC = {
-    "short_turn_long_prefix": [(70_001, 128)],                     # ends mid-block, split key range
-    "turn_on_100k": [(100_000 - 4096 + 3, 4093)],                  # past 64K, 4K query
+    "short_turn_long_prefix": [(70_001, 128)],  # ends mid-block, split key range
+    "turn_on_100k": [(100_000 - 4096 + 3, 4093)],  # past 64K, 4K query
     "ragged_turns": [(50_000, 1300), (0, 700), (30_007, 1), (16_384, 8192)],
     "one_token_queries": [(65_536 + 9, 1), (12, 1), (40_000, 2)],
     "long_causal_prompt": [(0, 16_384)],
@@ -25,8 +25,7 @@ AGENTIC = {
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(AGENTIC))
 def test_prefill_agentic_shape_matches_reference(name: str) -> None:
-    check_prefill("cuda", seed=400 + len(name), dtype=BF16, reqs=AGENTIC[name], hq=32, hk=8, d=128, bs=16,
-                  q_scale=2.0)
+    check_prefill("cuda", seed=400 + len(name), dtype=BF16, reqs=AGENTIC[name], hq=32, hk=8, d=128, bs=16, q_scale=2.0)
     torch.cuda.empty_cache()
 
 

@@ -13,10 +13,11 @@ import math
 
 import numpy as np
 import pandas as pd
-from engine_helpers import write_tiny_config
 
 from experiments import bench_agentic
 from experiments.bench_agentic import FIGURES, Figures, workload_params
+
+from engine_helpers import write_tiny_config
 
 MODEL_YAML = """\
 name: tiny
@@ -50,10 +51,29 @@ def test_served_levels_beside_the_roofline(tmp_path, capsys):
     (tmp_path / "tiny.yaml").write_text(MODEL_YAML)
     config = write_tiny_config(tmp_path, "LlamaForCausalLM", vocab_size=1024, max_position_embeddings=4096)
     out = tmp_path / "results.json"
-    results = bench_agentic.main([
-        "--model", str(tmp_path / "tiny.yaml"), "--engine-model", config, "--concurrency", "1", "2", "4",
-        "--params", "first_turn_tokens=160", "later_turn_tokens=24", "output_tokens=8",
-        "--engine", "num_gpu_blocks=512", "max_num_seqs=16", "--out", str(tmp_path / "run"), "--json", str(out)])
+    results = bench_agentic.main(
+        [
+            "--model",
+            str(tmp_path / "tiny.yaml"),
+            "--engine-model",
+            config,
+            "--concurrency",
+            "1",
+            "2",
+            "4",
+            "--params",
+            "first_turn_tokens=160",
+            "later_turn_tokens=24",
+            "output_tokens=8",
+            "--engine",
+            "num_gpu_blocks=512",
+            "max_num_seqs=16",
+            "--out",
+            str(tmp_path / "run"),
+            "--json",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "engine/roofline" in printed and "later-turn TTFT s p90" in printed
 
@@ -66,8 +86,13 @@ def test_served_levels_beside_the_roofline(tmp_path, capsys):
     assert m["hardware"]["peak_flops"] == m["rates"]["matmul_flops"] > 0
     assert m["hardware"]["mem_bandwidth"] == m["rates"]["copy_bytes_s"] > 0
     assert m["twin_engine"]["num_gpu_blocks"] == 512 and m["twin_engine"]["max_model_len"] == 4096
-    assert m["params"] == {"first_turn_tokens": 160, "later_turn_tokens": 24, "output_tokens": 8, "turns_min": 3,
-                           "turns_max": 3}
+    assert m["params"] == {
+        "first_turn_tokens": 160,
+        "later_turn_tokens": 24,
+        "output_tokens": 8,
+        "turns_min": 3,
+        "turns_max": 3,
+    }
     # each level: its own seed, 2 x concurrency sessions of 3 calls, all served, the same calls in the twin
     assert [lv["level"]["seed"] for lv in results["levels"]] == [0, 1, 2]
     for level in results["levels"]:

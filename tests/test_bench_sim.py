@@ -30,15 +30,25 @@ def fake_vidur(tmp_path, payload: dict | None) -> str:
 
 
 def test_vidur_row_from_its_json_line(tmp_path, capsys):
-    payload = {"vidur_version": "0.0.26", "num_requests": 37, "prefill_tokens": 50000, "decode_tokens": 500,
-               "qps": 0.15, "simulated_s": 1234.0, "wall_s": 9.5, "event_loop_s": 8.0,
-               "requests_per_wall_min": 233.7, "requests_per_wall_min_loop": 277.5, "batch_stages": 3700,
-               "batch_stages_per_wall_s": 462.5}
+    payload = {
+        "vidur_version": "0.0.26",
+        "num_requests": 37,
+        "prefill_tokens": 50000,
+        "decode_tokens": 500,
+        "qps": 0.15,
+        "simulated_s": 1234.0,
+        "wall_s": 9.5,
+        "event_loop_s": 8.0,
+        "requests_per_wall_min": 233.7,
+        "requests_per_wall_min_loop": 277.5,
+        "batch_stages": 3700,
+        "batch_stages_per_wall_s": 462.5,
+    }
     bench_sim.main(["--quick", "--vidur", fake_vidur(tmp_path, payload)])
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if "vidur 0.0.26" in line).split()
     assert row[2:7] == ["0.15", "1", "-", "37", "3700"]
-    assert row[7] == "5.0"          # outputs a batch stage: 37 * 500 / 3700
+    assert row[7] == "5.0"  # outputs a batch stage: 37 * 500 / 3700
     assert row[9:12] == ["8.0", "278", "462"]  # event loop, its requests a minute, stages a second
     args = (tmp_path / "args").read_text().split()
     requests = int(args[args.index("--requests") + 1])

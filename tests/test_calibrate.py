@@ -26,26 +26,59 @@ from sim.simulation import Simulation
 from sim.specs import load_hardware_spec, load_model_spec
 
 MAX_GRAPH_BATCH = 32
-TRUTH_GRAPH = (("one", 0.0, 4.5e-3), ("reqs", 0.0, 5e-6), ("reqs_over", 8.0, 3e-5), ("decode_kv", 0.0, 4.3e-7),
-               ("strict", 0.0, 3e-4), ("dropped", 0.0, 1e-3), ("dropped_kv", 0.0, 2e-7), ("swap_out", 0.0, 4e-5),
-               ("swap_in", 0.0, 5e-5))
-TRUTH_EAGER = (("one", 0.0, 5e-3), ("tokens", 0.0, 2e-6), ("tokens_over", 256.0, 2.2e-5), ("sampled_any", 0.0, 3.5e-4),
-               ("sampled", 0.0, 1e-6), ("decode_reqs", 0.0, 1e-5), ("decode_kv", 0.0, 4.5e-7),
-               ("prefill_reqs", 0.0, 2e-5), ("prefill_pairs", 0.0, 1.5e-10), ("prefill_kv", 0.0, 1e-8),
-               ("prefill_waves_kv", 128.0, 5e-9), ("dropped", 0.0, 4e-3), ("dropped_kv", 0.0, 4e-7),
-               ("swap_out", 0.0, 4e-5), ("swap_in", 0.0, 5e-5))   # a copy costs the same on either path
-GRID = GridSpec(contexts=(64, 256, 1024), prefill_budget=4096, max_batch=MAX_GRAPH_BATCH, steps_per_level=4,
-                probe_lengths=(16, 64, 256, 600), arrival_lengths=(40, 200), swap_context=256)
-ENGINE = {"block_size": 16, "chunk_size": 256, "max_num_batched_tokens": 512, "max_num_seqs": MAX_GRAPH_BATCH,
-          "num_lookahead_tokens": 1}
+TRUTH_GRAPH = (
+    ("one", 0.0, 4.5e-3),
+    ("reqs", 0.0, 5e-6),
+    ("reqs_over", 8.0, 3e-5),
+    ("decode_kv", 0.0, 4.3e-7),
+    ("strict", 0.0, 3e-4),
+    ("dropped", 0.0, 1e-3),
+    ("dropped_kv", 0.0, 2e-7),
+    ("swap_out", 0.0, 4e-5),
+    ("swap_in", 0.0, 5e-5),
+)
+TRUTH_EAGER = (
+    ("one", 0.0, 5e-3),
+    ("tokens", 0.0, 2e-6),
+    ("tokens_over", 256.0, 2.2e-5),
+    ("sampled_any", 0.0, 3.5e-4),
+    ("sampled", 0.0, 1e-6),
+    ("decode_reqs", 0.0, 1e-5),
+    ("decode_kv", 0.0, 4.5e-7),
+    ("prefill_reqs", 0.0, 2e-5),
+    ("prefill_pairs", 0.0, 1.5e-10),
+    ("prefill_kv", 0.0, 1e-8),
+    ("prefill_waves_kv", 128.0, 5e-9),
+    ("dropped", 0.0, 4e-3),
+    ("dropped_kv", 0.0, 4e-7),
+    ("swap_out", 0.0, 4e-5),
+    ("swap_in", 0.0, 5e-5),
+)  # a copy costs the same on either path
+GRID = GridSpec(
+    contexts=(64, 256, 1024),
+    prefill_budget=4096,
+    max_batch=MAX_GRAPH_BATCH,
+    steps_per_level=4,
+    probe_lengths=(16, 64, 256, 600),
+    arrival_lengths=(40, 200),
+    swap_context=256,
+)
+ENGINE = {
+    "block_size": 16,
+    "chunk_size": 256,
+    "max_num_batched_tokens": 512,
+    "max_num_seqs": MAX_GRAPH_BATCH,
+    "num_lookahead_tokens": 1,
+}
 MAIN = cp.SchedulerConfig(num_blocks=512, vocab_size=1000, **ENGINE)
 SWAP = dataclasses.replace(MAIN, num_blocks=64, num_host_blocks=128, preemption="swap", max_num_seqs=8)
 FIT_META = {"max_graph_batch": MAX_GRAPH_BATCH, "overlap": True}
 
 
 def truth_cost() -> ProfileCost:
-    return ProfileCost({"graph": ProfilePath(TRUTH_GRAPH), "eager": ProfilePath(TRUTH_EAGER)}, MAX_GRAPH_BATCH,
-                       {"overlap": True})
+    return ProfileCost(
+        {"graph": ProfilePath(TRUTH_GRAPH), "eager": ProfilePath(TRUTH_EAGER)}, MAX_GRAPH_BATCH, {"overlap": True}
+    )
 
 
 def relative_errors(cost: ProfileCost, rows: list[dict]) -> np.ndarray:
@@ -75,19 +108,35 @@ def fitted(grid_rows):
 
 def recorded_workload(profile_path, workload: str, params: dict, **sim) -> StepLog:
     """A small simulation priced by the profile at `profile_path`, its plans recorded step by step."""
-    config = {"model": dataclasses.asdict(load_model_spec("smollm2_135m")),
-              "hardware": dataclasses.asdict(load_hardware_spec("h100_sxm")),
-              "workload": {"name": workload, "params": params},
-              "engine": {**ENGINE, "num_gpu_blocks": 512},
-              "sim": {"num_sessions": 12, "progress": False, "cost_model": "profile",
-                      "profile_path": str(profile_path), **sim},
-              "wandb": {"mode": "disabled"}}
+    config = {
+        "model": dataclasses.asdict(load_model_spec("smollm2_135m")),
+        "hardware": dataclasses.asdict(load_hardware_spec("h100_sxm")),
+        "workload": {"name": workload, "params": params},
+        "engine": {**ENGINE, "num_gpu_blocks": 512},
+        "sim": {
+            "num_sessions": 12,
+            "progress": False,
+            "cost_model": "profile",
+            "profile_path": str(profile_path),
+            **sim,
+        },
+        "wandb": {"mode": "disabled"},
+    }
     log = StepLog()
     simulation = Simulation(config)
 
     def factory(env, index, scheduler_config, collector):
-        return RecordingReplica(env, index, scheduler_config, simulation.cost_model, collector,
-                                simulation.cfg.sim.idle_wait_s, 0, fast_forward=False, log=log)
+        return RecordingReplica(
+            env,
+            index,
+            scheduler_config,
+            simulation.cost_model,
+            collector,
+            simulation.cfg.sim.idle_wait_s,
+            0,
+            fast_forward=False,
+            log=log,
+        )
 
     result = simulation.run(replica_factory=factory)
     assert result.summary["completed"] and result.summary["num_steps"] == len(log.rows)
@@ -95,11 +144,25 @@ def recorded_workload(profile_path, workload: str, params: dict, **sim) -> StepL
 
 
 WORKLOADS = {
-    "swe_smith": ({"first_turn_tokens": 800, "later_turn_tokens": 60, "output_tokens": 30, "turns_min": 2,
-                   "turns_max": 3}, {"mode": "closed", "concurrency": 4}),
-    "agentic_coding": ({"calls_mean": 3.0, "tool_pause_median": 0.05, "tool_pause_p90": 0.2, "human_pause_prob": 0.0,
-                        "output_max": 48, "output_mean": 16.0, "prefix_tokens_min": 200, "prefix_tokens_max": 400,
-                        "new_tokens_mean": 30.0, "new_tokens_max": 100}, {"session_rate": 20.0}),
+    "swe_smith": (
+        {"first_turn_tokens": 800, "later_turn_tokens": 60, "output_tokens": 30, "turns_min": 2, "turns_max": 3},
+        {"mode": "closed", "concurrency": 4},
+    ),
+    "agentic_coding": (
+        {
+            "calls_mean": 3.0,
+            "tool_pause_median": 0.05,
+            "tool_pause_p90": 0.2,
+            "human_pause_prob": 0.0,
+            "output_max": 48,
+            "output_mean": 16.0,
+            "prefix_tokens_min": 200,
+            "prefix_tokens_max": 400,
+            "new_tokens_mean": 30.0,
+            "new_tokens_max": 100,
+        },
+        {"session_rate": 20.0},
+    ),
 }
 
 
@@ -152,15 +215,28 @@ def test_calibration_prices_kv_copies_on_mixed_steps(tmp_path, fitted):
     params = {"first_turn_tokens": 1500, "later_turn_tokens": 60, "output_tokens": 200, "turns_min": 2, "turns_max": 3}
     config = {"mode": "closed", "concurrency": 6}
     log = StepLog()
-    simulation = Simulation({"model": dataclasses.asdict(load_model_spec("smollm2_135m")),
-                             "hardware": dataclasses.asdict(load_hardware_spec("h100_sxm")),
-                             "workload": {"name": "swe_smith", "params": params}, "policy": {"preemption": "swap"},
-                             "engine": {**ENGINE, "num_gpu_blocks": 300, "num_host_blocks": 600},
-                             "sim": {"num_sessions": 12, "progress": False, "cost_model": "profile",
-                                     "profile_path": str(truth), **config},
-                             "wandb": {"mode": "disabled"}})
-    simulation.run(replica_factory=lambda env, i, sc, col: RecordingReplica(
-        env, i, sc, simulation.cost_model, col, simulation.cfg.sim.idle_wait_s, 0, fast_forward=False, log=log))
+    simulation = Simulation(
+        {
+            "model": dataclasses.asdict(load_model_spec("smollm2_135m")),
+            "hardware": dataclasses.asdict(load_hardware_spec("h100_sxm")),
+            "workload": {"name": "swe_smith", "params": params},
+            "policy": {"preemption": "swap"},
+            "engine": {**ENGINE, "num_gpu_blocks": 300, "num_host_blocks": 600},
+            "sim": {
+                "num_sessions": 12,
+                "progress": False,
+                "cost_model": "profile",
+                "profile_path": str(truth),
+                **config,
+            },
+            "wandb": {"mode": "disabled"},
+        }
+    )
+    simulation.run(
+        replica_factory=lambda env, i, sc, col: RecordingReplica(
+            env, i, sc, simulation.cost_model, col, simulation.cfg.sim.idle_wait_s, 0, fast_forward=False, log=log
+        )
+    )
     assert any(not is_graph(r) and (r["num_swap_out_blocks"] or r["num_swap_in_blocks"]) for r in log.rows)
     assert relative_errors(fitted, log.rows).max() < 0.01
 
@@ -171,12 +247,29 @@ def test_the_grid_exercises_every_term_the_model_needs(grid_rows):
     stats = []
     for config, swap in ((MAIN, False), (SWAP, True)):
         env = simpy.Environment()
-        replica = RecordingReplica(env, 0, config, truth_cost(), Collector(1, config.num_blocks, 1e9, Slo(1.0, 1.0)),
-                                   1e-3, GRID.seed, fast_forward=False, log=log)
-        run_grid(env, replica, GRID, config.vocab_size, log, config.num_blocks * config.block_size,
-                 config.max_model_len, swap_phase=swap)
+        replica = RecordingReplica(
+            env,
+            0,
+            config,
+            truth_cost(),
+            Collector(1, config.num_blocks, 1e9, Slo(1.0, 1.0)),
+            1e-3,
+            GRID.seed,
+            fast_forward=False,
+            log=log,
+        )
+        run_grid(
+            env,
+            replica,
+            GRID,
+            config.vocab_size,
+            log,
+            config.num_blocks * config.block_size,
+            config.max_model_len,
+            swap_phase=swap,
+        )
         stats.append(replica.scheduler.stats())
-    assert log.rows == grid_rows   # calibrate_simulated runs just this
+    assert log.rows == grid_rows  # calibrate_simulated runs just this
     rows = log.rows
     graph = [r for r in rows if is_graph(r)]
     eager = [r for r in rows if not is_graph(r)]
@@ -208,8 +301,12 @@ def test_the_grid_exercises_every_term_the_model_needs(grid_rows):
 def test_a_profile_written_and_refitted_from_the_command_line(tmp_path, grid_rows, fitted, capsys):
     csv_path = tmp_path / "profile.csv"
     spec = load_model_spec("smollm2_135m")
-    meta = {**FIT_META, "model": "smollm2_135m", "hardware": "h100_sxm",
-            "model_shape": {k: getattr(spec, k) for k in SHAPE_KEYS}}
+    meta = {
+        **FIT_META,
+        "model": "smollm2_135m",
+        "hardware": "h100_sxm",
+        "model_shape": {k: getattr(spec, k) for k in SHAPE_KEYS},
+    }
     assert write_profile(csv_path, grid_rows, meta) == len(grid_rows)
     assert read_header(csv_path)[0] == meta
     out_json = tmp_path / "fits" / "p.json"
@@ -244,8 +341,16 @@ def test_refit_of_a_profile_naming_no_model_or_hardware_exits_with_a_message(tmp
 def test_refit_checks_the_shape_of_a_known_model(tmp_path, grid_rows):
     csv_path = tmp_path / "profile.csv"
     small = load_model_spec("smollm2_135m")
-    write_profile(csv_path, grid_rows, {**FIT_META, "model": "llama3_8b", "hardware": "h100_sxm",
-                                        "model_shape": {k: getattr(small, k) for k in SHAPE_KEYS}})
+    write_profile(
+        csv_path,
+        grid_rows,
+        {
+            **FIT_META,
+            "model": "llama3_8b",
+            "hardware": "h100_sxm",
+            "model_shape": {k: getattr(small, k) for k in SHAPE_KEYS},
+        },
+    )
     with pytest.raises(ValueError, match=r"measured on another model shape than llama3_8b"):
         calibrate.main(["--fit", str(csv_path), "--save-to", str(tmp_path / "p.json")])
     assert not (tmp_path / "p.json").exists()

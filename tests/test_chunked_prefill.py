@@ -4,7 +4,8 @@ waits, chunk_size and max_num_batched_tokens whenever one does (the bound on a d
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import controlplane as cp
 from controlplane.testing import reference_generate
@@ -35,16 +36,18 @@ def decode_waits(sched, ids) -> bool:
         except ValueError:  # finished
             continue
         running = r["state"] in ("PREFILLING", "DECODING")
-        if (running or r["swapped"]) and r["num_tokens"] > r["num_prompt_tokens"] \
-                and r["num_computed_tokens"] + 1 == r["num_tokens"]:
+        if (
+            (running or r["swapped"])
+            and r["num_tokens"] > r["num_prompt_tokens"]
+            and r["num_computed_tokens"] + 1 == r["num_tokens"]
+        ):
             return True
     return False
 
 
 def test_a_lone_prompt_is_prefilled_in_idle_chunks_within_a_raised_budget():
     prompt = [k % V for k in range(1, 101)]
-    sched, model = make(num_blocks=64, max_model_len=256, max_num_batched_tokens=16, chunk_size=8,
-                        idle_chunk_size=32)
+    sched, model = make(num_blocks=64, max_model_len=256, max_num_batched_tokens=16, chunk_size=8, idle_chunk_size=32)
     sched.add_request(1, prompt, max_new_tokens=3)
     got, _ = chunks(sched, model)
     # nobody decodes: 32-token chunks, the budget raised from 16 to 32; then its own decodes
@@ -56,8 +59,7 @@ def test_a_lone_prompt_is_prefilled_in_idle_chunks_within_a_raised_budget():
 
 
 def test_a_running_decode_keeps_chunk_size_and_the_budget_until_it_finishes():
-    sched, model = make(num_blocks=64, max_model_len=256, max_num_batched_tokens=16, chunk_size=8,
-                        idle_chunk_size=32)
+    sched, model = make(num_blocks=64, max_model_len=256, max_num_batched_tokens=16, chunk_size=8, idle_chunk_size=32)
     sched.add_request(1, [1, 2, 3, 4], max_new_tokens=5)
     plan, _ = step(sched, model, 0.0)  # A's prompt; A decodes from now on
     b = [k % V for k in range(10, 110)]
@@ -70,8 +72,15 @@ def test_a_running_decode_keeps_chunk_size_and_the_budget_until_it_finishes():
 def test_a_swapped_out_decode_waits_too():
     # A (less important) decodes beside B's prefill until B's growth swaps A out; A is then a decode
     # waiting for its blocks, so B's last chunks stay at chunk_size (2), not idle_chunk_size (16).
-    sched, model = make(num_blocks=20, num_host_blocks=16, preemption="swap", ordering="priority",
-                        max_num_batched_tokens=8, chunk_size=2, idle_chunk_size=16)
+    sched, model = make(
+        num_blocks=20,
+        num_host_blocks=16,
+        preemption="swap",
+        ordering="priority",
+        max_num_batched_tokens=8,
+        chunk_size=2,
+        idle_chunk_size=16,
+    )
     sched.add_request(1, [1, 2, 3], max_new_tokens=60, priority=1)
     step(sched, model, 0.0)
     sched.add_request(2, list(range(10, 70)), max_new_tokens=2, priority=0, arrival_time=1.0)
@@ -114,12 +123,26 @@ ARRIVALS = st.lists(st.tuples(st.integers(0, 12), st.integers(1, 60), st.integer
 
 
 @settings(max_examples=150, deadline=None)
-@given(arrivals=ARRIVALS, chunk=st.integers(1, 8), idle=st.sampled_from([0, 3, 12, 40]), budget=st.integers(1, 24),
-       preemption=st.sampled_from(["recompute", "swap"]), num_blocks=st.integers(18, 40))
-def test_no_step_exceeds_chunk_size_while_a_decode_is_in_the_batch(arrivals, chunk, idle, budget, preemption,
-                                                                   num_blocks):
-    sched, model = make(num_blocks=num_blocks, max_model_len=80, max_num_batched_tokens=budget, chunk_size=chunk,
-                        idle_chunk_size=idle, preemption=preemption, num_host_blocks=24)
+@given(
+    arrivals=ARRIVALS,
+    chunk=st.integers(1, 8),
+    idle=st.sampled_from([0, 3, 12, 40]),
+    budget=st.integers(1, 24),
+    preemption=st.sampled_from(["recompute", "swap"]),
+    num_blocks=st.integers(18, 40),
+)
+def test_no_step_exceeds_chunk_size_while_a_decode_is_in_the_batch(
+    arrivals, chunk, idle, budget, preemption, num_blocks
+):
+    sched, model = make(
+        num_blocks=num_blocks,
+        max_model_len=80,
+        max_num_batched_tokens=budget,
+        chunk_size=chunk,
+        idle_chunk_size=idle,
+        preemption=preemption,
+        num_host_blocks=24,
+    )
     prompts = {}
     pending = sorted((t, rid, n, m) for rid, (t, n, m) in enumerate(arrivals))
     done, now, k = {}, 0.0, 0
@@ -148,10 +171,12 @@ def test_no_step_exceeds_chunk_size_while_a_decode_is_in_the_batch(arrivals, chu
 
 # -- the engine: the field, its auto default and its plans -----------------------------------------
 
+
 def test_the_engine_takes_idle_chunk_size_and_resolves_auto_by_device(tmp_path):
     from engine import SamplingParams
     from engine.config import EngineConfig
     from engine.core import EngineCore
+
     from engine_helpers import write_tiny_config
 
     for bad in (-1, 1.5, True):
@@ -161,8 +186,11 @@ def test_the_engine_takes_idle_chunk_size_and_resolves_auto_by_device(tmp_path):
     prompt = [(7 * k) % 500 + 2 for k in range(300)]
 
     def run(**options):
-        core = EngineCore(EngineConfig(model=path, load_format="dummy", device="cpu", chunk_size=32,
-                                       max_num_batched_tokens=48, **options))
+        core = EngineCore(
+            EngineConfig(
+                model=path, load_format="dummy", device="cpu", chunk_size=32, max_num_batched_tokens=48, **options
+            )
+        )
         core.add_request(0, prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
         tokens = []
         while core.has_unfinished():

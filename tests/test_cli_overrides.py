@@ -14,8 +14,9 @@ from controlplane.cli import hydra_overrides, split_spec_sweep
 
 def cfg_job(module: str, *args: str) -> subprocess.CompletedProcess:
     """`python -m module ARGS --cfg job`: what Hydra composes from the command line, nothing run."""
-    return subprocess.run([sys.executable, "-m", module, *args, "--cfg", "job"], text=True, capture_output=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args, "--cfg", "job"], text=True, capture_output=True, timeout=120
+    )
 
 
 def composed(module: str, *args: str) -> dict:
@@ -25,56 +26,114 @@ def composed(module: str, *args: str) -> dict:
 
 
 def test_policy_specs_with_parameters_are_quoted_and_everything_hydra_reads_is_kept():
-    assert hydra_overrides([
-        "engine.eviction=ttl:ttl=30", "policy.eviction=pause_aware:reload_s_per_token=1,margin=1",
-        "-m", "policy=lru,ttl", "policy.eviction=lru,ttl:ttl=5,pause_aware:reload_s_per_token=1,margin=1",
-        "'policy.modules=[controlplane.examples]'", "policy.modules=[controlplane.examples]", "hydra/launcher=joblib",
-        "policy.eviction='ttl:ttl=5'", "cluster.router=most_free_kv", "sim.seed=range(0,4)", "out=${now:%H}",
-        "x=a=b", "--cfg", "job",
-    ]) == [
-        "engine.eviction='ttl:ttl=30'", "policy.eviction='pause_aware:reload_s_per_token=1,margin=1'",
-        "-m", "policy=lru,ttl", "policy.eviction=lru,'ttl:ttl=5','pause_aware:reload_s_per_token=1,margin=1'",
-        "'policy.modules=[controlplane.examples]'", "policy.modules=[controlplane.examples]", "hydra/launcher=joblib",
-        "policy.eviction='ttl:ttl=5'", "cluster.router=most_free_kv", "sim.seed=range(0,4)", "out=${now:%H}",
-        "x='a=b'", "--cfg", "job",
+    assert hydra_overrides(
+        [
+            "engine.eviction=ttl:ttl=30",
+            "policy.eviction=pause_aware:reload_s_per_token=1,margin=1",
+            "-m",
+            "policy=lru,ttl",
+            "policy.eviction=lru,ttl:ttl=5,pause_aware:reload_s_per_token=1,margin=1",
+            "'policy.modules=[controlplane.examples]'",
+            "policy.modules=[controlplane.examples]",
+            "hydra/launcher=joblib",
+            "policy.eviction='ttl:ttl=5'",
+            "cluster.router=most_free_kv",
+            "sim.seed=range(0,4)",
+            "out=${now:%H}",
+            "x=a=b",
+            "--cfg",
+            "job",
+        ]
+    ) == [
+        "engine.eviction='ttl:ttl=30'",
+        "policy.eviction='pause_aware:reload_s_per_token=1,margin=1'",
+        "-m",
+        "policy=lru,ttl",
+        "policy.eviction=lru,'ttl:ttl=5','pause_aware:reload_s_per_token=1,margin=1'",
+        "'policy.modules=[controlplane.examples]'",
+        "policy.modules=[controlplane.examples]",
+        "hydra/launcher=joblib",
+        "policy.eviction='ttl:ttl=5'",
+        "cluster.router=most_free_kv",
+        "sim.seed=range(0,4)",
+        "out=${now:%H}",
+        "x='a=b'",
+        "--cfg",
+        "job",
     ]
     assert split_spec_sweep("lru,ttl:ttl=5,pause_aware:a=1,b=2") == ["lru", "ttl:ttl=5", "pause_aware:a=1,b=2"]
 
 
 def test_plus_on_an_existing_key_and_new_keys_of_a_mapping_are_read_as_hydra_needs():
     existing, mappings = {"engine.load_format", "engine.kernel_overrides"}, {"engine.kernel_overrides"}
-    assert hydra_overrides(["+engine.load_format=dummy", "+engine.foo=1", "engine.kernel_overrides={a:[torch]}",
-                            "engine.kernel_overrides.b=[triton]", "++engine.kernel_overrides.c=[jax]"],
-                           existing, mappings) == [
-        "engine.load_format=dummy", "+engine.foo=1", "++engine.kernel_overrides={a:[torch]}",
-        "++engine.kernel_overrides.b=[triton]", "++engine.kernel_overrides.c=[jax]"]
+    assert hydra_overrides(
+        [
+            "+engine.load_format=dummy",
+            "+engine.foo=1",
+            "engine.kernel_overrides={a:[torch]}",
+            "engine.kernel_overrides.b=[triton]",
+            "++engine.kernel_overrides.c=[jax]",
+        ],
+        existing,
+        mappings,
+    ) == [
+        "engine.load_format=dummy",
+        "+engine.foo=1",
+        "++engine.kernel_overrides={a:[torch]}",
+        "++engine.kernel_overrides.b=[triton]",
+        "++engine.kernel_overrides.c=[jax]",
+    ]
 
 
 def test_readme_server_command_sets_engine_options_without_plus():
     # README: python -m engine.serve engine.ordering=short_prefill_first 'engine.policy_modules=[controlplane.examples]'
     # failed ("use +engine.ordering") while the server's engine node was a plain dict
-    cfg = composed("engine.serve", "engine.ordering=short_prefill_first", "engine.policy_modules=[controlplane.examples]",
-                   "engine.eviction=ttl:ttl=30", "engine.max_model_len=4096", "+engine.load_format=dummy",
-                   "engine.kernel_overrides={rms_norm:[torch]}")
+    cfg = composed(
+        "engine.serve",
+        "engine.ordering=short_prefill_first",
+        "engine.policy_modules=[controlplane.examples]",
+        "engine.eviction=ttl:ttl=30",
+        "engine.max_model_len=4096",
+        "+engine.load_format=dummy",
+        "engine.kernel_overrides={rms_norm:[torch]}",
+    )
     from engine.config import EngineConfig
 
     engine = cfg["engine"]
     assert (engine["ordering"], engine["policy_modules"], engine["eviction"]) == (
-        "short_prefill_first", ["controlplane.examples"], "ttl:ttl=30")
+        "short_prefill_first",
+        ["controlplane.examples"],
+        "ttl:ttl=30",
+    )
     assert (engine["max_model_len"], engine["load_format"], engine["kernel_overrides"]) == (
-        4096, "dummy", {"rms_norm": ["torch"]})
+        4096,
+        "dummy",
+        {"rms_norm": ["torch"]},
+    )
     built = EngineConfig.from_dict({"model": cfg["model"], **engine})  # what serve() builds
-    defaults = {k: v for k, v in engine.items() if k not in ("ordering", "policy_modules", "eviction", "max_model_len",
-                                                             "load_format", "kernel_overrides")}
+    defaults = {
+        k: v
+        for k, v in engine.items()
+        if k not in ("ordering", "policy_modules", "eviction", "max_model_len", "load_format", "kernel_overrides")
+    }
     assert {k: getattr(built, k) for k in defaults} == {k: getattr(EngineConfig(), k) for k in defaults}
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("engine.no_such_option=1", "unknown engine option 'engine.no_such_option' in 'engine.no_such_option=1': "
-                                "engine.KEY is one of ['block_size', "),
-    ("+engine.no_such_option=1", "unknown engine option 'engine.no_such_option' in '+engine.no_such_option=1'"),
-    ("engine.model=x", "unknown engine option 'engine.model' in 'engine.model=x': the model is the top-level model=..."),
-])
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        (
+            "engine.no_such_option=1",
+            "unknown engine option 'engine.no_such_option' in 'engine.no_such_option=1': "
+            "engine.KEY is one of ['block_size', ",
+        ),
+        ("+engine.no_such_option=1", "unknown engine option 'engine.no_such_option' in '+engine.no_such_option=1'"),
+        (
+            "engine.model=x",
+            "unknown engine option 'engine.model' in 'engine.model=x': the model is the top-level model=...",
+        ),
+    ],
+)
 def test_unknown_engine_keys_are_refused_with_the_known_ones(arg, message):
     done = cfg_job("engine.serve", arg)
     assert done.returncode != 0 and message in done.stderr, done.stderr

@@ -139,14 +139,26 @@ def test_unknown_dummy_shape():
         EngineCore(EngineConfig(model="llama-9000", load_format="dummy", device="cpu"))
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("temperature", -0.1, "temperature"), ("temperature", float("nan"), "temperature"),
-    ("top_p", 0.0, "top_p"), ("top_p", 1.5, "top_p"), ("top_k", -2, "top_k"), ("min_p", 2.0, "min_p"),
-    ("max_tokens", 0, "max_tokens"), ("n", 0, "n must"), ("repetition_penalty", 0.0, "repetition_penalty"),
-    ("presence_penalty", 3.0, "presence_penalty"), ("frequency_penalty", -2.5, "frequency_penalty"),
-    ("logprobs", 21, "logprobs"), ("stop", [""], "stop"), ("stop_token_ids", [-1], "stop_token_ids"),
-    ("seed", 1.5, "seed"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("temperature", -0.1, "temperature"),
+        ("temperature", float("nan"), "temperature"),
+        ("top_p", 0.0, "top_p"),
+        ("top_p", 1.5, "top_p"),
+        ("top_k", -2, "top_k"),
+        ("min_p", 2.0, "min_p"),
+        ("max_tokens", 0, "max_tokens"),
+        ("n", 0, "n must"),
+        ("repetition_penalty", 0.0, "repetition_penalty"),
+        ("presence_penalty", 3.0, "presence_penalty"),
+        ("frequency_penalty", -2.5, "frequency_penalty"),
+        ("logprobs", 21, "logprobs"),
+        ("stop", [""], "stop"),
+        ("stop_token_ids", [-1], "stop_token_ids"),
+        ("seed", 1.5, "seed"),
+    ],
+)
 def test_sampling_params_out_of_range(field, value, message):
     from engine import SamplingParams
 

@@ -22,9 +22,20 @@ def _core(shape: str, **kwargs):
     from engine.config import EngineConfig
     from engine.core import EngineCore
 
-    cfg = dict(model=shape, load_format="dummy", dtype="bfloat16", device="cuda", num_gpu_blocks=4096,
-               max_num_seqs=16, max_num_batched_tokens=8192, chunk_size=8192, max_model_len=33000,
-               enable_prefix_caching=False, cuda_graph_batch_sizes=(1, 2, 4, 8, 16), overlap_decode=False)
+    cfg = dict(
+        model=shape,
+        load_format="dummy",
+        dtype="bfloat16",
+        device="cuda",
+        num_gpu_blocks=4096,
+        max_num_seqs=16,
+        max_num_batched_tokens=8192,
+        chunk_size=8192,
+        max_model_len=33000,
+        enable_prefix_caching=False,
+        cuda_graph_batch_sizes=(1, 2, 4, 8, 16),
+        overlap_decode=False,
+    )
     cfg.update(kwargs)
     return EngineCore(EngineConfig(**cfg))
 
@@ -90,9 +101,11 @@ def test_bf16_logits_match_transformers(shape, length):
     exact = refs[torch.float32]
     ours_err, hf_err = _rel(ours, exact), _rel(refs[torch.bfloat16], exact)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"{shape} {length} tokens: relative logit error vs transformers fp32: engine bf16 {ours_err:.3e}, "
-          f"transformers bf16 {hf_err:.3e}; engine vs transformers bf16 {_rel(ours, refs[torch.bfloat16]):.3e}; "
-          f"kernels {kernels}; peak device memory {peak:.1f} GiB")
+    print(
+        f"{shape} {length} tokens: relative logit error vs transformers fp32: engine bf16 {ours_err:.3e}, "
+        f"transformers bf16 {hf_err:.3e}; engine vs transformers bf16 {_rel(ours, refs[torch.bfloat16]):.3e}; "
+        f"kernels {kernels}; peak device memory {peak:.1f} GiB"
+    )
     assert ours_err <= 1.25 * hf_err + 1e-3
     assert peak < 72, f"peak {peak:.1f} GiB: must fit an 80 GB H100 beside the CUDA context"
 
@@ -133,8 +146,10 @@ def test_cuda_graph_decode_equals_eager_decode():
     for b, graph, eager in pairs:
         assert _rel(graph, eager) < 5e-2, (b, _rel(graph, eager))
     agree = np.mean([float((g.argmax(-1) == e.argmax(-1)).float().mean()) for _, g, e in pairs])
-    print(f"graph vs eager decode: {len(pairs)} steps, max relative logit difference "
-          f"{max(_rel(g, e) for _, g, e in pairs):.2e}, argmax agreement {agree:.3f}")
+    print(
+        f"graph vs eager decode: {len(pairs)} steps, max relative logit difference "
+        f"{max(_rel(g, e) for _, g, e in pairs):.2e}, argmax agreement {agree:.3f}"
+    )
     assert agree > 0.9
 
 
@@ -149,8 +164,16 @@ def test_overlapped_decode_equals_strict_decode():
         assert core.overlap == overlap and core.runner.graphs is not None
         rng = np.random.default_rng(1)
         lengths = rng.integers(20, 1500, 12)
-        params = [SamplingParams(temperature=0.0 if i % 3 else 0.8, seed=None if i % 3 else i, top_k=50,
-                                 max_tokens=int(24 + 7 * (i % 4)), ignore_eos=True) for i in range(12)]
+        params = [
+            SamplingParams(
+                temperature=0.0 if i % 3 else 0.8,
+                seed=None if i % 3 else i,
+                top_k=50,
+                max_tokens=int(24 + 7 * (i % 4)),
+                ignore_eos=True,
+            )
+            for i in range(12)
+        ]
         ps = [rng.integers(0, 128256, int(n)).tolist() for n in lengths]
         for i in range(8):
             core.add_request(i, ps[i], params[i])
@@ -183,13 +206,16 @@ def test_kv_cache_sized_from_device_memory():
     from engine import SamplingParams
     from engine.memory import block_bytes
 
-    core = _core("llama-3.2-1b", num_gpu_blocks=None, gpu_memory_utilization=0.4, max_model_len=8192,
-                 enforce_eager=True)
+    core = _core(
+        "llama-3.2-1b", num_gpu_blocks=None, gpu_memory_utilization=0.4, max_model_len=8192, enforce_eager=True
+    )
     total = torch.cuda.get_device_properties(0).total_memory
     weights = sum(p.numel() * p.element_size() for p in core.model.parameters())
     kv = core.num_blocks * block_bytes(core.model, core.config.block_size, core.dtype)
-    print(f"KV cache sized from memory: {core.num_blocks} blocks = {kv / 2**30:.1f} GiB, weights "
-          f"{weights / 2**30:.1f} GiB, device {total / 2**30:.0f} GiB at utilisation 0.4")
+    print(
+        f"KV cache sized from memory: {core.num_blocks} blocks = {kv / 2**30:.1f} GiB, weights "
+        f"{weights / 2**30:.1f} GiB, device {total / 2**30:.0f} GiB at utilisation 0.4"
+    )
     assert weights + kv <= 0.4 * total
     assert weights + kv >= 0.3 * total  # activations and the reserve take the rest
     core.add_request(0, list(range(100, 600)), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))

@@ -17,9 +17,18 @@ from engine_helpers import hf_model_from_engine, tiny_config
 FAMILIES = {
     "qwen3": ("Qwen3ForCausalLM", {}),
     "qwen2": ("Qwen2ForCausalLM", {}),
-    "llama3-scaled-rope": ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
-                                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                                 "original_max_position_embeddings": 64}}),
+    "llama3-scaled-rope": (
+        "LlamaForCausalLM",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
     "llama-tied": ("LlamaForCausalLM", {"tie_word_embeddings": True, "num_key_value_heads": 8}),
 }
 
@@ -30,8 +39,9 @@ def engine_for(config, tmp_path, **kwargs):
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config.to_hf()))
-    cfg = EngineConfig(model=str(path), load_format="dummy", device="cpu", dtype="float32",
-                       num_gpu_blocks=64, seed=3, **kwargs)
+    cfg = EngineConfig(
+        model=str(path), load_format="dummy", device="cpu", dtype="float32", num_gpu_blocks=64, seed=3, **kwargs
+    )
     return EngineCore(cfg)
 
 
@@ -58,7 +68,7 @@ def test_random_model_logits_match_transformers(family, tmp_path):
         ref = hf(torch.tensor([prompt + tokens])).logits[0].float()
     # step 0: logits after the prompt; step k: after prompt + k generated tokens
     ours = torch.cat(captured, dim=0)
-    expect = ref[len(prompt) - 1:len(prompt) - 1 + len(captured)]
+    expect = ref[len(prompt) - 1 : len(prompt) - 1 + len(captured)]
     err = (ours - expect).norm() / expect.norm()
     assert err < 1e-4, f"{family}: relative logit error {err:.2e}"
     assert tokens == expect.argmax(-1).tolist()

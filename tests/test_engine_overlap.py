@@ -10,7 +10,6 @@ guesses were really used (or really dropped) where they should be.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
@@ -26,8 +25,9 @@ def make_core(model_path, overlap: bool, **options):
     from engine.config import EngineConfig
     from engine.core import EngineCore
 
-    cfg = dict(model=model_path, load_format="dummy", device="cpu", num_gpu_blocks=96, block_size=4,
-               overlap_decode=overlap)
+    cfg = dict(
+        model=model_path, load_format="dummy", device="cpu", num_gpu_blocks=96, block_size=4, overlap_decode=overlap
+    )
     cfg.update(options)
     return EngineCore(EngineConfig(**cfg))
 
@@ -79,8 +79,9 @@ def test_same_tokens_as_the_strict_loop(model_path, kind):
             return SamplingParams(temperature=0.9, top_k=40, seed=i, max_tokens=12 + 3 * i, ignore_eos=True)
         if kind == "unseeded":
             return SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12 + 3 * i, ignore_eos=True)
-        return SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i if i % 3 else None, min_tokens=6,
-                              max_tokens=20, logprobs=2)
+        return SamplingParams(
+            temperature=0.0 if i % 2 else 0.8, seed=i if i % 3 else None, min_tokens=6, max_tokens=20, logprobs=2
+        )
 
     requests = [(i, p, params(i)) for i, p in enumerate(prompts(5))]
     (a, lp_a, (used_a, _)), (b, lp_b, (used, dropped)) = both(model_path, requests)
@@ -101,8 +102,14 @@ def test_unforeseen_stop_keeps_the_rest_of_the_guess(model_path):
     free = [(i, p, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)) for i, p in enumerate(ps)]
     first, _, _ = drive(make_core(model_path, False), free)
     stop = first[1][5]  # request 1 stops at its 6th token (or earlier, at the first occurrence)
-    requests = [(i, p, SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[stop] if i == 1 else None,
-                                      ignore_eos=True)) for i, p in enumerate(ps)]
+    requests = [
+        (
+            i,
+            p,
+            SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[stop] if i == 1 else None, ignore_eos=True),
+        )
+        for i, p in enumerate(ps)
+    ]
     (a, _, _), (b, _, (used, dropped)) = both(model_path, requests)
     assert a == b
     assert len(a[1]) <= 6 < len(a[0])
@@ -117,8 +124,14 @@ def test_unforeseen_stop_of_an_unseeded_sample_drops_the_guess(model_path):
     free = [(i, p, SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)) for i, p in enumerate(ps)]
     first, _, _ = drive(make_core(model_path, False), free)
     stop = first[0][4]
-    requests = [(i, p, SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True,
-                                      stop_token_ids=[stop] if i == 0 else None)) for i, p in enumerate(ps)]
+    requests = [
+        (
+            i,
+            p,
+            SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, stop_token_ids=[stop] if i == 0 else None),
+        )
+        for i, p in enumerate(ps)
+    ]
     (a, _, _), (b, _, (_, dropped)) = both(model_path, requests)
     assert a == b
     assert dropped == 1
@@ -146,8 +159,7 @@ def test_preemption_with_swap(model_path):
 
     ps = prompts(5, seed=6)
     requests = [(i, p, SamplingParams(temperature=0.0, max_tokens=28, ignore_eos=True)) for i, p in enumerate(ps)]
-    (a, _, _), (b, _, (used, _)) = both(model_path, requests, num_gpu_blocks=36, preemption="swap",
-                                        swap_space_gb=0.01)
+    (a, _, _), (b, _, (used, _)) = both(model_path, requests, num_gpu_blocks=36, preemption="swap", swap_space_gb=0.01)
     assert a == b and used > 10
 
 

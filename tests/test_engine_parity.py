@@ -15,11 +15,21 @@ import numpy as np
 import pytest
 
 import controlplane as cp
+
 from engine_helpers import tiny_config
 
 # (arrival s, prompt prefix id or -1, prompt tokens, max new tokens)
-TRACE = [(0.0, 0, 90, 12), (0.0, -1, 30, 20), (0.05, 0, 110, 8), (0.4, 1, 60, 16), (0.4, 0, 95, 10),
-         (0.9, -1, 200, 6), (1.5, 1, 75, 18), (1.5, -1, 12, 30), (2.2, 0, 130, 9)]
+TRACE = [
+    (0.0, 0, 90, 12),
+    (0.0, -1, 30, 20),
+    (0.05, 0, 110, 8),
+    (0.4, 1, 60, 16),
+    (0.4, 0, 95, 10),
+    (0.9, -1, 200, 6),
+    (1.5, 1, 75, 18),
+    (1.5, -1, 12, 30),
+    (2.2, 0, 130, 9),
+]
 
 
 def trace_prompts(vocab: int) -> list[np.ndarray]:
@@ -47,8 +57,14 @@ class ReplayCost:
 
 
 def plan_key(plan, start: float):
-    return (start, tuple(plan.req_ids.tolist()), tuple(plan.query_lens.tolist()), tuple(plan.cached_lens.tolist()),
-            tuple(plan.preempted_ids.tolist()), tuple(plan.kv_ops.tolist()))
+    return (
+        start,
+        tuple(plan.req_ids.tolist()),
+        tuple(plan.query_lens.tolist()),
+        tuple(plan.cached_lens.tolist()),
+        tuple(plan.preempted_ids.tolist()),
+        tuple(plan.kv_ops.tolist()),
+    )
 
 
 def run_engine(tmp_path, scheduler_options):
@@ -60,8 +76,9 @@ def run_engine(tmp_path, scheduler_options):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config.to_hf()))
     clock = cp.ManualClock()
-    core = EngineCore(EngineConfig(model=str(path), load_format="dummy", device="cpu", **scheduler_options),
-                      clock=clock)
+    core = EngineCore(
+        EngineConfig(model=str(path), load_format="dummy", device="cpu", **scheduler_options), clock=clock
+    )
     plans = []
     step = core.runner.run
 
@@ -75,9 +92,13 @@ def run_engine(tmp_path, scheduler_options):
     while pending or core.has_unfinished():
         while pending and TRACE[pending[0]][0] <= clock.now():
             i = pending.pop(0)
-            core.add_request(i, prompts[i], SamplingParams(temperature=1.0, seed=i, max_tokens=TRACE[i][3],
-                                                           ignore_eos=True), arrival_time=TRACE[i][0],
-                            session_id=f"s{i}")
+            core.add_request(
+                i,
+                prompts[i],
+                SamplingParams(temperature=1.0, seed=i, max_tokens=TRACE[i][3], ignore_eos=True),
+                arrival_time=TRACE[i][0],
+                session_id=f"s{i}",
+            )
         if not core.has_unfinished():
             clock.advance(TRACE[pending[0]][0] - clock.now())
             continue
@@ -120,26 +141,62 @@ def run_simulator(scheduler_config, profile):
     return plans
 
 
-@pytest.mark.parametrize("options", [
-    dict(num_gpu_blocks=64, chunk_size=48, max_num_batched_tokens=64),
-    dict(num_gpu_blocks=24, chunk_size=64, max_num_batched_tokens=96, preemption="recompute"),
-    dict(num_gpu_blocks=20, chunk_size=32, max_num_batched_tokens=64, preemption="swap", swap_space_gb=0.01,
-         ordering="longest_prefix_match"),
-    # Python-defined policies, selected by name through the same config keys (tests/parity_policies.py,
-    # controlplane.examples), and the agent-aware ones (C++ and Python)
-    dict(num_gpu_blocks=16, chunk_size=32, max_num_batched_tokens=64, preemption="swap_long:min_blocks=2",
-         swap_space_gb=0.01, ordering="newest_first", eviction="hit_weighted_lru",
-         policy_modules=("parity_policies", "controlplane.examples")),
-    dict(num_gpu_blocks=48, chunk_size=48, max_num_batched_tokens=64, ordering="cache_credit:tokens_per_s=500",
-         eviction="pause_aware:reload_s_per_token=1"),
-    dict(num_gpu_blocks=28, chunk_size=48, max_num_batched_tokens=64, ordering="session_las:quantum=32"),
-    # overlapped decode (engine/overlap.py): the scheduler holds a block ahead (num_lookahead_tokens=1),
-    # which the simulator's replica runs with too; the plans stay the strict loop's
-    dict(num_gpu_blocks=64, chunk_size=48, max_num_batched_tokens=64, overlap_decode=True),
-    dict(num_gpu_blocks=20, chunk_size=32, max_num_batched_tokens=64, preemption="swap", swap_space_gb=0.01,
-         overlap_decode=True),
-], ids=["prefix-cache", "preempt-recompute", "preempt-swap-lpm", "python-policies", "cache-credit-pause-aware",
-        "session-las", "overlap-prefix-cache", "overlap-preempt-swap"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(num_gpu_blocks=64, chunk_size=48, max_num_batched_tokens=64),
+        dict(num_gpu_blocks=24, chunk_size=64, max_num_batched_tokens=96, preemption="recompute"),
+        dict(
+            num_gpu_blocks=20,
+            chunk_size=32,
+            max_num_batched_tokens=64,
+            preemption="swap",
+            swap_space_gb=0.01,
+            ordering="longest_prefix_match",
+        ),
+        # Python-defined policies, selected by name through the same config keys (tests/parity_policies.py,
+        # controlplane.examples), and the agent-aware ones (C++ and Python)
+        dict(
+            num_gpu_blocks=16,
+            chunk_size=32,
+            max_num_batched_tokens=64,
+            preemption="swap_long:min_blocks=2",
+            swap_space_gb=0.01,
+            ordering="newest_first",
+            eviction="hit_weighted_lru",
+            policy_modules=("parity_policies", "controlplane.examples"),
+        ),
+        dict(
+            num_gpu_blocks=48,
+            chunk_size=48,
+            max_num_batched_tokens=64,
+            ordering="cache_credit:tokens_per_s=500",
+            eviction="pause_aware:reload_s_per_token=1",
+        ),
+        dict(num_gpu_blocks=28, chunk_size=48, max_num_batched_tokens=64, ordering="session_las:quantum=32"),
+        # overlapped decode (engine/overlap.py): the scheduler holds a block ahead (num_lookahead_tokens=1),
+        # which the simulator's replica runs with too; the plans stay the strict loop's
+        dict(num_gpu_blocks=64, chunk_size=48, max_num_batched_tokens=64, overlap_decode=True),
+        dict(
+            num_gpu_blocks=20,
+            chunk_size=32,
+            max_num_batched_tokens=64,
+            preemption="swap",
+            swap_space_gb=0.01,
+            overlap_decode=True,
+        ),
+    ],
+    ids=[
+        "prefix-cache",
+        "preempt-recompute",
+        "preempt-swap-lpm",
+        "python-policies",
+        "cache-credit-pause-aware",
+        "session-las",
+        "overlap-prefix-cache",
+        "overlap-preempt-swap",
+    ],
+)
 def test_engine_and_simulator_make_identical_plans(tmp_path, options):
     engine_plans, profile, sched_cfg = run_engine(tmp_path, options)
     sim_plans = run_simulator(sched_cfg, profile)

@@ -93,8 +93,9 @@ def test_chat_template_france_answers_paris():
     from engine import SamplingParams
 
     llm = make_llm()
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(temperature=0.0, max_tokens=24))
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0.0, max_tokens=24)
+    )
     text = out[0].outputs[0].text
     assert "Paris" in text, text
     assert out[0].outputs[0].finish_reason == "stop"  # it ends its turn with <|im_end|>
@@ -107,10 +108,14 @@ def test_generate_from_text_and_stop_strings():
     full = llm.generate("1, 2, 3, 4,", SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0]
     text = full.outputs[0].text
     assert "7" in text, text
-    cut = llm.generate("1, 2, 3, 4,", SamplingParams(temperature=0.0, max_tokens=12, stop=["7"]),
-                       use_tqdm=False)[0].outputs[0]
+    cut = llm.generate("1, 2, 3, 4,", SamplingParams(temperature=0.0, max_tokens=12, stop=["7"]), use_tqdm=False)[
+        0
+    ].outputs[0]
     assert cut.finish_reason == "stop" and cut.stop_reason == "7"
-    assert cut.text == text[:text.index("7")]
-    kept = llm.generate("1, 2, 3, 4,", SamplingParams(temperature=0.0, max_tokens=12, stop="7",
-                                                      include_stop_str_in_output=True), use_tqdm=False)
-    assert kept[0].outputs[0].text == text[:text.index("7") + 1]
+    assert cut.text == text[: text.index("7")]
+    kept = llm.generate(
+        "1, 2, 3, 4,",
+        SamplingParams(temperature=0.0, max_tokens=12, stop="7", include_stop_str_in_output=True),
+        use_tqdm=False,
+    )
+    assert kept[0].outputs[0].text == text[: text.index("7") + 1]

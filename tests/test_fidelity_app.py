@@ -16,14 +16,22 @@ import sys
 import pytest
 
 from controlplane.profile import FEATURES, PREFILL_ROWS, read_header, write_profile
-from engine_helpers import tiny_config
 from experiments.calibrate import GridSpec, calibrate_engine
 from sim.profile_cost import SHAPE_KEYS, ProfileCost
 from sim.specs import load_model_spec
 
+from engine_helpers import tiny_config
+
 ENGINE = {"num_gpu_blocks": 512, "max_num_seqs": 16, "chunk_size": 256, "max_num_batched_tokens": 512}
-GRID = GridSpec(contexts=(64, 256), prefill_budget=2048, max_batch=8, steps_per_level=3, probe_lengths=(16, 128),
-                arrival_lengths=(40, 200), swap_context=256)
+GRID = GridSpec(
+    contexts=(64, 256),
+    prefill_budget=2048,
+    max_batch=8,
+    steps_per_level=3,
+    probe_lengths=(16, 128),
+    arrival_lengths=(40, 200),
+    swap_context=256,
+)
 MODEL_YAML = """\
 name: tiny
 num_layers: 2
@@ -35,9 +43,11 @@ intermediate_size: 256
 vocab_size: 1024
 dtype_bytes: 4
 """
-AGENTIC = ("{calls_mean: 2.0, tool_pause_median: 0.05, tool_pause_p90: 0.2, human_pause_prob: 0.0, output_max: 48, "
-           "output_mean: 16.0, prefix_tokens_min: 200, prefix_tokens_max: 400, new_tokens_mean: 30.0, "
-           "new_tokens_max: 100}")
+AGENTIC = (
+    "{calls_mean: 2.0, tool_pause_median: 0.05, tool_pause_p90: 0.2, human_pause_prob: 0.0, output_max: 48, "
+    "output_mean: 16.0, prefix_tokens_min: 200, prefix_tokens_max: 400, new_tokens_mean: 30.0, "
+    "new_tokens_max: 100}"
+)
 APP_CONFIG = """\
 defaults:
   - fidelity_schema
@@ -78,8 +88,15 @@ def calibrated(tmp_path_factory):
     (d / "config.json").write_text(json.dumps(config.to_hf()))
     (d / "tiny.yaml").write_text(MODEL_YAML)
     spec = load_model_spec(str(d / "tiny.yaml"))
-    rows, meta = calibrate_engine(spec, str(d / "config.json"), GRID, hardware="cpu", device="cpu",
-                                  engine_options=dict(ENGINE), progress=lambda line: None)
+    rows, meta = calibrate_engine(
+        spec,
+        str(d / "config.json"),
+        GRID,
+        hardware="cpu",
+        device="cpu",
+        engine_options=dict(ENGINE),
+        progress=lambda line: None,
+    )
     write_profile(d / "profile.csv", rows, meta)
     cost = ProfileCost.fit(d / "profile.csv", model=spec)
     cost.save(d / "profile.json")
@@ -97,8 +114,15 @@ def app_run(calibrated):
 
 def fidelity_app(cwd, *args) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "WANDB_SILENT": "true"}
-    return subprocess.run([sys.executable, "-m", "experiments.fidelity", *args], cwd=cwd, env=env, check=False,
-                          capture_output=True, text=True, timeout=400)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.fidelity", *args],
+        cwd=cwd,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 def test_calibration_on_the_cpu_writes_a_profile_that_fits(calibrated):
@@ -164,12 +188,20 @@ def test_render_rewrites_the_report_of_a_past_run_without_running(app_run):
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = (d / "out" / "fidelity.md").read_text()
     rendered = d / "rendered"
-    again = fidelity_app(d, "--config-path", str(d / "hcfg"), "--config-name", "tiny",
-                         f"render={d / 'out' / 'results.json'}", f"report={rendered / 'fidelity.md'}",
-                         f"plots_dir={rendered / 'plots'}", f"out_dir={rendered}")
+    again = fidelity_app(
+        d,
+        "--config-path",
+        str(d / "hcfg"),
+        "--config-name",
+        "tiny",
+        f"render={d / 'out' / 'results.json'}",
+        f"report={rendered / 'fidelity.md'}",
+        f"plots_dir={rendered / 'plots'}",
+        f"out_dir={rendered}",
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "engine ..." not in again.stdout                 # nothing ran
+    assert "engine ..." not in again.stdout  # nothing ran
     assert not (rendered / "results.json").exists() and not (rendered / "profile.json").exists()
-    assert (rendered / "fidelity.md").read_text() == first    # the same report from the same results
+    assert (rendered / "fidelity.md").read_text() == first  # the same report from the same results
     for png in ("steps.png", "ttft.png", "tpot.png"):
         assert (rendered / "plots" / png).stat().st_size > 1000

@@ -54,7 +54,7 @@ def test_quantize_fp8_scales_per_row_and_round_trips_within_an_fp8_step():
     back = dequantize_fp8(values, scale)
     # e4m3: 3 mantissa bits (half a step: 2^-4 relative) down to 2^-6 x scale, subnormal steps of 2^-9 below
     err = (back - x).abs()
-    bound = torch.maximum(x.abs() * 2.0 ** -4, scale[..., None] * 2.0 ** -10)
+    bound = torch.maximum(x.abs() * 2.0**-4, scale[..., None] * 2.0**-10)
     assert bool((err <= bound * (1 + 1e-6)).all())
 
 
@@ -103,14 +103,15 @@ def test_rotary_write_kv_fp8_is_rotary_then_the_quantizing_write(norms):
     qkv = torch.randn(tokens, (hq + 2 * hk) * d, generator=g).to(BF16)
     q, k, v = (t.view(tokens, -1, d) for t in qkv.split([hq * d, hk * d, hk * d], dim=-1))
     half = torch.arange(0, d, 2) / d
-    freqs = torch.arange(64)[:, None] / (10000.0 ** half)[None, :]
+    freqs = torch.arange(64)[:, None] / (10000.0**half)[None, :]
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
     positions = torch.randint(0, 64, (tokens,), generator=g)
     slots = torch.tensor([3, -1, 17, 0, 31, 8])
     w = (1 + 0.2 * torch.randn(d, generator=g)).to(BF16) if norms else None
     got, want = _fp8_caches(2, bs, hk, d), _fp8_caches(2, bs, hk, d)
-    q_out = R.rotary_write_kv(positions, q, k, v, cos_sin, got[0], got[1], slots, q_norm=w, k_norm=w,
-                              k_scale=got[2], v_scale=got[3])
+    q_out = R.rotary_write_kv(
+        positions, q, k, v, cos_sin, got[0], got[1], slots, q_norm=w, k_norm=w, k_scale=got[2], v_scale=got[3]
+    )
     qn = R.rms_norm(q, w, 1e-6) if norms else q
     kn = R.rms_norm(k, w, 1e-6) if norms else k
     q_rot, k_rot = R.rotary_embedding(positions, qn, kn, cos_sin)
@@ -154,7 +155,7 @@ def _paged(lens: list[int], hk: int, d: int, bs: int, seed: int, decades: float 
     table = torch.full((len(lens), max(nblk) + 1), -1, dtype=torch.int32)
     used = 0
     for r, n in enumerate(nblk):
-        table[r, :n] = order[used:used + n]
+        table[r, :n] = order[used : used + n]
         used += n
     spread = 10.0 ** (decades * (torch.rand(num_blocks, bs, hk, 1, generator=g) - 0.5))
     k = torch.randn(num_blocks, bs, hk, d, generator=g) * spread
@@ -259,12 +260,19 @@ def test_kv_capacity_from_memory_doubles_within_the_scale_overhead(tmp_path, dty
     from engine.memory import block_bytes
 
     d = 128
-    path = write_tiny_config(tmp_path, "LlamaForCausalLM", head_dim=d, num_attention_heads=4,
-                             num_key_value_heads=2)
+    path = write_tiny_config(tmp_path, "LlamaForCausalLM", head_dim=d, num_attention_heads=4, num_key_value_heads=2)
     blocks, per_block = {}, {}
     for kv in ("auto", "fp8_e4m3"):
-        core = EngineCore(EngineConfig(model=path, load_format="dummy", device="cpu", kv_cache_dtype=kv,
-                                       dtype=str(dtype).removeprefix("torch."), kv_cache_memory_gb=0.01))
+        core = EngineCore(
+            EngineConfig(
+                model=path,
+                load_format="dummy",
+                device="cpu",
+                kv_cache_dtype=kv,
+                dtype=str(dtype).removeprefix("torch."),
+                kv_cache_memory_gb=0.01,
+            )
+        )
         blocks[kv] = core.num_blocks
         per_block[kv] = block_bytes(core.model, 16, core.kv_dtype)
         assert core.runner.kv.k.dtype == core.kv_dtype == (FP8 if kv == "fp8_e4m3" else dtype)
@@ -282,11 +290,23 @@ def test_kv_capacity_from_memory_doubles_within_the_scale_overhead(tmp_path, dty
 def test_swap_moves_fp8_blocks_with_their_scales(tmp_path):
     """Device -> host -> device block copies carry every byte of a block: k, v and both scales."""
     from engine.runner import ModelRunner
+
     from model_steps import tiny_model
 
     model = tiny_model("LlamaForCausalLM")
-    runner = ModelRunner(model, None, torch.device("cpu"), F32, num_blocks=6, block_size=4, num_host_blocks=5,
-                         max_model_len=64, max_num_seqs=4, max_blocks_per_seq=8, kv_dtype=FP8)
+    runner = ModelRunner(
+        model,
+        None,
+        torch.device("cpu"),
+        F32,
+        num_blocks=6,
+        block_size=4,
+        num_host_blocks=5,
+        max_model_len=64,
+        max_num_seqs=4,
+        max_blocks_per_seq=8,
+        kv_dtype=FP8,
+    )
     assert runner.kv.fp8 and runner.host_kv.fp8 and runner.host_kv.k.shape[1] == 5
     g = _gen(10)
     for t in runner.kv.tensors():
@@ -295,8 +315,8 @@ def test_swap_moves_fp8_blocks_with_their_scales(tmp_path):
         else:
             t.copy_(torch.rand(t.shape, generator=g))
     before = [t.clone() for t in runner.kv.tensors()]
-    runner.copy_blocks(np.array([[0, 1, 4], [0, 3, 0]]))   # device blocks 1, 3 -> host 4, 0
-    runner.copy_blocks(np.array([[1, 4, 5], [1, 0, 2]]))   # back to device blocks 5, 2
+    runner.copy_blocks(np.array([[0, 1, 4], [0, 3, 0]]))  # device blocks 1, 3 -> host 4, 0
+    runner.copy_blocks(np.array([[1, 4, 5], [1, 0, 2]]))  # back to device blocks 5, 2
     for t, b in zip(runner.kv.tensors(), before):
         t, b = (t.view(torch.uint8), b.view(torch.uint8)) if t.dtype == FP8 else (t, b)
         assert torch.equal(t[:, 5], b[:, 1]) and torch.equal(t[:, 2], b[:, 3])
@@ -310,7 +330,7 @@ def test_fp8_kv_needs_ada_or_hopper_for_the_triton_kernels(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     with pytest.raises(ValueError, match=r"compute capability 8\.9\+.*this one is 8\.0"):
         check_fp8_kv_support(cuda, FP8, chosen)
-    check_fp8_kv_support(cuda, BF16, chosen)                     # not FP8
+    check_fp8_kv_support(cuda, BF16, chosen)  # not FP8
     check_fp8_kv_support(cuda, FP8, {"decode_attention": "torch"})  # no triton kernel
     check_fp8_kv_support(torch.device("cpu"), FP8, chosen)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
@@ -393,8 +413,17 @@ def test_tiny_model_fp8_generation_with_prefix_caching_chunks_and_swap(tmp_path)
     prompts = [shared + rng.integers(2, 512, size=n).tolist() for n in (3, 10, 21)]
     prompts += [rng.integers(2, 512, size=n).tolist() for n in (30, 7)]
     llm, all_prompts, outputs = _run_with_every_feature(
-        make_llm, shared, prompts, 24, kv_cache_dtype="fp8_e4m3", num_gpu_blocks=14, preemption="swap",
-        swap_space_gb=0.01, chunk_size=8, max_num_batched_tokens=16)
+        make_llm,
+        shared,
+        prompts,
+        24,
+        kv_cache_dtype="fp8_e4m3",
+        num_gpu_blocks=14,
+        preemption="swap",
+        swap_space_gb=0.01,
+        chunk_size=8,
+        max_num_batched_tokens=16,
+    )
     assert llm.engine.runner.kv.fp8 and llm.engine.runner.host_kv.fp8
     plain = _token_ids(make_llm(kv_cache_dtype="fp8_e4m3", enable_prefix_caching=False), all_prompts, 24)
     rates = [_agreement_with_float32(llm.engine.model, all_prompts, out) for out in (outputs, plain)]
@@ -430,8 +459,9 @@ def _teacher_forced_logits(model, ids: list[int], kv_dtype: torch.dtype) -> torc
     nb = -(-n // bs)
     kv = KVCache.allocate(c.num_layers, nb, bs, c.num_kv_heads, c.head_dim, kv_dtype)
     i32 = functools.partial(torch.tensor, dtype=torch.int32)
-    meta = AttentionMetadata(torch.arange(n), 0, i32([]), i32(np.zeros((0, nb))), i32([0, n]), i32([n]),
-                             i32(np.arange(nb)[None]), n)
+    meta = AttentionMetadata(
+        torch.arange(n), 0, i32([]), i32(np.zeros((0, nb))), i32([0, n]), i32([n]), i32(np.arange(nb)[None]), n
+    )
     ctx = ForwardContext(KernelSet("cpu", ("torch",)), kv, meta, rope_cos_sin(c, n))
     return model.compute_logits(model(torch.tensor(ids), torch.arange(n, dtype=torch.int32), ctx)).float()
 
@@ -442,7 +472,7 @@ def _agreement_with_float32(model, prompts: list[list[int]], outputs: list[list[
     that loses or mixes up a block's values or scales produces tokens the model does not predict."""
     agree = total = 0
     for prompt, out in zip(prompts, outputs):
-        ref = _teacher_forced_logits(model, prompt + out, F32)[len(prompt) - 1:-1]
+        ref = _teacher_forced_logits(model, prompt + out, F32)[len(prompt) - 1 : -1]
         agree += int((ref.argmax(-1) == torch.tensor(out)).sum())
         total += len(out)
     return agree / total
@@ -460,8 +490,8 @@ def test_smollm2_fp8_kv_next_token_agrees_with_float32_kv():
     agree = total = 0
     for prompt, cont in zip(ids, continuations):
         seq = prompt + cont
-        ref = _teacher_forced_logits(loaded.model, seq, F32)[len(prompt) - 1:-1]
-        got = _teacher_forced_logits(loaded.model, seq, FP8)[len(prompt) - 1:-1]
+        ref = _teacher_forced_logits(loaded.model, seq, F32)[len(prompt) - 1 : -1]
+        got = _teacher_forced_logits(loaded.model, seq, FP8)[len(prompt) - 1 : -1]
         assert ref.argmax(-1).tolist() == cont  # the float32 cache path is the engine's greedy run
         agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
         total += len(cont)
@@ -482,12 +512,23 @@ def test_smollm2_fp8_greedy_with_prefix_caching_chunks_and_swap():
     shared = ids[3]  # the long prompt, cached first and then a prefix of another request
     new = 32
     _, prompts, outputs = _run_with_every_feature(
-        _smollm2_llm, shared, ids + [shared + tok.encode(" Then it")], new, kv_cache_dtype="fp8_e4m3",
-        num_gpu_blocks=14, preemption="swap", swap_space_gb=0.05, chunk_size=13, max_num_batched_tokens=26)
+        _smollm2_llm,
+        shared,
+        ids + [shared + tok.encode(" Then it")],
+        new,
+        kv_cache_dtype="fp8_e4m3",
+        num_gpu_blocks=14,
+        preemption="swap",
+        swap_space_gb=0.05,
+        chunk_size=13,
+        max_num_batched_tokens=26,
+    )
     rate = _agreement_with_float32(loaded.model, prompts, outputs)
     f32 = _token_ids(_smollm2_llm(enable_prefix_caching=False), prompts, new)
-    print(f"SmolLM2 FP8 KV with prefix caching, chunks and swap: teacher-forced agreement {rate:.3f}; "
-          f"greedy tokens matching float32 KV's position by position {_match_rate(f32, outputs):.3f}")
+    print(
+        f"SmolLM2 FP8 KV with prefix caching, chunks and swap: teacher-forced agreement {rate:.3f}; "
+        f"greedy tokens matching float32 KV's position by position {_match_rate(f32, outputs):.3f}"
+    )
     assert rate >= 0.94
     assert [p[0] for p in f32] == [p[0] for p in outputs]
 
@@ -497,8 +538,9 @@ def test_smollm2_fp8_kv_answers_paris():
 
     llm = _smollm2_llm(kv_cache_dtype="fp8_e4m3")
     assert llm.engine.runner.kv.k.dtype == FP8
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(temperature=0.0, max_tokens=24))
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0.0, max_tokens=24)
+    )
     assert "Paris" in out[0].outputs[0].text, out[0].outputs[0].text
 
 
@@ -515,6 +557,7 @@ def test_smollm2_fp8_kv_on_the_gpu_with_triton_and_cuda_graphs():
     core = llm.engine
     assert core.runner.kv.k.dtype == FP8 and core.runner.graphs is not None
     assert {core.ops.chosen[op] for op in ("rotary_write_kv", "prefill_attention", "decode_attention")} == {"triton"}
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(temperature=0.0, max_tokens=24))
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0.0, max_tokens=24)
+    )
     assert "Paris" in out[0].outputs[0].text, out[0].outputs[0].text

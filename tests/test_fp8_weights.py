@@ -58,7 +58,7 @@ def test_quantize_dequantize_round_trip_error_bounds(dtype):
     back = dequantize(q, scale)
     # e4m3 keeps 3 mantissa bits: round to nearest is within 2^-4 relative for normal values, and
     # within half the subnormal step (2^-9 / 2 of the scale) below 2^-6
-    bound = torch.maximum(w32.abs() * 2.0 ** -4, scale[:, None] * 2.0 ** -10)
+    bound = torch.maximum(w32.abs() * 2.0**-4, scale[:, None] * 2.0**-10)
     assert torch.all((back - w32).abs() <= bound * (1 + 1e-6))
     # each row's largest magnitude comes back (it maps to 448, a code)
     rows = torch.arange(64)[nonzero]
@@ -94,8 +94,9 @@ def test_per_channel_scale_shapes():
 
     assert torch.equal(per_channel_scale(torch.tensor(0.5), 3), torch.full((3,), 0.5))
     assert torch.equal(per_channel_scale(torch.tensor([0.5]), 3), torch.full((3,), 0.5))
-    assert torch.equal(per_channel_scale(torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.bfloat16), 3),
-                       torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(
+        per_channel_scale(torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.bfloat16), 3), torch.tensor([1.0, 2.0, 3.0])
+    )
     with pytest.raises(ValueError, match="neither per-tensor nor per-channel"):
         per_channel_scale(torch.ones(2, 3), 6)
 
@@ -145,9 +146,16 @@ def _engine(path, quantization="none", **kwargs):
     from engine.config import EngineConfig
     from engine.core import EngineCore
 
-    cfg = EngineConfig(model=str(path), load_format=kwargs.pop("load_format", "dummy"), device="cpu",
-                       dtype=kwargs.pop("dtype", "float32"), num_gpu_blocks=64, seed=3,
-                       quantization=quantization, **kwargs)
+    cfg = EngineConfig(
+        model=str(path),
+        load_format=kwargs.pop("load_format", "dummy"),
+        device="cpu",
+        dtype=kwargs.pop("dtype", "float32"),
+        num_gpu_blocks=64,
+        seed=3,
+        quantization=quantization,
+        **kwargs,
+    )
     return EngineCore(cfg)
 
 
@@ -174,8 +182,11 @@ def config_tied(core) -> bool:
     return core.model_config.tie_word_embeddings
 
 
-FAMILIES = {"qwen2": ("Qwen2ForCausalLM", {}), "qwen3": ("Qwen3ForCausalLM", {}),
-            "llama-tied": ("LlamaForCausalLM", {"tie_word_embeddings": True})}
+FAMILIES = {
+    "qwen2": ("Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3ForCausalLM", {}),
+    "llama-tied": ("LlamaForCausalLM", {"tie_word_embeddings": True}),
+}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -217,7 +228,7 @@ def test_tiny_fp8_model_against_unquantized_and_transformers(family, tmp_path):
     hf = hf_model_from_engine(fp8.model)  # transformers with the dequantized weights
     with torch.inference_mode():
         ref = hf(torch.tensor([prompt + tokens1])).logits[0].float()
-    expect = ref[len(prompt) - 1:len(prompt) - 1 + len(logits1)]
+    expect = ref[len(prompt) - 1 : len(prompt) - 1 + len(logits1)]
     err = (logits1 - expect).norm() / expect.norm()
     assert err < 1e-4, f"{family}: FP8 engine vs transformers on the dequantized weights {err:.2e}"
     assert tokens1 == expect.argmax(-1).tolist()
@@ -238,11 +249,13 @@ def test_fp8_weights_take_half_the_bytes_of_bf16(tmp_path):
     nbytes = {}
     for q in ("none", "fp8"):
         model = _engine(path, q, dtype="bfloat16").model
-        nbytes[q] = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                        if ".layers." in n and "proj." in n)
+        nbytes[q] = sum(
+            p.numel() * p.element_size() for n, p in model.named_parameters() if ".layers." in n and "proj." in n
+        )
     c = tiny_config("LlamaForCausalLM")
-    rows = c.num_layers * ((c.num_heads + 2 * c.num_kv_heads) * c.head_dim + 2 * c.hidden_size
-                           + 2 * c.intermediate_size)
+    rows = c.num_layers * (
+        (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + 2 * c.hidden_size + 2 * c.intermediate_size
+    )
     assert nbytes["fp8"] == nbytes["none"] // 2 + 4 * rows  # + one float32 scale per output channel
 
 
@@ -309,15 +322,29 @@ def _assert_same_params(a, b):
 
 CHANNEL_FORMATS = {
     "compressed-tensors": {
-        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
-            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
-                                  "dynamic": True}}},
-        "ignore": ["lm_head", "model.layers.1.mlp.down_proj"]},
-    "fbgemm_fp8": {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0,
-                   "modules_to_not_convert": ["lm_head", "model.layers.1.mlp.down_proj"]},
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+                "input_activations": {
+                    "num_bits": 8,
+                    "type": "float",
+                    "strategy": "token",
+                    "symmetric": True,
+                    "dynamic": True,
+                },
+            }
+        },
+        "ignore": ["lm_head", "model.layers.1.mlp.down_proj"],
+    },
+    "fbgemm_fp8": {
+        "quant_method": "fbgemm_fp8",
+        "activation_scale_ub": 1200.0,
+        "modules_to_not_convert": ["lm_head", "model.layers.1.mlp.down_proj"],
+    },
 }
 
 
@@ -349,10 +376,16 @@ def test_prequantized_per_channel_checkpoint_equals_quantization_at_load(fmt, tm
 
 PER_TENSOR_FORMATS = {
     "compressed-tensors": {
-        "quant_method": "compressed-tensors", "format": "float-quantized",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-            "num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}}},
-        "ignore": ["lm_head"]},
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False},
+            }
+        },
+        "ignore": ["lm_head"],
+    },
     "fp8": {"quant_method": "fp8", "activation_scheme": "static"},  # AutoFP8
 }
 
@@ -390,17 +423,40 @@ def test_prequantized_per_tensor_checkpoint(fmt, tmp_path):
     assert torch.equal(dequantize(raw[name], raw[name + "_scale"]), expect[name])
 
 
-@pytest.mark.parametrize("qc, match", [
-    ({"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]},
-     r"block-wise FP8 \(quant_method fp8, weight_block_size \[128, 128\].*not supported"),
-    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"targets": ["Linear"], "weights": {
-        "num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]}}}},
-     "block-wise FP8 weights .*not supported"),
-    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"targets": ["Linear"], "weights": {
-        "num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}}}},
-     "4-bit int; this engine reads only FP8"),
-    ({"quant_method": "gptq", "bits": 4}, "quantization method 'gptq' is not supported"),
-])
+@pytest.mark.parametrize(
+    "qc, match",
+    [
+        (
+            {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]},
+            r"block-wise FP8 \(quant_method fp8, weight_block_size \[128, 128\].*not supported",
+        ),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "config_groups": {
+                    "g": {
+                        "targets": ["Linear"],
+                        "weights": {"num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]},
+                    }
+                },
+            },
+            "block-wise FP8 weights .*not supported",
+        ),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "config_groups": {
+                    "g": {
+                        "targets": ["Linear"],
+                        "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128},
+                    }
+                },
+            },
+            "4-bit int; this engine reads only FP8",
+        ),
+        ({"quant_method": "gptq", "bits": 4}, "quantization method 'gptq' is not supported"),
+    ],
+)
 def test_unsupported_quantized_checkpoints_are_refused(qc, match, tmp_path):
     from engine.loader import ModelLoadError
 
@@ -436,14 +492,17 @@ def test_fp8_checkpoint_errors(tmp_path):
     qc = CHANNEL_FORMATS["fbgemm_fp8"]
     no_scale = dict(state)
     no_scale["model.layers.0.self_attn.o_proj.weight"] = quantize_fp8_per_channel(
-        state["model.layers.0.self_attn.o_proj.weight"])[0]
+        state["model.layers.0.self_attn.o_proj.weight"]
+    )[0]
     with pytest.raises(ModelLoadError, match=r"lacks 1 tensors.*o_proj.weight_scale"):
         _load(_write_checkpoint(tmp_path / "a", config, no_scale, qc))
     fp8_embedding = {**state, "model.embed_tokens.weight": state["model.embed_tokens.weight"].to(FP8)}
     with pytest.raises(ModelLoadError, match="embed_tokens.weight' is FP8, but .* stays in torch.bfloat16"):
         _load(_write_checkpoint(tmp_path / "b", config, fp8_embedding, qc))
-    e5m2 = {**state, "model.layers.0.mlp.up_proj.weight": state["model.layers.0.mlp.up_proj.weight"].to(
-        torch.float8_e5m2)}
+    e5m2 = {
+        **state,
+        "model.layers.0.mlp.up_proj.weight": state["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e5m2),
+    }
     with pytest.raises(ModelLoadError, match="float8_e5m2; FP8 weights must be float8_e4m3fn"):
         _load(_write_checkpoint(tmp_path / "c", config, e5m2, qc))
     stray_scale = {**state, "model.layers.0.mlp.up_proj.weight_scale": torch.ones(256, 1)}
@@ -460,8 +519,10 @@ def smollm2_pair():
     from engine.loader import load_model
 
     cpu = torch.device("cpu")
-    return (load_model(EngineConfig(), cpu, torch.float32),
-            load_model(EngineConfig(quantization="fp8"), cpu, torch.float32))
+    return (
+        load_model(EngineConfig(), cpu, torch.float32),
+        load_model(EngineConfig(quantization="fp8"), cpu, torch.float32),
+    )
 
 
 def test_smollm2_fp8_answers_paris(smollm2_pair):
@@ -470,8 +531,9 @@ def test_smollm2_fp8_answers_paris(smollm2_pair):
     _, fp8 = smollm2_pair
     assert fp8.quantization == "fp8"
     llm = LLM(loaded=fp8, device="cpu", dtype="float32", num_gpu_blocks=256)
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(temperature=0.0, max_tokens=24))
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0.0, max_tokens=24)
+    )
     assert "Paris" in out[0].outputs[0].text, out[0].outputs[0].text
 
 
@@ -490,7 +552,7 @@ def test_smollm2_fp8_greedy_tokens_mostly_match(smollm2_pair):
     agree = total = 0
     with torch.inference_mode():
         for prompt, cont in zip(ids, ref):
-            pred = hf(torch.tensor([prompt + list(cont)])).logits[0, len(prompt) - 1:-1].argmax(-1).tolist()
+            pred = hf(torch.tensor([prompt + list(cont)])).logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
             agree += sum(a == b for a, b in zip(pred, cont))
             total += len(cont)
     assert agree / total >= 0.9, f"teacher-forced greedy agreement {agree}/{total}"
@@ -503,6 +565,7 @@ def interpreter_cases() -> dict[str, str | None]:
     """fp8_gemv under TRITON_INTERPRET=1 against the reference (run in a fresh process)."""
     try:
         from engine.kernels.triton.interpreter_compat import fix_interpreter
+
         fix_interpreter()  # exact fp8 conversions in the interpreter (and its other fixes)
     except ImportError:
         pass
@@ -510,9 +573,13 @@ def interpreter_cases() -> dict[str, str | None]:
 
     results: dict[str, str | None] = {}
     g = _gen(11)
-    for m, n, k, dtype, bias in [(1, 48, 80, torch.float32, False), (3, 70, 600, torch.float16, True),
-                                 (DECODE_ROWS, 64, 512, torch.bfloat16, False), (2, 33, 1030, torch.float16, True),
-                                 (1, 20, 2100, torch.bfloat16, True)]:
+    for m, n, k, dtype, bias in [
+        (1, 48, 80, torch.float32, False),
+        (3, 70, 600, torch.float16, True),
+        (DECODE_ROWS, 64, 512, torch.bfloat16, False),
+        (2, 33, 1030, torch.float16, True),
+        (1, 20, 2100, torch.bfloat16, True),
+    ]:
         name = f"m{m}-n{n}-k{k}-{str(dtype).split('.')[-1]}{'-bias' if bias else ''}"
         try:
             q, s = quantize_fp8_per_channel(torch.randn(n, k, generator=g) * 0.05)
@@ -556,14 +623,34 @@ def compile_for_hopper() -> dict[str, str | None]:
     results: dict[str, str | None] = {}
     for xdt in ("bf16", "fp16"):
         for bias in (False, True):
-            for m, n, k in [(1, 6144, 4096), (1, 4096, 14336), (4, 4096, 14336), (16, 6144, 4096), (1, 576, 1000),
-                            (9, 576, 1000)]:
+            for m, n, k in [
+                (1, 6144, 4096),
+                (1, 4096, 14336),
+                (4, 4096, 14336),
+                (16, 6144, 4096),
+                (1, 576, 1000),
+                (9, 576, 1000),
+            ]:
                 name = f"{xdt}-m{m}-n{n}-k{k}{'-bias' if bias else ''}"
                 try:
-                    sig = {"x_ptr": f"*{xdt}", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "b_ptr": f"*{xdt}",
-                           "o_ptr": f"*{xdt}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-                           "stride_wn": "i32", "stride_om": "i32", "HAS_BIAS": "constexpr", "EVEN_K": "constexpr",
-                           "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+                    sig = {
+                        "x_ptr": f"*{xdt}",
+                        "w_ptr": "*fp8e4nv",
+                        "s_ptr": "*fp32",
+                        "b_ptr": f"*{xdt}",
+                        "o_ptr": f"*{xdt}",
+                        "M": "i32",
+                        "N": "i32",
+                        "K": "i32",
+                        "stride_xm": "i32",
+                        "stride_wn": "i32",
+                        "stride_om": "i32",
+                        "HAS_BIAS": "constexpr",
+                        "EVEN_K": "constexpr",
+                        "BLOCK_M": "constexpr",
+                        "BLOCK_N": "constexpr",
+                        "BLOCK_K": "constexpr",
+                    }
                     cfg = gemv_config(m, n, k)
                     kind, warps = cfg.pop("kind"), cfg.pop("num_warps")
                     constexprs = {"HAS_BIAS": bias, "EVEN_K": k % cfg["BLOCK_K"] == 0, **cfg}
@@ -585,8 +672,9 @@ def _run_self(flag: str, interpret: bool) -> dict[str, str | None]:
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, __file__, flag], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__, flag], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         pytest.fail(f"subprocess {flag} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -664,8 +752,12 @@ def test_tiny_fp8_model_on_gpu(tmp_path):
     from engine.core import EngineCore
 
     path = write_tiny_config(tmp_path, "Qwen3ForCausalLM")
-    cores = [EngineCore(EngineConfig(model=path, load_format="dummy", device="cuda", num_gpu_blocks=64, seed=3,
-                                     quantization=q)) for q in ("none", "fp8")]
+    cores = [
+        EngineCore(
+            EngineConfig(model=path, load_format="dummy", device="cuda", num_gpu_blocks=64, seed=3, quantization=q)
+        )
+        for q in ("none", "fp8")
+    ]
     prompt = np.random.default_rng(7).integers(0, 512, size=150).tolist()
     (t0, l0), (t1, l1) = (_run_greedy(c, prompt, 8) for c in cores)
     assert len(t1) == 8

@@ -55,9 +55,17 @@ class TorchToyModel:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("preemption, host", [("recompute", 0), ("swap", 32)])
 def test_plans_drive_a_torch_paged_cache(device, preemption, host):
-    sched = cp.Scheduler(num_blocks=24, block_size=8, num_host_blocks=host, max_num_seqs=6,
-                         max_num_batched_tokens=64, chunk_size=32, max_model_len=160, vocab_size=1000,
-                         preemption=preemption)
+    sched = cp.Scheduler(
+        num_blocks=24,
+        block_size=8,
+        num_host_blocks=host,
+        max_num_seqs=6,
+        max_num_batched_tokens=64,
+        chunk_size=32,
+        max_model_len=160,
+        vocab_size=1000,
+        preemption=preemption,
+    )
     model = TorchToyModel(sched.config, device)
     rng = np.random.default_rng(0)
     shared = rng.integers(0, 1000, 40).tolist()

@@ -17,8 +17,16 @@ from model_steps import RecordingOps, UnfusedRotaryWriteKV, prefill_then_decode,
 F32, BF16 = torch.float32, torch.bfloat16
 
 
-def fused_inputs(seed: int, dtype: torch.dtype, tokens: int = 9, hq: int = 6, hk: int = 2, d: int = 32,
-                 bs: int = 4, norms: bool = False):
+def fused_inputs(
+    seed: int,
+    dtype: torch.dtype,
+    tokens: int = 9,
+    hq: int = 6,
+    hk: int = 2,
+    d: int = 32,
+    bs: int = 4,
+    norms: bool = False,
+):
     """(positions, q, k, v, cos_sin, slots, q_norm, k_norm, empty cache): q/k/v views of one qkv tensor."""
     gen = torch.Generator().manual_seed(seed)
     qkv = (2 * torch.randn(tokens, (hq + 2 * hk) * d, generator=gen)).to(dtype)
@@ -38,6 +46,7 @@ def fused_inputs(seed: int, dtype: torch.dtype, tokens: int = 9, hq: int = 6, hk
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_reference_is_rms_norm_then_rotary_then_write_kv(dtype, norms):
     from engine.kernels import torch_ops as R
+
     positions, q, k, v, cos_sin, slots, qw, kw, cache = fused_inputs(1, dtype, norms=norms)
     q_before = q.clone()
     kc, vc, kc2, vc2 = (cache.clone() for _ in range(4))
@@ -55,6 +64,7 @@ def test_reference_is_rms_norm_then_rotary_then_write_kv(dtype, norms):
 
 def test_reference_takes_zero_tokens():
     from engine.kernels import torch_ops as R
+
     positions, q, k, v, cos_sin, slots, _, _, cache = fused_inputs(2, F32, tokens=0)
     kc, vc = cache.clone(), cache.clone()
     assert R.rotary_write_kv(positions, q, k, v, cos_sin, kc, vc, slots).shape == (0, 6, 32)
@@ -67,6 +77,7 @@ def test_jax_is_its_rotary_then_torch_write_kv(dtype, norms):
     pytest.importorskip("jax")
     from engine.kernels import jax_ops as J
     from engine.kernels import torch_ops as R
+
     positions, q, k, v, cos_sin, slots, qw, kw, cache = fused_inputs(3, dtype, norms=norms)
     caches = [cache.clone() for _ in range(6)]
     got = J.rotary_write_kv(positions, q, k, v, cos_sin, caches[0], caches[1], slots, q_norm=qw, k_norm=kw)
@@ -85,6 +96,7 @@ def test_jax_is_its_rotary_then_torch_write_kv(dtype, norms):
 
 def test_registry_resolves_rotary_write_kv_per_backend():
     from engine.kernels.registry import OPS, KernelSet
+
     assert "rotary_write_kv" in OPS
     assert KernelSet("cpu", prefer=("torch",)).chosen["rotary_write_kv"] == "torch"
     pytest.importorskip("jax")
@@ -101,6 +113,7 @@ ARCHS = {"llama": ("LlamaForCausalLM", {}), "qwen3": ("Qwen3ForCausalLM", {}), "
 def test_a_decode_layer_calls_one_op_between_qkv_and_attention(family):
     """Per layer: norm, [qkv GEMM], rotary_write_kv, decode_attention, [o GEMM], norm, [gate_up], silu, [down]."""
     from engine.kernels.registry import KernelSet
+
     arch, overrides = ARCHS[family]
     model = tiny_model(arch, **overrides)
     ops = RecordingOps(KernelSet("cpu", prefer=("torch",)))
@@ -127,6 +140,7 @@ def test_model_logits_equal_the_unfused_path(family, backend):
     if backend == "jax":
         pytest.importorskip("jax")
     from engine.kernels.registry import KernelSet
+
     arch, overrides = ARCHS[family]
     model = tiny_model(arch, **overrides)
     ops = KernelSet("cpu", prefer=(backend, "torch"))
@@ -151,7 +165,7 @@ def test_reference_prefill_attention_in_pieces_equals_at_once(monkeypatch):
     table = torch.tensor([list(range(0, 10)), list(range(10, 13)) + [0] * 7], dtype=torch.int32)
     q = torch.randn(sum(qlens), hq, d, generator=g)
     starts = torch.tensor([0, qlens[0], sum(qlens)], dtype=torch.int32)
-    args = (q, k_cache, v_cache, starts, torch.tensor(lens, dtype=torch.int32), table, d ** -0.5)
+    args = (q, k_cache, v_cache, starts, torch.tensor(lens, dtype=torch.int32), table, d**-0.5)
     whole = torch_ops.prefill_attention(*args)
     monkeypatch.setattr(torch_ops, "REFERENCE_SCORES", hq * 37 * 2)  # two query rows a piece
     pieces = torch_ops.prefill_attention(*args)

@@ -42,8 +42,17 @@ def _cuda_jax() -> None:
         pytest.skip("jax has no GPU device here")
 
 
-def paged_batch(gen: torch.Generator, seq_lens: list[int], block_size: int, hk: int, d: int,
-                dtype: torch.dtype, device: str = "cpu", spare_blocks: int = 5, spare_cols: int = 2):
+def paged_batch(
+    gen: torch.Generator,
+    seq_lens: list[int],
+    block_size: int,
+    hk: int,
+    d: int,
+    dtype: torch.dtype,
+    device: str = "cpu",
+    spare_blocks: int = 5,
+    spare_cols: int = 2,
+):
     """Random caches and a block table whose rows are random, non-contiguous block ids.
 
     Returns (k_cache, v_cache, block_table[R, W] int32 with -1 past each row's end).
@@ -55,7 +64,7 @@ def paged_batch(gen: torch.Generator, seq_lens: list[int], block_size: int, hk: 
     table = torch.full((len(seq_lens), width), -1, dtype=torch.int32)
     used = 0
     for r, n in enumerate(need):
-        table[r, :n] = ids[used:used + n].to(torch.int32)
+        table[r, :n] = ids[used : used + n].to(torch.int32)
         used += n
     k_cache = _randn(gen, num_blocks, block_size, hk, d, dtype=dtype, device=device)
     v_cache = _randn(gen, num_blocks, block_size, hk, d, dtype=dtype, device=device)
@@ -83,8 +92,8 @@ def test_rotary_embedding_matches_reference_on_non_contiguous_views(tokens, hq, 
     gen = torch.Generator().manual_seed(tokens * d)
     # q and k as views into one fused projection, as a model produces them
     qkv = _randn(gen, tokens, (hq + 2 * hk) * d, dtype=dtype)
-    q = qkv[:, :hq * d].view(tokens, hq, d)
-    k = qkv[:, hq * d:(hq + hk) * d].view(tokens, hk, d)
+    q = qkv[:, : hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(tokens, hk, d)
     positions = torch.randint(0, 100, (tokens,), generator=gen)
     inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
     angles = torch.arange(100).float()[:, None] * inv[None, :]
@@ -139,7 +148,7 @@ def test_prefill_attention_matches_reference(case, dtype, small_chunks):
     q = _randn(gen, sum(q_lens), hq, d, dtype=dtype)
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
-    args = (q, k_cache, v_cache, qsl, lens, table, d ** -0.5)
+    args = (q, k_cache, v_cache, qsl, lens, table, d**-0.5)
     _close(J.prefill_attention(*args), R.prefill_attention(*args), dtype)
 
 
@@ -157,7 +166,7 @@ def test_decode_attention_matches_reference(case, dtype, small_chunks):
     gen = torch.Generator().manual_seed(hq * d + bs + 1)
     k_cache, v_cache, table = paged_batch(gen, seq_lens, bs, hk, d, dtype)
     q = _randn(gen, len(seq_lens), hq, d, dtype=dtype)
-    args = (q, k_cache, v_cache, torch.tensor(seq_lens, dtype=torch.int32), table, d ** -0.5)
+    args = (q, k_cache, v_cache, torch.tensor(seq_lens, dtype=torch.int32), table, d**-0.5)
     _close(J.decode_attention(*args), R.decode_attention(*args), dtype)
 
 
@@ -277,7 +286,7 @@ def test_cuda_prefill_attention_matches_reference_in_bf16():
     q = _randn(gen, sum(q_lens), 32, 128, dtype=dt, device="cuda")
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
-    _close(*_both("prefill_attention", q, k_cache, v_cache, qsl, lens, table, 128 ** -0.5), dt)
+    _close(*_both("prefill_attention", q, k_cache, v_cache, qsl, lens, table, 128**-0.5), dt)
 
 
 @pytest.mark.gpu
@@ -288,7 +297,7 @@ def test_cuda_decode_attention_matches_reference_in_bf16_without_copying_the_cac
     k_cache, v_cache, table = paged_batch(gen, seq_lens, 16, 8, 128, dt, device="cuda", spare_blocks=64)
     assert J._cache_to_jax(k_cache).unsafe_buffer_pointer() == k_cache.data_ptr()
     q = _randn(gen, len(seq_lens), 32, 128, dtype=dt, device="cuda")
-    args = (q, k_cache, v_cache, torch.tensor(seq_lens, dtype=torch.int32, device="cuda"), table, 128 ** -0.5)
+    args = (q, k_cache, v_cache, torch.tensor(seq_lens, dtype=torch.int32, device="cuda"), table, 128**-0.5)
     _close(J.decode_attention(*args), R.decode_attention(*args), dt)
 
 
@@ -301,8 +310,12 @@ def test_cuda_sampling_ops_match_reference():
     seen = (torch.rand(s, v, generator=gen) < 0.01).cuda()
     counts = (torch.randint(0, 3, (s, v), generator=gen) * seen.cpu()).cuda()
     rep, pres, freq = (torch.rand(s, generator=gen).cuda() + 0.5 for _ in range(3))
-    torch.testing.assert_close(J.apply_penalties(logits, seen, counts, rep, pres, freq),
-                               R.apply_penalties(logits, seen, counts, rep, pres, freq), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        J.apply_penalties(logits, seen, counts, rep, pres, freq),
+        R.apply_penalties(logits, seen, counts, rep, pres, freq),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     top_k = torch.randint(0, 100, (s,), generator=gen).cuda()
     top_p = (torch.rand(s, generator=gen) * 0.9 + 0.1).cuda()
     min_p = (torch.rand(s, generator=gen) * 0.1).cuda()

@@ -32,8 +32,8 @@ import traceback
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from unittest import mock
 from typing import Callable
+from unittest import mock
 
 import pytest
 import torch
@@ -55,6 +55,7 @@ FP8 = torch.float8_e4m3fn
 
 def _ops():
     from engine.kernels import torch_ops, triton_ops
+
     return triton_ops, torch_ops
 
 
@@ -73,8 +74,9 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, wha
     assert not got.isnan().any(), f"{what}: NaN in the triton output"
     atol, rtol = TOL[dtype]
     peak = float(want.float().abs().max()) if want.numel() else 1.0
-    torch.testing.assert_close(got.float(), want.float(), atol=atol * max(peak, 1e-3), rtol=rtol,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        got.float(), want.float(), atol=atol * max(peak, 1e-3), rtol=rtol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 # ---------------------------------------------------------------- elementwise cases
@@ -88,8 +90,9 @@ def check_rms_norm(device: str, seed: int, dtype: torch.dtype, tokens: int, hidd
     _assert_close(triton_ops.rms_norm(x, w, 1e-6), torch_ops.rms_norm(x, w, 1e-6), dtype, "rms_norm")
 
 
-def check_add_rms_norm(device: str, seed: int, dtype: torch.dtype, residual_dtype: torch.dtype,
-                       tokens: int, hidden: int) -> None:
+def check_add_rms_norm(
+    device: str, seed: int, dtype: torch.dtype, residual_dtype: torch.dtype, tokens: int, hidden: int
+) -> None:
     triton_ops, torch_ops = _ops()
     gen = _rng(device, seed)
     x, r = _randn((tokens, hidden), gen, dtype), _randn((tokens, hidden), gen, residual_dtype, 2.0)
@@ -109,8 +112,8 @@ def check_rotary(device: str, seed: int, dtype: torch.dtype, tokens: int, hq: in
     triton_ops, torch_ops = _ops()
     gen = _rng(device, seed)
     qkv = _randn((tokens, (hq + 2 * hk) * d), gen, dtype)  # q and k as views of a fused projection
-    q = qkv[:, :hq * d].view(tokens, hq, d)
-    k = qkv[:, hq * d:(hq + hk) * d].view(tokens, hk, d)
+    q = qkv[:, : hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(tokens, hk, d)
     cos_sin = _cos_sin(512, d, device)
     positions = torch.randint(0, 512, (tokens,), generator=gen, device=device)
     got = triton_ops.rotary_embedding(positions, q, k, cos_sin)
@@ -125,8 +128,9 @@ def check_silu_and_mul(device: str, seed: int, dtype: torch.dtype, tokens: int, 
     _assert_close(triton_ops.silu_and_mul(x), torch_ops.silu_and_mul(x), dtype, "silu_and_mul")
 
 
-def check_write_kv(device: str, seed: int, src_dtype: torch.dtype, cache_dtype: torch.dtype,
-                   tokens: int, hk: int, d: int, bs: int) -> None:
+def check_write_kv(
+    device: str, seed: int, src_dtype: torch.dtype, cache_dtype: torch.dtype, tokens: int, hk: int, d: int, bs: int
+) -> None:
     triton_ops, torch_ops = _ops()
     gen = _rng(device, seed)
     num_blocks = tokens // bs + 3
@@ -159,8 +163,7 @@ def _assert_same_fp8(got: list[torch.Tensor], want: list[torch.Tensor], what: st
             torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True, msg=lambda m: f"{what} scales: {m}")
 
 
-def check_write_kv_fp8(device: str, seed: int, src_dtype: torch.dtype, tokens: int, hk: int, d: int,
-                       bs: int) -> None:
+def check_write_kv_fp8(device: str, seed: int, src_dtype: torch.dtype, tokens: int, hk: int, d: int, bs: int) -> None:
     """Quantizing writes: the reference's FP8 bytes and scales exactly (an all-zero head included)."""
     triton_ops, torch_ops = _ops()
     gen = _rng(device, seed)
@@ -185,8 +188,18 @@ def _assert_cache_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtyp
     _assert_close(got[live], want[live], dtype, what)
 
 
-def check_rotary_write_kv_fp8(device: str, seed: int, dtype: torch.dtype, tokens: int, hq: int, hk: int, d: int,
-                              bs: int, q_norm: bool = False, k_norm: bool = False) -> None:
+def check_rotary_write_kv_fp8(
+    device: str,
+    seed: int,
+    dtype: torch.dtype,
+    tokens: int,
+    hq: int,
+    hk: int,
+    d: int,
+    bs: int,
+    q_norm: bool = False,
+    k_norm: bool = False,
+) -> None:
     """Into FP8 caches: the fused op's bytes and scales are the reference's, and those of the triton ops it fuses."""
     triton_ops, torch_ops = _ops()
     gen = _rng(device, seed)
@@ -201,10 +214,12 @@ def check_rotary_write_kv_fp8(device: str, seed: int, dtype: torch.dtype, tokens
     kw = (1.0 + 0.3 * _randn((d,), gen, F32)).to(dtype) if k_norm else None
     caches = {name: _fp8_caches(num_blocks, bs, hk, d, device) for name in ("fused", "composed", "reference")}
     fused, comp, ref = caches["fused"], caches["composed"], caches["reference"]
-    q_fused = triton_ops.rotary_write_kv(positions, q, k, v, cos_sin, fused[0], fused[1], slots,
-                                         q_norm=qw, k_norm=kw, k_scale=fused[2], v_scale=fused[3])
-    q_ref = torch_ops.rotary_write_kv(positions, q, k, v, cos_sin, ref[0], ref[1], slots, q_norm=qw, k_norm=kw,
-                                      k_scale=ref[2], v_scale=ref[3])
+    q_fused = triton_ops.rotary_write_kv(
+        positions, q, k, v, cos_sin, fused[0], fused[1], slots, q_norm=qw, k_norm=kw, k_scale=fused[2], v_scale=fused[3]
+    )
+    q_ref = torch_ops.rotary_write_kv(
+        positions, q, k, v, cos_sin, ref[0], ref[1], slots, q_norm=qw, k_norm=kw, k_scale=ref[2], v_scale=ref[3]
+    )
     _assert_close(q_fused, q_ref, dtype, "rotary_write_kv fp8 q")
     norms = q_norm or k_norm
     if not norms:  # the roundings of rotary_embedding then write_kv: the same bits
@@ -223,6 +238,7 @@ def _assert_fp8_near(got: list[torch.Tensor], want: list[torch.Tensor], dtype: t
     and the dequantized values within one FP8 step (2^-3 relative) plus TOL of the peak (a rotated
     element that cancels to near zero keeps its input's absolute error); the scales within an ulp."""
     from engine.kernels.torch_ops import dequantize_fp8
+
     for a, b in zip(got[:2], want[:2]):
         assert torch.equal(a.view(torch.uint8) == 0x7F, b.view(torch.uint8) == 0x7F), f"{what}: other slots written"
         assert float((a.view(torch.uint8) != b.view(torch.uint8)).float().mean()) < 0.05, f"{what}: many codes differ"
@@ -233,13 +249,28 @@ def _assert_fp8_near(got: list[torch.Tensor], want: list[torch.Tensor], dtype: t
         live = ~sb.isnan()
         da, db = dequantize_fp8(a, sa)[live], dequantize_fp8(b, sb)[live]
         peak = float(db.abs().max()) if db.numel() else 1.0
-        torch.testing.assert_close(da, db, atol=TOL[dtype][0] * peak, rtol=2.0 ** -3,
-                                   msg=lambda m, name=name: f"{what} {name} (dequantized): {m}")
+        torch.testing.assert_close(
+            da,
+            db,
+            atol=TOL[dtype][0] * peak,
+            rtol=2.0**-3,
+            msg=lambda m, name=name: f"{what} {name} (dequantized): {m}",
+        )
 
 
-def check_rotary_write_kv(device: str, seed: int, dtype: torch.dtype, tokens: int, hq: int, hk: int, d: int,
-                          bs: int, cache_dtype: torch.dtype | None = None, q_norm: bool = False,
-                          k_norm: bool = False) -> None:
+def check_rotary_write_kv(
+    device: str,
+    seed: int,
+    dtype: torch.dtype,
+    tokens: int,
+    hq: int,
+    hk: int,
+    d: int,
+    bs: int,
+    cache_dtype: torch.dtype | None = None,
+    q_norm: bool = False,
+    k_norm: bool = False,
+) -> None:
     """The fused op against the triton ops it fuses (bit for bit) and the torch reference (TOL)."""
     triton_ops, torch_ops = _ops()
     gen = _rng(device, seed)
@@ -257,14 +288,16 @@ def check_rotary_write_kv(device: str, seed: int, dtype: torch.dtype, tokens: in
     empty = torch.full((num_blocks, bs, hk, d), float("nan"), dtype=cache_dtype, device=device)
     caches = {name: (empty.clone(), empty.clone()) for name in ("fused", "composed", "reference")}
 
-    q_fused = triton_ops.rotary_write_kv(positions, q, k, v, cos_sin, *caches["fused"], slots,
-                                         q_norm=qw, k_norm=kw, eps=eps)
+    q_fused = triton_ops.rotary_write_kv(
+        positions, q, k, v, cos_sin, *caches["fused"], slots, q_norm=qw, k_norm=kw, eps=eps
+    )
     qn = triton_ops.rms_norm(q, qw, eps) if q_norm else q
     kn = triton_ops.rms_norm(k, kw, eps) if k_norm else k
     q_comp, k_comp = triton_ops.rotary_embedding(positions, qn, kn, cos_sin)
     triton_ops.write_kv(k_comp, v, *caches["composed"], slots)
-    q_ref = torch_ops.rotary_write_kv(positions, q, k, v, cos_sin, *caches["reference"], slots,
-                                      q_norm=qw, k_norm=kw, eps=eps)
+    q_ref = torch_ops.rotary_write_kv(
+        positions, q, k, v, cos_sin, *caches["reference"], slots, q_norm=qw, k_norm=kw, eps=eps
+    )
 
     assert q_fused.shape == (tokens, hq, d) and q_fused.is_contiguous()
     if not (q_norm or k_norm):
@@ -280,8 +313,7 @@ def check_rotary_write_kv(device: str, seed: int, dtype: torch.dtype, tokens: in
     _assert_close(q_fused, q_ref, dtype, "rotary_write_kv q")
     _assert_cache_close(caches["fused"][0], caches["reference"][0], cache_dtype, "rotary_write_kv k cache")
     v_tol = (0.0, 0.0) if cache_dtype == dtype else TOL[cache_dtype]
-    torch.testing.assert_close(caches["fused"][1], caches["reference"][1], atol=v_tol[0], rtol=v_tol[1],
-                               equal_nan=True)
+    torch.testing.assert_close(caches["fused"][1], caches["reference"][1], atol=v_tol[0], rtol=v_tol[1], equal_nan=True)
 
 
 # ---------------------------------------------------------------- paged attention cases
@@ -291,8 +323,8 @@ def check_rotary_write_kv(device: str, seed: int, dtype: torch.dtype, tokens: in
 class PagedKV:
     k_cache: torch.Tensor
     v_cache: torch.Tensor
-    block_table: torch.Tensor   # [R, W] int32, -1 past each request's blocks
-    seq_lens: torch.Tensor      # [R] int32
+    block_table: torch.Tensor  # [R, W] int32, -1 past each request's blocks
+    seq_lens: torch.Tensor  # [R] int32
     k_scale: torch.Tensor | None = None  # [NB, BS, Hk] float32 with FP8 caches
     v_scale: torch.Tensor | None = None
 
@@ -306,7 +338,7 @@ class PagedKV:
         live = torch.zeros(self.k_cache.shape[:2], dtype=torch.bool, device=self.k_cache.device)
         offsets = torch.arange(bs, device=live.device)
         for r, length in enumerate(self.seq_lens.tolist()):
-            blocks = self.block_table[r, :-(-length // bs)].long()
+            blocks = self.block_table[r, : -(-length // bs)].long()
             live.view(-1)[(blocks[:, None] * bs + offsets).flatten()[:length]] = True
         if self.k_scale is None:
             k, v = self.k_cache.clone(), self.v_cache.clone()
@@ -323,8 +355,9 @@ class PagedKV:
         return out[0], out[1], scales
 
 
-def paged_kv(lens: list[int], hk: int, d: int, bs: int, dtype: torch.dtype, gen: torch.Generator,
-             kv_fp8: bool = False) -> PagedKV:
+def paged_kv(
+    lens: list[int], hk: int, d: int, bs: int, dtype: torch.dtype, gen: torch.Generator, kv_fp8: bool = False
+) -> PagedKV:
     """Random caches holding `lens` tokens; each request's blocks are scattered over the pool.
 
     kv_fp8: the caches quantized to FP8 (torch_ops.quantize_fp8) with scales, the keys' heads of
@@ -336,7 +369,7 @@ def paged_kv(lens: list[int], hk: int, d: int, bs: int, dtype: torch.dtype, gen:
     table = torch.full((len(lens), max(nblk) + 2), -1, dtype=torch.int32, device=device)
     used = 0
     for r, n in enumerate(nblk):
-        table[r, :n] = order[used:used + n]
+        table[r, :n] = order[used : used + n]
         used += n
     k = _randn((num_blocks, bs, hk, d), gen, dtype)
     v = _randn((num_blocks, bs, hk, d), gen, dtype)
@@ -344,6 +377,7 @@ def paged_kv(lens: list[int], hk: int, d: int, bs: int, dtype: torch.dtype, gen:
     if not kv_fp8:
         return PagedKV(k, v, table, seq_lens)
     from engine.kernels.torch_ops import quantize_fp8
+
     spread = 10.0 ** (2 * torch.rand((num_blocks, bs, hk, 1), generator=gen, device=device) - 1)
     (k8, ks), (v8, vs) = quantize_fp8(k.float() * spread), quantize_fp8(v)
     return PagedKV(k8, v8, table, seq_lens, ks, vs)
@@ -353,47 +387,74 @@ def _attention_cfg(kind: str, cfg: dict | None):
     if cfg is None:
         return None
     from engine.kernels.triton import attention
+
     return (attention.DecodeConfig if kind == "decode" else attention.PrefillConfig)(**cfg)
 
 
-def check_decode(device: str, seed: int, dtype: torch.dtype, lens: list[int], hq: int, hk: int, d: int,
-                 bs: int, cfg: dict | None = None, q_scale: float = 1.0, kv_fp8: bool = False) -> None:
+def check_decode(
+    device: str,
+    seed: int,
+    dtype: torch.dtype,
+    lens: list[int],
+    hq: int,
+    hk: int,
+    d: int,
+    bs: int,
+    cfg: dict | None = None,
+    q_scale: float = 1.0,
+    kv_fp8: bool = False,
+) -> None:
     triton_ops, torch_ops = _ops()
     from engine.kernels.triton import attention
+
     gen = _rng(device, seed)
     kv = paged_kv(lens, hk, d, bs, dtype, gen, kv_fp8)
     q = _randn((len(lens), hq, d), gen, dtype, q_scale)
-    scale = d ** -0.5
+    scale = d**-0.5
     want = torch_ops.decode_attention(q, kv.k_cache, kv.v_cache, kv.seq_lens, kv.block_table, scale, **kv.scales)
     k_bad, v_bad, scales_bad = kv.poisoned()
     if cfg is None:
         got = triton_ops.decode_attention(q, k_bad, v_bad, kv.seq_lens, kv.block_table, scale, **scales_bad)
     else:
-        got = attention.decode_attention(q, k_bad, v_bad, kv.seq_lens, kv.block_table, scale,
-                                         _attention_cfg("decode", cfg), **scales_bad)
+        got = attention.decode_attention(
+            q, k_bad, v_bad, kv.seq_lens, kv.block_table, scale, _attention_cfg("decode", cfg), **scales_bad
+        )
     _assert_close(got, want, dtype, f"decode_attention lens={lens[:4]}")
 
 
-def check_prefill(device: str, seed: int, dtype: torch.dtype, reqs: list[tuple[int, int]], hq: int, hk: int,
-                  d: int, bs: int, cfg: dict | None = None, q_scale: float = 1.0, kv_fp8: bool = False,
-                  fp8_copy: bool | None = None) -> None:
+def check_prefill(
+    device: str,
+    seed: int,
+    dtype: torch.dtype,
+    reqs: list[tuple[int, int]],
+    hq: int,
+    hk: int,
+    d: int,
+    bs: int,
+    cfg: dict | None = None,
+    q_scale: float = 1.0,
+    kv_fp8: bool = False,
+    fp8_copy: bool | None = None,
+) -> None:
     """`reqs`: (cached prefix, new query tokens) per request. With an FP8 cache and no `cfg`, the kernel reads
     a dequantized 16-bit copy of the context (attention.FP8_PREFILL_COPY_BYTES; fp8_copy=False sets it to 0):
     the reference then attends over that copy's values (FP8 x scale rounded to the 16-bit dtype)."""
     triton_ops, torch_ops = _ops()
     from engine.kernels.torch_ops import dequantize_fp8
     from engine.kernels.triton import attention
+
     gen = _rng(device, seed)
     kv = paged_kv([p + n for p, n in reqs], hk, d, bs, dtype, gen, kv_fp8)
     qlens = torch.tensor([0] + [n for _, n in reqs], device=device)
     query_start_loc = qlens.cumsum(0).to(torch.int32)
     q = _randn((int(query_start_loc[-1]), hq, d), gen, dtype, q_scale)
-    scale = d ** -0.5
+    scale = d**-0.5
     args = (kv.seq_lens, kv.block_table, scale)
     copied = kv_fp8 and cfg is None and fp8_copy is not False
     if copied:
-        k16, v16 = (dequantize_fp8(c, kv.scales[n]).to(dtype) for c, n in ((kv.k_cache, "k_scale"),
-                                                                           (kv.v_cache, "v_scale")))
+        k16, v16 = (
+            dequantize_fp8(c, kv.scales[n]).to(dtype) for c, n in ((kv.k_cache, "k_scale"), (kv.v_cache, "v_scale"))
+        )
         want = torch_ops.prefill_attention(q, k16, v16, query_start_loc, *args)
     else:
         want = torch_ops.prefill_attention(q, kv.k_cache, kv.v_cache, query_start_loc, *args, **kv.scales)
@@ -404,15 +465,18 @@ def check_prefill(device: str, seed: int, dtype: torch.dtype, reqs: list[tuple[i
     elif cfg is None:
         got = triton_ops.prefill_attention(q, k_bad, v_bad, query_start_loc, *args, **scales_bad)
     else:
-        got = attention.prefill_attention(q, k_bad, v_bad, query_start_loc, *args, _attention_cfg("prefill", cfg),
-                                          **scales_bad)
+        got = attention.prefill_attention(
+            q, k_bad, v_bad, query_start_loc, *args, _attention_cfg("prefill", cfg), **scales_bad
+        )
     _assert_close(got, want, dtype, f"prefill_attention reqs={reqs[:3]}")
 
 
 def check_model_fused_vs_unfused(device: str, arch: str, dtype: torch.dtype, exact: bool) -> None:
     """A tiny model's logits with rotary_write_kv fused, and with the triton ops it replaces, one by one."""
     from engine.kernels.registry import KernelSet
+
     from model_steps import UnfusedRotaryWriteKV, prefill_then_decode, tiny_model
+
     model = tiny_model(arch, dtype=dtype, device=device)
     ops = KernelSet(device, prefer=("triton", "torch"))
     assert ops.chosen["rotary_write_kv"] == "triton"
@@ -428,6 +492,7 @@ def check_model_fused_vs_unfused(device: str, arch: str, dtype: torch.dtype, exa
 
 def check_registry(device: str) -> None:
     from engine.kernels.registry import OPS, KernelSet
+
     kernels = KernelSet(device, prefer=("triton", "torch"))
     expected = {op: "torch" if op in ("apply_penalties", "top_k_top_p_min_p") else "triton" for op in OPS}
     assert kernels.chosen == expected, kernels.chosen
@@ -443,84 +508,202 @@ CASES: dict[str, Callable[[str], None]] = {
     "rms_norm_f32": partial(check_rms_norm, seed=1, dtype=F32, tokens=7, hidden=96),
     "rms_norm_bf16": partial(check_rms_norm, seed=2, dtype=BF16, tokens=3, hidden=512),
     "add_rms_norm_bf16": partial(check_add_rms_norm, seed=3, dtype=BF16, residual_dtype=BF16, tokens=5, hidden=256),
-    "add_rms_norm_f16_f32_residual": partial(check_add_rms_norm, seed=4, dtype=F16, residual_dtype=F32,
-                                             tokens=4, hidden=80),
+    "add_rms_norm_f16_f32_residual": partial(
+        check_add_rms_norm, seed=4, dtype=F16, residual_dtype=F32, tokens=4, hidden=80
+    ),
     "rotary_f32_gqa4_d64": partial(check_rotary, seed=5, dtype=F32, tokens=6, hq=8, hk=2, d=64),
     "rotary_bf16_gqa3_d128": partial(check_rotary, seed=6, dtype=BF16, tokens=3, hq=6, hk=2, d=128),
     "silu_and_mul_f32": partial(check_silu_and_mul, seed=7, dtype=F32, tokens=5, f=200),
     "silu_and_mul_bf16_two_column_tiles": partial(check_silu_and_mul, seed=8, dtype=BF16, tokens=2, f=1100),
     "write_kv_f32": partial(check_write_kv, seed=9, src_dtype=F32, cache_dtype=F32, tokens=20, hk=2, d=64, bs=16),
-    "write_kv_f32_into_bf16": partial(check_write_kv, seed=10, src_dtype=F32, cache_dtype=BF16,
-                                      tokens=13, hk=3, d=128, bs=8),
+    "write_kv_f32_into_bf16": partial(
+        check_write_kv, seed=10, src_dtype=F32, cache_dtype=BF16, tokens=13, hk=3, d=128, bs=8
+    ),
     # rotary + KV write fused: strided views of one qkv tensor, GQA, slots -1, Qwen3's q/k norms
-    "rotary_write_kv_f32_gqa4_d64": partial(check_rotary_write_kv, seed=20, dtype=F32, tokens=7, hq=8, hk=2,
-                                            d=64, bs=16),
-    "rotary_write_kv_bf16_gqa3_d128_bs8": partial(check_rotary_write_kv, seed=21, dtype=BF16, tokens=5, hq=6,
-                                                  hk=2, d=128, bs=8),
-    "rotary_write_kv_f32_into_bf16_mha_d96": partial(check_rotary_write_kv, seed=22, dtype=F32, tokens=4, hq=3,
-                                                     hk=3, d=96, bs=4, cache_dtype=BF16),
-    "rotary_write_kv_bf16_qk_norm_gqa4_d128": partial(check_rotary_write_kv, seed=23, dtype=BF16, tokens=4, hq=8,
-                                                      hk=2, d=128, bs=16, q_norm=True, k_norm=True),
-    "rotary_write_kv_f32_qk_norm_gqa2_d64": partial(check_rotary_write_kv, seed=24, dtype=F32, tokens=6, hq=4,
-                                                    hk=2, d=64, bs=8, q_norm=True, k_norm=True),
-    "rotary_write_kv_f16_q_norm_only": partial(check_rotary_write_kv, seed=25, dtype=F16, tokens=3, hq=2, hk=1,
-                                               d=64, bs=16, q_norm=True),
+    "rotary_write_kv_f32_gqa4_d64": partial(
+        check_rotary_write_kv, seed=20, dtype=F32, tokens=7, hq=8, hk=2, d=64, bs=16
+    ),
+    "rotary_write_kv_bf16_gqa3_d128_bs8": partial(
+        check_rotary_write_kv, seed=21, dtype=BF16, tokens=5, hq=6, hk=2, d=128, bs=8
+    ),
+    "rotary_write_kv_f32_into_bf16_mha_d96": partial(
+        check_rotary_write_kv, seed=22, dtype=F32, tokens=4, hq=3, hk=3, d=96, bs=4, cache_dtype=BF16
+    ),
+    "rotary_write_kv_bf16_qk_norm_gqa4_d128": partial(
+        check_rotary_write_kv, seed=23, dtype=BF16, tokens=4, hq=8, hk=2, d=128, bs=16, q_norm=True, k_norm=True
+    ),
+    "rotary_write_kv_f32_qk_norm_gqa2_d64": partial(
+        check_rotary_write_kv, seed=24, dtype=F32, tokens=6, hq=4, hk=2, d=64, bs=8, q_norm=True, k_norm=True
+    ),
+    "rotary_write_kv_f16_q_norm_only": partial(
+        check_rotary_write_kv, seed=25, dtype=F16, tokens=3, hq=2, hk=1, d=64, bs=16, q_norm=True
+    ),
     # the model's path: the fused op against the ops it replaces (Qwen3: q/k norms fused, an ulp apart)
-    "model_llama_fused_equals_unfused_f32": partial(check_model_fused_vs_unfused, arch="LlamaForCausalLM",
-                                                    dtype=F32, exact=True),
-    "model_qwen3_fused_vs_unfused_f32": partial(check_model_fused_vs_unfused, arch="Qwen3ForCausalLM",
-                                                dtype=F32, exact=False),
+    "model_llama_fused_equals_unfused_f32": partial(
+        check_model_fused_vs_unfused, arch="LlamaForCausalLM", dtype=F32, exact=True
+    ),
+    "model_qwen3_fused_vs_unfused_f32": partial(
+        check_model_fused_vs_unfused, arch="Qwen3ForCausalLM", dtype=F32, exact=False
+    ),
     # decode: seq_len 1, lengths off the block grid, several splits, tiles spanning and inside blocks
     "decode_f32_gqa4_d64": partial(check_decode, seed=11, dtype=F32, lens=[1, 37, 100], hq=8, hk=2, d=64, bs=16),
     "decode_bf16_gqa3_d128_bs8": partial(check_decode, seed=12, dtype=BF16, lens=[50, 3], hq=6, hk=2, d=128, bs=8),
     "decode_f16_mha_d64_bs32": partial(check_decode, seed=13, dtype=F16, lens=[77], hq=2, hk=2, d=64, bs=32),
-    "decode_bf16_gpu_tiles_one_split": partial(check_decode, seed=14, dtype=BF16, lens=[130, 1, 64], hq=8, hk=2,
-                                               d=128, bs=16, cfg=dict(block_n=64, max_splits=1)),
-    "decode_f32_gpu_tiles_splits": partial(check_decode, seed=15, dtype=F32, lens=[300, 20], hq=4, hk=1, d=64,
-                                           bs=16, cfg=dict(block_n=64, min_tiles_per_split=1), q_scale=3.0),
+    "decode_bf16_gpu_tiles_one_split": partial(
+        check_decode,
+        seed=14,
+        dtype=BF16,
+        lens=[130, 1, 64],
+        hq=8,
+        hk=2,
+        d=128,
+        bs=16,
+        cfg=dict(block_n=64, max_splits=1),
+    ),
+    "decode_f32_gpu_tiles_splits": partial(
+        check_decode,
+        seed=15,
+        dtype=F32,
+        lens=[300, 20],
+        hq=4,
+        hk=1,
+        d=64,
+        bs=16,
+        cfg=dict(block_n=64, min_tiles_per_split=1),
+        q_scale=3.0,
+    ),
     # prefill: cached prefixes, chunks crossing tiles, one-token chunks, an empty request
-    "prefill_f32_gqa4_d64": partial(check_prefill, seed=16, dtype=F32, reqs=[(0, 40), (83, 17), (5, 1)],
-                                    hq=8, hk=2, d=64, bs=16),
-    "prefill_bf16_gqa3_d128_bs8": partial(check_prefill, seed=17, dtype=BF16, reqs=[(30, 33), (0, 7)],
-                                          hq=6, hk=2, d=128, bs=8),
-    "prefill_f16_mha_d64_bs32_empty_request": partial(check_prefill, seed=18, dtype=F16,
-                                                      reqs=[(100, 20), (10, 0), (0, 3)], hq=2, hk=2, d=64, bs=32),
-    "prefill_bf16_gpu_tiles": partial(check_prefill, seed=19, dtype=BF16, reqs=[(150, 70), (0, 90)], hq=8, hk=2,
-                                      d=128, bs=16, cfg=dict(block_m=128, block_n=64), q_scale=2.0),
+    "prefill_f32_gqa4_d64": partial(
+        check_prefill, seed=16, dtype=F32, reqs=[(0, 40), (83, 17), (5, 1)], hq=8, hk=2, d=64, bs=16
+    ),
+    "prefill_bf16_gqa3_d128_bs8": partial(
+        check_prefill, seed=17, dtype=BF16, reqs=[(30, 33), (0, 7)], hq=6, hk=2, d=128, bs=8
+    ),
+    "prefill_f16_mha_d64_bs32_empty_request": partial(
+        check_prefill, seed=18, dtype=F16, reqs=[(100, 20), (10, 0), (0, 3)], hq=2, hk=2, d=64, bs=32
+    ),
+    "prefill_bf16_gpu_tiles": partial(
+        check_prefill,
+        seed=19,
+        dtype=BF16,
+        reqs=[(150, 70), (0, 90)],
+        hq=8,
+        hk=2,
+        d=128,
+        bs=16,
+        cfg=dict(block_m=128, block_n=64),
+        q_scale=2.0,
+    ),
     # short queries over long prefixes: the key range split over 7 programs and merged (splits that see no
     # key of some rows, a prefix ending mid-block, ragged requests, one-token queries)
-    "prefill_bf16_split_key_range": partial(check_prefill, seed=40, dtype=BF16, reqs=[(300, 3), (20, 2)], hq=4,
-                                            hk=1, d=64, bs=16, cfg=SPLIT_CFG, q_scale=3.0),
-    "prefill_f32_split_ragged": partial(check_prefill, seed=41, dtype=F32, reqs=[(250, 9), (0, 5), (37, 1)], hq=8,
-                                        hk=2, d=64, bs=16, cfg=SPLIT_CFG, q_scale=3.0),
+    "prefill_bf16_split_key_range": partial(
+        check_prefill,
+        seed=40,
+        dtype=BF16,
+        reqs=[(300, 3), (20, 2)],
+        hq=4,
+        hk=1,
+        d=64,
+        bs=16,
+        cfg=SPLIT_CFG,
+        q_scale=3.0,
+    ),
+    "prefill_f32_split_ragged": partial(
+        check_prefill,
+        seed=41,
+        dtype=F32,
+        reqs=[(250, 9), (0, 5), (37, 1)],
+        hq=8,
+        hk=2,
+        d=64,
+        bs=16,
+        cfg=SPLIT_CFG,
+        q_scale=3.0,
+    ),
     # FP8 KV caches: quantizing writes bit for bit; attention reading FP8 (every path: one and several
     # splits, GPU tiles, prefixes ending mid-block, the split key range) against the reference on the same caches
     "write_kv_fp8_from_f32": partial(check_write_kv_fp8, seed=50, src_dtype=F32, tokens=13, hk=3, d=64, bs=8),
-    "write_kv_fp8_from_bf16_d128": partial(check_write_kv_fp8, seed=51, src_dtype=BF16, tokens=9, hk=2, d=128,
-                                           bs=16),
-    "rotary_write_kv_fp8_bf16_gqa3": partial(check_rotary_write_kv_fp8, seed=52, dtype=BF16, tokens=5, hq=6, hk=2,
-                                             d=128, bs=8),
-    "rotary_write_kv_fp8_f32_d96": partial(check_rotary_write_kv_fp8, seed=53, dtype=F32, tokens=4, hq=3, hk=3,
-                                           d=96, bs=4),
-    "rotary_write_kv_fp8_bf16_qk_norm": partial(check_rotary_write_kv_fp8, seed=54, dtype=BF16, tokens=4, hq=8,
-                                                hk=2, d=128, bs=16, q_norm=True, k_norm=True),
-    "decode_fp8_f32_gqa4_d64": partial(check_decode, seed=55, dtype=F32, lens=[1, 37, 100], hq=8, hk=2, d=64,
-                                       bs=16, kv_fp8=True),
-    "decode_fp8_bf16_gqa3_d128_bs8": partial(check_decode, seed=56, dtype=BF16, lens=[50, 3], hq=6, hk=2, d=128,
-                                             bs=8, kv_fp8=True, q_scale=2.0),
-    "decode_fp8_f16_gpu_tiles_one_split": partial(check_decode, seed=57, dtype=F16, lens=[130, 1, 64], hq=8, hk=2,
-                                                  d=64, bs=16, cfg=dict(block_n=64, max_splits=1), kv_fp8=True),
-    "prefill_fp8_f32_gqa4_d64": partial(check_prefill, seed=58, dtype=F32, reqs=[(0, 40), (83, 17), (5, 1)],
-                                        hq=8, hk=2, d=64, bs=16, kv_fp8=True),
-    "prefill_fp8_bf16_gpu_tiles": partial(check_prefill, seed=59, dtype=BF16, reqs=[(150, 70), (0, 90)], hq=8,
-                                          hk=2, d=128, bs=16, cfg=dict(block_m=128, block_n=64), q_scale=2.0,
-                                          kv_fp8=True),
-    "prefill_fp8_bf16_via_16bit_copy": partial(check_prefill, seed=61, dtype=BF16, reqs=[(150, 70), (0, 90), (33, 1)],
-                                               hq=8, hk=2, d=128, bs=16, q_scale=2.0, kv_fp8=True),
-    "prefill_fp8_bf16_without_the_copy": partial(check_prefill, seed=62, dtype=BF16, reqs=[(150, 70), (0, 20)],
-                                                 hq=8, hk=2, d=128, bs=16, kv_fp8=True, fp8_copy=False),
-    "prefill_fp8_bf16_split_key_range": partial(check_prefill, seed=60, dtype=BF16, reqs=[(300, 3), (21, 2)], hq=4,
-                                                hk=1, d=64, bs=16, cfg=SPLIT_CFG, q_scale=3.0, kv_fp8=True),
+    "write_kv_fp8_from_bf16_d128": partial(check_write_kv_fp8, seed=51, src_dtype=BF16, tokens=9, hk=2, d=128, bs=16),
+    "rotary_write_kv_fp8_bf16_gqa3": partial(
+        check_rotary_write_kv_fp8, seed=52, dtype=BF16, tokens=5, hq=6, hk=2, d=128, bs=8
+    ),
+    "rotary_write_kv_fp8_f32_d96": partial(
+        check_rotary_write_kv_fp8, seed=53, dtype=F32, tokens=4, hq=3, hk=3, d=96, bs=4
+    ),
+    "rotary_write_kv_fp8_bf16_qk_norm": partial(
+        check_rotary_write_kv_fp8, seed=54, dtype=BF16, tokens=4, hq=8, hk=2, d=128, bs=16, q_norm=True, k_norm=True
+    ),
+    "decode_fp8_f32_gqa4_d64": partial(
+        check_decode, seed=55, dtype=F32, lens=[1, 37, 100], hq=8, hk=2, d=64, bs=16, kv_fp8=True
+    ),
+    "decode_fp8_bf16_gqa3_d128_bs8": partial(
+        check_decode, seed=56, dtype=BF16, lens=[50, 3], hq=6, hk=2, d=128, bs=8, kv_fp8=True, q_scale=2.0
+    ),
+    "decode_fp8_f16_gpu_tiles_one_split": partial(
+        check_decode,
+        seed=57,
+        dtype=F16,
+        lens=[130, 1, 64],
+        hq=8,
+        hk=2,
+        d=64,
+        bs=16,
+        cfg=dict(block_n=64, max_splits=1),
+        kv_fp8=True,
+    ),
+    "prefill_fp8_f32_gqa4_d64": partial(
+        check_prefill, seed=58, dtype=F32, reqs=[(0, 40), (83, 17), (5, 1)], hq=8, hk=2, d=64, bs=16, kv_fp8=True
+    ),
+    "prefill_fp8_bf16_gpu_tiles": partial(
+        check_prefill,
+        seed=59,
+        dtype=BF16,
+        reqs=[(150, 70), (0, 90)],
+        hq=8,
+        hk=2,
+        d=128,
+        bs=16,
+        cfg=dict(block_m=128, block_n=64),
+        q_scale=2.0,
+        kv_fp8=True,
+    ),
+    "prefill_fp8_bf16_via_16bit_copy": partial(
+        check_prefill,
+        seed=61,
+        dtype=BF16,
+        reqs=[(150, 70), (0, 90), (33, 1)],
+        hq=8,
+        hk=2,
+        d=128,
+        bs=16,
+        q_scale=2.0,
+        kv_fp8=True,
+    ),
+    "prefill_fp8_bf16_without_the_copy": partial(
+        check_prefill,
+        seed=62,
+        dtype=BF16,
+        reqs=[(150, 70), (0, 20)],
+        hq=8,
+        hk=2,
+        d=128,
+        bs=16,
+        kv_fp8=True,
+        fp8_copy=False,
+    ),
+    "prefill_fp8_bf16_split_key_range": partial(
+        check_prefill,
+        seed=60,
+        dtype=BF16,
+        reqs=[(300, 3), (21, 2)],
+        hq=4,
+        hk=1,
+        d=64,
+        bs=16,
+        cfg=SPLIT_CFG,
+        q_scale=3.0,
+        kv_fp8=True,
+    ),
 }
 
 
@@ -542,6 +725,7 @@ def run_cases(device: str, names: list[str]) -> dict[str, str | None]:
 def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
     """Each kernel through its real launcher, with the tile configurations a CUDA device gets."""
     from engine.kernels.triton import attention, elementwise
+
     cuda = torch.device("cuda")
 
     def caches(dtype, hk, d, kv_fp8):
@@ -555,8 +739,7 @@ def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
         kc, scales = caches(dtype, hk, d, kv_fp8)
         seq_lens, table = torch.full((2,), 100, dtype=torch.int32), torch.zeros(2, 8, dtype=torch.int32)
         config = attention.DecodeConfig(**{**vars(attention.decode_config(cuda, d, dtype, kv_fp8)), **cfg})
-        attention.decode_attention(torch.zeros(2, hq, d, dtype=dtype), kc, kc, seq_lens, table, 0.1, config,
-                                   **scales)
+        attention.decode_attention(torch.zeros(2, hq, d, dtype=dtype), kc, kc, seq_lens, table, 0.1, config, **scales)
 
     def prefill(dtype, hq, hk, d, tokens=100, context=100, kv_fp8=False):
         kc, scales = caches(dtype, hk, d, kv_fp8)
@@ -564,17 +747,27 @@ def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
         table = torch.zeros(2, -(-context // 16), dtype=torch.int32)
         qsl = torch.tensor([0, tokens // 2, tokens], dtype=torch.int32)
         cfg = attention.prefill_config(cuda, d, dtype, kv_fp8)
-        assert (attention.prefill_splits(tokens, 2, hk, cfg.block_m // (hq // hk), table.shape[1] * 16, 132, cfg)
-                > 1) == (context > 10_000)
+        assert (
+            attention.prefill_splits(tokens, 2, hk, cfg.block_m // (hq // hk), table.shape[1] * 16, 132, cfg) > 1
+        ) == (context > 10_000)
         with mock.patch.object(attention, "num_sms", lambda device: 132):  # an H100's, not the CPU stand-in's
-            attention.prefill_attention(torch.zeros(tokens, hq, d, dtype=dtype), kc, kc, qsl, seq_lens, table, 0.1,
-                                        cfg, **scales)
+            attention.prefill_attention(
+                torch.zeros(tokens, hq, d, dtype=dtype), kc, kc, qsl, seq_lens, table, 0.1, cfg, **scales
+            )
 
     x, w = torch.zeros(4, 4096, dtype=BF16), torch.zeros(4096, dtype=BF16)
     kv, cache = torch.zeros(4, 8, 128, dtype=BF16), torch.zeros(2, 16, 8, 128, dtype=BF16)
     q, k, v = torch.zeros(4, (32 + 2 * 8) * 128, dtype=BF16).split([32 * 128, 8 * 128, 8 * 128], dim=-1)
-    fused_args = (torch.zeros(4, dtype=torch.long), q.view(4, 32, 128), k.view(4, 8, 128), v.view(4, 8, 128),
-                  torch.zeros(16, 128), cache, cache, torch.zeros(4, dtype=torch.long))
+    fused_args = (
+        torch.zeros(4, dtype=torch.long),
+        q.view(4, 32, 128),
+        k.view(4, 8, 128),
+        v.view(4, 8, 128),
+        torch.zeros(16, 128),
+        cache,
+        cache,
+        torch.zeros(4, dtype=torch.long),
+    )
     norm_w = torch.zeros(128, dtype=BF16)
     fp8_cache, fp8_scale = torch.zeros(2, 16, 8, 128, dtype=FP8), torch.ones(2, 16, 8)
     fp8_args = (*fused_args[:5], fp8_cache, fp8_cache, fused_args[7])
@@ -588,29 +781,39 @@ def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
         "prefill_bf16_d128_gqa4_split_key_range": partial(prefill, BF16, 32, 8, 128, tokens=8, context=70_000),
         "rms_norm": partial(elementwise.rms_norm, x, w, 1e-6),
         "add_rms_norm": partial(elementwise.add_rms_norm, x, x, w, 1e-6),
-        "rotary_embedding": partial(elementwise.rotary_embedding, torch.zeros(4, dtype=torch.long),
-                                    torch.zeros(4, 32, 128, dtype=BF16), kv, torch.zeros(16, 128)),
+        "rotary_embedding": partial(
+            elementwise.rotary_embedding,
+            torch.zeros(4, dtype=torch.long),
+            torch.zeros(4, 32, 128, dtype=BF16),
+            kv,
+            torch.zeros(16, 128),
+        ),
         "silu_and_mul": partial(elementwise.silu_and_mul, torch.zeros(4, 2 * 14336, dtype=BF16)),
         "write_kv": partial(elementwise.write_kv, kv, kv, cache, cache, torch.zeros(4, dtype=torch.long)),
         "rotary_write_kv": partial(elementwise.rotary_write_kv, *fused_args),
         "rotary_write_kv_qk_norm": partial(elementwise.rotary_write_kv, *fused_args, q_norm=norm_w, k_norm=norm_w),
         # FP8 KV caches (sm_90 converts e4m3 natively; Triton refuses float8e4nv below sm_89)
-        "decode_fp8_kv_bf16_d128_gqa4_splits": partial(decode, BF16, 32, 8, 128, kv_fp8=True, programs_per_sm=64,
-                                                       min_tiles_per_split=1),
+        "decode_fp8_kv_bf16_d128_gqa4_splits": partial(
+            decode, BF16, 32, 8, 128, kv_fp8=True, programs_per_sm=64, min_tiles_per_split=1
+        ),
         "decode_fp8_kv_bf16_d128_gqa4_one_split": partial(decode, BF16, 32, 8, 128, kv_fp8=True, max_splits=1),
-        "decode_fp8_kv_f16_d64_gqa3_splits": partial(decode, F16, 12, 4, 64, kv_fp8=True, programs_per_sm=64,
-                                                     min_tiles_per_split=1),
+        "decode_fp8_kv_f16_d64_gqa3_splits": partial(
+            decode, F16, 12, 4, 64, kv_fp8=True, programs_per_sm=64, min_tiles_per_split=1
+        ),
         "decode_fp8_kv_f32_d128_gqa4": partial(decode, F32, 32, 8, 128, kv_fp8=True),
         "prefill_fp8_kv_bf16_d128_gqa4": partial(prefill, BF16, 32, 8, 128, kv_fp8=True),
         "prefill_fp8_kv_bf16_d256_gqa2": partial(prefill, BF16, 16, 8, 256, kv_fp8=True),
         "prefill_fp8_kv_f32_d64_gqa4": partial(prefill, F32, 32, 8, 64, kv_fp8=True),
-        "prefill_fp8_kv_bf16_d128_gqa4_split_key_range": partial(prefill, BF16, 32, 8, 128, tokens=8, context=70_000,
-                                                                 kv_fp8=True),
-        "write_kv_fp8": partial(elementwise.write_kv, kv, kv, fp8_cache, fp8_cache, torch.zeros(4, dtype=torch.long),
-                                fp8_scale, fp8_scale),
+        "prefill_fp8_kv_bf16_d128_gqa4_split_key_range": partial(
+            prefill, BF16, 32, 8, 128, tokens=8, context=70_000, kv_fp8=True
+        ),
+        "write_kv_fp8": partial(
+            elementwise.write_kv, kv, kv, fp8_cache, fp8_cache, torch.zeros(4, dtype=torch.long), fp8_scale, fp8_scale
+        ),
         "rotary_write_kv_fp8": partial(elementwise.rotary_write_kv, *fp8_args, **fp8_scales),
-        "rotary_write_kv_fp8_qk_norm": partial(elementwise.rotary_write_kv, *fp8_args, q_norm=norm_w, k_norm=norm_w,
-                                               **fp8_scales),
+        "rotary_write_kv_fp8_qk_norm": partial(
+            elementwise.rotary_write_kv, *fp8_args, q_norm=norm_w, k_norm=norm_w, **fp8_scales
+        ),
     }
 
 
@@ -655,8 +858,14 @@ def _run_self(*argv: str, interpret: bool) -> dict[str, str | None]:
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    proc = subprocess.run([sys.executable, __file__, *argv], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, __file__, *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         pytest.fail(f"subprocess {argv[:1]} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -685,6 +894,7 @@ def test_triton_matches_reference_under_interpreter(name: str, interpreter_resul
 def test_triton_not_claimed_on_cpu_without_interpreter() -> None:
     pytest.importorskip("triton")
     from engine.kernels.registry import backend_available
+
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("this process runs the interpreter")
     assert not backend_available("triton", "cpu")
@@ -694,6 +904,7 @@ def test_bench_kernels_refuses_to_run_without_cuda() -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     from experiments import bench_kernels
+
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         bench_kernels.main(["--quick"])
 
@@ -717,8 +928,9 @@ def test_decode_long_context_matches_reference_gpu(batch: int) -> None:
 
 @pytest.mark.gpu
 def test_prefill_long_prefix_matches_reference_gpu() -> None:
-    check_prefill("cuda", seed=300, dtype=BF16, reqs=[(16384, 2048), (0, 1000), (5000, 1)],
-                  hq=32, hk=8, d=128, bs=16, q_scale=2.0)
+    check_prefill(
+        "cuda", seed=300, dtype=BF16, reqs=[(16384, 2048), (0, 1000), (5000, 1)], hq=32, hk=8, d=128, bs=16, q_scale=2.0
+    )
 
 
 @pytest.mark.gpu
@@ -774,6 +986,7 @@ def test_rotary_write_kv_replays_in_a_cuda_graph_gpu() -> None:
 @pytest.mark.gpu
 def test_bench_kernels_quick_runs_gpu(capsys) -> None:
     from experiments import bench_kernels
+
     bench_kernels.main(["--quick"])
     assert "decode attention" in capsys.readouterr().out
 

@@ -18,6 +18,7 @@ import pytest
 import zmq
 
 import controlplane as cp
+
 from engine_helpers import write_tiny_config
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "kv-events.md"
@@ -40,16 +41,30 @@ def model_path(tmp_path_factory):
 
 
 def endpoints(tmp_path) -> dict:
-    return {"enable_kv_cache_events": True, "endpoint": f"ipc://{tmp_path}/kv.sock",
-            "replay_endpoint": f"ipc://{tmp_path}/replay.sock", "buffer_steps": 100_000}
+    return {
+        "enable_kv_cache_events": True,
+        "endpoint": f"ipc://{tmp_path}/kv.sock",
+        "replay_endpoint": f"ipc://{tmp_path}/replay.sock",
+        "buffer_steps": 100_000,
+    }
 
 
 def make_core(model_path, kv_events=None, num_gpu_blocks=24):
     from engine.config import EngineConfig
     from engine.core import EngineCore
 
-    return EngineCore(EngineConfig(model=model_path, load_format="dummy", device="cpu", num_gpu_blocks=num_gpu_blocks,
-                                   block_size=BLOCK, max_num_seqs=4, kv_events=kv_events), clock=cp.ManualClock())
+    return EngineCore(
+        EngineConfig(
+            model=model_path,
+            load_format="dummy",
+            device="cpu",
+            num_gpu_blocks=num_gpu_blocks,
+            block_size=BLOCK,
+            max_num_seqs=4,
+            kv_events=kv_events,
+        ),
+        clock=cp.ManualClock(),
+    )
 
 
 def workload(seed: int = 0) -> list[tuple[int, list[int]]]:
@@ -222,13 +237,27 @@ def test_map_wire_format_tags_events_by_type():
     from engine.kv_events import encode_batch
 
     stored = ("BlockStored", [7, 2**64 - 1], None, list(range(8)))
-    payload = encode_batch([stored, ("BlockRemoved", [7], None, []), ("AllBlocksCleared", [], None, [])],
-                           4, "map", 1.5, 0)
-    assert msgspec.msgpack.decode(payload) == [1.5, [
-        {"type": "BlockStored", "block_hashes": [7, 2**64 - 1], "parent_block_hash": None,
-         "token_ids": list(range(8)), "block_size": 4, "lora_id": None, "medium": "GPU", "lora_name": None},
-        {"type": "BlockRemoved", "block_hashes": [7], "medium": "GPU"},
-        {"type": "AllBlocksCleared"}], 0]
+    payload = encode_batch(
+        [stored, ("BlockRemoved", [7], None, []), ("AllBlocksCleared", [], None, [])], 4, "map", 1.5, 0
+    )
+    assert msgspec.msgpack.decode(payload) == [
+        1.5,
+        [
+            {
+                "type": "BlockStored",
+                "block_hashes": [7, 2**64 - 1],
+                "parent_block_hash": None,
+                "token_ids": list(range(8)),
+                "block_size": 4,
+                "lora_id": None,
+                "medium": "GPU",
+                "lora_name": None,
+            },
+            {"type": "BlockRemoved", "block_hashes": [7], "medium": "GPU"},
+            {"type": "AllBlocksCleared"},
+        ],
+        0,
+    ]
     array = msgspec.msgpack.decode(encode_batch([stored], 4, "array", 1.5, 0))
     assert array == [1.5, [["BlockStored", [7, 2**64 - 1], None, list(range(8)), 4, None, "GPU", None]], 0]
 
@@ -248,8 +277,15 @@ def test_config_checks():
 def test_scheduler_records_chains_and_evictions():
     """The control plane's own record: one stored chain per request and step (parent None at a sequence's
     start, the previous block's hash after), evictions as removals, nothing while not recording."""
-    s = cp.Scheduler(num_blocks=6, block_size=BLOCK, max_num_seqs=2, max_num_batched_tokens=64, chunk_size=64,
-                     max_model_len=64, vocab_size=100)
+    s = cp.Scheduler(
+        num_blocks=6,
+        block_size=BLOCK,
+        max_num_seqs=2,
+        max_num_batched_tokens=64,
+        chunk_size=64,
+        max_model_len=64,
+        vocab_size=100,
+    )
     rng = np.random.default_rng(0)
     now = 0.0
 
@@ -288,8 +324,10 @@ def test_data_parallel_cores_publish_on_endpoints_of_their_own():
     from engine.kv_events import KVEventsConfig
     from engine.serve.__main__ import _rank_options
 
-    options = {"model": "x", "kv_events": {"enable_kv_cache_events": True, "endpoint": "tcp://*:5557",
-                                           "replay_endpoint": "tcp://*:5600"}}
+    options = {
+        "model": "x",
+        "kv_events": {"enable_kv_cache_events": True, "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5600"},
+    }
     ranks = [KVEventsConfig.from_value(_rank_options(options, r, 3)["kv_events"]) for r in range(3)]
     assert [c.endpoint for c in ranks] == ["tcp://*:5557", "tcp://*:5558", "tcp://*:5559"]
     assert [c.replay_endpoint for c in ranks] == ["tcp://*:5600", "tcp://*:5601", "tcp://*:5602"]

@@ -11,8 +11,9 @@ from controlplane.testing import ToyModel, reference_generate
 
 
 def test_run_loop_finishes_everything_with_reference_tokens():
-    sched = cp.Scheduler(num_blocks=16, block_size=4, vocab_size=101, max_model_len=64,
-                         max_num_batched_tokens=16, chunk_size=8)
+    sched = cp.Scheduler(
+        num_blocks=16, block_size=4, vocab_size=101, max_model_len=64, max_num_batched_tokens=16, chunk_size=8
+    )
     model = ToyModel.for_scheduler(sched.config, step_cost=(0.01, 0.001))
     prompts = {rid: list(range(rid, rid + 5 + 3 * rid)) for rid in range(6)}
     for rid, prompt in prompts.items():
@@ -45,8 +46,7 @@ def test_run_loop_finishes_everything_with_reference_tokens():
 
 def test_empty_plans_need_idle_advance():
     def scenario():
-        sched = cp.Scheduler(num_blocks=8, block_size=4, vocab_size=97, max_model_len=64,
-                             eviction="ttl:ttl=5")
+        sched = cp.Scheduler(num_blocks=8, block_size=4, vocab_size=97, max_model_len=64, eviction="ttl:ttl=5")
         model = ToyModel.for_scheduler(sched.config)
         sched.add_request(1, list(range(12)), max_new_tokens=4, session_id="s")
         clock = cp.ManualClock()

@@ -37,6 +37,7 @@ def finished(rid: int, reason: str = "length", stop_token=None, cached: int = 0,
 
 # Stop strings --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("include", [False, True])
 def test_a_stop_string_ending_inside_a_split_character_stops_when_the_character_is_whole(include):
     # "!é": "!" is held back (it could begin the stop string) while "é" arrives in two byte tokens; the
@@ -49,8 +50,7 @@ def test_a_stop_string_ending_inside_a_split_character_stops_when_the_character_
     assert r.stop.stopped == "!é" and r.finish_reason is None  # until the engine says it ended
     last = outputs.finish(finished(7, "abort", cached=2))
     assert last == Delta("", finish_reason="stop")
-    assert (r.text, r.tokens, r.finish_reason, r.stop_reason) == ("a!é" if include else "a", [0, 1, 2, 3], "stop",
-                                                                   "!é")
+    assert (r.text, r.tokens, r.finish_reason, r.stop_reason) == ("a!é" if include else "a", [0, 1, 2, 3], "stop", "!é")
     assert r.num_cached_tokens == 2 and 7 not in outputs.requests
 
 
@@ -99,8 +99,7 @@ def _pieces_and_stop(draw):
     data = text.encode()
     cuts = sorted(draw(st.sets(st.integers(1, max(1, len(data) - 1)), max_size=len(data))) - {len(data)})
     bounds = [0, *cuts, len(data)]
-    return text, [data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a], draw(st.text("ab,é", min_size=1,
-                                                                                         max_size=3))
+    return text, [data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a], draw(st.text("ab,é", min_size=1, max_size=3))
 
 
 def _clean(data: bytes) -> str:
@@ -114,10 +113,10 @@ def _clean(data: bytes) -> str:
 def test_output_is_the_text_up_to_the_first_stop_however_tokens_split_it(case, include):
     text, pieces, stop = case
     at = text.find(stop)
-    want = text if at < 0 else text[:at + len(stop) if include else at]
+    want = text if at < 0 else text[: at + len(stop) if include else at]
     # the token that completes the stop string: the first after which the output so far decodes cleanly (text
     # is released only then, whole characters) and contains it
-    hit = next((k for k in range(len(pieces)) if stop in _clean(b"".join(pieces[:k + 1]))), None)
+    hit = next((k for k in range(len(pieces)) if stop in _clean(b"".join(pieces[: k + 1]))), None)
     n_out = len(pieces) if hit is None else hit + 1
     for stream in (True, False):
         outputs = OutputProcessor(PieceTokenizer(pieces), stream=stream)
@@ -133,6 +132,7 @@ def test_output_is_the_text_up_to_the_first_stop_however_tokens_split_it(case, i
 
 
 # Text without stop strings -------------------------------------------------------------------
+
 
 def test_offline_text_is_decoded_once_at_the_end_and_streamed_text_as_it_comes():
     # LLM (stream=False) decodes the whole output at its end (an unfinished character shows as U+FFFD), and
@@ -172,14 +172,16 @@ def test_without_a_tokenizer_text_is_empty_and_stop_strings_never_match():
 
 # Logprobs and finish reasons -----------------------------------------------------------------
 
+
 def test_each_request_keeps_the_logprobs_it_asked_for():
     # a step computes logprobs for every row, and the top ones as many as the most any row asked for
     outputs = OutputProcessor(None)
     none, zero, two = (outputs.add(i, params(logprobs=n), 3) for i, n in enumerate((None, 0, 2)))
     top_ids = [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
     top_lps = [[-0.5, -1.5, -2.5], [-0.25, -1.25, -2.25], [-0.125, -1.125, -2.125]]
-    outputs.process(step([(0, 5), (1, 9), (2, 11)], logprobs=[-0.5, -1.25, -0.125], top_ids=top_ids,
-                         top_logprobs=top_lps))
+    outputs.process(
+        step([(0, 5), (1, 9), (2, 11)], logprobs=[-0.5, -1.25, -0.125], top_ids=top_ids, top_logprobs=top_lps)
+    )
     outputs.process(step([(2, 4), (1, 3), (0, 1)], logprobs=[-3.0, -2.0, -1.0]))  # no row asked for top ones
     assert (none.logprobs, none.top) == ([], [])
     assert (zero.logprobs, zero.top) == ([-1.25, -2.0], [[]])
@@ -189,8 +191,10 @@ def test_each_request_keeps_the_logprobs_it_asked_for():
     assert outputs.on_token(0, 4, -0.75, [(4, -0.75)]) == Delta("", [4])
 
 
-@pytest.mark.parametrize("reason, stop_token, want", [("length", None, ("length", None)), ("stop", 9, ("stop", 9)),
-                                                      ("abort", None, ("stop", None))])
+@pytest.mark.parametrize(
+    "reason, stop_token, want",
+    [("length", None, ("length", None)), ("stop", 9, ("stop", 9)), ("abort", None, ("stop", None))],
+)
 def test_finish_reasons_are_openais(reason, stop_token, want):
     outputs = OutputProcessor(None)
     r = outputs.add(1, params(), 3)
@@ -209,6 +213,7 @@ def test_requests_not_added_or_released_are_ignored():
 
 
 # Through the engine: StepOutput, EngineCore's abort, and LLM -----------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
@@ -231,11 +236,16 @@ def test_step_outputs_carry_logprobs_and_openai_finishes(llm):
     outs = []
     while core.has_unfinished():
         outs.append(core.step())
-    assert all(o.logprobs is not None and o.logprobs.shape == o.tokens.shape and o.top_ids.shape == (len(o.tokens), 2)
-               for o in outs if len(o.tokens))
+    assert all(
+        o.logprobs is not None and o.logprobs.shape == o.tokens.shape and o.top_ids.shape == (len(o.tokens), 2)
+        for o in outs
+        if len(o.tokens)
+    )
     ends = {f.req_id: f for o in outs for f in o.finished}
     assert [(ends[r].reason, ends[r].stop_token, ends[r].num_output_tokens) for r in (100, 101)] == [
-        ("length", None, 3), ("length", None, 2)]
+        ("length", None, 3),
+        ("length", None, 2),
+    ]
     assert ends[100].num_prompt_tokens == 3 and ends[100].queue_time >= 0
     assert not core.runner.seqs and core.abort(100) is None  # finished: nothing to abort
 
@@ -254,22 +264,28 @@ def test_llm_cuts_at_a_stop_string_whether_it_or_max_tokens_ends_the_output(llm)
     # Fails on the former LLM, which gave "length" and the uncut text when the stop string completed on the
     # last token max_tokens allowed (the server cut it, as it cuts it on any other token).
     prompt = {"prompt_token_ids": [5, 6, 7]}
-    full = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True),
-                        use_tqdm=False)[0].outputs[0]
+    full = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), use_tqdm=False)[
+        0
+    ].outputs[0]
     streamed = OutputProcessor(llm.get_tokenizer())  # the server's view of the same tokens
     streamed.add(0, params(), 3)
     texts = [streamed.on_token(0, t).text for t in full.token_ids]
     k = next(k for k in range(1, len(texts)) if texts[k] and "".join(texts[:k]))
     at = len("".join(texts[:k]))
-    stop = (full.text[at - 1:at + 1])  # the last character of one token's text and the first of the next
+    stop = full.text[at - 1 : at + 1]  # the last character of one token's text and the first of the next
     server = OutputProcessor(llm.get_tokenizer())
     want = server.add(0, params(stop=stop), 3)
     hit = next(i for i, t in enumerate(full.token_ids) if server.on_token(0, t) and want.stop.stopped)
     server.finish(Finished(0, "abort", None, 3, 0, hit + 1))
-    assert want.text == full.text[:full.text.find(stop)]
+    assert want.text == full.text[: full.text.find(stop)]
     for max_tokens in (hit + 1, 24):
-        out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
-                                                  stop=stop), use_tqdm=False)[0].outputs[0]
+        out = llm.generate(
+            prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, stop=stop), use_tqdm=False
+        )[0].outputs[0]
         assert (out.text, out.token_ids, out.finish_reason, out.stop_reason) == (
-            want.text, full.token_ids[:hit + 1], "stop", stop)
+            want.text,
+            full.token_ids[: hit + 1],
+            "stop",
+            stop,
+        )
     assert not llm.engine.has_unfinished()

@@ -34,7 +34,7 @@ class Reference:
     """The documented rule, written out over the committed plans."""
 
     def __init__(self) -> None:
-        self.guess: set[int] | None = None   # the requests of the plan an engine guessed a successor of
+        self.guess: set[int] | None = None  # the requests of the plan an engine guessed a successor of
 
     def expected(self, plan) -> tuple[bool, bool]:
         if plan.num_reqs == 0:
@@ -44,7 +44,7 @@ class Reference:
 
     def committed(self, plan, finished_ids: set[int]) -> None:
         if plan.num_reqs == 0 and len(plan.kv_ops) == 0:
-            return   # an empty plan: nothing ran, nothing was guessed or dropped
+            return  # an empty plan: nothing ran, nothing was guessed or dropped
         going_on = [r for r, s in zip(plan.req_ids.tolist(), plan.sample.tolist()) if s and r not in finished_ids]
         self.guess = set(plan.req_ids.tolist()) if pure_decode(plan) and going_on else None
 
@@ -61,11 +61,19 @@ class Driver:
 
     def __init__(self, eos_rate: float = 0.0, **config) -> None:
         self.eos_rate = eos_rate
-        self.sched = cp.Scheduler(**{"num_blocks": 64, "block_size": 4, "vocab_size": VOCAB,
-                                     "max_num_batched_tokens": 64, "chunk_size": 32, **config})
+        self.sched = cp.Scheduler(
+            **{
+                "num_blocks": 64,
+                "block_size": 4,
+                "vocab_size": VOCAB,
+                "max_num_batched_tokens": 64,
+                "chunk_size": 32,
+                **config,
+            }
+        )
         self.ref = Reference()
         self.now = 0.0
-        self.seen: list[tuple[bool, bool, bool]] = []   # (follows, continues, pure decode) of each plan
+        self.seen: list[tuple[bool, bool, bool]] = []  # (follows, continues, pure decode) of each plan
         self.rng = np.random.default_rng(0)
         self.live: set[int] = set()
 
@@ -114,32 +122,32 @@ def test_num_decode_reqs_and_decode_kv_tokens_are_the_q1_rows():
 
 def test_follows_and_continues_decode_step_by_step():
     d = Driver()
-    d.add(1, 10, 4)                      # finishes with its 4th token
+    d.add(1, 10, 4)  # finishes with its 4th token
     d.add(2, 10, 6)
-    assert d.step()[:2] == (False, False)      # both prefills: nothing before
-    assert d.step()[:2] == (False, False)      # first pure decode: the plan before was a prefill
-    assert d.step()[:2] == (True, True)        # the engine's guess: the same two requests
-    f, c, done = d.step()                      # request 1's 4th token: it finishes, 2 goes on
+    assert d.step()[:2] == (False, False)  # both prefills: nothing before
+    assert d.step()[:2] == (False, False)  # first pure decode: the plan before was a prefill
+    assert d.step()[:2] == (True, True)  # the engine's guess: the same two requests
+    f, c, done = d.step()  # request 1's 4th token: it finishes, 2 goes on
     assert (f, c, done) == (True, True, {1})
-    assert d.step()[:2] == (True, True)        # 2 alone: all of it was in the plan before
-    d.add(3, 1, 3)                             # a 1-token prompt: its first row is a decode row
+    assert d.step()[:2] == (True, True)  # 2 alone: all of it was in the plan before
+    d.add(3, 1, 3)  # a 1-token prompt: its first row is a decode row
     f, c, _ = d.step()
-    assert (f, c) == (True, False)             # a pure decode, but 3 was not in the guessed plan
+    assert (f, c) == (True, False)  # a pure decode, but 3 was not in the guessed plan
     assert d.step()[:2] == (True, True)
-    d.add(4, 9, 2)                             # a prefill joins: a mixed plan drops the guess ...
+    d.add(4, 9, 2)  # a prefill joins: a mixed plan drops the guess ...
     assert d.step()[:2] == (True, False)
-    assert d.step()[:2] == (False, False)      # ... and launches none
+    assert d.step()[:2] == (False, False)  # ... and launches none
 
 
 def test_a_request_finishing_alone_leaves_no_guess():
     d = Driver()
     d.add(1, 10, 3)
-    d.step()                                   # prefill, token 1
-    d.step()                                   # decode, token 2 (follows nothing)
-    f, c, done = d.step()                      # decode, token 3: finishes, no row goes on
+    d.step()  # prefill, token 1
+    d.step()  # decode, token 2 (follows nothing)
+    f, c, done = d.step()  # decode, token 3: finishes, no row goes on
     assert (f, c, done) == (True, True, {1})
     d.add(2, 1, 3)
-    assert d.step()[:2] == (False, False)      # a pure decode, but no guess was launched before it
+    assert d.step()[:2] == (False, False)  # a pure decode, but no guess was launched before it
 
 
 def test_a_request_stopping_at_eos_in_a_pure_decode_with_no_row_going_on_leaves_no_guess():
@@ -158,8 +166,8 @@ def test_an_empty_plan_in_between_changes_nothing():
         d = Driver()
         d.add(1, 10, 20)
         d.step()
-        d.step()                               # a pure decode, request 1 going on: a guess is launched
-        d.sched.abort(1, d.now)                # the client goes away
+        d.step()  # a pure decode, request 1 going on: a guess is launched
+        d.sched.abort(1, d.now)  # the client goes away
         if with_empty_plan:
             plan = d.sched.step(d.now)
             assert plan.is_empty and not plan.follows_decode and not plan.continues_decode
@@ -173,8 +181,9 @@ def test_an_empty_plan_in_between_changes_nothing():
 @pytest.mark.parametrize("preemption", ["recompute", "swap"])
 def test_flags_follow_the_rule_over_a_random_run(preemption):
     """Arrivals, shared prefixes, 1-token prompts, EOS, aborts and preemptions; every plan checked."""
-    d = Driver(eos_rate=0.01, num_blocks=32, num_host_blocks=80, preemption=preemption, max_num_seqs=6,
-               num_lookahead_tokens=1)
+    d = Driver(
+        eos_rate=0.01, num_blocks=32, num_host_blocks=80, preemption=preemption, max_num_seqs=6, num_lookahead_tokens=1
+    )
     rng = np.random.default_rng(1 if preemption == "swap" else 2)
     prefix = rng.integers(10, VOCAB, 24)
     rid = aborted = 0
@@ -196,9 +205,9 @@ def test_flags_follow_the_rule_over_a_random_run(preemption):
             d.now += 0.05
         d.sched.check_invariants()
     kinds = set(d.seen)
-    assert (True, True, True) in kinds          # overlapped decodes that continue
-    assert (True, False, True) in kinds         # pure decodes with a newcomer: a dropped guess
-    assert (True, False, False) in kinds        # mixed plans after a decode: a dropped guess
+    assert (True, True, True) in kinds  # overlapped decodes that continue
+    assert (True, False, True) in kinds  # pure decodes with a newcomer: a dropped guess
+    assert (True, False, False) in kinds  # mixed plans after a decode: a dropped guess
     assert (False, False, False) in kinds and (False, False, True) in kinds
     stats = d.sched.stats()
     assert aborted > 0 and stats.cached_tokens > 0
@@ -227,18 +236,35 @@ def flags_of_seconds(seconds) -> list[tuple[int, int]]:
 
 
 def sim_config(path, fast_forward: bool) -> dict:
-    return {"model": dataclasses.asdict(load_model_spec("smollm2_135m")),
-            "hardware": dataclasses.asdict(load_hardware_spec("h100_sxm")),
-            "workload": {"name": "agentic_coding",
-                         "params": {"calls_mean": 4.0, "tool_pause_median": 0.05, "tool_pause_p90": 0.2,
-                                    "human_pause_prob": 0.0, "output_max": 60, "output_mean": 20.0,
-                                    "prefix_tokens_min": 200, "prefix_tokens_max": 400, "new_tokens_mean": 30.0,
-                                    "new_tokens_max": 100}},
-            "engine": {"num_lookahead_tokens": 1, "num_gpu_blocks": 400, "max_num_batched_tokens": 512,
-                       "chunk_size": 256},
-            "sim": {"num_sessions": 10, "session_rate": 5.0, "progress": False, "cost_model": "profile",
-                    "profile_path": str(path), "fast_forward": fast_forward},
-            "wandb": {"mode": "disabled"}}
+    return {
+        "model": dataclasses.asdict(load_model_spec("smollm2_135m")),
+        "hardware": dataclasses.asdict(load_hardware_spec("h100_sxm")),
+        "workload": {
+            "name": "agentic_coding",
+            "params": {
+                "calls_mean": 4.0,
+                "tool_pause_median": 0.05,
+                "tool_pause_p90": 0.2,
+                "human_pause_prob": 0.0,
+                "output_max": 60,
+                "output_mean": 20.0,
+                "prefix_tokens_min": 200,
+                "prefix_tokens_max": 400,
+                "new_tokens_mean": 30.0,
+                "new_tokens_max": 100,
+            },
+        },
+        "engine": {"num_lookahead_tokens": 1, "num_gpu_blocks": 400, "max_num_batched_tokens": 512, "chunk_size": 256},
+        "sim": {
+            "num_sessions": 10,
+            "session_rate": 5.0,
+            "progress": False,
+            "cost_model": "profile",
+            "profile_path": str(path),
+            "fast_forward": fast_forward,
+        },
+        "wandb": {"mode": "disabled"},
+    }
 
 
 def test_fast_path_and_step_by_step_loop_price_the_same_flags(tmp_path):
@@ -247,8 +273,11 @@ def test_fast_path_and_step_by_step_loop_price_the_same_flags(tmp_path):
     # step by step, the plans recorded: the seconds tell each plan's flags
     log = StepLog()
     sim = Simulation(sim_config(path, fast_forward=False))
-    recorded = sim.run(replica_factory=lambda env, i, sc, col: RecordingReplica(
-        env, i, sc, sim.cost_model, col, sim.cfg.sim.idle_wait_s, sim.cfg.sim.seed, fast_forward=False, log=log))
+    recorded = sim.run(
+        replica_factory=lambda env, i, sc, col: RecordingReplica(
+            env, i, sc, sim.cost_model, col, sim.cfg.sim.idle_wait_s, sim.cfg.sim.seed, fast_forward=False, log=log
+        )
+    )
     flags = [(r["follows_decode"], r["continues_decode"]) for r in log.rows]
     assert flags_of_seconds(recorded.collector.step_seconds) == flags
     assert {(1, 1), (0, 0), (1, 0)} <= set(flags)

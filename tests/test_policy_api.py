@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -13,7 +12,6 @@ from hypothesis import Phase, settings
 import controlplane as cp
 from controlplane import conformance
 from controlplane.policies import (
-    CachedBlockView,
     PolicyError,
     ReplicaView,
     RequestView,
@@ -58,6 +56,7 @@ def run_all(s, model=None, now=0.0, dt=0.1, limit=500):
 
 
 # -- Python policies decide ------------------------------------------------------------
+
 
 @register_policy("ordering", "test_longest_first")
 class LongestFirst(cp.OrderingPolicy):
@@ -136,8 +135,11 @@ class LastReplica(cp.RouterPolicy):
 
 
 def test_router_policies_python_and_cpp():
-    views = [ReplicaView(0, load=3, num_free_blocks=10), ReplicaView(1, load=1, num_free_blocks=2),
-             ReplicaView(2, load=1, num_free_blocks=9, cached_prefix_tokens=64)]
+    views = [
+        ReplicaView(0, load=3, num_free_blocks=10),
+        ReplicaView(1, load=1, num_free_blocks=2),
+        ReplicaView(2, load=1, num_free_blocks=9, cached_prefix_tokens=64),
+    ]
     assert Router("test_last_replica").route(0, "s", 5, 0.0, views) == 2
     mine = make_policy("router", "test_last_replica")
     assert mine.route(RouteView(num_prompt_tokens=5, session_id="s"), views) == 2
@@ -155,6 +157,7 @@ def test_router_policies_python_and_cpp():
 
 # -- what policies read -------------------------------------------------------------------
 
+
 def test_session_history_reaches_the_views():
     turns, requests = [], []
 
@@ -164,8 +167,16 @@ def test_session_history_reaches_the_views():
             return b.last_access
 
         def pin_seconds(self, turn):
-            turns.append((turn.session_id, turn.turn_index, list(turn.pauses), turn.session_service,
-                          turn.cache_blocks, turn.num_tokens))
+            turns.append(
+                (
+                    turn.session_id,
+                    turn.turn_index,
+                    list(turn.pauses),
+                    turn.session_service,
+                    turn.cache_blocks,
+                    turn.num_tokens,
+                )
+            )
             return 0.0
 
     @register_policy("ordering", "test_spy_requests")
@@ -204,18 +215,23 @@ def test_pause_aware_holds_for_the_cheapest_expected_pause():
     # cost(0) = R, cost(2) = 2*H*s + R/2, cost(10) = 6*H*s, with H*s = 1 here.
     p = make_policy("eviction", "pause_aware:reload_s_per_token=1,hold_cost=1,margin=1")
     turn = dict(num_blocks=4, cache_blocks=4, pauses=[2.0, 10.0])
-    assert p.pin_seconds(TurnView(num_tokens=1, **turn)) == 0.0     # R=1: reloading is cheapest
-    assert p.pin_seconds(TurnView(num_tokens=6, **turn)) == 2.0     # R=6: hold across the short pause
-    assert p.pin_seconds(TurnView(num_tokens=10, **turn)) == 10.0   # R=10: hold across both
+    assert p.pin_seconds(TurnView(num_tokens=1, **turn)) == 0.0  # R=1: reloading is cheapest
+    assert p.pin_seconds(TurnView(num_tokens=6, **turn)) == 2.0  # R=6: hold across the short pause
+    assert p.pin_seconds(TurnView(num_tokens=10, **turn)) == 10.0  # R=10: hold across both
     # a smaller share of the cache makes holding cheaper
     assert p.pin_seconds(TurnView(num_tokens=6, num_blocks=1, cache_blocks=4, pauses=[2.0, 10.0])) == 10.0
     # no history: the prior pause stands in; margin stretches the hold; max_pin_s caps it
     q = make_policy("eviction", "pause_aware:reload_s_per_token=1,prior_pause_s=3,margin=1.5,max_pin_s=4")
     assert q.pin_seconds(TurnView(num_tokens=100, num_blocks=1, cache_blocks=8)) == 4.0
     assert make_policy("eviction", "pause_aware:reload_s_per_token=1,prior_pause_s=3").pin_seconds(
-        TurnView(num_tokens=100, num_blocks=1, cache_blocks=8)) == pytest.approx(3.3)
-    for bad in ("pause_aware:margin=0.5", "pause_aware:min_history=1.5", "pause_aware:hold_cost=-1",
-                "pause_aware:bogus=1"):
+        TurnView(num_tokens=100, num_blocks=1, cache_blocks=8)
+    ) == pytest.approx(3.3)
+    for bad in (
+        "pause_aware:margin=0.5",
+        "pause_aware:min_history=1.5",
+        "pause_aware:hold_cost=-1",
+        "pause_aware:bogus=1",
+    ):
         with pytest.raises(ValueError, match="pause_aware"):
             make_policy("eviction", bad)
 
@@ -258,9 +274,9 @@ def test_session_las_serves_the_least_served_session_first():
 
 def test_cache_credit_orders_by_arrival_plus_uncached_work():
     p = make_policy("ordering", "cache_credit:tokens_per_s=1000")
-    cold = RequestView(arrival_time=0.0, num_prompt_tokens=5000)                           # deadline 5.0
-    warm = RequestView(arrival_time=2.0, num_prompt_tokens=5200, num_cached_tokens=5000)   # deadline 2.2
-    late = RequestView(arrival_time=6.0, num_prompt_tokens=300, num_cached_tokens=200)     # deadline 6.1
+    cold = RequestView(arrival_time=0.0, num_prompt_tokens=5000)  # deadline 5.0
+    warm = RequestView(arrival_time=2.0, num_prompt_tokens=5200, num_cached_tokens=5000)  # deadline 2.2
+    late = RequestView(arrival_time=6.0, num_prompt_tokens=300, num_cached_tokens=200)  # deadline 6.1
     assert p.key(warm) < p.key(cold) < p.key(late)
     assert p.needs_prefix_match()
     with pytest.raises(ValueError, match="tokens_per_s must be > 0"):
@@ -268,6 +284,7 @@ def test_cache_credit_orders_by_arrival_plus_uncached_work():
 
 
 # -- failures are errors that name the policy ------------------------------------------------
+
 
 def test_a_raising_python_policy_is_a_policy_error_and_stops_the_scheduler():
     @register_policy("ordering", "test_raises")
@@ -286,15 +303,21 @@ def test_a_raising_python_policy_is_a_policy_error_and_stops_the_scheduler():
         s.step(0.0)
 
 
-@pytest.mark.parametrize("kind,body,message", [
-    ("ordering", "def key(self, r): return float('nan')", "returned a NaN key"),
-    ("ordering", "def key(self, r): return 'soon'", "key\\(\\) returned a value of the wrong type"),
-    ("ordering", "pass", "does not define key\\(\\)"),
-    ("eviction", "def key(self, b): return (b.last_access, float('nan'))", "returned a NaN key"),
-    ("eviction", "def key(self, b): return b.last_access\n    def pin_seconds(self, t): return -1.0",
-     "invalid pin time -1"),
-    ("preemption", "def mode(self, v, free, needed): return 'later'", "neither 'recompute' nor 'swap'"),
-])
+@pytest.mark.parametrize(
+    "kind,body,message",
+    [
+        ("ordering", "def key(self, r): return float('nan')", "returned a NaN key"),
+        ("ordering", "def key(self, r): return 'soon'", "key\\(\\) returned a value of the wrong type"),
+        ("ordering", "pass", "does not define key\\(\\)"),
+        ("eviction", "def key(self, b): return (b.last_access, float('nan'))", "returned a NaN key"),
+        (
+            "eviction",
+            "def key(self, b): return b.last_access\n    def pin_seconds(self, t): return -1.0",
+            "invalid pin time -1",
+        ),
+        ("preemption", "def mode(self, v, free, needed): return 'later'", "neither 'recompute' nor 'swap'"),
+    ],
+)
 def test_bad_python_policies_fail_clearly(kind, body, message):
     base = {"ordering": "OrderingPolicy", "eviction": "EvictionPolicy", "preemption": "PreemptionPolicy"}[kind]
     ns: dict = {"cp": cp}
@@ -398,16 +421,38 @@ def test_make_check_policy_prints_the_smallest_failing_sequence(tmp_path):
         "@cp.register_policy('eviction', 'pin_forever')\n"
         "class PinForever(cp.EvictionPolicy):\n"
         "    def key(self, b): return b.last_access\n"
-        "    def pin_seconds(self, turn): return 1e12\n")
+        "    def pin_seconds(self, turn): return 1e12\n"
+    )
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep))
     # SEED fixes the search (also where $CI makes Hypothesis derandomize, which found nothing in 80 examples)
-    proc = subprocess.run(["make", "-s", "check-policy", "POLICY=pin_forever", "MODULES=my_policies", "EXAMPLES=80",
-                           "SEED=0", f"PY={sys.executable}", "STAMP="],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            "make",
+            "-s",
+            "check-policy",
+            "POLICY=pin_forever",
+            "MODULES=my_policies",
+            "EXAMPLES=80",
+            "SEED=0",
+            f"PY={sys.executable}",
+            "STAMP=",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "starvation" in out
     assert "state = PolicyMachine()" in out and "state.setup(" in out and "state.teardown()" in out
-    ok = subprocess.run(["make", "-s", "check-policy", "POLICY=no_such_policy", f"PY={sys.executable}", "STAMP="],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    ok = subprocess.run(
+        ["make", "-s", "check-policy", "POLICY=no_such_policy", f"PY={sys.executable}", "STAMP="],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ok.returncode != 0 and "is not registered in any kind" in ok.stdout + ok.stderr

@@ -28,8 +28,13 @@ SEEDED = {"derandomize": False, "database": None} if os.environ.get("TANDEM_CONF
 
 # Parameters that reach code the defaults do not (tiny pools, second-scale pauses).
 EXTRA = {
-    "eviction": ["ttl:ttl=0.5", "ttl:ttl=3", "pause_aware:reload_s_per_token=1,prior_pause_s=2",
-                 "pause_aware:reload_s_per_token=1,min_history=0", "hit_weighted_lru:bonus_s=0"],
+    "eviction": [
+        "ttl:ttl=0.5",
+        "ttl:ttl=3",
+        "pause_aware:reload_s_per_token=1,prior_pause_s=2",
+        "pause_aware:reload_s_per_token=1,min_history=0",
+        "hit_weighted_lru:bonus_s=0",
+    ],
     "ordering": ["session_las:quantum=4", "cache_credit:tokens_per_s=5"],
     "preemption": ["swap_long:min_blocks=1"],
 }
@@ -51,8 +56,10 @@ def _cases():
 @pytest.mark.parametrize("kind,spec", _cases())
 def test_policy_conforms(kind, spec):
     if kind == "unregistered":
-        pytest.fail(f"policy {spec!r} is not registered in any kind (import its module with MODULES=...); "
-                    + "; ".join(f"{k}: {policy_names(k)}" for k in KINDS))
+        pytest.fail(
+            f"policy {spec!r} is not registered in any kind (import its module with MODULES=...); "
+            + "; ".join(f"{k}: {policy_names(k)}" for k in KINDS)
+        )
     if kind == "bad-kind":
         pytest.fail(f"KIND={ONLY_KIND!r} is not a policy kind ({', '.join(KINDS)})")
     if kind == "router":

@@ -18,8 +18,9 @@ def run(**overrides):
     plans, done, now = [], {}, 0.0
     while sched.has_unfinished():
         info = {}
-        plan, fin = step(sched, model, now, inspect=lambda p: info.update(
-            rows=p.block_table[p.slots].copy() if p.num_reqs else None))
+        plan, fin = step(
+            sched, model, now, inspect=lambda p: info.update(rows=p.block_table[p.slots].copy() if p.num_reqs else None)
+        )
         plans.append((plan, info))
         done.update(fin)
         now += 1.0
@@ -40,12 +41,12 @@ def test_recompute_resumes_with_the_same_tokens():
     # Steps: prefill both (0), decode positions 8..11 (1-4); position 12 needs a 4th block each.
     assert k == 5
     plan, _ = plans[k]
-    assert plan.preempted_ids.tolist() == [2]   # the last request in FCFS order
-    assert plan.req_ids.tolist() == [1]         # and nothing is admitted in that step
-    assert plan.kv_ops.shape == (0, 3)          # recompute: no copies
+    assert plan.preempted_ids.tolist() == [2]  # the last request in FCFS order
+    assert plan.req_ids.tolist() == [1]  # and nothing is admitted in that step
+    assert plan.kv_ops.shape == (0, 3)  # recompute: no copies
     assert done[2].num_preemptions == 1 and done[1].num_preemptions == 0
     # B had 8 + 5 tokens; it comes back once A is done and recomputes what it still needs.
-    resume = next(p for p, _ in plans[k + 1:] if 2 in p.req_ids.tolist())
+    resume = next(p for p, _ in plans[k + 1 :] if 2 in p.req_ids.tolist())
     i = resume.req_ids.tolist().index(2)
     assert resume.cached_lens[i] + resume.query_lens[i] == 13 and resume.sample[i]
     assert resume.cached_lens[i] % 4 == 0 and resume.cached_lens[i] <= 12
@@ -60,9 +61,9 @@ def test_swap_copies_blocks_out_and_back():
     plan, info = plans[k]
     assert plan.preempted_ids.tolist() == [2]
     ops = plan.kv_ops
-    assert ops[:, 0].tolist() == [0, 0, 0]              # device -> host, B's 3 blocks
+    assert ops[:, 0].tolist() == [0, 0, 0]  # device -> host, B's 3 blocks
     assert (plan.num_swap_out_blocks, plan.num_swap_in_blocks) == (3, 0)
-    before = plans[k - 1][1]["rows"][1]                  # B's block-table row before the step
+    before = plans[k - 1][1]["rows"][1]  # B's block-table row before the step
     assert ops[:, 1].tolist() == before[:3].tolist()
     host = ops[:, 2].tolist()
     assert len(set(host)) == 3 and all(0 <= h < 8 for h in host)

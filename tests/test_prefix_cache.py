@@ -106,7 +106,7 @@ def hit(sched, model, rid, prompt, now):
 
 
 X, Y = list(range(1, 9)), list(range(11, 19))  # 2 full blocks each
-Z = list(range(60, 84))                        # 24 tokens: 6 blocks
+Z = list(range(60, 84))  # 24 tokens: 6 blocks
 
 
 def test_lru_evicts_the_least_recently_used_blocks():
@@ -119,8 +119,8 @@ def test_lru_evicts_the_least_recently_used_blocks():
     fill(sched, model, 3, Z, 3.0)  # needs 6 blocks: 4 free + 2 evicted
     assert sched.stats().num_evicted_blocks == 2
     # (Z's own 6 blocks are now cached too: look X up first, its one new block evicts Z's tail.)
-    assert hit(sched, model, 4, X + [7], 4.0) == 8   # X was touched later: kept
-    assert hit(sched, model, 5, Y + [7], 5.0) == 0   # Y was older: gone
+    assert hit(sched, model, 4, X + [7], 4.0) == 8  # X was touched later: kept
+    assert hit(sched, model, 5, Y + [7], 5.0) == 0  # Y was older: gone
 
 
 def test_eviction_takes_a_sequence_tail_first():
@@ -161,10 +161,12 @@ def _plan_log(sched, model, now=0.0):
     log, done = [], {}
     while sched.has_unfinished():
         plan, fin = step(sched, model, now)
-        log.append([a.tolist() for a in (plan.req_ids, plan.cached_lens, plan.query_lens, plan.input_ids,
-                                         plan.slot_mapping)])
-        done.update({rid: (list(f.output_token_ids), f.num_cached_tokens, f.num_computed_tokens)
-                     for rid, f in fin.items()})
+        log.append(
+            [a.tolist() for a in (plan.req_ids, plan.cached_lens, plan.query_lens, plan.input_ids, plan.slot_mapping)]
+        )
+        done.update(
+            {rid: (list(f.output_token_ids), f.num_cached_tokens, f.num_computed_tokens) for rid, f in fin.items()}
+        )
         now += 1.0
     return log, done, now
 
@@ -173,14 +175,15 @@ def test_a_continuation_plans_exactly_as_the_whole_prompt_sent_again():
     """add_continuation(after=previous) is add_request of previous prompt + output + new tokens."""
     pair = [make(), make()]
     first = SHARED + [1, 2, 3, 4, 5]
-    for sched, model in pair:
+    for sched, _model in pair:
         sched.add_request(0, first, max_new_tokens=6, session_id="s")
     ends = [_plan_log(sched, model) for sched, model in pair]
     out = ends[0][1][0][0]
     new = [7, 8, 9, 10, 11, 12, 13]
     (a, model_a), (b, model_b) = pair
-    assert a.add_continuation(1, 0, np.asarray(new, dtype=np.int32), max_new_tokens=5, arrival_time=ends[0][2],
-                              session_id="s")
+    assert a.add_continuation(
+        1, 0, np.asarray(new, dtype=np.int32), max_new_tokens=5, arrival_time=ends[0][2], session_id="s"
+    )
     b.add_request(1, first + out + new, max_new_tokens=5, arrival_time=ends[1][2], session_id="s")
     assert a.request_info(1) == b.request_info(1)
     log_a, log_b = _plan_log(a, model_a, ends[0][2]), _plan_log(b, model_b, ends[1][2])
@@ -214,9 +217,17 @@ def test_a_continuation_is_checked_as_the_whole_prompt():
         done, _ = drain(sched, model)
     (a, _), (b, _) = pair
     context = SHARED + [1] + list(done[0].output_token_ids)
-    for new, limits in (([3, V, 4], {}), ([3, -1], {}), ([3] * 30, {}), ([V] * 30, {}),
-                        ([3], {"max_new_tokens": 0}), ([3], {"eos_token_id": V}), ([3], {"stop_token_ids": [V]}),
-                        ([3], {"max_new_tokens": 30}), ([3], {"arrival_time": float("nan")})):
+    for new, limits in (
+        ([3, V, 4], {}),
+        ([3, -1], {}),
+        ([3] * 30, {}),
+        ([V] * 30, {}),
+        ([3], {"max_new_tokens": 0}),
+        ([3], {"eos_token_id": V}),
+        ([3], {"stop_token_ids": [V]}),
+        ([3], {"max_new_tokens": 30}),
+        ([3], {"arrival_time": float("nan")}),
+    ):
         with pytest.raises(ValueError) as whole:
             b.add_request(1, context + new, session_id="s", **limits)
         with pytest.raises(ValueError) as continued:

@@ -24,19 +24,41 @@ from sim.specs import load_hardware_spec, load_model_spec
 MAX_GRAPH_BATCH = 32
 
 # A cost of the family with every kind of term, of realistic sizes (an 8B model on a GPU, roughly).
-TRUTH_GRAPH = (("one", 0.0, 4.5e-3), ("reqs", 0.0, 5e-6), ("reqs_over", 8.0, 3e-5), ("reqs_over", 16.0, 1e-5),
-               ("decode_kv", 0.0, 4e-8), ("strict", 0.0, 3e-4), ("dropped", 0.0, 1e-3), ("dropped_kv", 0.0, 2e-8),
-               ("swap_out", 0.0, 5e-5), ("swap_in", 0.0, 6e-5))
-TRUTH_EAGER = (("one", 0.0, 6e-3), ("tokens", 0.0, 2e-6), ("tokens_over", 256.0, 2e-5), ("tokens_over", 2048.0, 5e-6),
-               ("sampled_any", 0.0, 3.5e-4), ("sampled", 0.0, 1e-6), ("decode_reqs", 0.0, 1e-5),
-               ("decode_kv", 0.0, 4.5e-8), ("prefill_reqs", 0.0, 2e-4), ("prefill_pairs", 0.0, 1.5e-11),
-               ("prefill_kv", 0.0, 1e-8), ("prefill_waves_kv", 256.0, 3e-9), ("prefill_waves_kv", 1024.0, 2e-9),
-               ("dropped", 0.0, 4e-3), ("dropped_kv", 0.0, 4e-8), ("swap_out", 0.0, 5e-5), ("swap_in", 0.0, 6e-5))
+TRUTH_GRAPH = (
+    ("one", 0.0, 4.5e-3),
+    ("reqs", 0.0, 5e-6),
+    ("reqs_over", 8.0, 3e-5),
+    ("reqs_over", 16.0, 1e-5),
+    ("decode_kv", 0.0, 4e-8),
+    ("strict", 0.0, 3e-4),
+    ("dropped", 0.0, 1e-3),
+    ("dropped_kv", 0.0, 2e-8),
+    ("swap_out", 0.0, 5e-5),
+    ("swap_in", 0.0, 6e-5),
+)
+TRUTH_EAGER = (
+    ("one", 0.0, 6e-3),
+    ("tokens", 0.0, 2e-6),
+    ("tokens_over", 256.0, 2e-5),
+    ("tokens_over", 2048.0, 5e-6),
+    ("sampled_any", 0.0, 3.5e-4),
+    ("sampled", 0.0, 1e-6),
+    ("decode_reqs", 0.0, 1e-5),
+    ("decode_kv", 0.0, 4.5e-8),
+    ("prefill_reqs", 0.0, 2e-4),
+    ("prefill_pairs", 0.0, 1.5e-11),
+    ("prefill_kv", 0.0, 1e-8),
+    ("prefill_waves_kv", 256.0, 3e-9),
+    ("prefill_waves_kv", 1024.0, 2e-9),
+    ("dropped", 0.0, 4e-3),
+    ("dropped_kv", 0.0, 4e-8),
+    ("swap_out", 0.0, 5e-5),
+    ("swap_in", 0.0, 6e-5),
+)
 
 
 def truth_cost(meta=None) -> ProfileCost:
-    return ProfileCost({"graph": ProfilePath(TRUTH_GRAPH), "eager": ProfilePath(TRUTH_EAGER)}, MAX_GRAPH_BATCH,
-                       meta)
+    return ProfileCost({"graph": ProfilePath(TRUTH_GRAPH), "eager": ProfilePath(TRUTH_EAGER)}, MAX_GRAPH_BATCH, meta)
 
 
 def with_flags(plan: PlanFeatures, rng: np.random.Generator, swap_out: int = 0, swap_in: int = 0) -> PlanFeatures:
@@ -44,8 +66,13 @@ def with_flags(plan: PlanFeatures, rng: np.random.Generator, swap_out: int = 0, 
     follows = int(rng.random() < 0.5)
     pure_decode = plan.num_tokens == plan.num_reqs == plan.num_sampled > 0
     continues = int(follows and pure_decode and rng.random() < 0.6)
-    return dataclasses.replace(plan, follows_decode=follows, continues_decode=continues,
-                               num_swap_out_blocks=swap_out, num_swap_in_blocks=swap_in)
+    return dataclasses.replace(
+        plan,
+        follows_decode=follows,
+        continues_decode=continues,
+        num_swap_out_blocks=swap_out,
+        num_swap_in_blocks=swap_in,
+    )
 
 
 def random_swaps(rng: np.random.Generator) -> tuple[int, int]:
@@ -61,17 +88,22 @@ def graph_plan(rng: np.random.Generator, max_context: int = 40_000) -> PlanFeatu
 
 def eager_plan(rng: np.random.Generator, max_context: int = 30_000, max_query: int = 4096) -> PlanFeatures:
     kind = rng.integers(0, 5)
-    if kind == 0:   # a decode batch too large for a graph
+    if kind == 0:  # a decode batch too large for a graph
         reqs = int(rng.integers(MAX_GRAPH_BATCH + 1, 129))
-        return with_flags(PlanFeatures.of_requests(rng.integers(0, max_context, reqs).tolist(), [1] * reqs), rng,
-                          *random_swaps(rng))
-    if kind == 4 and rng.random() < 0.3:   # KV copies only
-        return with_flags(PlanFeatures(), rng, *((int(rng.integers(1, 64)), 0) if rng.random() < 0.5
-                                                 else (0, int(rng.integers(1, 64)))))
+        return with_flags(
+            PlanFeatures.of_requests(rng.integers(0, max_context, reqs).tolist(), [1] * reqs), rng, *random_swaps(rng)
+        )
+    if kind == 4 and rng.random() < 0.3:  # KV copies only
+        return with_flags(
+            PlanFeatures(),
+            rng,
+            *((int(rng.integers(1, 64)), 0) if rng.random() < 0.5 else (0, int(rng.integers(1, 64)))),
+        )
     decodes = int(rng.integers(0, 40)) if kind != 3 else 0
     prefills = int(rng.integers(1, 4))
-    cached = rng.integers(0, max_context, decodes).tolist() + \
-        [int(rng.choice([0, rng.integers(0, max_context)])) for _ in range(prefills)]
+    cached = rng.integers(0, max_context, decodes).tolist() + [
+        int(rng.choice([0, rng.integers(0, max_context)])) for _ in range(prefills)
+    ]
     query = [1] * decodes + rng.integers(2, max_query, prefills).tolist()
     # kind 3: a prefill chunk short of its prompt's end samples nothing
     sampled = 0 if kind == 3 else decodes + int(rng.integers(0, prefills + 1))
@@ -92,8 +124,10 @@ def synthetic_plans(seed: int, graph: int = 250, eager: int = 350) -> list[PlanF
 
 def features_of(plans) -> tuple[np.ndarray, list[np.ndarray]]:
     features = np.array([[getattr(p, f) for f in FEATURES] for p in plans], dtype=np.float64)
-    prefill = [np.array([(q, c) for q, c in zip(p.query_lens, p.cached_lens) if q > 1],
-                        dtype=np.float64).reshape(-1, 2) for p in plans]
+    prefill = [
+        np.array([(q, c) for q, c in zip(p.query_lens, p.cached_lens) if q > 1], dtype=np.float64).reshape(-1, 2)
+        for p in plans
+    ]
     return features, prefill
 
 
@@ -202,8 +236,7 @@ def test_coefficients_are_never_negative_where_seconds_fall_as_a_feature_grows()
     assert all(c >= 0 for c in eager.values())
     assert ("sampled", 0.0) in eager and eager[("sampled", 0.0)] == 0.0
     # ... while plain least squares on the same design does go negative
-    design = ProfilePath(tuple((b, k, 0.0) for b, k in eager)).design(
-        {**cols, PREFILL_ROWS: prefill})
+    design = ProfilePath(tuple((b, k, 0.0) for b, k in eager)).design({**cols, PREFILL_ROWS: prefill})
     unconstrained = np.linalg.lstsq(design / seconds[:, None], np.ones(len(seconds)), rcond=None)[0]
     assert unconstrained[list(eager).index(("sampled", 0.0))] < 0
     # adding work never makes a fitted step cheaper
@@ -267,15 +300,24 @@ def test_a_profile_lacking_a_column_is_refused_naming_it_and_the_older_format(fi
     for row in rows:
         del row["continues_decode"], row["decode_kv_tokens"]
     path = tmp_path / "old.csv"
-    path.write_text("# tandem-profile/1\n" + ",".join(rows[0]) + "\n"
-                    + "".join(",".join(str(v) for v in r.values()) + "\n" for r in rows))
+    path.write_text(
+        "# tandem-profile/1\n"
+        + ",".join(rows[0])
+        + "\n"
+        + "".join(",".join(str(v) for v in r.values()) + "\n" for r in rows)
+    )
     with pytest.raises(ValueError, match=r"lacks \['decode_kv_tokens', 'continues_decode'\].*older format"):
         ProfileCost.fit(path)
 
 
-@pytest.mark.parametrize("value, message", [("abc", r"'num_reqs': 'abc' is not a number"),
-                                            ("-3", r"'num_reqs': '-3' must be finite and >= 0"),
-                                            ("nan", r"'num_reqs': 'nan' must be finite")])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("abc", r"'num_reqs': 'abc' is not a number"),
+        ("-3", r"'num_reqs': '-3' must be finite and >= 0"),
+        ("nan", r"'num_reqs': 'nan' must be finite"),
+    ],
+)
 def test_a_bad_value_is_refused_naming_file_and_line(fitted, tmp_path, value, message):
     truth, _, plans = fitted
     path = tmp_path / "bad.csv"
@@ -339,8 +381,11 @@ def test_a_json_of_another_format_or_with_unknown_keys_is_refused(fitted, tmp_pa
     path = tmp_path / "p.json"
     data = fit.to_dict()
     path.write_text(json.dumps({**data, "format": "tandem.ProfileCost/1"}))
-    with pytest.raises(ValueError, match=r"not a saved ProfileCost of format tandem\.ProfileCost/2 "
-                                         r"\(found 'tandem\.ProfileCost/1'\).*--fit"):
+    with pytest.raises(
+        ValueError,
+        match=r"not a saved ProfileCost of format tandem\.ProfileCost/2 "
+        r"\(found 'tandem\.ProfileCost/1'\).*--fit",
+    ):
         ProfileCost.load(path)
     path.write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match=r"found None"):
@@ -356,13 +401,15 @@ def test_a_json_of_another_format_or_with_unknown_keys_is_refused(fitted, tmp_pa
     with pytest.raises(ValueError, match=r"paths\.eager: unknown keys \['knots'\]"):
         ProfileCost.load(path)
     terms = data["paths"]["graph"]["terms"] + [["flops", 0.0, 1.0]]
-    path.write_text(json.dumps({**data, "paths": {**data["paths"], "graph": {**data["paths"]["graph"],
-                                                                             "terms": terms}}}))
+    path.write_text(
+        json.dumps({**data, "paths": {**data["paths"], "graph": {**data["paths"]["graph"], "terms": terms}}})
+    )
     with pytest.raises(ValueError, match=r"paths\.graph: a term is \[basis, knot, coefficient\].*'flops'"):
         ProfileCost.load(path)
     terms = data["paths"]["graph"]["terms"] + [["one", 0.0, -1.0]]
-    path.write_text(json.dumps({**data, "paths": {**data["paths"], "graph": {**data["paths"]["graph"],
-                                                                             "terms": terms}}}))
+    path.write_text(
+        json.dumps({**data, "paths": {**data["paths"], "graph": {**data["paths"]["graph"], "terms": terms}}})
+    )
     with pytest.raises(ValueError, match=r"coefficient must be finite and >= 0"):
         ProfileCost.load(path)
     path.write_text(json.dumps({**data, "paths": {"eager": data["paths"]["eager"]}}))
@@ -427,22 +474,22 @@ def test_save_and_load_round_trip(fitted, tmp_path):
 
 def test_num_extrapolated_counts_steps_beyond_the_profiled_limits(fitted):
     _, fit, _ = fitted
-    cost = ProfileCost(fit.paths, fit.max_graph_batch, fit.meta)   # counts of its own
+    cost = ProfileCost(fit.paths, fit.max_graph_batch, fit.meta)  # counts of its own
     limits = cost.paths["eager"].limits
     assert limits["tokens"] > 0 and cost.paths["graph"].limits["reqs"] == MAX_GRAPH_BATCH
     inside = PlanFeatures.of_requests([100, 0], [1, 200])
     assert cost.step_seconds(inside) > 0 and cost.num_extrapolated == 0
-    cost.step_seconds(PlanFeatures())                       # an empty plan: not priced, not counted
+    cost.step_seconds(PlanFeatures())  # an empty plan: not priced, not counted
     assert cost.num_extrapolated == 0 and cost.native.num_steps == 1
     too_many_tokens = PlanFeatures.of_requests([0], [int(limits["tokens"]) + 1])
     assert cost.step_seconds(too_many_tokens) > cost.step_seconds(inside)
     assert cost.num_extrapolated == 1
     long_context = PlanFeatures.of_requests([int(cost.paths["graph"].limits["decode_kv"]) + 10], [1])
     cost.step_seconds(long_context)
-    assert cost.num_extrapolated == 2 and cost.native.num_steps == 4   # inside was priced twice
+    assert cost.num_extrapolated == 2 and cost.native.num_steps == 4  # inside was priced twice
     # a path no profiled step took: everything on it is an extrapolation
     blind = ProfileCost({"graph": cost.paths["graph"], "eager": ProfilePath((), observed=False)}, MAX_GRAPH_BATCH)
-    blind.step_seconds(PlanFeatures.of_requests([10], [1]))   # graph: profiled
+    blind.step_seconds(PlanFeatures.of_requests([10], [1]))  # graph: profiled
     assert blind.num_extrapolated == 0
     blind.step_seconds(PlanFeatures.of_requests([10], [20]))  # eager: never profiled
     assert blind.num_extrapolated == 1
@@ -451,21 +498,40 @@ def test_num_extrapolated_counts_steps_beyond_the_profiled_limits(fitted):
 
 
 def profile_sim_config(profile_path, lookahead: int = 1, fast_forward: bool = True) -> dict:
-    return {"model": dataclasses.asdict(load_model_spec("smollm2_135m")),
-            "hardware": dataclasses.asdict(load_hardware_spec("h100_sxm")),
-            "workload": {"name": "swe_smith", "params": {"first_turn_tokens": 3000, "later_turn_tokens": 200,
-                                                         "output_tokens": 20, "turns_min": 2, "turns_max": 2}},
-            "engine": {"num_lookahead_tokens": lookahead},
-            "sim": {"num_sessions": 3, "progress": False, "cost_model": "profile",
-                    "profile_path": str(profile_path), "fast_forward": fast_forward},
-            "wandb": {"mode": "disabled"}}
+    return {
+        "model": dataclasses.asdict(load_model_spec("smollm2_135m")),
+        "hardware": dataclasses.asdict(load_hardware_spec("h100_sxm")),
+        "workload": {
+            "name": "swe_smith",
+            "params": {
+                "first_turn_tokens": 3000,
+                "later_turn_tokens": 200,
+                "output_tokens": 20,
+                "turns_min": 2,
+                "turns_max": 2,
+            },
+        },
+        "engine": {"num_lookahead_tokens": lookahead},
+        "sim": {
+            "num_sessions": 3,
+            "progress": False,
+            "cost_model": "profile",
+            "profile_path": str(profile_path),
+            "fast_forward": fast_forward,
+        },
+        "wandb": {"mode": "disabled"},
+    }
 
 
 def hand_made_cost(limits: dict, meta: dict | None = None) -> ProfileCost:
-    graph = ProfilePath((("one", 0.0, 5e-3), ("reqs", 0.0, 1e-4), ("decode_kv", 0.0, 1e-8)),
-                        {"reqs": limits.get("reqs", 1e9), "decode_kv": limits.get("decode_kv", 1e9)})
-    eager = ProfilePath((("one", 0.0, 6e-3), ("tokens", 0.0, 2e-6), ("prefill_pairs", 0.0, 1e-11)),
-                        {"tokens": limits.get("tokens", 1e9), "prefill_pairs": 1e18})
+    graph = ProfilePath(
+        (("one", 0.0, 5e-3), ("reqs", 0.0, 1e-4), ("decode_kv", 0.0, 1e-8)),
+        {"reqs": limits.get("reqs", 1e9), "decode_kv": limits.get("decode_kv", 1e9)},
+    )
+    eager = ProfilePath(
+        (("one", 0.0, 6e-3), ("tokens", 0.0, 2e-6), ("prefill_pairs", 0.0, 1e-11)),
+        {"tokens": limits.get("tokens", 1e9), "prefill_pairs": 1e18},
+    )
     return ProfileCost({"graph": graph, "eager": eager}, 16, meta)
 
 
@@ -499,7 +565,7 @@ def random_plan(rng: np.random.Generator) -> PlanFeatures:
         return graph_plan(rng, max_context=200_000)
     if kind == 1:
         return eager_plan(rng, max_context=200_000, max_query=9000)
-    return PlanFeatures()   # empty: 0 seconds on both
+    return PlanFeatures()  # empty: 0 seconds on both
 
 
 def test_predict_equals_step_seconds(fitted):
@@ -510,8 +576,9 @@ def test_predict_equals_step_seconds(fitted):
     for cost in (truth, fit, ProfileCost(fit.paths, 0, {})):
         predicted = cost.predict(features, prefill)
         native = np.array([cost.step_seconds(p) for p in plans])
-        assert (native[[p.num_tokens == 0 and not p.num_swap_in_blocks and not p.num_swap_out_blocks
-                        for p in plans]] == 0).all()
+        assert (
+            native[[p.num_tokens == 0 and not p.num_swap_in_blocks and not p.num_swap_out_blocks for p in plans]] == 0
+        ).all()
         np.testing.assert_allclose(predicted, native, rtol=1e-12, atol=0)
     # without the prefill rows, the per-request terms count 0 (as the C++ evaluator without the rows)
     bare = [dataclasses.replace(p, query_lens=(), cached_lens=()) for p in plans]
@@ -529,9 +596,12 @@ def test_step_seconds_of_a_controlplane_plan_equals_that_of_its_features(fitted)
         plan = sched.step(now)
         if plan.is_empty:
             break
-        record = PlanFeatures(**{f: int(getattr(plan, f)) for f in FEATURES}, block_size=plan.block_size,
-                              query_lens=tuple(plan.query_lens.tolist()),
-                              cached_lens=tuple(plan.cached_lens.tolist()))
+        record = PlanFeatures(
+            **{f: int(getattr(plan, f)) for f in FEATURES},
+            block_size=plan.block_size,
+            query_lens=tuple(plan.query_lens.tolist()),
+            cached_lens=tuple(plan.cached_lens.tolist()),
+        )
         seconds = truth.step_seconds(plan)
         assert seconds == truth.step_seconds(record) > 0
         row, prefill = features_of([record])
@@ -553,8 +623,11 @@ def test_the_profile_cost_model_reads_the_shipped_fit_by_model_and_hardware(fitt
     with pytest.raises(ValueError, match=r"no fit of llama3_8b on h100_sxm in conf/profiles \(shipped: none\)"):
         make_cost_model("profile", spec, h100)
     fit.save(tmp_path / "profiles" / "h200" / "llama3_8b.json")
-    with pytest.raises(ValueError, match=r"no fit of llama3_8b on h100_sxm .*shipped: \['h200/llama3_8b'\]"
-                                         r".*experiments\.calibrate"):
+    with pytest.raises(
+        ValueError,
+        match=r"no fit of llama3_8b on h100_sxm .*shipped: \['h200/llama3_8b'\]"
+        r".*experiments\.calibrate",
+    ):
         make_cost_model("profile", spec, h100)
     cost = make_cost_model("profile", spec, h200)
     assert isinstance(cost, ProfileCost)
@@ -591,6 +664,10 @@ def test_shipped_fits_load_match_the_model_and_price_a_long_decode_plausibly(har
     assert low_ms * 1e-3 < seconds < high_ms * 1e-3, seconds
     assert cost.num_extrapolated == 0
     # more context, more requests or a prefill never cost less
-    assert cost.step_seconds(dataclasses.replace(steady, decode_kv_tokens=100_001, kv_read_tokens=100_001,
-                                                 attn_pairs=100_001)) >= seconds
+    assert (
+        cost.step_seconds(
+            dataclasses.replace(steady, decode_kv_tokens=100_001, kv_read_tokens=100_001, attn_pairs=100_001)
+        )
+        >= seconds
+    )
     assert cost.step_seconds(PlanFeatures.of_requests([50_000, 0], [1, 2048])) > seconds

@@ -44,11 +44,14 @@ def second_turn_hit(sched, model, history, now):
     return done[2].num_cached_tokens
 
 
-@pytest.mark.parametrize("eviction, pause, expected_hit", [
-    ("ttl:ttl=10", 5.0, 12),   # pause shorter than the TTL: the whole previous turn is reused
-    ("ttl:ttl=10", 20.0, 0),   # longer: the pin expired, pressure evicted it
-    ("lru", 5.0, 0),           # no retention: pressure evicts the oldest blocks, the session's
-])
+@pytest.mark.parametrize(
+    "eviction, pause, expected_hit",
+    [
+        ("ttl:ttl=10", 5.0, 12),  # pause shorter than the TTL: the whole previous turn is reused
+        ("ttl:ttl=10", 20.0, 0),  # longer: the pin expired, pressure evicted it
+        ("lru", 5.0, 0),  # no retention: pressure evicts the oldest blocks, the session's
+    ],
+)
 def test_ttl_keeps_a_session_across_a_short_pause_only(eviction, pause, expected_hit):
     sched, model = make(num_blocks=8, eviction=eviction)
     history, end = first_turn(sched, model)
@@ -87,7 +90,7 @@ def test_ending_one_session_keeps_another():
 def test_pinned_blocks_are_not_taken_until_the_pin_expires():
     sched, model = make(num_blocks=8, eviction="ttl:ttl=10")
     _, end = first_turn(sched, model)  # 3 blocks pinned until end + 10
-    big = list(range(30, 54))          # 24 tokens: 6 blocks, but only 5 are free
+    big = list(range(30, 54))  # 24 tokens: 6 blocks, but only 5 are free
     sched.add_request(7, big, max_new_tokens=1, arrival_time=end + 1)
     plan, _ = step(sched, model, end + 1)
     assert plan.is_empty and sched.stats().num_waiting == 1

@@ -13,8 +13,12 @@ V = 97
 
 def rows(plan):
     """The per-request part of a plan as plain lists."""
-    return dict(req_ids=plan.req_ids.tolist(), query_lens=plan.query_lens.tolist(),
-                cached_lens=plan.cached_lens.tolist(), sample=plan.sample.tolist())
+    return dict(
+        req_ids=plan.req_ids.tolist(),
+        query_lens=plan.query_lens.tolist(),
+        cached_lens=plan.cached_lens.tolist(),
+        sample=plan.sample.tolist(),
+    )
 
 
 def check_addressing(plan):
@@ -32,19 +36,29 @@ def test_chunked_prefill_then_decode():
     sched, model = make(chunk_size=4, block_size=4)
     prompt = list(range(10, 20))
     sched.add_request(1, prompt, max_new_tokens=4)
-    expected = [([4], [0], [False]), ([4], [4], [False]), ([2], [8], [True]),
-                ([1], [10], [True]), ([1], [11], [True]), ([1], [12], [True])]
+    expected = [
+        ([4], [0], [False]),
+        ([4], [4], [False]),
+        ([2], [8], [True]),
+        ([1], [10], [True]),
+        ([1], [11], [True]),
+        ([1], [12], [True]),
+    ]
     out = reference_generate(prompt, 4, V)
     blocks = [1, 2, 3, 3, 3, 4]
     for k, (q, c, s) in enumerate(expected):
         tables = []
-        plan, done = step(sched, model, float(k),
-                          inspect=lambda p: (check_addressing(p), tables.append(p.block_table[p.slots[0]].copy())))
+        plan, done = step(
+            sched,
+            model,
+            float(k),
+            inspect=lambda p: (check_addressing(p), tables.append(p.block_table[p.slots[0]].copy())),
+        )
         assert rows(plan) == dict(req_ids=[1], query_lens=q, cached_lens=c, sample=s)
         assert plan.query_start_loc.tolist() == [0, q[0]]
         assert plan.logits_indices.tolist() == ([q[0] - 1] if s[0] else [])
         if k < 3:
-            assert plan.input_ids.tolist() == prompt[c[0]:c[0] + q[0]]
+            assert plan.input_ids.tolist() == prompt[c[0] : c[0] + q[0]]
         else:
             assert plan.input_ids.tolist() == [out[k - 3]]  # the token sampled one step earlier
         assert (tables[0] >= 0).sum() == blocks[k]
@@ -59,7 +73,9 @@ def test_token_budget_and_mixed_batch():
     sched.add_request(2, b, max_new_tokens=3)
     plan, _ = step(sched, model, 0.0)
     assert rows(plan) == dict(req_ids=[1], query_lens=[8], cached_lens=[0], sample=[False])
-    plan, _ = step(sched, model, 1.0, inspect=check_addressing)  # A's last 2 prompt tokens, then B's 6: exactly the budget
+    plan, _ = step(
+        sched, model, 1.0, inspect=check_addressing
+    )  # A's last 2 prompt tokens, then B's 6: exactly the budget
     assert rows(plan) == dict(req_ids=[1, 2], query_lens=[2, 6], cached_lens=[8, 0], sample=[True, True])
     assert plan.query_start_loc.tolist() == [0, 2, 8]
     assert plan.logits_indices.tolist() == [1, 7]
@@ -69,8 +85,9 @@ def test_token_budget_and_mixed_batch():
     # A decode and a new prefill chunk in one batch.
     sched.add_request(3, list(range(50, 62)), max_new_tokens=2)
     plan, done = step(sched, model, 3.0, inspect=check_addressing)
-    assert rows(plan) == dict(req_ids=[1, 2, 3], query_lens=[1, 1, 6], cached_lens=[11, 7, 0],
-                              sample=[True, True, False])
+    assert rows(plan) == dict(
+        req_ids=[1, 2, 3], query_lens=[1, 1, 6], cached_lens=[11, 7, 0], sample=[True, True, False]
+    )
     assert plan.logits_indices.tolist() == [0, 1]
     # cost features: pairs q*c + q(q+1)/2 = (11+1) + (7+1) + (0+21); KV reads c+q = 12 + 8 + 6
     assert (plan.attn_pairs, plan.kv_read_tokens) == (41, 26)
@@ -108,14 +125,14 @@ def test_stop_conditions():
     sched, model = make()
     sched.add_request(1, prompt, max_new_tokens=30, stop_token_ids=[ref[k]])
     done, _ = drain(sched, model)
-    assert done[1].finish_reason == "stop" and list(done[1].output_token_ids) == ref[:k + 1]
+    assert done[1].finish_reason == "stop" and list(done[1].output_token_ids) == ref[: k + 1]
     # end of sequence, and the same EOS ignored
     sched, model = make()
     sched.add_request(1, prompt, max_new_tokens=30, eos_token_id=ref[k])
     sched.add_request(2, prompt, max_new_tokens=k + 3, eos_token_id=ref[k], ignore_eos=True)
     done, _ = drain(sched, model)
-    assert done[1].finish_reason == "stop" and list(done[1].output_token_ids) == ref[:k + 1]
-    assert done[2].finish_reason == "length" and list(done[2].output_token_ids) == ref[:k + 3]
+    assert done[1].finish_reason == "stop" and list(done[1].output_token_ids) == ref[: k + 1]
+    assert done[2].finish_reason == "length" and list(done[2].output_token_ids) == ref[: k + 3]
     # model length: 6 prompt tokens + 4 outputs = max_model_len 10
     sched, model = make(max_model_len=10)
     sched.add_request(1, prompt, max_new_tokens=30)

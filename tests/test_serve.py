@@ -24,13 +24,25 @@ pytest.importorskip("psutil")
 import httpx  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, note, settings  # noqa: E402
 
-from serve_helpers import (REQUESTS, TINY_BYTE0, TINY_TOKENIZER_SIZE, TINY_VOCAB, VOCAB,  # noqa: E402
-                           ServerProcess, is_openai_error, load_round, metrics, sse_events, tiny_server,
-                           wait_idle, write_tiny_model)
+from serve_helpers import (  # noqa: E402
+    REQUESTS,
+    TINY_BYTE0,
+    TINY_TOKENIZER_SIZE,
+    TINY_VOCAB,
+    VOCAB,
+    ServerProcess,
+    is_openai_error,
+    load_round,
+    metrics,
+    sse_events,
+    tiny_server,
+    wait_idle,
+    write_tiny_model,
+)
 
 COUNT = "1, 2, 3, 4,"
 COUNT_IDS = [33, 28, 216, 34, 28, 216, 35, 28, 216, 36, 28]  # COUNT in SmolLM2's tokenizer
-SIX_ID = 38                                                   # "6"
+SIX_ID = 38  # "6"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 BLOCK = 16
 
@@ -38,6 +50,7 @@ pytestmark = pytest.mark.slow
 
 
 # Servers ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -66,11 +79,13 @@ def client(server) -> openai.OpenAI:
 def post(server, path: str, body=None, raw: bytes | None = None, timeout: float = 180.0, headers=None):
     if raw is None:
         raw = json.dumps(body).encode()
-    return httpx.post(server.url + path, content=raw, timeout=timeout,
-                      headers={"content-type": "application/json", **(headers or {})})
+    return httpx.post(
+        server.url + path, content=raw, timeout=timeout, headers={"content-type": "application/json", **(headers or {})}
+    )
 
 
 # The official client ---------------------------------------------------------------------------
+
 
 def test_models_lists_the_served_model(server, client, model_name):
     listed = client.models.list().data
@@ -98,8 +113,7 @@ def test_completion_stream_matches_non_stream(client, model_name):
     assert full.choices[0].finish_reason == "length"
     assert (full.usage.prompt_tokens, full.usage.completion_tokens) == (len(COUNT_IDS), 8)
 
-    chunks = list(client.completions.create(model=model_name, prompt=COUNT, temperature=0, max_tokens=8,
-                                            stream=True))
+    chunks = list(client.completions.create(model=model_name, prompt=COUNT, temperature=0, max_tokens=8, stream=True))
     assert all(c.usage is None for c in chunks)  # not asked for
     assert "".join(c.choices[0].text for c in chunks) == " 5, 6, 7"
     reasons = [c.choices[0].finish_reason for c in chunks]
@@ -108,8 +122,9 @@ def test_completion_stream_matches_non_stream(client, model_name):
 
 def test_chat_stream_matches_non_stream(client, model_name):
     full = client.chat.completions.create(model=model_name, messages=FRANCE, temperature=0, max_tokens=24)
-    chunks = list(client.chat.completions.create(model=model_name, messages=FRANCE, temperature=0, max_tokens=24,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model=model_name, messages=FRANCE, temperature=0, max_tokens=24, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -119,16 +134,25 @@ def test_chat_stream_matches_non_stream(client, model_name):
 
 
 def test_n2_gives_two_choices_and_counts_the_prompt_once(client, model_name):
-    r = client.completions.create(model=model_name, prompt=COUNT, n=2, temperature=1.0, seed=11, max_tokens=6,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=model_name, prompt=COUNT, n=2, temperature=1.0, seed=11, max_tokens=6, extra_body={"ignore_eos": True}
+    )
     assert sorted(c.index for c in r.choices) == [0, 1]
     assert all(c.finish_reason == "length" for c in r.choices)
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(COUNT_IDS), 12)
 
     one = client.chat.completions.create(model=model_name, messages=FRANCE, max_tokens=1)
-    chunks = list(client.chat.completions.create(model=model_name, messages=FRANCE, n=2, max_tokens=5,
-                                                 stream=True, stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=model_name,
+            messages=FRANCE,
+            n=2,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     finished = [(ch.index, ch.finish_reason) for c in chunks for ch in c.choices if ch.finish_reason]
     assert sorted(finished) == [(0, "length"), (1, "length")]
     usage = chunks[-1].usage
@@ -142,14 +166,23 @@ def test_stop_string_spanning_tokens_ends_the_text_before_it(client, model_name)
     assert (r.choices[0].text, r.choices[0].finish_reason) == (" 5, 6", "stop")
     assert r.usage.completion_tokens == 8
 
-    chunks = list(client.completions.create(model=model_name, prompt=COUNT, temperature=0, max_tokens=16,
-                                            stop=[", 7", "never"], stream=True))
+    chunks = list(
+        client.completions.create(
+            model=model_name, prompt=COUNT, temperature=0, max_tokens=16, stop=[", 7", "never"], stream=True
+        )
+    )
     texts = [c.choices[0].text for c in chunks]
     assert "".join(texts) == " 5, 6" and not any("7" in t for t in texts)
     assert chunks[-1].choices[0].finish_reason == "stop"
 
-    r = client.completions.create(model=model_name, prompt=COUNT, temperature=0, max_tokens=16, stop=", 7",
-                                  extra_body={"include_stop_str_in_output": True})
+    r = client.completions.create(
+        model=model_name,
+        prompt=COUNT,
+        temperature=0,
+        max_tokens=16,
+        stop=", 7",
+        extra_body={"include_stop_str_in_output": True},
+    )
     assert (r.choices[0].text, r.choices[0].finish_reason) == (" 5, 6, 7", "stop")
 
 
@@ -157,7 +190,7 @@ def test_chat_stop_string(client, model_name):
     ref = client.chat.completions.create(model=model_name, messages=FRANCE, temperature=0, max_tokens=24)
     answer = ref.choices[0].message.content
     r = client.chat.completions.create(model=model_name, messages=FRANCE, temperature=0, max_tokens=24, stop=["Paris"])
-    assert r.choices[0].message.content == answer[:answer.index("Paris")]
+    assert r.choices[0].message.content == answer[: answer.index("Paris")]
     assert r.choices[0].finish_reason == "stop"
 
 
@@ -176,8 +209,15 @@ def test_completion_logprobs_greedy(client, model_name):
 
 
 def test_completion_logprobs_sampled(client, model_name):
-    r = client.completions.create(model=model_name, prompt="The weather today is", temperature=1.0, seed=5,
-                                  max_tokens=8, logprobs=2, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=model_name,
+        prompt="The weather today is",
+        temperature=1.0,
+        seed=5,
+        max_tokens=8,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     lp = r.choices[0].logprobs
     assert len(lp.token_logprobs) == len(lp.top_logprobs) == 8
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
@@ -188,8 +228,9 @@ def test_completion_logprobs_sampled(client, model_name):
 
 
 def test_chat_logprobs(client, model_name):
-    r = client.chat.completions.create(model=model_name, messages=FRANCE, temperature=0, max_tokens=24,
-                                       logprobs=True, top_logprobs=2)
+    r = client.chat.completions.create(
+        model=model_name, messages=FRANCE, temperature=0, max_tokens=24, logprobs=True, top_logprobs=2
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens
     for entry in content:
@@ -203,9 +244,25 @@ def test_chat_logprobs(client, model_name):
 
 
 def _long_prompt(tag: str) -> str:
-    body = " ".join(f"Fact {i}: the {w} is a useful thing to know about." for i, w in
-                    enumerate(["river", "mountain", "forest", "desert", "ocean", "valley", "glacier", "canyon",
-                               "island", "volcano", "prairie", "swamp"]))
+    body = " ".join(
+        f"Fact {i}: the {w} is a useful thing to know about."
+        for i, w in enumerate(
+            [
+                "river",
+                "mountain",
+                "forest",
+                "desert",
+                "ocean",
+                "valley",
+                "glacier",
+                "canyon",
+                "island",
+                "volcano",
+                "prairie",
+                "swamp",
+            ]
+        )
+    )
     return f"[{tag}] {body}\nQuestion: which fact mentions the ocean?"
 
 
@@ -233,8 +290,16 @@ def test_cache_salt_isolates_the_prefix_cache(client, model_name):
 
 
 def test_stream_options_include_usage(client, model_name):
-    chunks = list(client.completions.create(model=model_name, prompt=COUNT, temperature=0, max_tokens=5, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=model_name,
+            prompt=COUNT,
+            temperature=0,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     with_usage = [i for i, c in enumerate(chunks) if c.usage is not None]
     assert with_usage == [len(chunks) - 1]
     last = chunks[-1]
@@ -245,8 +310,9 @@ def test_stream_options_include_usage(client, model_name):
 
 def test_seed_reproduces_samples_at_temperature_1(client, model_name):
     def sample(seed, prompt="Once upon a time"):
-        r = client.completions.create(model=model_name, prompt=prompt, temperature=1.0, seed=seed, max_tokens=12,
-                                      extra_body={"ignore_eos": True})
+        r = client.completions.create(
+            model=model_name, prompt=prompt, temperature=1.0, seed=seed, max_tokens=12, extra_body={"ignore_eos": True}
+        )
         return r.choices[0].text
 
     a = sample(1234)
@@ -254,8 +320,12 @@ def test_seed_reproduces_samples_at_temperature_1(client, model_name):
     assert sample(4321) != a
     # a seeded request draws from its own generator: batching it with unseeded traffic changes nothing
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        others = [pool.submit(client.completions.create, model=model_name, prompt=f"Story {i}:", temperature=1.0,
-                              max_tokens=12) for i in range(3)]
+        others = [
+            pool.submit(
+                client.completions.create, model=model_name, prompt=f"Story {i}:", temperature=1.0, max_tokens=12
+            )
+            for i in range(3)
+        ]
         seeded = pool.submit(sample, 1234)
         assert seeded.result() == a
         for f in others:
@@ -264,29 +334,41 @@ def test_seed_reproduces_samples_at_temperature_1(client, model_name):
 
 def test_extra_body_sampling_fields(client, model_name):
     def text(**extra):
-        r = client.completions.create(model=model_name, prompt=COUNT, max_tokens=8, temperature=1.5, seed=3,
-                                      extra_body=extra)
+        r = client.completions.create(
+            model=model_name, prompt=COUNT, max_tokens=8, temperature=1.5, seed=3, extra_body=extra
+        )
         return r.choices[0].text
 
-    assert text(top_k=1) == " 5, 6, 7"             # only the best token survives
-    assert text(min_p=1.0) == " 5, 6, 7"           # only tokens as likely as the best survive
-    greedy_penalised = client.completions.create(model=model_name, prompt=COUNT, max_tokens=8, temperature=0,
-                                                 extra_body={"repetition_penalty": 3.0}).choices[0].text
-    assert greedy_penalised != " 5, 6, 7"          # ",", " " and the digits were seen: penalised away
+    assert text(top_k=1) == " 5, 6, 7"  # only the best token survives
+    assert text(min_p=1.0) == " 5, 6, 7"  # only tokens as likely as the best survive
+    greedy_penalised = (
+        client.completions.create(
+            model=model_name, prompt=COUNT, max_tokens=8, temperature=0, extra_body={"repetition_penalty": 3.0}
+        )
+        .choices[0]
+        .text
+    )
+    assert greedy_penalised != " 5, 6, 7"  # ",", " " and the digits were seen: penalised away
 
-    r = client.chat.completions.create(model=model_name, messages=FRANCE, temperature=0, max_tokens=24,
-                                       extra_body={"ignore_eos": True, "session_id": "extra-body", "cache_salt": "s"})
+    r = client.chat.completions.create(
+        model=model_name,
+        messages=FRANCE,
+        temperature=0,
+        max_tokens=24,
+        extra_body={"ignore_eos": True, "session_id": "extra-body", "cache_salt": "s"},
+    )
     assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 24)
 
 
 def test_stop_token_ids(client, model_name):
     plain = client.completions.create(model=model_name, prompt=COUNT_IDS, temperature=0, max_tokens=8)
     assert plain.choices[0].text == " 5, 6, 7"  # the ids are COUNT
-    r = client.completions.create(model=model_name, prompt=COUNT_IDS, temperature=0, max_tokens=16,
-                                  extra_body={"stop_token_ids": [SIX_ID]})
+    r = client.completions.create(
+        model=model_name, prompt=COUNT_IDS, temperature=0, max_tokens=16, extra_body={"stop_token_ids": [SIX_ID]}
+    )
     assert r.choices[0].finish_reason == "stop"
-    assert r.usage.completion_tokens == 5          # " ", "5", ",", " ", "6"
-    assert r.choices[0].text == " 5, 6"            # a stop token that is not special stays in the text (as vLLM)
+    assert r.usage.completion_tokens == 5  # " ", "5", ",", " ", "6"
+    assert r.choices[0].text == " 5, 6"  # a stop token that is not special stays in the text (as vLLM)
 
 
 # Bad input -------------------------------------------------------------------------------------
@@ -343,36 +425,47 @@ def test_bad_requests_get_400_with_openai_errors_and_schedule_nothing(server):
 
 # Bugs found by these tests and fixed: each test pins its fix.
 
-@pytest.mark.parametrize("field,value", [("seed", 2**64), ("priority", 2**70), ("top_k", 2**70),
-                                         ("min_tokens", 2**70), ("stop_token_ids", [2**70])])
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("seed", 2**64), ("priority", 2**70), ("top_k", 2**70), ("min_tokens", 2**70), ("stop_token_ids", [2**70])],
+)
 def test_integers_beyond_64_bits_get_400(server, field, value):
     r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 1, field: value})
     assert r.status_code == 400 and is_openai_error(r.json()) and r.json()["error"]["param"] == field
 
 
 def test_chat_text_part_that_is_not_a_string_gets_400(server):
-    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}],
-                                              "max_tokens": 1})
+    r = post(
+        server,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}], "max_tokens": 1},
+    )
     assert r.status_code == 400 and is_openai_error(r.json())
 
 
-@pytest.mark.parametrize("path,raw", [
-    ("/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 1}'),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 1}'),
-])
+@pytest.mark.parametrize(
+    "path,raw",
+    [
+        ("/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 1}'),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 1}'),
+    ],
+)
 def test_lone_surrogate_gets_400(server, path, raw):
     r = post(server, path, raw=raw)
     assert r.status_code == 400 and is_openai_error(r.json())
 
 
-@pytest.mark.parametrize("method,path,raw,status", [
-    ("POST", "/v1/completions", b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400),  # RecursionError
-    ("GET", "/v1/completions", None, 405),
-    ("POST", "/v1/no-such-route", b"{}", 404),
-])
+@pytest.mark.parametrize(
+    "method,path,raw,status",
+    [
+        ("POST", "/v1/completions", b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400),  # RecursionError
+        ("GET", "/v1/completions", None, 405),
+        ("POST", "/v1/no-such-route", b"{}", 404),
+    ],
+)
 def test_every_error_has_the_openai_body(server, method, path, raw, status):
-    r = httpx.request(method, server.url + path, content=raw, timeout=60,
-                      headers={"content-type": "application/json"})
+    r = httpx.request(method, server.url + path, content=raw, timeout=60, headers={"content-type": "application/json"})
     assert r.status_code == status and is_openai_error(r.json())
 
 
@@ -388,19 +481,33 @@ def test_max_completion_tokens_zero_gets_400(server):
 
 def test_logprobs_only_for_requests_that_ask_for_them(server, client, model_name):
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        wants = pool.submit(client.completions.create, model=model_name, prompt=COUNT, max_tokens=16, logprobs=5,
-                            extra_body={"ignore_eos": True})
+        wants = pool.submit(
+            client.completions.create,
+            model=model_name,
+            prompt=COUNT,
+            max_tokens=16,
+            logprobs=5,
+            extra_body={"ignore_eos": True},
+        )
         time.sleep(0.5)
-        plain = pool.submit(client.completions.create, model=model_name, prompt="Hello", max_tokens=8,
-                            extra_body={"ignore_eos": True})
-        one = pool.submit(client.completions.create, model=model_name, prompt="Hey", max_tokens=8, logprobs=1,
-                          extra_body={"ignore_eos": True})
+        plain = pool.submit(
+            client.completions.create, model=model_name, prompt="Hello", max_tokens=8, extra_body={"ignore_eos": True}
+        )
+        one = pool.submit(
+            client.completions.create,
+            model=model_name,
+            prompt="Hey",
+            max_tokens=8,
+            logprobs=1,
+            extra_body={"ignore_eos": True},
+        )
         assert len(wants.result().choices[0].logprobs.top_logprobs[0]) == 5
         assert plain.result().choices[0].logprobs is None
         assert all(len(top) == 1 for top in one.result().choices[0].logprobs.top_logprobs)
 
 
 # Fuzzing ---------------------------------------------------------------------------------------
+
 
 def _check_stream(r) -> None:
     events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
@@ -411,15 +518,22 @@ def _check_stream(r) -> None:
         assert "choices" in json.loads(e)
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=list(HealthCheck),
+)
 @given(request=REQUESTS)
 def test_fuzzed_bodies_never_get_5xx_and_every_4xx_has_the_error_body(server, request):
     path, body = request
     raw = json.dumps(body).encode()  # allow_nan: NaN and Infinity go out as JS literals, as some clients send them
     note(f"{path} {raw[:400]!r}")
-    with httpx.stream("POST", server.url + path, content=raw, timeout=120,
-                      headers={"content-type": "application/json"}) as r:
+    with httpx.stream(
+        "POST", server.url + path, content=raw, timeout=120, headers={"content-type": "application/json"}
+    ) as r:
         assert r.status_code < 500, r.read()
         if r.status_code >= 400:
             assert is_openai_error(json.loads(r.read())), r.read()
@@ -437,6 +551,7 @@ def test_server_is_healthy_after_fuzzing(server, client, model_name):
 
 
 # Load ------------------------------------------------------------------------------------------
+
 
 def test_200_concurrent_streams_with_disconnects_leak_nothing(server):
     clients = 200
@@ -457,6 +572,7 @@ def test_200_concurrent_streams_with_disconnects_leak_nothing(server):
 
     run_round(max_tokens=3, seed=1)  # warm-up: the allocators reach their working size for a 200-row batch
     rss_warm = server.rss_bytes()
+
     def ended(reason):
         return metrics(server.url).get(f'tandem_requests_total{{finish_reason="{reason}"}}', 0)
 
@@ -477,8 +593,12 @@ def test_200_concurrent_streams_with_disconnects_leak_nothing(server):
 # Sessions --------------------------------------------------------------------------------------
 
 _AGENT_SYSTEM = ("You are a careful planning agent. You answer in one short sentence. " * 12).strip()
-_AGENT_TURNS = ["List three fruits.", "Now list three vegetables.", "Which of them is the sweetest?",
-                "Summarize our conversation in five words."]
+_AGENT_TURNS = [
+    "List three fruits.",
+    "Now list three vegetables.",
+    "Which of them is the sweetest?",
+    "Summarize our conversation in five words.",
+]
 
 
 def test_multi_turn_agent_session_reuses_its_context(server, client, model_name):
@@ -487,8 +607,9 @@ def test_multi_turn_agent_session_reuses_its_context(server, client, model_name)
     previous = None
     for turn, text in enumerate(_AGENT_TURNS):
         messages.append({"role": "user", "content": text})
-        kwargs = ({"extra_body": {"session_id": session}} if turn % 2 == 0
-                  else {"extra_headers": {"X-Session-Id": session}})
+        kwargs = (
+            {"extra_body": {"session_id": session}} if turn % 2 == 0 else {"extra_headers": {"X-Session-Id": session}}
+        )
         r = client.chat.completions.create(model=model_name, messages=messages, temperature=0, max_tokens=16, **kwargs)
         cached = r.usage.prompt_tokens_details.cached_tokens
         print(f"turn {turn}: prompt {r.usage.prompt_tokens}, completion {r.usage.completion_tokens}, cached {cached}")
@@ -498,8 +619,11 @@ def test_multi_turn_agent_session_reuses_its_context(server, client, model_name)
             context = previous.prompt_tokens + previous.completion_tokens
             assert r.usage.prompt_tokens > context
             # all of the last turn but the partial last block and the re-tokenized end of the last answer
-            assert cached >= 0.8 * context and cached >= BLOCK * ((context - BLOCK) // BLOCK) - BLOCK, \
-                (turn, cached, context)
+            assert cached >= 0.8 * context and cached >= BLOCK * ((context - BLOCK) // BLOCK) - BLOCK, (
+                turn,
+                cached,
+                context,
+            )
         previous = r.usage
         messages.append({"role": "assistant", "content": r.choices[0].message.content})
         time.sleep(0.7)  # the agent "thinks": the session keeps its KV meanwhile
@@ -516,6 +640,7 @@ def test_multi_turn_agent_session_reuses_its_context(server, client, model_name)
 # tests serve serve_helpers.write_tiny_model: random weights over Llama-3's 128256 ids, a tokenizer of
 # 49152, so most generated tokens decode to "" (ids the tokenizer lacks, parts of characters).
 
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> str:
     return write_tiny_model(str(tmp_path_factory.mktemp("model") / "tiny-model"))
@@ -531,9 +656,11 @@ def _chunk_text(choice: dict) -> str:
     return choice["text"] if "text" in choice else choice["delta"].get("content") or ""
 
 
-_TINY_REQUESTS = [("/v1/completions", {"prompt": "Hello wörld, 你好"}),
-                  ("/v1/completions", {"prompt": [5, 6, 7, 60000, 128255]}),
-                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})]
+_TINY_REQUESTS = [
+    ("/v1/completions", {"prompt": "Hello wörld, 你好"}),
+    ("/v1/completions", {"prompt": [5, 6, 7, 60000, 128255]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+]
 
 
 def test_models_reports_the_vocabulary(tiny):
@@ -546,8 +673,11 @@ def test_models_and_metrics_say_the_precision_in_effect(tiny):
     entry = httpx.get(tiny.url + "/v1/models", timeout=30).json()["data"][0]
     assert (entry["dtype"], entry["kv_cache_dtype"], entry["quantization"]) == ("float32", "auto", "none")
     metrics = httpx.get(tiny.url + "/metrics", timeout=30).text
-    assert re.search(r'tandem_model_info\{[^}]*dtype="float32"[^}]*kv_cache_dtype="auto"[^}]*quantization="none"'
-                     r'[^}]*\} 1\.0', metrics), metrics[:2000]
+    assert re.search(
+        r'tandem_model_info\{[^}]*dtype="float32"[^}]*kv_cache_dtype="auto"[^}]*quantization="none"'
+        r"[^}]*\} 1\.0",
+        metrics,
+    ), metrics[:2000]
 
 
 @pytest.mark.parametrize("path,body", _TINY_REQUESTS)
@@ -573,15 +703,19 @@ def test_streamed_token_ids_are_the_whole_output_even_where_the_text_is_empty(ti
     assert len(silent) >= 10, "expected many tokens without text"
 
     # a stop string: the text ends before it; the ids are those generated up to it (held-back text too)
-    at = next(i for i in range(len(text) // 3, 2 * len(text) // 3)  # mid-text, so tokens come after it
-              if "\ufffd" not in text[i:i + 2] and text.find(text[i:i + 2]) == i)
-    stop = text[at:at + 2]
+    at = next(
+        i
+        for i in range(len(text) // 3, 2 * len(text) // 3)  # mid-text, so tokens come after it
+        if "\ufffd" not in text[i : i + 2] and text.find(text[i : i + 2]) == i
+    )
+    stop = text[at : at + 2]
     stopped = httpx.post(tiny.url + path, json={**body, "stop": [stop]}, timeout=120).json()
     stop_ids = stopped["choices"][0]["token_ids"]
-    assert stopped["choices"][0]["finish_reason"] == "stop" and stop_ids == ids[:len(stop_ids)]
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stop_ids == ids[: len(stop_ids)]
     assert len(stop_ids) == stopped["usage"]["completion_tokens"] < len(ids)
-    events = sse_events(tiny.url, path, {**body, "stop": [stop], "stream": True,
-                                         "stream_options": {"include_usage": True}})
+    events = sse_events(
+        tiny.url, path, {**body, "stop": [stop], "stream": True, "stream_options": {"include_usage": True}}
+    )
     choices = [c for e in events for c in e["choices"]]
     assert [t for c in choices for t in c["token_ids"]] == stop_ids
     assert events[-1]["usage"]["completion_tokens"] == len(stop_ids)
@@ -596,8 +730,16 @@ def test_without_return_token_ids_no_choice_has_token_ids(tiny, path, body, flag
         body["return_token_ids"] = flag
     full = httpx.post(tiny.url + path, json=body, timeout=120).json()
     assert full["usage"]["completion_tokens"] == 12 and "token_ids" not in full["choices"][0]
-    events = sse_events(tiny.url, path, {**body, "stream": True, "stream_options": {"include_usage": True},
-                                         "logprobs": True if "messages" in body else 0})
+    events = sse_events(
+        tiny.url,
+        path,
+        {
+            **body,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "logprobs": True if "messages" in body else 0,
+        },
+    )
     choices = [c for e in events for c in e["choices"]]
     assert choices and not any("token_ids" in c for c in choices)
     assert events[-1]["usage"]["completion_tokens"] == 12
@@ -637,11 +779,21 @@ def _gateway_run(tokenizer, tokens: list[int], finish: str, chat: bool, token_id
     from engine.serve.generation import Choice
     from engine.serve.metrics import Metrics
 
-    events = [("token", t, None, None) for t in tokens] + [("finished", P.Finished(0, finish, None, 3, 0, len(tokens)),
-                                                             None, None)]
+    events = [("token", t, None, None) for t in tokens] + [
+        ("finished", P.Finished(0, finish, None, 3, 0, len(tokens)), None, None)
+    ]
     core = _ScriptedCore(events)
-    choice = Choice(core, OutputProcessor(tokenizer), 0, [1, 2, 3], SamplingParams(max_tokens=64, **params),
-                    session_id=None, namespace=None, priority=0, metrics=Metrics(core))
+    choice = Choice(
+        core,
+        OutputProcessor(tokenizer),
+        0,
+        [1, 2, 3],
+        SamplingParams(max_tokens=64, **params),
+        session_id=None,
+        namespace=None,
+        priority=0,
+        metrics=Metrics(core),
+    )
     meta = R.Meta("id", 0, "tiny", chat, tokenizer, token_ids)
 
     async def run():
@@ -662,8 +814,8 @@ def test_gateway_streams_the_id_of_every_token_whatever_its_text(tiny_model_dir,
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     b = TINY_BYTE0
-    im_end, unknown = 2, TINY_VOCAB - 1          # a special token (skipped), an id the tokenizer lacks
-    ni = [b + x for x in "你".encode()]          # three byte tokens: "" "" then "你"
+    im_end, unknown = 2, TINY_VOCAB - 1  # a special token (skipped), an id the tokenizer lacks
+    ni = [b + x for x in "你".encode()]  # three byte tokens: "" "" then "你"
     cases = [  # (tokens, stop strings, the ids that are output, their text)
         ([b + ord("H"), b + ord("i"), im_end, *ni, unknown, b + ord("!")], [], None, "Hi你!"),
         # "!!" stops the output: "a" and the first "!" are held back until it settles, the second "!"
@@ -699,16 +851,23 @@ KEY = "sk-test-123"
 
 def test_api_key_is_required_on_every_route_but_health(keyed_server):
     url = keyed_server.url
-    routes = [("GET", "/v1/models", None), ("GET", "/metrics", None),
-              ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1}),
-              ("POST", "/v1/chat/completions", {"messages": FRANCE, "max_tokens": 1}),
-              ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1, "session_id": "s1"}),
-              ("POST", "/v1/sessions/s1/end", {}),
-              ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1, "session_id": "s1"}),
-              ("DELETE", "/v1/sessions/s1", None)]  # each end follows a turn of the session: it knows s1
+    routes = [
+        ("GET", "/v1/models", None),
+        ("GET", "/metrics", None),
+        ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1}),
+        ("POST", "/v1/chat/completions", {"messages": FRANCE, "max_tokens": 1}),
+        ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1, "session_id": "s1"}),
+        ("POST", "/v1/sessions/s1/end", {}),
+        ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1, "session_id": "s1"}),
+        ("DELETE", "/v1/sessions/s1", None),
+    ]  # each end follows a turn of the session: it knows s1
     for method, path, body in routes:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
-                        {"Authorization": f"Bearer {KEY}x"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": KEY},
+            {"Authorization": f"Bearer {KEY}x"},
+        ):
             r = httpx.request(method, url + path, json=body, headers=headers, timeout=60)
             assert r.status_code == 401, (method, path, headers, r.status_code)
             assert is_openai_error(r.json()) and r.json()["error"]["type"] == "authentication_error"
@@ -739,8 +898,13 @@ def test_engine_core_death_gives_503_and_a_nonzero_exit(keyed_server):
     url = keyed_server.url
     core = keyed_server.core_process()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(httpx.post, url + "/v1/completions", timeout=60, headers=auth,
-                                json={"prompt": COUNT, "max_tokens": 2000, "ignore_eos": True})
+        in_flight = pool.submit(
+            httpx.post,
+            url + "/v1/completions",
+            timeout=60,
+            headers=auth,
+            json={"prompt": COUNT, "max_tokens": 2000, "ignore_eos": True},
+        )
         time.sleep(2.0)  # let it reach the core
         core.send_signal(signal.SIGKILL)
         r = in_flight.result(timeout=60)  # the request in flight fails instead of hanging

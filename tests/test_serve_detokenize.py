@@ -43,6 +43,7 @@ def feed(tokenizer, ids, skip: bool = True) -> list[str]:
 
 # IncrementalDetokenizer ------------------------------------------------------------------------
 
+
 def test_a_character_split_over_tokens_is_released_whole():
     e_acute, emoji = "é".encode(), "😀".encode()
     tok = PieceTokenizer([b"caf", e_acute[:1], e_acute[1:], b" ", emoji[:1], emoji[1:2], emoji[2:3], emoji[3:]])
@@ -82,6 +83,7 @@ def test_incremental_text_equals_the_full_decode_and_never_shows_a_partial_chara
 
 # StopMatcher -----------------------------------------------------------------------------------
 
+
 def push_all(matcher: StopMatcher, deltas) -> list[str]:
     return [matcher.push(d) for d in deltas]
 
@@ -118,8 +120,12 @@ def test_without_stop_strings_nothing_is_held_back():
         assert m.flush() == ""
 
 
-@given(st.text("ab,", max_size=30), st.text("ab,", min_size=1, max_size=4), st.lists(st.integers(0, 30), max_size=8),
-       st.booleans())
+@given(
+    st.text("ab,", max_size=30),
+    st.text("ab,", min_size=1, max_size=4),
+    st.lists(st.integers(0, 30), max_size=8),
+    st.booleans(),
+)
 def test_streamed_output_is_the_text_up_to_the_first_stop_however_it_is_split(text, stop, cuts, include):
     bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
     deltas = [text[a:b] for a, b in zip(bounds, bounds[1:])]
@@ -129,4 +135,4 @@ def test_streamed_output_is_the_text_up_to_the_first_stop_however_it_is_split(te
     if at < 0:
         assert (out, m.stopped) == (text, None)
     else:
-        assert out == text[:at + len(stop) if include else at] and m.stopped == stop
+        assert out == text[: at + len(stop) if include else at] and m.stopped == stop

@@ -2,7 +2,8 @@
 
 Parity: the same calls, in the same order, through the real gateway (a tiny random model on CPU) and
 through the twin's cluster Router (experiments.bench_dp.TwinCluster) land on the same replicas, for
-every built-in router, and find there the prefix hits the twin predicts. Then a core killed mid-request: 503 naming it, the others serve on.
+every built-in router, and find there the prefix hits the twin predicts. Then a core killed mid-request: 503
+naming it, the others serve on.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import time
 import httpx
 import numpy as np
 import pytest
+
+import controlplane as cp
+
 from serve_helpers import (
     NUM_BLOCKS,
     TINY_TOKENIZER_SIZE,
@@ -26,8 +30,6 @@ from serve_helpers import (
     tiny_server,
     write_tiny_model,
 )
-
-import controlplane as cp
 
 REPLICA = "x-tandem-replica"
 HOLD_TOKENS = 1800  # a held call outlives the whole trace (its max_model_len is 2048)
@@ -46,10 +48,13 @@ def dp_server(tmp_path, model_dir, size: int, router: str, name: str):
 
 def trace(seed: int = 0) -> list[tuple]:
     """Calls of three sessions sharing a 40-token system prefix (and one sharing nothing), turns interleaved,
-    each turn's prompt its previous prompt plus 20 new tokens; two "hold" calls stay in flight (a load the routers see), a session
-    ends and starts again. Ops: ("call", session, prompt), ("hold", prompt), ("end", session)."""
+    each turn's prompt its previous prompt plus 20 new tokens; two "hold" calls stay in flight (a load the routers
+    see), a session ends and starts again. Ops: ("call", session, prompt), ("hold", prompt), ("end", session)."""
     rng = np.random.default_rng(seed)
-    ids = lambda n: rng.integers(3, TINY_TOKENIZER_SIZE, size=n).tolist()
+
+    def ids(n):
+        return rng.integers(3, TINY_TOKENIZER_SIZE, size=n).tolist()
+
     system = ids(40)
     context = {s: system + ids(30) for s in ("a", "b", "c")}
     ops: list[tuple] = []
@@ -101,8 +106,13 @@ def gateway_choices(url: str, ops) -> list[tuple[int, int | None]]:
                 assert r.status_code == 200, r.text
                 out.append((int(r.headers[REPLICA]), r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]))
             elif op[0] == "hold":  # in flight from its first chunk on, until the end of the trace
-                r = held.enter_context(http.stream("POST", url + "/v1/completions", json={
-                    "prompt": op[1], "max_tokens": HOLD_TOKENS, "ignore_eos": True, "stream": True}))
+                r = held.enter_context(
+                    http.stream(
+                        "POST",
+                        url + "/v1/completions",
+                        json={"prompt": op[1], "max_tokens": HOLD_TOKENS, "ignore_eos": True, "stream": True},
+                    )
+                )
                 assert r.status_code == 200
                 lines = r.iter_lines()
                 next(line for line in lines if line.startswith("data: "))
@@ -111,13 +121,17 @@ def gateway_choices(url: str, ops) -> list[tuple[int, int | None]]:
             else:
                 assert http.post(f"{url}/v1/sessions/{op[1]}/end").status_code == 200
         for lines in streams:  # still running: the loads the routers saw were the twin's
-            assert not any(json.loads(line[6:])["choices"][0]["finish_reason"] for line in [next(lines)]
-                           if line.startswith("data: {")), "a held call finished during the trace"
+            assert not any(
+                json.loads(line[6:])["choices"][0]["finish_reason"]
+                for line in [next(lines)]
+                if line.startswith("data: {")
+            ), "a held call finished during the trace"
     return out
 
 
-@pytest.mark.parametrize("router,size", [("round_robin", 2), ("least_loaded", 3), ("session_affinity", 2),
-                                         ("prefix_aware", 3)])
+@pytest.mark.parametrize(
+    "router,size", [("round_robin", 2), ("least_loaded", 3), ("session_affinity", 2), ("prefix_aware", 3)]
+)
 def test_gateway_routes_as_the_twin(tmp_path, model_dir, router, size):
     ops = trace()
     expected = twin_choices(ops, size, router)
@@ -148,8 +162,11 @@ def test_a_dead_core_fails_its_requests_and_the_others_serve_on(tmp_path, model_
             r = http.post(url + "/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2, "session_id": "s0"})
             assert r.headers[REPLICA] == "0"
             with concurrent.futures.ThreadPoolExecutor(1) as pool:  # round robin: the second call goes to 1
-                held = pool.submit(http.post, url + "/v1/completions", json={
-                    "prompt": [8, 9, 10], "max_tokens": HOLD_TOKENS, "ignore_eos": True, "session_id": "s1"})
+                held = pool.submit(
+                    http.post,
+                    url + "/v1/completions",
+                    json={"prompt": [8, 9, 10], "max_tokens": HOLD_TOKENS, "ignore_eos": True, "session_id": "s1"},
+                )
                 deadline = time.monotonic() + 30
                 while metrics(url).get('tandem_replica_requests_in_flight{replica="1"}') != 1.0:
                     assert time.monotonic() < deadline and not held.done()
@@ -200,9 +217,15 @@ def test_a_dead_core_keeps_the_others_positions_for_session_affinity():
     from engine.serve.router import ReplicaRouter
 
     def stub(i):
-        return types.SimpleNamespace(index=i, dead=False, in_flight=set(), stats={}, num_routed=0,
-                                     info=types.SimpleNamespace(num_blocks=100),
-                                     cached_prefix_blocks=lambda hashes: 0)
+        return types.SimpleNamespace(
+            index=i,
+            dead=False,
+            in_flight=set(),
+            stats={},
+            num_routed=0,
+            info=types.SimpleNamespace(num_blocks=100),
+            cached_prefix_blocks=lambda hashes: 0,
+        )
 
     clients = [stub(i) for i in range(3)]
     router = ReplicaRouter(clients, "session_affinity")

@@ -21,6 +21,7 @@ pytest.importorskip("psutil")
 
 import httpx
 import psutil
+
 from serve_helpers import ServerProcess, is_openai_error, metrics, wait_idle
 
 MAX_MODEL_LEN = 64
@@ -35,8 +36,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    small = ServerProcess(str(tmp_path_factory.mktemp("serve")), name="small",
-                          overrides=(f"+engine.max_model_len={MAX_MODEL_LEN}",))
+    small = ServerProcess(
+        str(tmp_path_factory.mktemp("serve")), name="small", overrides=(f"+engine.max_model_len={MAX_MODEL_LEN}",)
+    )
     with small.running() as s:
         print(f"server log: {s.log_path}")
         yield s
@@ -56,14 +58,18 @@ def _seconds_until_freed(url: str, since: float) -> float:
     """Polls /metrics until no request runs or waits and no KV block is held; fails past the deadline."""
     while True:
         m = metrics(url)
-        if (m["tandem_num_requests_running"], m["tandem_num_requests_waiting"],
-                m["tandem_kv_cache_used_blocks"]) == (0, 0, 0):
+        if (m["tandem_num_requests_running"], m["tandem_num_requests_waiting"], m["tandem_kv_cache_used_blocks"]) == (
+            0,
+            0,
+            0,
+        ):
             return time.monotonic() - since
         assert time.monotonic() - since < FREED_WITHIN_S, f"still busy {FREED_WITHIN_S} s after the disconnect: {m}"
         time.sleep(0.1)
 
 
 # 1. A client that goes away aborts its request -------------------------------------------------
+
 
 def test_non_streaming_client_disconnect_frees_the_request_within_a_second(server):
     # Fails before the fix: under BaseHTTPMiddleware request.is_disconnected() never turned true, so
@@ -81,8 +87,9 @@ def test_non_streaming_client_disconnect_frees_the_request_within_a_second(serve
     assert after.get("client_disconnect", 0) - reasons.get("client_disconnect", 0) == LONG["n"]
 
 
-@pytest.mark.parametrize("path,body", [("/v1/completions", LONG),
-                                       ("/v1/chat/completions", {**LONG, "prompt": None, "messages": USER})])
+@pytest.mark.parametrize(
+    "path,body", [("/v1/completions", LONG), ("/v1/chat/completions", {**LONG, "prompt": None, "messages": USER})]
+)
 def test_streaming_client_disconnect_frees_the_request_within_a_second(server, path, body):
     body = {k: v for k, v in body.items() if v is not None}
     wait_idle(server.url)
@@ -111,16 +118,38 @@ REFUSED = [  # (path, body, the parameter the 400 names)
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"28": 100}}, "logit_bias"),
     ("/v1/chat/completions", {"messages": USER, "logit_bias": {"28": 100}}, "logit_bias"),
     ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
-    ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
-     "tools"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"messages": USER, "tool_choice": "required"}, "tool_choice"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
-     "messages.0.content.1.type"),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": "http://x/y.png"}},
+                    ],
+                }
+            ]
+        },
+        "messages.0.content.1.type",
+    ),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages.0.content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages.0.content"),
-    ("/v1/chat/completions", {"messages": [*USER, {"role": "assistant", "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.1.tool_calls"),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                *USER,
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                },
+            ]
+        },
+        "messages.1.tool_calls",
+    ),
     ("/v1/completions", {"prompt": "hi", "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
     ("/v1/chat/completions", {"messages": USER, "min_tokens": 5, "max_completion_tokens": 2}, "min_tokens"),
     ("/v1/chat/completions", {"messages": USER, "top_logprobs": 2}, "top_logprobs"),
@@ -130,8 +159,9 @@ REFUSED = [  # (path, body, the parameter the 400 names)
 ]
 
 
-@pytest.mark.parametrize("path,body,param", REFUSED, ids=[f"{p[4:]}-{param}-{i}" for i, (p, _, param) in
-                                                          enumerate(REFUSED)])
+@pytest.mark.parametrize(
+    "path,body,param", REFUSED, ids=[f"{p[4:]}-{param}-{i}" for i, (p, _, param) in enumerate(REFUSED)]
+)
 def test_parameters_the_server_cannot_honour_get_400(server, path, body, param):
     # Fails before the fix: each was accepted (200) and ignored, or (booleans) read as token id 1 / 0.
     r = post(server, path, {"max_tokens": 2, **body})
@@ -139,14 +169,35 @@ def test_parameters_the_server_cannot_honour_get_400(server, path, body, param):
     assert r.json()["error"]["param"] == param, r.json()
 
 
-@pytest.mark.parametrize("path,body", [
-    ("/v1/completions", {"prompt": "hi", "echo": False, "suffix": None, "best_of": 1, "logit_bias": {}}),
-    ("/v1/completions", {"prompt": "hi", "n": 2, "best_of": 2}),
-    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "text"}, "tool_choice": "none",
-                              "tools": [], "logit_bias": None, "top_logprobs": 0, "logprobs": True}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                                           {"role": "assistant", "content": ""}, *USER]}),
-])
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/completions", {"prompt": "hi", "echo": False, "suffix": None, "best_of": 1, "logit_bias": {}}),
+        ("/v1/completions", {"prompt": "hi", "n": 2, "best_of": 2}),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": USER,
+                "response_format": {"type": "text"},
+                "tool_choice": "none",
+                "tools": [],
+                "logit_bias": None,
+                "top_logprobs": 0,
+                "logprobs": True,
+            },
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                    {"role": "assistant", "content": ""},
+                    *USER,
+                ]
+            },
+        ),
+    ],
+)
 def test_what_changes_nothing_is_still_accepted(server, path, body):
     r = post(server, path, {"max_tokens": 2, **body})
     assert r.status_code == 200, r.text
@@ -166,6 +217,7 @@ def test_ending_a_session_the_server_does_not_know_is_404(server, method, path):
 
 
 # 4. The OpenAPI schema says what the server does -----------------------------------------------
+
 
 def test_openapi_documents_400_errors_text_metrics_and_the_enforced_ranges(server):
     # Fails before the fix: 422 (never sent) documented instead of 400, /metrics as JSON, no ranges.
@@ -194,26 +246,55 @@ def test_405_says_which_methods_are_allowed(server):
     assert r.status_code == 405 and r.headers["allow"] == "POST" and is_openai_error(r.json())
 
 
-CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
-          "response_headers_conformance,unsupported_method,allow_header_conformance")
+CHECKS = (
+    "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
+    "response_headers_conformance,unsupported_method,allow_header_conformance"
+)
 
 
 def test_schemathesis_finds_the_server_true_to_its_schema_and_leaking_nothing(server, tmp_path):
     pytest.importorskip("schemathesis")
     report = tmp_path / "junit.xml"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "schemathesis"), "run", server.url + "/openapi.json",
-           "--checks", CHECKS, "--max-examples", "25", "--max-time", "45", "--seed", "19",
-           "--generation-deterministic", "--workers", "1", "--request-timeout", "60", "--no-shrink",
-           "--suppress-health-check", "all", "--report", "junit", "--report-junit-path", str(report)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path, check=False)  # its .schemathesis/ there
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "schemathesis"),
+        "run",
+        server.url + "/openapi.json",
+        "--checks",
+        CHECKS,
+        "--max-examples",
+        "25",
+        "--max-time",
+        "45",
+        "--seed",
+        "19",
+        "--generation-deterministic",
+        "--workers",
+        "1",
+        "--request-timeout",
+        "60",
+        "--no-shrink",
+        "--suppress-health-check",
+        "all",
+        "--report",
+        "junit",
+        "--report-junit-path",
+        str(report),
+    ]
+    run = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=180, cwd=tmp_path, check=False
+    )  # its .schemathesis/ there
     print(run.stdout[-3000:])
     assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-2000:]
     m = wait_idle(server.url, timeout_s=10)
-    assert (m["tandem_num_requests_running"], m["tandem_num_requests_waiting"],
-            m["tandem_kv_cache_used_blocks"]) == (0, 0, 0), m
+    assert (m["tandem_num_requests_running"], m["tandem_num_requests_waiting"], m["tandem_kv_cache_used_blocks"]) == (
+        0,
+        0,
+        0,
+    ), m
 
 
 # 5. Observability -------------------------------------------------------------------------------
+
 
 def test_metrics_have_total_kv_blocks_and_queue_time(server):
     # Fails before the fix: neither metric existed.
@@ -227,8 +308,11 @@ def test_startup_log_names_device_dtype_model_and_kv_cache(server):
     # Fails before the fix: the log said only "serving <model> on <url>".
     with open(server.log_path, encoding="utf-8", errors="replace") as f:
         head = f.read(20_000)
-    line = re.search(r"engine core ready: (\S+) on (\S+), (\S+) \(KV cache (\S+), weights (\S+)\), "
-                     r"1024 KV blocks of 16 tokens \(([\d.]+) GiB\)", head)
+    line = re.search(
+        r"engine core ready: (\S+) on (\S+), (\S+) \(KV cache (\S+), weights (\S+)\), "
+        r"1024 KV blocks of 16 tokens \(([\d.]+) GiB\)",
+        head,
+    )
     assert line, head
     model, device, dtype, kv_dtype, weights, gib = line.groups()
     assert model.startswith("SmolLM2-135M") and (device, dtype, kv_dtype, weights) == ("cpu", "float32", "auto", "none")
@@ -237,6 +321,7 @@ def test_startup_log_names_device_dtype_model_and_kv_cache(server):
 
 
 # 2. A killed gateway takes its engine core with it (last: it kills the server) -------------------
+
 
 def test_sigkilled_gateway_takes_the_core_with_it(server):
     # Fails before the fix: the core ran on, re-parented to init, holding its memory (and GPU) forever.

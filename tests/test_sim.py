@@ -6,11 +6,12 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sim.cost import PlanFeatures, RooflineCost
 from sim.simulation import Simulation
-from sim.specs import ModelSpec, HardwareSpec, load_model_spec
+from sim.specs import HardwareSpec, ModelSpec, load_model_spec
 from sim.workloads import Session, Turn, write_trace
 
 SMOL = load_model_spec("smollm2_135m")
@@ -21,8 +22,15 @@ def tiny_hardware(kv_blocks: int, block_size: int = 16, overhead: float = 0.0) -
     """A made-up accelerator whose KV cache holds exactly `kv_blocks` blocks of SmolLM2."""
     block_bytes = SMOL.kv_bytes_per_token() * block_size
     mem = (SMOL.weight_bytes() + GiB + (kv_blocks + 0.5) * block_bytes) / 0.9
-    return dict(name="tiny", peak_flops=1e14, mem_bandwidth=1e12, mem_bytes=mem, host_link_bandwidth=1e10,
-                step_overhead_s=overhead, source="test")
+    return dict(
+        name="tiny",
+        peak_flops=1e14,
+        mem_bandwidth=1e12,
+        mem_bytes=mem,
+        host_link_bandwidth=1e10,
+        step_overhead_s=overhead,
+        source="test",
+    )
 
 
 def config(tmp_path, sessions, kv_blocks=64, policy=("fcfs", "lru", "recompute"), **sim):
@@ -48,6 +56,7 @@ def one(sid, start, *turns, prefix=(-1, 0)):
 
 
 # -- exact event logs ------------------------------------------------------------------------
+
 
 def test_one_request_ttft_is_its_prefill_cost_and_each_token_a_decode(tmp_path):
     cfg = config(tmp_path, [one("a", 2.0, (300, 5, 0.0))])
@@ -108,11 +117,16 @@ WALL_CLOCK = {"wall_seconds", "steps_per_wall_s", "requests_per_wall_min"}
 
 
 def agentic(seed, **sim):
-    return {"workload": {"name": "agentic_coding", "params": {"prefix_tokens_min": 2000, "prefix_tokens_max": 6000,
-                                                                "calls_mean": 4, "output_max": 800}},
-            "hardware": tiny_hardware(600), "model": {k: getattr(SMOL, k) for k in ModelSpec.__dataclass_fields__},
-            "sim": {"num_sessions": 12, "session_rate": 2.0, "seed": seed, "progress": False, **sim},
-            "wandb": {"mode": "disabled"}}
+    return {
+        "workload": {
+            "name": "agentic_coding",
+            "params": {"prefix_tokens_min": 2000, "prefix_tokens_max": 6000, "calls_mean": 4, "output_max": 800},
+        },
+        "hardware": tiny_hardware(600),
+        "model": {k: getattr(SMOL, k) for k in ModelSpec.__dataclass_fields__},
+        "sim": {"num_sessions": 12, "session_rate": 2.0, "seed": seed, "progress": False, **sim},
+        "wandb": {"mode": "disabled"},
+    }
 
 
 def test_same_seed_same_results_different_seed_differs():
@@ -126,22 +140,38 @@ def test_same_seed_same_results_different_seed_differs():
 
 # -- properties ------------------------------------------------------------------------------
 
+
 @settings(max_examples=12, deadline=None)
-@given(seed=st.integers(0, 10_000), kv_blocks=st.integers(400, 900),
-       policy=st.sampled_from([("fcfs", "lru", "recompute"), ("longest_prefix_match", "ttl:ttl=3", "recompute"),
-                               ("priority", "priority", "swap"), ("fcfs", "ttl:ttl=30", "swap")]),
-       replicas=st.integers(1, 3),
-       router=st.sampled_from(["round_robin", "least_loaded", "session_affinity", "prefix_aware"]),
-       mode=st.sampled_from(["open", "closed"]), overhead=st.sampled_from([0.0, 0.002]),
-       lookahead=st.sampled_from([0, 1]))
+@given(
+    seed=st.integers(0, 10_000),
+    kv_blocks=st.integers(400, 900),
+    policy=st.sampled_from(
+        [
+            ("fcfs", "lru", "recompute"),
+            ("longest_prefix_match", "ttl:ttl=3", "recompute"),
+            ("priority", "priority", "swap"),
+            ("fcfs", "ttl:ttl=30", "swap"),
+        ]
+    ),
+    replicas=st.integers(1, 3),
+    router=st.sampled_from(["round_robin", "least_loaded", "session_affinity", "prefix_aware"]),
+    mode=st.sampled_from(["open", "closed"]),
+    overhead=st.sampled_from([0.0, 0.002]),
+    lookahead=st.sampled_from([0, 1]),
+)
 def test_every_request_finishes_no_latency_beats_the_roofline_and_tokens_balance(
-        seed, kv_blocks, policy, replicas, router, mode, overhead, lookahead):
+    seed, kv_blocks, policy, replicas, router, mode, overhead, lookahead
+):
     cfg = agentic(seed, mode=mode, concurrency=3)
     cfg["hardware"] = tiny_hardware(kv_blocks, overhead=overhead)
     cfg["policy"] = dict(zip(("ordering", "eviction", "preemption"), policy), name="p")
     cfg["cluster"] = {"num_replicas": replicas, "router": router}
-    cfg["engine"] = {"host_kv_gb": 0.05, "max_num_batched_tokens": 2048, "chunk_size": 1024,
-                     "num_lookahead_tokens": lookahead}
+    cfg["engine"] = {
+        "host_kv_gb": 0.05,
+        "max_num_batched_tokens": 2048,
+        "chunk_size": 1024,
+        "num_lookahead_tokens": lookahead,
+    }
     sim = Simulation(cfg)
     result = sim.run()
     s = result.summary
@@ -173,32 +203,66 @@ def test_every_request_finishes_no_latency_beats_the_roofline_and_tokens_balance
 
 # -- bad configs ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("override, message", [
-    ({"sim": {"bogus": 1}}, "unknown keys in 'sim': \\['bogus'\\]"),
-    ({"modle": {}}, "unknown config section 'modle'"),
-    ({"sim": {"session_rate": -1.0}}, "sim.session_rate must be positive"),
-    ({"sim": {"num_sessions": 0}}, "sim.num_sessions must be positive"),
-    ({"sim": {"mode": "half-open"}}, "sim.mode must be 'open' or 'closed'"),
-    ({"cluster": {"router": "random"}}, "cluster.router: unknown router"),
-    ({"cluster": {"num_replicas": 0}}, "cluster.num_replicas must be positive"),
-    ({"policy": {"eviction": "fifo"}}, "policy.eviction: unknown policy 'fifo'"),
-    ({"policy": {"eviction": "ttl:ttl=-3"}}, "ttl must be >= 0"),
-    ({"engine": {"gpu_memory_utilization": 1.5}}, "gpu_memory_utilization"),
-    ({"engine": {"block_size": 0}}, "block_size"),
-    ({"engine": {"num_lookahead_tokens": -1}}, "num_lookahead_tokens"),
-    ({"workload": {"name": "agentic_coding", "params": {"session_rat": 1}}}, "session_rat"),
-    ({"workload": {"name": "agentic_coding", "params": {"session_rate": -2}}}, "session_rate"),
-    ({"workload": {"name": "nope"}}, "nope"),
-    ({"hardware": {"name": "small", "peak_flops": 1e14, "mem_bandwidth": 1e12, "mem_bytes": 8e9,
-                   "host_link_bandwidth": 1e10}}, "does not fit|needs .* of weights"),
-    ({"hardware": {"name": "neg", "peak_flops": -1.0, "mem_bandwidth": 1e12, "mem_bytes": 8e10,
-                   "host_link_bandwidth": 1e10}}, "peak_flops"),
-    # cost=profile reads conf/profiles/<hardware>/<model>.json: none for this hardware entry
-    ({"hardware": {"name": "h100_pcie", "peak_flops": 7.56e14, "mem_bandwidth": 2.0e12, "mem_bytes": 8e10,
-                   "host_link_bandwidth": 6.4e10}, "sim": {"cost_model": "profile"}},
-     r"no fit of llama3_8b on h100_pcie .*shipped: \[.*h100_sxm/llama3_8b.*profile_path"),
-    ({"sim": {"cost_model": "profile", "profile_path": "/no/such/profile.json"}}, "no such file"),
-])
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"sim": {"bogus": 1}}, "unknown keys in 'sim': \\['bogus'\\]"),
+        ({"modle": {}}, "unknown config section 'modle'"),
+        ({"sim": {"session_rate": -1.0}}, "sim.session_rate must be positive"),
+        ({"sim": {"num_sessions": 0}}, "sim.num_sessions must be positive"),
+        ({"sim": {"mode": "half-open"}}, "sim.mode must be 'open' or 'closed'"),
+        ({"cluster": {"router": "random"}}, "cluster.router: unknown router"),
+        ({"cluster": {"num_replicas": 0}}, "cluster.num_replicas must be positive"),
+        ({"policy": {"eviction": "fifo"}}, "policy.eviction: unknown policy 'fifo'"),
+        ({"policy": {"eviction": "ttl:ttl=-3"}}, "ttl must be >= 0"),
+        ({"engine": {"gpu_memory_utilization": 1.5}}, "gpu_memory_utilization"),
+        ({"engine": {"block_size": 0}}, "block_size"),
+        ({"engine": {"num_lookahead_tokens": -1}}, "num_lookahead_tokens"),
+        ({"workload": {"name": "agentic_coding", "params": {"session_rat": 1}}}, "session_rat"),
+        ({"workload": {"name": "agentic_coding", "params": {"session_rate": -2}}}, "session_rate"),
+        ({"workload": {"name": "nope"}}, "nope"),
+        (
+            {
+                "hardware": {
+                    "name": "small",
+                    "peak_flops": 1e14,
+                    "mem_bandwidth": 1e12,
+                    "mem_bytes": 8e9,
+                    "host_link_bandwidth": 1e10,
+                }
+            },
+            "does not fit|needs .* of weights",
+        ),
+        (
+            {
+                "hardware": {
+                    "name": "neg",
+                    "peak_flops": -1.0,
+                    "mem_bandwidth": 1e12,
+                    "mem_bytes": 8e10,
+                    "host_link_bandwidth": 1e10,
+                }
+            },
+            "peak_flops",
+        ),
+        # cost=profile reads conf/profiles/<hardware>/<model>.json: none for this hardware entry
+        (
+            {
+                "hardware": {
+                    "name": "h100_pcie",
+                    "peak_flops": 7.56e14,
+                    "mem_bandwidth": 2.0e12,
+                    "mem_bytes": 8e10,
+                    "host_link_bandwidth": 6.4e10,
+                },
+                "sim": {"cost_model": "profile"},
+            },
+            r"no fit of llama3_8b on h100_pcie .*shipped: \[.*h100_sxm/llama3_8b.*profile_path",
+        ),
+        ({"sim": {"cost_model": "profile", "profile_path": "/no/such/profile.json"}}, "no such file"),
+    ],
+)
 def test_bad_config_fails_before_the_run(override, message):
     with pytest.raises(ValueError, match=message):
         Simulation(override)
@@ -235,13 +299,19 @@ def test_itl_bins_are_searchsorted_bins_at_and_around_every_edge():
 
     rng = np.random.default_rng(5)
     edges = _ITL_EDGES
-    cases = [rng.lognormal(-3.5, 2.5, 200_000), edges, np.nextafter(edges, 0), np.nextafter(edges, np.inf),
-             np.array([0.0, -1.0, 1e-12, 1e-5, 1e4, 1e6, np.inf, np.nan])]
+    cases = [
+        rng.lognormal(-3.5, 2.5, 200_000),
+        edges,
+        np.nextafter(edges, 0),
+        np.nextafter(edges, np.inf),
+        np.array([0.0, -1.0, 1e-12, 1e-5, 1e4, 1e6, np.inf, np.nan]),
+    ]
     for gaps in cases:
         assert _itl_bins(gaps).tolist() == np.searchsorted(edges, gaps).tolist()
 
 
 # -- what a summary says -----------------------------------------------------------------------
+
 
 def test_summary_values_are_plain_python_numbers_not_numpy_scalars():
     s = Simulation(agentic(1)).run().summary
@@ -257,12 +327,18 @@ def h100_with(**rates) -> dict:
     return {**dataclasses.asdict(load_hardware_spec("h100_sxm")), **rates}
 
 
-@pytest.mark.parametrize("hardware, label", [
-    (h100_with(), "h100_sxm"),
-    (h100_with(mem_bandwidth=2.0e12), "h100_sxm (modified: mem_bandwidth=2e+12)"),
-    (h100_with(peak_flops=5e14, step_overhead_s=0.002), "h100_sxm (modified: peak_flops=5e+14, step_overhead_s=0.002)"),
-    (h100_with(name="my_gpu", mem_bandwidth=2.0e12), "my_gpu"),  # a name of the user's own: no datasheet claimed
-])
+@pytest.mark.parametrize(
+    "hardware, label",
+    [
+        (h100_with(), "h100_sxm"),
+        (h100_with(mem_bandwidth=2.0e12), "h100_sxm (modified: mem_bandwidth=2e+12)"),
+        (
+            h100_with(peak_flops=5e14, step_overhead_s=0.002),
+            "h100_sxm (modified: peak_flops=5e+14, step_overhead_s=0.002)",
+        ),
+        (h100_with(name="my_gpu", mem_bandwidth=2.0e12), "my_gpu"),  # a name of the user's own: no datasheet claimed
+    ],
+)
 def test_hardware_with_changed_rates_is_not_named_as_the_datasheet(hardware, label):
     cfg = {**agentic(1), "hardware": hardware, "sim": {**agentic(1)["sim"], "num_sessions": 2}}
     simulation = Simulation(cfg)

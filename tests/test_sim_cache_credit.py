@@ -40,14 +40,23 @@ def reference():
 
 
 def event_log(ordering: str, workload: str, sessions: int, **sections) -> tuple[dict, dict]:
-    cfg = {"workload": {"name": workload, "params": {}},
-           "sim": {"num_sessions": sessions, "progress": False, **sections.pop("sim", {})},
-           "policy": {"name": "cache_credit", "ordering": ordering, **sections.pop("policy", {})},
-           "wandb": {"mode": "disabled"}, **sections}
+    cfg = {
+        "workload": {"name": workload, "params": {}},
+        "sim": {"num_sessions": sessions, "progress": False, **sections.pop("sim", {})},
+        "policy": {"name": "cache_credit", "ordering": ordering, **sections.pop("policy", {})},
+        "wandb": {"mode": "disabled"},
+        **sections,
+    }
     result = Simulation(cfg).run()
     c = result.collector
-    log = {"step_start": c.step_start, "step_seconds": c.step_seconds, "step_tokens": c.step_tokens,
-           "step_reqs": c.step_reqs, "requests": c.requests, "sessions": c.sessions}
+    log = {
+        "step_start": c.step_start,
+        "step_seconds": c.step_seconds,
+        "step_tokens": c.step_tokens,
+        "step_reqs": c.step_reqs,
+        "requests": c.requests,
+        "sessions": c.sessions,
+    }
     return log, result.summary
 
 
@@ -61,15 +70,34 @@ def test_cache_credit_is_a_native_policy():
         make_policy("ordering", "cache_credit:rate=3")
 
 
-@pytest.mark.parametrize("workload, sessions, sections, must_happen", [
-    # a small cache: hundreds of recompute preemptions, where the order of running requests decides
-    ("swe_smith", 8, {"sim": {"session_rate": 0.5}, "engine": {"num_gpu_blocks": 5000}},
-     "num_preemptions_recompute"),
-    ("swe_smith", 6, {"sim": {"session_rate": 0.5}, "engine": {"num_gpu_blocks": 4000, "host_kv_gb": 20.0},
-                      "policy": {"eviction": "ttl:ttl=30", "preemption": "swap"}}, "num_preemptions_swap"),
-    ("agentic_coding", 40, {"sim": {"session_rate": 0.3}, "cluster": {"num_replicas": 2, "router": "prefix_aware"}},
-     None),
-])
+@pytest.mark.parametrize(
+    "workload, sessions, sections, must_happen",
+    [
+        # a small cache: hundreds of recompute preemptions, where the order of running requests decides
+        (
+            "swe_smith",
+            8,
+            {"sim": {"session_rate": 0.5}, "engine": {"num_gpu_blocks": 5000}},
+            "num_preemptions_recompute",
+        ),
+        (
+            "swe_smith",
+            6,
+            {
+                "sim": {"session_rate": 0.5},
+                "engine": {"num_gpu_blocks": 4000, "host_kv_gb": 20.0},
+                "policy": {"eviction": "ttl:ttl=30", "preemption": "swap"},
+            },
+            "num_preemptions_swap",
+        ),
+        (
+            "agentic_coding",
+            40,
+            {"sim": {"session_rate": 0.3}, "cluster": {"num_replicas": 2, "router": "prefix_aware"}},
+            None,
+        ),
+    ],
+)
 def test_cache_credit_run_equals_the_python_reference_exactly(reference, workload, sessions, sections, must_happen):
     tokens_per_s = "tokens_per_s=500" if must_happen else "tokens_per_s=20000"
     native_log, native_summary = event_log(f"cache_credit:{tokens_per_s}", workload, sessions, **sections)

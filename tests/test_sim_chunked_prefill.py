@@ -15,9 +15,13 @@ CHUNK, IDLE = 2048, 16384
 def run(tmp_path, sessions, idle: int, step_overhead_s: float = 0.0):
     trace = tmp_path / f"trace_{idle}.jsonl"
     write_trace(str(trace), sessions)
-    cfg = {"workload": {"name": "trace", "params": {"path": str(trace)}}, "hardware": {"step_overhead_s": step_overhead_s},
-           "engine": {"chunk_size": CHUNK, "max_num_batched_tokens": 8192, "idle_chunk_size": idle},
-           "sim": {"num_sessions": len(sessions), "progress": False}, "wandb": {"mode": "disabled"}}
+    cfg = {
+        "workload": {"name": "trace", "params": {"path": str(trace)}},
+        "hardware": {"step_overhead_s": step_overhead_s},
+        "engine": {"chunk_size": CHUNK, "max_num_batched_tokens": 8192, "idle_chunk_size": idle},
+        "sim": {"num_sessions": len(sessions), "progress": False},
+        "wandb": {"mode": "disabled"},
+    }
     return Simulation(cfg).run()
 
 
@@ -45,8 +49,7 @@ def test_a_lone_50k_prompt_takes_fewer_larger_steps_and_less_ttft(tmp_path, step
 def test_with_a_decode_running_the_chunk_stays_at_chunk_size(tmp_path):
     # `a` decodes 400 tokens from t ~ 0; `b`'s 50K prompt arrives at 0.5 s, while `a` still decodes,
     # and then decodes itself: some decode waits in every step, so idle_chunk_size changes nothing.
-    sessions = [Session("a", 0.0, -1, 0, (Turn(200, 400, 0.0),)),
-                Session("b", 0.5, -1, 0, (Turn(50_000, 4, 0.0),))]
+    sessions = [Session("a", 0.0, -1, 0, (Turn(200, 400, 0.0),)), Session("b", 0.5, -1, 0, (Turn(50_000, 4, 0.0),))]
     base, idle = run(tmp_path, sessions, 0), run(tmp_path, sessions, IDLE)
     assert idle.collector.step_tokens == base.collector.step_tokens
     assert idle.collector.step_start == base.collector.step_start

@@ -32,8 +32,17 @@ from sim import specs
 from sim.cost import FEATURES, PlanFeatures, RooflineCost, make_cost_model
 from sim.specs import HardwareSpec, ModelSpec, kv_capacity_blocks, load_hardware_spec, load_model_spec
 
-TINY = ModelSpec(name="tiny", num_layers=1, hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4,
-                 intermediate_size=16, vocab_size=32, dtype_bytes=1)
+TINY = ModelSpec(
+    name="tiny",
+    num_layers=1,
+    hidden_size=8,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=4,
+    intermediate_size=16,
+    vocab_size=32,
+    dtype_bytes=1,
+)
 SLOW = HardwareSpec(name="slow", peak_flops=500, mem_bandwidth=100, mem_bytes=1e6, host_link_bandwidth=10)
 
 
@@ -49,18 +58,23 @@ def reference_roofline(model: ModelSpec, hw: HardwareSpec, p) -> float:
         return 0.0
     db, peak, bw = model.dtype_bytes, hw.peak_flops, hw.mem_bandwidth
     t = p.num_tokens
-    linear = sum(max(2 * t * i * o / peak, (i * o + t * (i + o)) * db / bw)
-                 for _, i, o in model.layer_matmuls()) if t else 0.0
+    linear = (
+        sum(max(2 * t * i * o / peak, (i * o + t * (i + o)) * db / bw) for _, i, o in model.layer_matmuls())
+        if t
+        else 0.0
+    )
     h, v, s = model.hidden_size, model.vocab_size, p.num_sampled
     head = max(2 * s * h * v / peak, (h * v + s * (h + v)) * db / bw) if s and t else 0.0
-    attn = max(4 * model.num_heads * model.head_dim * p.attn_pairs / peak,
-               p.kv_read_tokens * 2 * model.num_kv_heads * model.head_dim * db / bw)
+    attn = max(
+        4 * model.num_heads * model.head_dim * p.attn_pairs / peak,
+        p.kv_read_tokens * 2 * model.num_kv_heads * model.head_dim * db / bw,
+    )
     copies = (p.num_swap_out_blocks + p.num_swap_in_blocks) * model.kv_bytes_per_token() * p.block_size
-    return (model.num_layers * (linear + attn) + head + copies / hw.host_link_bandwidth
-            + hw.step_overhead_s)
+    return model.num_layers * (linear + attn) + head + copies / hw.host_link_bandwidth + hw.step_overhead_s
 
 
 # --- specs -------------------------------------------------------------------------------------
+
 
 def test_tiny_model_counts():
     # embeddings 32*8=256; layer: q 64 + k 32 + v 32 + o 64 + MLP 3*8*16=384 + norms 16 = 592;
@@ -73,8 +87,9 @@ def test_tiny_model_counts():
     assert tied.weight_bytes() == 2 * (1112 - 256)
 
 
-@pytest.mark.parametrize("name, published", [
-    ("llama3_8b", 8.03e9), ("llama3_2_1b", 1.24e9), ("qwen3_8b", 8.19e9), ("smollm2_135m", 1.35e8)])
+@pytest.mark.parametrize(
+    "name, published", [("llama3_8b", 8.03e9), ("llama3_2_1b", 1.24e9), ("qwen3_8b", 8.19e9), ("smollm2_135m", 1.35e8)]
+)
 def test_real_model_param_counts_match_published_figures(name, published):
     assert load_model_spec(name).num_params() == pytest.approx(published, rel=0.01)
 
@@ -89,19 +104,24 @@ def test_kv_capacity_llama3_8b_on_h100():
     blocks = kv_capacity_blocks(model, hw, block_size=16)
     reserve = specs.DEFAULT_ACTIVATION_RESERVE_BYTES
     assert blocks == int((80e9 * 0.9 - model.weight_bytes() - reserve) // (131072 * 16))
-    assert 25_000 < blocks < 27_000          # ~ (72 - 16.1 - 1.1) GB / 2 MiB
+    assert 25_000 < blocks < 27_000  # ~ (72 - 16.1 - 1.1) GB / 2 MiB
     assert kv_capacity_blocks(model, hw, 16, activation_reserve_bytes=0) > blocks
 
 
 def test_model_that_does_not_fit_is_rejected_by_name():
-    small = HardwareSpec(name="gpu8", peak_flops=1e14, mem_bandwidth=1e12, mem_bytes=8e9,
-                         host_link_bandwidth=1e10)
+    small = HardwareSpec(name="gpu8", peak_flops=1e14, mem_bandwidth=1e12, mem_bytes=8e9, host_link_bandwidth=1e10)
     with pytest.raises(ValueError, match=r"model llama3_8b needs 16\.1 GB of weights; gpu8 has 7\.2 GB"):
         kv_capacity_blocks(load_model_spec("llama3_8b"), small, 16)
 
 
-@pytest.mark.parametrize("kwargs", [{"block_size": 0}, {"block_size": 16, "gpu_memory_utilization": 1.5},
-                                    {"block_size": 16, "activation_reserve_bytes": -1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"block_size": 0},
+        {"block_size": 16, "gpu_memory_utilization": 1.5},
+        {"block_size": 16, "activation_reserve_bytes": -1},
+    ],
+)
 def test_kv_capacity_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         kv_capacity_blocks(TINY, SLOW, **kwargs)
@@ -142,37 +162,45 @@ def test_unknown_spec_name_lists_the_known_ones():
 
 def test_yaml_float_without_signed_exponent_gets_a_hint(tmp_path):
     path = tmp_path / "hw.yaml"
-    path.write_text("name: x\npeak_flops: 1e15\nmem_bandwidth: 1.0e+12\nmem_bytes: 1.0e+9\n"
-                    "host_link_bandwidth: 1.0e+9\n")
+    path.write_text(
+        "name: x\npeak_flops: 1e15\nmem_bandwidth: 1.0e+12\nmem_bytes: 1.0e+9\nhost_link_bandwidth: 1.0e+9\n"
+    )
     with pytest.raises(ValueError, match="peak_flops must be a number, got '1e15'.*signed exponent"):
         load_hardware_spec(path)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"num_layers": 0}, "model tiny: num_layers must be a positive integer"),
-    ({"head_dim": 4.0}, "model tiny: head_dim must be a positive integer"),
-    ({"vocab_size": True}, "model tiny: vocab_size must be a positive integer"),
-    ({"num_kv_heads": 3}, r"model tiny: num_heads \(2\) must be a multiple of num_kv_heads \(3\)"),
-    ({"tie_word_embeddings": "no"}, "model tiny: tie_word_embeddings must be true or false"),
-    ({"name": ""}, "name must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_layers": 0}, "model tiny: num_layers must be a positive integer"),
+        ({"head_dim": 4.0}, "model tiny: head_dim must be a positive integer"),
+        ({"vocab_size": True}, "model tiny: vocab_size must be a positive integer"),
+        ({"num_kv_heads": 3}, r"model tiny: num_heads \(2\) must be a multiple of num_kv_heads \(3\)"),
+        ({"tie_word_embeddings": "no"}, "model tiny: tie_word_embeddings must be true or false"),
+        ({"name": ""}, "name must be a non-empty string"),
+    ],
+)
 def test_invalid_model_spec_values_are_rejected(change, message):
     with pytest.raises(ValueError, match=message):
         ModelSpec(**(TINY.__dict__ | change))
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"mem_bandwidth": 0}, "hardware slow: mem_bandwidth must be finite and > 0"),
-    ({"peak_flops": float("inf")}, "hardware slow: peak_flops must be finite and > 0"),
-    ({"step_overhead_s": -1e-3}, "hardware slow: step_overhead_s must be finite and >= 0"),
-    ({"host_link_bandwidth": "fast"}, "hardware slow: host_link_bandwidth must be a number"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"mem_bandwidth": 0}, "hardware slow: mem_bandwidth must be finite and > 0"),
+        ({"peak_flops": float("inf")}, "hardware slow: peak_flops must be finite and > 0"),
+        ({"step_overhead_s": -1e-3}, "hardware slow: step_overhead_s must be finite and >= 0"),
+        ({"host_link_bandwidth": "fast"}, "hardware slow: host_link_bandwidth must be a number"),
+    ],
+)
 def test_invalid_hardware_spec_values_are_rejected(change, message):
     with pytest.raises(ValueError, match=message):
         HardwareSpec(**(SLOW.__dict__ | change))
 
 
 # --- roofline ----------------------------------------------------------------------------------
+
 
 def test_one_token_decode_is_memory_bound():
     # c = 9 cached, q = 1: attn_pairs = 9 + 1 = 10, kv_read_tokens = 10.
@@ -207,8 +235,7 @@ def test_kv_copies_cost_their_bytes_over_the_host_link():
     # 3 blocks * 4 tokens * 8 B = 96 B over 10 B/s = 9.6 s
     cost = RooflineCost(TINY, SLOW)
     assert cost.step_seconds(plan(num_swap_out_blocks=2, num_swap_in_blocks=1)) == pytest.approx(9.6)
-    with_decode = plan(num_tokens=1, num_reqs=1, num_sampled=1, attn_pairs=10, kv_read_tokens=10,
-                       num_swap_in_blocks=3)
+    with_decode = plan(num_tokens=1, num_reqs=1, num_sampled=1, attn_pairs=10, kv_read_tokens=10, num_swap_in_blocks=3)
     assert cost.step_seconds(with_decode) == pytest.approx(10.56 + 9.6, rel=1e-12)
 
 
@@ -252,17 +279,18 @@ def test_roofline_is_monotonic_in_tokens_and_in_context():
 
 
 def test_plan_features_agree_with_the_control_plane_plan():
-    sched = cp.Scheduler(cp.SchedulerConfig(num_blocks=64, block_size=16, chunk_size=32,
-                                            max_num_batched_tokens=48))
+    sched = cp.Scheduler(cp.SchedulerConfig(num_blocks=64, block_size=16, chunk_size=32, max_num_batched_tokens=48))
     sched.add_request(1, list(range(40)), max_new_tokens=4)
     sched.add_request(2, list(range(100, 110)), max_new_tokens=4)
     real = sched.step(now=0.0)
-    mine = PlanFeatures.of_requests(real.cached_lens.tolist(), real.query_lens.tolist(),
-                                    num_sampled=int(real.sample.sum()), block_size=16)
+    mine = PlanFeatures.of_requests(
+        real.cached_lens.tolist(), real.query_lens.tolist(), num_sampled=int(real.sample.sum()), block_size=16
+    )
     assert {f: getattr(real, f) for f in FEATURES} == {f: getattr(mine, f) for f in FEATURES}
 
 
 # --- factory -----------------------------------------------------------------------------------
+
 
 def test_make_cost_model():
     assert isinstance(make_cost_model("roofline", TINY, SLOW), RooflineCost)

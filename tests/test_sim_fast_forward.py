@@ -30,9 +30,17 @@ def run(cfg: dict, fast_forward: bool):
     result = Simulation(cfg).run()
     c = result.collector
     summary = {k: v for k, v in result.summary.items() if k not in WALL_CLOCK}
-    log = {"step_start": c.step_start, "step_seconds": c.step_seconds, "step_tokens": c.step_tokens,
-           "step_reqs": c.step_reqs, "kv_samples": c.kv_samples, "requests": c.requests,
-           "sessions": c.sessions, "itl_counts": c.itl_counts.tolist(), "itl_sum": c.itl_sum}
+    log = {
+        "step_start": c.step_start,
+        "step_seconds": c.step_seconds,
+        "step_tokens": c.step_tokens,
+        "step_reqs": c.step_reqs,
+        "kv_samples": c.kv_samples,
+        "requests": c.requests,
+        "sessions": c.sessions,
+        "itl_counts": c.itl_counts.tolist(),
+        "itl_sum": c.itl_sum,
+    }
     return log, summary
 
 
@@ -55,36 +63,70 @@ SCENARIOS = {
     "agentic_coding_busy": (scenario(sim={"session_rate": 0.5}), None),
     "chat": (scenario("chat", sessions=120), None),
     "swe_smith_recompute": (scenario("swe_smith", sessions=16), "num_preemptions_recompute"),
-    "swe_smith_swap_ttl": (scenario("swe_smith", sessions=16, sim={"session_rate": 0.5},
-                                    policy={"eviction": "ttl:ttl=30", "preemption": "swap"},
-                                    engine={"host_kv_gb": 20.0}), "num_preemptions_swap"),
+    "swe_smith_swap_ttl": (
+        scenario(
+            "swe_smith",
+            sessions=16,
+            sim={"session_rate": 0.5},
+            policy={"eviction": "ttl:ttl=30", "preemption": "swap"},
+            engine={"host_kv_gb": 20.0},
+        ),
+        "num_preemptions_swap",
+    ),
     # chunked prefill by what else runs (engine.idle_chunk_size): lone prompts in 16K chunks, swapped decodes
     "agentic_coding_idle_chunks": (scenario(engine={"idle_chunk_size": 16384}), None),
-    "swe_smith_swap_idle_chunks": (scenario("swe_smith", sessions=16, sim={"session_rate": 0.5},
-                                            policy={"eviction": "ttl:ttl=30", "preemption": "swap"},
-                                            engine={"host_kv_gb": 20.0, "idle_chunk_size": 8192}),
-                                   "num_preemptions_swap"),
-    "ttl_lpm_closed": (scenario(sim={"mode": "closed", "concurrency": 12},
-                                policy={"ordering": "longest_prefix_match", "eviction": "ttl:ttl=5"}), None),
+    "swe_smith_swap_idle_chunks": (
+        scenario(
+            "swe_smith",
+            sessions=16,
+            sim={"session_rate": 0.5},
+            policy={"eviction": "ttl:ttl=30", "preemption": "swap"},
+            engine={"host_kv_gb": 20.0, "idle_chunk_size": 8192},
+        ),
+        "num_preemptions_swap",
+    ),
+    "ttl_lpm_closed": (
+        scenario(
+            sim={"mode": "closed", "concurrency": 12},
+            policy={"ordering": "longest_prefix_match", "eviction": "ttl:ttl=5"},
+        ),
+        None,
+    ),
     "prefix_aware_3_replicas": (scenario(cluster={"num_replicas": 3, "router": "prefix_aware"}), None),
     # several replicas: csrc/sim/cluster_forward.h merges their steps (sim/cluster_fast.py)
-    "round_robin_4_replicas_busy": (scenario(sessions=24, sim={"session_rate": 0.8},
-                                             cluster={"num_replicas": 4, "router": "round_robin"}), None),
-    "least_loaded_2_replicas_closed": (scenario(sim={"mode": "closed", "concurrency": 10},
-                                                cluster={"num_replicas": 2, "router": "least_loaded"}), None),
-    "session_affinity_3_replicas_chat": (scenario("chat", sessions=150, sim={"session_rate": 4.0},
-                                                  cluster={"num_replicas": 3, "router": "session_affinity"}), None),
-    "prefix_aware_2_replicas_swap_ttl": (scenario("swe_smith", sessions=20, sim={"session_rate": 1.0},
-                                                  policy={"eviction": "ttl:ttl=30", "preemption": "swap"},
-                                                  engine={"host_kv_gb": 20.0},
-                                                  cluster={"num_replicas": 2, "router": "prefix_aware"}),
-                                         "num_preemptions_swap"),
-    "least_loaded_4_replicas_cut_by_max_sim_time": (scenario(sim={"session_rate": 0.5, "max_sim_time_s": 200.0,
-                                                                  "kv_sample_interval_s": 0.25},
-                                                             cluster={"num_replicas": 4, "router": "least_loaded"}),
-                                                    None),
-    "short_run_cut_by_max_sim_time": (scenario(sim={"max_sim_time_s": 300.0, "kv_sample_interval_s": 0.25}),
-                                      None),
+    "round_robin_4_replicas_busy": (
+        scenario(sessions=24, sim={"session_rate": 0.8}, cluster={"num_replicas": 4, "router": "round_robin"}),
+        None,
+    ),
+    "least_loaded_2_replicas_closed": (
+        scenario(sim={"mode": "closed", "concurrency": 10}, cluster={"num_replicas": 2, "router": "least_loaded"}),
+        None,
+    ),
+    "session_affinity_3_replicas_chat": (
+        scenario(
+            "chat", sessions=150, sim={"session_rate": 4.0}, cluster={"num_replicas": 3, "router": "session_affinity"}
+        ),
+        None,
+    ),
+    "prefix_aware_2_replicas_swap_ttl": (
+        scenario(
+            "swe_smith",
+            sessions=20,
+            sim={"session_rate": 1.0},
+            policy={"eviction": "ttl:ttl=30", "preemption": "swap"},
+            engine={"host_kv_gb": 20.0},
+            cluster={"num_replicas": 2, "router": "prefix_aware"},
+        ),
+        "num_preemptions_swap",
+    ),
+    "least_loaded_4_replicas_cut_by_max_sim_time": (
+        scenario(
+            sim={"session_rate": 0.5, "max_sim_time_s": 200.0, "kv_sample_interval_s": 0.25},
+            cluster={"num_replicas": 4, "router": "least_loaded"},
+        ),
+        None,
+    ),
+    "short_run_cut_by_max_sim_time": (scenario(sim={"max_sim_time_s": 300.0, "kv_sample_interval_s": 0.25}), None),
 }
 
 
@@ -111,6 +153,7 @@ def test_fast_path_with_a_profile_cost_model_gives_the_step_by_step_event_log(tm
 
 
 # -- the cost formula: one C++ evaluator, bit-identical to the Python formulas it replaced ----------
+
 
 def roofline_reference(cost: RooflineCost, plan) -> float:
     """RooflineCost.step_seconds as it was written in Python before it moved to csrc/sim/step_cost.cpp."""
@@ -139,14 +182,18 @@ def roofline_reference(cost: RooflineCost, plan) -> float:
 
 def random_profile_cost(rng: np.random.Generator, max_graph_batch: int = 64) -> ProfileCost:
     """A ProfileCost of every basis on both paths, with random coefficients and limits."""
+
     def path(bases):
-        terms = tuple((b, float(rng.integers(1, 300)) if b in KNOTS else 0.0,
-                       float(rng.random() * 10.0 ** rng.integers(-12, -2))) for b in bases)
+        terms = tuple(
+            (b, float(rng.integers(1, 300)) if b in KNOTS else 0.0, float(rng.random() * 10.0 ** rng.integers(-12, -2)))
+            for b in bases
+        )
         limits = {b: float(rng.integers(1, 10**6)) for b in ("tokens", "reqs", "decode_kv", "prefill_pairs")}
         return ProfilePath(terms, limits)
 
-    graph = path(["one", "reqs", "reqs_over", "reqs_over", "decode_kv", "strict", "dropped", "dropped_kv",
-                  "swap_out", "swap_in"])
+    graph = path(
+        ["one", "reqs", "reqs_over", "reqs_over", "decode_kv", "strict", "dropped", "dropped_kv", "swap_out", "swap_in"]
+    )
     return ProfileCost({"graph": graph, "eager": path(sorted(PROFILE_BASIS))}, max_graph_batch)
 
 
@@ -157,13 +204,23 @@ def profile_reference(cost: ProfileCost, plan) -> float:
     graph = 0 < cost.max_graph_batch and 0 < plan.num_tokens == plan.num_reqs <= cost.max_graph_batch
     strict = not plan.continues_decode
     dropped = bool(plan.follows_decode) and strict
-    values = {"one": 1.0, "tokens": plan.num_tokens, "reqs": plan.num_reqs, "sampled": plan.num_sampled,
-              "sampled_any": float(plan.num_sampled > 0), "decode_reqs": plan.num_decode_reqs,
-              "prefill_reqs": plan.num_reqs - plan.num_decode_reqs, "decode_kv": plan.decode_kv_tokens,
-              "prefill_pairs": plan.attn_pairs - plan.decode_kv_tokens,
-              "prefill_kv": plan.kv_read_tokens - plan.decode_kv_tokens, "strict": float(strict),
-              "dropped": float(dropped), "dropped_kv": plan.decode_kv_tokens if dropped else 0.0,
-              "swap_out": plan.num_swap_out_blocks, "swap_in": plan.num_swap_in_blocks}
+    values = {
+        "one": 1.0,
+        "tokens": plan.num_tokens,
+        "reqs": plan.num_reqs,
+        "sampled": plan.num_sampled,
+        "sampled_any": float(plan.num_sampled > 0),
+        "decode_reqs": plan.num_decode_reqs,
+        "prefill_reqs": plan.num_reqs - plan.num_decode_reqs,
+        "decode_kv": plan.decode_kv_tokens,
+        "prefill_pairs": plan.attn_pairs - plan.decode_kv_tokens,
+        "prefill_kv": plan.kv_read_tokens - plan.decode_kv_tokens,
+        "strict": float(strict),
+        "dropped": float(dropped),
+        "dropped_kv": plan.decode_kv_tokens if dropped else 0.0,
+        "swap_out": plan.num_swap_out_blocks,
+        "swap_in": plan.num_swap_in_blocks,
+    }
     seconds = 0.0
     for basis, knot, coef in cost.paths["graph" if graph else "eager"].terms:
         if basis == "prefill_waves_kv":
@@ -187,16 +244,23 @@ def random_plans(n: int, seed: int = 0):
         reqs = rng.randint(0, 64)
         cached = [rng.choice([0, rng.randint(0, 131072)]) for _ in range(reqs)]
         query = [rng.choice([1, 1, 1, rng.randint(1, 8192)]) for _ in range(reqs)]
-        base = PlanFeatures.of_requests(cached, query, num_sampled=rng.randint(0, reqs) if reqs else 0,
-                                        block_size=rng.choice([1, 16, 32]))
+        base = PlanFeatures.of_requests(
+            cached, query, num_sampled=rng.randint(0, reqs) if reqs else 0, block_size=rng.choice([1, 16, 32])
+        )
         swaps = rng.choice([(0, 0), (0, 0), (rng.randint(0, 500), 0), (0, rng.randint(0, 500))])
         follows = rng.random() < 0.5
-        yield PlanFeatures(**{**base.__dict__, "num_swap_out_blocks": swaps[0], "num_swap_in_blocks": swaps[1],
-                              "follows_decode": int(follows), "continues_decode": int(follows and rng.random() < 0.5)})
+        yield PlanFeatures(
+            **{
+                **base.__dict__,
+                "num_swap_out_blocks": swaps[0],
+                "num_swap_in_blocks": swaps[1],
+                "follows_decode": int(follows),
+                "continues_decode": int(follows and rng.random() < 0.5),
+            }
+        )
 
 
-@pytest.mark.parametrize("model,hardware", [("llama3_8b", "h100_sxm"), ("qwen3_8b", "h200"),
-                                            ("smollm2_135m", "cpu")])
+@pytest.mark.parametrize("model,hardware", [("llama3_8b", "h100_sxm"), ("qwen3_8b", "h200"), ("smollm2_135m", "cpu")])
 def test_roofline_native_cost_is_bit_identical_to_the_python_formula(model, hardware):
     cost = RooflineCost(load_model_spec(model), load_hardware_spec(hardware))
     for plan in random_plans(3000):
@@ -213,6 +277,7 @@ def test_profile_native_cost_is_bit_identical_to_the_python_formula():
 
 # -- FastForward on a bare scheduler ---------------------------------------------------------------
 
+
 def stepwise(sched, cost, pool, now, horizon, token_at):
     """What FastForward.advance documents, one step at a time in Python."""
     starts, finished = [], []
@@ -224,7 +289,7 @@ def stepwise(sched, cost, pool, now, horizon, token_at):
         n = plan.num_sampled
         at = 0 if token_at + n > pool.size else token_at
         token_at = at + n
-        finished = list(sched.commit(plan, pool[at:at + n], now + seconds))
+        finished = list(sched.commit(plan, pool[at : at + n], now + seconds))
         starts.append(now)
         now += seconds
         if finished:
@@ -262,8 +327,12 @@ def test_fast_forward_stops_before_the_horizon_and_at_the_first_finish(horizon):
             assert not r.plan.has_token_arrays and r.plan.input_ids.size == r.plan.slot_mapping.size == 0
             for name in ("query_lens", "cached_lens", "query_start_loc", "sample", "logits_indices", "slots"):
                 assert getattr(r.plan, name).tolist() == getattr(plan, name).tolist(), name
-            assert (r.plan.num_tokens, r.plan.num_sampled, r.plan.attn_pairs, r.plan.kv_read_tokens) == \
-                (plan.num_tokens, plan.num_sampled, plan.attn_pairs, plan.kv_read_tokens)
+            assert (r.plan.num_tokens, r.plan.num_sampled, r.plan.attn_pairs, r.plan.kv_read_tokens) == (
+                plan.num_tokens,
+                plan.num_sampled,
+                plan.attn_pairs,
+                plan.kv_read_tokens,
+            )
             now_a += r.plan_seconds
             now_b += cost.step_seconds(plan)
         scheds[0].check_invariants()
@@ -272,17 +341,18 @@ def test_fast_forward_stops_before_the_horizon_and_at_the_first_finish(horizon):
 
 # -- turn memos change nothing but speed -------------------------------------------------------------
 
+
 def agent_plans(session_ids: bool, num_blocks: int = 48):
     """Four agents taking turns on a small cache (evictions happen); every plan's arrays."""
-    sched = cp.Scheduler(num_blocks=num_blocks, block_size=4, vocab_size=500, max_num_batched_tokens=32,
-                         chunk_size=16)
+    sched = cp.Scheduler(num_blocks=num_blocks, block_size=4, vocab_size=500, max_num_batched_tokens=32, chunk_size=16)
     rng = np.random.default_rng(7)
     contexts = {s: rng.integers(0, 500, size=int(rng.integers(5, 30))) for s in range(4)}
     log, now, next_id, turns = [], 0.0, 0, {s: 0 for s in range(4)}
     live = {}
     for s in range(4):
-        sched.add_request(next_id, contexts[s], max_new_tokens=6, ignore_eos=True,
-                          session_id=f"s{s}" if session_ids else None)
+        sched.add_request(
+            next_id, contexts[s], max_new_tokens=6, ignore_eos=True, session_id=f"s{s}" if session_ids else None
+        )
         live[next_id], next_id = s, next_id + 1
     while sched.has_unfinished():
         plan = sched.step(now)
@@ -295,8 +365,14 @@ def agent_plans(session_ids: bool, num_blocks: int = 48):
             if turns[s] < 5:
                 new = rng.integers(0, 500, size=int(rng.integers(1, 9)))
                 contexts[s] = np.concatenate([contexts[s], f.output_token_ids, new])
-                sched.add_request(next_id, contexts[s], max_new_tokens=6, ignore_eos=True, arrival_time=now,
-                                  session_id=f"s{s}" if session_ids else None)
+                sched.add_request(
+                    next_id,
+                    contexts[s],
+                    max_new_tokens=6,
+                    ignore_eos=True,
+                    arrival_time=now,
+                    session_id=f"s{s}" if session_ids else None,
+                )
                 live[next_id], next_id = s, next_id + 1
         sched.check_invariants()
     return log, sched.stats()

@@ -46,7 +46,7 @@ WALL_CLOCK = {"wall_seconds", "steps_per_wall_s", "requests_per_wall_min"}
 
 def test_the_hand_numbers_are_the_published_ones():
     assert (LINEAR_PARAMS, OUT_CHANNELS, OTHER_PARAMS) == (6_979_321_856, 1_376_256, 1_050_939_392)
-    assert LINEAR_PARAMS + OTHER_PARAMS == 8_030_261_248   # Llama-3-8B's 8.03B parameters
+    assert LINEAR_PARAMS + OTHER_PARAMS == 8_030_261_248  # Llama-3-8B's 8.03B parameters
 
 
 def test_the_twin_takes_the_engines_names():
@@ -57,6 +57,7 @@ def test_the_twin_takes_the_engines_names():
 
 # -- bytes -------------------------------------------------------------------------------------------
 
+
 def test_weight_and_kv_bytes_follow_the_storage():
     assert LLAMA.weight_bytes() == 16_060_522_496 == LLAMA.num_params() * 2
     assert FP8_W.weight_bytes() == 9_086_705_664 == LINEAR_PARAMS + 4 * OUT_CHANNELS + 2 * OTHER_PARAMS
@@ -64,10 +65,18 @@ def test_weight_and_kv_bytes_follow_the_storage():
     assert LLAMA.kv_bytes_per_token() == FP8_W.kv_bytes_per_token() == 131_072
     assert FP8_KV.kv_bytes_per_token() == FP8_BOTH.kv_bytes_per_token() == 67_584 == 2 * L * KVH * (HD + 4)
     # bytes per element as the spec carries them
-    assert (LLAMA.linear_weight_dtype_bytes, LLAMA.linear_scale_bytes, LLAMA.kv_dtype_bytes, LLAMA.kv_scale_bytes) \
-        == (2, 0, 2, 0)
-    assert (FP8_BOTH.linear_weight_dtype_bytes, FP8_BOTH.linear_scale_bytes, FP8_BOTH.kv_dtype_bytes,
-            FP8_BOTH.kv_scale_bytes) == (1, 4, 1, 4)
+    assert (LLAMA.linear_weight_dtype_bytes, LLAMA.linear_scale_bytes, LLAMA.kv_dtype_bytes, LLAMA.kv_scale_bytes) == (
+        2,
+        0,
+        2,
+        0,
+    )
+    assert (
+        FP8_BOTH.linear_weight_dtype_bytes,
+        FP8_BOTH.linear_scale_bytes,
+        FP8_BOTH.kv_dtype_bytes,
+        FP8_BOTH.kv_scale_bytes,
+    ) == (1, 4, 1, 4)
 
 
 def test_a_tied_lm_head_is_the_embedding_and_stays_at_the_model_dtype():
@@ -76,11 +85,12 @@ def test_a_tied_lm_head_is_the_embedding_and_stays_at_the_model_dtype():
     mats = ((hid, (32 + 2 * 8) * 64), (32 * 64, hid), (hid, 2 * inter), (inter, hid))
     linear = layers * sum(i * o for i, o in mats)
     outs = layers * sum(o for _, o in mats)
-    other = vocab * hid + 2 * layers * hid + hid         # one embedding table, no separate head
+    other = vocab * hid + 2 * layers * hid + hid  # one embedding table, no separate head
     assert small.weight_bytes() == linear + 4 * outs + 2 * other
 
 
 # -- KV capacity -------------------------------------------------------------------------------------
+
 
 def test_fp8_kv_about_doubles_the_kv_capacity():
     budget = 80e9 * 0.9 - GiB
@@ -91,18 +101,23 @@ def test_fp8_kv_about_doubles_the_kv_capacity():
     assert kv_capacity_blocks(LLAMA, H100, 16) == bf16
     assert kv_capacity_blocks(FP8_KV, H100, 16) == fp8_kv
     assert kv_capacity_blocks(FP8_BOTH, H100, 16) == both
-    assert 1.9 < fp8_kv / bf16 < 2.0     # not quite 2: the scales take 4 of every 132 bytes
+    assert 1.9 < fp8_kv / bf16 < 2.0  # not quite 2: the scales take 4 of every 132 bytes
 
 
 def test_the_simulation_sizes_both_kv_tiers_with_the_scales():
-    cfg = {"model": dataclasses.asdict(FP8_KV), "hardware": dataclasses.asdict(H100),
-           "engine": {"host_kv_gb": 10.0}, "sim": {"num_sessions": 1}}
+    cfg = {
+        "model": dataclasses.asdict(FP8_KV),
+        "hardware": dataclasses.asdict(H100),
+        "engine": {"host_kv_gb": 10.0},
+        "sim": {"num_sessions": 1},
+    }
     sim = Simulation(cfg)
     assert sim.num_blocks == 50_738
     assert sim.num_host_blocks == int(10e9 // (67_584 * 16))
 
 
 # -- the roofline ------------------------------------------------------------------------------------
+
 
 def decode_bytes(weight_dtype: int, weight_scale: int, kv_per_token: int, context: int) -> int:
     """Bytes a one-request decode step moves, everything memory bound: the linear layers' weights
@@ -112,20 +127,23 @@ def decode_bytes(weight_dtype: int, weight_scale: int, kv_per_token: int, contex
     return linear + head + (context + 1) * kv_per_token
 
 
-@pytest.mark.parametrize("model, wb, sb, kv", [(LLAMA, 2, 0, 131_072), (FP8_KV, 2, 0, 67_584),
-                                               (FP8_W, 1, 4, 131_072), (FP8_BOTH, 1, 4, 67_584)],
-                         ids=["bf16", "fp8_kv", "fp8_weights", "fp8_both"])
+@pytest.mark.parametrize(
+    "model, wb, sb, kv",
+    [(LLAMA, 2, 0, 131_072), (FP8_KV, 2, 0, 67_584), (FP8_W, 1, 4, 131_072), (FP8_BOTH, 1, 4, 67_584)],
+    ids=["bf16", "fp8_kv", "fp8_weights", "fp8_both"],
+)
 def test_roofline_decode_at_50k_is_its_bytes_over_the_bandwidth(model, wb, sb, kv):
     seconds = RooflineCost(model, H100).lower_bound_decode_seconds(50_000)
     assert seconds == pytest.approx(decode_bytes(wb, sb, kv, 50_000) / 3.35e12, rel=1e-12)
 
 
 def test_roofline_decode_at_50k_with_both_fp8_options_is_under_0_6_of_bf16():
-    bf16 = decode_bytes(2, 0, 131_072, 50_000) / 3.35e12          # 21.6 GB: 6.4 ms
-    fp8 = decode_bytes(1, 4, 67_584, 50_000) / 3.35e12            # 11.4 GB: 3.4 ms
+    bf16 = decode_bytes(2, 0, 131_072, 50_000) / 3.35e12  # 21.6 GB: 6.4 ms
+    fp8 = decode_bytes(1, 4, 67_584, 50_000) / 3.35e12  # 11.4 GB: 3.4 ms
     assert fp8 / bf16 < 0.6
-    ratio = RooflineCost(FP8_BOTH, H100).lower_bound_decode_seconds(50_000) / \
-        RooflineCost(LLAMA, H100).lower_bound_decode_seconds(50_000)
+    ratio = RooflineCost(FP8_BOTH, H100).lower_bound_decode_seconds(50_000) / RooflineCost(
+        LLAMA, H100
+    ).lower_bound_decode_seconds(50_000)
     assert ratio == pytest.approx(fp8 / bf16, rel=1e-12) and ratio < 0.6
 
 
@@ -160,8 +178,9 @@ def test_swaps_move_the_scales_too():
 def test_default_roofline_coefficients_are_the_former_formula_bit_for_bit():
     cost = RooflineCost(LLAMA, H100)
     layers, db, peak, bw = 32, 2, H100.peak_flops, H100.mem_bandwidth
-    breaks, pieces = _sum_of_max_pieces((layers * 2 * i * o / peak, layers * i * o * db / bw,
-                                         layers * (i + o) * db / bw) for i, o in MATMULS)
+    breaks, pieces = _sum_of_max_pieces(
+        (layers * 2 * i * o / peak, layers * i * o * db / bw, layers * (i + o) * db / bw) for i, o in MATMULS
+    )
     assert (cost._linear_breaks, cost._linear_pieces) == (breaks, pieces)
     assert cost._attn_kv_s == 2 * layers * KVH * HD * db / bw
     assert cost._swap_token_s == 2 * layers * KVH * HD * db / H100.host_link_bandwidth
@@ -169,19 +188,26 @@ def test_default_roofline_coefficients_are_the_former_formula_bit_for_bit():
 
 # -- configuration -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("change, message", [
-    ({"kv_cache_dtype": "fp16"}, "model llama3_8b: kv_cache_dtype must be one of auto, fp8_e4m3, got 'fp16'"),
-    ({"quantization": "int4"}, "model llama3_8b: quantization must be one of none, fp8, got 'int4'"),
-])
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"kv_cache_dtype": "fp16"}, "model llama3_8b: kv_cache_dtype must be one of auto, fp8_e4m3, got 'fp16'"),
+        ({"quantization": "int4"}, "model llama3_8b: quantization must be one of none, fp8, got 'int4'"),
+    ],
+)
 def test_a_spec_with_a_bad_storage_value_is_rejected(change, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(LLAMA, **change)
 
 
-@pytest.mark.parametrize("model, message", [
-    ({"kv_cache_dtype": "fp8"}, r"model.kv_cache_dtype must be one of auto, fp8_e4m3, got 'fp8'"),
-    ({"quantization": "fp8_e4m3"}, r"model.quantization must be one of none, fp8, got 'fp8_e4m3'"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ({"kv_cache_dtype": "fp8"}, r"model.kv_cache_dtype must be one of auto, fp8_e4m3, got 'fp8'"),
+        ({"quantization": "fp8_e4m3"}, r"model.quantization must be one of none, fp8, got 'fp8_e4m3'"),
+    ],
+)
 def test_a_config_with_a_bad_storage_value_fails_before_the_run(model, message):
     with pytest.raises(ValueError, match=message):
         Simulation({"model": model, "sim": {"num_sessions": 1}})
@@ -193,9 +219,12 @@ def test_a_bad_fp8_rate_is_rejected():
 
 
 def test_a_bf16_profile_refuses_an_fp8_model_and_an_fp8_profile_takes_it(tmp_path):
-    with pytest.raises(ValueError, match=r"measured on an engine with kv_cache_dtype=auto, quantization=none, "
-                                         r"but model llama3_8b is simulated with kv_cache_dtype=fp8_e4m3.*"
-                                         r"cost=roofline"):
+    with pytest.raises(
+        ValueError,
+        match=r"measured on an engine with kv_cache_dtype=auto, quantization=none, "
+        r"but model llama3_8b is simulated with kv_cache_dtype=fp8_e4m3.*"
+        r"cost=roofline",
+    ):
         Simulation({"model": {"kv_cache_dtype": "fp8_e4m3"}, "sim": {"cost_model": "profile", "num_sessions": 1}})
     with pytest.raises(ValueError, match="quantization=none, but .* quantization=fp8"):
         make_cost_model("profile", FP8_W, H100)
@@ -210,10 +239,15 @@ def test_a_bf16_profile_refuses_an_fp8_model_and_an_fp8_profile_takes_it(tmp_pat
 
 
 def small_run(**model) -> dict:
-    return {"model": {**dataclasses.asdict(load_model_spec("smollm2_135m")), **model},
-            "workload": {"name": "agentic_coding", "params": {"prefix_tokens_min": 2000, "prefix_tokens_max": 6000,
-                                                                "calls_mean": 3, "output_max": 800}},
-            "sim": {"num_sessions": 4, "session_rate": 1.0, "progress": False}, "wandb": {"mode": "disabled"}}
+    return {
+        "model": {**dataclasses.asdict(load_model_spec("smollm2_135m")), **model},
+        "workload": {
+            "name": "agentic_coding",
+            "params": {"prefix_tokens_min": 2000, "prefix_tokens_max": 6000, "calls_mean": 3, "output_max": 800},
+        },
+        "sim": {"num_sessions": 4, "session_rate": 1.0, "progress": False},
+        "wandb": {"mode": "disabled"},
+    }
 
 
 def strip(summary: dict) -> dict:
@@ -235,8 +269,12 @@ def test_defaults_give_the_summary_of_a_config_without_the_new_keys():
 def test_an_fp8_run_is_labelled_holds_more_kv_and_its_fast_path_is_exact():
     base = Simulation(small_run()).run()
     fp8 = Simulation(small_run(kv_cache_dtype="fp8_e4m3", quantization="fp8")).run()
-    slow = Simulation({**small_run(kv_cache_dtype="fp8_e4m3", quantization="fp8"),
-                       "sim": {**small_run()["sim"], "fast_forward": False}}).run()
+    slow = Simulation(
+        {
+            **small_run(kv_cache_dtype="fp8_e4m3", quantization="fp8"),
+            "sim": {**small_run()["sim"], "fast_forward": False},
+        }
+    ).run()
     assert fp8.summary["model"] == "smollm2_135m (kv_cache_dtype=fp8_e4m3, quantization=fp8)"
     # head_dim 64: each KV head's 2*64 bf16 bytes become 64 + 4 (its scale), x1.88; fp8 weights free more
     assert fp8.summary["kv_blocks_per_replica"] > 128 / 68 * base.summary["kv_blocks_per_replica"]
@@ -245,8 +283,10 @@ def test_an_fp8_run_is_labelled_holds_more_kv_and_its_fast_path_is_exact():
 
 
 def test_no_fp8_rate_is_noted_in_the_summary():
-    cfg = {**small_run(quantization="fp8"),
-           "hardware": {**dataclasses.asdict(H100), "name": "my_gpu", "peak_flops_fp8": None}}
+    cfg = {
+        **small_run(quantization="fp8"),
+        "hardware": {**dataclasses.asdict(H100), "name": "my_gpu", "peak_flops_fp8": None},
+    }
     result = Simulation(cfg).run()
     assert any("gives no peak_flops_fp8" in note for note in result.notes)
     shipped = {**small_run(quantization="fp8"), "hardware": dataclasses.asdict(H100)}
@@ -255,16 +295,29 @@ def test_no_fp8_rate_is_noted_in_the_summary():
 
 # -- the Hydra app -----------------------------------------------------------------------------------
 
-SMALL = ["model=smollm2_135m", "sim.num_sessions=2", "sim.progress=false", "+workload.params.calls_mean=2",
-         "+workload.params.prefix_tokens_min=2000", "+workload.params.prefix_tokens_max=4000",
-         "wandb.mode=disabled", "output.plots=false"]
+SMALL = [
+    "model=smollm2_135m",
+    "sim.num_sessions=2",
+    "sim.progress=false",
+    "+workload.params.calls_mean=2",
+    "+workload.params.prefix_tokens_min=2000",
+    "+workload.params.prefix_tokens_max=4000",
+    "wandb.mode=disabled",
+    "output.plots=false",
+]
 
 
 def simulate(tmp_path, *args):
     env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "experiments.simulate", *SMALL, *args,
-                           f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.simulate", *SMALL, *args, f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_the_simulate_app_takes_the_options_from_the_command_line(tmp_path):
@@ -279,10 +332,13 @@ def test_the_simulate_app_takes_the_options_from_the_command_line(tmp_path):
     assert summary["kv_blocks_per_replica"] == int((80e9 * 0.9 - weights - GiB) // (kv * 16))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.kv_cache_dtype=fp16", "model.kv_cache_dtype must be one of auto, fp8_e4m3, got 'fp16'"),
-    ("model.quantization=int8", "model.quantization must be one of none, fp8, got 'int8'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.kv_cache_dtype=fp16", "model.kv_cache_dtype must be one of auto, fp8_e4m3, got 'fp16'"),
+        ("model.quantization=int8", "model.quantization must be one of none, fp8, got 'int8'"),
+    ],
+)
 def test_the_simulate_app_rejects_a_bad_value(tmp_path, override, message):
     proc = simulate(tmp_path, override)
     assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stderr[-2000:]

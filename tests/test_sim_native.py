@@ -54,8 +54,11 @@ def test_no_sim_module_imports_the_control_planes_private_core():
             assert not any(n == "controlplane._core" or n.startswith("controlplane._core.") for n in names), path
 
 
-@pytest.mark.parametrize("make", [cp.Scheduler, lambda **kw: _core.Scheduler(cp.SchedulerConfig(**kw).to_core())],
-                         ids=["controlplane.Scheduler", "_core.Scheduler"])
+@pytest.mark.parametrize(
+    "make",
+    [cp.Scheduler, lambda **kw: _core.Scheduler(cp.SchedulerConfig(**kw).to_core())],
+    ids=["controlplane.Scheduler", "_core.Scheduler"],
+)
 def test_fast_forward_drives_a_scheduler_made_by_the_control_plane(make):
     cost = roofline()
     sched = busy_scheduler(make)
@@ -105,6 +108,7 @@ def test_wrong_arguments_across_the_boundary_are_python_errors():
 def test_a_python_policy_raising_inside_the_fast_path_is_a_policy_error_and_stops_the_scheduler():
     """The policy's exception is thrown in controlplane._core (its trampoline) and passes through the
     scheduler code the fast path runs in sim._native: caught there, recorded, rethrown, translated."""
+
     @register_policy("ordering", "test_native_raises")
     class Raises(cp.OrderingPolicy):
         def key(self, r):
@@ -145,7 +149,7 @@ def test_a_python_policy_decides_inside_the_fast_path_as_in_the_step_by_step_loo
             plan = slow.step(now)
             now += cost.step_seconds(plan)
             n = plan.num_sampled
-            slow_order += [f.request_id for f in slow.commit(plan, pool[at:at + n], now)]
+            slow_order += [f.request_id for f in slow.commit(plan, pool[at : at + n], now)]
             at += n
         assert order == slow_order == [2, 1, 0] and r.now == now
     finally:

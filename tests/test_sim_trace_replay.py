@@ -17,9 +17,13 @@ def short_sessions(n: int, gap: float = 0.5) -> list[Session]:
 
 
 def trace_config(path, **sim) -> dict:
-    return {"model": {k: getattr(SMOL, k) for k in ModelSpec.__dataclass_fields__},
-            "hardware": tiny_hardware(4000), "workload": {"name": "trace", "params": {"path": str(path)}},
-            "sim": {"progress": False, **sim}, "wandb": {"mode": "disabled"}}
+    return {
+        "model": {k: getattr(SMOL, k) for k in ModelSpec.__dataclass_fields__},
+        "hardware": tiny_hardware(4000),
+        "workload": {"name": "trace", "params": {"path": str(path)}},
+        "sim": {"progress": False, **sim},
+        "wandb": {"mode": "disabled"},
+    }
 
 
 @pytest.fixture
@@ -44,8 +48,9 @@ def test_num_sessions_unset_replays_the_whole_trace_and_a_number_caps_it(trace_2
     assert whole.summary["num_requests"] == 500 and not any("replayed" in note for note in whole.notes)
     capped = Simulation(trace_config(trace_250, num_sessions=200, mode=mode)).run()
     assert capped.summary["num_sessions"] == 200 and capped.summary["num_requests"] == 400
-    assert capped.notes[0] == ("replayed the first 200 of the trace's 250 sessions "
-                               "(sim.num_sessions=200; null replays them all)")
+    assert capped.notes[0] == (
+        "replayed the first 200 of the trace's 250 sessions (sim.num_sessions=200; null replays them all)"
+    )
 
 
 def test_a_generated_workload_needs_a_number_of_sessions():

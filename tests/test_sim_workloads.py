@@ -169,15 +169,24 @@ def agentic_params(draw):
     median = draw(st.floats(0.01, 10))
     p90 = median * draw(st.floats(1, 50))
     return {
-        "session_rate": draw(st.floats(0.01, 100)), "arrival_cv": draw(st.floats(0.1, 4)),
-        "num_prefixes": draw(st.integers(0, 6)), "prefix_tokens_max": prefix_max,
+        "session_rate": draw(st.floats(0.01, 100)),
+        "arrival_cv": draw(st.floats(0.1, 4)),
+        "num_prefixes": draw(st.integers(0, 6)),
+        "prefix_tokens_max": prefix_max,
         "prefix_tokens_min": draw(st.integers(1, prefix_max)),
-        "new_tokens_max": new_max, "new_tokens_mean": draw(st.floats(1, new_max - 0.5)),
-        "new_tokens_sigma": draw(st.floats(0, 2.5)), "output_max": out_max,
-        "output_mean": draw(st.floats(1, out_max - 0.5)), "output_sigma": draw(st.floats(0, 2.5)),
-        "calls_mean": draw(st.floats(1, 30)), "calls_max": draw(st.integers(30, 100)),
-        "tool_pause_median": median, "tool_pause_p90": p90, "tool_pause_max": p90 * 2,
-        "human_pause_prob": draw(st.floats(0, 1)), "human_pause_mean": draw(st.floats(0.1, 1000)),
+        "new_tokens_max": new_max,
+        "new_tokens_mean": draw(st.floats(1, new_max - 0.5)),
+        "new_tokens_sigma": draw(st.floats(0, 2.5)),
+        "output_max": out_max,
+        "output_mean": draw(st.floats(1, out_max - 0.5)),
+        "output_sigma": draw(st.floats(0, 2.5)),
+        "calls_mean": draw(st.floats(1, 30)),
+        "calls_max": draw(st.integers(30, 100)),
+        "tool_pause_median": median,
+        "tool_pause_p90": p90,
+        "tool_pause_max": p90 * 2,
+        "human_pause_prob": draw(st.floats(0, 1)),
+        "human_pause_mean": draw(st.floats(0.1, 1000)),
         "context_max": prefix_max + new_max + out_max + draw(st.integers(0, 20_000)),
     }
 
@@ -186,12 +195,18 @@ def agentic_params(draw):
 def chat_params(draw):
     single = draw(st.floats(0, 0.99))
     return {
-        "session_rate": draw(st.floats(0.01, 100)), "single_turn_prob": single,
-        "turns_mean": draw(st.floats(2 - single, 20)), "turns_max": draw(st.integers(20, 80)),
-        "first_prompt_median": draw(st.floats(1, 500)), "later_prompt_median": draw(st.floats(1, 500)),
-        "prompt_sigma": draw(st.floats(0, 2)), "output_median": draw(st.floats(1, 500)),
-        "output_sigma": draw(st.floats(0, 2)), "think_time_median": draw(st.floats(0.01, 100)),
-        "think_time_sigma": draw(st.floats(0, 2)), "context_max": draw(st.integers(8192 + 2048, 20_000)),
+        "session_rate": draw(st.floats(0.01, 100)),
+        "single_turn_prob": single,
+        "turns_mean": draw(st.floats(2 - single, 20)),
+        "turns_max": draw(st.integers(20, 80)),
+        "first_prompt_median": draw(st.floats(1, 500)),
+        "later_prompt_median": draw(st.floats(1, 500)),
+        "prompt_sigma": draw(st.floats(0, 2)),
+        "output_median": draw(st.floats(1, 500)),
+        "output_sigma": draw(st.floats(0, 2)),
+        "think_time_median": draw(st.floats(0.01, 100)),
+        "think_time_sigma": draw(st.floats(0, 2)),
+        "context_max": draw(st.integers(8192 + 2048, 20_000)),
     }
 
 
@@ -201,8 +216,10 @@ def test_any_valid_agentic_params_give_well_formed_sessions_within_context(param
     sessions = make_workload("agentic_coding", params).sessions(8, seed)
     assert_well_formed(sessions)
     assert summarize(sessions)["context_tokens_max"] <= params["context_max"]
-    assert all(s.prefix_tokens == 0 or params["prefix_tokens_min"] <= s.prefix_tokens
-               <= params["prefix_tokens_max"] for s in sessions)
+    assert all(
+        s.prefix_tokens == 0 or params["prefix_tokens_min"] <= s.prefix_tokens <= params["prefix_tokens_max"]
+        for s in sessions
+    )
 
 
 @few_examples
@@ -220,10 +237,10 @@ def test_any_valid_swe_smith_params_give_turn_counts_in_range(turns_min, extra, 
     assert all(turns_min <= len(s.turns) <= turns_min + extra for s in sessions)
 
 
-turns = st.builds(Turn, st.integers(1, 10**6), st.integers(1, 10**5),
-                  st.floats(0, 1e6, allow_nan=False, allow_infinity=False))
-id_turns = st.lists(st.integers(0, 2**31), min_size=1, max_size=6).map(
-    lambda ids: Turn(len(ids), 3, 1.5, tuple(ids)))
+turns = st.builds(
+    Turn, st.integers(1, 10**6), st.integers(1, 10**5), st.floats(0, 1e6, allow_nan=False, allow_infinity=False)
+)
+id_turns = st.lists(st.integers(0, 2**31), min_size=1, max_size=6).map(lambda ids: Turn(len(ids), 3, 1.5, tuple(ids)))
 
 
 @st.composite
@@ -234,8 +251,15 @@ def trace_sessions(draw):
         body = draw(st.lists(turns | id_turns, min_size=1, max_size=4))
         body[-1] = Turn(body[-1].new_tokens, body[-1].output_tokens, 0.0, body[-1].new_token_ids)
         prefix_id = draw(st.integers(-1, 2))
-        sessions.append(Session(f"s{index}", draw(st.floats(0, 1e9)), prefix_id,
-                                0 if prefix_id == -1 else 100 * (prefix_id + 1), tuple(body)))
+        sessions.append(
+            Session(
+                f"s{index}",
+                draw(st.floats(0, 1e9)),
+                prefix_id,
+                0 if prefix_id == -1 else 100 * (prefix_id + 1),
+                tuple(body),
+            )
+        )
     return sorted(sessions, key=lambda s: s.start_time)
 
 
@@ -253,10 +277,16 @@ def test_any_sessions_round_trip_through_write_trace(sessions, tmp_path_factory)
 def test_example_trace_loads_sorted_by_start_with_contexts_replayed():
     sessions = make_workload("trace", {"path": EXAMPLE_TRACE}).sessions(10, seed=0)
     assert sessions == [
-        Session("agent-a", 0.0, 0, 2048, (Turn(1200, 300, 2.5), Turn(250, 180, 0.4), Turn(310, 95, 35.0),
-                                          Turn(60, 8, 0.0))),
-        Session("chat-b", 0.5, -1, 0, (Turn(5, 40, 12.0, (101, 2023, 2003, 1037, 3231)),
-                                       Turn(3, 25, 0.0, (2129, 2055, 1037)))),
+        Session(
+            "agent-a", 0.0, 0, 2048, (Turn(1200, 300, 2.5), Turn(250, 180, 0.4), Turn(310, 95, 35.0), Turn(60, 8, 0.0))
+        ),
+        Session(
+            "chat-b",
+            0.5,
+            -1,
+            0,
+            (Turn(5, 40, 12.0, (101, 2023, 2003, 1037, 3231)), Turn(3, 25, 0.0, (2129, 2055, 1037))),
+        ),
         Session("agent-c", 1.5, 0, 2048, (Turn(900, 220, 0.3), Turn(120, 512, 0.0))),
     ]
 
@@ -300,8 +330,10 @@ BAD_LINES = [
     (json.dumps({**GOOD, "session_id": "b", "arrival_time": -2}), "'arrival_time'"),
     ('{"session_id": "b", "arrival_time": NaN, "prompt_tokens": 1, "output_tokens": 1}', "'arrival_time'"),
     (json.dumps({**GOOD, "prompt_tokens": None}), "'prompt_tokens'"),
-    (json.dumps({k: v for k, v in GOOD.items() if k != "prompt_tokens"} | {"prompt_token_ids": []}),
-     "'prompt_token_ids'"),
+    (
+        json.dumps({k: v for k, v in GOOD.items() if k != "prompt_tokens"} | {"prompt_token_ids": []}),
+        "'prompt_token_ids'",
+    ),
     (json.dumps({**GOOD, "prompt_tokens": 0}), "'prompt_tokens'"),
     (json.dumps({**GOOD, "tokens": 3}), "unknown fields"),
     (json.dumps({**GOOD, "prefix_id": 1, "prefix_tokens": 9}), "first line"),
@@ -366,8 +398,10 @@ def test_bad_values_are_rejected_naming_the_parameter(name, params, param):
         make_workload(name, params)
 
 
-@pytest.mark.parametrize("kwargs", [{"num_sessions": -1, "seed": 0}, {"num_sessions": 3, "seed": -1},
-                                    {"num_sessions": 3, "seed": 0, "rate": 0.0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"num_sessions": -1, "seed": 0}, {"num_sessions": 3, "seed": -1}, {"num_sessions": 3, "seed": 0, "rate": 0.0}],
+)
 def test_bad_call_arguments_are_rejected(kwargs):
     with pytest.raises(ValueError):
         make_workload("chat").sessions(**kwargs)

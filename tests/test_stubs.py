@@ -27,8 +27,13 @@ BENIGN = (
 
 
 def stubtest_errors(*extra: str) -> list[str]:
-    proc = subprocess.run([sys.executable, "-m", "mypy.stubtest", *MODULES, "--concise", *extra], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", *MODULES, "--concise", *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     if proc.returncode not in (0, 1) or (proc.returncode == 1 and not lines):
         pytest.fail(f"stubtest did not run (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -49,7 +54,12 @@ def test_stubtest_sees_a_name_the_module_lacks(tmp_path):
     stub = (REPO / "controlplane" / "_core.pyi").read_text() + "\ndef no_such_function(x: int) -> int: ...\n"
     (pkg / "_core.pyi").write_text(stub)
     (pkg / "__init__.pyi").write_text("")
-    proc = subprocess.run([sys.executable, "-m", "mypy.stubtest", "controlplane._core", "--concise"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "MYPYPATH": str(tmp_path)})  # this stub is found first
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "controlplane._core", "--concise"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MYPYPATH": str(tmp_path)},
+    )  # this stub is found first
     assert "controlplane._core.no_such_function is not present at runtime" in proc.stdout, proc.stdout[-2000:]

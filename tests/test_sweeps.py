@@ -11,32 +11,54 @@ from pathlib import Path
 
 import pytest
 
-SMALL = ["model=smollm2_135m", "sim.num_sessions=3", "sim.progress=false", "+workload.params.calls_mean=2",
-         "+workload.params.prefix_tokens_min=2000", "+workload.params.prefix_tokens_max=4000",
-         "output.plots=false"]
+SMALL = [
+    "model=smollm2_135m",
+    "sim.num_sessions=3",
+    "sim.progress=false",
+    "+workload.params.calls_mean=2",
+    "+workload.params.prefix_tokens_min=2000",
+    "+workload.params.prefix_tokens_max=4000",
+    "output.plots=false",
+]
 TWO_POINTS = [*SMALL, "policy=lru,ttl", "sim.seed=3"]
 WALL_CLOCK = {"wall_seconds", "requests_per_wall_min", "steps_per_wall_s"}  # differ run to run
 
 
 def app(cwd: Path, module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=240, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def summaries(sweep: Path) -> dict[str, dict]:
     """Each run's summary.json by its job dir (0_lru, 1_ttl), less the wall-clock figures."""
-    return {p.parent.name: {k: v for k, v in json.loads(p.read_text()).items() if k not in WALL_CLOCK}
-            for p in sorted(sweep.glob("*/summary.json"))}
+    return {
+        p.parent.name: {k: v for k, v in json.loads(p.read_text()).items() if k not in WALL_CLOCK}
+        for p in sorted(sweep.glob("*/summary.json"))
+    }
 
 
 @pytest.fixture(scope="module")
 def joblib_sweep(tmp_path_factory) -> Path:
     sweep = tmp_path_factory.mktemp("joblib") / "sweep"
-    app(sweep.parent, "experiments.simulate", "-m", *TWO_POINTS, "wandb.mode=disabled", "hydra/launcher=joblib",
-        f"hydra.sweep.dir={sweep}")
+    app(
+        sweep.parent,
+        "experiments.simulate",
+        "-m",
+        *TWO_POINTS,
+        "wandb.mode=disabled",
+        "hydra/launcher=joblib",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert sorted(summaries(sweep)) == ["0_lru", "1_ttl"]
     return sweep
 
@@ -53,8 +75,15 @@ def assert_same_sweep(sweep: Path, reference: Path) -> None:
 def test_launcher_sweep_matches_joblib(tmp_path, joblib_sweep, launcher):
     # ray: a local Ray instance the launcher starts; submitit_local: one process per job, as on SLURM
     sweep = tmp_path / "sweep"
-    proc = app(tmp_path, "experiments.simulate", "-m", *TWO_POINTS, "wandb.mode=offline",
-               f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep}")
+    proc = app(
+        tmp_path,
+        "experiments.simulate",
+        "-m",
+        *TWO_POINTS,
+        "wandb.mode=offline",
+        f"hydra/launcher={launcher}",
+        f"hydra.sweep.dir={sweep}",
+    )
     assert " lru " in proc.stdout and " ttl " in proc.stdout  # the comparison table
     assert_same_sweep(sweep, joblib_sweep)
 
@@ -66,8 +95,16 @@ def test_ray_cluster_launcher_joins_an_existing_two_node_cluster(tmp_path, jobli
     try:
         cluster.add_node(num_cpus=1)
         sweep = tmp_path / "sweep"
-        app(tmp_path, "experiments.simulate", "-m", *TWO_POINTS, "wandb.mode=offline", "hydra/launcher=ray_cluster",
-            f"hydra.sweep.dir={sweep}", env={"RAY_ADDRESS": cluster.address})
+        app(
+            tmp_path,
+            "experiments.simulate",
+            "-m",
+            *TWO_POINTS,
+            "wandb.mode=offline",
+            "hydra/launcher=ray_cluster",
+            f"hydra.sweep.dir={sweep}",
+            env={"RAY_ADDRESS": cluster.address},
+        )
         assert_same_sweep(sweep, joblib_sweep)
     finally:
         cluster.shutdown()
@@ -76,11 +113,29 @@ def test_ray_cluster_launcher_joins_an_existing_two_node_cluster(tmp_path, jobli
 def test_optuna_trials_are_told_their_runs_objective(tmp_path):
     study = tmp_path / "study.yaml"
     overrides = ["policy=ttl", "policy.eviction='ttl:ttl={ttl}'", *SMALL]
-    study.write_text("\n".join(["objective: ttft_s_p90", "direction: minimize", "params:", "  ttl: choice(0, 300)",
-                                "overrides:", *(f"  - {o}" for o in overrides), "n_trials: 3", "batch_size: 2"]))
+    study.write_text(
+        "\n".join(
+            [
+                "objective: ttft_s_p90",
+                "direction: minimize",
+                "params:",
+                "  ttl: choice(0, 300)",
+                "overrides:",
+                *(f"  - {o}" for o in overrides),
+                "n_trials: 3",
+                "batch_size: 2",
+            ]
+        )
+    )
     sweep = tmp_path / "sweep"
-    proc = app(tmp_path, "experiments.sweep_optuna", str(study), "wandb.mode=disabled", "hydra/launcher=joblib",
-               f"hydra.sweep.dir={sweep}")
+    proc = app(
+        tmp_path,
+        "experiments.sweep_optuna",
+        str(study),
+        "wandb.mode=disabled",
+        "hydra/launcher=joblib",
+        f"hydra.sweep.dir={sweep}",
+    )
     runs = summaries(sweep)
     assert sorted(runs) == ["0_ttl", "1_ttl", "2_ttl"]
     assert " ttl " in proc.stdout  # the app's comparison table closes the study as it does a sweep

@@ -36,8 +36,8 @@ PYBIND11_MODULE(_native, m) {
       .def_static(
           "roofline",
           [](double overhead_s, double swap_token_s, std::vector<double> breaks,
-             std::vector<std::pair<double, double>> pieces, double head_flop_s, double head_weight_s,
-             double head_act_s, double attn_pair_s, double attn_kv_s) {
+             std::vector<std::pair<double, double>> pieces, double head_flop_s, double head_weight_s, double head_act_s,
+             double attn_pair_s, double attn_kv_s) {
             RooflineCoefficients c;
             c.overhead_s = overhead_s;
             c.swap_token_s = swap_token_s;
@@ -53,16 +53,15 @@ PYBIND11_MODULE(_native, m) {
             c.attn_kv_s = attn_kv_s;
             return StepCost::roofline(std::move(c));
           },
-          py::arg("overhead_s"), py::arg("swap_token_s"), py::arg("breaks"), py::arg("pieces"),
-          py::arg("head_flop_s"), py::arg("head_weight_s"), py::arg("head_act_s"), py::arg("attn_pair_s"),
-          py::arg("attn_kv_s"))
+          py::arg("overhead_s"), py::arg("swap_token_s"), py::arg("breaks"), py::arg("pieces"), py::arg("head_flop_s"),
+          py::arg("head_weight_s"), py::arg("head_act_s"), py::arg("attn_pair_s"), py::arg("attn_kv_s"))
       .def_static(
           "profile",
           [](const std::vector<std::tuple<std::string, double, double>>& graph_terms,
              const std::vector<std::tuple<std::string, double, double>>& eager_terms,
              const std::vector<std::pair<std::string, double>>& graph_limits,
-             const std::vector<std::pair<std::string, double>>& eager_limits, bool graph_observed,
-             bool eager_observed, int max_graph_batch) {
+             const std::vector<std::pair<std::string, double>>& eager_limits, bool graph_observed, bool eager_observed,
+             int max_graph_batch) {
             auto path = [](const auto& terms, const auto& limits, bool observed) {
               ProfilePath p;
               for (const auto& [name, knot, coef] : terms) p.terms.push_back({basis_named(name), knot, coef});
@@ -86,7 +85,7 @@ PYBIND11_MODULE(_native, m) {
              std::vector<int32_t> query_lens, std::vector<int32_t> cached_lens) {
             TANDEM_REQUIRE(query_lens.size() == cached_lens.size(),
                            "StepCost.seconds: query_lens and cached_lens must have one entry per request");
-            StepFeatures f{num_tokens, num_reqs, num_sampled, attn_pairs, kv_read_tokens,
+            StepFeatures f{num_tokens,          num_reqs,          num_sampled, attn_pairs, kv_read_tokens,
                            num_swap_out_blocks, num_swap_in_blocks};
             f.num_decode_reqs = num_decode_reqs;
             f.decode_kv_tokens = decode_kv_tokens;
@@ -103,10 +102,12 @@ PYBIND11_MODULE(_native, m) {
           py::arg("block_size"), py::arg("num_decode_reqs") = 0.0, py::arg("decode_kv_tokens") = 0.0,
           py::arg("follows_decode") = 0.0, py::arg("continues_decode") = 0.0,
           py::arg("query_lens") = std::vector<int32_t>{}, py::arg("cached_lens") = std::vector<int32_t>{})
-      .def_property_readonly("num_steps", [](const StepCost& c) { return c.counts().steps; },
-                             "Steps priced so far, by this cost and every copy of it (fast paths).")
-      .def_property_readonly("num_extrapolated", [](const StepCost& c) { return c.counts().extrapolated; },
-                             "Of those, steps outside what the profile covered (profile costs only).")
+      .def_property_readonly(
+          "num_steps", [](const StepCost& c) { return c.counts().steps; },
+          "Steps priced so far, by this cost and every copy of it (fast paths).")
+      .def_property_readonly(
+          "num_extrapolated", [](const StepCost& c) { return c.counts().extrapolated; },
+          "Of those, steps outside what the profile covered (profile costs only).")
       .def("reset_counts", &StepCost::reset_counts)
       .def("plan_seconds", [](const StepCost& c, const Plan& plan) { return c.seconds(plan); }, py::arg("plan"));
 
@@ -119,8 +120,8 @@ PYBIND11_MODULE(_native, m) {
       .def_readonly("samples", &ForwardResult::samples)
       .def_readonly("sample_at", &ForwardResult::sample_at)
       .def_property_readonly("num_steps", [](const ForwardResult& r) { return r.starts.size(); })
-      .def_property_readonly(
-          "plan", py::cpp_function([](const ForwardResult& r) { return r.plan; }, py::keep_alive<0, 1>()))
+      .def_property_readonly("plan",
+                             py::cpp_function([](const ForwardResult& r) { return r.plan; }, py::keep_alive<0, 1>()))
       .def_readonly("plan_seconds", &ForwardResult::plan_seconds)
       .def_readonly("now", &ForwardResult::now)
       .def_readonly("token_at", &ForwardResult::token_at);
@@ -132,8 +133,8 @@ PYBIND11_MODULE(_native, m) {
            py::arg("cost"), py::arg("token_pool"))
       .def("advance", &FastForward::advance, py::arg("scheduler"), py::arg("now"), py::arg("horizon"),
            py::arg("sample_at"), py::arg("sample_interval"), py::arg("token_at"),
-           py::arg("max_steps") = int64_t{1} << 40,
-           py::keep_alive<0, 2>(), "Runs steps from `now` while they end before `horizon` (csrc/sim/fast_forward.h).")
+           py::arg("max_steps") = int64_t{1} << 40, py::keep_alive<0, 2>(),
+           "Runs steps from `now` while they end before `horizon` (csrc/sim/fast_forward.h).")
       .def_property_readonly("cost", &FastForward::cost);
 
   py::class_<ClusterResult>(m, "ClusterResult")

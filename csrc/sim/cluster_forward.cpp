@@ -84,8 +84,8 @@ ClusterResult ClusterForward::advance(double h_time, int h_priority, int64_t h_e
     const int i = earliest();
     if (i < 0) break;
     Slot& s = slots_[i];
-    const bool before = s.end < h_time ||
-                        (s.end == h_time && (kNormal < h_priority || (kNormal == h_priority && s.eid < h_eid)));
+    const bool before =
+        s.end < h_time || (s.end == h_time && (kNormal < h_priority || (kNormal == h_priority && s.eid < h_eid)));
     if (!before) break;
     const double end = s.end;
     const int64_t eid = s.eid;

@@ -34,12 +34,12 @@ struct ClusterResult {
   std::vector<int32_t> num_tokens, num_reqs;
   // KV samples: (step start, replica, used, cached, free blocks) after that step's commit.
   std::vector<std::tuple<double, int, int, int, int>> samples;
-  int32_t stopped = -1;     // the replica whose last commit needs Python, or -1 (the horizon came first)
-  bool idle = false;        // it has nothing runnable: no unfinished request, or an empty plan (committed)
+  int32_t stopped = -1;  // the replica whose last commit needs Python, or -1 (the horizon came first)
+  bool idle = false;  // it has nothing runnable: no unfinished request, or an empty plan (committed)
   std::vector<FinishedRequest> finished;  // what that commit finished
-  double stop_time = 0.0;   // the end of that step
-  int64_t stop_eid = 0;     // the eid of that step's timeout
-  int64_t next_eid = 0;     // the environment's eid counter after the plans made here
+  double stop_time = 0.0;  // the end of that step
+  int64_t stop_eid = 0;  // the eid of that step's timeout
+  int64_t next_eid = 0;  // the environment's eid counter after the plans made here
 };
 
 class ClusterForward {

@@ -30,10 +30,10 @@ StepFeatures features_of(const Plan& plan) {
 
 namespace {
 
-const char* const kBasisNames[] = {"one",          "tokens",     "reqs",       "sampled",     "sampled_any",
-                                   "decode_reqs",  "prefill_reqs", "decode_kv", "prefill_pairs", "prefill_kv",
-                                   "strict",       "dropped",    "dropped_kv", "swap_out",    "swap_in",
-                                   "tokens_over",  "reqs_over",  "prefill_waves_kv"};
+const char* const kBasisNames[] = {
+    "one",          "tokens",    "reqs",          "sampled",     "sampled_any", "decode_reqs",
+    "prefill_reqs", "decode_kv", "prefill_pairs", "prefill_kv",  "strict",      "dropped",
+    "dropped_kv",   "swap_out",  "swap_in",       "tokens_over", "reqs_over",   "prefill_waves_kv"};
 
 }  // namespace
 
@@ -51,23 +51,40 @@ double basis_value(Basis basis, double knot, const StepFeatures& f) {
   const bool strict = f.continues_decode == 0.0;
   const bool dropped = f.follows_decode != 0.0 && strict;
   switch (basis) {
-    case Basis::kOne: return 1.0;
-    case Basis::kTokens: return f.num_tokens;
-    case Basis::kReqs: return f.num_reqs;
-    case Basis::kSampled: return f.num_sampled;
-    case Basis::kSampledAny: return f.num_sampled > 0 ? 1.0 : 0.0;
-    case Basis::kDecodeReqs: return f.num_decode_reqs;
-    case Basis::kPrefillReqs: return f.num_reqs - f.num_decode_reqs;
-    case Basis::kDecodeKv: return f.decode_kv_tokens;
-    case Basis::kPrefillPairs: return f.attn_pairs - f.decode_kv_tokens;
-    case Basis::kPrefillKv: return f.kv_read_tokens - f.decode_kv_tokens;
-    case Basis::kStrict: return strict ? 1.0 : 0.0;
-    case Basis::kDropped: return dropped ? 1.0 : 0.0;
-    case Basis::kDroppedKv: return dropped ? f.decode_kv_tokens : 0.0;
-    case Basis::kSwapOut: return f.num_swap_out_blocks;
-    case Basis::kSwapIn: return f.num_swap_in_blocks;
-    case Basis::kTokensOver: return f.num_tokens > knot ? f.num_tokens - knot : 0.0;
-    case Basis::kReqsOver: return f.num_reqs > knot ? f.num_reqs - knot : 0.0;
+    case Basis::kOne:
+      return 1.0;
+    case Basis::kTokens:
+      return f.num_tokens;
+    case Basis::kReqs:
+      return f.num_reqs;
+    case Basis::kSampled:
+      return f.num_sampled;
+    case Basis::kSampledAny:
+      return f.num_sampled > 0 ? 1.0 : 0.0;
+    case Basis::kDecodeReqs:
+      return f.num_decode_reqs;
+    case Basis::kPrefillReqs:
+      return f.num_reqs - f.num_decode_reqs;
+    case Basis::kDecodeKv:
+      return f.decode_kv_tokens;
+    case Basis::kPrefillPairs:
+      return f.attn_pairs - f.decode_kv_tokens;
+    case Basis::kPrefillKv:
+      return f.kv_read_tokens - f.decode_kv_tokens;
+    case Basis::kStrict:
+      return strict ? 1.0 : 0.0;
+    case Basis::kDropped:
+      return dropped ? 1.0 : 0.0;
+    case Basis::kDroppedKv:
+      return dropped ? f.decode_kv_tokens : 0.0;
+    case Basis::kSwapOut:
+      return f.num_swap_out_blocks;
+    case Basis::kSwapIn:
+      return f.num_swap_in_blocks;
+    case Basis::kTokensOver:
+      return f.num_tokens > knot ? f.num_tokens - knot : 0.0;
+    case Basis::kReqsOver:
+      return f.num_reqs > knot ? f.num_reqs - knot : 0.0;
     case Basis::kPrefillWavesKv: {
       double sum = 0.0;
       for (int64_t i = 0; i < f.rows; ++i) {

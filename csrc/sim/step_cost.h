@@ -62,8 +62,24 @@ struct RooflineCoefficients {
 //   prefill_waves_kv  sum over rows with q > 1 of (c + q) * ceil(q / knot): a prefill's attention runs
 //                     in waves of query tiles, each reading the whole context (0 without the rows)
 enum class Basis : int {
-  kOne, kTokens, kReqs, kSampled, kSampledAny, kDecodeReqs, kPrefillReqs, kDecodeKv, kPrefillPairs,
-  kPrefillKv, kStrict, kDropped, kDroppedKv, kSwapOut, kSwapIn, kTokensOver, kReqsOver, kPrefillWavesKv
+  kOne,
+  kTokens,
+  kReqs,
+  kSampled,
+  kSampledAny,
+  kDecodeReqs,
+  kPrefillReqs,
+  kDecodeKv,
+  kPrefillPairs,
+  kPrefillKv,
+  kStrict,
+  kDropped,
+  kDroppedKv,
+  kSwapOut,
+  kSwapIn,
+  kTokensOver,
+  kReqsOver,
+  kPrefillWavesKv
 };
 Basis basis_named(const std::string& name);  // throws InvalidInput naming the known ones
 double basis_value(Basis basis, double knot, const StepFeatures& f);

@@ -156,12 +156,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @register("add_rms_norm", "jax")
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual) (see torch_ops.add_rms_norm)."""
     t, tb = x.shape[0], bucket(x.shape[0])
-    y, summed = _add_rms_jit(_to_jax(_pad_rows(x, tb)), _to_jax(_pad_rows(residual, tb)),
-                             _to_jax(weight), eps=float(eps))
+    y, summed = _add_rms_jit(
+        _to_jax(_pad_rows(x, tb)), _to_jax(_pad_rows(residual, tb)), _to_jax(weight), eps=float(eps)
+    )
     return _to_torch(y)[:t], _to_torch(summed)[:t]
 
 
@@ -181,21 +183,33 @@ def _rotary_jit(positions: jax.Array, q: jax.Array, k: jax.Array, cos_sin: jax.A
 
 
 @register("rotary_embedding", "jax")
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half rotary embedding; new (q, k) in the inputs' dtypes (see torch_ops)."""
     t, tb = q.shape[0], bucket(q.shape[0])
-    qr, kr = _rotary_jit(_index_to_jax(_pad_rows(positions, tb)), _to_jax(_pad_rows(q, tb)),
-                         _to_jax(_pad_rows(k, tb)), _to_jax(cos_sin))
+    qr, kr = _rotary_jit(
+        _index_to_jax(_pad_rows(positions, tb)), _to_jax(_pad_rows(q, tb)), _to_jax(_pad_rows(k, tb)), _to_jax(cos_sin)
+    )
     return _to_torch(qr)[:t], _to_torch(kr)[:t]
 
 
 @register("rotary_write_kv", "jax")
-def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
-                    k_norm: torch.Tensor | None = None, eps: float = 1e-6, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def rotary_write_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """[q/k RMSNorm,] rotary in JAX, then k and v stored by torch's write_kv; returns the rotated q."""
     if q_norm is not None:
         q = rms_norm(q, q_norm, eps)
@@ -232,9 +246,17 @@ def _chunk_blocks(r: int, q: int, hq: int, hk: int, d: int, bs: int, width: int,
     return cb
 
 
-def _paged_attention(q: jax.Array, qpos: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-                     blocks: jax.Array, scale: float, chunk_elements: int, k_scale: jax.Array | None = None,
-                     v_scale: jax.Array | None = None) -> jax.Array:
+def _paged_attention(
+    q: jax.Array,
+    qpos: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    blocks: jax.Array,
+    scale: float,
+    chunk_elements: int,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
+) -> jax.Array:
     """Flash-style attention of per-request queries over their paged contexts.
 
     Args:
@@ -271,8 +293,7 @@ def _paged_attention(q: jax.Array, qpos: jax.Array, k_cache: jax.Array, v_cache:
         v = v_cache[blk].reshape(r, ct, hk, d)
         if fp8:  # e4m3 -> q's dtype is exact; the scales go on the columns
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        s = jnp.einsum("rqhgd,rkhd->rhgqk", qg, k, precision=precision,
-                       preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("rqhgd,rkhd->rhgqk", qg, k, precision=precision, preferred_element_type=jnp.float32) * scale
         if fp8:
             s = s * columns(k_scale, blk)
         kpos = c * ct + jnp.arange(ct)
@@ -283,8 +304,9 @@ def _paged_attention(q: jax.Array, qpos: jax.Array, k_cache: jax.Array, v_cache:
         p = jnp.exp(s - m_safe[..., None])
         alpha = jnp.exp(m - m_safe)
         pw = p * columns(v_scale, blk) if fp8 else p  # l sums the unscaled p
-        pv = jnp.einsum("rhgqk,rkhd->rhgqd", pw.astype(v.dtype), v, precision=precision,
-                        preferred_element_type=jnp.float32)
+        pv = jnp.einsum(
+            "rhgqk,rkhd->rhgqd", pw.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32
+        )
         return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + pv
 
     m0 = jnp.full((r, hk, group, nq), -jnp.inf, jnp.float32)
@@ -296,12 +318,24 @@ def _paged_attention(q: jax.Array, qpos: jax.Array, k_cache: jax.Array, v_cache:
 
 
 @partial(jax.jit, static_argnames=("max_q", "scale", "chunk_elements"))
-def _prefill_jit(q, k_cache, v_cache, query_start_loc, seq_lens, block_table, k_scale, v_scale, *, max_q: int,
-                 scale: float, chunk_elements: int):
+def _prefill_jit(
+    q,
+    k_cache,
+    v_cache,
+    query_start_loc,
+    seq_lens,
+    block_table,
+    k_scale,
+    v_scale,
+    *,
+    max_q: int,
+    scale: float,
+    chunk_elements: int,
+):
     starts, ends = query_start_loc[:-1], query_start_loc[1:]
     qlen = ends - starts
     i = jnp.arange(max_q)
-    valid = i[None, :] < qlen[:, None]                               # [R, Q]
+    valid = i[None, :] < qlen[:, None]  # [R, Q]
     qpos = jnp.where(valid, seq_lens[:, None] - qlen[:, None] + i[None, :], -1)
     tok = jnp.where(valid, starts[:, None] + i[None, :], 0)
     out = _paged_attention(q[tok], qpos, k_cache, v_cache, block_table, scale, chunk_elements, k_scale, v_scale)
@@ -312,8 +346,9 @@ def _prefill_jit(q, k_cache, v_cache, query_start_loc, seq_lens, block_table, k_
     return out[req, slot].astype(q.dtype)
 
 
-def _scales_to_jax(k_cache: torch.Tensor, k_scale: torch.Tensor | None,
-                   v_scale: torch.Tensor | None) -> tuple[jax.Array | None, jax.Array | None]:
+def _scales_to_jax(
+    k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+) -> tuple[jax.Array | None, jax.Array | None]:
     """An FP8 cache's scales as JAX views (contract checked), or (None, None)."""
     if not torch_ops.check_kv_scales(k_cache, k_scale, v_scale):
         return None, None
@@ -321,10 +356,17 @@ def _scales_to_jax(k_cache: torch.Tensor, k_scale: torch.Tensor | None,
 
 
 @register("prefill_attention", "jax")
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                      scale: float, k_scale: torch.Tensor | None = None,
-                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Causal paged attention of packed queries, cached prefix included (see torch_ops).
 
     Reads the longest query length on the host (one sync) to size the query bucket.
@@ -337,11 +379,19 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     max_q = bucket(int((query_start_loc[1:] - query_start_loc[:-1]).max()), floor=1)
     # padded requests repeat the last start: zero query tokens, zero context
     qsl = _pad_rows(query_start_loc, rb + 1, 0)
-    qsl[r + 1:] = query_start_loc[-1]
-    out = _prefill_jit(_to_jax(_pad_rows(q, tb)), _cache_to_jax(k_cache), _cache_to_jax(v_cache),
-                       _index_to_jax(qsl), _index_to_jax(_pad_rows(seq_lens, rb)),
-                       _index_to_jax(_pad(block_table, (rb, wb), -1)), *scales, max_q=max_q, scale=float(scale),
-                       chunk_elements=_CHUNK_ELEMENTS)
+    qsl[r + 1 :] = query_start_loc[-1]
+    out = _prefill_jit(
+        _to_jax(_pad_rows(q, tb)),
+        _cache_to_jax(k_cache),
+        _cache_to_jax(v_cache),
+        _index_to_jax(qsl),
+        _index_to_jax(_pad_rows(seq_lens, rb)),
+        _index_to_jax(_pad(block_table, (rb, wb), -1)),
+        *scales,
+        max_q=max_q,
+        scale=float(scale),
+        chunk_elements=_CHUNK_ELEMENTS,
+    )
     return _to_torch(out)[:t]
 
 
@@ -353,9 +403,16 @@ def _decode_jit(q, k_cache, v_cache, seq_lens, block_table, k_scale, v_scale, *,
 
 
 @register("decode_attention", "jax")
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One query token per request over its whole paged context (see torch_ops)."""
     scales = _scales_to_jax(k_cache, k_scale, v_scale)
     b = q.shape[0]
@@ -363,9 +420,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return torch.empty_like(q)
     bb, wb = bucket(b), bucket(block_table.shape[1])
     # padded requests have seq_len 0: their query sits at -1 and sees nothing
-    out = _decode_jit(_to_jax(_pad_rows(q, bb)), _cache_to_jax(k_cache), _cache_to_jax(v_cache),
-                      _index_to_jax(_pad_rows(seq_lens, bb)), _index_to_jax(_pad(block_table, (bb, wb), -1)),
-                      *scales, scale=float(scale), chunk_elements=_CHUNK_ELEMENTS)
+    out = _decode_jit(
+        _to_jax(_pad_rows(q, bb)),
+        _cache_to_jax(k_cache),
+        _cache_to_jax(v_cache),
+        _index_to_jax(_pad_rows(seq_lens, bb)),
+        _index_to_jax(_pad(block_table, (bb, wb), -1)),
+        *scales,
+        scale=float(scale),
+        chunk_elements=_CHUNK_ELEMENTS,
+    )
     return _to_torch(out)[:b]
 
 
@@ -383,14 +447,24 @@ def _penalties_jit(logits, seen, output_counts, repetition, presence, frequency)
 
 
 @register("apply_penalties", "jax")
-def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor,
-                    repetition: torch.Tensor, presence: torch.Tensor,
-                    frequency: torch.Tensor) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    output_counts: torch.Tensor,
+    repetition: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+) -> torch.Tensor:
     """Repetition / presence / frequency penalties on float32 logits [S, V] (see torch_ops)."""
     s, sb = logits.shape[0], bucket(logits.shape[0], floor=1)
-    out = _penalties_jit(_to_jax(_pad_rows(logits, sb)), _to_jax(_pad_rows(seen, sb, False)),
-                         _index_to_jax(_pad_rows(output_counts, sb)), _to_jax(_pad_rows(repetition, sb, 1.0)),
-                         _to_jax(_pad_rows(presence, sb)), _to_jax(_pad_rows(frequency, sb)))
+    out = _penalties_jit(
+        _to_jax(_pad_rows(logits, sb)),
+        _to_jax(_pad_rows(seen, sb, False)),
+        _index_to_jax(_pad_rows(output_counts, sb)),
+        _to_jax(_pad_rows(repetition, sb, 1.0)),
+        _to_jax(_pad_rows(presence, sb)),
+        _to_jax(_pad_rows(frequency, sb)),
+    )
     return _to_torch(out)[:s]
 
 
@@ -415,12 +489,17 @@ def _top_k_top_p_min_p_jit(logits, top_k, top_p, min_p):
 
 
 @register("top_k_top_p_min_p", "jax")
-def top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                      min_p: torch.Tensor) -> torch.Tensor:
+def top_k_top_p_min_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
     """Sets logits outside each row's top-k / top-p / min-p sets to -inf (see torch_ops)."""
     s, sb = logits.shape[0], bucket(logits.shape[0], floor=1)
-    out = _top_k_top_p_min_p_jit(_to_jax(_pad_rows(logits, sb)), _index_to_jax(_pad_rows(top_k, sb)),
-                                 _to_jax(_pad_rows(top_p, sb, 1.0)), _to_jax(_pad_rows(min_p, sb)))
+    out = _top_k_top_p_min_p_jit(
+        _to_jax(_pad_rows(logits, sb)),
+        _index_to_jax(_pad_rows(top_k, sb)),
+        _to_jax(_pad_rows(top_p, sb, 1.0)),
+        _to_jax(_pad_rows(min_p, sb)),
+    )
     return _to_torch(out)[:s]
 
 
@@ -429,8 +508,16 @@ def compiled_shapes() -> int | None:
 
     Tests check the bucketing with it; it relies on jit's private `_cache_size`.
     """
-    fns = (_rms_jit, _add_rms_jit, _rotary_jit, _silu_and_mul_jit, _prefill_jit, _decode_jit,
-           _penalties_jit, _top_k_top_p_min_p_jit)
+    fns = (
+        _rms_jit,
+        _add_rms_jit,
+        _rotary_jit,
+        _silu_and_mul_jit,
+        _prefill_jit,
+        _decode_jit,
+        _penalties_jit,
+        _top_k_top_p_min_p_jit,
+    )
     if not all(hasattr(fn, "_cache_size") for fn in fns):
         return None
     return sum(fn._cache_size() for fn in fns)

@@ -27,19 +27,19 @@ from typing import Callable, Mapping, Sequence
 log = logging.getLogger(__name__)
 
 OPS: tuple[str, ...] = (
-    "rms_norm",            # (x[T,H], weight[H], eps) -> y
-    "add_rms_norm",        # (x[T,H], residual[T,H], weight[H], eps) -> (y, x + residual)
-    "rotary_embedding",    # (positions[T], q[T,Hq,D], k[T,Hk,D], cos_sin[P,D]) -> (q, k)
-    "silu_and_mul",        # (x[T,2F]) -> silu(x[:, :F]) * x[:, F:]
-    "write_kv",            # (k[T,Hk,D], v[T,Hk,D], k_cache, v_cache, slot_mapping[T][, k_scale, v_scale]) -> None,
-                           #   in place (FP8 caches: quantized, scales stored)
-    "rotary_write_kv",     # (positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping[, q_norm, k_norm, eps,
-                           #   k_scale, v_scale]) -> rotated q; k rotated and v stored in the cache:
-                           #   rotary_embedding + write_kv
-    "prefill_attention",   # paged, causal, with a cached prefix[, k_scale, v_scale]: see torch_ops.prefill_attention
-    "decode_attention",    # paged, one query token per request[, k_scale, v_scale]: see torch_ops.decode_attention
-    "apply_penalties",     # repetition / presence / frequency penalties on logits
-    "top_k_top_p_min_p",   # masks logits outside top-k / top-p / min-p with -inf
+    "rms_norm",  # (x[T,H], weight[H], eps) -> y
+    "add_rms_norm",  # (x[T,H], residual[T,H], weight[H], eps) -> (y, x + residual)
+    "rotary_embedding",  # (positions[T], q[T,Hq,D], k[T,Hk,D], cos_sin[P,D]) -> (q, k)
+    "silu_and_mul",  # (x[T,2F]) -> silu(x[:, :F]) * x[:, F:]
+    "write_kv",  # (k[T,Hk,D], v[T,Hk,D], k_cache, v_cache, slot_mapping[T][, k_scale, v_scale]) -> None,
+    #   in place (FP8 caches: quantized, scales stored)
+    "rotary_write_kv",  # (positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping[, q_norm, k_norm, eps,
+    #   k_scale, v_scale]) -> rotated q; k rotated and v stored in the cache:
+    #   rotary_embedding + write_kv
+    "prefill_attention",  # paged, causal, with a cached prefix[, k_scale, v_scale]: see torch_ops.prefill_attention
+    "decode_attention",  # paged, one query token per request[, k_scale, v_scale]: see torch_ops.decode_attention
+    "apply_penalties",  # repetition / presence / frequency penalties on logits
+    "top_k_top_p_min_p",  # masks logits outside top-k / top-p / min-p with -inf
 )
 
 BACKENDS: tuple[str, ...] = ("torch", "triton", "jax")
@@ -141,8 +141,9 @@ class KernelSet:
         raise AttributeError(op)
 
     @classmethod
-    def default_for(cls, device_type: str, backend: str = "auto",
-                    overrides: Mapping[str, Sequence[str]] | None = None) -> "KernelSet":
+    def default_for(
+        cls, device_type: str, backend: str = "auto", overrides: Mapping[str, Sequence[str]] | None = None
+    ) -> "KernelSet":
         """`backend="auto"`: triton then torch on CUDA, torch on CPU; or one backend's name."""
         if backend == "auto":
             prefer = ("triton", "torch") if device_type == "cuda" else ("torch",)

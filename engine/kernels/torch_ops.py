@@ -39,8 +39,8 @@ from engine.kernels.registry import register, register_probe
 register_probe("torch", lambda device_type: True)
 
 KV_FP8 = torch.float8_e4m3fn  # the FP8 KV cache's element type
-FP8_MAX = 448.0               # its largest finite value
-REFERENCE_SCORES = 1 << 28     # prefill_attention's float32 scores at once (1 GiB), in pieces of query rows
+FP8_MAX = 448.0  # its largest finite value
+REFERENCE_SCORES = 1 << 28  # prefill_attention's float32 scores at once (1 GiB), in pieces of query rows
 
 
 def check_kv_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
@@ -50,10 +50,16 @@ def check_kv_scales(k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale
         raise ValueError("an FP8 KV cache needs its k_scale and v_scale")
     if not fp8 and (k_scale is not None or v_scale is not None):
         raise ValueError(f"k_scale/v_scale go with FP8 KV caches only, not {k_cache.dtype}")
-    if fp8 and (k_scale.shape != k_cache.shape[:3] or v_scale.shape != k_cache.shape[:3]
-                or k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32):
-        raise ValueError(f"KV scales must be float32 {tuple(k_cache.shape[:3])}, got "
-                         f"{k_scale.dtype} {tuple(k_scale.shape)} and {v_scale.dtype} {tuple(v_scale.shape)}")
+    if fp8 and (
+        k_scale.shape != k_cache.shape[:3]
+        or v_scale.shape != k_cache.shape[:3]
+        or k_scale.dtype != torch.float32
+        or v_scale.dtype != torch.float32
+    ):
+        raise ValueError(
+            f"KV scales must be float32 {tuple(k_cache.shape[:3])}, got "
+            f"{k_scale.dtype} {tuple(k_scale.shape)} and {v_scale.dtype} {tuple(v_scale.shape)}"
+        )
     return fp8
 
 
@@ -86,16 +92,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @register("add_rms_norm", "torch")
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (rms_norm(x + residual), x + residual)."""
     summed = x + residual
     return rms_norm(summed, weight, eps), summed
 
 
 @register("rotary_embedding", "torch")
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half (NeoX / Hugging Face Llama) rotary embedding.
 
     Args:
@@ -125,9 +133,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @register("write_kv", "torch")
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
-             v_scale: torch.Tensor | None = None) -> None:
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> None:
     """Stores each token's key and value at its slot (in place); slots < 0 are skipped.
 
     k, v: [T, Hk, D]; caches [NB, BS, Hk, D]. FP8 caches: each (token, head) quantized by
@@ -153,11 +167,21 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 @register("rotary_write_kv", "torch")
-def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
-                    k_norm: torch.Tensor | None = None, eps: float = 1e-6, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def rotary_write_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """A layer's step before attention: rotary on q and k, then k and v into the paged cache.
 
     Exactly ``rotary_embedding`` followed by ``write_kv`` (a backend fuses them into one kernel and
@@ -183,8 +207,9 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     return q
 
 
-def _gather_context(cache: torch.Tensor, blocks: torch.Tensor, length: int,
-                    scale: torch.Tensor | None = None) -> torch.Tensor:
+def _gather_context(
+    cache: torch.Tensor, blocks: torch.Tensor, length: int, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """[length, H, D] float32 of one request's context, read through its block row (FP8: dequantized)."""
     bs = cache.shape[1]
     nblk = -(-length // bs)
@@ -196,10 +221,17 @@ def _gather_context(cache: torch.Tensor, blocks: torch.Tensor, length: int,
 
 
 @register("prefill_attention", "torch")
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                      scale: float, k_scale: torch.Tensor | None = None,
-                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Causal attention of packed query tokens over their paged contexts (cached prefix included).
 
     Args:
@@ -230,16 +262,24 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             # query i is at position length - qlen + (i - s); key j is visible iff j <= that position
             qpos = torch.arange(length - qlen + (a - s), length - qlen + (b - s), device=q.device)[:, None]
             mask = torch.arange(length, device=q.device)[None, :] <= qpos
-            o = F.scaled_dot_product_attention(q[a:b].float().transpose(0, 1), kt, vt,
-                                               attn_mask=mask, scale=scale, enable_gqa=hq != hk)
+            o = F.scaled_dot_product_attention(
+                q[a:b].float().transpose(0, 1), kt, vt, attn_mask=mask, scale=scale, enable_gqa=hq != hk
+            )
             out[a:b] = o.transpose(0, 1).to(q.dtype)
     return out
 
 
 @register("decode_attention", "torch")
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One query token per request (its last position) over its whole paged context.
 
     Args:
@@ -272,8 +312,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 @register("apply_penalties", "torch")
-def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, output_counts: torch.Tensor,
-                    repetition: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    output_counts: torch.Tensor,
+    repetition: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+) -> torch.Tensor:
     """Penalties as vLLM and OpenAI define them, on float32 logits [S, V].
 
     Args:
@@ -293,8 +339,9 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, output_counts: tor
 
 
 @register("top_k_top_p_min_p", "torch")
-def top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                      min_p: torch.Tensor) -> torch.Tensor:
+def top_k_top_p_min_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
     """Sets logits outside each row's top-k, nucleus top-p and min-p sets to -inf.
 
     Args:

@@ -46,27 +46,43 @@ rotary_write_kv = register("rotary_write_kv", "triton")(elementwise.rotary_write
 
 
 @register("prefill_attention", "triton")
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                      scale: float, k_scale: torch.Tensor | None = None,
-                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Paged causal attention with a cached prefix (contract: torch_ops.prefill_attention).
 
     Varlen flash attention: tiles of (query token, GQA head) rows against key tiles gathered
     through the block table; no host synchronisation.
     """
-    return attention.prefill_attention(q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale,
-                                       k_scale=k_scale, v_scale=v_scale)
+    return attention.prefill_attention(
+        q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale, k_scale=k_scale, v_scale=v_scale
+    )
 
 
 @register("decode_attention", "triton")
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     seq_lens: torch.Tensor, block_table: torch.Tensor, scale: float,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Paged decode attention (contract: torch_ops.decode_attention).
 
     Split-KV (flash-decoding): each request's context is cut into partitions sized to fill the
     GPU, then merged by a small reduce kernel; no host synchronisation (CUDA-graph safe).
     """
-    return attention.decode_attention(q, k_cache, v_cache, seq_lens, block_table, scale,
-                                      k_scale=k_scale, v_scale=v_scale)
+    return attention.decode_attention(
+        q, k_cache, v_cache, seq_lens, block_table, scale, k_scale=k_scale, v_scale=v_scale
+    )

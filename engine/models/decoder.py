@@ -35,8 +35,9 @@ class Linear(nn.Module):
     in the model's dtype. Fused q|k|v and gate|up keep one scale per row, so their parts' scales simply
     stack."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, placement: Placement,
-                 quantization: str = "none") -> None:
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, placement: Placement, quantization: str = "none"
+    ) -> None:
         super().__init__()
         if quantization not in ("none", "fp8"):
             raise ValueError(f"quantization must be none or fp8, got {quantization!r}")
@@ -46,8 +47,9 @@ class Linear(nn.Module):
             # the scale shards like the weight's rows (column-parallel) or is whole on every rank (row-parallel)
             rows = placement.params.get("weight")
             scale_placement = rows if isinstance(rows, Shard) and rows.dim == 0 else Replicate()
-            placement = Placement(placement.input, placement.output,
-                                  {**placement.params, "weight_scale": scale_placement})
+            placement = Placement(
+                placement.input, placement.output, {**placement.params, "weight_scale": scale_placement}
+            )
             self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32), requires_grad=False)
         else:
             self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
@@ -106,8 +108,15 @@ class PagedAttention(nn.Module):
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, num_heads, num_kv_heads, head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                ctx: ForwardContext, qk_norm: tuple[RMSNorm, RMSNorm] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        ctx: ForwardContext,
+        qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
+    ) -> torch.Tensor:
         if qk_norm is None:
             return ctx.attention(self.layer, positions, q, k, v, self.scale)
         q_norm, k_norm = qk_norm
@@ -141,8 +150,13 @@ class Attention(nn.Module):
         super().__init__()
         hq, hk, d = config.num_heads, config.num_kv_heads, config.head_dim
         self.hq, self.hk, self.d = hq, hk, d
-        self.qkv_proj = Linear(config.hidden_size, (hq + 2 * hk) * d, config.attention_bias,
-                               column_parallel(segments=(hq * d, hk * d, hk * d)), quantization)
+        self.qkv_proj = Linear(
+            config.hidden_size,
+            (hq + 2 * hk) * d,
+            config.attention_bias,
+            column_parallel(segments=(hq * d, hk * d, hk * d)),
+            quantization,
+        )
         self.qk_norm = config.qk_norm
         if self.qk_norm:  # their weights; the fused rotary / KV-write op applies them (PagedAttention)
             self.q_norm = RMSNorm(d, config.rms_norm_eps, head_local())
@@ -335,13 +349,18 @@ class CausalLM(nn.Module):
             if name.endswith(("rotary_emb.inv_freq", *quant.IGNORED_SUFFIXES)):
                 continue
             if name.endswith(".weight_scale"):
-                weight_name = name[:-len("_scale")]
+                weight_name = name[: -len("_scale")]
                 target, offset, rows = fused.get(weight_name, (weight_name, 0, None))
                 target += "_scale"
                 if target not in params:
-                    raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}"
-                                     + ("" if self.quantization == "fp8" else " (an FP8 scale, but the model "
-                                        "is not quantized: quantization=fp8)"))
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} has no place in {self.config.architecture}"
+                        + (
+                            ""
+                            if self.quantization == "fp8"
+                            else " (an FP8 scale, but the model is not quantized: quantization=fp8)"
+                        )
+                    )
                 dst = params[target].data if rows is None else params[target].data.narrow(0, offset, rows)
                 dst.copy_(quant.per_channel_scale(tensor, dst.shape[0]))
                 filled[target] = filled.get(target, 0) + dst.numel()
@@ -352,13 +371,16 @@ class CausalLM(nn.Module):
             param = params[target]
             dst = param.data if rows is None else param.data.narrow(0, offset, rows)
             if tuple(tensor.shape) != tuple(dst.shape):
-                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(dst.shape)}")
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}"
+                )
             if tensor.dtype in quant.OTHER_FP8_DTYPES:
                 raise ValueError(f"checkpoint tensor {name!r} is {tensor.dtype}; FP8 weights must be float8_e4m3fn")
             if tensor.dtype == quant.FP8 and param.dtype != quant.FP8:
-                raise ValueError(f"checkpoint tensor {name!r} is FP8, but {target} stays in {param.dtype} "
-                                 f"(only the linear layers of the decoder layers hold FP8 weights)")
+                raise ValueError(
+                    f"checkpoint tensor {name!r} is FP8, but {target} stays in {param.dtype} "
+                    f"(only the linear layers of the decoder layers hold FP8 weights)"
+                )
             if param.dtype == quant.FP8 and tensor.dtype != quant.FP8:
                 modules[target.rsplit(".", 1)[0]].load_float_(tensor, offset)
                 filled[target + "_scale"] = filled.get(target + "_scale", 0) + dst.shape[0]

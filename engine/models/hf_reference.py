@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 
 
-def transformers_model(engine_model, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                       attn_implementation: str = "sdpa"):
+def transformers_model(
+    engine_model,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    attn_implementation: str = "sdpa",
+):
     """transformers' own implementation of `engine_model`'s architecture, with its weights (split q|k|v, gate|up).
 
     Args:
@@ -22,8 +26,11 @@ def transformers_model(engine_model, dtype: torch.dtype | None = None, device: t
     cfg = engine_model.config.to_hf()
     arch = cfg.pop("architectures")[0]
     cfg.pop("model_type")
-    config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config,
-                  "Qwen3ForCausalLM": transformers.Qwen3Config}[arch]
+    config_cls = {
+        "LlamaForCausalLM": transformers.LlamaConfig,
+        "Qwen2ForCausalLM": transformers.Qwen2Config,
+        "Qwen3ForCausalLM": transformers.Qwen3Config,
+    }[arch]
     hf_cfg = config_cls(**cfg)
     hf_cfg.architectures = [arch]
     with torch.device(device):
@@ -35,8 +42,9 @@ def transformers_model(engine_model, dtype: torch.dtype | None = None, device: t
     unexpected = [k for k in state if k not in own]
     missing = [k for k in own if k not in state and not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"]
     if missing or unexpected:
-        raise ValueError(f"weights do not line up with transformers' {arch}: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+        raise ValueError(
+            f"weights do not line up with transformers' {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     with torch.no_grad():
         for name, tensor in state.items():
             own[name].copy_(tensor)

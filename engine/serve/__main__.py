@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
 import types
 import typing
-import dataclasses
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from typing import Any, Dict, List, Optional
 
@@ -89,8 +89,9 @@ class ServeConfig:
 
 ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
 ENGINE_KEYS = frozenset(f"engine.{f.name}" for f in fields(EngineOptions))
-ENGINE_MAPPINGS = frozenset(f"engine.{f.name}" for f in fields(EngineOptions) if f.type is not Any
-                            and typing.get_origin(f.type) is dict)
+ENGINE_MAPPINGS = frozenset(
+    f"engine.{f.name}" for f in fields(EngineOptions) if f.type is not Any and typing.get_origin(f.type) is dict
+)
 
 
 def check_engine_keys(args: list[str]) -> None:
@@ -99,8 +100,11 @@ def check_engine_keys(args: list[str]) -> None:
         key = arg.partition("=")[0].lstrip("+~")
         if not key.startswith("engine.") or ".".join(key.split(".")[:2]) in ENGINE_KEYS:
             continue
-        hint = ("the model is the top-level model=..." if key == "engine.model"
-                else f"engine.KEY is one of {sorted(k[len('engine.'):] for k in ENGINE_KEYS)}")
+        hint = (
+            "the model is the top-level model=..."
+            if key == "engine.model"
+            else f"engine.KEY is one of {sorted(k[len('engine.') :] for k in ENGINE_KEYS)}"
+        )
         sys.exit(f"unknown engine option {key!r} in {arg!r}: {hint}")
 
 
@@ -124,8 +128,9 @@ def serve(options: dict) -> int:
     size = int(options.get("data_parallel_size", 1))
     router = make_router(engine_options, engine_cfg, size, (options.get("cluster") or {}).get("router", "round_robin"))
     tokenizer = load_tokenizer(engine_cfg)
-    state = GatewayState(router, tokenizer, options.get("served_model_name") or served_name(engine_cfg.model),
-                         options.get("api_key"))
+    state = GatewayState(
+        router, tokenizer, options.get("served_model_name") or served_name(engine_cfg.model), options.get("api_key")
+    )
     status = {"code": 0}
     server: uvicorn.Server | None = None
     log = logging.getLogger("tandem")
@@ -144,15 +149,27 @@ def serve(options: dict) -> int:
             client.on_death = died
         try:
             await asyncio.gather(*(c.start() for c in router.clients))
-            log.info("serving %s on http://%s:%s (%d engine core%s, router %s)", state.model_name,
-                     options.get("host"), options.get("port"), size, "s" if size > 1 else "", router.spec)
+            log.info(
+                "serving %s on http://%s:%s (%d engine core%s, router %s)",
+                state.model_name,
+                options.get("host"),
+                options.get("port"),
+                size,
+                "s" if size > 1 else "",
+                router.spec,
+            )
             yield
         finally:
             await asyncio.gather(*(c.close() for c in router.clients), return_exceptions=True)
 
     app = create_app(state, lifespan=lifespan)
-    config = uvicorn.Config(app, host=options.get("host", "127.0.0.1"), port=int(options.get("port", 8000)),
-                            log_level=options.get("log_level", "info"), timeout_graceful_shutdown=3)
+    config = uvicorn.Config(
+        app,
+        host=options.get("host", "127.0.0.1"),
+        port=int(options.get("port", 8000)),
+        log_level=options.get("log_level", "info"),
+        timeout_graceful_shutdown=3,
+    )
     server = uvicorn.Server(config)
     try:
         server.run()
@@ -191,8 +208,10 @@ def make_router(engine_options: dict, engine_cfg: EngineConfig, size: int, spec:
             if len(ids) < size:
                 raise ValueError(f"data_parallel_size={size} needs {size} GPUs; {len(ids)} visible")
             devices = ids[:size]
-    clients = [CoreClient(_rank_options(engine_options, i, size), index=i, keep_kv_events=size > 1,
-                          cuda_devices=devices[i]) for i in range(size)]
+    clients = [
+        CoreClient(_rank_options(engine_options, i, size), index=i, keep_kv_events=size > 1, cuda_devices=devices[i])
+        for i in range(size)
+    ]
     return ReplicaRouter(clients, spec, engine_cfg.block_size)
 
 

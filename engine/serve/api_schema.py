@@ -22,6 +22,7 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     """OpenAI's error object: every 4xx and 5xx has it."""
+
     error: ErrorDetail
 
 
@@ -107,13 +108,16 @@ _SSE = {"text/event-stream": {"schema": {"type": "string"}}}
 
 def generation_responses(model: type[BaseModel]) -> dict:
     """A generation route's responses: the body (or, with stream: true, server-sent events) or a 400."""
-    return {200: {"model": model, "content": _SSE, "description": "the completion, or its SSE stream"},
-            400: {**_ERROR, "description": "an invalid or unsupported request"}}
+    return {
+        200: {"model": model, "content": _SSE, "description": "the completion, or its SSE stream"},
+        400: {**_ERROR, "description": "an invalid or unsupported request"},
+    }
 
 
 SESSION_RESPONSES = {404: {**_ERROR, "description": "no such session"}}
-METRICS_RESPONSES = {200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                           "description": "Prometheus text exposition"}}
+METRICS_RESPONSES = {
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text exposition"}
+}
 
 
 def openapi(app, state) -> dict:
@@ -122,8 +126,10 @@ def openapi(app, state) -> dict:
     if app.openapi_schema is not None:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-    error = {"description": "", "content": {"application/json": {"schema": {
-        "$ref": "#/components/schemas/ErrorResponse"}}}}
+    error = {
+        "description": "",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
     for path, ops in schema["paths"].items():
         for op in ops.values():
             op["responses"].pop("422", None)
@@ -135,8 +141,10 @@ def openapi(app, state) -> dict:
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
     if state.client.info is not None:
-        for name, fields in (("CompletionRequest", ("max_tokens",)),
-                             ("ChatRequest", ("max_tokens", "max_completion_tokens"))):
+        for name, fields in (
+            ("CompletionRequest", ("max_tokens",)),
+            ("ChatRequest", ("max_tokens", "max_completion_tokens")),
+        ):
             for field in fields:
                 _bound_integers(components[name]["properties"][field], state.max_model_len - 1)
         for name in ("CompletionRequest", "ChatRequest"):

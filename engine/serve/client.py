@@ -41,8 +41,9 @@ class CoreClient:
         cuda_devices: the core's CUDA_VISIBLE_DEVICES (None: inherited).
     """
 
-    def __init__(self, engine_options: dict, index: int = 0, keep_kv_events: bool = False,
-                 cuda_devices: str | None = None) -> None:
+    def __init__(
+        self, engine_options: dict, index: int = 0, keep_kv_events: bool = False, cuda_devices: str | None = None
+    ) -> None:
         self.engine_options = dict(engine_options)
         self.index = index
         self.keeps_kv_events = keep_kv_events  # data-parallel: one of several cores
@@ -55,8 +56,10 @@ class CoreClient:
         self.from_core = self.ctx.socket(zmq.PULL)
         self.from_core.bind(self.from_addr)
         self.proc = multiprocessing.get_context("spawn").Process(
-            target=core_proc.main, args=(self.engine_options, self.to_addr, self.from_addr, os.getpid(),
-                                         keep_kv_events, cuda_devices), daemon=True)
+            target=core_proc.main,
+            args=(self.engine_options, self.to_addr, self.from_addr, os.getpid(), keep_kv_events, cuda_devices),
+            daemon=True,
+        )
         self.queues: dict[int, asyncio.Queue] = {}
         # requests sent and not yet answered by Finished or Rejected: the router's load, as the twin's
         # Replica.load (the core's own count, one message behind at most)
@@ -88,10 +91,20 @@ class CoreClient:
             if loop.time() > deadline:
                 raise CoreDied(f"the engine core did not start within {timeout_s} s")
         i = self.info
-        log.info("engine core%s ready: %s on %s, %s (KV cache %s, weights %s), %d KV blocks of %d tokens (%.2f GiB), "
-                 "max_model_len %d", f" replica {self.index} (pid {self.proc.pid})" if self.keeps_kv_events else "",
-                 os.path.basename(os.path.normpath(i.model)), i.device, i.dtype, i.kv_cache_dtype, i.quantization,
-                 i.num_blocks, i.block_size, i.kv_bytes / 2**30, i.max_model_len)
+        log.info(
+            "engine core%s ready: %s on %s, %s (KV cache %s, weights %s), %d KV blocks of %d tokens (%.2f GiB), "
+            "max_model_len %d",
+            f" replica {self.index} (pid {self.proc.pid})" if self.keeps_kv_events else "",
+            os.path.basename(os.path.normpath(i.model)),
+            i.device,
+            i.dtype,
+            i.kv_cache_dtype,
+            i.quantization,
+            i.num_blocks,
+            i.block_size,
+            i.kv_bytes / 2**30,
+            i.max_model_len,
+        )
         self._tasks = [asyncio.create_task(self._pump()), asyncio.create_task(self._watch())]
         return self.info
 
@@ -104,8 +117,15 @@ class CoreClient:
             raise CoreDied(f"engine core replica {self.index} is not running")
         self.to_core.send(P.encode(msg))
 
-    def add(self, req_id: int, prompt_ids: list[int], params: dict, session_id: str | None,
-            cache_namespace: str | None, priority: int = 0) -> asyncio.Queue:
+    def add(
+        self,
+        req_id: int,
+        prompt_ids: list[int],
+        params: dict,
+        session_id: str | None,
+        cache_namespace: str | None,
+        priority: int = 0,
+    ) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
         self.queues[req_id] = queue
         self.in_flight.add(req_id)

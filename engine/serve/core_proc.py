@@ -46,8 +46,14 @@ class CoreLoop:
         core = self.core
         if isinstance(msg, P.Add):
             try:
-                core.add_request(msg.req_id, P.unpack_ids(msg.prompt), SamplingParams(**msg.params), session_id=msg.session_id,
-                                 cache_namespace=msg.cache_namespace, priority=msg.priority)
+                core.add_request(
+                    msg.req_id,
+                    P.unpack_ids(msg.prompt),
+                    SamplingParams(**msg.params),
+                    session_id=msg.session_id,
+                    cache_namespace=msg.cache_namespace,
+                    priority=msg.priority,
+                )
             except (ValueError, TypeError) as exc:
                 self.send.send(P.encode(P.Rejected(msg.req_id, str(exc))))
                 return True
@@ -138,8 +144,14 @@ def exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def main(engine_options: dict, to_core: str, from_core: str, parent_pid: int, keep_kv_events: bool = False,
-         cuda_devices: str | None = None) -> None:
+def main(
+    engine_options: dict,
+    to_core: str,
+    from_core: str,
+    parent_pid: int,
+    keep_kv_events: bool = False,
+    cuda_devices: str | None = None,
+) -> None:
     """Entry point of the spawned process.
 
     Args:
@@ -164,10 +176,22 @@ def main(engine_options: dict, to_core: str, from_core: str, parent_pid: int, ke
         if keep_kv_events:
             core.keep_kv_events()
         bs = core.config.block_size
-        send.send(P.encode(P.Ready(core.source, core.max_model_len, core.model_config.vocab_size, core.num_blocks, bs,
-                                   str(core.device), str(core.dtype).removeprefix("torch."),
-                                   core.num_blocks * block_bytes(core.model, bs, core.kv_dtype),
-                                   core.config.kv_cache_dtype, getattr(core, "quantization", core.config.quantization))))
+        send.send(
+            P.encode(
+                P.Ready(
+                    core.source,
+                    core.max_model_len,
+                    core.model_config.vocab_size,
+                    core.num_blocks,
+                    bs,
+                    str(core.device),
+                    str(core.dtype).removeprefix("torch."),
+                    core.num_blocks * block_bytes(core.model, bs, core.kv_dtype),
+                    core.config.kv_cache_dtype,
+                    getattr(core, "quantization", core.config.quantization),
+                )
+            )
+        )
         CoreLoop(core, recv, send).run()
         core.close()  # KV events still queued are sent
     except BaseException:  # noqa: BLE001 - report, then die with a non-zero status

@@ -110,8 +110,9 @@ def create_app(state: GatewayState, lifespan=None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):  # 404, 405, unparsable bodies: OpenAI's shape too
-        return JSONResponse(ApiError(str(exc.detail), status=exc.status_code).body(), status_code=exc.status_code,
-                            headers=exc.headers)  # a 405's Allow
+        return JSONResponse(
+            ApiError(str(exc.detail), status=exc.status_code).body(), status_code=exc.status_code, headers=exc.headers
+        )  # a 405's Allow
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
@@ -128,11 +129,22 @@ def create_app(state: GatewayState, lifespan=None) -> FastAPI:
         # token ids (experiments/bench_serving.py) knows their range without being told; and the precision
         # in effect (activations, KV cache, weights)
         info = state.client.info
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
-                                            "owned_by": "tandem", "max_model_len": state.max_model_len,
-                                            "vocab_size": state.vocab_size, "dtype": info.dtype,
-                                            "kv_cache_dtype": info.kv_cache_dtype,
-                                            "quantization": info.quantization}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "tandem",
+                    "max_model_len": state.max_model_len,
+                    "vocab_size": state.vocab_size,
+                    "dtype": info.dtype,
+                    "kv_cache_dtype": info.kv_cache_dtype,
+                    "quantization": info.quantization,
+                }
+            ],
+        }
 
     @app.get("/metrics", response_class=Response, responses=S.METRICS_RESPONSES)
     async def metrics():
@@ -146,16 +158,16 @@ def create_app(state: GatewayState, lifespan=None) -> FastAPI:
         except CoreDied as exc:
             raise ApiError(str(exc), status=503, kind="server_error") from None
         if not known:
-            raise ApiError(f"no session {session_id!r}: never started here, or already ended", status=404,
-                           code="session_not_found")
+            raise ApiError(
+                f"no session {session_id!r}: never started here, or already ended", status=404, code="session_not_found"
+            )
         return {"session_id": session_id, "ended": True}
 
     @app.post("/v1/completions", response_class=JSONResponse, responses=S.generation_responses(S.Completion))
     async def completions(body: CompletionRequest, request: Request):
         return await _serve(state, request, body, chat=False)
 
-    @app.post("/v1/chat/completions", response_class=JSONResponse,
-              responses=S.generation_responses(S.ChatCompletion))
+    @app.post("/v1/chat/completions", response_class=JSONResponse, responses=S.generation_responses(S.ChatCompletion))
     async def chat_completions(body: ChatRequest, request: Request):
         return await _serve(state, request, body, chat=True)
 
@@ -168,7 +180,7 @@ def _validation_error(errors: list[dict]) -> ApiError:
         path = _field_path(e)
         at = next((i for i, p in enumerate(path) if p in UNSUPPORTED), None)
         if at is not None:  # named up to the parameter: "response_format", not "response_format.type"
-            return ApiError(UNSUPPORTED[path[at]], param=".".join(path[:at + 1]))
+            return ApiError(UNSUPPORTED[path[at]], param=".".join(path[: at + 1]))
     first = _closest_error(errors)
     if first.get("type") == "json_invalid":
         return ApiError("malformed JSON body: " + first.get("msg", ""))
@@ -202,8 +214,11 @@ def _closest_error(errors: list[dict]) -> dict:
 
 def _check_model(state: GatewayState, model: str | None) -> None:
     if model is not None and model not in (state.model_name, "default"):
-        raise ApiError(f"the model {model!r} does not exist; this server serves {state.model_name!r}",
-                       param="model", code="model_not_found")
+        raise ApiError(
+            f"the model {model!r} does not exist; this server serves {state.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def _encode_prompts(state: GatewayState, body, chat: bool) -> list[list[int]]:
@@ -213,8 +228,12 @@ def _encode_prompts(state: GatewayState, body, chat: bool) -> list[list[int]]:
             raise ApiError("this model has no chat template; use /v1/completions", param="messages")
         messages = [R.message_dict(m) for m in body.messages]
         try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=body.add_generation_prompt,
-                                           **(body.chat_template_kwargs or {}))
+            text = tok.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=body.add_generation_prompt,
+                **(body.chat_template_kwargs or {}),
+            )
         except Exception as exc:  # a template can raise anything (jinja errors, bad roles)
             raise ApiError(f"the chat template failed on these messages: {exc}", param="messages") from None
         return [_tokenize(tok, text, False, "messages")]
@@ -242,8 +261,7 @@ def _tokenize(tok, text: str, special: bool, param: str) -> list[int]:
         raise ApiError(f"the {param} is not valid text: {exc}", param=param) from None
 
 
-def _check_lengths(state: GatewayState, prompts: list[list[int]], max_tokens: int | None,
-                   stop_token_ids=None) -> None:
+def _check_lengths(state: GatewayState, prompts: list[list[int]], max_tokens: int | None, stop_token_ids=None) -> None:
     limit = state.max_model_len
     vocab = state.vocab_size
     if any(t >= vocab for t in stop_token_ids or ()):
@@ -254,9 +272,12 @@ def _check_lengths(state: GatewayState, prompts: list[list[int]], max_tokens: in
         if min(ids) < 0 or max(ids) >= vocab:
             raise ApiError(f"prompt token ids must be in [0, {vocab})", param="prompt")
         if len(ids) >= limit or (max_tokens is not None and len(ids) + max_tokens > limit):
-            raise ApiError(f"this model's maximum context length is {limit} tokens; the request has "
-                           f"{len(ids)} prompt tokens and asks for {max_tokens or 'at least 1'} more",
-                           param="max_tokens" if len(ids) < limit else "prompt", code="context_length_exceeded")
+            raise ApiError(
+                f"this model's maximum context length is {limit} tokens; the request has "
+                f"{len(ids)} prompt tokens and asks for {max_tokens or 'at least 1'} more",
+                param="max_tokens" if len(ids) < limit else "prompt",
+                code="context_length_exceeded",
+            )
 
 
 async def _serve(state: GatewayState, request: Request, body, chat: bool):
@@ -283,17 +304,34 @@ async def _serve(state: GatewayState, request: Request, body, chat: bool):
             core = state.router.route(ids, session, body.cache_salt)  # a prompt's n choices go together
             replicas.append(core.index)
             for k in range(body.n):
-                choices.append(Choice(core, state.outputs, i * body.n + k, ids, params.for_choice(k),
-                                      session_id=session, namespace=body.cache_salt, priority=body.priority,
-                                      metrics=state.metrics, prompt_index=i))
+                choices.append(
+                    Choice(
+                        core,
+                        state.outputs,
+                        i * body.n + k,
+                        ids,
+                        params.for_choice(k),
+                        session_id=session,
+                        namespace=body.cache_salt,
+                        priority=body.priority,
+                        metrics=state.metrics,
+                        prompt_index=i,
+                    )
+                )
     except CoreDied as exc:
         _abort(choices)
         raise ApiError(str(exc), status=503, kind="server_error") from None
     except BaseException:
         _abort(choices)  # what was sent must not run on
         raise
-    meta = R.Meta(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time()), state.model_name, chat,
-                  state.tokenizer, body.return_token_ids)
+    meta = R.Meta(
+        ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+        int(time.time()),
+        state.model_name,
+        chat,
+        state.tokenizer,
+        body.return_token_ids,
+    )
     headers = {REPLICA_HEADER: ",".join(map(str, replicas))}
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)

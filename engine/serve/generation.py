@@ -23,8 +23,20 @@ class Choice:
     """Consumes one engine request's events and yields Deltas; aborts the request on a stop string. Its output
     (text, tokens, logprobs, counts, finish reason) is `request`, the output processor's record."""
 
-    def __init__(self, client: CoreClient, outputs: OutputProcessor, index: int, prompt_ids: list[int], params, *,
-                 session_id: str | None, namespace: str | None, priority: int, metrics, prompt_index: int = 0) -> None:
+    def __init__(
+        self,
+        client: CoreClient,
+        outputs: OutputProcessor,
+        index: int,
+        prompt_ids: list[int],
+        params,
+        *,
+        session_id: str | None,
+        namespace: str | None,
+        priority: int,
+        metrics,
+        prompt_index: int = 0,
+    ) -> None:
         self.client, self.outputs, self.index, self.metrics = client, outputs, index, metrics
         self.prompt_index = prompt_index
         self.req_id = next(_ids)

@@ -30,8 +30,11 @@ class _CoreCollector:
 
     def collect(self):
         per = [self._stats(c) for c in self.clients]
-        total = {k: sum(s.get(k, 0) for s in per) for k in set().union(*per)
-                 if all(isinstance(s.get(k, 0), (int, float)) for s in per)}
+        total = {
+            k: sum(s.get(k, 0) for s in per)
+            for k in set().union(*per)
+            if all(isinstance(s.get(k, 0), (int, float)) for s in per)
+        }
         labeled = len(self.clients) > 1
         # several cores: one sample per core only (PromQL's sum() gives the total; an unlabeled total beside
         # them would be counted twice)
@@ -53,26 +56,44 @@ class _CoreCollector:
 
         G, C = GaugeMetricFamily, CounterMetricFamily
         yield family(G, "num_requests_running", "requests prefilling or decoding", lambda s: s.get("num_running", 0))
-        yield family(G, "num_requests_waiting", "requests waiting or preempted",
-                     lambda s: s.get("num_waiting", 0) + s.get("num_preempted", 0))
+        yield family(
+            G,
+            "num_requests_waiting",
+            "requests waiting or preempted",
+            lambda s: s.get("num_waiting", 0) + s.get("num_preempted", 0),
+        )
         yield family(G, "kv_cache_usage_ratio", "share of KV blocks held by requests or the prefix cache", ratio)
         yield family(G, "kv_cache_used_blocks", "KV blocks in use", lambda s: s.get("num_used_blocks", 0))
         yield family(G, "kv_cache_total_blocks", "KV blocks of the engine", lambda s: s.get("num_blocks", 0))
         yield family(G, "prefix_cache_hit_rate", "cached prompt tokens over prompt tokens", hit_rate)
-        yield family(C, "prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
-                     lambda s: s.get("cached_tokens", 0))
+        yield family(
+            C,
+            "prefix_cache_hit_tokens",
+            "prompt tokens served from the prefix cache",
+            lambda s: s.get("cached_tokens", 0),
+        )
         yield family(C, "prompt_tokens", "prompt tokens of admitted requests", lambda s: s.get("prompt_tokens", 0))
         yield family(C, "generation_tokens", "tokens generated", lambda s: s.get("generated_tokens", 0))
-        yield family(C, "preemptions", "requests preempted (recompute + swap)",
-                     lambda s: s.get("num_preemptions_recompute", 0) + s.get("num_preemptions_swap", 0))
-        yield family(C, "evicted_blocks", "KV blocks evicted from the prefix cache",
-                     lambda s: s.get("num_evicted_blocks", 0))
+        yield family(
+            C,
+            "preemptions",
+            "requests preempted (recompute + swap)",
+            lambda s: s.get("num_preemptions_recompute", 0) + s.get("num_preemptions_swap", 0),
+        )
+        yield family(
+            C, "evicted_blocks", "KV blocks evicted from the prefix cache", lambda s: s.get("num_evicted_blocks", 0)
+        )
         info = getattr(self.clients[0], "info", None)
         if info is not None:  # what every core runs
-            model = GaugeMetricFamily("tandem_model_info", "1; the labels say the model and its precision",
-                                      labels=["model", "dtype", "kv_cache_dtype", "quantization"])
-            model.add_metric([os.path.basename(os.path.normpath(info.model)), info.dtype, info.kv_cache_dtype,
-                              info.quantization], 1.0)
+            model = GaugeMetricFamily(
+                "tandem_model_info",
+                "1; the labels say the model and its precision",
+                labels=["model", "dtype", "kv_cache_dtype", "quantization"],
+            )
+            model.add_metric(
+                [os.path.basename(os.path.normpath(info.model)), info.dtype, info.kv_cache_dtype, info.quantization],
+                1.0,
+            )
             yield model
         if labeled:
             yield from self._router_families()
@@ -80,10 +101,16 @@ class _CoreCollector:
     def _router_families(self):
         """What the gateway's router knows of each core (data-parallel serving only)."""
         up = GaugeMetricFamily("tandem_replica_up", "1 while the engine core runs", labels=["replica"])
-        load = GaugeMetricFamily("tandem_replica_requests_in_flight", "requests sent to the core and not answered "
-                                 "(the router's load)", labels=["replica"])
-        cached = GaugeMetricFamily("tandem_replica_cached_blocks", "blocks in the gateway's shadow of the core's "
-                                   "prefix index", labels=["replica"])
+        load = GaugeMetricFamily(
+            "tandem_replica_requests_in_flight",
+            "requests sent to the core and not answered (the router's load)",
+            labels=["replica"],
+        )
+        cached = GaugeMetricFamily(
+            "tandem_replica_cached_blocks",
+            "blocks in the gateway's shadow of the core's prefix index",
+            labels=["replica"],
+        )
         routed = CounterMetricFamily("tandem_replica_routed", "model calls routed to the core", labels=["replica"])
         for c in self.clients:
             label = [str(c.index)]
@@ -101,27 +128,45 @@ class Metrics:
         clients = list(clients) if isinstance(clients, (list, tuple)) else [clients]
         self.registry = CollectorRegistry()
         self.registry.register(_CoreCollector(clients))
-        self.ttft = Histogram("tandem_time_to_first_token_seconds", "time to first token", registry=self.registry,
-                              buckets=_LATENCY_BUCKETS)
-        self.tpot = Histogram("tandem_time_per_output_token_seconds", "time per output token after the first",
-                              registry=self.registry, buckets=_TPOT_BUCKETS)
-        self.e2e = Histogram("tandem_e2e_request_latency_seconds", "request latency", registry=self.registry,
-                             buckets=_LATENCY_BUCKETS)
-        self.ipc = Histogram("tandem_ipc_token_latency_seconds",
-                             "engine core sends a step's tokens -> the gateway has them (ZMQ + decode)",
-                             registry=self.registry, buckets=(2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2))
+        self.ttft = Histogram(
+            "tandem_time_to_first_token_seconds",
+            "time to first token",
+            registry=self.registry,
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.tpot = Histogram(
+            "tandem_time_per_output_token_seconds",
+            "time per output token after the first",
+            registry=self.registry,
+            buckets=_TPOT_BUCKETS,
+        )
+        self.e2e = Histogram(
+            "tandem_e2e_request_latency_seconds", "request latency", registry=self.registry, buckets=_LATENCY_BUCKETS
+        )
+        self.ipc = Histogram(
+            "tandem_ipc_token_latency_seconds",
+            "engine core sends a step's tokens -> the gateway has them (ZMQ + decode)",
+            registry=self.registry,
+            buckets=(2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2),
+        )
         for client in clients:
             client.on_tokens_latency = self.ipc.observe
-        self.queue_time = Histogram("tandem_request_queue_time_seconds",
-                                    "arrival at the engine -> first scheduled (finished requests)",
-                                    registry=self.registry, buckets=_LATENCY_BUCKETS)
+        self.queue_time = Histogram(
+            "tandem_request_queue_time_seconds",
+            "arrival at the engine -> first scheduled (finished requests)",
+            registry=self.registry,
+            buckets=_LATENCY_BUCKETS,
+        )
         # stop, length; abort (the server gave up: a stop string, a failed request), client_disconnect, error
-        self.requests = Counter("tandem_requests", "requests by how they ended", ["finish_reason"],
-                                registry=self.registry)
-        self.tokens_in = Counter("tandem_request_prompt_tokens", "prompt tokens of served requests",
-                                 registry=self.registry)
-        self.tokens_out = Counter("tandem_request_generation_tokens", "generated tokens of served requests",
-                                  registry=self.registry)
+        self.requests = Counter(
+            "tandem_requests", "requests by how they ended", ["finish_reason"], registry=self.registry
+        )
+        self.tokens_in = Counter(
+            "tandem_request_prompt_tokens", "prompt tokens of served requests", registry=self.registry
+        )
+        self.tokens_out = Counter(
+            "tandem_request_generation_tokens", "generated tokens of served requests", registry=self.registry
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

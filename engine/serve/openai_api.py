@@ -14,8 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 class ApiError(Exception):
     """An OpenAI-style error: HTTP status, message, parameter."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 kind: str = "invalid_request_error", code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message, self.status, self.param, self.kind, self.code = message, status, param, kind, code
 
@@ -41,9 +47,9 @@ UNSUPPORTED = {
     "echo": "echo is not supported (the engine does not return prompt tokens)",
     "suffix": "suffix (insertion) is not supported",
     "logit_bias": "logit_bias is not supported",
-    "response_format": "response_format other than {\"type\": \"text\"} is not supported",
+    "response_format": 'response_format other than {"type": "text"} is not supported',
     "tools": "tools are not supported",
-    "tool_choice": "tool_choice other than \"none\" is not supported (tools are not)",
+    "tool_choice": 'tool_choice other than "none" is not supported (tools are not)',
     "tool_calls": "messages with tool_calls are not supported (tools are not)",
 }
 
@@ -78,14 +84,15 @@ class _Sampling(BaseModel):
     cache_salt: Optional[str] = None
     priority: Int32 = 0
     user: Optional[str] = None
-    return_token_ids: bool = False   # vLLM's extension: each choice also carries its token ids
+    return_token_ids: bool = False  # vLLM's extension: each choice also carries its token ids
     logit_bias: Optional[Annotated[dict[str, float], Field(max_length=0)]] = None
 
 
 class CompletionRequest(_Sampling):
     # token ids first: a refused prompt's error then names the closest branch (see gateway.validation_error)
-    prompt: Union[TokenIds, Annotated[list[TokenIds], Field(min_length=1)], Text,
-                  Annotated[list[Text], Field(min_length=1)]]
+    prompt: Union[
+        TokenIds, Annotated[list[TokenIds], Field(min_length=1)], Text, Annotated[list[Text], Field(min_length=1)]
+    ]
     logprobs: Optional[TopLogprobs] = None
     echo: Literal[False] = False
     suffix: Optional[Literal[""]] = None
@@ -100,6 +107,7 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     """A message with its text: tool calls, images and audio are refused, not dropped."""
+
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[TextPart]]
@@ -122,9 +130,21 @@ class ChatRequest(_Sampling):
     tool_choice: Optional[Literal["none"]] = None
 
 
-_PARAM_NAMES = ("temperature", "top_p", "top_k", "min_p", "seed", "stop_token_ids", "presence_penalty",
-                "frequency_penalty", "repetition_penalty", "ignore_eos", "min_tokens", "skip_special_tokens",
-                "include_stop_str_in_output")
+_PARAM_NAMES = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop_token_ids",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "min_tokens",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+)
 
 
 def sampling_params(req: _Sampling, max_tokens: int | None, logprobs: int | None):
@@ -136,8 +156,9 @@ def sampling_params(req: _Sampling, max_tokens: int | None, logprobs: int | None
         values["top_k"] = 0
     values["max_tokens"] = max_tokens
     if max_tokens is not None and req.min_tokens > max_tokens:
-        raise ApiError(f"min_tokens ({req.min_tokens}) must not exceed the token limit ({max_tokens})",
-                       param="min_tokens")
+        raise ApiError(
+            f"min_tokens ({req.min_tokens}) must not exceed the token limit ({max_tokens})", param="min_tokens"
+        )
     values["logprobs"] = logprobs
     if req.stop is not None:
         values["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)

@@ -22,9 +22,9 @@ from engine.output import Finished  # the engine's record of a finished request,
 
 class Add(msgspec.Struct, tag=True, array_like=True):
     req_id: int
-    prompt: bytes                      # token ids as little-endian int32 (see pack_ids): a 50K-token
-                                       # prompt is one 200 KB copy, not 50K msgpack integers
-    params: dict                       # engine.sampling.SamplingParams fields
+    prompt: bytes  # token ids as little-endian int32 (see pack_ids): a 50K-token
+    # prompt is one 200 KB copy, not 50K msgpack integers
+    params: dict  # engine.sampling.SamplingParams fields
     session_id: str | None = None
     cache_namespace: str | None = None
     priority: int = 0
@@ -50,18 +50,18 @@ class Ready(msgspec.Struct, tag=True, array_like=True):
     block_size: int
     device: str
     dtype: str
-    kv_bytes: int                      # of the num_blocks KV blocks
-    kv_cache_dtype: str = "auto"       # EngineConfig.kv_cache_dtype in effect
-    quantization: str = "none"         # the weights' quantization in effect ("fp8" also from an FP8 checkpoint)
+    kv_bytes: int  # of the num_blocks KV blocks
+    kv_cache_dtype: str = "auto"  # EngineConfig.kv_cache_dtype in effect
+    quantization: str = "none"  # the weights' quantization in effect ("fp8" also from an FP8 checkpoint)
 
 
 class Tokens(msgspec.Struct, tag=True, array_like=True):
     req_ids: list[int]
     tokens: list[int]
-    sent_at: float = 0.0                         # time.perf_counter() in the core (CLOCK_MONOTONIC: one clock
-                                                 # for every process of the machine), for the IPC latency metric
-    logprobs: list[float] | None = None          # of each sampled token
-    top_ids: list[list[int]] | None = None       # [k][N]
+    sent_at: float = 0.0  # time.perf_counter() in the core (CLOCK_MONOTONIC: one clock
+    # for every process of the machine), for the IPC latency metric
+    logprobs: list[float] | None = None  # of each sampled token
+    top_ids: list[list[int]] | None = None  # [k][N]
     top_logprobs: list[list[float]] | None = None
 
 
@@ -72,15 +72,15 @@ class Rejected(msgspec.Struct, tag=True, array_like=True):
 
 class SessionEnded(msgspec.Struct, tag=True, array_like=True):
     session_id: str
-    known: bool                        # False: the core never had it, or it was already ended
+    known: bool  # False: the core never had it, or it was already ended
 
 
 class Stats(msgspec.Struct, tag=True, array_like=True):
-    values: dict                       # controlplane Stats.as_dict() plus engine counters
+    values: dict  # controlplane Stats.as_dict() plus engine counters
 
 
 class KvEvents(msgspec.Struct, tag=True, array_like=True):
-    events: list[tuple[str, list[int]]]   # (BlockStored | BlockRemoved | AllBlocksCleared, block hashes), in order
+    events: list[tuple[str, list[int]]]  # (BlockStored | BlockRemoved | AllBlocksCleared, block hashes), in order
 
 
 def pack_ids(ids) -> bytes:

@@ -42,21 +42,28 @@ def completion_logprobs(meta: Meta, c, offset: int = 0) -> dict | None:
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    return {"tokens": tokens, "token_logprobs": c.logprobs,
-            "top_logprobs": [{_token_text(meta.tokenizer, t): lp for t, lp in top} for top in c.top] or None,
-            "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": c.logprobs,
+        "top_logprobs": [{_token_text(meta.tokenizer, t): lp for t, lp in top} for top in c.top] or None,
+        "text_offset": offsets,
+    }
 
 
 def chat_logprobs(meta: Meta, c) -> dict | None:
     if not c.logprobs:
         return None
+
     def one(t: int, lp: float) -> dict:
         text = _token_text(meta.tokenizer, t)
         return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
 
     tops = c.top or [[] for _ in c.tokens]
-    return {"content": [{**one(t, lp), "top_logprobs": [one(*x) for x in top]}
-                        for t, lp, top in zip(c.tokens, c.logprobs, tops)]}
+    return {
+        "content": [
+            {**one(t, lp), "top_logprobs": [one(*x) for x in top]} for t, lp, top in zip(c.tokens, c.logprobs, tops)
+        ]
+    }
 
 
 def usage(choices) -> dict:
@@ -67,8 +74,12 @@ def usage(choices) -> dict:
         per_prompt[c.prompt_index] = (c.request.num_prompt_tokens, max(cached, c.request.num_cached_tokens))
     prompt = sum(t for t, _ in per_prompt.values())
     completion = sum(len(c.request.tokens) for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(c for _, c in per_prompt.values())}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(c for _, c in per_prompt.values())},
+    }
 
 
 def full_response(meta: Meta, choices) -> dict:
@@ -76,20 +87,43 @@ def full_response(meta: Meta, choices) -> dict:
     for choice in choices:
         c = choice.request
         if meta.chat:
-            out.append({"index": choice.index, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": chat_logprobs(meta, c), "finish_reason": c.finish_reason})
+            out.append(
+                {
+                    "index": choice.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(meta, c),
+                    "finish_reason": c.finish_reason,
+                }
+            )
         else:
-            out.append({"index": choice.index, "text": c.text, "logprobs": completion_logprobs(meta, c),
-                        "finish_reason": c.finish_reason})
+            out.append(
+                {
+                    "index": choice.index,
+                    "text": c.text,
+                    "logprobs": completion_logprobs(meta, c),
+                    "finish_reason": c.finish_reason,
+                }
+            )
         if meta.token_ids:
             out[-1]["token_ids"] = c.tokens
-    return {"id": meta.id, "object": "chat.completion" if meta.chat else "text_completion", "created": meta.created,
-            "model": meta.model, "choices": out, "usage": usage(choices)}
+    return {
+        "id": meta.id,
+        "object": "chat.completion" if meta.chat else "text_completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": out,
+        "usage": usage(choices),
+    }
 
 
 def _chunk(meta: Meta, choices: list[dict], usage_block=None) -> str:
-    body = {"id": meta.id, "object": "chat.completion.chunk" if meta.chat else "text_completion",
-            "created": meta.created, "model": meta.model, "choices": choices}
+    body = {
+        "id": meta.id,
+        "object": "chat.completion.chunk" if meta.chat else "text_completion",
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+    }
     if usage_block is not None:
         body["usage"] = usage_block
     return f"data: {json.dumps(body)}\n\n"
@@ -100,8 +134,12 @@ def _delta_choice(meta: Meta, index: int, d, text_offset: int) -> dict:
         delta = {"content": d.text} if d.text or d.finish_reason is None else {}
         out = {"index": index, "delta": delta, "logprobs": chat_logprobs(meta, d), "finish_reason": d.finish_reason}
     else:
-        out = {"index": index, "text": d.text, "logprobs": completion_logprobs(meta, d, text_offset),
-               "finish_reason": d.finish_reason}
+        out = {
+            "index": index,
+            "text": d.text,
+            "logprobs": completion_logprobs(meta, d, text_offset),
+            "finish_reason": d.finish_reason,
+        }
     if meta.token_ids:
         out["token_ids"] = d.tokens
     return out
@@ -128,8 +166,15 @@ async def stream(meta: Meta, choices, include_usage: bool):
     offsets = {c.index: 0 for c in choices}
     try:
         if meta.chat:
-            first = [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for c in choices]
+            first = [
+                {
+                    "index": c.index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                for c in choices
+            ]
             if meta.token_ids:  # every streamed choice carries the key, as in the other chunks
                 for c in first:
                     c["token_ids"] = []

@@ -23,7 +23,6 @@ import controlplane as cp
 from controlplane import _core
 from engine.serve.client import CoreClient, CoreDied
 
-
 DEAD_LOAD = 1 << 30  # a dead core's load in the router's view
 
 
@@ -56,7 +55,7 @@ class ReplicaRouter:
         hashes: list[int] = []
         if self._prefix:  # the scheduler matches at most (len - 1) // B blocks: one token is always computed
             limit = (len(prompt_ids) - 1) // self.block_size
-            hashes = _core.prompt_block_hashes(prompt_ids[:limit * self.block_size], self.block_size, namespace)
+            hashes = _core.prompt_block_hashes(prompt_ids[: limit * self.block_size], self.block_size, namespace)
         out = []
         for c in clients:
             if c.dead:  # kept in the list so that indices (session_affinity's memory) stay put; never chosen
@@ -64,8 +63,15 @@ class ReplicaRouter:
                 continue
             s = c.stats or {}
             free = s.get("num_free_blocks", c.info.num_blocks) + s.get("num_evictable_blocks", 0)
-            out.append(cp.policies.ReplicaView(c.index, len(c.in_flight), free, c.info.num_blocks,
-                                               c.cached_prefix_blocks(hashes) * self.block_size if hashes else 0))
+            out.append(
+                cp.policies.ReplicaView(
+                    c.index,
+                    len(c.in_flight),
+                    free,
+                    c.info.num_blocks,
+                    c.cached_prefix_blocks(hashes) * self.block_size if hashes else 0,
+                )
+            )
         return out
 
     def route(self, prompt_ids: Sequence[int], session_id: str | None, namespace: str | None = None) -> CoreClient:
@@ -80,8 +86,13 @@ class ReplicaRouter:
             # means the same cores; a dead one looks fully loaded, and if a policy picks it anyway (its turn
             # in round_robin, a session pinned there) the call goes to the least loaded live core
             self._calls += 1
-            at = self._router.route(self._calls, session_id or "", len(prompt_ids), time.monotonic() - self._start,
-                                    self.views(self.clients, prompt_ids, namespace))
+            at = self._router.route(
+                self._calls,
+                session_id or "",
+                len(prompt_ids),
+                time.monotonic() - self._start,
+                self.views(self.clients, prompt_ids, namespace),
+            )
             chosen = self.clients[at]
             if chosen.dead:
                 chosen = min(live, key=lambda c: (len(c.in_flight), c.index))
@@ -100,13 +111,16 @@ class ReplicaRouter:
         holders = [self.clients[i] for i in sorted(self.sessions.pop(session_id, ()))]
         live = [c for c in holders if not c.dead]
         if holders and not live:
-            raise CoreDied(f"session {session_id!r} was on engine core replica(s) "
-                           f"{', '.join(str(c.index) for c in holders)}, which died")
+            raise CoreDied(
+                f"session {session_id!r} was on engine core replica(s) "
+                f"{', '.join(str(c.index) for c in holders)}, which died"
+            )
         answers = await asyncio.gather(*(c.end_session(session_id) for c in live), return_exceptions=True)
         if any(a is True for a in answers):
             return True
         failed = [c.index for c, a in zip(live, answers) if isinstance(a, BaseException)]
         if failed:  # a core that may have held it could not answer: not a 404
-            raise CoreDied(f"session {session_id!r}: engine core replica(s) {', '.join(map(str, failed))} "
-                           "did not answer")
+            raise CoreDied(
+                f"session {session_id!r}: engine core replica(s) {', '.join(map(str, failed))} did not answer"
+            )
         return False

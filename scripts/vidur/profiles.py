@@ -195,9 +195,7 @@ def mlp_rows(m: ModelShape, tp: int, max_tokens: int, timer: Timer) -> list[dict
     d = m.n_embd
 
     def gemm(n: int, k: int, out: int) -> float:
-        return timer.roof(
-            2 * n * k * out, BYTES * (k * out + n * k + n * out), EFF_GEMM
-        )
+        return timer.roof(2 * n * k * out, BYTES * (k * out + n * k + n * out), EFF_GEMM)
 
     def elem(flops: float, nbytes: float) -> float:
         return timer.roof(flops, nbytes, EFF_ELEMWISE)
@@ -210,9 +208,7 @@ def mlp_rows(m: ModelShape, tp: int, max_tokens: int, timer: Timer) -> list[dict
             "mlp_up_proj": gemm(n, d, 2 * ff),
             "mlp_down_proj": gemm(n, ff, d),
             "mlp_act": elem(4 * n * ff, BYTES * 3 * n * ff),
-            "attn_rope": elem(
-                3 * n * (q_cols + kv_cols), BYTES * 2 * n * (q_cols + kv_cols)
-            ),
+            "attn_rope": elem(3 * n * (q_cols + kv_cols), BYTES * 2 * n * (q_cols + kv_cols)),
             "input_layernorm": elem(4 * n * d, BYTES * (2 * n * d + d)),
             "post_attention_layernorm": elem(4 * n * d, BYTES * (2 * n * d + d)),
             "add": elem(n * d, BYTES * 3 * n * d),
@@ -275,9 +271,7 @@ def attention_rows(
                 "kv_cache_size": kv,
                 "batch_size": 1,
             }
-            row.update(
-                timer.stats("attn_prefill", timer.roof(flops, nbytes, EFF_ATTN_PREFILL))
-            )
+            row.update(timer.stats("attn_prefill", timer.roof(flops, nbytes, EFF_ATTN_PREFILL)))
             row.update(kv_save(chunk))
             rows.append(row)
     for bs in decode_batch_grid(max_batch):
@@ -290,9 +284,7 @@ def attention_rows(
                 "kv_cache_size": kv,
                 "batch_size": bs,
             }
-            row.update(
-                timer.stats("attn_decode", timer.roof(flops, nbytes, EFF_ATTN_DECODE))
-            )
+            row.update(timer.stats("attn_decode", timer.roof(flops, nbytes, EFF_ATTN_DECODE)))
             row.update(kv_save(bs))
             rows.append(row)
     return rows
@@ -333,9 +325,7 @@ def send_recv_rows(m: ModelShape, max_tokens: int, timer: Timer) -> list[dict]:
                 "devices_per_node": per_node,
                 "max_devices_per_node": 8,
             }
-            row.update(
-                timer.stats("send_recv", NET_LAT_MS + size / (bw * EFF_NET) * 1e3)
-            )
+            row.update(timer.stats("send_recv", NET_LAT_MS + size / (bw * EFF_NET) * 1e3))
             rows.append(row)
     return rows
 
@@ -343,12 +333,7 @@ def send_recv_rows(m: ModelShape, max_tokens: int, timer: Timer) -> list[dict]:
 # --- hub-cache layout ------------------------------------------------------------
 def snapshot_dir(cache_dir: Path, kind: str, repo_id: str) -> Path:
     """Create ``datasets--org--name`` with ``refs/main`` and return the snapshot dir."""
-    repo_dir = (
-        cache_dir
-        / "profiling_data"
-        / kind
-        / ("datasets--" + repo_id.replace("/", "--"))
-    )
+    repo_dir = cache_dir / "profiling_data" / kind / ("datasets--" + repo_id.replace("/", "--"))
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
     (repo_dir / "refs" / "main").write_text(REVISION)
     snap = repo_dir / "snapshots" / REVISION
@@ -383,13 +368,9 @@ def write_profiles(
     network = snapshot_dir(cache_dir, "network", NETWORK_REPO)
     note = "SYNTHETIC roofline data from scripts/vidur/profiles.py, not a measurement"
     (compute / "config.json").write_text(
-        json.dumps(
-            {"model": MODEL_NAME, "device_sku": DEVICE_SKU, "note": note}, indent=2
-        )
+        json.dumps({"model": MODEL_NAME, "device_sku": DEVICE_SKU, "note": note}, indent=2)
     )
-    (network / "config.json").write_text(
-        json.dumps({"sku": NETWORK_SKU, "note": note}, indent=2)
-    )
+    (network / "config.json").write_text(json.dumps({"sku": NETWORK_SKU, "note": note}, indent=2))
     summary = {
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
@@ -400,12 +381,8 @@ def write_profiles(
         "rows": {
             "mlp": write_csv_xz(mlp, compute / "mlp.csv.xz"),
             "attention": write_csv_xz(attn, compute / "attention.csv.xz"),
-            "all_reduce": write_csv_xz(
-                all_reduce_rows(m, max_seq_len, timer), network / "all_reduce.csv.xz"
-            ),
-            "send_recv": write_csv_xz(
-                send_recv_rows(m, max_seq_len, timer), network / "send_recv.csv.xz"
-            ),
+            "all_reduce": write_csv_xz(all_reduce_rows(m, max_seq_len, timer), network / "all_reduce.csv.xz"),
+            "send_recv": write_csv_xz(send_recv_rows(m, max_seq_len, timer), network / "send_recv.csv.xz"),
         },
         "note": note,
     }
@@ -418,9 +395,7 @@ def ensure_profiles(cache_dir: Path, tp_sizes: tuple[int, ...] = (1,)) -> bool:
     stamp = cache_dir / STAMP_FILE
     if stamp.exists():
         info = json.loads(stamp.read_text())
-        if info.get("generator_version") == GENERATOR_VERSION and set(tp_sizes) <= set(
-            info.get("tp_sizes", [])
-        ):
+        if info.get("generator_version") == GENERATOR_VERSION and set(tp_sizes) <= set(info.get("tp_sizes", [])):
             return False
     cache_dir.mkdir(parents=True, exist_ok=True)
     write_profiles(cache_dir, tp_sizes=tp_sizes)
@@ -431,9 +406,7 @@ def main() -> None:
     """CLI: write the synthetic profiles into ``--cache-dir``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", type=Path, required=True)
-    ap.add_argument(
-        "--tp", type=int, nargs="+", default=[1], help="tensor-parallel sizes"
-    )
+    ap.add_argument("--tp", type=int, nargs="+", default=[1], help="tensor-parallel sizes")
     ap.add_argument("--max-seq-len", type=int, default=131072)
     ap.add_argument("--seed", type=int, default=20240601)
     args = ap.parse_args()

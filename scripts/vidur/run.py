@@ -79,20 +79,12 @@ def round_up(n: int, k: int) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    ap = argparse.ArgumentParser(
-        description="Time Vidur 0.0.26 on a fixed-length workload."
-    )
+    ap = argparse.ArgumentParser(description="Time Vidur 0.0.26 on a fixed-length workload.")
     ap.add_argument("--requests", type=int, required=True, help="number of requests")
-    ap.add_argument(
-        "--prefill", type=int, required=True, help="prefill tokens per request"
-    )
-    ap.add_argument(
-        "--decode", type=int, required=True, help="decode tokens per request"
-    )
+    ap.add_argument("--prefill", type=int, required=True, help="prefill tokens per request")
+    ap.add_argument("--decode", type=int, required=True, help="decode tokens per request")
     ap.add_argument("--qps", type=float, required=True, help="Poisson arrival rate")
-    ap.add_argument(
-        "--cache-dir", type=Path, required=True, help="profiles + trained models"
-    )
+    ap.add_argument("--cache-dir", type=Path, required=True, help="profiles + trained models")
     ap.add_argument("--scheduler", choices=("sarathi", "vllm"), default="sarathi")
     ap.add_argument("--chunk-size", type=int, default=512, help="Sarathi chunk size")
     ap.add_argument("--batch-size-cap", type=int, default=128)
@@ -114,20 +106,14 @@ def build_config(args: argparse.Namespace, metrics_dir: str) -> SimulationConfig
     max_tokens = args.max_tokens or request_tokens
     if args.scheduler == "sarathi":
         batch_tokens = args.chunk_size
-        scheduler = vc.SarathiSchedulerConfig(
-            chunk_size=args.chunk_size, batch_size_cap=args.batch_size_cap
-        )
+        scheduler = vc.SarathiSchedulerConfig(chunk_size=args.chunk_size, batch_size_cap=args.batch_size_cap)
     else:
         # vLLM prefills a request in one iteration, so the batch budget must fit it.
         batch_tokens = max(VLLM_MIN_BATCH_TOKENS, args.prefill)
-        scheduler = vc.VllmSchedulerConfig(
-            max_tokens_in_batch=batch_tokens, batch_size_cap=args.batch_size_cap
-        )
+        scheduler = vc.VllmSchedulerConfig(max_tokens_in_batch=batch_tokens, batch_size_cap=args.batch_size_cap)
     # Prediction tables only need to cover what the run can look up: per-batch
     # token counts and (granularity-rounded) KV lengths of one request.
-    table_tokens = next_pow2(
-        max(round_up(request_tokens, KV_GRANULARITY), batch_tokens)
-    )
+    table_tokens = next_pow2(max(round_up(request_tokens, KV_GRANULARITY), batch_tokens))
     predictor = vc.RandomForrestExecutionTimePredictorConfig(
         cache_dir=str(args.cache_dir),
         prediction_max_tokens_per_request=table_tokens,

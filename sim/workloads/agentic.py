@@ -18,29 +18,28 @@ Z_90 = 1.2815515655446004  # standard normal 90th percentile: sigma = ln(p90 / m
 class AgenticCodingConfig(_Config):
     """A coding agent: a long shared tool prefix, many short calls, bursty arrivals."""
 
-    session_rate: float = 0.2          # sessions per second (open loop)
-    arrival_cv: float = 2.0            # coefficient of variation of inter-arrival gaps (1: Poisson)
-    num_prefixes: int = 4              # distinct system/tool prefixes (0: sessions have none)
+    session_rate: float = 0.2  # sessions per second (open loop)
+    arrival_cv: float = 2.0  # coefficient of variation of inter-arrival gaps (1: Poisson)
+    num_prefixes: int = 4  # distinct system/tool prefixes (0: sessions have none)
     prefix_tokens_min: int = 20_000
     prefix_tokens_max: int = 60_000
-    new_tokens_mean: float = 250.0     # mean of the clipped lognormal
+    new_tokens_mean: float = 250.0  # mean of the clipped lognormal
     new_tokens_sigma: float = 1.0
     new_tokens_max: int = 16_384
-    output_mean: float = 520.0         # mean of the clipped lognormal
+    output_mean: float = 520.0  # mean of the clipped lognormal
     output_sigma: float = 1.3
     output_max: int = 4096
-    calls_mean: float = 20.0           # geometric number of calls per session
+    calls_mean: float = 20.0  # geometric number of calls per session
     calls_max: int = 400
     tool_pause_median: float = 0.3
     tool_pause_p90: float = 13.6
     tool_pause_max: float = 900.0
-    human_pause_prob: float = 0.05     # per pause: a human pause replaces the tool pause
-    human_pause_mean: float = 120.0    # exponential
-    context_max: int = 131_072         # a session ends before a call whose context would exceed this
+    human_pause_prob: float = 0.05  # per pause: a human pause replaces the tool pause
+    human_pause_mean: float = 120.0  # exponential
+    context_max: int = 131_072  # a session ends before a call whose context would exceed this
 
     def _check(self) -> None:
-        self._positive("session_rate", "arrival_cv", "prefix_tokens_min", "tool_pause_median",
-                       "human_pause_mean")
+        self._positive("session_rate", "arrival_cv", "prefix_tokens_min", "tool_pause_median", "human_pause_mean")
         self._at_least(0, "num_prefixes", "new_tokens_sigma", "output_sigma")
         self._at_least(1, "new_tokens_mean", "output_mean", "calls_mean")
         self._below("prefix_tokens_min", "prefix_tokens_max")
@@ -51,15 +50,18 @@ class AgenticCodingConfig(_Config):
         self._below("tool_pause_p90", "tool_pause_max")
         self._probability("human_pause_prob")
         first_call = self.prefix_tokens_max + self.new_tokens_max + self.output_max
-        self._require(self.context_max >= first_call, "context_max",
-                      f"must fit a first call: >= prefix_tokens_max + new_tokens_max + output_max = {first_call}")
+        self._require(
+            self.context_max >= first_call,
+            "context_max",
+            f"must fit a first call: >= prefix_tokens_max + new_tokens_max + output_max = {first_call}",
+        )
 
 
 @dataclass(frozen=True)
 class SweSmithConfig(_Config):
     """The fixed multi-turn shape of the TokenSpeed SWE-smith benchmark."""
 
-    session_rate: float = 0.1          # Poisson arrivals, for open-loop use
+    session_rate: float = 0.1  # Poisson arrivals, for open-loop use
     first_turn_tokens: int = 50_000
     later_turn_tokens: int = 800
     turns_min: int = 10
@@ -89,10 +91,16 @@ class AgenticCodingWorkload(_SyntheticWorkload):
         prefix_id = int(rng.integers(len(prefixes))) if len(prefixes) else -1
         prefix_tokens = int(prefixes[prefix_id]) if prefix_id >= 0 else 0
         n = min(int(rng.geometric(1.0 / c.calls_mean)), c.calls_max)
-        new = _tokens(rng, _mu_for_clipped_mean(c.new_tokens_mean, c.new_tokens_sigma, c.new_tokens_max),
-                      c.new_tokens_sigma, c.new_tokens_max, n)
-        out = _tokens(rng, _mu_for_clipped_mean(c.output_mean, c.output_sigma, c.output_max),
-                      c.output_sigma, c.output_max, n)
+        new = _tokens(
+            rng,
+            _mu_for_clipped_mean(c.new_tokens_mean, c.new_tokens_sigma, c.new_tokens_max),
+            c.new_tokens_sigma,
+            c.new_tokens_max,
+            n,
+        )
+        out = _tokens(
+            rng, _mu_for_clipped_mean(c.output_mean, c.output_sigma, c.output_max), c.output_sigma, c.output_max, n
+        )
         tool_sigma = math.log(c.tool_pause_p90 / c.tool_pause_median) / Z_90
         tool = np.minimum(rng.lognormal(math.log(c.tool_pause_median), tool_sigma, n), c.tool_pause_max)
         human = rng.random(n) < c.human_pause_prob

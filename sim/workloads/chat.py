@@ -18,7 +18,7 @@ class ChatConfig(_Config):
 
     session_rate: float = 1.0
     single_turn_prob: float = 0.3
-    turns_mean: float = 3.5            # over all conversations, single-turn ones included
+    turns_mean: float = 3.5  # over all conversations, single-turn ones included
     turns_max: int = 64
     first_prompt_median: float = 170.0
     later_prompt_median: float = 80.0
@@ -41,12 +41,16 @@ class ChatConfig(_Config):
         self._below("output_median", "output_max")
         self._below("turns_mean", "turns_max")
         if self.single_turn_prob < 1:
-            self._require(self.turns_mean >= 2 - self.single_turn_prob, "turns_mean",
-                          "must be >= 2 - single_turn_prob (multi-turn conversations have >= 2 turns)")
+            self._require(
+                self.turns_mean >= 2 - self.single_turn_prob,
+                "turns_mean",
+                "must be >= 2 - single_turn_prob (multi-turn conversations have >= 2 turns)",
+            )
         else:
             self._require(self.turns_mean == 1, "turns_mean", "must be 1 when single_turn_prob is 1")
-        self._require(self.context_max >= self.prompt_max + self.output_max, "context_max",
-                      "must be >= prompt_max + output_max")
+        self._require(
+            self.context_max >= self.prompt_max + self.output_max, "context_max", "must be >= prompt_max + output_max"
+        )
 
 
 class ChatWorkload(_SyntheticWorkload):

@@ -43,8 +43,7 @@ class _SyntheticWorkload(Workload):
         return np.zeros(0, dtype=np.int64)
 
     @abc.abstractmethod
-    def _session(self, rng: np.random.Generator, session_id: str, start: float,
-                 prefixes: np.ndarray) -> Session:
+    def _session(self, rng: np.random.Generator, session_id: str, start: float, prefixes: np.ndarray) -> Session:
         """Draws one session's shape from its own generator."""
 
 
@@ -85,8 +84,15 @@ def _calls_within_context(prefix_tokens: int, new: np.ndarray, out: np.ndarray, 
     return max(1, int(np.searchsorted(context, context_max, side="right")))
 
 
-def _build(session_id: str, start: float, prefix_id: int, prefix_tokens: int,
-           new: np.ndarray, out: np.ndarray, pause: np.ndarray) -> Session:
+def _build(
+    session_id: str,
+    start: float,
+    prefix_id: int,
+    prefix_tokens: int,
+    new: np.ndarray,
+    out: np.ndarray,
+    pause: np.ndarray,
+) -> Session:
     """A Session from per-call arrays; the last pause is forced to 0."""
     pauses = [float(p) for p in pause]
     pauses[-1] = 0.0

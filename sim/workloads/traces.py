@@ -38,8 +38,7 @@ class TraceWorkload(Workload):
         if not load_trace(self.config.path):
             # An empty trace is almost always a failed export or the wrong file: a run of 0
             # requests would only hide that behind undefined percentiles and empty plots.
-            raise ValueError(f"workload.params.path: the trace {os.path.abspath(self.config.path)!r} "
-                             f"has no sessions")
+            raise ValueError(f"workload.params.path: the trace {os.path.abspath(self.config.path)!r} has no sessions")
 
     def sessions(self, num_sessions: int | None = None, seed: int = 0, rate: float | None = None) -> list[Session]:
         """The file's first `num_sessions` sessions by start time (fewer if it has fewer; None: all)."""
@@ -52,8 +51,16 @@ class TraceWorkload(Workload):
         return iter(load_trace(self.config.path))
 
 
-_TRACE_FIELDS = ("arrival_time", "session_id", "prompt_tokens", "prompt_token_ids", "output_tokens",
-                 "pause_after", "prefix_id", "prefix_tokens")
+_TRACE_FIELDS = (
+    "arrival_time",
+    "session_id",
+    "prompt_tokens",
+    "prompt_token_ids",
+    "output_tokens",
+    "pause_after",
+    "prefix_id",
+    "prefix_tokens",
+)
 _MISSING = object()
 
 
@@ -161,8 +168,10 @@ def _read_trace(path: str, size: int, mtime_ns: int) -> tuple[Session, ...]:
             if first:
                 start = float(_field(record, "arrival_time", _is_seconds, where))
                 if prefix_sizes.setdefault(prefix_id, prefix_tokens) != prefix_tokens:
-                    raise ValueError(f"{where}: prefix_id {prefix_id} has prefix_tokens "
-                                     f"{prefix_sizes[prefix_id]} elsewhere, {prefix_tokens} here")
+                    raise ValueError(
+                        f"{where}: prefix_id {prefix_id} has prefix_tokens "
+                        f"{prefix_sizes[prefix_id]} elsewhere, {prefix_tokens} here"
+                    )
                 drafts[sid] = dict(start=start, prefix_id=prefix_id, prefix_tokens=prefix_tokens, turns=[])
             drafts[sid]["turns"].append(_parse_turn(record, where))
     sessions = [_draft_session(sid, d) for sid, d in drafts.items()]

@@ -58,9 +58,9 @@ _LOG2E = 1.4426950408889634
 class DecodeConfig:
     """Tiling and split heuristic of decode_attention (see module docstring)."""
 
-    block_n: int = 64              # keys per inner-loop tile
-    programs_per_sm: int = 4       # aim for this many programs on each SM
-    min_tiles_per_split: int = 4   # a split amortises its q load and partial write over >= this
+    block_n: int = 64  # keys per inner-loop tile
+    programs_per_sm: int = 4  # aim for this many programs on each SM
+    min_tiles_per_split: int = 4  # a split amortises its q load and partial write over >= this
     max_splits: int = 128
     num_warps: int = 4
     num_stages: int = 2
@@ -74,9 +74,9 @@ class PrefillConfig:
     block_n: int = 64
     num_warps: int = 8
     num_stages: int = 2
-    max_splits: int = 16        # 1: never split the key range
+    max_splits: int = 16  # 1: never split the key range
     min_split_keys: int = 1024  # a split amortises its q load and partial write over >= this many keys
-    split_waves: int = 2        # aim for at least this many waves of programs (see prefill_splits)
+    split_waves: int = 2  # aim for at least this many waves of programs (see prefill_splits)
 
 
 def decode_config(device: torch.device, head_dim: int, dtype: torch.dtype, kv_fp8: bool = False) -> DecodeConfig:
@@ -133,11 +133,43 @@ def _tile_scales(head_ptr, offsets, nmask, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
-                 kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, n_end, qk_scale,
-                 ks_ptr, vs_ptr, ks_head, vs_head, ks_st0, ks_st1, vs_st0, vs_st1,
-                 BS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                 CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr):
+def _attend_tile(
+    acc,
+    l,
+    m,
+    q,
+    kc_ptr,
+    vc_ptr,
+    bt_row,
+    bt_st1,
+    k_head,
+    v_head,
+    kc_st0,
+    kc_st1,
+    kc_st3,
+    vc_st0,
+    vc_st1,
+    vc_st3,
+    n0,
+    pos,
+    n_end,
+    qk_scale,
+    ks_ptr,
+    vs_ptr,
+    ks_head,
+    vs_head,
+    ks_st0,
+    ks_st1,
+    vs_st0,
+    vs_st1,
+    BS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    KV_FP8: tl.constexpr,
+):
     """One key tile [n0, n0 + BLOCK_N) of the online softmax; keys >= n_end are never loaded.
 
     With CAUSAL, row i sees key n iff n <= pos[i]; without, every key of the tile is visible and
@@ -197,15 +229,58 @@ def _split_len(seq_len, num_splits, BLOCK_N: tl.constexpr, MIN_TILES: tl.constex
     return tl.maximum(tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits), MIN_TILES) * BLOCK_N
 
 
-@triton.jit(do_not_specialize=['bt_st0', 'o_st0', 'o_st1', 'lse_st0', 'lse_st1', 'num_splits'])
-def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, seq_lens_ptr, bt_ptr, o_ptr, lse_ptr, out_ptr, ks_ptr, vs_ptr,
-                         q_st0, q_st1, q_st2, kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
-                         bt_st0, bt_st1, o_st0, o_st1, o_st2, lse_st0, lse_st1, out_st0, out_st1, out_st2,
-                         ks_st0, ks_st1, ks_st2, vs_st0, vs_st1, vs_st2,
-                         qk_scale, num_splits,
-                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                         BS: tl.constexpr, BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr,
-                         SINGLE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr):
+@triton.jit(do_not_specialize=["bt_st0", "o_st0", "o_st1", "lse_st0", "lse_st1", "num_splits"])
+def _decode_split_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    seq_lens_ptr,
+    bt_ptr,
+    o_ptr,
+    lse_ptr,
+    out_ptr,
+    ks_ptr,
+    vs_ptr,
+    q_st0,
+    q_st1,
+    q_st2,
+    kc_st0,
+    kc_st1,
+    kc_st2,
+    kc_st3,
+    vc_st0,
+    vc_st1,
+    vc_st2,
+    vc_st3,
+    bt_st0,
+    bt_st1,
+    o_st0,
+    o_st1,
+    o_st2,
+    lse_st0,
+    lse_st1,
+    out_st0,
+    out_st1,
+    out_st2,
+    ks_st0,
+    ks_st1,
+    ks_st2,
+    vs_st0,
+    vs_st1,
+    vs_st2,
+    qk_scale,
+    num_splits,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MIN_TILES: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    KV_FP8: tl.constexpr,
+):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -218,8 +293,7 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, seq_lens_ptr, bt_ptr, o_ptr, lse
     d = tl.arange(0, D_PAD)
     heads = kvh * G + g
     q_mask = (g < G)[:, None] & (d < D)[None, :]
-    q = tl.load(q_ptr + b.to(tl.int64) * q_st0 + heads[:, None] * q_st1 + d[None, :] * q_st2,
-                mask=q_mask, other=0.0)
+    q = tl.load(q_ptr + b.to(tl.int64) * q_st0 + heads[:, None] * q_st1 + d[None, :] * q_st2, mask=q_mask, other=0.0)
     if not KV_FP8:  # an FP8 cache is read in q's dtype instead
         q = q.to(kc_ptr.dtype.element_ty)
 
@@ -233,29 +307,80 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, seq_lens_ptr, bt_ptr, o_ptr, lse
     ks_head = kvh.to(tl.int64) * ks_st2
     vs_head = kvh.to(tl.int64) * vs_st2
     for n0 in range(start, stop, BLOCK_N):  # no iteration for a split past the context
-        acc, l, m = _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
-                                 kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, stop, qk_scale,
-                                 ks_ptr, vs_ptr, ks_head, vs_head, ks_st0, ks_st1, vs_st0, vs_st1,
-                                 BS, BLOCK_N, D, D_PAD, True, DOT_PREC, KV_FP8)
+        acc, l, m = _attend_tile(
+            acc,
+            l,
+            m,
+            q,
+            kc_ptr,
+            vc_ptr,
+            bt_row,
+            bt_st1,
+            k_head,
+            v_head,
+            kc_st0,
+            kc_st1,
+            kc_st3,
+            vc_st0,
+            vc_st1,
+            vc_st3,
+            n0,
+            pos,
+            stop,
+            qk_scale,
+            ks_ptr,
+            vs_ptr,
+            ks_head,
+            vs_head,
+            ks_st0,
+            ks_st1,
+            vs_st0,
+            vs_st1,
+            BS,
+            BLOCK_N,
+            D,
+            D_PAD,
+            True,
+            DOT_PREC,
+            KV_FP8,
+        )
 
     l_safe = tl.where(l > 0.0, l, 1.0)
     o = acc / l_safe[:, None]
     if SINGLE_SPLIT:
-        tl.store(out_ptr + b.to(tl.int64) * out_st0 + heads[:, None] * out_st1 + d[None, :] * out_st2,
-                 o.to(out_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(
+            out_ptr + b.to(tl.int64) * out_st0 + heads[:, None] * out_st1 + d[None, :] * out_st2,
+            o.to(out_ptr.dtype.element_ty),
+            mask=q_mask,
+        )
     else:
         live = start < seq_len
         base = b.to(tl.int64) * o_st0 + split * o_st2
         tl.store(o_ptr + base + heads[:, None] * o_st1 + d[None, :], o, mask=q_mask & live)
-        tl.store(lse_ptr + b.to(tl.int64) * lse_st0 + heads * lse_st1 + split, m + tl.log2(l_safe),
-                 mask=(g < G) & live)
+        tl.store(lse_ptr + b.to(tl.int64) * lse_st0 + heads * lse_st1 + split, m + tl.log2(l_safe), mask=(g < G) & live)
 
 
-@triton.jit(do_not_specialize=['o_st0', 'o_st1', 'lse_st0', 'lse_st1', 'num_splits'])
-def _decode_reduce_kernel(o_ptr, lse_ptr, seq_lens_ptr, out_ptr,
-                          o_st0, o_st1, o_st2, lse_st0, lse_st1, out_st0, out_st1, out_st2,
-                          num_splits, D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
-                          BLOCK_N: tl.constexpr, MIN_TILES: tl.constexpr):
+@triton.jit(do_not_specialize=["o_st0", "o_st1", "lse_st0", "lse_st1", "num_splits"])
+def _decode_reduce_kernel(
+    o_ptr,
+    lse_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    o_st0,
+    o_st1,
+    o_st2,
+    lse_st0,
+    lse_st1,
+    out_st0,
+    out_st1,
+    out_st2,
+    num_splits,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    S_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MIN_TILES: tl.constexpr,
+):
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
@@ -272,8 +397,11 @@ def _decode_reduce_kernel(o_ptr, lse_ptr, seq_lens_ptr, out_ptr,
     for i in range(0, live):
         w = tl.exp2(tl.load(lse_row + i) - top)
         acc += w * tl.load(o_row + i * o_st2 + d, mask=d < D, other=0.0)
-    tl.store(out_ptr + b.to(tl.int64) * out_st0 + h * out_st1 + d * out_st2,
-             (acc / denom).to(out_ptr.dtype.element_ty), mask=d < D)
+    tl.store(
+        out_ptr + b.to(tl.int64) * out_st0 + h * out_st1 + d * out_st2,
+        (acc / denom).to(out_ptr.dtype.element_ty),
+        mask=d < D,
+    )
 
 
 def decode_splits(batch: int, kv_heads: int, max_context: int, sms: int, cfg: DecodeConfig) -> int:
@@ -301,9 +429,18 @@ def _scale_args(k_cache: torch.Tensor, k_scale, v_scale) -> tuple:
     return (k_scale, v_scale), (*k_scale.stride(), *v_scale.stride())
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                     block_table: torch.Tensor, scale: float, cfg: DecodeConfig | None = None, *,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    cfg: DecodeConfig | None = None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Paged decode attention, same contract as torch_ops.decode_attention; `cfg` overrides the tiling."""
     batch, hq, d = q.shape
     _, bs, hk, _ = k_cache.shape
@@ -323,39 +460,126 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         o, lse = out, out
     scales, scale_strides = _scale_args(k_cache, k_scale, v_scale)
     _decode_split_kernel[(batch, hk, splits)](
-        q, k_cache, v_cache, seq_lens, block_table, o, lse, out, *scales,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(),
-        o.stride(0), o.stride(1), o.stride(2) if splits > 1 else 0, lse.stride(0), lse.stride(1),
-        *out.stride(), *scale_strides, scale * _LOG2E, splits,
-        G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad, BS=bs,
-        BLOCK_N=cfg.block_n, MIN_TILES=cfg.min_tiles_per_split, SINGLE_SPLIT=splits == 1,
-        DOT_PREC=_dot_precision(compute), KV_FP8=fp8,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        q,
+        k_cache,
+        v_cache,
+        seq_lens,
+        block_table,
+        o,
+        lse,
+        out,
+        *scales,
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *block_table.stride(),
+        o.stride(0),
+        o.stride(1),
+        o.stride(2) if splits > 1 else 0,
+        lse.stride(0),
+        lse.stride(1),
+        *out.stride(),
+        *scale_strides,
+        scale * _LOG2E,
+        splits,
+        G=group,
+        G_PAD=max(16, triton.next_power_of_2(group)),
+        D=d,
+        D_PAD=d_pad,
+        BS=bs,
+        BLOCK_N=cfg.block_n,
+        MIN_TILES=cfg.min_tiles_per_split,
+        SINGLE_SPLIT=splits == 1,
+        DOT_PREC=_dot_precision(compute),
+        KV_FP8=fp8,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     if splits > 1:
         _decode_reduce_kernel[(batch, hq)](
-            o, lse, seq_lens, out, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-            *out.stride(), splits, D=d, D_PAD=triton.next_power_of_2(d), S_PAD=triton.next_power_of_2(splits),
-            BLOCK_N=cfg.block_n, MIN_TILES=cfg.min_tiles_per_split, num_warps=1 if d <= 64 else 2)
+            o,
+            lse,
+            seq_lens,
+            out,
+            o.stride(0),
+            o.stride(1),
+            o.stride(2),
+            lse.stride(0),
+            lse.stride(1),
+            *out.stride(),
+            splits,
+            D=d,
+            D_PAD=triton.next_power_of_2(d),
+            S_PAD=triton.next_power_of_2(splits),
+            BLOCK_N=cfg.block_n,
+            MIN_TILES=cfg.min_tiles_per_split,
+            num_warps=1 if d <= 64 else 2,
+        )
     return out
 
 
-@triton.jit(do_not_specialize=['bt_st0', 'num_tiles', 'num_splits', 'o_st0', 'o_st1', 'lse_st0', 'lse_st1'])
-def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, o_ptr, lse_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, tile_req_ptr,
-                    ks_ptr, vs_ptr,
-                    q_st0, q_st1, q_st2, kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
-                    out_st0, out_st1, out_st2, bt_st0, bt_st1, o_st0, o_st1, o_st2, lse_st0, lse_st1,
-                    ks_st0, ks_st1, ks_st2, vs_st0, vs_st1, vs_st2,
-                    qk_scale, num_tiles, num_splits,
-                    G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                    BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                    DOT_PREC: tl.constexpr, KV_FP8: tl.constexpr):
+@triton.jit(do_not_specialize=["bt_st0", "num_tiles", "num_splits", "o_st0", "o_st1", "lse_st0", "lse_st1"])
+def _prefill_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    out_ptr,
+    o_ptr,
+    lse_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    bt_ptr,
+    tile_req_ptr,
+    ks_ptr,
+    vs_ptr,
+    q_st0,
+    q_st1,
+    q_st2,
+    kc_st0,
+    kc_st1,
+    kc_st2,
+    kc_st3,
+    vc_st0,
+    vc_st1,
+    vc_st2,
+    vc_st3,
+    out_st0,
+    out_st1,
+    out_st2,
+    bt_st0,
+    bt_st1,
+    o_st0,
+    o_st1,
+    o_st2,
+    lse_st0,
+    lse_st1,
+    ks_st0,
+    ks_st1,
+    ks_st2,
+    vs_st0,
+    vs_st1,
+    vs_st2,
+    qk_scale,
+    num_tiles,
+    num_splits,
+    G: tl.constexpr,
+    BQ: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    KV_FP8: tl.constexpr,
+):
     tile = num_tiles - 1 - tl.program_id(0)  # the last (longest) tiles of a request start first
     kvh = tl.program_id(1)
     req = tl.load(tile_req_ptr + tile)
     q_start = tl.load(qsl_ptr + req)
     q_len = tl.load(qsl_ptr + req + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
-    ctx_start = seq_len - q_len               # position of the request's first query token
+    ctx_start = seq_len - q_len  # position of the request's first query token
     tok0 = (tile - (q_start // BQ + req)) * BQ  # this tile's first query token, within the request
 
     rows = tl.arange(0, BLOCK_M)
@@ -365,8 +589,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, o_ptr, lse_ptr, qsl_ptr, seq
     d = tl.arange(0, D_PAD)
     q_mask = row_ok[:, None] & (d < D)[None, :]
     q_off = (q_start + tok).to(tl.int64)
-    q = tl.load(q_ptr + q_off[:, None] * q_st0 + heads[:, None] * q_st1 + d[None, :] * q_st2,
-                mask=q_mask, other=0.0)
+    q = tl.load(q_ptr + q_off[:, None] * q_st0 + heads[:, None] * q_st1 + d[None, :] * q_st2, mask=q_mask, other=0.0)
     if not KV_FP8:  # an FP8 cache is read in q's dtype instead
         q = q.to(kc_ptr.dtype.element_ty)
     pos = tl.where(row_ok, ctx_start + tok, seq_len - 1)  # padding rows see everything: stay finite
@@ -392,58 +615,155 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, out_ptr, o_ptr, lse_ptr, qsl_ptr, seq
     ks_head = kvh.to(tl.int64) * ks_st2
     vs_head = kvh.to(tl.int64) * vs_st2
     for n0 in range(lo, tl.minimum(full_end, hi), BLOCK_N):
-        acc, l, m = _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
-                                 kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, kv_end, qk_scale,
-                                 ks_ptr, vs_ptr, ks_head, vs_head, ks_st0, ks_st1, vs_st0, vs_st1,
-                                 BS, BLOCK_N, D, D_PAD, False, DOT_PREC, KV_FP8)
+        acc, l, m = _attend_tile(
+            acc,
+            l,
+            m,
+            q,
+            kc_ptr,
+            vc_ptr,
+            bt_row,
+            bt_st1,
+            k_head,
+            v_head,
+            kc_st0,
+            kc_st1,
+            kc_st3,
+            vc_st0,
+            vc_st1,
+            vc_st3,
+            n0,
+            pos,
+            kv_end,
+            qk_scale,
+            ks_ptr,
+            vs_ptr,
+            ks_head,
+            vs_head,
+            ks_st0,
+            ks_st1,
+            vs_st0,
+            vs_st1,
+            BS,
+            BLOCK_N,
+            D,
+            D_PAD,
+            False,
+            DOT_PREC,
+            KV_FP8,
+        )
     for n0 in range(tl.maximum(full_end, lo), hi, BLOCK_N):
-        acc, l, m = _attend_tile(acc, l, m, q, kc_ptr, vc_ptr, bt_row, bt_st1, k_head, v_head,
-                                 kc_st0, kc_st1, kc_st3, vc_st0, vc_st1, vc_st3, n0, pos, kv_end, qk_scale,
-                                 ks_ptr, vs_ptr, ks_head, vs_head, ks_st0, ks_st1, vs_st0, vs_st1,
-                                 BS, BLOCK_N, D, D_PAD, True, DOT_PREC, KV_FP8)
+        acc, l, m = _attend_tile(
+            acc,
+            l,
+            m,
+            q,
+            kc_ptr,
+            vc_ptr,
+            bt_row,
+            bt_st1,
+            k_head,
+            v_head,
+            kc_st0,
+            kc_st1,
+            kc_st3,
+            vc_st0,
+            vc_st1,
+            vc_st3,
+            n0,
+            pos,
+            kv_end,
+            qk_scale,
+            ks_ptr,
+            vs_ptr,
+            ks_head,
+            vs_head,
+            ks_st0,
+            ks_st1,
+            vs_st0,
+            vs_st1,
+            BS,
+            BLOCK_N,
+            D,
+            D_PAD,
+            True,
+            DOT_PREC,
+            KV_FP8,
+        )
 
     l_safe = tl.where(l > 0.0, l, 1.0)
     o = acc / l_safe[:, None]
     if SPLIT:  # partial (o, lse) of this split; a split past the keys leaves o = 0, lse = -inf
         base = q_off[:, None] * o_st0 + heads[:, None] * o_st1 + split * o_st2
         tl.store(o_ptr + base + d[None, :], o, mask=q_mask)
-        tl.store(lse_ptr + q_off * lse_st0 + heads * lse_st1 + split,
-                 tl.where(l > 0.0, m + tl.log2(l_safe), float("-inf")), mask=row_ok)
+        tl.store(
+            lse_ptr + q_off * lse_st0 + heads * lse_st1 + split,
+            tl.where(l > 0.0, m + tl.log2(l_safe), float("-inf")),
+            mask=row_ok,
+        )
     else:
-        tl.store(out_ptr + q_off[:, None] * out_st0 + heads[:, None] * out_st1 + d[None, :] * out_st2,
-                 o.to(out_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(
+            out_ptr + q_off[:, None] * out_st0 + heads[:, None] * out_st1 + d[None, :] * out_st2,
+            o.to(out_ptr.dtype.element_ty),
+            mask=q_mask,
+        )
 
 
-@triton.jit(do_not_specialize=['o_st0', 'o_st1', 'lse_st0', 'lse_st1', 'num_heads'])
-def _merge_splits_kernel(o_ptr, lse_ptr, out_ptr, o_st0, o_st1, o_st2, lse_st0, lse_st1,
-                         out_st0, out_st1, out_st2, num_heads,
-                         S: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                         H_BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["o_st0", "o_st1", "lse_st0", "lse_st1", "num_heads"])
+def _merge_splits_kernel(
+    o_ptr,
+    lse_ptr,
+    out_ptr,
+    o_st0,
+    o_st1,
+    o_st2,
+    lse_st0,
+    lse_st1,
+    out_st0,
+    out_st1,
+    out_st2,
+    num_heads,
+    S: tl.constexpr,
+    S_PAD: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    H_BLOCK: tl.constexpr,
+):
     """out[t, h] = sum_s w_s o_s / sum_s w_s with w_s = 2^(lse_s - max lse): H_BLOCK heads of one token."""
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * H_BLOCK + tl.arange(0, H_BLOCK)
     s = tl.arange(0, S_PAD)
     d = tl.arange(0, D_PAD)
     hmask = h < num_heads
-    lse = tl.load(lse_ptr + t * lse_st0 + h[:, None] * lse_st1 + s[None, :],
-                  mask=hmask[:, None] & (s < S)[None, :], other=float("-inf"))
+    lse = tl.load(
+        lse_ptr + t * lse_st0 + h[:, None] * lse_st1 + s[None, :],
+        mask=hmask[:, None] & (s < S)[None, :],
+        other=float("-inf"),
+    )
     top = tl.max(lse, 1)
     top = tl.where(top > float("-inf"), top, 0.0)
-    w = tl.exp2(lse - top[:, None])                    # [H_BLOCK, S_PAD]
+    w = tl.exp2(lse - top[:, None])  # [H_BLOCK, S_PAD]
     denom = tl.sum(w, 1)
     acc = tl.zeros([H_BLOCK, D_PAD], tl.float32)
     for i in tl.static_range(S):
         wi = tl.sum(tl.where(s[None, :] == i, w, 0.0), 1)
-        oi = tl.load(o_ptr + t * o_st0 + h[:, None] * o_st1 + i * o_st2 + d[None, :],
-                     mask=hmask[:, None] & (d < D)[None, :], other=0.0)
+        oi = tl.load(
+            o_ptr + t * o_st0 + h[:, None] * o_st1 + i * o_st2 + d[None, :],
+            mask=hmask[:, None] & (d < D)[None, :],
+            other=0.0,
+        )
         acc += wi[:, None] * oi
     out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-    tl.store(out_ptr + t * out_st0 + h[:, None] * out_st1 + d[None, :] * out_st2,
-             out.to(out_ptr.dtype.element_ty), mask=hmask[:, None] & (d < D)[None, :])
+    tl.store(
+        out_ptr + t * out_st0 + h[:, None] * out_st1 + d[None, :] * out_st2,
+        out.to(out_ptr.dtype.element_ty),
+        mask=hmask[:, None] & (d < D)[None, :],
+    )
 
 
-def prefill_splits(tokens: int, reqs: int, kv_heads: int, bq: int, max_context: int, sms: int,
-                   cfg: PrefillConfig) -> int:
+def prefill_splits(
+    tokens: int, reqs: int, kv_heads: int, bq: int, max_context: int, sms: int, cfg: PrefillConfig
+) -> int:
     """Key-range splits S of one prefill launch (1 = none), from host-known sizes only.
 
     A short query over a long cached prefix gives few (query tile, KV head) programs, each with a
@@ -487,11 +807,39 @@ def _dequant_rows(c_ptr, s_ptr, t, d, c_st1, c_st3, s_st1, mask, live, dtype: tl
 
 
 @triton.jit
-def _dequant_blocks_kernel(kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, seq_lens_ptr, ko_ptr, vo_ptr,
-                           kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
-                           ks_st0, ks_st1, ks_st2, vs_st0, vs_st1, vs_st2, bt_st0, bt_st1,
-                           ko_st0, ko_st1, ko_st2, W,
-                           BS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+def _dequant_blocks_kernel(
+    kc_ptr,
+    vc_ptr,
+    ks_ptr,
+    vs_ptr,
+    bt_ptr,
+    seq_lens_ptr,
+    ko_ptr,
+    vo_ptr,
+    kc_st0,
+    kc_st1,
+    kc_st2,
+    kc_st3,
+    vc_st0,
+    vc_st1,
+    vc_st2,
+    vc_st3,
+    ks_st0,
+    ks_st1,
+    ks_st2,
+    vs_st0,
+    vs_st1,
+    vs_st2,
+    bt_st0,
+    bt_st1,
+    ko_st0,
+    ko_st1,
+    ko_st2,
+    W,
+    BS: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
     """Block j of request r (program r * W + j), KV head h: its FP8 K and V times their scales, rounded to
     nearest in the copies' dtype, into block r * W + j of the copies; slots past the request's length get
     zeros."""
@@ -508,15 +856,49 @@ def _dequant_blocks_kernel(kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, seq_lens_ptr,
         mask = live[:, None] & (d < D)[None, :]
         dst = ko_ptr.dtype.element_ty  # the copies' dtype
         out = pid.to(tl.int64) * ko_st0 + t[:, None] * ko_st1 + h * ko_st2 + d[None, :]
-        tl.store(ko_ptr + out, _dequant_rows(kc_ptr + src * kc_st0 + h * kc_st2, ks_ptr + src * ks_st0 + h * ks_st2,
-                                             t, d, kc_st1, kc_st3, ks_st1, mask, live, dst), mask=(d < D)[None, :])
-        tl.store(vo_ptr + out, _dequant_rows(vc_ptr + src * vc_st0 + h * vc_st2, vs_ptr + src * vs_st0 + h * vs_st2,
-                                             t, d, vc_st1, vc_st3, vs_st1, mask, live, dst), mask=(d < D)[None, :])
+        tl.store(
+            ko_ptr + out,
+            _dequant_rows(
+                kc_ptr + src * kc_st0 + h * kc_st2,
+                ks_ptr + src * ks_st0 + h * ks_st2,
+                t,
+                d,
+                kc_st1,
+                kc_st3,
+                ks_st1,
+                mask,
+                live,
+                dst,
+            ),
+            mask=(d < D)[None, :],
+        )
+        tl.store(
+            vo_ptr + out,
+            _dequant_rows(
+                vc_ptr + src * vc_st0 + h * vc_st2,
+                vs_ptr + src * vs_st0 + h * vs_st2,
+                t,
+                d,
+                vc_st1,
+                vc_st3,
+                vs_st1,
+                mask,
+                live,
+                dst,
+            ),
+            mask=(d < D)[None, :],
+        )
 
 
-def dequantized_context(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
-                        seq_lens: torch.Tensor, block_table: torch.Tensor, dtype: torch.dtype
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dequantized_context(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(k, v, block_table): `dtype` copies of the FP8 blocks a prefill reads, dequantized; request r's block j
     is block r * W + j of the copies (W = block_table's width). No host sync."""
     reqs, width = block_table.shape
@@ -526,16 +908,42 @@ def dequantized_context(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: t
     table = torch.arange(reqs * width, dtype=torch.int32, device=k_cache.device).view(reqs, width)
     if reqs * width:
         _dequant_blocks_kernel[(reqs * width, hk)](
-            k_cache, v_cache, k_scale, v_scale, block_table, seq_lens, k_out, v_out,
-            *k_cache.stride(), *v_cache.stride(), *k_scale.stride(), *v_scale.stride(), *block_table.stride(),
-            *k_out.stride()[:3], width, BS=bs, D=d, D_PAD=max(16, triton.next_power_of_2(d)), num_warps=4)
+            k_cache,
+            v_cache,
+            k_scale,
+            v_scale,
+            block_table,
+            seq_lens,
+            k_out,
+            v_out,
+            *k_cache.stride(),
+            *v_cache.stride(),
+            *k_scale.stride(),
+            *v_scale.stride(),
+            *block_table.stride(),
+            *k_out.stride()[:3],
+            width,
+            BS=bs,
+            D=d,
+            D_PAD=max(16, triton.next_power_of_2(d)),
+            num_warps=4,
+        )
     return k_out, v_out, table
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                      scale: float, cfg: PrefillConfig | None = None, *, k_scale: torch.Tensor | None = None,
-                      v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    cfg: PrefillConfig | None = None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Paged causal prefill attention, same contract as torch_ops.prefill_attention."""
     tokens, hq, d = q.shape
     _, bs, hk, _ = k_cache.shape
@@ -544,8 +952,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     fp8, compute = _compute_dtype(q, k_cache, k_scale, v_scale)
     copy_bytes = 2 * block_table.numel() * bs * hk * d * torch.finfo(compute).bits // 8
     if fp8 and cfg is None and tokens and reqs and copy_bytes <= FP8_PREFILL_COPY_BYTES:
-        k_cache, v_cache, block_table = dequantized_context(k_cache, v_cache, k_scale, v_scale, seq_lens,
-                                                            block_table, compute)
+        k_cache, v_cache, block_table = dequantized_context(
+            k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, compute
+        )
         fp8, k_scale, v_scale = False, None, None
     cfg = cfg or prefill_config(q.device, d, compute, fp8)
     out = torch.empty_like(q)
@@ -570,20 +979,68 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         o, lse, o_strides, lse_strides = out, out, (0, 0, 0), (0, 0)
     scales, scale_strides = _scale_args(k_cache, k_scale, v_scale)
     _prefill_kernel[(num_tiles, hk, splits)](
-        q, k_cache, v_cache, out, o, lse, qsl, seq_lens, block_table, tile_req, *scales,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *block_table.stride(),
-        *o_strides, *lse_strides, *scale_strides, scale * _LOG2E, num_tiles, splits,
-        G=group, BQ=bq, D=d, D_PAD=d_pad, BS=bs,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, SPLIT=splits > 1, DOT_PREC=_dot_precision(compute), KV_FP8=fp8,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        q,
+        k_cache,
+        v_cache,
+        out,
+        o,
+        lse,
+        qsl,
+        seq_lens,
+        block_table,
+        tile_req,
+        *scales,
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *out.stride(),
+        *block_table.stride(),
+        *o_strides,
+        *lse_strides,
+        *scale_strides,
+        scale * _LOG2E,
+        num_tiles,
+        splits,
+        G=group,
+        BQ=bq,
+        D=d,
+        D_PAD=d_pad,
+        BS=bs,
+        BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n,
+        SPLIT=splits > 1,
+        DOT_PREC=_dot_precision(compute),
+        KV_FP8=fp8,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     if splits > 1:
         h_block = min(triton.next_power_of_2(hq), 8)
         _merge_splits_kernel[(tokens, triton.cdiv(hq, h_block))](
-            o, lse, out, *o.stride()[:3], *lse.stride()[:2], *out.stride(), hq,
-            S=splits, S_PAD=triton.next_power_of_2(splits), D=d, D_PAD=d_pad, H_BLOCK=h_block,
-            num_warps=4)
+            o,
+            lse,
+            out,
+            *o.stride()[:3],
+            *lse.stride()[:2],
+            *out.stride(),
+            hq,
+            S=splits,
+            S_PAD=triton.next_power_of_2(splits),
+            D=d,
+            D_PAD=d_pad,
+            H_BLOCK=h_block,
+            num_warps=4,
+        )
     return out
 
 
-__all__ = ["DecodeConfig", "FP8_PREFILL_COPY_BYTES", "PrefillConfig", "decode_attention", "decode_splits",
-           "dequantized_context", "prefill_attention", "prefill_splits"]
+__all__ = [
+    "DecodeConfig",
+    "FP8_PREFILL_COPY_BYTES",
+    "PrefillConfig",
+    "decode_attention",
+    "decode_splits",
+    "dequantized_context",
+    "prefill_attention",
+    "prefill_splits",
+]

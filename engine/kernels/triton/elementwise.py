@@ -55,9 +55,23 @@ def _scale_args(cache: torch.Tensor, scale: torch.Tensor | None) -> tuple:
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr,
-                     x_st0, x_st1, r_st0, r_st1, y_st0, s_st0, H, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    y_ptr,
+    s_ptr,
+    x_st0,
+    x_st1,
+    r_st0,
+    r_st1,
+    y_st0,
+    s_st0,
+    H,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < H
@@ -75,8 +89,14 @@ def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr,
     tl.store(y_ptr + row * y_st0 + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                     eps: float, y: torch.Tensor, summed: torch.Tensor | None) -> None:
+def _launch_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    y: torch.Tensor,
+    summed: torch.Tensor | None,
+) -> None:
     rows, hidden = x.shape
     if rows == 0:
         return
@@ -84,9 +104,23 @@ def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     r = residual if residual is not None else x
     s = summed if summed is not None else y
     _rms_norm_kernel[(rows,)](
-        x, r, weight.contiguous(), y, s,
-        x.stride(0), x.stride(1), r.stride(0), r.stride(1), y.stride(0), s.stride(0), hidden, float(eps),
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_row_warps(block))
+        x,
+        r,
+        weight.contiguous(),
+        y,
+        s,
+        x.stride(0),
+        x.stride(1),
+        r.stride(0),
+        r.stride(1),
+        y.stride(0),
+        s.stride(0),
+        hidden,
+        float(eps),
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=_row_warps(block),
+    )
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -97,8 +131,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y.view(x.shape)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual), both new tensors in torch's promoted dtype."""
     dtype = torch.result_type(x, residual)
     x2, r2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, residual.shape[-1])
@@ -131,8 +166,9 @@ def _rms_norm_halves(x1, x2, w_ptr, c, cmask, eps, HALF: tl.constexpr, out_ty: t
 
 
 @triton.jit
-def _rotate_heads(x_ptr, o_ptr, x_st1, x_st2, o_st1, num_heads, cos, sin, c, cmask,
-                  HALF: tl.constexpr, H_PAD: tl.constexpr):
+def _rotate_heads(
+    x_ptr, o_ptr, x_st1, x_st2, o_st1, num_heads, cos, sin, c, cmask, HALF: tl.constexpr, H_PAD: tl.constexpr
+):
     """Rotate-half on the [num_heads, 2*HALF] row at x_ptr, written to o_ptr (contiguous head dim)."""
     h = tl.arange(0, H_PAD)[:, None]
     mask = (h < num_heads) & cmask[None, :]
@@ -158,20 +194,41 @@ def _cos_sin_row(pos_ptr, cs_ptr, t, cs_st0, cs_st1, HALF: tl.constexpr, HALF_PA
 
 
 @triton.jit
-def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr, qo_ptr, ko_ptr,
-                   q_st0, q_st1, q_st2, k_st0, k_st1, k_st2, qo_st0, qo_st1, ko_st0, ko_st1,
-                   cs_st0, cs_st1, HQ, HK,
-                   HALF: tl.constexpr, HALF_PAD: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr):
+def _rotary_kernel(
+    pos_ptr,
+    q_ptr,
+    k_ptr,
+    cs_ptr,
+    qo_ptr,
+    ko_ptr,
+    q_st0,
+    q_st1,
+    q_st2,
+    k_st0,
+    k_st1,
+    k_st2,
+    qo_st0,
+    qo_st1,
+    ko_st0,
+    ko_st1,
+    cs_st0,
+    cs_st1,
+    HQ,
+    HK,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    HQ_PAD: tl.constexpr,
+    HK_PAD: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     cos, sin, c, cmask = _cos_sin_row(pos_ptr, cs_ptr, t, cs_st0, cs_st1, HALF, HALF_PAD)
-    _rotate_heads(q_ptr + t * q_st0, qo_ptr + t * qo_st0, q_st1, q_st2, qo_st1, HQ, cos, sin, c, cmask,
-                  HALF, HQ_PAD)
-    _rotate_heads(k_ptr + t * k_st0, ko_ptr + t * ko_st0, k_st1, k_st2, ko_st1, HK, cos, sin, c, cmask,
-                  HALF, HK_PAD)
+    _rotate_heads(q_ptr + t * q_st0, qo_ptr + t * qo_st0, q_st1, q_st2, qo_st1, HQ, cos, sin, c, cmask, HALF, HQ_PAD)
+    _rotate_heads(k_ptr + t * k_st0, ko_ptr + t * ko_st0, k_st1, k_st2, ko_st1, HK, cos, sin, c, cmask, HALF, HK_PAD)
 
 
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                     cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half rotary embedding of q [T, Hq, D] and k [T, Hk, D]; new tensors (see torch_ops)."""
     tokens, hq, _ = q.shape
     hk = k.shape[1]
@@ -182,26 +239,89 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         return q_out, k_out
     width = triton.next_power_of_2(max(hq, hk)) * triton.next_power_of_2(half)
     _rotary_kernel[(tokens,)](
-        positions, q, k, cos_sin, q_out, k_out,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-        cos_sin.stride(0), cos_sin.stride(1), hq, hk,
-        HALF=half, HALF_PAD=triton.next_power_of_2(half),
-        HQ_PAD=triton.next_power_of_2(hq), HK_PAD=triton.next_power_of_2(hk),
-        num_warps=_row_warps(width))
+        positions,
+        q,
+        k,
+        cos_sin,
+        q_out,
+        k_out,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        q_out.stride(0),
+        q_out.stride(1),
+        k_out.stride(0),
+        k_out.stride(1),
+        cos_sin.stride(0),
+        cos_sin.stride(1),
+        hq,
+        hk,
+        HALF=half,
+        HALF_PAD=triton.next_power_of_2(half),
+        HQ_PAD=triton.next_power_of_2(hq),
+        HK_PAD=triton.next_power_of_2(hk),
+        num_warps=_row_warps(width),
+    )
     return q_out, k_out
 
 
 @triton.jit
-def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, kc_ptr, vc_ptr, slot_ptr, qo_ptr,
-                            qw_ptr, kw_ptr, ks_ptr, vs_ptr,
-                            q_st0, q_st1, q_st2, k_st0, k_st1, k_st2, v_st0, v_st1, v_st2,
-                            kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
-                            ks_st0, ks_st1, ks_st2, vs_st0, vs_st1, vs_st2,
-                            qo_st0, qo_st1, cs_st0, cs_st1, HQ, HK, eps,
-                            BS: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
-                            HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
-                            Q_NORM: tl.constexpr, K_NORM: tl.constexpr, KV_FP8: tl.constexpr):
+def _rotary_write_kv_kernel(
+    pos_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cs_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    qo_ptr,
+    qw_ptr,
+    kw_ptr,
+    ks_ptr,
+    vs_ptr,
+    q_st0,
+    q_st1,
+    q_st2,
+    k_st0,
+    k_st1,
+    k_st2,
+    v_st0,
+    v_st1,
+    v_st2,
+    kc_st0,
+    kc_st1,
+    kc_st2,
+    kc_st3,
+    vc_st0,
+    vc_st1,
+    vc_st2,
+    vc_st3,
+    ks_st0,
+    ks_st1,
+    ks_st2,
+    vs_st0,
+    vs_st1,
+    vs_st2,
+    qo_st0,
+    qo_st1,
+    cs_st0,
+    cs_st1,
+    HQ,
+    HK,
+    eps,
+    BS: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    HQ_PAD: tl.constexpr,
+    HK_PAD: tl.constexpr,
+    Q_NORM: tl.constexpr,
+    K_NORM: tl.constexpr,
+    KV_FP8: tl.constexpr,
+):
     """One token: [q norm], rotary -> q_out; [k norm], rotary -> k_cache[slot]; v -> v_cache[slot].
 
     Roundings as rms_norm -> rotary_embedding -> write_kv: the norm's output to the input dtype,
@@ -267,11 +387,21 @@ def _rotary_write_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cs_ptr, kc_ptr, vc_ptr
         tl.store(vdst + HALF * vc_st3, tl.load(src + HALF * v_st2, mask=kmask).to(vc_ty), mask=kmask)
 
 
-def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
-                    k_norm: torch.Tensor | None = None, eps: float = 1e-6, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+def rotary_write_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """rotary_embedding then write_kv (after a per-head q/k RMSNorm if given) in one kernel.
 
     q [T, Hq, D], k and v [T, Hk, D] may be strided views; caches [NB, BS, Hk, D]. Returns the
@@ -293,12 +423,43 @@ def rotary_write_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     ks, *ks_st = _scale_args(k_cache, k_scale)
     vs, *vs_st = _scale_args(v_cache, v_scale)
     _rotary_write_kv_kernel[(tokens,)](
-        positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping, q_out, qw, kw, ks, vs,
-        *q.stride(), *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), *ks_st, *vs_st,
-        q_out.stride(0), q_out.stride(1), cos_sin.stride(0), cos_sin.stride(1), hq, hk, float(eps),
-        BS=k_cache.shape[1], HALF=half, HALF_PAD=half_pad,
-        HQ_PAD=triton.next_power_of_2(hq), HK_PAD=triton.next_power_of_2(hk),
-        Q_NORM=q_norm is not None, K_NORM=k_norm is not None, KV_FP8=fp8, num_warps=_row_warps(width))
+        positions,
+        q,
+        k,
+        v,
+        cos_sin,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        q_out,
+        qw,
+        kw,
+        ks,
+        vs,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *ks_st,
+        *vs_st,
+        q_out.stride(0),
+        q_out.stride(1),
+        cos_sin.stride(0),
+        cos_sin.stride(1),
+        hq,
+        hk,
+        float(eps),
+        BS=k_cache.shape[1],
+        HALF=half,
+        HALF_PAD=half_pad,
+        HQ_PAD=triton.next_power_of_2(hq),
+        HK_PAD=triton.next_power_of_2(hk),
+        Q_NORM=q_norm is not None,
+        K_NORM=k_norm is not None,
+        KV_FP8=fp8,
+        num_warps=_row_warps(width),
+    )
     return q_out
 
 
@@ -324,16 +485,47 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if rows and f:
         block = min(1024, triton.next_power_of_2(f))
         _silu_and_mul_kernel[(rows, triton.cdiv(f, block))](
-            x2, y, x2.stride(0), x2.stride(1), y.stride(0), f, BLOCK=block, num_warps=max(1, block // 256))
+            x2, y, x2.stride(0), x2.stride(1), y.stride(0), f, BLOCK=block, num_warps=max(1, block // 256)
+        )
     return y.view(*x.shape[:-1], f)
 
 
 @triton.jit
-def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
-                     k_st0, k_st1, k_st2, v_st0, v_st1, v_st2,
-                     kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3,
-                     ks_st0, ks_st1, ks_st2, vs_st0, vs_st1, vs_st2,
-                     HK, D, BS: tl.constexpr, HK_PAD: tl.constexpr, D_PAD: tl.constexpr, KV_FP8: tl.constexpr):
+def _write_kv_kernel(
+    k_ptr,
+    v_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    ks_ptr,
+    vs_ptr,
+    k_st0,
+    k_st1,
+    k_st2,
+    v_st0,
+    v_st1,
+    v_st2,
+    kc_st0,
+    kc_st1,
+    kc_st2,
+    kc_st3,
+    vc_st0,
+    vc_st1,
+    vc_st2,
+    vc_st3,
+    ks_st0,
+    ks_st1,
+    ks_st2,
+    vs_st0,
+    vs_st1,
+    vs_st2,
+    HK,
+    D,
+    BS: tl.constexpr,
+    HK_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+    KV_FP8: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     keep = slot >= 0  # padding tokens carry slot -1: nothing is written for them
@@ -363,9 +555,15 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
         tl.store(v_dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
-             v_scale: torch.Tensor | None = None) -> None:
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> None:
     """Stores k/v [T, Hk, D] at their slots of the paged caches, in place; slots < 0 are skipped.
 
     FP8 caches: quantized per (token, head), the scales stored into k_scale / v_scale [NB, BS, Hk].
@@ -378,6 +576,24 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     ks, *ks_st = _scale_args(k_cache, k_scale)
     vs, *vs_st = _scale_args(v_cache, v_scale)
     _write_kv_kernel[(tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, ks, vs,
-        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), *ks_st, *vs_st,
-        hk, d, BS=k_cache.shape[1], HK_PAD=hk_pad, D_PAD=d_pad, KV_FP8=fp8, num_warps=_row_warps(hk_pad * d_pad))
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        ks,
+        vs,
+        *k.stride(),
+        *v.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *ks_st,
+        *vs_st,
+        hk,
+        d,
+        BS=k_cache.shape[1],
+        HK_PAD=hk_pad,
+        D_PAD=d_pad,
+        KV_FP8=fp8,
+        num_warps=_row_warps(hk_pad * d_pad),
+    )
