@@ -21,7 +21,17 @@ from controlplane._core import (
     transition_allowed,
 )
 from controlplane.config import SchedulerConfig
-from controlplane.loop import Clock, Executor, ManualClock, StepRecord, StepResult, WallClock, loop_step, run_loop
+from controlplane.loop import (
+    Clock,
+    Executor,
+    ManualClock,
+    StepRecord,
+    StepResult,
+    WallClock,
+    loop_step,
+    plan_step,
+    run_loop,
+)
 from controlplane.policies import (
     EvictionPolicy,
     OrderingPolicy,
@@ -56,6 +66,7 @@ __all__ = [
     "StepResult",
     "WallClock",
     "loop_step",
+    "plan_step",
     "parse_policy_spec",
     "policy_names",
     "run_loop",

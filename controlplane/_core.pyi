@@ -230,7 +230,7 @@ class Plan:
     def num_tokens(self) -> int: ...
     @property
     def has_token_arrays(self) -> bool:
-        """False for the simulator's fast-path plans (sim._native FastForward, ClusterForward): input_ids,
+        """False for the simulator's fast-path plans (sim._native.ClusterForward): input_ids,
         positions and slot_mapping are empty there (no model reads them); num_tokens still counts."""
     @property
     def num_sampled(self) -> int: ...

@@ -1,7 +1,7 @@
 """Command lines of the Hydra apps, as users type them, made into overrides Hydra's grammar accepts.
 
 Hydra's override grammar refuses an unquoted ``=`` in a value, so a policy spec with parameters
-(``policy.eviction=ttl:ttl=5``) would have to be typed ``'policy.eviction="ttl:ttl=5"'``.
+(``scheduler.eviction=ttl:ttl=5``) would have to be typed ``'scheduler.eviction="ttl:ttl=5"'``.
 `hydra_overrides` quotes such values before Hydra reads them; every override Hydra already parses
 is passed through untouched (sweeps, lists, interpolations, flags). Each app calls `fix_sys_argv()`
 before its ``@hydra.main`` function:
@@ -56,14 +56,14 @@ def hydra_override(arg: str, existing: Collection[str] = (), mappings: Collectio
     """One command-line argument as Hydra should read it.
 
     Args:
-        arg: an argument as typed, e.g. "engine.eviction=ttl:ttl=30".
+        arg: an argument as typed, e.g. "scheduler.eviction=ttl:ttl=30".
         existing: dotted keys the app's schema always has; "+key=value" for one of them is read as
             "key=value" (Hydra refuses to add a key that exists).
         mappings: dotted keys of the schema's open mappings (default {}); "key={a: 1}" and
             "key.a=1" are read as "++key..." (struct mode refuses a new key in a mapping otherwise).
 
     Returns:
-        The argument, with values Hydra's grammar would refuse quoted ("engine.eviction='ttl:ttl=30'").
+        The argument, with values Hydra's grammar would refuse quoted ("scheduler.eviction='ttl:ttl=30'").
     """
     if arg.startswith("-") or "=" not in arg:
         return arg

@@ -29,7 +29,6 @@ Run it for one policy with ``make check-policy POLICY=name`` (see docs/policies.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import numpy as np
@@ -37,12 +36,14 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from controlplane.config import SchedulerConfig
 from controlplane.policies import KINDS, policy_names, python_policy_names
 from controlplane.testing import ToyModel, reference_generate
 
 VOCAB = 61
 PREFIXES = [list(range(1, 13)), list(range(20, 29)), [5, 5, 5, 5, 5, 5, 5]]
 MAX_MODEL_LEN = 40
+TOY = {"max_model_len": MAX_MODEL_LEN, "vocab_size": VOCAB}  # the toy model's, in every SchedulerConfig here
 SCHEDULER_KINDS = ("ordering", "eviction", "preemption")
 
 
@@ -66,33 +67,14 @@ def plan_digest(plan) -> tuple:
     )
 
 
-@dataclasses.dataclass
-class Setup:
-    num_blocks: int
-    block_size: int
-    num_host_blocks: int
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    chunk_size: int
-    enable_prefix_caching: bool
-    ordering: str
-    eviction: str
-    preemption: str
-    num_lookahead_tokens: int = 0
-    idle_chunk_size: int = 0
-
-    def scheduler(self):
-        from controlplane.scheduler import Scheduler
-
-        return Scheduler(**dataclasses.asdict(self), max_model_len=MAX_MODEL_LEN, vocab_size=VOCAB)
-
-
 class Driver:
     """Applies operations to one scheduler and its toy model, checking each plan and result."""
 
-    def __init__(self, setup: Setup) -> None:
+    def __init__(self, setup: SchedulerConfig) -> None:
+        from controlplane.scheduler import Scheduler
+
         self.setup = setup
-        self.sched = setup.scheduler()
+        self.sched = Scheduler(setup)
         self.model = ToyModel.for_scheduler(self.sched.config)
         self.now = 0.0
         self.live: dict[int, tuple[list[int], int, tuple[int, ...]]] = {}
@@ -273,19 +255,20 @@ def make_machine(fixed: dict[str, str] | None = None) -> type[RuleBasedStateMach
         ):
             if "eviction" not in fixed:
                 eviction = _default_spec("eviction", eviction, ttl)
-            self.config = Setup(
-                num_blocks,
-                block_size,
-                num_host_blocks,
-                max_num_seqs,
-                budget,
-                chunk,
-                caching,
-                ordering,
-                eviction,
-                preemption,
-                lookahead,
-                idle_chunk,
+            self.config = SchedulerConfig(
+                num_blocks=num_blocks,
+                block_size=block_size,
+                num_host_blocks=num_host_blocks,
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=budget,
+                chunk_size=chunk,
+                enable_prefix_caching=caching,
+                ordering=ordering,
+                eviction=eviction,
+                preemption=preemption,
+                num_lookahead_tokens=lookahead,
+                idle_chunk_size=idle_chunk,
+                **TOY,
             )
             self.driver = Driver(self.config)
             self.ops: list[tuple[str, tuple]] = []
@@ -426,7 +409,7 @@ def _run_router(spec: str, num_replicas: int, ops: list[tuple]) -> list[int]:
     from controlplane.policies import ReplicaView, Router
 
     router = Router(spec)
-    setup = Setup(24, 4, 0, 4, 16, 8, True, "fcfs", "lru", "recompute")
+    setup = SchedulerConfig(num_blocks=24, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, chunk_size=8, **TOY)
     drivers = [Driver(setup) for _ in range(num_replicas)]
     choices: list[int] = []
     rid = 0

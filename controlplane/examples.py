@@ -1,7 +1,7 @@
 """Example Python policies, one of each kind: the ones docs/policies.md walks through.
 
-Import this module to register them (``policy.modules=[controlplane.examples]`` in a
-simulation, ``engine.policy_modules=[controlplane.examples]`` for the engine or the server);
+Import this module to register them (``scheduler.policy_modules=[controlplane.examples]`` in a
+simulation or the server, ``LLM(policy_modules=[...])`` for the engine);
 the conformance suite runs them like every other registered policy.
 """
 

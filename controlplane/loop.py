@@ -85,6 +85,15 @@ class StepResult:
     seconds: float
 
 
+def plan_step(scheduler: _core.Scheduler, now: float) -> _core.Plan:
+    """`plan = step(now)`, an empty plan (nothing runnable now) committed at once: the top of the loop
+    both planes run (`loop_step`; the simulator's replica, sim/cluster.py)."""
+    plan = scheduler.step(now)
+    if plan.is_empty:
+        scheduler.commit(plan, _NO_TOKENS, now)
+    return plan
+
+
 def loop_step(scheduler: _core.Scheduler, executor: Executor, clock: Clock, *, idle_advance: float = 0.0) -> StepResult:
     """One `plan = step(now); tokens, cost = run(plan); commit(plan, tokens, now)` iteration.
 
@@ -92,9 +101,8 @@ def loop_step(scheduler: _core.Scheduler, executor: Executor, clock: Clock, *, i
     (0 raises: nothing would ever change). Both the engine core and `run_loop` call this.
     """
     start = clock.now()
-    plan = scheduler.step(start)
+    plan = plan_step(scheduler, start)
     if plan.is_empty:
-        scheduler.commit(plan, _NO_TOKENS, start)
         if idle_advance <= 0:
             raise RuntimeError("scheduler made an empty plan with requests left and idle_advance=0")
         clock.advance(idle_advance)
@@ -163,6 +171,7 @@ __all__: Sequence[str] = [
     "StepResult",
     "WallClock",
     "loop_step",
+    "plan_step",
     "run_loop",
     "batch_block_table",
 ]

@@ -103,7 +103,7 @@ def python_policy_names(kind: str) -> list[str]:
 
 
 def import_policy_modules(modules: Iterable[str]) -> None:
-    """Imports modules that register policies (a config's ``policy.modules`` / ``policy_modules``)."""
+    """Imports modules that register policies (a SchedulerConfig's ``policy_modules``)."""
     for module in modules or ():
         if not isinstance(module, str) or not module:
             raise ValueError(f"policy modules are dotted module names, got {module!r}")
@@ -117,7 +117,7 @@ def check_spec(kind: str, spec: str) -> None:
     """Raises ValueError if `spec` does not name a registered `kind` policy."""
     name, _ = _core.parse_policy_spec(spec)
     if name not in policy_names(kind):
-        raise ValueError(f"unknown {kind} policy {name!r} in {spec!r}; registered: {policy_names(kind)}")
+        raise ValueError(f"unknown policy {name!r} ({kind}) in {spec!r}; registered: {policy_names(kind)}")
 
 
 # Python factories must be dropped while the interpreter still runs.

@@ -56,7 +56,7 @@ struct Plan {
   std::vector<uint8_t> sample;           // 1 if this step ends with a sampled token for it
   std::vector<int32_t> logits_indices;   // token index whose logits are sampled, S rows
   // per token (T entries); filled only if `token_arrays` (a simulated executor has no model to
-  // feed: the fast paths' plans carry the per-request rows and features only, T included)
+  // feed: the fast path's plans carry the per-request rows and features only, T included)
   bool token_arrays = true;
   std::vector<int32_t> input_ids;
   std::vector<int32_t> positions;
@@ -138,7 +138,7 @@ class Scheduler {
                         const SamplingLimits& limits, double arrival_time, const std::string& session_id, int priority,
                         const std::string& cache_namespace);
   std::shared_ptr<Plan> step(double now);
-  // step() into a caller's plan, reusing its arrays (the simulator's fast path, csrc/sim/fast_forward.h).
+  // step() into a caller's plan, reusing its arrays (the simulator's fast path, csrc/sim/cluster_forward.h).
   void step_into(Plan& plan, double now);
   std::vector<FinishedRequest> commit(const Plan& plan, const std::vector<int64_t>& tokens, double now);
   // commit() appending what finished to `finished`.

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from controlplane.config import reject_unknown_keys
+from controlplane.config import SchedulerConfig, reject_unknown_keys
 
 # Hugging Face `architectures` names this engine runs, and the family each maps to.
 ARCHITECTURES: dict[str, str] = {
@@ -162,13 +163,22 @@ class ModelConfig:
         return cfg
 
 
-# EngineConfig.idle_chunk_size=None on CUDA with a tiled prefill attention kernel: a lone 50K-token
+# EngineConfig.scheduler.idle_chunk_size=None on CUDA with a tiled prefill attention kernel: a lone 50K-token
 # prompt is prefilled in 4 steps of 16384 tokens instead of 25 of chunk_size (2048), while a step
 # that a decode waits in keeps chunk_size and max_num_batched_tokens (docs/engine.md).
 AUTO_IDLE_CHUNK_SIZE = 16384
 
 KV_CACHE_DTYPES = ("auto", "fp8_e4m3")  # the KV cache's element type ("auto": the model's dtype)
 QUANTIZATIONS = ("none", "fp8")  # the weights' ("fp8": e4m3, per-output-channel scales)
+# The engine's defaults of the scheduler's plane-resolved settings (EngineConfig.scheduler): the device's, the model's.
+ENGINE_SCHEDULER_DEFAULTS = {"idle_chunk_size": None, "max_model_len": None}
+# the scheduler's keys a user sets (the engine sets the others: sizes from memory and model, lookahead from overlap)
+SCHEDULER_KEYS = {f.name for f in dataclasses.fields(SchedulerConfig)} - {
+    "num_blocks",
+    "num_host_blocks",
+    "vocab_size",
+    "num_lookahead_tokens",
+}
 
 
 @dataclass(frozen=True)
@@ -192,12 +202,10 @@ class EngineConfig:
         kv_cache_memory_gb: on CPU, the KV cache's size when num_gpu_blocks is unset.
         enforce_eager: no CUDA graphs.
         cuda_graph_batch_sizes: decode batch sizes to capture (others pad up to the next one).
-        chunk_size: a request's largest prefill chunk in a step that a decode waits in (the bound on
-            how long one prefill stalls the decoding requests), within max_num_batched_tokens tokens.
-        idle_chunk_size: a request's largest prefill chunk in a step no decode waits in (e.g. a lone
-            long prompt), whose token budget is then max(max_num_batched_tokens, idle_chunk_size);
-            0 (or <= chunk_size): chunk_size always. None: AUTO_IDLE_CHUNK_SIZE on CUDA where
-            prefill attention is a tiled kernel (not the torch reference), else 0.
+        scheduler: the control plane's settings (controlplane.SchedulerConfig; conf/scheduler/), less
+            what the engine sets: num_blocks, num_host_blocks, vocab_size and num_lookahead_tokens.
+            Its idle_chunk_size of None is AUTO_IDLE_CHUNK_SIZE on CUDA where prefill attention is a
+            tiled kernel (not the torch reference), else 0; its max_model_len of None the model's.
         overlap_decode: launch each decode step's guessed successor before its tokens are back
             (engine/overlap.py); None: on where decode runs as CUDA graphs of the Triton kernels.
             On, the scheduler holds one block ahead of each decoding request (num_lookahead_tokens = 1).
@@ -213,22 +221,11 @@ class EngineConfig:
     seed: int = 0
     kernel_backend: str = "auto"
     kernel_overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    block_size: int = 16
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks: int | None = None
     kv_cache_memory_gb: float = 1.0
     swap_space_gb: float = 0.0
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    chunk_size: int = 2048
-    idle_chunk_size: int | None = None
-    enable_prefix_caching: bool = True
-    ordering: str = "fcfs"
-    eviction: str = "lru"
-    preemption: str = "recompute"
-    # modules that register Python policies (controlplane.register_policy), imported first
-    policy_modules: tuple[str, ...] = ()
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(**ENGINE_SCHEDULER_DEFAULTS))
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     overlap_decode: bool | None = None
@@ -238,11 +235,17 @@ class EngineConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EngineConfig":
-        reject_unknown_keys(cls, values, "engine config")
+        """Builds a config from a mapping whose `scheduler` is a mapping too, or whose scheduler keys the
+        user may set are given flat as vLLM's are (``LLM(max_num_seqs=8)``); rejects unknown keys by name."""
         values = dict(values)
-        for key in ("cuda_graph_batch_sizes", "policy_modules"):
-            if key in values and not isinstance(values[key], str):
-                values[key] = tuple(values[key])
+        flat = {k: values.pop(k) for k in SCHEDULER_KEYS & values.keys()}
+        reject_unknown_keys(cls, values, "engine config")
+        if "cuda_graph_batch_sizes" in values and not isinstance(values["cuda_graph_batch_sizes"], str):
+            values["cuda_graph_batch_sizes"] = tuple(values["cuda_graph_batch_sizes"])
+        nested = values.get("scheduler", {})
+        if flat or isinstance(nested, Mapping):
+            nested = dataclasses.asdict(nested) if isinstance(nested, SchedulerConfig) else nested
+            values["scheduler"] = SchedulerConfig.from_dict({**ENGINE_SCHEDULER_DEFAULTS, **nested, **flat})
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -262,23 +265,6 @@ class EngineConfig:
             raise ValueError(f"num_gpu_blocks must be positive, got {self.num_gpu_blocks}")
         if self.overlap_decode not in (None, True, False):
             raise ValueError(f"overlap_decode must be true, false or null (auto), got {self.overlap_decode!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "chunk_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.idle_chunk_size is not None and (
-            isinstance(self.idle_chunk_size, bool)
-            or not isinstance(self.idle_chunk_size, int)
-            or self.idle_chunk_size < 0
-        ):
-            raise ValueError(
-                f"idle_chunk_size must be an int >= 0 (0: chunk_size always) or null (auto), "
-                f"got {self.idle_chunk_size!r}"
-            )
-        # Policies are named exactly as in the simulator's config; Python ones come from policy_modules.
-        from controlplane.policies import check_spec, import_policy_modules
-
-        if isinstance(self.policy_modules, str):
-            raise ValueError(f"policy_modules is a list of module names, got {self.policy_modules!r}")
-        import_policy_modules(self.policy_modules)
-        for kind in ("ordering", "eviction", "preemption"):
-            check_spec(kind, getattr(self, kind))
+        if self.scheduler.num_lookahead_tokens:
+            raise ValueError("scheduler.num_lookahead_tokens is the engine's to set: it follows overlap_decode")
+        self.scheduler.validate()

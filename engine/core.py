@@ -10,6 +10,7 @@ simulator's `profile` cost model reads (docs/profile-format.md).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -98,7 +99,8 @@ class EngineCore:
         mc = self.model_config
         self.ops = KernelSet.default_for(self.device.type, cfg.kernel_backend, cfg.kernel_overrides)
         check_fp8_kv_support(self.device, self.kv_dtype, self.ops.chosen)
-        self.max_model_len = cfg.max_model_len or mc.max_position_embeddings
+        sc = cfg.scheduler
+        self.max_model_len = sc.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(
                 f"max_model_len {self.max_model_len} exceeds the model's "
@@ -107,8 +109,8 @@ class EngineCore:
         # auto: large prefill chunks in steps no decode waits in, where prefill attention is tiled (the torch
         # reference materializes a chunk's scores against its whole context)
         self.idle_chunk_size = (
-            cfg.idle_chunk_size
-            if cfg.idle_chunk_size is not None
+            sc.idle_chunk_size
+            if sc.idle_chunk_size is not None
             else (
                 AUTO_IDLE_CHUNK_SIZE
                 if self.device.type == "cuda" and self.ops.chosen["prefill_attention"] != "torch"
@@ -118,7 +120,6 @@ class EngineCore:
         self.num_blocks, self.num_host_blocks = size_kv_cache(
             self.model, self.ops, cfg, self.device, self.dtype, self.max_model_len, self.idle_chunk_size
         )
-        cp.import_policy_modules(cfg.policy_modules)
         graphs = (
             ()
             if (cfg.enforce_eager or self.device.type != "cuda" or self.ops.chosen["decode_attention"] == "torch")
@@ -127,25 +128,18 @@ class EngineCore:
         # auto: where decode runs as CUDA graphs of Triton kernels (XLA's kernels run on streams of their own)
         auto = bool(graphs) and self.ops.chosen["decode_attention"] == "triton"
         self.overlap = auto if cfg.overlap_decode is None else cfg.overlap_decode
-        self.scheduler_config = cp.SchedulerConfig(
+        self.scheduler_config = dataclasses.replace(
+            sc,
             num_blocks=self.num_blocks,
-            block_size=cfg.block_size,
             num_host_blocks=self.num_host_blocks,
-            max_num_seqs=cfg.max_num_seqs,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-            chunk_size=cfg.chunk_size,
             idle_chunk_size=self.idle_chunk_size,
             max_model_len=self.max_model_len,
             vocab_size=mc.vocab_size,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            ordering=cfg.ordering,
-            eviction=cfg.eviction,
-            preemption=cfg.preemption,
             num_lookahead_tokens=1 if self.overlap else 0,
         )
         self.scheduler = cp.Scheduler(self.scheduler_config)
         # None: events off, and the control plane records none
-        self.kv_events: KVEventPublisher | None = make_publisher(kv_events, cfg.block_size)
+        self.kv_events: KVEventPublisher | None = make_publisher(kv_events, sc.block_size)
         self.kept_kv_events: list | None = None  # see keep_kv_events()
         self._start_kv_events()
         self.runner = ModelRunner(
@@ -154,10 +148,10 @@ class EngineCore:
             self.device,
             self.dtype,
             num_blocks=self.num_blocks,
-            block_size=cfg.block_size,
+            block_size=sc.block_size,
             num_host_blocks=self.num_host_blocks,
             max_model_len=self.max_model_len,
-            max_num_seqs=cfg.max_num_seqs,
+            max_num_seqs=sc.max_num_seqs,
             max_blocks_per_seq=self.scheduler.max_blocks_per_seq,
             seed=cfg.seed,
             graph_batch_sizes=graphs,
@@ -354,7 +348,7 @@ class EngineCore:
         meta = {
             "timing": "runner",
             "overlap": bool(self.overlap),
-            "block_size": self.config.block_size,
+            "block_size": self.config.scheduler.block_size,
             "max_graph_batch": max(graphs.sizes, default=0) if graphs is not None else 0,
             "engine_shape": self.source,
             "device": str(self.device),

@@ -38,12 +38,12 @@ def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len:
 
     `dtype` is the model's; the pass's KV cache has cfg.kv_cache_dtype's type (so FP8's kernels run)."""
     c = model.config
-    tokens, chunk = cfg.max_num_batched_tokens, cfg.chunk_size
+    tokens, chunk = cfg.scheduler.max_num_batched_tokens, cfg.scheduler.chunk_size
     if idle_chunk_size > chunk:  # a step no decode waits in: larger chunks, a budget of at least one
         tokens, chunk = max(tokens, idle_chunk_size), idle_chunk_size
     chunk = min(chunk, tokens, max_model_len - 1)
     lens = [chunk] * (tokens // chunk) + ([tokens % chunk] if tokens % chunk else [])
-    bs = cfg.block_size
+    bs = cfg.scheduler.block_size
     blocks_per = [-(-n // bs) for n in lens]
     nblocks = sum(blocks_per)
     kv = KVCache.allocate(
@@ -68,7 +68,7 @@ def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len:
     base = torch.cuda.memory_allocated(device)
     ids = torch.randint(0, c.vocab_size, (tokens,), device=device)
     hidden = model(ids, to(positions), ctx)
-    logits = model.compute_logits(hidden[: cfg.max_num_seqs])
+    logits = model.compute_logits(hidden[: cfg.scheduler.max_num_seqs])
     torch.softmax(logits, dim=-1)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
@@ -81,7 +81,7 @@ def size_kv_cache(model, ops, cfg, device, dtype, max_model_len: int, idle_chunk
     """(device blocks, host blocks) for this engine (`idle_chunk_size`: the scheduler's, resolved).
 
     `dtype` is the model's; blocks are sized in cfg.kv_cache_dtype's bytes (FP8: with their scales)."""
-    per_block = block_bytes(model, cfg.block_size, resolve_kv_cache_dtype(cfg.kv_cache_dtype, dtype))
+    per_block = block_bytes(model, cfg.scheduler.block_size, resolve_kv_cache_dtype(cfg.kv_cache_dtype, dtype))
     host = int(cfg.swap_space_gb * (1 << 30) // per_block)
     if cfg.num_gpu_blocks is not None:
         return cfg.num_gpu_blocks, host
@@ -94,7 +94,7 @@ def size_kv_cache(model, ops, cfg, device, dtype, max_model_len: int, idle_chunk
     activations = profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len, idle_chunk_size)
     budget = total * cfg.gpu_memory_utilization - others - ours - activations - _GRAPH_RESERVE
     blocks = int(budget // per_block)
-    if blocks < -(-max_model_len // cfg.block_size) // 8 or blocks <= 0:
+    if blocks < -(-max_model_len // cfg.scheduler.block_size) // 8 or blocks <= 0:
         raise ValueError(
             f"not enough device memory for the KV cache: {budget / 2**30:.2f} GiB left after "
             f"weights ({ours / 2**30:.2f} GiB) and activations ({activations / 2**30:.2f} GiB); "

@@ -39,6 +39,7 @@ import httpx
 import numpy as np
 import torch
 
+from engine.config import SCHEDULER_KEYS
 from experiments.bench_engine import copy_bandwidth
 from experiments.bench_serving import BenchOptions, _pairs, run_benchmark
 from experiments.calibrate import ENGINE_SHAPES, check_shape, git_commit, hardware_name
@@ -209,7 +210,7 @@ def serving(
         f"hydra.run.dir={out / 'server'}",
         "hydra.output_subdir=null",
     ]
-    cmd += [f"engine.{k}={json.dumps(v)}" for k, v in options.items()]
+    cmd += [f"{'scheduler' if k in SCHEDULER_KEYS else 'engine'}.{k}={json.dumps(v)}" for k, v in options.items()]
     base = f"http://127.0.0.1:{port}/v1"
     with open(out / "server.log", "w") as logf:
         proc = subprocess.Popen(
@@ -249,21 +250,20 @@ def server_kv_blocks(base: str, timeout_s: float = 10.0) -> int:
 
 
 def twin_engine_section(options: dict, base: str, device: str) -> dict:
-    """The simulator's `engine` section of the server: its EngineConfig's scheduler settings, its context
-    length and KV blocks as it reports them, and the lookahead block that overlapped decode holds (its default
-    is on where decode runs as CUDA graphs: on CUDA unless enforce_eager)."""
+    """The simulator's `engine` and `scheduler` keys of the server (experiments.fidelity.sim_config): its
+    EngineConfig's scheduler settings, its context length and KV blocks as it reports them, and the lookahead
+    block that overlapped decode holds (its default is on where decode runs as CUDA graphs: on CUDA unless
+    enforce_eager)."""
     from engine.config import EngineConfig
 
     c = EngineConfig.from_dict(options)
     max_model_len = httpx.get(f"{base}/models", timeout=5).json()["data"][0]["max_model_len"]
     overlap = (device == "cuda" and not c.enforce_eager) if c.overlap_decode is None else c.overlap_decode
+    s = c.scheduler
     return {
-        "block_size": c.block_size,
-        "max_num_seqs": c.max_num_seqs,
-        "max_num_batched_tokens": c.max_num_batched_tokens,
-        "chunk_size": c.chunk_size,
+        **{k: getattr(s, k) for k in ("block_size", "max_num_seqs", "max_num_batched_tokens", "chunk_size")},
         "max_model_len": max_model_len,
-        "enable_prefix_caching": c.enable_prefix_caching,
+        "enable_prefix_caching": s.enable_prefix_caching,
         "num_gpu_blocks": c.num_gpu_blocks or server_kv_blocks(base),
         "num_host_blocks": 0,
         "num_lookahead_tokens": 1 if overlap else 0,

@@ -40,7 +40,9 @@ class _ConstantCost:
 
 
 class _NoMetrics:
-    def on_step(self, replica, start, seconds, plan) -> None:
+    sample_interval_s = float("inf")
+
+    def on_steps(self, run) -> None:
         pass
 
 
@@ -62,8 +64,7 @@ class TwinCluster:
         self.env = simpy.Environment()
         cost, metrics = _ConstantCost(step_s), _NoMetrics()
         self.replicas = [
-            Replica(self.env, i, config, cost, metrics, idle_wait_s=step_s, seed=0, fast_forward=False)
-            for i in range(num_replicas)
+            Replica(self.env, i, config, cost, metrics, idle_wait_s=step_s, seed=0) for i in range(num_replicas)
         ]
         self.router = Router(router, self.replicas)
         self._ids = itertools.count(1)
@@ -144,7 +145,7 @@ class Server:
             "engine.load_format=dummy",
             "engine.device=cpu",
             f"engine.num_gpu_blocks={NUM_BLOCKS}",
-            f"engine.max_model_len={MAX_MODEL_LEN}",
+            f"scheduler.max_model_len={MAX_MODEL_LEN}",
         ]
         self.log = os.path.join(workdir, f"server-{size}-{router}.log")
 

@@ -85,20 +85,22 @@ def engine_for(shape: str, args, graphs: tuple[int, ...], blocks: int, max_len: 
 
     chunking = {} if args.chunk is None else dict(max_num_batched_tokens=args.chunk, chunk_size=args.chunk)
     quantization, kv_cache_dtype = VARIANTS[variant]
-    cfg = EngineConfig(
-        model=shape,
-        load_format="dummy",
-        dtype="bfloat16",
-        num_gpu_blocks=blocks,
-        max_model_len=max_len,
-        max_num_seqs=max(max(b for b, _ in args.decode), 1),
-        enforce_eager=args.eager,
-        cuda_graph_batch_sizes=graphs,
-        enable_prefix_caching=True,
-        overlap_decode=False if args.no_overlap else None,
-        quantization=quantization,
-        kv_cache_dtype=kv_cache_dtype,
-        **chunking,
+    cfg = EngineConfig.from_dict(
+        dict(
+            model=shape,
+            load_format="dummy",
+            dtype="bfloat16",
+            num_gpu_blocks=blocks,
+            max_model_len=max_len,
+            max_num_seqs=max(max(b for b, _ in args.decode), 1),
+            enforce_eager=args.eager,
+            cuda_graph_batch_sizes=graphs,
+            enable_prefix_caching=True,
+            overlap_decode=False if args.no_overlap else None,
+            quantization=quantization,
+            kv_cache_dtype=kv_cache_dtype,
+            **chunking,
+        )
     )
     return EngineCore(cfg)
 

@@ -202,7 +202,7 @@ def calibrate_simulated(cost, spec: GridSpec, scheduler_config, swap_config=None
             continue
         env = simpy.Environment()
         collector = Collector(1, config.num_blocks, 1e9, Slo(1.0, 1.0))
-        replica = RecordingReplica(env, 0, config, cost, collector, 1e-3, spec.seed, fast_forward=False, log=log)
+        replica = RecordingReplica(env, 0, config, cost, collector, 1e-3, spec.seed, log=log)
         run_grid(
             env,
             replica,
@@ -227,12 +227,13 @@ def engine_for_model(engine_model: str, device: str = "auto", loaded=None, **opt
             them) or a Hugging Face config.json path.
         device: "auto", "cuda" or "cpu".
         loaded: a LoadedModel to reuse (another KV pool on the same weights).
-        **options: other EngineConfig fields.
+        **options: other EngineConfig fields (the scheduler's flat or in `scheduler`, as EngineConfig.from_dict).
     """
     from engine.config import EngineConfig
     from engine.core import EngineCore
 
-    return EngineCore(EngineConfig(model=engine_model, load_format="dummy", device=device, **options), loaded=loaded)
+    options = {"model": engine_model, "load_format": "dummy", "device": device, **options}
+    return EngineCore(EngineConfig.from_dict(options), loaded=loaded)
 
 
 def engine_loaded(core):
@@ -297,11 +298,11 @@ def engine_meta(core, spec: ModelSpec, hardware: str) -> dict:
         "kernels": dict(core.ops.chosen),
         "overlap": bool(core.overlap),
         "graph_batch_sizes": list(core.runner.graphs.sizes) if core.runner.graphs is not None else [],
-        "block_size": core.config.block_size,
-        "chunk_size": core.config.chunk_size,
+        "block_size": core.scheduler_config.block_size,
+        "chunk_size": core.scheduler_config.chunk_size,
         "idle_chunk_size": core.scheduler_config.idle_chunk_size,
-        "max_num_batched_tokens": core.config.max_num_batched_tokens,
-        "max_num_seqs": core.config.max_num_seqs,
+        "max_num_batched_tokens": core.scheduler_config.max_num_batched_tokens,
+        "max_num_seqs": core.scheduler_config.max_num_seqs,
         "num_blocks": core.num_blocks,
         "timing": "loop period (experiments/engine_replica.py)",
         "commit": git_commit(),
@@ -370,7 +371,7 @@ def run_on_engine(core, spec: GridSpec, log: StepLog, swap_phase: bool = False) 
         spec,
         core.model_config.vocab_size,
         log,
-        core.num_blocks * core.config.block_size,
+        core.num_blocks * core.scheduler_config.block_size,
         core.max_model_len,
         swap_phase=swap_phase,
     )
@@ -416,7 +417,7 @@ def calibrate_engine(
     run_on_engine(core, grid, log)
     if grid.swap:
         progress("swap phase ...")
-        swap_blocks = max(64, 4 * grid.swap_context // core.config.block_size)
+        swap_blocks = max(64, 4 * grid.swap_context // core.scheduler_config.block_size)
         loaded = engine_loaded(core)
         del core
         free_device()

@@ -128,7 +128,6 @@ class EngineReplica(Replica):
             metrics,
             idle_wait_s,
             seed,
-            fast_forward=False,
             scheduler=core.scheduler,
         )
         if sampling.needs_penalties:
@@ -181,9 +180,7 @@ def replay_replicas(rows: list[dict], idle_wait_s: float, seed: int, log: StepLo
     """A replica_factory of simulated replicas stepping by the measured `rows`' seconds, logging their plans."""
 
     def factory(env, index, scheduler_config, collector):
-        return RecordingReplica(
-            env, index, scheduler_config, ReplayCost(rows), collector, idle_wait_s, seed, fast_forward=False, log=log
-        )
+        return RecordingReplica(env, index, scheduler_config, ReplayCost(rows), collector, idle_wait_s, seed, log=log)
 
     return factory
 

@@ -138,15 +138,17 @@ def evaluate(model: str, options: list[str], replies: list[Reply], engine_kw: di
     longest = max(len(r.ids) for r in replies)
     for option in options:
         kv_cache_dtype, quantization = option.split("/")
-        cfg = EngineConfig(
-            model=model,
-            kv_cache_dtype=kv_cache_dtype,
-            quantization=quantization,
-            enable_prefix_caching=False,
-            max_model_len=longest + 8,
-            chunk_size=longest,
-            max_num_batched_tokens=longest,
-            **engine_kw,
+        cfg = EngineConfig.from_dict(
+            dict(
+                model=model,
+                kv_cache_dtype=kv_cache_dtype,
+                quantization=quantization,
+                enable_prefix_caching=False,
+                max_model_len=longest + 8,
+                chunk_size=longest,
+                max_num_batched_tokens=longest,
+                **engine_kw,
+            )
         )
         core = EngineCore(cfg)
         start = time.perf_counter()

@@ -46,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from controlplane.cli import fix_sys_argv
 from controlplane.profile import FEATURES, PREFILL_ROWS, decode_prefill_rows
+from engine.config import SCHEDULER_KEYS
 from experiments import fidelity_report as R
 from experiments.calibrate import (
     ENGINE_SHAPES,
@@ -59,6 +60,7 @@ from experiments.calibrate import (
     warm_up,
 )
 from experiments.engine_replica import StepLog, engine_replicas, replay_replicas
+from sim.config import EngineConf
 from sim.cost import shipped_profile_path
 from sim.profile_cost import STORAGE_DEFAULTS, ProfileCost, profile_storage
 from sim.simulation import Simulation
@@ -127,12 +129,12 @@ class WallEnvironment(simpy.rt.RealtimeEnvironment):
 
 
 def policy_section(run: RunConf) -> dict:
-    """conf/policy/<run.policy>.yaml with the run's own specs in place of its ordering, eviction, preemption."""
+    """The scheduler's policies that conf/policy/<run.policy>.yaml sets, with the run's own specs in their place."""
     path = CONF_DIR / "policy" / f"{run.policy}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (CONF_DIR / "policy").glob("*.yaml"))
         raise ValueError(f"unknown policy {run.policy!r}; conf/policy has {known}")
-    section = yaml.safe_load(path.read_text())
+    section = yaml.safe_load(path.read_text())["scheduler"]
     for kind in ("ordering", "eviction", "preemption"):
         if getattr(run, kind):
             section[kind] = getattr(run, kind)
@@ -145,24 +147,20 @@ def policy_label(run: RunConf) -> str:
 
 
 def engine_section(core) -> dict:
-    """The simulator's `engine` section of an engine: its exact scheduler settings and KV sizes."""
-    c = core.config
+    """An engine's exact scheduler settings and KV sizes, as the simulator's `engine` and `scheduler` keys."""
+    c = core.scheduler_config  # resolved: idle_chunk_size, max_model_len, num_lookahead_tokens
     return {
-        "block_size": c.block_size,
-        "max_num_seqs": c.max_num_seqs,
-        "max_num_batched_tokens": c.max_num_batched_tokens,
-        "chunk_size": c.chunk_size,
-        "idle_chunk_size": core.scheduler_config.idle_chunk_size,  # resolved (EngineConfig's None: auto)
-        "max_model_len": core.max_model_len,
-        "enable_prefix_caching": c.enable_prefix_caching,
+        **{k: getattr(c, k) for k in ("block_size", "max_num_seqs", "max_num_batched_tokens", "chunk_size")},
+        **{k: getattr(c, k) for k in ("idle_chunk_size", "max_model_len", "enable_prefix_caching")},
         "num_gpu_blocks": core.num_blocks,
         "num_host_blocks": core.num_host_blocks,
-        "num_lookahead_tokens": 1 if core.overlap else 0,
+        "num_lookahead_tokens": c.num_lookahead_tokens,
     }
 
 
 def sim_config(fc: FidelityConf, run: RunConf, engine: dict, cost_model: str, profile_path: str | None) -> dict:
     """The simulator configuration of `run` on an engine of these settings (`engine_section`)."""
+    sizing = {f.name for f in dataclasses.fields(EngineConf)}
     return {
         "model": {
             **dataclasses.asdict(load_model_spec(fc.model)),  # stored as the engine runs it
@@ -170,9 +168,10 @@ def sim_config(fc: FidelityConf, run: RunConf, engine: dict, cost_model: str, pr
         },
         "hardware": dataclasses.asdict(load_hardware_spec(fc.hardware)),
         "workload": {"name": run.workload, "params": dict(run.params)},
-        "policy": policy_section(run),
+        "policy": {"name": run.policy},
+        "scheduler": {**{k: v for k, v in engine.items() if k not in sizing}, **policy_section(run)},
         "cluster": {"num_replicas": 1, "router": "round_robin"},
-        "engine": dict(engine),
+        "engine": {k: v for k, v in engine.items() if k in sizing},
         "sim": {
             "seed": fc.seed,
             "mode": run.mode,
@@ -249,7 +248,7 @@ def run_server(fc: FidelityConf, run: RunConf, engine_model: str, num_blocks: in
         "hydra.run.dir=" + str(out / "server"),
         "hydra.output_subdir=null",
     ]
-    cmd += [f"engine.{k}={json.dumps(v)}" for k, v in options.items()]
+    cmd += [f"{'scheduler' if k in SCHEDULER_KEYS else 'engine'}.{k}={json.dumps(v)}" for k, v in options.items()]
     base = f"http://127.0.0.1:{fc.server_port}/v1"
     with open(out / f"server-{run.name}.log", "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})

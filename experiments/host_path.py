@@ -30,16 +30,18 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=40)
     args = p.parse_args(argv)
     core = EngineCore(
-        EngineConfig(
-            model=args.model,
-            load_format="dummy",
-            dtype="bfloat16",
-            num_gpu_blocks=4096,
-            max_model_len=4096,
-            max_num_seqs=8,
-            cuda_graph_batch_sizes=(1,),
-            enable_prefix_caching=False,
-            overlap_decode=False,
+        EngineConfig.from_dict(
+            dict(
+                model=args.model,
+                load_format="dummy",
+                dtype="bfloat16",
+                num_gpu_blocks=4096,
+                max_model_len=4096,
+                max_num_seqs=8,
+                cuda_graph_batch_sizes=(1,),
+                enable_prefix_caching=False,
+                overlap_decode=False,
+            )
         )
     )
     r = core.runner

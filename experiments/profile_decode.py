@@ -30,17 +30,19 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     blocks = max(8192, -(-args.batch * (args.context + 80) // 16) + 64)
     core = EngineCore(
-        EngineConfig(
-            model=args.model,
-            load_format="dummy",
-            dtype="bfloat16",
-            num_gpu_blocks=blocks,
-            max_model_len=max(args.max_len, args.context + 80),
-            max_num_seqs=max(args.batch, 8),
-            cuda_graph_batch_sizes=(args.batch,),
-            enable_prefix_caching=False,
-            quantization=args.quantization,
-            kv_cache_dtype=args.kv_cache_dtype,
+        EngineConfig.from_dict(
+            dict(
+                model=args.model,
+                load_format="dummy",
+                dtype="bfloat16",
+                num_gpu_blocks=blocks,
+                max_model_len=max(args.max_len, args.context + 80),
+                max_num_seqs=max(args.batch, 8),
+                cuda_graph_batch_sizes=(args.batch,),
+                enable_prefix_caching=False,
+                quantization=args.quantization,
+                kv_cache_dtype=args.kv_cache_dtype,
+            )
         )
     )
     rng = np.random.default_rng(0)

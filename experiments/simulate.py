@@ -30,7 +30,9 @@ from sim.simulation import Simulation
 
 log = logging.getLogger(__name__)
 
-ConfigStore.instance().store(name="simulation_schema", node=SimulationConfig)
+schema = OmegaConf.structured(SimulationConfig)
+OmegaConf.set_readonly(schema.scheduler, False)  # a frozen dataclass: Hydra merges conf/scheduler/ onto it
+ConfigStore.instance().store(name="simulation_schema", node=schema)
 
 
 def run(cfg: DictConfig, out_dir: str | Path = ".") -> dict:

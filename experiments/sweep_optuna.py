@@ -67,7 +67,7 @@ def load_study(name: str, **replace: Any) -> StudyConf:
         raise ValueError(f"direction must be maximize or minimize, not {study.direction!r}")
     unused = [p for p in study.params if not any(f"{{{p}" in o for o in study.overrides)]
     if unused:
-        raise ValueError(f"params {unused} appear in no override (write e.g. policy.eviction='ttl:ttl={{ttl}}')")
+        raise ValueError(f"params {unused} appear in no override (write e.g. scheduler.eviction='ttl:ttl={{ttl}}')")
     return study
 
 

@@ -11,7 +11,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /
 python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3
 src=$(pwd)
 cd /tmp  # run the installed package, not the source tree
-python3 -m engine.serve model=llama-3.2-1b +engine.load_format=dummy +engine.max_model_len=4096 port=8011 \
+python3 -m engine.serve model=llama-3.2-1b +engine.load_format=dummy scheduler.max_model_len=4096 port=8011 \
   log_level=warning > "$out/serve.log" 2>&1 &
 pid=$!
 for _ in $(seq 240); do curl -sf localhost:8011/health >/dev/null && break; sleep 0.5; done
@@ -27,8 +27,8 @@ tail -5 "$out/serve.log"
 #    policies, one of them Python (cache_credit): chat with text both ways, a session's second turn
 #    cached, metrics right after the last request.
 if [ -f "$src/.tok/llama3/tokenizer.json" ]; then
-  python3 -m engine.serve model=llama-3.2-1b +engine.load_format=dummy +engine.max_model_len=8192 \
-    +engine.tokenizer="$src/.tok/llama3" +engine.ordering=cache_credit +engine.eviction=pause_aware port=8012 \
+  python3 -m engine.serve model=llama-3.2-1b +engine.load_format=dummy scheduler.max_model_len=8192 \
+    +engine.tokenizer="$src/.tok/llama3" scheduler.ordering=cache_credit scheduler.eviction=pause_aware port=8012 \
     log_level=warning > "$out/serve2.log" 2>&1 &
   pid=$!
   for _ in $(seq 240); do curl -sf localhost:8012/health >/dev/null && break; sleep 0.5; done

@@ -1,6 +1,6 @@
 """Type stub of the simulator's native code (`csrc/sim/bindings.cpp`).
 
-Step costs and the fast paths that run a replica's (or a cluster's) steps in C++. They take and
+Step costs and the fast path that runs the replicas' steps in C++. They take and
 return the control plane's own objects (`Scheduler`, `Plan`, `FinishedRequest` of
 `controlplane._core`), passed between the two modules as they are.
 """
@@ -59,44 +59,11 @@ class StepCost:
     def plan_seconds(self, plan: Plan) -> float: ...
     @property
     def num_steps(self) -> int:
-        """Steps priced so far by this cost and every copy of it (the fast paths hold copies)."""
+        """Steps priced so far by this cost and every copy of it (the fast path holds a copy)."""
     @property
     def num_extrapolated(self) -> int:
         """Of those, steps beyond the profiled range (profile costs only)."""
     def reset_counts(self) -> None: ...
-
-class ForwardResult:
-    """What one FastForward.advance did: the committed steps, and the plan it handed back."""
-
-    starts: npt.NDArray[np.float64]  # one entry per committed step (copies)
-    seconds: npt.NDArray[np.float64]
-    num_tokens: npt.NDArray[np.int32]
-    num_reqs: npt.NDArray[np.int32]
-    finished: list[FinishedRequest]  # finished by the last committed step
-    samples: list[tuple[float, int, int, int]]  # (step start, used, cached, free blocks)
-    sample_at: float
-    num_steps: int
-    plan: Plan | None  # made at `now`, not committed (ends at/after the horizon, or empty)
-    plan_seconds: float
-    now: float  # end of the last committed step
-    token_at: int
-
-class FastForward:
-    """The simulator's fast path (csrc/sim/fast_forward.h): a replica's steps up to the next other event."""
-
-    def __init__(self, cost: StepCost, token_pool: Sequence[int] | npt.NDArray[np.integer]) -> None: ...
-    def advance(
-        self,
-        scheduler: Scheduler,
-        now: float,
-        horizon: float,
-        sample_at: float,
-        sample_interval: float,
-        token_at: int,
-        max_steps: int = ...,
-    ) -> ForwardResult: ...
-    @property
-    def cost(self) -> StepCost: ...
 
 class ClusterResult:
     """What one ClusterForward.advance did: the committed steps of all replicas, in commit order."""

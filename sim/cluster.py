@@ -1,34 +1,40 @@
 """Replicas as SimPy processes on the shared control plane, and the router in front of them.
 
-A replica runs the engine core's loop with a step-cost model in place of the GPU::
+A replica runs the engine core's loop (`controlplane.loop_step`'s) with a step-cost model in place
+of the GPU::
 
-    plan = scheduler.step(env.now)
-    yield env.timeout(cost_model.step_seconds(plan))     # the step "runs"
+    plan = controlplane.plan_step(scheduler, env.now)    # empty: nothing runnable, wait
+    yield env.timeout(cost_model.step_seconds(plan))      # the step "runs"
     finished = scheduler.commit(plan, tokens, env.now)
 
 Every scheduling and KV decision is the C++ scheduler's; this file only moves
 simulated time and hands finished requests back to the sessions waiting on them.
 
-The fast path (`fast_forward=True`, csrc/sim/fast_forward.h) runs that same loop in
-C++ for all the steps that end before the next event of the rest of the
-simulation (`env.peek()`): nothing else can act in between, so the steps, their
-times, the tokens and what the metrics see are exactly those of the loop above,
-with one SimPy event for the whole run of steps instead of one per step.
+That loop, one SimPy event per step, is the reference. The fast path (`sim.fast_forward`, on by
+default) runs the same loop for every replica in C++ (sim/cluster_fast.py; a cluster of one
+replica is a cluster): the same steps, times, tokens and metrics, with far fewer SimPy events.
 """
 
 from __future__ import annotations
 
-import heapq
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import simpy
-from simpy.core import NORMAL
 
 import controlplane as cp
-from sim import _native
 
-_EMPTY = np.empty(0, dtype=np.int64)
+
+class StepRun(NamedTuple):
+    """Committed steps as the metrics take them (`on_steps`): one entry per step in commit order,
+    and the KV samples taken after them, (step start, replica, used, cached, free blocks). The fast
+    path's `sim._native.ClusterResult` has the same fields."""
+
+    starts: Sequence[float]
+    seconds: Sequence[float]
+    num_tokens: Sequence[int]
+    num_reqs: Sequence[int]
+    samples: list
 
 
 class Replica:
@@ -38,14 +44,13 @@ class Replica:
         env: the SimPy environment (its clock is the only clock).
         index: replica number.
         config: the control-plane config.
-        cost_model: `step_seconds(plan) -> float`; with a `native` evaluator it also drives the fast path.
-        metrics: receives `on_step(replica, start, seconds, plan)` after each commit, or
-            `on_steps(replica, forward_result)` after a run of them; `next_sample_time(index)` and
-            `sample_interval()` say after which steps it samples the scheduler's stats.
+        cost_model: `step_seconds(plan) -> float` (its `native` evaluator drives the fast path).
+        metrics: takes the committed steps, `on_steps(run)` with a `StepRun`, after each commit;
+            the replica samples its KV usage after the first step starting at or after 0, then
+            after the first one starting `metrics.sample_interval_s` later, and so on.
         idle_wait_s: when the scheduler makes an empty plan although requests are
             waiting (blocked, e.g. on pinned KV), re-plan after this long or at the next arrival.
         seed: seeds the synthetic output token ids.
-        fast_forward: run steps in C++ between other events (same results, fewer SimPy events).
         driven: start no process; a `sim.cluster_fast.ClusterDriver` runs this replica's loop.
         scheduler: the scheduler to drive (default: a new one of `config`).
 
@@ -62,7 +67,6 @@ class Replica:
         metrics,
         idle_wait_s: float,
         seed: int,
-        fast_forward: bool = True,
         driven: bool = False,
         scheduler: cp.Scheduler | None = None,
     ) -> None:
@@ -78,11 +82,10 @@ class Replica:
         rng = np.random.default_rng([seed, index, 0x70C])
         self._token_pool = rng.integers(0, config.vocab_size, size=1 << 16, dtype=np.int64)
         self._token_at = 0
+        self._sample_at = 0.0
         self._wake: simpy.Event | None = None
-        native = getattr(cost_model, "native", None)
-        self._fast = _native.FastForward(native, self._token_pool) if fast_forward and native is not None else None
         if not driven:
-            self.process = env.process(self._loop_fast() if self._fast is not None else self._loop())
+            self.process = env.process(self._loop())
 
     @property
     def load(self) -> int:
@@ -135,7 +138,7 @@ class Replica:
             self.scheduler.end_session(session_id, self.env.now)
 
     def _tokens(self, n: int) -> np.ndarray:
-        """Synthetic sampled token ids (the simulator has no model); csrc/sim/fast_forward.cpp takes the same."""
+        """Synthetic sampled token ids (the simulator has no model); csrc/sim/cluster_forward.cpp takes the same."""
         at = self._token_at
         if at + n > self._token_pool.size:
             at = 0
@@ -159,73 +162,30 @@ class Replica:
         """Runs one plan made now: its seconds, and its sampled tokens (None: synthetic ones)."""
         return self.cost_model.step_seconds(plan), None
 
-    def _run_step(self, plan, seconds: float, start: float, tokens: np.ndarray | None = None):
-        """Runs one uncommitted, non-empty plan made at `start` as one SimPy event, then commits it."""
-        yield self.env.timeout(seconds) if start == self.env.now else self._timeout_at(start + seconds)
-        if tokens is None:
-            tokens = self._tokens(plan.num_sampled)
-        finished = self.scheduler.commit(plan, tokens, self.env.now)
-        self.metrics.on_step(self, start, seconds, plan)
-        self._finish(finished)
-
     def _loop(self):
-        """The step-by-step loop: one SimPy event per step."""
+        """The reference loop, one SimPy event per step (csrc/sim/cluster_forward.cpp runs the same in C++)."""
         env, sched = self.env, self.scheduler
         while True:
             if not sched.has_unfinished():
                 yield from self._idle()
                 continue
             start = env.now
-            plan = sched.step(start)
+            plan = cp.plan_step(sched, start)
             if plan.is_empty:
-                sched.commit(plan, _EMPTY, start)
                 yield from self._idle()
                 continue
             seconds, tokens = self._execute(plan)
-            yield from self._run_step(plan, seconds, start, tokens)
-
-    def _loop_fast(self):
-        """The same loop, its steps up to the next other event run in C++ (csrc/sim/fast_forward.h)."""
-        env, sched = self.env, self.scheduler
-        while True:
-            if not sched.has_unfinished():
-                yield from self._idle()
-                continue
-            r = self._fast.advance(
-                sched,
-                env.now,
-                env.peek(),
-                self.metrics.next_sample_time(self.index),
-                self.metrics.sample_interval(),
-                self._token_at,
-            )
-            self._token_at = r.token_at
-            if r.num_steps:
-                self.metrics.on_steps(self, r)
-            plan = r.plan
-            if plan is not None and not plan.is_empty:
-                yield from self._run_step(plan, r.plan_seconds, r.now)
-                continue
-            if r.now != env.now:
-                yield self._timeout_at(r.now)  # the end of the last step run in C++
-            self._finish(r.finished)
-            if plan is not None:  # empty: requests are blocked
-                sched.commit(plan, _EMPTY, r.now)
-                yield from self._idle()
-
-    def _timeout_at(self, when: float) -> simpy.Event:
-        """A timeout that fires exactly at `when` (>= now), as the step-by-step loop's does.
-
-        SimPy schedules at `now + delay`, and no float delay need round to `when` (with round-half-even,
-        sums of a fixed `now` and consecutive delays can skip it): the event is queued at `when`
-        itself, taking one event id as a Timeout would (SimPy 4's Environment._queue and _eid, as
-        sim/cluster_fast.py does)."""
-        if when < self.env.now:
-            raise ValueError(f"a timeout at {when} is in the past (now {self.env.now})")
-        event = simpy.Event(self.env)
-        event._ok, event._value = True, None
-        heapq.heappush(self.env._queue, (when, NORMAL, next(self.env._eid), event))
-        return event
+            yield env.timeout(seconds)
+            if tokens is None:
+                tokens = self._tokens(plan.num_sampled)
+            finished = sched.commit(plan, tokens, env.now)
+            samples = []
+            if start >= self._sample_at:  # KV usage after this step, once per sample interval
+                self._sample_at = start + self.metrics.sample_interval_s
+                st = sched.stats()
+                samples.append((start, self.index, st.num_used_blocks, st.num_cached_blocks, st.num_free_blocks))
+            self.metrics.on_steps(StepRun((start,), (seconds,), (plan.num_tokens,), (plan.num_reqs,), samples))
+            self._finish(finished)
 
 
 class Router:

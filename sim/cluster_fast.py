@@ -1,18 +1,19 @@
-"""The fast path for several replicas: all replicas' steps merged in C++ (csrc/sim/cluster_forward.h).
+"""The simulator's fast path: every replica's steps, merged in C++ (csrc/sim/cluster_forward.h).
 
-With one replica, `Replica._loop_fast` runs its steps up to the next other event. With several,
-each replica's steps are such events for the others, so instead one `ClusterDriver` runs every
-replica's loop: the C++ side commits the busy replicas' steps in the order SimPy would have
-processed their step-end timeouts, up to the next entry of SimPy's queue; Python acts only where
-the step-by-step loop would have done something another process can see (a finish, a replica
-going idle), at that step's own queue position.
+Between two events of the rest of the simulation (an arrival, a tool pause ending, a session
+reacting to a finish) nothing but the replicas' own steps happens, so one `ClusterDriver` runs
+every replica's loop (one replica or several: a cluster of one is a cluster): the C++ side
+commits the busy replicas' steps in the order SimPy would have processed their step-end
+timeouts in the reference loop (`Replica._loop`), up to the next entry of SimPy's queue; Python
+acts only where the reference loop would have done something another process can see (a
+finish, a replica going idle), at that step's own queue position.
 
 A queue position is SimPy's `(time, priority, eid)`. Each plan takes the eid its timeout would
-have taken from `env._eid` in the step-by-step loop (same order of creation relative to every
+have taken from `env._eid` in the reference loop (same order of creation relative to every
 other event), and the driver's own events are put in `env._queue` at exactly such positions. So
-ties with other events at the same simulated time resolve as in the step-by-step loop, and
-every plan, commit time, token and metric is the same (tests/test_sim_fast_forward.py). This
-uses two SimPy 4 internals, `Environment._queue` and `Environment._eid`.
+ties with other events at the same simulated time resolve as in the reference loop, and every
+plan, commit time, token and metric is the same (tests/test_sim_fast_forward.py). This class is
+the one user of two SimPy 4 internals, `Environment._queue` and `Environment._eid`.
 
     queue:  ... (t1, N, e1: driver) ... (t2, N, e2: arrival) ...
     driver at t1:  commit all replica steps before (t2, N, e2), in (end, eid) order
@@ -33,12 +34,13 @@ from sim import _native
 
 
 class ClusterDriver:
-    """Runs the loops of several `Replica`s (made with `driven=True`) on one `sim._native.ClusterForward`.
+    """Runs the loops of `Replica`s (made with `driven=True`) on one `sim._native.ClusterForward`.
 
     Args:
         env: the SimPy environment.
         replicas: the replicas, indexed 0..n-1; their cost model must have a `native` evaluator.
-        metrics: the Collector; receives `on_cluster_steps(result)`.
+        metrics: the Collector; takes each run of committed steps, `on_steps(result)`, and says the KV
+            sampling interval (`sample_interval_s`), as for the reference loop.
     """
 
     def __init__(self, env: simpy.Environment, replicas: Sequence, metrics) -> None:
@@ -50,8 +52,8 @@ class ClusterDriver:
             native,
             [r.scheduler for r in self.replicas],
             [r._token_pool for r in self.replicas],
-            [metrics.next_sample_time(r.index) for r in self.replicas],
-            metrics.sample_interval(),
+            [0.0] * len(self.replicas),  # first KV samples: after each replica's first step
+            metrics.sample_interval_s,
         )
         self._queued: list[tuple[float, int]] = []  # positions (time, eid) of the driver's events in env._queue
         self._stop = None  # (position, ClusterResult): a replica's commit whose follow-up is due there
@@ -85,7 +87,7 @@ class ClusterDriver:
             r = self._cf.advance(h[0], h[1], h[2], next(env._eid))
             env._eid = itertools.count(r.next_eid)
             if r.num_steps:
-                self.metrics.on_cluster_steps(r)
+                self.metrics.on_steps(r)
             if r.stopped < 0:
                 break
             if r.stop_time != env.now:  # resume at that step's own queue position
@@ -96,7 +98,7 @@ class ClusterDriver:
         self._ensure_event()
 
     def _resolve(self, r) -> None:
-        """What the replica's step-by-step loop does after that commit (its `_finish`, then its next plan)."""
+        """What the replica's reference loop does after that commit (its `_finish`, then its next plan)."""
         replica = self.replicas[r.stopped]
         if r.finished:
             replica._finish(r.finished)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
-from controlplane import SchedulerConfig, import_policy_modules, policy_names
+from controlplane import SchedulerConfig, policy_names
 from sim.specs import KV_CACHE_DTYPES, QUANTIZATIONS, check_choice
 from sim.workloads import make_workload
 
@@ -60,13 +60,9 @@ class WorkloadConf:
 
 @dataclass
 class PolicyConf:
-    """The control plane's policies, as `"name"` or `"name:key=value"` strings; conf/policy/*.yaml."""
+    """The name of the policies that conf/policy/*.yaml set in `scheduler` (in run directories' names)."""
 
     name: str = "lru"
-    ordering: str = "fcfs"
-    eviction: str = "lru"
-    preemption: str = "recompute"
-    modules: List[str] = field(default_factory=list)  # modules registering Python policies (imported first)
 
 
 @dataclass
@@ -79,22 +75,10 @@ class ClusterConf:
 
 @dataclass
 class EngineConf:
-    """What each replica's engine is configured with (as the GPU engine would be)."""
+    """How each replica's KV cache is sized from memory (as the GPU engine's is)."""
 
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    chunk_size: int = 2048
-    # a step no decode waits in prefills up to this many tokens of one request (and takes a budget
-    # of at least as many); 0: chunk_size always, as before (controlplane.SchedulerConfig)
-    idle_chunk_size: int = 0
-    max_model_len: int = 131072
     gpu_memory_utilization: float = 0.9
     host_kv_gb: float = 0.0  # host tier for swap-out preemption, GB per replica
-    enable_prefix_caching: bool = True
-    # blocks held ahead of each decoding request's next token: 1 is the GPU engine with overlapped
-    # decode (engine/overlap.py, on by default there), 0 the strict loop
-    num_lookahead_tokens: int = 0
     num_gpu_blocks: Optional[int] = None  # device KV blocks; None: sized from hardware.mem_bytes
     num_host_blocks: Optional[int] = None  # host-tier blocks; None: from host_kv_gb
 
@@ -142,6 +126,7 @@ class SimulationConfig:
     policy: PolicyConf = field(default_factory=PolicyConf)
     cluster: ClusterConf = field(default_factory=ClusterConf)
     engine: EngineConf = field(default_factory=EngineConf)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # conf/scheduler/*.yaml
     sim: SimConf = field(default_factory=SimConf)
     wandb: WandbConf = field(default_factory=WandbConf)
     output: OutputConf = field(default_factory=OutputConf)
@@ -162,7 +147,7 @@ def from_mapping(values: Any) -> SimulationConfig:
         unknown = sorted(set(section) - names)
         if unknown:
             raise ValueError(f"unknown keys in '{key}': {unknown}; known: {sorted(names)}")
-        out[key] = cls(**section)
+        out[key] = SchedulerConfig.from_dict(section) if cls is SchedulerConfig else cls(**section)
     return SimulationConfig(**out)
 
 
@@ -206,40 +191,18 @@ def validate(cfg: SimulationConfig) -> None:
         _positive("engine", num_gpu_blocks=e.num_gpu_blocks)
     if e.num_host_blocks is not None and e.num_host_blocks < 0:
         raise ValueError(f"engine.num_host_blocks must be >= 0, got {e.num_host_blocks}")
-    if isinstance(e.idle_chunk_size, bool) or not isinstance(e.idle_chunk_size, int) or e.idle_chunk_size < 0:
-        raise ValueError(
-            f"engine.idle_chunk_size must be an int >= 0 (0: chunk_size always), got {e.idle_chunk_size!r}"
-        )
-    if not 0 <= e.num_lookahead_tokens <= e.block_size:
-        raise ValueError(f"engine.num_lookahead_tokens must be in [0, block_size], got {e.num_lookahead_tokens}")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise ValueError(f"wandb.mode must be offline, online or disabled, got {cfg.wandb.mode!r}")
-    import_policy_modules(list(cfg.policy.modules or ()))
-    for kind in ("ordering", "eviction", "preemption"):
-        spec = getattr(cfg.policy, kind)
-        if spec.split(":", 1)[0] not in policy_names(kind):
-            raise ValueError(f"policy.{kind}: unknown policy {spec!r}; registered: {policy_names(kind)}")
+    cfg.scheduler.validate()
     if c.router.split(":", 1)[0] not in policy_names("router"):
         raise ValueError(f"cluster.router: unknown router {c.router!r}; registered: {policy_names('router')}")
     make_workload(cfg.workload.name, dict(cfg.workload.params)).check()  # e.g. a trace file that is not there
 
 
 def scheduler_config(cfg: SimulationConfig, num_blocks: int, num_host_blocks: int) -> SchedulerConfig:
-    """The control-plane config one replica runs with."""
-    e, p = cfg.engine, cfg.policy
-    return SchedulerConfig(
-        num_blocks=num_blocks,
-        block_size=e.block_size,
-        num_host_blocks=num_host_blocks,
-        max_num_seqs=e.max_num_seqs,
-        max_num_batched_tokens=e.max_num_batched_tokens,
-        chunk_size=e.chunk_size,
-        idle_chunk_size=e.idle_chunk_size,
-        max_model_len=e.max_model_len,
-        vocab_size=cfg.model.vocab_size,
-        enable_prefix_caching=e.enable_prefix_caching,
-        ordering=p.ordering,
-        eviction=p.eviction,
-        preemption=p.preemption,
-        num_lookahead_tokens=e.num_lookahead_tokens,
+    """The control-plane config one replica runs with: cfg.scheduler with the sizes the simulator sets."""
+    s = cfg.scheduler
+    defaults = {k: getattr(SchedulerConfig, k) for k in ("idle_chunk_size", "max_model_len") if getattr(s, k) is None}
+    return dataclasses.replace(
+        s, num_blocks=num_blocks, num_host_blocks=num_host_blocks, vocab_size=cfg.model.vocab_size, **defaults
     )

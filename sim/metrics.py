@@ -111,12 +111,10 @@ class Collector:
         self.num_blocks = num_blocks
         self.sample_interval_s = sample_interval_s
         self.slo = slo
-        # Per step (start, seconds, tokens, requests), in order: a fast-path run's steps as the
-        # four arrays it returned, the step-by-step loop's as four lists (the tail, until a run).
+        # Per step (start, seconds, tokens, requests), in commit order: the runs `on_steps` took
+        # (a fast-path run's four arrays, or a reference step's four 1-tuples).
         self._step_chunks: list[tuple] = []
-        self._step_tail: tuple[list, list, list, list] = ([], [], [], [])
         self.kv_samples: list[tuple] = []  # (time, replica, used, cached, free) in blocks
-        self._next_sample = [0.0] * num_replicas
         self.requests: list[tuple] = []
         self.sessions: list[tuple] = []  # (session_id, start, end, calls, truncated)
         self._itl_counts = np.zeros(_ITL_EDGES.size + 1, dtype=np.int64)
@@ -126,38 +124,16 @@ class Collector:
         self.itl_n = 0
 
     # -- reports ------------------------------------------------------------------
-    def on_step(self, replica, start: float, seconds: float, plan) -> None:
-        starts, costs, tokens, reqs = self._step_tail
-        starts.append(start)
-        costs.append(seconds)
-        tokens.append(plan.num_tokens)
-        reqs.append(plan.num_reqs)
-        self._sample(replica, start)
-
-    def _add_steps(self, result) -> None:
-        """A run's steps (arrays, one entry per step), after the single steps before it."""
-        if self._step_tail[0]:
-            self._step_chunks.append(self._step_tail)
-            self._step_tail = ([], [], [], [])
-        self._step_chunks.append((result.starts, result.seconds, result.num_tokens, result.num_reqs))
-
-    def on_steps(self, replica, result) -> None:
-        """`on_step` for a run of steps of the replica's fast path (a `sim._native.ForwardResult`),
-        which took the KV samples `_sample` would have, at the same steps."""
-        self._add_steps(result)
-        i = replica.index
-        self.kv_samples.extend((start, i, used, cached, free) for start, used, cached, free in result.samples)
-        self._next_sample[i] = result.sample_at
-
-    def on_cluster_steps(self, result) -> None:
-        """`on_step` for a run of several replicas' steps (a `sim._native.ClusterResult`, commit order),
-        with the KV samples `_sample` would have taken (the C++ side keeps the next sample times)."""
-        self._add_steps(result)
-        self.kv_samples.extend(result.samples)
+    def on_steps(self, run) -> None:
+        """Committed steps, one entry per step in commit order, and the KV samples their loop took:
+        a `sim.cluster.StepRun` (the reference loop, one step) or a `sim._native.ClusterResult` (the
+        fast path, a run of steps of every replica)."""
+        self._step_chunks.append((run.starts, run.seconds, run.num_tokens, run.num_reqs))
+        self.kv_samples.extend(run.samples)
 
     def _step_column(self, k: int) -> list:
         out: list = []
-        for chunk in (*self._step_chunks, self._step_tail):
+        for chunk in self._step_chunks:
             column = chunk[k]
             out.extend(column.tolist() if isinstance(column, np.ndarray) else column)
         return out
@@ -181,23 +157,7 @@ class Collector:
 
     @property
     def num_steps(self) -> int:
-        return sum(len(chunk[0]) for chunk in self._step_chunks) + len(self._step_tail[0])
-
-    def _sample(self, replica, start: float) -> None:
-        """KV usage after the step that started at `start`, once per sample interval
-        (csrc/sim/fast_forward.cpp samples the same way)."""
-        i = replica.index
-        if start >= self._next_sample[i]:
-            self._next_sample[i] = start + self.sample_interval_s
-            s = replica.scheduler.stats()
-            self.kv_samples.append((start, i, s.num_used_blocks, s.num_cached_blocks, s.num_free_blocks))
-
-    def next_sample_time(self, replica_index: int) -> float:
-        """The first step start at or after which `on_step` samples this replica's KV usage."""
-        return self._next_sample[replica_index]
-
-    def sample_interval(self) -> float:
-        return self.sample_interval_s
+        return sum(len(chunk[0]) for chunk in self._step_chunks)
 
     def on_request(self, f, session_id: str, turn: int, replica: int, new_tokens: int, genuinely_new: int) -> None:
         times = f.token_times

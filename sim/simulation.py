@@ -122,14 +122,14 @@ class Simulation:
         self.model = ModelSpec(**vars(cfg.model))
         self.hardware = HardwareSpec(**vars(cfg.hardware))
         self.hardware_label = hardware_label(self.hardware)
-        e = cfg.engine
+        e, block_size = cfg.engine, cfg.scheduler.block_size
         labelled = dataclasses.replace(self.hardware, name=self.hardware_label)  # for its messages
         self.num_blocks = (
-            kv_capacity_blocks(self.model, labelled, e.block_size, e.gpu_memory_utilization)
+            kv_capacity_blocks(self.model, labelled, block_size, e.gpu_memory_utilization)
             if e.num_gpu_blocks is None
             else e.num_gpu_blocks
         )
-        block_bytes = self.model.kv_bytes_per_token() * e.block_size
+        block_bytes = self.model.kv_bytes_per_token() * block_size
         self.num_host_blocks = (
             int(e.host_kv_gb * 1e9 // block_bytes) if e.num_host_blocks is None else e.num_host_blocks
         )
@@ -143,7 +143,7 @@ class Simulation:
                 f"sim.num_sessions: workload {cfg.workload.name!r} generates sessions without end; "
                 f"say how many to run (null replays every session of a trace)"
             )
-        self.capacity_tokens = self.num_blocks * e.block_size
+        self.capacity_tokens = self.num_blocks * block_size
 
     def run(self, env: simpy.Environment | None = None, replica_factory=None) -> SimResult:
         """Runs the workload to its end.
@@ -160,12 +160,8 @@ class Simulation:
         collector = Collector(
             cfg.cluster.num_replicas, self.num_blocks, s.kv_sample_interval_s, Slo(s.slo_ttft_s, s.slo_tpot_s)
         )
-        driven = (
-            s.fast_forward
-            and replica_factory is None
-            and cfg.cluster.num_replicas > 1
-            and getattr(self.cost_model, "native", None)
-        )
+        native = getattr(self.cost_model, "native", None)
+        driven = s.fast_forward and replica_factory is None and native is not None  # the fast path
         if replica_factory is not None:
             replicas = [
                 replica_factory(env, i, self.scheduler_config, collector) for i in range(cfg.cluster.num_replicas)
@@ -180,12 +176,10 @@ class Simulation:
                     collector,
                     s.idle_wait_s,
                     s.seed,
-                    fast_forward=s.fast_forward,
-                    driven=bool(driven),
+                    driven=driven,
                 )
                 for i in range(cfg.cluster.num_replicas)
             ]
-        native = getattr(self.cost_model, "native", None)
         if native is not None:
             native.reset_counts()
         if driven:
@@ -277,10 +271,11 @@ class Simulation:
                 )
         meta = getattr(self.cost_model, "meta", {})
         overlap = meta.get("overlap")
-        if overlap is not None and bool(overlap) != (self.cfg.engine.num_lookahead_tokens > 0):
+        lookahead = self.cfg.scheduler.num_lookahead_tokens
+        if overlap is not None and bool(overlap) != (lookahead > 0):
             notes.append(
                 f"the profile was measured with overlapped decode {'on' if overlap else 'off'}, but "
-                f"engine.num_lookahead_tokens={self.cfg.engine.num_lookahead_tokens} plans as an engine "
+                f"scheduler.num_lookahead_tokens={lookahead} plans as an engine "
                 f"with it {'off' if overlap else 'on'}"
             )
         return notes
@@ -292,9 +287,9 @@ class Simulation:
             "hardware": self.hardware_label,
             "workload": c.workload.name,
             "policy": c.policy.name,
-            "ordering": c.policy.ordering,
-            "eviction": c.policy.eviction,
-            "preemption": c.policy.preemption,
+            "ordering": c.scheduler.ordering,
+            "eviction": c.scheduler.eviction,
+            "preemption": c.scheduler.preemption,
             "router": c.cluster.router,
             "kv_blocks_per_replica": self.num_blocks,
             "host_blocks_per_replica": self.num_host_blocks,
@@ -348,7 +343,7 @@ class _SessionRunner:
         for k, turn in enumerate(session.turns):
             new = new_ids[k]
             prompt = context.extend(new)
-            max_new = min(turn.output_tokens, cfg.engine.max_model_len - prompt.size)
+            max_new = min(turn.output_tokens, self.sim.scheduler_config.max_model_len - prompt.size)
             if max_new < 1 or prompt.size + max_new - 1 > self.sim.capacity_tokens:
                 truncated = True  # the context outgrew the model length or the KV cache
                 break

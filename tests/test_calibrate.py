@@ -112,7 +112,8 @@ def recorded_workload(profile_path, workload: str, params: dict, **sim) -> StepL
         "model": dataclasses.asdict(load_model_spec("smollm2_135m")),
         "hardware": dataclasses.asdict(load_hardware_spec("h100_sxm")),
         "workload": {"name": workload, "params": params},
-        "engine": {**ENGINE, "num_gpu_blocks": 512},
+        "scheduler": ENGINE,
+        "engine": {"num_gpu_blocks": 512},
         "sim": {
             "num_sessions": 12,
             "progress": False,
@@ -134,7 +135,6 @@ def recorded_workload(profile_path, workload: str, params: dict, **sim) -> StepL
             collector,
             simulation.cfg.sim.idle_wait_s,
             0,
-            fast_forward=False,
             log=log,
         )
 
@@ -220,8 +220,8 @@ def test_calibration_prices_kv_copies_on_mixed_steps(tmp_path, fitted):
             "model": dataclasses.asdict(load_model_spec("smollm2_135m")),
             "hardware": dataclasses.asdict(load_hardware_spec("h100_sxm")),
             "workload": {"name": "swe_smith", "params": params},
-            "policy": {"preemption": "swap"},
-            "engine": {**ENGINE, "num_gpu_blocks": 300, "num_host_blocks": 600},
+            "scheduler": {**ENGINE, "preemption": "swap"},
+            "engine": {"num_gpu_blocks": 300, "num_host_blocks": 600},
             "sim": {
                 "num_sessions": 12,
                 "progress": False,
@@ -234,7 +234,7 @@ def test_calibration_prices_kv_copies_on_mixed_steps(tmp_path, fitted):
     )
     simulation.run(
         replica_factory=lambda env, i, sc, col: RecordingReplica(
-            env, i, sc, simulation.cost_model, col, simulation.cfg.sim.idle_wait_s, 0, fast_forward=False, log=log
+            env, i, sc, simulation.cost_model, col, simulation.cfg.sim.idle_wait_s, 0, log=log
         )
     )
     assert any(not is_graph(r) and (r["num_swap_out_blocks"] or r["num_swap_in_blocks"]) for r in log.rows)
@@ -255,7 +255,6 @@ def test_the_grid_exercises_every_term_the_model_needs(grid_rows):
             Collector(1, config.num_blocks, 1e9, Slo(1.0, 1.0)),
             1e-3,
             GRID.seed,
-            fast_forward=False,
             log=log,
         )
         run_grid(

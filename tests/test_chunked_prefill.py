@@ -180,15 +180,15 @@ def test_the_engine_takes_idle_chunk_size_and_resolves_auto_by_device(tmp_path):
     from engine_helpers import write_tiny_config
 
     for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="idle_chunk_size must be an int >= 0"):
-            EngineConfig(idle_chunk_size=bad)
+        with pytest.raises(ValueError, match="idle_chunk_size must be (an int|>= 0)"):
+            EngineConfig.from_dict({"idle_chunk_size": bad})
     path = write_tiny_config(tmp_path, "LlamaForCausalLM")
     prompt = [(7 * k) % 500 + 2 for k in range(300)]
 
     def run(**options):
         core = EngineCore(
-            EngineConfig(
-                model=path, load_format="dummy", device="cpu", chunk_size=32, max_num_batched_tokens=48, **options
+            EngineConfig.from_dict(
+                dict(model=path, load_format="dummy", device="cpu", chunk_size=32, max_num_batched_tokens=48, **options)
             )
         )
         core.add_request(0, prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))

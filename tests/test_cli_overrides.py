@@ -28,15 +28,15 @@ def composed(module: str, *args: str) -> dict:
 def test_policy_specs_with_parameters_are_quoted_and_everything_hydra_reads_is_kept():
     assert hydra_overrides(
         [
-            "engine.eviction=ttl:ttl=30",
-            "policy.eviction=pause_aware:reload_s_per_token=1,margin=1",
+            "scheduler.eviction=ttl:ttl=30",
+            "scheduler.eviction=pause_aware:reload_s_per_token=1,margin=1",
             "-m",
             "policy=lru,ttl",
-            "policy.eviction=lru,ttl:ttl=5,pause_aware:reload_s_per_token=1,margin=1",
-            "'policy.modules=[controlplane.examples]'",
-            "policy.modules=[controlplane.examples]",
+            "scheduler.eviction=lru,ttl:ttl=5,pause_aware:reload_s_per_token=1,margin=1",
+            "'scheduler.policy_modules=[controlplane.examples]'",
+            "scheduler.policy_modules=[controlplane.examples]",
             "hydra/launcher=joblib",
-            "policy.eviction='ttl:ttl=5'",
+            "scheduler.eviction='ttl:ttl=5'",
             "cluster.router=most_free_kv",
             "sim.seed=range(0,4)",
             "out=${now:%H}",
@@ -45,15 +45,15 @@ def test_policy_specs_with_parameters_are_quoted_and_everything_hydra_reads_is_k
             "job",
         ]
     ) == [
-        "engine.eviction='ttl:ttl=30'",
-        "policy.eviction='pause_aware:reload_s_per_token=1,margin=1'",
+        "scheduler.eviction='ttl:ttl=30'",
+        "scheduler.eviction='pause_aware:reload_s_per_token=1,margin=1'",
         "-m",
         "policy=lru,ttl",
-        "policy.eviction=lru,'ttl:ttl=5','pause_aware:reload_s_per_token=1,margin=1'",
-        "'policy.modules=[controlplane.examples]'",
-        "policy.modules=[controlplane.examples]",
+        "scheduler.eviction=lru,'ttl:ttl=5','pause_aware:reload_s_per_token=1,margin=1'",
+        "'scheduler.policy_modules=[controlplane.examples]'",
+        "scheduler.policy_modules=[controlplane.examples]",
         "hydra/launcher=joblib",
-        "policy.eviction='ttl:ttl=5'",
+        "scheduler.eviction='ttl:ttl=5'",
         "cluster.router=most_free_kv",
         "sim.seed=range(0,4)",
         "out=${now:%H}",
@@ -86,36 +86,33 @@ def test_plus_on_an_existing_key_and_new_keys_of_a_mapping_are_read_as_hydra_nee
 
 
 def test_readme_server_command_sets_engine_options_without_plus():
-    # README: python -m engine.serve engine.ordering=short_prefill_first 'engine.policy_modules=[controlplane.examples]'
-    # failed ("use +engine.ordering") while the server's engine node was a plain dict
+    # README: python -m engine.serve scheduler.ordering=short_prefill_first 'scheduler.policy_modules=[...]'
+    # (the engine's node was a plain dict once, needing `+`; the scheduler's own keys are scheduler.KEY)
     cfg = composed(
         "engine.serve",
-        "engine.ordering=short_prefill_first",
-        "engine.policy_modules=[controlplane.examples]",
-        "engine.eviction=ttl:ttl=30",
-        "engine.max_model_len=4096",
+        "scheduler.ordering=short_prefill_first",
+        "scheduler.policy_modules=[controlplane.examples]",
+        "scheduler.eviction=ttl:ttl=30",
+        "scheduler.max_model_len=4096",
         "+engine.load_format=dummy",
         "engine.kernel_overrides={rms_norm:[torch]}",
     )
     from engine.config import EngineConfig
 
-    engine = cfg["engine"]
-    assert (engine["ordering"], engine["policy_modules"], engine["eviction"]) == (
+    engine, scheduler = cfg["engine"], cfg["scheduler"]
+    assert (scheduler["ordering"], scheduler["policy_modules"], scheduler["eviction"]) == (
         "short_prefill_first",
         ["controlplane.examples"],
         "ttl:ttl=30",
     )
-    assert (engine["max_model_len"], engine["load_format"], engine["kernel_overrides"]) == (
+    assert (scheduler["max_model_len"], engine["load_format"], engine["kernel_overrides"]) == (
         4096,
         "dummy",
         {"rms_norm": ["torch"]},
     )
-    built = EngineConfig.from_dict({"model": cfg["model"], **engine})  # what serve() builds
-    defaults = {
-        k: v
-        for k, v in engine.items()
-        if k not in ("ordering", "policy_modules", "eviction", "max_model_len", "load_format", "kernel_overrides")
-    }
+    built = EngineConfig.from_dict({"model": cfg["model"], **engine, "scheduler": scheduler})  # what serve() builds
+    assert built.scheduler.policy_modules == ("controlplane.examples",) and built.scheduler.idle_chunk_size is None
+    defaults = {k: v for k, v in engine.items() if k not in ("load_format", "kernel_overrides")}
     assert {k: getattr(built, k) for k in defaults} == {k: getattr(EngineConfig(), k) for k in defaults}
 
 
@@ -125,7 +122,7 @@ def test_readme_server_command_sets_engine_options_without_plus():
         (
             "engine.no_such_option=1",
             "unknown engine option 'engine.no_such_option' in 'engine.no_such_option=1': "
-            "engine.KEY is one of ['block_size', ",
+            "engine.KEY is one of ['cuda_graph_batch_sizes', ",
         ),
         ("+engine.no_such_option=1", "unknown engine option 'engine.no_such_option' in '+engine.no_such_option=1'"),
         (
@@ -140,8 +137,8 @@ def test_unknown_engine_keys_are_refused_with_the_known_ones(arg, message):
 
 
 def test_a_bad_engine_value_is_refused_by_type():
-    done = cfg_job("engine.serve", "engine.max_model_len=many")
-    assert done.returncode != 0 and "engine.max_model_len" in done.stderr
+    done = cfg_job("engine.serve", "scheduler.max_model_len=many")
+    assert done.returncode != 0 and "scheduler.max_model_len" in done.stderr
 
 
 def test_fidelity_takes_engine_options_and_specs_as_typed():
@@ -151,5 +148,5 @@ def test_fidelity_takes_engine_options_and_specs_as_typed():
 
 def test_simulate_takes_a_policy_spec_with_parameters_unquoted():
     # needs experiments/simulate.py to call controlplane.cli.fix_sys_argv() before main()
-    cfg = composed("experiments.simulate", "policy.eviction=ttl:ttl=5", "cluster.router=round_robin")
-    assert cfg["policy"]["eviction"] == "ttl:ttl=5"
+    cfg = composed("experiments.simulate", "scheduler.eviction=ttl:ttl=5", "cluster.router=round_robin")
+    assert cfg["scheduler"]["eviction"] == "ttl:ttl=5"

@@ -32,7 +32,7 @@ POLICIES = CONF.parent / "policy"
 def test_policy_config_file_validates_and_builds(path):
     from sim.config import from_mapping, scheduler_config, validate
 
-    cfg = from_mapping({"policy": yaml.safe_load(path.read_text())})
+    cfg = from_mapping(yaml.safe_load(path.read_text()))  # `# @package _global_`: policy.name, scheduler.*
     validate(cfg)  # imports its policy modules, checks every name is registered
     cp.Scheduler(scheduler_config(cfg, num_blocks=64, num_host_blocks=8))
 
@@ -47,7 +47,7 @@ def test_the_servers_engine_node_is_engine_config_with_its_defaults():
     from engine.serve.__main__ import ServeConfig
 
     node = OmegaConf.to_container(OmegaConf.structured(ServeConfig))["engine"]
-    assert set(node) == {f.name for f in dataclasses.fields(EngineConfig)} - {"model"}
+    assert set(node) == {f.name for f in dataclasses.fields(EngineConfig)} - {"model", "scheduler"}
     assert EngineConfig.from_dict(node) == EngineConfig()
     served = yaml.safe_load((CONF.parents[1] / "engine" / "serve" / "conf" / "config.yaml").read_text())["engine"]
     assert EngineConfig.from_dict({**node, **served}) == EngineConfig.from_dict(served)

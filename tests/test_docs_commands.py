@@ -104,10 +104,10 @@ CHECKS: dict[str, object] = {
     ),
     "make test": NotRun("runs the whole suite, this test included", f"{MAKE_DRY} test", ("pytest",)),
     "make check-policy POLICY=short_prefill_first MODULES=controlplane.examples": Run(extra=CHECK_POLICY_SHORT),
-    "python -m experiments.simulate policy.ordering=short_prefill_first 'policy.modules=[controlplane.examples]'": Run(
+    "python -m experiments.simulate scheduler.ordering=short_prefill_first 'scheduler.policy_modules=[controlplane.examples]'": Run(  # noqa: E501
         extra=SIM_SHORT, expect=("4 of 4 sessions",)
     ),
-    "python -m engine.serve engine.ordering=short_prefill_first 'engine.policy_modules=[controlplane.examples]'": Serve(),  # noqa: E501
+    "python -m engine.serve scheduler.ordering=short_prefill_first 'scheduler.policy_modules=[controlplane.examples]'": Serve(),  # noqa: E501
     "python -m experiments.calibrate": NotRun(
         "runs the engine on a GPU over a grid", "python -m experiments.calibrate --help", ("--fit", "--quick")
     ),
@@ -153,6 +153,7 @@ CHECKS: dict[str, object] = {
         "installs into the machine's python3 and runs the GPU tests", f"{MAKE_DRY} test-gpu", ("-m gpu",)
     ),
     # docs/simulator.md
+    "python -m experiments.simulate scheduler=agentic scheduler.chunk_size=4096": Run(extra=SIM_SHORT),
     "python -m experiments.simulate": Run(extra=SIM_SHORT),
     "python -m experiments.simulate policy=ttl workload=swe_smith sim=closed sim.concurrency=4": Run(extra=SIM_SHORT),
     "python -m experiments.simulate -m policy=lru,ttl,lpm_ttl cluster=prefix_aware_4 hydra/launcher=joblib": Run(
@@ -212,12 +213,14 @@ CHECKS: dict[str, object] = {
         replace=(("my_study.yaml", "{repo}/conf/hydra/optuna/ttl_ttft_p90.yaml"),), extra=f"--trials 2 {SIM_SHORT}"
     ),
     # docs/policies.md (mypkg.policies: the policies of that page's code blocks)
-    "python -m experiments.simulate policy.ordering=short_prefill_first policy.eviction=hit_weighted_lru "
-    "'policy.modules=[mypkg.policies]' cluster=least_loaded_4 cluster.router=most_free_kv": Run(extra=SIM_SHORT),
-    "python -m engine.serve engine.ordering=short_prefill_first 'engine.policy_modules=[mypkg.policies]'": NotRun(
+    "python -m experiments.simulate scheduler.ordering=short_prefill_first scheduler.eviction=hit_weighted_lru "
+    "'scheduler.policy_modules=[mypkg.policies]' cluster=least_loaded_4 cluster.router=most_free_kv": Run(
+        extra=SIM_SHORT
+    ),
+    "python -m engine.serve scheduler.ordering=short_prefill_first 'scheduler.policy_modules=[mypkg.policies]'": NotRun(
         "the server start is README's same command with controlplane.examples; here its engine config is "
         "composed and built (EngineConfig imports mypkg.policies and checks the names)",
-        "python -m engine.serve engine.ordering=short_prefill_first 'engine.policy_modules=[mypkg.policies]' "
+        "python -m engine.serve scheduler.ordering=short_prefill_first 'scheduler.policy_modules=[mypkg.policies]' "
         f"{CFG_JOB} | python -c '{{check_engine_config}}'",
         ("engine config ok",),
     ),
@@ -237,10 +240,10 @@ CHECKS: dict[str, object] = {
         ("model: llama-3.1-8b", "load_format: dummy", "tokenizer: /path/to/tokenizer-dir"),
     ),
     "python -m engine.serve data_parallel_size=2 cluster.router=prefix_aware": Serve(),
-    "python -m engine.serve data_parallel_size=4 cluster.router=session_affinity engine.policy_modules=[my_routers]": NotRun(  # noqa: E501
+    "python -m engine.serve data_parallel_size=4 cluster.router=session_affinity scheduler.policy_modules=[my_routers]": NotRun(  # noqa: E501
         "my_routers is the reader's own module (the server start is the data_parallel_size=2 command's)",
         "python -m engine.serve data_parallel_size=4 cluster.router=session_affinity "
-        f"engine.policy_modules=[my_routers] {CFG_JOB}",
+        f"scheduler.policy_modules=[my_routers] {CFG_JOB}",
         ("data_parallel_size: 4", "router: session_affinity", "- my_routers"),
     ),
 }
@@ -248,7 +251,8 @@ CHECKS: dict[str, object] = {
 # Reads `--cfg job`'s YAML from stdin and builds the EngineConfig the server would.
 CHECK_ENGINE_CONFIG = (
     "import sys, yaml; from engine.config import EngineConfig; c = yaml.safe_load(sys.stdin); "
-    'EngineConfig.from_dict({"model": c["model"], **c["engine"]}); print("engine config ok")'
+    'EngineConfig.from_dict({"model": c["model"], **c["engine"], "scheduler": c["scheduler"]}); '
+    'print("engine config ok")'
 )
 
 

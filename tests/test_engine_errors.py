@@ -17,7 +17,7 @@ def core_for(tmp_path, **kwargs):
 
     defaults = dict(device="cpu", num_gpu_blocks=8)
     defaults.update(kwargs)
-    return EngineCore(EngineConfig(**defaults))
+    return EngineCore(EngineConfig.from_dict(defaults))
 
 
 def test_missing_model_directory(tmp_path):

@@ -37,7 +37,7 @@ def _core(shape: str, **kwargs):
         overlap_decode=False,
     )
     cfg.update(kwargs)
-    return EngineCore(EngineConfig(**cfg))
+    return EngineCore(EngineConfig.from_dict(cfg))
 
 
 @torch.inference_mode()

@@ -39,8 +39,8 @@ def engine_for(config, tmp_path, **kwargs):
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config.to_hf()))
-    cfg = EngineConfig(
-        model=str(path), load_format="dummy", device="cpu", dtype="float32", num_gpu_blocks=64, seed=3, **kwargs
+    cfg = EngineConfig.from_dict(
+        dict(model=str(path), load_format="dummy", device="cpu", dtype="float32", num_gpu_blocks=64, seed=3, **kwargs)
     )
     return EngineCore(cfg)
 

@@ -29,7 +29,7 @@ def make_core(model_path, overlap: bool, **options):
         model=model_path, load_format="dummy", device="cpu", num_gpu_blocks=96, block_size=4, overlap_decode=overlap
     )
     cfg.update(options)
-    return EngineCore(EngineConfig(**cfg))
+    return EngineCore(EngineConfig.from_dict(cfg))
 
 
 def drive(core, requests, events=()):

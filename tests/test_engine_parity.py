@@ -77,7 +77,8 @@ def run_engine(tmp_path, scheduler_options):
     path.write_text(json.dumps(config.to_hf()))
     clock = cp.ManualClock()
     core = EngineCore(
-        EngineConfig(model=str(path), load_format="dummy", device="cpu", **scheduler_options), clock=clock
+        EngineConfig.from_dict(dict(model=str(path), load_format="dummy", device="cpu", **scheduler_options)),
+        clock=clock,
     )
     plans = []
     step = core.runner.run
@@ -123,12 +124,18 @@ def run_simulator(scheduler_config, profile):
     env = simpy.Environment()
     plans = []
 
-    class Recorder:  # the replica's metrics hook, recording each plan at its start time
-        def on_step(self, replica, start, seconds, plan):
-            plans.append(plan_key(plan, start))
+    class Recorder(Replica):  # the reference loop, recording each plan at its start time
+        def _execute(self, plan):
+            plans.append(plan_key(plan, env.now))
+            return super()._execute(plan)
 
-    # ReplayCost has no native evaluator, so the replica steps one SimPy event at a time
-    replica = Replica(env, 0, scheduler_config, ReplayCost(profile), Recorder(), 1e-3, 0)
+    class NoMetrics:
+        sample_interval_s = float("inf")
+
+        def on_steps(self, run):
+            pass
+
+    replica = Recorder(env, 0, scheduler_config, ReplayCost(profile), NoMetrics(), 1e-3, 0)
     prompts = trace_prompts(scheduler_config.vocab_size)
 
     def arrive(i):

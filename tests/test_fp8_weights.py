@@ -146,15 +146,17 @@ def _engine(path, quantization="none", **kwargs):
     from engine.config import EngineConfig
     from engine.core import EngineCore
 
-    cfg = EngineConfig(
-        model=str(path),
-        load_format=kwargs.pop("load_format", "dummy"),
-        device="cpu",
-        dtype=kwargs.pop("dtype", "float32"),
-        num_gpu_blocks=64,
-        seed=3,
-        quantization=quantization,
-        **kwargs,
+    cfg = EngineConfig.from_dict(
+        dict(
+            model=str(path),
+            load_format=kwargs.pop("load_format", "dummy"),
+            device="cpu",
+            dtype=kwargs.pop("dtype", "float32"),
+            num_gpu_blocks=64,
+            seed=3,
+            quantization=quantization,
+            **kwargs,
+        )
     )
     return EngineCore(cfg)
 

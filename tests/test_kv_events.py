@@ -54,14 +54,16 @@ def make_core(model_path, kv_events=None, num_gpu_blocks=24):
     from engine.core import EngineCore
 
     return EngineCore(
-        EngineConfig(
-            model=model_path,
-            load_format="dummy",
-            device="cpu",
-            num_gpu_blocks=num_gpu_blocks,
-            block_size=BLOCK,
-            max_num_seqs=4,
-            kv_events=kv_events,
+        EngineConfig.from_dict(
+            dict(
+                model=model_path,
+                load_format="dummy",
+                device="cpu",
+                num_gpu_blocks=num_gpu_blocks,
+                block_size=BLOCK,
+                max_num_seqs=4,
+                kv_events=kv_events,
+            )
         ),
         clock=cp.ManualClock(),
     )

@@ -254,7 +254,8 @@ def sim_config(path, fast_forward: bool) -> dict:
                 "new_tokens_max": 100,
             },
         },
-        "engine": {"num_lookahead_tokens": 1, "num_gpu_blocks": 400, "max_num_batched_tokens": 512, "chunk_size": 256},
+        "engine": {"num_gpu_blocks": 400},
+        "scheduler": {"num_lookahead_tokens": 1, "max_num_batched_tokens": 512, "chunk_size": 256},
         "sim": {
             "num_sessions": 10,
             "session_rate": 5.0,
@@ -275,7 +276,7 @@ def test_fast_path_and_step_by_step_loop_price_the_same_flags(tmp_path):
     sim = Simulation(sim_config(path, fast_forward=False))
     recorded = sim.run(
         replica_factory=lambda env, i, sc, col: RecordingReplica(
-            env, i, sc, sim.cost_model, col, sim.cfg.sim.idle_wait_s, sim.cfg.sim.seed, fast_forward=False, log=log
+            env, i, sc, sim.cost_model, col, sim.cfg.sim.idle_wait_s, sim.cfg.sim.seed, log=log
         )
     )
     flags = [(r["follows_decode"], r["continues_decode"]) for r in log.rows]

@@ -511,7 +511,7 @@ def profile_sim_config(profile_path, lookahead: int = 1, fast_forward: bool = Tr
                 "turns_max": 2,
             },
         },
-        "engine": {"num_lookahead_tokens": lookahead},
+        "scheduler": {"num_lookahead_tokens": lookahead},
         "sim": {
             "num_sessions": 3,
             "progress": False,

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     small = ServerProcess(
-        str(tmp_path_factory.mktemp("serve")), name="small", overrides=(f"+engine.max_model_len={MAX_MODEL_LEN}",)
+        str(tmp_path_factory.mktemp("serve")), name="small", overrides=(f"scheduler.max_model_len={MAX_MODEL_LEN}",)
     )
     with small.running() as s:
         print(f"server log: {s.log_path}")

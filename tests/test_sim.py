@@ -40,8 +40,8 @@ def config(tmp_path, sessions, kv_blocks=64, policy=("fcfs", "lru", "recompute")
         "model": {k: getattr(SMOL, k) for k in ModelSpec.__dataclass_fields__},
         "hardware": tiny_hardware(kv_blocks),
         "workload": {"name": "trace", "params": {"path": str(trace)}},
-        "policy": dict(zip(("ordering", "eviction", "preemption"), policy), name="-".join(policy)),
-        "engine": {"max_model_len": 4096},
+        "policy": {"name": "-".join(policy)},
+        "scheduler": {**dict(zip(("ordering", "eviction", "preemption"), policy)), "max_model_len": 4096},
         "sim": {"num_sessions": len(sessions), "progress": False, **sim},
         "wandb": {"mode": "disabled"},
     }
@@ -164,10 +164,11 @@ def test_every_request_finishes_no_latency_beats_the_roofline_and_tokens_balance
 ):
     cfg = agentic(seed, mode=mode, concurrency=3)
     cfg["hardware"] = tiny_hardware(kv_blocks, overhead=overhead)
-    cfg["policy"] = dict(zip(("ordering", "eviction", "preemption"), policy), name="p")
+    cfg["policy"] = {"name": "p"}
     cfg["cluster"] = {"num_replicas": replicas, "router": router}
-    cfg["engine"] = {
-        "host_kv_gb": 0.05,
+    cfg["engine"] = {"host_kv_gb": 0.05}
+    cfg["scheduler"] = {
+        **dict(zip(("ordering", "eviction", "preemption"), policy)),
         "max_num_batched_tokens": 2048,
         "chunk_size": 1024,
         "num_lookahead_tokens": lookahead,
@@ -214,11 +215,11 @@ def test_every_request_finishes_no_latency_beats_the_roofline_and_tokens_balance
         ({"sim": {"mode": "half-open"}}, "sim.mode must be 'open' or 'closed'"),
         ({"cluster": {"router": "random"}}, "cluster.router: unknown router"),
         ({"cluster": {"num_replicas": 0}}, "cluster.num_replicas must be positive"),
-        ({"policy": {"eviction": "fifo"}}, "policy.eviction: unknown policy 'fifo'"),
-        ({"policy": {"eviction": "ttl:ttl=-3"}}, "ttl must be >= 0"),
+        ({"scheduler": {"eviction": "fifo"}}, "unknown policy 'fifo' \\(eviction\\)"),
+        ({"scheduler": {"eviction": "ttl:ttl=-3"}}, "ttl must be >= 0"),
         ({"engine": {"gpu_memory_utilization": 1.5}}, "gpu_memory_utilization"),
-        ({"engine": {"block_size": 0}}, "block_size"),
-        ({"engine": {"num_lookahead_tokens": -1}}, "num_lookahead_tokens"),
+        ({"scheduler": {"block_size": 0}}, "block_size"),
+        ({"scheduler": {"num_lookahead_tokens": -1}}, "num_lookahead_tokens"),
         ({"workload": {"name": "agentic_coding", "params": {"session_rat": 1}}}, "session_rat"),
         ({"workload": {"name": "agentic_coding", "params": {"session_rate": -2}}}, "session_rate"),
         ({"workload": {"name": "nope"}}, "nope"),

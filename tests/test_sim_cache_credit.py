@@ -43,7 +43,8 @@ def event_log(ordering: str, workload: str, sessions: int, **sections) -> tuple[
     cfg = {
         "workload": {"name": workload, "params": {}},
         "sim": {"num_sessions": sessions, "progress": False, **sections.pop("sim", {})},
-        "policy": {"name": "cache_credit", "ordering": ordering, **sections.pop("policy", {})},
+        "policy": {"name": "cache_credit"},
+        "scheduler": {"ordering": ordering, **sections.pop("scheduler", {})},
         "wandb": {"mode": "disabled"},
         **sections,
     }
@@ -86,7 +87,7 @@ def test_cache_credit_is_a_native_policy():
             {
                 "sim": {"session_rate": 0.5},
                 "engine": {"num_gpu_blocks": 4000, "host_kv_gb": 20.0},
-                "policy": {"eviction": "ttl:ttl=30", "preemption": "swap"},
+                "scheduler": {"eviction": "ttl:ttl=30", "preemption": "swap"},
             },
             "num_preemptions_swap",
         ),

@@ -1,4 +1,4 @@
-"""The twin's chunked prefill: engine.idle_chunk_size selects the scheduler's rule (csrc/scheduler.cpp)
+"""The twin's chunked prefill: scheduler.idle_chunk_size selects the scheduler's rule (csrc/scheduler.cpp)
 exactly as the engine does, and the step-cost model prices the larger chunks it plans."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def run(tmp_path, sessions, idle: int, step_overhead_s: float = 0.0):
     cfg = {
         "workload": {"name": "trace", "params": {"path": str(trace)}},
         "hardware": {"step_overhead_s": step_overhead_s},
-        "engine": {"chunk_size": CHUNK, "max_num_batched_tokens": 8192, "idle_chunk_size": idle},
+        "scheduler": {"chunk_size": CHUNK, "max_num_batched_tokens": 8192, "idle_chunk_size": idle},
         "sim": {"num_sessions": len(sessions), "progress": False},
         "wandb": {"mode": "disabled"},
     }
@@ -59,20 +59,20 @@ def test_with_a_decode_running_the_chunk_stays_at_chunk_size(tmp_path):
 
 
 def test_the_hydra_config_selects_it_and_bad_values_name_the_setting():
-    cfg = from_mapping({"engine": {"idle_chunk_size": IDLE}})
+    cfg = from_mapping({"scheduler": {"idle_chunk_size": IDLE}})
     validate(cfg)
     assert scheduler_config(cfg, num_blocks=64, num_host_blocks=0).idle_chunk_size == IDLE
     assert scheduler_config(from_mapping({}), num_blocks=64, num_host_blocks=0).idle_chunk_size == 0
     for bad in (-1, 2.5, True):
-        with pytest.raises(ValueError, match="engine.idle_chunk_size must be an int >= 0"):
-            validate(from_mapping({"engine": {"idle_chunk_size": bad}}))
+        with pytest.raises(ValueError, match="scheduler.idle_chunk_size must be (an int|>= 0)"):
+            validate(from_mapping({"scheduler": {"idle_chunk_size": bad}}))
 
 
 def test_the_simulate_command_line_sets_it():
     from test_cli_overrides import composed
 
-    cfg = composed("experiments.simulate", "engine.idle_chunk_size=16384")
-    assert cfg["engine"]["idle_chunk_size"] == IDLE
+    cfg = composed("experiments.simulate", "scheduler.idle_chunk_size=16384")
+    assert cfg["scheduler"]["idle_chunk_size"] == IDLE
     cfg.pop("hydra", None)
     sim_cfg = from_mapping({k: v for k, v in cfg.items() if k != "defaults"})
     assert scheduler_config(sim_cfg, num_blocks=64, num_host_blocks=0).idle_chunk_size == IDLE

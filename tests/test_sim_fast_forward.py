@@ -1,4 +1,4 @@
-"""The simulator's fast path (csrc/sim/fast_forward.h) against the step-by-step loop: identical runs.
+"""The simulator's fast path (csrc/sim/cluster_forward.h) against the reference loop: identical runs.
 
 Every figure a run produces (each step's start, cost, tokens and requests, every KV sample,
 every request's lifecycle times, every session, the ITL histogram, the summary) must be equal,
@@ -68,27 +68,27 @@ SCENARIOS = {
             "swe_smith",
             sessions=16,
             sim={"session_rate": 0.5},
-            policy={"eviction": "ttl:ttl=30", "preemption": "swap"},
+            scheduler={"eviction": "ttl:ttl=30", "preemption": "swap"},
             engine={"host_kv_gb": 20.0},
         ),
         "num_preemptions_swap",
     ),
-    # chunked prefill by what else runs (engine.idle_chunk_size): lone prompts in 16K chunks, swapped decodes
-    "agentic_coding_idle_chunks": (scenario(engine={"idle_chunk_size": 16384}), None),
+    # chunked prefill by what else runs (scheduler.idle_chunk_size): lone prompts in 16K chunks, swapped decodes
+    "agentic_coding_idle_chunks": (scenario(scheduler={"idle_chunk_size": 16384}), None),
     "swe_smith_swap_idle_chunks": (
         scenario(
             "swe_smith",
             sessions=16,
             sim={"session_rate": 0.5},
-            policy={"eviction": "ttl:ttl=30", "preemption": "swap"},
-            engine={"host_kv_gb": 20.0, "idle_chunk_size": 8192},
+            scheduler={"eviction": "ttl:ttl=30", "preemption": "swap", "idle_chunk_size": 8192},
+            engine={"host_kv_gb": 20.0},
         ),
         "num_preemptions_swap",
     ),
     "ttl_lpm_closed": (
         scenario(
             sim={"mode": "closed", "concurrency": 12},
-            policy={"ordering": "longest_prefix_match", "eviction": "ttl:ttl=5"},
+            scheduler={"ordering": "longest_prefix_match", "eviction": "ttl:ttl=5"},
         ),
         None,
     ),
@@ -113,7 +113,7 @@ SCENARIOS = {
             "swe_smith",
             sessions=20,
             sim={"session_rate": 1.0},
-            policy={"eviction": "ttl:ttl=30", "preemption": "swap"},
+            scheduler={"eviction": "ttl:ttl=30", "preemption": "swap"},
             engine={"host_kv_gb": 20.0},
             cluster={"num_replicas": 2, "router": "prefix_aware"},
         ),
@@ -275,68 +275,53 @@ def test_profile_native_cost_is_bit_identical_to_the_python_formula():
             assert cost.step_seconds(plan) == profile_reference(cost, plan), plan
 
 
-# -- FastForward on a bare scheduler ---------------------------------------------------------------
+# -- ClusterForward on bare schedulers ------------------------------------------------------------
 
 
-def stepwise(sched, cost, pool, now, horizon, token_at):
-    """What FastForward.advance documents, one step at a time in Python."""
-    starts, finished = [], []
+def reference_steps(sched, cost, pool):
+    """The reference loop's steps on one scheduler, back to back from 0 (tokens from `pool` in turn,
+    wrapping as Replica._tokens does): (start, seconds, tokens, requests, finished ids) per step."""
+    log, now, token_at = [], 0.0, 0
     while sched.has_unfinished():
-        plan = sched.step(now)
-        seconds = 0.0 if plan.is_empty else cost.step_seconds(plan)
-        if plan.is_empty or not now + seconds < horizon:
-            return starts, finished, plan, now, token_at
-        n = plan.num_sampled
+        plan = cp.plan_step(sched, now)
+        assert not plan.is_empty
+        seconds, n = cost.step_seconds(plan), plan.num_sampled
         at = 0 if token_at + n > pool.size else token_at
         token_at = at + n
-        finished = list(sched.commit(plan, pool[at : at + n], now + seconds))
-        starts.append(now)
+        finished = sched.commit(plan, pool[at : at + n], now + seconds)
+        log.append((now, seconds, plan.num_tokens, plan.num_reqs, sorted(f.request_id for f in finished)))
         now += seconds
-        if finished:
-            return starts, finished, None, now, token_at
-    return starts, finished, None, now, token_at
+    return log
 
 
-@pytest.mark.parametrize("horizon", [0.0, 0.05, 0.5, math.inf])
-def test_fast_forward_stops_before_the_horizon_and_at_the_first_finish(horizon):
+@pytest.mark.parametrize("horizon", [0.05, 0.5, math.inf])
+def test_cluster_forward_commits_the_reference_steps_before_each_horizon_and_stops_at_finishes(horizon):
     cost = RooflineCost(load_model_spec("llama3_8b"), load_hardware_spec("h100_sxm"))
     pool = np.random.default_rng(0).integers(0, 1000, size=37, dtype=np.int64)  # wraps around
     scheds = [cp.Scheduler(num_blocks=64, vocab_size=1000, max_num_batched_tokens=64) for _ in range(2)]
     for sched in scheds:
         for i in range(4):
             sched.add_request(i, np.arange(10 + 30 * i) % 1000, max_new_tokens=5 + 7 * i, ignore_eos=True)
-    ff = _native.FastForward(cost.native, pool)
-    now_a = now_b = 0.0
-    at_a = at_b = 3
+    expected = reference_steps(scheds[1], cost, pool)
+    cf = _native.ClusterForward(cost.native, [scheds[0]], [pool], [math.inf], 1.0)
+    assert cf.start(0, 0.0, 0) and cf.next() == (expected[0][1], 0)
+    got, h, eid = [], 0.0, 1
     while scheds[0].has_unfinished():
-        r = ff.advance(scheds[0], now_a, now_a + horizon, math.inf, 1.0, at_a)
-        starts, finished, plan, now_b, at_b = stepwise(scheds[1], cost, pool, now_b, now_b + horizon, at_b)
-        assert r.starts.tolist() == starts and r.now == now_b and r.token_at == at_b
-        assert [f.request_id for f in r.finished] == [f.request_id for f in finished]
-        assert all(s + d < now_a + horizon for s, d in zip(r.starts, r.seconds))
-        now_a, at_a = r.now, r.token_at
-        for p, sched in ((r.plan, scheds[0]), (plan, scheds[1])):
-            if p is not None:  # run the step the fast path handed back, as the replica does
-                seconds = cost.step_seconds(p)
-                tokens = np.zeros(p.num_sampled, dtype=np.int64)
-                sched.commit(p, tokens, (now_a if sched is scheds[0] else now_b) + seconds)
-        if r.plan is not None:
-            assert list(r.plan.req_ids) == list(plan.req_ids) and r.plan_seconds == cost.step_seconds(plan)
-            # no per-token arrays in the fast path's plans; every other row and count as step()'s
-            assert plan.has_token_arrays and len(plan.input_ids) == plan.num_tokens
-            assert not r.plan.has_token_arrays and r.plan.input_ids.size == r.plan.slot_mapping.size == 0
-            for name in ("query_lens", "cached_lens", "query_start_loc", "sample", "logits_indices", "slots"):
-                assert getattr(r.plan, name).tolist() == getattr(plan, name).tolist(), name
-            assert (r.plan.num_tokens, r.plan.num_sampled, r.plan.attn_pairs, r.plan.kv_read_tokens) == (
-                plan.num_tokens,
-                plan.num_sampled,
-                plan.attn_pairs,
-                plan.kv_read_tokens,
-            )
-            now_a += r.plan_seconds
-            now_b += cost.step_seconds(plan)
+        h += horizon
+        r = cf.advance(h, 1, -1, eid)  # a horizon entry that no step end at h comes before
+        eid = r.next_eid
+        assert all(start + sec < h for start, sec in zip(r.starts, r.seconds))
+        ids = sorted(f.request_id for f in r.finished)
+        for k, row in enumerate(zip(r.starts.tolist(), r.seconds.tolist(), r.num_tokens, r.num_reqs)):
+            got.append((*row, ids if k == r.num_steps - 1 else []))
+        if r.stopped == 0:  # a finish, or nothing left: the driver resumes the replica at that step's end
+            assert ids or r.idle
+            if not r.idle:
+                h = r.stop_time
+                cf.start(0, r.stop_time, eid)
+                eid += 1
         scheds[0].check_invariants()
-    assert not scheds[1].has_unfinished()
+    assert got == expected and not r.samples
 
 
 # -- turn memos change nothing but speed -------------------------------------------------------------

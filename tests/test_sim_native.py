@@ -1,6 +1,6 @@
 """The simulator's extension (`sim._native`, csrc/sim/) on the control plane's objects.
 
-Its fast paths drive a Scheduler that `controlplane._core` made, and hand back that module's Plans
+Its fast path drives Schedulers that `controlplane._core` made, and hand back that module's Plans
 and FinishedRequests: the two extensions share pybind11's type registry. Errors raised on either
 side of the boundary reach Python as the same exceptions as from the control plane alone.
 """
@@ -22,7 +22,7 @@ from sim.cost import RooflineCost
 from sim.specs import load_hardware_spec, load_model_spec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SIM_CLASSES = ("StepCost", "FastForward", "ForwardResult", "ClusterForward", "ClusterResult")
+SIM_CLASSES = ("StepCost", "ClusterForward", "ClusterResult")
 
 
 def roofline() -> RooflineCost:
@@ -34,6 +34,22 @@ def busy_scheduler(make=cp.Scheduler, **kw) -> cp.Scheduler:
     for i in range(3):
         s.add_request(i, np.arange(8 + 20 * i) % 1000, max_new_tokens=4 + 3 * i, ignore_eos=True)
     return s
+
+
+def drain(cost, sched, pool) -> tuple[list[int], float]:
+    """Runs one scheduler to its end on a ClusterForward of one replica, as sim/cluster_fast.py's driver
+    does with nothing else in SimPy's queue: the order requests finished in, and the last step's end."""
+    cf = _native.ClusterForward(cost.native, [sched], [pool], [math.inf], 1.0)
+    order, eid, end = [], 1, 0.0
+    busy = cf.start(0, 0.0, 0)
+    while busy:
+        r = cf.advance(math.inf, 1, 1 << 62, eid)
+        assert r.stopped == 0 and all(isinstance(f, cp.FinishedRequest) for f in r.finished)
+        order += [f.request_id for f in r.finished]
+        eid, end = r.next_eid, r.stop_time
+        busy = sched.has_unfinished() and cf.start(0, end, eid)
+        eid += busy
+    return order, end
 
 
 def test_the_simulators_classes_live_in_sim_native_and_not_in_the_control_plane():
@@ -59,20 +75,13 @@ def test_no_sim_module_imports_the_control_planes_private_core():
     [cp.Scheduler, lambda **kw: _core.Scheduler(cp.SchedulerConfig(**kw).to_core())],
     ids=["controlplane.Scheduler", "_core.Scheduler"],
 )
-def test_fast_forward_drives_a_scheduler_made_by_the_control_plane(make):
+def test_the_fast_path_drives_a_scheduler_made_by_the_control_plane(make):
     cost = roofline()
     sched = busy_scheduler(make)
-    ff = _native.FastForward(cost.native, np.arange(100, dtype=np.int64))
-    r = ff.advance(sched, 0.0, math.inf, math.inf, 1.0, 0)
-    assert r.num_steps > 0 and [type(f) for f in r.finished] == [cp.FinishedRequest] * len(r.finished)
-    while sched.has_unfinished():
-        r = ff.advance(sched, r.now, math.inf, math.inf, 1.0, r.token_at)
-        if r.plan is not None:  # an empty plan: commit it, as the replica does
-            assert isinstance(r.plan, cp.Plan) and r.plan.is_empty
-            sched.commit(r.plan, [], r.now)
+    order, _ = drain(cost, sched, np.arange(100, dtype=np.int64))
     sched.check_invariants()
-    assert sched.stats().num_finished == 3
-    # a control-plane Plan priced by the simulator's cost, as the step-by-step loop does
+    assert sorted(order) == [0, 1, 2] and sched.stats().num_finished == 3
+    # a control-plane Plan priced by the simulator's cost, as the reference loop does
     other = busy_scheduler()
     plan = other.step(0.0)
     assert cost.native.plan_seconds(plan) == cost.step_seconds(plan) > 0
@@ -91,18 +100,17 @@ def test_cluster_forward_takes_the_control_planes_schedulers():
 
 def test_wrong_arguments_across_the_boundary_are_python_errors():
     cost = roofline()
-    with pytest.raises(ValueError, match="the token pool is empty"):  # tandem::InvalidInput thrown in sim._native
-        _native.FastForward(cost.native, np.zeros(0, dtype=np.int64))
+    with pytest.raises(ValueError, match="empty replica"):  # tandem::InvalidInput thrown in sim._native
+        _native.ClusterForward(cost.native, [busy_scheduler()], [np.zeros(0, dtype=np.int64)], [0.0], 1.0)
     with pytest.raises(ValueError, match="must hold integers"):
-        _native.FastForward(cost.native, np.zeros(4))
+        _native.ClusterForward(cost.native, [busy_scheduler()], [np.zeros(4)], [0.0], 1.0)
     not_a_scheduler = cp.SchedulerConfig().to_core()  # another of the control plane's types
     with pytest.raises(TypeError):
         _native.ClusterForward(cost.native, [not_a_scheduler], [np.arange(4)], [0.0], 1.0)
     with pytest.raises(TypeError):
         cost.native.plan_seconds(not_a_scheduler)
-    ff = _native.FastForward(cost.native, np.arange(10, dtype=np.int64))
-    with pytest.raises(ValueError, match="token cursor out of range"):
-        ff.advance(busy_scheduler(), 0.0, 1.0, 0.0, 1.0, 11)
+    with pytest.raises(ValueError, match="no such replica"):
+        _native.ClusterForward(cost.native, [busy_scheduler()], [np.arange(4)], [0.0], 1.0).start(1, 0.0, 0)
 
 
 def test_a_python_policy_raising_inside_the_fast_path_is_a_policy_error_and_stops_the_scheduler():
@@ -116,18 +124,18 @@ def test_a_python_policy_raising_inside_the_fast_path_is_a_policy_error_and_stop
 
     try:
         sched = busy_scheduler(ordering="test_native_raises")
-        ff = _native.FastForward(roofline().native, np.arange(10, dtype=np.int64))
+        cf = _native.ClusterForward(roofline().native, [sched], [np.arange(10, dtype=np.int64)], [0.0], 1.0)
         with pytest.raises(PolicyError, match="ordering policy 'test_native_raises' raised in key") as info:
-            ff.advance(sched, 0.0, math.inf, 0.0, 1.0, 0)
+            cf.start(0, 0.0, 0)
         assert isinstance(info.value.__cause__, KeyError)
         assert "test_native_raises" in sched.failure
         with pytest.raises(PolicyError, match="stopped after a policy error"):
-            ff.advance(sched, 0.0, math.inf, 0.0, 1.0, 0)
+            cf.start(0, 0.0, 1)
     finally:
         cp.policies.unregister_policy("ordering", "test_native_raises")
 
 
-def test_a_python_policy_decides_inside_the_fast_path_as_in_the_step_by_step_loop():
+def test_a_python_policy_decides_inside_the_fast_path_as_in_the_reference_loop():
     @register_policy("ordering", "test_native_longest_first")
     class LongestFirst(cp.OrderingPolicy):
         def key(self, r):
@@ -137,13 +145,7 @@ def test_a_python_policy_decides_inside_the_fast_path_as_in_the_step_by_step_loo
         cost = roofline()
         pool = np.arange(1000, dtype=np.int64)
         fast, slow = (busy_scheduler(ordering="test_native_longest_first", max_num_seqs=1) for _ in range(2))
-        ff = _native.FastForward(cost.native, pool)
-        order, r = [], ff.advance(fast, 0.0, math.inf, math.inf, 1.0, 0)
-        while True:
-            order += [f.request_id for f in r.finished]
-            if not fast.has_unfinished():
-                break
-            r = ff.advance(fast, r.now, math.inf, math.inf, 1.0, r.token_at)
+        order, end = drain(cost, fast, pool)
         now, at, slow_order = 0.0, 0, []
         while slow.has_unfinished():
             plan = slow.step(now)
@@ -151,6 +153,6 @@ def test_a_python_policy_decides_inside_the_fast_path_as_in_the_step_by_step_loo
             n = plan.num_sampled
             slow_order += [f.request_id for f in slow.commit(plan, pool[at : at + n], now)]
             at += n
-        assert order == slow_order == [2, 1, 0] and r.now == now
+        assert order == slow_order == [2, 1, 0] and end == now
     finally:
         cp.policies.unregister_policy("ordering", "test_native_longest_first")

@@ -63,7 +63,7 @@ def test_sweep_prints_a_comparison(tmp_path):
         ("sim.bogus=1", "bogus"),
         ("+model.layers=3", "layers"),
         ("sim.session_rate=-1", "sim.session_rate must be positive"),
-        ("engine.idle_chunk_size=-1", "engine.idle_chunk_size must be an int >= 0"),
+        ("scheduler.idle_chunk_size=-1", "scheduler.idle_chunk_size must be >= 0"),
         ("hardware.mem_bytes=1.0e+9", "does not fit|weights"),
     ],
 )
@@ -102,8 +102,8 @@ def test_python_policies_are_selected_from_the_command_line(tmp_path):
             *SMALL,
             "wandb.mode=disabled",
             "policy=python_examples",
-            "policy.ordering=newest_first",
-            "policy.modules=[controlplane.examples,my_policies]",
+            "scheduler.ordering=newest_first",
+            "scheduler.policy_modules=[controlplane.examples,my_policies]",
             "cluster=round_robin_4",
             "cluster.router=always_last",
             f"hydra.run.dir={tmp_path}/run",
@@ -127,7 +127,7 @@ def test_python_policies_are_selected_from_the_command_line(tmp_path):
         tmp_path,
         *SMALL,
         "wandb.mode=disabled",
-        "policy.modules=[no_such_module]",
+        "scheduler.policy_modules=[no_such_module]",
         f"hydra.run.dir={tmp_path}/bad",
         check=False,
     )

@@ -112,7 +112,7 @@ def test_ray_cluster_launcher_joins_an_existing_two_node_cluster(tmp_path, jobli
 
 def test_optuna_trials_are_told_their_runs_objective(tmp_path):
     study = tmp_path / "study.yaml"
-    overrides = ["policy=ttl", "policy.eviction='ttl:ttl={ttl}'", *SMALL]
+    overrides = ["policy=ttl", "scheduler.eviction='ttl:ttl={ttl}'", *SMALL]
     study.write_text(
         "\n".join(
             [
@@ -144,7 +144,7 @@ def test_optuna_trials_are_told_their_runs_objective(tmp_path):
     assert told == {int(job.split("_")[0]): s["ttft_s_p90"] for job, s in runs.items()}
     best = json.loads((sweep / "optuna_best.json").read_text())
     assert best["value"] == min(told.values())
-    assert f"policy.eviction='ttl:ttl={best['params']['ttl']}'" in best["overrides"]
+    assert f"scheduler.eviction='ttl:ttl={best['params']['ttl']}'" in best["overrides"]
     assert runs[f"{best['trial']}_ttl"]["eviction"] == f"ttl:ttl={best['params']['ttl']}"
 
 

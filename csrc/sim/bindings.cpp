@@ -1,15 +1,13 @@
 // pybind11 face of the simulator's native code: `sim._native`.
-// Step costs (step_cost.h) and the fast paths that run a replica's, or a cluster's, steps in C++
-// (fast_forward.h, cluster_forward.h). They drive the control plane's Scheduler, whose Python
-// types (Scheduler, Plan, FinishedRequest) controlplane._core registers: the two modules share
-// pybind11's type registry (one build, one compiler, no module-local types), so a Scheduler made
-// in controlplane is passed here as it is.
+// Step costs (step_cost.h) and the fast path that runs the replicas' steps in C++ (cluster_forward.h). They drive the
+// control plane's Scheduler, whose Python types (Scheduler, Plan, FinishedRequest) controlplane._core registers: the
+// two modules share pybind11's type registry (one build, one compiler, no module-local types), so a Scheduler made in
+// controlplane is passed here as it is.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include "cluster_forward.h"
-#include "fast_forward.h"
 #include "py_arrays.h"
 #include "scheduler.h"
 #include "step_cost.h"
@@ -28,7 +26,7 @@ py::array_t<T> to_array(const std::vector<T>& v) {
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "Tandem simulator: step costs and the fast paths over the control plane's scheduler.";
+  m.doc() = "Tandem simulator: step costs and the fast path over the control plane's scheduler.";
   // The types this module takes and returns from the control plane are registered there.
   py::module_::import("controlplane._core");
 
@@ -104,38 +102,12 @@ PYBIND11_MODULE(_native, m) {
           py::arg("query_lens") = std::vector<int32_t>{}, py::arg("cached_lens") = std::vector<int32_t>{})
       .def_property_readonly(
           "num_steps", [](const StepCost& c) { return c.counts().steps; },
-          "Steps priced so far, by this cost and every copy of it (fast paths).")
+          "Steps priced so far, by this cost and every copy of it (the fast path's).")
       .def_property_readonly(
           "num_extrapolated", [](const StepCost& c) { return c.counts().extrapolated; },
           "Of those, steps outside what the profile covered (profile costs only).")
       .def("reset_counts", &StepCost::reset_counts)
       .def("plan_seconds", [](const StepCost& c, const Plan& plan) { return c.seconds(plan); }, py::arg("plan"));
-
-  py::class_<ForwardResult>(m, "ForwardResult")
-      .def_property_readonly("starts", [](const ForwardResult& r) { return to_array(r.starts); })
-      .def_property_readonly("seconds", [](const ForwardResult& r) { return to_array(r.seconds); })
-      .def_property_readonly("num_tokens", [](const ForwardResult& r) { return to_array(r.num_tokens); })
-      .def_property_readonly("num_reqs", [](const ForwardResult& r) { return to_array(r.num_reqs); })
-      .def_readonly("finished", &ForwardResult::finished)
-      .def_readonly("samples", &ForwardResult::samples)
-      .def_readonly("sample_at", &ForwardResult::sample_at)
-      .def_property_readonly("num_steps", [](const ForwardResult& r) { return r.starts.size(); })
-      .def_property_readonly("plan",
-                             py::cpp_function([](const ForwardResult& r) { return r.plan; }, py::keep_alive<0, 1>()))
-      .def_readonly("plan_seconds", &ForwardResult::plan_seconds)
-      .def_readonly("now", &ForwardResult::now)
-      .def_readonly("token_at", &ForwardResult::token_at);
-
-  py::class_<FastForward>(m, "FastForward")
-      .def(py::init([](const StepCost& cost, py::handle token_pool) {
-             return FastForward(cost, to_int_vector(token_pool, "token_pool"));
-           }),
-           py::arg("cost"), py::arg("token_pool"))
-      .def("advance", &FastForward::advance, py::arg("scheduler"), py::arg("now"), py::arg("horizon"),
-           py::arg("sample_at"), py::arg("sample_interval"), py::arg("token_at"),
-           py::arg("max_steps") = int64_t{1} << 40, py::keep_alive<0, 2>(),
-           "Runs steps from `now` while they end before `horizon` (csrc/sim/fast_forward.h).")
-      .def_property_readonly("cost", &FastForward::cost);
 
   py::class_<ClusterResult>(m, "ClusterResult")
       .def_property_readonly("starts", [](const ClusterResult& r) { return to_array(r.starts); })

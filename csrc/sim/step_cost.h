@@ -3,7 +3,7 @@
 // sim/cost.py derives the coefficients (from a model and a machine, or fitted
 // to engine profiles); this is the one place the formulas are evaluated, for
 // the Python cost models (`step_seconds`) and for the simulator's fast path
-// (csrc/sim/fast_forward.h) alike, so both give bit-identical seconds. The
+// (csrc/sim/cluster_forward.h) alike, so both give bit-identical seconds. The
 // operations run in the same order as the formulas below, in IEEE double
 // arithmetic (the build turns off FMA contraction).
 //

@@ -3,11 +3,14 @@
     python -m engine.serve                                  # SmolLM2-135M-Instruct, 127.0.0.1:8000
     python -m engine.serve model=/models/Llama-3.1-8B-Instruct port=9000 api_key=secret
     python -m engine.serve model=llama-3.1-8b engine.load_format=dummy engine.tokenizer=/tok/llama3
-    python -m engine.serve engine.eviction=ttl:ttl=30 engine.max_model_len=4096
+    python -m engine.serve scheduler.eviction=ttl:ttl=30 scheduler.max_model_len=4096
+    python -m engine.serve scheduler=agentic scheduler.chunk_size=4096      # conf/scheduler/agentic.yaml
     python -m engine.serve data_parallel_size=2 cluster.router=prefix_aware   # 2 cores (one per GPU), routed
 
-`engine.KEY=VALUE` sets any engine.config.EngineConfig field but `model` (no `+` needed; an unknown
-key is refused). Exits non-zero if the engine core dies (after answering 503 meanwhile).
+`engine.KEY=VALUE` sets any engine.config.EngineConfig field but `model` and `scheduler` (no `+`
+needed; an unknown key is refused); `scheduler=NAME` composes conf/scheduler/NAME.yaml (of the
+checkout, or $TANDEM_CONF_DIR) and `scheduler.KEY=VALUE` sets a controlplane.SchedulerConfig field.
+Exits non-zero if the engine core dies (after answering 503 meanwhile).
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from controlplane.cli import fix_sys_argv
-from engine.config import EngineConfig
+from controlplane.config import SchedulerConfig
+from engine.config import ENGINE_SCHEDULER_DEFAULTS, EngineConfig
+from sim.specs import CONF_DIR
 
 
 def _node_type(hint: Any) -> Any:
@@ -48,11 +53,11 @@ def _node_type(hint: Any) -> Any:
 
 
 def _engine_node() -> type:
-    """A structured config with EngineConfig's fields and defaults (`model` is the server's own key)."""
+    """A structured config with EngineConfig's fields and defaults (`model`, `scheduler`: the server's own keys)."""
     hints = typing.get_type_hints(EngineConfig)
     specs = []
     for f in fields(EngineConfig):
-        if f.name == "model":
+        if f.name in ("model", "scheduler"):
             continue
         default = f.default_factory() if f.default is MISSING else f.default
         if isinstance(default, (tuple, list)):
@@ -85,9 +90,14 @@ class ServeConfig:
     data_parallel_size: int = 1
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
     engine: EngineOptions = field(default_factory=EngineOptions)
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(**ENGINE_SCHEDULER_DEFAULTS))
 
 
-ConfigStore.instance().store(name="serve_schema", node=ServeConfig)
+schema = OmegaConf.structured(ServeConfig)
+OmegaConf.set_readonly(schema.scheduler, False)  # a frozen dataclass: Hydra merges conf/scheduler/ onto it
+ConfigStore.instance().store(name="serve_schema", node=schema)
+for path in sorted((CONF_DIR / "scheduler").glob("*.yaml")):  # the simulator's scheduler group, in the package too
+    ConfigStore.instance().store(group="scheduler", name=path.stem, node=OmegaConf.load(path))
 ENGINE_KEYS = frozenset(f"engine.{f.name}" for f in fields(EngineOptions))
 ENGINE_MAPPINGS = frozenset(
     f"engine.{f.name}" for f in fields(EngineOptions) if f.type is not Any and typing.get_origin(f.type) is dict
@@ -103,7 +113,8 @@ def check_engine_keys(args: list[str]) -> None:
         hint = (
             "the model is the top-level model=..."
             if key == "engine.model"
-            else f"engine.KEY is one of {sorted(k[len('engine.') :] for k in ENGINE_KEYS)}"
+            else f"engine.KEY is one of {sorted(k[len('engine.') :] for k in ENGINE_KEYS)} "
+            f"(the scheduler's settings are scheduler.KEY)"
         )
         sys.exit(f"unknown engine option {key!r} in {arg!r}: {hint}")
 
@@ -123,7 +134,11 @@ def serve(options: dict) -> int:
     from engine.loader import load_tokenizer
     from engine.serve.gateway import GatewayState, create_app
 
-    engine_options = {"model": options.get("model", ""), **dict(options.get("engine") or {})}
+    engine_options = {
+        "model": options.get("model", ""),
+        **dict(options.get("engine") or {}),
+        "scheduler": dict(options.get("scheduler") or {}),
+    }
     engine_cfg = EngineConfig.from_dict(engine_options)  # bad options fail here, before anything starts
     size = int(options.get("data_parallel_size", 1))
     router = make_router(engine_options, engine_cfg, size, (options.get("cluster") or {}).get("router", "round_robin"))
@@ -192,7 +207,6 @@ def make_router(engine_options: dict, engine_cfg: EngineConfig, size: int, spec:
 
     if size < 1:
         raise ValueError(f"data_parallel_size must be >= 1, got {size}")
-    cp.import_policy_modules(engine_cfg.policy_modules)  # Python routers register where the policies do
     try:
         cp.policies.check_spec("router", spec)
         cp.policies.Router(spec)  # bad parameters fail here too
@@ -212,7 +226,7 @@ def make_router(engine_options: dict, engine_cfg: EngineConfig, size: int, spec:
         CoreClient(_rank_options(engine_options, i, size), index=i, keep_kv_events=size > 1, cuda_devices=devices[i])
         for i in range(size)
     ]
-    return ReplicaRouter(clients, spec, engine_cfg.block_size)
+    return ReplicaRouter(clients, spec, engine_cfg.scheduler.block_size)
 
 
 def _rank_options(engine_options: dict, rank: int, size: int) -> dict:
@@ -237,6 +251,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    fix_sys_argv(existing=ENGINE_KEYS, mappings=ENGINE_MAPPINGS)  # "+engine.KEY=..." still works
+    schedule_keys = {f"scheduler.{f.name}" for f in fields(SchedulerConfig)}
+    fix_sys_argv(existing=ENGINE_KEYS | schedule_keys, mappings=ENGINE_MAPPINGS)  # "+engine.KEY=..." still works
     check_engine_keys(sys.argv[1:])
     main()

@@ -175,7 +175,7 @@ def main(
         core = EngineCore(EngineConfig.from_dict(engine_options))
         if keep_kv_events:
             core.keep_kv_events()
-        bs = core.config.block_size
+        bs = core.config.scheduler.block_size
         send.send(
             P.encode(
                 P.Ready(
