@@ -214,14 +214,17 @@ def _gemv_kernels() -> dict:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
-        PREFETCH: tl.constexpr = False,
+        BITS: tl.constexpr = False,
     ):
         # one program: BLOCK_N output channels for the (<= BLOCK_M, a few) rows, on the CUDA cores: each
         # weight element is widened to float32 once and multiplied into every row's running products,
         # [BLOCK_M, BLOCK_N, BLOCK_K] of them, reduced over K once at the end (no tensor-core padding of
-        # one row to 16, no per-tile reduction). Triton does not pipeline this loop (no dot), so with
-        # PREFETCH the next weight tile's load is issued before this one is used: two tiles in flight,
-        # the waiting one packed (BLOCK_N x BLOCK_K bytes, a few registers a thread)
+        # one row to 16, no per-tile reduction). BITS widens by integer operations instead of the
+        # conversion instructions (e4m3x2 -> f16x2 -> f32, 16 a clock an SM, the bound of the default):
+        # the sign to bit 31, exponent and mantissa to bits 26..20, a float32 that is the value times
+        # 2**-120 (e4m3's exponent bias 7 against float32's 127; e4m3 subnormals become float32 ones).
+        # x is scaled by 2**64 and the sums by 2**56: powers of two, so every product and sum rounds as
+        # the default's do, and none is a float32 subnormal.
         pid = tl.program_id(0)
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, BLOCK_M)
@@ -230,23 +233,24 @@ def _gemv_kernels() -> dict:
         m_ok = rm < M
         w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        if PREFETCH:
-            w_next = tl.load(w_ptrs, mask=n_ok[:, None] & ((rk < K) | EVEN_K)[None, :], other=0.0)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + rk
             k_ok = (k < K) | EVEN_K
-            if PREFETCH:
-                w8 = w_next
-                w_next = tl.load(w_ptrs + (k0 + BLOCK_K), mask=n_ok[:, None] & (k + BLOCK_K < K)[None, :], other=0.0)
-            else:
-                w8 = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            w = w8.to(tl.float32)
+            w8 = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(
                 tl.float32
             )
+            if BITS:  # 0x87F00000: the sign (sign-extended to bits 31..27) and bits 26..20
+                w = ((w8.to(tl.int8, bitcast=True).to(tl.int32) << 20) & -2014314496).to(tl.float32, bitcast=True)
+                x = x * 18446744073709551616.0  # 2**64
+            else:
+                w = w8.to(tl.float32)
             acc += w[None, :, :] * x[:, None, :]
         s = tl.load(s_ptr + rn, mask=n_ok, other=0.0)
-        out = tl.sum(acc, axis=2) * s[None, :]
+        total = tl.sum(acc, axis=2)
+        if BITS:
+            total = total * 72057594037927936.0  # 2**56
+        out = total * s[None, :]
         if HAS_BIAS:
             out += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(
@@ -263,7 +267,8 @@ def gemv_config(m: int, n: int, k: int) -> dict:
     (Llama-3.1-8B's four linear shapes, GPU time in CUDA graphs; the sweeps are in docs/perf.md):
 
       one row      `fma` (CUDA cores: each weight widened to float32 once, [BLOCK_N, BLOCK_K] running
-                   products, reduced at the end): BLOCK_N 8 x BLOCK_K 1024, 4 warps, no prefetch. The best
+                   products, reduced at the end): BLOCK_N 8 x BLOCK_K 1024, 4 warps, BITS (widened by integer
+                   operations, not the conversion instructions that bound it before; see below). The best
                    or within 6% of it at every shape on an H100 80GB HBM3 and an H200 (2026-12-06): a layer
                    92.9 us against cuBLAS bf16's 157 on the H100 (0.59x), 84.4 against 113.9 on the H200
                    (0.74x). Prefetching the next tile was slower on the H200 (97.2 us). Its ceiling,
@@ -278,7 +283,7 @@ def gemv_config(m: int, n: int, k: int) -> dict:
         return max(16, 1 << (max(v, 1) - 1).bit_length())
 
     if m == 1:
-        return {"kind": "fma", "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": min(1024, pow2(k)), "num_warps": 4}
+        return {"kind": "fma", "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": min(1024, pow2(k)), "num_warps": 4, "BITS": True}
     return {
         "kind": "dot",
         "BLOCK_M": DECODE_ROWS,

@@ -49,9 +49,9 @@ def configs(rows: int) -> list[dict]:
     out = []
     if rows <= 4:
         bm = max(1, 1 << (rows - 1).bit_length())
-        for bn, bk, w, pf in itertools.product((4, 8, 16), (256, 512, 1024, 2048), (4, 8), (False, True)):
-            if bm * bn * bk // (32 * w) <= 128 and (bk >= 512 or not pf):  # running products a thread
-                out.append({"kind": "fma", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "PREFETCH": pf})
+        for bn, bk, w, bits in itertools.product((4, 8, 16), (256, 512, 1024, 2048), (4, 8), (False, True)):
+            if bm * bn * bk // (32 * w) <= 128:  # running products a thread
+                out.append({"kind": "fma", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "BITS": bits})
     for bn, bk, w in itertools.product((16, 32, 64), (256, 512, 1024), (4, 8)):
         out.append({"kind": "dot", "BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w})
     return out
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                 "          top 5: "
                 + "; ".join(
                     f"{us:.1f} {c['kind']} {c['BLOCK_N']}x{c['BLOCK_K']} w{c['num_warps']}"
-                    f"{' prefetch' if c.get('PREFETCH') else ''}"
+                    f"{' bits' if c.get('BITS') else ''}"
                     for us, c in ranked
                 )
             )

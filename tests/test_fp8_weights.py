@@ -595,6 +595,20 @@ def interpreter_cases() -> dict[str, str | None]:
             results[name] = None
         except Exception:
             results[name] = traceback.format_exc()
+    for m, n, k, dtype in [(1, 24, 1030, torch.bfloat16), (2, 8, 512, torch.float16)]:
+        name = f"fma-bits-m{m}-n{n}-k{k}-{str(dtype).split('.')[-1]}"
+        try:  # the integer widening (BITS) rounds as the conversions do: equal to the bit, subnormals too
+            q, s = quantize_fp8_per_channel(torch.randn(n, k, generator=g) * 0.05)
+            q.view(torch.uint8)[:, :8] = torch.tensor(
+                [0x01, 0x81, 0x07, 0x87, 0x08, 0x7E, 0xFE, 0x00], dtype=torch.uint8
+            )
+            x = torch.randn(m, k, generator=g).to(dtype)
+            cfg = {"kind": "fma", "BLOCK_M": 1 << (m - 1).bit_length(), "BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4}
+            plain, bits = (fp8_gemv(x, q, s, config={**cfg, "BITS": b}) for b in (False, True))
+            assert torch.equal(plain, bits), f"{(plain.float() - bits.float()).abs().max().item()} apart"
+            results[name] = None
+        except Exception:
+            results[name] = traceback.format_exc()
     from engine.quant import quantize_fp8_per_token, quantize_rows
 
     for m, k, dtype in [(5, 300, torch.bfloat16), (3, 1024, torch.float16), (2, 70, torch.float32)]:
@@ -655,11 +669,16 @@ def compile_for_hopper() -> dict[str, str | None]:
                     }
                     cfg = gemv_config(m, n, k)
                     kind, warps = cfg.pop("kind"), cfg.pop("num_warps")
+                    if "BITS" in cfg:
+                        sig["BITS"] = "constexpr"
                     constexprs = {"HAS_BIAS": bias, "EVEN_K": k % cfg["BLOCK_K"] == 0, **cfg}
                     src = ASTSource(fn=_gemv_kernels()[kind], signature=sig, constexprs=constexprs)
                     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
                     ptx = kernel.asm["ptx"]
-                    assert "cvt.rn.f16x2.e4m3x2" in ptx, "no hardware FP8 conversion"
+                    if cfg.get("BITS"):  # the weights widened by integer operations
+                        assert "e4m3" not in ptx and "shl.b32" in ptx, "BITS without its integer widening"
+                    else:
+                        assert "cvt.rn.f16x2.e4m3x2" in ptx, "no hardware FP8 conversion"
                     assert kind != "dot" or "mma.sync" in ptx, "the dot kernel without tensor cores"
                     results[name] = None
                 except Exception:
