@@ -211,7 +211,7 @@ def test_kv_cache_sized_from_device_memory():
     )
     total = torch.cuda.get_device_properties(0).total_memory
     weights = sum(p.numel() * p.element_size() for p in core.model.parameters())
-    kv = core.num_blocks * block_bytes(core.model, core.config.block_size, core.dtype)
+    kv = core.num_blocks * block_bytes(core.model, core.config.scheduler.block_size, core.dtype)
     print(
         f"KV cache sized from memory: {core.num_blocks} blocks = {kv / 2**30:.1f} GiB, weights "
         f"{weights / 2**30:.1f} GiB, device {total / 2**30:.0f} GiB at utilisation 0.4"
