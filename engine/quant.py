@@ -270,10 +270,10 @@ def gemv_config(m: int, n: int, k: int) -> dict:
                    products, reduced at the end): BLOCK_N 8 x BLOCK_K 1024, 4 warps, BITS (widened by integer
                    operations, not the conversion instructions that bound it before; see below). The best
                    or within 6% of it at every shape on an H100 80GB HBM3 and an H200 (2026-12-06): a layer
-                   92.9 us against cuBLAS bf16's 157 on the H100 (0.59x), 84.4 against 113.9 on the H200
-                   (0.74x). Prefetching the next tile was slower on the H200 (97.2 us). Its ceiling,
-                   ~2.5-2.7 TB/s on both cards, is the conversions (e4m3x2 -> f16x2, then f16 -> f32: 1.5
-                   conversion instructions a weight at 16 a clock an SM), not the memory.
+                   87.9 us against cuBLAS bf16's 152.2 on an H100 (0.58x; 90.0 without BITS, in the same
+                   sweep), 84.4 against 113.9 on the H200 (0.74x, without BITS). Prefetching the next tile
+                   was slower on the H200 (97.2 us). It tops out at ~2.4-2.7 TB/s on both cards; BITS
+                   removed the conversion instructions and gained 2%, so they are not what bounds it.
       2-16 rows    `dot` (tensor cores, the rows padded to 16): BLOCK_N 32 x BLOCK_K 512, or 1024 for
                    k >= 8192; 4 warps (H100: 0.65x bf16 at 4 and 16 rows; `fma` at 4 rows was 1.30x).
     Neither loop is software-pipelined by Triton (the weight tile is widened in registers, not staged
