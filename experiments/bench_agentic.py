@@ -174,11 +174,18 @@ def twin_hardware(rates: CardRates, base: str) -> HardwareSpec:
     )
 
 
-def twin_model(model: str, engine_model: str, dtype: torch.dtype) -> ModelSpec:
-    """The simulator's model `model` at the engine's dtype; raises ValueError unless the engine runs its shape."""
+def twin_model(model: str, engine_model: str, dtype: torch.dtype, options: dict | None = None) -> ModelSpec:
+    """The simulator's model `model` at the engine's dtype, KV cache dtype and weight quantization (the
+    server's `options`); raises ValueError unless the engine runs its shape."""
     from engine.loader.dummy import config_for
 
-    spec = dataclasses.replace(load_model_spec(model), dtype_bytes=dtype.itemsize)
+    options = options or {}
+    spec = dataclasses.replace(
+        load_model_spec(model),
+        dtype_bytes=dtype.itemsize,
+        kv_cache_dtype=options.get("kv_cache_dtype", "auto"),
+        quantization=options.get("quantization", "none"),
+    )
     # check_shape reads only these two attributes of a core: the server's core is in another process
     check_shape(SimpleNamespace(model_config=config_for(engine_model), dtype=dtype), spec)
     return spec
@@ -403,7 +410,8 @@ class Setup:
             "dtype": str(dtype).replace("torch.", ""),
             **_pairs(args.engine),
         }
-        return cls(device, dtype, model, engine_model, twin_model(model, engine_model, dtype), options, levels)
+        spec = twin_model(model, engine_model, dtype, options)
+        return cls(device, dtype, model, engine_model, spec, options, levels)
 
 
 def serve_levels(setup: Setup, base: str, hw: HardwareSpec, warm_seed: int, progress=print) -> tuple[list, list, dict]:

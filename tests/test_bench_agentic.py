@@ -47,6 +47,18 @@ def test_workload_params_overrides_come_last():
     assert workload_params("cpu", True, {})["turns_max"] == 2
 
 
+def test_the_twin_takes_the_servers_fp8_options(tmp_path):
+    import torch
+
+    (tmp_path / "tiny.yaml").write_text(MODEL_YAML)
+    config = write_tiny_config(tmp_path, "LlamaForCausalLM", vocab_size=1024, max_position_embeddings=4096)
+    model = str(tmp_path / "tiny.yaml")
+    plain = bench_agentic.twin_model(model, config, torch.bfloat16, {"load_format": "dummy"})
+    fp8 = bench_agentic.twin_model(model, config, torch.bfloat16, {"kv_cache_dtype": "fp8_e4m3", "quantization": "fp8"})
+    assert (plain.dtype_bytes, plain.kv_cache_dtype, plain.quantization) == (2, "auto", "none")
+    assert (fp8.dtype_bytes, fp8.kv_cache_dtype, fp8.quantization) == (2, "fp8_e4m3", "fp8")
+
+
 def test_served_levels_beside_the_roofline(tmp_path, capsys):
     (tmp_path / "tiny.yaml").write_text(MODEL_YAML)
     config = write_tiny_config(tmp_path, "LlamaForCausalLM", vocab_size=1024, max_position_embeddings=4096)
