@@ -98,28 +98,44 @@ class _Capture:
         self.handle.remove()
 
 
-def reply_nll(core, replies: list[Reply]) -> tuple[float, int]:
-    """Sum of negative log-likelihoods of every reply token, and their count."""
+def option_core(model: str, option: str, longest: int, engine_kw: dict):
+    """An EngineCore under `option` ("kv_cache_dtype/quantization") that prefills a prompt of up to
+    `longest` tokens in one step, prefix caching off (every token's hidden state comes from its step)."""
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+
+    kv_cache_dtype, quantization = option.split("/")
+    cfg = dict(model=model, kv_cache_dtype=kv_cache_dtype, quantization=quantization, enable_prefix_caching=False)
+    cfg.update(max_model_len=longest + 8, chunk_size=longest, max_num_batched_tokens=longest)
+    return EngineCore(EngineConfig.from_dict({**cfg, **engine_kw}))
+
+
+def prefill_hidden(core, capture: _Capture, request_id: int, ids) -> torch.Tensor:
+    """The hidden states of every token of `ids`, prefilled alone by `core` (one step, `capture` on its model)."""
     from engine import SamplingParams
 
+    capture.hidden.clear()
+    core.add_request(
+        request_id, np.asarray(ids, dtype=np.int64), SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    )
+    while core.has_unfinished():
+        core.step()
+    hidden = torch.cat(capture.hidden, dim=0)  # the prompt's tokens, in order (one request a step)
+    if hidden.shape[0] != len(ids):
+        raise RuntimeError(
+            f"captured {hidden.shape[0]} rows for a {len(ids)}-token prompt "
+            f"(prefix caching must be off and the prompt prefilled alone)"
+        )
+    return hidden
+
+
+def reply_nll(core, replies: list[Reply]) -> tuple[float, int]:
+    """Sum of negative log-likelihoods of every reply token, and their count."""
     capture = _Capture(core.model)
     total, count = 0.0, 0
     try:
         for i, r in enumerate(replies):
-            capture.hidden.clear()
-            core.add_request(
-                900_000_000 + i,
-                np.asarray(r.ids, dtype=np.int64),
-                SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
-            )
-            while core.has_unfinished():
-                core.step()
-            hidden = torch.cat(capture.hidden, dim=0)  # the prompt's tokens, in order (one request a step)
-            if hidden.shape[0] != len(r.ids):
-                raise RuntimeError(
-                    f"captured {hidden.shape[0]} rows for a {len(r.ids)}-token prompt "
-                    f"(prefix caching must be off and the prompt prefilled alone)"
-                )
+            hidden = prefill_hidden(core, capture, 900_000_000 + i, r.ids)
             rows = hidden[r.reply_start - 1 : len(r.ids) - 1]
             logp = torch.log_softmax(core.model.compute_logits(rows).float(), dim=-1)
             target = torch.tensor(r.ids[r.reply_start :], device=logp.device)
@@ -131,26 +147,11 @@ def reply_nll(core, replies: list[Reply]) -> tuple[float, int]:
 
 
 def evaluate(model: str, options: list[str], replies: list[Reply], engine_kw: dict) -> list[dict]:
-    from engine.config import EngineConfig
-    from engine.core import EngineCore
-
     rows = []
     longest = max(len(r.ids) for r in replies)
     for option in options:
         kv_cache_dtype, quantization = option.split("/")
-        cfg = EngineConfig.from_dict(
-            dict(
-                model=model,
-                kv_cache_dtype=kv_cache_dtype,
-                quantization=quantization,
-                enable_prefix_caching=False,
-                max_model_len=longest + 8,
-                chunk_size=longest,
-                max_num_batched_tokens=longest,
-                **engine_kw,
-            )
-        )
-        core = EngineCore(cfg)
+        core = option_core(model, option, longest, engine_kw)
         start = time.perf_counter()
         nll, count = reply_nll(core, replies)
         rows.append(

@@ -17,27 +17,18 @@ import argparse
 import numpy as np
 import torch
 
-from experiments.eval_perplexity import DEFAULT_OPTIONS, _Capture
+from experiments.eval_perplexity import DEFAULT_OPTIONS, _Capture, option_core, prefill_hidden
 
 
 def option_logits(model: str, option: str, ids: np.ndarray, rows: int, engine_kw: dict) -> torch.Tensor:
     """Float32 logits of the prompt's last `rows` positions, prefilled in one step under `option`."""
-    from engine import SamplingParams
-    from engine.config import EngineConfig
-    from engine.core import EngineCore
-
-    kv_cache_dtype, quantization = option.split("/")
     n = len(ids)
-    cfg = dict(model=model, load_format="dummy", kv_cache_dtype=kv_cache_dtype, quantization=quantization)
-    cfg.update(enable_prefix_caching=False, max_model_len=n + 8, chunk_size=n, max_num_batched_tokens=n)
-    cfg.update(enforce_eager=True)  # one prefill step: no CUDA graphs to capture
-    core = EngineCore(EngineConfig.from_dict({**cfg, "num_gpu_blocks": n // 16 + 4, **engine_kw}))
+    # random weights; one prefill step: no CUDA graphs to capture, and KV blocks for this prompt only
+    kw = {"load_format": "dummy", "enforce_eager": True, "num_gpu_blocks": n // 16 + 4, **engine_kw}
+    core = option_core(model, option, n, kw)
     capture = _Capture(core.model)
     try:
-        core.add_request(1, ids, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-        while core.has_unfinished():
-            core.step()
-        hidden = torch.cat(capture.hidden, dim=0)[n - rows : n]
+        hidden = prefill_hidden(core, capture, 1, ids)[n - rows : n]
         return core.model.compute_logits(hidden).float().cpu()
     finally:
         capture.close()
