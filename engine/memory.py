@@ -11,6 +11,8 @@ Peak activations are measured by a profiling forward pass of the largest step th
 can plan, as vLLM does: `max_num_batched_tokens` tokens in `chunk_size` prefill chunks, or, with
 an `idle_chunk_size` above `chunk_size`, max(max_num_batched_tokens, idle_chunk_size) tokens in
 chunks of that size (a step no decode waits in).
+Triton's prefill attention may also copy a prefill's context to 16 bits (prefill_copy_bytes), which that
+pass does not see (it has no cached context); its bound is added.
 On the CPU the cache is `kv_cache_memory_gb` unless `num_gpu_blocks` is given.
 """
 
@@ -77,6 +79,19 @@ def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len:
     return int(peak)
 
 
+def prefill_copy_bytes(model, ops, cfg, dtype, max_model_len: int) -> int:
+    """The largest 16-bit copy of a prefill's context that Triton's prefill attention may make (a layer at a
+    time, freed after it: gathered_context, dequantized_context), which the profiling pass, having no cached
+    context, does not see: K and V of max_num_seqs contexts of max_model_len tokens, at most its limit."""
+    if ops.chosen.get("prefill_attention") != "triton":
+        return 0
+    from engine.kernels.triton.attention import FP8_PREFILL_COPY_BYTES, PREFILL_GATHER_BYTES
+
+    c = model.config
+    context = 2 * cfg.scheduler.max_num_seqs * max_model_len * c.num_kv_heads * c.head_dim * dtype.itemsize
+    return min(context, max(FP8_PREFILL_COPY_BYTES, PREFILL_GATHER_BYTES))
+
+
 def size_kv_cache(model, ops, cfg, device, dtype, max_model_len: int, idle_chunk_size: int = 0) -> tuple[int, int]:
     """(device blocks, host blocks) for this engine (`idle_chunk_size`: the scheduler's, resolved).
 
@@ -92,6 +107,7 @@ def size_kv_cache(model, ops, cfg, device, dtype, max_model_len: int, idle_chunk
     ours = torch.cuda.memory_allocated(device)
     others = total - free - torch.cuda.memory_reserved(device)
     activations = profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len, idle_chunk_size)
+    activations += prefill_copy_bytes(model, ops, cfg, dtype, max_model_len)
     budget = total * cfg.gpu_memory_utilization - others - ours - activations - _GRAPH_RESERVE
     blocks = int(budget // per_block)
     if blocks < -(-max_model_len // cfg.scheduler.block_size) // 8 or blocks <= 0:

@@ -3,6 +3,8 @@
     python -m experiments.tune_attention                 # prefill and decode sweeps, a table each
     python -m experiments.tune_attention --only prefill  # or decode
     python -m experiments.tune_attention --quick         # two shapes, three configs each
+    python -m experiments.tune_attention --only prefill --gather   # the gathered (TMA) prefill kernel's tiles
+    python -m experiments.tune_attention --only decode-fp8         # the same decode sweep on FP8 caches
 
 Heads of the Llama-3-8B shape (Hq 32, Hk 8, D 128), block size 16, bf16, blocks of each request
 scattered over the pool. Prefill shapes are (cached prefix, new tokens) of one request: long causal
@@ -21,6 +23,7 @@ import argparse
 import dataclasses
 import itertools
 import sys
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +46,15 @@ def copy_gbs() -> float:
     return 2 * x.numel() * 2 / bench_us(lambda: y.copy_(x)) / 1e3
 
 
-def prefill_configs(quick: bool, small: bool = False):
+def prefill_configs(quick: bool, small: bool = False, gather: bool = False):
     from engine.kernels.triton.attention import PrefillConfig
 
+    if gather:  # contiguous copies read by tensor descriptors (TMA), with and without warp specialization
+        out = [PrefillConfig(gather=True, block_m=64, block_n=64, num_warps=4, num_stages=st) for st in (2, 3)]
+        for bn, w, st, ws in itertools.product((64, 128), (4, 8), (2, 3, 4), (False, True)):
+            if not (quick and (w == 4 or st == 4)):
+                out.append(PrefillConfig(gather=True, block_n=bn, num_warps=w, num_stages=st, warp_specialize=ws))
+        return out
     if quick:
         return [PrefillConfig(), PrefillConfig(block_n=128, num_stages=3), PrefillConfig(max_splits=1)]
     out = []
@@ -65,12 +74,12 @@ def label(cfg, base) -> str:
     return ",".join(f"{k}={v}" for k, v in diff.items()) or "default"
 
 
-def sweep_prefill(shapes, quick: bool, mm: float, small: bool = False) -> None:
+def sweep_prefill(shapes, quick: bool, mm: float, small: bool = False, gather: bool = False) -> None:
     from engine.kernels import torch_ops
     from engine.kernels.triton import attention
 
     base = attention.prefill_config(torch.device("cuda"), D, DTYPE)
-    configs = prefill_configs(quick, small)
+    configs = prefill_configs(quick, small, gather)
     if base not in configs:
         configs.insert(0, base)
     nosplit = dataclasses.replace(base, max_splits=1)
@@ -131,61 +140,93 @@ def sweep_prefill(shapes, quick: bool, mm: float, small: bool = False) -> None:
         print(f"  {float(torch.tensor(rel).log().mean().exp()):.3f}  min {min(rel):.3f}  {n}")
 
 
-def sweep_decode(shapes, quick: bool, bw: float) -> None:
+def decode_configs(quick: bool):
+    """The tl.dot kernel's tiles and the CUDA-core kernel's (fma=True)."""
+    from engine.kernels.triton.attention import DecodeConfig
+
+    dot = DecodeConfig(block_n=64, min_tiles_per_split=1)
+    dots = [
+        dataclasses.replace(dot, block_n=bn, programs_per_sm=pps, num_stages=st, num_warps=w)
+        for bn, pps, st, w in itertools.product((16, 32, 64), (4, 8), (1, 2, 3), (2, 4))
+        if not quick or (st == 2 and w == 4)
+    ]
+    fmas = [
+        DecodeConfig(fma=True, block_n=bn, num_warps=w, programs_per_sm=pps, num_stages=st)
+        for bn, w, pps, st in itertools.product((16, 32), (1, 2, 4), (8, 16), (1, 2, 3))
+        if not quick or (st == 1 and w == 1)
+    ]
+    return dots + fmas
+
+
+def sweep_decode(shapes, quick: bool, bw: float, fp8: bool = False) -> None:
+    """Every configuration on a bf16 cache, or (fp8) on the same cache quantized to FP8 (scales per slot and KV
+    head), each against the bf16 cache's default in the same run; GB/s counts the bytes the cache holds."""
+    from engine.kernels import torch_ops
     from engine.kernels.triton import attention
 
-    base = attention.decode_config(torch.device("cuda"), D, DTYPE)
-    if quick:
-        configs = [base, dataclasses.replace(base, num_stages=3)]
-    else:
-        configs = [
-            dataclasses.replace(base, block_n=bn, programs_per_sm=pps, num_stages=st, num_warps=w)
-            for bn, pps, st, w in itertools.product((32, 64, 128), (4, 8, 16), (2, 3, 4), (4,))
-        ]
-    print(f"\ndecode attention sweep; copy bandwidth {bw:.0f} GB/s (read+write)")
+    base16 = attention.decode_config(torch.device("cuda"), D, DTYPE)
+    base = attention.decode_config(torch.device("cuda"), D, DTYPE, kv_fp8=fp8)
+    configs = decode_configs(quick)
+    if base not in configs:
+        configs.insert(0, base)
+    kind = "FP8" if fp8 else "bf16"
+    print(f"\ndecode attention sweep, {kind} cache; copy bandwidth {bw:.0f} GB/s (read+write)")
     gen = torch.Generator(device="cuda").manual_seed(0)
     scale = D**-0.5
     for b, ctx in shapes:
         k, v, table, lens = paged_cache([ctx] * b, gen)
         q = torch.randn((b, HQ, D), generator=gen, device="cuda", dtype=DTYPE)
-        kv_bytes = 2 * b * ctx * HK * D * k.element_size()
-        want = attention.decode_attention(q, k, v, lens, table, scale, base).float()
+        t16 = bench_us(lambda: attention.decode_attention(q, k, v, lens, table, scale, base16))
+        sc = {}
+        if fp8:
+            (k, sc["k_scale"]), (v, sc["v_scale"]) = torch_ops.quantize_fp8(k), torch_ops.quantize_fp8(v)
+        want = torch_ops.decode_attention(q, k, v, lens, table, scale, **sc).float()
         times = {}
         for cfg in configs:
+            name = ("default " if cfg == base else "") + ("fma " if cfg.fma else "dot ") + label(cfg, base16)
+            run = partial(attention.decode_attention, q, k, v, lens, table, scale, cfg, **sc)
             try:
-                got = attention.decode_attention(q, k, v, lens, table, scale, cfg).float()
+                got = run().float()
                 if not float((got - want).abs().max() / want.abs().max()) < 2e-2:
-                    print(f"  WRONG RESULTS: {label(cfg, base)}")
+                    print(f"  WRONG RESULTS: {name}")
                     continue
-                times[label(cfg, base)] = bench_us(lambda: attention.decode_attention(q, k, v, lens, table, scale, cfg))
+                times[name] = bench_us(run)
             except Exception as exc:
-                print(f"  {label(cfg, base)}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
-        best = min(times, key=times.get)
+                print(f"  {name}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+        kv_bytes = 2 * b * ctx * HK * D * k.element_size()
         gbs = lambda t: kv_bytes / t / 1e3  # noqa: E731
+        best = min(times, key=times.get)
+        default = next((t for n, t in times.items() if n.startswith("default")), float("nan"))
         print(
-            f"batch {b:>3} ctx {ctx:>6}: default {times['default']:8.1f} us {gbs(times['default']):6.0f} GB/s;"
-            f" best {best}: {times[best]:8.1f} us {gbs(times[best]):6.0f} GB/s"
+            f"batch {b:>3} ctx {ctx:>6}: bf16 default {t16:8.1f} us; {kind} default {default:8.1f} us"
+            f" ({default / t16:.2f}x); best {best}: {times[best]:8.1f} us {gbs(times[best]):6.0f} GB/s"
+            f" = {times[best] / t16:.2f}x bf16 default"
         )
-        for n, t in sorted(times.items(), key=lambda kv: kv[1])[:4]:
-            print(f"      {t:8.1f} us {gbs(t):6.0f} GB/s  {n}")
+        for n, t in sorted(times.items(), key=lambda kv: kv[1])[:6]:
+            print(f"      {t:8.1f} us {gbs(t):6.0f} GB/s {t / t16:5.2f}x  {n}")
         del k, v
         torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("prefill", "decode"))
+    parser.add_argument("--only", choices=("prefill", "decode", "decode-fp8"))
+    parser.add_argument("--gather", action="store_true", help="prefill: sweep the gathered (TMA) kernel's tiles")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--small", action="store_true", help="prefill: 128-row tiles, 2-3 stages only")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("tune_attention needs a CUDA GPU")
     print(f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    if args.only != "decode":
+    if args.only in (None, "prefill"):
         shapes = PREFILL_SHAPES[:1] + PREFILL_SHAPES[4:5] if args.quick else PREFILL_SHAPES
-        sweep_prefill(shapes, args.quick, matmul_tflops(), args.small)
-    if args.only != "prefill":
-        sweep_decode(DECODE_SHAPES[:2] if args.quick else DECODE_SHAPES, args.quick, copy_gbs())
+        sweep_prefill(shapes, args.quick, matmul_tflops(), args.small, args.gather)
+    shapes = sorted(DECODE_SHAPES, key=lambda bc: -bc[0] * bc[1])  # the agentic shapes first
+    shapes = shapes[:3] if args.quick else shapes
+    if args.only in (None, "decode"):
+        sweep_decode(shapes, args.quick, copy_gbs())
+    if args.only in (None, "decode-fp8"):
+        sweep_decode(shapes, args.quick, copy_gbs(), fp8=True)
 
 
 if __name__ == "__main__":

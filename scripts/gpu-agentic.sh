@@ -33,7 +33,7 @@ for phase in "$@"; do
       || status=1 ;;
     kernels) install || exit 1
       PYTHONSAFEPATH=1 timeout "${KERNELS_S:-150}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
-        tests/test_kernels_triton.py tests/test_kernels_fused.py tests/test_attention_agentic_gpu.py tests/test_fp8_kv.py tests/test_fp8_weights.py \
+        tests/test_kernels_triton.py tests/test_kernels_fused.py tests/test_attention_agentic_gpu.py tests/test_fp8_kv.py tests/test_fp8_weights.py tests/test_decode_fma.py \
         > "$out/kernels-gpu.txt" 2>&1 || status=1 ;;
     gemv) install || exit 1
       PYTHONSAFEPATH=1 timeout "${GEMV_S:-240}" python3 -m experiments.tune_fp8_gemv ${GEMV_ARGS:-} > "$out/gemv.txt" 2>&1 \

@@ -29,6 +29,18 @@ def test_prefill_agentic_shape_matches_reference(name: str) -> None:
     torch.cuda.empty_cache()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("name", ["ragged_turns", "long_causal_prompt"])
+def test_prefill_each_kernel_matches_reference(name: str, gather: bool) -> None:
+    """The paged kernel and the gathered (tensor-descriptor) one, whichever the default picks, at GPU tiles."""
+    cfg = dict(block_m=128, block_n=128 if gather else 64, num_warps=8, num_stages=3 if gather else 2, gather=gather)
+    check_prefill(
+        "cuda", seed=500 + len(name), dtype=BF16, reqs=AGENTIC[name], hq=32, hk=8, d=128, bs=16, cfg=cfg, q_scale=2.0
+    )
+    torch.cuda.empty_cache()
+
+
 def test_short_turn_over_long_prefix_splits_the_key_range() -> None:
     """The heuristic itself (host-side, no GPU): a 128-token turn on 70K cached splits; a long prompt does not."""
     from engine.kernels.triton.attention import PrefillConfig, prefill_splits

@@ -287,6 +287,23 @@ def test_kv_capacity_from_memory_doubles_within_the_scale_overhead(tmp_path, dty
     assert blocks["fp8_e4m3"] >= 1.9 * (width / 2) * blocks["auto"]
 
 
+def test_kv_sizing_keeps_room_for_the_prefill_context_copy():
+    """Triton's prefill copies a context to 16 bits (gathered or dequantized): the KV budget leaves its bound."""
+    from types import SimpleNamespace
+
+    from engine.config import EngineConfig
+    from engine.kernels.triton.attention import PREFILL_GATHER_BYTES
+    from engine.memory import prefill_copy_bytes
+
+    model = SimpleNamespace(config=SimpleNamespace(num_kv_heads=8, head_dim=128))
+    cfg = EngineConfig.from_dict(dict(model="llama-3.1-8b", max_num_seqs=2))
+    ops = lambda backend: SimpleNamespace(chosen={"prefill_attention": backend})  # noqa: E731
+    assert prefill_copy_bytes(model, ops("torch"), cfg, torch.bfloat16, 4096) == 0
+    # two 4K contexts: K and V of 8 heads x 128 in bf16
+    assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 4096) == 2 * 2 * 4096 * 8 * 128 * 2
+    assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 1 << 20) == PREFILL_GATHER_BYTES
+
+
 def test_swap_moves_fp8_blocks_with_their_scales(tmp_path):
     """Device -> host -> device block copies carry every byte of a block: k, v and both scales."""
     from engine.runner import ModelRunner

@@ -450,7 +450,7 @@ def check_prefill(
     q = _randn((int(query_start_loc[-1]), hq, d), gen, dtype, q_scale)
     scale = d**-0.5
     args = (kv.seq_lens, kv.block_table, scale)
-    copied = kv_fp8 and cfg is None and fp8_copy is not False
+    copied = kv_fp8 and (cfg is None or cfg.get("gather", False)) and fp8_copy is not False
     if copied:
         k16, v16 = (
             dequantize_fp8(c, kv.scales[n]).to(dtype) for c, n in ((kv.k_cache, "k_scale"), (kv.v_cache, "v_scale"))
@@ -619,6 +619,45 @@ CASES: dict[str, Callable[[str], None]] = {
         bs=16,
         cfg=SPLIT_CFG,
         q_scale=3.0,
+    ),
+    # prefill through contiguous copies of the context and tensor descriptors (tiles spanning blocks and reading
+    # past a context's end into the copies' zeros, the split key range, an FP8 cache's dequantized copy)
+    "prefill_bf16_gather": partial(
+        check_prefill,
+        seed=63,
+        dtype=BF16,
+        reqs=[(150, 70), (0, 90), (33, 1)],
+        hq=8,
+        hk=2,
+        d=128,
+        bs=16,
+        cfg=dict(block_m=128, block_n=64, gather=True),
+        q_scale=2.0,
+    ),
+    "prefill_f16_gather_split_bs8": partial(
+        check_prefill,
+        seed=64,
+        dtype=F16,
+        reqs=[(300, 3), (20, 2), (0, 0)],
+        hq=4,
+        hk=1,
+        d=64,
+        bs=8,
+        cfg={**SPLIT_CFG, "gather": True},
+        q_scale=3.0,
+    ),
+    "prefill_fp8_bf16_gather": partial(
+        check_prefill,
+        seed=65,
+        dtype=BF16,
+        reqs=[(100, 40), (7, 30)],
+        hq=8,
+        hk=2,
+        d=128,
+        bs=16,
+        cfg=dict(block_m=64, block_n=32, gather=True),
+        q_scale=2.0,
+        kv_fp8=True,
     ),
     # FP8 KV caches: quantizing writes bit for bit; attention reading FP8 (every path: one and several
     # splits, GPU tiles, prefixes ending mid-block, the split key range) against the reference on the same caches

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from engine.kernels.torch_ops import check_kv_scales
 
@@ -64,6 +65,7 @@ class DecodeConfig:
     max_splits: int = 128
     num_warps: int = 4
     num_stages: int = 2
+    fma: bool = False  # the CUDA-core kernel (decode_fma: no tl.dot; num_stages is its loop unrolling there)
 
 
 @dataclass(frozen=True)
@@ -77,14 +79,21 @@ class PrefillConfig:
     max_splits: int = 16  # 1: never split the key range
     min_split_keys: int = 1024  # a split amortises its q load and partial write over >= this many keys
     split_waves: int = 2  # aim for at least this many waves of programs (see prefill_splits)
+    gather: bool = False  # read K/V through contiguous copies with tensor descriptors (PREFILL_GATHER_BYTES)
+    warp_specialize: bool = False  # with gather: Triton's warp-specialized key loop (producer/consumer warps)
 
 
 def decode_config(device: torch.device, head_dim: int, dtype: torch.dtype, kv_fp8: bool = False) -> DecodeConfig:
     """Tiles for q and tiles multiplied in `dtype` (the cache's, or q's for an FP8 cache: kv_fp8)."""
     if device.type != "cuda":  # the interpreter: small tiles, still split so every path runs
         return DecodeConfig(block_n=16, min_tiles_per_split=1, num_warps=1, num_stages=1)
+    if kv_fp8 and head_dim <= 128:
+        # the CUDA-core kernel: FP8 tiles widened in registers, no shared-memory round trip for mma. Against the
+        # tl.dot kernel on the same FP8 cache (H100, experiments.tune_attention --only decode-fp8, 2026-12-06):
+        # batch 4 x 50K 238 vs 335 us, batch 1 x 50K 83 vs 103 us, batch 64 x 512 58 vs 163 us
+        return DecodeConfig(fma=True, block_n=32, num_warps=1, programs_per_sm=16, num_stages=1)
     if kv_fp8 and dtype == torch.float32:
-        # FP8 -> fp32 tiles: two stages spill (255 registers + ~300 bytes); one stage takes 63 (ptxas, sm_90)
+        # FP8 -> fp32 tiles (tl.dot): two stages spill (255 registers + ~300 bytes); one takes 63 (ptxas, sm_90)
         return DecodeConfig(block_n=16, num_stages=1)
     # sized from ptxas -v for sm_90: no spills (fp32 tl.dot runs on FMA units, hence its small tile)
     if dtype == torch.float32:
@@ -109,7 +118,18 @@ def prefill_config(device: torch.device, head_dim: int, dtype: torch.dtype, kv_f
         return PrefillConfig(block_m=128, block_n=32, num_warps=8, num_stages=3)
     if head_dim > 128:
         return PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
+    if _cuda_arch() >= 90:
+        # tiles through tensor descriptors (TMA) from contiguous copies: 0.63-0.68 of the bf16 matmul rate at
+        # 1.3K-16K-token chunks over 0-55K cached tokens, against 0.36-0.45 for the paged loads below
+        # (experiments.tune_attention --only prefill --gather, H100, 2026-12-06)
+        return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, gather=True)
     return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
+
+
+def _cuda_arch() -> int:
+    """The compile target's SM version (90 for Hopper): Triton's, so a stand-in target (compiling for sm_90
+    without a GPU, as the CPU tests do) answers too."""
+    return int(triton.runtime.driver.active.get_current_target().arch)
 
 
 @functools.lru_cache(maxsize=None)
@@ -447,6 +467,25 @@ def decode_attention(
     group = hq // hk
     fp8, compute = _compute_dtype(q, k_cache, k_scale, v_scale)
     cfg = cfg or decode_config(q.device, d, compute, fp8)
+    if cfg.fma:
+        from engine.kernels.triton.decode_fma import decode_attention_fma
+
+        return decode_attention_fma(
+            q,
+            k_cache,
+            v_cache,
+            seq_lens,
+            block_table,
+            scale,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            block_n=cfg.block_n,
+            num_warps=cfg.num_warps,
+            programs_per_sm=cfg.programs_per_sm,
+            num_stages=cfg.num_stages,
+            min_tiles_per_split=cfg.min_tiles_per_split,
+            max_splits=cfg.max_splits,
+        )
     out = torch.empty_like(q)
     if batch == 0:
         return out
@@ -518,6 +557,238 @@ def decode_attention(
     return out
 
 
+@triton.jit
+def _prefill_rows(
+    q_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    tile_req_ptr,
+    q_st0,
+    q_st1,
+    q_st2,
+    num_tiles,
+    num_splits,
+    kvh,
+    G: tl.constexpr,
+    BQ: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """A prefill program's rows (see the module docstring), its q tile and its key range.
+
+    Returns (request, token offsets of the rows, their heads, valid rows, q, positions, kv_end, full_end,
+    lo, hi): keys [0, full_end) are visible to every row, [full_end, kv_end) need the causal mask, and this
+    program (split program_id(2) of the key range with SPLIT) attends keys [lo, hi) in whole tiles.
+    """
+    tile = num_tiles - 1 - tl.program_id(0)  # the last (longest) tiles of a request start first
+    req = tl.load(tile_req_ptr + tile)
+    q_start = tl.load(qsl_ptr + req)
+    q_len = tl.load(qsl_ptr + req + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
+    ctx_start = seq_len - q_len  # position of the request's first query token
+    tok0 = (tile - (q_start // BQ + req)) * BQ  # this tile's first query token, within the request
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = tok0 + rows // G
+    row_ok = (rows < BQ * G) & (tok < q_len)
+    heads = kvh * G + rows % G
+    d = tl.arange(0, D_PAD)
+    q_mask = row_ok[:, None] & (d < D)[None, :]
+    q_off = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + q_off[:, None] * q_st0 + heads[:, None] * q_st1 + d[None, :] * q_st2, mask=q_mask, other=0.0)
+    pos = tl.where(row_ok, ctx_start + tok, seq_len - 1)  # padding rows see everything: stay finite
+
+    first_pos = ctx_start + tok0
+    kv_end = tl.where(tok0 < q_len, ctx_start + tl.minimum(tok0 + BQ, q_len), 0)
+    full_end = tl.minimum(((first_pos + 1) // BLOCK_N) * BLOCK_N, kv_end)
+    lo = 0
+    hi = kv_end
+    if SPLIT:  # this program's share of the key range: whole tiles
+        part = tl.cdiv(tl.cdiv(kv_end, BLOCK_N), num_splits) * BLOCK_N
+        lo = tl.minimum(tl.program_id(2) * part, kv_end)
+        hi = tl.minimum(lo + part, kv_end)
+    return req, q_off, heads, row_ok, q, pos, kv_end, full_end, lo, hi
+
+
+@triton.jit
+def _prefill_store(
+    acc,
+    l,
+    m,
+    out_ptr,
+    o_ptr,
+    lse_ptr,
+    q_off,
+    heads,
+    row_ok,
+    out_st0,
+    out_st1,
+    out_st2,
+    o_st0,
+    o_st1,
+    o_st2,
+    lse_st0,
+    lse_st1,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """The rows' output, or with SPLIT their partial (o, lse) of split program_id(2) (a split past the keys
+    leaves o = 0, lse = -inf)."""
+    d = tl.arange(0, D_PAD)
+    q_mask = row_ok[:, None] & (d < D)[None, :]
+    l_safe = tl.where(l > 0.0, l, 1.0)
+    o = acc / l_safe[:, None]
+    if SPLIT:
+        split = tl.program_id(2)
+        base = q_off[:, None] * o_st0 + heads[:, None] * o_st1 + split * o_st2
+        tl.store(o_ptr + base + d[None, :], o, mask=q_mask)
+        tl.store(
+            lse_ptr + q_off * lse_st0 + heads * lse_st1 + split,
+            tl.where(l > 0.0, m + tl.log2(l_safe), float("-inf")),
+            mask=row_ok,
+        )
+    else:
+        tl.store(
+            out_ptr + q_off[:, None] * out_st0 + heads[:, None] * out_st1 + d[None, :] * out_st2,
+            o.to(out_ptr.dtype.element_ty),
+            mask=q_mask,
+        )
+
+
+@triton.jit
+def _attend_tile_desc(
+    acc,
+    l,
+    m,
+    q,
+    k_desc,
+    v_desc,
+    row0,
+    col,
+    n0,
+    pos,
+    n_end,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    """_attend_tile on contiguous K/V read through tensor descriptors (TMA on Hopper): the tile's keys are
+    rows row0 + n0 .. row0 + n0 + BLOCK_N - 1, its head's columns start at col; they are loaded unmasked
+    (rows past the context are zeros or another request's finite keys, masked out of the scores)."""
+    k = k_desc.load([row0 + n0, col])
+    s = tl.dot(q, tl.trans(k))
+    if CAUSAL:
+        n = n0 + tl.arange(0, BLOCK_N)
+        s = tl.where((n[None, :] <= pos[:, None]) & (n < n_end)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
+        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)
+    else:
+        m_new = tl.maximum(m, tl.max(s, 1) * qk_scale)
+        m_ref = m_new
+    alpha = tl.exp2(m - m_ref)
+    p = tl.exp2(s * qk_scale - m_ref[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    v = v_desc.load([row0 + n0, col])
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l, m_new
+
+
+@triton.jit(do_not_specialize=["row_stride", "num_tiles", "num_splits", "o_st0", "o_st1", "lse_st0", "lse_st1"])
+def _prefill_gather_kernel(
+    q_ptr,
+    k_desc,
+    v_desc,
+    out_ptr,
+    o_ptr,
+    lse_ptr,
+    qsl_ptr,
+    tile_req_ptr,
+    seq_lens_ptr,
+    q_st0,
+    q_st1,
+    q_st2,
+    out_st0,
+    out_st1,
+    out_st2,
+    o_st0,
+    o_st1,
+    o_st2,
+    lse_st0,
+    lse_st1,
+    row_stride,
+    qk_scale,
+    num_tiles,
+    num_splits,
+    G: tl.constexpr,
+    BQ: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """_prefill_kernel over gathered_context's copies: request r's keys are rows r * row_stride + n of the
+    descriptors' [rows, Hk * D] views, KV head kvh's columns kvh * D .. kvh * D + D - 1."""
+    kvh = tl.program_id(1)
+    req, q_off, heads, row_ok, q, pos, kv_end, full_end, lo, hi = _prefill_rows(
+        q_ptr,
+        qsl_ptr,
+        seq_lens_ptr,
+        tile_req_ptr,
+        q_st0,
+        q_st1,
+        q_st2,
+        num_tiles,
+        num_splits,
+        kvh,
+        G,
+        BQ,
+        D,
+        D,
+        BLOCK_M,
+        BLOCK_N,
+        SPLIT,
+    )
+    q = q.to(k_desc.dtype)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    row0 = req.to(tl.int32) * row_stride
+    col = kvh * D
+    for n0 in tl.range(lo, tl.minimum(full_end, hi), BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        acc, l, m = _attend_tile_desc(
+            acc, l, m, q, k_desc, v_desc, row0, col, n0, pos, kv_end, qk_scale, BLOCK_N, False
+        )
+    for n0 in tl.range(tl.maximum(full_end, lo), hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        acc, l, m = _attend_tile_desc(acc, l, m, q, k_desc, v_desc, row0, col, n0, pos, kv_end, qk_scale, BLOCK_N, True)
+    _prefill_store(
+        acc,
+        l,
+        m,
+        out_ptr,
+        o_ptr,
+        lse_ptr,
+        q_off,
+        heads,
+        row_ok,
+        out_st0,
+        out_st1,
+        out_st2,
+        o_st0,
+        o_st1,
+        o_st2,
+        lse_st0,
+        lse_st1,
+        D,
+        D,
+        SPLIT,
+    )
+
+
 @triton.jit(do_not_specialize=["bt_st0", "num_tiles", "num_splits", "o_st0", "o_st1", "lse_st0", "lse_st1"])
 def _prefill_kernel(
     q_ptr,
@@ -573,38 +844,28 @@ def _prefill_kernel(
     DOT_PREC: tl.constexpr,
     KV_FP8: tl.constexpr,
 ):
-    tile = num_tiles - 1 - tl.program_id(0)  # the last (longest) tiles of a request start first
     kvh = tl.program_id(1)
-    req = tl.load(tile_req_ptr + tile)
-    q_start = tl.load(qsl_ptr + req)
-    q_len = tl.load(qsl_ptr + req + 1) - q_start
-    seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
-    ctx_start = seq_len - q_len  # position of the request's first query token
-    tok0 = (tile - (q_start // BQ + req)) * BQ  # this tile's first query token, within the request
-
-    rows = tl.arange(0, BLOCK_M)
-    tok = tok0 + rows // G
-    row_ok = (rows < BQ * G) & (tok < q_len)
-    heads = kvh * G + rows % G
-    d = tl.arange(0, D_PAD)
-    q_mask = row_ok[:, None] & (d < D)[None, :]
-    q_off = (q_start + tok).to(tl.int64)
-    q = tl.load(q_ptr + q_off[:, None] * q_st0 + heads[:, None] * q_st1 + d[None, :] * q_st2, mask=q_mask, other=0.0)
+    req, q_off, heads, row_ok, q, pos, kv_end, full_end, lo, hi = _prefill_rows(
+        q_ptr,
+        qsl_ptr,
+        seq_lens_ptr,
+        tile_req_ptr,
+        q_st0,
+        q_st1,
+        q_st2,
+        num_tiles,
+        num_splits,
+        kvh,
+        G,
+        BQ,
+        D,
+        D_PAD,
+        BLOCK_M,
+        BLOCK_N,
+        SPLIT,
+    )
     if not KV_FP8:  # an FP8 cache is read in q's dtype instead
         q = q.to(kc_ptr.dtype.element_ty)
-    pos = tl.where(row_ok, ctx_start + tok, seq_len - 1)  # padding rows see everything: stay finite
-
-    # keys [0, full_end) are visible to every row; [full_end, kv_end) need the causal mask
-    first_pos = ctx_start + tok0
-    kv_end = tl.where(tok0 < q_len, ctx_start + tl.minimum(tok0 + BQ, q_len), 0)
-    full_end = tl.minimum(((first_pos + 1) // BLOCK_N) * BLOCK_N, kv_end)
-    lo = 0
-    hi = kv_end
-    if SPLIT:  # this program's share of the key range: whole tiles, split = program_id(2)
-        split = tl.program_id(2)
-        part = tl.cdiv(tl.cdiv(kv_end, BLOCK_N), num_splits) * BLOCK_N
-        lo = tl.minimum(split * part, kv_end)
-        hi = tl.minimum(lo + part, kv_end)
 
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
@@ -691,22 +952,28 @@ def _prefill_kernel(
             KV_FP8,
         )
 
-    l_safe = tl.where(l > 0.0, l, 1.0)
-    o = acc / l_safe[:, None]
-    if SPLIT:  # partial (o, lse) of this split; a split past the keys leaves o = 0, lse = -inf
-        base = q_off[:, None] * o_st0 + heads[:, None] * o_st1 + split * o_st2
-        tl.store(o_ptr + base + d[None, :], o, mask=q_mask)
-        tl.store(
-            lse_ptr + q_off * lse_st0 + heads * lse_st1 + split,
-            tl.where(l > 0.0, m + tl.log2(l_safe), float("-inf")),
-            mask=row_ok,
-        )
-    else:
-        tl.store(
-            out_ptr + q_off[:, None] * out_st0 + heads[:, None] * out_st1 + d[None, :] * out_st2,
-            o.to(out_ptr.dtype.element_ty),
-            mask=q_mask,
-        )
+    _prefill_store(
+        acc,
+        l,
+        m,
+        out_ptr,
+        o_ptr,
+        lse_ptr,
+        q_off,
+        heads,
+        row_ok,
+        out_st0,
+        out_st1,
+        out_st2,
+        o_st0,
+        o_st1,
+        o_st2,
+        lse_st0,
+        lse_st1,
+        D,
+        D_PAD,
+        SPLIT,
+    )
 
 
 @triton.jit(do_not_specialize=["o_st0", "o_st1", "lse_st0", "lse_st1", "num_heads"])
@@ -797,13 +1064,22 @@ def prefill_splits(
 # limit (many requests with long contexts in one launch) the FP8 tiles are read directly.
 FP8_PREFILL_COPY_BYTES = 512 << 20
 
+# PrefillConfig.gather reads the context through contiguous copies (gathered_context) when they take at most
+# this many bytes: tiles of consecutive keys can then be loaded by tensor descriptors (TMA on Hopper) straight
+# into shared memory for the tensor cores, instead of each key's address being gathered through the block
+# table. The copy costs one read and one write of the context a layer.
+PREFILL_GATHER_BYTES = 512 << 20
+
 
 @triton.jit
-def _dequant_rows(c_ptr, s_ptr, t, d, c_st1, c_st3, s_st1, mask, live, dtype: tl.constexpr):
-    """One block's rows t of one head: FP8 values x their scales, rounded to `dtype` (0 where masked)."""
-    x = tl.load(c_ptr + t[:, None] * c_st1 + d[None, :] * c_st3, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(s_ptr + t * s_st1, mask=live, other=0.0)
-    return (x * scale[:, None]).to(dtype)
+def _dequant_rows(c_ptr, s_ptr, t, d, c_st1, c_st3, s_st1, mask, live, dtype: tl.constexpr, SCALED: tl.constexpr):
+    """One block's rows t of one head: FP8 values x their scales (SCALED) or the values as they are, rounded to
+    `dtype` (0 where masked)."""
+    x = tl.load(c_ptr + t[:, None] * c_st1 + d[None, :] * c_st3, mask=mask, other=0.0)
+    if SCALED:
+        scale = tl.load(s_ptr + t * s_st1, mask=live, other=0.0)
+        return (x.to(tl.float32) * scale[:, None]).to(dtype)
+    return x.to(dtype)
 
 
 @triton.jit
@@ -839,15 +1115,24 @@ def _dequant_blocks_kernel(
     BS: tl.constexpr,
     D: tl.constexpr,
     D_PAD: tl.constexpr,
+    SCALED: tl.constexpr,
+    ZERO_DEAD: tl.constexpr,
 ):
-    """Block j of request r (program r * W + j), KV head h: its FP8 K and V times their scales, rounded to
-    nearest in the copies' dtype, into block r * W + j of the copies; slots past the request's length get
-    zeros."""
+    """Block j of request r (program r * W + j), KV head h: its K and V (FP8 ones times their scales: SCALED),
+    rounded to nearest in the copies' dtype, into block r * W + j of the copies; slots past the request's
+    length get zeros, and so do the blocks wholly past it with ZERO_DEAD (else they are left unwritten)."""
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     r = pid // W
     j = pid % W
     seq = tl.load(seq_lens_ptr + r)
+    if ZERO_DEAD and j * BS >= seq:
+        t = tl.arange(0, BS)
+        d = tl.arange(0, D_PAD)
+        out = pid.to(tl.int64) * ko_st0 + t[:, None] * ko_st1 + h * ko_st2 + d[None, :]
+        zero = tl.zeros([BS, D_PAD], ko_ptr.dtype.element_ty)
+        tl.store(ko_ptr + out, zero, mask=(d < D)[None, :])
+        tl.store(vo_ptr + out, zero, mask=(d < D)[None, :])
     if j * BS < seq:
         src = tl.load(bt_ptr + r * bt_st0 + j * bt_st1).to(tl.int64)
         t = tl.arange(0, BS)
@@ -869,6 +1154,7 @@ def _dequant_blocks_kernel(
                 mask,
                 live,
                 dst,
+                SCALED,
             ),
             mask=(d < D)[None, :],
         )
@@ -885,6 +1171,7 @@ def _dequant_blocks_kernel(
                 mask,
                 live,
                 dst,
+                SCALED,
             ),
             mask=(d < D)[None, :],
         )
@@ -898,14 +1185,31 @@ def dequantized_context(
     seq_lens: torch.Tensor,
     block_table: torch.Tensor,
     dtype: torch.dtype,
+    zero_dead: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(k, v, block_table): `dtype` copies of the FP8 blocks a prefill reads, dequantized; request r's block j
-    is block r * W + j of the copies (W = block_table's width). No host sync."""
+    is block r * W + j of the copies (W = block_table's width). No host sync. zero_dead: see gathered_context."""
+    return _copy_context(k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, dtype, zero_dead)
+
+
+def gathered_context(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k, v, block_table): copies of the blocks a prefill reads, in order, so that request r's keys are rows
+    [r * W * BS, r * W * BS + seq_len) of the copies seen as [rows, Hk * D] (W = block_table's width); every
+    slot past a request's length is zero, so a tile that reads past it multiplies zeros. No host sync."""
+    return _copy_context(k_cache, v_cache, None, None, seq_lens, block_table, k_cache.dtype, True)
+
+
+def _copy_context(k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, dtype, zero_dead):
     reqs, width = block_table.shape
     _, bs, hk, d = k_cache.shape
     k_out = torch.empty((reqs * width, bs, hk, d), dtype=dtype, device=k_cache.device)
     v_out = torch.empty_like(k_out)
     table = torch.arange(reqs * width, dtype=torch.int32, device=k_cache.device).view(reqs, width)
+    scaled = k_scale is not None
+    if not scaled:
+        k_scale = v_scale = k_cache.new_empty((1, 1, 1), dtype=torch.float32)
     if reqs * width:
         _dequant_blocks_kernel[(reqs * width, hk)](
             k_cache,
@@ -926,6 +1230,8 @@ def dequantized_context(
             BS=bs,
             D=d,
             D_PAD=max(16, triton.next_power_of_2(d)),
+            SCALED=scaled,
+            ZERO_DEAD=zero_dead,
             num_warps=4,
         )
     return k_out, v_out, table
@@ -951,12 +1257,25 @@ def prefill_attention(
     reqs = seq_lens.shape[0]
     fp8, compute = _compute_dtype(q, k_cache, k_scale, v_scale)
     copy_bytes = 2 * block_table.numel() * bs * hk * d * torch.finfo(compute).bits // 8
-    if fp8 and cfg is None and tokens and reqs and copy_bytes <= FP8_PREFILL_COPY_BYTES:
+    some = bool(tokens and reqs)
+    copy = fp8 and some and copy_bytes <= FP8_PREFILL_COPY_BYTES and (cfg is None or cfg.gather)
+    cfg = cfg or prefill_config(q.device, d, compute, fp8 and not copy)
+    gather = (
+        cfg.gather
+        and some
+        and (copy or not fp8)
+        and compute in (torch.bfloat16, torch.float16)
+        and copy_bytes <= PREFILL_GATHER_BYTES
+        and d >= 16
+        and d == triton.next_power_of_2(d)
+    )
+    if copy:
         k_cache, v_cache, block_table = dequantized_context(
-            k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, compute
+            k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, compute, zero_dead=gather
         )
         fp8, k_scale, v_scale = False, None, None
-    cfg = cfg or prefill_config(q.device, d, compute, fp8)
+    elif gather:
+        k_cache, v_cache, block_table = gathered_context(k_cache, v_cache, seq_lens, block_table)
     out = torch.empty_like(q)
     if tokens == 0 or reqs == 0:
         return out
@@ -977,6 +1296,44 @@ def prefill_attention(
         o_strides, lse_strides = o.stride()[:3], lse.stride()[:2]
     else:  # written straight to `out`: placeholders only
         o, lse, o_strides, lse_strides = out, out, (0, 0, 0), (0, 0)
+    if gather:
+        rows = k_cache.shape[0] * bs
+        k_desc, v_desc = (
+            TensorDescriptor(
+                c.view(rows, hk * d), shape=[rows, hk * d], strides=[hk * d, 1], block_shape=[cfg.block_n, d]
+            )
+            for c in (k_cache, v_cache)
+        )
+        _prefill_gather_kernel[(num_tiles, hk, splits)](
+            q,
+            k_desc,
+            v_desc,
+            out,
+            o,
+            lse,
+            qsl,
+            tile_req,
+            seq_lens,
+            *q.stride(),
+            *out.stride(),
+            *o_strides,
+            *lse_strides,
+            block_table.shape[1] * bs,
+            scale * _LOG2E,
+            num_tiles,
+            splits,
+            G=group,
+            BQ=bq,
+            D=d,
+            BLOCK_M=block_m,
+            BLOCK_N=cfg.block_n,
+            SPLIT=splits > 1,
+            WARP_SPECIALIZE=cfg.warp_specialize,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        _merge(o, lse, out, splits, d_pad)
+        return out
     scales, scale_strides = _scale_args(k_cache, k_scale, v_scale)
     _prefill_kernel[(num_tiles, hk, splits)](
         q,
@@ -1014,24 +1371,31 @@ def prefill_attention(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if splits > 1:
-        h_block = min(triton.next_power_of_2(hq), 8)
-        _merge_splits_kernel[(tokens, triton.cdiv(hq, h_block))](
-            o,
-            lse,
-            out,
-            *o.stride()[:3],
-            *lse.stride()[:2],
-            *out.stride(),
-            hq,
-            S=splits,
-            S_PAD=triton.next_power_of_2(splits),
-            D=d,
-            D_PAD=d_pad,
-            H_BLOCK=h_block,
-            num_warps=4,
-        )
+    _merge(o, lse, out, splits, d_pad)
     return out
+
+
+def _merge(o: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, splits: int, d_pad: int) -> None:
+    """out from the splits' partial (o, lse) (nothing to do for one split)."""
+    if splits <= 1:
+        return
+    tokens, hq, d = out.shape
+    h_block = min(triton.next_power_of_2(hq), 8)
+    _merge_splits_kernel[(tokens, triton.cdiv(hq, h_block))](
+        o,
+        lse,
+        out,
+        *o.stride()[:3],
+        *lse.stride()[:2],
+        *out.stride(),
+        hq,
+        S=splits,
+        S_PAD=triton.next_power_of_2(splits),
+        D=d,
+        D_PAD=d_pad,
+        H_BLOCK=h_block,
+        num_warps=4,
+    )
 
 
 __all__ = [
@@ -1041,6 +1405,7 @@ __all__ = [
     "decode_attention",
     "decode_splits",
     "dequantized_context",
+    "gathered_context",
     "prefill_attention",
     "prefill_splits",
 ]
