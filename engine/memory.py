@@ -79,17 +79,20 @@ def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len:
     return int(peak)
 
 
-def prefill_copy_bytes(model, ops, cfg, dtype, max_model_len: int) -> int:
+def prefill_copy_bytes(model, ops, cfg, dtype, max_model_len: int, device=None) -> int:
     """The largest 16-bit copy of a prefill's context that Triton's prefill attention may make (a layer at a
     time, freed after it: gathered_context, dequantized_context), which the profiling pass, having no cached
-    context, does not see: K and V of max_num_seqs contexts of max_model_len tokens, at most its limit."""
+    context, does not see: K and V of max_num_seqs contexts of max_model_len tokens, at most its limit (0
+    where the default path copies nothing)."""
     if ops.chosen.get("prefill_attention") != "triton":
         return 0
-    from engine.kernels.triton.attention import FP8_PREFILL_COPY_BYTES, PREFILL_GATHER_BYTES
+    from engine.kernels.triton.attention import prefill_copy_limit
 
     c = model.config
+    kv_fp8 = is_fp8(resolve_kv_cache_dtype(cfg.kv_cache_dtype, dtype))
+    limit = prefill_copy_limit(device or torch.device("cuda"), c.head_dim, dtype, kv_fp8)
     context = 2 * cfg.scheduler.max_num_seqs * max_model_len * c.num_kv_heads * c.head_dim * dtype.itemsize
-    return min(context, max(FP8_PREFILL_COPY_BYTES, PREFILL_GATHER_BYTES))
+    return min(context, limit)
 
 
 def size_kv_cache(model, ops, cfg, device, dtype, max_model_len: int, idle_chunk_size: int = 0) -> tuple[int, int]:
@@ -107,7 +110,7 @@ def size_kv_cache(model, ops, cfg, device, dtype, max_model_len: int, idle_chunk
     ours = torch.cuda.memory_allocated(device)
     others = total - free - torch.cuda.memory_reserved(device)
     activations = profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len, idle_chunk_size)
-    activations += prefill_copy_bytes(model, ops, cfg, dtype, max_model_len)
+    activations += prefill_copy_bytes(model, ops, cfg, dtype, max_model_len, device)
     budget = total * cfg.gpu_memory_utilization - others - ours - activations - _GRAPH_RESERVE
     blocks = int(budget // per_block)
     if blocks < -(-max_model_len // cfg.scheduler.block_size) // 8 or blocks <= 0:

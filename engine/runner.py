@@ -307,6 +307,9 @@ class ModelRunner:
             self._staged.record()
         ids, pos, slots, seq_lens, qsl, flat_rows = dev.split(sizes)
         blocks = flat_rows.view(r, width)
+        # the prefills' table as wide as their own longest context (a decode's may be far longer): Triton's
+        # prefill sizes its splits and its context copy from the table's width
+        pwidth = max(1, -(-int(batch.seq_lens[nd:].max()) // self.block_size)) if r > nd else width
         meta = AttentionMetadata(
             slot_mapping=slots.long(),
             num_decode=nd,
@@ -314,7 +317,7 @@ class ModelRunner:
             decode_block_table=blocks[:nd],
             prefill_query_start_loc=qsl,
             prefill_seq_lens=seq_lens[nd:],
-            prefill_block_table=blocks[nd:],
+            prefill_block_table=blocks[nd:, :pwidth],
             num_prefill_tokens=len(batch.input_ids) - nd,
         )
         return ids, pos, slots, meta

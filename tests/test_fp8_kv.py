@@ -15,6 +15,7 @@ The Triton kernels are checked against these references in tests/test_kernels_tr
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -292,16 +293,24 @@ def test_kv_sizing_keeps_room_for_the_prefill_context_copy():
     from types import SimpleNamespace
 
     from engine.config import EngineConfig
-    from engine.kernels.triton.attention import PREFILL_GATHER_BYTES
+    from engine.kernels.triton import attention
     from engine.memory import prefill_copy_bytes
 
     model = SimpleNamespace(config=SimpleNamespace(num_kv_heads=8, head_dim=128))
     cfg = EngineConfig.from_dict(dict(model="llama-3.1-8b", max_num_seqs=2))
+    fp8 = EngineConfig.from_dict(dict(model="llama-3.1-8b", max_num_seqs=2, kv_cache_dtype="fp8_e4m3"))
     ops = lambda backend: SimpleNamespace(chosen={"prefill_attention": backend})  # noqa: E731
-    assert prefill_copy_bytes(model, ops("torch"), cfg, torch.bfloat16, 4096) == 0
-    # two 4K contexts: K and V of 8 heads x 128 in bf16
-    assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 4096) == 2 * 2 * 4096 * 8 * 128 * 2
-    assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 1 << 20) == PREFILL_GATHER_BYTES
+    cuda = torch.device("cuda")
+    with mock.patch.object(attention, "_cuda_arch", lambda: 90):
+        assert prefill_copy_bytes(model, ops("torch"), cfg, torch.bfloat16, 4096, cuda) == 0
+        # two 4K contexts: K and V of 8 heads x 128 in bf16
+        assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 4096, cuda) == 2 * 2 * 4096 * 8 * 128 * 2
+        big = prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 1 << 20, cuda)
+        assert big == attention.PREFILL_GATHER_BYTES
+    with mock.patch.object(attention, "_cuda_arch", lambda: 80):  # no gathered kernel: only FP8 copies
+        assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 4096, cuda) == 0
+        big = prefill_copy_bytes(model, ops("triton"), fp8, torch.bfloat16, 1 << 20, cuda)
+        assert big == attention.FP8_PREFILL_COPY_BYTES
 
 
 def test_swap_moves_fp8_blocks_with_their_scales(tmp_path):

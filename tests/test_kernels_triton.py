@@ -436,9 +436,10 @@ def check_prefill(
     kv_fp8: bool = False,
     fp8_copy: bool | None = None,
 ) -> None:
-    """`reqs`: (cached prefix, new query tokens) per request. With an FP8 cache and no `cfg`, the kernel reads
-    a dequantized 16-bit copy of the context (attention.FP8_PREFILL_COPY_BYTES; fp8_copy=False sets it to 0):
-    the reference then attends over that copy's values (FP8 x scale rounded to the 16-bit dtype)."""
+    """`reqs`: (cached prefix, new query tokens) per request. With an FP8 cache and no `cfg` or one with
+    gather=True, the kernel reads a dequantized 16-bit copy of the context (attention.FP8_PREFILL_COPY_BYTES;
+    fp8_copy=False sets it to 0): the reference then attends over that copy's values (FP8 x scale rounded to
+    the 16-bit dtype). A `cfg` with gather=True and 16-bit tiles must run the gathered kernel (checked)."""
     triton_ops, torch_ops = _ops()
     from engine.kernels.torch_ops import dequantize_fp8
     from engine.kernels.triton import attention
@@ -465,9 +466,12 @@ def check_prefill(
     elif cfg is None:
         got = triton_ops.prefill_attention(q, k_bad, v_bad, query_start_loc, *args, **scales_bad)
     else:
-        got = attention.prefill_attention(
-            q, k_bad, v_bad, query_start_loc, *args, _attention_cfg("prefill", cfg), **scales_bad
-        )
+        with mock.patch.object(attention, "TensorDescriptor", wraps=attention.TensorDescriptor) as descriptors:
+            got = attention.prefill_attention(
+                q, k_bad, v_bad, query_start_loc, *args, _attention_cfg("prefill", cfg), **scales_bad
+            )
+        if cfg.get("gather") and dtype in (BF16, F16) and sum(n for _, n in reqs):
+            assert descriptors.call_count == 2, "the gathered kernel did not run"  # K's and V's
     _assert_close(got, want, dtype, f"prefill_attention reqs={reqs[:3]}")
 
 
@@ -836,6 +840,7 @@ def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
             decode, BF16, 32, 8, 128, kv_fp8=True, programs_per_sm=64, min_tiles_per_split=1
         ),
         "decode_fp8_kv_bf16_d128_gqa4_one_split": partial(decode, BF16, 32, 8, 128, kv_fp8=True, max_splits=1),
+        "decode_fp8_kv_bf16_d128_gqa4_tl_dot": partial(decode, BF16, 32, 8, 128, kv_fp8=True, fma=False),
         "decode_fp8_kv_f16_d64_gqa3_splits": partial(
             decode, F16, 12, 4, 64, kv_fp8=True, programs_per_sm=64, min_tiles_per_split=1
         ),

@@ -1,6 +1,7 @@
 """Paged attention in Triton: split-KV decode (flash-decoding) and varlen causal prefill.
 
-Both read K/V through the block table, one key tile at a time::
+Both read K/V through the block table, one key tile at a time (or, for prefill on Hopper, through a
+contiguous copy of the context: see "Prefill through a copy" below)::
 
     key n of request r  ->  cache[block_table[r, n // BS], n % BS, kv_head, :]
 
@@ -27,6 +28,16 @@ Prefill, grid (query tiles, Hk): rows of a tile are (token, head-of-group) pairs
 
 A tile of request r at query offsets [tok0, tok0 + BQ) reads keys [0, last position]: the full
 tiles below its first position unmasked, the rest with the causal mask key <= position.
+
+Prefill through a copy (PrefillConfig.gather, the default on Hopper for 16-bit tiles): the launch's
+context is first copied block by block into contiguous rows (gathered_context; an FP8 cache's dequantized
+copy is the same layout), request r's keys at rows r * W * BS + n of a [rows, Hk * D] view, every slot past
+a context zero. _prefill_gather_kernel then loads whole BLOCK_N-key tiles through tensor descriptors (TMA on
+Hopper: no per-key address, no pointer tensors in registers) straight into shared memory for the tensor
+cores; tiles that run past a context read zeros or the next request's finite keys, masked out of the
+scores like any causal tile. Same programs, rows, splits and merge as the paged kernel.
+
+Decode over an FP8 cache runs on the CUDA cores by default (DecodeConfig.fma, decode_fma.py).
 
 FP8 caches (float8e4nv, KV_FP8; scales [NB, BS, Hk] float32 per slot and KV head, see
 torch_ops): a tile is loaded as FP8 (half the bytes of bf16) and converted in registers to q's dtype
@@ -83,14 +94,19 @@ class PrefillConfig:
     warp_specialize: bool = False  # with gather: Triton's warp-specialized key loop (producer/consumer warps)
 
 
-def decode_config(device: torch.device, head_dim: int, dtype: torch.dtype, kv_fp8: bool = False) -> DecodeConfig:
-    """Tiles for q and tiles multiplied in `dtype` (the cache's, or q's for an FP8 cache: kv_fp8)."""
+def decode_config(
+    device: torch.device, head_dim: int, dtype: torch.dtype, kv_fp8: bool = False, group: int = 1
+) -> DecodeConfig:
+    """Tiles for q and tiles multiplied in `dtype` (the cache's, or q's for an FP8 cache: kv_fp8), `group` query
+    heads a KV head."""
     if device.type != "cuda":  # the interpreter: small tiles, still split so every path runs
         return DecodeConfig(block_n=16, min_tiles_per_split=1, num_warps=1, num_stages=1)
-    if kv_fp8 and head_dim <= 128:
+    if kv_fp8 and head_dim <= 128 and group <= 4:
         # the CUDA-core kernel: FP8 tiles widened in registers, no shared-memory round trip for mma. Against the
-        # tl.dot kernel on the same FP8 cache (H100, experiments.tune_attention --only decode-fp8, 2026-12-06):
-        # batch 4 x 50K 238 vs 335 us, batch 1 x 50K 83 vs 103 us, batch 64 x 512 58 vs 163 us
+        # tl.dot kernel's default on the same FP8 cache (H100, experiments.tune_attention --only decode-fp8,
+        # 2026-12-06): batch 4 x 50K ~235 vs 335 us (its best tile: 227), batch 1 x 50K 83 vs 103 us; batch 64 x
+        # 512 58 us (a bf16 cache: 68 us). 255 registers and 180 bytes of spills at G 4 (ptxas, sm_90; the fastest
+        # tile even so); at G 8 it spills ~2 KB, so larger groups keep the tl.dot kernel
         return DecodeConfig(fma=True, block_n=32, num_warps=1, programs_per_sm=16, num_stages=1)
     if kv_fp8 and dtype == torch.float32:
         # FP8 -> fp32 tiles (tl.dot): two stages spill (255 registers + ~300 bytes); one takes 63 (ptxas, sm_90)
@@ -103,8 +119,11 @@ def decode_config(device: torch.device, head_dim: int, dtype: torch.dtype, kv_fp
     return DecodeConfig(block_n=64 if head_dim <= 128 else 32, min_tiles_per_split=1)
 
 
-def prefill_config(device: torch.device, head_dim: int, dtype: torch.dtype, kv_fp8: bool = False) -> PrefillConfig:
-    """Tiles for tiles multiplied in `dtype` (the cache's, or q's for an FP8 cache: kv_fp8)."""
+def prefill_config(
+    device: torch.device, head_dim: int, dtype: torch.dtype, kv_fp8: bool = False, gather: bool = True
+) -> PrefillConfig:
+    """Tiles for tiles multiplied in `dtype` (the cache's, or q's for an FP8 cache: kv_fp8); gather=False: the
+    paged kernel's even where the gathered one is the default (prefill_attention's fallback)."""
     if device.type != "cuda":  # the interpreter: small tiles, splits from short contexts so that path runs
         return PrefillConfig(block_m=32, block_n=16, num_warps=1, num_stages=1, min_split_keys=32)
     # sized from ptxas -v for sm_90: 116-181 registers a thread and no spills for 16-bit caches
@@ -118,7 +137,7 @@ def prefill_config(device: torch.device, head_dim: int, dtype: torch.dtype, kv_f
         return PrefillConfig(block_m=128, block_n=32, num_warps=8, num_stages=3)
     if head_dim > 128:
         return PrefillConfig(block_m=64, block_n=32, num_warps=8, num_stages=2)
-    if _cuda_arch() >= 90:
+    if gather and 90 <= _cuda_arch() < 120:  # sm_120's 99 KiB of shared memory a block do not hold 3 stages
         # tiles through tensor descriptors (TMA) from contiguous copies: 0.63-0.68 of the bf16 matmul rate at
         # 1.3K-16K-token chunks over 0-55K cached tokens, against 0.36-0.45 for the paged loads below
         # (experiments.tune_attention --only prefill --gather, H100, 2026-12-06)
@@ -466,7 +485,7 @@ def decode_attention(
     _, bs, hk, _ = k_cache.shape
     group = hq // hk
     fp8, compute = _compute_dtype(q, k_cache, k_scale, v_scale)
-    cfg = cfg or decode_config(q.device, d, compute, fp8)
+    cfg = cfg or decode_config(q.device, d, compute, fp8, group)
     if cfg.fma:
         from engine.kernels.triton.decode_fma import decode_attention_fma
 
@@ -1082,7 +1101,7 @@ def _dequant_rows(c_ptr, s_ptr, t, d, c_st1, c_st3, s_st1, mask, live, dtype: tl
     return x.to(dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bt_st0", "W"])
 def _dequant_blocks_kernel(
     kc_ptr,
     vc_ptr,
@@ -1116,17 +1135,18 @@ def _dequant_blocks_kernel(
     D: tl.constexpr,
     D_PAD: tl.constexpr,
     SCALED: tl.constexpr,
-    ZERO_DEAD: tl.constexpr,
+    ZERO_TO: tl.constexpr,
 ):
     """Block j of request r (program r * W + j), KV head h: its K and V (FP8 ones times their scales: SCALED),
     rounded to nearest in the copies' dtype, into block r * W + j of the copies; slots past the request's
-    length get zeros, and so do the blocks wholly past it with ZERO_DEAD (else they are left unwritten)."""
+    length get zeros, and so do the blocks wholly past it up to its length rounded up to ZERO_TO keys (at
+    least ZERO_TO; 0: none), the keys a tile of ZERO_TO keys may read. Later blocks are left unwritten."""
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     r = pid // W
     j = pid % W
     seq = tl.load(seq_lens_ptr + r)
-    if ZERO_DEAD and j * BS >= seq:
+    if ZERO_TO > 0 and j * BS >= seq and j * BS < tl.maximum(tl.cdiv(seq, ZERO_TO), 1) * ZERO_TO:
         t = tl.arange(0, BS)
         d = tl.arange(0, D_PAD)
         out = pid.to(tl.int64) * ko_st0 + t[:, None] * ko_st1 + h * ko_st2 + d[None, :]
@@ -1185,23 +1205,25 @@ def dequantized_context(
     seq_lens: torch.Tensor,
     block_table: torch.Tensor,
     dtype: torch.dtype,
-    zero_dead: bool = False,
+    zero_to: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(k, v, block_table): `dtype` copies of the FP8 blocks a prefill reads, dequantized; request r's block j
-    is block r * W + j of the copies (W = block_table's width). No host sync. zero_dead: see gathered_context."""
-    return _copy_context(k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, dtype, zero_dead)
+    is block r * W + j of the copies (W = block_table's width). No host sync. zero_to: see gathered_context."""
+    return _copy_context(k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, dtype, zero_to)
 
 
 def gathered_context(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor
+    k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, zero_to: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(k, v, block_table): copies of the blocks a prefill reads, in order, so that request r's keys are rows
-    [r * W * BS, r * W * BS + seq_len) of the copies seen as [rows, Hk * D] (W = block_table's width); every
-    slot past a request's length is zero, so a tile that reads past it multiplies zeros. No host sync."""
-    return _copy_context(k_cache, v_cache, None, None, seq_lens, block_table, k_cache.dtype, True)
+    [r * W * BS, r * W * BS + seq_len) of the copies seen as [rows, Hk * D] (W = block_table's width). The
+    slots past a request's length are zero up to its length rounded up to `zero_to` keys (at least `zero_to`),
+    so a tile of `zero_to` keys that reads past a context, into its own rows or the next request's first
+    ones, multiplies zeros or finite keys. No host sync."""
+    return _copy_context(k_cache, v_cache, None, None, seq_lens, block_table, k_cache.dtype, zero_to)
 
 
-def _copy_context(k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, dtype, zero_dead):
+def _copy_context(k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, dtype, zero_to):
     reqs, width = block_table.shape
     _, bs, hk, d = k_cache.shape
     k_out = torch.empty((reqs * width, bs, hk, d), dtype=dtype, device=k_cache.device)
@@ -1231,10 +1253,20 @@ def _copy_context(k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, dty
             D=d,
             D_PAD=max(16, triton.next_power_of_2(d)),
             SCALED=scaled,
-            ZERO_DEAD=zero_dead,
+            ZERO_TO=zero_to,
             num_warps=4,
         )
     return k_out, v_out, table
+
+
+def prefill_copy_limit(device: torch.device, head_dim: int, dtype: torch.dtype, kv_fp8: bool) -> int:
+    """The most bytes prefill_attention's default path copies a context into (0: it reads the cache itself):
+    an FP8 cache's dequantized copy, or a 16-bit cache's gathered one where the gathered kernel is the default.
+    `dtype` is the model's (q's)."""
+    if kv_fp8:
+        return FP8_PREFILL_COPY_BYTES
+    gather = prefill_config(device, head_dim, dtype).gather and dtype in (torch.bfloat16, torch.float16)
+    return PREFILL_GATHER_BYTES if gather and head_dim == triton.next_power_of_2(head_dim) else 0
 
 
 def prefill_attention(
@@ -1259,6 +1291,7 @@ def prefill_attention(
     copy_bytes = 2 * block_table.numel() * bs * hk * d * torch.finfo(compute).bits // 8
     some = bool(tokens and reqs)
     copy = fp8 and some and copy_bytes <= FP8_PREFILL_COPY_BYTES and (cfg is None or cfg.gather)
+    given = cfg
     cfg = cfg or prefill_config(q.device, d, compute, fp8 and not copy)
     gather = (
         cfg.gather
@@ -1269,13 +1302,16 @@ def prefill_attention(
         and d >= 16
         and d == triton.next_power_of_2(d)
     )
+    if given is None and cfg.gather and not gather:  # the paged kernel's own tiles, not the gather kernel's
+        cfg = prefill_config(q.device, d, compute, fp8 and not copy, gather=False)
+    zero_to = cfg.block_n if gather else 0
     if copy:
         k_cache, v_cache, block_table = dequantized_context(
-            k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, compute, zero_dead=gather
+            k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, compute, zero_to
         )
         fp8, k_scale, v_scale = False, None, None
     elif gather:
-        k_cache, v_cache, block_table = gathered_context(k_cache, v_cache, seq_lens, block_table)
+        k_cache, v_cache, block_table = gathered_context(k_cache, v_cache, seq_lens, block_table, zero_to)
     out = torch.empty_like(q)
     if tokens == 0 or reqs == 0:
         return out
@@ -1407,5 +1443,6 @@ __all__ = [
     "dequantized_context",
     "gathered_context",
     "prefill_attention",
+    "prefill_copy_limit",
     "prefill_splits",
 ]
