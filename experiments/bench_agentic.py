@@ -81,6 +81,7 @@ class CardRates:
     matmul_flops: float  # FLOP/s of an n x n x n GEMM in `dtype`
     matmul_n: int
     dtype: str
+    fp8_matmul_flops: float | None = None  # FLOP/s of the engine's FP8 linear (engine.quant.fp8_linear), n^3
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,18 @@ def matmul_rate(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
     return 2.0 * n**3 / best
 
 
+def fp8_matmul_rate(device: str, dtype: torch.dtype, n: int, repeats: int) -> float:
+    """FLOP/s (2 n^3 a product) of the engine's FP8 linear on n x n activations in `dtype` and an n x n e4m3
+    weight with per-channel scales: quantizing the activations per token included, as every prefill linear
+    of an FP8-weight engine does (torch._scaled_mm on CUDA); the best of five trials."""
+    from engine.quant import fp8_linear, quantize_fp8_per_channel
+
+    x = torch.randn(n, n, device=device).to(dtype)
+    w, scale = quantize_fp8_per_channel(torch.randn(n, n, device=device))
+    best = min(_seconds_per_call(lambda: fp8_linear(x, w, scale), device, repeats) for _ in range(5))
+    return 2.0 * n**3 / best
+
+
 def host_copy_bandwidth(num_bytes: int = 1 << 26) -> float:
     """Bytes per second of a host memory copy, counting bytes read and written (the best of five trials)."""
     a = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
@@ -138,9 +151,10 @@ def host_copy_bandwidth(num_bytes: int = 1 << 26) -> float:
     return 2 * num_bytes / min(_seconds_per_call(lambda: b.copy_(a), "cpu", 5) for _ in range(5))
 
 
-def measure_card(device: str, dtype: torch.dtype) -> CardRates:
+def measure_card(device: str, dtype: torch.dtype, fp8: bool = False) -> CardRates:
     """Copy bandwidth and GEMM rate of `device` (CUDA: bench_engine's 1 GiB copies, 8192^3 GEMMs; the CPU:
-    one thread, as the CPU server's engine runs)."""
+    one thread, as the CPU server's engine runs); with `fp8` (a server with FP8 weights) on CUDA, also the
+    rate of the engine's FP8 linear at the same size."""
     name = str(dtype).replace("torch.", "")
     if device == "cuda":
         rates = CardRates(
@@ -150,6 +164,7 @@ def measure_card(device: str, dtype: torch.dtype) -> CardRates:
             matmul_rate(device, dtype, 8192, 20),
             8192,
             name,
+            fp8_matmul_rate(device, dtype, 8192, 20) if fp8 else None,
         )
         torch.cuda.empty_cache()  # the server sizes its KV cache from what is free
         return rates
@@ -162,15 +177,22 @@ def measure_card(device: str, dtype: torch.dtype) -> CardRates:
 
 
 def twin_hardware(rates: CardRates, base: str) -> HardwareSpec:
-    """The conf/hardware entry `base` with the measured rates as its peak FLOP/s and bandwidth, no step overhead."""
+    """The conf/hardware entry `base` with the measured rates as its peak FLOP/s and bandwidth, no step overhead.
+
+    Its FP8 rate is the measured FP8 linear's when there is one, else none (the cost model then runs FP8
+    linears at the measured rate): the entry's datasheet FP8 rate beside a measured bf16 one would make the
+    FP8 roofline 2.5x the bf16 one on an H100 where the engine's FP8 GEMMs are not."""
     hw = load_hardware_spec(base)
+    fp8 = rates.fp8_matmul_flops
     return dataclasses.replace(
         hw,
         peak_flops=rates.matmul_flops,
+        peak_flops_fp8=fp8,
         mem_bandwidth=rates.copy_bytes_s,
         step_overhead_s=0.0,
         source=f"measured on {rates.card}: copy {rates.copy_bytes_s / 1e9:.1f} GB/s (read+write), "
-        f"{rates.dtype} GEMM {rates.matmul_n}^3 {rates.matmul_flops / 1e12:.2f} TFLOP/s",
+        f"{rates.dtype} GEMM {rates.matmul_n}^3 {rates.matmul_flops / 1e12:.2f} TFLOP/s"
+        + (f", FP8 linear {fp8 / 1e12:.2f} TFLOP/s" if fp8 else ""),
     )
 
 
@@ -447,11 +469,13 @@ def run(args: argparse.Namespace, progress=print) -> dict:
     """Measures the card, serves every level, runs the twin on each; returns the results (JSON-ready)."""
     start = time.monotonic()
     setup = Setup.of(args)
-    rates = measure_card(setup.device, setup.dtype)
+    rates = measure_card(setup.device, setup.dtype, setup.options.get("quantization", "none") == "fp8")
     hw = twin_hardware(rates, args.hardware or hardware_name(SimpleNamespace(device=torch.device(setup.device))))
     progress(
         f"card: {rates.card}; copy {rates.copy_bytes_s / 1e9:.1f} GB/s (read+write), {rates.dtype} GEMM "
-        f"{rates.matmul_n}^3 {rates.matmul_flops / 1e12:.2f} TFLOP/s; twin hardware {hardware_label(hw)}"
+        f"{rates.matmul_n}^3 {rates.matmul_flops / 1e12:.2f} TFLOP/s"
+        + (f", FP8 linear {rates.fp8_matmul_flops / 1e12:.2f} TFLOP/s" if rates.fp8_matmul_flops else "")
+        + f"; twin hardware {hardware_label(hw)}"
     )
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_agentic-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,22 @@ def test_the_twin_takes_the_servers_fp8_options(tmp_path):
     assert (fp8.dtype_bytes, fp8.kv_cache_dtype, fp8.quantization) == (2, "fp8_e4m3", "fp8")
 
 
+def test_the_twin_runs_fp8_linears_at_the_measured_fp8_rate_or_the_bf16_one():
+    """Never the datasheet's FP8 rate beside a measured bf16 one (2.5x apart on an H100)."""
+    import dataclasses
+
+    import torch
+
+    rates = bench_agentic.CardRates("cuda", "card", 3e12, 8e14, 8192, "bfloat16")
+    assert bench_agentic.twin_hardware(rates, "h100_sxm").peak_flops_fp8 is None
+    measured = dataclasses.replace(rates, fp8_matmul_flops=1.1e15)
+    hw = bench_agentic.twin_hardware(measured, "h100_sxm")
+    assert (hw.peak_flops, hw.peak_flops_fp8, hw.mem_bandwidth) == (8e14, 1.1e15, 3e12)
+    assert "FP8 linear 1100.00 TFLOP/s" in hw.source
+    # the engine's FP8 linear itself is what is timed (its CPU path here)
+    assert bench_agentic.fp8_matmul_rate("cpu", torch.float32, 64, 1) > 0
+
+
 def test_served_levels_beside_the_roofline(tmp_path, capsys):
     (tmp_path / "tiny.yaml").write_text(MODEL_YAML)
     config = write_tiny_config(tmp_path, "LlamaForCausalLM", vocab_size=1024, max_position_embeddings=4096)
