@@ -17,7 +17,8 @@ A Llama layer reads, with the residual stream replicated::
 `collectives(model)` is the static pass that walks those annotations in the
 order each module declares (`flow`) and lists the collective every mismatch
 needs (Partial->Replicate is an all-reduce, Shard->Replicate an all-gather,
-Replicate->Shard a local slice). A later tensor-parallel pass inserts them.
+Replicate->Shard a local slice); engine.tensor_parallel.shard_model inserts them
+and slices the parameters.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ class Replicate:
 
 @dataclass(frozen=True)
 class Shard:
-    """Sharded along `dim`; `segments` are sizes of fused parts sharded each on its own (e.g. q|k|v)."""
+    """Sharded along `dim`; `segments` are sizes of fused parts sharded each on its own (e.g. q|k|v), in
+    whole `unit`s (a head's head_dim rows): a part with fewer units than ranks is replicated, each unit
+    over size / units ranks (KV heads under GQA; engine.tensor_parallel)."""
 
     dim: int
     segments: tuple[int, ...] | None = None
+    unit: int = 1
 
     def __repr__(self) -> str:
         return f"S({self.dim})"
@@ -58,9 +62,10 @@ class Placement:
     params: Mapping[str, object] = field(default_factory=dict)
 
 
-def column_parallel(segments: tuple[int, ...] | None = None) -> Placement:
+def column_parallel(segments: tuple[int, ...] | None = None, unit: int = 1) -> Placement:
     """y = x W^T with W split by output rows: replicated in, sharded out, no communication."""
-    return Placement(Replicate(), Shard(-1, segments), {"weight": Shard(0, segments), "bias": Shard(0, segments)})
+    rows = Shard(0, segments, unit)
+    return Placement(Replicate(), Shard(-1, segments, unit), {"weight": rows, "bias": rows})
 
 
 def row_parallel() -> Placement:
@@ -83,7 +88,8 @@ class Collective:
     op: str  # "all_reduce" | "all_gather" | "slice"
 
 
-def _transition(have: object, want: object) -> str | None:
+def transition(have: object, want: object) -> str | None:
+    """The collective that turns placement `have` into `want` (None: none is needed)."""
     if have == want:
         return None
     if isinstance(have, Partial) and isinstance(want, Replicate):
@@ -95,6 +101,11 @@ def _transition(have: object, want: object) -> str | None:
     if isinstance(have, Shard) and isinstance(want, Shard):
         return None if have.dim == want.dim else "all_to_all"
     raise ValueError(f"no collective turns {have!r} into {want!r}")
+
+
+def walk(model) -> Iterator[tuple[str, Placement]]:
+    """(module path, placement) of every annotated module of `model`, in execution order (`flow`)."""
+    return _walk(model, "")
 
 
 def _walk(module, prefix: str) -> Iterator[tuple[str, Placement]]:
@@ -120,11 +131,11 @@ def collectives(model, start: object = Replicate(), end: object = Replicate()) -
     out: list[Collective] = []
     have = start
     for path, placement in _walk(model, ""):
-        op = _transition(have, placement.input)
+        op = transition(have, placement.input)
         if op is not None:
             out.append(Collective(path, op))
         have = placement.output
-    op = _transition(have, end)
+    op = transition(have, end)
     if op is not None:
         out.append(Collective("<output>", op))
     return out

@@ -272,7 +272,8 @@ def test_fp8_placement_annotations():
         plain, fp8 = CausalLM(config), CausalLM(config, "fp8")
     assert collectives(plain) == collectives(fp8)
     attn = fp8.model.layers[0].self_attn
-    assert attn.qkv_proj.placement.params["weight_scale"] == Shard(0, attn.qkv_proj.placement.params["weight"].segments)
+    rows = attn.qkv_proj.placement.params["weight"]
+    assert attn.qkv_proj.placement.params["weight_scale"] == Shard(0, rows.segments, rows.unit)
     assert attn.o_proj.placement.params["weight_scale"] == Replicate()
 
 

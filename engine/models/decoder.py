@@ -154,7 +154,7 @@ class Attention(nn.Module):
             config.hidden_size,
             (hq + 2 * hk) * d,
             config.attention_bias,
-            column_parallel(segments=(hq * d, hk * d, hk * d)),
+            column_parallel(segments=(hq * d, hk * d, hk * d), unit=d),
             quantization,
         )
         self.qk_norm = config.qk_norm

@@ -1,0 +1,145 @@
+"""Tensor parallelism on the CPU: engine.tensor_parallel's pass at TP 2 and 4 over gloo, against TP 1.
+
+Each case spawns TP processes; every rank builds the same tiny random-weight model, shards it with the
+pass, and runs a prefill of three ragged prompts, then decode steps, over its own paged KV cache (its
+heads only). Rank 0's logits (gathered over the vocabulary) and greedy tokens must equal one process's
+TP 1 run within float32 reduction-order tolerance. Llama (2 KV heads: split at TP 2, replicated over
+pairs of ranks at TP 4) and Qwen3 (per-head q/k norms, tied embeddings).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+
+from engine_helpers import tiny_config
+from model_steps import prefill_then_decode, tiny_model
+
+PROMPTS, STEPS = [7, 12, 3], 3
+
+
+def _run(arch: str, overrides: dict, tp_rank: int = 0, tp_size: int = 1):
+    from engine.kernels.registry import KernelSet
+    from engine.tensor_parallel import TPGroup, shard_model
+
+    torch.manual_seed(0)
+    model = tiny_model(arch, **overrides)
+    shard_model(model, TPGroup(tp_rank, tp_size))
+    return prefill_then_decode(model, KernelSet("cpu", prefer=("torch",)), PROMPTS, steps=STEPS)
+
+
+def _rank(rank: int, size: int, port: int, arch: str, overrides: dict, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        logits, tokens = _run(arch, overrides, rank, size)
+        if rank == 0:
+            torch.save({"logits": logits, "tokens": tokens}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_tp(arch: str, size: int, **overrides):
+    """Rank 0's (logits per step, greedy tokens) of a TP `size` run in `size` spawned processes."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank0.pt")
+        mp.spawn(_rank, args=(size, _free_port(), arch, overrides, out), nprocs=size, join=True)
+        got = torch.load(out)
+    return got["logits"], got["tokens"]
+
+
+CASES = {
+    "llama_tp2_kv_heads_split": ("LlamaForCausalLM", 2, {}),
+    "llama_tp4_kv_heads_replicated": ("LlamaForCausalLM", 4, {}),
+    "qwen3_tp2_tied": ("Qwen3ForCausalLM", 2, {"tie_word_embeddings": True}),
+    "qwen3_tp4_kv_heads_replicated": ("Qwen3ForCausalLM", 4, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_tensor_parallel_equals_one_rank(name: str) -> None:
+    arch, size, overrides = CASES[name]
+    want_logits, want_tokens = _run(arch, overrides)
+    got_logits, got_tokens = run_tp(arch, size, **overrides)
+    assert got_tokens == want_tokens
+    assert len(got_logits) == len(want_logits) == STEPS + 1
+    for got, want in zip(got_logits, want_logits):
+        assert got.shape == want.shape  # the whole vocabulary, gathered
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_sizes_that_do_not_divide_are_refused_with_the_reason() -> None:
+    from engine.tensor_parallel import TPGroup, check_divisible, shard_model
+
+    c = tiny_config("LlamaForCausalLM")  # 8 query heads, 2 KV heads, FFN 256, vocabulary 512
+    with pytest.raises(ValueError, match="does not divide the 8 query heads"):
+        check_divisible(c, 3)
+    with pytest.raises(ValueError, match="the 3 KV heads"):
+        check_divisible(tiny_config("LlamaForCausalLM", num_key_value_heads=3, num_attention_heads=6), 2)
+    with pytest.raises(ValueError, match="FFN's 250 channels"):
+        check_divisible(tiny_config("LlamaForCausalLM", intermediate_size=250), 4)
+    with pytest.raises(ValueError, match="vocabulary of 510"):
+        check_divisible(tiny_config("LlamaForCausalLM", vocab_size=510), 4)
+    model = tiny_model("LlamaForCausalLM")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="query heads"):
+        shard_model(model, TPGroup(0, 16))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # refused before touching it
+    with pytest.raises(ValueError, match="not a rank"):
+        TPGroup(2, 2)
+
+
+def test_the_pass_slices_every_rank_its_part_and_inserts_the_annotated_collectives() -> None:
+    """No process group needed to shard: rank 1 of 4 keeps its heads, its FFN slice and a quarter of the
+    vocabulary, a KV head shared with rank 0, and one all-reduce after every Partial output."""
+    from engine.placement import collectives
+    from engine.tensor_parallel import TPGroup, shard_model
+
+    whole = tiny_model("LlamaForCausalLM")
+    model = shard_model(tiny_model("LlamaForCausalLM"), TPGroup(1, 4))
+    c, d = whole.config, whole.config.head_dim
+    assert (model.config.num_heads, model.config.num_kv_heads, model.config.intermediate_size) == (2, 1, 64)
+    assert model.config.vocab_size == c.vocab_size  # logits are gathered: the config keeps the whole vocabulary
+    a, w = model.model.layers[0].self_attn, whole.model.layers[0].self_attn
+    q, kv = c.num_heads * d, c.num_kv_heads * d
+    want = torch.cat(
+        [
+            w.qkv_proj.weight[2 * d : 4 * d],  # query heads 2 and 3
+            w.qkv_proj.weight[q : q + d],  # KV head 0, shared by ranks 0 and 1
+            w.qkv_proj.weight[q + kv : q + kv + d],
+        ]
+    )
+    assert torch.equal(a.qkv_proj.weight, want)
+    assert torch.equal(a.o_proj.weight, w.o_proj.weight[:, 2 * d : 4 * d])
+    m, wm = model.model.layers[0].mlp, whole.model.layers[0].mlp
+    i = c.intermediate_size
+    assert torch.equal(
+        m.gate_up_proj.weight, torch.cat([wm.gate_up_proj.weight[64:128], wm.gate_up_proj.weight[i + 64 : i + 128]])
+    )
+    assert torch.equal(m.down_proj.weight, wm.down_proj.weight[:, 64:128])
+    assert torch.equal(model.model.embed_tokens.weight, whole.model.embed_tokens.weight[128:256])
+    assert torch.equal(model.lm_head.weight, whole.lm_head.weight[128:256])
+    hooks = {n: len(mod._forward_hooks) for n, mod in model.named_modules() if mod._forward_hooks}
+    reduces = [x.where for x in collectives(whole) if x.op == "all_reduce"]
+    # every all-reduce the annotations imply sits on the module before it: the embedding (+ its zeroing
+    # hook), each o and down projection; the LM head gathers
+    assert hooks == {
+        "model.embed_tokens": 2,
+        **{f"model.layers.{n}.{p}": 1 for n in range(c.num_layers) for p in ("self_attn.o_proj", "mlp.down_proj")},
+        "lm_head": 1,
+    }
+    assert len(reduces) == 2 * c.num_layers + 1
