@@ -209,6 +209,9 @@ class EngineConfig:
         overlap_decode: launch each decode step's guessed successor before its tokens are back
             (engine/overlap.py); None: on where decode runs as CUDA graphs of the Triton kernels.
             On, the scheduler holds one block ahead of each decoding request (num_lookahead_tokens = 1).
+        tensor_parallel_size: ranks the model is sharded over (engine.tensor_parallel): this process is
+            rank 0 and runs the scheduler; the others are spawned processes that run each step's forward
+            on their shard (gloo on CPUs, NCCL on GPUs). Off (1) by default.
     """
 
     model: str = ""
@@ -229,6 +232,7 @@ class EngineConfig:
     enforce_eager: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     overlap_decode: bool | None = None
+    tensor_parallel_size: int = 1
     # KV cache events over ZMQ in vLLM's format (engine/kv_events.py KVEventsConfig fields;
     # docs/kv-events.md); None: off
     kv_events: Mapping[str, Any] | None = None
@@ -265,6 +269,8 @@ class EngineConfig:
             raise ValueError(f"num_gpu_blocks must be positive, got {self.num_gpu_blocks}")
         if self.overlap_decode not in (None, True, False):
             raise ValueError(f"overlap_decode must be true, false or null (auto), got {self.overlap_decode!r}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         if self.scheduler.num_lookahead_tokens:
             raise ValueError("scheduler.num_lookahead_tokens is the engine's to set: it follows overlap_decode")
         self.scheduler.validate()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from engine.memory import size_kv_cache
 from engine.output import Finished, StepOutput
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams, SequenceState, make_generator
+from engine.tensor_parallel import TPDriver, check_divisible, shard_model, tp_min
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,12 @@ class EngineCore:
             loaded.source,
         )
         mc = self.model_config
+        self.tp = None  # rank 0's end of a tensor-parallel group (engine.tensor_parallel)
+        if cfg.tensor_parallel_size > 1:
+            check_divisible(mc, cfg.tensor_parallel_size)  # before any process starts
+            self.tp = TPDriver(cfg.tensor_parallel_size)
+            shard_model(self.model, self.tp.start(cfg, self.device))
+            self._tp_finalizer = weakref.finalize(self, self.tp.stop)
         self.ops = KernelSet.default_for(self.device.type, cfg.kernel_backend, cfg.kernel_overrides)
         check_fp8_kv_support(self.device, self.kv_dtype, self.ops.chosen)
         sc = cfg.scheduler
@@ -117,17 +125,28 @@ class EngineCore:
                 else 0
             )
         )
+        if self.tp is not None:  # every rank sizes its cache (a profiling forward runs the collectives)
+            self.tp.send(("sizing", (self.max_model_len, self.idle_chunk_size)))
         self.num_blocks, self.num_host_blocks = size_kv_cache(
             self.model, self.ops, cfg, self.device, self.dtype, self.max_model_len, self.idle_chunk_size
         )
+        if self.tp is not None:  # the same block count on every rank: the smallest
+            self.num_blocks, self.num_host_blocks = tp_min(self.num_blocks, self.num_host_blocks, self.device)
         graphs = (
             ()
-            if (cfg.enforce_eager or self.device.type != "cuda" or self.ops.chosen["decode_attention"] == "torch")
+            if (
+                cfg.enforce_eager
+                or self.device.type != "cuda"
+                or self.ops.chosen["decode_attention"] == "torch"
+                or self.tp is not None  # not yet: graphs that capture the collectives
+            )
             else cfg.cuda_graph_batch_sizes
         )
         # auto: where decode runs as CUDA graphs of Triton kernels (XLA's kernels run on streams of their own)
         auto = bool(graphs) and self.ops.chosen["decode_attention"] == "triton"
         self.overlap = auto if cfg.overlap_decode is None else cfg.overlap_decode
+        if self.tp is not None and self.overlap:
+            raise ValueError("overlap_decode is not supported with tensor_parallel_size > 1 yet")
         self.scheduler_config = dataclasses.replace(
             sc,
             num_blocks=self.num_blocks,
@@ -142,11 +161,7 @@ class EngineCore:
         self.kv_events: KVEventPublisher | None = make_publisher(kv_events, sc.block_size)
         self.kept_kv_events: list | None = None  # see keep_kv_events()
         self._start_kv_events()
-        self.runner = ModelRunner(
-            self.model,
-            self.ops,
-            self.device,
-            self.dtype,
+        geometry = dict(
             num_blocks=self.num_blocks,
             block_size=sc.block_size,
             num_host_blocks=self.num_host_blocks,
@@ -154,10 +169,14 @@ class EngineCore:
             max_num_seqs=sc.max_num_seqs,
             max_blocks_per_seq=self.scheduler.max_blocks_per_seq,
             seed=cfg.seed,
-            graph_batch_sizes=graphs,
-            overlap=self.overlap,
             kv_dtype=self.kv_dtype,
         )
+        self.runner = ModelRunner(
+            self.model, self.ops, self.device, self.dtype, graph_batch_sizes=graphs, overlap=self.overlap, **geometry
+        )
+        if self.tp is not None:
+            self.tp.send(("geometry", geometry))
+            self.runner.tp = self.tp
         self.clock = clock or cp.WallClock()
         self.profile: list[dict] = []
         self.eos_token_ids = tuple(mc.eos_token_ids)
@@ -331,7 +350,10 @@ class EngineCore:
             self.kept_kv_events.append(ALL_BLOCKS_CLEARED)
 
     def close(self) -> None:
-        """Stops publishing KV events (what is queued is sent first); the engine may still step."""
+        """Stops publishing KV events (what is queued is sent first) and the other tensor-parallel ranks; without
+        those ranks the engine can no longer step."""
+        if self.tp is not None:
+            self._tp_finalizer()
         if self.kv_events is not None:
             self.scheduler.record_kv_events(False)
             self.scheduler.drain_kv_events()

@@ -63,7 +63,8 @@ class LLM:
         return self.tokenizer
 
     def close(self) -> None:
-        """Stops publishing KV events (what is queued is sent first, its sockets closed)."""
+        """Stops publishing KV events (what is queued is sent first, its sockets closed) and the other
+        tensor-parallel ranks."""
         self.engine.close()
 
     # Inputs --------------------------------------------------------------------------------------

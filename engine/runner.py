@@ -87,6 +87,12 @@ def _all_decode_batch(plan, cached_lens: np.ndarray) -> HostBatch:
     )
 
 
+def table_rows(batch: HostBatch, plan, block_size: int) -> np.ndarray:
+    """The batch's rows of the plan's block table, as wide as its longest context in blocks."""
+    width = max(1, -(-int(batch.seq_lens.max()) // block_size))
+    return np.asarray(plan.block_table)[batch.block_rows, :width]
+
+
 class ModelRunner:
     """Owns the KV cache tensors, turns plans into forward passes and samples.
 
@@ -144,6 +150,7 @@ class ModelRunner:
         self.num_guesses_used = self.num_guesses_dropped = 0
         self._last_end: float | None = None  # when the last step's tokens were back
         self.graphs = None
+        self.tp = None  # rank 0 of a tensor-parallel group: sends each step to the other ranks (engine.tensor_parallel)
         if graph_batch_sizes and device.type == "cuda":
             self.graphs = DecodeGraphs(self, sorted(b for b in graph_batch_sizes if b <= max_num_seqs))
 
@@ -171,6 +178,8 @@ class ModelRunner:
         step's tokens are waited for.
         """
         start = time.perf_counter()
+        if self.tp is not None:  # the other ranks run the same KV copies and forward, in step with this one
+            self.tp.send_step(plan, self.block_size)
         guess, self.guess = self.guess, None
         rows = guess.match(plan) if guess is not None else None
         if guess is not None and rows is None:
@@ -272,7 +281,11 @@ class ModelRunner:
         n = len(batch.input_ids)
         if self.graphs is not None and batch.num_decode == n and self.graphs.can_run(n):
             return self.graphs.run(batch, plan, ids_dev)
-        ids, pos, slots, meta = self.upload(batch, plan)
+        return self.forward_rows(batch, table_rows(batch, plan, self.block_size), ids_dev)
+
+    def forward_rows(self, batch: HostBatch, rows: np.ndarray, ids_dev: torch.Tensor | None = None) -> torch.Tensor:
+        """forward() given the batch's rows of the block table (table_rows): a tensor-parallel rank's step."""
+        ids, pos, slots, meta = self.upload(batch, rows)
         if ids_dev is not None:
             ids.copy_(ids_dev)
         ctx = ForwardContext(self.ops, self.kv, meta, self.cos_sin)
@@ -280,12 +293,11 @@ class ModelRunner:
         rows = torch.from_numpy(batch.logits_rows).to(self.device, non_blocking=True).long()
         return self.model.compute_logits(hidden.index_select(0, rows))
 
-    def upload(self, batch: HostBatch, plan):
-        """One staging copy of every integer input; returns device ids, positions, slots and metadata."""
-        table = np.asarray(plan.block_table)
+    def upload(self, batch: HostBatch, rows: np.ndarray):
+        """One staging copy of every integer input (`rows`: table_rows); returns device ids, positions, slots
+        and metadata."""
         nd, r = batch.num_decode, len(batch.seq_lens)
-        width = max(1, -(-int(batch.seq_lens.max()) // self.block_size))
-        rows = table[batch.block_rows, :width]
+        width = rows.shape[1]
         parts = [
             batch.input_ids,
             batch.positions,

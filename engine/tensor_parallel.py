@@ -28,8 +28,10 @@ them) is refused with the reason. Ranks talk through torch.distributed (NCCL on 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -184,4 +186,179 @@ def shard_model(model, tp: TPGroup):
     return model
 
 
-__all__ = ["TPGroup", "check_divisible", "local_config", "shard_model"]
+# ------------------------------------------------------------------------------ the engine's ranks
+#
+# One control plane: rank 0 (the EngineCore's process) loads, shards, sizes the KV cache and runs the
+# scheduler. Ranks 1..N-1 are spawned processes (TPDriver.start): each loads the same model, shards it, builds
+# a ModelRunner with rank 0's KV geometry (the same block count everywhere) and then, each step, receives
+# what rank 0's runner is about to run (its KV copies, the reordered batch and its block-table rows) and
+# runs the same forward on its shard; the collectives inside keep the ranks in step. Only rank 0 samples and
+# commits. Steps travel as pickled objects over torch.distributed (broadcast_object_list).
+
+
+def _init(rank: int, size: int, port: int, device: torch.device) -> None:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step_message(plan, block_size: int):
+    """(KV copies, batch, block-table rows) of a plan: what every other rank needs to run its step."""
+    from engine.runner import reorder_decodes_first, table_rows
+
+    ops = np.asarray(plan.kv_ops).copy() if len(plan.kv_ops) else None
+    if plan.num_tokens == 0:
+        return ops, None, None
+    batch = reorder_decodes_first(plan)
+    return ops, batch, table_rows(batch, plan, block_size)
+
+
+class TPDriver:
+    """Rank 0's end of the group: starts the other ranks, sends them each step, stops them."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.procs: list = []
+
+    def start(self, config, device: torch.device) -> TPGroup:
+        """Starts ranks 1..size-1 (`python -m engine.tensor_parallel`: plain processes, so that an engine
+        core which is itself a daemon process may start them) and joins the group as rank 0."""
+        import pickle
+        import subprocess
+        import sys
+
+        port = _free_port()
+        values = pickle.dumps(dataclasses.asdict(config))
+        for rank in range(1, self.size):
+            cmd = [
+                sys.executable,
+                "-m",
+                "engine.tensor_parallel",
+                str(rank),
+                str(self.size),
+                str(port),
+                str(os.getpid()),
+            ]
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+            proc.stdin.write(values)
+            proc.stdin.close()
+            self.procs.append(proc)
+        _init(0, self.size, port, device)
+        return TPGroup(0, self.size)
+
+    def send(self, message) -> None:
+        dist.broadcast_object_list([message], src=0)
+
+    def send_step(self, plan, block_size: int) -> None:
+        self.send(("step", step_message(plan, block_size)))
+
+    def stop(self) -> None:
+        if not self.procs:
+            return
+        try:
+            self.send(("stop", None))
+        finally:
+            for proc in self.procs:
+                try:
+                    proc.wait(timeout=30)
+                except Exception:
+                    proc.kill()
+            self.procs = []
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def tp_min(num_blocks: int, num_host_blocks: int, device: torch.device) -> tuple[int, int]:
+    """The smallest of every rank's (device blocks, host blocks): a collective every rank calls."""
+    sizes = torch.tensor([num_blocks, num_host_blocks], dtype=torch.int64, device=device)
+    dist.all_reduce(sizes, op=dist.ReduceOp.MIN)
+    return int(sizes[0]), int(sizes[1])
+
+
+def _receive():
+    box = [None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _worker(values: dict, rank: int, size: int, port: int) -> None:
+    """Rank `rank`: the same model, sharded; rank 0's runner geometry; then its steps until told to stop."""
+    from engine.config import EngineConfig
+    from engine.core import resolve_device, resolve_dtype
+    from engine.kernels.registry import KernelSet
+    from engine.loader import load_model
+    from engine.memory import size_kv_cache
+    from engine.runner import ModelRunner
+
+    cfg = EngineConfig.from_dict(values)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    _init(rank, size, port, device)
+    try:
+        torch.manual_seed(cfg.seed)
+        model = load_model(cfg, device, dtype).model
+        shard_model(model, TPGroup(rank, size))
+        ops = KernelSet.default_for(device.type, cfg.kernel_backend, cfg.kernel_overrides)
+        kind, (max_model_len, idle_chunk_size) = _receive()
+        assert kind == "sizing", kind
+        tp_min(*size_kv_cache(model, ops, cfg, device, dtype, max_model_len, idle_chunk_size), device)
+        kind, geometry = _receive()
+        assert kind == "geometry", kind
+        runner = ModelRunner(model, ops, device, dtype, **geometry)
+        with torch.inference_mode():
+            while True:
+                kind, message = _receive()
+                if kind == "stop":
+                    break
+                kv_ops, batch, rows = message
+                if kv_ops is not None:
+                    runner.copy_blocks(kv_ops)
+                if batch is not None:
+                    runner.forward_rows(batch, rows)
+    finally:
+        dist.destroy_process_group()
+
+
+def _watch_parent(pid: int) -> None:
+    """Ends this rank when rank 0's process is gone (it would otherwise wait on the group forever)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="rank0-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m engine.tensor_parallel RANK SIZE PORT PARENT_PID`, the EngineConfig's fields pickled on stdin."""
+    import pickle
+    import sys
+
+    rank, size, port, parent = (int(a) for a in (argv or sys.argv[1:]))
+    values = pickle.loads(sys.stdin.buffer.read())
+    _watch_parent(parent)
+    _worker(values, rank, size, port)
+
+
+__all__ = ["TPDriver", "TPGroup", "check_divisible", "local_config", "shard_model", "step_message", "tp_min"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,14 @@
 """Tensor parallelism on the CPU: engine.tensor_parallel's pass at TP 2 and 4 over gloo, against TP 1.
 
-Each case spawns TP processes; every rank builds the same tiny random-weight model, shards it with the
+The model level: each case spawns TP processes; every rank builds the same tiny random-weight model, shards it with the
 pass, and runs a prefill of three ragged prompts, then decode steps, over its own paged KV cache (its
 heads only). Rank 0's logits (gathered over the vocabulary) and greedy tokens must equal one process's
 TP 1 run within float32 reduction-order tolerance. Llama (2 KV heads: split at TP 2, replicated over
 pairs of ranks at TP 4) and Qwen3 (per-head q/k norms, tied embeddings).
+
+The engine level: `LLM(..., tensor_parallel_size=N)` (rank 0 schedules and samples, the spawned ranks run
+each step's forward on their shards) gives TP 1's greedy tokens and logprobs with prefix caching, chunked
+prefill and preemption all exercised.
 """
 
 from __future__ import annotations
@@ -143,3 +147,81 @@ def test_the_pass_slices_every_rank_its_part_and_inserts_the_annotated_collectiv
         "lm_head": 1,
     }
     assert len(reduces) == 2 * c.num_layers + 1
+
+
+def _engine_run(path: str, tp: int):
+    from engine import LLM, SamplingParams
+
+    llm = LLM(
+        model=path,
+        load_format="dummy",
+        device="cpu",
+        tensor_parallel_size=tp,
+        max_num_seqs=4,
+        chunk_size=16,  # 40-token prompts prefill in chunks
+        max_num_batched_tokens=16,
+        block_size=8,
+        num_gpu_blocks=16,  # four requests of up to 67 tokens cannot all hold their blocks: preemption
+        enable_prefix_caching=True,
+    )
+    try:
+        shared = list(range(5, 45))
+        prompts = [shared, shared + [7, 8, 9], list(range(100, 140)), shared[:20] + [3] * 20]
+        params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=0, ignore_eos=True)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.engine.stats()
+        return (
+            [o.outputs[0].token_ids for o in outs],
+            [[next(iter(d.values())) for d in o.outputs[0].logprobs] for o in outs],
+            stats,
+        )
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("arch,tp", [("LlamaForCausalLM", 2), ("Qwen3ForCausalLM", 4)])
+def test_the_engine_at_tensor_parallel_sizes_gives_tp1s_tokens(tmp_path, arch: str, tp: int) -> None:
+    from engine_helpers import write_tiny_config
+
+    path = write_tiny_config(tmp_path, arch)
+    want_tokens, want_logprobs, stats1 = _engine_run(path, 1)
+    got_tokens, got_logprobs, stats = _engine_run(path, tp)
+    assert got_tokens == want_tokens
+    for got, want in zip(got_logprobs, want_logprobs):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
+    assert stats.num_preemptions_recompute + stats.num_preemptions_swap > 0  # preemption ran
+    assert stats.cached_tokens > 0  # so did prefix caching
+    assert stats.num_blocks == stats1.num_blocks == 16  # the same KV geometry on every rank
+
+
+def test_the_engine_refuses_a_size_that_does_not_divide_before_starting_ranks(tmp_path) -> None:
+    from engine import LLM
+
+    from engine_helpers import write_tiny_config
+
+    path = write_tiny_config(tmp_path, "LlamaForCausalLM")
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the 8 query heads"):
+        LLM(model=path, load_format="dummy", device="cpu", tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
+        LLM(model=path, load_format="dummy", device="cpu", tensor_parallel_size=0)
+
+
+def test_kv_capacity_per_replica_grows_with_the_ranks(tmp_path) -> None:
+    """Sized from memory, each rank holds its KV heads only: TP 2 halves a block's bytes, doubling the blocks."""
+    from engine import LLM
+    from engine.memory import block_bytes
+
+    from engine_helpers import write_tiny_config
+
+    path = write_tiny_config(tmp_path, "LlamaForCausalLM")  # 2 KV heads: one a rank at TP 2
+    blocks = {}
+    for tp in (1, 2):
+        llm = LLM(model=path, load_format="dummy", device="cpu", tensor_parallel_size=tp, kv_cache_memory_gb=0.002)
+        try:
+            blocks[tp] = llm.engine.num_blocks
+            per_block = block_bytes(llm.engine.model, 16, torch.float32)
+            assert llm.engine.runner.kv.k.shape[3] == 2 // tp  # this rank's KV heads
+            assert blocks[tp] == int(0.002 * 2**30 // per_block)
+        finally:
+            llm.close()
+    assert blocks[2] == 2 * blocks[1]
