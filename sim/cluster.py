@@ -38,7 +38,9 @@ class StepRun(NamedTuple):
 
 
 class Replica:
-    """One engine replica (one GPU) driving its own scheduler.
+    """One engine replica driving its own scheduler: one GPU, or a tensor-parallel group of
+    `model.tensor_parallel_size` GPUs running each step together (one scheduler; its cost model
+    prices a step of the group, collectives included, and its KV blocks span the ranks).
 
     Args:
         env: the SimPy environment (its clock is the only clock).

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from controlplane import SchedulerConfig, policy_names
-from sim.specs import KV_CACHE_DTYPES, QUANTIZATIONS, check_choice
+from sim.specs import KV_CACHE_DTYPES, QUANTIZATIONS, check_choice, check_tensor_parallel
 from sim.workloads import make_workload
 
 
@@ -34,6 +34,7 @@ class ModelConf:
     tie_word_embeddings: bool = False
     kv_cache_dtype: str = "auto"  # auto (dtype_bytes) | fp8_e4m3: as the engine's setting (docs/simulator.md)
     quantization: str = "none"  # none | fp8: e4m3 linear weights, per-output-channel scales
+    tensor_parallel_size: int = 1  # GPUs a replica shards the model over, as the engine's setting (docs/simulator.md)
 
 
 @dataclass
@@ -48,6 +49,8 @@ class HardwareConf:
     step_overhead_s: float = 0.0
     source: str = ""
     peak_flops_fp8: Optional[float] = None  # dense FP8 FLOP/s; None: FP8 linear layers at peak_flops
+    gpu_link_bandwidth: Optional[float] = None  # GPU<->GPU bytes/s one direction; None: not known (TP 1 only)
+    collective_latency_s: Optional[float] = None  # seconds each collective adds; None: not known (0)
 
 
 @dataclass
@@ -67,7 +70,7 @@ class PolicyConf:
 
 @dataclass
 class ClusterConf:
-    """Replicas (one GPU each) behind a router; conf/cluster/*.yaml."""
+    """Replicas behind a router (each of model.tensor_parallel_size GPUs); conf/cluster/*.yaml."""
 
     num_replicas: int = 1
     router: str = "round_robin"  # a router policy spec: policy_names("router"), C++ or Python
@@ -162,6 +165,16 @@ def validate(cfg: SimulationConfig) -> None:
     s, e, c = cfg.sim, cfg.engine, cfg.cluster
     check_choice("model.kv_cache_dtype", cfg.model.kv_cache_dtype, KV_CACHE_DTYPES)
     check_choice("model.quantization", cfg.model.quantization, QUANTIZATIONS)
+    m = cfg.model
+    check_tensor_parallel(
+        "model.tensor_parallel_size",
+        m.tensor_parallel_size,
+        m.name,
+        m.num_heads,
+        m.num_kv_heads,
+        m.intermediate_size,
+        m.vocab_size,
+    )
     if s.mode not in ("open", "closed"):
         raise ValueError(f"sim.mode must be 'open' or 'closed', got {s.mode!r}")
     if s.session_rate is not None:

@@ -163,10 +163,28 @@ def _sum_of_max_pieces(
     return breaks, tuple(pieces)
 
 
+def ring_all_reduce_seconds(num_bytes: float, ranks: int, link_bandwidth: float, latency_s: float) -> float:
+    """A ring all-reduce of `num_bytes` over `ranks` GPUs: each sends and receives 2 (N-1)/N of the
+    buffer over its link, plus the collective's fixed latency; 0 for one rank (no collective)."""
+    if ranks == 1:
+        return 0.0
+    return 2 * (ranks - 1) / ranks * num_bytes / link_bandwidth + latency_s
+
+
+def ring_all_gather_seconds(num_bytes: float, ranks: int, link_bandwidth: float, latency_s: float) -> float:
+    """A ring all-gather whose gathered result is `num_bytes`: each GPU receives the (N-1)/N it lacks,
+    plus the collective's fixed latency; 0 for one rank."""
+    if ranks == 1:
+        return 0.0
+    return (ranks - 1) / ranks * num_bytes / link_bandwidth + latency_s
+
+
 class RooflineCost(CostModel):
     """Each operation takes the longer of its FLOPs at peak and its bytes at full bandwidth.
 
-    Per step (L layers, db bytes per element at the model's dtype, T tokens, S sampled rows):
+    Per step (L layers, db bytes per element at the model's dtype, T tokens, S sampled rows), on one
+    GPU of the replica (N = ``model.tensor_parallel_size`` GPUs run the step in lockstep, each on its
+    shard: `ModelSpec.rank_layer_matmuls`; N = 1, the whole model):
 
     * each weight matmul (in -> out) of each layer:
       ``max(2*T*in*out / peak_linear, (in*out*wb + out*sb + T*(in+out)*db) / bw)``
@@ -175,18 +193,32 @@ class RooflineCost(CostModel):
       ``hw.peak_flops_fp8`` with quantization fp8 when the hardware entry gives one, else
       ``hw.peak_flops``; activations stay at db
     * LM head on S rows only: ``max(2*S*hidden*vocab / peak, (hidden*vocab + S*(hidden+vocab)) * db / bw)``
-      (0 if S == 0): unquantized, at the model's dtype and rate, whatever the quantization
+      (0 if S == 0): unquantized, at the model's dtype and rate, whatever the quantization; vocab is
+      the rank's vocab / N (vocabulary-parallel)
     * attention: ``max(L*4*heads*head_dim*attn_pairs / peak, kv_read_tokens*kv_bytes_per_token / bw)``,
       at the model's rate (the engine computes attention in bf16) on the KV as stored
-      (`ModelSpec.kv_bytes_per_token`: fp8_e4m3's scales included)
-    * KV copies: ``(swap_out + swap_in) * kv_bytes_per_token * block_size / host_link``
+      (`ModelSpec.kv_bytes_per_token`: fp8_e4m3's scales included); heads / N and the rank's KV
+      bytes (`ModelSpec.rank_kv_bytes_per_token`) with N ranks
+    * KV copies: ``(swap_out + swap_in) * kv_bytes_per_token * block_size / host_link`` (each rank its
+      KV bytes over its own host link)
+    * with N > 1, the collectives the engine's tensor-parallel pass inserts (engine/tensor_parallel.py),
+      over ``hw.gpu_link_bandwidth`` (bw_link) with ``hw.collective_latency_s`` (lat) each:
+      2L + 1 ring all-reduces of the step's hidden states (after each layer's o and down, and after
+      the vocabulary-parallel embedding), ``(2L+1) * (2 (N-1)/N * T*hidden*db / bw_link + lat)``, and
+      one all-gather of the LM head's output, ``(N-1)/N * S*vocab*db / bw_link + lat`` (every step
+      with T > 0: the engine gathers the logits of the sampled rows, even of none; they are gathered
+      in the model's dtype and cast to float32 after)
     * plus ``hw.step_overhead_s``; operations run one after another (no overlap).
 
     Every coefficient is computed here once: `step_seconds` is a handful of float
-    operations (the simulator calls it about a million times per run).
+    operations (the simulator calls it about a million times per run). The collectives fold into the
+    same coefficients: their latencies and per-token bytes into every piece of the linear layers (a
+    term that is never compute bound), the gather's per-row bytes into both sides of the LM head's max.
 
     Args:
         model, hw: what runs where.
+    Raises:
+        ValueError: tensor_parallel_size > 1 on a hardware entry without gpu_link_bandwidth.
     """
 
     name = "roofline"
@@ -196,25 +228,41 @@ class RooflineCost(CostModel):
         self.hw = hw
         layers, db = model.num_layers, model.dtype_bytes
         peak, bw = hw.peak_flops, hw.mem_bandwidth
+        ranks = self.ranks = model.tensor_parallel_size
+        if ranks > 1 and hw.gpu_link_bandwidth is None:
+            raise ValueError(
+                f"model {model.label}: hardware {hardware_label(hw)} gives no gpu_link_bandwidth, so the "
+                f"collectives of a tensor-parallel replica cannot be priced; set hardware.gpu_link_bandwidth "
+                f"(bytes/s, one direction per GPU) and hardware.collective_latency_s"
+            )
         self.linear_peak_flops = (
             hw.peak_flops_fp8 if model.quantization == "fp8" and hw.peak_flops_fp8 is not None else peak
         )
+        hidden, vocab = model.hidden_size, model.vocab_per_rank
         # Weights' bytes in integers (exact): with quantization none, layers*i*o*db as before.
-        self._linear_breaks, self._linear_pieces = _sum_of_max_pieces(
+        terms = [
             (
                 layers * 2 * i * o / self.linear_peak_flops,
                 layers * model.linear_bytes(i, o) / bw,
                 layers * (i + o) * db / bw,
             )
-            for _, i, o in model.layer_matmuls()
-        )
-        hidden, vocab = model.hidden_size, model.vocab_size
-        self._head_flop_s = 2 * hidden * vocab / peak  # per sampled row
+            for _, i, o in model.rank_layer_matmuls()
+        ]
+        self._collective_step_s = self._collective_token_s = self._gather_row_s = 0.0
+        if ranks > 1:
+            link, latency = hw.gpu_link_bandwidth, hw.collective_latency_s or 0.0
+            all_reduces = 2 * layers + 1
+            self._collective_step_s = (all_reduces + 1) * latency  # + the logits' all-gather
+            self._collective_token_s = all_reduces * 2 * (ranks - 1) / ranks * hidden * db / link
+            self._gather_row_s = (ranks - 1) / ranks * model.vocab_size * db / link
+            terms.append((0.0, self._collective_step_s, self._collective_token_s))  # never compute bound
+        self._linear_breaks, self._linear_pieces = _sum_of_max_pieces(terms)
+        self._head_flop_s = 2 * hidden * vocab / peak + self._gather_row_s  # per sampled row
         self._head_weight_s = hidden * vocab * db / bw  # once per step
-        self._head_act_s = (hidden + vocab) * db / bw  # per sampled row
-        self._attn_pair_s = layers * 4 * model.num_heads * model.head_dim / peak
-        self._attn_kv_s = model.kv_bytes_per_token() / bw  # per KV token read, all layers
-        self._swap_token_s = model.kv_bytes_per_token() / hw.host_link_bandwidth
+        self._head_act_s = (hidden + vocab) * db / bw + self._gather_row_s  # per sampled row
+        self._attn_pair_s = layers * 4 * model.heads_per_rank * model.head_dim / peak
+        self._attn_kv_s = model.rank_kv_bytes_per_token() / bw  # per KV token read, all layers
+        self._swap_token_s = model.rank_kv_bytes_per_token() / hw.host_link_bandwidth
         self._overhead_s = hw.step_overhead_s
         self.native = _native.StepCost.roofline(
             overhead_s=self._overhead_s,
@@ -228,10 +276,23 @@ class RooflineCost(CostModel):
             attn_kv_s=self._attn_kv_s,
         )
 
+    def collective_seconds(self, num_tokens: int, num_sampled: int) -> float:
+        """The collectives' share of a step of `num_tokens` tokens and `num_sampled` sampled rows
+        (0 with one GPU, and for a step without tokens), straight from the ring formulas."""
+        m, hw = self.model, self.hw
+        if self.ranks == 1 or num_tokens <= 0:
+            return 0.0
+        hidden_bytes = num_tokens * m.hidden_size * m.dtype_bytes
+        args = (self.ranks, hw.gpu_link_bandwidth, hw.collective_latency_s or 0.0)
+        return (2 * m.num_layers + 1) * ring_all_reduce_seconds(hidden_bytes, *args) + ring_all_gather_seconds(
+            num_sampled * m.vocab_size * m.dtype_bytes, *args
+        )
+
     @property
     def is_physical_limit(self) -> bool:
-        """True when no fixed overhead is added: the costs are lower bounds for any engine."""
-        return self._overhead_s == 0.0
+        """True when no fixed overhead is added (no step overhead, and no assumed collective latency
+        with several GPUs a replica): the costs are lower bounds for any engine."""
+        return self._overhead_s == 0.0 and self._collective_step_s == 0.0
 
     def step_seconds(self, plan: Any) -> float:
         """Args: plan: an object with the `FEATURES` and ``block_size`` attributes.
@@ -266,11 +327,12 @@ class RooflineCost(CostModel):
 
     def describe(self) -> str:
         """Returns: the model, the machine, the rates' source and two sample step costs."""
-        limit = (
-            "physical limit (no per-step overhead)"
-            if self.is_physical_limit
-            else f"plus {self._overhead_s * 1e3:.3f} ms overhead per step"
-        )
+        if self.is_physical_limit:
+            limit = "physical limit (no per-step overhead)"
+        elif self._overhead_s == 0.0:
+            limit = "no per-step overhead but an assumed latency per collective"
+        else:
+            limit = f"plus {self._overhead_s * 1e3:.3f} ms overhead per step"
         label = hardware_label(self.hw)
         source = self.hw.source or "source not given"
         if label != self.hw.name:
@@ -287,9 +349,24 @@ class RooflineCost(CostModel):
                 else f"; linear layers at {self.linear_peak_flops / 1e12:.1f} TFLOP/s"
                 + (" (no hardware.peak_flops_fp8: the bf16 rate)" if self.hw.peak_flops_fp8 is None else " (fp8)")
             )
-            lines.append(
-                f"  storage: weights {m.weight_bytes() / 1e9:.2f} GB, KV {m.kv_bytes_per_token()} bytes/token{rate}"
-            )
+            if m.tensor_parallel_size == 1:
+                lines.append(
+                    f"  storage: weights {m.weight_bytes() / 1e9:.2f} GB, KV {m.kv_bytes_per_token()} bytes/token{rate}"
+                )
+            else:
+                lines.append(
+                    f"  per GPU of {m.tensor_parallel_size}: weights {m.rank_weight_bytes() / 1e9:.2f} GB, "
+                    f"KV {m.rank_kv_bytes_per_token()} bytes/token{rate}"
+                )
+                lines.append(
+                    f"  collectives: {2 * m.num_layers + 1} all-reduces of the hidden states and an all-gather "
+                    f"of the logits a step over {self.hw.gpu_link_bandwidth / 1e9:g} GB/s links, "
+                    + (
+                        f"{self.hw.collective_latency_s * 1e6:g} us each"
+                        if self.hw.collective_latency_s is not None
+                        else "no latency (hardware.collective_latency_s not known)"
+                    )
+                )
         lines.append(
             f"  decode 1 token at 4096 context: {self.lower_bound_decode_seconds(4096) * 1e3:.3f} ms;"
             f" prefill 2048 tokens: {self.lower_bound_prefill_seconds(2048) * 1e3:.3f} ms"
@@ -364,6 +441,8 @@ __all__ = [
     "PlanFeatures",
     "CostModel",
     "RooflineCost",
+    "ring_all_reduce_seconds",
+    "ring_all_gather_seconds",
     "ProfileCost",
     "nonnegative_least_squares",
     "read_profile",

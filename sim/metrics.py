@@ -5,7 +5,9 @@ Definitions (all times are simulated seconds):
 * TTFT: first token's commit time - arrival. TPOT: (finish - first token) / (outputs - 1).
   ITL: time between consecutive tokens of a request (a log-binned histogram, 0.5% wide bins).
 * per-user tokens/s: (outputs - 1) / (finish - first token), one value per request.
-* per-GPU tokens/s: output tokens / (simulated span x replicas); `total` adds prompt tokens.
+* per-GPU tokens/s: output tokens / (simulated span x GPUs); `total` adds prompt tokens. The GPUs
+  are replicas x GPUs per replica (`model.tensor_parallel_size`: a tensor-parallel replica is a group
+  of that many GPUs running each step together), `num_gpus` in the summary.
 * goodput: requests per second per GPU whose TTFT <= slo_ttft_s and TPOT <= slo_tpot_s.
 * prefix-cache hit rate: cached prompt tokens / prompt tokens (token-weighted).
 * prefill amplification: tokens prefilled / genuinely new tokens, where a call's
@@ -106,8 +108,13 @@ def _pcts(values: np.ndarray, prefix: str) -> dict[str, float]:
 class Collector:
     """Accumulates what replicas and sessions report; `summary()` turns it into the run's figures."""
 
-    def __init__(self, num_replicas: int, num_blocks: int, sample_interval_s: float, slo: Slo) -> None:
+    def __init__(
+        self, num_replicas: int, num_blocks: int, sample_interval_s: float, slo: Slo, gpus_per_replica: int = 1
+    ) -> None:
+        if isinstance(gpus_per_replica, bool) or not isinstance(gpus_per_replica, int) or gpus_per_replica < 1:
+            raise ValueError(f"gpus_per_replica must be a positive integer, got {gpus_per_replica!r}")
         self.num_replicas = num_replicas
+        self.gpus_per_replica = gpus_per_replica  # a tensor-parallel replica's GPUs
         self.num_blocks = num_blocks
         self.sample_interval_s = sample_interval_s
         self.slo = slo
@@ -122,6 +129,11 @@ class Collector:
         self._itl_pending_n = 0
         self.itl_sum = 0.0
         self.itl_n = 0
+
+    @property
+    def num_gpus(self) -> int:
+        """GPUs of the cluster, what per-GPU figures divide by: replicas x GPUs per replica."""
+        return self.num_replicas * self.gpus_per_replica
 
     # -- reports ------------------------------------------------------------------
     def on_steps(self, run) -> None:
@@ -241,12 +253,13 @@ class Collector:
             "num_requests": n,
             "num_sessions": len(self.sessions),
             "num_replicas": self.num_replicas,
+            "num_gpus": self.num_gpus,
             "truncated_sessions": int(sum(1 for s in self.sessions if s[4])),
         }
         if n == 0:
             return out
         span = float(cols["finish"].max() - cols["arrival"].min()) or math.nan
-        gpus = self.num_replicas
+        gpus = self.num_gpus
         outputs, prompts = cols["output_tokens"].sum(), cols["prompt_tokens"].sum()
         out.update(_pcts(cols["ttft"], "ttft_s"))
         out.update(_pcts(cols["tpot"], "tpot_s"))

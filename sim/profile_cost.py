@@ -15,14 +15,18 @@ per path the engine takes (csrc/sim/step_cost.h evaluates them)::
                                                                whole context: (c + q) * ceil(q / k) per request
         + dropped + dropped_kv + swap_out + swap_in            a dropped overlap guess; KV copies
 
-A profile prices the engine it measured, storage included: its header's ``kv_cache_dtype`` and
-``quantization`` (absent in a header: "auto" and "none", what every engine ran before FP8) must be
-the simulated model's, else `check_model` refuses it. A bf16 fit is not rescaled to FP8: its
+A profile prices the engine it measured, storage and sharding included: its header's
+``kv_cache_dtype`` and ``quantization`` (absent in a header: "auto" and "none", what every engine ran
+before FP8) and ``tensor_parallel_size`` (absent: 1, one GPU) must be the simulated model's, else
+`check_model` refuses it. A bf16 fit is not rescaled to FP8: its
 coefficients mix the bytes a step moves with what does not scale with them (kernel launches, the
 host's share, the quantize and dequantize work FP8 adds, the attention kernel's own rate), so a
 byte ratio applied to them would be a guess presented as a measurement. FP8 runs take the roofline
 (whose bytes do follow the storage) or a profile calibrated on an FP8 engine
-(``python -m experiments.calibrate --engine-option 'kv_cache_dtype="fp8_e4m3"' ...``).
+(``python -m experiments.calibrate --engine-option 'kv_cache_dtype="fp8_e4m3"' ...``). Nor is a
+one-GPU fit divided by the ranks of a tensor-parallel replica: the launches and the host's work do
+not shrink with them, and it measured no collective. Tensor-parallel runs take the roofline or a
+profile calibrated at their size (``--engine-option 'tensor_parallel_size=4'``).
 
 `strict` (a decode step the engine could not overlap with the host's work) and `dropped` (the
 guess of an overlapped decode that the next plan did not match, whose GPU time that plan waits
@@ -129,13 +133,25 @@ SHAPE_KEYS = (
     "vocab_size",
     "dtype_bytes",
 )
-# How the profiled engine stored weights and KV (header keys) and what a header without them means.
-STORAGE_DEFAULTS = {"kv_cache_dtype": "auto", "quantization": "none"}
+# How the profiled engine stored weights and KV and over how many GPUs it sharded the model (header
+# keys; experiments.calibrate writes each from the engine's config) and what a header without them means.
+STORAGE_DEFAULTS = {"kv_cache_dtype": "auto", "quantization": "none", "tensor_parallel_size": 1}
+SHARDING_KEYS = ("tensor_parallel_size",)
 
 
-def profile_storage(meta: Mapping[str, Any]) -> dict[str, str]:
-    """The profiled engine's ``kv_cache_dtype`` and ``quantization`` from a profile's header."""
-    return {k: str(meta.get(k, default)) for k, default in STORAGE_DEFAULTS.items()}
+def profile_storage(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The profiled engine's ``kv_cache_dtype`` and ``quantization`` (strings) and ``tensor_parallel_size``
+    (an int) from a profile's header: ModelSpec fields, ``dataclasses.replace(spec, **profile_storage(meta))``."""
+    out: dict[str, Any] = {}
+    for key, default in STORAGE_DEFAULTS.items():
+        value = meta.get(key, default)
+        if key in SHARDING_KEYS:
+            try:
+                value = int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"profile header: {key} must be an integer, got {value!r}") from None
+        out[key] = str(value) if key not in SHARDING_KEYS else value
+    return out
 
 
 def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -475,9 +491,22 @@ class ProfileCost(CostModel):
 
     def check_model(self, model: ModelSpec) -> None:
         """Raises ValueError if the profile names a model shape other than `model`'s, or was measured
-        with another ``kv_cache_dtype`` or ``quantization`` (a header without them: auto and none)."""
-        measured = profile_storage(self.meta)
-        wanted = {k: getattr(model, k) for k in STORAGE_DEFAULTS}
+        with another ``kv_cache_dtype`` or ``quantization`` (a header without them: auto and none), or
+        on another ``tensor_parallel_size`` (without it: 1). A profile is not rescaled to other ranks:
+        its terms mix the bytes a step moves with launches and the host's share, and it measured its
+        own collectives."""
+        recorded = profile_storage(self.meta)
+        ranks = recorded["tensor_parallel_size"]
+        if ranks != model.tensor_parallel_size:
+            raise ValueError(
+                f"profile {self.meta.get('source_file', '')!s}: measured on an engine with tensor_parallel_size="
+                f"{ranks}, but model {model.name} is simulated with tensor_parallel_size={model.tensor_parallel_size}; "
+                f"a fitted profile prices only the sharding it measured (no rescaling: sim/profile_cost.py). Use "
+                f"cost=roofline, or calibrate an engine at that size (python -m experiments.calibrate "
+                f"--engine-option 'tensor_parallel_size={model.tensor_parallel_size}') and pass sim.profile_path"
+            )
+        measured = {k: v for k, v in recorded.items() if k not in SHARDING_KEYS}
+        wanted = {k: getattr(model, k) for k in measured}
         if measured != wanted:
             says = ", ".join(f"{k}={v}" for k, v in measured.items())
             asks = ", ".join(f"{k}={v}" for k, v in wanted.items())
@@ -589,6 +618,7 @@ __all__ = [
     "FORMAT",
     "PROFILE_BASIS",
     "STORAGE_DEFAULTS",
+    "SHARDING_KEYS",
     "profile_storage",
     "ProfileCost",
     "ProfilePath",

@@ -126,7 +126,8 @@ def throughput_windows(result: SimResult, num_windows: int = 40) -> tuple[np.nda
         if mask.sum() < 3 or width <= 0:
             continue
         per_user.append(float(np.nanmedian(rate[mask])))
-        per_gpu.append(float(outputs[mask].sum() / width / result.summary["num_replicas"]))
+        gpus = result.summary.get("num_gpus", result.summary["num_replicas"])  # replicas x tensor_parallel_size
+        per_gpu.append(float(outputs[mask].sum() / width / gpus))
     return np.array(per_user), np.array(per_gpu)
 
 
@@ -172,7 +173,8 @@ VARYING_COLUMNS = (
     ("hardware", "hardware", "{}"),
     ("workload", "workload", "{}"),
     ("router", "router", "{}"),
-    ("GPUs", "num_replicas", "{}"),
+    ("replicas", "num_replicas", "{}"),
+    ("GPUs", "num_gpus", "{}"),
     ("mode", "mode", "{}"),
     ("seed", "seed", "{}"),
 )

@@ -129,7 +129,8 @@ class Simulation:
             if e.num_gpu_blocks is None
             else e.num_gpu_blocks
         )
-        block_bytes = self.model.kv_bytes_per_token() * block_size
+        # The host tier holds a replica's blocks: every rank's KV heads (host_kv_gb is per replica).
+        block_bytes = self.model.rank_kv_bytes_per_token() * self.model.tensor_parallel_size * block_size
         self.num_host_blocks = (
             int(e.host_kv_gb * 1e9 // block_bytes) if e.num_host_blocks is None else e.num_host_blocks
         )
@@ -158,7 +159,11 @@ class Simulation:
         cfg, s = self.cfg, self.cfg.sim
         env = simpy.Environment() if env is None else env
         collector = Collector(
-            cfg.cluster.num_replicas, self.num_blocks, s.kv_sample_interval_s, Slo(s.slo_ttft_s, s.slo_tpot_s)
+            cfg.cluster.num_replicas,
+            self.num_blocks,
+            s.kv_sample_interval_s,
+            Slo(s.slo_ttft_s, s.slo_tpot_s),
+            gpus_per_replica=self.model.tensor_parallel_size,
         )
         native = getattr(self.cost_model, "native", None)
         driven = s.fast_forward and replica_factory is None and native is not None  # the fast path
@@ -291,6 +296,7 @@ class Simulation:
             "eviction": c.scheduler.eviction,
             "preemption": c.scheduler.preemption,
             "router": c.cluster.router,
+            "tensor_parallel_size": self.model.tensor_parallel_size,
             "kv_blocks_per_replica": self.num_blocks,
             "host_blocks_per_replica": self.num_host_blocks,
             "cost_model": c.sim.cost_model,

@@ -23,6 +23,13 @@ every cost and capacity reads follow from them (`ModelSpec.weight_bytes`,
                               dtype_bytes (as vLLM keeps lm_head unquantized in FP8
                               per-channel checkpoints)
 
+A model spec also says over how many GPUs one replica shards the model, as the engine's
+``tensor_parallel_size`` does (engine/tensor_parallel.py): with N ranks each holds 1/N of the query
+heads, of the FFN's channels and of the vocabulary (the embedding and the LM head are
+vocabulary-parallel), the KV heads split N ways, or, with fewer KV heads than ranks, the one KV head it
+serves (N / num_kv_heads ranks share each); norms are whole on every rank. The ``rank_*`` methods give
+one rank's share, which is every figure with N = 1.
+
 One transformer layer, as the step-cost models see it (T tokens this step)::
 
     x [T, hidden] -> RMSNorm -> qkv  [hidden -> (heads + 2*kv_heads) * head_dim]
@@ -68,6 +75,27 @@ def check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
     """ValueError ``"<field> must be one of a, b, got 'x'"`` (the engine's wording) unless value is allowed."""
     if value not in allowed:
         raise ValueError(f"{field} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def check_tensor_parallel(
+    field: str, size: Any, model: str, num_heads: int, num_kv_heads: int, intermediate_size: int, vocab_size: int
+) -> None:
+    """ValueError naming `field` unless `size` is a positive integer the engine can shard such a model
+    over: it must divide the query heads, the FFN's channels and the vocabulary, and divide the KV heads
+    or be a multiple of them (engine/tensor_parallel.py check_divisible refuses the same sizes)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{field} must be a positive integer, got {size!r}")
+    problems = []
+    if num_heads % size:
+        problems.append(f"{num_heads} query heads")
+    if num_kv_heads % size and size % num_kv_heads:
+        problems.append(f"{num_kv_heads} KV heads (nor is it a multiple of them)")
+    if intermediate_size % size:
+        problems.append(f"{intermediate_size} FFN channels")
+    if vocab_size % size:
+        problems.append(f"vocabulary of {vocab_size}")
+    if problems:
+        raise ValueError(f"{field} {size} does not divide model {model}'s " + ", ".join(problems))
 
 
 def _check_positive_int(owner: str, field: str, value: Any) -> None:
@@ -121,6 +149,9 @@ class ModelSpec:
             float32 scales per token and KV head), as the engine's setting of that name.
         quantization: "none" or "fp8" (the linear layers' weights in e4m3 with a float32
             scale per output channel; embeddings, norms and LM head at dtype_bytes).
+        tensor_parallel_size: GPUs one replica shards the model over (the engine's setting of that
+            name); it must divide the query heads, the FFN and the vocabulary, and divide the KV heads
+            or be a multiple of them. 1: one GPU a replica.
     """
 
     name: str
@@ -135,6 +166,7 @@ class ModelSpec:
     tie_word_embeddings: bool = False
     kv_cache_dtype: str = "auto"
     quantization: str = "none"
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -159,6 +191,15 @@ class ModelSpec:
             raise ValueError(f"{owner}: tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         check_choice(f"{owner}: kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         check_choice(f"{owner}: quantization", self.quantization, QUANTIZATIONS)
+        check_tensor_parallel(
+            f"{owner}: tensor_parallel_size",
+            self.tensor_parallel_size,
+            self.name,
+            self.num_heads,
+            self.num_kv_heads,
+            self.intermediate_size,
+            self.vocab_size,
+        )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "<dict>") -> "ModelSpec":
@@ -200,11 +241,16 @@ class ModelSpec:
 
     @property
     def label(self) -> str:
-        """How summaries and messages name the model: its name, with the storage settings that
-        are not the defaults, e.g. ``llama3_8b (kv_cache_dtype=fp8_e4m3, quantization=fp8)``."""
+        """How summaries and messages name the model: its name, with the storage and sharding settings
+        that are not the defaults, e.g. ``llama3_8b (kv_cache_dtype=fp8_e4m3, quantization=fp8)``,
+        ``llama3_8b (tensor_parallel_size=4)``."""
         changed = [
             f"{field}={getattr(self, field)}"
-            for field, default in (("kv_cache_dtype", KV_CACHE_DTYPES[0]), ("quantization", QUANTIZATIONS[0]))
+            for field, default in (
+                ("kv_cache_dtype", KV_CACHE_DTYPES[0]),
+                ("quantization", QUANTIZATIONS[0]),
+                ("tensor_parallel_size", 1),
+            )
             if getattr(self, field) != default
         ]
         return f"{self.name} ({', '.join(changed)})" if changed else self.name
@@ -248,6 +294,65 @@ class ModelSpec:
         """
         return 2 * self.num_layers * self.num_kv_heads * (self.head_dim * self.kv_dtype_bytes + self.kv_scale_bytes)
 
+    # -- one rank of a tensor-parallel replica (all of the model with tensor_parallel_size 1) ------------
+
+    @property
+    def heads_per_rank(self) -> int:
+        """Query heads one rank computes: num_heads / N."""
+        return self.num_heads // self.tensor_parallel_size
+
+    @property
+    def kv_heads_per_rank(self) -> int:
+        """KV heads one rank holds: num_kv_heads / N, or 1 when there are fewer KV heads than ranks
+        (the engine gives each rank the KV head its query heads read: N / num_kv_heads ranks hold each)."""
+        return max(1, self.num_kv_heads // self.tensor_parallel_size)
+
+    @property
+    def intermediate_per_rank(self) -> int:
+        """FFN channels of one rank: intermediate_size / N."""
+        return self.intermediate_size // self.tensor_parallel_size
+
+    @property
+    def vocab_per_rank(self) -> int:
+        """Rows of the vocabulary-parallel embedding and LM head on one rank: vocab_size / N."""
+        return self.vocab_size // self.tensor_parallel_size
+
+    def rank_layer_matmuls(self) -> tuple[tuple[str, int, int], ...]:
+        """One rank's weight matmuls of one layer as ``(name, in_features, out_features)``: qkv and
+        gate_up column-parallel (their outputs split: the rank's heads, its FFN channels), o and down
+        row-parallel (their inputs split; their outputs are partial sums, all-reduced). `layer_matmuls`
+        with tensor_parallel_size 1."""
+        attn = self.heads_per_rank * self.head_dim
+        kv = self.kv_heads_per_rank * self.head_dim
+        ffn = self.intermediate_per_rank
+        return (
+            ("qkv", self.hidden_size, attn + 2 * kv),
+            ("o", attn, self.hidden_size),
+            ("gate_up", self.hidden_size, 2 * ffn),
+            ("down", ffn, self.hidden_size),
+        )
+
+    def rank_weight_bytes(self) -> int:
+        """Bytes of one rank's weights: its slices of the linear layers (`rank_layer_matmuls`, each per
+        `linear_bytes`: a column-parallel layer's scales split with its rows, a row-parallel layer's whole
+        on every rank), its 1/N of the embedding and of the LM head (one table if tied) and every norm;
+        KV heads replicated over ranks count on each. `weight_bytes` with tensor_parallel_size 1."""
+        linear = self.num_layers * sum(self.linear_bytes(i, o) for _, i, o in self.rank_layer_matmuls())
+        tables = 1 if self.tie_word_embeddings else 2
+        norms = (2 * self.num_layers + 1) * self.hidden_size
+        return (tables * self.vocab_per_rank * self.hidden_size + norms) * self.dtype_bytes + linear
+
+    def rank_kv_bytes_per_token(self) -> int:
+        """Bytes of K and V one token occupies on one rank (its KV heads), scales included::
+
+        2 * num_layers * kv_heads_per_rank * (head_dim * kv_dtype_bytes + kv_scale_bytes)
+
+        `kv_bytes_per_token` / N when N divides the KV heads, / num_kv_heads (one head) when N exceeds them.
+        """
+        return (
+            2 * self.num_layers * self.kv_heads_per_rank * (self.head_dim * self.kv_dtype_bytes + self.kv_scale_bytes)
+        )
+
 
 @dataclass(frozen=True)
 class HardwareSpec:
@@ -264,6 +369,12 @@ class HardwareSpec:
         step_overhead_s: fixed seconds added to every non-empty step (CPU work,
             kernel launches); 0 makes the roofline a physical lower bound.
         source: where the numbers come from ("datasheet: ...", "estimate: ...").
+        gpu_link_bandwidth: GPU <-> GPU bytes/s, one direction, per GPU (NVLink on SXM boards), or
+            None (not known): what the collectives of a tensor-parallel replica move data at. A
+            replica with tensor_parallel_size > 1 needs it.
+        collective_latency_s: fixed seconds each collective (all-reduce, all-gather) of a
+            tensor-parallel replica takes beyond its bytes (launch, synchronisation), or None (not
+            known): priced as 0, bytes only.
     """
 
     name: str
@@ -274,6 +385,8 @@ class HardwareSpec:
     step_overhead_s: float = 0.0
     source: str = ""
     peak_flops_fp8: float | None = None
+    gpu_link_bandwidth: float | None = None
+    collective_latency_s: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -281,13 +394,18 @@ class HardwareSpec:
         owner = f"hardware {self.name}"
         for field in ("peak_flops", "mem_bandwidth", "mem_bytes", "host_link_bandwidth"):
             object.__setattr__(self, field, _checked_float(owner, field, getattr(self, field), allow_zero=False))
-        if self.peak_flops_fp8 is not None:
-            object.__setattr__(
-                self, "peak_flops_fp8", _checked_float(owner, "peak_flops_fp8", self.peak_flops_fp8, allow_zero=False)
-            )
+        for field in ("peak_flops_fp8", "gpu_link_bandwidth"):
+            if getattr(self, field) is not None:
+                object.__setattr__(self, field, _checked_float(owner, field, getattr(self, field), allow_zero=False))
         object.__setattr__(
             self, "step_overhead_s", _checked_float(owner, "step_overhead_s", self.step_overhead_s, allow_zero=True)
         )
+        if self.collective_latency_s is not None:
+            object.__setattr__(
+                self,
+                "collective_latency_s",
+                _checked_float(owner, "collective_latency_s", self.collective_latency_s, allow_zero=True),
+            )
         if not isinstance(self.source, str):
             raise ValueError(f"{owner}: source must be a string, got {self.source!r}")
 
@@ -311,13 +429,19 @@ def kv_capacity_blocks(
     gpu_memory_utilization: float = 0.9,
     activation_reserve_bytes: float | None = None,
 ) -> int:
-    """Device KV blocks left once the weights and an activation reserve are placed.
+    """Device KV blocks of one replica left once the weights and an activation reserve are placed.
 
     ::
 
-        mem_bytes * gpu_memory_utilization
+        mem_bytes * gpu_memory_utilization                               (each GPU of the replica)
         |<- weights ->|<- activations ->|<-------- KV blocks -------->|.|
                                                                       ^ remainder < 1 block
+
+    A replica of N = `model.tensor_parallel_size` GPUs has the same block count on every rank (the
+    engine's): each GPU holds its shard of the weights (`ModelSpec.rank_weight_bytes`), its own
+    activation reserve, and of each block its KV heads (`ModelSpec.rank_kv_bytes_per_token`), so the
+    replica's blocks grow about N-fold plus what the weights' N - 1 other shards leave free. N = 1:
+    ``(mem_bytes * utilization - weight_bytes - reserve) // (kv_bytes_per_token * block_size)``.
 
     Args:
         model, hw: what runs where.
@@ -338,12 +462,14 @@ def kv_capacity_blocks(
     if activation_reserve_bytes < 0:
         raise ValueError(f"activation_reserve_bytes must be >= 0, got {activation_reserve_bytes!r}")
     budget = hw.mem_bytes * gpu_memory_utilization
-    free = budget - model.weight_bytes() - activation_reserve_bytes
-    block_bytes = model.kv_bytes_per_token() * block_size
+    weights = model.rank_weight_bytes()
+    free = budget - weights - activation_reserve_bytes
+    block_bytes = model.rank_kv_bytes_per_token() * block_size
     blocks = int(free // block_bytes) if free > 0 else 0
     if blocks < 1:
+        per_gpu = " per GPU" if model.tensor_parallel_size > 1 else ""
         raise ValueError(
-            f"model {model.label} needs {model.weight_bytes() / _GB:.1f} GB of weights; {hw.name} has "
+            f"model {model.label} needs {weights / _GB:.1f} GB of weights{per_gpu}; {hw.name} has "
             f"{budget / _GB:.1f} GB usable at gpu_memory_utilization={gpu_memory_utilization}: "
             f"after a {activation_reserve_bytes / _GB:.1f} GB activation reserve "
             f"{free / _GB:.2f} GB is left, less than one KV block of {block_bytes / _GB:.4f} GB "
@@ -380,6 +506,8 @@ HARDWARE_RATES = (
     "host_link_bandwidth",
     "step_overhead_s",
     "peak_flops_fp8",
+    "gpu_link_bandwidth",
+    "collective_latency_s",
 )
 
 
@@ -387,7 +515,8 @@ def hardware_label(hw: HardwareSpec) -> str:
     """How summaries and messages name `hw`: its name, or, when the name is a shipped entry
     (conf/hardware/<name>.yaml) but a rate differs from it, the name and what was changed,
     e.g. ``h100_sxm (modified: mem_bandwidth=2e+12)``: the datasheet's name alone would claim
-    the datasheet's rates. An FP8 rate left out (None: not known) is not a change.
+    the datasheet's rates. A rate left out (None: not known; peak_flops_fp8, gpu_link_bandwidth,
+    collective_latency_s) is not a change.
     """
     path = CONF_DIR / "hardware" / f"{hw.name}.yaml"
     if Path(hw.name).name != hw.name or not path.is_file():
