@@ -511,11 +511,7 @@ def decode_attention(
     max_context = block_table.shape[1] * bs  # bounds every seq_len: no host sync needed
     splits = decode_splits(batch, hk, max_context, num_sms(q.device), cfg)
     d_pad = max(16, triton.next_power_of_2(d))
-    if splits > 1:
-        o = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
-        lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
-    else:  # written straight to `out`: placeholders only
-        o, lse = out, out
+    o, lse, o_strides, lse_strides = split_partials(out, splits)
     scales, scale_strides = _scale_args(k_cache, k_scale, v_scale)
     _decode_split_kernel[(batch, hk, splits)](
         q,
@@ -531,11 +527,8 @@ def decode_attention(
         *k_cache.stride(),
         *v_cache.stride(),
         *block_table.stride(),
-        o.stride(0),
-        o.stride(1),
-        o.stride(2) if splits > 1 else 0,
-        lse.stride(0),
-        lse.stride(1),
+        *o_strides,
+        *lse_strides,
         *out.stride(),
         *scale_strides,
         scale * _LOG2E,
@@ -553,27 +546,43 @@ def decode_attention(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if splits > 1:
-        _decode_reduce_kernel[(batch, hq)](
-            o,
-            lse,
-            seq_lens,
-            out,
-            o.stride(0),
-            o.stride(1),
-            o.stride(2),
-            lse.stride(0),
-            lse.stride(1),
-            *out.stride(),
-            splits,
-            D=d,
-            D_PAD=triton.next_power_of_2(d),
-            S_PAD=triton.next_power_of_2(splits),
-            BLOCK_N=cfg.block_n,
-            MIN_TILES=cfg.min_tiles_per_split,
-            num_warps=1 if d <= 64 else 2,
-        )
+    reduce_splits(o, lse, seq_lens, out, splits, cfg)
     return out
+
+
+def split_partials(out: torch.Tensor, splits: int):
+    """(o, lse, o's strides, lse's strides) a split-KV launch writes: float32 partials [T, H, S, D] and
+    [T, H, S] with several splits; with one, the kernel writes `out` itself (placeholders, zero strides)."""
+    if splits <= 1:
+        return out, out, (0, 0, 0), (0, 0)
+    t, h, d = out.shape
+    o = torch.empty((t, h, splits, d), dtype=torch.float32, device=out.device)
+    lse = torch.empty((t, h, splits), dtype=torch.float32, device=out.device)
+    return o, lse, o.stride()[:3], lse.stride()[:2]
+
+
+def reduce_splits(o, lse, seq_lens, out: torch.Tensor, splits: int, cfg: DecodeConfig) -> None:
+    """A decode launch's split partials merged into `out` (nothing to do for one split); `cfg`'s tile and
+    split rule are the launch's, so that the merge sees the splits it made."""
+    if splits <= 1:
+        return
+    batch, hq, d = out.shape
+    _decode_reduce_kernel[(batch, hq)](
+        o,
+        lse,
+        seq_lens,
+        out,
+        *o.stride()[:3],
+        *lse.stride()[:2],
+        *out.stride(),
+        splits,
+        D=d,
+        D_PAD=triton.next_power_of_2(d),
+        S_PAD=triton.next_power_of_2(splits),
+        BLOCK_N=cfg.block_n,
+        MIN_TILES=cfg.min_tiles_per_split,
+        num_warps=1 if d <= 64 else 2,
+    )
 
 
 @triton.jit
@@ -1326,12 +1335,7 @@ def prefill_attention(
     tile_req = torch.searchsorted(first_tile, tiles, right=True, out_int32=True) - 1
     splits = prefill_splits(tokens, reqs, hk, bq, block_table.shape[1] * bs, num_sms(q.device), cfg)
     d_pad = max(16, triton.next_power_of_2(d))
-    if splits > 1:
-        o = torch.empty((tokens, hq, splits, d), dtype=torch.float32, device=q.device)
-        lse = torch.empty((tokens, hq, splits), dtype=torch.float32, device=q.device)
-        o_strides, lse_strides = o.stride()[:3], lse.stride()[:2]
-    else:  # written straight to `out`: placeholders only
-        o, lse, o_strides, lse_strides = out, out, (0, 0, 0), (0, 0)
+    o, lse, o_strides, lse_strides = split_partials(out, splits)
     if gather:
         rows = k_cache.shape[0] * bs
         k_desc, v_desc = (
@@ -1445,4 +1449,6 @@ __all__ = [
     "prefill_attention",
     "prefill_copy_limit",
     "prefill_splits",
+    "reduce_splits",
+    "split_partials",
 ]

@@ -81,10 +81,12 @@ from engine.kernels.torch_ops import check_kv_scales
 from engine.kernels.triton.attention import (
     _LOG2E,
     DecodeConfig,
-    _decode_reduce_kernel,
+    _scale_args,
     _split_len,
     decode_splits,
     num_sms,
+    reduce_splits,
+    split_partials,
 )
 
 _UNSCALED = (torch.bfloat16, torch.float16, torch.float32)  # the caches read without scales
@@ -408,16 +410,8 @@ def decode_attention_fma(
     splits = decode_splits(batch, hk, max_context, num_sms(q.device), cfg)
     d_pad = max(16, triton.next_power_of_2(d))
     vec, rows, _ = tile_shape(triton.next_power_of_2(group), d_pad, block_n, num_warps, k_cache.element_size())
-    if splits > 1:
-        o = torch.empty((batch, hq, splits, d), dtype=torch.float32, device=q.device)
-        lse = torch.empty((batch, hq, splits), dtype=torch.float32, device=q.device)
-        o_strides, lse_strides = o.stride()[:3], lse.stride()[:2]
-    else:  # written straight to `out`: placeholders only
-        o, lse, o_strides, lse_strides = out, out, (0, 0, 0), (0, 0)
-    if scaled:
-        scales, scale_strides = (k_scale, v_scale), (*k_scale.stride(), *v_scale.stride())
-    else:  # never read (SCALED=False): placeholders only
-        scales, scale_strides = (k_cache, v_cache), (0,) * 6
+    o, lse, o_strides, lse_strides = split_partials(out, splits)
+    scales, scale_strides = _scale_args(k_cache, k_scale, v_scale)  # placeholders without scales (never read)
     _decode_fma_kernel[(batch, hk, splits)](
         q,
         k_cache,
@@ -453,23 +447,7 @@ def decode_attention_fma(
         num_warps=num_warps,
         num_stages=1,  # no software pipelining (see the module docstring)
     )
-    if splits > 1:
-        _decode_reduce_kernel[(batch, hq)](
-            o,
-            lse,
-            seq_lens,
-            out,
-            *o.stride()[:3],
-            *lse.stride()[:2],
-            *out.stride(),
-            splits,
-            D=d,
-            D_PAD=triton.next_power_of_2(d),
-            S_PAD=triton.next_power_of_2(splits),
-            BLOCK_N=block_n,
-            MIN_TILES=cfg.min_tiles_per_split,
-            num_warps=1 if d <= 64 else 2,
-        )
+    reduce_splits(o, lse, seq_lens, out, splits, cfg)
     return out
 
 
