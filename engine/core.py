@@ -28,7 +28,7 @@ from engine.memory import size_kv_cache
 from engine.output import Finished, StepOutput
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams, SequenceState, make_generator
-from engine.tensor_parallel import TPDriver, check_divisible, shard_model, tp_min
+from engine.tensor_parallel import TPDriver, TPGroup, check_divisible, shard_model, tp_min
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,9 @@ class EngineCore:
         # the KV cache's element type: the model's, or float8_e4m3fn with per-token, per-head scales (docs/fp8.md)
         self.kv_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.dtype)
         torch.manual_seed(cfg.seed)
-        if loaded is None:
-            loaded = load_model(cfg, self.device, self.dtype)
+        if loaded is None:  # with TP, rank 0's shard only (each rank reads its own part of the weights)
+            tp = TPGroup(0, cfg.tensor_parallel_size) if cfg.tensor_parallel_size > 1 else None
+            loaded = load_model(cfg, self.device, self.dtype, tp)
         self.model, self.model_config, self.tokenizer, self.source = (
             loaded.model,
             loaded.config,
@@ -103,7 +104,9 @@ class EngineCore:
         if cfg.tensor_parallel_size > 1:
             check_divisible(mc, cfg.tensor_parallel_size)  # before any process starts
             self.tp = TPDriver(cfg.tensor_parallel_size)
-            shard_model(self.model, self.tp.start(cfg, self.device))
+            group = self.tp.start(cfg, self.device)
+            if getattr(self.model, "tp", None) is None:  # a model given whole (`loaded`): shard it here
+                shard_model(self.model, group)
             self._tp_finalizer = weakref.finalize(self, self.tp.stop)
         self.ops = KernelSet.default_for(self.device.type, cfg.kernel_backend, cfg.kernel_overrides)
         check_fp8_kv_support(self.device, self.kv_dtype, self.ops.chosen)

@@ -1,8 +1,12 @@
 """Tensor parallelism from the placement annotations: a static pass shards a one-device model in place.
 
     model = CausalLM(config)                # written for one device, annotated (engine/placement.py)
-    init_random(model, seed) / load ...     # the whole model's weights (per-rank loading: not yet)
     shard_model(model, TPGroup(rank, size, group))
+
+on a model holding the whole model's weights (tests), or, as the engine loads, on the meta device before
+any weight exists: `engine.loader.load_model(..., tp=TPGroup(rank, size))` shards the empty model and
+then reads only this rank's part of each checkpoint tensor (`model.tp_checkpoint_parts`), so no rank
+ever holds another's weights.
 
 The pass reads every module's `placement` in execution order (`placement.walk`) and
 
@@ -89,19 +93,92 @@ def _rows(length: int, unit: int, tp: TPGroup) -> tuple[int, int]:
     raise ValueError(f"{units} units of {unit} cannot be spread over {tp.size} ranks")
 
 
-def _slice(tensor: torch.Tensor, placement: object, tp: TPGroup, where: str) -> torch.Tensor:
-    if not isinstance(placement, Shard):
-        return tensor
-    dim = placement.dim % tensor.dim()
-    segments = placement.segments or (tensor.shape[dim],)
-    if sum(segments) != tensor.shape[dim]:
-        raise ValueError(f"{where}: segments {segments} do not add up to dimension {dim} ({tensor.shape[dim]})")
-    parts, at = [], 0
+@dataclass(frozen=True)
+class Part:
+    """A rank's part of a whole tensor: along `dim` (of length `whole`), the concatenation of `ranges`
+    ((start, count) pairs; one per fused segment)."""
+
+    dim: int
+    whole: int
+    ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(count for _, count in self.ranges)
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This part of `tensor` (the whole one), a new tensor."""
+        return self.view(tensor).clone() if len(self.ranges) == 1 else self.view(tensor)
+
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This part of `tensor`: a view where it is one range, a new tensor where it is several."""
+        parts = [tensor.narrow(self.dim, start, count) for start, count in self.ranges]
+        return torch.cat(parts, self.dim) if len(parts) > 1 else parts[0]
+
+    def within(self, offset: int, length: int) -> Part:
+        """The part of elements offset..offset+length along `dim` (one fused segment, a checkpoint tensor)."""
+        ranges = []
+        for start, count in self.ranges:
+            lo, hi = max(start, offset), min(start + count, offset + length)
+            if lo < hi:
+                ranges.append((lo - offset, hi - lo))
+        return Part(self.dim, length, tuple(ranges))
+
+
+def rank_part(shape: tuple[int, ...], placement: object, tp: TPGroup, where: str = "") -> Part | None:
+    """Rank tp.rank's part of a whole tensor of `shape` placed as `placement`; None: it keeps the whole.
+
+    `Shard(d)` keeps the rank's slice along d; a fused `Shard(d, segments)` one slice per segment, in whole
+    `unit`s (a segment with fewer units than ranks: the unit this rank serves)."""
+    if not isinstance(placement, Shard) or tp.size == 1:
+        return None
+    dim = placement.dim % len(shape)
+    segments = placement.segments or (shape[dim],)
+    if sum(segments) != shape[dim]:
+        raise ValueError(f"{where}: segments {segments} do not add up to dimension {dim} ({shape[dim]})")
+    ranges, at = [], 0
     for length in segments:
         start, count = _rows(length, placement.unit, tp)
-        parts.append(tensor.narrow(dim, at + start, count))
+        ranges.append((at + start, count))
         at += length
-    return torch.cat(parts, dim) if len(parts) > 1 else parts[0].clone()
+    return Part(dim, shape[dim], tuple(ranges))
+
+
+def _slice(tensor: torch.Tensor, placement: object, tp: TPGroup, where: str) -> torch.Tensor:
+    part = rank_part(tuple(tensor.shape), placement, tp, where)
+    return tensor if part is None else part.take(tensor)
+
+
+def _checkpoint_parts(model, param_parts: dict[str, tuple[tuple[int, ...], Part]]) -> dict[str, Part]:
+    """Checkpoint (Hugging Face) tensor name -> this rank's part, for every sharded one: a fused parameter's
+    parts (q|k|v, gate|up, and their FP8 scales) cut back to the checkpoint's own tensors."""
+    out = {name: part for name, (_, part) in param_parts.items()}
+    for name, (target, offset, rows) in model.fused_targets().items():
+        for suffix in ("", "_scale"):
+            if target + suffix in param_parts:
+                out[name + suffix] = param_parts[target + suffix][1].within(offset, rows)
+                out.pop(target + suffix, None)
+    return out
+
+
+def _partial_biases(model) -> list[torch.Tensor]:
+    """The biases of modules whose outputs are partial sums (row-parallel): the all-reduce adds them once
+    per rank, so every rank but 0 holds zeros."""
+    from engine.models.decoder import Linear
+
+    return [
+        module.bias
+        for _, module in model.named_modules()
+        if isinstance(module, Linear) and module.bias is not None and isinstance(module.placement.output, Partial)
+    ]
+
+
+def zero_partial_biases(model) -> None:
+    """After loading a sharded model's weights (whole biases on every rank): zeros on ranks other than 0."""
+    tp = getattr(model, "tp", None)
+    if tp is not None and tp.rank != 0:
+        for bias in _partial_biases(model):
+            bias.data.zero_()
 
 
 def _all_reduce(tp: TPGroup):
@@ -141,23 +218,30 @@ def _vocab_parallel_lookup(embedding, tp: TPGroup) -> None:
 
 def shard_model(model, tp: TPGroup):
     """Shards `model` (a CausalLM holding the whole model's weights) in place for rank tp.rank; returns it."""
-    from engine.models.decoder import Attention, LMHead, Linear, PagedAttention, VocabEmbedding
+    from engine.models.decoder import Attention, LMHead, PagedAttention, VocabEmbedding
 
     config = model.config
     check_divisible(config, tp.size)
     if tp.size == 1:
         return model
     modules = list(walk(model))
-    # parameters: sliced per their placement (a tied LM head shares the embedding's, sliced once)
+    # parameters: sliced per their placement (a tied LM head shares the embedding's, sliced once); each
+    # one's whole shape and part are kept for loaders that read only this rank's part (engine.loader)
+    parts: dict[str, tuple[tuple[int, ...], Part]] = {}
     for path, placement in modules:
         module = model.get_submodule(path)
         for name, where in placement.params.items():
             param = getattr(module, name, None)
             if isinstance(param, torch.nn.Parameter) and isinstance(where, Shard):
-                param.data = _slice(param.data, where, tp, f"{path}.{name}")
-        if isinstance(module, Linear) and module.bias is not None and isinstance(placement.output, Partial):
-            if tp.rank != 0:  # the all-reduce sums the ranks' outputs: the bias must enter once
-                module.bias.data.zero_()
+                full = f"{path}.{name}" if path else name
+                part = rank_part(tuple(param.shape), where, tp, full)
+                parts[full] = (tuple(param.shape), part)
+                param.data = part.take(param.data)
+    if tp.rank != 0:  # the all-reduce sums the ranks' outputs: a row-parallel bias must enter once
+        for bias in _partial_biases(model):
+            bias.data.zero_()
+    model.tp_param_parts = parts
+    model.tp_checkpoint_parts = _checkpoint_parts(model, parts)  # the whole config's fused layout
     # a vocabulary-parallel embedding's own lookup (before its all-reduce hook: hooks run in order)
     for module in model.modules():
         if isinstance(module, VocabEmbedding):
@@ -261,6 +345,13 @@ class TPDriver:
     def send_step(self, plan, block_size: int) -> None:
         self.send(("step", step_message(plan, block_size)))
 
+    def time_collectives(
+        self, tokens: int, hidden: int, vocab_part: int, dtype: torch.dtype, device: torch.device, iters: int = 20
+    ) -> tuple[float, float]:
+        """`time_collectives` on every rank (between steps): rank 0's (all-reduce, all-gather) seconds."""
+        self.send(("collectives", (tokens, hidden, vocab_part, str(dtype).removeprefix("torch."), iters)))
+        return time_collectives(tokens, hidden, vocab_part, dtype, device, iters)
+
     def stop(self) -> None:
         if not self.procs:
             return
@@ -275,6 +366,34 @@ class TPDriver:
             self.procs = []
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def time_collectives(
+    tokens: int, hidden: int, vocab_part: int, dtype: torch.dtype, device: torch.device, iters: int = 20
+) -> tuple[float, float]:
+    """Median seconds of one all-reduce of a step's hidden states ([tokens, hidden]) and of one all-gather
+    of its logits ([tokens, vocab_part] from each rank), the collectives a step runs (shard_model): every
+    rank of the group calls it with the same arguments (TPDriver.time_collectives); the times are this rank's."""
+    import statistics
+    import time
+
+    x = torch.ones(tokens, hidden, dtype=dtype, device=device)
+    part = torch.ones(tokens, vocab_part, dtype=dtype, device=device)
+    gathered = [torch.empty_like(part) for _ in range(dist.get_world_size())]
+
+    def timed(op) -> float:
+        times = []
+        for _ in range(iters + 3):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            op()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[3:])
+
+    return timed(lambda: dist.all_reduce(x)), timed(lambda: dist.all_gather(gathered, part))
 
 
 def tp_min(num_blocks: int, num_host_blocks: int, device: torch.device) -> tuple[int, int]:
@@ -307,8 +426,7 @@ def _worker(values: dict, rank: int, size: int, port: int) -> None:
     _init(rank, size, port, device)
     try:
         torch.manual_seed(cfg.seed)
-        model = load_model(cfg, device, dtype).model
-        shard_model(model, TPGroup(rank, size))
+        model = load_model(cfg, device, dtype, TPGroup(rank, size)).model  # this rank's part only
         ops = KernelSet.default_for(device.type, cfg.kernel_backend, cfg.kernel_overrides)
         kind, (max_model_len, idle_chunk_size) = _receive()
         assert kind == "sizing", kind
@@ -321,6 +439,10 @@ def _worker(values: dict, rank: int, size: int, port: int) -> None:
                 kind, message = _receive()
                 if kind == "stop":
                     break
+                if kind == "collectives":
+                    tokens, hidden, vocab_part, name, iters = message
+                    time_collectives(tokens, hidden, vocab_part, getattr(torch, name), device, iters)
+                    continue
                 kv_ops, batch, rows = message
                 if kv_ops is not None:
                     runner.copy_blocks(kv_ops)
@@ -357,7 +479,19 @@ def main(argv: list[str] | None = None) -> None:
     _worker(values, rank, size, port)
 
 
-__all__ = ["TPDriver", "TPGroup", "check_divisible", "local_config", "shard_model", "step_message", "tp_min"]
+__all__ = [
+    "Part",
+    "TPDriver",
+    "TPGroup",
+    "check_divisible",
+    "local_config",
+    "rank_part",
+    "shard_model",
+    "step_message",
+    "time_collectives",
+    "tp_min",
+    "zero_partial_biases",
+]
 
 
 if __name__ == "__main__":

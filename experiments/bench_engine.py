@@ -5,6 +5,7 @@
     python -m experiments.bench_engine --models llama-3.1-8b --decode 1x512 1x50000 4x50000 64x512 \
         --prefill 2048 32768 50000 --turn 55000+1300
     python -m experiments.bench_engine --models llama-3.2-1b --quick
+    python -m experiments.bench_engine --tp 4 --models llama-3.1-70b --decode 1x512 1x8192 --prefill 2048 --turn
 
 Every figure is measured in this run on this card. Random weights of the real
 shapes (load_format=dummy). Rows:
@@ -19,12 +20,22 @@ shapes (load_format=dummy). Rows:
                 agent's later turn) to its first token
   hf            transformers on the same weights (sdpa attention, its own KV cache): per-token decode
                 from generate() at batch 1 and B (short contexts only), one forward pass for prefill
+                (not with --tp)
+  twin          the simulator's roofline cost model (sim/cost.py) for the same step at this card's
+                measured rates, the model's conf/model entry at the same tensor-parallel size (its
+                collectives over the hardware entry's NVLink bandwidth): engine/twin is the twin's error
+
+--tp N runs the engine over N GPUs (tensor_parallel_size; ranks load only their shards, no CUDA graphs, no
+overlapped decode yet). Its bounds are one rank's (each GPU reads its weights and its KV heads, computes its
+share of the FLOPs) plus, for decode, the step's collectives as measured in this run (2L+1 all-reduces of
+the hidden states, one all-gather of the logits, each timed alone between steps: "of which collectives").
 
 Floors and rooflines (the "bound" column, measured on this card in this run):
 
   decode        bytes a step must read over the copy bandwidth (read+write bytes of a 1 GiB copy / time):
                 every weight but the input embedding table (a gather of B rows; a tied table is read
-                whole by the LM head and counts once) plus the K/V of every request's context
+                whole by the LM head and counts once) plus the K/V of every request's context; with
+                --tp, one rank's and the measured collectives
   prefill/turn  FLOPs over the bf16 matmul rate (an 8192^3 torch.mm): 2 x the non-embedding weights a
                 token (LM head on the sampled row only) plus causal attention, 4 x head_dim x Hq
                 per visible query-key pair a layer
@@ -33,6 +44,7 @@ Floors and rooflines (the "bound" column, measured on this card in this run):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import json
@@ -96,9 +108,10 @@ def engine_for(shape: str, args, graphs: tuple[int, ...], blocks: int, max_len: 
             enforce_eager=args.eager,
             cuda_graph_batch_sizes=graphs,
             enable_prefix_caching=True,
-            overlap_decode=False if args.no_overlap else None,
+            overlap_decode=False if args.no_overlap or args.tp > 1 else None,
             quantization=quantization,
             kv_cache_dtype=kv_cache_dtype,
+            tensor_parallel_size=args.tp,
             **chunking,
         )
     )
@@ -126,7 +139,8 @@ class Bytes:
 
     @classmethod
     def of(cls, core) -> "Bytes":
-        model, c = core.model, core.model_config
+        """One GPU's: with tensor parallelism, rank 0's shard (its heads, FFN and vocabulary slices)."""
+        model, c = core.model, core.model.config
         params = {id(p): p for p in model.parameters()}  # a tied table counts once
         total = sum(p.numel() * p.element_size() for p in params.values())
         embed = model.model.embed_tokens.weight
@@ -141,9 +155,8 @@ class Bytes:
             kv = 2 * c.num_layers * c.num_kv_heads * (c.head_dim + 4)
         else:
             kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * embed.element_size()
-        return cls(
-            weights_read, kv, 2 * linear, 2 * c.vocab_size * c.hidden_size, 4 * c.head_dim * c.num_heads * c.num_layers
-        )
+        vocab = embed.shape[0]  # the rank's rows of the vocabulary-parallel table and LM head
+        return cls(weights_read, kv, 2 * linear, 2 * vocab * c.hidden_size, 4 * c.head_dim * c.num_heads * c.num_layers)
 
     def decode_floor(self, batch: int, context: int, bandwidth: float) -> float:
         return (self.weights_read + batch * context * self.kv_per_token) / bandwidth
@@ -154,6 +167,47 @@ class Bytes:
 
 
 _IDS = itertools.count(10_000_000)
+
+
+def twin_cost(shape: str, args, bandwidth: float, rate: float, variant: str):
+    """The roofline twin of `shape` (its conf/model entry, experiments.calibrate.ENGINE_SHAPES) at this
+    card's measured rates, --tp GPUs and the variant's dtypes; None for a shape without an entry."""
+    from experiments.calibrate import ENGINE_SHAPES
+    from sim.cost import RooflineCost
+    from sim.specs import load_hardware_spec, load_model_spec
+
+    names = {engine: conf for conf, engine in ENGINE_SHAPES.items()}
+    if shape not in names:
+        return None
+    quantization, kv_cache_dtype = VARIANTS[variant]
+    spec = dataclasses.replace(
+        load_model_spec(names[shape]),
+        tensor_parallel_size=args.tp,
+        quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
+    )
+    base = "h200" if "H200" in torch.cuda.get_device_name() else "h100_sxm"
+    hw = dataclasses.replace(
+        load_hardware_spec(base), peak_flops=rate, peak_flops_fp8=None, mem_bandwidth=bandwidth, step_overhead_s=0.0
+    )
+    return RooflineCost(spec, hw)
+
+
+def twin_seconds(twin, cached: list[int], new: list[int]) -> float | None:
+    from sim.cost import PlanFeatures
+
+    return None if twin is None else twin.step_seconds(PlanFeatures.of_requests(cached, new))
+
+
+def collective_seconds(core, batch: int) -> float:
+    """A decode step's collectives with --tp, timed alone on the ranks: 2L+1 all-reduces of [batch, hidden]
+    and the all-gather of [batch, vocab / N] logits (0 without tensor parallelism)."""
+    if core.tp is None:
+        return 0.0
+    c = core.model.config
+    vocab_part = core.model.model.embed_tokens.weight.shape[0]
+    all_reduce, all_gather = core.tp.time_collectives(batch, c.hidden_size, vocab_part, core.dtype, core.device)
+    return (2 * c.num_layers + 1) * all_reduce + all_gather
 
 
 def decode_step_seconds(core, batch: int, context: int, steps: int) -> float:
@@ -286,8 +340,11 @@ def bench_model(shape: str, args, bandwidth: float, rate: float, variant: str = 
     graphs = tuple(sorted({b for b, _ in args.decode}))
     core = engine_for(shape, args, graphs, blocks, max_len, variant)
     nb = Bytes.of(core)
+    twin = twin_cost(shape, args, bandwidth, rate, variant)
     rows = []
     label = shape if variant == "bf16" else f"{shape} {variant}"
+    if args.tp > 1:
+        label += f" tp{args.tp}"
 
     def add(what: str, engine_s: float, bound_s: float | None = None, **extra) -> None:
         rows.append(
@@ -304,6 +361,9 @@ def bench_model(shape: str, args, bandwidth: float, rate: float, variant: str = 
 
     for batch, context in args.decode:
         floor = nb.decode_floor(batch, context + args.steps // 2, bandwidth)
+        collectives = collective_seconds(core, batch)
+        floor += collectives
+        twin_s = twin_seconds(twin, [context + args.steps // 2] * batch, [1] * batch)
         if batch == 1 and core.runner.overlap:  # the strict loop too, same engine, same run
             core.runner.overlap = False
             add(
@@ -320,7 +380,11 @@ def bench_model(shape: str, args, bandwidth: float, rate: float, variant: str = 
             floor,
             batch=batch,
             context=context,
+            twin_s=twin_s,
         )
+        if core.tp is not None:
+            cost = twin.collective_seconds(batch, batch) if twin is not None else None
+            add(f"  of which collectives b{batch}", collectives, cost, batch=batch, context=context, twin_s=cost)
         replay = replay_seconds(core, batch)
         if replay is not None:
             add(f"  of which graph replay b{batch} c{context}", replay, floor)
@@ -332,6 +396,7 @@ def bench_model(shape: str, args, bandwidth: float, rate: float, variant: str = 
             nb.prefill_roofline(0, length, rate),
             prefix=0,
             new=length,
+            twin_s=twin_seconds(twin, [0], [length]),
         )
     for prefix, new in args.turn:
         add(
@@ -340,6 +405,7 @@ def bench_model(shape: str, args, bandwidth: float, rate: float, variant: str = 
             nb.prefill_roofline(prefix, new, rate),
             prefix=prefix,
             new=new,
+            twin_s=twin_seconds(twin, [prefix], [new]),
         )
     if args.profile_gpu:
         # fresh prompts (seed 1): the timed rows' prompts are in the prefix cache now
@@ -349,7 +415,7 @@ def bench_model(shape: str, args, bandwidth: float, rate: float, variant: str = 
             first, later = turn_prompts(core, prefix, new, seed=1)
             first_token_seconds(core, first)  # the first turn, cached before the profiled later turn
             profile_gpu(core, f"{label}: turn {new} on {prefix} cached", lambda: first_token_seconds(core, later))
-    if not args.no_hf and variant == "bf16":
+    if not args.no_hf and variant == "bf16" and args.tp == 1:
         model = hf_model(core)
         hf_decode: dict[int, float] = {}
         for row in rows:
@@ -461,6 +527,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--blocks", type=int, default=None, help="KV blocks (default: what the rows need)")
     parser.add_argument("--max-len", type=int, default=None)
+    parser.add_argument(
+        "--tp", type=int, default=1, metavar="N", help="tensor_parallel_size: the engine over N GPUs (default 1)"
+    )
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--no-overlap", action="store_true", help="the strict step/commit loop only")
@@ -490,6 +559,8 @@ def main(argv: list[str] | None = None) -> None:
         args.turn = [] if args.turn is None else args.turn
     args.decode = args.decode or [(1, 512), (1, 50000), (4, 50000), (64, 512)]
     args.turn = [(55000, 1300)] if args.turn is None else args.turn
+    if args.tp > torch.cuda.device_count():
+        raise SystemExit(f"--tp {args.tp} needs {args.tp} GPUs; this machine has {torch.cuda.device_count()}")
     if args.profile_cpu:
         return profile_cpu(args)
     bandwidth, rate = copy_bandwidth("cuda"), matmul_rate("cuda")
@@ -503,6 +574,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += bench_model(shape, args, bandwidth, rate, variant)
     print_table(rows)
     print_ratios(rows)
+    print_twin(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -522,6 +594,19 @@ def print_ratios(rows: list[dict]) -> None:
             lines.append(f"{r['model']:>20} {r['what']:>34} | {r['engine_s'] / base[(shape, r['what'])]:8.3f}")
     if lines:
         print(f"\n{'variant':>20} {'what':>34} | {'x bf16':>8}")
+        print("\n".join(lines))
+
+
+def print_twin(rows: list[dict]) -> None:
+    """Each row beside the roofline twin's prediction of the same step: the twin's error."""
+    lines = [
+        f"{r['model']:>24} {r['what']:>34} | {r['engine_s'] * 1e3:>10.3f} {r['twin_s'] * 1e3:>9.3f} "
+        f"{r['engine_s'] / r['twin_s'] - 1:>+10.1%}"
+        for r in rows
+        if r.get("twin_s")
+    ]
+    if lines:
+        print(f"\n{'model':>24} {'what':>34} | {'engine ms':>10} {'twin ms':>9} {'twin error':>10}")
         print("\n".join(lines))
 
 

@@ -52,6 +52,7 @@ from sim.specs import ModelSpec, load_model_spec
 # The engine's built-in shape (random weights) of each simulator model.
 ENGINE_SHAPES = {
     "llama3_8b": "llama-3.1-8b",
+    "llama3_70b": "llama-3.1-70b",
     "llama3_2_1b": "llama-3.2-1b",
     "qwen3_8b": "qwen3-8b",
     "smollm2_135m": "smollm2-135m",

@@ -5,7 +5,7 @@
 #     kernels the Triton kernels' GPU tests against the torch reference (a part of make test-gpu)
 #     gemv    python -m experiments.tune_fp8_gemv $GEMV_ARGS (the FP8 decode GEMV's tile sweep)
 #     bench   python -m experiments.bench_engine on the 8B shape: decode b1/b4/b64, prefill, a later turn
-#     tests   make test-gpu
+#     tests   make test-gpu (TESTS_ARGS: more pytest arguments, e.g. test files: a part of it)
 #     served  python -m experiments.bench_agentic (swe_smith served at concurrency 1, 2, 4 beside the twin)
 # Carry .whl (../shared/tools/device-wheels.sh) for simpy/hydra/fastapi. Logs go to $OUT (or /tmp/gpu-agentic).
 # Each phase has its own time limit (TUNE_S, KERNELS_S, GEMV_S, BENCH_S, TESTS_S, SERVED_S seconds) so that what ran comes back.
@@ -42,7 +42,7 @@ for phase in "$@"; do
       PYTHONSAFEPATH=1 timeout "${BENCH_S:-300}" python3 -m experiments.bench_engine --models llama-3.1-8b --no-hf ${BENCH_ARGS:-} \
         --json "$out/bench-engine.json" > "$out/bench-engine.txt" 2>&1 || status=1 ;;
     tests) install || exit 1
-      timeout "${TESTS_S:-300}" make test-gpu PYTEST_ARGS="-v" > "$out/test-gpu.txt" 2>&1 || status=1 ;;
+      timeout "${TESTS_S:-300}" make test-gpu PYTEST_ARGS="-v ${TESTS_ARGS:-}" > "$out/test-gpu.txt" 2>&1 || status=1 ;;
     served) install || exit 1
       export TANDEM_CONF_DIR=$PWD/conf
       PYTHONSAFEPATH=1 timeout "${SERVED_S:-330}" python3 -m experiments.bench_agentic --json "$out/bench-agentic.json" \

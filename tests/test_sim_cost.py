@@ -88,7 +88,14 @@ def test_tiny_model_counts():
 
 
 @pytest.mark.parametrize(
-    "name, published", [("llama3_8b", 8.03e9), ("llama3_2_1b", 1.24e9), ("qwen3_8b", 8.19e9), ("smollm2_135m", 1.35e8)]
+    "name, published",
+    [
+        ("llama3_8b", 8.03e9),
+        ("llama3_70b", 70.55e9),
+        ("llama3_2_1b", 1.24e9),
+        ("qwen3_8b", 8.19e9),
+        ("smollm2_135m", 1.35e8),
+    ],
 )
 def test_real_model_param_counts_match_published_figures(name, published):
     assert load_model_spec(name).num_params() == pytest.approx(published, rel=0.01)

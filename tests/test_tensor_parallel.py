@@ -225,3 +225,209 @@ def test_kv_capacity_per_replica_grows_with_the_ranks(tmp_path) -> None:
         finally:
             llm.close()
     assert blocks[2] == 2 * blocks[1]
+
+
+# ------------------------------------------------------------------------------ per-rank loading
+
+
+def _same_params(got, want, skip=()) -> None:
+    pairs = list(zip(got.named_parameters(), want.named_parameters()))
+    assert [n for (n, _), _ in pairs] == [n for _, (n, _) in pairs]
+    for (name, a), (_, b) in pairs:
+        assert a.shape == b.shape, name
+        if not any(s in name for s in skip):
+            assert torch.equal(a.float(), b.float()), name
+
+
+@pytest.mark.parametrize(
+    "arch,quantization,overrides",
+    [
+        ("LlamaForCausalLM", "none", {}),
+        ("Qwen3ForCausalLM", "none", {"tie_word_embeddings": True}),
+        ("Qwen2ForCausalLM", "none", {}),  # q|k|v biases, cut with their rows
+        ("LlamaForCausalLM", "fp8", {}),
+    ],
+)
+def test_each_rank_loads_its_part_of_random_and_safetensors_weights(tmp_path, arch, quantization, overrides) -> None:
+    """load_model(..., tp) shards the empty model and reads only the rank's part of each tensor: every rank at
+    TP 2 and 4 holds exactly what sharding the whole loaded model gives (random weights and a safetensors
+    checkpoint; FP8 checkpoints cut their per-channel scales with the rows)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from engine.config import EngineConfig
+    from engine.loader import load_model
+    from engine.tensor_parallel import TPGroup, shard_model
+
+    from engine_helpers import write_tiny_config
+
+    cpu = torch.device("cpu")
+    path = write_tiny_config(tmp_path, arch, **overrides)
+    dummy = EngineConfig.from_dict(
+        {"model": path, "load_format": "dummy", "device": "cpu", "quantization": quantization}
+    )
+    whole = load_model(dummy, cpu, torch.float32).model
+    tensors = whole.hf_state_dict(quantized=quantization == "fp8")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(whole.config.to_hf(), f)
+    hf = EngineConfig.from_dict(
+        {"model": str(tmp_path), "load_format": "hf", "device": "cpu", "quantization": quantization}
+    )
+    # a bf16 model quantized as it loads scales a rank's row-parallel columns on their own (docs/engine.md)
+    own_scales = ("o_proj", "down_proj") if quantization == "fp8" else ()
+    for size in (2, 4):
+        for rank in range(size):
+            tp = TPGroup(rank, size)
+            got = load_model(dummy, cpu, torch.float32, tp).model
+            _same_params(got, shard_model(load_model(dummy, cpu, torch.float32).model, tp), own_scales)
+            assert got.config.num_heads == whole.config.num_heads // size
+            got = load_model(hf, cpu, torch.float32, tp).model  # an FP8 checkpoint: its own scales, cut
+            _same_params(got, shard_model(load_model(hf, cpu, torch.float32).model, tp))
+
+
+def test_a_gguf_rank_reads_its_rows_and_columns_and_dequantizes_no_more(monkeypatch) -> None:
+    """SmolLM2 (9 heads, 3 KV heads) at TP 3: rank 1 loaded from the GGUF file equals the whole model's
+    shard, and no dequantized array it makes is larger than its own largest part (rows are cut before
+    dequantizing; columns in whole quantization blocks)."""
+    import copy
+
+    from gguf import quants
+
+    from engine.loader import build_model, embedded_default_path, gguf_file
+    from engine.tensor_parallel import TPGroup, shard_model
+
+    path = embedded_default_path()
+    reader = gguf_file._reader(path)
+    config = gguf_file.read_config(reader, path)
+    cpu = torch.device("cpu")
+    whole = build_model(config, cpu, torch.float32)
+    whole.load_weights(gguf_file.iter_tensors(reader, config, path))
+    largest = []
+    dequantize = quants.dequantize
+
+    def counting(data, kind):
+        out = dequantize(data, kind)
+        largest.append(out.size)
+        return out
+
+    monkeypatch.setattr(quants, "dequantize", counting)
+    tp = TPGroup(1, 3)
+    got = build_model(config, cpu, torch.float32, tp=tp)
+    got.load_weights(gguf_file.iter_tensors(reader, config, path, got))
+    _same_params(got, shard_model(copy.deepcopy(whole), tp))
+    assert max(largest) == max(p.numel() for p in got.parameters())  # the rank's vocabulary rows
+    assert max(largest) * 3 == whole.model.embed_tokens.weight.numel()
+
+
+def test_gguf_columns_not_on_block_boundaries_are_cut_after_dequantizing() -> None:
+    from gguf import quants
+
+    from engine.loader import embedded_default_path, gguf_file
+
+    reader = gguf_file._reader(embedded_default_path())
+    t = next(t for t in reader.tensors if t.name == "blk.0.attn_output.weight")  # Q4_1, blocks of 32
+    whole = quants.dequantize(t.data, t.tensor_type)
+    for start, count in ((0, 64), (16, 100), (500, 76)):
+        assert (gguf_file._columns(t, start, count) == whole[:, start : start + count]).all()
+
+
+_PEAK = """
+import json, sys, torch
+from engine.config import EngineConfig
+from engine.loader import load_model
+from engine.tensor_parallel import TPGroup
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+path, warm, rank, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+tp = TPGroup(rank, size) if size > 1 else None
+# the same load of a tiny model first: what the load imports is not what it holds
+def config(model):
+    return EngineConfig.from_dict({"model": model, "load_format": "dummy", "device": "cpu"})
+
+load_model(config(warm), torch.device("cpu"), torch.float32, tp)
+cfg = config(path)
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident size
+except OSError:
+    pass
+base = max(status("VmRSS"), status("VmHWM"))
+model = load_model(cfg, torch.device("cpu"), torch.float32, tp).model
+print(json.dumps({"peak": status("VmHWM") - base, "bytes": sum(p.numel() * 4 for p in model.parameters())}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak resident size from /proc")
+def test_loading_a_rank_never_holds_the_whole_model_measured_peak_memory(tmp_path) -> None:
+    """The peak resident memory of a process loading rank 1 of 4 (random weights of a 276 MB float32 model)
+    stays within its quarter plus one draw chunk; loading the whole model peaks at the whole."""
+    import json
+    import subprocess
+    import sys
+
+    from engine.loader.dummy import CHUNK_ELEMENTS
+
+    from engine_helpers import write_tiny_config
+
+    (tmp_path / "big").mkdir()
+    path = write_tiny_config(
+        tmp_path / "big", "LlamaForCausalLM", vocab_size=131072, hidden_size=256, intermediate_size=1024, head_dim=32
+    )
+    warm = write_tiny_config(tmp_path, "LlamaForCausalLM")
+
+    def peak(rank: int, size: int) -> dict:
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK, path, warm, str(rank), str(size)],
+            check=True,
+            capture_output=True,
+            text=True,
+            # a fixed mmap threshold: freed buffers go back to the system, so the peak is what was held
+            env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"},
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    whole, rank = peak(0, 1), peak(1, 4)
+    chunk = CHUNK_ELEMENTS * 4
+    assert whole["bytes"] > 270e6 and rank["bytes"] * 4 == pytest.approx(whole["bytes"], rel=0.05)
+    assert whole["peak"] >= 0.9 * whole["bytes"]  # the measure sees a whole model
+    assert rank["peak"] <= rank["bytes"] + chunk + 16 * 2**20, (rank, whole)
+
+
+def test_the_collectives_are_timed_on_every_rank_between_steps_and_bench_engine_sizes_one_rank(tmp_path) -> None:
+    """bench_engine --tp's pieces on CPU: TPDriver.time_collectives runs the step's all-reduce and all-gather
+    on every rank (the ranks then still run steps in step), and Bytes.of counts rank 0's shard."""
+    from engine import LLM, SamplingParams
+    from experiments.bench_engine import Bytes, collective_seconds
+
+    from engine_helpers import write_tiny_config
+
+    path = write_tiny_config(tmp_path, "LlamaForCausalLM")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    got = {}
+    for tp in (1, 2):
+        llm = LLM(model=path, load_format="dummy", device="cpu", tensor_parallel_size=tp, num_gpu_blocks=32)
+        try:
+            core = llm.engine
+            first = llm.generate([list(range(3, 20))], params, use_tqdm=False)[0].outputs[0].token_ids
+            seconds = collective_seconds(core, 2)
+            if tp == 1:
+                assert seconds == 0.0
+            else:
+                all_reduce, all_gather = core.tp.time_collectives(2, 128, 256, torch.float32, core.device, iters=3)
+                assert 0 < all_reduce < 1 and 0 < all_gather < 1 and seconds > 0
+            again = llm.generate([list(range(3, 20))], params, use_tqdm=False)[0].outputs[0].token_ids
+            assert again == first
+            got[tp] = (first, Bytes.of(core))
+        finally:
+            llm.close()
+    assert got[2][0] == got[1][0]
+    one, two = got[1][1], got[2][1]
+    assert two.kv_per_token * 2 == one.kv_per_token  # one of the 2 KV heads a rank
+    assert two.head_flops * 2 == one.head_flops  # half the vocabulary
+    assert two.linear_flops * 2 == one.linear_flops
+    assert two.weights_read < 0.6 * one.weights_read

@@ -54,10 +54,16 @@ def resolve_model(model: str) -> str:
     return model if model else embedded_default_path()
 
 
-def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, quantization: str = "none") -> CausalLM:
+def build_model(
+    config: ModelConfig, device: torch.device, dtype: torch.dtype, quantization: str = "none", tp=None
+) -> CausalLM:
     """An uninitialised model of this shape on `device`, parameters in `dtype` except FP8 weights and
     their float32 scales (quantization="fp8"). Built on the meta device and then allocated once on
-    `device`, so no full-precision copy of the model is ever held there (nor on the CPU)."""
+    `device`, so no full-precision copy of the model is ever held there (nor on the CPU).
+
+    `tp` (an engine.tensor_parallel.TPGroup of more than one rank): the meta model is sharded first, so
+    only this rank's part of each parameter is allocated; `model.tp_checkpoint_parts` then says which part
+    of each checkpoint tensor to read (`read_part`)."""
     with torch.device("meta"):
         model = CausalLM(config, quantization)
     keep = {id(p) for m in model.modules() if getattr(m, "quantized", False) for p in (m.weight, m.weight_scale)}
@@ -65,7 +71,25 @@ def build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype, q
         for name, p in list(module._parameters.items()):
             if p is not None and id(p) not in keep and p.dtype != dtype:
                 module._parameters[name] = torch.nn.Parameter(p.to(dtype), requires_grad=False)
+    if tp is not None and tp.size > 1:
+        from engine.tensor_parallel import shard_model
+
+        shard_model(model, tp)
     return model.to_empty(device=device).eval()
+
+
+def checkpoint_part(model: CausalLM, name: str, shape: tuple[int, ...]):
+    """The part (engine.tensor_parallel.Part) of checkpoint tensor `name` of whole `shape` that this rank
+    of a sharded `model` reads; None: the whole tensor (every tensor of an unsharded model, replicated
+    ones, and a per-tensor FP8 scale). Raises ModelLoadError when `shape` does not fit the model's."""
+    part = getattr(model, "tp_checkpoint_parts", {}).get(name)
+    if part is None or (name.endswith(".weight_scale") and len(shape) <= part.dim):
+        return None
+    if len(shape) <= part.dim or shape[part.dim] != part.whole:
+        raise ModelLoadError(
+            f"checkpoint tensor {name!r} has shape {tuple(shape)}, expected {part.whole} along dimension {part.dim}"
+        )
+    return part
 
 
 def weights_format(cfg: EngineConfig, source: str) -> str:
@@ -80,18 +104,25 @@ def weights_format(cfg: EngineConfig, source: str) -> str:
     return "gguf" if os.path.isfile(source) and source.endswith(".gguf") else "hf"
 
 
-def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Loads weights by `cfg.load_format`: dummy (random), gguf, hf (a directory), or auto by path."""
+def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype, tp=None) -> LoadedModel:
+    """Loads weights by `cfg.load_format`: dummy (random), gguf, hf (a directory), or auto by path.
+
+    `tp` (an engine.tensor_parallel.TPGroup): this rank's shard, sharded before any weight is read and
+    filled with only this rank's part of each tensor (never the whole model; random weights are the
+    whole model's, part by part, so every size gives the same model). `LoadedModel.config` stays the
+    whole model's; `model.config` is the rank's."""
     from engine.loader import dummy, gguf_file, hf_dir
+    from engine.tensor_parallel import zero_partial_biases
 
     source = resolve_model(cfg.model)
     q = cfg.quantization
     loader = {
-        "dummy": lambda: dummy.load(source, cfg, device, dtype),
-        "gguf": lambda: gguf_file.load(source, device, dtype, q),
-        "hf": lambda: hf_dir.load(source, device, dtype, q),
+        "dummy": lambda: dummy.load(source, cfg, device, dtype, tp),
+        "gguf": lambda: gguf_file.load(source, device, dtype, q, tp),
+        "hf": lambda: hf_dir.load(source, device, dtype, q, tp),
     }[weights_format(cfg, source)]
     loaded = loader()
+    zero_partial_biases(loaded.model)  # a row-parallel bias enters once: rank 0's
     if cfg.tokenizer:
         loaded.tokenizer = hf_dir.load_tokenizer(cfg.tokenizer)
     return loaded
@@ -118,6 +149,7 @@ __all__ = [
     "ModelConfigError",
     "ModelLoadError",
     "build_model",
+    "checkpoint_part",
     "embedded_default_path",
     "load_model",
     "load_tokenizer",

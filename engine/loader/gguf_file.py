@@ -140,10 +140,50 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_tensors(reader, config: ModelConfig, path: str):
+_COLUMN_ROWS = 256  # rows dequantized at a time where a column slice is not whole quantization blocks
+
+
+def _columns(t, start: int, count: int) -> np.ndarray:
+    """Columns start..start+count of a 2-D GGUF tensor (rows of the Hugging Face layout), float32.
+
+    Quantized rows are runs of blocks: a slice of whole blocks is cut in the bytes, so only this part
+    is dequantized; otherwise rows are dequantized a few at a time and cut."""
+    from gguf import GGML_QUANT_SIZES, quants
+
+    data, kind = t.data, t.tensor_type
+    if data.dtype != np.uint8:  # F32 / F16 / F64: elements
+        return np.asarray(quants.dequantize(np.ascontiguousarray(data[:, start : start + count]), kind), np.float32)
+    block, size = GGML_QUANT_SIZES[kind]
+    if start % block == 0 and count % block == 0:
+        raw = np.ascontiguousarray(data[:, start // block * size : (start + count) // block * size])
+        return np.asarray(quants.dequantize(raw, kind), dtype=np.float32)
+    out = np.empty((data.shape[0], count), dtype=np.float32)
+    for row in range(0, data.shape[0], _COLUMN_ROWS):
+        rows = quants.dequantize(data[row : row + _COLUMN_ROWS], kind)
+        out[row : row + _COLUMN_ROWS] = rows[:, start : start + count]
+    return out
+
+
+def _read(t, part) -> np.ndarray:
+    """A GGUF tensor in the Hugging Face layout, float32: whole, or a rank's part (rows cut before
+    dequantizing; columns per _columns)."""
     from gguf import quants
 
-    from engine.loader import ModelLoadError
+    if part is None:
+        return np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+    pieces = [
+        np.asarray(quants.dequantize(t.data[start : start + count], t.tensor_type), dtype=np.float32)
+        if part.dim == 0
+        else _columns(t, start, count)
+        for start, count in part.ranges
+    ]
+    return np.concatenate(pieces, axis=part.dim) if len(pieces) > 1 else pieces[0]
+
+
+def iter_tensors(reader, config: ModelConfig, path: str, model=None):
+    """(Hugging Face name, float32 tensor) of the file's tensors; with a sharded `model`
+    (engine.loader.build_model with tp), the part of each that the model's rank holds."""
+    from engine.loader import ModelLoadError, checkpoint_part
 
     for t in reader.tensors:
         name = hf_name(t.name)
@@ -155,11 +195,11 @@ def iter_tensors(reader, config: ModelConfig, path: str):
                 f"{path}: tensor {t.name} uses GGUF quantization type {kind}, which this "
                 f"engine does not read; readable types: {', '.join(READABLE_TYPES)}"
             )
-        array = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if config.family == "llama" and ".q_proj." in name:
-            array = _unpermute(array, config.num_heads)
-        elif config.family == "llama" and ".k_proj." in name:
-            array = _unpermute(array, config.num_kv_heads)
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
+        part = checkpoint_part(model, name, shape) if model is not None else None
+        array = _read(t, part)
+        if config.family == "llama" and (".q_proj." in name or ".k_proj." in name):
+            array = _unpermute(array, array.shape[0] // config.head_dim)  # whole heads, whole or a rank's
         yield name, torch.from_numpy(np.array(array, copy=True, order="C"))
 
 
@@ -169,16 +209,17 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
 
 
-def load(path: str, device, dtype, quantization: str = "none"):
+def load(path: str, device, dtype, quantization: str = "none", tp=None):
     """quantization="fp8": the decoder layers' linear weights, dequantized from the file's types to
-    float32 tensor by tensor, are quantized to FP8 per output channel as each is loaded."""
+    float32 tensor by tensor, are quantized to FP8 per output channel as each is loaded. `tp`: this
+    rank's shard, reading only its part of each tensor (engine.loader.load_model)."""
     from engine.loader import LoadedModel, ModelLoadError, build_model
 
     reader = _reader(path)
     config = read_config(reader, path)
-    model = build_model(config, device, dtype, quantization)
+    model = build_model(config, device, dtype, quantization, tp)
     try:
-        model.load_weights(iter_tensors(reader, config, path))
+        model.load_weights(iter_tensors(reader, config, path, model))
     except ModelLoadError:
         raise
     except ValueError as exc:

@@ -12,6 +12,8 @@ import json
 import logging
 import os
 
+import torch
+
 from engine.config import ModelConfig, ModelConfigError
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,29 @@ def resolve_quantization(path: str, raw: dict, quantization: str) -> str:
     return "fp8"
 
 
-def iter_safetensors(path: str):
+def _read(f, name: str, model):
+    """Checkpoint tensor `name` of the open file `f`, or only the part of it `model`'s rank holds (read
+    through the file's slices: the other ranks' elements are never copied out of the file)."""
+    from engine.loader import checkpoint_part
+
+    if model is None or not hasattr(model, "tp_checkpoint_parts"):
+        return f.get_tensor(name)
+    view = f.get_slice(name)
+    shape = tuple(view.get_shape())
+    part = checkpoint_part(model, name, shape)
+    if part is None:
+        return f.get_tensor(name)
+    pieces = []
+    for start, count in part.ranges:
+        index = [slice(None)] * len(shape)
+        index[part.dim] = slice(start, start + count)
+        pieces.append(view[tuple(index)])
+    return torch.cat(pieces, part.dim) if len(pieces) > 1 else pieces[0]
+
+
+def iter_safetensors(path: str, model=None):
+    """(name, tensor) of every tensor of the directory's *.safetensors files; with a sharded `model`
+    (engine.loader.build_model with tp), each tensor's part that the model's rank holds."""
     from safetensors import safe_open
 
     from engine.loader import ModelLoadError
@@ -83,7 +107,7 @@ def iter_safetensors(path: str):
             raise ModelLoadError(f"{file} is not a readable safetensors file: {exc}") from None
         with handle as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, _read(f, name, model)
 
 
 def load_tokenizer(path: str):
@@ -97,15 +121,15 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def load(path: str, device, dtype, quantization: str = "none"):
+def load(path: str, device, dtype, quantization: str = "none", tp=None):
     from engine.loader import LoadedModel, ModelLoadError, build_model
 
     raw = read_hf_config(path)
     config = ModelConfig.from_hf(raw)
     quantization = resolve_quantization(path, raw, quantization)
-    model = build_model(config, device, dtype, quantization)
+    model = build_model(config, device, dtype, quantization, tp)
     try:
-        model.load_weights(iter_safetensors(path))
+        model.load_weights(iter_safetensors(path, model))
     except (ValueError, ModelConfigError) as exc:
         if isinstance(exc, ModelLoadError):
             raise

@@ -1,0 +1,70 @@
+"""Per-rank loading on one CUDA device (run with `make test-gpu`; skipped elsewhere).
+
+A rank of a tensor-parallel group loads only its shard (engine.loader.load_model with a TPGroup): no
+process group is needed to load, so one card checks what several would run. Llama-3.1-70B's rank 1 of 4
+(35 GB of its 141 GB) loads on an 80 GB card and its peak allocation is its shard plus one draw chunk;
+the Llama-3-8B shape's ranks at TP 2 equal the whole model's shards.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+
+def _config(shape: str):
+    from engine.config import EngineConfig
+
+    return EngineConfig.from_dict({"model": shape, "load_format": "dummy", "device": "cuda", "dtype": "bfloat16"})
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def test_a_70b_rank_loads_its_quarter_on_one_card_and_peaks_at_its_shard() -> None:
+    from engine.loader import load_model
+    from engine.loader.dummy import CHUNK_ELEMENTS, _draws
+    from engine.tensor_parallel import TPGroup
+
+    _free()
+    before = torch.cuda.memory_allocated()
+    model = load_model(_config("llama-3.1-70b"), torch.device("cuda"), torch.bfloat16, TPGroup(1, 4)).model
+    shard = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = torch.cuda.max_memory_allocated() - before
+    print(f"\n70B rank 1 of 4: shard {shard / 1e9:.2f} GB, peak allocation while loading {peak / 1e9:.2f} GB")
+    assert 34e9 < shard < 36e9  # a quarter of 141 GB
+    assert peak <= shard + 2 * CHUNK_ELEMENTS * 4 + 64 * 2**20
+    # its values are the whole model's: layer 0's q|k|v drawn whole and cut equals the rank's
+    name = "model.layers.0.self_attn.qkv_proj.weight"
+    shape, part = model.tp_param_parts[name]
+    whole = torch.cat(list(_draws(name, shape, None, 0, torch.device("cuda"))))
+    got = model.get_parameter(name)
+    assert torch.equal(got, (0.02 * part.take(whole)).to(torch.bfloat16))
+    del model, whole
+    _free()
+
+
+def test_8b_ranks_at_tp2_equal_the_whole_models_shards() -> None:
+    from engine.loader import load_model
+    from engine.tensor_parallel import TPGroup, shard_model
+
+    _free()
+    cfg, cuda = _config("llama-3.1-8b"), torch.device("cuda")
+    for rank in range(2):
+        whole = shard_model(load_model(cfg, cuda, torch.bfloat16).model, TPGroup(rank, 2))
+        torch.cuda.empty_cache()
+        got = load_model(cfg, cuda, torch.bfloat16, TPGroup(rank, 2)).model
+        for (name, a), (_, b) in zip(got.named_parameters(), whole.named_parameters()):
+            assert torch.equal(a, b), name
+        del whole, got
+        _free()
