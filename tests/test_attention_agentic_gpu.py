@@ -33,11 +33,35 @@ def test_prefill_agentic_shape_matches_reference(name: str) -> None:
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("name", ["ragged_turns", "long_causal_prompt"])
 def test_prefill_each_kernel_matches_reference(name: str, gather: bool) -> None:
-    """The paged kernel and the gathered (tensor-descriptor) one, whichever the default picks, at GPU tiles."""
+    """The paged kernel and the gathered (tensor-descriptor) one, whichever the default picks, at GPU tiles;
+    the gathered one also where its copy is larger than the default limit (ragged_turns: 840 MB)."""
+    from unittest import mock
+
+    from engine.kernels.triton import attention
+
     cfg = dict(block_m=128, block_n=128 if gather else 64, num_warps=8, num_stages=3 if gather else 2, gather=gather)
-    check_prefill(
-        "cuda", seed=500 + len(name), dtype=BF16, reqs=AGENTIC[name], hq=32, hk=8, d=128, bs=16, cfg=cfg, q_scale=2.0
-    )
+    with mock.patch.object(attention, "PREFILL_GATHER_BYTES", 4 << 30):
+        check_prefill(
+            "cuda",
+            seed=500 + len(name),
+            dtype=BF16,
+            reqs=AGENTIC[name],
+            hq=32,
+            hk=8,
+            d=128,
+            bs=16,
+            cfg=cfg,
+            q_scale=2.0,
+        )
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_prefill_copy_over_the_limit_reads_the_paged_cache() -> None:
+    """ragged_turns' gathered copy (840 MB: four rows as wide as 51,300 tokens) is over PREFILL_GATHER_BYTES: the
+    paged kernel runs instead (check_prefill checks which), and matches the reference."""
+    cfg = dict(block_m=128, block_n=64, num_warps=8, num_stages=2, gather=True)  # tiles the paged kernel takes
+    check_prefill("cuda", seed=7, dtype=BF16, reqs=AGENTIC["ragged_turns"], hq=32, hk=8, d=128, bs=16, cfg=cfg)
     torch.cuda.empty_cache()
 
 

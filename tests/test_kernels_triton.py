@@ -439,7 +439,8 @@ def check_prefill(
     """`reqs`: (cached prefix, new query tokens) per request. With an FP8 cache and no `cfg` or one with
     gather=True, the kernel reads a dequantized 16-bit copy of the context (attention.FP8_PREFILL_COPY_BYTES;
     fp8_copy=False sets it to 0): the reference then attends over that copy's values (FP8 x scale rounded to
-    the 16-bit dtype). A `cfg` with gather=True and 16-bit tiles must run the gathered kernel (checked)."""
+    the 16-bit dtype). A `cfg` with gather=True and 16-bit tiles must run the gathered kernel where its copy fits
+    attention.PREFILL_GATHER_BYTES, and the paged one above it (checked)."""
     triton_ops, torch_ops = _ops()
     from engine.kernels.torch_ops import dequantize_fp8
     from engine.kernels.triton import attention
@@ -471,7 +472,11 @@ def check_prefill(
                 q, k_bad, v_bad, query_start_loc, *args, _attention_cfg("prefill", cfg), **scales_bad
             )
         if cfg.get("gather") and dtype in (BF16, F16) and sum(n for _, n in reqs):
-            assert descriptors.call_count == 2, "the gathered kernel did not run"  # K's and V's
+            copy = 2 * kv.block_table.numel() * bs * hk * d * dtype.itemsize
+            if copy <= attention.PREFILL_GATHER_BYTES:  # K's and V's
+                assert descriptors.call_count == 2, "the gathered kernel did not run"
+            else:  # a copy over the limit: the paged kernel reads the cache
+                assert descriptors.call_count == 0, f"a {copy}-byte copy went past the gather limit"
     _assert_close(got, want, dtype, f"prefill_attention reqs={reqs[:3]}")
 
 
