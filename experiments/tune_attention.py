@@ -151,9 +151,9 @@ def decode_configs(quick: bool):
         if not quick or (st == 2 and w == 4)
     ]
     fmas = [
-        DecodeConfig(fma=True, block_n=bn, num_warps=w, programs_per_sm=pps, num_stages=st)
-        for bn, w, pps, st in itertools.product((16, 32), (1, 2, 4), (8, 16), (1, 2, 3))
-        if not quick or (st == 1 and w == 1)
+        DecodeConfig(fma=True, block_n=bn, num_warps=w, programs_per_sm=pps, num_stages=st, min_tiles_per_split=mt)
+        for bn, w, pps, st, mt in itertools.product((16, 32), (1, 2, 4), (8, 16), (1, 2, 3), (1, 4))
+        if (not quick or (st == 1 and w == 1)) and (mt == 4 or (st == 1 and w == 1))
     ]
     return dots + fmas
 
@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gather", action="store_true", help="prefill: sweep the gathered (TMA) kernel's tiles")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--small", action="store_true", help="prefill: 128-row tiles, 2-3 stages only")
+    parser.add_argument(
+        "--shapes", nargs="+", default=None, metavar="BxC", help="decode: batch x context rows (default: DECODE_SHAPES)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("tune_attention needs a CUDA GPU")
@@ -221,8 +224,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "prefill"):
         shapes = PREFILL_SHAPES[:1] + PREFILL_SHAPES[4:5] if args.quick else PREFILL_SHAPES
         sweep_prefill(shapes, args.quick, matmul_tflops(), args.small, args.gather)
-    shapes = sorted(DECODE_SHAPES, key=lambda bc: -bc[0] * bc[1])  # the agentic shapes first
-    shapes = shapes[:3] if args.quick else shapes
+    if args.shapes:
+        shapes = [tuple(int(n) for n in spec.lower().split("x")) for spec in args.shapes]
+    else:
+        shapes = sorted(DECODE_SHAPES, key=lambda bc: -bc[0] * bc[1])  # the agentic shapes first
+        shapes = shapes[:3] if args.quick else shapes
     if args.only in (None, "decode"):
         sweep_decode(shapes, args.quick, copy_gbs())
     if args.only in (None, "decode-fp8"):

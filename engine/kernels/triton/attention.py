@@ -106,8 +106,10 @@ def decode_config(
         # tl.dot kernel's default on the same FP8 cache (H100, experiments.tune_attention --only decode-fp8,
         # 2026-12-06): batch 4 x 50K ~235 vs 335 us (its best tile: 227), batch 1 x 50K 83 vs 103 us; batch 64 x
         # 512 58 us (a bf16 cache: 68 us). 255 registers and 180 bytes of spills at G 4 (ptxas, sm_90; the fastest
-        # tile even so); at G 8 it spills ~2 KB, so larger groups keep the tl.dot kernel
-        return DecodeConfig(fma=True, block_n=32, num_warps=1, programs_per_sm=16, num_stages=1)
+        # tile even so); at G 8 it spills ~2 KB, so larger groups keep the tl.dot kernel. One tile a split at
+        # least: at 512 tokens 4 left 32 one-warp programs a layer for batch 1 (the step 1.07x bf16's, b126563);
+        # long contexts are capped by programs_per_sm and max_splits before this
+        return DecodeConfig(fma=True, block_n=32, num_warps=1, programs_per_sm=16, num_stages=1, min_tiles_per_split=1)
     if kv_fp8 and dtype == torch.float32:
         # FP8 -> fp32 tiles (tl.dot): two stages spill (255 registers + ~300 bytes); one takes 63 (ptxas, sm_90)
         return DecodeConfig(block_n=16, num_stages=1)
