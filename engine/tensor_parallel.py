@@ -283,6 +283,9 @@ def shard_model(model, tp: TPGroup):
 def _init(rank: int, size: int, port: int, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
+        # NVLink multicast (NVLS) stays off unless asked for: on shared hosts a program using it can take the
+        # host's GPUs out of service; the ranks inherit this process's environment
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
 

@@ -68,3 +68,31 @@ def test_8b_ranks_at_tp2_equal_the_whole_models_shards() -> None:
             assert torch.equal(a, b), name
         del whole, got
         _free()
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_the_engine_over_gpus_gives_tp1s_greedy_tokens_within_bf16_tolerance(size: int) -> None:
+    """Llama-3.2-1B's shape in bf16 at TP 2 and 4 over NCCL (one process a GPU) against TP 1 on the same
+    random weights: the same greedy tokens until the first near-tie, their logprobs within bf16 rounding.
+    Needs `size` GPUs (skipped on one)."""
+    if torch.cuda.device_count() < size:
+        pytest.skip(f"needs {size} GPUs, this machine has {torch.cuda.device_count()}")
+    from engine import LLM, SamplingParams
+
+    prompts = [list(range(100, 164)), list(range(7, 1000, 3)), [128000] + list(range(5000, 5100))]
+    params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=0, ignore_eos=True)
+    runs = {}
+    for tp in (1, size):
+        llm = LLM(model="llama-3.2-1b", load_format="dummy", dtype="bfloat16", device="cuda", tensor_parallel_size=tp)
+        try:
+            runs[tp] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.close()
+        _free()
+    for want, got in zip(runs[1], runs[size]):
+        same = 0
+        while same < len(want.token_ids) and want.token_ids[same] == got.token_ids[same]:
+            same += 1
+        assert same >= 4, (want.token_ids, got.token_ids)
+        for a, b in zip(want.logprobs[:same], got.logprobs[:same]):
+            assert next(iter(b.values())) == pytest.approx(next(iter(a.values())), abs=0.1)
