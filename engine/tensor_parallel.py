@@ -352,8 +352,9 @@ class TPDriver:
         self, tokens: int, hidden: int, vocab_part: int, dtype: torch.dtype, device: torch.device, iters: int = 20
     ) -> tuple[float, float]:
         """`time_collectives` on every rank (between steps): rank 0's (all-reduce, all-gather) seconds."""
+        buffers = _collective_buffers(tokens, hidden, vocab_part, dtype, device)  # before the ranks wait on them
         self.send(("collectives", (tokens, hidden, vocab_part, str(dtype).removeprefix("torch."), iters)))
-        return time_collectives(tokens, hidden, vocab_part, dtype, device, iters)
+        return _time_collectives(*buffers, device, iters)
 
     def stop(self) -> None:
         if not self.procs:
@@ -377,12 +378,18 @@ def time_collectives(
     """Median seconds of one all-reduce of a step's hidden states ([tokens, hidden]) and of one all-gather
     of its logits ([tokens, vocab_part] from each rank), the collectives a step runs (shard_model): every
     rank of the group calls it with the same arguments (TPDriver.time_collectives); the times are this rank's."""
+    return _time_collectives(*_collective_buffers(tokens, hidden, vocab_part, dtype, device), device, iters)
+
+
+def _collective_buffers(tokens: int, hidden: int, vocab_part: int, dtype: torch.dtype, device: torch.device):
+    x = torch.zeros(tokens, hidden, dtype=dtype, device=device)
+    part = torch.zeros(tokens, vocab_part, dtype=dtype, device=device)
+    return x, part, [torch.empty_like(part) for _ in range(dist.get_world_size())]
+
+
+def _time_collectives(x, part, gathered, device: torch.device, iters: int) -> tuple[float, float]:
     import statistics
     import time
-
-    x = torch.ones(tokens, hidden, dtype=dtype, device=device)
-    part = torch.ones(tokens, vocab_part, dtype=dtype, device=device)
-    gathered = [torch.empty_like(part) for _ in range(dist.get_world_size())]
 
     def timed(op) -> float:
         times = []

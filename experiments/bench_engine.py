@@ -342,9 +342,8 @@ def bench_model(shape: str, args, bandwidth: float, rate: float, variant: str = 
     nb = Bytes.of(core)
     twin = twin_cost(shape, args, bandwidth, rate, variant)
     rows = []
-    label = shape if variant == "bf16" else f"{shape} {variant}"
-    if args.tp > 1:
-        label += f" tp{args.tp}"
+    name = shape if args.tp == 1 else f"{shape}-tp{args.tp}"  # print_ratios keys on the first word
+    label = name if variant == "bf16" else f"{name} {variant}"
 
     def add(what: str, engine_s: float, bound_s: float | None = None, **extra) -> None:
         rows.append(

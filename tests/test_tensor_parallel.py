@@ -285,6 +285,13 @@ def test_each_rank_loads_its_part_of_random_and_safetensors_weights(tmp_path, ar
             assert got.config.num_heads == whole.config.num_heads // size
             got = load_model(hf, cpu, torch.float32, tp).model  # an FP8 checkpoint: its own scales, cut
             _same_params(got, shard_model(load_model(hf, cpu, torch.float32).model, tp))
+    if quantization == "fp8":  # per-tensor scales, as [1] and [1, 1]: read whole on every rank
+        for i, name in enumerate(n for n in tensors if n.endswith(".weight_scale")):
+            tensors[name] = tensors[name].amax().reshape((1,) if i % 2 else (1, 1))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+        tp = TPGroup(1, 2)
+        got = load_model(hf, cpu, torch.float32, tp).model
+        _same_params(got, shard_model(load_model(hf, cpu, torch.float32).model, tp))
 
 
 def test_a_gguf_rank_reads_its_rows_and_columns_and_dequantizes_no_more(monkeypatch) -> None:

@@ -73,14 +73,16 @@ def test_8b_ranks_at_tp2_equal_the_whole_models_shards() -> None:
 @pytest.mark.parametrize("size", [2, 4])
 def test_the_engine_over_gpus_gives_tp1s_greedy_tokens_within_bf16_tolerance(size: int) -> None:
     """Llama-3.2-1B's shape in bf16 at TP 2 and 4 over NCCL (one process a GPU) against TP 1 on the same
-    random weights: the same greedy tokens until the first near-tie, their logprobs within bf16 rounding.
-    Needs `size` GPUs (skipped on one)."""
+    random weights: the same greedy tokens, their logprobs within bf16 rounding, until a step where TP 1's
+    two best tokens were within that rounding of each other (a near-tie either may break). Needs `size` GPUs
+    (skipped on one)."""
     if torch.cuda.device_count() < size:
         pytest.skip(f"needs {size} GPUs, this machine has {torch.cuda.device_count()}")
     from engine import LLM, SamplingParams
 
+    tol = 0.05  # bf16 logits of a 16-layer model summed in another order
     prompts = [list(range(100, 164)), list(range(7, 1000, 3)), [128000] + list(range(5000, 5100))]
-    params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=2, ignore_eos=True)
     runs = {}
     for tp in (1, size):
         llm = LLM(model="llama-3.2-1b", load_format="dummy", dtype="bfloat16", device="cuda", tensor_parallel_size=tp)
@@ -89,10 +91,13 @@ def test_the_engine_over_gpus_gives_tp1s_greedy_tokens_within_bf16_tolerance(siz
         finally:
             llm.close()
         _free()
+    compared = 0
     for want, got in zip(runs[1], runs[size]):
-        same = 0
-        while same < len(want.token_ids) and want.token_ids[same] == got.token_ids[same]:
-            same += 1
-        assert same >= 4, (want.token_ids, got.token_ids)
-        for a, b in zip(want.logprobs[:same], got.logprobs[:same]):
-            assert next(iter(b.values())) == pytest.approx(next(iter(a.values())), abs=0.1)
+        for step, (token, top) in enumerate(zip(want.token_ids, want.logprobs)):
+            best = sorted(top.values(), reverse=True)
+            if got.token_ids[step] != token:
+                assert best[0] - best[1] < 2 * tol, f"step {step}: TP {size} chose another token, no near-tie"
+                break
+            assert got.logprobs[step][token] == pytest.approx(top[token], abs=tol)
+            compared += 1
+    assert compared >= 12  # most steps compared

@@ -12,6 +12,7 @@ is, and loads as FP8 whatever `quantization` says (as vLLM: the checkpoint decid
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -83,8 +84,8 @@ def checkpoint_part(model: CausalLM, name: str, shape: tuple[int, ...]):
     of a sharded `model` reads; None: the whole tensor (every tensor of an unsharded model, replicated
     ones, and a per-tensor FP8 scale). Raises ModelLoadError when `shape` does not fit the model's."""
     part = getattr(model, "tp_checkpoint_parts", {}).get(name)
-    if part is None or (name.endswith(".weight_scale") and len(shape) <= part.dim):
-        return None
+    if part is None or (name.endswith(".weight_scale") and (len(shape) <= part.dim or math.prod(shape) == 1)):
+        return None  # (a per-tensor scale: [], [1] or [1, 1], as quant.per_channel_scale takes them)
     if len(shape) <= part.dim or shape[part.dim] != part.whole:
         raise ModelLoadError(
             f"checkpoint tensor {name!r} has shape {tuple(shape)}, expected {part.whole} along dimension {part.dim}"
@@ -109,10 +110,10 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype, tp=N
 
     `tp` (an engine.tensor_parallel.TPGroup): this rank's shard, sharded before any weight is read and
     filled with only this rank's part of each tensor (never the whole model; random weights are the
-    whole model's, part by part, so every size gives the same model). `LoadedModel.config` stays the
-    whole model's; `model.config` is the rank's."""
+    whole model's, part by part, so every size gives the same model, except that weights quantized to FP8
+    as they load take a row-parallel layer's scales from the rank's own columns). `LoadedModel.config`
+    stays the whole model's; `model.config` is the rank's."""
     from engine.loader import dummy, gguf_file, hf_dir
-    from engine.tensor_parallel import zero_partial_biases
 
     source = resolve_model(cfg.model)
     q = cfg.quantization
@@ -122,7 +123,6 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype, tp=N
         "hf": lambda: hf_dir.load(source, device, dtype, q, tp),
     }[weights_format(cfg, source)]
     loaded = loader()
-    zero_partial_biases(loaded.model)  # a row-parallel bias enters once: rank 0's
     if cfg.tokenizer:
         loaded.tokenizer = hf_dir.load_tokenizer(cfg.tokenizer)
     return loaded

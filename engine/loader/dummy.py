@@ -75,6 +75,10 @@ def init_random(model, seed: int, std: float = 0.02) -> None:
             del values
         if at != p.shape[0]:
             raise AssertionError(f"{name}: drew {at} rows for {p.shape[0]}")
+    if getattr(model, "tp", None) is not None:  # a rank's shard: a row-parallel bias enters once (rank 0's)
+        from engine.tensor_parallel import zero_partial_biases
+
+        zero_partial_biases(model)
 
 
 def config_for(source: str) -> ModelConfig:

@@ -107,6 +107,8 @@ def iter_safetensors(path: str, model=None):
             raise ModelLoadError(f"{file} is not a readable safetensors file: {exc}") from None
         with handle as f:
             for name in f.keys():
+                if model is not None and name == "lm_head.weight" and model.config.tie_word_embeddings:
+                    continue  # load_weights reads past it: not read at all (a rank would read it whole)
                 yield name, _read(f, name, model)
 
 

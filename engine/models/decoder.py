@@ -390,3 +390,7 @@ class CausalLM(nn.Module):
         missing = [n for n, p in params.items() if filled.get(n, 0) != p.numel()]
         if missing:
             raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        if getattr(self, "tp", None) is not None:  # a rank's shard (engine.tensor_parallel): its biases once
+            from engine.tensor_parallel import zero_partial_biases
+
+            zero_partial_biases(self)
