@@ -179,9 +179,14 @@ def twin_cost(shape: str, args, bandwidth: float, rate: float, variant: str):
     names = {engine: conf for conf, engine in ENGINE_SHAPES.items()}
     if shape not in names:
         return None
+    try:
+        conf = load_model_spec(names[shape])
+    except ValueError as exc:  # an install without the conf/ tree: TANDEM_CONF_DIR names it
+        print(f"no twin column: {exc}")
+        return None
     quantization, kv_cache_dtype = VARIANTS[variant]
     spec = dataclasses.replace(
-        load_model_spec(names[shape]),
+        conf,
         tensor_parallel_size=args.tp,
         quantization=quantization,
         kv_cache_dtype=kv_cache_dtype,

@@ -165,15 +165,14 @@ def sweep_decode(shapes, quick: bool, bw: float, fp8: bool = False) -> None:
     from engine.kernels.triton import attention
 
     base16 = attention.decode_config(torch.device("cuda"), D, DTYPE)
-    base = attention.decode_config(torch.device("cuda"), D, DTYPE, kv_fp8=fp8)
     configs = decode_configs(quick)
-    if base not in configs:
-        configs.insert(0, base)
     kind = "FP8" if fp8 else "bf16"
     print(f"\ndecode attention sweep, {kind} cache; copy bandwidth {bw:.0f} GB/s (read+write)")
     gen = torch.Generator(device="cuda").manual_seed(0)
     scale = D**-0.5
     for b, ctx in shapes:
+        keys = b * -(-ctx // BS) * BS  # what decode_attention's default sees: batch x the table's width
+        base = attention.decode_config(torch.device("cuda"), D, DTYPE, kv_fp8=fp8, keys=keys)
         k, v, table, lens = paged_cache([ctx] * b, gen)
         q = torch.randn((b, HQ, D), generator=gen, device="cuda", dtype=DTYPE)
         t16 = bench_us(lambda: attention.decode_attention(q, k, v, lens, table, scale, base16))
@@ -182,7 +181,7 @@ def sweep_decode(shapes, quick: bool, bw: float, fp8: bool = False) -> None:
             (k, sc["k_scale"]), (v, sc["v_scale"]) = torch_ops.quantize_fp8(k), torch_ops.quantize_fp8(v)
         want = torch_ops.decode_attention(q, k, v, lens, table, scale, **sc).float()
         times = {}
-        for cfg in configs:
+        for cfg in configs if base in configs else [base, *configs]:
             name = ("default " if cfg == base else "") + ("fma " if cfg.fma else "dot ") + label(cfg, base16)
             run = partial(attention.decode_attention, q, k, v, lens, table, scale, cfg, **sc)
             try:

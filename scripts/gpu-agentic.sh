@@ -39,7 +39,7 @@ for phase in "$@"; do
       PYTHONSAFEPATH=1 timeout "${GEMV_S:-240}" python3 -m experiments.tune_fp8_gemv ${GEMV_ARGS:-} > "$out/gemv.txt" 2>&1 \
         || status=1 ;;
     bench) install || exit 1
-      PYTHONSAFEPATH=1 timeout "${BENCH_S:-300}" python3 -m experiments.bench_engine --models llama-3.1-8b --no-hf ${BENCH_ARGS:-} \
+      PYTHONSAFEPATH=1 TANDEM_CONF_DIR=$PWD/conf timeout "${BENCH_S:-300}" python3 -m experiments.bench_engine --models llama-3.1-8b --no-hf ${BENCH_ARGS:-} \
         --json "$out/bench-engine.json" > "$out/bench-engine.txt" 2>&1 || status=1 ;;
     tests) install || exit 1
       timeout "${TESTS_S:-300}" make test-gpu PYTEST_ARGS="-v ${TESTS_ARGS:-}" > "$out/test-gpu.txt" 2>&1 || status=1 ;;

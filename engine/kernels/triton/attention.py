@@ -94,22 +94,32 @@ class PrefillConfig:
     warp_specialize: bool = False  # with gather: Triton's warp-specialized key loop (producer/consumer warps)
 
 
+# The CUDA-core kernel's one-warp programs need keys to fill the card: a launch over fewer (batch x the block
+# table's width) runs the tl.dot kernel on the FP8 cache instead (H100, experiments.tune_attention --only
+# decode-fp8, 2026-12-06: batch 1 x 512 22.2 us against 34.5, the bf16 cache's 20.3; batch 64 x 512, 32K keys,
+# was faster on the CUDA cores: 58 against 68 us)
+FMA_MIN_KEYS = 8192
+
+
 def decode_config(
-    device: torch.device, head_dim: int, dtype: torch.dtype, kv_fp8: bool = False, group: int = 1
+    device: torch.device,
+    head_dim: int,
+    dtype: torch.dtype,
+    kv_fp8: bool = False,
+    group: int = 1,
+    keys: int | None = None,
 ) -> DecodeConfig:
     """Tiles for q and tiles multiplied in `dtype` (the cache's, or q's for an FP8 cache: kv_fp8), `group` query
-    heads a KV head."""
+    heads a KV head; `keys`: the most keys the launch reads (batch x the block table's width in tokens)."""
     if device.type != "cuda":  # the interpreter: small tiles, still split so every path runs
         return DecodeConfig(block_n=16, min_tiles_per_split=1, num_warps=1, num_stages=1)
-    if kv_fp8 and head_dim <= 128 and group <= 4:
+    if kv_fp8 and head_dim <= 128 and group <= 4 and (keys is None or keys >= FMA_MIN_KEYS):
         # the CUDA-core kernel: FP8 tiles widened in registers, no shared-memory round trip for mma. Against the
         # tl.dot kernel's default on the same FP8 cache (H100, experiments.tune_attention --only decode-fp8,
         # 2026-12-06): batch 4 x 50K ~235 vs 335 us (its best tile: 227), batch 1 x 50K 83 vs 103 us; batch 64 x
         # 512 58 us (a bf16 cache: 68 us). 255 registers and 180 bytes of spills at G 4 (ptxas, sm_90; the fastest
-        # tile even so); at G 8 it spills ~2 KB, so larger groups keep the tl.dot kernel. One tile a split at
-        # least: at 512 tokens 4 left 32 one-warp programs a layer for batch 1 (the step 1.07x bf16's, b126563);
-        # long contexts are capped by programs_per_sm and max_splits before this
-        return DecodeConfig(fma=True, block_n=32, num_warps=1, programs_per_sm=16, num_stages=1, min_tiles_per_split=1)
+        # tile even so); at G 8 it spills ~2 KB, so larger groups keep the tl.dot kernel
+        return DecodeConfig(fma=True, block_n=32, num_warps=1, programs_per_sm=16, num_stages=1)
     if kv_fp8 and dtype == torch.float32:
         # FP8 -> fp32 tiles (tl.dot): two stages spill (255 registers + ~300 bytes); one takes 63 (ptxas, sm_90)
         return DecodeConfig(block_n=16, num_stages=1)
@@ -487,7 +497,7 @@ def decode_attention(
     _, bs, hk, _ = k_cache.shape
     group = hq // hk
     fp8, compute = _compute_dtype(q, k_cache, k_scale, v_scale)
-    cfg = cfg or decode_config(q.device, d, compute, fp8, group)
+    cfg = cfg or decode_config(q.device, d, compute, fp8, group, batch * block_table.shape[1] * bs)
     if cfg.fma:
         from engine.kernels.triton.decode_fma import decode_attention_fma
 
