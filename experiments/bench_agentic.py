@@ -60,6 +60,7 @@ QUICK_PARAMS = {
 }
 CPU_PARAMS = {"first_turn_tokens": 200, "later_turn_tokens": 40, "output_tokens": 16, "turns_min": 3, "turns_max": 3}
 WARMUP_SEED = 1000  # the warm-up's sessions: another seed, so no prefix is shared with a measured level
+STATS_PERIOD_S = 0.75  # a little more than the engine core's stats period (0.5 s): /metrics then has them all
 
 # (key, label, kind): the five figures compared, each as engine / roofline
 FIGURES = (
@@ -278,6 +279,16 @@ def server_kv_blocks(base: str, timeout_s: float = 10.0) -> int:
     raise RuntimeError("the server's /metrics reported no KV blocks")
 
 
+def server_preemptions(base: str) -> int:
+    """Requests the server's engine has preempted so far (recompute + swap; every replica's), from its /metrics.
+    The core reports its stats every 0.5 s: read after that long with nothing running."""
+    text = httpx.get(base.removesuffix("/v1") + "/metrics", timeout=5).text
+    found = re.findall(r"^tandem_preemptions_total(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE)
+    if not found:
+        raise RuntimeError("the server's /metrics has no tandem_preemptions_total")
+    return int(sum(float(v) for v in found))
+
+
 def twin_engine_section(options: dict, base: str, device: str) -> dict:
     """The simulator's `engine` and `scheduler` keys of the server (experiments.fidelity.sim_config): its
     EngineConfig's scheduler settings, its context length and KV blocks as it reports them, and the lookahead
@@ -450,19 +461,41 @@ def serve_levels(setup: Setup, base: str, hw: HardwareSpec, warm_seed: int, prog
     run_engine(base, Level(2, 2, warm_seed, warm))
     engine = twin_engine_section(setup.options, base, setup.device)
     rows, levels = [], []
+    time.sleep(STATS_PERIOD_S)
+    preempted = server_preemptions(base)
     for level in setup.levels:
         t0 = time.monotonic()
         served = run_engine(base, level)
         s = served.summary
+        time.sleep(STATS_PERIOD_S)  # the level's last stats
+        now = server_preemptions(base)
+        level_preemptions, preempted = now - preempted, now
         progress(f"concurrency {level.concurrency}: {level.sessions} sessions served in {time.monotonic() - t0:.1f} s")
         if s["num_errors"] or not s["completed"]:
             progress(f"  warning: {s['num_errors']} failed calls {s['errors']}, completed {s['completed']}")
         twin = run_twin(level, setup.model, setup.spec, hw, engine)
         rows += compare(level, Figures.of(s, served.requests), Figures.of(twin.summary, twin.requests))
         levels.append(
-            {"level": dataclasses.asdict(level), "engine": s, "roofline": twin.summary, "roofline_notes": twin.notes}
+            {
+                "level": dataclasses.asdict(level),
+                "engine": s,
+                "roofline": twin.summary,
+                "roofline_notes": twin.notes,
+                "preemptions": {
+                    "engine": level_preemptions,
+                    "roofline": twin.summary["num_preemptions_recompute"] + twin.summary["num_preemptions_swap"],
+                },
+            }
         )
     return rows, levels, engine
+
+
+def format_preemptions(levels: list[dict]) -> str:
+    """Requests preempted at each level, by the engine (its /metrics) and in the twin (same sessions)."""
+    return "preemptions (engine / twin): " + ", ".join(
+        f"concurrency {lv['level']['concurrency']} {lv['preemptions']['engine']} / {lv['preemptions']['roofline']}"
+        for lv in levels
+    )
 
 
 def run(args: argparse.Namespace, progress=print) -> dict:
@@ -546,6 +579,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print("ratio = engine / roofline: > 1 for TTFT (slower than the bound), < 1 for throughputs (share reached)")
     print(format_rows(results["rows"]))
+    print(format_preemptions(results["levels"]))
     print(f"wall {m['wall_seconds']:.0f} s; server log {m['out']}/server.log")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float) + "\n")

@@ -129,4 +129,52 @@ def test_served_levels_beside_the_roofline(tmp_path, capsys):
         assert engine["num_requests"] == twin["num_requests"] == 3 * 2 * c
         assert engine["output_tokens"] == twin["output_tokens"] == 8 * 3 * 2 * c
         assert engine["prompt_tokens"] == twin["prompt_tokens"]
+    # preemptions: the engine's from /metrics, the twin's from its run (512 blocks hold every session here)
+    assert [lv["preemptions"] for lv in results["levels"]] == [{"engine": 0, "roofline": 0}] * 3
+    assert "preemptions (engine / twin): concurrency 1 0 / 0, concurrency 2 0 / 0, concurrency 4 0 / 0" in printed
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_server_preemptions_sum_every_replicas_counter(monkeypatch):
+    text = (
+        "# TYPE tandem_preemptions counter\n"
+        'tandem_preemptions_total{replica="0"} 3.0\n'
+        'tandem_preemptions_total{replica="1"} 4.0\n'
+        "tandem_preemptions_created 1.7e9\n"
+    )
+    monkeypatch.setattr(bench_agentic.httpx, "get", lambda url, timeout: type("R", (), {"text": text})())
+    assert bench_agentic.server_preemptions("http://x/v1") == 7
+    monkeypatch.setattr(
+        bench_agentic.httpx, "get", lambda url, timeout: type("R", (), {"text": "tandem_preemptions_total 2.0\n"})()
+    )
+    assert bench_agentic.server_preemptions("http://x/v1") == 2
+
+
+def test_preemptions_are_counted_on_both_sides_when_the_kv_cache_is_short(tmp_path):
+    """Four sessions of ~230 tokens on 40 blocks of 16 tokens: the engine and its twin both preempt."""
+    (tmp_path / "tiny.yaml").write_text(MODEL_YAML)
+    config = write_tiny_config(tmp_path, "LlamaForCausalLM", vocab_size=1024, max_position_embeddings=4096)
+    results = bench_agentic.main(
+        [
+            "--model",
+            str(tmp_path / "tiny.yaml"),
+            "--engine-model",
+            config,
+            "--concurrency",
+            "4",
+            "--sessions",
+            "4",
+            "--params",
+            "first_turn_tokens=160",
+            "later_turn_tokens=24",
+            "output_tokens=8",
+            "--engine",
+            "num_gpu_blocks=40",
+            "max_num_seqs=16",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    (level,) = results["levels"]
+    assert level["engine"]["completed"] and level["engine"]["num_errors"] == 0
+    assert level["preemptions"]["engine"] > 0 and level["preemptions"]["roofline"] > 0, level["preemptions"]
