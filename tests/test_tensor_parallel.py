@@ -438,3 +438,36 @@ def test_the_collectives_are_timed_on_every_rank_between_steps_and_bench_engine_
     assert two.head_flops * 2 == one.head_flops  # half the vocabulary
     assert two.linear_flops * 2 == one.linear_flops
     assert two.weights_read < 0.6 * one.weights_read
+
+
+def test_bench_engine_twin_prices_a_tp_step_and_its_collectives(monkeypatch, capsys) -> None:
+    """bench_engine --tp's twin column (a GPU script, its host-side pieces on CPU): the roofline of the same shape
+    at TP 4 prices one GPU's share plus the collectives, and print_twin gives each row's error."""
+    from types import SimpleNamespace
+
+    from experiments import bench_engine
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    args = SimpleNamespace(tp=4)
+    one = bench_engine.twin_cost("llama-3.1-8b", SimpleNamespace(tp=1), 3e12, 7.8e14, "bf16")
+    four = bench_engine.twin_cost("llama-3.1-70b", args, 3e12, 7.8e14, "bf16")
+    eight_tp4 = bench_engine.twin_cost("llama-3.1-8b", args, 3e12, 7.8e14, "fp8kv")
+    assert bench_engine.twin_cost("smollm2-135m-not-a-conf", args, 3e12, 7.8e14, "bf16") is None
+    b1 = bench_engine.twin_seconds(one, [512], [1])
+    assert b1 == pytest.approx(15.01e9 / 3e12, rel=0.02)  # the 8B's weights but the embedding table at 3 TB/s
+    seventy = bench_engine.twin_seconds(four, [512], [1])
+    collectives = four.collective_seconds(1, 1)
+    assert collectives > 0 and seventy == pytest.approx(139.0e9 / 4 / 3e12 + collectives, rel=0.02)
+    assert bench_engine.twin_seconds(eight_tp4, [50000] * 4, [1] * 4) < bench_engine.twin_seconds(
+        one, [50000] * 4, [1] * 4
+    )
+    rows = [
+        {
+            "model": "llama-3.1-70b-tp4",
+            "what": "decode b1 ctx512 (s/step)",
+            "engine_s": 1.2 * seventy,
+            "twin_s": seventy,
+        }
+    ]
+    bench_engine.print_twin(rows)
+    assert "+20.0%" in capsys.readouterr().out
