@@ -11,6 +11,8 @@ concurrency), the server's scheduler settings and KV size, and the roofline cost
 measured rates (not the datasheet's): device copy bandwidth (read + write bytes, as
 experiments.bench_engine) and the FLOP/s of a large GEMM. Every ratio is engine / roofline: above 1
 for TTFT (slower than the bound), below 1 for throughputs (the share of the bound reached).
+Each level also counts the requests preempted: the engine's from the server's /metrics
+(tandem_preemptions_total), the twin's from its run of the same sessions.
 Without CUDA it runs on the CPU: SmolLM2-135M's shape in float32 and a small swe_smith.
 """
 
