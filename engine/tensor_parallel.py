@@ -144,11 +144,6 @@ def rank_part(shape: tuple[int, ...], placement: object, tp: TPGroup, where: str
     return Part(dim, shape[dim], tuple(ranges))
 
 
-def _slice(tensor: torch.Tensor, placement: object, tp: TPGroup, where: str) -> torch.Tensor:
-    part = rank_part(tuple(tensor.shape), placement, tp, where)
-    return tensor if part is None else part.take(tensor)
-
-
 def _checkpoint_parts(model, param_parts: dict[str, tuple[tuple[int, ...], Part]]) -> dict[str, Part]:
     """Checkpoint (Hugging Face) tensor name -> this rank's part, for every sharded one: a fused parameter's
     parts (q|k|v, gate|up, and their FP8 scales) cut back to the checkpoint's own tensors."""

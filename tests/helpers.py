@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 
 import controlplane as cp
@@ -51,3 +55,17 @@ def drain(sched, model, now: float = 0.0, dt: float = 1.0, max_steps: int = 10_0
         done.update(fin)
         now += dt if not plan.is_empty else idle_dt
     raise AssertionError("requests left after max_steps: livelock")
+
+
+def run_simulate_app(tmp_path, *args) -> subprocess.CompletedProcess:
+    """`python -m experiments.simulate ARGS` in tmp_path, wandb silent and Hydra's errors short; not checked."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.simulate", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )

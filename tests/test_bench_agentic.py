@@ -75,33 +75,20 @@ def test_the_twin_runs_fp8_linears_at_the_measured_fp8_rate_or_the_bf16_one():
     assert bench_agentic.fp8_matmul_rate("cpu", torch.float32, 64, 1) > 0
 
 
-def test_served_levels_beside_the_roofline(tmp_path, capsys):
+def _bench(tmp_path, concurrency: list[str], blocks: int, *more: str) -> dict:
+    """bench_agentic on the tiny model: 160-token first turns, 24-token later ones, 8 output tokens a call."""
     (tmp_path / "tiny.yaml").write_text(MODEL_YAML)
     config = write_tiny_config(tmp_path, "LlamaForCausalLM", vocab_size=1024, max_position_embeddings=4096)
-    out = tmp_path / "results.json"
-    results = bench_agentic.main(
-        [
-            "--model",
-            str(tmp_path / "tiny.yaml"),
-            "--engine-model",
-            config,
-            "--concurrency",
-            "1",
-            "2",
-            "4",
-            "--params",
-            "first_turn_tokens=160",
-            "later_turn_tokens=24",
-            "output_tokens=8",
-            "--engine",
-            "num_gpu_blocks=512",
-            "max_num_seqs=16",
-            "--out",
-            str(tmp_path / "run"),
-            "--json",
-            str(out),
-        ]
+    return bench_agentic.main(
+        ["--model", str(tmp_path / "tiny.yaml"), "--engine-model", config, "--concurrency", *concurrency, *more]
+        + ["--params", "first_turn_tokens=160", "later_turn_tokens=24", "output_tokens=8"]
+        + ["--engine", f"num_gpu_blocks={blocks}", "max_num_seqs=16", "--out", str(tmp_path / "run")]
     )
+
+
+def test_served_levels_beside_the_roofline(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    results = _bench(tmp_path, ["1", "2", "4"], 512, "--json", str(out))
     printed = capsys.readouterr().out
     assert "engine/roofline" in printed and "later-turn TTFT s p90" in printed
 
@@ -152,29 +139,7 @@ def test_server_preemptions_sum_every_replicas_counter(monkeypatch):
 
 def test_preemptions_are_counted_on_both_sides_when_the_kv_cache_is_short(tmp_path):
     """Four sessions of ~230 tokens on 40 blocks of 16 tokens: the engine and its twin both preempt."""
-    (tmp_path / "tiny.yaml").write_text(MODEL_YAML)
-    config = write_tiny_config(tmp_path, "LlamaForCausalLM", vocab_size=1024, max_position_embeddings=4096)
-    results = bench_agentic.main(
-        [
-            "--model",
-            str(tmp_path / "tiny.yaml"),
-            "--engine-model",
-            config,
-            "--concurrency",
-            "4",
-            "--sessions",
-            "4",
-            "--params",
-            "first_turn_tokens=160",
-            "later_turn_tokens=24",
-            "output_tokens=8",
-            "--engine",
-            "num_gpu_blocks=40",
-            "max_num_seqs=16",
-            "--out",
-            str(tmp_path / "run"),
-        ]
-    )
+    results = _bench(tmp_path, ["4"], 40, "--sessions", "4")
     (level,) = results["levels"]
     assert level["engine"]["completed"] and level["engine"]["num_errors"] == 0
     assert level["preemptions"]["engine"] > 0 and level["preemptions"]["roofline"] > 0, level["preemptions"]

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -27,6 +24,8 @@ from sim.cost import PlanFeatures, RooflineCost, _sum_of_max_pieces, make_cost_m
 from sim.profile_cost import ProfileCost
 from sim.simulation import Simulation
 from sim.specs import KV_CACHE_DTYPES, QUANTIZATIONS, kv_capacity_blocks, load_hardware_spec, load_model_spec
+
+from helpers import run_simulate_app
 
 LLAMA = load_model_spec("llama3_8b")
 H100 = load_hardware_spec("h100_sxm")
@@ -308,16 +307,7 @@ SMALL = [
 
 
 def simulate(tmp_path, *args):
-    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.simulate", *SMALL, *args, f"hydra.run.dir={tmp_path}/run"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_simulate_app(tmp_path, *SMALL, *args, f"hydra.run.dir={tmp_path}/run")
 
 
 def test_the_simulate_app_takes_the_options_from_the_command_line(tmp_path):

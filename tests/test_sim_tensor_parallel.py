@@ -21,9 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -48,6 +45,8 @@ from sim.specs import (
     load_hardware_spec,
     load_model_spec,
 )
+
+from helpers import run_simulate_app
 
 LLAMA = load_model_spec("llama3_8b")
 H100 = load_hardware_spec("h100_sxm")
@@ -446,16 +445,7 @@ SMALL = [
 
 
 def simulate(tmp_path, *args):
-    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.simulate", *SMALL, *args, f"hydra.run.dir={tmp_path}/run"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_simulate_app(tmp_path, *SMALL, *args, f"hydra.run.dir={tmp_path}/run")
 
 
 def test_the_simulate_app_takes_the_size_from_the_command_line(tmp_path):

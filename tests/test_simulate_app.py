@@ -10,6 +10,8 @@ import sys
 import pandas as pd
 import pytest
 
+from helpers import run_simulate_app
+
 SMALL = [
     "model=smollm2_135m",
     "sim.num_sessions=3",
@@ -21,15 +23,7 @@ SMALL = [
 
 
 def simulate(tmp_path, *args, check=True):
-    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.simulate", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_simulate_app(tmp_path, *args)
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
