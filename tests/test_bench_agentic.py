@@ -75,13 +75,13 @@ def test_the_twin_runs_fp8_linears_at_the_measured_fp8_rate_or_the_bf16_one():
     assert bench_agentic.fp8_matmul_rate("cpu", torch.float32, 64, 1) > 0
 
 
-def _bench(tmp_path, concurrency: list[str], blocks: int, *more: str) -> dict:
+def _bench(tmp_path, concurrency: list[str], blocks: int, *more: str, output_tokens: int = 8) -> dict:
     """bench_agentic on the tiny model: 160-token first turns, 24-token later ones, 8 output tokens a call."""
     (tmp_path / "tiny.yaml").write_text(MODEL_YAML)
     config = write_tiny_config(tmp_path, "LlamaForCausalLM", vocab_size=1024, max_position_embeddings=4096)
     return bench_agentic.main(
         ["--model", str(tmp_path / "tiny.yaml"), "--engine-model", config, "--concurrency", *concurrency, *more]
-        + ["--params", "first_turn_tokens=160", "later_turn_tokens=24", "output_tokens=8"]
+        + ["--params", "first_turn_tokens=160", "later_turn_tokens=24", f"output_tokens={output_tokens}"]
         + ["--engine", f"num_gpu_blocks={blocks}", "max_num_seqs=16", "--out", str(tmp_path / "run")]
     )
 
@@ -138,8 +138,12 @@ def test_server_preemptions_sum_every_replicas_counter(monkeypatch):
 
 
 def test_preemptions_are_counted_on_both_sides_when_the_kv_cache_is_short(tmp_path):
-    """Four sessions of ~230 tokens on 40 blocks of 16 tokens: the engine and its twin both preempt."""
-    results = _bench(tmp_path, ["4"], 40, "--sessions", "4")
+    """Four sessions on 36 blocks of 16 tokens: the engine and its twin both preempt.
+
+    Not left to timing: a first turn grows to 14 blocks (160 + 64 tokens) and decodes for 64 steps, so three of the
+    four sessions, sent together, run at once and need 42 blocks; a third turn alone needs 25, so any two overlap too.
+    """
+    results = _bench(tmp_path, ["4"], 36, "--sessions", "4", output_tokens=64)
     (level,) = results["levels"]
     assert level["engine"]["completed"] and level["engine"]["num_errors"] == 0
     assert level["preemptions"]["engine"] > 0 and level["preemptions"]["roofline"] > 0, level["preemptions"]
