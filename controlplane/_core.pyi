@@ -26,7 +26,7 @@ its context is positions ``[0, cached_lens[i] + query_lens[i])``, addressed thro
 (no copies); it keeps the plan, and the plan keeps the scheduler, alive.
 """
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -148,13 +148,20 @@ class RouteView:
 
 class ReplicaView:
     def __init__(
-        self, index: int, load: int, num_free_blocks: int = 0, num_blocks: int = 0, cached_prefix_tokens: int = 0
+        self,
+        index: int,
+        load: int,
+        num_free_blocks: int = 0,
+        num_blocks: int = 0,
+        cached_prefix_tokens: int = 0,
+        decode_step_s: float = 0.0,
     ) -> None: ...
     index: int
     load: int
     num_free_blocks: int
     num_blocks: int
     cached_prefix_tokens: int
+    decode_step_s: float
 
 class OrderingPolicy:
     def name(self) -> str: ...
@@ -174,6 +181,7 @@ class RouterPolicy:
     def name(self) -> str: ...
     def route(self, call: RouteView, replicas: list[ReplicaView]) -> int: ...
     def needs_prefix_match(self) -> bool: ...
+    def needs_step_prediction(self) -> bool: ...
     def end_session(self, session_id: str) -> None: ...
 
 class Router:
@@ -187,6 +195,8 @@ class Router:
     def name(self) -> str: ...
     @property
     def needs_prefix_match(self) -> bool: ...
+    @property
+    def needs_step_prediction(self) -> bool: ...
 
 def make_policy(kind: str, spec: str) -> OrderingPolicy | EvictionPolicy | PreemptionPolicy | RouterPolicy:
     """An instance of any registered policy (e.g. to unit-test its decisions on hand-built views)."""
@@ -214,6 +224,7 @@ class SchedulerConfig:
     ordering: str
     eviction: str
     preemption: str
+    admission: str
     num_lookahead_tokens: int
     def __init__(self) -> None: ...
 
@@ -326,6 +337,9 @@ class Stats:
     computed_tokens: int
     cached_tokens: int
     generated_tokens: int
+    num_admission_cuts: int
+    num_held_too_long: int
+    num_held_waiting: int
     def as_dict(self) -> dict[str, int]: ...
 
 class Scheduler:
@@ -374,6 +388,14 @@ class Scheduler:
     def abort(self, request_id: int, now: float) -> None: ...
     def end_session(self, session_id: str, now: float) -> int:
         """Releases the session's retention pins; returns how many blocks it still pinned."""
+    def set_step_cost(self, cost: Any) -> None:
+        """The step-cost model (a sim._native.StepCost) the admission policy predicts step times with."""
+    @property
+    def has_step_cost(self) -> bool: ...
+    def predicted_decode_seconds(self, context: int) -> float:
+        """The decode step of every request here and one more of `context` tokens (0.0 without a step cost)."""
+    @property
+    def admission(self) -> str: ...
     def stats(self) -> Stats: ...
     def check_invariants(self) -> None:
         """Raises InvariantError if any control-plane invariant is broken."""

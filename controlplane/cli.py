@@ -18,7 +18,7 @@ import sys
 from collections.abc import Collection, Iterable
 
 # The last key of an override that holds a policy spec ("name" or "name:key=value,...").
-POLICY_SPEC_KEYS = frozenset({"ordering", "eviction", "preemption", "router"})
+POLICY_SPEC_KEYS = frozenset({"ordering", "eviction", "preemption", "router", "admission"})
 # One parameter of a spec continuing after a comma: "margin=1" in "pause_aware:reload_s_per_token=1,margin=1".
 _SPEC_PARAM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=[^:,]*$")
 _UNQUOTABLE = set("'\"[]{}(),\\")

@@ -56,6 +56,9 @@ class SchedulerConfig:
     ordering: str = "fcfs"
     eviction: str = "lru"
     preemption: str = "recompute"
+    # how much of each prefill chunk, and which new requests, a step takes: "all", or
+    # "tps_floor:tok_s=70" (a per-user speed floor kept by the plane's step-cost model; docs/policies.md)
+    admission: str = "all"
     # blocks held ahead of a decoding request's next token (1 lets an engine overlap decode steps)
     num_lookahead_tokens: int = 0
     # modules that register Python policies (controlplane.register_policy), imported first
@@ -88,7 +91,7 @@ class SchedulerConfig:
                 f"scheduler.num_lookahead_tokens must be in [0, block_size], got {self.num_lookahead_tokens}"
             )
         import_policy_modules(self.policy_modules)
-        for kind in ("ordering", "eviction", "preemption"):
+        for kind in ("ordering", "eviction", "preemption", "admission"):
             check_spec(kind, getattr(self, kind))
 
     def to_core(self) -> _core.SchedulerConfig:

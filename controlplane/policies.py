@@ -67,6 +67,8 @@ def register_policy(kind: str, name: str, factory: Callable[..., object] | None 
         factory: a subclass of the kind's base class, or a callable returning an instance;
             called with the spec's parameters as keyword arguments (floats).
     """
+    if kind == "admission":
+        raise ValueError("admission policies are written in C++ (csrc/policies.cpp); Python ones cannot be registered")
     if kind not in KINDS:
         raise ValueError(f"unknown policy kind {kind!r}; kinds: {list(KINDS)}")
 

@@ -165,6 +165,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("ordering", &SchedulerConfig::ordering)
       .def_readwrite("eviction", &SchedulerConfig::eviction)
       .def_readwrite("preemption", &SchedulerConfig::preemption)
+      .def_readwrite("admission", &SchedulerConfig::admission)
       .def_readwrite("num_lookahead_tokens", &SchedulerConfig::num_lookahead_tokens);
 
   py::class_<Plan, std::shared_ptr<Plan>>(m, "Plan")
@@ -255,7 +256,8 @@ PYBIND11_MODULE(_core, m) {
   X(num_cached_blocks) X(num_evictable_blocks) X(num_pinned_blocks) X(num_used_blocks)              \
   X(num_host_blocks) X(num_free_host_blocks) X(num_steps) X(num_finished) X(num_aborted)            \
   X(num_preemptions_recompute) X(num_preemptions_swap) X(num_evicted_blocks) X(prompt_tokens)       \
-  X(computed_tokens) X(cached_tokens) X(generated_tokens)
+  X(computed_tokens) X(cached_tokens) X(generated_tokens) X(num_admission_cuts) X(num_held_too_long)  \
+  X(num_held_waiting)
   // clang-format on
   py::class_<Stats> stats(m, "Stats");
 #define TANDEM_READONLY(name) stats.def_readonly(#name, &Stats::name);
@@ -330,6 +332,24 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("prompt_token_ids"), py::arg("cache_namespace") = py::none(),
           "Tokens of this prompt a new request would find in the prefix cache now; changes nothing.")
+      .def(
+          "set_step_cost",
+          [](Scheduler& s, py::handle cost) {
+            // a sim._native.StepCost (registered by that module: both share this build's type registry)
+            if (!py::isinstance<StepCost>(cost)) {
+              throw py::type_error("set_step_cost takes a sim._native.StepCost (a cost model's `native`), got " +
+                                   std::string(py::str(py::type::of(cost))));
+            }
+            s.set_step_cost(cost.cast<const StepCost&>());
+          },
+          py::arg("cost"),
+          "The step-cost model the admission policy predicts step times with (a sim._native.StepCost: a cost "
+          "model's `native`); the scheduler keeps a copy that counts its own steps.")
+      .def_property_readonly("has_step_cost", &Scheduler::has_step_cost)
+      .def("predicted_decode_seconds", &Scheduler::predicted_decode_seconds, py::arg("context"),
+           "The decode step of every request here (running or waiting, at its context) and one more of `context` "
+           "tokens, by the step cost set (0.0 without one).")
+      .def_property_readonly("admission", &Scheduler::admission_name)
       .def("stats", &Scheduler::stats)
       .def("check_invariants", &Scheduler::check_invariants)
       .def("has_unfinished", &Scheduler::has_unfinished)

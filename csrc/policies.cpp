@@ -301,28 +301,99 @@ class SessionAffinity final : public RouterPolicy {
 };
 
 // Most of the prompt already in the replica's prefix cache; ties: least loaded, lowest index.
+bool more_cached(const ReplicaView& a, const ReplicaView& b) {
+  return std::make_tuple(a.cached_prefix_tokens, -a.load, -a.index) >
+         std::make_tuple(b.cached_prefix_tokens, -b.load, -b.index);
+}
+
+int most_cached(const std::vector<ReplicaView>& replicas) {
+  int best = 0;
+  for (int i = 1; i < static_cast<int>(replicas.size()); ++i) {
+    if (more_cached(replicas[i], replicas[best])) best = i;
+  }
+  return best;
+}
+
 class PrefixAware final : public RouterPolicy {
  public:
   std::string name() const override { return "prefix_aware"; }
   bool needs_prefix_match() const override { return true; }
+  int route(const RouteView&, const std::vector<ReplicaView>& replicas) override { return most_cached(replicas); }
+};
+
+// The router that asks tps_floor's question: of the replicas whose decode step with this call stays
+// within 1 / tok_s (by each one's step-cost model), prefix_aware's choice; if none does, prefix_aware's
+// choice among all (the call waits where its context is cached rather than prefill it all again).
+class FloorAware final : public RouterPolicy {
+ public:
+  explicit FloorAware(double tok_s) : limit_(1.0 / tok_s) {}
+  std::string name() const override { return "floor_aware"; }
+  bool needs_prefix_match() const override { return true; }
+  bool needs_step_prediction() const override { return true; }
   int route(const RouteView&, const std::vector<ReplicaView>& replicas) override {
-    int best = 0;
-    for (int i = 1; i < static_cast<int>(replicas.size()); ++i) {
-      const auto& a = replicas[i];
-      const auto& b = replicas[best];
-      if (std::make_tuple(a.cached_prefix_tokens, -a.load, -a.index) >
-          std::make_tuple(b.cached_prefix_tokens, -b.load, -b.index)) {
-        best = i;
-      }
+    int best = -1;
+    for (int i = 0; i < static_cast<int>(replicas.size()); ++i) {
+      if (replicas[i].decode_step_s <= limit_ && (best < 0 || more_cached(replicas[i], replicas[best]))) best = i;
     }
-    return best;
+    return best >= 0 ? best : most_cached(replicas);
   }
+
+ private:
+  double limit_;
 };
 
 double param(const PolicyParams& params, const char* key, double fallback) {
   auto it = params.find(key);
   return it == params.end() ? fallback : it->second;
 }
+
+// ---- admission -------------------------------------------------------------------
+
+class AdmitAll final : public AdmissionPolicy {
+ public:
+  std::string name() const override { return "all"; }
+  int chunk(const AdmissionView& view) const override { return view.chunk; }
+  bool admits_all() const override { return true; }
+};
+
+// A per-user speed floor of tok_s output tokens a second, kept by prediction: every step a decode
+// runs in must cost at most 1 / tok_s seconds by the step-cost model, so a prefill chunk in such a
+// step gets the largest size that fits (at least min_chunk tokens, else none); and a new request is
+// admitted only if the decode step of every running request with it costs at most margin / tok_s
+// (its context taken as its prompt: what it will have grown by is not known at admission). With
+// nothing running, a request is always admitted: holding it would keep the floor for nobody.
+class TpsFloor final : public AdmissionPolicy {
+ public:
+  TpsFloor(double tok_s, double margin, double max_wait_s, int min_chunk)
+      : limit_(1.0 / tok_s), margin_(margin), max_wait_s_(max_wait_s), min_chunk_(min_chunk) {}
+  std::string name() const override { return "tps_floor"; }
+  bool needs_cost() const override { return true; }
+  double max_wait_s() const override { return max_wait_s_; }
+
+  int chunk(const AdmissionView& v) const override {
+    const StepCost& cost = *v.cost;
+    if (v.first && v.steady->features().num_reqs > 0 &&
+        v.steady->seconds_with(cost, v.num_tokens, 1, true) > margin_ * limit_) {
+      return 0;
+    }
+    if (v.step->features().num_decode_reqs == 0) return v.chunk;  // nobody's next token waits on this step
+    const auto fits = [&](int n) {
+      return v.step->seconds_with(cost, v.start, n, v.start + n == v.num_tokens) <= limit_;
+    };
+    if (fits(v.chunk)) return v.chunk;
+    // The cost grows with the chunk: the largest n that fits, by bisection (fits(lo), not fits(hi)).
+    int lo = 0, hi = v.chunk;
+    while (hi - lo > 1) {
+      const int mid = lo + (hi - lo) / 2;
+      (fits(mid) ? lo : hi) = mid;
+    }
+    return lo >= std::min(min_chunk_, v.chunk) ? lo : 0;
+  }
+
+ private:
+  double limit_, margin_, max_wait_s_;
+  int min_chunk_;
+};
 
 }  // namespace
 
@@ -405,12 +476,42 @@ PolicyRegistry<RouterPolicy>& router_registry() {
     r.add("least_loaded", no_params<LeastLoaded, RouterPolicy>("least_loaded"));
     r.add("session_affinity", no_params<SessionAffinity, RouterPolicy>("session_affinity"));
     r.add("prefix_aware", no_params<PrefixAware, RouterPolicy>("prefix_aware"));
+    r.add("floor_aware", [](const PolicyParams& params) -> std::shared_ptr<RouterPolicy> {
+      check_params("floor_aware", params, {"tok_s"});
+      const double tok_s = param(params, "tok_s", 70.0);
+      if (!(tok_s > 0)) throw InvalidInput("policy 'floor_aware': tok_s must be > 0 tokens a second");
+      return std::make_shared<FloorAware>(tok_s);
+    });
+    return r;
+  }();
+  return registry;
+}
+
+PolicyRegistry<AdmissionPolicy>& admission_registry() {
+  static PolicyRegistry<AdmissionPolicy> registry = [] {
+    PolicyRegistry<AdmissionPolicy> r;
+    r.add("all", no_params<AdmitAll, AdmissionPolicy>("all"));
+    r.add("tps_floor", [](const PolicyParams& params) -> std::shared_ptr<AdmissionPolicy> {
+      check_params("tps_floor", params, {"tok_s", "margin", "max_wait_s", "min_chunk"});
+      const double tok_s = param(params, "tok_s", 70.0);
+      const double margin = param(params, "margin", 1.0);
+      const double max_wait = param(params, "max_wait_s", 60.0);
+      const double min_chunk = param(params, "min_chunk", 64.0);
+      if (!(tok_s > 0)) throw InvalidInput("policy 'tps_floor': tok_s must be > 0 tokens a second");
+      if (!(margin > 0)) throw InvalidInput("policy 'tps_floor': margin must be > 0");
+      if (max_wait < 0) throw InvalidInput("policy 'tps_floor': max_wait_s must be >= 0 seconds");
+      if (min_chunk < 1 || min_chunk != std::floor(min_chunk) || min_chunk > 1e9) {
+        throw InvalidInput("policy 'tps_floor': min_chunk must be a whole number of tokens >= 1");
+      }
+      return std::make_shared<TpsFloor>(tok_s, margin, max_wait, static_cast<int>(min_chunk));
+    });
     return r;
   }();
   return registry;
 }
 
 template class PolicyRegistry<OrderingPolicy>;
+template class PolicyRegistry<AdmissionPolicy>;
 template class PolicyRegistry<RouterPolicy>;
 template class PolicyRegistry<EvictionPolicy>;
 template class PolicyRegistry<PreemptionPolicy>;

@@ -5,14 +5,15 @@
 // applies the decision. The same object serves the GPU engine and the
 // simulator, because both drive the same Scheduler.
 //
-// Four kinds, one registry each (name -> factory(params)):
+// Five kinds, one registry each (name -> factory(params)):
 //   ordering    OrderingPolicy::key(RequestView)        who is admitted first / preempted last
 //   eviction    EvictionPolicy::key(CachedBlockView)    which unheld cached block goes first
 //               EvictionPolicy::pin_seconds(TurnView)   retention: how long a finished turn is kept
 //   preemption  PreemptionPolicy::mode(RequestView,..)  recompute or swap a victim
 //   router      RouterPolicy::route(RouteView, replicas) which replica serves a model call (simulator)
-// Python subclasses of the bound classes register into the same registries
-// (csrc/py_policies.cpp); see docs/policies.md.
+//   admission   AdmissionPolicy::chunk(AdmissionView)   how much of a prefill chunk (or a new request) a step takes
+// Python subclasses of the bound classes register into the same registries (csrc/py_policies.cpp;
+// admission policies are C++ only: they run once per prefill chunk and request); see docs/policies.md.
 #pragma once
 
 #include <functional>
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "common.h"
+#include "step_cost.h"
 
 namespace tandem {
 
@@ -144,6 +146,9 @@ struct ReplicaView {
   int num_free_blocks = 0;       // free + evictable device blocks
   int num_blocks = 0;
   int cached_prefix_tokens = 0;  // of this call's prompt, if the router needs_prefix_match()
+  // If the router needs_step_prediction(): the replica's decode step, by its step-cost model, with every
+  // request it holds (running or waiting, each at its context) and this call; 0 without a cost model.
+  double decode_step_s = 0.0;
 };
 
 // Unlike the other kinds, a router may keep state (a turn counter, session affinity): route()
@@ -156,8 +161,45 @@ class RouterPolicy {
   virtual int route(const RouteView& call, const std::vector<ReplicaView>& replicas) = 0;
   // True if route() reads cached_prefix_tokens (a prefix lookup per replica per call).
   virtual bool needs_prefix_match() const { return false; }
+  // True if route() reads decode_step_s (a prediction per replica per call).
+  virtual bool needs_step_prediction() const { return false; }
   // The session ended: forget what was kept about it.
   virtual void end_session(const std::string& session_id) { (void)session_id; }
+};
+
+// What an admission policy reads when the planner is about to give a request a chunk: the step as
+// planned so far and the running requests' decode step, as cost features, and the plane's step-cost
+// model (Scheduler::set_step_cost: the one the simulator prices its steps with).
+struct AdmissionView {
+  const StepCost* cost = nullptr;    // null until the plane sets one
+  double now = 0.0;
+  // This step: a row for every decode it runs (counted before any chunk is granted, so a chunk is
+  // priced with every decode of the step whatever the order) and the chunks granted before this one.
+  const StepDraft* step = nullptr;
+  // A pure decode step of every running request at its whole context, plus each request admitted
+  // earlier in this step: the step every user's next tokens wait on once this step's prefills are done.
+  const StepDraft* steady = nullptr;
+  RequestView request;
+  int start = 0;          // tokens computed or found in the prefix cache before this chunk
+  int num_tokens = 0;     // the request's tokens (prompt, and output so far)
+  int chunk = 0;          // the chunk the scheduler would give it (> 0): at most chunk_size and the budget
+  bool first = false;     // the request has never run (an admission, not a resumption or a later chunk)
+  bool running = false;   // it is running (this is a later prefill chunk of an admitted request)
+};
+
+class AdmissionPolicy {
+ public:
+  virtual ~AdmissionPolicy() = default;
+  virtual std::string name() const = 0;
+  // Tokens of the chunk this step may compute, 0..view.chunk; 0: the request waits (a waiting one
+  // blocks those behind it, as one that does not fit in KV does).
+  virtual int chunk(const AdmissionView& view) const = 0;
+  // True: every chunk is taken whole, and the scheduler never asks (the default, "all").
+  virtual bool admits_all() const { return false; }
+  virtual bool needs_cost() const { return false; }
+  // A request held back longer than this (seconds since its arrival) is counted in
+  // Stats::num_held_too_long; <= 0: never.
+  virtual double max_wait_s() const { return 0.0; }
 };
 
 // A policy raised, returned something invalid (a NaN key, a negative pin time, a replica out of
@@ -186,6 +228,7 @@ PolicyRegistry<OrderingPolicy>& ordering_registry();
 PolicyRegistry<EvictionPolicy>& eviction_registry();
 PolicyRegistry<PreemptionPolicy>& preemption_registry();
 PolicyRegistry<RouterPolicy>& router_registry();
+PolicyRegistry<AdmissionPolicy>& admission_registry();
 
 // "ordering policy 'name'": how errors name a policy.
 std::string policy_label(const char* kind, const std::string& name);

@@ -180,6 +180,10 @@ class PyRouterPolicy : public RouterPolicy, public PyPolicyBase {
     if (!has_override(static_cast<const RouterPolicy*>(this), "needs_prefix_match")) return false;
     return call<bool>(static_cast<const RouterPolicy*>(this), *this, "needs_prefix_match", to_bool);
   }
+  bool needs_step_prediction() const override {
+    if (!has_override(static_cast<const RouterPolicy*>(this), "needs_step_prediction")) return false;
+    return call<bool>(static_cast<const RouterPolicy*>(this), *this, "needs_step_prediction", to_bool);
+  }
   void end_session(const std::string& session_id) override {
     if (!has_override(static_cast<const RouterPolicy*>(this), "end_session")) return;
     call<int>(
@@ -262,7 +266,8 @@ std::vector<std::string> registered_names(const std::string& kind) {
   if (kind == "eviction") return eviction_registry().names();
   if (kind == "preemption") return preemption_registry().names();
   if (kind == "router") return router_registry().names();
-  throw InvalidInput("unknown policy kind '" + kind + "' (ordering, eviction, preemption, router)");
+  if (kind == "admission") return admission_registry().names();
+  throw InvalidInput("unknown policy kind '" + kind + "' (ordering, eviction, preemption, router, admission)");
 }
 
 // A router chosen by spec, validating every decision (what the simulator calls).
@@ -275,6 +280,7 @@ class Router {
     policy_ = router_registry().make(name, params);
     name_ = policy_->name();
     prefix_ = policy_->needs_prefix_match();
+    predict_ = policy_->needs_step_prediction();
   }
   int route(RequestId id, const std::string& session_id, int num_prompt_tokens, double now,
             const std::vector<ReplicaView>& replicas) {
@@ -294,11 +300,13 @@ class Router {
   void end_session(const std::string& session_id) { policy_->end_session(session_id); }
   const std::string& name() const { return name_; }
   bool needs_prefix_match() const { return prefix_; }
+  bool needs_step_prediction() const { return predict_; }
 
  private:
   std::shared_ptr<RouterPolicy> policy_;
   std::string name_;
   bool prefix_ = false;
+  bool predict_ = false;
 };
 
 void bind_policies(py::module_& m) {
@@ -443,22 +451,25 @@ void bind_policies(py::module_& m) {
       .def_property_readonly("now", [](const PyRouteView& c) { return c.v.now; });
 
   py::class_<ReplicaView>(m, "ReplicaView", "One replica a router may choose.")
-      .def(py::init([](int index, int load, int num_free_blocks, int num_blocks, int cached_prefix_tokens) {
+      .def(py::init([](int index, int load, int num_free_blocks, int num_blocks, int cached_prefix_tokens,
+                       double decode_step_s) {
              ReplicaView v;
              v.index = index;
              v.load = load;
              v.num_free_blocks = num_free_blocks;
              v.num_blocks = num_blocks;
              v.cached_prefix_tokens = cached_prefix_tokens;
+             v.decode_step_s = decode_step_s;
              return v;
            }),
            py::arg("index"), py::arg("load"), py::arg("num_free_blocks") = 0, py::arg("num_blocks") = 0,
-           py::arg("cached_prefix_tokens") = 0)
+           py::arg("cached_prefix_tokens") = 0, py::arg("decode_step_s") = 0.0)
       .def_readonly("index", &ReplicaView::index)
       .def_readonly("load", &ReplicaView::load)
       .def_readonly("num_free_blocks", &ReplicaView::num_free_blocks)
       .def_readonly("num_blocks", &ReplicaView::num_blocks)
-      .def_readonly("cached_prefix_tokens", &ReplicaView::cached_prefix_tokens);
+      .def_readonly("cached_prefix_tokens", &ReplicaView::cached_prefix_tokens)
+      .def_readonly("decode_step_s", &ReplicaView::decode_step_s);
 
   py::class_<OrderingPolicy, PyOrderingPolicy, std::shared_ptr<OrderingPolicy>>(
       m, "OrderingPolicy",
@@ -520,6 +531,7 @@ void bind_policies(py::module_& m) {
           },
           py::arg("call"), py::arg("replicas"))
       .def("needs_prefix_match", &RouterPolicy::needs_prefix_match)
+      .def("needs_step_prediction", &RouterPolicy::needs_step_prediction)
       .def("end_session", &RouterPolicy::end_session, py::arg("session_id"));
 
   m.def(
@@ -533,6 +545,10 @@ void bind_policies(py::module_& m) {
           register_python<PreemptionPolicy, PyPreemptionPolicy>(preemption_registry(), kind, name, factory);
         } else if (kind == "router") {
           register_python<RouterPolicy, PyRouterPolicy>(router_registry(), kind, name, factory);
+        } else if (kind == "admission") {
+          throw InvalidInput(
+              "admission policies are written in C++ (csrc/policies.cpp): they are asked once per "
+              "prefill chunk and predict step times; Python ones cannot be registered");
         } else {
           throw InvalidInput("unknown policy kind '" + kind + "' (ordering, eviction, preemption, router)");
         }
@@ -583,7 +599,8 @@ void bind_policies(py::module_& m) {
            py::arg("now"), py::arg("replicas"))
       .def("end_session", &Router::end_session, py::arg("session_id"))
       .def_property_readonly("name", &Router::name)
-      .def_property_readonly("needs_prefix_match", &Router::needs_prefix_match);
+      .def_property_readonly("needs_prefix_match", &Router::needs_prefix_match)
+      .def_property_readonly("needs_step_prediction", &Router::needs_step_prediction);
 }
 
 }  // namespace tandem

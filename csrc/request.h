@@ -77,6 +77,7 @@ struct Request {
   int slot = -1;                    // row of the persistent block table while running
   uint64_t last_step = 0;           // last plan that scheduled it
   bool abort_pending = false;       // aborted while in the plan in flight: applied at commit
+  bool held = false;                // the admission policy held it back since it last waited
 
   int num_tokens() const { return static_cast<int>(tokens.size()); }
   int num_output_tokens() const { return num_tokens() - num_prompt_tokens; }

@@ -56,6 +56,7 @@ Scheduler::Scheduler(const SchedulerConfig& config, std::shared_ptr<OrderingPoli
       ordering_(std::move(ordering)),
       eviction_(std::move(eviction)),
       preemption_(std::move(preemption)),
+      admission_(make_from_spec(admission_registry(), config.admission)),
       pool_(config.num_blocks, config.block_size, eviction_),  // validates both
       host_(config.num_host_blocks),
       sessions_(config.block_size) {
@@ -70,6 +71,8 @@ Scheduler::Scheduler(const SchedulerConfig& config, std::shared_ptr<OrderingPoli
   TANDEM_REQUIRE(config.num_lookahead_tokens >= 0 && config.num_lookahead_tokens <= config.block_size,
                  "num_lookahead_tokens must be in [0, block_size]");
   ordering_name_ = ordering_->name();
+  admission_name_ = admission_->name();
+  ask_admission_ = !admission_->admits_all();
   fixed_order_ = ordering_->key_is_fixed();
   max_blocks_per_seq_ = blocks_for(config.max_model_len);
   block_table_.assign(static_cast<size_t>(config.max_num_seqs) * max_blocks_per_seq_, kNoBlock);
@@ -264,6 +267,10 @@ void Scheduler::step_impl(Plan& plan, double now) {
   check_time(now, "step");
   TANDEM_REQUIRE(pending_step_ == 0,
                  "step(): plan " + str(static_cast<int64_t>(pending_step_)) + " has not been committed");
+  TANDEM_REQUIRE(!ask_admission_ || cost_ || !admission_->needs_cost(),
+                 policy_label("admission", admission_name_) +
+                     " predicts step times: give the scheduler a step cost first (set_step_cost; the simulator "
+                     "and the engine give theirs)");
   last_now_ = now;
   pool_.expire_pins(now);
 
@@ -284,6 +291,7 @@ void Scheduler::step_impl(Plan& plan, double now) {
     step_chunk_ = config_.idle_chunk_size;  // nobody's decode stalls: large chunks, and the budget for one
     budget = std::max(budget, config_.idle_chunk_size);
   }
+  if (ask_admission_) draft_admission_step();
   bool preempted = false;
   schedule_running(plan, &budget, now, &preempted);
   // A step that preempted admits nothing: swap-outs and swap-ins never share a plan.
@@ -310,12 +318,16 @@ void Scheduler::grow_lookahead(const Plan& plan) {
   }
 }
 
-// Whether a request's next token is a decode (it has output and all but its last token computed)
-// while it runs or waits swapped out; a request preempted to recompute has its prefill to redo.
+namespace {
+
+// Whether a request's next token is a decode: it has output and all but its last token computed.
+bool decode_next(const Request& r) { return r.num_output_tokens() > 0 && r.num_computed + 1 == r.num_tokens(); }
+
+}  // namespace
+
+// Whether a request's next token is a decode while it runs or waits swapped out; a request
+// preempted to recompute has its prefill to redo.
 bool Scheduler::decode_waits() const {
-  const auto decode_next = [](const Request& r) {
-    return r.num_output_tokens() > 0 && r.num_computed + 1 == r.num_tokens();
-  };
   for (RequestId id : running_) {
     if (decode_next(requests_.at(id))) return true;
   }
@@ -325,6 +337,75 @@ bool Scheduler::decode_waits() const {
     if (r.swapped() && decode_next(r)) return true;
   }
   return false;
+}
+
+// ---------------------------------------------------------------------------
+// Admission (csrc/policies.h AdmissionPolicy): asked only by a policy that does not admit all.
+
+void Scheduler::set_step_cost(const StepCost& cost) {
+  cost_ = std::make_shared<const StepCost>(cost.with_own_counts());
+}
+
+double Scheduler::predicted_decode_seconds(int context) const {
+  if (!cost_) return 0.0;
+  TANDEM_REQUIRE(context >= 0, "predicted_decode_seconds: context must be >= 0 tokens");
+  StepDraft d;
+  d.clear(block_size_, true, true);
+  for (RequestId id : running_) d.add(requests_.at(id).num_tokens(), 1, true);
+  for (RequestId id : waiting_) d.add(requests_.at(id).num_tokens(), 1, true);
+  d.add(context, 1, true);
+  return d.seconds(*cost_);
+}
+
+// The drafts the policy reads: this step's decodes (each running request whose next token is one;
+// schedule_running gives every one of them its token unless KV runs out) and the decode step of
+// every running request at its whole context.
+void Scheduler::draft_admission_step() {
+  draft_.clear(block_size_, guessed_step_ != 0, false);
+  steady_.clear(block_size_, true, true);
+  for (RequestId id : running_) {
+    const Request& r = requests_.at(id);
+    if (decode_next(r)) draft_.add(r.num_computed, 1, true);
+    steady_.add(r.num_tokens(), 1, true);
+  }
+}
+
+int Scheduler::admission_chunk(Request& r, int start, int n, bool running, const Plan& plan, double now) {
+  if (!ask_admission_ || n <= 0) return n;
+  // this plan's copies so far, and the candidate's own swap-in
+  draft_.set_swaps(plan.num_swap_out_blocks, plan.num_swap_in_blocks + static_cast<int>(r.host_blocks.size()));
+  AdmissionView v;
+  v.cost = cost_.get();
+  v.now = now;
+  v.step = &draft_;
+  v.steady = &steady_;
+  v.request = view(r);
+  v.start = start;
+  v.num_tokens = r.num_tokens();
+  v.chunk = n;
+  v.first = r.first_cached_tokens < 0;
+  v.running = running;
+  const int k = admission_->chunk(v);
+  if (k < 0 || k > n) {
+    throw PolicyError(policy_label("admission", admission_name_) + " gave a chunk of " + str(k) +
+                      " tokens, outside [0, " + str(n) + "]");
+  }
+  if (k < n) ++counters_.num_admission_cuts;
+  if (k == 0 && !running) r.held = true;
+  return k;
+}
+
+// r takes n tokens from `start` in this step; `joins`: it was waiting, so it joins the decodes too.
+void Scheduler::admission_took(Request& r, int start, int n, bool joins, double now) {
+  if (!ask_admission_) return;
+  draft_.add(start, n, start + n == r.num_tokens());
+  if (!joins) return;
+  steady_.add(r.num_tokens(), 1, true);
+  if (r.held) {
+    r.held = false;
+    const double wait = admission_->max_wait_s();
+    if (wait > 0 && now - r.arrival_time > wait) ++counters_.num_held_too_long;
+  }
 }
 
 void Scheduler::schedule_running(Plan& plan, int* budget, double now, bool* preempted) {
@@ -345,7 +426,14 @@ void Scheduler::schedule_running(Plan& plan, int* budget, double now, bool* pree
   size_t i = 0;
   while (i < running_.size() && *budget > 0) {
     Request& r = requests_.at(running_[i]);
-    const int n = std::min({r.num_tokens() - r.num_computed, *budget, step_chunk_});
+    int n = std::min({r.num_tokens() - r.num_computed, *budget, step_chunk_});
+    if (ask_admission_ && !decode_next(r)) {
+      n = admission_chunk(r, r.num_computed, n, true, plan, now);
+      if (n == 0) {  // its prefill waits a step; it keeps its place and its blocks
+        ++i;
+        continue;
+      }
+    }
     bool fits = grow(r, r.num_computed + n);
     while (!fits) {
       // Out of KV: preempt the last request in policy order (never one already scheduled).
@@ -357,6 +445,7 @@ void Scheduler::schedule_running(Plan& plan, int* budget, double now, bool* pree
       fits = grow(r, r.num_computed + n);
     }
     if (!fits) break;
+    if (ask_admission_ && !decode_next(r)) admission_took(r, r.num_computed, n, false, now);
     emit(r, n, plan);
     *budget -= n;
     ++i;
@@ -640,6 +729,7 @@ const Request& Scheduler::request(RequestId id) const {
 Stats Scheduler::stats() const {
   Stats s = counters_;
   s.num_running = static_cast<int>(running_.size());
+  const double max_wait = admission_->max_wait_s();
   for (RequestId id : waiting_) {
     const Request& r = requests_.at(id);
     if (r.state == RequestState::kPreempted) {
@@ -648,6 +738,7 @@ Stats Scheduler::stats() const {
     } else {
       ++s.num_waiting;
     }
+    if (r.held && max_wait > 0 && last_now_ - r.arrival_time > max_wait) ++s.num_held_waiting;
   }
   s.num_blocks = pool_.num_blocks();
   s.num_free_blocks = pool_.num_free();

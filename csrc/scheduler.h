@@ -37,6 +37,10 @@ struct SchedulerConfig {
   std::string ordering = "fcfs";      // "name" or "name:key=value,..."
   std::string eviction = "lru";
   std::string preemption = "recompute";
+  // How much of each prefill chunk, and which new requests, a step takes ("all": everything that
+  // fits, as ever; "tps_floor:tok_s=70": what keeps the step-cost model's predicted decode step
+  // within a per-user speed floor; csrc/policies.h AdmissionPolicy, docs/policies.md).
+  std::string admission = "all";
   // Blocks a decoding request holds ahead of its next token: with 1, a decode step also gives each
   // request the block of the token after the one it samples, so an executor can launch the next
   // decode step before this one's token is back (engine/overlap.py). Taken only when free; 0: none.
@@ -120,6 +124,10 @@ struct Stats {
   int64_t num_steps = 0, num_finished = 0, num_aborted = 0;
   int64_t num_preemptions_recompute = 0, num_preemptions_swap = 0, num_evicted_blocks = 0;
   int64_t prompt_tokens = 0, computed_tokens = 0, cached_tokens = 0, generated_tokens = 0;
+  // The admission policy: chunks it cut or refused; requests it held that were admitted more than
+  // its max_wait_s after arriving; and requests it holds that have waited that long (at the last step).
+  int64_t num_admission_cuts = 0, num_held_too_long = 0;
+  int num_held_waiting = 0;
 };
 
 class Scheduler {
@@ -149,6 +157,15 @@ class Scheduler {
 
   // Tokens of `prompt` a new request would find in the prefix cache now (read-only; routers use it).
   int cached_prefix_tokens(const std::vector<TokenId>& prompt, const std::string& cache_namespace) const;
+
+  // The step-cost model an admission policy predicts with (the one the plane prices or measures its
+  // steps by); a policy that needs one refuses to step without it. Kept as a copy with its own counts.
+  void set_step_cost(const StepCost& cost);
+  bool has_step_cost() const { return cost_ != nullptr; }
+  // The decode step of every request here (running or waiting, each at its context) and one more of
+  // `context` tokens, by the step cost (0 without one): what a floor-aware router asks (RouterPolicy).
+  double predicted_decode_seconds(int context) const;
+  const std::string& admission_name() const { return admission_name_; }
 
   Stats stats() const;
   void check_invariants() const;
@@ -195,6 +212,11 @@ class Scheduler {
 
   // --- planning helpers ---
   bool decode_waits() const;  // a decode is running or swapped out (see SchedulerConfig::idle_chunk_size)
+  // The admission policy's share of r's next chunk of n tokens from `start` (n when it admits all);
+  // admission_took() then enters what the step took into the drafts the policy reads.
+  void draft_admission_step();
+  int admission_chunk(Request& r, int start, int n, bool running, const Plan& plan, double now);
+  void admission_took(Request& r, int start, int n, bool joins, double now);
   void schedule_running(Plan& plan, int* budget, double now, bool* preempted);
   void schedule_waiting(Plan& plan, int budget, double now);
   void grow_lookahead(const Plan& plan);
@@ -221,6 +243,11 @@ class Scheduler {
   std::shared_ptr<OrderingPolicy> ordering_;
   std::shared_ptr<EvictionPolicy> eviction_;
   std::shared_ptr<PreemptionPolicy> preemption_;
+  std::shared_ptr<AdmissionPolicy> admission_;
+  std::string admission_name_;
+  bool ask_admission_ = false;                // !admission_->admits_all()
+  std::shared_ptr<const StepCost> cost_;      // set_step_cost's copy
+  StepDraft draft_, steady_;                  // AdmissionView::step and ::steady of the step being planned
   BlockPool pool_;
   HostPool host_;
 

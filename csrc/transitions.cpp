@@ -40,7 +40,8 @@ bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
   const int matched = prefix_match(r, nullptr);
   const std::vector<BlockId>& hits = r.match_blocks;  // matched blocks, in order
   const int start = matched * block_size_;
-  const int n = std::min({r.num_tokens() - start, budget, step_chunk_});
+  const int n = admission_chunk(r, start, std::min({r.num_tokens() - start, budget, step_chunk_}), false, plan, now);
+  if (n == 0) return false;
   const int need = blocks_for(start + n) - matched;
   // Hits that are evictable stop being available once retained. Count them only when the
   // answer depends on it (0 <= evictable hits <= min(hits, evictable blocks)).
@@ -75,6 +76,7 @@ bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
     counters_.cached_tokens += start;
   }
   grow(r, start + n);
+  admission_took(r, start, n, true, now);
   transition(r, RequestState::kPrefilling);
   running_.push_back(r.id);
   emit(r, n, plan);
@@ -82,9 +84,9 @@ bool Scheduler::admit(Request& r, int budget, Plan& plan, double now) {
 }
 
 bool Scheduler::resume_swapped(Request& r, int budget, Plan& plan, double now) {
-  (void)now;
   const int start = r.num_computed;
-  const int n = std::min({r.num_tokens() - start, budget, step_chunk_});
+  const int n = admission_chunk(r, start, std::min({r.num_tokens() - start, budget, step_chunk_}), false, plan, now);
+  if (n == 0) return false;
   const int held = static_cast<int>(r.host_blocks.size());
   if (pool_.num_available() < blocks_for(start + n)) return false;
 
@@ -101,6 +103,7 @@ bool Scheduler::resume_swapped(Request& r, int budget, Plan& plan, double now) {
   r.host_blocks.clear();
   r.num_registered = 0;  // fresh device copies: offered to the index again at commit
   grow(r, start + n);
+  admission_took(r, start, n, true, now);
   const bool decoding = start + 1 == r.num_tokens() && r.num_output_tokens() > 0;
   transition(r, decoding ? RequestState::kDecoding : RequestState::kPrefilling);
   running_.push_back(r.id);

@@ -182,6 +182,16 @@ SCHEDULER_KEYS = {f.name for f in dataclasses.fields(SchedulerConfig)} - {
 
 
 @dataclass(frozen=True)
+class StepCostOptions:
+    """EngineConfig.step_cost's keys (see there)."""
+
+    model: str = ""
+    hardware: str = ""
+    cost_model: str = "roofline"
+    profile_path: str | None = None
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """How one engine instance runs; unknown keys are rejected by `from_dict`.
 
@@ -209,6 +219,12 @@ class EngineConfig:
         overlap_decode: launch each decode step's guessed successor before its tokens are back
             (engine/overlap.py); None: on where decode runs as CUDA graphs of the Triton kernels.
             On, the scheduler holds one block ahead of each decoding request (num_lookahead_tokens = 1).
+        step_cost: the simulator's step-cost model of this engine, which an admission policy other than
+            "all" (scheduler.admission, e.g. "tps_floor:tok_s=70") predicts step times with: keys `model`
+            (a conf/model name or .yaml of the engine's shape; its dtype, KV cache dtype and quantization
+            are taken from this config), `hardware` (a conf/hardware name or .yaml), `cost_model`
+            ("roofline", the default, or "profile") and `profile_path` (a fitted profile; None: the one
+            shipped for the pair). None: no cost model (admission must then be "all").
         tensor_parallel_size: ranks the model is sharded over (engine.tensor_parallel): this process is
             rank 0 and runs the scheduler; the others are spawned processes that run each step's forward
             on their shard (gloo on CPUs, NCCL on GPUs). Off (1) by default.
@@ -236,6 +252,7 @@ class EngineConfig:
     # KV cache events over ZMQ in vLLM's format (engine/kv_events.py KVEventsConfig fields;
     # docs/kv-events.md); None: off
     kv_events: Mapping[str, Any] | None = None
+    step_cost: Mapping[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EngineConfig":
@@ -274,3 +291,12 @@ class EngineConfig:
         if self.scheduler.num_lookahead_tokens:
             raise ValueError("scheduler.num_lookahead_tokens is the engine's to set: it follows overlap_decode")
         self.scheduler.validate()
+        if self.step_cost is not None:
+            reject_unknown_keys(StepCostOptions, self.step_cost, "engine step_cost")
+            if not self.step_cost.get("model") or not self.step_cost.get("hardware"):
+                raise ValueError("step_cost needs `model` and `hardware` (conf/model and conf/hardware names or files)")
+        elif self.scheduler.admission != "all":
+            raise ValueError(
+                f"scheduler.admission={self.scheduler.admission!r} predicts step times: give the engine a step "
+                f"cost (step_cost={{model: ..., hardware: ...}}, the simulator's cost model of this engine)"
+            )

@@ -72,6 +72,29 @@ def check_fp8_kv_support(device: torch.device, kv_dtype: torch.dtype, chosen: di
         )
 
 
+def make_step_cost(cfg: EngineConfig, dtype: torch.dtype):
+    """The simulator's cost model of this engine (cfg.step_cost), at its dtype, KV cache dtype and weight
+    quantization, or None; what an admission policy (scheduler.admission) predicts step times with."""
+    if cfg.step_cost is None:
+        return None
+    from sim.cost import make_cost_model
+    from sim.specs import load_hardware_spec, load_model_spec
+
+    opts = cfg.step_cost
+    spec = dataclasses.replace(
+        load_model_spec(opts["model"]),
+        dtype_bytes=dtype.itemsize,
+        kv_cache_dtype=cfg.kv_cache_dtype,
+        quantization=cfg.quantization,
+    )
+    cost = make_cost_model(
+        opts.get("cost_model", "roofline"), spec, load_hardware_spec(opts["hardware"]), opts.get("profile_path")
+    )
+    if getattr(cost, "native", None) is None:
+        raise ValueError(f"step_cost: cost model {opts.get('cost_model')!r} has no C++ evaluator to predict with")
+    return cost
+
+
 class EngineCore:
     """Loads the model, sizes the KV cache, builds the scheduler and the runner.
 
@@ -160,6 +183,9 @@ class EngineCore:
             num_lookahead_tokens=1 if self.overlap else 0,
         )
         self.scheduler = cp.Scheduler(self.scheduler_config)
+        # the simulator's cost model of this engine, for an admission policy that predicts step times
+        self.step_cost = make_step_cost(cfg, self.dtype)
+        self._give_step_cost()
         # None: events off, and the control plane records none
         self.kv_events: KVEventPublisher | None = make_publisher(kv_events, sc.block_size)
         self.kept_kv_events: list | None = None  # see keep_kv_events()
@@ -322,10 +348,15 @@ class EngineCore:
             )
         self.scheduler_config = new
         self.scheduler = cp.Scheduler(new)
+        self._give_step_cost()
         self._start_kv_events()
         self.runner.clear()
         self.clock = clock or cp.WallClock()
         self.profile = []
+
+    def _give_step_cost(self) -> None:
+        if self.step_cost is not None:
+            self.scheduler.set_step_cost(self.step_cost.native)
 
     def keep_kv_events(self) -> None:
         """Records KV events into `kept_kv_events` too (besides any publisher), for a caller that forwards

@@ -75,6 +75,10 @@ class Replica:
         self.env = env
         self.index = index
         self.scheduler = cp.Scheduler(config) if scheduler is None else scheduler
+        native = getattr(cost_model, "native", None)
+        if native is not None and not self.scheduler.has_step_cost:
+            # what an admission policy predicts step times with (scheduler.admission; unused by "all")
+            self.scheduler.set_step_cost(native)
         self.cost_model = cost_model
         self.metrics = metrics
         self.idle_wait_s = idle_wait_s
@@ -200,6 +204,8 @@ class Router:
             which is chosen least-loaded.
         prefix_aware: most prompt tokens already in the replica's prefix cache,
             ties broken by load.
+        floor_aware:tok_s=70: of the replicas whose decode step with this call stays within 1 / tok_s
+            (each one's step-cost model), prefix_aware's choice; else the shortest predicted step.
     Every decision is checked (an index out of range is a PolicyError naming the router).
     """
 
@@ -208,6 +214,7 @@ class Router:
         self.replicas = list(replicas)
         self._router = cp.policies.Router(policy)
         self._prefix = self._router.needs_prefix_match
+        self._predict = self._router.needs_step_prediction
         self._calls = 0
 
     def route(self, prompt: np.ndarray, session_id: str, now: float = 0.0) -> Replica:
@@ -220,6 +227,7 @@ class Router:
                 r.scheduler.num_available_blocks,
                 r.scheduler.config.num_blocks,
                 r.scheduler.cached_prefix_tokens(prompt) if self._prefix else 0,
+                r.scheduler.predicted_decode_seconds(len(prompt)) if self._predict else 0.0,
             )
             for r in self.replicas
         ]

@@ -25,7 +25,7 @@ with these attributes works: a `controlplane` Plan, a `PlanFeatures`, a
 `experiments.calibrate` (docs/profile-format.md).
 
 Both compute their coefficients here and evaluate them with `native`, a
-`sim._native.StepCost` (csrc/sim/step_cost.h): the same formula, in the same
+`sim._native.StepCost` (csrc/step_cost.h): the same formula, in the same
 order of floating-point operations, serves `step_seconds` and the simulator's
 C++ fast path, so the two give bit-identical step times.
 """

@@ -9,6 +9,9 @@ Definitions (all times are simulated seconds):
   are replicas x GPUs per replica (`model.tensor_parallel_size`: a tensor-parallel replica is a group
   of that many GPUs running each step together), `num_gpus` in the summary.
 * goodput: requests per second per GPU whose TTFT <= slo_ttft_s and TPOT <= slo_tpot_s.
+* floor share: of the output tokens after each request's first, the share that came at most
+  slo_tpot_s after the request's previous token (at or above the per-user speed floor 1 / slo_tpot_s,
+  within a millionth); floor goodput: those tokens per second per GPU.
 * prefix-cache hit rate: cached prompt tokens / prompt tokens (token-weighted).
 * prefill amplification: tokens prefilled / genuinely new tokens, where a call's
   genuinely new tokens are its new tokens plus, the first time a shared prefix is
@@ -128,6 +131,8 @@ class Collector:
         self._itl_pending: list[np.ndarray] = []  # gaps not yet binned (binned in bulk: same counts)
         self._itl_pending_n = 0
         self.itl_sum = 0.0
+        self.floor_tokens = 0  # inter-token gaps within the floor (see the module's definitions)
+        self._floor_gap = slo.tpot_s * (1 + 1e-6)
         self.itl_n = 0
 
     @property
@@ -182,6 +187,7 @@ class Collector:
             if self._itl_pending_n >= 1 << 18:
                 self._bin_itl()
             self.itl_sum += float(gaps.sum())
+            self.floor_tokens += int(np.count_nonzero(gaps <= self._floor_gap))
             self.itl_n += n - 1
         tpot = (finish - first) / (n - 1) if n > 1 else math.nan
         self.requests.append(
@@ -287,6 +293,8 @@ class Collector:
         out["slo_ttft_attainment"] = float(ttft_met.mean())
         out["slo_tpot_attainment"] = float(tpot_met.mean())
         out["goodput_req_s_per_gpu"] = float(good.sum()) / span / gpus
+        out["floor_token_share"] = self.floor_tokens / self.itl_n if self.itl_n else math.nan
+        out["floor_goodput_tok_s_per_gpu"] = self.floor_tokens / span / gpus
         out["prefix_hit_rate"] = float(cols["cached_tokens"].sum() / prompts)
         prefilled = cols["computed_tokens"] - (cols["output_tokens"] - 1)
         out["prefill_amplification"] = float(prefilled.sum() / cols["genuinely_new_tokens"].sum())
@@ -300,7 +308,14 @@ class Collector:
             used = np.array([s[2] for s in self.kv_samples]) / self.num_blocks
             out["kv_used_mean"] = float(used.mean())
             out["kv_used_max"] = float(used.max())
-        for key in ("num_preemptions_recompute", "num_preemptions_swap", "num_evicted_blocks"):
+        for key in (
+            "num_preemptions_recompute",
+            "num_preemptions_swap",
+            "num_evicted_blocks",
+            "num_admission_cuts",
+            "num_held_too_long",
+            "num_held_waiting",
+        ):
             out[key] = int(sum(getattr(s, key) for s in stats))
         num_steps = self.num_steps
         out["num_steps"] = num_steps

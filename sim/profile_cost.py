@@ -2,7 +2,7 @@
 
 `experiments.calibrate` runs the engine over a grid of step shapes and writes a profile
 (docs/profile-format.md); `ProfileCost.fit` turns it into a sum of non-negative terms, one set
-per path the engine takes (csrc/sim/step_cost.h evaluates them)::
+per path the engine takes (csrc/step_cost.h evaluates them)::
 
     graph (all-decode plan, a CUDA graph replay):
         one + reqs + sum_k reqs_over(k) + decode_kv + strict + dropped + dropped_kv + swaps
@@ -56,7 +56,7 @@ from sim.cost import CostModel, _native_seconds
 from sim.specs import ModelSpec
 
 FORMAT = "tandem.ProfileCost/2"
-# The basis functions by name (csrc/sim/step_cost.h has the same); f: feature columns, k: a knot.
+# The basis functions by name (csrc/step_cost.h has the same); f: feature columns, k: a knot.
 PROFILE_BASIS = {
     "one": lambda f, k: np.ones_like(f["num_tokens"]),
     "tokens": lambda f, k: f["num_tokens"],
@@ -279,7 +279,7 @@ class ProfilePath:
     unvaried: tuple[str, ...] = ()  # bases that never varied (or on < MIN_SUPPORT steps): cost not fitted
 
     def design(self, cols: Mapping[str, np.ndarray]) -> np.ndarray:
-        """[n, len(terms)]: each term's basis values (numpy's evaluation of csrc/sim/step_cost.cpp)."""
+        """[n, len(terms)]: each term's basis values (numpy's evaluation of csrc/step_cost.cpp)."""
         return (
             np.stack([PROFILE_BASIS[b](cols, k) for b, k, _ in self.terms], axis=1)
             if self.terms

@@ -155,6 +155,8 @@ CHECKS: dict[str, object] = {
     # docs/simulator.md
     "python -m experiments.simulate scheduler=agentic scheduler.chunk_size=4096": Run(extra=SIM_SHORT),
     "python -m experiments.simulate": Run(extra=SIM_SHORT),
+    "python -m experiments.simulate policy=tps_floor workload=swe_smith sim=closed": Run(extra=SIM_SHORT),
+    "python -m experiments.bench_floor": Run(extra="--quick --concurrency 2 --rates 0.04", expect=("tps_floor",)),
     "python -m experiments.simulate policy=ttl workload=swe_smith sim=closed sim.concurrency=4": Run(extra=SIM_SHORT),
     "python -m experiments.simulate -m policy=lru,ttl,lpm_ttl cluster=prefix_aware_4 hydra/launcher=joblib": Run(
         extra=SIM_SHORT, expect=("lpm_ttl",)

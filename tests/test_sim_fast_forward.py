@@ -156,7 +156,7 @@ def test_fast_path_with_a_profile_cost_model_gives_the_step_by_step_event_log(tm
 
 
 def roofline_reference(cost: RooflineCost, plan) -> float:
-    """RooflineCost.step_seconds as it was written in Python before it moved to csrc/sim/step_cost.cpp."""
+    """RooflineCost.step_seconds as it was written in Python before it moved to csrc/step_cost.cpp."""
     from bisect import bisect_right
 
     tokens = plan.num_tokens

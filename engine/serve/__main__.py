@@ -44,7 +44,8 @@ def _node_type(hint: Any) -> Any:
         return hint
     if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
         inner = _node_type(next(a for a in args if a is not type(None)))
-        return Optional[inner] if inner is not Any else Any
+        # an optional mapping is Any: OmegaConf cannot merge `key={...}` into a typed mapping that is None
+        return Optional[inner] if inner is not Any and typing.get_origin(inner) is not dict else Any
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return List[_node_type(args[0])]
     if origin in (dict, typing.Mapping, collections.abc.Mapping) and args and args[0] is str:

@@ -83,6 +83,24 @@ class _CoreCollector:
         yield family(
             C, "evicted_blocks", "KV blocks evicted from the prefix cache", lambda s: s.get("num_evicted_blocks", 0)
         )
+        yield family(
+            C,
+            "admission_cuts",
+            "prefill chunks the admission policy cut or refused (scheduler.admission)",
+            lambda s: s.get("num_admission_cuts", 0),
+        )
+        yield family(
+            C,
+            "admission_held_too_long",
+            "requests the admission policy held past its max_wait_s, admitted since",
+            lambda s: s.get("num_held_too_long", 0),
+        )
+        yield family(
+            G,
+            "admission_held_waiting",
+            "requests the admission policy holds that have waited past its max_wait_s",
+            lambda s: s.get("num_held_waiting", 0),
+        )
         info = getattr(self.clients[0], "info", None)
         if info is not None:  # what every core runs
             model = GaugeMetricFamily(

@@ -121,6 +121,12 @@ StepCost StepCost::profile(ProfileCoefficients c) {
   return cost;
 }
 
+StepCost StepCost::with_own_counts() const {
+  StepCost copy = *this;
+  copy.counts_ = std::make_shared<CostCounts>();
+  return copy;
+}
+
 double StepCost::seconds(const StepFeatures& f) const {
   return kind_ == Kind::kRoofline ? roofline_seconds(f) : profile_seconds(f);
 }
@@ -165,6 +171,53 @@ double StepCost::profile_seconds(const StepFeatures& f) const {
   for (const auto& [basis, limit] : path.limits) outside = outside || basis_value(basis, 0.0, f) > limit;
   if (outside) ++counts_->extrapolated;
   return seconds > 0.0 ? seconds : 0.0;
+}
+
+void StepDraft::clear(int block_size, bool follows_decode, bool continues_decode) {
+  f_ = StepFeatures{};
+  f_.block_size = block_size;
+  f_.follows_decode = follows_decode ? 1.0 : 0.0;
+  f_.continues_decode = continues_decode ? 1.0 : 0.0;
+  query_lens_.clear();
+  cached_lens_.clear();
+}
+
+// As the planner counts a row (csrc/scheduler.cpp emit): a row of one token is a decode row.
+void StepDraft::add(int cached, int query, bool sampled) {
+  const double c = cached, q = query;
+  f_.num_tokens += q;
+  f_.num_reqs += 1;
+  f_.num_sampled += sampled ? 1 : 0;
+  f_.attn_pairs += q * c + q * (q + 1) / 2;
+  f_.kv_read_tokens += c + q;
+  if (query == 1) {
+    f_.num_decode_reqs += 1;
+    f_.decode_kv_tokens += c + 1;
+  } else {
+    query_lens_.push_back(query);
+    cached_lens_.push_back(cached);
+  }
+}
+
+double StepDraft::seconds(const StepCost& cost) const {
+  StepFeatures f = f_;
+  f.query_lens = query_lens_.data();
+  f.cached_lens = cached_lens_.data();
+  f.rows = static_cast<int64_t>(query_lens_.size());
+  return cost.seconds(f);
+}
+
+double StepDraft::seconds_with(const StepCost& cost, int cached, int query, bool sampled) const {
+  StepDraft& self = const_cast<StepDraft&>(*this);
+  const StepFeatures saved = f_;
+  self.add(cached, query, sampled);
+  const double s = seconds(cost);
+  self.f_ = saved;
+  if (query != 1) {
+    query_lens_.pop_back();
+    cached_lens_.pop_back();
+  }
+  return s;
 }
 
 }  // namespace tandem

@@ -116,6 +116,8 @@ class StepCost {
 
   double seconds(const StepFeatures& f) const;
   double seconds(const Plan& plan) const { return seconds(features_of(plan)); }
+  // A copy that counts its own steps (an admission policy's predictions stay out of a run's counts).
+  StepCost with_own_counts() const;
   bool is_roofline() const { return kind_ == Kind::kRoofline; }
   // Shared by every copy of this cost (a fast path holds one): the counts of all of them.
   const CostCounts& counts() const { return *counts_; }
@@ -130,6 +132,29 @@ class StepCost {
   RooflineCoefficients roof_;
   ProfileCoefficients prof_;
   std::shared_ptr<CostCounts> counts_ = std::make_shared<CostCounts>();
+};
+
+// A step being planned, as the features a cost model reads: the planner adds each row it grants,
+// and an admission policy asks what one more row would cost (csrc/scheduler.cpp, AdmissionPolicy).
+class StepDraft {
+ public:
+  // Empty, for plans of `block_size`-token blocks; the flags are the plan's (step_cost.h's basis).
+  void clear(int block_size, bool follows_decode, bool continues_decode);
+  // One row: `query` tokens computed on top of `cached` ones; `sampled` if the row ends in a sampled token.
+  void add(int cached, int query, bool sampled);
+  void set_swaps(int out_blocks, int in_blocks) {
+    f_.num_swap_out_blocks = out_blocks;
+    f_.num_swap_in_blocks = in_blocks;
+  }
+  const StepFeatures& features() const { return f_; }
+  double seconds(const StepCost& cost) const;
+  // The cost with one more row (not kept).
+  double seconds_with(const StepCost& cost, int cached, int query, bool sampled) const;
+
+ private:
+  StepFeatures f_;
+  // the rows with query > 1 (the only ones prefill_waves_kv reads); mutable: seconds_with adds its row for the call
+  mutable std::vector<int32_t> query_lens_, cached_lens_;
 };
 
 }  // namespace tandem
