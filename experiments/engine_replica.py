@@ -176,6 +176,44 @@ def engine_replicas(core, idle_wait_s: float, seed: int, sampling, log: StepLog)
     return factory
 
 
+class CostClockEngineReplica(EngineReplica):
+    """An EngineReplica on the simulated clock: each plan runs on the engine (its tokens are the engine's), and
+    the step lasts what `cost_model` prices it at, so a plain simpy.Environment runs it and every decision
+    can be compared with the twin's on the same scenario, plan for plan (tests/test_adversarial.py)."""
+
+    def __init__(self, env, index: int, core, cost_model, metrics, idle_wait_s: float, seed: int, sampling, log):
+        super().__init__(env, index, core, metrics, idle_wait_s, seed, sampling, log)
+        self.step_cost = cost_model
+
+    def _execute(self, plan):
+        start = self.env.now
+        tokens, run_seconds = self.core.runner.run(plan)
+        seconds = self.step_cost.step_seconds(plan)
+        self.log.add(plan, start, seconds, run_seconds=run_seconds)
+        return seconds, np.asarray(tokens, dtype=np.int64)
+
+
+def cost_clock_engine_replicas(core, cost_model, idle_wait_s: float, seed: int, sampling, log: StepLog):
+    """A replica_factory of one CostClockEngineReplica on `core` (reset with the simulation's scheduler config)."""
+
+    def factory(env, index, scheduler_config, collector):
+        if index:
+            raise ValueError("an engine run has one replica (cluster.num_replicas=1)")
+        core.reset(scheduler_config)
+        return CostClockEngineReplica(env, index, core, cost_model, collector, idle_wait_s, seed, sampling, log)
+
+    return factory
+
+
+def recording_replicas(cost_model, idle_wait_s: float, seed: int, log: StepLog):
+    """A replica_factory of simulated replicas (step by step, `cost_model`'s seconds) logging their plans."""
+
+    def factory(env, index, scheduler_config, collector):
+        return RecordingReplica(env, index, scheduler_config, cost_model, collector, idle_wait_s, seed, log=log)
+
+    return factory
+
+
 def replay_replicas(rows: list[dict], idle_wait_s: float, seed: int, log: StepLog):
     """A replica_factory of simulated replicas stepping by the measured `rows`' seconds, logging their plans."""
 
@@ -186,12 +224,15 @@ def replay_replicas(rows: list[dict], idle_wait_s: float, seed: int, log: StepLo
 
 
 __all__ = [
+    "CostClockEngineReplica",
     "EngineReplica",
     "RecordingReplica",
     "ReplayCost",
     "StepLog",
+    "cost_clock_engine_replicas",
     "engine_replicas",
     "plan_key",
+    "recording_replicas",
     "replay_replicas",
     "wall_clock",
 ]

@@ -113,11 +113,14 @@ class Simulation:
 
     Args:
         config: a SimulationConfig or nested mappings of its sections.
+        sessions: replay these sessions (sorted by start time) instead of the workload's; the
+            workload section is then only checked (e.g. a search's generated traces, experiments.adversary).
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, sessions: list[Session] | None = None) -> None:
         cfg = from_mapping(config)
         validate(cfg)
+        self.sessions = None if sessions is None else sorted(sessions, key=lambda x: x.start_time)
         self.cfg = cfg
         self.model = ModelSpec(**vars(cfg.model))
         self.hardware = HardwareSpec(**vars(cfg.hardware))
@@ -139,7 +142,7 @@ class Simulation:
         cp.Scheduler(dataclasses.replace(self.scheduler_config, num_blocks=1, max_num_seqs=1))
         self.cost_model = make_cost_model(cfg.sim.cost_model, self.model, self.hardware, cfg.sim.profile_path)
         self.workload = make_workload(cfg.workload.name, dict(cfg.workload.params))
-        if cfg.sim.num_sessions is None and self.workload.endless:
+        if cfg.sim.num_sessions is None and self.workload.endless and sessions is None:
             raise ValueError(
                 f"sim.num_sessions: workload {cfg.workload.name!r} generates sessions without end; "
                 f"say how many to run (null replays every session of a trace)"
@@ -249,6 +252,8 @@ class Simulation:
     def _planned_sessions(self) -> tuple[list[Session], list[str]]:
         """The sessions this run replays or generates, and a note when a trace is cut short."""
         s = self.cfg.sim
+        if self.sessions is not None:
+            return self.sessions, []
         if self.workload.endless:
             return self.workload.sessions(s.num_sessions, s.seed, s.session_rate), []
         everything = self.workload.sessions(None, s.seed, s.session_rate)

@@ -157,6 +157,14 @@ CHECKS: dict[str, object] = {
     "python -m experiments.simulate": Run(extra=SIM_SHORT),
     "python -m experiments.simulate policy=tps_floor workload=swe_smith sim=closed": Run(extra=SIM_SHORT),
     "python -m experiments.bench_floor": Run(extra="--quick --concurrency 2 --rates 0.04", expect=("tps_floor",)),
+    "python -m experiments.adversary policy=session_las": Run(
+        extra="--examples 10 --checks starvation livelock --shrink-s 2", expect=("session_las",)
+    ),
+    "python -m experiments.adversary --save tests/data/adversarial": Run(
+        replace=(("tests/data/adversarial", "found"),),
+        extra="scheduler.eviction=ttl:ttl=5 --examples 40 --checks starvation --shrink-s 2",
+        expect=("FOUND",),
+    ),
     "python -m experiments.simulate policy=ttl workload=swe_smith sim=closed sim.concurrency=4": Run(extra=SIM_SHORT),
     "python -m experiments.simulate -m policy=lru,ttl,lpm_ttl cluster=prefix_aware_4 hydra/launcher=joblib": Run(
         extra=SIM_SHORT, expect=("lpm_ttl",)
