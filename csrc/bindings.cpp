@@ -346,6 +346,26 @@ PYBIND11_MODULE(_core, m) {
           "The step-cost model the admission policy predicts step times with (a sim._native.StepCost: a cost "
           "model's `native`); the scheduler keeps a copy that counts its own steps.")
       .def_property_readonly("has_step_cost", &Scheduler::has_step_cost)
+      .def(
+          "snapshot",
+          [](const Scheduler& s) {
+            TANDEM_REQUIRE(!s.has_pending_plan(), "snapshot(): a plan is in flight; commit it first");
+            return std::make_unique<Scheduler>(s);
+          },
+          "A copy of the whole state (requests, KV blocks and prefix index, sessions, counters; the policies and "
+          "the step cost shared): it plans exactly as this scheduler would from here, and changes nothing here.")
+      .def_property_readonly(
+          "policies",
+          [](const Scheduler& s) {
+            const SchedulerConfig& c = s.config();
+            return std::map<std::string, std::string>{{"ordering", c.ordering},
+                                                      {"eviction", c.eviction},
+                                                      {"preemption", c.preemption},
+                                                      {"admission", c.admission}};
+          },
+          "The policy specs in effect, by kind.")
+      .def("set_policy", &Scheduler::set_policy, py::arg("kind"), py::arg("spec"),
+           "Replaces the ordering, preemption or admission policy by a spec's, between steps.")
       .def("predicted_decode_seconds", &Scheduler::predicted_decode_seconds, py::arg("context"),
            "The decode step of every request here (running or waiting, at its context) and one more of `context` "
            "tokens, by the step cost set (0.0 without one).")

@@ -346,6 +346,40 @@ void Scheduler::set_step_cost(const StepCost& cost) {
   cost_ = std::make_shared<const StepCost>(cost.with_own_counts());
 }
 
+void Scheduler::set_policy(const std::string& kind, const std::string& spec) {
+  TANDEM_REQUIRE(pending_step_ == 0,
+                 "set_policy(): plan " + str(static_cast<int64_t>(pending_step_)) + " has not been committed");
+  if (kind == "ordering") {
+    ordering_ = make_from_spec(ordering_registry(), spec);
+    ordering_name_ = ordering_->name();
+    fixed_order_ = ordering_->key_is_fixed();
+    ordered_version_ = 0;  // the waiting requests are ordered again
+    config_.ordering = spec;
+  } else if (kind == "preemption") {
+    preemption_ = make_from_spec(preemption_registry(), spec);
+    config_.preemption = spec;
+  } else if (kind == "admission") {
+    admission_ = make_from_spec(admission_registry(), spec);
+    admission_name_ = admission_->name();
+    ask_admission_ = !admission_->admits_all();
+    config_.admission = spec;
+  } else {
+    throw InvalidInput("set_policy(): kind '" + kind +
+                       "' is not one of ordering, preemption, admission (the eviction policy orders the cached "
+                       "blocks: it is fixed for a scheduler's life)");
+  }
+}
+
+std::vector<double> Scheduler::arrivals_without_output() const {
+  std::vector<double> out;
+  for (const auto& [id, r] : requests_) {
+    (void)id;
+    if (r.num_output_tokens() == 0 && !r.terminal()) out.push_back(r.arrival_time);
+  }
+  std::sort(out.begin(), out.end());  // an order that does not depend on the hash map's
+  return out;
+}
+
 double Scheduler::predicted_decode_seconds(int context) const {
   if (!cost_) return 0.0;
   TANDEM_REQUIRE(context >= 0, "predicted_decode_seconds: context must be >= 0 tokens");

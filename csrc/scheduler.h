@@ -166,6 +166,13 @@ class Scheduler {
   // `context` tokens, by the step cost (0 without one): what a floor-aware router asks (RouterPolicy).
   double predicted_decode_seconds(int context) const;
   const std::string& admission_name() const { return admission_name_; }
+  // Replaces the `kind` policy ("ordering", "preemption" or "admission") by `spec`'s, between steps (a
+  // look-ahead controller's choice; the eviction policy orders the cached blocks and stays for life).
+  // A copy of the scheduler (its copy constructor: a deterministic snapshot of the whole state, the
+  // policies shared) may be given other policies and run forward without touching this one.
+  void set_policy(const std::string& kind, const std::string& spec);
+  // Arrival times of the requests here that have no output token yet (waiting, or prefilling).
+  std::vector<double> arrivals_without_output() const;
 
   Stats stats() const;
   void check_invariants() const;

@@ -225,6 +225,9 @@ class EngineConfig:
             are taken from this config), `hardware` (a conf/hardware name or .yaml), `cost_model`
             ("roofline", the default, or "profile") and `profile_path` (a fitted profile; None: the one
             shipped for the pair). None: no cost model (admission must then be "all").
+        lookahead: look-ahead policy choice (sim/lookahead.py LookaheadConfig: candidates, every_s,
+            horizon_s, objective, floor_tok_s), with step_cost's model; the candidates' runs go to a
+            worker thread, only the scheduler's snapshot is taken between steps. None: off.
         tensor_parallel_size: ranks the model is sharded over (engine.tensor_parallel): this process is
             rank 0 and runs the scheduler; the others are spawned processes that run each step's forward
             on their shard (gloo on CPUs, NCCL on GPUs). Off (1) by default.
@@ -253,6 +256,7 @@ class EngineConfig:
     # docs/kv-events.md); None: off
     kv_events: Mapping[str, Any] | None = None
     step_cost: Mapping[str, Any] | None = None
+    lookahead: Mapping[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "EngineConfig":
@@ -295,7 +299,13 @@ class EngineConfig:
             reject_unknown_keys(StepCostOptions, self.step_cost, "engine step_cost")
             if not self.step_cost.get("model") or not self.step_cost.get("hardware"):
                 raise ValueError("step_cost needs `model` and `hardware` (conf/model and conf/hardware names or files)")
-        elif self.scheduler.admission != "all":
+        if self.lookahead is not None and self.step_cost is None:
+            raise ValueError("lookahead runs candidate policies on the twin's cost model: give step_cost too")
+        if self.lookahead is not None:
+            from sim.lookahead import LookaheadConfig
+
+            LookaheadConfig.from_dict(self.lookahead)
+        if self.step_cost is None and self.scheduler.admission != "all":
             raise ValueError(
                 f"scheduler.admission={self.scheduler.admission!r} predicts step times: give the engine a step "
                 f"cost (step_cost={{model: ..., hardware: ...}}, the simulator's cost model of this engine)"

@@ -186,6 +186,8 @@ class EngineCore:
         # the simulator's cost model of this engine, for an admission policy that predicts step times
         self.step_cost = make_step_cost(cfg, self.dtype)
         self._give_step_cost()
+        self.lookahead = None
+        self._start_lookahead()
         # None: events off, and the control plane records none
         self.kv_events: KVEventPublisher | None = make_publisher(kv_events, sc.block_size)
         self.kept_kv_events: list | None = None  # see keep_kv_events()
@@ -292,6 +294,8 @@ class EngineCore:
     def step(self, idle_advance: float = 1e-3) -> StepOutput:
         """One loop step; an empty plan (e.g. waiting on pinned KV) moves a manual clock by `idle_advance`."""
         result = cp.loop_step(self.scheduler, self.runner, self.clock, idle_advance=idle_advance)
+        if self.lookahead is not None:  # between steps: a snapshot here, the candidates' runs on its thread
+            self.lookahead.on_step(self.scheduler, self.clock.now())
         self.drain_kv_events()
         if result.record is None:
             return StepOutput(np.empty(0, dtype=np.int64), result.tokens)
@@ -349,10 +353,22 @@ class EngineCore:
         self.scheduler_config = new
         self.scheduler = cp.Scheduler(new)
         self._give_step_cost()
+        self._start_lookahead()
         self._start_kv_events()
         self.runner.clear()
         self.clock = clock or cp.WallClock()
         self.profile = []
+
+    def _start_lookahead(self) -> None:
+        """A look-ahead controller (EngineConfig.lookahead) for the current scheduler, on a worker thread."""
+        if self.lookahead is not None:
+            self.lookahead.close()
+            self.lookahead = None
+        if self.config.lookahead is not None:
+            from sim.lookahead import Lookahead, LookaheadConfig
+
+            la = LookaheadConfig.from_dict(self.config.lookahead)
+            self.lookahead = Lookahead(la, self.step_cost.native.with_own_counts(), threaded=True)
 
     def _give_step_cost(self) -> None:
         if self.step_cost is not None:
@@ -388,6 +404,8 @@ class EngineCore:
         those ranks the engine can no longer step."""
         if self.tp is not None:
             self._tp_finalizer()
+        if self.lookahead is not None:
+            self.lookahead.close()
         if self.kv_events is not None:
             self.scheduler.record_kv_events(False)
             self.scheduler.drain_kv_events()

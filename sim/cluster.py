@@ -71,6 +71,7 @@ class Replica:
         seed: int,
         driven: bool = False,
         scheduler: cp.Scheduler | None = None,
+        lookahead=None,
     ) -> None:
         self.env = env
         self.index = index
@@ -80,6 +81,7 @@ class Replica:
             # what an admission policy predicts step times with (scheduler.admission; unused by "all")
             self.scheduler.set_step_cost(native)
         self.cost_model = cost_model
+        self.lookahead = lookahead  # a sim.lookahead.Lookahead, asked between steps (the reference loop only)
         self.metrics = metrics
         self.idle_wait_s = idle_wait_s
         self.vocab_size = config.vocab_size
@@ -192,6 +194,8 @@ class Replica:
                 samples.append((start, self.index, st.num_used_blocks, st.num_cached_blocks, st.num_free_blocks))
             self.metrics.on_steps(StepRun((start,), (seconds,), (plan.num_tokens,), (plan.num_reqs,), samples))
             self._finish(finished)
+            if self.lookahead is not None:
+                self.lookahead.on_step(sched, env.now)
 
 
 class Router:
@@ -205,7 +209,7 @@ class Router:
         prefix_aware: most prompt tokens already in the replica's prefix cache,
             ties broken by load.
         floor_aware:tok_s=70: of the replicas whose decode step with this call stays within 1 / tok_s
-            (each one's step-cost model), prefix_aware's choice; else the shortest predicted step.
+            (each one's step-cost model), prefix_aware's choice; if none is, prefix_aware's among all.
     Every decision is checked (an index out of range is a PolicyError naming the router).
     """
 

@@ -105,6 +105,9 @@ class SimConf:
     max_sim_time_s: Optional[float] = None
     progress: bool = True
     fast_forward: bool = True  # run a replica's steps in C++ between other events (same results)
+    # look-ahead policy choice (sim/lookahead.py LookaheadConfig: candidates, every_s, horizon_s, objective,
+    # floor_tok_s); None: off. On, replicas run step by step (the choice is made between steps).
+    lookahead: Optional[Dict[str, Any]] = None
 
 
 @dataclass

@@ -25,6 +25,7 @@ from sim.cluster import Replica, Router
 from sim.cluster_fast import ClusterDriver
 from sim.config import SimulationConfig, from_mapping, scheduler_config, validate
 from sim.cost import make_cost_model
+from sim.lookahead import Lookahead, LookaheadConfig, merge_lookahead
 from sim.metrics import Collector, Slo, overload_warnings
 from sim.specs import HardwareSpec, ModelSpec, hardware_label, kv_capacity_blocks
 from sim.workloads import Session, make_workload
@@ -141,6 +142,9 @@ class Simulation:
         # The C++ core checks sizes and policy parameters now, on a one-block scheduler.
         cp.Scheduler(dataclasses.replace(self.scheduler_config, num_blocks=1, max_num_seqs=1))
         self.cost_model = make_cost_model(cfg.sim.cost_model, self.model, self.hardware, cfg.sim.profile_path)
+        self.lookahead = None if cfg.sim.lookahead is None else LookaheadConfig.from_dict(cfg.sim.lookahead)
+        if self.lookahead is not None and getattr(self.cost_model, "native", None) is None:
+            raise ValueError("sim.lookahead runs candidates on the cost model's C++ evaluator: this one has none")
         self.workload = make_workload(cfg.workload.name, dict(cfg.workload.params))
         if cfg.sim.num_sessions is None and self.workload.endless and sessions is None:
             raise ValueError(
@@ -169,7 +173,8 @@ class Simulation:
             gpus_per_replica=self.model.tensor_parallel_size,
         )
         native = getattr(self.cost_model, "native", None)
-        driven = s.fast_forward and replica_factory is None and native is not None  # the fast path
+        # the fast path (a look-ahead chooses between steps: the reference loop)
+        driven = s.fast_forward and replica_factory is None and native is not None and self.lookahead is None
         if replica_factory is not None:
             replicas = [
                 replica_factory(env, i, self.scheduler_config, collector) for i in range(cfg.cluster.num_replicas)
@@ -185,6 +190,7 @@ class Simulation:
                     s.idle_wait_s,
                     s.seed,
                     driven=driven,
+                    lookahead=None if self.lookahead is None else Lookahead(self.lookahead, native.with_own_counts()),
                 )
                 for i in range(cfg.cluster.num_replicas)
             ]
@@ -233,6 +239,11 @@ class Simulation:
         summary = collector.summary([r.scheduler.stats() for r in replicas], wall)
         summary.update(self.describe())
         summary["num_sessions_planned"] = len(planned)
+        controllers = [r.lookahead for r in replicas if getattr(r, "lookahead", None) is not None]
+        if controllers:
+            merged = merge_lookahead([c.summary() for c in controllers])
+            shares = merged.pop("lookahead_share")
+            summary.update(merged, **{f"lookahead_share_{i}": share for i, share in enumerate(shares)})
         notes += self._cost_notes(summary, native if replica_factory is None else None)
         if getattr(self.cost_model, "is_physical_limit", False):
             notes.append("roofline cost with zero step overhead: latencies are physical lower bounds")

@@ -120,7 +120,8 @@ def test_the_engine_makes_the_twins_decisions(path, tmp_path):
 def test_the_search_finds_a_broken_property_and_shrinks_it():
     """A starvation limit a few milliseconds long breaks on almost any scenario with contention: the search
     finds one, and Hypothesis shrinks it to a small one (few sessions and calls)."""
-    found = adversary.search("starvation", {}, Limits(starve_s=0.004), examples=60, seed=1)
+    # no shrinking deadline: what the shrinker reaches must not depend on how busy this machine is
+    found = adversary.search("starvation", {}, Limits(starve_s=0.004), examples=60, seed=1, shrink_s=1e9)
     assert found is not None
     scenario, measured = found
     assert measured["max_ttft_s"] >= 0.004

@@ -117,6 +117,10 @@ CHECKS: dict[str, object] = {
         ("swe_smith_c1", "agentic_lpm_ttl5"),
     ),
     "make serve": Serve(),
+    "python -m engine.serve scheduler.admission=tps_floor 'engine.step_cost={model:smollm2_135m,hardware:cpu}'": Serve(),  # noqa: E501
+    "python -m experiments.bench_lookahead --quick": Run(
+        extra="--sessions 3 --candidates fcfs session_las", expect=("look-ahead",)
+    ),
     "python -m engine.serve model=/models/Qwen3-8B port=9000 api_key=secret": NotRun(
         "needs a Qwen3-8B checkpoint at /models/Qwen3-8B",
         f"python -m engine.serve model=/models/Qwen3-8B port=9000 api_key=secret {CFG_JOB}",

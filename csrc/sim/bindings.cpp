@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include "cluster_forward.h"
+#include "lookahead.h"
 #include "py_arrays.h"
 #include "scheduler.h"
 #include "step_cost.h"
@@ -107,7 +108,31 @@ PYBIND11_MODULE(_native, m) {
           "num_extrapolated", [](const StepCost& c) { return c.counts().extrapolated; },
           "Of those, steps outside what the profile covered (profile costs only).")
       .def("reset_counts", &StepCost::reset_counts)
+      .def("with_own_counts", &StepCost::with_own_counts,
+           "A copy whose steps are counted apart (a look-ahead's runs stay out of a run's counts).")
       .def("plan_seconds", [](const StepCost& c, const Plan& plan) { return c.seconds(plan); }, py::arg("plan"));
+
+  py::class_<LookaheadResult>(m, "LookaheadResult")
+      .def_readonly("steps", &LookaheadResult::steps)
+      .def_readonly("tokens", &LookaheadResult::tokens)
+      .def_readonly("floor_tokens", &LookaheadResult::floor_tokens)
+      .def_readonly("first_tokens", &LookaheadResult::first_tokens)
+      .def_readonly("ttft_sum", &LookaheadResult::ttft_sum)
+      .def_readonly("waiting", &LookaheadResult::waiting)
+      .def_readonly("waiting_age_sum", &LookaheadResult::waiting_age_sum)
+      .def_readonly("finished", &LookaheadResult::finished)
+      .def_readonly("preemptions", &LookaheadResult::preemptions)
+      .def_readonly("end", &LookaheadResult::end);
+  m.def(
+      "run_lookahead",
+      [](Scheduler& scheduler, const StepCost& cost, double now, double horizon_s, double floor_s, double idle_s) {
+        py::gil_scoped_release free;  // a look-ahead may run on another thread than the plane's loop
+        return run_lookahead(scheduler, cost, now, horizon_s, floor_s, idle_s);
+      },
+      py::arg("scheduler"), py::arg("cost"), py::arg("now"), py::arg("horizon_s"), py::arg("floor_s"),
+      py::arg("idle_s") = 0.005,
+      "Steps `scheduler` (a snapshot: it is changed) from `now` for `horizon_s` on `cost`, no request arriving, "
+      "and says what it delivered (sim/lookahead.py scores candidate policies by it).");
 
   py::class_<ClusterResult>(m, "ClusterResult")
       .def_property_readonly("starts", [](const ClusterResult& r) { return to_array(r.starts); })
