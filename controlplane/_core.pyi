@@ -396,6 +396,12 @@ class Scheduler:
         """The decode step of every request here and one more of `context` tokens (0.0 without a step cost)."""
     @property
     def admission(self) -> str: ...
+    def snapshot(self) -> Scheduler:
+        """A copy of the whole state that plans exactly as this scheduler would; changes nothing here."""
+    @property
+    def policies(self) -> dict[str, str]: ...
+    def set_policy(self, kind: str, spec: str) -> None:
+        """Replaces the ordering, preemption or admission policy by a spec's, between steps."""
     def stats(self) -> Stats: ...
     def check_invariants(self) -> None:
         """Raises InvariantError if any control-plane invariant is broken."""

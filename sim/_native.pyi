@@ -64,6 +64,25 @@ class StepCost:
     def num_extrapolated(self) -> int:
         """Of those, steps beyond the profiled range (profile costs only)."""
     def reset_counts(self) -> None: ...
+    def with_own_counts(self) -> StepCost:
+        """A copy whose steps are counted apart."""
+
+class LookaheadResult:
+    steps: int
+    tokens: int
+    floor_tokens: int
+    first_tokens: int
+    ttft_sum: float
+    waiting: int
+    waiting_age_sum: float
+    finished: int
+    preemptions: int
+    end: float
+
+def run_lookahead(
+    scheduler: Scheduler, cost: StepCost, now: float, horizon_s: float, floor_s: float, idle_s: float = 0.005
+) -> LookaheadResult:
+    """Steps `scheduler` (a snapshot: it is changed) from `now` for `horizon_s` on `cost`, no request arriving."""
 
 class ClusterResult:
     """What one ClusterForward.advance did: the committed steps of all replicas, in commit order."""
