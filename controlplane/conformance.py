@@ -44,7 +44,16 @@ VOCAB = 61
 PREFIXES = [list(range(1, 13)), list(range(20, 29)), [5, 5, 5, 5, 5, 5, 5]]
 MAX_MODEL_LEN = 40
 TOY = {"max_model_len": MAX_MODEL_LEN, "vocab_size": VOCAB}  # the toy model's, in every SchedulerConfig here
-SCHEDULER_KINDS = ("ordering", "eviction", "preemption")
+SCHEDULER_KINDS = ("ordering", "eviction", "preemption", "admission")
+ALL_KINDS = KINDS + ("admission",)  # admission policies are C++ only (not in controlplane.policies.KINDS)
+
+
+def toy_step_cost():
+    """The step cost every scheduler here predicts with (an admission policy's): 5 ms a step and 1 ms a
+    token, so that tps_floor's default 70 tokens/s leaves room for 9 tokens a step: it binds at these sizes."""
+    from sim import _native  # the evaluator's binding lives in the simulator's module
+
+    return _native.StepCost.roofline(0.0, 0.0, [], [(0.005, 0.001)], 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 class ConformanceError(AssertionError):
@@ -75,6 +84,7 @@ class Driver:
 
         self.setup = setup
         self.sched = Scheduler(setup)
+        self.sched.set_step_cost(toy_step_cost())
         self.model = ToyModel.for_scheduler(self.sched.config)
         self.now = 0.0
         self.live: dict[int, tuple[list[int], int, tuple[int, ...]]] = {}
@@ -219,7 +229,7 @@ def make_machine(fixed: dict[str, str] | None = None) -> type[RuleBasedStateMach
     fixed = dict(fixed or {})
     for kind in fixed:
         if kind not in SCHEDULER_KINDS:
-            raise ValueError(f"the scheduler suite fixes ordering, eviction or preemption, not {kind!r}")
+            raise ValueError(f"the scheduler suite fixes ordering, eviction, preemption or admission, not {kind!r}")
 
     class PolicyMachine(RuleBasedStateMachine):
         @initialize(
@@ -232,6 +242,7 @@ def make_machine(fixed: dict[str, str] | None = None) -> type[RuleBasedStateMach
             ordering=_kind_strategy("ordering", fixed),
             eviction=_kind_strategy("eviction", fixed),
             preemption=_kind_strategy("preemption", fixed),
+            admission=_kind_strategy("admission", fixed),
             ttl=st.sampled_from([0.5, 3.0, 50.0]),
             caching=st.booleans(),
             lookahead=st.sampled_from([0, 0, 1, 2]),
@@ -248,6 +259,7 @@ def make_machine(fixed: dict[str, str] | None = None) -> type[RuleBasedStateMach
             ordering,
             eviction,
             preemption,
+            admission,
             ttl,
             caching,
             lookahead,
@@ -266,6 +278,7 @@ def make_machine(fixed: dict[str, str] | None = None) -> type[RuleBasedStateMach
                 ordering=ordering,
                 eviction=eviction,
                 preemption=preemption,
+                admission=admission,
                 num_lookahead_tokens=lookahead,
                 idle_chunk_size=idle_chunk,
                 **TOY,
@@ -473,7 +486,7 @@ def check_router(spec: str, max_examples: int | None = None, **overrides: Any) -
 
 def suite_specs(extra: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:
     """(kind, spec) for every registered policy of every kind, plus `extra` parametrisations."""
-    out = [(kind, name) for kind in KINDS for name in sorted(policy_names(kind))]
+    out = [(kind, name) for kind in ALL_KINDS for name in sorted(policy_names(kind))]
     for kind, specs in (extra or {}).items():
         out += [(kind, spec) for spec in specs]
     return out

@@ -98,7 +98,9 @@ def policy_names(kind: str) -> list[str]:
 
 
 def python_policy_names(kind: str) -> list[str]:
-    """The names registered from Python for `kind`."""
+    """The names registered from Python for `kind` (none for admission: those are C++ only)."""
+    if kind == "admission":
+        return []
     if kind not in KINDS:
         raise ValueError(f"unknown policy kind {kind!r}; kinds: {list(KINDS)}")
     return list(_core._python_policy_names(kind))

@@ -37,15 +37,16 @@ EXTRA = {
     ],
     "ordering": ["session_las:quantum=4", "cache_credit:tokens_per_s=5"],
     "preemption": ["swap_long:min_blocks=1"],
+    "admission": ["tps_floor:tok_s=100,min_chunk=1", "tps_floor:margin=0.5,max_wait_s=0.5"],
 }
 
 
 def _cases():
     if ONLY:
         name = ONLY.split(":", 1)[0]
-        if ONLY_KIND and ONLY_KIND not in KINDS:
+        if ONLY_KIND and ONLY_KIND not in conformance.ALL_KINDS:
             return [pytest.param("bad-kind", ONLY, id=f"bad-kind-{ONLY_KIND}")]
-        kinds = [ONLY_KIND] if ONLY_KIND else [k for k in KINDS if name in policy_names(k)]
+        kinds = [ONLY_KIND] if ONLY_KIND else [k for k in conformance.ALL_KINDS if name in policy_names(k)]
         kinds = [k for k in kinds if name in policy_names(k)]
         if not kinds:
             return [pytest.param("unregistered", ONLY, id=f"unregistered-{name}")]
