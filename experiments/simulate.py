@@ -72,10 +72,21 @@ def summary_lines(summary: dict) -> list[str]:
         f"prefix hit {s['prefix_hit_rate']:.1%}, TTFT p50 {s['ttft_s_p50']:.2f} s p90 {s['ttft_s_p90']:.2f} s, "
         f"TPOT p50 {s['tpot_s_p50'] * 1e3:.1f} ms, GPU {s['per_gpu_output_tok_s']:.0f} output tok/s, "
         f"SLO met {s['slo_attainment']:.1%} (TTFT {s['slo_ttft_attainment']:.1%}, "
-        f"TPOT {s['slo_tpot_attainment']:.1%}); {s['simulated_seconds']:.0f} simulated s "
-        f"in {s['wall_seconds']:.1f} s"
+        f"TPOT {s['slo_tpot_attainment']:.1%}), tokens at the floor {s['floor_token_share']:.1%}; "
+        f"{s['simulated_seconds']:.0f} simulated s in {s['wall_seconds']:.1f} s"
     )
-    return [ran, figures, *s.get("notes", [])]
+    lines = [ran, figures]
+    if s.get("num_admission_cuts") or s.get("num_held_too_long") or s.get("num_held_waiting"):
+        lines.append(
+            f"admission: {s['num_admission_cuts']} chunks cut or held, {s['num_held_too_long']} requests admitted "
+            f"past its max wait, {s['num_held_waiting']} still held past it"
+        )
+    if "lookahead_decisions" in s:
+        lines.append(
+            f"look-ahead: {s['lookahead_decisions']} decisions, {s['lookahead_switches']} switches, "
+            f"{s['lookahead_snapshot_ms']:.2f} ms a snapshot, {s['lookahead_forward_ms']:.1f} ms of forward runs"
+        )
+    return [*lines, *s.get("notes", [])]
 
 
 def _log_wandb(cfg: DictConfig, container: dict, result, paths: dict) -> None:

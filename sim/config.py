@@ -107,7 +107,7 @@ class SimConf:
     fast_forward: bool = True  # run a replica's steps in C++ between other events (same results)
     # look-ahead policy choice (sim/lookahead.py LookaheadConfig: candidates, every_s, horizon_s, objective,
     # floor_tok_s); None: off. On, replicas run step by step (the choice is made between steps).
-    lookahead: Optional[Dict[str, Any]] = None
+    lookahead: Any = None  # (Any: OmegaConf cannot merge `sim.lookahead={...}` into a typed mapping that is None)
 
 
 @dataclass

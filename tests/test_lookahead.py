@@ -207,3 +207,21 @@ def test_the_engine_runs_a_lookahead_on_its_own_thread(tmp_path):
     llm.engine.close()
     with pytest.raises(ValueError, match="give step_cost too"):
         LLM(config, load_format="dummy", device="cpu", lookahead={"candidates": ["ordering=fcfs", "ordering=priority"]})
+
+
+def test_the_simulate_app_takes_a_lookahead_and_the_floor_and_says_what_they_did(tmp_path):
+    from helpers import run_simulate_app
+
+    done = run_simulate_app(
+        tmp_path,
+        "policy=tps_floor",
+        "workload=swe_smith",
+        "sim=closed",
+        "sim.num_sessions=8",
+        "wandb.mode=disabled",
+        "output.plots=false",
+        'sim.lookahead={candidates:["ordering=fcfs","ordering=session_las"],every_s:2,horizon_s:4}',
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert "tokens at the floor 100.0%" in log and "look-ahead: " in log and "admission: " in log
