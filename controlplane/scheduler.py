@@ -23,3 +23,12 @@ class Scheduler(_core.Scheduler):
             config = SchedulerConfig.from_dict(merged)
         self.config = config
         super().__init__(config.to_core())
+
+    def set_policy(self, kind: str, spec: str) -> None:
+        """Replaces the ordering, preemption or admission policy between steps (`config` follows).
+
+        (A `snapshot()` is a plain controlplane._core.Scheduler: its `policies` say what it runs.)"""
+        import dataclasses
+
+        super().set_policy(kind, spec)
+        self.config = dataclasses.replace(self.config, **{kind: spec})

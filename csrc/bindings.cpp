@@ -347,11 +347,7 @@ PYBIND11_MODULE(_core, m) {
           "model's `native`); the scheduler keeps a copy that counts its own steps.")
       .def_property_readonly("has_step_cost", &Scheduler::has_step_cost)
       .def(
-          "snapshot",
-          [](const Scheduler& s) {
-            TANDEM_REQUIRE(!s.has_pending_plan(), "snapshot(): a plan is in flight; commit it first");
-            return std::make_unique<Scheduler>(s);
-          },
+          "snapshot", [](const Scheduler& s) { return std::make_unique<Scheduler>(s.snapshot()); },
           "A copy of the whole state (requests, KV blocks and prefix index, sessions, counters; the policies and "
           "the step cost shared): it plans exactly as this scheduler would from here, and changes nothing here.")
       .def_property_readonly(

@@ -359,7 +359,11 @@ void Scheduler::set_policy(const std::string& kind, const std::string& spec) {
     preemption_ = make_from_spec(preemption_registry(), spec);
     config_.preemption = spec;
   } else if (kind == "admission") {
-    admission_ = make_from_spec(admission_registry(), spec);
+    auto policy = make_from_spec(admission_registry(), spec);
+    TANDEM_REQUIRE(cost_ || !policy->needs_cost(), policy_label("admission", policy->name()) +
+                                                       " predicts step times: give the scheduler a step cost "
+                                                       "first (set_step_cost)");
+    admission_ = std::move(policy);
     admission_name_ = admission_->name();
     ask_admission_ = !admission_->admits_all();
     config_.admission = spec;
@@ -380,9 +384,17 @@ std::vector<double> Scheduler::arrivals_without_output() const {
   return out;
 }
 
+Scheduler Scheduler::snapshot() const {
+  TANDEM_REQUIRE(pending_step_ == 0, "snapshot(): a plan is in flight; commit it first");
+  Scheduler copy(*this);
+  // its own step counts: a snapshot may run on another thread than this scheduler (a look-ahead's)
+  if (copy.cost_) copy.cost_ = std::make_shared<const StepCost>(copy.cost_->with_own_counts());
+  return copy;
+}
+
 double Scheduler::predicted_decode_seconds(int context) const {
-  if (!cost_) return 0.0;
   TANDEM_REQUIRE(context >= 0, "predicted_decode_seconds: context must be >= 0 tokens");
+  if (!cost_) return 0.0;
   StepDraft d;
   d.clear(block_size_, true, true);
   for (RequestId id : running_) d.add(requests_.at(id).num_tokens(), 1, true);
@@ -425,21 +437,27 @@ int Scheduler::admission_chunk(Request& r, int start, int n, bool running, const
                       " tokens, outside [0, " + str(n) + "]");
   }
   if (k < n) ++counters_.num_admission_cuts;
-  if (k == 0 && !running) r.held = true;
+  if (k == 0 && !running) {
+    r.held = true;
+    // strict order: every request still waiting behind it waits on the policy too
+    for (RequestId id : waiting_) {
+      Request& w = requests_.at(id);
+      if (!w.running()) w.held = true;
+    }
+  }
   return k;
 }
 
 // r takes n tokens from `start` in this step; `joins`: it was waiting, so it joins the decodes too.
 void Scheduler::admission_took(Request& r, int start, int n, bool joins, double now) {
-  if (!ask_admission_) return;
-  draft_.add(start, n, start + n == r.num_tokens());
-  if (!joins) return;
-  steady_.add(r.num_tokens(), 1, true);
-  if (r.held) {
+  if (joins && r.held) {  // (also under "all": a policy switched since may have held it)
     r.held = false;
     const double wait = admission_->max_wait_s();
-    if (wait > 0 && now - r.arrival_time > wait) ++counters_.num_held_too_long;
+    if (ask_admission_ && wait > 0 && now - r.arrival_time > wait) ++counters_.num_held_too_long;
   }
+  if (!ask_admission_) return;
+  draft_.add(start, n, start + n == r.num_tokens());
+  if (joins) steady_.add(r.num_tokens(), 1, true);
 }
 
 void Scheduler::schedule_running(Plan& plan, int* budget, double now, bool* preempted) {

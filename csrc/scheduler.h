@@ -171,6 +171,9 @@ class Scheduler {
   // A copy of the scheduler (its copy constructor: a deterministic snapshot of the whole state, the
   // policies shared) may be given other policies and run forward without touching this one.
   void set_policy(const std::string& kind, const std::string& spec);
+  // The copy described above, with a step cost of its own counts (no state shared with this one but the
+  // immutable policies and cost coefficients); refused while a plan is in flight.
+  Scheduler snapshot() const;
   // Arrival times of the requests here that have no output token yet (waiting, or prefilling).
   std::vector<double> arrivals_without_output() const;
 

@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     beats = la < fixed_best if best is min else la > fixed_best
     print(f"look-ahead {la:.3f} vs the best fixed candidate {fixed_best:.3f}: {'better' if beats else 'not better'}")
     decisions = sum(s["lookahead_decisions"] for s in costs)
+    if not decisions:
+        raise SystemExit("the look-ahead made no decision: runs shorter than --every-s")
     snap = sum(s["lookahead_snapshot_ms"] * s["lookahead_decisions"] for s in costs) / decisions
     fwd = sum(s["lookahead_forward_ms"] * s["lookahead_decisions"] for s in costs) / decisions
     print(

@@ -219,6 +219,13 @@ class Router:
         self._router = cp.policies.Router(policy)
         self._prefix = self._router.needs_prefix_match
         self._predict = self._router.needs_step_prediction
+        if self._predict and len(self.replicas) > 1:
+            blind = [r.index for r in self.replicas if not r.scheduler.has_step_cost]
+            if blind:
+                raise ValueError(
+                    f"router {policy!r} predicts each replica's decode step, but replicas {blind} have no step "
+                    f"cost (a cost model with a C++ evaluator sets one)"
+                )
         self._calls = 0
 
     def route(self, prompt: np.ndarray, session_id: str, now: float = 0.0) -> Replica:

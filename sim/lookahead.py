@@ -22,11 +22,14 @@ itself does not wait for them (`Lookahead.decisions` records what each decision 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from sim import _native
+
+logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("floor_goodput", "throughput", "ttft")
 KINDS = ("ordering", "preemption", "admission")
@@ -64,6 +67,12 @@ class LookaheadConfig:
 
         if len(self.candidates) < 2:
             raise ValueError(f"lookahead needs at least two candidates, got {len(self.candidates)}")
+        kinds = [sorted(c) for c in self.candidates]
+        if any(k != kinds[0] for k in kinds):
+            # else what runs would depend on the choices before (a kind one candidate sets, another leaves)
+            raise ValueError(
+                f"lookahead candidates must all set the same kinds, got {[dict(c) for c in self.candidates]}"
+            )
         for c in self.candidates:
             for kind, spec in c.items():
                 if kind not in KINDS:
@@ -119,20 +128,19 @@ class Lookahead:
     threaded: bool = False
     current: int = -1  # the candidate in effect (index); -1: none applied yet (the config's own policies)
     decisions: list[Decision] = field(default_factory=list)
+    failures: int = 0  # decisions that raised (logged; nothing applied)
     _next_at: float | None = None
     _pool: concurrent.futures.ThreadPoolExecutor | None = None
     _pending: tuple | None = None
 
     def on_step(self, scheduler, now: float) -> None:
         if self._pending is not None:
-            future, started, snap_s = self._pending
-            if not future.done():
+            if not self._pending[0].done():
                 return
-            self._pending = None
-            chosen, scores, forward_s = future.result()
-            self._apply(scheduler, started, chosen, scores, snap_s, forward_s)
+            self.settle(scheduler)
         if self._next_at is None:
             self._next_at = now + self.cfg.every_s
+            self.current = self._in_effect(scheduler)
         if now < self._next_at:
             return
         self._next_at = now + self.cfg.every_s
@@ -144,7 +152,11 @@ class Lookahead:
                 self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lookahead")
             self._pending = (self._pool.submit(self._evaluate, snap, now), now, snap_s)
         else:
-            chosen, scores, forward_s = self._evaluate(snap, now)
+            try:
+                chosen, scores, forward_s = self._evaluate(snap, now)
+            except Exception as exc:  # a decision that failed changes nothing: the plane's step goes on
+                self._failed(exc)
+                return
             self._apply(scheduler, now, chosen, scores, snap_s, forward_s)
 
     def settle(self, scheduler) -> None:
@@ -152,8 +164,24 @@ class Lookahead:
         if self._pending is not None:
             future, started, snap_s = self._pending
             self._pending = None
-            chosen, scores, forward_s = future.result()
+            try:
+                chosen, scores, forward_s = future.result()
+            except Exception as exc:
+                self._failed(exc)
+                return
             self._apply(scheduler, started, chosen, scores, snap_s, forward_s)
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        logger.warning("look-ahead decision failed (the policies in effect stay): %r", exc)
+
+    def _in_effect(self, scheduler) -> int:
+        """The candidate the scheduler's own policies are (-1: none of them)."""
+        policies = scheduler.policies
+        for i, c in enumerate(self.cfg.candidates):
+            if all(policies.get(kind) == spec for kind, spec in c.items()):
+                return i
+        return -1
 
     def _evaluate(self, snap, now: float) -> tuple[int, list[float], float]:
         t0 = time.perf_counter()
@@ -182,6 +210,7 @@ class Lookahead:
         return {
             "lookahead_decisions": n,
             "lookahead_switches": switches,
+            "lookahead_failures": self.failures,
             "lookahead_share": [chosen.count(i) / n if n else 0.0 for i in range(len(self.cfg.candidates))],
             "lookahead_snapshot_ms": 1e3 * sum(d.snapshot_s for d in self.decisions) / n if n else 0.0,
             "lookahead_forward_ms": 1e3 * sum(d.forward_s for d in self.decisions) / n if n else 0.0,
@@ -196,7 +225,11 @@ class Lookahead:
 def merge_lookahead(summaries: list[dict]) -> dict:
     """The replicas' controllers together: decisions and switches summed, shares and costs decision-weighted."""
     n = sum(s["lookahead_decisions"] for s in summaries)
-    out = {"lookahead_decisions": n, "lookahead_switches": sum(s["lookahead_switches"] for s in summaries)}
+    out = {
+        "lookahead_decisions": n,
+        "lookahead_switches": sum(s["lookahead_switches"] for s in summaries),
+        "lookahead_failures": sum(s["lookahead_failures"] for s in summaries),
+    }
     for key in ("lookahead_snapshot_ms", "lookahead_forward_ms"):
         out[key] = sum(s[key] * s["lookahead_decisions"] for s in summaries) / n if n else 0.0
     k = len(summaries[0]["lookahead_share"])

@@ -10,8 +10,8 @@ Definitions (all times are simulated seconds):
   of that many GPUs running each step together), `num_gpus` in the summary.
 * goodput: requests per second per GPU whose TTFT <= slo_ttft_s and TPOT <= slo_tpot_s.
 * floor share: of the output tokens after each request's first, the share that came at most
-  slo_tpot_s after the request's previous token (at or above the per-user speed floor 1 / slo_tpot_s,
-  within a millionth); floor goodput: those tokens per second per GPU.
+  slo_tpot_s (+ 100 ns, for a rounded 1 / tok_s) after the request's previous token (at or above the
+  per-user speed floor 1 / slo_tpot_s); floor goodput: those tokens per second per GPU.
 * prefix-cache hit rate: cached prompt tokens / prompt tokens (token-weighted).
 * prefill amplification: tokens prefilled / genuinely new tokens, where a call's
   genuinely new tokens are its new tokens plus, the first time a shared prefix is
@@ -132,7 +132,9 @@ class Collector:
         self._itl_pending_n = 0
         self.itl_sum = 0.0
         self.floor_tokens = 0  # inter-token gaps within the floor (see the module's definitions)
-        self._floor_gap = slo.tpot_s * (1 + 1e-6)
+        # 100 ns over: a floor configured as a rounded 1 / tok_s (0.0142857 for 70) still counts a step
+        # at exactly 1 / tok_s (what tps_floor keeps) as at the floor
+        self._floor_gap = slo.tpot_s + 1e-7
         self.itl_n = 0
 
     @property

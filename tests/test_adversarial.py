@@ -13,6 +13,7 @@ And the search itself, on a property it must find broken and one it must not.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -96,13 +97,13 @@ def _tiny_yaml(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
-def test_the_engine_makes_the_twins_decisions(path, tmp_path):
+def _engine_matches_twin(tmp_path, scenario: Scenario, policy: dict):
+    """The scenario through the engine on the CPU (each step lasting the twin's price of it): its plan keys equal
+    the twin's, one for one. Returns the twin's run."""
     from engine.sampling import SamplingParams
     from experiments.engine_replica import StepLog, cost_clock_engine_replicas
     from sim.simulation import Simulation
 
-    record, policy, scenario = _load(path)
     twin = run_twin(scenario, policy, record=True)
     core = _engine(tmp_path, scenario, policy)
     sim = Simulation(adversary.sim_config(scenario, policy), sessions=list(scenario.sessions))
@@ -115,17 +116,52 @@ def test_the_engine_makes_the_twins_decisions(path, tmp_path):
     assert len(log.keys) == len(twin.keys)
     for k, (a, b) in enumerate(zip(log.keys, twin.keys)):
         assert a == b, f"step {k}: engine {a} != twin {b}"
+    assert core.stats().num_admission_cuts == twin.summary["num_admission_cuts"]
+    return twin
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+def test_the_engine_makes_the_twins_decisions(path, tmp_path):
+    record, policy, scenario = _load(path)
+    _engine_matches_twin(tmp_path, scenario, policy)
+
+
+def test_the_engine_makes_the_twins_admission_decisions(tmp_path):
+    """tps_floor at a floor this tiny model meets only by cutting prefill chunks (a decode step is ~0.3 ms): the
+    twin cuts a long prompt that arrives while two requests decode, and the engine, whose step cost is built from
+    EngineConfig.step_cost rather than handed over, cuts it the same way, step for step."""
+    policy = {"admission": "tps_floor:tok_s=1500,min_chunk=16"}
+    scenario = Scenario.from_json(
+        {
+            "trace": [
+                {"session_id": "a", "arrival_time": 0.0, "prompt_tokens": 20, "output_tokens": 120},
+                {"session_id": "b", "arrival_time": 0.0, "prompt_tokens": 30, "output_tokens": 120},
+                {"session_id": "c", "arrival_time": 0.01, "prompt_tokens": 1800, "output_tokens": 8},
+            ],
+            "num_blocks": 160,
+            "max_num_seqs": 4,
+            "chunk_size": 2048,
+            "max_num_batched_tokens": 8192,
+            "num_host_blocks": 0,
+        }
+    )
+    twin = _engine_matches_twin(tmp_path, scenario, policy)
+    assert twin.summary["num_admission_cuts"] > 0
 
 
 def test_the_search_finds_a_broken_property_and_shrinks_it():
     """A starvation limit a few milliseconds long breaks on almost any scenario with contention: the search
-    finds one, and Hypothesis shrinks it to a small one (few sessions and calls)."""
+    finds one, and Hypothesis shrinks it to a small one (few calls of few tokens)."""
     # no shrinking deadline: what the shrinker reaches must not depend on how busy this machine is
     found = adversary.search("starvation", {}, Limits(starve_s=0.004), examples=60, seed=1, shrink_s=1e9)
     assert found is not None
     scenario, measured = found
     assert measured["max_ttft_s"] >= 0.004
-    assert len(scenario.sessions) <= 3 and sum(len(s.turns) for s in scenario.sessions) <= 4
+    # shrunk: few calls (up to 24 are drawn), and no session can go without the property holding again
+    assert sum(len(s.turns) for s in scenario.sessions) <= 8, scenario
+    for k in range(len(scenario.sessions) if len(scenario.sessions) > 1 else 0):
+        fewer = dataclasses.replace(scenario, sessions=scenario.sessions[:k] + scenario.sessions[k + 1 :], removed=0)
+        assert check("starvation", fewer, {}, Limits(starve_s=0.004)) is None, (k, scenario)
 
 
 def test_the_search_reports_none_where_the_property_holds():

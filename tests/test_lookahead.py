@@ -74,6 +74,9 @@ def test_no_snapshot_while_a_plan_is_in_flight():
 def test_set_policy_switches_between_steps_and_refuses_eviction():
     s, now = busy_scheduler()
     s.set_policy("ordering", "priority")
+    with pytest.raises(ValueError, match="give the scheduler a step cost"):
+        s.set_policy("admission", "tps_floor:tok_s=50")
+    s.set_step_cost(COST)
     s.set_policy("admission", "tps_floor:tok_s=50")
     s.set_policy("preemption", "swap")
     assert s.policies == {
@@ -82,7 +85,7 @@ def test_set_policy_switches_between_steps_and_refuses_eviction():
         "preemption": "swap",
         "admission": "tps_floor:tok_s=50",
     }
-    assert s.admission == "tps_floor"
+    assert s.admission == "tps_floor" and s.config.ordering == "priority" and s.config.admission.startswith("tps")
     with pytest.raises(ValueError, match="fixed for a scheduler's life"):
         s.set_policy("eviction", "ttl")
     with pytest.raises(ValueError, match="unknown policy"):
@@ -115,12 +118,15 @@ def test_a_forward_run_counts_what_it_delivers():
 
 
 def test_config_is_checked():
-    ok = {"candidates": ["ordering=fcfs", {"ordering": "priority", "admission": "tps_floor"}]}
+    ok = {"candidates": ["ordering=fcfs;admission=all", {"ordering": "priority", "admission": "tps_floor"}]}
     cfg = LookaheadConfig.from_dict(ok)
-    assert cfg.candidates[0] == {"ordering": "fcfs"} and cfg.candidates[1]["admission"] == "tps_floor"
+    assert (
+        cfg.candidates[0] == {"ordering": "fcfs", "admission": "all"} and cfg.candidates[1]["admission"] == "tps_floor"
+    )
     for bad, words in [
         ({"candidates": ["ordering=fcfs"]}, "at least two"),
-        ({"candidates": ["ordering=fcfs", "eviction=ttl"]}, "is not one of"),
+        ({"candidates": ["ordering=fcfs", "admission=all"]}, "must all set the same kinds"),
+        ({"candidates": ["eviction=lru", "eviction=ttl"]}, "is not one of"),
         ({"candidates": ["ordering=fcfs", "ordering=nope"]}, "unknown policy"),
         ({**ok, "objective": "speed"}, "objective must be one of"),
         ({**ok, "every_s": 0}, "every_s must be a number > 0"),

@@ -11,7 +11,11 @@ LookaheadResult run_lookahead(Scheduler& s, const StepCost& cost, double now, do
   LookaheadResult out;
   const double stop = now + horizon_s;
   const int64_t filler = s.config().vocab_size - 1;
-  std::unordered_map<RequestId, double> last;  // each request's last output token time, once it has one
+  struct Last {
+    double time = 0.0;  // its last output token's time, or its arrival
+    bool token = false;  // whether `time` is a token's
+  };
+  std::unordered_map<RequestId, Last> last;
   std::vector<int64_t> tokens;
   std::vector<FinishedRequest> finished;
   double t = now;
@@ -31,7 +35,7 @@ LookaheadResult run_lookahead(Scheduler& s, const StepCost& cost, double now, do
       const RequestId id = plan.req_ids[i];
       if (last.count(id)) continue;
       const Request& r = s.request(id);
-      last[id] = r.token_times.empty() ? -(r.arrival_time + 1.0) : r.token_times.back();  // < 0: none yet
+      last[id] = r.token_times.empty() ? Last{r.arrival_time, false} : Last{r.token_times.back(), true};
     }
     tokens.assign(static_cast<size_t>(plan.num_sampled()), filler);
     finished.clear();
@@ -39,15 +43,15 @@ LookaheadResult run_lookahead(Scheduler& s, const StepCost& cost, double now, do
     ++out.steps;
     for (int i = 0; i < plan.num_reqs(); ++i) {
       if (!plan.sample[i]) continue;
-      double& prev = last[plan.req_ids[i]];
+      Last& prev = last[plan.req_ids[i]];
       ++out.tokens;
-      if (prev < 0) {
+      if (!prev.token) {
         ++out.first_tokens;
-        out.ttft_sum += end - (-prev - 1.0);
-      } else if (end - prev <= floor_s) {
+        out.ttft_sum += end - prev.time;
+      } else if (end - prev.time <= floor_s) {
         ++out.floor_tokens;
       }
-      prev = end;
+      prev = Last{end, true};
     }
     out.finished += static_cast<int64_t>(finished.size());
     t = end;
