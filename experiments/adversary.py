@@ -64,6 +64,36 @@ TINY_MODEL = {
     "dtype_bytes": 4,
 }
 HARDWARE = "cpu"
+
+
+def write_tiny_model(directory) -> tuple[str, str]:
+    """TINY_MODEL in `directory` for both planes: (its config.json, for the engine with load_format=dummy; its
+    conf/model-style .yaml, for the simulator and EngineConfig.step_cost)."""
+    from engine.config import ModelConfig
+
+    m = TINY_MODEL
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": m["vocab_size"],
+        "hidden_size": m["hidden_size"],
+        "intermediate_size": m["intermediate_size"],
+        "num_hidden_layers": m["num_layers"],
+        "num_attention_heads": m["num_heads"],
+        "num_key_value_heads": m["num_kv_heads"],
+        "head_dim": m["head_dim"],
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": MAX_MODEL_LEN,
+        "tie_word_embeddings": False,
+        "eos_token_id": 1,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(ModelConfig.from_hf(hf).to_hf()))
+    (directory / "tiny.yaml").write_text(yaml.safe_dump(m))
+    return str(directory / "config.json"), str(directory / "tiny.yaml")
+
+
 BLOCK_SIZE = 16
 MAX_MODEL_LEN = 4096
 BASELINE = {"ordering": "fcfs", "eviction": "lru", "preemption": "recompute", "admission": "all"}

@@ -58,37 +58,14 @@ def twin(args, seed: int, ordering: str | None, lookahead: bool) -> dict:
 def engine_steps(lookahead: bool, args) -> tuple[list[float], dict]:
     """The CPU engine's loop step times serving one batch of requests (and the look-ahead's summary)."""
     import tempfile
-    from pathlib import Path
 
     from engine import LLM, SamplingParams
-    from engine.config import ModelConfig
+    from experiments.adversary import write_tiny_model
 
-    tmp = Path(tempfile.mkdtemp())
-    (tmp / "tiny.yaml").write_text(
-        "name: tiny\nnum_layers: 2\nhidden_size: 128\nnum_heads: 8\nnum_kv_heads: 2\nhead_dim: 32\n"
-        "intermediate_size: 256\nvocab_size: 512\ndtype_bytes: 4\n"
-    )
-    hf = ModelConfig.from_hf(
-        {
-            "architectures": ["LlamaForCausalLM"],
-            "vocab_size": 512,
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 8,
-            "num_key_value_heads": 2,
-            "head_dim": 32,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0,
-            "max_position_embeddings": 4096,
-            "tie_word_embeddings": False,
-            "eos_token_id": 1,
-        }
-    ).to_hf()
-    (tmp / "config.json").write_text(json.dumps(hf))
+    config, spec = write_tiny_model(tempfile.mkdtemp())
     extra = {}
     if lookahead:
-        extra["step_cost"] = {"model": str(tmp / "tiny.yaml"), "hardware": "cpu"}
+        extra["step_cost"] = {"model": spec, "hardware": "cpu"}
         # two candidates that plan alike: the steps are the same ones, so any change in their time is the
         # look-ahead's own cost to the loop (its snapshot, and the worker thread's share of the CPU)
         extra["lookahead"] = {
@@ -97,7 +74,7 @@ def engine_steps(lookahead: bool, args) -> tuple[list[float], dict]:
             "horizon_s": 0.5,
             "objective": args.objective,
         }
-    llm = LLM(str(tmp / "config.json"), load_format="dummy", device="cpu", num_gpu_blocks=1024, seed=0, **extra)
+    llm = LLM(config, load_format="dummy", device="cpu", num_gpu_blocks=1024, seed=0, **extra)
     prompts = [{"prompt_token_ids": [3 + (i * 7 + k) % 500 for k in range(200 + 40 * i)]} for i in range(16)]
     llm.generate(prompts, SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0), use_tqdm=False)
     seconds = [row["seconds"] for row in llm.engine.profile]

@@ -197,31 +197,16 @@ def test_the_engine_needs_a_step_cost_for_a_predicting_policy(tmp_path):
         EngineConfig.from_dict({"admission": "tps_floor", "step_cost": {"model": "llama3_8b"}})
 
 
-MODEL_YAML = """\
-name: tiny
-num_layers: 2
-hidden_size: 128
-num_heads: 8
-num_kv_heads: 2
-head_dim: 32
-intermediate_size: 256
-vocab_size: 512
-dtype_bytes: 4
-"""
-
-
 def test_the_engine_keeps_the_floor_its_cost_model_predicts(tmp_path):
     """A tiny engine on the CPU with the twin's roofline of it: prefill chunks beside decodes are cut to what
     the prediction allows (every step with a decode within 1 / tok_s by the same cost model, from the
     engine's own step profile), and every request still gets all its tokens."""
     from controlplane.profile import FEATURES, decode_prefill_rows
     from engine import LLM, SamplingParams
+    from experiments.adversary import write_tiny_model
     from sim.cost import PlanFeatures
 
-    from engine_helpers import write_tiny_config
-
-    (tmp_path / "tiny.yaml").write_text(MODEL_YAML)
-    config = write_tiny_config(tmp_path, "LlamaForCausalLM", vocab_size=512)
+    config, spec = write_tiny_model(tmp_path)
     tok_s = 1000.0  # on conf/hardware/cpu a decode step of the four is ~0.26 ms, two 256-token chunks 4-8 ms
     llm = LLM(
         config,
@@ -231,7 +216,7 @@ def test_the_engine_keeps_the_floor_its_cost_model_predicts(tmp_path):
         seed=1,
         chunk_size=256,
         admission=f"tps_floor:tok_s={tok_s:g},min_chunk=16",
-        step_cost={"model": str(tmp_path / "tiny.yaml"), "hardware": "cpu"},
+        step_cost={"model": spec, "hardware": "cpu"},
     )
     core = llm.engine
     prompts = [[3 + i % 500 for i in range(n)] for n in (40, 50, 1500, 1700)]
@@ -304,14 +289,16 @@ def test_the_server_takes_the_policy_and_its_cost_and_reports_what_it_held(tmp_p
 
     import httpx
 
+    from experiments.adversary import write_tiny_model
+
     from serve_helpers import tiny_server
 
-    (tmp_path / "tiny.yaml").write_text(MODEL_YAML)
+    _, spec = write_tiny_model(tmp_path / "spec")
     server = tiny_server(str(tmp_path))
     name = os.path.basename(server.model_dir)
     server.args += [
         "scheduler.admission=tps_floor:tok_s=500,min_chunk=16",
-        f'engine.step_cost={{model:"{tmp_path / "tiny.yaml"}",hardware:cpu}}',
+        f'engine.step_cost={{model:"{spec}",hardware:cpu}}',
     ]
 
     async def calls(url: str) -> list[dict]:

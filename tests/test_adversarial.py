@@ -51,21 +51,7 @@ def _engine(tmp_path, scenario: Scenario, policy: dict):
     from engine.core import EngineCore
     from engine.memory import block_bytes
 
-    from engine_helpers import write_tiny_config
-
-    m = adversary.TINY_MODEL
-    config = write_tiny_config(
-        tmp_path,
-        "LlamaForCausalLM",
-        vocab_size=m["vocab_size"],
-        hidden_size=m["hidden_size"],
-        intermediate_size=m["intermediate_size"],
-        num_hidden_layers=m["num_layers"],
-        num_attention_heads=m["num_heads"],
-        num_key_value_heads=m["num_kv_heads"],
-        head_dim=m["head_dim"],
-        max_position_embeddings=adversary.MAX_MODEL_LEN,
-    )
+    config, spec = adversary.write_tiny_model(tmp_path)
     sched = scenario.scheduler(policy)
     sched.pop("max_model_len")
     cfg = dict(
@@ -79,7 +65,7 @@ def _engine(tmp_path, scenario: Scenario, policy: dict):
         scheduler={**sched, "idle_chunk_size": 0, "max_model_len": adversary.MAX_MODEL_LEN},
     )
     if "tps_floor" in policy.get("admission", ""):
-        cfg["step_cost"] = {"model": str(_tiny_yaml(tmp_path)), "hardware": adversary.HARDWARE}
+        cfg["step_cost"] = {"model": spec, "hardware": adversary.HARDWARE}
     core = EngineCore(EngineConfig.from_dict(cfg))
     per_block = block_bytes(core.model, adversary.BLOCK_SIZE, core.kv_dtype)
     if scenario.num_host_blocks:  # swap space of exactly that many blocks
@@ -87,14 +73,6 @@ def _engine(tmp_path, scenario: Scenario, policy: dict):
         core = EngineCore(EngineConfig.from_dict(cfg))
     assert (core.num_blocks, core.num_host_blocks) == (scenario.num_blocks, scenario.num_host_blocks)
     return core
-
-
-def _tiny_yaml(tmp_path) -> Path:
-    import yaml
-
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(adversary.TINY_MODEL))
-    return path
 
 
 def _engine_matches_twin(tmp_path, scenario: Scenario, policy: dict):

@@ -187,14 +187,9 @@ def test_a_controller_applies_its_choice_between_steps_threaded_or_not():
 
 def test_the_engine_runs_a_lookahead_on_its_own_thread(tmp_path):
     from engine import LLM, SamplingParams
+    from experiments.adversary import write_tiny_model
 
-    from engine_helpers import write_tiny_config
-
-    (tmp_path / "tiny.yaml").write_text(
-        "name: tiny\nnum_layers: 2\nhidden_size: 128\nnum_heads: 8\nnum_kv_heads: 2\nhead_dim: 32\n"
-        "intermediate_size: 256\nvocab_size: 512\ndtype_bytes: 4\n"
-    )
-    config = write_tiny_config(tmp_path, "LlamaForCausalLM", vocab_size=512)
+    config, spec = write_tiny_model(tmp_path)
     llm = LLM(
         config,
         load_format="dummy",
@@ -202,7 +197,7 @@ def test_the_engine_runs_a_lookahead_on_its_own_thread(tmp_path):
         num_gpu_blocks=128,
         seed=1,
         chunk_size=64,
-        step_cost={"model": str(tmp_path / "tiny.yaml"), "hardware": "cpu"},
+        step_cost={"model": spec, "hardware": "cpu"},
         lookahead={"candidates": ["ordering=fcfs", "ordering=priority"], "every_s": 0.005, "horizon_s": 0.2},
     )
     prompts = [{"prompt_token_ids": [3 + (i * 7 + k) % 500 for k in range(100 + 60 * i)]} for i in range(6)]
