@@ -13,6 +13,16 @@ experiments.bench_engine) and the FLOP/s of a large GEMM. Every ratio is engine 
 for TTFT (slower than the bound), below 1 for throughputs (the share of the bound reached).
 Each level also counts the requests preempted: the engine's from the server's /metrics
 (tandem_preemptions_total), the twin's from its run of the same sessions.
+
+The per-user speed floor (issue #21; docs/policies.md, "Admission"): both sides report the share of
+output tokens that came within 1 / --floor s (70 tok/s) of the request's previous one. With
+`--admission tps_floor:tok_s=70` both run that admission policy, the server predicting with the twin's
+own cost model (the measured rates, or with `--twin-cost profile` the fit conf/profiles ships for the
+card), so the twin's share is the prediction and the engine's the measurement:
+
+    python -m experiments.bench_agentic --concurrency 1 2 4 8 --waves 1 --twin-cost profile
+    python -m experiments.bench_agentic --concurrency 1 2 4 8 --waves 1 --twin-cost profile \
+        --admission tps_floor:tok_s=70
 Without CUDA it runs on the CPU: SmolLM2-135M's shape in float32 and a small swe_smith.
 """
 
@@ -71,6 +81,7 @@ FIGURES = (
     ("first_turn_ttft_s", "first-turn TTFT s (mean)", "time"),
     ("later_ttft_s_p50", "later-turn TTFT s p50", "time"),
     ("later_ttft_s_p90", "later-turn TTFT s p90", "time"),
+    ("floor_token_share", "tokens at the floor", "share"),
 )
 
 
@@ -96,6 +107,7 @@ class Figures:
     first_turn_ttft_s: float  # mean TTFT of the sessions' first calls
     later_ttft_s_p50: float  # TTFT of every later call
     later_ttft_s_p90: float
+    floor_token_share: float  # output tokens (after each request's first) within 1 / floor s of the previous
 
     @classmethod
     def of(cls, summary: dict, requests) -> Figures:
@@ -109,6 +121,7 @@ class Figures:
             float(first.mean()) if first.size else math.nan,
             float(p50),
             float(p90),
+            summary.get("floor_token_share", math.nan),
         )
 
 
@@ -225,6 +238,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def hydra_value(value) -> str:
+    """`value` in Hydra's override grammar: JSON, but a mapping's keys unquoted (`{model:"x",n:1}`)."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 @contextlib.contextmanager
 def serving(
     engine_model: str, options: dict, out: Path, env: dict | None = None, timeout_s: float = 900.0
@@ -242,7 +264,7 @@ def serving(
         f"hydra.run.dir={out / 'server'}",
         "hydra.output_subdir=null",
     ]
-    cmd += [f"{'scheduler' if k in SCHEDULER_KEYS else 'engine'}.{k}={json.dumps(v)}" for k, v in options.items()]
+    cmd += [f"{'scheduler' if k in SCHEDULER_KEYS else 'engine'}.{k}={hydra_value(v)}" for k, v in options.items()]
     base = f"http://127.0.0.1:{port}/v1"
     with open(out / "server.log", "w") as logf:
         proc = subprocess.Popen(
@@ -281,14 +303,27 @@ def server_kv_blocks(base: str, timeout_s: float = 10.0) -> int:
     raise RuntimeError("the server's /metrics reported no KV blocks")
 
 
-def server_preemptions(base: str) -> int:
-    """Requests the server's engine has preempted so far (recompute + swap; every replica's), from its /metrics.
-    The core reports its stats every 0.5 s: read after that long with nothing running."""
+def server_counter(base: str, name: str) -> int:
+    """The server's /metrics counter `name`, summed over its labels (every replica's). The core reports its
+    stats every 0.5 s: read after that long with nothing running."""
     text = httpx.get(base.removesuffix("/v1") + "/metrics", timeout=5).text
-    found = re.findall(r"^tandem_preemptions_total(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE)
+    found = re.findall(rf"^{name}(?:\{{[^}}]*\}})? (\S+)$", text, re.MULTILINE)
     if not found:
-        raise RuntimeError("the server's /metrics has no tandem_preemptions_total")
+        raise RuntimeError(f"the server's /metrics has no {name}")
     return int(sum(float(v) for v in found))
+
+
+# (the twin's summary keys, the server's /metrics counter): requests preempted (recompute + swap), prefill
+# chunks the admission policy cut or refused, requests it held past its max_wait_s
+COUNTERS = {
+    "preemptions": (("num_preemptions_recompute", "num_preemptions_swap"), "tandem_preemptions_total"),
+    "admission_cuts": (("num_admission_cuts",), "tandem_admission_cuts_total"),
+    "held_too_long": (("num_held_too_long",), "tandem_admission_held_too_long_total"),
+}
+
+
+def server_counters(base: str) -> dict[str, int]:
+    return {key: server_counter(base, metric) for key, (_, metric) in COUNTERS.items()}
 
 
 def twin_engine_section(options: dict, base: str, device: str) -> dict:
@@ -325,8 +360,9 @@ class Level:
     params: dict
 
 
-def run_engine(base: str, level: Level):
-    """The level through the server (bench_serving, closed loop, greedy, sessions ended): its BenchResult."""
+def run_engine(base: str, level: Level, floor_tok_s: float = 70.0):
+    """The level through the server (bench_serving, closed loop, greedy, sessions ended, the per-user floor
+    `floor_tok_s` as its TPOT target): its BenchResult."""
     return asyncio.run(
         run_benchmark(
             BenchOptions(
@@ -340,13 +376,29 @@ def run_engine(base: str, level: Level):
                 extra_body={"temperature": 0.0},
                 label="engine",
                 timeout_s=None,
+                slo_tpot_s=1.0 / floor_tok_s,
             )
         )
     )
 
 
-def run_twin(level: Level, model: str, spec: ModelSpec, hw: HardwareSpec, engine: dict):
-    """The level in the simulator with the roofline cost on `hw`: its SimResult."""
+# the scheduler's policy kinds: the server's settings of these are the twin's
+POLICY_KINDS = ("ordering", "eviction", "preemption", "admission")
+
+
+def run_twin(
+    level: Level,
+    model: str,
+    spec: ModelSpec,
+    hw: HardwareSpec,
+    engine: dict,
+    cost: str = "roofline",
+    policies: dict | None = None,
+    floor_tok_s: float = 70.0,
+):
+    """The level in the simulator with the `cost` model (roofline on `hw`, or the `profile` fit shipped for
+    the model on `hw`), the server's `policies` (POLICY_KINDS; fcfs + lru + recompute + all by default) and
+    the per-user floor `floor_tok_s` as its TPOT target: its SimResult."""
     run = RunConf(
         name=f"c{level.concurrency}",
         workload=WORKLOAD,
@@ -356,8 +408,10 @@ def run_twin(level: Level, model: str, spec: ModelSpec, hw: HardwareSpec, engine
         sessions=level.sessions,
         policy="lru",
     )
-    cfg = sim_config(FidelityConf(model=model, hardware=hw.name, seed=level.seed), run, engine, "roofline", None)
+    cfg = sim_config(FidelityConf(model=model, hardware=hw.name, seed=level.seed), run, engine, cost, None)
     cfg.update(model=dataclasses.asdict(spec), hardware=dataclasses.asdict(hw))
+    cfg["scheduler"].update(policies or {})
+    cfg["sim"]["slo_tpot_s"] = 1.0 / floor_tok_s
     return Simulation(cfg).run()
 
 
@@ -391,9 +445,9 @@ def _fmt(value: float) -> str:
     return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
-def format_rows(rows: list[dict]) -> str:
-    """The comparison as text, one block per concurrency level."""
-    lines = [f"{'conc':>4}  {'figure':<26}{'engine':>10}{'roofline':>10}{'engine/roofline':>17}"]
+def format_rows(rows: list[dict], twin: str = "roofline") -> str:
+    """The comparison as text, one block per concurrency level; `twin` names the twin's column (its cost)."""
+    lines = [f"{'conc':>4}  {'figure':<26}{'engine':>10}{twin:>10}{'engine/' + twin:>17}"]
     for row in rows:
         lines.append(
             f"{row['concurrency']:>4}  {row['label']:<26}{_fmt(row['engine']):>10}"
@@ -422,6 +476,14 @@ class Setup:
     spec: ModelSpec  # `model` at the engine's dtype
     options: dict  # the server's EngineConfig fields
     levels: tuple[Level, ...]
+    hardware: str  # the conf/hardware entry of the card (its measured rates replace the entry's)
+    twin_cost: str = "roofline"  # the twin's cost model: roofline on the measured rates, or the shipped profile
+    floor_tok_s: float = 70.0  # the per-user speed floor both sides count tokens against
+
+    @property
+    def policies(self) -> dict:
+        """The server's policy settings (POLICY_KINDS), which the twin runs too."""
+        return {k: self.options[k] for k in POLICY_KINDS if k in self.options}
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> Setup:
@@ -436,7 +498,7 @@ class Setup:
             raise SystemExit(f"no engine shape for the model {model!r}: pass --engine-model")
         params = workload_params(device, args.quick, _pairs(args.params))
         levels = tuple(
-            Level(c, args.sessions or (c if args.quick else 2 * c), args.seed + k, params)
+            Level(c, args.sessions or (args.waves or (1 if args.quick else 2)) * c, args.seed + k, params)
             for k, c in enumerate(args.concurrency)
         )
         options = {
@@ -445,8 +507,21 @@ class Setup:
             "dtype": str(dtype).replace("torch.", ""),
             **_pairs(args.engine),
         }
+        if args.admission:
+            options["admission"] = args.admission
         spec = twin_model(model, engine_model, dtype, options)
-        return cls(device, dtype, model, engine_model, spec, options, levels)
+        hardware = args.hardware or hardware_name(SimpleNamespace(device=torch.device(device)))
+        return cls(device, dtype, model, engine_model, spec, options, levels, hardware, args.twin_cost, args.floor)
+
+
+def step_cost_option(setup: Setup, hw: HardwareSpec, out: Path) -> dict:
+    """EngineConfig.step_cost of the twin's cost model: the model, `hw` (the measured rates) written as a
+    conf/hardware YAML under `out`, and the twin's cost (a profile: the fit shipped for the model on the card)."""
+    import yaml
+
+    path = out / "twin-hardware.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in dataclasses.asdict(hw).items() if v is not None}))
+    return {"model": setup.model, "hardware": str(path), "cost_model": setup.twin_cost}
 
 
 def serve_levels(setup: Setup, base: str, hw: HardwareSpec, warm_seed: int, progress=print) -> tuple[list, list, dict]:
@@ -460,22 +535,22 @@ def serve_levels(setup: Setup, base: str, hw: HardwareSpec, warm_seed: int, prog
         "turns_min": 2,
         "turns_max": 2,
     }
-    run_engine(base, Level(2, 2, warm_seed, warm))
+    run_engine(base, Level(2, 2, warm_seed, warm), setup.floor_tok_s)
     engine = twin_engine_section(setup.options, base, setup.device)
     rows, levels = [], []
     time.sleep(STATS_PERIOD_S)
-    preempted = server_preemptions(base)
+    counted = server_counters(base)
     for level in setup.levels:
         t0 = time.monotonic()
-        served = run_engine(base, level)
+        served = run_engine(base, level, setup.floor_tok_s)
         s = served.summary
         time.sleep(STATS_PERIOD_S)  # the level's last stats
-        now = server_preemptions(base)
-        level_preemptions, preempted = now - preempted, now
+        now = server_counters(base)
+        level_counts, counted = {k: now[k] - counted[k] for k in now}, now
         progress(f"concurrency {level.concurrency}: {level.sessions} sessions served in {time.monotonic() - t0:.1f} s")
         if s["num_errors"] or not s["completed"]:
             progress(f"  warning: {s['num_errors']} failed calls {s['errors']}, completed {s['completed']}")
-        twin = run_twin(level, setup.model, setup.spec, hw, engine)
+        twin = run_twin(level, setup.model, setup.spec, hw, engine, setup.twin_cost, setup.policies, setup.floor_tok_s)
         rows += compare(level, Figures.of(s, served.requests), Figures.of(twin.summary, twin.requests))
         levels.append(
             {
@@ -483,20 +558,20 @@ def serve_levels(setup: Setup, base: str, hw: HardwareSpec, warm_seed: int, prog
                 "engine": s,
                 "roofline": twin.summary,
                 "roofline_notes": twin.notes,
-                "preemptions": {
-                    "engine": level_preemptions,
-                    "roofline": twin.summary["num_preemptions_recompute"] + twin.summary["num_preemptions_swap"],
+                **{
+                    key: {"engine": level_counts[key], "roofline": sum(twin.summary[k] for k in keys)}
+                    for key, (keys, _) in COUNTERS.items()
                 },
             }
         )
     return rows, levels, engine
 
 
-def format_preemptions(levels: list[dict]) -> str:
-    """Requests preempted at each level, by the engine (its /metrics) and in the twin (same sessions)."""
-    return "preemptions (engine / twin): " + ", ".join(
-        f"concurrency {lv['level']['concurrency']} {lv['preemptions']['engine']} / {lv['preemptions']['roofline']}"
-        for lv in levels
+def format_counters(levels: list[dict], key: str = "preemptions") -> str:
+    """A COUNTERS count at each level, the engine's (its /metrics) and the twin's (the same sessions)."""
+    label = {"preemptions": "preemptions", "admission_cuts": "admission cuts", "held_too_long": "held > max_wait_s"}
+    return f"{label[key]} (engine / twin): " + ", ".join(
+        f"concurrency {lv['level']['concurrency']} {lv[key]['engine']} / {lv[key]['roofline']}" for lv in levels
     )
 
 
@@ -505,7 +580,7 @@ def run(args: argparse.Namespace, progress=print) -> dict:
     start = time.monotonic()
     setup = Setup.of(args)
     rates = measure_card(setup.device, setup.dtype, setup.options.get("quantization", "none") == "fp8")
-    hw = twin_hardware(rates, args.hardware or hardware_name(SimpleNamespace(device=torch.device(setup.device))))
+    hw = twin_hardware(rates, setup.hardware)
     progress(
         f"card: {rates.card}; copy {rates.copy_bytes_s / 1e9:.1f} GB/s (read+write), {rates.dtype} GEMM "
         f"{rates.matmul_n}^3 {rates.matmul_flops / 1e12:.2f} TFLOP/s"
@@ -514,6 +589,10 @@ def run(args: argparse.Namespace, progress=print) -> dict:
     )
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_agentic-"))
     out.mkdir(parents=True, exist_ok=True)
+    if setup.options.get("admission", "all") != "all" and "step_cost" not in setup.options:
+        # the server's admission policy predicts with the twin's own cost model: the same model on the same rates
+        setup.options["step_cost"] = step_cost_option(setup, hw, out)
+        progress(f"the server's admission {setup.options['admission']} predicts with {setup.options['step_cost']}")
     # on the CPU one intra-op thread: the engine's spinning OpenMP workers would fight the client for the cores
     env = {"OMP_NUM_THREADS": "1"} if setup.device == "cpu" else None
     with serving(setup.engine_model, setup.options, out, env) as base:
@@ -526,6 +605,9 @@ def run(args: argparse.Namespace, progress=print) -> dict:
         "model": dataclasses.asdict(setup.spec),
         "engine_model": setup.engine_model,
         "engine_options": setup.options,
+        "twin_cost": setup.twin_cost,
+        "policies": setup.policies,
+        "floor_tok_s": setup.floor_tok_s,
         "twin_engine": engine,
         "workload": WORKLOAD,
         "params": setup.levels[0].params,
@@ -542,6 +624,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4], help="closed-loop levels")
     p.add_argument("--sessions", type=int, help="sessions at each level (default: 2 x concurrency; --quick: 1 x)")
+    p.add_argument("--waves", type=int, help="sessions at each level = this x concurrency (unless --sessions)")
     p.add_argument(
         "--params",
         nargs="*",
@@ -559,13 +642,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--hardware", help="conf/hardware entry the measured rates replace (default: from the card)")
     p.add_argument("--engine", nargs="*", default=[], metavar="KEY=VALUE", help="EngineConfig fields of the server")
+    p.add_argument(
+        "--admission",
+        help="the scheduler's admission policy on both sides (e.g. tps_floor:tok_s=70); a predicting one gets "
+        "the twin's cost model as the server's step_cost unless --engine gives one",
+    )
+    p.add_argument(
+        "--twin-cost",
+        default="roofline",
+        choices=("roofline", "profile"),
+        help="the twin's cost: roofline on the measured rates, or the fit shipped for the model on the card "
+        "(conf/profiles)",
+    )
+    p.add_argument(
+        "--floor", type=float, default=70.0, help="per-user tok/s both sides count tokens at the floor against"
+    )
     p.add_argument("--seed", type=int, default=0, help="level k runs sessions of seed + k")
     p.add_argument("--quick", action="store_true", help="short sessions, one wave a level")
     p.add_argument("--out", help="the server's log and Hydra directory (default: a temporary directory)")
     p.add_argument("--json", help="write the rows, the summaries and the measured rates here")
     args = p.parse_args(argv)
-    if min(args.concurrency) < 1 or (args.sessions is not None and args.sessions < 1):
-        p.error("--concurrency and --sessions must be >= 1")
+    if min(args.concurrency) < 1 or any(v is not None and v < 1 for v in (args.sessions, args.waves)):
+        p.error("--concurrency, --sessions and --waves must be >= 1")
+    if not args.floor > 0:
+        p.error("--floor must be > 0")
     return args
 
 
@@ -576,12 +676,16 @@ def main(argv: list[str] | None = None) -> dict:
     m = results["meta"]
     print(
         f"\n{WORKLOAD} {m['params']}, {m['engine_model']} (random weights, {m['rates']['dtype']}) on "
-        f"{m['rates']['card']}, {m['twin_engine']['num_gpu_blocks']} KV blocks; twin: roofline on "
-        f"{m['hardware_label']}"
+        f"{m['rates']['card']}, {m['twin_engine']['num_gpu_blocks']} KV blocks; twin: {m['twin_cost']} on "
+        f"{m['hardware_label']}; policies {m['policies'] or 'fcfs+lru'}; floor {m['floor_tok_s']:g} tok/s"
     )
-    print("ratio = engine / roofline: > 1 for TTFT (slower than the bound), < 1 for throughputs (share reached)")
-    print(format_rows(results["rows"]))
-    print(format_preemptions(results["levels"]))
+    print(
+        f"ratio = engine / {m['twin_cost']}: > 1 for TTFT (slower than the twin), < 1 for throughputs and the "
+        "share of tokens at the floor (short of the twin)"
+    )
+    print(format_rows(results["rows"], m["twin_cost"]))
+    for key in COUNTERS:
+        print(format_counters(results["levels"], key))
     print(f"wall {m['wall_seconds']:.0f} s; server log {m['out']}/server.log")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float) + "\n")

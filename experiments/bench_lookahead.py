@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import time
+from types import SimpleNamespace
 
 from sim.simulation import Simulation
 
@@ -56,16 +57,32 @@ def twin(args, seed: int, ordering: str | None, lookahead: bool) -> dict:
 
 
 def engine_steps(lookahead: bool, args) -> tuple[list[float], dict]:
-    """The CPU engine's loop step times serving one batch of requests (and the look-ahead's summary)."""
+    """The engine's loop step times serving one batch of requests (and the look-ahead's summary): on a GPU
+    the Llama-3-8B shape in bf16 (random weights), 16 requests of ~2K-token prompts and 256 output tokens;
+    on the CPU a tiny model, 16 requests of 200-800 tokens and 64 output tokens."""
     import tempfile
 
-    from engine import LLM, SamplingParams
-    from experiments.adversary import write_tiny_model
+    import torch
 
-    config, spec = write_tiny_model(tempfile.mkdtemp())
+    from engine import LLM, SamplingParams
+
+    if torch.cuda.is_available():
+        from experiments.calibrate import hardware_name
+
+        config, spec, hardware = (
+            "llama-3.1-8b",
+            "llama3_8b",
+            hardware_name(SimpleNamespace(device=torch.device("cuda"))),
+        )
+        device, options, lengths, max_tokens = "cuda", {"dtype": "bfloat16", "num_gpu_blocks": 4096}, 2000, 256
+    else:
+        from experiments.adversary import write_tiny_model
+
+        config, spec = write_tiny_model(tempfile.mkdtemp())
+        hardware, device, options, lengths, max_tokens = "cpu", "cpu", {"num_gpu_blocks": 1024}, 200, 64
     extra = {}
     if lookahead:
-        extra["step_cost"] = {"model": spec, "hardware": "cpu"}
+        extra["step_cost"] = {"model": spec, "hardware": hardware}
         # two candidates that plan alike: the steps are the same ones, so any change in their time is the
         # look-ahead's own cost to the loop (its snapshot, and the worker thread's share of the CPU)
         extra["lookahead"] = {
@@ -74,31 +91,20 @@ def engine_steps(lookahead: bool, args) -> tuple[list[float], dict]:
             "horizon_s": 0.5,
             "objective": args.objective,
         }
-    llm = LLM(config, load_format="dummy", device="cpu", num_gpu_blocks=1024, seed=0, **extra)
-    prompts = [{"prompt_token_ids": [3 + (i * 7 + k) % 500 for k in range(200 + 40 * i)]} for i in range(16)]
-    llm.generate(prompts, SamplingParams(max_tokens=64, ignore_eos=True, temperature=0.0), use_tqdm=False)
+    llm = LLM(config, load_format="dummy", device=device, seed=0, **options, **extra)
+    prompts = [
+        {"prompt_token_ids": [3 + (i * 7 + k) % 500 for k in range(lengths + lengths // 5 * i)]} for i in range(16)
+    ]
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+    llm.generate(prompts, params, use_tqdm=False)
     seconds = [row["seconds"] for row in llm.engine.profile]
     summary = llm.engine.lookahead.summary() if llm.engine.lookahead else {}
     llm.engine.close()
     return seconds, summary
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workload", default="swe_smith")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--sessions", type=int, default=24)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="orderings to choose between")
-    p.add_argument("--every-s", type=float, default=1.0)
-    p.add_argument("--horizon-s", type=float, default=2.0)
-    p.add_argument("--objective", default="ttft", choices=sorted(FIGURE))
-    p.add_argument("--quick", action="store_true", help="seed 0, 8 sessions")
-    p.add_argument("--engine", action="store_true", help="also the CPU engine's step time with and without")
-    p.add_argument("--json", help="write the results here")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.seeds, args.sessions = [0], 8
+def twin_table(args) -> dict:
+    """Every fixed candidate and the look-ahead in the twin, per seed: prints the table and the decision costs."""
     key, label, best = FIGURE[args.objective]
     print(
         f"{args.workload} c{args.concurrency}, {args.sessions} sessions a seed, Llama-3-8B / h100_sxm roofline; "
@@ -129,14 +135,42 @@ def main(argv: list[str] | None = None) -> dict:
         f"per decision: snapshot {snap:.2f} ms, {len(args.candidates)} forward runs {fwd:.1f} ms (wall, this CPU); "
         f"{decisions} decisions, {sum(s['lookahead_switches'] for s in costs)} switches"
     )
-    out = {"rows": rows, "snapshot_ms": snap, "forward_ms": fwd, "decisions": decisions}
-    if args.engine:
-        for on in (False, True):
+    return {"rows": rows, "snapshot_ms": snap, "forward_ms": fwd, "decisions": decisions}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workload", default="swe_smith")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--sessions", type=int, default=24)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="orderings to choose between")
+    p.add_argument("--every-s", type=float, default=1.0)
+    p.add_argument("--horizon-s", type=float, default=2.0)
+    p.add_argument("--objective", default="ttft", choices=sorted(FIGURE))
+    p.add_argument("--quick", action="store_true", help="seed 0, 8 sessions")
+    p.add_argument("--engine", action="store_true", help="also the engine's step time with and without (GPU or CPU)")
+    p.add_argument("--engine-only", action="store_true", help="only the engine's step time (no twin runs)")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.sessions = [0], 8
+    out = {} if args.engine_only else twin_table(args)
+    if args.engine or args.engine_only:
+        import torch
+
+        where = "GPU" if torch.cuda.is_available() else "CPU"
+        # on a GPU the first engine of the process also compiles the Triton kernels: a second one without the
+        # look-ahead, after it, is the baseline to read
+        runs = (
+            ((False, "off"), (True, "on"), (False, "off_again")) if where == "GPU" else ((False, "off"), (True, "on"))
+        )
+        for on, tag in runs:
             seconds, summary = engine_steps(on, args)
             q = statistics.quantiles(seconds, n=10)
-            name = "with look-ahead" if on else "without"
+            name = {"off": "without", "on": "with look-ahead", "off_again": "without, again"}[tag]
             print(
-                f"CPU engine {name:<16}: {len(seconds)} steps, step p50 {1e3 * statistics.median(seconds):.2f} ms, "
+                f"{where} engine {name:<16}: {len(seconds)} steps, step p50 {1e3 * statistics.median(seconds):.2f} ms, "
                 f"p90 {1e3 * q[8]:.2f} ms"
                 + (
                     f"; {summary['lookahead_decisions']} decisions, snapshot {summary['lookahead_snapshot_ms']:.2f} ms "
@@ -145,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
                     else ""
                 )
             )
-            out[f"engine_{'on' if on else 'off'}"] = {"seconds": seconds, **summary}
+            out[f"engine_{tag}"] = {"seconds": seconds, **summary}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f)

@@ -7,6 +7,9 @@
 #     bench   python -m experiments.bench_engine on the 8B shape: decode b1/b4/b64, prefill, a later turn
 #     tests   make test-gpu (TESTS_ARGS: more pytest arguments, e.g. test files: a part of it)
 #     served  python -m experiments.bench_agentic (swe_smith served at concurrency 1, 2, 4 beside the twin)
+#     floor   bench_agentic at concurrency $FLOOR_CONC (1 2 4 8), one wave, beside the twin on the shipped profile,
+#             with $FLOOR_ARGS (e.g. --admission tps_floor:tok_s=70); files floor-$FLOOR_TAG.* (issue #21)
+#     lookahead  python -m experiments.bench_lookahead --engine-only: the engine's step time with and without
 # Carry .whl (../shared/tools/device-wheels.sh) for simpy/hydra/fastapi. Logs go to $OUT (or /tmp/gpu-agentic).
 # Each phase has its own time limit (TUNE_S, KERNELS_S, GEMV_S, BENCH_S, TESTS_S, SERVED_S seconds) so that what ran comes back.
 set -uo pipefail
@@ -47,6 +50,14 @@ for phase in "$@"; do
       export TANDEM_CONF_DIR=$PWD/conf
       PYTHONSAFEPATH=1 timeout "${SERVED_S:-330}" python3 -m experiments.bench_agentic --json "$out/bench-agentic.json" \
         --out /tmp/bench_agentic > "$out/bench-agentic.txt" 2>&1 || status=1 ;;
+    floor) install || exit 1
+      export TANDEM_CONF_DIR=$PWD/conf
+      PYTHONSAFEPATH=1 timeout "${FLOOR_S:-330}" python3 -m experiments.bench_agentic --concurrency ${FLOOR_CONC:-1 2 4 8} \
+        --waves 1 --twin-cost profile ${FLOOR_ARGS:-} --json "$out/floor-${FLOOR_TAG:-all}.json" --out /tmp/bench_floor \
+        > "$out/floor-${FLOOR_TAG:-all}.txt" 2>&1 || status=1 ;;
+    lookahead) install || exit 1
+      PYTHONSAFEPATH=1 TANDEM_CONF_DIR=$PWD/conf timeout "${LOOKAHEAD_S:-240}" python3 -m experiments.bench_lookahead \
+        --engine-only --json "$out/lookahead.json" > "$out/lookahead.txt" 2>&1 || status=1 ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
   echo "phase $phase done (status so far $status)"

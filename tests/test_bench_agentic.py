@@ -95,6 +95,9 @@ def test_served_levels_beside_the_roofline(tmp_path, capsys):
     rows = results["rows"]
     assert [(r["concurrency"], r["figure"]) for r in rows] == [(c, key) for c in (1, 2, 4) for key, _, _ in FIGURES]
     for row in rows:
+        if row["kind"] == "share":  # of tokens at the floor: the CPU engine may reach none
+            assert 0 <= row["engine"] <= 1 and 0 < row["roofline"] <= 1, row
+            continue
         assert row["engine"] > 0 and row["roofline"] > 0 and math.isfinite(row["ratio"]) and row["ratio"] > 0
         assert row["ratio"] > 1 if row["kind"] == "time" else row["ratio"] < 1, row
     m = results["meta"]
@@ -119,10 +122,13 @@ def test_served_levels_beside_the_roofline(tmp_path, capsys):
     # preemptions: the engine's from /metrics, the twin's from its run (512 blocks hold every session here)
     assert [lv["preemptions"] for lv in results["levels"]] == [{"engine": 0, "roofline": 0}] * 3
     assert "preemptions (engine / twin): concurrency 1 0 / 0, concurrency 2 0 / 0, concurrency 4 0 / 0" in printed
+    # admission `all` (the default) cuts nothing on either side
+    assert [lv["admission_cuts"] for lv in results["levels"]] == [{"engine": 0, "roofline": 0}] * 3
+    assert results["meta"]["policies"] == {} and "step_cost" not in results["meta"]["engine_options"]
     assert json.loads(out.read_text())["rows"] == rows
 
 
-def test_server_preemptions_sum_every_replicas_counter(monkeypatch):
+def test_server_counters_sum_every_replicas_counter(monkeypatch):
     text = (
         "# TYPE tandem_preemptions counter\n"
         'tandem_preemptions_total{replica="0"} 3.0\n'
@@ -130,11 +136,38 @@ def test_server_preemptions_sum_every_replicas_counter(monkeypatch):
         "tandem_preemptions_created 1.7e9\n"
     )
     monkeypatch.setattr(bench_agentic.httpx, "get", lambda url, timeout: type("R", (), {"text": text})())
-    assert bench_agentic.server_preemptions("http://x/v1") == 7
+    assert bench_agentic.server_counter("http://x/v1", "tandem_preemptions_total") == 7
     monkeypatch.setattr(
         bench_agentic.httpx, "get", lambda url, timeout: type("R", (), {"text": "tandem_preemptions_total 2.0\n"})()
     )
-    assert bench_agentic.server_preemptions("http://x/v1") == 2
+    assert bench_agentic.server_counter("http://x/v1", "tandem_preemptions_total") == 2
+    try:
+        bench_agentic.server_counter("http://x/v1", "tandem_admission_cuts_total")
+    except RuntimeError as exc:
+        assert "no tandem_admission_cuts_total" in str(exc)
+    else:
+        raise AssertionError("a missing counter must fail")
+
+
+def test_a_floor_admission_runs_on_both_sides_with_one_cost_model(tmp_path, capsys):
+    """tps_floor on the server and in the twin, the server predicting with the twin's roofline on the rates
+    measured here (a YAML of them). At 1,000,000 tok/s (1 us a step) no two requests may decode together: the
+    second session's first call, sent beside the first one's, is held on both sides."""
+    results = _bench(tmp_path, ["2"], 512, "--admission", "tps_floor:tok_s=1000000", "--floor", "4000")
+    printed = capsys.readouterr().out
+    m = results["meta"]
+    assert m["policies"] == {"admission": "tps_floor:tok_s=1000000"} and m["floor_tok_s"] == 4000
+    step_cost = m["engine_options"]["step_cost"]
+    assert step_cost["cost_model"] == "roofline" and step_cost["model"].endswith("tiny.yaml")
+    from sim.specs import load_hardware_spec
+
+    assert load_hardware_spec(step_cost["hardware"]).peak_flops == m["hardware"]["peak_flops"]
+    (level,) = results["levels"]
+    assert level["engine"]["completed"] and level["roofline"]["completed"]
+    assert level["engine"]["output_tokens"] == level["roofline"]["output_tokens"]
+    assert level["admission_cuts"]["roofline"] > 0 and level["admission_cuts"]["engine"] > 0, level["admission_cuts"]
+    assert "admission cuts (engine / twin): concurrency 2" in printed
+    assert "floor 4000 tok/s" in printed
 
 
 def test_preemptions_are_counted_on_both_sides_when_the_kv_cache_is_short(tmp_path):
