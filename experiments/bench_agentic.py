@@ -56,6 +56,7 @@ from experiments.bench_engine import copy_bandwidth
 from experiments.bench_serving import BenchOptions, _pairs, run_benchmark
 from experiments.calibrate import ENGINE_SHAPES, check_shape, git_commit, hardware_name
 from experiments.fidelity import FidelityConf, RunConf, sim_config
+from sim.cost import make_cost_model
 from sim.simulation import Simulation
 from sim.specs import HardwareSpec, ModelSpec, hardware_label, load_hardware_spec, load_model_spec
 
@@ -511,6 +512,8 @@ class Setup:
             options["admission"] = args.admission
         spec = twin_model(model, engine_model, dtype, options)
         hardware = args.hardware or hardware_name(SimpleNamespace(device=torch.device(device)))
+        if args.twin_cost == "profile":  # no fit shipped for this model on this card: say so before serving
+            make_cost_model("profile", spec, load_hardware_spec(hardware))
         return cls(device, dtype, model, engine_model, spec, options, levels, hardware, args.twin_cost, args.floor)
 
 

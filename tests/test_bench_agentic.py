@@ -180,3 +180,15 @@ def test_preemptions_are_counted_on_both_sides_when_the_kv_cache_is_short(tmp_pa
     (level,) = results["levels"]
     assert level["engine"]["completed"] and level["engine"]["num_errors"] == 0
     assert level["preemptions"]["engine"] > 0 and level["preemptions"]["roofline"] > 0, level["preemptions"]
+
+
+def test_a_profile_twin_without_a_shipped_fit_fails_before_serving(tmp_path):
+    import pytest
+
+    (tmp_path / "tiny.yaml").write_text(MODEL_YAML)
+    config = write_tiny_config(tmp_path, "LlamaForCausalLM", vocab_size=1024, max_position_embeddings=4096)
+    args = bench_agentic.parse_args(
+        ["--model", str(tmp_path / "tiny.yaml"), "--engine-model", config, "--twin-cost", "profile"]
+    )
+    with pytest.raises(ValueError, match="no fit of tiny on cpu"):
+        bench_agentic.Setup.of(args)
