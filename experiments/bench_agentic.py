@@ -9,8 +9,10 @@ experiments.bench_serving at each concurrency, with a seed of its own per level 
 hits what an earlier one cached. The twin: the simulator on the same sessions (workload, seed,
 concurrency), the server's scheduler settings and KV size, and the roofline cost on this card's
 measured rates (not the datasheet's): device copy bandwidth (read + write bytes, as
-experiments.bench_engine) and the FLOP/s of a large GEMM. Every ratio is engine / roofline: above 1
-for TTFT (slower than the bound), below 1 for throughputs (the share of the bound reached).
+experiments.bench_engine) and the FLOP/s of a large GEMM; or, with --twin-cost profile, the calibrated fit
+conf/profiles ships for the card (the JSON keeps the twin's side under "roofline" either way). Every ratio
+is engine / twin: above 1 for TTFT (slower than the twin), below 1 for throughputs (the share of the
+twin's reached).
 Each level also counts the requests preempted: the engine's from the server's /metrics
 (tandem_preemptions_total), the twin's from its run of the same sessions.
 
@@ -75,7 +77,7 @@ CPU_PARAMS = {"first_turn_tokens": 200, "later_turn_tokens": 40, "output_tokens"
 WARMUP_SEED = 1000  # the warm-up's sessions: another seed, so no prefix is shared with a measured level
 STATS_PERIOD_S = 0.75  # a little more than the engine core's stats period (0.5 s): /metrics then has them all
 
-# (key, label, kind): the five figures compared, each as engine / roofline
+# (key, label, kind): the six figures compared, each as engine / twin
 FIGURES = (
     ("per_user_tok_s", "per-user tok/s (mean)", "rate"),
     ("per_gpu_output_tok_min", "per-GPU output tok/min", "rate"),
@@ -315,12 +317,17 @@ def server_counter(base: str, name: str) -> int:
 
 
 # (the twin's summary keys, the server's /metrics counter): requests preempted (recompute + swap), prefill
-# chunks the admission policy cut or refused, requests it held past its max_wait_s
+# chunks the admission policy cut or refused, requests it held past its max_wait_s, KV blocks evicted from the
+# prefix cache
 COUNTERS = {
     "preemptions": (("num_preemptions_recompute", "num_preemptions_swap"), "tandem_preemptions_total"),
     "admission_cuts": (("num_admission_cuts",), "tandem_admission_cuts_total"),
     "held_too_long": (("num_held_too_long",), "tandem_admission_held_too_long_total"),
+    "evicted_blocks": (("num_evicted_blocks",), "tandem_evicted_blocks_total"),
 }
+# the scheduler's counts a client cannot see: the engine's side of a level has them from /metrics (COUNTERS)
+# instead, so its summary drops the client's (always 0) copies
+SCHEDULER_COUNTS = (*(k for keys, _ in COUNTERS.values() for k in keys), "num_held_waiting")
 
 
 def server_counters(base: str) -> dict[str, int]:
@@ -329,18 +336,21 @@ def server_counters(base: str) -> dict[str, int]:
 
 def twin_engine_section(options: dict, base: str, device: str) -> dict:
     """The simulator's `engine` and `scheduler` keys of the server (experiments.fidelity.sim_config): its
-    EngineConfig's scheduler settings, its context length and KV blocks as it reports them, and the lookahead
-    block that overlapped decode holds (its default is on where decode runs as CUDA graphs: on CUDA unless
-    enforce_eager)."""
+    EngineConfig's scheduler settings, its context length, idle prefill chunk and KV blocks as it reports them
+    (the core resolves the last three), and the lookahead block that overlapped decode holds (its default is on
+    where decode runs as CUDA graphs: on CUDA unless enforce_eager). The policies are run_twin's."""
     from engine.config import EngineConfig
 
     c = EngineConfig.from_dict(options)
-    max_model_len = httpx.get(f"{base}/models", timeout=5).json()["data"][0]["max_model_len"]
+    card = httpx.get(f"{base}/models", timeout=5).json()["data"][0]
     overlap = (device == "cuda" and not c.enforce_eager) if c.overlap_decode is None else c.overlap_decode
     s = c.scheduler
     return {
         **{k: getattr(s, k) for k in ("block_size", "max_num_seqs", "max_num_batched_tokens", "chunk_size")},
-        "max_model_len": max_model_len,
+        "max_model_len": card["max_model_len"],
+        # a server without the field (before it reported it) ran the configured value, or chunk_size's if none
+        "idle_chunk_size": card.get("idle_chunk_size", s.idle_chunk_size or 0),
+        **({"policy_modules": list(s.policy_modules)} if s.policy_modules else {}),
         "enable_prefix_caching": s.enable_prefix_caching,
         "num_gpu_blocks": c.num_gpu_blocks or server_kv_blocks(base),
         "num_host_blocks": 0,
@@ -417,7 +427,7 @@ def run_twin(
 
 
 def compare(level: Level, engine: Figures, twin: Figures) -> list[dict]:
-    """One row per figure: both values and engine / roofline."""
+    """One row per figure: both values and engine / twin (the "roofline" key, whatever the twin's cost)."""
     rows = []
     for key, label, kind in FIGURES:
         e, r = getattr(engine, key), getattr(twin, key)
@@ -550,6 +560,7 @@ def serve_levels(setup: Setup, base: str, hw: HardwareSpec, warm_seed: int, prog
         time.sleep(STATS_PERIOD_S)  # the level's last stats
         now = server_counters(base)
         level_counts, counted = {k: now[k] - counted[k] for k in now}, now
+        s = {k: v for k, v in s.items() if k not in SCHEDULER_COUNTS}
         progress(f"concurrency {level.concurrency}: {level.sessions} sessions served in {time.monotonic() - t0:.1f} s")
         if s["num_errors"] or not s["completed"]:
             progress(f"  warning: {s['num_errors']} failed calls {s['errors']}, completed {s['completed']}")
@@ -572,10 +583,48 @@ def serve_levels(setup: Setup, base: str, hw: HardwareSpec, warm_seed: int, prog
 
 def format_counters(levels: list[dict], key: str = "preemptions") -> str:
     """A COUNTERS count at each level, the engine's (its /metrics) and the twin's (the same sessions)."""
-    label = {"preemptions": "preemptions", "admission_cuts": "admission cuts", "held_too_long": "held > max_wait_s"}
+    label = {
+        "preemptions": "preemptions",
+        "admission_cuts": "admission cuts",
+        "held_too_long": "held > max_wait_s",
+        "evicted_blocks": "KV blocks evicted",
+    }
+
+    def side(lv: dict, which: str):  # a run saved before the counter was read has none
+        return lv.get(key, {}).get(which, "-")
+
     return f"{label[key]} (engine / twin): " + ", ".join(
-        f"concurrency {lv['level']['concurrency']} {lv[key]['engine']} / {lv[key]['roofline']}" for lv in levels
+        f"concurrency {lv['level']['concurrency']} {side(lv, 'engine')} / {side(lv, 'roofline')}" for lv in levels
     )
+
+
+def retwin(path: str, overrides: dict, progress=print) -> dict:
+    """The twin's side of a saved run (--json) again, on its saved settings with `overrides` over its engine
+    section (e.g. a scheduler setting the run did not hand the twin), beside the engine's saved figures and
+    counts: the results as run() returns them. The twin is deterministic, so only what changed moves."""
+    from sim.specs import HardwareSpec, ModelSpec
+
+    saved = json.loads(Path(path).read_text())
+    m = saved["meta"]
+    spec, hw = ModelSpec(**m["model"]), HardwareSpec(**m["hardware"])
+    engine = {**m["twin_engine"], **overrides}
+    cost, policies, floor = m.get("twin_cost", "roofline"), m.get("policies", {}), m.get("floor_tok_s", 70.0)
+    rows, levels = [], []
+    for lv in saved["levels"]:
+        level = Level(**lv["level"])
+        twin = run_twin(level, m.get("twin_model", spec.name), spec, hw, engine, cost, policies, floor)
+        progress(f"concurrency {level.concurrency}: the twin re-run")
+        measured = {r["figure"]: r["engine"] for r in saved["rows"] if r["concurrency"] == level.concurrency}
+        engine_figures = Figures(**{key: measured.get(key, math.nan) for key, _, _ in FIGURES})
+        rows += compare(level, engine_figures, Figures.of(twin.summary, twin.requests))
+        counts = {
+            key: {"engine": lv[key]["engine"], "roofline": sum(twin.summary[k] for k in keys)}
+            for key, (keys, _) in COUNTERS.items()
+            if key in lv
+        }
+        levels.append({**lv, "roofline": twin.summary, "roofline_notes": twin.notes, **counts})
+    meta = {**m, "twin_engine": engine, "retwin": {"from": path, "overrides": overrides, "commit": git_commit()}}
+    return {"meta": meta, "rows": rows, "levels": levels}
 
 
 def run(args: argparse.Namespace, progress=print) -> dict:
@@ -606,6 +655,7 @@ def run(args: argparse.Namespace, progress=print) -> dict:
         "hardware": dataclasses.asdict(hw),
         "hardware_label": hardware_label(hw),
         "model": dataclasses.asdict(setup.spec),
+        "twin_model": setup.model,  # its conf/model name or .yaml, as given
         "engine_model": setup.engine_model,
         "engine_options": setup.options,
         "twin_cost": setup.twin_cost,
@@ -621,6 +671,19 @@ def run(args: argparse.Namespace, progress=print) -> dict:
         "out": str(out),
     }
     return {"meta": meta, "rows": rows, "levels": levels}
+
+
+def admission_floor(spec: str | None) -> float | None:
+    """The tok/s an admission spec keeps (`tps_floor:tok_s=50` -> 50.0; tps_floor's default 70), or None (no
+    spec, or a policy that keeps no floor)."""
+    name, _, params = (spec or "").partition(":")
+    if name.strip() != "tps_floor":
+        return None
+    for item in params.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "tok_s":
+            return float(value)
+    return 70.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -658,15 +721,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(conf/profiles)",
     )
     p.add_argument(
-        "--floor", type=float, default=70.0, help="per-user tok/s both sides count tokens at the floor against"
+        "--floor",
+        type=float,
+        help="per-user tok/s both sides count tokens at the floor against (default: the admission's tok_s, else 70)",
     )
     p.add_argument("--seed", type=int, default=0, help="level k runs sessions of seed + k")
     p.add_argument("--quick", action="store_true", help="short sessions, one wave a level")
     p.add_argument("--out", help="the server's log and Hydra directory (default: a temporary directory)")
     p.add_argument("--json", help="write the rows, the summaries and the measured rates here")
+    p.add_argument(
+        "--retwin",
+        metavar="JSON",
+        help="serve nothing: run the twin's side of a saved run (its --json) again, beside its saved engine side",
+    )
+    p.add_argument(
+        "--twin-engine",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --retwin: the twin's scheduler and KV settings over the saved ones (e.g. idle_chunk_size=16384)",
+    )
     args = p.parse_args(argv)
     if min(args.concurrency) < 1 or any(v is not None and v < 1 for v in (args.sessions, args.waves)):
         p.error("--concurrency, --sessions and --waves must be >= 1")
+    kept = admission_floor(args.admission)
+    if args.floor is None:
+        args.floor = kept or 70.0
+    elif kept is not None and kept != args.floor:
+        p.error(f"--floor {args.floor:g} is not the floor the admission keeps ({kept:g} tok/s)")
     if not args.floor > 0:
         p.error("--floor must be > 0")
     return args
@@ -675,7 +757,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Runs the benchmark, prints the comparison and returns the results."""
     args = parse_args(argv)
-    results = run(args, progress=lambda s: print(s, flush=True))
+    progress = lambda s: print(s, flush=True)  # noqa: E731
+    if args.retwin:
+        results = retwin(args.retwin, _pairs(args.twin_engine), progress)
+    else:
+        results = run(args, progress=progress)
     m = results["meta"]
     print(
         f"\n{WORKLOAD} {m['params']}, {m['engine_model']} (random weights, {m['rates']['dtype']}) on "
@@ -689,7 +775,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_rows(results["rows"], m["twin_cost"]))
     for key in COUNTERS:
         print(format_counters(results["levels"], key))
-    print(f"wall {m['wall_seconds']:.0f} s; server log {m['out']}/server.log")
+    if "retwin" in m:
+        print(f"the twin re-run from {m['retwin']['from']} with {m['retwin']['overrides'] or 'its saved settings'}")
+    else:
+        print(f"wall {m['wall_seconds']:.0f} s; server log {m['out']}/server.log")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float) + "\n")
         print(f"wrote {args.json}")

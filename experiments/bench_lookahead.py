@@ -58,7 +58,8 @@ def twin(args, seed: int, ordering: str | None, lookahead: bool) -> dict:
 
 def engine_steps(lookahead: bool, args) -> tuple[list[float], dict]:
     """The engine's loop step times serving one batch of requests (and the look-ahead's summary): on a GPU
-    the Llama-3-8B shape in bf16 (random weights), 16 requests of ~2K-token prompts and 256 output tokens;
+    the Llama-3-8B shape in bf16 (random weights), 16 requests of 2,000-8,000 prompt tokens (more than its
+    4,096 KV blocks hold at once) and 256 output tokens;
     on the CPU a tiny model, 16 requests of 200-800 tokens and 64 output tokens."""
     import tempfile
 

@@ -12,7 +12,8 @@
 #     lookahead  python -m experiments.bench_lookahead --engine-only: the engine's step time with and without
 # Carry .whl (../shared/tools/device-wheels.sh prometheus-client opentelemetry-api annotated-doc: fastapi
 # 0.165 imports the last two) for simpy/hydra/fastapi. Logs go to $OUT (or /tmp/gpu-agentic).
-# Each phase has its own time limit (TUNE_S, KERNELS_S, GEMV_S, BENCH_S, TESTS_S, SERVED_S seconds) so that what ran comes back.
+# Each phase has its own time limit (TUNE_S, KERNELS_S, GEMV_S, BENCH_S, TESTS_S, SERVED_S, FLOOR_S, LOOKAHEAD_S
+# seconds) so that what ran comes back.
 set -uo pipefail
 out="${OUT:-/tmp/gpu-agentic}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1

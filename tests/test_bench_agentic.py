@@ -125,6 +125,23 @@ def test_served_levels_beside_the_roofline(tmp_path, capsys):
     # admission `all` (the default) cuts nothing on either side
     assert [lv["admission_cuts"] for lv in results["levels"]] == [{"engine": 0, "roofline": 0}] * 3
     assert results["meta"]["policies"] == {} and "step_cost" not in results["meta"]["engine_options"]
+    assert all("evicted_blocks" in lv for lv in results["levels"])
+    # the engine's side keeps the scheduler's counts from /metrics only (a client sees none of them)
+    assert not any(
+        "num_admission_cuts" in lv["engine"] or "num_preemptions_recompute" in lv["engine"] for lv in results["levels"]
+    )
+    # the twin gets the idle prefill chunk the server resolved (0 on the CPU)
+    assert results["meta"]["twin_engine"]["idle_chunk_size"] == 0
+
+    # the twin's side again from the saved run: deterministic, so the same figures; an override moves it
+    again = bench_agentic.main(["--retwin", str(out)])
+    assert again["rows"] == rows and again["meta"]["retwin"]["overrides"] == {}
+    assert [lv["preemptions"] for lv in again["levels"]] == [lv["preemptions"] for lv in results["levels"]]
+    small = bench_agentic.main(["--retwin", str(out), "--twin-engine", "max_num_seqs=1"])
+    assert small["meta"]["twin_engine"]["max_num_seqs"] == 1
+    assert [r["engine"] for r in small["rows"]] == [r["engine"] for r in rows]
+    # one request at a time instead of the server's 16: the twin's figures move (the engine's are the saved ones)
+    assert [r["roofline"] for r in small["rows"]] != [r["roofline"] for r in rows]
     assert json.loads(out.read_text())["rows"] == rows
 
 
@@ -153,10 +170,10 @@ def test_a_floor_admission_runs_on_both_sides_with_one_cost_model(tmp_path, caps
     """tps_floor on the server and in the twin, the server predicting with the twin's roofline on the rates
     measured here (a YAML of them). At 1,000,000 tok/s (1 us a step) no two requests may decode together: the
     second session's first call, sent beside the first one's, is held on both sides."""
-    results = _bench(tmp_path, ["2"], 512, "--admission", "tps_floor:tok_s=1000000", "--floor", "4000")
+    results = _bench(tmp_path, ["2"], 512, "--admission", "tps_floor:tok_s=1000000")  # the floor counted: its own
     printed = capsys.readouterr().out
     m = results["meta"]
-    assert m["policies"] == {"admission": "tps_floor:tok_s=1000000"} and m["floor_tok_s"] == 4000
+    assert m["policies"] == {"admission": "tps_floor:tok_s=1000000"} and m["floor_tok_s"] == 1e6
     step_cost = m["engine_options"]["step_cost"]
     assert step_cost["cost_model"] == "roofline" and step_cost["model"].endswith("tiny.yaml")
     from sim.specs import load_hardware_spec
@@ -167,7 +184,7 @@ def test_a_floor_admission_runs_on_both_sides_with_one_cost_model(tmp_path, caps
     assert level["engine"]["output_tokens"] == level["roofline"]["output_tokens"]
     assert level["admission_cuts"]["roofline"] > 0 and level["admission_cuts"]["engine"] > 0, level["admission_cuts"]
     assert "admission cuts (engine / twin): concurrency 2" in printed
-    assert "floor 4000 tok/s" in printed
+    assert "floor 1e+06 tok/s" in printed
 
 
 def test_preemptions_are_counted_on_both_sides_when_the_kv_cache_is_short(tmp_path):
@@ -192,3 +209,17 @@ def test_a_profile_twin_without_a_shipped_fit_fails_before_serving(tmp_path):
     )
     with pytest.raises(ValueError, match="no fit of tiny on cpu"):
         bench_agentic.Setup.of(args)
+
+
+def test_the_floor_counted_is_the_one_the_admission_keeps(capsys):
+    import pytest
+
+    assert bench_agentic.admission_floor("tps_floor:tok_s=50,min_chunk=16") == 50.0
+    assert bench_agentic.admission_floor("tps_floor") == 70.0  # the policy's default
+    assert bench_agentic.admission_floor("all") is None and bench_agentic.admission_floor(None) is None
+    assert bench_agentic.parse_args(["--admission", "tps_floor:tok_s=50"]).floor == 50.0
+    assert bench_agentic.parse_args([]).floor == 70.0
+    assert bench_agentic.parse_args(["--floor", "40"]).floor == 40.0
+    with pytest.raises(SystemExit):
+        bench_agentic.parse_args(["--admission", "tps_floor:tok_s=50", "--floor", "70"])
+    assert "not the floor the admission keeps (50 tok/s)" in capsys.readouterr().err

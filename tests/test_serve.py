@@ -672,6 +672,8 @@ def test_models_reports_the_vocabulary(tiny):
 def test_models_and_metrics_say_the_precision_in_effect(tiny):
     entry = httpx.get(tiny.url + "/v1/models", timeout=30).json()["data"][0]
     assert (entry["dtype"], entry["kv_cache_dtype"], entry["quantization"]) == ("float32", "auto", "none")
+    # and the idle prefill chunk the core resolved (None is 0 on the CPU: chunk_size's), which a twin of it needs
+    assert entry["idle_chunk_size"] == 0
     metrics = httpx.get(tiny.url + "/metrics", timeout=30).text
     assert re.search(
         r'tandem_model_info\{[^}]*dtype="float32"[^}]*kv_cache_dtype="auto"[^}]*quantization="none"'

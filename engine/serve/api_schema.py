@@ -86,6 +86,7 @@ class ModelCard(BaseModel):
     dtype: str
     kv_cache_dtype: str
     quantization: str
+    idle_chunk_size: int  # Tandem's: the prefill chunk of steps no decode waits in (0: chunk_size's)
 
 
 class ModelList(BaseModel):

@@ -189,6 +189,7 @@ def main(
                     core.num_blocks * block_bytes(core.model, bs, core.kv_dtype),
                     core.config.kv_cache_dtype,
                     getattr(core, "quantization", core.config.quantization),
+                    core.idle_chunk_size,
                 )
             )
         )

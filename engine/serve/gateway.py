@@ -142,6 +142,7 @@ def create_app(state: GatewayState, lifespan=None) -> FastAPI:
                     "dtype": info.dtype,
                     "kv_cache_dtype": info.kv_cache_dtype,
                     "quantization": info.quantization,
+                    "idle_chunk_size": info.idle_chunk_size,
                 }
             ],
         }

@@ -53,6 +53,7 @@ class Ready(msgspec.Struct, tag=True, array_like=True):
     kv_bytes: int  # of the num_blocks KV blocks
     kv_cache_dtype: str = "auto"  # EngineConfig.kv_cache_dtype in effect
     quantization: str = "none"  # the weights' quantization in effect ("fp8" also from an FP8 checkpoint)
+    idle_chunk_size: int = 0  # the prefill chunk of steps no decode waits in, resolved (0: chunk_size's)
 
 
 class Tokens(msgspec.Struct, tag=True, array_like=True):
