@@ -537,9 +537,11 @@ def step_cost_option(setup: Setup, hw: HardwareSpec, out: Path) -> dict:
     return {"model": setup.model, "hardware": str(path), "cost_model": setup.twin_cost}
 
 
-def serve_levels(setup: Setup, base: str, hw: HardwareSpec, warm_seed: int, progress=print) -> tuple[list, list, dict]:
+def serve_levels(
+    setup: Setup, base: str, hw: HardwareSpec, warm_seed: int, progress=print, on_level=None
+) -> tuple[list, list, dict]:
     """Warms the server up, then each level through it and in the twin: (rows, per-level summaries, the
-    twin's engine section)."""
+    twin's engine section); `on_level(rows, levels, engine)` after each level with what is done so far."""
     params = setup.levels[0].params
     warm = {
         **params,
@@ -578,6 +580,8 @@ def serve_levels(setup: Setup, base: str, hw: HardwareSpec, warm_seed: int, prog
                 },
             }
         )
+        if on_level is not None:
+            on_level(rows, levels, engine)
     return rows, levels, engine
 
 
@@ -647,10 +651,27 @@ def run(args: argparse.Namespace, progress=print) -> dict:
         progress(f"the server's admission {setup.options['admission']} predicts with {setup.options['step_cost']}")
     # on the CPU one intra-op thread: the engine's spinning OpenMP workers would fight the client for the cores
     env = {"OMP_NUM_THREADS": "1"} if setup.device == "cpu" else None
+
+    def meta(engine: dict) -> dict:
+        return _run_meta(setup, rates, hw, out, start, engine)
+
+    def results(rows: list, levels: list, engine: dict) -> dict:
+        return {"meta": meta(engine), "rows": rows, "levels": levels}
+
+    def save_partial(rows: list, levels: list, engine: dict) -> None:
+        # what a run cut short (a device call's time limit) has measured so far: the levels served
+        if args.json:
+            Path(args.json).write_text(json.dumps({**results(rows, levels, engine), "partial": True}, default=float))
+
     with serving(setup.engine_model, setup.options, out, env) as base:
         progress(f"server up at {time.monotonic() - start:.0f} s ({setup.engine_model}, {rates.dtype}); warming up")
-        rows, levels, engine = serve_levels(setup, base, hw, args.seed + WARMUP_SEED, progress)
-    meta = {
+        rows, levels, engine = serve_levels(setup, base, hw, args.seed + WARMUP_SEED, progress, save_partial)
+    return results(rows, levels, engine)
+
+
+def _run_meta(setup: Setup, rates: CardRates, hw: HardwareSpec, out: Path, start: float, engine: dict) -> dict:
+    """The results' meta: what ran (card, rates, model, options, policies, twin settings) and when."""
+    return {
         "rates": dataclasses.asdict(rates),
         "hardware": dataclasses.asdict(hw),
         "hardware_label": hardware_label(hw),
@@ -670,7 +691,6 @@ def run(args: argparse.Namespace, progress=print) -> dict:
         "wall_seconds": time.monotonic() - start,
         "out": str(out),
     }
-    return {"meta": meta, "rows": rows, "levels": levels}
 
 
 def admission_floor(spec: str | None) -> float | None:
@@ -728,7 +748,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="level k runs sessions of seed + k")
     p.add_argument("--quick", action="store_true", help="short sessions, one wave a level")
     p.add_argument("--out", help="the server's log and Hydra directory (default: a temporary directory)")
-    p.add_argument("--json", help="write the rows, the summaries and the measured rates here")
+    p.add_argument(
+        "--json",
+        help="write the rows, the summaries and the measured rates here (after each level too, marked partial)",
+    )
     p.add_argument(
         "--retwin",
         metavar="JSON",

@@ -223,3 +223,26 @@ def test_the_floor_counted_is_the_one_the_admission_keeps(capsys):
     with pytest.raises(SystemExit):
         bench_agentic.parse_args(["--admission", "tps_floor:tok_s=50", "--floor", "70"])
     assert "not the floor the admission keeps (50 tok/s)" in capsys.readouterr().err
+
+
+def test_a_run_cut_short_leaves_the_levels_it_served(tmp_path, monkeypatch):
+    """--json is written after every level (marked partial), so a run stopped by a time limit keeps them."""
+    import pytest
+
+    real = bench_agentic.run_twin
+
+    def twin_until_two(level, *args, **kwargs):
+        if level.concurrency == 2:
+            raise KeyboardInterrupt("the device call's time limit")
+        return real(level, *args, **kwargs)
+
+    monkeypatch.setattr(bench_agentic, "run_twin", twin_until_two)
+    out = tmp_path / "results.json"
+    with pytest.raises(KeyboardInterrupt):
+        _bench(tmp_path, ["1", "2"], 512, "--json", str(out))
+    saved = json.loads(out.read_text())
+    assert saved["partial"] is True and [lv["level"]["concurrency"] for lv in saved["levels"]] == [1]
+    assert {r["concurrency"] for r in saved["rows"]} == {1} and saved["meta"]["twin_engine"]["num_gpu_blocks"] == 512
+    # and its twin's side can be run again from it
+    monkeypatch.setattr(bench_agentic, "run_twin", real)
+    assert bench_agentic.main(["--retwin", str(out)])["rows"] == saved["rows"]
