@@ -316,22 +316,31 @@ def server_counter(base: str, name: str) -> int:
     return int(sum(float(v) for v in found))
 
 
-# (the twin's summary keys, the server's /metrics counter): requests preempted (recompute + swap), prefill
-# chunks the admission policy cut or refused, requests it held past its max_wait_s, KV blocks evicted from the
-# prefix cache
+# (the twin's summary keys, the server's /metrics counter, the printed label): requests preempted (recompute +
+# swap), prefill chunks the admission policy cut or refused, requests it held past its max_wait_s, KV blocks
+# evicted from the prefix cache
 COUNTERS = {
-    "preemptions": (("num_preemptions_recompute", "num_preemptions_swap"), "tandem_preemptions_total"),
-    "admission_cuts": (("num_admission_cuts",), "tandem_admission_cuts_total"),
-    "held_too_long": (("num_held_too_long",), "tandem_admission_held_too_long_total"),
-    "evicted_blocks": (("num_evicted_blocks",), "tandem_evicted_blocks_total"),
+    "preemptions": (("num_preemptions_recompute", "num_preemptions_swap"), "tandem_preemptions_total", "preemptions"),
+    "admission_cuts": (("num_admission_cuts",), "tandem_admission_cuts_total", "admission cuts"),
+    "held_too_long": (("num_held_too_long",), "tandem_admission_held_too_long_total", "held > max_wait_s"),
+    "evicted_blocks": (("num_evicted_blocks",), "tandem_evicted_blocks_total", "KV blocks evicted"),
 }
 # the scheduler's counts a client cannot see: the engine's side of a level has them from /metrics (COUNTERS)
 # instead, so its summary drops the client's (always 0) copies
-SCHEDULER_COUNTS = (*(k for keys, _ in COUNTERS.values() for k in keys), "num_held_waiting")
+SCHEDULER_COUNTS = (*(k for keys, _, _ in COUNTERS.values() for k in keys), "num_held_waiting")
 
 
 def server_counters(base: str) -> dict[str, int]:
-    return {key: server_counter(base, metric) for key, (_, metric) in COUNTERS.items()}
+    return {key: server_counter(base, metric) for key, (_, metric, _) in COUNTERS.items()}
+
+
+def level_counts(engine: dict, twin_summary: dict) -> dict:
+    """Each COUNTERS count of a level the engine has (`engine`, from /metrics), beside the twin's."""
+    return {
+        key: {"engine": engine[key], "roofline": sum(twin_summary[k] for k in keys)}
+        for key, (keys, _, _) in COUNTERS.items()
+        if key in engine
+    }
 
 
 def twin_engine_section(options: dict, base: str, device: str) -> dict:
@@ -561,7 +570,7 @@ def serve_levels(
         s = served.summary
         time.sleep(STATS_PERIOD_S)  # the level's last stats
         now = server_counters(base)
-        level_counts, counted = {k: now[k] - counted[k] for k in now}, now
+        served_counts, counted = {k: now[k] - counted[k] for k in now}, now
         s = {k: v for k, v in s.items() if k not in SCHEDULER_COUNTS}
         progress(f"concurrency {level.concurrency}: {level.sessions} sessions served in {time.monotonic() - t0:.1f} s")
         if s["num_errors"] or not s["completed"]:
@@ -574,10 +583,7 @@ def serve_levels(
                 "engine": s,
                 "roofline": twin.summary,
                 "roofline_notes": twin.notes,
-                **{
-                    key: {"engine": level_counts[key], "roofline": sum(twin.summary[k] for k in keys)}
-                    for key, (keys, _) in COUNTERS.items()
-                },
+                **level_counts(served_counts, twin.summary),
             }
         )
         if on_level is not None:
@@ -587,17 +593,11 @@ def serve_levels(
 
 def format_counters(levels: list[dict], key: str = "preemptions") -> str:
     """A COUNTERS count at each level, the engine's (its /metrics) and the twin's (the same sessions)."""
-    label = {
-        "preemptions": "preemptions",
-        "admission_cuts": "admission cuts",
-        "held_too_long": "held > max_wait_s",
-        "evicted_blocks": "KV blocks evicted",
-    }
 
     def side(lv: dict, which: str):  # a run saved before the counter was read has none
         return lv.get(key, {}).get(which, "-")
 
-    return f"{label[key]} (engine / twin): " + ", ".join(
+    return f"{COUNTERS[key][2]} (engine / twin): " + ", ".join(
         f"concurrency {lv['level']['concurrency']} {side(lv, 'engine')} / {side(lv, 'roofline')}" for lv in levels
     )
 
@@ -621,11 +621,7 @@ def retwin(path: str, overrides: dict, progress=print) -> dict:
         measured = {r["figure"]: r["engine"] for r in saved["rows"] if r["concurrency"] == level.concurrency}
         engine_figures = Figures(**{key: measured.get(key, math.nan) for key, _, _ in FIGURES})
         rows += compare(level, engine_figures, Figures.of(twin.summary, twin.requests))
-        counts = {
-            key: {"engine": lv[key]["engine"], "roofline": sum(twin.summary[k] for k in keys)}
-            for key, (keys, _) in COUNTERS.items()
-            if key in lv
-        }
+        counts = level_counts({key: lv[key]["engine"] for key in COUNTERS if key in lv}, twin.summary)
         levels.append({**lv, "roofline": twin.summary, "roofline_notes": twin.notes, **counts})
     meta = {**m, "twin_engine": engine, "retwin": {"from": path, "overrides": overrides, "commit": git_commit()}}
     return {"meta": meta, "rows": rows, "levels": levels}
@@ -652,11 +648,8 @@ def run(args: argparse.Namespace, progress=print) -> dict:
     # on the CPU one intra-op thread: the engine's spinning OpenMP workers would fight the client for the cores
     env = {"OMP_NUM_THREADS": "1"} if setup.device == "cpu" else None
 
-    def meta(engine: dict) -> dict:
-        return _run_meta(setup, rates, hw, out, start, engine)
-
     def results(rows: list, levels: list, engine: dict) -> dict:
-        return {"meta": meta(engine), "rows": rows, "levels": levels}
+        return {"meta": _run_meta(setup, rates, hw, out, start, engine), "rows": rows, "levels": levels}
 
     def save_partial(rows: list, levels: list, engine: dict) -> None:
         # what a run cut short (a device call's time limit) has measured so far: the levels served
@@ -696,14 +689,12 @@ def _run_meta(setup: Setup, rates: CardRates, hw: HardwareSpec, out: Path, start
 def admission_floor(spec: str | None) -> float | None:
     """The tok/s an admission spec keeps (`tps_floor:tok_s=50` -> 50.0; tps_floor's default 70), or None (no
     spec, or a policy that keeps no floor)."""
-    name, _, params = (spec or "").partition(":")
-    if name.strip() != "tps_floor":
+    from controlplane import parse_policy_spec
+
+    if not spec:
         return None
-    for item in params.split(","):
-        key, _, value = item.partition("=")
-        if key.strip() == "tok_s":
-            return float(value)
-    return 70.0
+    name, params = parse_policy_spec(spec)
+    return params.get("tok_s", 70.0) if name == "tps_floor" else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
