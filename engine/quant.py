@@ -152,6 +152,11 @@ def _gemv_kernels() -> dict:
     import triton
     import triton.language as tl
 
+    # a module global, not a closure: the kernels resolve the helper through their globals (the
+    # interpreter sees no closures)
+    global widen_e4m3_bits
+    from engine.kernels.triton.gemv import widen_e4m3_bits
+
     @triton.jit
     def fp8_gemv_dot_kernel(
         x_ptr,
@@ -240,8 +245,8 @@ def _gemv_kernels() -> dict:
             x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(
                 tl.float32
             )
-            if BITS:  # 0x87F00000: the sign (sign-extended to bits 31..27) and bits 26..20
-                w = ((w8.to(tl.int8, bitcast=True).to(tl.int32) << 20) & -2014314496).to(tl.float32, bitcast=True)
+            if BITS:
+                w = widen_e4m3_bits(w8)
                 x = x * 18446744073709551616.0  # 2**64
             else:
                 w = w8.to(tl.float32)

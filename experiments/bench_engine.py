@@ -44,6 +44,7 @@ Floors and rooflines (the "bound" column, measured on this card in this run):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -124,6 +125,10 @@ VARIANTS = {
     "fp8w": ("fp8", "auto"),
     "fp8kv": ("none", "fp8_e4m3"),
     "fp8": ("fp8", "fp8_e4m3"),
+    # the same engines without the fused one-row GEMV (engine/kernels/triton/gemv.py): the norms and SiLU
+    # as their own kernels, cuBLAS / engine.quant's GEMV for the products; the baseline of the fusion
+    "bf16-unfused": ("none", "auto"),
+    "fp8w-unfused": ("fp8", "auto"),
 }
 
 
@@ -544,7 +549,8 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=["bf16"],
         choices=list(VARIANTS),
-        help="engines to measure, each fresh: bf16, fp8w (FP8 weights), fp8kv (FP8 KV cache), fp8 (both)",
+        help="engines to measure, each fresh: bf16, fp8w (FP8 weights), fp8kv (FP8 KV cache), fp8 (both); "
+        "bf16-unfused, fp8w-unfused: without the fused one-row GEMV (its baseline)",
     )
     parser.add_argument(
         "--profile-gpu",
@@ -575,7 +581,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for shape in args.models:
         for variant in args.variants:
-            rows += bench_model(shape, args, bandwidth, rate, variant)
+            with fused_gemv(not variant.endswith("-unfused")):
+                rows += bench_model(shape, args, bandwidth, rate, variant)
     print_table(rows)
     print_ratios(rows)
     print_twin(rows)
@@ -586,6 +593,19 @@ def main(argv: list[str] | None = None) -> None:
                 f,
                 indent=1,
             )
+
+
+@contextlib.contextmanager
+def fused_gemv(on: bool):
+    """The triton backend's one-row GEMV on or off while an engine is built and run (the -unfused variants)."""
+    from engine.kernels import triton_ops
+
+    before = triton_ops.FUSED_GEMV
+    triton_ops.FUSED_GEMV = on
+    try:
+        yield
+    finally:
+        triton_ops.FUSED_GEMV = before
 
 
 def print_ratios(rows: list[dict]) -> None:

@@ -4,6 +4,8 @@
 #     tune    python -m experiments.tune_attention $TUNE_ARGS (tile sweeps; needs no build)
 #     kernels the Triton kernels' GPU tests against the torch reference (a part of make test-gpu)
 #     gemv    python -m experiments.tune_fp8_gemv $GEMV_ARGS (the FP8 decode GEMV's tile sweep)
+#     fuse    python -m experiments.tune_gemv $FUSE_ARGS (the fused one-row GEMV against what it replaces)
+#     profile python -m experiments.profile_decode, the 8B shape then $PROFILE_MODEL (llama-3.2-1b): a b1 step's kernels
 #     bench   python -m experiments.bench_engine on the 8B shape: decode b1/b4/b64, prefill, a later turn
 #     tests   make test-gpu (TESTS_ARGS: more pytest arguments, e.g. test files: a part of it)
 #     served  python -m experiments.bench_agentic (swe_smith served at concurrency 1, 2, 4 beside the twin)
@@ -12,7 +14,7 @@
 #     lookahead  python -m experiments.bench_lookahead --engine-only: the engine's step time with and without
 # Carry .whl (../shared/tools/device-wheels.sh prometheus-client opentelemetry-api annotated-doc: fastapi
 # 0.165 imports the last two) for simpy/hydra/fastapi. Logs go to $OUT (or /tmp/gpu-agentic).
-# Each phase has its own time limit (TUNE_S, KERNELS_S, GEMV_S, BENCH_S, TESTS_S, SERVED_S, FLOOR_S, LOOKAHEAD_S
+# Each phase has its own time limit (TUNE_S, KERNELS_S, GEMV_S, FUSE_S, PROFILE_S, BENCH_S, TESTS_S, SERVED_S, FLOOR_S, LOOKAHEAD_S
 # seconds) so that what ran comes back.
 set -uo pipefail
 out="${OUT:-/tmp/gpu-agentic}"; mkdir -p "$out"
@@ -43,6 +45,14 @@ for phase in "$@"; do
     gemv) install || exit 1
       PYTHONSAFEPATH=1 timeout "${GEMV_S:-240}" python3 -m experiments.tune_fp8_gemv ${GEMV_ARGS:-} > "$out/gemv.txt" 2>&1 \
         || status=1 ;;
+    fuse) install || exit 1
+      PYTHONSAFEPATH=1 timeout "${FUSE_S:-240}" python3 -m experiments.tune_gemv ${FUSE_ARGS:-} > "$out/fuse.txt" 2>&1 \
+        || status=1 ;;
+    profile) install || exit 1
+      for m in llama-3.1-8b ${PROFILE_MODEL:-llama-3.2-1b}; do
+        PYTHONSAFEPATH=1 timeout "${PROFILE_S:-120}" python3 -m experiments.profile_decode --model "$m" >> "$out/profile.txt" 2>&1 \
+          || status=1
+      done ;;
     bench) install || exit 1
       PYTHONSAFEPATH=1 TANDEM_CONF_DIR=$PWD/conf timeout "${BENCH_S:-300}" python3 -m experiments.bench_engine --models llama-3.1-8b --no-hf ${BENCH_ARGS:-} \
         --json "$out/bench-engine.json" > "$out/bench-engine.txt" 2>&1 || status=1 ;;

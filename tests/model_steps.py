@@ -54,7 +54,13 @@ class RecordingOps:
         fn = getattr(self.ops, name)
 
         def call(*args, **kwargs):
-            self.calls.append(name)
+            # `linear` is named with its prologue and whether a residual came with it: linear/norm+residual
+            if name == "linear":
+                prologue = kwargs.get("prologue", "none")
+                plus = "+residual" if kwargs.get("residual") is not None else ""
+                self.calls.append(f"linear/{prologue}{plus}")
+            else:
+                self.calls.append(name)
             return fn(*args, **kwargs)
 
         return call
@@ -76,11 +82,19 @@ def _to(meta, device):
 
 @torch.inference_mode()
 def prefill_then_decode(
-    model, ops, prompt_lens: list[int], steps: int, block_size: int = 8, seed: int = 0, on_step=None
+    model,
+    ops,
+    prompt_lens: list[int],
+    steps: int,
+    block_size: int = 8,
+    seed: int = 0,
+    on_step=None,
+    pad_row: bool = True,
 ) -> tuple[list[torch.Tensor], list[list[int]]]:
     """Logits [R, V] of each step (the prefill's last tokens, then each decode) and the greedy tokens.
 
-    `on_step(i)` is called before step i (0: the prefill), e.g. to reset a RecordingOps.
+    `on_step(i)` is called before step i (0: the prefill), e.g. to reset a RecordingOps. `pad_row=False`:
+    decode batches of the requests alone (a batch-1 CUDA graph's, one row for one request).
     """
     from engine.attention import AttentionMetadata, ForwardContext, KVCache
     from engine.models.decoder import rope_cos_sin
@@ -121,12 +135,13 @@ def prefill_then_decode(
     tokens = [[int(t)] for t in all_logits[-1].argmax(-1)]
     lens = list(prompt_lens)
     pad_table = torch.zeros(1, width, **i32)
+    pad = 1 if pad_row else 0
     for step in range(1, steps + 1):
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor([slot(q, n) for q, n in enumerate(lens)] + [-1]),
-            num_decode=r + 1,
-            decode_seq_lens=torch.tensor([n + 1 for n in lens] + [1], **i32),
-            decode_block_table=torch.cat([table, pad_table]),
+            slot_mapping=torch.tensor([slot(q, n) for q, n in enumerate(lens)] + [-1] * pad),
+            num_decode=r + pad,
+            decode_seq_lens=torch.tensor([n + 1 for n in lens] + [1] * pad, **i32),
+            decode_block_table=torch.cat([table, pad_table[:pad]]),
             prefill_query_start_loc=torch.zeros(1, **i32),
             prefill_seq_lens=torch.zeros(0, **i32),
             prefill_block_table=table[:0],
@@ -135,8 +150,8 @@ def prefill_then_decode(
         if on_step:
             on_step(step)
         hidden = model(
-            torch.tensor([t[-1] for t in tokens] + [0], device=device),
-            torch.tensor(lens + [0], device=device),
+            torch.tensor([t[-1] for t in tokens] + [0] * pad, device=device),
+            torch.tensor(lens + [0] * pad, device=device),
             ForwardContext(ops, kv, _to(meta, device), cos_sin),
         )
         all_logits.append(model.compute_logits(hidden[:r]))

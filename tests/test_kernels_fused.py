@@ -111,7 +111,8 @@ ARCHS = {"llama": ("LlamaForCausalLM", {}), "qwen3": ("Qwen3ForCausalLM", {}), "
 
 @pytest.mark.parametrize("family", sorted(ARCHS))
 def test_a_decode_layer_calls_one_op_between_qkv_and_attention(family):
-    """Per layer: norm, [qkv GEMM], rotary_write_kv, decode_attention, [o GEMM], norm, [gate_up], silu, [down]."""
+    """Per layer: qkv (its norm the prologue), rotary_write_kv, decode_attention, o, gate_up (norm), down (SiLU);
+    the first layer's norm has no residual yet, the final norm is its own op."""
     from engine.kernels.registry import KernelSet
 
     arch, overrides = ARCHS[family]
@@ -124,10 +125,10 @@ def test_a_decode_layer_calls_one_op_between_qkv_and_attention(family):
         ops.calls.clear()
 
     prefill_then_decode(model, ops, [5, 3], steps=2, on_step=on_step)
-    layer = ["rotary_write_kv", "decode_attention", "add_rms_norm", "silu_and_mul"]
-    want = ["rms_norm"] + layer
+    layer = ["rotary_write_kv", "decode_attention", "linear/none", "linear/norm+residual", "linear/silu"]
+    want = ["linear/norm"] + layer
     for _ in range(model.config.num_layers - 1):
-        want += ["add_rms_norm"] + layer
+        want += ["linear/norm+residual"] + layer
     assert calls[1] == want + ["add_rms_norm"]
     assert ops.calls == calls[1]
     assert "prefill_attention" in calls[0] and "write_kv" not in calls[0] and "rotary_embedding" not in calls[0]

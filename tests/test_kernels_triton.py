@@ -128,6 +128,50 @@ def check_silu_and_mul(device: str, seed: int, dtype: torch.dtype, tokens: int, 
     _assert_close(triton_ops.silu_and_mul(x), torch_ops.silu_and_mul(x), dtype, "silu_and_mul")
 
 
+def check_linear(
+    device: str,
+    seed: int,
+    dtype: torch.dtype,
+    n: int,
+    k: int,
+    prologue: str,
+    rows: int = 1,
+    residual: bool = False,
+    fp8: bool = False,
+    bias: bool = False,
+    config: dict | None = None,
+) -> None:
+    """The `linear` op (one row: the fused GEMV, gemv.py) against the torch reference's composition; the
+    new residual stream of the norm prologue bit for bit."""
+    from engine import quant
+    from engine.kernels.triton import gemv
+
+    triton_ops, torch_ops = _ops()
+    gen = _rng(device, seed)
+    x = _randn((rows, 2 * k if prologue == "silu" else k), gen, dtype, 2.0)
+    weight = _randn((n, k), gen, dtype, k**-0.5)
+    scale = None
+    if fp8:
+        weight, scale = quant.quantize_fp8_per_channel(weight.float())
+    kw = dict(prologue=prologue, eps=1e-5)
+    if prologue == "norm":
+        kw["norm_weight"] = (1 + 0.2 * torch.randn(k, generator=gen, device=device)).to(dtype)
+        kw["residual"] = _randn((rows, k), gen, dtype) if residual else None
+    b = _randn((n,), gen, dtype) if bias else None
+    assert triton_ops.use_gemv(x, weight, prologue) == (rows == 1)
+    if config is not None:
+        assert rows == 1
+        got = gemv.gemv(x, weight, b, scale, config=config, **kw)
+    else:
+        got = triton_ops.linear(x, weight, b, scale, **kw)
+    want = torch_ops.linear(x, weight, b, scale, **kw)
+    what = f"linear {prologue} {n}x{k} rows={rows} fp8={fp8}"
+    if prologue == "norm":
+        (got, got_res), (want, want_res) = got, want
+        assert torch.equal(got_res, want_res), f"{what}: the new residual stream differs"
+    _assert_close(got, want, dtype, what)
+
+
 def check_write_kv(
     device: str, seed: int, src_dtype: torch.dtype, cache_dtype: torch.dtype, tokens: int, hk: int, d: int, bs: int
 ) -> None:
@@ -499,6 +543,30 @@ def check_model_fused_vs_unfused(device: str, arch: str, dtype: torch.dtype, exa
             _assert_close(a, b, dtype, f"step {step} logits")
 
 
+def check_model_gemv_vs_composed(device: str, arch: str, dtype: torch.dtype) -> None:
+    """A tiny model's one-request decode steps (one row: the fused GEMVs) against the same steps with the
+    norms, SiLU and products as separate kernels (triton_ops.FUSED_GEMV off): the same greedy tokens,
+    logits within the dtype's tolerance."""
+    from engine.kernels.registry import KernelSet
+
+    from model_steps import prefill_then_decode, tiny_model
+
+    triton_ops, _ = _ops()
+    model = tiny_model(arch, dtype=dtype, device=device)
+    ops = KernelSet(device, prefer=("triton", "torch"))
+    fused, fused_tokens = prefill_then_decode(model, ops, [11], steps=3, pad_row=False)
+    triton_ops.FUSED_GEMV = False
+    try:
+        composed, composed_tokens = prefill_then_decode(model, ops, [11], steps=3, pad_row=False)
+    finally:
+        triton_ops.FUSED_GEMV = True
+    assert fused_tokens == composed_tokens
+    assert torch.equal(fused[0], composed[0])  # the prefill (many rows) does not take the GEMV
+    for step, (a, b) in enumerate(zip(fused[1:], composed[1:]), 1):
+        assert not torch.equal(a, b) or dtype == F32, f"step {step}: the fused path did not run"
+        _assert_close(a, b, dtype, f"decode step {step} logits")
+
+
 def check_registry(device: str) -> None:
     from engine.kernels.registry import OPS, KernelSet
 
@@ -528,6 +596,31 @@ CASES: dict[str, Callable[[str], None]] = {
     "write_kv_f32_into_bf16": partial(
         check_write_kv, seed=10, src_dtype=F32, cache_dtype=BF16, tokens=13, hk=3, d=128, bs=8
     ),
+    # linear: the one-row GEMV with its prologue fused (K off the tile grid, N off the program grid, bias,
+    # FP8 weights widened by integer operations, the residual stream), and the composed path for two rows
+    "linear_f32_plain_ragged": partial(check_linear, seed=70, dtype=F32, n=37, k=300, prologue="none", bias=True),
+    "linear_bf16_norm_residual": partial(
+        check_linear, seed=71, dtype=BF16, n=64, k=1100, prologue="norm", residual=True
+    ),
+    "linear_bf16_norm_first_layer": partial(check_linear, seed=72, dtype=BF16, n=40, k=256, prologue="norm"),
+    "linear_bf16_silu": partial(check_linear, seed=73, dtype=BF16, n=24, k=700, prologue="silu"),
+    "linear_f16_fp8_norm_residual": partial(
+        check_linear, seed=74, dtype=F16, n=48, k=512, prologue="norm", residual=True, fp8=True, bias=True
+    ),
+    "linear_bf16_fp8_silu": partial(check_linear, seed=75, dtype=BF16, n=33, k=200, prologue="silu", fp8=True),
+    "linear_bf16_gpu_tile": partial(
+        check_linear,
+        seed=76,
+        dtype=BF16,
+        n=20,
+        k=2048,
+        prologue="norm",
+        residual=True,
+        config=dict(BLOCK_N=16, BLOCK_K=1024, num_warps=4),
+    ),
+    "linear_bf16_two_rows_composed": partial(
+        check_linear, seed=77, dtype=BF16, n=32, k=128, prologue="norm", rows=2, residual=True
+    ),
     # rotary + KV write fused: strided views of one qkv tensor, GQA, slots -1, Qwen3's q/k norms
     "rotary_write_kv_f32_gqa4_d64": partial(
         check_rotary_write_kv, seed=20, dtype=F32, tokens=7, hq=8, hk=2, d=64, bs=16
@@ -554,6 +647,10 @@ CASES: dict[str, Callable[[str], None]] = {
     "model_qwen3_fused_vs_unfused_f32": partial(
         check_model_fused_vs_unfused, arch="Qwen3ForCausalLM", dtype=F32, exact=False
     ),
+    # the decode path through the fused one-row GEMVs against the composed ops (Qwen3: q/k norms, biases: Qwen2)
+    "model_llama_gemv_vs_composed_bf16": partial(check_model_gemv_vs_composed, arch="LlamaForCausalLM", dtype=BF16),
+    "model_qwen2_gemv_vs_composed_f32": partial(check_model_gemv_vs_composed, arch="Qwen2ForCausalLM", dtype=F32),
+    "model_qwen3_gemv_vs_composed_f16": partial(check_model_gemv_vs_composed, arch="Qwen3ForCausalLM", dtype=F16),
     # decode: seq_len 1, lengths off the block grid, several splits, tiles spanning and inside blocks
     "decode_f32_gqa4_d64": partial(check_decode, seed=11, dtype=F32, lens=[1, 37, 100], hq=8, hk=2, d=64, bs=16),
     "decode_bf16_gqa3_d128_bs8": partial(check_decode, seed=12, dtype=BF16, lens=[50, 3], hq=6, hk=2, d=128, bs=8),
@@ -772,7 +869,7 @@ def run_cases(device: str, names: list[str]) -> dict[str, str | None]:
 
 def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
     """Each kernel through its real launcher, with the tile configurations a CUDA device gets."""
-    from engine.kernels.triton import attention, elementwise
+    from engine.kernels.triton import attention, elementwise, gemv
 
     cuda = torch.device("cuda")
 
@@ -837,6 +934,24 @@ def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
             torch.zeros(16, 128),
         ),
         "silu_and_mul": partial(elementwise.silu_and_mul, torch.zeros(4, 2 * 14336, dtype=BF16)),
+        # the one-row GEMV at Llama-3-8B's shapes: q|k|v after the norm, o, down after SiLU (bf16 and FP8)
+        "gemv_bf16_norm": partial(
+            gemv.gemv, x[:1], torch.zeros(6144, 4096, dtype=BF16), prologue="norm", norm_weight=w, residual=x[:1]
+        ),
+        "gemv_bf16_plain": partial(gemv.gemv, x[:1], torch.zeros(4096, 4096, dtype=BF16)),
+        "gemv_bf16_silu": partial(
+            gemv.gemv, torch.zeros(1, 2 * 14336, dtype=BF16), torch.zeros(4096, 14336, dtype=BF16), prologue="silu"
+        ),
+        "gemv_fp8_norm": partial(
+            gemv.gemv,
+            x[:1],
+            torch.zeros(6144, 4096, dtype=FP8),
+            None,
+            torch.ones(6144),
+            prologue="norm",
+            norm_weight=w,
+            residual=x[:1],
+        ),
         "write_kv": partial(elementwise.write_kv, kv, kv, cache, cache, torch.zeros(4, dtype=torch.long)),
         "rotary_write_kv": partial(elementwise.rotary_write_kv, *fused_args),
         "rotary_write_kv_qk_norm": partial(elementwise.rotary_write_kv, *fused_args, q_norm=norm_w, k_norm=norm_w),
@@ -965,6 +1080,16 @@ def test_bench_kernels_refuses_to_run_without_cuda() -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_matches_reference_on_gpu(name: str) -> None:
     CASES[name]("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("prologue", ["none", "norm", "silu"])
+def test_gemv_at_llama_8b_shapes_gpu(prologue: str, fp8: bool) -> None:
+    """The one-row GEMV at Llama-3-8B's sizes: q|k|v (norm), o (none), down (silu), gate|up (norm)."""
+    shapes = {"none": [(4096, 4096)], "norm": [(6144, 4096), (28672, 4096)], "silu": [(4096, 14336)]}[prologue]
+    for i, (n, k) in enumerate(shapes):
+        check_linear("cuda", 500 + i, BF16, n, k, prologue, residual=prologue == "norm", fp8=fp8)
 
 
 @pytest.mark.gpu

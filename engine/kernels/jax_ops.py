@@ -234,6 +234,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return _to_torch(_silu_and_mul_jit(_to_jax(_pad_rows(x, bucket(t)))))[:t]
 
 
+# the product itself stays torch's (cuBLAS, or engine.quant's FP8 paths); its prologue runs in JAX
+linear = register("linear", "jax")(torch_ops.composed_linear(rms_norm, add_rms_norm, silu_and_mul))
+
+
 # ---------------------------------------------------------------- paged attention
 
 

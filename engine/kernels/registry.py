@@ -31,6 +31,8 @@ OPS: tuple[str, ...] = (
     "add_rms_norm",  # (x[T,H], residual[T,H], weight[H], eps) -> (y, x + residual)
     "rotary_embedding",  # (positions[T], q[T,Hq,D], k[T,Hk,D], cos_sin[P,D]) -> (q, k)
     "silu_and_mul",  # (x[T,2F]) -> silu(x[:, :F]) * x[:, F:]
+    "linear",  # (x, weight[N,K], bias, weight_scale[, prologue, norm_weight, residual, eps]) -> x W^T + b, the
+    #   input first through an RMSNorm (with the residual add) or SiLU-and-mul: see torch_ops.linear
     "write_kv",  # (k[T,Hk,D], v[T,Hk,D], k_cache, v_cache, slot_mapping[T][, k_scale, v_scale]) -> None,
     #   in place (FP8 caches: quantized, scales stored)
     "rotary_write_kv",  # (positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping[, q_norm, k_norm, eps,

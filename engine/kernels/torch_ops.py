@@ -132,6 +132,75 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def composed_linear(rms_norm_op, add_rms_norm_op, silu_and_mul_op):
+    """The `linear` op from a backend's rms_norm, add_rms_norm and silu_and_mul: the prologue, then the
+    product (F.linear, or engine.quant.fp8_linear for FP8 weights). Backends whose prologue ops are
+    their own compose with this where they have no fused kernel."""
+
+    def linear(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        weight_scale: torch.Tensor | None = None,
+        *,
+        prologue: str = "none",
+        norm_weight: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        eps: float = 0.0,
+    ):
+        new_residual = None
+        if prologue == "norm":
+            if residual is None:
+                x, new_residual = rms_norm_op(x, norm_weight, eps), x
+            else:
+                x, new_residual = add_rms_norm_op(x, residual, norm_weight, eps)
+        elif prologue == "silu":
+            x = silu_and_mul_op(x)
+        elif prologue != "none":
+            raise ValueError(f"prologue must be none, norm or silu, got {prologue!r}")
+        if weight_scale is not None:
+            from engine import quant
+
+            y = quant.fp8_linear(x, weight, weight_scale, bias)
+        else:
+            y = F.linear(x, weight, bias)
+        return (y, new_residual) if prologue == "norm" else y
+
+    return linear
+
+
+_linear = composed_linear(rms_norm, add_rms_norm, silu_and_mul)
+
+
+@register("linear", "torch")
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
+    *,
+    prologue: str = "none",
+    norm_weight: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    eps: float = 0.0,
+):
+    """x W^T (+ bias) with the input first through a prologue; fused into one kernel where a backend can
+    (the one-row decode GEMV: engine/kernels/triton/gemv.py).
+
+    Args:
+        x: [T, K], or [T, 2K] for prologue "silu".
+        weight: [N, K] in x's dtype, or float8_e4m3fn with weight_scale [N] float32 (engine.quant).
+        prologue: "none"; "norm": the input is rms_norm(x + residual) * norm_weight (residual None: of
+            x alone); "silu": the input is silu(x[:, :K]) * x[:, K:].
+    Returns:
+        y [T, N] in x's dtype; for "norm" the pair (y, x + residual) (x itself without a residual), as
+        add_rms_norm returns the new residual stream.
+    """
+    return _linear(
+        x, weight, bias, weight_scale, prologue=prologue, norm_weight=norm_weight, residual=residual, eps=eps
+    )
+
+
 @register("write_kv", "torch")
 def write_kv(
     k: torch.Tensor,

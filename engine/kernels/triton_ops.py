@@ -2,6 +2,7 @@
 
     rms_norm, add_rms_norm, rotary_embedding, silu_and_mul, write_kv,
     rotary_write_kv (one kernel: [q/k norm,] rotary and the KV write)  engine/kernels/triton/elementwise.py
+    linear (one row: the GEMV with its RMSNorm / SiLU prologue fused)   engine/kernels/triton/gemv.py
     prefill_attention, decode_attention                                 engine/kernels/triton/attention.py
 
 Signatures, layouts and return conventions are those of the torch reference (torch_ops.py),
@@ -21,8 +22,9 @@ import os
 
 import torch
 
+from engine.kernels import torch_ops
 from engine.kernels.registry import register, register_probe
-from engine.kernels.triton import attention, elementwise  # raises ImportError without triton
+from engine.kernels.triton import attention, elementwise, gemv  # raises ImportError without triton
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # as the kernels were decorated
 
@@ -43,6 +45,41 @@ rotary_embedding = register("rotary_embedding", "triton")(elementwise.rotary_emb
 silu_and_mul = register("silu_and_mul", "triton")(elementwise.silu_and_mul)
 write_kv = register("write_kv", "triton")(elementwise.write_kv)
 rotary_write_kv = register("rotary_write_kv", "triton")(elementwise.rotary_write_kv)
+_composed_linear = torch_ops.composed_linear(elementwise.rms_norm, elementwise.add_rms_norm, elementwise.silu_and_mul)
+
+
+# the one-row GEMV on or off; benchmarks turn it off for their baseline (experiments.bench_engine's -unfused
+# variants: off while such an engine is built, its CUDA graphs captured, and run)
+FUSED_GEMV = True
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor, prologue: str) -> bool:
+    """Whether `linear` runs the fused one-row GEMV (gemv.py): one row, a weight in x's dtype or FP8,
+    and a GPU, or the interpreter on CPU (so CI runs it). Everything else composes the prologue kernel
+    with cuBLAS (F.linear) or engine.quant's FP8 paths."""
+    if not FUSED_GEMV or x.numel() != x.shape[-1] or weight.dim() != 2:
+        return False
+    if weight.dtype != x.dtype and weight.dtype != torch.float8_e4m3fn:
+        return False
+    return x.is_cuda or _INTERPRETED
+
+
+@register("linear", "triton")
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None = None,
+    *,
+    prologue: str = "none",
+    norm_weight: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    eps: float = 0.0,
+):
+    """x W^T (+ bias) after the prologue (contract: torch_ops.linear): one fused kernel for one row
+    (gemv.py), the prologue's kernel and the product's otherwise."""
+    fn = gemv.gemv if use_gemv(x, weight, prologue) else _composed_linear
+    return fn(x, weight, bias, weight_scale, prologue=prologue, norm_weight=norm_weight, residual=residual, eps=eps)
 
 
 @register("prefill_attention", "triton")

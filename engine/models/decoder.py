@@ -56,10 +56,37 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.placement = placement
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantized:
-            return quant.fp8_linear(x, self.weight, self.weight_scale, self.bias)
-        return F.linear(x, self.weight, self.bias)
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: ForwardContext | None = None,
+        norm: RMSNorm | None = None,
+        residual: torch.Tensor | None = None,
+        act: bool = False,
+    ):
+        """x W^T (+ b). With a context the product runs through its kernels' `linear`, which fuses a
+        prologue into one-row products (the decode GEMV): `norm` applies that RMSNorm to x (+ residual)
+        first and the pair (y, new residual) comes back, as add_rms_norm returns it; `act` takes
+        silu(x[:, :K]) * x[:, K:] as the input."""
+        scale = self.weight_scale if self.quantized else None
+        if ctx is None:
+            if norm is not None or act:
+                raise ValueError("a prologue needs the forward context's kernels")
+            if self.quantized:
+                return quant.fp8_linear(x, self.weight, scale, self.bias)
+            return F.linear(x, self.weight, self.bias)
+        if norm is not None:
+            return ctx.ops.linear(
+                x,
+                self.weight,
+                self.bias,
+                scale,
+                prologue="norm",
+                norm_weight=norm.weight,
+                residual=residual,
+                eps=norm.eps,
+            )
+        return ctx.ops.linear(x, self.weight, self.bias, scale, prologue="silu" if act else "none")
 
     def load_float_(self, tensor: torch.Tensor, offset: int = 0) -> None:
         """Quantizes a floating-point [rows, in] slice of the weight (a checkpoint's bf16 tensor, or one
@@ -165,13 +192,23 @@ class Attention(nn.Module):
         self.o_proj = Linear(hq * d, config.hidden_size, False, row_parallel(), quantization)
         self.flow = ["qkv_proj"] + (["q_norm"] if self.qk_norm else []) + ["attn", "o_proj"]
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        ctx: ForwardContext,
+        norm: RMSNorm,
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's input norm (x + residual) runs as the q|k|v product's prologue; returns the
+        attention block's output and the residual stream."""
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.hq * self.d, self.hk * self.d, self.hk * self.d], dim=-1)
+        qkv, residual = self.qkv_proj(x, ctx, norm=norm, residual=residual)
+        q, k, v = qkv.split([self.hq * self.d, self.hk * self.d, self.hk * self.d], dim=-1)
         # strided views of the qkv output: the fused rotary / KV-write kernel reads them in place
         q, k, v = q.reshape(t, self.hq, self.d), k.reshape(t, self.hk, self.d), v.reshape(t, self.hk, self.d)
         out = self.attn(positions, q, k, v, ctx, (self.q_norm, self.k_norm) if self.qk_norm else None)
-        return self.o_proj(out.reshape(t, self.hq * self.d))
+        return self.o_proj(out.reshape(t, self.hq * self.d), ctx), residual
 
 
 class MLP(nn.Module):
@@ -184,11 +221,18 @@ class MLP(nn.Module):
         self.act = SiluAndMul()
         self.down_proj = Linear(i, config.hidden_size, False, row_parallel(), quantization)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x), ctx))
+    def forward(
+        self, x: torch.Tensor, ctx: ForwardContext, norm: RMSNorm, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The post-attention norm runs as gate|up's prologue, SiLU-and-mul as down's (one-row decode
+        fuses each into its GEMV); returns the MLP's output and the residual stream."""
+        h, residual = self.gate_up_proj(x, ctx, norm=norm, residual=residual)
+        return self.down_proj(h, ctx, act=True), residual
 
 
 class SiluAndMul(nn.Module):
+    """silu(x[:, :F]) * x[:, F:]: down_proj's prologue (MLP.forward); a module for its placement."""
+
     placement = head_local()
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -206,14 +250,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, quantization)
 
     def forward(self, positions, x, residual, ctx: ForwardContext):
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x, ctx)
-        else:
-            x, residual = self.input_layernorm(x, ctx, residual)
-        x = self.self_attn(positions, x, ctx)
-        x, residual = self.post_attention_layernorm(x, ctx, residual)
-        return self.mlp(x, ctx), residual
+        # the norms are the next product's prologue (Linear.forward): one kernel for a one-row decode
+        x, residual = self.self_attn(positions, x, ctx, self.input_layernorm, residual)
+        return self.mlp(x, ctx, self.post_attention_layernorm, residual)
 
 
 class DecoderModel(nn.Module):
