@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -22,27 +21,10 @@ SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # qkv, o, g
 
 
 def graph_us(fn, calls: int = 20, reps: int = 20) -> float:
-    """Microseconds of GPU time a call of fn, from CUDA-graph replays of `calls` calls."""
-    fn()
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm-up on the side stream, as torch's graph capture recommends
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(reps + 3):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / calls)
-    return statistics.median(times[3:])
+    """Microseconds of GPU time a call of fn(), from CUDA-graph replays of `calls` calls (tune_gemv.graph_us)."""
+    from experiments.tune_gemv import graph_us as indexed
+
+    return indexed(lambda i: fn(), calls, reps)
 
 
 def configs(rows: int) -> list[dict]:
