@@ -112,8 +112,9 @@ def _gemv_kernel(
 def gemv_config(n: int, k: int, fp8: bool) -> dict:
     """Tiles of the one-row GEMV for an [n, k] weight (experiments.tune_gemv; docs/perf.md has the sweep).
 
-    bf16: 4 x 2048, 4 warps: the best or within 2% of it at Llama-3-8B's four shapes on an H100 80GB HBM3
-    (2026-12-06; 8 x 512 was 3% slower a layer). FP8: 8 x 1024, 4 warps, the FP8 GEMV's tile
+    bf16: 4 x 2048, 4 warps: on an H100 80GB HBM3 (2026-12-06) the best tile at o and gate|up and as good as
+    the best at down; at q|k|v it was not among the four best (20.1-20.6 us against 8 x 512's 20.6). A layer
+    at 8 x 512 took 157.9 us, at the best tiles 153.3. FP8: 8 x 1024, 4 warps, the FP8 GEMV's tile
     (quant.gemv_config)."""
     if fp8:
         return {"BLOCK_N": 8, "BLOCK_K": min(1024, max(16, triton.next_power_of_2(k))), "num_warps": 4}
