@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from engine import quant
 from engine.kernels.registry import register, register_probe
 
 register_probe("torch", lambda device_type: True)
@@ -148,6 +149,18 @@ def composed_linear(rms_norm_op, add_rms_norm_op, silu_and_mul_op):
         residual: torch.Tensor | None = None,
         eps: float = 0.0,
     ):
+        """x W^T (+ bias) with the input first through a prologue; fused into one kernel where a backend can
+        (the one-row decode GEMV: engine/kernels/triton/gemv.py).
+
+        Args:
+            x: [T, K], or [T, 2K] for prologue "silu".
+            weight: [N, K] in x's dtype, or float8_e4m3fn with weight_scale [N] float32 (engine.quant).
+            prologue: "none"; "norm": the input is rms_norm(x + residual) * norm_weight (residual None: of
+                x alone); "silu": the input is silu(x[:, :K]) * x[:, K:].
+        Returns:
+            y [T, N] in x's dtype; for "norm" the pair (y, x + residual) (x itself without a residual), as
+            add_rms_norm returns the new residual stream.
+        """
         new_residual = None
         if prologue == "norm":
             if residual is None:
@@ -159,8 +172,6 @@ def composed_linear(rms_norm_op, add_rms_norm_op, silu_and_mul_op):
         elif prologue != "none":
             raise ValueError(f"prologue must be none, norm or silu, got {prologue!r}")
         if weight_scale is not None:
-            from engine import quant
-
             y = quant.fp8_linear(x, weight, weight_scale, bias)
         else:
             y = F.linear(x, weight, bias)
@@ -169,36 +180,7 @@ def composed_linear(rms_norm_op, add_rms_norm_op, silu_and_mul_op):
     return linear
 
 
-_linear = composed_linear(rms_norm, add_rms_norm, silu_and_mul)
-
-
-@register("linear", "torch")
-def linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    weight_scale: torch.Tensor | None = None,
-    *,
-    prologue: str = "none",
-    norm_weight: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-    eps: float = 0.0,
-):
-    """x W^T (+ bias) with the input first through a prologue; fused into one kernel where a backend can
-    (the one-row decode GEMV: engine/kernels/triton/gemv.py).
-
-    Args:
-        x: [T, K], or [T, 2K] for prologue "silu".
-        weight: [N, K] in x's dtype, or float8_e4m3fn with weight_scale [N] float32 (engine.quant).
-        prologue: "none"; "norm": the input is rms_norm(x + residual) * norm_weight (residual None: of
-            x alone); "silu": the input is silu(x[:, :K]) * x[:, K:].
-    Returns:
-        y [T, N] in x's dtype; for "norm" the pair (y, x + residual) (x itself without a residual), as
-        add_rms_norm returns the new residual stream.
-    """
-    return _linear(
-        x, weight, bias, weight_scale, prologue=prologue, norm_weight=norm_weight, residual=residual, eps=eps
-    )
+linear = register("linear", "torch")(composed_linear(rms_norm, add_rms_norm, silu_and_mul))
 
 
 @register("write_kv", "torch")

@@ -59,22 +59,16 @@ class Linear(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        ctx: ForwardContext | None = None,
+        ctx: ForwardContext,
         norm: RMSNorm | None = None,
         residual: torch.Tensor | None = None,
         act: bool = False,
     ):
-        """x W^T (+ b). With a context the product runs through its kernels' `linear`, which fuses a
-        prologue into one-row products (the decode GEMV): `norm` applies that RMSNorm to x (+ residual)
-        first and the pair (y, new residual) comes back, as add_rms_norm returns it; `act` takes
-        silu(x[:, :K]) * x[:, K:] as the input."""
+        """x W^T (+ b) through the context's kernels' `linear`, which fuses a prologue into one-row
+        products (the decode GEMV): `norm` applies that RMSNorm to x (+ residual) first and the pair
+        (y, new residual) comes back, as add_rms_norm returns it; `act` takes silu(x[:, :K]) * x[:, K:]
+        as the input."""
         scale = self.weight_scale if self.quantized else None
-        if ctx is None:
-            if norm is not None or act:
-                raise ValueError("a prologue needs the forward context's kernels")
-            if self.quantized:
-                return quant.fp8_linear(x, self.weight, scale, self.bias)
-            return F.linear(x, self.weight, self.bias)
         if norm is not None:
             return ctx.ops.linear(
                 x,
