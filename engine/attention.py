@@ -136,18 +136,22 @@ class ForwardContext:
 
         One fused op rotates q and k (after the per-head RMSNorms `q_norm`/`k_norm` [D], Qwen3's,
         when given) and stores k and v at this step's slots of layer `layer`'s cache; then the
-        decode and prefill kernels attend over the cache. q, k, v may be strided views. An FP8
+        decode and prefill kernels attend over the cache. A step of decode rows only runs all of it
+        as one op, rotary_decode_attention (one kernel on the triton backend). q, k, v may be strided views. An FP8
         cache's scales go to every op (the write quantizes, attention dequantizes); others get none.
         """
         m, ops = self.meta, self.ops
         kc, vc = self.kv.k[layer], self.kv.v[layer]
         sc = self.kv.layer_scales(layer)
+        if m.num_prefill_tokens == 0:  # decode rows only: one op, one kernel where the backend fuses it
+            return ops.rotary_decode_attention(
+                positions, q, k, v, self.cos_sin, kc, vc, m.slot_mapping, m.decode_seq_lens, m.decode_block_table,
+                scale, q_norm=q_norm, k_norm=k_norm, eps=norm_eps, **sc,
+            )  # fmt: skip
         q = ops.rotary_write_kv(
             positions, q, k, v, self.cos_sin, kc, vc, m.slot_mapping, q_norm=q_norm, k_norm=k_norm, eps=norm_eps, **sc
         )
         nd = m.num_decode
-        if m.num_prefill_tokens == 0:
-            return ops.decode_attention(q, kc, vc, m.decode_seq_lens, m.decode_block_table, scale, **sc)
         pre = ops.prefill_attention(
             q[nd:], kc, vc, m.prefill_query_start_loc, m.prefill_seq_lens, m.prefill_block_table, scale, **sc
         )

@@ -59,7 +59,7 @@ def check_fp8_kv_support(device: torch.device, kv_dtype: torch.dtype, chosen: di
         return
     triton_ops = sorted(
         op
-        for op in ("write_kv", "rotary_write_kv", "prefill_attention", "decode_attention")
+        for op in ("write_kv", "rotary_write_kv", "prefill_attention", "decode_attention", "rotary_decode_attention")
         if chosen.get(op) == "triton"
     )
     capability = torch.cuda.get_device_capability(device)

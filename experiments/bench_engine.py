@@ -129,6 +129,10 @@ VARIANTS = {
     # as their own kernels, cuBLAS / engine.quant's GEMV for the products; the baseline of the fusion
     "bf16-unfused": ("none", "auto"),
     "fp8w-unfused": ("fp8", "auto"),
+    # the fused GEMV but not the fused decode attention (the rotary and the KV write in the decode kernel, its
+    # last split merging): rotary_write_kv, decode_attention and its reduce as three kernels; that fusion's baseline
+    "bf16-gemv": ("none", "auto"),
+    "fp8w-gemv": ("fp8", "auto"),
 }
 
 
@@ -550,7 +554,8 @@ def main(argv: list[str] | None = None) -> None:
         default=["bf16"],
         choices=list(VARIANTS),
         help="engines to measure, each fresh: bf16, fp8w (FP8 weights), fp8kv (FP8 KV cache), fp8 (both); "
-        "bf16-unfused, fp8w-unfused: without the fused one-row GEMV (its baseline)",
+        "bf16-unfused, fp8w-unfused: without the fused one-row GEMV and decode attention (their baseline); "
+        "bf16-gemv, fp8w-gemv: the GEMV fused, the decode attention not",
     )
     parser.add_argument(
         "--profile-gpu",
@@ -581,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for shape in args.models:
         for variant in args.variants:
-            with fused_gemv(not variant.endswith("-unfused")):
+            with fusions(gemv=not variant.endswith("-unfused"), attention=not variant.endswith(("-unfused", "-gemv"))):
                 rows += bench_model(shape, args, bandwidth, rate, variant)
     print_table(rows)
     print_ratios(rows)
@@ -596,16 +601,23 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @contextlib.contextmanager
-def fused_gemv(on: bool):
-    """The triton backend's one-row GEMV on or off while an engine is built and run (the -unfused variants)."""
+def fusions(gemv: bool, attention: bool):
+    """The triton backend's fusions on or off while an engine is built and run: the one-row GEMV (the -unfused
+    variants turn it off), and the decode attention with the rotary, the KV write and the split merge in its
+    kernel (-unfused and -gemv turn it off)."""
     from engine.kernels import triton_ops
+    from engine.kernels.triton import attention as triton_attention
 
-    before = triton_ops.FUSED_GEMV
-    triton_ops.FUSED_GEMV = on
+    before = triton_ops.FUSED_GEMV, triton_ops.FUSED_DECODE_ATTENTION, triton_attention.MERGE_IN_KERNEL
+    triton_ops.FUSED_GEMV, triton_ops.FUSED_DECODE_ATTENTION, triton_attention.MERGE_IN_KERNEL = (
+        gemv,
+        attention,
+        attention,
+    )
     try:
         yield
     finally:
-        triton_ops.FUSED_GEMV = before
+        triton_ops.FUSED_GEMV, triton_ops.FUSED_DECODE_ATTENTION, triton_attention.MERGE_IN_KERNEL = before
 
 
 def print_ratios(rows: list[dict]) -> None:

@@ -24,7 +24,8 @@ def tiny_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, dev
 
 
 class UnfusedRotaryWriteKV:
-    """A kernel set whose rotary_write_kv runs the ops it fuses, one by one: the model's former path."""
+    """A kernel set whose rotary_write_kv (and a decode step's rotary_decode_attention) runs the ops it fuses,
+    one by one: the model's former path."""
 
     def __init__(self, ops) -> None:
         self.ops = ops
@@ -42,6 +43,12 @@ class UnfusedRotaryWriteKV:
         q, k = self.ops.rotary_embedding(positions, q, k, cos_sin)
         self.ops.write_kv(k, v, k_cache, v_cache, slot_mapping)
         return q
+
+    def rotary_decode_attention(self, *args, **kwargs):
+        """A decode step's fused op as this set's rotary_write_kv, then decode_attention."""
+        from engine.kernels.torch_ops import composed_rotary_decode_attention
+
+        return composed_rotary_decode_attention(self.rotary_write_kv, self.ops.decode_attention)(*args, **kwargs)
 
 
 class RecordingOps:

@@ -111,8 +111,9 @@ ARCHS = {"llama": ("LlamaForCausalLM", {}), "qwen3": ("Qwen3ForCausalLM", {}), "
 
 @pytest.mark.parametrize("family", sorted(ARCHS))
 def test_a_decode_layer_calls_one_op_between_qkv_and_attention(family):
-    """Per layer: qkv (its norm the prologue), rotary_write_kv, decode_attention, o, gate_up (norm), down (SiLU);
-    the first layer's norm has no residual yet, the final norm is its own op."""
+    """Per decode layer: qkv (its norm the prologue), rotary_decode_attention (the rotary, the KV write and the
+    attention), o, gate_up (norm), down (SiLU); the first layer's norm has no residual yet, the final norm is
+    its own op. A prefill step runs rotary_write_kv then prefill_attention."""
     from engine.kernels.registry import KernelSet
 
     arch, overrides = ARCHS[family]
@@ -125,13 +126,14 @@ def test_a_decode_layer_calls_one_op_between_qkv_and_attention(family):
         ops.calls.clear()
 
     prefill_then_decode(model, ops, [5, 3], steps=2, on_step=on_step)
-    layer = ["rotary_write_kv", "decode_attention", "linear/none", "linear/norm+residual", "linear/silu"]
+    layer = ["rotary_decode_attention", "linear/none", "linear/norm+residual", "linear/silu"]
     want = ["linear/norm"] + layer
     for _ in range(model.config.num_layers - 1):
         want += ["linear/norm+residual"] + layer
     assert calls[1] == want + ["add_rms_norm"]
     assert ops.calls == calls[1]
-    assert "prefill_attention" in calls[0] and "write_kv" not in calls[0] and "rotary_embedding" not in calls[0]
+    assert "prefill_attention" in calls[0] and "rotary_write_kv" in calls[0] and "decode_attention" not in calls[0]
+    assert "write_kv" not in calls[0] and "rotary_embedding" not in calls[0]
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])

@@ -466,6 +466,92 @@ def check_decode(
     _assert_close(got, want, dtype, f"decode_attention lens={lens[:4]}")
 
 
+def check_rotary_decode(
+    device: str,
+    seed: int,
+    dtype: torch.dtype,
+    lens: list[int],
+    hq: int,
+    hk: int,
+    d: int,
+    bs: int,
+    cfg: dict | None = None,
+    kv_fp8: bool = False,
+    qk_norm: bool = False,
+    merge: bool = True,
+    pad_row: bool = True,
+) -> None:
+    """rotary_decode_attention (the rotary and the KV write in the decode kernel) against the triton ops it
+    fuses, rotary_write_kv then decode_attention (the same output and cache bits on CPU), and the torch
+    reference. Row r's new token sits at position lens[r] - 1, its slot in the row's blocks poisoned (NaN) so
+    that a key read before the kernel's write would show; `pad_row` adds a padding row as the CUDA-graph
+    runner pads (slot -1, a one-token context in block 0). `merge`: the last split merges (else the reduce)."""
+    triton_ops, torch_ops = _ops()
+    from engine.kernels.triton import attention
+
+    gen = _rng(device, seed)
+    kv = paged_kv(lens, hk, d, bs, dtype, gen, kv_fp8)
+    k_bad, v_bad, scales_bad = kv.poisoned()
+    seq_lens, table = kv.seq_lens, kv.block_table
+    positions = (seq_lens - 1).long()
+    slots = (table.gather(1, (positions // bs)[:, None]).squeeze(1).long() * bs + positions % bs).to(torch.int64)
+    for cache in (k_bad, v_bad):  # the new tokens' slots hold NaN until the op stores them
+        flat = cache.view(torch.uint8).view(-1, hk, d) if cache.dtype == torch.float8_e4m3fn else cache.view(-1, hk, d)
+        flat[slots] = 0x7F if cache.dtype == torch.float8_e4m3fn else float("nan")
+    if pad_row:
+        seq_lens = torch.cat([seq_lens, seq_lens.new_ones(1)])
+        table = torch.cat([table, table[:1]])  # a one-token context in the first row's first block
+        positions = torch.cat([positions, positions.new_zeros(1)])
+        slots = torch.cat([slots, slots.new_full((1,), -1)])
+    rows = len(seq_lens)
+    qkv = _randn((rows, (hq + 2 * hk) * d), gen, dtype, 2.0)  # strided views, as the model passes them
+    q, k, v = (t.view(rows, -1, d) for t in qkv.split([hq * d, hk * d, hk * d], dim=-1))
+    qw = (1.0 + 0.3 * _randn((d,), gen, F32)).to(dtype) if qk_norm else None
+    kw = (1.0 + 0.3 * _randn((d,), gen, F32)).to(dtype) if qk_norm else None
+    cos_sin = _cos_sin(max(lens) + 1, d, device)
+    scale = d**-0.5
+
+    def caches():
+        return k_bad.clone(), v_bad.clone(), {name: t.clone() for name, t in scales_bad.items()}
+
+    kr, vr, sr = kv.k_cache.clone(), kv.v_cache.clone(), {name: t.clone() for name, t in kv.scales.items()}
+
+    def fused(ops, kc, vc, sc):
+        return ops.rotary_decode_attention(
+            positions, q, k, v, cos_sin, kc, vc, slots, seq_lens, table, scale, q_norm=qw, k_norm=kw, **sc
+        )
+
+    saved = attention.MERGE_IN_KERNEL
+    attention.MERGE_IN_KERNEL = merge
+    try:
+        dcfg = _attention_cfg("decode", cfg)
+        (kf, vf, sf), (kc_, vc_, sc_) = caches(), caches()
+        if dcfg is None:
+            got = fused(triton_ops, kf, vf, sf)
+        else:
+            got = attention.rotary_decode_attention(
+                positions, q, k, v, cos_sin, kf, vf, slots, seq_lens, table, scale, q_norm=qw, k_norm=kw, **sf,
+                cfg=dcfg,
+            )  # fmt: skip
+        q_rot = triton_ops.rotary_write_kv(positions, q, k, v, cos_sin, kc_, vc_, slots, q_norm=qw, k_norm=kw, **sc_)
+        composed = attention.decode_attention(q_rot, kc_, vc_, seq_lens, table, scale, dcfg, **sc_)
+    finally:
+        attention.MERGE_IN_KERNEL = saved
+    want = fused(torch_ops, kr, vr, sr)  # the torch reference on clean caches (it reads every slot of a block)
+    what = f"rotary_decode_attention lens={lens[:4]} merge={merge}"
+    new = [r for r in range(rows) if slots[r] >= 0]
+    for got_c, want_c in ((kf, kc_), (vf, vc_)):  # the same bytes stored as rotary_write_kv stores them
+        assert torch.equal(got_c.view(torch.uint8), want_c.view(torch.uint8)), f"{what}: the cache differs"
+    for name in sf:
+        torch.testing.assert_close(sf[name], sc_[name], atol=0.0, rtol=0.0, equal_nan=True)
+    if device == "cpu":
+        assert torch.equal(got, composed), f"{what}: differs from rotary_write_kv + decode_attention"
+    else:  # two kernels the GPU compiler may contract differently
+        _assert_close(got, composed, dtype, f"{what} vs the triton ops")
+    _assert_close(got[new], want[new], dtype, what)
+    assert not got.isnan().any(), f"{what}: NaN (a poisoned key was read)"
+
+
 def check_prefill(
     device: str,
     seed: int,
@@ -654,6 +740,29 @@ CASES: dict[str, Callable[[str], None]] = {
     # decode: seq_len 1, lengths off the block grid, several splits, tiles spanning and inside blocks
     "decode_f32_gqa4_d64": partial(check_decode, seed=11, dtype=F32, lens=[1, 37, 100], hq=8, hk=2, d=64, bs=16),
     "decode_bf16_gqa3_d128_bs8": partial(check_decode, seed=12, dtype=BF16, lens=[50, 3], hq=6, hk=2, d=128, bs=8),
+    "rotary_decode_bf16_gqa4_d128": partial(
+        check_rotary_decode, seed=90, dtype=BF16, lens=[37, 200, 49], hq=8, hk=2, d=128, bs=16
+    ),
+    "rotary_decode_bf16_gqa4_d128_reduce": partial(
+        check_rotary_decode, seed=90, dtype=BF16, lens=[37, 200, 49], hq=8, hk=2, d=128, bs=16, merge=False
+    ),
+    "rotary_decode_bf16_one_split": partial(
+        check_rotary_decode,
+        seed=91,
+        dtype=BF16,
+        lens=[20, 65],
+        hq=4,
+        hk=1,
+        d=64,
+        bs=16,
+        cfg={"block_n": 16, "min_tiles_per_split": 1, "num_warps": 1, "num_stages": 1, "max_splits": 1},
+    ),
+    "rotary_decode_f32_qk_norm_d64": partial(
+        check_rotary_decode, seed=92, dtype=F32, lens=[9, 64, 30], hq=4, hk=2, d=64, bs=8, qk_norm=True
+    ),
+    "rotary_decode_f16_mha_d96": partial(
+        check_rotary_decode, seed=93, dtype=F16, lens=[5, 13], hq=3, hk=3, d=96, bs=4, pad_row=False
+    ),
     "decode_f16_mha_d64_bs32": partial(check_decode, seed=13, dtype=F16, lens=[77], hq=2, hk=2, d=64, bs=32),
     "decode_bf16_gpu_tiles_one_split": partial(
         check_decode,
@@ -781,6 +890,24 @@ CASES: dict[str, Callable[[str], None]] = {
     "decode_fp8_f32_gqa4_d64": partial(
         check_decode, seed=55, dtype=F32, lens=[1, 37, 100], hq=8, hk=2, d=64, bs=16, kv_fp8=True
     ),
+    "rotary_decode_fp8_bf16_gqa3": partial(
+        check_rotary_decode, seed=94, dtype=BF16, lens=[50, 3], hq=6, hk=2, d=128, bs=8, kv_fp8=True
+    ),
+    "rotary_decode_fp8_f32_qk_norm": partial(
+        check_rotary_decode, seed=95, dtype=F32, lens=[2, 37, 100], hq=8, hk=2, d=64, bs=16, kv_fp8=True, qk_norm=True
+    ),
+    "rotary_decode_fp8_fma_composes": partial(
+        check_rotary_decode,
+        seed=96,
+        dtype=BF16,
+        lens=[40, 7],
+        hq=8,
+        hk=2,
+        d=64,
+        bs=16,
+        kv_fp8=True,
+        cfg={"fma": True, "block_n": 16, "num_warps": 1, "programs_per_sm": 16, "num_stages": 1},
+    ),
     "decode_fp8_bf16_gqa3_d128_bs8": partial(
         check_decode, seed=56, dtype=BF16, lens=[50, 3], hq=6, hk=2, d=128, bs=8, kv_fp8=True, q_scale=2.0
     ),
@@ -886,6 +1013,19 @@ def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
         config = attention.DecodeConfig(**{**vars(attention.decode_config(cuda, d, dtype, kv_fp8)), **cfg})
         attention.decode_attention(torch.zeros(2, hq, d, dtype=dtype), kc, kc, seq_lens, table, 0.1, config, **scales)
 
+    def rotary_decode(dtype, kv_fp8=False, qk_norm=False, merge=True, **cfg):
+        kc, scales = caches(dtype, 8, 128, kv_fp8)
+        seq_lens, table = torch.full((2,), 100, dtype=torch.int32), torch.zeros(2, 8, dtype=torch.int32)
+        config = attention.DecodeConfig(**{**vars(attention.decode_config(cuda, 128, dtype, kv_fp8)), **cfg})
+        q, k, v = torch.zeros(2, 48 * 128, dtype=dtype).split([32 * 128, 8 * 128, 8 * 128], dim=-1)
+        norms = {"q_norm": torch.ones(128, dtype=dtype), "k_norm": torch.ones(128, dtype=dtype)} if qk_norm else {}
+        index = torch.zeros(2, dtype=torch.long)
+        rot = (index, q.view(2, 32, 128), k.view(2, 8, 128), v.view(2, 8, 128), torch.zeros(128, 128))
+        with mock.patch.object(attention, "MERGE_IN_KERNEL", merge):
+            attention.rotary_decode_attention(
+                *rot, kc, kc, index, seq_lens, table, 0.1, **norms, **scales, cfg=config
+            )  # fmt: skip
+
     def prefill(dtype, hq, hk, d, tokens=100, context=100, kv_fp8=False):
         kc, scales = caches(dtype, hk, d, kv_fp8)
         seq_lens = torch.full((2,), context, dtype=torch.int32)
@@ -920,6 +1060,12 @@ def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
     return {
         "decode_bf16_d128_gqa4_splits": partial(decode, BF16, 32, 8, 128, programs_per_sm=64, min_tiles_per_split=1),
         "decode_bf16_d128_gqa4_one_split": partial(decode, BF16, 32, 8, 128, max_splits=1),
+        "rotary_decode_bf16_merge": partial(rotary_decode, BF16, programs_per_sm=64, min_tiles_per_split=1),
+        "rotary_decode_bf16_reduce": partial(rotary_decode, BF16, merge=False, programs_per_sm=64),
+        "rotary_decode_bf16_qk_norm_one_split": partial(rotary_decode, BF16, qk_norm=True, max_splits=1),
+        "rotary_decode_fp8_kv_bf16_merge": partial(
+            rotary_decode, BF16, kv_fp8=True, fma=False, programs_per_sm=64, min_tiles_per_split=1
+        ),
         "decode_f16_d64_gqa3_splits": partial(decode, F16, 12, 4, 64, programs_per_sm=64, min_tiles_per_split=1),
         "prefill_bf16_d128_gqa4": partial(prefill, BF16, 32, 8, 128),
         "prefill_f16_d64_gqa3": partial(prefill, F16, 12, 4, 64),
@@ -1098,6 +1244,69 @@ def test_decode_long_context_matches_reference_gpu(batch: int) -> None:
     gen = torch.Generator().manual_seed(100 + batch)
     lens = [65536 - 7] if batch == 1 else torch.randint(50_000, 60_000, (batch,), generator=gen).tolist()
     check_decode("cuda", seed=200 + batch, dtype=BF16, lens=lens, hq=32, hk=8, d=128, bs=16, q_scale=2.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "lens, kv_fp8, merge",
+    [
+        ([512], False, True),
+        ([65536 - 7], False, True),
+        ([65536 - 7], False, False),
+        ([50_000, 30_001, 17, 4097], False, True),
+        ([50_000, 30_001, 17, 4097], True, True),
+        ([512 + 3 * i for i in range(64)], False, True),
+    ],
+)
+def test_rotary_decode_at_llama_8b_shapes_gpu(lens: list[int], kv_fp8: bool, merge: bool) -> None:
+    """The fused decode op at the 8B shape's heads, on the GPU's tiles and splits (64 splits at 65K keys)."""
+    check_rotary_decode("cuda", seed=300 + len(lens), dtype=BF16, lens=lens, hq=32, hk=8, d=128, bs=16,
+                        kv_fp8=kv_fp8, merge=merge)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_rotary_decode_replays_in_a_cuda_graph_gpu() -> None:
+    """The fused decode launch captured once and replayed on new rows, five times: its split counters must be
+    back at zero after every replay, or a later replay's merge would run early, late or never."""
+    from engine.kernels.triton import attention
+
+    triton_ops, torch_ops = _ops()
+    gen = _rng("cuda", 402)
+    hq, hk, d, bs, rows = 32, 8, 128, 16, 3
+    kv = paged_kv([3000, 3000, 3000], hk, d, bs, BF16, gen)
+    qkv = _randn((rows, (hq + 2 * hk) * d), gen, BF16)
+    q, k, v = (t.view(rows, -1, d) for t in qkv.split([hq * d, hk * d, hk * d], dim=-1))
+    cos_sin = _cos_sin(4096, d, "cuda")
+    seq_lens = kv.seq_lens.clone()
+    positions, slots = torch.zeros(rows, dtype=torch.long, device="cuda"), torch.zeros_like(seq_lens, dtype=torch.long)
+
+    def set_rows(lens: list[int]) -> None:
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        positions.copy_(seq_lens - 1)
+        blocks = kv.block_table.gather(1, (positions // bs)[:, None]).squeeze(1).long()
+        slots.copy_(blocks * bs + positions % bs)
+
+    def run(kc, vc, ops=triton_ops):
+        return ops.rotary_decode_attention(
+            positions, q, k, v, cos_sin, kc, vc, slots, seq_lens, kv.block_table, d**-0.5
+        )
+
+    set_rows([3000, 40, 1500])
+    run(kv.k_cache, kv.v_cache)  # compile, and the counters' buffer exists before the capture
+    assert attention.split_counters(q.device, rows * hk) is not None, "the merge did not run in the kernel"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(kv.k_cache, kv.v_cache)
+    for lens in ([2999, 5, 1501], [17, 3000, 2], [1024, 1025, 1023], [3000, 3000, 3000], [1, 2, 3]):
+        set_rows(lens)
+        qkv.copy_(_randn(qkv.shape, gen, BF16))
+        want_k, want_v = kv.k_cache.clone(), kv.v_cache.clone()
+        graph.replay()
+        want = run(want_k, want_v, torch_ops)
+        _assert_close(out, want, BF16, f"rotary_decode_attention in a CUDA graph, lens {lens}")
+        _assert_close(kv.k_cache, want_k, BF16, f"the k cache after a replay, lens {lens}")
+        assert torch.equal(kv.v_cache, want_v), f"the v cache after a replay, lens {lens}"
+    assert not attention._COUNTERS[q.device].any(), "a split counter was left non-zero"
 
 
 @pytest.mark.gpu

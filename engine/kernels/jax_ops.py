@@ -437,6 +437,12 @@ def decode_attention(
     return _to_torch(out)[:b]
 
 
+# rotary_write_kv (JAX, the write torch's) then JAX's decode attention
+rotary_decode_attention = register("rotary_decode_attention", "jax")(
+    torch_ops.composed_rotary_decode_attention(rotary_write_kv, decode_attention)
+)
+
+
 # ---------------------------------------------------------------- sampling
 
 

@@ -12,9 +12,9 @@ and can run on the device; the torch reference is always the last resort, so a
 model never fails for want of a kernel. Which backend won is recorded
 (``KernelSet.chosen``) so tests and benchmarks can say what they ran.
 
-Every backend's KV ops (write_kv, rotary_write_kv, prefill_attention, decode_attention) take
-FP8 caches: float8_e4m3fn caches with keyword scales k_scale, v_scale [NB, BS, Hk] float32,
-quantized on write and dequantized on read (the contract: torch_ops; docs/fp8.md).
+Every backend's KV ops (write_kv, rotary_write_kv, prefill_attention, decode_attention,
+rotary_decode_attention) take FP8 caches: float8_e4m3fn caches with keyword scales k_scale, v_scale
+[NB, BS, Hk] float32, quantized on write and dequantized on read (the contract: torch_ops; docs/fp8.md).
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ OPS: tuple[str, ...] = (
     #   rotary_embedding + write_kv
     "prefill_attention",  # paged, causal, with a cached prefix[, k_scale, v_scale]: see torch_ops.prefill_attention
     "decode_attention",  # paged, one query token per request[, k_scale, v_scale]: see torch_ops.decode_attention
+    "rotary_decode_attention",  # (positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping, seq_lens,
+    #   block_table, scale[, q_norm, k_norm, eps, k_scale, v_scale]) -> [B, Hq, D]: rotary_write_kv +
+    #   decode_attention, for a step of decode rows only (torch_ops.composed_rotary_decode_attention)
     "apply_penalties",  # repetition / presence / frequency penalties on logits
     "top_k_top_p_min_p",  # masks logits outside top-k / top-p / min-p with -inf
 )

@@ -362,6 +362,50 @@ def decode_attention(
     return out.reshape(b, hq, d).to(q.dtype)
 
 
+def composed_rotary_decode_attention(rotary_write_kv_op, decode_attention_op):
+    """The `rotary_decode_attention` op from a backend's rotary_write_kv and decode_attention (backends
+    without a fused kernel compose with this)."""
+
+    def rotary_decode_attention(
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos_sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        scale: float,
+        q_norm: torch.Tensor | None = None,
+        k_norm: torch.Tensor | None = None,
+        eps: float = 1e-6,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A decode step's attention from its q/k/v projections: rotary_write_kv, then decode_attention.
+
+        One query token per request, at its last position (positions[b] = seq_lens[b] - 1, slot_mapping[b]
+        that position's slot in block_table, or -1 for a padding row); the arguments are the two ops'
+        (q, k, v [B, H, D] may be strided views). Returns [B, Hq, D] in q's dtype; k and v land in the cache
+        as rotary_write_kv stores them. Fused into one kernel where a backend can (triton: the rotary and
+        the KV write run in the split-KV decode kernel; engine/kernels/triton/attention.py).
+        """
+        kv = {"k_scale": k_scale, "v_scale": v_scale} if k_scale is not None else {}
+        q = rotary_write_kv_op(
+            positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping, q_norm=q_norm, k_norm=k_norm, eps=eps, **kv
+        )
+        return decode_attention_op(q, k_cache, v_cache, seq_lens, block_table, scale, **kv)
+
+    return rotary_decode_attention
+
+
+rotary_decode_attention = register("rotary_decode_attention", "torch")(
+    composed_rotary_decode_attention(rotary_write_kv, decode_attention)
+)
+
+
 @register("apply_penalties", "torch")
 def apply_penalties(
     logits: torch.Tensor,

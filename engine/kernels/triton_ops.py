@@ -3,7 +3,8 @@
     rms_norm, add_rms_norm, rotary_embedding, silu_and_mul, write_kv,
     rotary_write_kv (one kernel: [q/k norm,] rotary and the KV write)  engine/kernels/triton/elementwise.py
     linear (one row: the GEMV with its RMSNorm / SiLU prologue fused)   engine/kernels/triton/gemv.py
-    prefill_attention, decode_attention                                 engine/kernels/triton/attention.py
+    prefill_attention, decode_attention,                                engine/kernels/triton/attention.py
+    rotary_decode_attention (the rotary and the KV write in the decode kernel)
 
 Signatures, layouts and return conventions are those of the torch reference (torch_ops.py),
 FP8 KV caches included: the writes quantize, the attention kernels dequantize in registers.
@@ -118,8 +119,50 @@ def decode_attention(
     """Paged decode attention (contract: torch_ops.decode_attention).
 
     Split-KV (flash-decoding): each request's context is cut into partitions sized to fill the
-    GPU, then merged by a small reduce kernel; no host synchronisation (CUDA-graph safe).
+    GPU, then merged by the last partition to finish (or a small reduce kernel); no host
+    synchronisation (CUDA-graph safe).
     """
     return attention.decode_attention(
         q, k_cache, v_cache, seq_lens, block_table, scale, k_scale=k_scale, v_scale=v_scale
     )
+
+
+# the decode attention with the rotary and the KV write in its kernel on or off; benchmarks turn it off (with
+# attention.MERGE_IN_KERNEL) for their baseline: experiments.bench_engine's -gemv and -unfused variants
+FUSED_DECODE_ATTENTION = True
+
+
+@register("rotary_decode_attention", "triton")
+def rotary_decode_attention(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A decode-only step's attention from its projections (contract: torch_ops.composed_rotary_decode_attention):
+    the rotary and the KV write run in the split-KV decode kernel, whose last split merges the row
+    (FUSED_DECODE_ATTENTION off: rotary_write_kv, then decode_attention)."""
+    if not FUSED_DECODE_ATTENTION:
+        return _composed_rotary_decode_attention(
+            positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping, seq_lens, block_table, scale,
+            q_norm=q_norm, k_norm=k_norm, eps=eps, k_scale=k_scale, v_scale=v_scale,
+        )  # fmt: skip
+    return attention.rotary_decode_attention(
+        positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping, seq_lens, block_table, scale,
+        q_norm=q_norm, k_norm=k_norm, eps=eps, k_scale=k_scale, v_scale=v_scale,
+    )  # fmt: skip
+
+
+_composed_rotary_decode_attention = torch_ops.composed_rotary_decode_attention(rotary_write_kv, decode_attention)

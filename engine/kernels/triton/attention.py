@@ -62,6 +62,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from engine.kernels.torch_ops import check_kv_scales
+from engine.kernels.triton import elementwise
+from engine.kernels.triton.elementwise import cos_sin_row, rotate_q_heads, write_token_kv
 
 _LOG2E = 1.4426950408889634
 
@@ -292,6 +294,15 @@ def _decode_split_kernel(
     out_ptr,
     ks_ptr,
     vs_ptr,
+    pos_ptr,
+    qr_ptr,
+    kn_ptr,
+    vn_ptr,
+    cs_ptr,
+    slot_ptr,
+    qw_ptr,
+    kw_ptr,
+    cnt_ptr,
     q_st0,
     q_st1,
     q_st2,
@@ -319,6 +330,18 @@ def _decode_split_kernel(
     vs_st0,
     vs_st1,
     vs_st2,
+    qr_st0,
+    qr_st1,
+    qr_st2,
+    kn_st0,
+    kn_st1,
+    kn_st2,
+    vn_st0,
+    vn_st1,
+    vn_st2,
+    cs_st0,
+    cs_st1,
+    eps,
     qk_scale,
     num_splits,
     G: tl.constexpr,
@@ -331,6 +354,13 @@ def _decode_split_kernel(
     SINGLE_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
     KV_FP8: tl.constexpr,
+    ROTARY: tl.constexpr,
+    Q_NORM: tl.constexpr,
+    K_NORM: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    MERGE: tl.constexpr,
+    S_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -344,6 +374,27 @@ def _decode_split_kernel(
     d = tl.arange(0, D_PAD)
     heads = kvh * G + g
     q_mask = (g < G)[:, None] & (d < D)[None, :]
+    if ROTARY:
+        # rotary_write_kv's work for this row's group, in front of the attention: every split rotates the
+        # group's q (the same values) into q_ptr (the output buffer, read back below); the split that holds
+        # the row's last position, seq_len - 1, stores this KV head's k and v at the row's slot and is the
+        # only one to read that key. The barrier makes this program's stores visible to its own loads.
+        cos, sin, c, cmask = cos_sin_row(pos_ptr, cs_ptr, b, cs_st0, cs_st1, HALF, HALF_PAD)
+        gh = g[:, None]
+        rotate_q_heads(
+            qr_ptr + b.to(tl.int64) * qr_st0 + (kvh * G).to(tl.int64) * qr_st1,
+            q_ptr + b.to(tl.int64) * q_st0 + (kvh * G).to(tl.int64) * q_st1,
+            qr_st1, qr_st2, q_st1, gh, gh < G, qw_ptr, cos, sin, c, cmask, eps, HALF, Q_NORM,
+        )  # fmt: skip
+        if split == (seq_len - 1) // part:
+            hk = kvh + tl.zeros([1, 1], tl.int32)
+            write_token_kv(
+                b.to(tl.int64), hk, hk >= 0, kn_ptr, vn_ptr, slot_ptr, kc_ptr, vc_ptr, kw_ptr, ks_ptr, vs_ptr,
+                kn_st0, kn_st1, kn_st2, vn_st0, vn_st1, vn_st2, kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1,
+                vc_st2, vc_st3, ks_st0, ks_st1, ks_st2, vs_st0, vs_st1, vs_st2, cos, sin, c, cmask, eps, BS, HALF,
+                K_NORM, KV_FP8,
+            )  # fmt: skip
+        tl.debug_barrier()
     q = tl.load(q_ptr + b.to(tl.int64) * q_st0 + heads[:, None] * q_st1 + d[None, :] * q_st2, mask=q_mask, other=0.0)
     if not KV_FP8:  # an FP8 cache is read in q's dtype instead
         q = q.to(kc_ptr.dtype.element_ty)
@@ -409,6 +460,47 @@ def _decode_split_kernel(
         base = b.to(tl.int64) * o_st0 + split * o_st2
         tl.store(o_ptr + base + heads[:, None] * o_st1 + d[None, :], o, mask=q_mask & live)
         tl.store(lse_ptr + b.to(tl.int64) * lse_st0 + heads * lse_st1 + split, m + tl.log2(l_safe), mask=(g < G) & live)
+        if MERGE:
+            # the last of the row's splits to finish merges them (no reduce launch): every thread's partial
+            # stores precede the barrier, the counter's release and acquire order them before the merger's
+            # loads (.cg: from L2, past this SM's L1), and the merger resets the counter for the next launch
+            tl.debug_barrier()
+            counter = cnt_ptr + b * tl.num_programs(1) + kvh
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+                _merge_group(
+                    o_ptr, lse_ptr, out_ptr, b, heads, g < G, d, q_mask, seq_len, part, num_splits, o_st0, o_st1,
+                    o_st2, lse_st0, lse_st1, out_st0, out_st1, out_st2, S_PAD,
+                )  # fmt: skip
+
+
+@triton.jit
+def _merge_group(
+    o_ptr, lse_ptr, out_ptr, b, heads, g_mask, d, q_mask, seq_len, part, num_splits, o_st0, o_st1, o_st2, lse_st0,
+    lse_st1, out_st0, out_st1, out_st2, S_PAD: tl.constexpr,
+):  # fmt: skip
+    """One row's split partials of a GQA group's heads merged into out, as _decode_reduce_kernel does."""
+    live = tl.minimum(tl.cdiv(seq_len, part), num_splits)  # splits that saw at least one key
+    s = tl.arange(0, S_PAD)
+    lse_rows = lse_ptr + b.to(tl.int64) * lse_st0 + heads * lse_st1
+    lse = tl.load(
+        lse_rows[:, None] + s[None, :], mask=g_mask[:, None] & (s < live)[None, :], other=float("-inf"),
+        cache_modifier=".cg",
+    )  # fmt: skip
+    top = tl.max(lse, 1)
+    top = tl.where(top > float("-inf"), top, 0.0)
+    denom = tl.sum(tl.exp2(lse - top[:, None]), 1)
+    acc = tl.zeros(q_mask.shape, tl.float32)
+    o_rows = o_ptr + b.to(tl.int64) * o_st0 + heads[:, None] * o_st1 + d[None, :]
+    for i in range(0, live):
+        w = tl.exp2(tl.load(lse_rows + i, mask=g_mask, other=float("-inf"), cache_modifier=".cg") - top)
+        acc += w[:, None] * tl.load(o_rows + i * o_st2, mask=q_mask, other=0.0, cache_modifier=".cg")
+    denom = tl.where(denom > 0.0, denom, 1.0)
+    tl.store(
+        out_ptr + b.to(tl.int64) * out_st0 + heads[:, None] * out_st1 + d[None, :] * out_st2,
+        (acc / denom[:, None]).to(out_ptr.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 @triton.jit(do_not_specialize=["o_st0", "o_st1", "lse_st0", "lse_st1", "num_splits"])
@@ -495,9 +587,8 @@ def decode_attention(
     """Paged decode attention, same contract as torch_ops.decode_attention; `cfg` overrides the tiling."""
     batch, hq, d = q.shape
     _, bs, hk, _ = k_cache.shape
-    group = hq // hk
     fp8, compute = _compute_dtype(q, k_cache, k_scale, v_scale)
-    cfg = cfg or decode_config(q.device, d, compute, fp8, group, batch * block_table.shape[1] * bs)
+    cfg = cfg or decode_config(q.device, d, compute, fp8, hq // hk, batch * block_table.shape[1] * bs)
     if cfg.fma:
         from engine.kernels.triton.decode_fma import decode_attention_fma
 
@@ -518,13 +609,97 @@ def decode_attention(
             max_splits=cfg.max_splits,
         )
     out = torch.empty_like(q)
+    _decode(out, q, k_cache, v_cache, seq_lens, block_table, scale, cfg, k_scale, v_scale, None)
+    return out
+
+
+def rotary_decode_attention(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    cfg: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """rotary_write_kv then decode_attention (contract: torch_ops.composed_rotary_decode_attention) in the
+    split-KV kernel: each program rotates its group's q, the program holding a row's last position stores
+    that row's k and v (ROTARY in _decode_split_kernel). The CUDA-core FP8 kernel (cfg.fma) composes the two."""
+    batch, hq, d = q.shape
+    _, bs, hk, _ = k_cache.shape
+    fp8, compute = _compute_dtype(q, k_cache, k_scale, v_scale)
+    cfg = cfg or decode_config(q.device, d, compute, fp8, hq // hk, batch * block_table.shape[1] * bs)
+    half = cos_sin.shape[1] // 2
+    if cfg.fma or 2 * half != d:
+        kv = {"k_scale": k_scale, "v_scale": v_scale}
+        q = elementwise.rotary_write_kv(
+            positions, q, k, v, cos_sin, k_cache, v_cache, slot_mapping, q_norm=q_norm, k_norm=k_norm, eps=eps, **kv
+        )
+        return decode_attention(q, k_cache, v_cache, seq_lens, block_table, scale, cfg, **kv)
+    out = torch.empty((batch, hq, d), dtype=q.dtype, device=q.device)
+    rotary = (positions, q, k, v, cos_sin, slot_mapping, q_norm, k_norm, eps)
+    _decode(out, out, k_cache, v_cache, seq_lens, block_table, scale, cfg, k_scale, v_scale, rotary)
+    return out
+
+
+# The last split of a row merges the row's splits in the decode kernel (MERGE in _decode_split_kernel), not a
+# reduce launch after it; benchmarks turn it off for their baseline. Its arrival counters, one a (row, KV head),
+# live in one zeroed buffer a device that the mergers reset: launches on one device must not overlap (the
+# engine's forward passes run on one stream), and a launch that needs more counters than the buffer holds, or
+# the first on a device while a CUDA graph is being captured (the buffer's zeroing would only be captured),
+# runs the reduce kernel instead.
+MERGE_IN_KERNEL = True
+MERGE_COUNTERS = 1 << 16
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The device's arrival counters (zeros between launches), or None where the kernel must not merge."""
+    if not MERGE_IN_KERNEL or needed > MERGE_COUNTERS:
+        return None
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _COUNTERS[device] = torch.zeros(MERGE_COUNTERS, dtype=torch.int32, device=device)
+    return counters
+
+
+def _decode(out, q, k_cache, v_cache, seq_lens, block_table, scale, cfg, k_scale, v_scale, rotary) -> None:
+    """One split-KV decode launch into `out` (and its reduce, unless the kernel merges): q is read from `q`,
+    or, with `rotary` (positions, q, k, v, cos_sin, slot_mapping, q_norm, k_norm, eps), rotated into `out`
+    by the kernel and k, v stored in the cache first."""
+    batch, hq, d = out.shape
+    _, bs, hk, _ = k_cache.shape
     if batch == 0:
-        return out
+        return
+    group = hq // hk
+    fp8, compute = _compute_dtype(out, k_cache, k_scale, v_scale)
     max_context = block_table.shape[1] * bs  # bounds every seq_len: no host sync needed
-    splits = decode_splits(batch, hk, max_context, num_sms(q.device), cfg)
+    splits = decode_splits(batch, hk, max_context, num_sms(out.device), cfg)
     d_pad = max(16, triton.next_power_of_2(d))
     o, lse, o_strides, lse_strides = split_partials(out, splits)
     scales, scale_strides = _scale_args(k_cache, k_scale, v_scale)
+    counters = split_counters(out.device, batch * hk) if splits > 1 else None
+    if rotary is None:
+        rot_ptrs, rot_strides, half, q_norm, k_norm, eps = (out,) * 8, (0,) * 11, 1, None, None, 0.0
+    else:
+        positions, q_in, k, v, cos_sin, slot_mapping, q_norm, k_norm, eps = rotary
+        half = cos_sin.shape[1] // 2
+        norms = tuple(w.contiguous() if w is not None else out for w in (q_norm, k_norm))
+        rot_ptrs = (positions, q_in, k, v, cos_sin, slot_mapping, *norms)
+        rot_strides = (*q_in.stride(), *k.stride(), *v.stride(), *cos_sin.stride())
+    rot_ptrs = (*rot_ptrs, counters if counters is not None else out)
     _decode_split_kernel[(batch, hk, splits)](
         q,
         k_cache,
@@ -535,6 +710,7 @@ def decode_attention(
         lse,
         out,
         *scales,
+        *rot_ptrs,
         *q.stride(),
         *k_cache.stride(),
         *v_cache.stride(),
@@ -543,6 +719,8 @@ def decode_attention(
         *lse_strides,
         *out.stride(),
         *scale_strides,
+        *rot_strides,
+        float(eps),
         scale * _LOG2E,
         splits,
         G=group,
@@ -555,11 +733,18 @@ def decode_attention(
         SINGLE_SPLIT=splits == 1,
         DOT_PREC=_dot_precision(compute),
         KV_FP8=fp8,
+        ROTARY=rotary is not None,
+        Q_NORM=q_norm is not None,
+        K_NORM=k_norm is not None,
+        HALF=half,
+        HALF_PAD=triton.next_power_of_2(half),
+        MERGE=counters is not None,
+        S_PAD=triton.next_power_of_2(splits) if counters is not None else 1,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    reduce_splits(o, lse, seq_lens, out, splits, cfg)
-    return out
+    if counters is None:
+        reduce_splits(o, lse, seq_lens, out, splits, cfg)
 
 
 def split_partials(out: torch.Tensor, splits: int):

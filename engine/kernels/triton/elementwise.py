@@ -183,7 +183,7 @@ def _rotate_heads(
 
 
 @triton.jit
-def _cos_sin_row(pos_ptr, cs_ptr, t, cs_st0, cs_st1, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
+def cos_sin_row(pos_ptr, cs_ptr, t, cs_st0, cs_st1, HALF: tl.constexpr, HALF_PAD: tl.constexpr):
     """Token t's rotary row: (cos, sin) in float32 over the half width, its columns and their mask."""
     pos = tl.load(pos_ptr + t).to(tl.int64)
     c = tl.arange(0, HALF_PAD)
@@ -221,7 +221,7 @@ def _rotary_kernel(
     HK_PAD: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    cos, sin, c, cmask = _cos_sin_row(pos_ptr, cs_ptr, t, cs_st0, cs_st1, HALF, HALF_PAD)
+    cos, sin, c, cmask = cos_sin_row(pos_ptr, cs_ptr, t, cs_st0, cs_st1, HALF, HALF_PAD)
     _rotate_heads(q_ptr + t * q_st0, qo_ptr + t * qo_st0, q_st1, q_st2, qo_st1, HQ, cos, sin, c, cmask, HALF, HQ_PAD)
     _rotate_heads(k_ptr + t * k_st0, ko_ptr + t * ko_st0, k_st1, k_st2, ko_st1, HK, cos, sin, c, cmask, HALF, HK_PAD)
 
@@ -329,29 +329,54 @@ def _rotary_write_kv_kernel(
     scales stored at the slot of ks_ptr / vs_ptr).
     """
     t = tl.program_id(0).to(tl.int64)
-    cos, sin, c, cmask = _cos_sin_row(pos_ptr, cs_ptr, t, cs_st0, cs_st1, HALF, HALF_PAD)
-
-    # q: every token
+    cos, sin, c, cmask = cos_sin_row(pos_ptr, cs_ptr, t, cs_st0, cs_st1, HALF, HALF_PAD)
     hq = tl.arange(0, HQ_PAD)[:, None]
-    qmask = (hq < HQ) & cmask[None, :]
-    src = q_ptr + t * q_st0 + hq * q_st1 + c[None, :] * q_st2
-    q1 = tl.load(src, mask=qmask, other=0.0).to(tl.float32)
-    q2 = tl.load(src + HALF * q_st2, mask=qmask, other=0.0).to(tl.float32)
-    if Q_NORM:
-        q1, q2 = _rms_norm_halves(q1, q2, qw_ptr, c, cmask, eps, HALF, q_ptr.dtype.element_ty)
-    q1, q2 = _rope(q1, q2, cos, sin)
-    dst = qo_ptr + t * qo_st0 + hq * qo_st1 + c[None, :]
-    tl.store(dst, q1.to(qo_ptr.dtype.element_ty), mask=qmask)
-    tl.store(dst + HALF, q2.to(qo_ptr.dtype.element_ty), mask=qmask)
+    rotate_q_heads(
+        q_ptr + t * q_st0, qo_ptr + t * qo_st0, q_st1, q_st2, qo_st1, hq, hq < HQ, qw_ptr, cos, sin, c, cmask, eps,
+        HALF, Q_NORM,
+    )  # fmt: skip
+    hk = tl.arange(0, HK_PAD)[:, None]
+    write_token_kv(
+        t, hk, hk < HK, k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kw_ptr, ks_ptr, vs_ptr, k_st0, k_st1, k_st2, v_st0,
+        v_st1, v_st2, kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3, ks_st0, ks_st1, ks_st2, vs_st0,
+        vs_st1, vs_st2, cos, sin, c, cmask, eps, BS, HALF, K_NORM, KV_FP8,
+    )  # fmt: skip
 
-    # k and v: only tokens with a slot (padding tokens carry -1 and are neither read nor written)
+
+@triton.jit
+def rotate_q_heads(
+    src_ptr, dst_ptr, st1, st2, dst_st1, h, hmask, w_ptr, cos, sin, c, cmask, eps, HALF: tl.constexpr,
+    NORM: tl.constexpr,
+):  # fmt: skip
+    """One token's heads h [H, 1] (hmask: the real ones) of q at src_ptr: [per-head RMSNorm,] rotary, stored
+    in dst_ptr's dtype at dst_ptr (contiguous head dim)."""
+    mask = hmask & cmask[None, :]
+    src = src_ptr + h * st1 + c[None, :] * st2
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF * st2, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        x1, x2 = _rms_norm_halves(x1, x2, w_ptr, c, cmask, eps, HALF, src_ptr.dtype.element_ty)
+    x1, x2 = _rope(x1, x2, cos, sin)
+    dst = dst_ptr + h * dst_st1 + c[None, :]
+    tl.store(dst, x1.to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, x2.to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def write_token_kv(
+    t, hk, hmask, k_ptr, v_ptr, slot_ptr, kc_ptr, vc_ptr, kw_ptr, ks_ptr, vs_ptr, k_st0, k_st1, k_st2, v_st0, v_st1,
+    v_st2, kc_st0, kc_st1, kc_st2, kc_st3, vc_st0, vc_st1, vc_st2, vc_st3, ks_st0, ks_st1, ks_st2, vs_st0, vs_st1,
+    vs_st2, cos, sin, c, cmask, eps, BS: tl.constexpr, HALF: tl.constexpr, K_NORM: tl.constexpr,
+    KV_FP8: tl.constexpr,
+):  # fmt: skip
+    """Token t's KV heads hk [H, 1] (hmask: the real ones): [k norm,] rotary -> k_cache[slot]; v -> v_cache[slot].
+    Tokens without a slot (padding: -1) are neither read nor written."""
     slot = tl.load(slot_ptr + t).to(tl.int64)
     keep = slot >= 0
     slot = tl.maximum(slot, 0)
     blk = slot // BS
     off = slot % BS
-    hk = tl.arange(0, HK_PAD)[:, None]
-    kmask = (hk < HK) & cmask[None, :] & keep
+    kmask = hmask & cmask[None, :] & keep
     src = k_ptr + t * k_st0 + hk * k_st1 + c[None, :] * k_st2
     k1 = tl.load(src, mask=kmask, other=0.0).to(tl.float32)
     k2 = tl.load(src + HALF * k_st2, mask=kmask, other=0.0).to(tl.float32)
@@ -375,8 +400,8 @@ def _rotary_write_kv_kernel(
         tl.store(dst + HALF * kc_st3, _fp8_quantize(k2, ks), mask=kmask)
         tl.store(vdst, _fp8_quantize(v1, vs), mask=kmask)
         tl.store(vdst + HALF * vc_st3, _fp8_quantize(v2, vs), mask=kmask)
-        h = tl.arange(0, HK_PAD)
-        smask = (h < HK) & keep
+        h = tl.reshape(hk, (hk.shape[0],))
+        smask = tl.reshape(hmask, (hk.shape[0],)) & keep
         tl.store(ks_ptr + blk * ks_st0 + off * ks_st1 + h * ks_st2, ks, mask=smask)
         tl.store(vs_ptr + blk * vs_st0 + off * vs_st1 + h * vs_st2, vs, mask=smask)
     else:
