@@ -526,13 +526,9 @@ def check_rotary_decode(
     try:
         dcfg = _attention_cfg("decode", cfg)
         (kf, vf, sf), (kc_, vc_, sc_) = caches(), caches()
-        if dcfg is None:
-            got = fused(triton_ops, kf, vf, sf)
-        else:
-            got = attention.rotary_decode_attention(
-                positions, q, k, v, cos_sin, kf, vf, slots, seq_lens, table, scale, q_norm=qw, k_norm=kw, **sf,
-                cfg=dcfg,
-            )  # fmt: skip
+        got = attention.rotary_decode_attention(  # the kernel, whatever triton_ops.FUSED_DECODE_ATTENTION says
+            positions, q, k, v, cos_sin, kf, vf, slots, seq_lens, table, scale, q_norm=qw, k_norm=kw, **sf, cfg=dcfg
+        )
         q_rot = triton_ops.rotary_write_kv(positions, q, k, v, cos_sin, kc_, vc_, slots, q_norm=qw, k_norm=kw, **sc_)
         composed = attention.decode_attention(q_rot, kc_, vc_, seq_lens, table, scale, dcfg, **sc_)
     finally:
@@ -653,6 +649,43 @@ def check_model_gemv_vs_composed(device: str, arch: str, dtype: torch.dtype) -> 
         _assert_close(a, b, dtype, f"decode step {step} logits")
 
 
+def check_model_fused_decode_attention(device: str, arch: str, dtype: torch.dtype) -> None:
+    """A tiny model's decode steps (three requests and a padding row) with the rotary, the KV write and the split
+    merge in the decode kernel (triton_ops.FUSED_DECODE_ATTENTION, attention.MERGE_IN_KERNEL) against the
+    same steps as rotary_write_kv, decode_attention and its reduce: the same greedy tokens, logits within the
+    dtype's tolerance, and the fused op did run."""
+    from engine.kernels.registry import KernelSet
+    from engine.kernels.triton import attention
+
+    from model_steps import RecordingOps, prefill_then_decode, tiny_model
+
+    triton_ops, _ = _ops()
+    model = tiny_model(arch, dtype=dtype, device=device)
+    ops = RecordingOps(KernelSet(device, prefer=("triton", "torch")))
+    before = triton_ops.FUSED_DECODE_ATTENTION, attention.MERGE_IN_KERNEL, attention.rotary_decode_attention
+    launches = {True: 0, False: 0}
+
+    def counted(*args, **kwargs):
+        launches[triton_ops.FUSED_DECODE_ATTENTION] += 1
+        return before[2](*args, **kwargs)
+
+    try:
+        attention.rotary_decode_attention = counted
+        runs = {}
+        for on in (True, False):
+            triton_ops.FUSED_DECODE_ATTENTION = attention.MERGE_IN_KERNEL = on
+            runs[on] = prefill_then_decode(model, ops, [11, 30, 4], steps=3)
+    finally:
+        triton_ops.FUSED_DECODE_ATTENTION, attention.MERGE_IN_KERNEL, attention.rotary_decode_attention = before
+    assert "rotary_decode_attention" in ops.calls
+    assert launches[True] == 3 * model.config.num_layers and launches[False] == 0, launches
+    (fused, fused_tokens), (composed, composed_tokens) = runs[True], runs[False]
+    assert fused_tokens == composed_tokens
+    assert torch.equal(fused[0], composed[0])  # the prefill does not take the decode kernel
+    for step, (a, b) in enumerate(zip(fused[1:], composed[1:]), 1):
+        _assert_close(a, b, dtype, f"decode step {step} logits")
+
+
 def check_registry(device: str) -> None:
     from engine.kernels.registry import OPS, KernelSet
 
@@ -735,6 +768,12 @@ CASES: dict[str, Callable[[str], None]] = {
     ),
     # the decode path through the fused one-row GEMVs against the composed ops (Qwen3: q/k norms, biases: Qwen2)
     "model_llama_gemv_vs_composed_bf16": partial(check_model_gemv_vs_composed, arch="LlamaForCausalLM", dtype=BF16),
+    "model_llama_fused_decode_attention_bf16": partial(
+        check_model_fused_decode_attention, arch="LlamaForCausalLM", dtype=BF16
+    ),
+    "model_qwen3_fused_decode_attention_f32": partial(
+        check_model_fused_decode_attention, arch="Qwen3ForCausalLM", dtype=F32
+    ),
     "model_qwen2_gemv_vs_composed_f32": partial(check_model_gemv_vs_composed, arch="Qwen2ForCausalLM", dtype=F32),
     "model_qwen3_gemv_vs_composed_f16": partial(check_model_gemv_vs_composed, arch="Qwen3ForCausalLM", dtype=F16),
     # decode: seq_len 1, lengths off the block grid, several splits, tiles spanning and inside blocks
@@ -1265,7 +1304,7 @@ def test_rotary_decode_at_llama_8b_shapes_gpu(lens: list[int], kv_fp8: bool, mer
 
 
 @pytest.mark.gpu
-def test_rotary_decode_replays_in_a_cuda_graph_gpu() -> None:
+def test_rotary_decode_replays_in_a_cuda_graph_gpu(monkeypatch) -> None:
     """The fused decode launch captured once and replayed on new rows, five times: its split counters must be
     back at zero after every replay, or a later replay's merge would run early, late or never."""
     from engine.kernels.triton import attention
@@ -1286,11 +1325,12 @@ def test_rotary_decode_replays_in_a_cuda_graph_gpu() -> None:
         blocks = kv.block_table.gather(1, (positions // bs)[:, None]).squeeze(1).long()
         slots.copy_(blocks * bs + positions % bs)
 
-    def run(kc, vc, ops=triton_ops):
+    def run(kc, vc, ops=attention):
         return ops.rotary_decode_attention(
             positions, q, k, v, cos_sin, kc, vc, slots, seq_lens, kv.block_table, d**-0.5
         )
 
+    monkeypatch.setattr(attention, "MERGE_IN_KERNEL", True)
     set_rows([3000, 40, 1500])
     run(kv.k_cache, kv.v_cache)  # compile, and the counters' buffer exists before the capture
     assert attention.split_counters(q.device, rows * hk) is not None, "the merge did not run in the kernel"
