@@ -129,10 +129,11 @@ VARIANTS = {
     # as their own kernels, cuBLAS / engine.quant's GEMV for the products; the baseline of the fusion
     "bf16-unfused": ("none", "auto"),
     "fp8w-unfused": ("fp8", "auto"),
-    # the fused GEMV but not the fused decode attention (the rotary and the KV write in the decode kernel, its
-    # last split merging): rotary_write_kv, decode_attention and its reduce as three kernels; that fusion's baseline
-    "bf16-gemv": ("none", "auto"),
-    "fp8w-gemv": ("fp8", "auto"),
+    # the fused GEMV and the fused decode attention (the rotary and the KV write in the decode kernel, its last
+    # split merging: triton_ops.FUSED_DECODE_ATTENTION, off by default until it has run on a GPU), against the
+    # defaults' rotary_write_kv, decode_attention and its reduce as three kernels
+    "bf16-attn": ("none", "auto"),
+    "fp8w-attn": ("fp8", "auto"),
 }
 
 
@@ -554,8 +555,8 @@ def main(argv: list[str] | None = None) -> None:
         default=["bf16"],
         choices=list(VARIANTS),
         help="engines to measure, each fresh: bf16, fp8w (FP8 weights), fp8kv (FP8 KV cache), fp8 (both); "
-        "bf16-unfused, fp8w-unfused: without the fused one-row GEMV and decode attention (their baseline); "
-        "bf16-gemv, fp8w-gemv: the GEMV fused, the decode attention not",
+        "bf16-unfused, fp8w-unfused: without the fused one-row GEMV (its baseline); "
+        "bf16-attn, fp8w-attn: with the fused decode attention (rotary + KV write + merge in the kernel)",
     )
     parser.add_argument(
         "--profile-gpu",
@@ -586,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for shape in args.models:
         for variant in args.variants:
-            with fusions(gemv=not variant.endswith("-unfused"), attention=not variant.endswith(("-unfused", "-gemv"))):
+            with fusions(gemv=not variant.endswith("-unfused"), attention=variant.endswith("-attn") or None):
                 rows += bench_model(shape, args, bandwidth, rate, variant)
     print_table(rows)
     print_ratios(rows)
@@ -601,19 +602,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @contextlib.contextmanager
-def fusions(gemv: bool, attention: bool):
-    """The triton backend's fusions on or off while an engine is built and run: the one-row GEMV (the -unfused
+def fusions(gemv: bool, attention: bool | None):
+    """The triton backend's fusions while an engine is built and run: the one-row GEMV on or off (the -unfused
     variants turn it off), and the decode attention with the rotary, the KV write and the split merge in its
-    kernel (-unfused and -gemv turn it off)."""
+    kernel on or off (the -attn variants turn it on; None: the default)."""
     from engine.kernels import triton_ops
     from engine.kernels.triton import attention as triton_attention
 
     before = triton_ops.FUSED_GEMV, triton_ops.FUSED_DECODE_ATTENTION, triton_attention.MERGE_IN_KERNEL
-    triton_ops.FUSED_GEMV, triton_ops.FUSED_DECODE_ATTENTION, triton_attention.MERGE_IN_KERNEL = (
-        gemv,
-        attention,
-        attention,
-    )
+    triton_ops.FUSED_GEMV = gemv
+    if attention is not None:
+        triton_ops.FUSED_DECODE_ATTENTION = triton_attention.MERGE_IN_KERNEL = attention
     try:
         yield
     finally:

@@ -127,9 +127,11 @@ def decode_attention(
     )
 
 
-# the decode attention with the rotary and the KV write in its kernel on or off; benchmarks turn it off (with
-# attention.MERGE_IN_KERNEL) for their baseline: experiments.bench_engine's -gemv and -unfused variants
-FUSED_DECODE_ATTENTION = True
+# the decode attention with the rotary and the KV write in its kernel (attention.rotary_decode_attention) on or
+# off. Off by default until it has run on a GPU: it passes every check under the interpreter and compiles for
+# sm_90, but no device was lent to the session that wrote it (2026-12-07). experiments.bench_engine's -attn
+# variants turn it on (with attention.MERGE_IN_KERNEL); its GPU tests call the kernel whatever this says.
+FUSED_DECODE_ATTENTION = False
 
 
 @register("rotary_decode_attention", "triton")
