@@ -11,11 +11,13 @@
 #     served  python -m experiments.bench_agentic (swe_smith served at concurrency 1, 2, 4 beside the twin)
 #     floor   bench_agentic at concurrency $FLOOR_CONC (1 2 4 8), one wave, beside the twin on the shipped profile,
 #             with $FLOOR_ARGS (e.g. --admission tps_floor:tok_s=70); files floor-$FLOOR_TAG.* (issue #21)
+#     attn    the fused decode attention (off by default until it has run on a GPU): its GPU tests, then
+#             bench_engine bf16 / bf16-attn / fp8w / fp8w-attn at decode b1 512 and 50K, b4 50K (ATTN_S seconds)
 #     lookahead  python -m experiments.bench_lookahead --engine-only: the engine's step time with and without
 # Carry .whl (../shared/tools/device-wheels.sh prometheus-client opentelemetry-api annotated-doc: fastapi
 # 0.165 imports the last two) for simpy/hydra/fastapi. Logs go to $OUT (or /tmp/gpu-agentic).
-# Each phase has its own time limit (TUNE_S, KERNELS_S, GEMV_S, FUSE_S, PROFILE_S, BENCH_S, TESTS_S, SERVED_S, FLOOR_S, LOOKAHEAD_S
-# seconds) so that what ran comes back.
+# Each phase has its own time limit (TUNE_S, KERNELS_S, GEMV_S, FUSE_S, PROFILE_S, BENCH_S, TESTS_S, SERVED_S, FLOOR_S, LOOKAHEAD_S,
+# ATTN_S seconds) so that what ran comes back.
 set -uo pipefail
 out="${OUT:-/tmp/gpu-agentic}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -70,6 +72,12 @@ for phase in "$@"; do
     lookahead) install || exit 1
       PYTHONSAFEPATH=1 TANDEM_CONF_DIR=$PWD/conf timeout "${LOOKAHEAD_S:-240}" python3 -m experiments.bench_lookahead \
         --engine-only --json "$out/lookahead.json" > "$out/lookahead.txt" 2>&1 || status=1 ;;
+    attn) install || exit 1
+      PYTHONSAFEPATH=1 timeout "${ATTN_S:-400}" bash -c 'python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
+          tests/test_kernels_triton.py -k "rotary_decode or fused_decode or decode" \
+        && TANDEM_CONF_DIR=$PWD/conf python3 -m experiments.bench_engine --models llama-3.1-8b --no-hf \
+          --variants bf16 bf16-attn fp8w fp8w-attn --decode 1x512 1x50000 4x50000 --prefill 2048 --turn' \
+        > "$out/attn.txt" 2>&1 || status=1 ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
   echo "phase $phase done (status so far $status)"
