@@ -609,7 +609,7 @@ def decode_attention(
             max_splits=cfg.max_splits,
         )
     out = torch.empty_like(q)
-    _decode(out, q, k_cache, v_cache, seq_lens, block_table, scale, cfg, k_scale, v_scale, None)
+    _decode(out, q, k_cache, v_cache, seq_lens, block_table, scale, cfg, k_scale, v_scale, fp8, compute, None)
     return out
 
 
@@ -648,7 +648,7 @@ def rotary_decode_attention(
         return decode_attention(q, k_cache, v_cache, seq_lens, block_table, scale, cfg, **kv)
     out = torch.empty((batch, hq, d), dtype=q.dtype, device=q.device)
     rotary = (positions, q, k, v, cos_sin, slot_mapping, q_norm, k_norm, eps)
-    _decode(out, out, k_cache, v_cache, seq_lens, block_table, scale, cfg, k_scale, v_scale, rotary)
+    _decode(out, out, k_cache, v_cache, seq_lens, block_table, scale, cfg, k_scale, v_scale, fp8, compute, rotary)
     return out
 
 
@@ -676,16 +676,15 @@ def split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
     return counters
 
 
-def _decode(out, q, k_cache, v_cache, seq_lens, block_table, scale, cfg, k_scale, v_scale, rotary) -> None:
+def _decode(out, q, k_cache, v_cache, seq_lens, block_table, scale, cfg, k_scale, v_scale, fp8, compute, rotary):
     """One split-KV decode launch into `out` (and its reduce, unless the kernel merges): q is read from `q`,
     or, with `rotary` (positions, q, k, v, cos_sin, slot_mapping, q_norm, k_norm, eps), rotated into `out`
-    by the kernel and k, v stored in the cache first."""
+    by the kernel and k, v stored in the cache first; fp8, compute: the caller's _compute_dtype."""
     batch, hq, d = out.shape
     _, bs, hk, _ = k_cache.shape
     if batch == 0:
         return
     group = hq // hk
-    fp8, compute = _compute_dtype(out, k_cache, k_scale, v_scale)
     max_context = block_table.shape[1] * bs  # bounds every seq_len: no host sync needed
     splits = decode_splits(batch, hk, max_context, num_sms(out.device), cfg)
     d_pad = max(16, triton.next_power_of_2(d))
