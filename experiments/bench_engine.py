@@ -134,6 +134,9 @@ VARIANTS = {
     # defaults' rotary_write_kv, decode_attention and its reduce as three kernels
     "bf16-attn": ("none", "auto"),
     "fp8w-attn": ("fp8", "auto"),
+    # the rotary and the KV write in the decode kernel, its splits merged by the reduce kernel as before
+    "bf16-rot": ("none", "auto"),
+    "fp8w-rot": ("fp8", "auto"),
 }
 
 
@@ -556,7 +559,8 @@ def main(argv: list[str] | None = None) -> None:
         choices=list(VARIANTS),
         help="engines to measure, each fresh: bf16, fp8w (FP8 weights), fp8kv (FP8 KV cache), fp8 (both); "
         "bf16-unfused, fp8w-unfused: without the fused one-row GEMV (its baseline); "
-        "bf16-attn, fp8w-attn: with the fused decode attention (rotary + KV write + merge in the kernel)",
+        "bf16-attn, fp8w-attn: with the fused decode attention (rotary + KV write + merge in the kernel); "
+        "bf16-rot, fp8w-rot: the same with the splits merged by the reduce kernel",
     )
     parser.add_argument(
         "--profile-gpu",
@@ -587,7 +591,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for shape in args.models:
         for variant in args.variants:
-            with fusions(gemv=not variant.endswith("-unfused"), attention=variant.endswith("-attn") or None):
+            fused = variant.endswith(("-attn", "-rot")) or None
+            merge = variant.endswith("-attn") if fused else None
+            with fusions(not variant.endswith("-unfused"), fused, merge):
                 rows += bench_model(shape, args, bandwidth, rate, variant)
     print_table(rows)
     print_ratios(rows)
@@ -602,17 +608,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @contextlib.contextmanager
-def fusions(gemv: bool, attention: bool | None):
+def fusions(gemv: bool, attention: bool | None, merge: bool | None = None):
     """The triton backend's fusions while an engine is built and run: the one-row GEMV on or off (the -unfused
-    variants turn it off), and the decode attention with the rotary, the KV write and the split merge in its
-    kernel on or off (the -attn variants turn it on; None: the default)."""
+    variants turn it off), the decode attention with the rotary and the KV write in its kernel on or off (the
+    -attn and -rot variants turn it on) and its split merge in the kernel (-attn); None: the default."""
     from engine.kernels import triton_ops
     from engine.kernels.triton import attention as triton_attention
 
     before = triton_ops.FUSED_GEMV, triton_ops.FUSED_DECODE_ATTENTION, triton_attention.MERGE_IN_KERNEL
     triton_ops.FUSED_GEMV = gemv
     if attention is not None:
-        triton_ops.FUSED_DECODE_ATTENTION = triton_attention.MERGE_IN_KERNEL = attention
+        triton_ops.FUSED_DECODE_ATTENTION = attention
+    if merge is not None:
+        triton_attention.MERGE_IN_KERNEL = merge
     try:
         yield
     finally:

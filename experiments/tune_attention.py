@@ -5,6 +5,7 @@
     python -m experiments.tune_attention --quick         # two shapes, three configs each
     python -m experiments.tune_attention --only prefill --gather   # the gathered (TMA) prefill kernel's tiles
     python -m experiments.tune_attention --only decode-fp8         # the same decode sweep on FP8 caches
+    python -m experiments.tune_attention --only decode-fused       # rotary + KV write + merge in the decode kernel
 
 Heads of the Llama-3-8B shape (Hq 32, Hk 8, D 128), block size 16, bf16, blocks of each request
 scattered over the pool. Prefill shapes are (cached prefix, new tokens) of one request: long causal
@@ -207,9 +208,112 @@ def sweep_decode(shapes, quick: bool, bw: float, fp8: bool = False) -> None:
         torch.cuda.empty_cache()
 
 
+def _compiled(fn) -> list:
+    """The kernels Triton has compiled for `fn` so far (every device), in compile order."""
+    kernels = []
+    for entry in getattr(fn, "device_caches", {}).values():
+        cache = entry[0] if isinstance(entry, tuple) else entry
+        kernels += list(cache.values()) if isinstance(cache, dict) else []
+    return kernels
+
+
+def _registers(kernel) -> str:
+    try:
+        kernel._init_handles()
+        return f"{kernel.n_regs} regs, {kernel.n_spills} B spilled"
+    except Exception as exc:  # noqa: BLE001 - a report, not a check
+        return f"registers unknown ({type(exc).__name__})"
+
+
+def sweep_decode_fused(shapes, bw: float, fp8: bool = False) -> None:
+    """A decode step's attention from its projections (8B heads) four ways, in CUDA graphs: rotary_write_kv then
+    decode_attention with the reduce kernel (the default) or the in-kernel merge, and rotary_decode_attention
+    (the rotary and the KV write in the decode kernel) with either; then the fused kernel's tiles beside the
+    default. Prints each new split kernel's registers and spills (ptxas), which decide its occupancy."""
+    import triton.testing
+
+    from engine.kernels import torch_ops
+    from engine.kernels.triton import attention, elementwise
+
+    kind = "FP8" if fp8 else "bf16"
+    print(f"\nfused decode attention, {kind} cache; copy bandwidth {bw:.0f} GB/s (read+write); us a call, CUDA graphs")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    scale = D**-0.5
+    seen = len(_compiled(attention._decode_split_kernel))
+    for b, ctx in shapes:
+        k_cache, v_cache, table, lens = paged_cache([ctx] * b, gen)
+        sc = {}
+        if fp8:
+            (k_cache, sc["k_scale"]), (v_cache, sc["v_scale"]) = (
+                torch_ops.quantize_fp8(k_cache),
+                torch_ops.quantize_fp8(v_cache),
+            )
+        qkv = torch.randn((b, (HQ + 2 * HK) * D), generator=gen, device="cuda", dtype=DTYPE)
+        q, k, v = (t.view(b, -1, D) for t in qkv.split([HQ * D, HK * D, HK * D], dim=-1))
+        positions = (lens - 1).long()
+        slots = (table.gather(1, (positions // BS)[:, None]).squeeze(1).long() * BS + positions % BS).long()
+        inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device="cuda", dtype=torch.float32) / D))
+        ang = torch.arange(ctx + 1, device="cuda", dtype=torch.float32)[:, None] * inv[None, :]
+        cos_sin = torch.cat([ang.cos(), ang.sin()], dim=-1)
+        keys = b * table.shape[1] * BS
+        base = attention.decode_config(torch.device("cuda"), D, DTYPE, kv_fp8=fp8, group=HQ // HK, keys=keys)
+        args = (positions, q, k, v, cos_sin, k_cache, v_cache, slots, lens, table, scale)
+
+        def composed(cfg=base):
+            qr = elementwise.rotary_write_kv(positions, q, k, v, cos_sin, k_cache, v_cache, slots, **sc)
+            return attention.decode_attention(qr, k_cache, v_cache, lens, table, scale, cfg, **sc)
+
+        def fused(cfg=base):
+            return attention.rotary_decode_attention(*args, **sc, cfg=cfg)
+
+        variants = [("composed, reduce", composed, False), ("composed, merge", composed, True)]
+        variants += [("fused, reduce", fused, False), ("fused, merge", fused, True)]
+        tiles = [
+            dataclasses.replace(base, programs_per_sm=pps, num_stages=st, num_warps=w)
+            for pps, st, w in itertools.product((2, 4, 8), (1, 2, 3), (4,))
+            if (pps, st, w) != (base.programs_per_sm, base.num_stages, base.num_warps)
+        ]
+        tiles += [dataclasses.replace(base, maxnreg=96)]  # 5 programs of 4 warps an SM fit (ptxas may spill)
+        variants += [
+            (f"fused, {m}, {label(c, base)}", partial(fused, c), m == "merge")
+            for c in tiles
+            if not base.fma
+            for m in ("reduce", "merge")
+        ]
+        times = {}
+        saved = attention.MERGE_IN_KERNEL
+        try:
+            for name, fn, merge in variants:
+                attention.MERGE_IN_KERNEL = merge
+                try:
+                    fn()
+                    torch.cuda.synchronize()
+                    times[name] = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+                except Exception as exc:  # noqa: BLE001 - a sweep row, not a check
+                    print(f"  {name}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+                    continue
+                new = _compiled(attention._decode_split_kernel)[seen:]
+                seen += len(new)
+                for kernel in new:
+                    print(f"    split kernel compiled for '{name}': {_registers(kernel)}")
+        finally:
+            attention.MERGE_IN_KERNEL = saved
+        kv_bytes = 2 * b * ctx * HK * D * k_cache.element_size()
+        ref = times.get("composed, reduce", float("nan"))
+        splits = attention.decode_splits(b, HK, table.shape[1] * BS, attention.num_sms(q.device), base)
+        print(f"batch {b:>3} ctx {ctx:>6} (splits {splits}):")
+        for name, t in sorted(times.items(), key=lambda kv: kv[1])[:12]:
+            print(f"      {t:8.1f} us {kv_bytes / t / 1e3:6.0f} GB/s {t / ref:5.2f}x  {name}")
+        for name in ("composed, reduce", "composed, merge", "fused, reduce", "fused, merge"):
+            if name in times:
+                print(f"      {times[name]:8.1f} us {name}")
+        del k_cache, v_cache
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("prefill", "decode", "decode-fp8"))
+    parser.add_argument("--only", choices=("prefill", "decode", "decode-fp8", "decode-fused"))
     parser.add_argument("--gather", action="store_true", help="prefill: sweep the gathered (TMA) kernel's tiles")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--small", action="store_true", help="prefill: 128-row tiles, 2-3 stages only")
@@ -232,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
         sweep_decode(shapes, args.quick, copy_gbs())
     if args.only in (None, "decode-fp8"):
         sweep_decode(shapes, args.quick, copy_gbs(), fp8=True)
+    if args.only == "decode-fused":
+        sweep_decode_fused(shapes, copy_gbs())
+        sweep_decode_fused(shapes, copy_gbs(), fp8=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@
 #     floor   bench_agentic at concurrency $FLOOR_CONC (1 2 4 8), one wave, beside the twin on the shipped profile,
 #             with $FLOOR_ARGS (e.g. --admission tps_floor:tok_s=70); files floor-$FLOOR_TAG.* (issue #21)
 #     attn    the fused decode attention (off by default until it has run on a GPU): its GPU tests, then
-#             bench_engine bf16 / bf16-attn / fp8w / fp8w-attn at decode b1 512 and 50K, b4 50K (ATTN_S seconds)
+#             bench_engine bf16 / bf16-rot / bf16-attn / fp8w / fp8w-rot / fp8w-attn at decode b1 512 and 50K,
+#             b4 50K (ATTN_S seconds; ATTN_VARIANTS overrides the variants)
+#     fused   python -m experiments.tune_attention --only decode-fused: the fused decode attention's kernels
+#             and tiles at b1 512 / 50K, b4 50K, b64 512, bf16 and FP8 caches, with registers (FUSED_S)
 #     lookahead  python -m experiments.bench_lookahead --engine-only: the engine's step time with and without
 # Carry .whl (../shared/tools/device-wheels.sh prometheus-client opentelemetry-api annotated-doc: fastapi
 # 0.165 imports the last two) for simpy/hydra/fastapi. Logs go to $OUT (or /tmp/gpu-agentic).
@@ -73,11 +76,14 @@ for phase in "$@"; do
       PYTHONSAFEPATH=1 TANDEM_CONF_DIR=$PWD/conf timeout "${LOOKAHEAD_S:-240}" python3 -m experiments.bench_lookahead \
         --engine-only --json "$out/lookahead.json" > "$out/lookahead.txt" 2>&1 || status=1 ;;
     attn) install || exit 1
-      PYTHONSAFEPATH=1 timeout "${ATTN_S:-400}" bash -c 'python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
-          tests/test_kernels_triton.py -k "rotary_decode or fused_decode or decode" \
-        && TANDEM_CONF_DIR=$PWD/conf python3 -m experiments.bench_engine --models llama-3.1-8b --no-hf \
-          --variants bf16 bf16-attn fp8w fp8w-attn --decode 1x512 1x50000 4x50000 --prefill 2048 --turn' \
-        > "$out/attn.txt" 2>&1 || status=1 ;;
+      PYTHONSAFEPATH=1 timeout "${ATTN_S:-400}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
+          tests/test_kernels_triton.py -k "rotary_decode or fused_decode or decode" > "$out/attn.txt" 2>&1 || status=1
+      PYTHONSAFEPATH=1 TANDEM_CONF_DIR=$PWD/conf timeout "${ATTN_S:-400}" python3 -m experiments.bench_engine \
+          --models llama-3.1-8b --no-hf --variants ${ATTN_VARIANTS:-bf16 bf16-rot bf16-attn fp8w fp8w-rot fp8w-attn} \
+          --decode 1x512 1x50000 4x50000 --prefill 2048 --turn >> "$out/attn.txt" 2>&1 || status=1 ;;
+    fused) install || exit 1
+      PYTHONSAFEPATH=1 timeout "${FUSED_S:-300}" python3 -m experiments.tune_attention --only decode-fused \
+        --shapes ${FUSED_SHAPES:-1x512 1x50000 4x50000 64x512} > "$out/fused.txt" 2>&1 || status=1 ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
   echo "phase $phase done (status so far $status)"

@@ -466,6 +466,10 @@ def check_decode(
     _assert_close(got, want, dtype, f"decode_attention lens={lens[:4]}")
 
 
+# a cache element's tolerance between two GPU kernels that store the same value (about one unit in its last place)
+_CACHE_TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float8_e4m3fn: 0.125}
+
+
 def check_rotary_decode(
     device: str,
     seed: int,
@@ -536,10 +540,16 @@ def check_rotary_decode(
     want = fused(torch_ops, kr, vr, sr)  # the torch reference on clean caches (it reads every slot of a block)
     what = f"rotary_decode_attention lens={lens[:4]} merge={merge}"
     new = [r for r in range(rows) if slots[r] >= 0]
-    for got_c, want_c in ((kf, kc_), (vf, vc_)):  # the same bytes stored as rotary_write_kv stores them
-        assert torch.equal(got_c.view(torch.uint8), want_c.view(torch.uint8)), f"{what}: the cache differs"
+    for got_c, want_c in ((kf, kc_), (vf, vc_)):  # the values rotary_write_kv stores
+        if device == "cpu":  # the same bytes
+            assert torch.equal(got_c.view(torch.uint8), want_c.view(torch.uint8)), f"{what}: the cache differs"
+        else:  # the same jit helpers compiled into two kernels: the GPU compiler may order the norm's sum or
+            # contract its products differently (measured: float32 caches with the k norm differ in the last bit)
+            tol = _CACHE_TOL[got_c.dtype]
+            torch.testing.assert_close(got_c.float(), want_c.float(), rtol=tol, atol=tol, equal_nan=True, msg=what)
     for name in sf:
-        torch.testing.assert_close(sf[name], sc_[name], atol=0.0, rtol=0.0, equal_nan=True)
+        tol = 0.0 if device == "cpu" else 1e-6
+        torch.testing.assert_close(sf[name], sc_[name], atol=0.0, rtol=tol, equal_nan=True)
     if device == "cpu":
         assert torch.equal(got, composed), f"{what}: differs from rotary_write_kv + decode_attention"
     else:  # two kernels the GPU compiler may contract differently

@@ -79,6 +79,7 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 2
     fma: bool = False  # the CUDA-core kernel (decode_fma: no tl.dot; num_stages is its loop unrolling there)
+    maxnreg: int | None = None  # the split kernel's register cap a thread (ptxas spills above it); None: ptxas's
 
 
 @dataclass(frozen=True)
@@ -361,6 +362,7 @@ def _decode_split_kernel(
     HALF_PAD: tl.constexpr,
     MERGE: tl.constexpr,
     S_PAD: tl.constexpr,
+    S_CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -468,39 +470,41 @@ def _decode_split_kernel(
             counter = cnt_ptr + b * tl.num_programs(1) + kvh
             if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-                _merge_group(
-                    o_ptr, lse_ptr, out_ptr, b, heads, g < G, d, q_mask, seq_len, part, num_splits, o_st0, o_st1,
-                    o_st2, lse_st0, lse_st1, out_st0, out_st1, out_st2, S_PAD,
-                )  # fmt: skip
+                merged = tl.minimum(tl.cdiv(seq_len, part), num_splits)  # splits that saw at least one key
+                for j in tl.static_range(G):
+                    h = (kvh * G + j).to(tl.int64)
+                    _merge_head(
+                        o_ptr + b.to(tl.int64) * o_st0 + h * o_st1, lse_ptr + b.to(tl.int64) * lse_st0 + h * lse_st1,
+                        out_ptr + b.to(tl.int64) * out_st0 + h * out_st1, merged, o_st2, out_st2, D, D_PAD, S_PAD,
+                        S_CHUNK, ".cg",
+                    )  # fmt: skip
 
 
 @triton.jit
-def _merge_group(
-    o_ptr, lse_ptr, out_ptr, b, heads, g_mask, d, q_mask, seq_len, part, num_splits, o_st0, o_st1, o_st2, lse_st0,
-    lse_st1, out_st0, out_st1, out_st2, S_PAD: tl.constexpr,
+def _merge_head(
+    o_row, lse_row, out_row, live, o_st2, out_st2, D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    S_CHUNK: tl.constexpr, CACHE: tl.constexpr,
 ):  # fmt: skip
-    """One row's split partials of a GQA group's heads merged into out, as _decode_reduce_kernel does."""
-    live = tl.minimum(tl.cdiv(seq_len, part), num_splits)  # splits that saw at least one key
+    """One head's `live` split partials (o_row + s * o_st2: [D] float32, lse_row + s: log2-sum-exp) merged into
+    out_row. S_CHUNK splits a step, loaded together, so that the merge waits ~live / S_CHUNK memory latencies,
+    not live (b1 x 50K on an H100 has 66 splits). CACHE: the loads' cache modifier (".cg" where another program
+    of this launch stored the partials)."""
     s = tl.arange(0, S_PAD)
-    lse_rows = lse_ptr + b.to(tl.int64) * lse_st0 + heads * lse_st1
-    lse = tl.load(
-        lse_rows[:, None] + s[None, :], mask=g_mask[:, None] & (s < live)[None, :], other=float("-inf"),
-        cache_modifier=".cg",
-    )  # fmt: skip
-    top = tl.max(lse, 1)
+    lse = tl.load(lse_row + s, mask=s < live, other=float("-inf"), cache_modifier=CACHE)
+    top = tl.max(lse, 0)
     top = tl.where(top > float("-inf"), top, 0.0)
-    denom = tl.sum(tl.exp2(lse - top[:, None]), 1)
-    acc = tl.zeros(q_mask.shape, tl.float32)
-    o_rows = o_ptr + b.to(tl.int64) * o_st0 + heads[:, None] * o_st1 + d[None, :]
-    for i in range(0, live):
-        w = tl.exp2(tl.load(lse_rows + i, mask=g_mask, other=float("-inf"), cache_modifier=".cg") - top)
-        acc += w[:, None] * tl.load(o_rows + i * o_st2, mask=q_mask, other=0.0, cache_modifier=".cg")
+    denom = tl.sum(tl.exp2(lse - top), 0)
+    c = tl.arange(0, S_CHUNK)
+    d = tl.arange(0, D_PAD)
+    acc = tl.zeros([S_CHUNK, D_PAD], tl.float32)
+    for s0 in range(0, live, S_CHUNK):
+        sc = s0 + c
+        w = tl.exp2(tl.load(lse_row + sc, mask=sc < live, other=float("-inf"), cache_modifier=CACHE) - top)
+        o_mask = (sc < live)[:, None] & (d < D)[None, :]
+        acc += w[:, None] * tl.load(o_row + sc[:, None] * o_st2 + d[None, :], mask=o_mask, other=0.0,
+                                    cache_modifier=CACHE)  # fmt: skip
     denom = tl.where(denom > 0.0, denom, 1.0)
-    tl.store(
-        out_ptr + b.to(tl.int64) * out_st0 + heads[:, None] * out_st1 + d[None, :] * out_st2,
-        (acc / denom[:, None]).to(out_ptr.dtype.element_ty),
-        mask=q_mask,
-    )
+    tl.store(out_row + d * out_st2, (tl.sum(acc, 0) / denom).to(out_row.dtype.element_ty), mask=d < D)
 
 
 @triton.jit(do_not_specialize=["o_st0", "o_st1", "lse_st0", "lse_st1", "num_splits"])
@@ -523,39 +527,29 @@ def _decode_reduce_kernel(
     S_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MIN_TILES: tl.constexpr,
+    S_CHUNK: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     part = _split_len(seq_len, num_splits, BLOCK_N, MIN_TILES)
     live = tl.minimum(tl.cdiv(seq_len, part), num_splits)  # splits that saw at least one key
-    s = tl.arange(0, S_PAD)
-    lse_row = lse_ptr + b.to(tl.int64) * lse_st0 + h * lse_st1
-    lse = tl.load(lse_row + s, mask=s < live, other=float("-inf"))
-    top = tl.max(lse, 0)
-    denom = tl.sum(tl.exp2(lse - top), 0)
-    d = tl.arange(0, D_PAD)
-    acc = tl.zeros([D_PAD], tl.float32)
-    o_row = o_ptr + b.to(tl.int64) * o_st0 + h * o_st1
-    for i in range(0, live):
-        w = tl.exp2(tl.load(lse_row + i) - top)
-        acc += w * tl.load(o_row + i * o_st2 + d, mask=d < D, other=0.0)
-    tl.store(
-        out_ptr + b.to(tl.int64) * out_st0 + h * out_st1 + d * out_st2,
-        (acc / denom).to(out_ptr.dtype.element_ty),
-        mask=d < D,
-    )
+    _merge_head(
+        o_ptr + b * o_st0 + h * o_st1, lse_ptr + b * lse_st0 + h * lse_st1, out_ptr + b * out_st0 + h * out_st1, live,
+        o_st2, out_st2, D, D_PAD, S_PAD, S_CHUNK, "",
+    )  # fmt: skip
 
 
 def decode_splits(batch: int, kv_heads: int, max_context: int, sms: int, cfg: DecodeConfig) -> int:
     """The number of splits S of one launch.
 
-    Enough that batch * kv_heads * S reaches ~programs_per_sm programs per SM, at most
-    max_splits, and no more than a context of max_context keys can fill with splits of
-    min_tiles_per_split tiles.
+    As many as keep batch * kv_heads * S within programs_per_sm programs per SM (rounded down: one
+    program past the wave runs alone after it; at 4 x 50K on an H100, 544 programs where 528 fit,
+    the fused kernel's 4 programs an SM took 1.15x the step), at most max_splits, and no more
+    than a context of max_context keys can fill with splits of min_tiles_per_split tiles.
     """
     tiles = max(1, triton.cdiv(max_context, cfg.block_n))
-    want = triton.cdiv(cfg.programs_per_sm * sms, max(1, batch * kv_heads))
+    want = max(1, cfg.programs_per_sm * sms // max(1, batch * kv_heads))
     return max(1, min(want, cfg.max_splits, tiles // cfg.min_tiles_per_split))
 
 
@@ -740,11 +734,18 @@ def _decode(out, q, k_cache, v_cache, seq_lens, block_table, scale, cfg, k_scale
         HALF_PAD=triton.next_power_of_2(half),
         MERGE=counters is not None,
         S_PAD=triton.next_power_of_2(splits) if counters is not None else 1,
+        S_CHUNK=merge_chunk(splits),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+        **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
     )
     if counters is None:
         reduce_splits(o, lse, seq_lens, out, splits, cfg)
+
+
+def merge_chunk(splits: int) -> int:
+    """Split partials a merge step loads together (_merge_head): at most 16, a power of two."""
+    return min(16, triton.next_power_of_2(max(1, splits)))
 
 
 def split_partials(out: torch.Tensor, splits: int):
@@ -778,6 +779,7 @@ def reduce_splits(o, lse, seq_lens, out: torch.Tensor, splits: int, cfg: DecodeC
         S_PAD=triton.next_power_of_2(splits),
         BLOCK_N=cfg.block_n,
         MIN_TILES=cfg.min_tiles_per_split,
+        S_CHUNK=merge_chunk(splits),
         num_warps=1 if d <= 64 else 2,
     )
 
