@@ -6,6 +6,7 @@
     python -m experiments.tune_attention --only prefill --gather   # the gathered (TMA) prefill kernel's tiles
     python -m experiments.tune_attention --only decode-fp8         # the same decode sweep on FP8 caches
     python -m experiments.tune_attention --only decode-fused       # rotary + KV write + merge in the decode kernel
+    python -m experiments.tune_attention --only decode-fused-fp8   # the same on FP8 caches
 
 Heads of the Llama-3-8B shape (Hq 32, Hk 8, D 128), block size 16, bf16, blocks of each request
 scattered over the pool. Prefill shapes are (cached prefix, new tokens) of one request: long causal
@@ -313,7 +314,7 @@ def sweep_decode_fused(shapes, bw: float, fp8: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("prefill", "decode", "decode-fp8", "decode-fused"))
+    parser.add_argument("--only", choices=("prefill", "decode", "decode-fp8", "decode-fused", "decode-fused-fp8"))
     parser.add_argument("--gather", action="store_true", help="prefill: sweep the gathered (TMA) kernel's tiles")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--small", action="store_true", help="prefill: 128-row tiles, 2-3 stages only")
@@ -338,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         sweep_decode(shapes, args.quick, copy_gbs(), fp8=True)
     if args.only == "decode-fused":
         sweep_decode_fused(shapes, copy_gbs())
+    if args.only == "decode-fused-fp8":
         sweep_decode_fused(shapes, copy_gbs(), fp8=True)
 
 
