@@ -1112,6 +1112,9 @@ def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
         "rotary_decode_bf16_merge": partial(rotary_decode, BF16, programs_per_sm=64, min_tiles_per_split=1),
         "rotary_decode_bf16_reduce": partial(rotary_decode, BF16, merge=False, programs_per_sm=64),
         "rotary_decode_bf16_qk_norm_one_split": partial(rotary_decode, BF16, qk_norm=True, max_splits=1),
+        "rotary_decode_bf16_merge_maxnreg_96": partial(
+            rotary_decode, BF16, programs_per_sm=64, min_tiles_per_split=1, maxnreg=96
+        ),
         "rotary_decode_fp8_kv_bf16_merge": partial(
             rotary_decode, BF16, kv_fp8=True, fma=False, programs_per_sm=64, min_tiles_per_split=1
         ),
@@ -1248,6 +1251,35 @@ def interpreter_results() -> dict[str, str | None]:
 def test_triton_matches_reference_under_interpreter(name: str, interpreter_results) -> None:
     error = interpreter_results.get(name, "case did not run")
     assert error is None, error
+
+
+@pytest.mark.parametrize("sms", [132, 78, 8])
+def test_decode_splits_stay_within_a_wave_of_programs(sms: int) -> None:
+    """decode_splits never launches more than programs_per_sm programs an SM (the programs past a wave run
+    after it), and still splits a long context over the whole wave: at 4 x 50K on an H100, 16 splits."""
+    pytest.importorskip("triton")
+    from engine.kernels.triton.attention import DecodeConfig, decode_splits
+
+    cfg = DecodeConfig(block_n=64, min_tiles_per_split=1)
+    for batch, hk, context in [(1, 8, 50_000), (4, 8, 50_000), (3, 8, 50_000), (64, 8, 512), (1, 8, 512), (7, 5, 9000)]:
+        splits = decode_splits(batch, hk, context, sms, cfg)
+        tiles = -(-context // cfg.block_n)
+        assert 1 <= splits <= min(cfg.max_splits, tiles)
+        if splits > 1:
+            assert batch * hk * splits <= cfg.programs_per_sm * sms, (batch, hk, context, splits)
+        # one more split would still fit the wave only where a cap (max_splits, the context's tiles) stops it
+        more_fits = batch * hk * (splits + 1) <= cfg.programs_per_sm * sms
+        assert not more_fits or splits in (cfg.max_splits, tiles), (batch, hk, context, splits)
+    if sms == 132:
+        assert decode_splits(4, 8, 50_000, sms, cfg) == 16
+        assert decode_splits(1, 8, 50_000, sms, cfg) == 66
+
+
+def test_merge_chunk_is_a_power_of_two_up_to_16() -> None:
+    pytest.importorskip("triton")
+    from engine.kernels.triton.attention import merge_chunk
+
+    assert [merge_chunk(s) for s in (1, 2, 3, 8, 9, 16, 17, 66, 128)] == [1, 2, 4, 8, 16, 16, 16, 16, 16]
 
 
 def test_triton_not_claimed_on_cpu_without_interpreter() -> None:

@@ -543,10 +543,11 @@ def _decode_reduce_kernel(
 def decode_splits(batch: int, kv_heads: int, max_context: int, sms: int, cfg: DecodeConfig) -> int:
     """The number of splits S of one launch.
 
-    As many as keep batch * kv_heads * S within programs_per_sm programs per SM (rounded down: one
-    program past the wave runs alone after it; at 4 x 50K on an H100, 544 programs where 528 fit,
-    the fused kernel's 4 programs an SM took 1.15x the step), at most max_splits, and no more
-    than a context of max_context keys can fill with splits of min_tiles_per_split tiles.
+    As many as keep batch * kv_heads * S within programs_per_sm programs per SM (rounded down: the
+    programs past a wave run after it; rounded up, 4 x 50K on an H100 gave 544 programs where 4 an
+    SM hold 528, the likely cause of the fused kernel's 1.155x step there, docs/perf.md), at most
+    max_splits, and no more than a context of max_context keys can fill with splits of
+    min_tiles_per_split tiles.
     """
     tiles = max(1, triton.cdiv(max_context, cfg.block_n))
     want = max(1, cfg.programs_per_sm * sms // max(1, batch * kv_heads))
