@@ -235,6 +235,8 @@ def sweep_decode_fused(shapes, bw: float, fp8: bool = False) -> None:
 
     from engine.kernels import torch_ops
     from engine.kernels.triton import attention, elementwise
+    from engine.models.decoder import rope_cos_sin
+    from engine.models.shapes import shape_config
 
     kind = "FP8" if fp8 else "bf16"
     print(f"\nfused decode attention, {kind} cache; copy bandwidth {bw:.0f} GB/s (read+write); us a call, CUDA graphs")
@@ -253,9 +255,7 @@ def sweep_decode_fused(shapes, bw: float, fp8: bool = False) -> None:
         q, k, v = (t.view(b, -1, D) for t in qkv.split([HQ * D, HK * D, HK * D], dim=-1))
         positions = (lens - 1).long()
         slots = (table.gather(1, (positions // BS)[:, None]).squeeze(1).long() * BS + positions % BS).long()
-        inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device="cuda", dtype=torch.float32) / D))
-        ang = torch.arange(ctx + 1, device="cuda", dtype=torch.float32)[:, None] * inv[None, :]
-        cos_sin = torch.cat([ang.cos(), ang.sin()], dim=-1)
+        cos_sin = rope_cos_sin(shape_config("llama-3.1-8b"), ctx + 1).cuda()
         keys = b * table.shape[1] * BS
         base = attention.decode_config(torch.device("cuda"), D, DTYPE, kv_fp8=fp8, group=HQ // HK, keys=keys)
         args = (positions, q, k, v, cos_sin, k_cache, v_cache, slots, lens, table, scale)

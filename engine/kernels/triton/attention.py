@@ -735,7 +735,7 @@ def _decode(out, q, k_cache, v_cache, seq_lens, block_table, scale, cfg, k_scale
         HALF_PAD=triton.next_power_of_2(half),
         MERGE=counters is not None,
         S_PAD=triton.next_power_of_2(splits) if counters is not None else 1,
-        S_CHUNK=merge_chunk(splits),
+        S_CHUNK=merge_chunk(splits) if counters is not None else 1,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
