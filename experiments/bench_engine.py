@@ -129,14 +129,17 @@ VARIANTS = {
     # as their own kernels, cuBLAS / engine.quant's GEMV for the products; the baseline of the fusion
     "bf16-unfused": ("none", "auto"),
     "fp8w-unfused": ("fp8", "auto"),
-    # the fused GEMV and the fused decode attention (the rotary and the KV write in the decode kernel, its last
-    # split merging: triton_ops.FUSED_DECODE_ATTENTION, off by default until it has run on a GPU), against the
-    # defaults' rotary_write_kv, decode_attention and its reduce as three kernels
+    # the decode attention with its splits merged in its kernel (attention.MERGE_IN_KERNEL, off by default),
+    # besides the rotary and the KV write (triton_ops.FUSED_DECODE_ATTENTION, on by default)
     "bf16-attn": ("none", "auto"),
     "fp8w-attn": ("fp8", "auto"),
-    # the rotary and the KV write in the decode kernel, its splits merged by the reduce kernel as before
+    # the rotary and the KV write in the decode kernel, its splits merged by the reduce kernel: the default
     "bf16-rot": ("none", "auto"),
     "fp8w-rot": ("fp8", "auto"),
+    # the baseline of that fusion: rotary_write_kv, decode_attention and its reduce as three kernels
+    "bf16-composed": ("none", "auto"),
+    "fp8w-composed": ("fp8", "auto"),
+    "fp8kv-composed": ("none", "fp8_e4m3"),
 }
 
 
@@ -591,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for shape in args.models:
         for variant in args.variants:
-            fused = variant.endswith(("-attn", "-rot")) or None
+            fused = True if variant.endswith(("-attn", "-rot")) else False if variant.endswith("-composed") else None
             merge = variant.endswith("-attn") if fused else None
             with fusions(not variant.endswith("-unfused"), fused, merge):
                 rows += bench_model(shape, args, bandwidth, rate, variant)
@@ -611,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
 def fusions(gemv: bool, attention: bool | None, merge: bool | None = None):
     """The triton backend's fusions while an engine is built and run: the one-row GEMV on or off (the -unfused
     variants turn it off), the decode attention with the rotary and the KV write in its kernel on or off (the
-    -attn and -rot variants turn it on) and its split merge in the kernel (-attn); None: the default."""
+    -composed variants turn it off, -attn and -rot on) and its split merge in the kernel (-attn); None: the default."""
     from engine.kernels import triton_ops
     from engine.kernels.triton import attention as triton_attention
 

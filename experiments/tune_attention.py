@@ -7,6 +7,7 @@
     python -m experiments.tune_attention --only decode-fp8         # the same decode sweep on FP8 caches
     python -m experiments.tune_attention --only decode-fused       # rotary + KV write + merge in the decode kernel
     python -m experiments.tune_attention --only decode-fused-fp8   # the same on FP8 caches
+    python -m experiments.tune_attention --only prefill-torch      # torch's own fused attention kernels, prefill shapes
 
 Heads of the Llama-3-8B shape (Hq 32, Hk 8, D 128), block size 16, bf16, blocks of each request
 scattered over the pool. Prefill shapes are (cached prefix, new tokens) of one request: long causal
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import itertools
 import sys
 from functools import partial
@@ -140,6 +142,200 @@ def sweep_prefill(shapes, quick: bool, mm: float, small: bool = False, gather: b
     ranked = sorted(best_overall.items(), key=lambda kv: -float(torch.tensor(kv[1]).log().mean().exp()))
     for n, rel in ranked[:10]:
         print(f"  {float(torch.tensor(rel).log().mean().exp()):.3f}  min {min(rel):.3f}  {n}")
+
+
+def _prefill_torch_candidates(q, k, v, kd, vd, lens, table, scale, zero_to):
+    """(name, fn, fn on K/V repeated to Hq heads or None) for one request's chunk q [chunk, Hq, D] over its
+    `length` keys, causal from the bottom right (query i sees keys j <= length - chunk + i); each fn returns
+    [chunk, Hq, D]. kd, vd: [1, Hk, length, D] contiguous copies (contiguous_kv); the packed ones are [length,
+    Hk, D]. The engine's Triton kernel reads the paged cache (its default gathers its own copy)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    from engine.kernels.triton import attention
+
+    chunk, length = q.shape[0], kd.shape[2]
+    prefix, group = length - chunk, HQ // HK
+    reps = {}
+
+    def rep(name, t):  # t with each K/V head repeated for its query heads (dim 1 in both layouts), made once
+        if name not in reps:
+            reps[name] = t.repeat_interleave(group, dim=1)
+        return reps[name]
+
+    kp, vp = (t[0].transpose(0, 1).contiguous() for t in (kd, vd))
+    cu_q = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, length], dtype=torch.int32, device="cuda")
+    q4 = q.transpose(0, 1)[None]
+    unpack = lambda o: o[0].transpose(0, 1)  # noqa: E731 - [1, Hq, chunk, D] -> [chunk, Hq, D]
+    flash = torch.ops.aten._flash_attention_forward
+    flash_args = {a.name for a in flash.default._schema.arguments}
+
+    def varlen(key, value, cu_k=cu_k, max_k=length, **kw):  # FlashAttention-2's causal mask is bottom-right
+        return flash(q, key, value, cu_q, cu_k, chunk, max_k, 0.0, True, False, scale=scale, **kw)[0]
+
+    out = [
+        ("triton", lambda: attention.prefill_attention(q, k, v, cu_q, lens, table, scale), None),
+        ("flash-varlen", lambda: varlen(kp, vp), lambda: varlen(rep("kp", kp), rep("vp", vp))),
+    ]
+    if "seqused_k" in flash_args:  # the engine's gathered copy as it is: one request's rows padded to the table
+        try:
+            gk, gv, _ = attention.gathered_context(k, v, lens, table, max(zero_to, BS))
+            rows = gk.shape[0] * BS
+            cu_pad = torch.tensor([0, rows], dtype=torch.int32, device="cuda")
+            gk, gv = gk.view(rows, HK, D), gv.view(rows, HK, D)
+            out.append(("flash-seqused", lambda: varlen(gk, gv, cu_pad, rows, seqused_k=lens), None))
+        except Exception as exc:  # noqa: BLE001
+            print(f"  flash-seqused: gathered_context: {type(exc).__name__}: {str(exc)[:160]}", file=sys.stderr)
+    if "block_table" in flash_args:  # the paged cache itself (FlashAttention-2 may want bigger blocks than BS)
+        out.append(("flash-paged", lambda: varlen(k, v, seqused_k=lens, block_table=table), None))
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        varlen_attn = None
+    if varlen_attn is not None:
+        params = inspect.signature(varlen_attn).parameters
+        kw = {"scale": scale, **({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})}
+        gqa = {"enable_gqa": True} if "enable_gqa" in params else {}
+        out.append(
+            (
+                "varlen_attn",
+                lambda: varlen_attn(q, kp, vp, cu_q, cu_k, chunk, length, **kw, **gqa),
+                lambda: varlen_attn(q, rep("kp", kp), rep("vp", vp), cu_q, cu_k, chunk, length, **kw),
+            )
+        )
+
+    def sdpa(backend, key, value, **kw):
+        if backend is None:
+            return unpack(F.scaled_dot_product_attention(q4, key, value, scale=scale, **kw))
+        with sdpa_kernel(backend):
+            return unpack(F.scaled_dot_product_attention(q4, key, value, scale=scale, **kw))
+
+    if prefix == 0:  # equal lengths: the top-left causal mask is the bottom-right one
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            name = "sdpa-" + backend.name.split("_")[0].lower()
+            gqa_fn = partial(sdpa, backend, kd, vd, is_causal=True, enable_gqa=True)
+            out.append((name, gqa_fn, lambda b=backend: sdpa(b, rep("kd", kd), rep("vd", vd), is_causal=True)))
+    else:  # CausalBias picks flash (is_causal=True) or efficient (custom_mask_type) itself, whatever sdpa_kernel says
+        bias = causal_lower_right(chunk, length)
+        out.append(
+            (
+                "sdpa-lower-right",
+                partial(sdpa, None, kd, vd, attn_mask=bias, enable_gqa=True),
+                lambda: sdpa(None, rep("kd", kd), rep("vd", vd), attn_mask=bias),
+            )
+        )
+    fa = torch.ops.aten._scaled_dot_product_flash_attention
+    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
+    eff = torch.ops.aten._efficient_attention_forward
+    out += [
+        (
+            "aten-flash",
+            lambda: unpack(fa(q4, kd, vd, 0.0, True, False, scale=scale)[0]),
+            lambda: unpack(fa(q4, rep("kd", kd), rep("vd", vd), 0.0, True, False, scale=scale)[0]),
+        ),
+        (  # cuDNN's is_causal may be top-left only: WRONG past prefix 0 then
+            "aten-cudnn",
+            lambda: unpack(cudnn(q4, kd, vd, None, False, 0.0, True, False, scale=scale)[0]),
+            lambda: unpack(cudnn(q4, rep("kd", kd), rep("vd", vd), None, False, 0.0, True, False, scale=scale)[0]),
+        ),
+        (  # [B, M, H, D] layout; custom_mask_type 2: causal from the bottom right
+            "aten-efficient",
+            lambda: eff(
+                q[None], kd.transpose(1, 2), vd.transpose(1, 2), None, None, None, None, None, 0.0, 2, scale=scale
+            )[0][0],
+            lambda: eff(
+                q[None],
+                rep("kd", kd).transpose(1, 2),
+                rep("vd", vd).transpose(1, 2),
+                None,
+                None,
+                None,
+                None,
+                None,
+                0.0,
+                2,
+                scale=scale,
+            )[0][0],
+        ),
+    ]
+    return out
+
+
+def _try_candidate(name: str, fn, want: torch.Tensor) -> tuple[float, float] | None:
+    """(median us, max abs error / max abs value) of fn's [chunk, Hq, D], us nan (not timed) where the error is
+    not under 2e-2; None where fn raised (printed to stderr)."""
+    try:
+        got = fn()
+        err = float((got.float() - want).abs().max() / want.abs().max())
+        del got
+        return (bench_us(fn) if err < 2e-2 else float("nan")), err
+    except Exception as exc:  # noqa: BLE001 - a kernel the card or this torch lacks is a row, not a failure
+        print(f"  {name}: {type(exc).__name__}: {str(exc)[:160]}", file=sys.stderr)
+        torch.cuda.empty_cache()
+        return None
+
+
+def sweep_prefill_torch(shapes, mm: float) -> None:
+    """The engine's Triton prefill kernel (default config) against torch's fused attention kernels on one
+    request's chunk. `copy` is the engine's gathered copy of the context (gathered_context): the torch kernels
+    read contiguous K/V, so add it to theirs; triton's default makes its own copy, inside its time."""
+    from engine.kernels import torch_ops
+    from engine.kernels.triton import attention
+
+    base = attention.prefill_config(torch.device("cuda"), D, DTYPE)
+    zero_to = base.block_n if base.gather else 0
+    print(
+        f"\nprefill attention, torch kernels against triton ({label(base, type(base)())})  Hq {HQ} Hk {HK} D {D}"
+        f" block {BS} bf16; matmul {mm:.0f} TFLOP/s; per kernel: us, TFLOP/s, fraction of mm, relative error"
+    )
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    scale = D**-0.5
+    no_copy = {"triton", "flash-paged"}  # the rest read a contiguous copy
+    speedups: dict[str, dict[tuple[int, int], str]] = {}
+    for prefix, chunk in shapes:
+        length = prefix + chunk
+        k, v, table, lens = paged_cache([length], gen)
+        q = torch.randn((chunk, HQ, D), generator=gen, device="cuda", dtype=DTYPE)
+        qsl = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+        flops = 4 * D * HQ * (chunk * prefix + chunk * (chunk + 1) / 2)
+        tf = lambda t: flops / t / 1e6  # noqa: E731
+        want = torch_ops.prefill_attention(q, k, v, qsl, lens, table, scale).float()
+        try:
+            copy = bench_us(lambda: attention.gathered_context(k, v, lens, table, zero_to))
+        except Exception as exc:  # noqa: BLE001
+            print(f"  gathered_context: {type(exc).__name__}: {str(exc)[:160]}", file=sys.stderr)
+            copy = bench_us(lambda: (contiguous_kv(k, table, length), contiguous_kv(v, table, length)))
+        kd, vd = contiguous_kv(k, table, length), contiguous_kv(v, table, length)
+        cells, results = [], {}
+        candidates = _prefill_torch_candidates(q, k, v, kd, vd, lens, table, scale, zero_to)
+        for name, fn, fn_rep in candidates:
+            got = _try_candidate(name, fn, want)
+            if got is None and fn_rep is not None:
+                name += "-rep"
+                got = _try_candidate(name, fn_rep, want)
+            t, err = got or (float("nan"), None)
+            results[name] = t
+            if err is None:
+                cells.append(f"{name} failed")
+            elif not err < 2e-2:
+                cells.append(f"{name} WRONG err {err:.1e}")
+            else:
+                cells.append(f"{name} {t:.1f} us {tf(t):.0f} TF {tf(t) / mm:.2f} err {err:.0e}")
+        print(f"prefix {prefix:>6} chunk {chunk:>6}: copy {copy:.1f} us | " + " | ".join(cells), flush=True)
+        for name, t in results.items():
+            if name != "triton":
+                plus = t if name in no_copy else t + copy
+                speedups.setdefault(name, {})[prefix, chunk] = (
+                    f"{results['triton'] / t:5.2f} {results['triton'] / plus:5.2f}"
+                )
+        del candidates, fn, fn_rep  # their closures hold the copies and the repeated K/V
+        del k, v, kd, vd, q, want
+        torch.cuda.empty_cache()
+    print("\ntriton us / candidate us (> 1: the candidate is faster), without and with the copy, by shape:")
+    print(f"  {'':<22}" + "".join(f"  {f'{p}+{c}':>11}" for p, c in shapes))
+    for name, cols in speedups.items():
+        print(f"  {name:<22}" + "".join(f"  {cols.get(shape, '-'):>11}" for shape in shapes))
 
 
 def decode_configs(quick: bool):
@@ -314,7 +510,9 @@ def sweep_decode_fused(shapes, bw: float, fp8: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("prefill", "decode", "decode-fp8", "decode-fused", "decode-fused-fp8"))
+    parser.add_argument(
+        "--only", choices=("prefill", "prefill-torch", "decode", "decode-fp8", "decode-fused", "decode-fused-fp8")
+    )
     parser.add_argument("--gather", action="store_true", help="prefill: sweep the gathered (TMA) kernel's tiles")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--small", action="store_true", help="prefill: 128-row tiles, 2-3 stages only")
@@ -328,6 +526,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "prefill"):
         shapes = PREFILL_SHAPES[:1] + PREFILL_SHAPES[4:5] if args.quick else PREFILL_SHAPES
         sweep_prefill(shapes, args.quick, matmul_tflops(), args.small, args.gather)
+    if args.only == "prefill-torch":
+        shapes = [(0, 16384), (55000, 1300)] if args.quick else PREFILL_SHAPES
+        sweep_prefill_torch(shapes, matmul_tflops())
     if args.shapes:
         shapes = [tuple(int(n) for n in spec.lower().split("x")) for spec in args.shapes]
     else:

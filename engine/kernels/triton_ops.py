@@ -128,10 +128,11 @@ def decode_attention(
 
 
 # the decode attention with the rotary and the KV write in its kernel (attention.rotary_decode_attention) on or
-# off. Off by default until it has run on a GPU: it passes every check under the interpreter and compiles for
-# sm_90, but no device was lent to the session that wrote it (2026-12-07). experiments.bench_engine's -attn
-# variants turn it on (with attention.MERGE_IN_KERNEL); its GPU tests call the kernel whatever this says.
-FUSED_DECODE_ATTENTION = False
+# off. On: on an H100 (2026-12-07, b88ad41) it took 1.4% / 1.0% / 0.3% off the 8B bf16 step at b1 512 / b1 50K /
+# b4 50K (2.2% / 1.2% / 0.4% with FP8 weights) and was faster than the two kernels it replaces at every shape of
+# experiments.tune_attention --only decode-fused (docs/perf.md). Its splits' merge stays in the reduce kernel
+# (attention.MERGE_IN_KERNEL, slower at 50K). experiments.bench_engine's -composed variants turn it off.
+FUSED_DECODE_ATTENTION = True
 
 
 @register("rotary_decode_attention", "triton")

@@ -648,12 +648,12 @@ def rotary_decode_attention(
 
 
 # The last split of a row merges the row's splits in the decode kernel (MERGE in _decode_split_kernel), not a
-# reduce launch after it. Off by default, as triton_ops.FUSED_DECODE_ATTENTION, until it has run on a GPU (the
-# -attn variants of experiments.bench_engine and the GPU tests turn it on). Its arrival counters, one a (row, KV
-# head), live in one zeroed buffer a device that the mergers reset: launches on one device must not overlap (the
-# engine's forward passes run on one stream), and a launch that needs more counters than the buffer holds, or the
-# first on a device while a CUDA graph is being captured (the buffer's zeroing would only be captured), runs the
-# reduce kernel instead.
+# reduce launch after it. Off: on an H100 (2026-12-07, b88ad41) the 8B step with it was 1.6-5.2% slower than
+# with the reduce kernel at b1 512 to b4 50K (the -attn variants of experiments.bench_engine and the GPU tests
+# turn it on). Its arrival counters, one a (row, KV head), live in one zeroed buffer a device that the mergers
+# reset: launches on one device must not overlap (the engine's forward passes run on one stream), and a launch
+# that needs more counters than the buffer holds, or the first on a device while a CUDA graph is being captured
+# (the buffer's zeroing would only be captured), runs the reduce kernel instead.
 MERGE_IN_KERNEL = False
 MERGE_COUNTERS = 1 << 16
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
