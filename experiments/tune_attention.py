@@ -178,6 +178,13 @@ def _prefill_torch_candidates(q, k, v, kd, vd, lens, table, scale, zero_to):
         ("triton", lambda: attention.prefill_attention(q, k, v, cu_q, lens, table, scale), None),
         ("flash-varlen", lambda: varlen(kp, vp), lambda: varlen(rep("kp", kp), rep("vp", vp))),
     ]
+    cudnn_varlen = getattr(torch.ops.aten, "_cudnn_attention_forward", None)
+    if cudnn_varlen is not None:  # cuDNN on the packed (ragged) layout; is_causal's alignment is what this checks
+
+        def ragged(key, value):
+            return cudnn_varlen(q, key, value, None, cu_q, cu_k, chunk, length, False, 0.0, True, False, scale=scale)[0]
+
+        out.append(("cudnn-varlen", lambda: ragged(kp, vp), lambda: ragged(rep("kp", kp), rep("vp", vp))))
     if "seqused_k" in flash_args:  # the engine's gathered copy as it is: one request's rows padded to the table
         try:
             gk, gv, _ = attention.gathered_context(k, v, lens, table, max(zero_to, BS))
