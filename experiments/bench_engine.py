@@ -140,10 +140,6 @@ VARIANTS = {
     "bf16-composed": ("none", "auto"),
     "fp8w-composed": ("fp8", "auto"),
     "fp8kv-composed": ("none", "fp8_e4m3"),
-    # prefill attention through torch's FlashAttention varlen kernel on the gathered copies
-    # (triton attention.PREFILL_FLASH) in place of the Triton kernel
-    "bf16-flash": ("none", "auto"),
-    "fp8kv-flash": ("none", "fp8_e4m3"),
 }
 
 
@@ -600,8 +596,7 @@ def main(argv: list[str] | None = None) -> None:
         for variant in args.variants:
             fused = True if variant.endswith(("-attn", "-rot")) else False if variant.endswith("-composed") else None
             merge = variant.endswith("-attn") if fused else None
-            flash = True if variant.endswith("-flash") else None
-            with fusions(not variant.endswith("-unfused"), fused, merge, flash):
+            with fusions(not variant.endswith("-unfused"), fused, merge):
                 rows += bench_model(shape, args, bandwidth, rate, variant)
     print_table(rows)
     print_ratios(rows)
@@ -616,19 +611,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @contextlib.contextmanager
-def fusions(gemv: bool, attention: bool | None, merge: bool | None = None, flash: bool | None = None):
+def fusions(gemv: bool, attention: bool | None, merge: bool | None = None):
     """The triton backend's fusions while an engine is built and run: the one-row GEMV on or off (the -unfused
     variants turn it off), the decode attention with the rotary and the KV write in its kernel on or off (the
-    -composed variants turn it off, -attn and -rot on), its split merge in the kernel (-attn), and the prefill
-    attention on torch's FlashAttention (-flash); None: the default."""
+    -composed variants turn it off, -attn and -rot on) and its split merge in the kernel (-attn); None: the default."""
     from engine.kernels import triton_ops
     from engine.kernels.triton import attention as triton_attention
 
     before = triton_ops.FUSED_GEMV, triton_ops.FUSED_DECODE_ATTENTION, triton_attention.MERGE_IN_KERNEL
-    flash_before = triton_attention.PREFILL_FLASH
     triton_ops.FUSED_GEMV = gemv
-    if flash is not None:
-        triton_attention.PREFILL_FLASH = flash
     if attention is not None:
         triton_ops.FUSED_DECODE_ATTENTION = attention
     if merge is not None:
@@ -637,7 +628,6 @@ def fusions(gemv: bool, attention: bool | None, merge: bool | None = None, flash
         yield
     finally:
         triton_ops.FUSED_GEMV, triton_ops.FUSED_DECODE_ATTENTION, triton_attention.MERGE_IN_KERNEL = before
-        triton_attention.PREFILL_FLASH = flash_before
 
 
 def print_ratios(rows: list[dict]) -> None:

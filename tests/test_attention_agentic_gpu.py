@@ -57,40 +57,6 @@ def test_prefill_each_kernel_matches_reference(name: str, gather: bool) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_fp8", [False, True])
-@pytest.mark.parametrize("name", list(AGENTIC))
-def test_prefill_flash_on_the_copies_matches_reference(name: str, kv_fp8: bool) -> None:
-    """PrefillConfig.flash: torch's FlashAttention varlen kernel over the gathered (or, for an FP8 cache, the
-    dequantized) copies, at every agentic shape: ragged batches, prefixes ending mid-block, 1-token queries,
-    contexts past 64K (its causal masks must align at each request's last key; check_prefill checks it ran)."""
-    from unittest import mock
-
-    from engine.kernels.triton import attention
-
-    if not attention.flash_varlen_available():
-        pytest.skip("this torch has no FlashAttention varlen op with seqused_k")
-    cfg = dict(block_m=128, block_n=128, num_warps=8, num_stages=3, gather=True, flash=True)
-    with (
-        mock.patch.object(attention, "PREFILL_GATHER_BYTES", 4 << 30),
-        mock.patch.object(attention, "FP8_PREFILL_COPY_BYTES", 4 << 30),
-    ):
-        check_prefill(
-            "cuda",
-            seed=600 + len(name),
-            dtype=BF16,
-            reqs=AGENTIC[name],
-            hq=32,
-            hk=8,
-            d=128,
-            bs=16,
-            cfg=cfg,
-            q_scale=2.0,
-            kv_fp8=kv_fp8,
-        )
-    torch.cuda.empty_cache()
-
-
-@pytest.mark.gpu
 def test_prefill_copy_over_the_limit_reads_the_paged_cache() -> None:
     """ragged_turns' gathered copy (840 MB: four rows as wide as 51,300 tokens) is over PREFILL_GATHER_BYTES: the
     paged kernel runs instead (check_prefill checks which), and matches the reference."""

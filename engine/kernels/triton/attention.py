@@ -95,7 +95,6 @@ class PrefillConfig:
     split_waves: int = 2  # aim for at least this many waves of programs (see prefill_splits)
     gather: bool = False  # read K/V through contiguous copies with tensor descriptors (PREFILL_GATHER_BYTES)
     warp_specialize: bool = False  # with gather: Triton's warp-specialized key loop (producer/consumer warps)
-    flash: bool = False  # with gather: torch's FlashAttention varlen kernel on the copies (PREFILL_FLASH)
 
 
 # The CUDA-core kernel's one-warp programs need keys to fill the card: a launch over fewer (batch x the block
@@ -157,44 +156,8 @@ def prefill_config(
         # tiles through tensor descriptors (TMA) from contiguous copies: 0.63-0.68 of the bf16 matmul rate at
         # 1.3K-16K-token chunks over 0-55K cached tokens, against 0.36-0.45 for the paged loads below
         # (experiments.tune_attention --only prefill --gather, H100, 2026-12-06)
-        flash = PREFILL_FLASH and flash_varlen_available()
-        return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, gather=True, flash=flash)
+        return PrefillConfig(block_m=128, block_n=128, num_warps=8, num_stages=3, gather=True)
     return PrefillConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
-
-
-# PrefillConfig.flash: where the gathered copies are made (16-bit compute on sm_90 up to sm_10x, a power-of-two
-# head_dim), torch's own FlashAttention kernel (aten._flash_attention_forward on the packed, ragged layout:
-# per-request causal masks aligned at the bottom right, keys read up to seqused_k) attends over them in place
-# of _prefill_gather_kernel. experiments.tune_attention --only prefill-torch times the two.
-PREFILL_FLASH = False
-
-
-def flash_varlen_available() -> bool:
-    """torch has the FlashAttention varlen op with per-request key counts (seqused_k) on this build."""
-    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
-    return op is not None and any(a.name == "seqused_k" for a in op.default._schema.arguments)
-
-
-def _flash_prefill(q, k_rows, v_rows, qsl, seq_lens, row_stride: int, scale: float) -> torch.Tensor:
-    """FlashAttention over gathered_context's copies: request r's keys are rows r * row_stride + [0, seq_len)
-    of k_rows / v_rows [rows, Hk, D]; qsl [R+1] int32. Bounds (the token count, the row stride) stand for the
-    longest query and context, so nothing waits on the host."""
-    reqs = seq_lens.shape[0]
-    cu_k = torch.arange(reqs + 1, dtype=torch.int32, device=q.device) * row_stride
-    return torch.ops.aten._flash_attention_forward(
-        q,
-        k_rows,
-        v_rows,
-        qsl,
-        cu_k,
-        q.shape[0],
-        row_stride,
-        0.0,
-        True,  # causal: FlashAttention aligns each request's mask at the bottom right (its last query, last key)
-        False,
-        scale=scale,
-        seqused_k=seq_lens.to(torch.int32),
-    )[0]
 
 
 def _cuda_arch() -> int:
@@ -1550,8 +1513,7 @@ def prefill_attention(
     )
     if given is None and cfg.gather and not gather:  # the paged kernel's own tiles, not the gather kernel's
         cfg = prefill_config(q.device, d, compute, fp8 and not copy, gather=False)
-    flash = gather and cfg.flash and q.is_cuda
-    zero_to = cfg.block_n if gather and not flash else 0
+    zero_to = cfg.block_n if gather else 0
     if copy:
         k_cache, v_cache, block_table = dequantized_context(
             k_cache, v_cache, k_scale, v_scale, seq_lens, block_table, compute, zero_to
@@ -1559,11 +1521,6 @@ def prefill_attention(
         fp8, k_scale, v_scale = False, None, None
     elif gather:
         k_cache, v_cache, block_table = gathered_context(k_cache, v_cache, seq_lens, block_table, zero_to)
-    if flash:
-        rows = k_cache.shape[0] * bs
-        k_rows, v_rows = k_cache.view(rows, hk, d), v_cache.view(rows, hk, d)
-        qsl = query_start_loc.to(torch.int32)
-        return _flash_prefill(q, k_rows, v_rows, qsl, seq_lens, block_table.shape[1] * bs, scale)
     out = torch.empty_like(q)
     if tokens == 0 or reqs == 0:
         return out
