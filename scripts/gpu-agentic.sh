@@ -11,9 +11,9 @@
 #     served  python -m experiments.bench_agentic (swe_smith served at concurrency 1, 2, 4 beside the twin)
 #     floor   bench_agentic at concurrency $FLOOR_CONC (1 2 4 8), one wave, beside the twin on the shipped profile,
 #             with $FLOOR_ARGS (e.g. --admission tps_floor:tok_s=70); files floor-$FLOOR_TAG.* (issue #21)
-#     attn    the fused decode attention (off by default until it has run on a GPU): its GPU tests, then
-#             bench_engine bf16 / bf16-rot / bf16-attn / fp8w / fp8w-rot / fp8w-attn at decode b1 512 and 50K,
-#             b4 50K (ATTN_S seconds; ATTN_VARIANTS overrides the variants)
+#     attn    the fused decode attention (rotary + KV write in the kernel: the default): its GPU tests, then
+#             bench_engine bf16 / bf16-composed / bf16-attn / fp8w / fp8w-composed / fp8w-attn at decode b1 512
+#             and 50K, b4 50K (ATTN_S seconds; ATTN_VARIANTS overrides the variants)
 #     fused   python -m experiments.tune_attention --only decode-fused: the fused decode attention's kernels
 #             and tiles at b1 512 / 50K, b4 50K, b64 512, bf16 and FP8 caches, with registers (FUSED_S)
 #     lookahead  python -m experiments.bench_lookahead --engine-only: the engine's step time with and without
@@ -79,7 +79,7 @@ for phase in "$@"; do
       PYTHONSAFEPATH=1 timeout "${ATTN_S:-400}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
           tests/test_kernels_triton.py -k "rotary_decode or fused_decode or decode" > "$out/attn.txt" 2>&1 || status=1
       PYTHONSAFEPATH=1 TANDEM_CONF_DIR=$PWD/conf timeout "${ATTN_S:-400}" python3 -m experiments.bench_engine \
-          --models llama-3.1-8b --no-hf --variants ${ATTN_VARIANTS:-bf16 bf16-rot bf16-attn fp8w fp8w-rot fp8w-attn} \
+          --models llama-3.1-8b --no-hf --variants ${ATTN_VARIANTS:-bf16 bf16-composed bf16-attn fp8w fp8w-composed fp8w-attn} \
           --decode 1x512 1x50000 4x50000 --prefill 2048 --turn >> "$out/attn.txt" 2>&1 || status=1 ;;
     fused) install || exit 1
       PYTHONSAFEPATH=1 timeout "${FUSED_S:-300}" python3 -m experiments.tune_attention --only decode-fused \
