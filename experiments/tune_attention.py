@@ -78,8 +78,20 @@ def label(cfg, base) -> str:
     return ",".join(f"{k}={v}" for k, v in diff.items()) or "default"
 
 
-def sweep_prefill(shapes, quick: bool, mm: float, small: bool = False, gather: bool = False) -> None:
+def prefill_case(prefix: int, chunk: int, gen: torch.Generator, scale: float):
+    """One request's chunk over its cached prefix: (k, v, table, lens) of its paged cache, q [chunk, Hq, D],
+    its query_start_loc, its attention FLOPs (causal) and the torch reference's output in float32."""
     from engine.kernels import torch_ops
+
+    k, v, table, lens = paged_cache([prefix + chunk], gen)
+    q = torch.randn((chunk, HQ, D), generator=gen, device="cuda", dtype=DTYPE)
+    qsl = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
+    flops = 4 * D * HQ * (chunk * prefix + chunk * (chunk + 1) / 2)
+    want = torch_ops.prefill_attention(q, k, v, qsl, lens, table, scale).float()
+    return k, v, table, lens, q, qsl, flops, want
+
+
+def sweep_prefill(shapes, quick: bool, mm: float, small: bool = False, gather: bool = False) -> None:
     from engine.kernels.triton import attention
 
     base = attention.prefill_config(torch.device("cuda"), D, DTYPE)
@@ -93,11 +105,7 @@ def sweep_prefill(shapes, quick: bool, mm: float, small: bool = False, gather: b
     best_overall: dict[str, list[float]] = {}
     for prefix, chunk in shapes:
         length = prefix + chunk
-        k, v, table, lens = paged_cache([length], gen)
-        q = torch.randn((chunk, HQ, D), generator=gen, device="cuda", dtype=DTYPE)
-        qsl = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
-        flops = 4 * D * HQ * (chunk * prefix + chunk * (chunk + 1) / 2)
-        want = torch_ops.prefill_attention(q, k, v, qsl, lens, table, scale).float()
+        k, v, table, lens, q, qsl, flops, want = prefill_case(prefix, chunk, gen, scale)
         times, errors = {}, {}
         for cfg in configs + [nosplit]:
             name = label(cfg, base) if cfg is not nosplit else "default,max_splits=1"
@@ -287,7 +295,6 @@ def sweep_prefill_torch(shapes, mm: float) -> None:
     """The engine's Triton prefill kernel (default config) against torch's fused attention kernels on one
     request's chunk. `copy` is the engine's gathered copy of the context (gathered_context): the torch kernels
     read contiguous K/V, so add it to theirs; triton's default makes its own copy, inside its time."""
-    from engine.kernels import torch_ops
     from engine.kernels.triton import attention
 
     base = attention.prefill_config(torch.device("cuda"), D, DTYPE)
@@ -302,12 +309,8 @@ def sweep_prefill_torch(shapes, mm: float) -> None:
     speedups: dict[str, dict[tuple[int, int], str]] = {}
     for prefix, chunk in shapes:
         length = prefix + chunk
-        k, v, table, lens = paged_cache([length], gen)
-        q = torch.randn((chunk, HQ, D), generator=gen, device="cuda", dtype=DTYPE)
-        qsl = torch.tensor([0, chunk], dtype=torch.int32, device="cuda")
-        flops = 4 * D * HQ * (chunk * prefix + chunk * (chunk + 1) / 2)
+        k, v, table, lens, q, qsl, flops, want = prefill_case(prefix, chunk, gen, scale)
         tf = lambda t: flops / t / 1e6  # noqa: E731
-        want = torch_ops.prefill_attention(q, k, v, qsl, lens, table, scale).float()
         try:
             copy = bench_us(lambda: attention.gathered_context(k, v, lens, table, zero_to))
         except Exception as exc:  # noqa: BLE001
