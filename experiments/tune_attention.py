@@ -202,8 +202,6 @@ def _prefill_torch_candidates(q, k, v, kd, vd, lens, table, scale, zero_to):
             out.append(("flash-seqused", lambda: varlen(gk, gv, cu_pad, rows, seqused_k=lens), None))
         except Exception as exc:  # noqa: BLE001
             print(f"  flash-seqused: gathered_context: {type(exc).__name__}: {str(exc)[:160]}", file=sys.stderr)
-    if "block_table" in flash_args:  # the paged cache itself (FlashAttention-2 may want bigger blocks than BS)
-        out.append(("flash-paged", lambda: varlen(k, v, seqused_k=lens, block_table=table), None))
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -305,7 +303,6 @@ def sweep_prefill_torch(shapes, mm: float) -> None:
     )
     gen = torch.Generator(device="cuda").manual_seed(1)
     scale = D**-0.5
-    no_copy = {"triton", "flash-paged"}  # the rest read a contiguous copy
     speedups: dict[str, dict[tuple[int, int], str]] = {}
     for prefix, chunk in shapes:
         length = prefix + chunk
@@ -335,7 +332,7 @@ def sweep_prefill_torch(shapes, mm: float) -> None:
         print(f"prefix {prefix:>6} chunk {chunk:>6}: copy {copy:.1f} us | " + " | ".join(cells), flush=True)
         for name, t in results.items():
             if name != "triton":
-                plus = t if name in no_copy else t + copy
+                plus = t + copy  # every candidate but triton reads a contiguous copy
                 speedups.setdefault(name, {})[prefix, chunk] = (
                     f"{results['triton'] / t:5.2f} {results['triton'] / plus:5.2f}"
                 )
