@@ -31,6 +31,9 @@ class AttentionMetadata:
     prefill_seq_lens: torch.Tensor  # [R_p] int32
     prefill_block_table: torch.Tensor  # [R_p, W] int32
     num_prefill_tokens: int = 0
+    # one prefill request: its cached prefix (seq_len minus its chunk), known on the host, a hint to the prefill
+    # kernels (a long chunk may take cuDNN's attention, engine.kernels.cudnn_prompt); None: several or not known
+    prefill_cached_prefix: int | None = None
 
 
 KV_CACHE_ELEMENT_TYPES = {"fp8_e4m3": torch.float8_e4m3fn}  # EngineConfig.kv_cache_dtype ("auto": the model's dtype)
@@ -152,8 +155,9 @@ class ForwardContext:
             positions, q, k, v, self.cos_sin, kc, vc, m.slot_mapping, q_norm=q_norm, k_norm=k_norm, eps=norm_eps, **sc
         )
         nd = m.num_decode
+        hint = {} if m.prefill_cached_prefix is None else {"cached_prefix": m.prefill_cached_prefix}
         pre = ops.prefill_attention(
-            q[nd:], kc, vc, m.prefill_query_start_loc, m.prefill_seq_lens, m.prefill_block_table, scale, **sc
+            q[nd:], kc, vc, m.prefill_query_start_loc, m.prefill_seq_lens, m.prefill_block_table, scale, **sc, **hint
         )
         if nd == 0:
             return pre

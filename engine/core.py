@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import weakref
 
 import numpy as np
@@ -208,12 +209,29 @@ class EngineCore:
         if self.tp is not None:
             self.tp.send(("geometry", geometry))
             self.runner.tp = self.tp
+        elif self.ops.chosen["prefill_attention"] == "triton":
+            self._warm_up_cudnn_prompt(sc)
         self.clock = clock or cp.WallClock()
         self.profile: list[dict] = []
         self.eos_token_ids = tuple(mc.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             if self.tokenizer.eos_token_id not in self.eos_token_ids:
                 self.eos_token_ids = (self.tokenizer.eos_token_id,) + self.eos_token_ids
+
+    def _warm_up_cudnn_prompt(self, sc) -> None:
+        """cuDNN's attention plans for a lone long prompt's chunks (engine.kernels.cudnn_prompt), at start."""
+        from engine.kernels import cudnn_prompt
+
+        mc = self.model_config
+        lone = self.idle_chunk_size if self.idle_chunk_size > sc.chunk_size else sc.chunk_size
+        chunk = min(lone, max(sc.max_num_batched_tokens, self.idle_chunk_size))
+        start = time.perf_counter()
+        ran = cudnn_prompt.warm_up(
+            mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype, self.device, chunk, self.max_model_len
+        )
+        if ran:
+            log.info("cuDNN attention planned for %d prompt chunks of %d tokens in %.2f s", ran, chunk,
+                     time.perf_counter() - start)  # fmt: skip
 
     # Requests ----------------------------------------------------------------------------------
     def add_request(

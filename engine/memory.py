@@ -61,9 +61,10 @@ def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len:
     slots = np.concatenate([table[i, np.arange(n) // bs] * bs + np.arange(n) % bs for i, n in enumerate(lens)])
     qsl = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     to = lambda a, dt=torch.int32: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
-    meta = AttentionMetadata(
-        to(slots, torch.int64), 0, to([]), to(np.zeros((0, width))), to(qsl), to(lens), to(table), tokens
-    )
+    meta = AttentionMetadata(  # prompts from position 0: the kernels a first chunk takes (cuDNN's for one)
+        to(slots, torch.int64), 0, to([]), to(np.zeros((0, width))), to(qsl), to(lens), to(table), tokens,
+        0 if len(lens) == 1 else None,
+    )  # fmt: skip
     ctx = ForwardContext(ops, kv, meta, rope_cos_sin(c, max_model_len).to(device))
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -79,20 +80,28 @@ def profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len:
     return int(peak)
 
 
-def prefill_copy_bytes(model, ops, cfg, dtype, max_model_len: int, device=None) -> int:
+def prefill_copy_bytes(model, ops, cfg, dtype, max_model_len: int, device=None, idle_chunk_size: int = 0) -> int:
     """The largest 16-bit copy of a prefill's context that Triton's prefill attention may make (a layer at a
     time, freed after it: gathered_context, dequantized_context), which the profiling pass, having no cached
     context, does not see: K and V of max_num_seqs contexts of max_model_len tokens, at most its limit (0
-    where the default path copies nothing)."""
+    where the default path copies nothing). Or, where more, what a long chunk on a cached prefix through
+    cuDNN holds (engine.kernels.cudnn_prompt): its copy of one context and two outputs more than the
+    profiled chunk without a prefix."""
     if ops.chosen.get("prefill_attention") != "triton":
         return 0
+    from engine.kernels import cudnn_prompt
     from engine.kernels.triton.attention import prefill_copy_limit
 
     c = model.config
     kv_fp8 = is_fp8(resolve_kv_cache_dtype(cfg.kv_cache_dtype, dtype))
     limit = prefill_copy_limit(device or torch.device("cuda"), c.head_dim, dtype, kv_fp8)
-    context = 2 * cfg.scheduler.max_num_seqs * max_model_len * c.num_kv_heads * c.head_dim * dtype.itemsize
-    return min(context, limit)
+    one = 2 * max_model_len * c.num_kv_heads * c.head_dim * dtype.itemsize
+    copy = min(cfg.scheduler.max_num_seqs * one, limit)
+    tokens = max(cfg.scheduler.max_num_batched_tokens, idle_chunk_size)  # the longest chunk
+    if not (cudnn_prompt.ENABLED and tokens >= cudnn_prompt.MIN_TOKENS and c.head_dim in (64, 128)):
+        return copy
+    cudnn = min(one, cudnn_prompt.COPY_BYTES) + cudnn_prompt.extra_bytes(tokens, c.num_heads, c.head_dim, dtype)
+    return max(copy, cudnn)
 
 
 def size_kv_cache(model, ops, cfg, device, dtype, max_model_len: int, idle_chunk_size: int = 0) -> tuple[int, int]:
@@ -110,7 +119,7 @@ def size_kv_cache(model, ops, cfg, device, dtype, max_model_len: int, idle_chunk
     ours = torch.cuda.memory_allocated(device)
     others = total - free - torch.cuda.memory_reserved(device)
     activations = profile_peak_activation_bytes(model, ops, cfg, device, dtype, max_model_len, idle_chunk_size)
-    activations += prefill_copy_bytes(model, ops, cfg, dtype, max_model_len, device)
+    activations += prefill_copy_bytes(model, ops, cfg, dtype, max_model_len, device, idle_chunk_size)
     budget = total * cfg.gpu_memory_utilization - others - ours - activations - _GRAPH_RESERVE
     blocks = int(budget // per_block)
     if blocks < -(-max_model_len // cfg.scheduler.block_size) // 8 or blocks <= 0:

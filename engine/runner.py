@@ -331,6 +331,11 @@ class ModelRunner:
             prefill_seq_lens=seq_lens[nd:],
             prefill_block_table=blocks[nd:, :pwidth],
             num_prefill_tokens=len(batch.input_ids) - nd,
+            prefill_cached_prefix=(
+                int(batch.seq_lens[nd] - (batch.query_start_loc[nd + 1] - batch.query_start_loc[nd]))
+                if r == nd + 1
+                else None
+            ),
         )
         return ids, pos, slots, meta
 

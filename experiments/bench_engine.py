@@ -15,7 +15,8 @@ shapes (load_format=dummy). Rows:
                 overlapped decode (engine/overlap.py) unless --no-overlap; "no overlap": the strict loop,
                 same run, for batch 1
   prefill N     seconds from adding one N-token prompt to its first token (the engine's chunking, or
-                --chunk tokens a chunk)
+                --chunk tokens a chunk); each prefill and turn row first runs once untimed on other tokens
+                (Triton's compiles and cuDNN's plans for its lengths happen there, not in the figure)
   turn P+N      seconds from adding a prompt of N new tokens on a P-token prefix already cached (an
                 agent's later turn) to its first token
   hf            transformers on the same weights (sdpa attention, its own KV cache): per-token decode
@@ -140,6 +141,9 @@ VARIANTS = {
     "bf16-composed": ("none", "auto"),
     "fp8w-composed": ("fp8", "auto"),
     "fp8kv-composed": ("none", "fp8_e4m3"),
+    # whole prompts (a first chunk) on Triton's prefill kernel, not cuDNN (engine.kernels.cudnn_prompt): its baseline
+    "bf16-triton": ("none", "auto"),
+    "fp8kv-triton": ("none", "fp8_e4m3"),
 }
 
 
@@ -410,6 +414,7 @@ def bench_model(shape: str, args, bandwidth: float, rate: float, variant: str = 
             add(f"  of which graph replay b{batch} c{context}", replay, floor)
     first_token_seconds(core, np.arange(256) % core.model_config.vocab_size)  # warm-up of the prefill kernels
     for length in args.prefill:
+        prefill_seconds(core, length, seed=2)  # untimed, other tokens: this length's compiles and cuDNN plans
         add(
             f"prefill {length} (s)",
             prefill_seconds(core, length),
@@ -419,6 +424,9 @@ def bench_model(shape: str, args, bandwidth: float, rate: float, variant: str = 
             twin_s=twin_seconds(twin, [0], [length]),
         )
     for prefix, new in args.turn:
+        first, later = turn_prompts(core, prefix, new, seed=2)  # untimed warm-up, as for prefill
+        first_token_seconds(core, first)
+        first_token_seconds(core, later)
         add(
             f"turn {new} on {prefix} cached (s)",
             turn_seconds(core, prefix, new),
@@ -563,7 +571,8 @@ def main(argv: list[str] | None = None) -> None:
         help="engines to measure, each fresh: bf16, fp8w (FP8 weights), fp8kv (FP8 KV cache), fp8 (both); "
         "bf16-unfused, fp8w-unfused: without the fused one-row GEMV (its baseline); "
         "bf16-attn, fp8w-attn: with the fused decode attention (rotary + KV write + merge in the kernel); "
-        "bf16-rot, fp8w-rot: the same with the splits merged by the reduce kernel",
+        "bf16-rot, fp8w-rot: the same with the splits merged by the reduce kernel; "
+        "bf16-triton, fp8kv-triton: whole prompts on Triton's prefill kernel instead of cuDNN (its baseline)",
     )
     parser.add_argument(
         "--profile-gpu",
@@ -596,7 +605,7 @@ def main(argv: list[str] | None = None) -> None:
         for variant in args.variants:
             fused = True if variant.endswith(("-attn", "-rot")) else False if variant.endswith("-composed") else None
             merge = variant.endswith("-attn") if fused else None
-            with fusions(not variant.endswith("-unfused"), fused, merge):
+            with fusions(not variant.endswith("-unfused"), fused, merge, not variant.endswith("-triton")):
                 rows += bench_model(shape, args, bandwidth, rate, variant)
     print_table(rows)
     print_ratios(rows)
@@ -611,14 +620,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @contextlib.contextmanager
-def fusions(gemv: bool, attention: bool | None, merge: bool | None = None):
+def fusions(gemv: bool, attention: bool | None, merge: bool | None = None, cudnn: bool = True):
     """The triton backend's fusions while an engine is built and run: the one-row GEMV on or off (the -unfused
     variants turn it off), the decode attention with the rotary and the KV write in its kernel on or off (the
-    -composed variants turn it off, -attn and -rot on) and its split merge in the kernel (-attn); None: the default."""
-    from engine.kernels import triton_ops
+    -composed variants turn it off, -attn and -rot on) and its split merge in the kernel (-attn); None: the default.
+    `cudnn`: whole prompts on cuDNN (engine.kernels.cudnn_prompt; the -triton variants turn it off)."""
+    from engine.kernels import cudnn_prompt, triton_ops
     from engine.kernels.triton import attention as triton_attention
 
     before = triton_ops.FUSED_GEMV, triton_ops.FUSED_DECODE_ATTENTION, triton_attention.MERGE_IN_KERNEL
+    cudnn_before, cudnn_prompt.ENABLED = cudnn_prompt.ENABLED, cudnn
     triton_ops.FUSED_GEMV = gemv
     if attention is not None:
         triton_ops.FUSED_DECODE_ATTENTION = attention
@@ -628,6 +639,7 @@ def fusions(gemv: bool, attention: bool | None, merge: bool | None = None):
         yield
     finally:
         triton_ops.FUSED_GEMV, triton_ops.FUSED_DECODE_ATTENTION, triton_attention.MERGE_IN_KERNEL = before
+        cudnn_prompt.ENABLED = cudnn_before
 
 
 def print_ratios(rows: list[dict]) -> None:

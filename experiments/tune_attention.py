@@ -8,6 +8,7 @@
     python -m experiments.tune_attention --only decode-fused       # rotary + KV write + merge in the decode kernel
     python -m experiments.tune_attention --only decode-fused-fp8   # the same on FP8 caches
     python -m experiments.tune_attention --only prefill-torch      # torch's own fused attention kernels, prefill shapes
+    python -m experiments.tune_attention --only prompt-cudnn       # whole prompts: the cuDNN route against Triton
 
 Heads of the Llama-3-8B shape (Hq 32, Hk 8, D 128), block size 16, bf16, blocks of each request
 scattered over the pool. Prefill shapes are (cached prefix, new tokens) of one request: long causal
@@ -27,6 +28,7 @@ import dataclasses
 import inspect
 import itertools
 import sys
+import time
 from functools import partial
 
 import torch
@@ -240,6 +242,18 @@ def _prefill_torch_candidates(q, k, v, kd, vd, lens, table, scale, zero_to):
         )
     fa = torch.ops.aten._scaled_dot_product_flash_attention
     cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
+    if prefix > 0:  # cuDNN twice: the prefix unmasked, the chunk's own keys causal (square), merged by their LSE
+
+        def cudnn_split(key, value):
+            head, tail = (key[:, :, :prefix], value[:, :, :prefix]), (key[:, :, prefix:], value[:, :, prefix:])
+            a, lse_a = cudnn(q4, *head, None, True, 0.0, False, False, scale=scale)[:2]
+            b, lse_b = cudnn(q4, *tail, None, True, 0.0, True, False, scale=scale)[:2]
+            lse_a, lse_b = lse_a.view(1, HQ, chunk, 1), lse_b.view(1, HQ, chunk, 1)
+            top = torch.maximum(lse_a, lse_b)
+            wa, wb = (lse_a - top).exp(), (lse_b - top).exp()
+            return unpack(((a.float() * wa + b.float() * wb) / (wa + wb)).to(q.dtype))
+
+        out.append(("cudnn-split", lambda: cudnn_split(kd, vd), lambda: cudnn_split(rep("kd", kd), rep("vd", vd))))
     eff = torch.ops.aten._efficient_attention_forward
     out += [
         (
@@ -336,6 +350,22 @@ def sweep_prefill_torch(shapes, mm: float) -> None:
                 speedups.setdefault(name, {})[prefix, chunk] = (
                     f"{results['triton'] / t:5.2f} {results['triton'] / plus:5.2f}"
                 )
+        if prefix == 0:  # what a length cuDNN has not planned for costs (an engine sees a new length each turn)
+            cudnn, q4 = torch.ops.aten._scaled_dot_product_cudnn_attention, q.transpose(0, 1)[None]
+            for n in (chunk - 1, chunk - 9):
+                walls = []
+                for _ in range(2):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    try:
+                        cudnn(q4[:, :, :n], kd[:, :, :n], vd[:, :, :n], None, False, 0.0, True, False, scale=scale)
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"  cuDNN at {n}: {type(exc).__name__}: {str(exc)[:160]}", file=sys.stderr)
+                        break
+                    torch.cuda.synchronize()
+                    walls.append((time.perf_counter() - start) * 1e3)
+                if len(walls) == 2:
+                    print(f"  cuDNN at a new length {n}: first call {walls[0]:.1f} ms, the next {walls[1]:.1f} ms")
         del candidates, fn, fn_rep  # their closures hold the copies and the repeated K/V
         del k, v, kd, vd, q, want
         torch.cuda.empty_cache()
@@ -343,6 +373,40 @@ def sweep_prefill_torch(shapes, mm: float) -> None:
     print(f"  {'':<22}" + "".join(f"  {f'{p}+{c}':>11}" for p, c in shapes))
     for name, cols in speedups.items():
         print(f"  {name:<22}" + "".join(f"  {cols.get(shape, '-'):>11}" for shape in shapes))
+
+
+def sweep_prompt_cudnn(lengths, mm: float) -> None:
+    """The engine's prefill op on one whole prompt (no cached prefix) with the cuDNN route
+    (engine.kernels.cudnn_prompt) and without it (Triton's kernel): time each, and what the first call at a
+    length costs (cuDNN plans a graph per padded length; Triton compiles nothing new)."""
+    from engine.kernels import cudnn_prompt
+    from engine.kernels.triton import attention
+
+    print(
+        f"\nwhole prompts: the cuDNN route (padded to {cudnn_prompt.PAD}) against Triton's kernel  Hq {HQ} Hk {HK}"
+        f" D {D} block {BS} bf16; matmul {mm:.0f} TFLOP/s"
+    )
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    scale = D**-0.5
+    for n in lengths:
+        k, v, table, lens, q, qsl, flops, want = prefill_case(0, n, gen, scale)
+        tf = lambda t: flops / t / 1e6  # noqa: E731
+        cells = []
+        for name, on in (("cudnn", True), ("triton", False)):
+            cudnn_prompt.ENABLED = on
+            run = lambda: attention.prefill_attention(q, k, v, qsl, lens, table, scale, cached_prefix=0)  # noqa: E731
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            got = run()
+            torch.cuda.synchronize()
+            first = (time.perf_counter() - start) * 1e3
+            err = float((got.float() - want).abs().max() / want.abs().max())
+            t = bench_us(run)
+            cells.append(f"{name} {t:8.1f} us {tf(t):4.0f} TF err {err:.0e}, first call {first:7.1f} ms")
+        cudnn_prompt.ENABLED = True
+        print(f"prompt {n:>6}: " + " | ".join(cells), flush=True)
+        del k, v, q, want
+        torch.cuda.empty_cache()
 
 
 def decode_configs(quick: bool):
@@ -518,8 +582,11 @@ def sweep_decode_fused(shapes, bw: float, fp8: bool = False) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--only", choices=("prefill", "prefill-torch", "decode", "decode-fp8", "decode-fused", "decode-fused-fp8")
-    )
+        "--only",
+        choices=(
+            "prefill", "prefill-torch", "prompt-cudnn", "decode", "decode-fp8", "decode-fused", "decode-fused-fp8"
+        ),
+    )  # fmt: skip
     parser.add_argument("--gather", action="store_true", help="prefill: sweep the gathered (TMA) kernel's tiles")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--small", action="store_true", help="prefill: 128-row tiles, 2-3 stages only")
@@ -533,6 +600,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "prefill"):
         shapes = PREFILL_SHAPES[:1] + PREFILL_SHAPES[4:5] if args.quick else PREFILL_SHAPES
         sweep_prefill(shapes, args.quick, matmul_tflops(), args.small, args.gather)
+    if args.only == "prompt-cudnn":  # lengths past the first: new padded lengths, then one that shares a plan
+        sweep_prompt_cudnn([16384, 4096, 9000, 33001, 50000, 50001, 50999, 16384 + 1], matmul_tflops())
     if args.only == "prefill-torch":
         shapes = [(0, 16384), (55000, 1300)] if args.quick else PREFILL_SHAPES
         sweep_prefill_torch(shapes, matmul_tflops())

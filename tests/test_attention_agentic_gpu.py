@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_kernels_triton import BF16, check_prefill
+from test_kernels_triton import BF16, F16, check_prefill
 
 AGENTIC = {
     "short_turn_long_prefix": [(70_001, 128)],  # ends mid-block, split key range
@@ -76,3 +76,32 @@ def test_short_turn_over_long_prefix_splits_the_key_range() -> None:
     assert prefill_splits(128, 1, 8, bq, 70_144, 132, PrefillConfig(max_splits=1)) == 1
     # never more splits than the widest context gives min_split_keys keys each
     assert prefill_splits(1, 1, 8, bq, 2048, 132, cfg) <= 2048 // cfg.min_split_keys
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "prefix,tokens,dtype,hq,hk,d,kv_fp8",
+    [
+        (0, 4096, BF16, 32, 8, 128, False),  # MIN_TOKENS, a multiple of PAD
+        (0, 16_384 + 7, BF16, 32, 8, 128, False),
+        (16_384, 16_384, BF16, 32, 8, 128, False),  # a first turn's second chunk
+        (49_152, 5000, BF16, 32, 8, 128, False),  # its last chunk, padded
+        (0, 5000, F16, 12, 4, 64, False),
+        (8192, 9000, BF16, 32, 8, 128, True),  # an FP8 cache: cuDNN reads the dequantized copy
+    ],
+)
+def test_long_chunk_on_cudnn_matches_reference(prefix, tokens, dtype, hq, hk, d, kv_fp8) -> None:
+    """One request's long chunk at the engine's sizes through engine.kernels.cudnn_prompt (cuDNN's fused
+    attention, its length padded; with a prefix, two calls merged) against the torch reference; the route ran
+    and did not fall back."""
+    from unittest import mock
+
+    from engine.kernels import cudnn_prompt
+
+    with mock.patch.object(cudnn_prompt, "attend", wraps=cudnn_prompt.attend) as attend:
+        check_prefill(
+            "cuda", seed=tokens, dtype=dtype, reqs=[(prefix, tokens)], hq=hq, hk=hk, d=d, bs=16, q_scale=2.0,
+            kv_fp8=kv_fp8, cached_prefix=prefix,
+        )  # fmt: skip
+    assert attend.call_count == (2 if prefix else 1) and not cudnn_prompt._broken, cudnn_prompt._broken
+    torch.cuda.empty_cache()

@@ -293,21 +293,32 @@ def test_kv_sizing_keeps_room_for_the_prefill_context_copy():
     from types import SimpleNamespace
 
     from engine.config import EngineConfig
+    from engine.kernels import cudnn_prompt
     from engine.kernels.triton import attention
     from engine.memory import prefill_copy_bytes
 
-    model = SimpleNamespace(config=SimpleNamespace(num_kv_heads=8, head_dim=128))
+    model = SimpleNamespace(config=SimpleNamespace(num_heads=32, num_kv_heads=8, head_dim=128))
     cfg = EngineConfig.from_dict(dict(model="llama-3.1-8b", max_num_seqs=2))
     fp8 = EngineConfig.from_dict(dict(model="llama-3.1-8b", max_num_seqs=2, kv_cache_dtype="fp8_e4m3"))
     ops = lambda backend: SimpleNamespace(chosen={"prefill_attention": backend})  # noqa: E731
     cuda = torch.device("cuda")
+    # a 16,384-token chunk on a cached prefix through cuDNN: its copy of one context (at most COPY_BYTES) and two
+    # outputs [16384, 32 heads, 128] more than the profiled chunk
     with mock.patch.object(attention, "_cuda_arch", lambda: 90):
+        four_k = 2 * 4096 * 8 * 128 * 2 + 2 * 16384 * 32 * 128 * 2
+        assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 4096, cuda, 16384) == four_k
+        big = prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 1 << 20, cuda, 16384)
+        assert big == cudnn_prompt.COPY_BYTES + 2 * 16384 * 32 * 128 * 2
+    with mock.patch.object(attention, "_cuda_arch", lambda: 90), mock.patch.object(cudnn_prompt, "ENABLED", False):
         assert prefill_copy_bytes(model, ops("torch"), cfg, torch.bfloat16, 4096, cuda) == 0
         # two 4K contexts: K and V of 8 heads x 128 in bf16
         assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 4096, cuda) == 2 * 2 * 4096 * 8 * 128 * 2
         big = prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 1 << 20, cuda)
         assert big == attention.PREFILL_GATHER_BYTES
-    with mock.patch.object(attention, "_cuda_arch", lambda: 80):  # no gathered kernel: only FP8 copies
+    with (  # no gathered kernel: only FP8 copies
+        mock.patch.object(attention, "_cuda_arch", lambda: 80),
+        mock.patch.object(cudnn_prompt, "ENABLED", False),
+    ):
         assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 4096, cuda) == 0
         big = prefill_copy_bytes(model, ops("triton"), fp8, torch.bfloat16, 1 << 20, cuda)
         assert big == attention.FP8_PREFILL_COPY_BYTES

@@ -370,6 +370,7 @@ def prefill_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    cached_prefix: int | None = None,
 ) -> torch.Tensor:
     """Causal paged attention of packed queries, cached prefix included (see torch_ops).
 

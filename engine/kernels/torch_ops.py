@@ -282,6 +282,7 @@ def prefill_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    cached_prefix: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed query tokens over their paged contexts (cached prefix included).
 
@@ -289,6 +290,9 @@ def prefill_attention(
         q: [T, Hq, D]; k_cache, v_cache: [NB, BS, Hk, D]; query_start_loc: [R+1];
         seq_lens: [R]; block_table: [R, W]; scale: softmax scale.
         k_scale, v_scale: [NB, BS, Hk] float32 with FP8 caches (dequantized on read), else None.
+        cached_prefix: with one request, the caller's word for its cached prefix (seq_len minus its
+            query length, known on the host; None: not stated): a backend may take a faster route
+            then; the result is the same.
     Returns:
         [T, Hq, D] in q's dtype.
     """

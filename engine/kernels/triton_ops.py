@@ -94,14 +94,25 @@ def prefill_attention(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    cached_prefix: int | None = None,
 ) -> torch.Tensor:
     """Paged causal attention with a cached prefix (contract: torch_ops.prefill_attention).
 
     Varlen flash attention: tiles of (query token, GQA head) rows against key tiles gathered
-    through the block table; no host synchronisation.
+    through the block table; no host synchronisation. One request's long chunk whose cached prefix the
+    caller states (`cached_prefix`) runs on cuDNN where it can (engine.kernels.cudnn_prompt).
     """
     return attention.prefill_attention(
-        q, k_cache, v_cache, query_start_loc, seq_lens, block_table, scale, k_scale=k_scale, v_scale=v_scale
+        q,
+        k_cache,
+        v_cache,
+        query_start_loc,
+        seq_lens,
+        block_table,
+        scale,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        cached_prefix=cached_prefix,
     )
 
 

@@ -61,6 +61,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from engine.kernels import cudnn_prompt
 from engine.kernels.torch_ops import check_kv_scales
 from engine.kernels.triton import elementwise
 from engine.kernels.triton.elementwise import cos_sin_row, rotate_q_heads, write_token_kv
@@ -1490,13 +1491,27 @@ def prefill_attention(
     *,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    cached_prefix: int | None = None,
 ) -> torch.Tensor:
-    """Paged causal prefill attention, same contract as torch_ops.prefill_attention."""
+    """Paged causal prefill attention, same contract as torch_ops.prefill_attention. Without `cfg`, one request's
+    long chunk whose cached prefix the caller states (`cached_prefix`) goes to cuDNN where it runs
+    (engine.kernels.cudnn_prompt)."""
     tokens, hq, d = q.shape
     _, bs, hk, _ = k_cache.shape
     group = hq // hk
     reqs = seq_lens.shape[0]
     fp8, compute = _compute_dtype(q, k_cache, k_scale, v_scale)
+    if cfg is None and bs == triton.next_power_of_2(bs) and cudnn_prompt.eligible(q, hk, reqs, compute, cached_prefix):
+
+        def copy_context(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+            width = max(-(-rows // bs), block_table.shape[1])
+            table = torch.nn.functional.pad(block_table, (0, width - block_table.shape[1]))
+            k, v, _ = _copy_context(k_cache, v_cache, k_scale, v_scale, seq_lens, table, compute, rows)
+            return k.view(-1, hk, d)[:rows], v.view(-1, hk, d)[:rows]
+
+        out = cudnn_prompt.prompt_attention(q, copy_context, scale, cached_prefix)
+        if out is not None:
+            return out
     copy_bytes = 2 * block_table.numel() * bs * hk * d * torch.finfo(compute).bits // 8
     some = bool(tokens and reqs)
     copy = fp8 and some and copy_bytes <= FP8_PREFILL_COPY_BYTES and (cfg is None or cfg.gather)

@@ -1,0 +1,178 @@
+"""Long prefill chunks of one request through cuDNN's fused attention (torch's SDPA cuDNN backend).
+
+Triton's prefill kernel is the engine's paged prefill attention; on an H100 cuDNN's fused attention runs
+long causal chunks faster (docs/perf.md: 619 against 501 TFLOP/s on a 50K prompt). Its causal mask is
+aligned to the top left (query i sees keys j <= i), the engine's bottom-right mask only where the queries
+are the whole context. So a chunk of n new tokens on P cached ones is two cuDNN calls merged by their
+log-sum-exps::
+
+    queries [P, P + n)  x  keys [0, P)       unmasked  (the cached prefix: every query sees all of it)
+    queries [P, P + n)  x  keys [P, P + n)   causal    (the chunk's own keys: top left is right here)
+
+The Triton prefill op sends here one request's chunk of at least MIN_TOKENS tokens whose cached prefix P
+the caller states (`cached_prefix`, known on the host) and is a multiple of PAD: a first turn's chunks
+(the scheduler cuts whole chunks, so every P is a multiple of its chunk size); every other launch stays
+on Triton's kernel.
+
+cuDNN plans (builds and compiles) a graph for each new shape, 50-190 ms on an H100, which an engine would
+meet at every prompt length: n is rounded up to a multiple of PAD (padded queries sit after the real ones,
+a real query never sees a padded key under the causal mask, and their rows are dropped), and P is taken
+only as a multiple of PAD, so the plans are few and reused. K/V come from the paged cache through the
+Triton module's contiguous copy (gathered_context, or the dequantized copy of an FP8 cache), zero past
+the chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+log = logging.getLogger(__name__)
+
+ENABLED = True  # route long chunks of one request to cuDNN (off: Triton's kernel for all)
+MIN_TOKENS = 4096
+PAD = 1024  # chunk lengths rounded up to, and cached prefixes taken at, multiples of this
+# the K/V copy it reads, at most (Triton's gathered copy has the same limit: attention.PREFILL_GATHER_BYTES,
+# which the engine's memory sizing reserves)
+COPY_BYTES = 512 << 20
+
+_broken: set[torch.device] = set()  # devices where cuDNN's attention raised once: Triton from then on
+
+
+def usable(device: torch.device) -> bool:
+    """A CUDA device with cuDNN (Ampere or later) where cuDNN's attention has not failed."""
+    return (
+        device.type == "cuda"
+        and device not in _broken
+        and torch.backends.cudnn.is_available()
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    )
+
+
+def padded(tokens: int) -> int:
+    return -(-tokens // PAD) * PAD
+
+
+def copy_bytes(prefix: int, tokens: int, hk: int, d: int, dtype: torch.dtype) -> int:
+    """Bytes of the K/V copy prompt_attention reads for `tokens` new tokens on `prefix` cached ones."""
+    return 2 * (prefix + padded(tokens)) * hk * d * dtype.itemsize
+
+
+def extra_bytes(tokens: int, hq: int, d: int, dtype: torch.dtype) -> int:
+    """What a chunk of `tokens` with a cached prefix holds beyond the same chunk without one (whose forward an
+    engine's memory profile runs): the second partial and the merged output."""
+    return 2 * padded(tokens) * hq * d * dtype.itemsize
+
+
+def eligible(q: torch.Tensor, hk: int, reqs: int, compute: torch.dtype, cached_prefix: int | None) -> bool:
+    """Whether prompt_attention takes this launch: one request with a stated cached prefix that is a multiple of
+    PAD, a chunk of at least MIN_TOKENS, a K/V copy of at most COPY_BYTES, 16-bit compute, a head size cuDNN's
+    fused attention takes, a device it is usable on."""
+    return (
+        ENABLED
+        and cached_prefix is not None
+        and cached_prefix % PAD == 0
+        and reqs == 1
+        and q.shape[0] >= MIN_TOKENS
+        and compute in (torch.bfloat16, torch.float16)
+        and q.shape[2] in (64, 128)
+        and copy_bytes(cached_prefix, q.shape[0], hk, q.shape[2], compute) <= COPY_BYTES
+        and usable(q.device)
+    )
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN's attention, causal from the top left or unmasked: [1, H, S, D] views in (K/V may have fewer heads
+    than q: GQA); out [1, Hq, S, D] and the rows' log-sum-exps (natural log, float32, Hq * S of them)."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)[
+        :2
+    ]
+    return out, lse
+
+
+@triton.jit
+def _merge_kernel(a_ptr, b_ptr, la_ptr, lb_ptr, o_ptr, a_st0, a_st1, b_st0, b_st1, o_st0, o_st1, S, D: tl.constexpr):
+    """Row (token t, head h) of two attention partials over disjoint keys, merged by their natural log-sum-exps
+    (la, lb [H, S] contiguous): out = (a e^la + b e^lb) / (e^la + e^lb)."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, D)
+    la = tl.load(la_ptr + h * S + t)
+    lb = tl.load(lb_ptr + h * S + t)
+    top = tl.maximum(la, lb)
+    wa = tl.exp(la - top)
+    wb = tl.exp(lb - top)
+    a = tl.load(a_ptr + t * a_st0 + h * a_st1 + d).to(tl.float32)
+    b = tl.load(b_ptr + t * b_st0 + h * b_st1 + d).to(tl.float32)
+    out = (a * wa + b * wb) / (wa + wb)
+    tl.store(o_ptr + t * o_st0 + h * o_st1 + d, out.to(o_ptr.dtype.element_ty))
+
+
+def merge(a: torch.Tensor, lse_a: torch.Tensor, b: torch.Tensor, lse_b: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The first `tokens` rows of two partials a, b [S, H, D] (any strides, D contiguous) merged: [tokens, H, D]."""
+    rows, h, d = a.shape
+    out = torch.empty((tokens, h, d), dtype=a.dtype, device=a.device)
+    la, lb = (x.reshape(h, rows).contiguous() for x in (lse_a, lse_b))
+    _merge_kernel[(tokens, h)](a, b, la, lb, out, *a.stride()[:2], *b.stride()[:2], *out.stride()[:2], rows, D=d)
+    return out
+
+
+def prompt_attention(q: torch.Tensor, copy_context, scale: float, prefix: int) -> torch.Tensor | None:
+    """Causal attention of one request's chunk q [T, Hq, D] on `prefix` cached tokens; None where cuDNN raised
+    (the caller runs its own kernel; this device is not tried again).
+
+    copy_context(rows): (k, v) contiguous [rows, Hk, D] copies of the request's K/V in q's dtype, rows >=
+    prefix + T, zero past it."""
+    tokens, hq, d = q.shape
+    rows = padded(tokens)
+    k, v = copy_context(prefix + rows)
+    q_pad = q.new_empty((rows, hq, d))
+    q_pad[:tokens].copy_(q)
+    q_pad[tokens:].zero_()
+    # [1, H, rows, D] views of [rows, H, D] rows (the layout cuDNN calls BSHD), GQA heads as they are
+    as_bhsd = lambda t: t.permute(1, 0, 2).unsqueeze(0)  # noqa: E731
+    as_rows = lambda t: t[0].permute(1, 0, 2)  # noqa: E731 - and back
+    try:
+        own, own_lse = attend(as_bhsd(q_pad), as_bhsd(k[prefix:]), as_bhsd(v[prefix:]), scale, True)
+        if prefix:
+            cached, cached_lse = attend(as_bhsd(q_pad), as_bhsd(k[:prefix]), as_bhsd(v[:prefix]), scale, False)
+    except (RuntimeError, NotImplementedError) as exc:  # this cuDNN or card lacks the fused attention
+        _broken.add(q.device)
+        log.warning("cuDNN attention unavailable on %s (%s); prefill uses the Triton kernel", q.device, exc)
+        return None
+    if not prefix:
+        return as_rows(own)[:tokens].contiguous()
+    return merge(as_rows(own), own_lse, as_rows(cached), cached_lse, tokens)
+
+
+def warm_up(hq: int, hk: int, d: int, dtype: torch.dtype, device: torch.device, chunk: int, max_len: int) -> int:
+    """Plans cuDNN's graphs for the chunks a lone long prompt is cut into, `chunk` tokens on 0, chunk, 2 chunk,
+    ... cached ones below max_len, by running them once on zeros (as an engine captures its CUDA graphs at
+    start); returns how many ran (0 where the route does not take such chunks). Other lengths (a prompt's
+    last chunk) are planned the first time they come."""
+    if not (
+        ENABLED
+        and usable(device)
+        and chunk >= MIN_TOKENS
+        and chunk % PAD == 0
+        and dtype in (torch.bfloat16, torch.float16)
+        and d in (64, 128)
+    ):
+        return 0
+    q = torch.zeros((chunk, hq, d), dtype=dtype, device=device)
+    ran = 0
+    for prefix in range(0, max_len - chunk + 1, chunk):
+        if copy_bytes(prefix, chunk, hk, d, dtype) > COPY_BYTES:
+            break
+        kv = torch.zeros((prefix + chunk, hk, d), dtype=dtype, device=device)
+        if prompt_attention(q, lambda rows, kv=kv: (kv[:rows], kv[:rows]), d**-0.5, prefix) is None:
+            break
+        ran += 1
+        del kv
+    torch.cuda.synchronize(device)
+    return ran
