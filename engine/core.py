@@ -219,16 +219,30 @@ class EngineCore:
                 self.eos_token_ids = (self.tokenizer.eos_token_id,) + self.eos_token_ids
 
     def _warm_up_cudnn_prompt(self, sc) -> None:
-        """cuDNN's attention plans for a lone long prompt's chunks (engine.kernels.cudnn_prompt), at start."""
+        """Runs a lone long prompt's chunks' attention once, on the KV cache's first blocks (their contents do
+        not matter), so that cuDNN plans their graphs and Triton compiles the context copy at start, not in the
+        first requests (engine.kernels.cudnn_prompt)."""
         from engine.kernels import cudnn_prompt
 
-        mc = self.model_config
-        lone = self.idle_chunk_size if self.idle_chunk_size > sc.chunk_size else sc.chunk_size
-        chunk = min(lone, max(sc.max_num_batched_tokens, self.idle_chunk_size))
-        start = time.perf_counter()
-        ran = cudnn_prompt.warm_up(
-            mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype, self.device, chunk, self.max_model_len
-        )
+        mc, kv, bs = self.model_config, self.runner.kv, sc.block_size
+        # the chunk the scheduler cuts a prompt into when nothing else runs (csrc/scheduler.h)
+        idle = self.idle_chunk_size
+        chunk = idle if idle > sc.chunk_size else min(sc.chunk_size, sc.max_num_batched_tokens)
+        prefixes = cudnn_prompt.warm_up_prefixes(chunk, self.max_model_len, mc.num_kv_heads, mc.head_dim, self.dtype)
+        q = torch.zeros((chunk, mc.num_heads, mc.head_dim), dtype=self.dtype, device=self.device)
+        i32 = dict(dtype=torch.int32, device=self.device)
+        start, ran = time.perf_counter(), 0
+        for prefix in prefixes:
+            blocks = -(-(prefix + chunk) // bs)
+            if blocks > self.num_blocks or not cudnn_prompt.eligible(q, mc.num_kv_heads, bs, 1, self.dtype, prefix):
+                break
+            self.ops.prefill_attention(
+                q, kv.k[0], kv.v[0], torch.tensor([0, chunk], **i32), torch.tensor([prefix + chunk], **i32),
+                torch.arange(blocks, **i32)[None], mc.head_dim**-0.5, cached_prefix=prefix, **kv.layer_scales(0),
+            )  # fmt: skip
+            ran += 1
+        if ran and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         if ran:
             log.info("cuDNN attention planned for %d prompt chunks of %d tokens in %.2f s", ran, chunk,
                      time.perf_counter() - start)  # fmt: skip

@@ -97,8 +97,13 @@ def prefill_copy_bytes(model, ops, cfg, dtype, max_model_len: int, device=None, 
     limit = prefill_copy_limit(device or torch.device("cuda"), c.head_dim, dtype, kv_fp8)
     one = 2 * max_model_len * c.num_kv_heads * c.head_dim * dtype.itemsize
     copy = min(cfg.scheduler.max_num_seqs * one, limit)
-    tokens = max(cfg.scheduler.max_num_batched_tokens, idle_chunk_size)  # the longest chunk
-    if not (cudnn_prompt.ENABLED and tokens >= cudnn_prompt.MIN_TOKENS and c.head_dim in (64, 128)):
+    tokens = min(max(cfg.scheduler.max_num_batched_tokens, idle_chunk_size), max_model_len)  # the longest chunk
+    if not (
+        cudnn_prompt.ENABLED
+        and tokens >= cudnn_prompt.MIN_TOKENS
+        and c.head_dim in (64, 128)
+        and dtype in (torch.bfloat16, torch.float16)
+    ):
         return copy
     cudnn = min(one, cudnn_prompt.COPY_BYTES) + cudnn_prompt.extra_bytes(tokens, c.num_heads, c.head_dim, dtype)
     return max(copy, cudnn)

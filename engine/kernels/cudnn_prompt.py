@@ -17,7 +17,8 @@ on Triton's kernel.
 cuDNN plans (builds and compiles) a graph for each new shape, 50-190 ms on an H100, which an engine would
 meet at every prompt length: n is rounded up to a multiple of PAD (padded queries sit after the real ones,
 a real query never sees a padded key under the causal mask, and their rows are dropped), and P is taken
-only as a multiple of PAD, so the plans are few and reused. K/V come from the paged cache through the
+only as a multiple of PAD, so the plans are few and reused; the engine runs a lone prompt's chunks once at
+start (warm_up_prefixes, EngineCore). K/V come from the paged cache through the
 Triton module's contiguous copy (gathered_context, or the dequantized copy of an FP8 cache), zero past
 the chunk.
 """
@@ -56,6 +57,18 @@ def padded(tokens: int) -> int:
     return -(-tokens // PAD) * PAD
 
 
+def warm_up_prefixes(chunk: int, max_len: int, hk: int, d: int, dtype: torch.dtype) -> list[int]:
+    """The cached prefixes (0, chunk, 2 chunk, ...) on which a lone long prompt's `chunk`-token chunks take the
+    route, below max_len: what an engine runs once at start so that cuDNN plans their graphs (and Triton
+    compiles the copy) then, not in the first requests. Empty where such chunks do not take it."""
+    if not (ENABLED and chunk >= MIN_TOKENS and chunk % PAD == 0 and dtype in (torch.bfloat16, torch.float16)):
+        return []
+    if d not in (64, 128):
+        return []
+    prefixes = range(0, max_len - chunk + 1, chunk)
+    return [p for p in prefixes if copy_bytes(p, chunk, hk, d, dtype) <= COPY_BYTES]
+
+
 def copy_bytes(prefix: int, tokens: int, hk: int, d: int, dtype: torch.dtype) -> int:
     """Bytes of the K/V copy prompt_attention reads for `tokens` new tokens on `prefix` cached ones."""
     return 2 * (prefix + padded(tokens)) * hk * d * dtype.itemsize
@@ -67,13 +80,15 @@ def extra_bytes(tokens: int, hq: int, d: int, dtype: torch.dtype) -> int:
     return 2 * padded(tokens) * hq * d * dtype.itemsize
 
 
-def eligible(q: torch.Tensor, hk: int, reqs: int, compute: torch.dtype, cached_prefix: int | None) -> bool:
+def eligible(q: torch.Tensor, hk: int, bs: int, reqs: int, compute: torch.dtype, cached_prefix: int | None) -> bool:
     """Whether prompt_attention takes this launch: one request with a stated cached prefix that is a multiple of
-    PAD, a chunk of at least MIN_TOKENS, a K/V copy of at most COPY_BYTES, 16-bit compute, a head size cuDNN's
-    fused attention takes, a device it is usable on."""
+    PAD, a chunk of at least MIN_TOKENS, a K/V copy of at most COPY_BYTES (blocks of `bs` slots, a power of two
+    as the copy kernel takes), 16-bit compute, a head size cuDNN's fused attention takes, a device it is usable
+    on."""
     return (
         ENABLED
         and cached_prefix is not None
+        and bs & (bs - 1) == 0
         and cached_prefix % PAD == 0
         and reqs == 1
         and q.shape[0] >= MIN_TOKENS
@@ -141,6 +156,8 @@ def prompt_attention(q: torch.Tensor, copy_context, scale: float, prefix: int) -
         own, own_lse = attend(as_bhsd(q_pad), as_bhsd(k[prefix:]), as_bhsd(v[prefix:]), scale, True)
         if prefix:
             cached, cached_lse = attend(as_bhsd(q_pad), as_bhsd(k[:prefix]), as_bhsd(v[:prefix]), scale, False)
+    except torch.OutOfMemoryError:  # not cuDNN's lack: the caller's to handle, the route stays
+        raise
     except (RuntimeError, NotImplementedError) as exc:  # this cuDNN or card lacks the fused attention
         _broken.add(q.device)
         log.warning("cuDNN attention unavailable on %s (%s); prefill uses the Triton kernel", q.device, exc)
@@ -148,31 +165,3 @@ def prompt_attention(q: torch.Tensor, copy_context, scale: float, prefix: int) -
     if not prefix:
         return as_rows(own)[:tokens].contiguous()
     return merge(as_rows(own), own_lse, as_rows(cached), cached_lse, tokens)
-
-
-def warm_up(hq: int, hk: int, d: int, dtype: torch.dtype, device: torch.device, chunk: int, max_len: int) -> int:
-    """Plans cuDNN's graphs for the chunks a lone long prompt is cut into, `chunk` tokens on 0, chunk, 2 chunk,
-    ... cached ones below max_len, by running them once on zeros (as an engine captures its CUDA graphs at
-    start); returns how many ran (0 where the route does not take such chunks). Other lengths (a prompt's
-    last chunk) are planned the first time they come."""
-    if not (
-        ENABLED
-        and usable(device)
-        and chunk >= MIN_TOKENS
-        and chunk % PAD == 0
-        and dtype in (torch.bfloat16, torch.float16)
-        and d in (64, 128)
-    ):
-        return 0
-    q = torch.zeros((chunk, hq, d), dtype=dtype, device=device)
-    ran = 0
-    for prefix in range(0, max_len - chunk + 1, chunk):
-        if copy_bytes(prefix, chunk, hk, d, dtype) > COPY_BYTES:
-            break
-        kv = torch.zeros((prefix + chunk, hk, d), dtype=dtype, device=device)
-        if prompt_attention(q, lambda rows, kv=kv: (kv[:rows], kv[:rows]), d**-0.5, prefix) is None:
-            break
-        ran += 1
-        del kv
-    torch.cuda.synchronize(device)
-    return ran

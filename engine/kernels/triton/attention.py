@@ -1501,12 +1501,14 @@ def prefill_attention(
     group = hq // hk
     reqs = seq_lens.shape[0]
     fp8, compute = _compute_dtype(q, k_cache, k_scale, v_scale)
-    if cfg is None and bs == triton.next_power_of_2(bs) and cudnn_prompt.eligible(q, hk, reqs, compute, cached_prefix):
+    if cfg is None and cudnn_prompt.eligible(q, hk, bs, reqs, compute, cached_prefix):
 
         def copy_context(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+            # zero past the chunk up to a multiple of PAD past the prefix (a multiple of PAD): `rows` itself;
+            # a constant, not `rows`, so the copy kernel compiles once, not for every length
             width = max(-(-rows // bs), block_table.shape[1])
             table = torch.nn.functional.pad(block_table, (0, width - block_table.shape[1]))
-            k, v, _ = _copy_context(k_cache, v_cache, k_scale, v_scale, seq_lens, table, compute, rows)
+            k, v, _ = _copy_context(k_cache, v_cache, k_scale, v_scale, seq_lens, table, compute, cudnn_prompt.PAD)
             return k.view(-1, hk, d)[:rows], v.view(-1, hk, d)[:rows]
 
         out = cudnn_prompt.prompt_attention(q, copy_context, scale, cached_prefix)
