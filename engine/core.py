@@ -229,6 +229,8 @@ class EngineCore:
         idle = self.idle_chunk_size
         chunk = idle if idle > sc.chunk_size else min(sc.chunk_size, sc.max_num_batched_tokens)
         prefixes = cudnn_prompt.warm_up_prefixes(chunk, self.max_model_len, mc.num_kv_heads, mc.head_dim, self.dtype)
+        if not prefixes:
+            return
         q = torch.zeros((chunk, mc.num_heads, mc.head_dim), dtype=self.dtype, device=self.device)
         i32 = dict(dtype=torch.int32, device=self.device)
         start, ran = time.perf_counter(), 0
@@ -240,6 +242,8 @@ class EngineCore:
                 q, kv.k[0], kv.v[0], torch.tensor([0, chunk], **i32), torch.tensor([prefix + chunk], **i32),
                 torch.arange(blocks, **i32)[None], mc.head_dim**-0.5, cached_prefix=prefix, **kv.layer_scales(0),
             )  # fmt: skip
+            if self.device in cudnn_prompt._broken:  # it fell back to Triton: cuDNN does not run here
+                break
             ran += 1
         if ran and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -97,7 +97,7 @@ def prefill_copy_bytes(model, ops, cfg, dtype, max_model_len: int, device=None, 
     limit = prefill_copy_limit(device or torch.device("cuda"), c.head_dim, dtype, kv_fp8)
     one = 2 * max_model_len * c.num_kv_heads * c.head_dim * dtype.itemsize
     copy = min(cfg.scheduler.max_num_seqs * one, limit)
-    tokens = min(max(cfg.scheduler.max_num_batched_tokens, idle_chunk_size), max_model_len)  # the longest chunk
+    tokens = min(max(cfg.scheduler.max_num_batched_tokens, idle_chunk_size), max_model_len - 1)  # the longest chunk
     if not (
         cudnn_prompt.ENABLED
         and tokens >= cudnn_prompt.MIN_TOKENS

@@ -305,15 +305,14 @@ def test_kv_sizing_keeps_room_for_the_prefill_context_copy():
     # a 16,384-token chunk on a cached prefix through cuDNN: its copy of one context (at most COPY_BYTES) and two
     # outputs [16384, 32 heads, 128] more than the profiled chunk
     with mock.patch.object(attention, "_cuda_arch", lambda: 90):
-        four_k = 2 * 4096 * 8 * 128 * 2 + 2 * 4096 * 32 * 128 * 2  # a chunk no longer than max_model_len
-        assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 4096, cuda, 16384) == four_k
+        # a chunk shorter than max_model_len (8,191 tokens, padded to 8,192), one context's copy
+        eight_k = 2 * 8192 * 8 * 128 * 2 + 2 * 8192 * 32 * 128 * 2
+        assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 8192, cuda, 16384) == eight_k
         big = prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 1 << 20, cuda, 16384)
         assert big == cudnn_prompt.COPY_BYTES + 2 * 16384 * 32 * 128 * 2
-        # no route: a max_model_len under MIN_TOKENS, a float32 model
-        assert (
-            prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 2048, cuda, 16384)
-            == 2 * 2 * 2048 * 8 * 128 * 2
-        )
+        # no route: no chunk of MIN_TOKENS fits max_model_len 4096 (a prompt is shorter), a float32 model
+        short = prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 4096, cuda, 16384)
+        assert short == 2 * 2 * 4096 * 8 * 128 * 2  # the gathered copies of two contexts alone
         assert prefill_copy_bytes(model, ops("triton"), cfg, torch.float32, 1 << 20, cuda, 16384) == 0
     with mock.patch.object(attention, "_cuda_arch", lambda: 90), mock.patch.object(cudnn_prompt, "ENABLED", False):
         assert prefill_copy_bytes(model, ops("torch"), cfg, torch.bfloat16, 4096, cuda) == 0

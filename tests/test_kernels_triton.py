@@ -664,9 +664,13 @@ def check_prompt_route(device: str, dtype: torch.dtype, bs: int, kv_fp8: bool = 
     calls = []
     real = _sdpa_top_left if device == "cpu" else cudnn_prompt.attend
 
+    tails = []  # the chunk's own K and V as cuDNN reads them, padded rows included
+
     def counted(q, k, v, scale, causal):
         out = real(q, k, v, scale, causal)  # recorded once it ran: a call that raised falls back to Triton
         calls.append((q.shape[2], k.shape[2], causal))
+        if causal:
+            tails.append((k.clone(), v.clone()))
         return out
 
     shape = dict(hq=8, hk=2, d=64, bs=bs, q_scale=2.0, kv_fp8=kv_fp8)
@@ -682,6 +686,9 @@ def check_prompt_route(device: str, dtype: torch.dtype, bs: int, kv_fp8: bool = 
             padded = -(-tokens // 16) * 16
             want = [(padded, padded, True)] + ([(padded, prefix, False)] if prefix else [])
             assert calls == want, (prefix, tokens, calls)
+            k, v = tails.pop()  # the copy is zero past the chunk (a NaN there could reach a masked score)
+            assert not k[:, :, tokens:].any() and not v[:, :, tokens:].any(), (prefix, tokens)
+            assert k[:, :, :tokens].abs().sum(-1).all(), "the chunk's own keys are not in the copy"
         del calls[:]
         check_prefill(device, 5, dtype, [(0, 37)], **shape)  # no hint
         check_prefill(device, 6, dtype, [(20, 37)], **shape, cached_prefix=20)  # a prefix off the padding
@@ -738,10 +745,23 @@ def check_cudnn_warm_up(device: str, kv_fp8: bool) -> None:
         EngineCore._warm_up_cudnn_prompt(core, sc)
         assert len(calls) == 2 * (300 // 16) - 1, calls
         del calls[:]
-        sc.chunk_size = 8  # under MIN_TOKENS: nothing runs
+        core.idle_chunk_size, sc.chunk_size = 48, 64  # idle <= chunk_size: min(chunk_size, budget 32)
+        EngineCore._warm_up_cudnn_prompt(core, sc)
+        assert calls[:3] == [(32, 32, True), (32, 32, True), (32, 32, False)], calls
+        del calls[:]
+        core.num_blocks, core.idle_chunk_size, sc.chunk_size = 20, 64, 16  # 160 slots: chunks on 0 and 64 fit
+        EngineCore._warm_up_cudnn_prompt(core, sc)
+        assert calls == want[:3], calls
+        del calls[:]
+        core.num_blocks, sc.chunk_size, core.idle_chunk_size = 40, 8, 0  # under MIN_TOKENS: nothing runs
         EngineCore._warm_up_cudnn_prompt(core, sc)
         assert not calls, calls
     assert not cudnn_prompt._broken, cudnn_prompt._broken
+    if device == "cpu":  # no cuDNN here: the route is not eligible and the warm-up stops before any run
+        core.idle_chunk_size, sc.chunk_size = 64, 16
+        with mock.patch.object(cudnn_prompt, "MIN_TOKENS", 16), mock.patch.object(cudnn_prompt, "PAD", 16):
+            core.ops = SimpleNamespace(prefill_attention=mock.Mock(side_effect=AssertionError("it ran")))
+            EngineCore._warm_up_cudnn_prompt(core, sc)
 
 
 def check_model_fused_vs_unfused(device: str, arch: str, dtype: torch.dtype, exact: bool) -> None:

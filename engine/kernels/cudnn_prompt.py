@@ -65,7 +65,7 @@ def warm_up_prefixes(chunk: int, max_len: int, hk: int, d: int, dtype: torch.dty
         return []
     if d not in (64, 128):
         return []
-    prefixes = range(0, max_len - chunk + 1, chunk)
+    prefixes = range(0, max_len - chunk, chunk)  # a prompt is shorter than max_len: its chunks end below it
     return [p for p in prefixes if copy_bytes(p, chunk, hk, d, dtype) <= COPY_BYTES]
 
 
@@ -156,8 +156,9 @@ def prompt_attention(q: torch.Tensor, copy_context, scale: float, prefix: int) -
         own, own_lse = attend(as_bhsd(q_pad), as_bhsd(k[prefix:]), as_bhsd(v[prefix:]), scale, True)
         if prefix:
             cached, cached_lse = attend(as_bhsd(q_pad), as_bhsd(k[:prefix]), as_bhsd(v[:prefix]), scale, False)
-    except torch.OutOfMemoryError:  # not cuDNN's lack: the caller's to handle, the route stays
-        raise
+    except torch.OutOfMemoryError:  # not cuDNN's lack: the caller's kernel this time, the route stays
+        log.warning("cuDNN attention ran out of memory on %d tokens; the Triton prefill kernel runs them", tokens)
+        return None
     except (RuntimeError, NotImplementedError) as exc:  # this cuDNN or card lacks the fused attention
         _broken.add(q.device)
         log.warning("cuDNN attention unavailable on %s (%s); prefill uses the Triton kernel", q.device, exc)
