@@ -16,11 +16,14 @@
 #             and 50K, b4 50K (ATTN_S seconds; ATTN_VARIANTS overrides the variants)
 #     fused   python -m experiments.tune_attention --only decode-fused: the fused decode attention's kernels
 #             and tiles at b1 512 / 50K, b4 50K, b64 512, bf16 and FP8 caches, with registers (FUSED_S)
+#     cudnn   long prefill chunks on cuDNN (engine/kernels/cudnn_prompt.py): its GPU tests, then bench_engine
+#             bf16-triton (the route off) / bf16 at prefill 16K / 32K / 50K and a turn, then
+#             tune_attention --only prompt-cudnn (CUDNN_S seconds each)
 #     lookahead  python -m experiments.bench_lookahead --engine-only: the engine's step time with and without
 # Carry .whl (../shared/tools/device-wheels.sh prometheus-client opentelemetry-api annotated-doc: fastapi
 # 0.165 imports the last two) for simpy/hydra/fastapi. Logs go to $OUT (or /tmp/gpu-agentic).
 # Each phase has its own time limit (TUNE_S, KERNELS_S, GEMV_S, FUSE_S, PROFILE_S, BENCH_S, TESTS_S, SERVED_S, FLOOR_S, LOOKAHEAD_S,
-# ATTN_S seconds) so that what ran comes back.
+# ATTN_S, CUDNN_S seconds) so that what ran comes back.
 set -uo pipefail
 out="${OUT:-/tmp/gpu-agentic}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -81,6 +84,14 @@ for phase in "$@"; do
       PYTHONSAFEPATH=1 TANDEM_CONF_DIR=$PWD/conf timeout "${ATTN_S:-400}" python3 -m experiments.bench_engine \
           --models llama-3.1-8b --no-hf --variants ${ATTN_VARIANTS:-bf16 bf16-composed bf16-attn fp8w fp8w-composed fp8w-attn} \
           --decode 1x512 1x50000 4x50000 --prefill 2048 --turn >> "$out/attn.txt" 2>&1 || status=1 ;;
+    cudnn) install || exit 1
+      PYTHONSAFEPATH=1 timeout "${CUDNN_S:-200}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
+          tests/test_attention_agentic_gpu.py tests/test_kernels_triton.py -k "cudnn" > "$out/cudnn.txt" 2>&1 || status=1
+      PYTHONSAFEPATH=1 TANDEM_CONF_DIR=$PWD/conf timeout "${CUDNN_S:-200}" python3 -m experiments.bench_engine \
+          --models llama-3.1-8b --no-hf --variants bf16-triton bf16 --decode 1x512 --prefill 16384 32768 50000 \
+          >> "$out/cudnn.txt" 2>&1 || status=1
+      PYTHONSAFEPATH=1 timeout "${CUDNN_S:-200}" python3 -m experiments.tune_attention --only prompt-cudnn \
+          >> "$out/cudnn.txt" 2>&1 || status=1 ;;
     fused) install || exit 1
       PYTHONSAFEPATH=1 timeout "${FUSED_S:-300}" python3 -m experiments.tune_attention --only decode-fused \
         --shapes ${FUSED_SHAPES:-1x512 1x50000 4x50000 64x512} > "$out/fused.txt" 2>&1 || status=1 ;;
