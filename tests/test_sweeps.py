@@ -73,8 +73,11 @@ def assert_same_sweep(sweep: Path, reference: Path) -> None:
 
 @pytest.mark.parametrize("launcher", ["ray", "submitit_local"])
 def test_launcher_sweep_matches_joblib(tmp_path, joblib_sweep, launcher):
-    # ray: a local Ray instance the launcher starts; submitit_local: one process per job, as on SLURM
+    # ray: a local Ray instance the launcher starts (address=local: its own, never one an earlier run's Ray
+    # left running for a moment, which ray.init would otherwise join and then refuse the plugin's
+    # object_store_memory); submitit_local: one process per job, as on SLURM
     sweep = tmp_path / "sweep"
+    own = ["hydra.launcher.ray.init.address=local"] if launcher == "ray" else []
     proc = app(
         tmp_path,
         "experiments.simulate",
@@ -83,6 +86,7 @@ def test_launcher_sweep_matches_joblib(tmp_path, joblib_sweep, launcher):
         "wandb.mode=offline",
         f"hydra/launcher={launcher}",
         f"hydra.sweep.dir={sweep}",
+        *own,
     )
     assert " lru " in proc.stdout and " ttl " in proc.stdout  # the comparison table
     assert_same_sweep(sweep, joblib_sweep)
