@@ -31,8 +31,10 @@ class AttentionMetadata:
     prefill_seq_lens: torch.Tensor  # [R_p] int32
     prefill_block_table: torch.Tensor  # [R_p, W] int32
     num_prefill_tokens: int = 0
-    # one prefill request: its cached prefix (seq_len minus its chunk), known on the host, a hint to the prefill
-    # kernels (a long chunk may take cuDNN's attention, engine.kernels.cudnn_prompt); None: several or not known
+    # a step that is one request's prefill chunk and nothing else: its cached prefix (seq_len minus its chunk),
+    # known on the host, a hint to the prefill kernels (a long chunk may take cuDNN's attention, whose first
+    # call at a shape plans it for 50-190 ms: no decode waits on that; engine.kernels.cudnn_prompt); None:
+    # several requests, decodes beside it, or not known
     prefill_cached_prefix: int | None = None
 
 

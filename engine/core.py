@@ -242,8 +242,8 @@ class EngineCore:
                 q, kv.k[0], kv.v[0], torch.tensor([0, chunk], **i32), torch.tensor([prefix + chunk], **i32),
                 torch.arange(blocks, **i32)[None], mc.head_dim**-0.5, cached_prefix=prefix, **kv.layer_scales(0),
             )  # fmt: skip
-            if self.device in cudnn_prompt._broken:  # it fell back to Triton: cuDNN does not run here
-                break
+            if not cudnn_prompt.planned(self.device, prefix, chunk):  # it fell back to Triton (cuDNN raised or
+                break  # memory ran out): the rest would too
             ran += 1
         if ran and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

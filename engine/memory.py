@@ -90,7 +90,7 @@ def prefill_copy_bytes(model, ops, cfg, dtype, max_model_len: int, device=None, 
     if ops.chosen.get("prefill_attention") != "triton":
         return 0
     from engine.kernels import cudnn_prompt
-    from engine.kernels.triton.attention import prefill_copy_limit
+    from engine.kernels.triton.attention import _cuda_arch, prefill_copy_limit
 
     c = model.config
     kv_fp8 = is_fp8(resolve_kv_cache_dtype(cfg.kv_cache_dtype, dtype))
@@ -100,6 +100,7 @@ def prefill_copy_bytes(model, ops, cfg, dtype, max_model_len: int, device=None, 
     tokens = min(max(cfg.scheduler.max_num_batched_tokens, idle_chunk_size), max_model_len - 1)  # the longest chunk
     if not (
         cudnn_prompt.ENABLED
+        and _cuda_arch() in cudnn_prompt.CARDS
         and tokens >= cudnn_prompt.MIN_TOKENS
         and c.head_dim in (64, 128)
         and dtype in (torch.bfloat16, torch.float16)

@@ -331,11 +331,7 @@ class ModelRunner:
             prefill_seq_lens=seq_lens[nd:],
             prefill_block_table=blocks[nd:, :pwidth],
             num_prefill_tokens=len(batch.input_ids) - nd,
-            prefill_cached_prefix=(
-                int(batch.seq_lens[nd] - (batch.query_start_loc[nd + 1] - batch.query_start_loc[nd]))
-                if r == nd + 1
-                else None
-            ),
+            prefill_cached_prefix=int(batch.seq_lens[0] - batch.query_start_loc[1]) if r == 1 and nd == 0 else None,
         )
         return ids, pos, slots, meta
 

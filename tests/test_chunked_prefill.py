@@ -205,3 +205,57 @@ def test_the_engine_takes_idle_chunk_size_and_resolves_auto_by_device(tmp_path):
     assert idle.scheduler_config.idle_chunk_size == 128
     assert idle_steps == [128, 128, 44, 1, 1, 1]  # alone: 128-token chunks, the budget raised from 48
     assert idle_tokens == tokens
+
+
+def test_the_engine_states_a_chunks_cached_prefix_only_when_it_runs_alone(tmp_path):
+    """The runner's hint to the prefill kernels (AttentionMetadata.prefill_cached_prefix, which lets a long
+    chunk take cuDNN's attention, engine.kernels.cudnn_prompt): a step that is one request's chunk and nothing
+    else states that chunk's cached prefix; a chunk beside decodes states none (a cuDNN plan must not stall
+    them), nor does a step of several prefills."""
+    from engine import SamplingParams
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+
+    from engine_helpers import write_tiny_config
+
+    path = write_tiny_config(tmp_path, "LlamaForCausalLM")
+    core = EngineCore(
+        EngineConfig.from_dict(
+            dict(
+                model=path, load_format="dummy", device="cpu", chunk_size=32, max_num_batched_tokens=48,
+                idle_chunk_size=128, enable_prefix_caching=True,
+            )
+        )
+    )  # fmt: skip
+    real = core.ops.prefill_attention
+    calls = []
+
+    def recorded(q, *args, **kwargs):
+        if q.shape[0]:
+            calls.append((q.shape[0], len(args[3]), kwargs.get("cached_prefix")))  # tokens, requests, hint
+        return real(q, *args, **kwargs)
+
+    core.ops._fns["prefill_attention"] = recorded
+
+    def step():  # the step's prefill launch: (tokens, requests, hint), one per layer, all alike; None: none
+        del calls[:]
+        core.step()
+        assert len(set(calls)) <= 1 and len(calls) in (0, core.model_config.num_layers), calls
+        return calls[0] if calls else None
+
+    greedy = lambda n: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)  # noqa: E731
+    a = [(7 * k) % 500 + 2 for k in range(300)]
+    core.add_request(0, a, greedy(8))
+    # its prompt alone: chunks of 128, 128 and 44 on 0, 128 and 256 cached tokens
+    assert [step() for _ in range(3)] == [(128, 1, 0), (128, 1, 128), (44, 1, 256)]
+    core.add_request(1, [(5 * k) % 500 + 3 for k in range(100)], greedy(2))  # beside request 0's decodes
+    seen = []
+    while core.has_unfinished():
+        seen.append(step())
+    assert [s for s in seen if s is not None] == [(32, 1, None)] * 3 + [(4, 1, None)], seen
+    for rid in (2, 3):  # two prompts in one step: no hint
+        core.add_request(rid, [(3 * k + rid) % 500 + 2 for k in range(20)], greedy(1))
+    assert step() == (40, 2, None)
+    core.add_request(4, a + [9, 9, 9], greedy(1))  # a prefix hit on request 0's cached blocks
+    tokens, reqs, hint = step()
+    assert reqs == 1 and hint == 303 - tokens and hint >= 256, (tokens, hint)

@@ -314,6 +314,8 @@ def test_kv_sizing_keeps_room_for_the_prefill_context_copy():
         short = prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 4096, cuda, 16384)
         assert short == 2 * 2 * 4096 * 8 * 128 * 2  # the gathered copies of two contexts alone
         assert prefill_copy_bytes(model, ops("triton"), cfg, torch.float32, 1 << 20, cuda, 16384) == 0
+    with mock.patch.object(attention, "_cuda_arch", lambda: 80):  # a card the route does not run on (nor gathers)
+        assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 1 << 20, cuda, 16384) == 0
     with mock.patch.object(attention, "_cuda_arch", lambda: 90), mock.patch.object(cudnn_prompt, "ENABLED", False):
         assert prefill_copy_bytes(model, ops("torch"), cfg, torch.bfloat16, 4096, cuda) == 0
         # two 4K contexts: K and V of 8 heads x 128 in bf16

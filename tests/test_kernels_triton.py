@@ -698,6 +698,69 @@ def check_prompt_route(device: str, dtype: torch.dtype, bs: int, kv_fp8: bool = 
     assert not cudnn_prompt._broken, cudnn_prompt._broken
 
 
+def check_prompt_route_fallbacks(device: str) -> None:
+    """Where the cuDNN route cannot run a chunk, the Triton kernel does and the result is the same: memory
+    running out in its K/V copy or in cuDNN sends that chunk there and keeps the route for the next (nothing
+    marked planned or broken); cuDNN raising otherwise sends every later launch on that device there too
+    (the device marked broken, its next launch not even tried)."""
+    from engine.kernels import cudnn_prompt
+    from engine.kernels.triton import attention
+
+    real = _sdpa_top_left if device == "cpu" else cudnn_prompt.attend
+    calls = []
+
+    def failing(exc):
+        def attend(q, k, v, scale, causal):
+            calls.append(causal)
+            if exc is not None:
+                raise exc
+            return real(q, k, v, scale, causal)
+
+        return attend
+
+    copies = []
+    real_copy = attention._copy_context
+
+    def copy_out_of_memory(*args):  # the first copy, the route's (zeroing to PAD), runs out; any later one runs
+        copies.append(args[-1])
+        if len(copies) == 1:
+            raise torch.OutOfMemoryError("test: the route's K/V copy")
+        return real_copy(*args)
+
+    shape = dict(hq=8, hk=2, d=64, bs=8, q_scale=2.0, cached_prefix=32)
+    dev = torch.device(device)
+    key = cudnn_prompt._key(dev)
+    on_cpu = lambda device: cudnn_prompt._key(device) not in cudnn_prompt._broken  # noqa: E731
+    with (
+        mock.patch.object(cudnn_prompt, "MIN_TOKENS", 16),
+        mock.patch.object(cudnn_prompt, "PAD", 16),
+        mock.patch.object(cudnn_prompt, "usable", on_cpu) if device == "cpu" else contextlib.nullcontext(),
+    ):
+        try:
+            with mock.patch.object(cudnn_prompt, "attend", failing(torch.OutOfMemoryError("test: cuDNN"))):
+                check_prefill(device, 50, BF16, [(32, 21)], **shape)
+            assert calls == [True] and key not in cudnn_prompt._broken, (calls, cudnn_prompt._broken)
+            assert not cudnn_prompt.planned(dev, 32, 21)
+            del calls[:]
+            with (
+                mock.patch.object(cudnn_prompt, "attend", failing(None)),
+                mock.patch.object(attention, "_copy_context", copy_out_of_memory),
+            ):
+                check_prefill(device, 51, BF16, [(32, 21)], **shape)
+            assert copies[:1] == [16] and not calls and key not in cudnn_prompt._broken, (copies, calls)
+            with mock.patch.object(cudnn_prompt, "attend", failing(None)):  # the route runs the next
+                check_prefill(device, 52, BF16, [(32, 21)], **shape)
+            assert calls == [True, False] and cudnn_prompt.planned(dev, 32, 21), calls
+            del calls[:]
+            with mock.patch.object(cudnn_prompt, "attend", failing(RuntimeError("test: no fused attention"))):
+                check_prefill(device, 53, BF16, [(32, 21)], **shape)
+                assert calls == [True] and key in cudnn_prompt._broken, (calls, cudnn_prompt._broken)
+                check_prefill(device, 54, BF16, [(0, 40)], **{**shape, "cached_prefix": 0})
+                assert calls == [True], calls  # not tried again on this device
+        finally:
+            cudnn_prompt._broken.discard(key)
+
+
 def check_cudnn_warm_up(device: str, kv_fp8: bool) -> None:
     """EngineCore's start-up run of a lone prompt's chunks (engine.kernels.cudnn_prompt.warm_up_prefixes): the
     idle chunk on 0, 1, 2, ... chunks of prefix below max_model_len, through the Triton prefill op on the
@@ -756,6 +819,17 @@ def check_cudnn_warm_up(device: str, kv_fp8: bool) -> None:
         core.num_blocks, sc.chunk_size, core.idle_chunk_size = 40, 8, 0  # under MIN_TOKENS: nothing runs
         EngineCore._warm_up_cudnn_prompt(core, sc)
         assert not calls, calls
+        sc.chunk_size, core.idle_chunk_size = 16, 64
+        tries = []
+
+        def out_of_memory(q, k, v, scale, causal):
+            tries.append(causal)
+            raise torch.OutOfMemoryError("test")
+
+        oom = mock.patch.object(cudnn_prompt, "attend", out_of_memory)
+        with oom, mock.patch.object(cudnn_prompt, "_planned", set()):
+            EngineCore._warm_up_cudnn_prompt(core, sc)  # the first chunk fell back to Triton: it stops there
+        assert tries == [True], tries
     assert not cudnn_prompt._broken, cudnn_prompt._broken
     if device == "cpu":  # no cuDNN here: the route is not eligible and the warm-up stops before any run
         core.idle_chunk_size, sc.chunk_size = 64, 16
@@ -1044,6 +1118,7 @@ CASES: dict[str, Callable[[str], None]] = {
     "prompt_cudnn_route_bf16_bs4": partial(check_prompt_route, dtype=BF16, bs=4),
     "prompt_cudnn_route_f16_bs32": partial(check_prompt_route, dtype=F16, bs=32),
     "prompt_cudnn_route_fp8_bf16_bs8": partial(check_prompt_route, dtype=BF16, bs=8, kv_fp8=True),
+    "prompt_cudnn_route_fallbacks": check_prompt_route_fallbacks,
     "cudnn_warm_up_bf16": partial(check_cudnn_warm_up, kv_fp8=False),
     "cudnn_warm_up_fp8": partial(check_cudnn_warm_up, kv_fp8=True),
     "prefill_bf16_gather": partial(

@@ -10,9 +10,11 @@ log-sum-exps::
     queries [P, P + n)  x  keys [P, P + n)   causal    (the chunk's own keys: top left is right here)
 
 The Triton prefill op sends here one request's chunk of at least MIN_TOKENS tokens whose cached prefix P
-the caller states (`cached_prefix`, known on the host) and is a multiple of PAD: a first turn's chunks
-(the scheduler cuts whole chunks, so every P is a multiple of its chunk size); every other launch stays
-on Triton's kernel.
+the caller states (`cached_prefix`, known on the host; the engine's runner states it only for a step that
+is that chunk alone, so no decode ever waits on a cuDNN plan) and is a multiple of PAD: a first turn's
+chunks (the scheduler cuts whole chunks, so every P is a multiple of its chunk size); every other launch
+stays on Triton's kernel. Only on the cards where it was measured faster than Triton's kernel (CARDS:
+Hopper, H100 and H200) and where torch's cuDNN is enabled (torch.backends.cudnn.enabled).
 
 cuDNN plans (builds and compiles) a graph for each new shape, 50-190 ms on an H100, which an engine would
 meet at every prompt length: n is rounded up to a multiple of PAD (padded queries sit after the real ones,
@@ -40,17 +42,42 @@ PAD = 1024  # chunk lengths rounded up to, and cached prefixes taken at, multipl
 # which the engine's memory sizing reserves)
 COPY_BYTES = 512 << 20
 
+# SM versions where the route was measured faster than Triton's kernel (docs/perf.md: H100; the route's GPU
+# tests on H100 and H200); elsewhere (Ampere, Ada, Blackwell) Triton's kernel until measured
+CARDS = (90,)
+
 _broken: set[torch.device] = set()  # devices where cuDNN's attention raised once: Triton from then on
+_planned: set[tuple[torch.device, int, int]] = set()  # (device, prefix, padded chunk) cuDNN has run
+
+
+def _key(device: torch.device) -> torch.device:
+    """The device with its index ("cuda" and "cuda:0" are one card, not equal as torch.device)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def usable(device: torch.device) -> bool:
-    """A CUDA device with cuDNN (Ampere or later) where cuDNN's attention has not failed."""
+    """A CUDA device of CARDS with cuDNN enabled where cuDNN's attention has not failed."""
     return (
         device.type == "cuda"
-        and device not in _broken
+        and _key(device) not in _broken
         and torch.backends.cudnn.is_available()
-        and torch.cuda.get_device_capability(device) >= (8, 0)
+        and torch.backends.cudnn.enabled
+        and sm(device) in CARDS
     )
+
+
+def sm(device: torch.device) -> int:
+    """The device's SM version (90 for Hopper)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def planned(device: torch.device, prefix: int, tokens: int) -> bool:
+    """Whether cuDNN has run a chunk of `tokens` on `prefix` cached tokens on this device (its graphs are
+    planned: the same shape again costs no planning)."""
+    return (_key(device), prefix, padded(tokens)) in _planned
 
 
 def padded(tokens: int) -> int:
@@ -139,30 +166,34 @@ def merge(a: torch.Tensor, lse_a: torch.Tensor, b: torch.Tensor, lse_b: torch.Te
 
 def prompt_attention(q: torch.Tensor, copy_context, scale: float, prefix: int) -> torch.Tensor | None:
     """Causal attention of one request's chunk q [T, Hq, D] on `prefix` cached tokens; None where cuDNN raised
-    (the caller runs its own kernel; this device is not tried again).
+    (the caller runs its own kernel; this device is not tried again) or memory ran out (the caller's kernel
+    this time; its own copy may fit where this one's did not).
 
     copy_context(rows): (k, v) contiguous [rows, Hk, D] copies of the request's K/V in q's dtype, rows >=
     prefix + T, zero past it."""
     tokens, hq, d = q.shape
     rows = padded(tokens)
-    k, v = copy_context(prefix + rows)
-    q_pad = q.new_empty((rows, hq, d))
-    q_pad[:tokens].copy_(q)
-    q_pad[tokens:].zero_()
     # [1, H, rows, D] views of [rows, H, D] rows (the layout cuDNN calls BSHD), GQA heads as they are
     as_bhsd = lambda t: t.permute(1, 0, 2).unsqueeze(0)  # noqa: E731
     as_rows = lambda t: t[0].permute(1, 0, 2)  # noqa: E731 - and back
     try:
+        k, v = copy_context(prefix + rows)
+        q_pad = q.new_empty((rows, hq, d))
+        q_pad[:tokens].copy_(q)
+        q_pad[tokens:].zero_()
         own, own_lse = attend(as_bhsd(q_pad), as_bhsd(k[prefix:]), as_bhsd(v[prefix:]), scale, True)
         if prefix:
             cached, cached_lse = attend(as_bhsd(q_pad), as_bhsd(k[:prefix]), as_bhsd(v[:prefix]), scale, False)
+            del k, v, q_pad  # the merge's output in their place
+            out = merge(as_rows(own), own_lse, as_rows(cached), cached_lse, tokens)
+        else:
+            out = as_rows(own)[:tokens].contiguous()
     except torch.OutOfMemoryError:  # not cuDNN's lack: the caller's kernel this time, the route stays
         log.warning("cuDNN attention ran out of memory on %d tokens; the Triton prefill kernel runs them", tokens)
         return None
     except (RuntimeError, NotImplementedError) as exc:  # this cuDNN or card lacks the fused attention
-        _broken.add(q.device)
+        _broken.add(_key(q.device))
         log.warning("cuDNN attention unavailable on %s (%s); prefill uses the Triton kernel", q.device, exc)
         return None
-    if not prefix:
-        return as_rows(own)[:tokens].contiguous()
-    return merge(as_rows(own), own_lse, as_rows(cached), cached_lse, tokens)
+    _planned.add((_key(q.device), prefix, rows))
+    return out
