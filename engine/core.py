@@ -73,9 +73,11 @@ def check_fp8_kv_support(device: torch.device, kv_dtype: torch.dtype, chosen: di
         )
 
 
-def make_step_cost(cfg: EngineConfig, dtype: torch.dtype):
+def make_step_cost(cfg: EngineConfig, dtype: torch.dtype, quantization: str | None = None):
     """The simulator's cost model of this engine (cfg.step_cost), at its dtype, KV cache dtype and weight
-    quantization, or None; what an admission policy (scheduler.admission) predicts step times with."""
+    quantization (`quantization`: the weights as loaded, cfg.quantization where not given; an FP8 checkpoint
+    loads FP8 whatever cfg says), or None; what an admission policy (scheduler.admission) predicts step times
+    with."""
     if cfg.step_cost is None:
         return None
     from sim.cost import make_cost_model
@@ -86,7 +88,7 @@ def make_step_cost(cfg: EngineConfig, dtype: torch.dtype):
         load_model_spec(opts["model"]),
         dtype_bytes=dtype.itemsize,
         kv_cache_dtype=cfg.kv_cache_dtype,
-        quantization=cfg.quantization,
+        quantization=quantization or cfg.quantization,
     )
     cost = make_cost_model(
         opts.get("cost_model", "roofline"), spec, load_hardware_spec(opts["hardware"]), opts.get("profile_path")
@@ -117,12 +119,18 @@ class EngineCore:
         if loaded is None:  # with TP, rank 0's shard only (each rank reads its own part of the weights)
             tp = TPGroup(0, cfg.tensor_parallel_size) if cfg.tensor_parallel_size > 1 else None
             loaded = load_model(cfg, self.device, self.dtype, tp)
+        elif cfg.quantization != "none" and loaded.quantization != cfg.quantization:
+            raise ValueError(
+                f"quantization={cfg.quantization} but the model given (loaded=) holds {loaded.quantization} weights: "
+                f"load it with quantization={cfg.quantization}, or leave the option out"
+            )
         self.model, self.model_config, self.tokenizer, self.source = (
             loaded.model,
             loaded.config,
             loaded.tokenizer,
             loaded.source,
         )
+        self.quantization = loaded.quantization  # the weights as loaded (an FP8 checkpoint: fp8 whatever cfg says)
         mc = self.model_config
         self.tp = None  # rank 0's end of a tensor-parallel group (engine.tensor_parallel)
         if cfg.tensor_parallel_size > 1:
@@ -185,7 +193,7 @@ class EngineCore:
         )
         self.scheduler = cp.Scheduler(self.scheduler_config)
         # the simulator's cost model of this engine, for an admission policy that predicts step times
-        self.step_cost = make_step_cost(cfg, self.dtype)
+        self.step_cost = make_step_cost(cfg, self.dtype, self.quantization)
         self._give_step_cost()
         self.lookahead = None
         self._start_lookahead()

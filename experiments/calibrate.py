@@ -241,7 +241,7 @@ def engine_loaded(core):
     """The LoadedModel of a core (to build another core on the same weights)."""
     from engine.loader import LoadedModel
 
-    return LoadedModel(core.model, core.model_config, core.tokenizer, core.source)
+    return LoadedModel(core.model, core.model_config, core.tokenizer, core.source, core.quantization)
 
 
 def check_shape(core, spec: ModelSpec) -> None:

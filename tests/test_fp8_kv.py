@@ -478,18 +478,18 @@ def test_tiny_model_fp8_generation_with_prefix_caching_chunks_and_swap(tmp_path)
 
 
 @functools.lru_cache(maxsize=1)
-def _smollm2():
+def _smollm2(quantization: str = "none"):
     from engine.config import EngineConfig
     from engine.loader import load_model
 
-    return load_model(EngineConfig(), torch.device("cpu"), torch.float32)
+    return load_model(EngineConfig(quantization=quantization), torch.device("cpu"), torch.float32)
 
 
 def _smollm2_llm(**kwargs):
     from engine import LLM
 
     kwargs.setdefault("num_gpu_blocks", 1024)
-    return LLM(loaded=_smollm2(), device="cpu", dtype="float32", **kwargs)
+    return LLM(loaded=_smollm2(kwargs.get("quantization", "none")), device="cpu", dtype="float32", **kwargs)
 
 
 @torch.inference_mode()
@@ -583,11 +583,13 @@ def test_smollm2_fp8_greedy_with_prefix_caching_chunks_and_swap():
 PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
-def test_smollm2_fp8_kv_answers_paris():
+@pytest.mark.parametrize("quantization", ["none", "fp8"])
+def test_smollm2_fp8_kv_answers_paris(quantization):
+    """With the FP8 cache alone and with FP8 weights too."""
     from engine import SamplingParams
 
-    llm = _smollm2_llm(kv_cache_dtype="fp8_e4m3")
-    assert llm.engine.runner.kv.k.dtype == FP8
+    llm = _smollm2_llm(kv_cache_dtype="fp8_e4m3", quantization=quantization)
+    assert llm.engine.runner.kv.k.dtype == FP8 and llm.engine.quantization == quantization
     out = llm.chat(PARIS, SamplingParams(temperature=0.0, max_tokens=24))
     assert "Paris" in out[0].outputs[0].text, out[0].outputs[0].text
 

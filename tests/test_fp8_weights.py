@@ -372,6 +372,9 @@ def test_prequantized_per_channel_checkpoint_equals_quantization_at_load(fmt, tm
     at_load = _load(bf16_dir, "fp8")
     read = _load(fp8_dir, "none")
     assert read.model.quantization == "fp8"
+    # what the engine says it runs (/v1/models, tandem_model_info, the admission policy's step cost): the
+    # weights as loaded, not the option
+    assert read.quantization == at_load.quantization == "fp8" and read.config.quantization == "none"
     _assert_same_params(at_load.model, read.model)
     prompt = list(range(3, 40))
     assert _run_greedy(read, prompt, 4)[0] == _run_greedy(at_load, prompt, 4)[0]
@@ -797,3 +800,37 @@ if __name__ == "__main__":
         print(json.dumps(interpreter_cases()))
     else:
         sys.exit("usage: TRITON_INTERPRET=1 python tests/test_fp8_weights.py --interpret | --compile-sm90")
+
+
+def test_the_step_cost_prices_the_weights_as_loaded():
+    """make_step_cost (the admission policy's prediction) prices the weights the engine loaded: an FP8
+    checkpoint's with quantization=none is an FP8 decode step, half the weight bytes' time."""
+    from engine.config import EngineConfig
+    from engine.core import make_step_cost
+    from sim.cost import PlanFeatures
+
+    cfg = EngineConfig.from_dict(dict(model="x", step_cost={"model": "llama3_8b", "hardware": "h100_sxm"}))
+    as_option, as_loaded = make_step_cost(cfg, torch.bfloat16), make_step_cost(cfg, torch.bfloat16, "fp8")
+    assert (as_option.model.quantization, as_loaded.model.quantization) == ("none", "fp8")
+    decode = PlanFeatures(num_tokens=1, num_reqs=1, num_sampled=1, num_decode_reqs=1, decode_kv_tokens=512)
+    assert as_loaded.step_seconds(decode) < 0.6 * as_option.step_seconds(decode)
+
+
+def test_a_model_given_loaded_must_hold_the_quantization_asked_for(tmp_path):
+    """LLM(loaded=..., quantization="fp8") on bf16 weights would run bf16 while saying FP8: refused; an FP8
+    model given with the option left out runs (and says) FP8."""
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+    from engine.loader import load_model
+
+    from engine_helpers import write_tiny_config
+
+    path = write_tiny_config(tmp_path, "LlamaForCausalLM")
+    config = lambda **kw: EngineConfig.from_dict(dict(model=path, load_format="dummy", device="cpu", **kw))  # noqa: E731
+    cpu = torch.device("cpu")
+    plain = load_model(config(), cpu, torch.float32)
+    with pytest.raises(ValueError, match="quantization=fp8 but the model given .* holds none weights"):
+        EngineCore(config(quantization="fp8"), loaded=plain)
+    fp8 = load_model(config(quantization="fp8"), cpu, torch.float32)
+    assert EngineCore(config(), loaded=fp8).quantization == "fp8"
+    assert EngineCore(config(quantization="fp8"), loaded=fp8).quantization == "fp8"

@@ -188,7 +188,7 @@ def main(
                     str(core.dtype).removeprefix("torch."),
                     core.num_blocks * block_bytes(core.model, bs, core.kv_dtype),
                     core.config.kv_cache_dtype,
-                    getattr(core, "quantization", core.config.quantization),
+                    core.quantization,
                     core.idle_chunk_size,
                 )
             )
