@@ -290,7 +290,7 @@ class EngineConfig:
             raise ValueError(f"num_gpu_blocks must be positive, got {self.num_gpu_blocks}")
         if self.overlap_decode not in (None, True, False):
             raise ValueError(f"overlap_decode must be true, false or null (auto), got {self.overlap_decode!r}")
-        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+        if type(self.tensor_parallel_size) is not int or self.tensor_parallel_size < 1:  # not a bool either
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         if self.scheduler.num_lookahead_tokens:
             raise ValueError("scheduler.num_lookahead_tokens is the engine's to set: it follows overlap_decode")

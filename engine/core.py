@@ -24,12 +24,12 @@ from engine.attention import is_fp8, resolve_kv_cache_dtype
 from engine.config import AUTO_IDLE_CHUNK_SIZE, EngineConfig
 from engine.kernels import KernelSet
 from engine.kv_events import ALL_BLOCKS_CLEARED, KVEventPublisher, KVEventsConfig, make_publisher
-from engine.loader import LoadedModel, load_model
+from engine.loader import LoadedModel, load_config, load_model
 from engine.memory import size_kv_cache
 from engine.output import Finished, StepOutput
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams, SequenceState, make_generator
-from engine.tensor_parallel import TPDriver, TPGroup, check_divisible, shard_model, tp_min
+from engine.tensor_parallel import TPDriver, TPGroup, check_can_start, check_divisible, shard_model, tp_min
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,9 @@ class EngineCore:
         # the KV cache's element type: the model's, or float8_e4m3fn with per-token, per-head scales (docs/fp8.md)
         self.kv_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, self.dtype)
         torch.manual_seed(cfg.seed)
+        if cfg.tensor_parallel_size > 1:  # what a group cannot do, before any weight loads or rank starts
+            check_divisible(loaded.config if loaded is not None else load_config(cfg), cfg.tensor_parallel_size)
+            check_can_start(cfg.tensor_parallel_size, self.device)
         if loaded is None:  # with TP, rank 0's shard only (each rank reads its own part of the weights)
             tp = TPGroup(0, cfg.tensor_parallel_size) if cfg.tensor_parallel_size > 1 else None
             loaded = load_model(cfg, self.device, self.dtype, tp)
@@ -134,7 +137,6 @@ class EngineCore:
         mc = self.model_config
         self.tp = None  # rank 0's end of a tensor-parallel group (engine.tensor_parallel)
         if cfg.tensor_parallel_size > 1:
-            check_divisible(mc, cfg.tensor_parallel_size)  # before any process starts
             self.tp = TPDriver(cfg.tensor_parallel_size)
             group = self.tp.start(cfg, self.device)
             if getattr(self.model, "tp", None) is None:  # a model given whole (`loaded`): shard it here
@@ -169,14 +171,16 @@ class EngineCore:
             self.num_blocks, self.num_host_blocks = tp_min(self.num_blocks, self.num_host_blocks, self.device)
         graphs = (
             ()
-            if (
-                cfg.enforce_eager
-                or self.device.type != "cuda"
-                or self.ops.chosen["decode_attention"] == "torch"
-                or self.tp is not None  # not yet: graphs that capture the collectives
-            )
+            if (cfg.enforce_eager or self.device.type != "cuda" or self.ops.chosen["decode_attention"] == "torch")
             else cfg.cuda_graph_batch_sizes
         )
+        if self.tp is not None and graphs:  # not yet: graphs that capture the collectives
+            log.warning(
+                "tensor_parallel_size=%d: decode runs without CUDA graphs (not yet captured with the collectives) "
+                "and without overlap; enforce_eager=true says so and silences this",
+                cfg.tensor_parallel_size,
+            )
+            graphs = ()
         # auto: where decode runs as CUDA graphs of Triton kernels (XLA's kernels run on streams of their own)
         auto = bool(graphs) and self.ops.chosen["decode_attention"] == "triton"
         self.overlap = auto if cfg.overlap_decode is None else cfg.overlap_decode

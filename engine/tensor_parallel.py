@@ -275,14 +275,62 @@ def shard_model(model, tp: TPGroup):
 # commits. Steps travel as pickled objects over torch.distributed (broadcast_object_list).
 
 
-def _init(rank: int, size: int, port: int, device: torch.device) -> None:
+START_TIMEOUT_S = 600.0  # how long rank 0 waits for the other ranks to join (a rank that exits: at once)
+
+
+class RankExited(RuntimeError):
+    """A tensor-parallel rank's process ended: the group cannot step."""
+
+
+def check_can_start(size: int, device: torch.device) -> None:
+    """Raises before anything loads or starts where a group of `size` ranks cannot: another group already in
+    this process (torch.distributed has one default group a process), fewer visible GPUs than ranks."""
+    if dist.is_initialized():
+        raise RuntimeError(
+            "this process already runs a tensor-parallel engine (one a process): close it first "
+            "(LLM.close(), EngineCore.close())"
+        )
+    if device.type == "cuda" and torch.cuda.device_count() < size:
+        raise ValueError(
+            f"tensor_parallel_size={size} needs {size} GPUs; {torch.cuda.device_count()} visible "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
+
+
+def _init(rank: int, size: int, port: int, device: torch.device, procs: list | None = None) -> None:
+    """Joins the group: rank 0 holds the rendezvous store and, with `procs` (ranks 1.. as processes), waits
+    for each to say it is up, failing at once with the exit code of one that ended before."""
+    import datetime
+
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         # NVLink multicast (NVLS) stays off unless asked for: on shared hosts a program using it can take the
         # host's GPUs out of service; the ranks inherit this process's environment
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    timeout = datetime.timedelta(seconds=START_TIMEOUT_S)
+    store = dist.TCPStore("127.0.0.1", port, size, rank == 0, timeout=timeout, wait_for_workers=False)
+    if rank:
+        store.set(f"tandem/up/{rank}", "1")
+    else:
+        _wait_for_ranks(store, procs or [])
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size)
+
+
+def _wait_for_ranks(store, procs: list) -> None:
+    import time
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    for rank, proc in enumerate(procs, start=1):
+        while not store.check([f"tandem/up/{rank}"]):
+            code = proc.poll()
+            if code is not None:
+                raise RankExited(
+                    f"tensor-parallel rank {rank} exited with code {code} before joining (its error is above)"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel rank {rank} did not join within {START_TIMEOUT_S:.0f} s")
+            time.sleep(0.05)
 
 
 def _free_port() -> int:
@@ -334,11 +382,30 @@ class TPDriver:
             proc.stdin.write(values)
             proc.stdin.close()
             self.procs.append(proc)
-        _init(0, self.size, port, device)
+        try:
+            _init(0, self.size, port, device, self.procs)
+        except BaseException:
+            self._end_ranks(timeout=5)
+            raise
         return TPGroup(0, self.size)
 
+    def check_ranks(self) -> None:
+        """Raises RankExited naming a rank whose process has ended (a step would wait on it)."""
+        for rank, proc in enumerate(self.procs, start=1):
+            code = proc.poll()
+            if code is not None:
+                raise RankExited(f"tensor-parallel rank {rank} exited with code {code}; the engine cannot step")
+
     def send(self, message) -> None:
-        dist.broadcast_object_list([message], src=0)
+        self.check_ranks()  # a poll a rank: microseconds
+        try:
+            dist.broadcast_object_list([message], src=0)
+        except RuntimeError:  # gloo: a peer's connection reset; name the rank where one ended
+            import time
+
+            time.sleep(0.5)
+            self.check_ranks()
+            raise
 
     def send_step(self, plan, block_size: int) -> None:
         self.send(("step", step_message(plan, block_size)))
@@ -354,17 +421,23 @@ class TPDriver:
     def stop(self) -> None:
         if not self.procs:
             return
+        whole = all(proc.poll() is None for proc in self.procs)  # a group missing a rank takes no message
         try:
-            self.send(("stop", None))
+            if whole:
+                self.send(("stop", None))
         finally:
-            for proc in self.procs:
-                try:
-                    proc.wait(timeout=30)
-                except Exception:
-                    proc.kill()
-            self.procs = []
+            self._end_ranks(timeout=30 if whole else 1)
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+    def _end_ranks(self, timeout: float) -> None:
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=timeout)
+            except Exception:
+                proc.kill()
+                proc.wait()
+        self.procs = []
 
 
 def time_collectives(
@@ -486,8 +559,10 @@ def main(argv: list[str] | None = None) -> None:
 
 __all__ = [
     "Part",
+    "RankExited",
     "TPDriver",
     "TPGroup",
+    "check_can_start",
     "check_divisible",
     "local_config",
     "rank_part",

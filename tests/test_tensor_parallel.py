@@ -13,6 +13,7 @@ prefill and preemption all exercised.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import tempfile
@@ -202,8 +203,74 @@ def test_the_engine_refuses_a_size_that_does_not_divide_before_starting_ranks(tm
     path = write_tiny_config(tmp_path, "LlamaForCausalLM")
     with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the 8 query heads"):
         LLM(model=path, load_format="dummy", device="cpu", tensor_parallel_size=3)
-    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
-        LLM(model=path, load_format="dummy", device="cpu", tensor_parallel_size=0)
+    for bad in (0, -1, True, 2.0, "2"):
+        with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
+            LLM(model=path, load_format="dummy", device="cpu", tensor_parallel_size=bad)
+
+
+def test_a_group_that_cannot_start_is_refused_before_loading(tmp_path, monkeypatch) -> None:
+    """Fewer visible GPUs than ranks, or a second group in one process: refused before any weight loads or
+    rank starts, saying why."""
+    import torch.distributed as dist
+
+    from engine.tensor_parallel import check_can_start
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 needs 2 GPUs; 1 visible"):
+        check_can_start(2, torch.device("cuda"))
+    check_can_start(2, torch.device("cpu"))  # gloo ranks on the CPU: any number
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="already runs a tensor-parallel engine"):
+        check_can_start(2, torch.device("cpu"))
+
+    from engine import LLM
+
+    from engine_helpers import write_tiny_config
+
+    path = write_tiny_config(tmp_path, "LlamaForCausalLM")
+    loads = []
+    monkeypatch.setattr("engine.core.load_model", lambda *a, **k: loads.append(1))
+    with pytest.raises(RuntimeError, match="already runs a tensor-parallel engine"):
+        LLM(model=path, load_format="dummy", device="cpu", tensor_parallel_size=2)
+    assert not loads
+
+
+def test_a_rank_that_exits_fails_the_start_or_the_step_at_once_naming_it(tmp_path) -> None:
+    """A rank whose process ends before it joins (here: options it cannot read) fails rank 0's start at once
+    with its exit code, not after the rendezvous timeout; one killed between steps fails the next step the
+    same way, and closing the engine then neither raises nor waits on it."""
+    import time
+
+    import torch.distributed as dist
+
+    from engine import LLM, SamplingParams
+    from engine.tensor_parallel import RankExited, TPDriver
+
+    from engine_helpers import write_tiny_config
+
+    @dataclasses.dataclass
+    class Unreadable:  # EngineConfig.from_dict refuses its field: the rank exits before joining
+        no_such_option: int = 1
+
+    start = time.monotonic()
+    with pytest.raises(RankExited, match="rank 1 exited with code 1 before joining"):
+        TPDriver(2).start(Unreadable(), torch.device("cpu"))
+    assert time.monotonic() - start < 60 and not dist.is_initialized()
+
+    path = write_tiny_config(tmp_path, "LlamaForCausalLM")
+    llm = LLM(model=path, load_format="dummy", device="cpu", tensor_parallel_size=2, num_gpu_blocks=16)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    try:
+        assert len(llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+        rank1 = llm.engine.tp.procs[0]
+        rank1.kill()
+        rank1.wait()
+        with pytest.raises(RankExited, match="rank 1 exited with code -9; the engine cannot step"):
+            llm.generate([[5, 6, 8]], params, use_tqdm=False)
+    finally:
+        start = time.monotonic()
+        llm.close()
+    assert time.monotonic() - start < 10 and not dist.is_initialized()
 
 
 def test_kv_capacity_per_replica_grows_with_the_ranks(tmp_path) -> None:
@@ -471,3 +538,35 @@ def test_bench_engine_twin_prices_a_tp_step_and_its_collectives(monkeypatch, cap
     ]
     bench_engine.print_twin(rows)
     assert "+20.0%" in capsys.readouterr().out
+
+
+def test_serve_checks_the_size_and_gives_each_replica_its_ranks_gpus(tmp_path, monkeypatch) -> None:
+    """`python -m engine.serve engine.tensor_parallel_size=N`: a size the model's shape does not divide fails
+    before any core starts (`error: ...`, not a core's traceback); with data_parallel_size too, each core's
+    CUDA_VISIBLE_DEVICES holds its own N GPUs, and too few GPUs are refused."""
+    from engine.config import EngineConfig
+    from engine.serve.__main__ import make_router, serve
+
+    from engine_helpers import write_tiny_config
+
+    path = write_tiny_config(tmp_path, "LlamaForCausalLM")  # 8 query heads
+    engine = {"load_format": "dummy", "device": "cpu", "tensor_parallel_size": 3}
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the 8 query heads"):
+        serve({"model": path, "engine": engine})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    options = {"model": path, "load_format": "dummy", "device": "cuda", "tensor_parallel_size": 2}
+    cfg = EngineConfig.from_dict(options)
+    router = make_router(options, cfg, 2, "round_robin")
+    try:
+        assert [c.cuda_devices for c in router.clients] == ["0,1", "2,3"]
+    finally:
+        for c in router.clients:
+            c.ctx.destroy(linger=0)
+    with pytest.raises(ValueError, match="data_parallel_size=3 x tensor_parallel_size=2 needs 6 GPUs; 4 visible"):
+        make_router(options, cfg, 3, "round_robin")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6")  # one core of two ranks: the GPUs it inherits
+    (one,) = make_router(options, cfg, 1, "round_robin").clients
+    one.ctx.destroy(linger=0)
+    assert one.cuda_devices is None

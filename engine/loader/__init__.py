@@ -128,6 +128,20 @@ def load_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype, tp=N
     return loaded
 
 
+def load_config(cfg: EngineConfig) -> ModelConfig:
+    """The model's config alone (its shape), as load_model would read it, no weight read: what options that
+    depend on the shape (tensor_parallel_size) are checked against before anything loads or starts."""
+    from engine.loader import dummy, gguf_file, hf_dir
+
+    source = resolve_model(cfg.model)
+    fmt = weights_format(cfg, source)
+    if fmt == "dummy":
+        return dummy.config_for(source)
+    if fmt == "gguf":
+        return gguf_file.read_config(gguf_file._reader(source), source)
+    return hf_dir.read_config(source)
+
+
 def load_tokenizer(cfg: EngineConfig):
     """The tokenizer `load_model` gives, without loading weights (for the gateway process).
 

@@ -141,6 +141,11 @@ def serve(options: dict) -> int:
         "scheduler": dict(options.get("scheduler") or {}),
     }
     engine_cfg = EngineConfig.from_dict(engine_options)  # bad options fail here, before anything starts
+    if engine_cfg.tensor_parallel_size > 1:  # and a size the model's shape does not divide
+        from engine.loader import load_config
+        from engine.tensor_parallel import check_divisible
+
+        check_divisible(load_config(engine_cfg), engine_cfg.tensor_parallel_size)
     size = int(options.get("data_parallel_size", 1))
     router = make_router(engine_options, engine_cfg, size, (options.get("cluster") or {}).get("router", "round_robin"))
     tokenizer = load_tokenizer(engine_cfg)
@@ -197,10 +202,11 @@ def serve(options: dict) -> int:
 
 
 def make_router(engine_options: dict, engine_cfg: EngineConfig, size: int, spec: str):
-    """`size` engine-core clients (not started; one GPU each where CUDA devices exist) behind a router of `spec`.
+    """`size` engine-core clients (not started; where CUDA devices exist, tensor_parallel_size GPUs each:
+    its ranks') behind a router of `spec`.
 
     Raises:
-        ValueError: a bad size or router, or fewer visible GPUs than cores.
+        ValueError: a bad size or router, or fewer visible GPUs than cores times their ranks.
     """
     import controlplane as cp
     from engine.serve.client import CoreClient
@@ -214,15 +220,19 @@ def make_router(engine_options: dict, engine_cfg: EngineConfig, size: int, spec:
     except (ValueError, cp.PolicyError) as exc:
         raise ValueError(f"cluster.router: {exc}") from None
     devices = [None] * size
-    if size > 1 and engine_cfg.device != "cpu":
+    tp = engine_cfg.tensor_parallel_size
+    if size * tp > 1 and engine_cfg.device != "cpu":
         import torch
 
         if torch.cuda.is_available():
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-            if len(ids) < size:
-                raise ValueError(f"data_parallel_size={size} needs {size} GPUs; {len(ids)} visible")
-            devices = ids[:size]
+            if len(ids) < size * tp:
+                raise ValueError(
+                    f"data_parallel_size={size} x tensor_parallel_size={tp} needs {size * tp} GPUs; {len(ids)} visible"
+                )
+            if size > 1:
+                devices = [",".join(ids[i * tp : (i + 1) * tp]) for i in range(size)]
     clients = [
         CoreClient(_rank_options(engine_options, i, size), index=i, keep_kv_events=size > 1, cuda_devices=devices[i])
         for i in range(size)

@@ -47,6 +47,7 @@ class CoreClient:
         self.engine_options = dict(engine_options)
         self.index = index
         self.keeps_kv_events = keep_kv_events  # data-parallel: one of several cores
+        self.cuda_devices = cuda_devices
         self._dir = tempfile.mkdtemp(prefix="tandem-ipc-")
         self.to_addr = f"ipc://{os.path.join(self._dir, 'to-core')}"
         self.from_addr = f"ipc://{os.path.join(self._dir, 'from-core')}"
