@@ -150,9 +150,10 @@ def test_the_pass_slices_every_rank_its_part_and_inserts_the_annotated_collectiv
     assert len(reduces) == 2 * c.num_layers + 1
 
 
-def _engine_run(path: str, tp: int):
+def _engine_run(path: str, tp: int, preemption: str = "recompute"):
     from engine import LLM, SamplingParams
 
+    swap = {"preemption": "swap", "swap_space_gb": 0.01} if preemption == "swap" else {}
     llm = LLM(
         model=path,
         load_format="dummy",
@@ -164,6 +165,7 @@ def _engine_run(path: str, tp: int):
         block_size=8,
         num_gpu_blocks=16,  # four requests of up to 67 tokens cannot all hold their blocks: preemption
         enable_prefix_caching=True,
+        **swap,  # victims' blocks copied to the host and back on every rank
     )
     try:
         shared = list(range(5, 45))
@@ -180,17 +182,26 @@ def _engine_run(path: str, tp: int):
         llm.close()
 
 
-@pytest.mark.parametrize("arch,tp", [("LlamaForCausalLM", 2), ("Qwen3ForCausalLM", 4)])
-def test_the_engine_at_tensor_parallel_sizes_gives_tp1s_tokens(tmp_path, arch: str, tp: int) -> None:
+@pytest.mark.parametrize(
+    "arch,tp,preemption",
+    [
+        ("LlamaForCausalLM", 2, "recompute"),
+        ("LlamaForCausalLM", 4, "swap"),  # 4 ranks over 2 KV heads: each held by two ranks
+        ("Qwen3ForCausalLM", 2, "swap"),
+        ("Qwen3ForCausalLM", 4, "recompute"),
+    ],
+)
+def test_the_engine_at_tensor_parallel_sizes_gives_tp1s_tokens(tmp_path, arch: str, tp: int, preemption: str) -> None:
     from engine_helpers import write_tiny_config
 
     path = write_tiny_config(tmp_path, arch)
-    want_tokens, want_logprobs, stats1 = _engine_run(path, 1)
-    got_tokens, got_logprobs, stats = _engine_run(path, tp)
+    want_tokens, want_logprobs, stats1 = _engine_run(path, 1, preemption)
+    got_tokens, got_logprobs, stats = _engine_run(path, tp, preemption)
     assert got_tokens == want_tokens
     for got, want in zip(got_logprobs, want_logprobs):
         assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
-    assert stats.num_preemptions_recompute + stats.num_preemptions_swap > 0  # preemption ran
+    ran = stats.num_preemptions_swap if preemption == "swap" else stats.num_preemptions_recompute
+    assert ran > 0  # the preemption ran (swap: its blocks out to every rank's host tier and back)
     assert stats.cached_tokens > 0  # so did prefix caching
     assert stats.num_blocks == stats1.num_blocks == 16  # the same KV geometry on every rank
 
