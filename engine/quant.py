@@ -463,5 +463,11 @@ def checkpoint_format(hf_config: Mapping[str, Any], where: str = "config.json") 
                 f"checkpoints) is not supported; use the bf16 checkpoint with "
                 f"quantization=fp8{supported}"
             )
+        fmt = str(qc.get("fmt", "e4m3")).lower()
+        if fmt != "e4m3":
+            raise ValueError(
+                f"{where}: FP8 weights in {fmt} (quant_method fp8, fmt {qc.get('fmt')!r}) are not supported; "
+                f"this engine reads e4m3{supported}"
+            )
         return CheckpointFP8("fp8", "tensor")
     raise ValueError(f"{where}: quantization method {method or qc!r} is not supported{supported}")

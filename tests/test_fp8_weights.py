@@ -461,6 +461,7 @@ def test_prequantized_per_tensor_checkpoint(fmt, tmp_path):
             "4-bit int; this engine reads only FP8",
         ),
         ({"quant_method": "gptq", "bits": 4}, "quantization method 'gptq' is not supported"),
+        ({"quant_method": "fp8", "fmt": "e5m2"}, r"FP8 weights in e5m2 \(quant_method fp8, fmt 'e5m2'\) are not"),
     ],
 )
 def test_unsupported_quantized_checkpoints_are_refused(qc, match, tmp_path):
@@ -834,3 +835,20 @@ def test_a_model_given_loaded_must_hold_the_quantization_asked_for(tmp_path):
     fp8 = load_model(config(quantization="fp8"), cpu, torch.float32)
     assert EngineCore(config(), loaded=fp8).quantization == "fp8"
     assert EngineCore(config(quantization="fp8"), loaded=fp8).quantization == "fp8"
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype must be one of auto, fp8_e4m3, got 'fp8'"),
+        ({"kv_cache_dtype": "int8"}, "kv_cache_dtype must be one of auto, fp8_e4m3, got 'int8'"),
+        ({"quantization": "awq"}, "quantization must be one of none, fp8, got 'awq'"),
+        ({"quantization": None}, "quantization must be one of none, fp8, got None"),
+    ],
+)
+def test_bad_fp8_options_are_refused_naming_the_choices(options, match):
+    """EngineConfig (so LLM(...) and engine.serve, which build one before anything loads) names the values."""
+    from engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=match):
+        EngineConfig.from_dict(options)
