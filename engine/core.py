@@ -138,7 +138,8 @@ class EngineCore:
         self.tp = None  # rank 0's end of a tensor-parallel group (engine.tensor_parallel)
         if cfg.tensor_parallel_size > 1:
             self.tp = TPDriver(cfg.tensor_parallel_size)
-            group = self.tp.start(cfg, self.device)
+            # the ranks load what rank 0 holds: a model given loaded may be FP8 where the option is not
+            group = self.tp.start(dataclasses.replace(cfg, quantization=self.quantization), self.device)
             if getattr(self.model, "tp", None) is None:  # a model given whole (`loaded`): shard it here
                 shard_model(self.model, group)
             self._tp_finalizer = weakref.finalize(self, self.tp.stop)

@@ -99,8 +99,7 @@ def prefill_copy_bytes(model, ops, cfg, dtype, max_model_len: int, device=None, 
     copy = min(cfg.scheduler.max_num_seqs * one, limit)
     tokens = min(max(cfg.scheduler.max_num_batched_tokens, idle_chunk_size), max_model_len - 1)  # the longest chunk
     if not (
-        cudnn_prompt.ENABLED
-        and _cuda_arch() in cudnn_prompt.CARDS
+        cudnn_prompt.on(_cuda_arch())
         and tokens >= cudnn_prompt.MIN_TOKENS
         and c.head_dim in (64, 128)
         and dtype in (torch.bfloat16, torch.float16)

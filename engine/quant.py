@@ -463,7 +463,7 @@ def checkpoint_format(hf_config: Mapping[str, Any], where: str = "config.json") 
                 f"checkpoints) is not supported; use the bf16 checkpoint with "
                 f"quantization=fp8{supported}"
             )
-        fmt = str(qc.get("fmt", "e4m3")).lower()
+        fmt = str(qc.get("fmt") or "e4m3").lower()
         if fmt != "e4m3":
             raise ValueError(
                 f"{where}: FP8 weights in {fmt} (quant_method fp8, fmt {qc.get('fmt')!r}) are not supported; "

@@ -32,6 +32,7 @@ them) is refused with the reason. Ranks talk through torch.distributed (NCCL on 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ import torch
 import torch.distributed as dist
 
 from engine.placement import Partial, Replicate, Shard, transition, walk
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -297,48 +300,47 @@ def check_can_start(size: int, device: torch.device) -> None:
         )
 
 
-def _init(rank: int, size: int, port: int, device: torch.device, procs: list | None = None) -> None:
-    """Joins the group: rank 0 holds the rendezvous store and, with `procs` (ranks 1.. as processes), waits
-    for each to say it is up, failing at once with the exit code of one that ended before."""
-    import datetime
-
-    backend = "nccl" if device.type == "cuda" else "gloo"
+def _setup_device(rank: int, device: torch.device) -> None:
     if device.type == "cuda":
         # NVLink multicast (NVLS) stays off unless asked for: on shared hosts a program using it can take the
         # host's GPUs out of service; the ranks inherit this process's environment
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         torch.cuda.set_device(rank)
+
+
+def _store(port: int, size: int, master: bool):
+    """The group's rendezvous store: rank 0 holds it (port 0: a free one, `store.port`), the others connect
+    (retrying until the master listens)."""
+    import datetime
+
     timeout = datetime.timedelta(seconds=START_TIMEOUT_S)
-    store = dist.TCPStore("127.0.0.1", port, size, rank == 0, timeout=timeout, wait_for_workers=False)
-    if rank:
-        store.set(f"tandem/up/{rank}", "1")
-    else:
-        _wait_for_ranks(store, procs or [])
-    dist.init_process_group(backend, store=store, rank=rank, world_size=size)
+    return dist.TCPStore("127.0.0.1", port, size, master, timeout=timeout, wait_for_workers=False)
+
+
+def _join(rank: int, size: int, store, device: torch.device) -> None:
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=size)
 
 
 def _wait_for_ranks(store, procs: list) -> None:
+    """Until every rank has loaded its shard and said so; a rank whose process ends first fails this at once
+    with its exit code (not after the rendezvous timeout)."""
     import time
 
     deadline = time.monotonic() + START_TIMEOUT_S
-    for rank, proc in enumerate(procs, start=1):
-        while not store.check([f"tandem/up/{rank}"]):
+    waiting = dict(enumerate(procs, start=1))
+    while waiting:
+        for rank, proc in list(waiting.items()):
+            if store.check([f"tandem/up/{rank}"]):
+                del waiting[rank]
+                continue
             code = proc.poll()
             if code is not None:
                 raise RankExited(
                     f"tensor-parallel rank {rank} exited with code {code} before joining (its error is above)"
                 )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tensor-parallel rank {rank} did not join within {START_TIMEOUT_S:.0f} s")
-            time.sleep(0.05)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        if waiting and time.monotonic() > deadline:
+            raise RuntimeError(f"tensor-parallel ranks {sorted(waiting)} did not join within {START_TIMEOUT_S:.0f} s")
+        time.sleep(0.05)
 
 
 def step_message(plan, block_size: int):
@@ -366,7 +368,8 @@ class TPDriver:
         import subprocess
         import sys
 
-        port = _free_port()
+        store = _store(0, self.size, master=True)
+        port = store.port
         values = pickle.dumps(dataclasses.asdict(config))
         for rank in range(1, self.size):
             cmd = [
@@ -383,11 +386,38 @@ class TPDriver:
             proc.stdin.close()
             self.procs.append(proc)
         try:
-            _init(0, self.size, port, device, self.procs)
+            _setup_device(0, device)
+            _wait_for_ranks(store, self.procs)
+            _join(0, self.size, store, device)
         except BaseException:
             self._end_ranks(timeout=5)
             raise
+        self._watch()
         return TPGroup(0, self.size)
+
+    def _watch(self) -> None:
+        """A thread that logs, once, a rank ending while the group runs: with gloo the next collective then
+        fails (send raises RankExited); with NCCL it waits until NCCL's timeout, so the log says why."""
+        import threading
+        import time
+
+        procs = list(self.procs)
+
+        def watch() -> None:
+            while self.procs:
+                for rank, proc in enumerate(procs, start=1):
+                    code = proc.poll()
+                    if code is not None and self.procs:
+                        log.error(
+                            "tensor-parallel rank %d exited with code %s: the engine cannot step (a collective "
+                            "fails, or with NCCL waits until its timeout)",
+                            rank,
+                            code,
+                        )
+                        return
+                time.sleep(1.0)
+
+        threading.Thread(target=watch, name="tp-ranks-watch", daemon=True).start()
 
     def check_ranks(self) -> None:
         """Raises RankExited naming a rank whose process has ended (a step would wait on it)."""
@@ -501,10 +531,14 @@ def _worker(values: dict, rank: int, size: int, port: int) -> None:
     dtype = resolve_dtype(cfg.dtype, device)
     if device.type == "cpu":
         torch.set_num_threads(1)
-    _init(rank, size, port, device)
+    _setup_device(rank, device)
+    store = _store(port, size, master=False)
     try:
         torch.manual_seed(cfg.seed)
-        model = load_model(cfg, device, dtype, TPGroup(rank, size)).model  # this rank's part only
+        # this rank's part only, before joining: a rank that cannot load fails rank 0's start at once
+        model = load_model(cfg, device, dtype, TPGroup(rank, size)).model
+        store.set(f"tandem/up/{rank}", "1")
+        _join(rank, size, store, device)
         ops = KernelSet.default_for(device.type, cfg.kernel_backend, cfg.kernel_overrides)
         kind, (max_model_len, idle_chunk_size) = _receive()
         assert kind == "sizing", kind
@@ -527,7 +561,8 @@ def _worker(values: dict, rank: int, size: int, port: int) -> None:
                 if batch is not None:
                     runner.forward_rows(batch, rows)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _watch_parent(pid: int) -> None:

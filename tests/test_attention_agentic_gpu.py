@@ -98,6 +98,8 @@ def test_long_chunk_on_cudnn_matches_reference(prefix, tokens, dtype, hq, hk, d,
 
     from engine.kernels import cudnn_prompt
 
+    if not cudnn_prompt.on(cudnn_prompt.sm(torch.device("cuda"))):
+        pytest.skip(f"the route is not on for SM {cudnn_prompt.sm(torch.device('cuda'))} (CARDS: measured there)")
     with mock.patch.object(cudnn_prompt, "attend", wraps=cudnn_prompt.attend) as attend:
         check_prefill(
             "cuda", seed=tokens, dtype=dtype, reqs=[(prefix, tokens)], hq=hq, hk=hk, d=d, bs=16, q_scale=2.0,

@@ -304,7 +304,8 @@ def test_kv_sizing_keeps_room_for_the_prefill_context_copy():
     cuda = torch.device("cuda")
     # a 16,384-token chunk on a cached prefix through cuDNN: its copy of one context (at most COPY_BYTES) and two
     # outputs [16384, 32 heads, 128] more than the profiled chunk
-    with mock.patch.object(attention, "_cuda_arch", lambda: 90):
+    cudnn_here = mock.patch.object(torch.backends.cudnn, "is_available", lambda: True)  # the GPU machine's torch
+    with mock.patch.object(attention, "_cuda_arch", lambda: 90), cudnn_here:
         # a chunk shorter than max_model_len (8,191 tokens, padded to 8,192), one context's copy
         eight_k = 2 * 8192 * 8 * 128 * 2 + 2 * 8192 * 32 * 128 * 2
         assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 8192, cuda, 16384) == eight_k
@@ -314,8 +315,15 @@ def test_kv_sizing_keeps_room_for_the_prefill_context_copy():
         short = prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 4096, cuda, 16384)
         assert short == 2 * 2 * 4096 * 8 * 128 * 2  # the gathered copies of two contexts alone
         assert prefill_copy_bytes(model, ops("triton"), cfg, torch.float32, 1 << 20, cuda, 16384) == 0
-    with mock.patch.object(attention, "_cuda_arch", lambda: 80):  # a card the route does not run on (nor gathers)
-        assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 1 << 20, cuda, 16384) == 0
+    with mock.patch.object(attention, "_cuda_arch", lambda: 80), cudnn_here:  # a card the route does not run on
+        assert prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 1 << 20, cuda, 16384) == 0  # nor gathers
+    with (
+        mock.patch.object(attention, "_cuda_arch", lambda: 90),
+        cudnn_here,
+        torch.backends.cudnn.flags(enabled=False),  # torch's cuDNN turned off: no route either
+    ):
+        big = prefill_copy_bytes(model, ops("triton"), cfg, torch.bfloat16, 1 << 20, cuda, 16384)
+        assert big == attention.PREFILL_GATHER_BYTES
     with mock.patch.object(attention, "_cuda_arch", lambda: 90), mock.patch.object(cudnn_prompt, "ENABLED", False):
         assert prefill_copy_bytes(model, ops("torch"), cfg, torch.bfloat16, 4096, cuda) == 0
         # two 4K contexts: K and V of 8 heads x 128 in bf16

@@ -852,3 +852,11 @@ def test_bad_fp8_options_are_refused_naming_the_choices(options, match):
 
     with pytest.raises(ValueError, match=match):
         EngineConfig.from_dict(options)
+
+
+def test_quant_method_fp8_reads_e4m3_however_it_is_spelled():
+    from engine.quant import checkpoint_format
+
+    for fmt in ({}, {"fmt": None}, {"fmt": "E4M3"}, {"fmt": "e4m3"}):
+        found = checkpoint_format({"quantization_config": {"quant_method": "fp8", **fmt}})
+        assert (found.method, found.strategy) == ("fp8", "tensor"), fmt

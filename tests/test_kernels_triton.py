@@ -652,6 +652,14 @@ def _sdpa_top_left(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return (scores.softmax(-1) @ v).to(q.dtype), scores.logsumexp(-1)
 
 
+def _skip_where_the_route_is_off(device: str) -> None:
+    """On a GPU the route runs only where cudnn_prompt.on() (Hopper, cuDNN enabled): elsewhere its cases skip."""
+    from engine.kernels import cudnn_prompt
+
+    if device == "cuda" and not cudnn_prompt.on(cudnn_prompt.sm(torch.device("cuda"))):
+        pytest.skip(f"the cuDNN route is not on for SM {cudnn_prompt.sm(torch.device('cuda'))}")
+
+
 def check_prompt_route(device: str, dtype: torch.dtype, bs: int, kv_fp8: bool = False) -> None:
     """One request's chunk long enough for engine.kernels.cudnn_prompt, with a stated cached prefix that is a
     multiple of its padding (0 or not), goes to cuDNN and matches the reference: chunk lengths that are a
@@ -659,6 +667,7 @@ def check_prompt_route(device: str, dtype: torch.dtype, bs: int, kv_fp8: bool = 
     and the causal one over the chunk, merged. Launches it must not take (no hint; a prefix off the padding;
     under MIN_TOKENS; two requests) do not call it. On the CPU cuDNN is stood in by the same attention in
     torch, so what is checked is the padding, the copy, the merge and the rows kept; on the GPU cuDNN runs."""
+    _skip_where_the_route_is_off(device)
     from engine.kernels import cudnn_prompt
 
     calls = []
@@ -703,6 +712,7 @@ def check_prompt_route_fallbacks(device: str) -> None:
     running out in its K/V copy or in cuDNN sends that chunk there and keeps the route for the next (nothing
     marked planned or broken); cuDNN raising otherwise sends every later launch on that device there too
     (the device marked broken, its next launch not even tried)."""
+    _skip_where_the_route_is_off(device)
     from engine.kernels import cudnn_prompt
     from engine.kernels.triton import attention
 
@@ -766,6 +776,7 @@ def check_cudnn_warm_up(device: str, kv_fp8: bool) -> None:
     idle chunk on 0, 1, 2, ... chunks of prefix below max_model_len, through the Triton prefill op on the
     engine's own KV cache, each taking the cuDNN route (the stand-in on the CPU), none falling back; a chunk
     size the route does not take runs nothing."""
+    _skip_where_the_route_is_off(device)
     from types import SimpleNamespace
 
     from engine.attention import KVCache

@@ -247,9 +247,9 @@ def test_a_group_that_cannot_start_is_refused_before_loading(tmp_path, monkeypat
 
 
 def test_a_rank_that_exits_fails_the_start_or_the_step_at_once_naming_it(tmp_path) -> None:
-    """A rank whose process ends before it joins (here: options it cannot read) fails rank 0's start at once
-    with its exit code, not after the rendezvous timeout; one killed between steps fails the next step the
-    same way, and closing the engine then neither raises nor waits on it."""
+    """A rank whose process ends before it joins (options it cannot read; a model it cannot load) fails rank
+    0's start at once with its exit code, not after the rendezvous timeout; one killed between steps fails
+    the next step the same way, and closing the engine then neither raises nor waits on it."""
     import time
 
     import torch.distributed as dist
@@ -263,10 +263,14 @@ def test_a_rank_that_exits_fails_the_start_or_the_step_at_once_naming_it(tmp_pat
     class Unreadable:  # EngineConfig.from_dict refuses its field: the rank exits before joining
         no_such_option: int = 1
 
-    start = time.monotonic()
-    with pytest.raises(RankExited, match="rank 1 exited with code 1 before joining"):
-        TPDriver(2).start(Unreadable(), torch.device("cpu"))
-    assert time.monotonic() - start < 60 and not dist.is_initialized()
+    from engine.config import EngineConfig
+
+    missing = EngineConfig.from_dict(dict(model=str(tmp_path / "missing"), device="cpu"))  # its load fails
+    for config in (Unreadable(), missing):  # before the rank reaches the store; after, while loading its shard
+        start = time.monotonic()
+        with pytest.raises(RankExited, match="rank 1 exited with code 1 before joining"):
+            TPDriver(2).start(config, torch.device("cpu"))
+        assert time.monotonic() - start < 60 and not dist.is_initialized()
 
     path = write_tiny_config(tmp_path, "LlamaForCausalLM")
     llm = LLM(model=path, load_format="dummy", device="cpu", tensor_parallel_size=2, num_gpu_blocks=16)
@@ -581,3 +585,28 @@ def test_serve_checks_the_size_and_gives_each_replica_its_ranks_gpus(tmp_path, m
     (one,) = make_router(options, cfg, 1, "round_robin").clients
     one.ctx.destroy(linger=0)
     assert one.cuda_devices is None
+
+
+def test_the_ranks_load_the_quantization_rank_0_holds(tmp_path, monkeypatch) -> None:
+    """An FP8 model handed in loaded, the option left out: the other ranks are told fp8, not the option's none
+    (each loads its own shard from the checkpoint, and must hold what rank 0 holds)."""
+    from engine.config import EngineConfig
+    from engine.core import EngineCore
+    from engine.loader import load_model
+    from engine.tensor_parallel import TPDriver
+
+    from engine_helpers import write_tiny_config
+
+    path = write_tiny_config(tmp_path, "LlamaForCausalLM")
+    config = lambda **kw: EngineConfig.from_dict(dict(model=path, load_format="dummy", device="cpu", **kw))  # noqa: E731
+    told = []
+
+    def start(self, cfg, device):
+        told.append(cfg.quantization)
+        raise RuntimeError("no ranks in this test")
+
+    monkeypatch.setattr(TPDriver, "start", start)
+    fp8 = load_model(config(quantization="fp8"), torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError, match="no ranks in this test"):
+        EngineCore(config(tensor_parallel_size=2), loaded=fp8)
+    assert told == ["fp8"]

@@ -57,15 +57,15 @@ def _key(device: torch.device) -> torch.device:
     return device
 
 
+def on(sm_version: int) -> bool:
+    """Whether the route runs on a card of this SM version: switched on, measured there, torch's cuDNN there
+    and enabled (what the engine's memory reserve counts it by too)."""
+    return ENABLED and sm_version in CARDS and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
+
+
 def usable(device: torch.device) -> bool:
-    """A CUDA device of CARDS with cuDNN enabled where cuDNN's attention has not failed."""
-    return (
-        device.type == "cuda"
-        and _key(device) not in _broken
-        and torch.backends.cudnn.is_available()
-        and torch.backends.cudnn.enabled
-        and sm(device) in CARDS
-    )
+    """A CUDA device the route is on() for where cuDNN's attention has not failed."""
+    return device.type == "cuda" and _key(device) not in _broken and on(sm(device))
 
 
 def sm(device: torch.device) -> int:
@@ -176,24 +176,28 @@ def prompt_attention(q: torch.Tensor, copy_context, scale: float, prefix: int) -
     # [1, H, rows, D] views of [rows, H, D] rows (the layout cuDNN calls BSHD), GQA heads as they are
     as_bhsd = lambda t: t.permute(1, 0, 2).unsqueeze(0)  # noqa: E731
     as_rows = lambda t: t[0].permute(1, 0, 2)  # noqa: E731 - and back
-    try:
+    try:  # memory running out anywhere in the route: the caller's kernel this time, the route stays
         k, v = copy_context(prefix + rows)
         q_pad = q.new_empty((rows, hq, d))
         q_pad[:tokens].copy_(q)
         q_pad[tokens:].zero_()
-        own, own_lse = attend(as_bhsd(q_pad), as_bhsd(k[prefix:]), as_bhsd(v[prefix:]), scale, True)
+        try:
+            own, own_lse = attend(as_bhsd(q_pad), as_bhsd(k[prefix:]), as_bhsd(v[prefix:]), scale, True)
+            if prefix:
+                cached, cached_lse = attend(as_bhsd(q_pad), as_bhsd(k[:prefix]), as_bhsd(v[:prefix]), scale, False)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError) as exc:  # this cuDNN or card lacks the fused attention
+            _broken.add(_key(q.device))
+            log.warning("cuDNN attention unavailable on %s (%s); prefill uses the Triton kernel", q.device, exc)
+            return None
         if prefix:
-            cached, cached_lse = attend(as_bhsd(q_pad), as_bhsd(k[:prefix]), as_bhsd(v[:prefix]), scale, False)
             del k, v, q_pad  # the merge's output in their place
             out = merge(as_rows(own), own_lse, as_rows(cached), cached_lse, tokens)
         else:
             out = as_rows(own)[:tokens].contiguous()
-    except torch.OutOfMemoryError:  # not cuDNN's lack: the caller's kernel this time, the route stays
+    except torch.OutOfMemoryError:
         log.warning("cuDNN attention ran out of memory on %d tokens; the Triton prefill kernel runs them", tokens)
-        return None
-    except (RuntimeError, NotImplementedError) as exc:  # this cuDNN or card lacks the fused attention
-        _broken.add(_key(q.device))
-        log.warning("cuDNN attention unavailable on %s (%s); prefill uses the Triton kernel", q.device, exc)
         return None
     _planned.add((_key(q.device), prefix, rows))
     return out
