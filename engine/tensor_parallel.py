@@ -321,6 +321,15 @@ def _join(rank: int, size: int, store, device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=size)
 
 
+def _ended(procs: list) -> tuple[int, int] | None:
+    """(rank, exit code) of the first of ranks 1.. (`procs`, their processes) that has ended; None if none."""
+    for rank, proc in enumerate(procs, start=1):
+        code = proc.poll()
+        if code is not None:
+            return rank, code
+    return None
+
+
 def _wait_for_ranks(store, procs: list) -> None:
     """Until every rank has loaded its shard and said so; a rank whose process ends first fails this at once
     with its exit code (not after the rendezvous timeout)."""
@@ -404,27 +413,24 @@ class TPDriver:
         procs = list(self.procs)
 
         def watch() -> None:
-            while self.procs:
-                for rank, proc in enumerate(procs, start=1):
-                    code = proc.poll()
-                    if code is not None and self.procs:
-                        log.error(
-                            "tensor-parallel rank %d exited with code %s: the engine cannot step (a collective "
-                            "fails, or with NCCL waits until its timeout)",
-                            rank,
-                            code,
-                        )
-                        return
+            while self.procs:  # stop() empties it
+                ended = _ended(procs)
+                if ended is not None and self.procs:
+                    log.error(
+                        "tensor-parallel rank %d exited with code %s: the engine cannot step (a collective "
+                        "fails, or with NCCL waits until its timeout)",
+                        *ended,
+                    )
+                    return
                 time.sleep(1.0)
 
         threading.Thread(target=watch, name="tp-ranks-watch", daemon=True).start()
 
     def check_ranks(self) -> None:
         """Raises RankExited naming a rank whose process has ended (a step would wait on it)."""
-        for rank, proc in enumerate(self.procs, start=1):
-            code = proc.poll()
-            if code is not None:
-                raise RankExited(f"tensor-parallel rank {rank} exited with code {code}; the engine cannot step")
+        ended = _ended(self.procs)
+        if ended is not None:
+            raise RankExited("tensor-parallel rank %d exited with code %d; the engine cannot step" % ended)
 
     def send(self, message) -> None:
         self.check_ranks()  # a poll a rank: microseconds
@@ -451,7 +457,7 @@ class TPDriver:
     def stop(self) -> None:
         if not self.procs:
             return
-        whole = all(proc.poll() is None for proc in self.procs)  # a group missing a rank takes no message
+        whole = _ended(self.procs) is None  # a group missing a rank takes no message
         try:
             if whole:
                 self.send(("stop", None))
