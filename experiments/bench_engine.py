@@ -98,6 +98,8 @@ def engine_for(shape: str, args, graphs: tuple[int, ...], blocks: int, max_len: 
     from engine.core import EngineCore
 
     chunking = {} if args.chunk is None else dict(max_num_batched_tokens=args.chunk, chunk_size=args.chunk)
+    if args.idle_chunk is not None:
+        chunking["idle_chunk_size"] = args.idle_chunk
     quantization, kv_cache_dtype = VARIANTS[variant]
     cfg = EngineConfig.from_dict(
         dict(
@@ -552,6 +554,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=None,
         help="chunk_size and max_num_batched_tokens (default: the engine's own chunking)",
+    )
+    parser.add_argument(
+        "--idle-chunk",
+        type=int,
+        default=None,
+        help="the scheduler's idle_chunk_size: a prompt's chunk when no decode waits (default: the engine's)",
     )
     parser.add_argument("--blocks", type=int, default=None, help="KV blocks (default: what the rows need)")
     parser.add_argument("--max-len", type=int, default=None)

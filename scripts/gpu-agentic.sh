@@ -19,11 +19,13 @@
 #     cudnn   long prefill chunks on cuDNN (engine/kernels/cudnn_prompt.py): its GPU tests, then bench_engine
 #             bf16-triton (the route off) / bf16 at prefill 16K / 32K / 50K and a turn, then
 #             tune_attention --only prompt-cudnn (CUDNN_S seconds each)
+#     chunks  bench_engine bf16 at prefill 32K / 50K with each idle_chunk_size of $CHUNKS (16384 32768 65536:
+#             a lone prompt's chunk), $CHUNKS_ARGS more (e.g. --profile-gpu), CHUNKS_S seconds each
 #     lookahead  python -m experiments.bench_lookahead --engine-only: the engine's step time with and without
 # Carry .whl (../shared/tools/device-wheels.sh prometheus-client opentelemetry-api annotated-doc: fastapi
 # 0.165 imports the last two) for simpy/hydra/fastapi. Logs go to $OUT (or /tmp/gpu-agentic).
 # Each phase has its own time limit (TUNE_S, KERNELS_S, GEMV_S, FUSE_S, PROFILE_S, BENCH_S, TESTS_S, SERVED_S, FLOOR_S, LOOKAHEAD_S,
-# ATTN_S, CUDNN_S seconds) so that what ran comes back.
+# ATTN_S, CUDNN_S, CHUNKS_S seconds) so that what ran comes back.
 set -uo pipefail
 out="${OUT:-/tmp/gpu-agentic}"; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -92,6 +94,12 @@ for phase in "$@"; do
           >> "$out/cudnn.txt" 2>&1 || status=1
       PYTHONSAFEPATH=1 timeout "${CUDNN_S:-200}" python3 -m experiments.tune_attention --only prompt-cudnn \
           >> "$out/cudnn.txt" 2>&1 || status=1 ;;
+    chunks) install || exit 1
+      for c in ${CHUNKS:-16384 32768 65536}; do
+        PYTHONSAFEPATH=1 TANDEM_CONF_DIR=$PWD/conf timeout "${CHUNKS_S:-200}" python3 -m experiments.bench_engine \
+            --models llama-3.1-8b --no-hf --variants ${CHUNKS_VARIANTS:-bf16} --decode 1x512 --prefill 32768 50000 \
+            --idle-chunk "$c" ${CHUNKS_ARGS:-} >> "$out/chunks.txt" 2>&1 || status=1
+      done ;;
     fused) install || exit 1
       PYTHONSAFEPATH=1 timeout "${FUSED_S:-300}" python3 -m experiments.tune_attention --only decode-fused \
         --shapes ${FUSED_SHAPES:-1x512 1x50000 4x50000 64x512} > "$out/fused.txt" 2>&1 || status=1 ;;
