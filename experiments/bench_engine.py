@@ -466,8 +466,21 @@ def bench_model(shape: str, args, bandwidth: float, rate: float, variant: str = 
 KERNEL_KINDS = (
     (
         "attention",
-        ("attention", "attn", "flash", "fmha", "_prefill_kernel", "_decode_split", "_decode_reduce", "_merge_splits"),
+        (
+            "attention",
+            "attn",
+            "flash",
+            "fmha",
+            "_prefill_kernel",
+            "_prefill_gather",  # Triton's prefill attention over a gathered context
+            "_decode_split",
+            "_decode_reduce",
+            "_decode_fma",
+            "_merge_splits",
+            "_merge_kernel",  # engine.kernels.cudnn_prompt's merge of its two calls
+        ),
     ),
+    ("kv copy", ("_dequant_blocks",)),  # a context's K/V copied (dequantized) out of the paged cache
     ("matmul", ("gemm", "gemv", "cutlass", "xmma", "nvjet", "sm90_", "sm80_", "matmul", "_scaled_mm")),
     ("norm", ("norm",)),
     ("rotary/kv write", ("rotary", "write_kv")),
