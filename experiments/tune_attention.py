@@ -9,6 +9,7 @@
     python -m experiments.tune_attention --only decode-fused-fp8   # the same on FP8 caches
     python -m experiments.tune_attention --only prefill-torch      # torch's own fused attention kernels, prefill shapes
     python -m experiments.tune_attention --only prompt-cudnn       # whole prompts: the cuDNN route against Triton
+    python -m experiments.tune_attention --only cudnn-merge        # the route's merge against its one-row kernel
 
 Heads of the Llama-3-8B shape (Hq 32, Hk 8, D 128), block size 16, bf16, blocks of each request
 scattered over the pool. Prefill shapes are (cached prefix, new tokens) of one request: long causal
@@ -33,6 +34,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from experiments.bench_kernels import BS, DTYPE, HK, HQ, D, bench_us, contiguous_kv, paged_cache
 
@@ -409,6 +412,59 @@ def sweep_prompt_cudnn(lengths, mm: float) -> None:
         torch.cuda.empty_cache()
 
 
+@triton.jit
+def _merge_one_row_kernel(
+    a_ptr, b_ptr, la_ptr, lb_ptr, o_ptr, a_st0, a_st1, b_st0, b_st1, o_st0, o_st1, S, D: tl.constexpr
+):
+    """cudnn_prompt's merge before 2026-12-07 (fifth session), the baseline of --only cudnn-merge: a program a
+    (token, head) row of D values."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    d = tl.arange(0, D)
+    la = tl.load(la_ptr + h * S + t)
+    lb = tl.load(lb_ptr + h * S + t)
+    top = tl.maximum(la, lb)
+    wa = tl.exp(la - top)
+    wb = tl.exp(lb - top)
+    a = tl.load(a_ptr + t * a_st0 + h * a_st1 + d).to(tl.float32)
+    b = tl.load(b_ptr + t * b_st0 + h * b_st1 + d).to(tl.float32)
+    tl.store(o_ptr + t * o_st0 + h * o_st1 + d, ((a * wa + b * wb) / (wa + wb)).to(o_ptr.dtype.element_ty))
+
+
+def sweep_cudnn_merge(token_counts, bw: float) -> None:
+    """The cuDNN route's merge of its two calls (engine.kernels.cudnn_prompt.merge) at Llama-3-8B's heads, on
+    partials laid out as cuDNN returns them, against the one-row kernel it replaced; GB/s count its two reads
+    and one write (log-sum-exps aside)."""
+    from engine.kernels import cudnn_prompt
+
+    print(f"\nthe cuDNN route's merge, Hq {HQ} D {D} bf16; copy bandwidth {bw:.0f} GB/s (read+write)")
+    for tokens in token_counts:
+        rows = cudnn_prompt.padded(tokens)
+        a, b = (torch.randn(1, HQ, rows, D, device="cuda", dtype=DTYPE)[0].permute(1, 0, 2) for _ in range(2))
+        la, lb = (torch.randn(1, HQ, rows, device="cuda") for _ in range(2))
+        new = cudnn_prompt.merge(a, la, b, lb, tokens)
+
+        def old():
+            out = torch.empty((tokens, HQ, D), dtype=DTYPE, device="cuda")
+            l_a, l_b = (x.reshape(HQ, rows).contiguous() for x in (la, lb))
+            _merge_one_row_kernel[(tokens, HQ)](
+                a, b, l_a, l_b, out, *a.stride()[:2], *b.stride()[:2], *out.stride()[:2], rows, D=D
+            )
+            return out
+
+        err = float((old().float() - new.float()).abs().max())
+        gbs = lambda us: 3 * tokens * HQ * D * 2 / us / 1e3  # noqa: E731
+        t_new = bench_us(lambda: cudnn_prompt.merge(a, la, b, lb, tokens))
+        t_old = bench_us(old)
+        print(
+            f"tokens {tokens:>6}: merge {t_new:8.1f} us {gbs(t_new):5.0f} GB/s | one-row kernel {t_old:8.1f} us"
+            f" {gbs(t_old):5.0f} GB/s | {t_old / t_new:.2f}x, max |diff| {err:.1e}",
+            flush=True,
+        )
+        del a, b, la, lb, new
+        torch.cuda.empty_cache()
+
+
 def decode_configs(quick: bool):
     """The tl.dot kernel's tiles and the CUDA-core kernel's (fma=True)."""
     from engine.kernels.triton.attention import DecodeConfig
@@ -584,7 +640,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--only",
         choices=(
-            "prefill", "prefill-torch", "prompt-cudnn", "decode", "decode-fp8", "decode-fused", "decode-fused-fp8"
+            "prefill", "prefill-torch", "prompt-cudnn", "cudnn-merge", "decode", "decode-fp8", "decode-fused",
+            "decode-fused-fp8",
         ),
     )  # fmt: skip
     parser.add_argument("--gather", action="store_true", help="prefill: sweep the gathered (TMA) kernel's tiles")
@@ -602,6 +659,8 @@ def main(argv: list[str] | None = None) -> None:
         sweep_prefill(shapes, args.quick, matmul_tflops(), args.small, args.gather)
     if args.only == "prompt-cudnn":  # lengths past the first: new padded lengths, then one that shares a plan
         sweep_prompt_cudnn([16384, 4096, 9000, 33001, 50000, 50001, 50999, 16384 + 1], matmul_tflops())
+    if args.only == "cudnn-merge":  # a 16K chunk, a 32K prompt's second chunk, a 50K prompt's third
+        sweep_cudnn_merge([16384, 16385, 32768, 4096], copy_gbs())
     if args.only == "prefill-torch":
         shapes = [(0, 16384), (55000, 1300)] if args.quick else PREFILL_SHAPES
         sweep_prefill_torch(shapes, matmul_tflops())

@@ -652,6 +652,26 @@ def _sdpa_top_left(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     return (scores.softmax(-1) @ v).to(q.dtype), scores.logsumexp(-1)
 
 
+def check_cudnn_merge(device: str, dtype: torch.dtype, d: int) -> None:
+    """cudnn_prompt.merge against float32 torch: two partials laid out as cuDNN returns them ([1, H, S, D]
+    viewed as [S, H, D] rows), S padded past the rows kept; rows counts that fill the merge's blocks, leave a
+    block part-full and are under one block; log-sum-exps far apart (one side's weight underflows)."""
+    from engine.kernels import cudnn_prompt
+
+    h = 3
+    for seed, (tokens, rows) in enumerate(((1, 16), (31, 32), (32, 48), (33, 64), (100, 128))):
+        g = torch.Generator().manual_seed(seed)
+        a, b = (torch.randn(1, h, rows, d, generator=g).to(dtype) for _ in range(2))
+        la, lb = (torch.randn(1, h, rows, generator=g) * 4 for _ in range(2))
+        la[0, 0, : tokens // 2] += 200.0  # b's weight is 0 in float32 there
+        want_w = torch.softmax(torch.stack([la, lb]), dim=0)  # [2, 1, H, S]
+        want = (a.float() * want_w[0, ..., None] + b.float() * want_w[1, ..., None])[0].permute(1, 0, 2)[:tokens]
+        as_rows = lambda t: t.to(device)[0].permute(1, 0, 2)  # noqa: E731
+        got = cudnn_prompt.merge(as_rows(a), la.to(device), as_rows(b), lb.to(device), tokens)
+        assert got.shape == (tokens, h, d) and got.dtype == dtype, (got.shape, got.dtype)
+        _assert_close(got.cpu(), want.to(dtype), dtype, f"cudnn merge tokens={tokens} rows={rows}")
+
+
 def _skip_where_the_route_is_off(device: str) -> None:
     """On a GPU the route runs only where cudnn_prompt.on() (Hopper, cuDNN enabled): elsewhere its cases skip."""
     from engine.kernels import cudnn_prompt
@@ -1130,6 +1150,8 @@ CASES: dict[str, Callable[[str], None]] = {
     "prompt_cudnn_route_f16_bs32": partial(check_prompt_route, dtype=F16, bs=32),
     "prompt_cudnn_route_fp8_bf16_bs8": partial(check_prompt_route, dtype=BF16, bs=8, kv_fp8=True),
     "prompt_cudnn_route_fallbacks": check_prompt_route_fallbacks,
+    "cudnn_merge_bf16_d128": partial(check_cudnn_merge, dtype=BF16, d=128),
+    "cudnn_merge_f16_d64": partial(check_cudnn_merge, dtype=F16, d=64),
     "cudnn_warm_up_bf16": partial(check_cudnn_warm_up, kv_fp8=False),
     "cudnn_warm_up_fp8": partial(check_cudnn_warm_up, kv_fp8=True),
     "prefill_bf16_gather": partial(
@@ -1291,6 +1313,7 @@ def run_cases(device: str, names: list[str]) -> dict[str, str | None]:
 
 def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
     """Each kernel through its real launcher, with the tile configurations a CUDA device gets."""
+    from engine.kernels import cudnn_prompt
     from engine.kernels.triton import attention, elementwise, gemv
 
     cuda = torch.device("cuda")
@@ -1421,6 +1444,15 @@ def _hopper_compile_variants() -> dict[str, Callable[[], None]]:
         "rotary_write_kv_fp8": partial(elementwise.rotary_write_kv, *fp8_args, **fp8_scales),
         "rotary_write_kv_fp8_qk_norm": partial(
             elementwise.rotary_write_kv, *fp8_args, q_norm=norm_w, k_norm=norm_w, **fp8_scales
+        ),
+        # the cuDNN route's merge of its two calls at Llama-3-8B's heads (cuDNN's [1, H, S, D] outputs as rows)
+        "cudnn_merge_bf16_d128": partial(
+            cudnn_prompt.merge,
+            torch.zeros(1, 32, 64, 128, dtype=BF16)[0].permute(1, 0, 2),
+            torch.zeros(1, 32, 64),
+            torch.zeros(1, 32, 64, 128, dtype=BF16)[0].permute(1, 0, 2),
+            torch.zeros(1, 32, 64),
+            50,
         ),
     }
 
