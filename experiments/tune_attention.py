@@ -9,7 +9,7 @@
     python -m experiments.tune_attention --only decode-fused-fp8   # the same on FP8 caches
     python -m experiments.tune_attention --only prefill-torch      # torch's own fused attention kernels, prefill shapes
     python -m experiments.tune_attention --only prompt-cudnn       # whole prompts: the cuDNN route against Triton
-    python -m experiments.tune_attention --only cudnn-merge        # the route's merge against its one-row kernel
+    python -m experiments.tune_attention --only cudnn-merge        # the route's merge against a blocked candidate
 
 Heads of the Llama-3-8B shape (Hq 32, Hk 8, D 128), block size 16, bf16, blocks of each request
 scattered over the pool. Prefill shapes are (cached prefix, new tokens) of one request: long causal
@@ -413,28 +413,47 @@ def sweep_prompt_cudnn(lengths, mm: float) -> None:
 
 
 @triton.jit
-def _merge_one_row_kernel(
-    a_ptr, b_ptr, la_ptr, lb_ptr, o_ptr, a_st0, a_st1, b_st0, b_st1, o_st0, o_st1, S, D: tl.constexpr
-):
-    """cudnn_prompt's merge before 2026-12-07 (fifth session), the baseline of --only cudnn-merge: a program a
-    (token, head) row of D values."""
-    t = tl.program_id(0).to(tl.int64)
+def _merge_blocked_kernel(
+    a_ptr, b_ptr, la_ptr, lb_ptr, o_ptr, a_st0, a_st1, b_st0, b_st1, o_st0, o_st1, S, T,
+    D: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """A candidate for cudnn_prompt's merge (its _merge_kernel takes one (token, head) row of D values a
+    program): BLOCK_T rows of one head a program, which are contiguous in cuDNN's [1, H, S, D] outputs, so a
+    program reads two [BLOCK_T, D] blocks and writes one."""
     h = tl.program_id(1).to(tl.int64)
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
-    la = tl.load(la_ptr + h * S + t)
-    lb = tl.load(lb_ptr + h * S + t)
+    live = t < T
+    la = tl.load(la_ptr + h * S + t, mask=live, other=0.0)
+    lb = tl.load(lb_ptr + h * S + t, mask=live, other=0.0)
     top = tl.maximum(la, lb)
     wa = tl.exp(la - top)
     wb = tl.exp(lb - top)
-    a = tl.load(a_ptr + t * a_st0 + h * a_st1 + d).to(tl.float32)
-    b = tl.load(b_ptr + t * b_st0 + h * b_st1 + d).to(tl.float32)
-    tl.store(o_ptr + t * o_st0 + h * o_st1 + d, ((a * wa + b * wb) / (wa + wb)).to(o_ptr.dtype.element_ty))
+    rows = live[:, None]
+    a = tl.load(a_ptr + t[:, None] * a_st0 + h * a_st1 + d[None, :], mask=rows, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + t[:, None] * b_st0 + h * b_st1 + d[None, :], mask=rows, other=0.0).to(tl.float32)
+    out = (a * wa[:, None] + b * wb[:, None]) / (wa + wb)[:, None]
+    tl.store(o_ptr + t[:, None] * o_st0 + h * o_st1 + d[None, :], out.to(o_ptr.dtype.element_ty), mask=rows)
+
+
+def merge_blocked(a, lse_a, b, lse_b, tokens: int, block_t: int = 32) -> torch.Tensor:
+    """cudnn_prompt.merge's contract on _merge_blocked_kernel."""
+    rows, h, d = a.shape
+    out = torch.empty((tokens, h, d), dtype=a.dtype, device=a.device)
+    la, lb = (x.reshape(h, rows).contiguous() for x in (lse_a, lse_b))
+    _merge_blocked_kernel[(triton.cdiv(tokens, block_t), h)](
+        a, b, la, lb, out, *a.stride()[:2], *b.stride()[:2], *out.stride()[:2], rows, tokens, D=d,
+        BLOCK_T=block_t, num_warps=4,
+    )  # fmt: skip
+    return out
 
 
 def sweep_cudnn_merge(token_counts, bw: float) -> None:
-    """The cuDNN route's merge of its two calls (engine.kernels.cudnn_prompt.merge) at Llama-3-8B's heads, on
-    partials laid out as cuDNN returns them, against the one-row kernel it replaced; GB/s count its two reads
-    and one write (log-sum-exps aside)."""
+    """The cuDNN route's merge of its two calls (engine.kernels.cudnn_prompt.merge, a program a row) at
+    Llama-3-8B's heads, on partials laid out as cuDNN returns them, against the blocked candidate at a few
+    block sizes; GB/s count the two reads and one write (log-sum-exps aside). An H100 profile of a 50K prefill
+    in 16K chunks (docs/perf.md, 2026-12-07, fifth session) had the engine's merge at 0.37 ms a 16K chunk, about
+    a third of the copy bandwidth."""
     from engine.kernels import cudnn_prompt
 
     print(f"\nthe cuDNN route's merge, Hq {HQ} D {D} bf16; copy bandwidth {bw:.0f} GB/s (read+write)")
@@ -442,26 +461,16 @@ def sweep_cudnn_merge(token_counts, bw: float) -> None:
         rows = cudnn_prompt.padded(tokens)
         a, b = (torch.randn(1, HQ, rows, D, device="cuda", dtype=DTYPE)[0].permute(1, 0, 2) for _ in range(2))
         la, lb = (torch.randn(1, HQ, rows, device="cuda") for _ in range(2))
-        new = cudnn_prompt.merge(a, la, b, lb, tokens)
-
-        def old():
-            out = torch.empty((tokens, HQ, D), dtype=DTYPE, device="cuda")
-            l_a, l_b = (x.reshape(HQ, rows).contiguous() for x in (la, lb))
-            _merge_one_row_kernel[(tokens, HQ)](
-                a, b, l_a, l_b, out, *a.stride()[:2], *b.stride()[:2], *out.stride()[:2], rows, D=D
-            )
-            return out
-
-        err = float((old().float() - new.float()).abs().max())
+        want = cudnn_prompt.merge(a, la, b, lb, tokens)
         gbs = lambda us: 3 * tokens * HQ * D * 2 / us / 1e3  # noqa: E731
-        t_new = bench_us(lambda: cudnn_prompt.merge(a, la, b, lb, tokens))
-        t_old = bench_us(old)
-        print(
-            f"tokens {tokens:>6}: merge {t_new:8.1f} us {gbs(t_new):5.0f} GB/s | one-row kernel {t_old:8.1f} us"
-            f" {gbs(t_old):5.0f} GB/s | {t_old / t_new:.2f}x, max |diff| {err:.1e}",
-            flush=True,
-        )
-        del a, b, la, lb, new
+        t_engine = bench_us(lambda: cudnn_prompt.merge(a, la, b, lb, tokens))
+        cells = [f"engine {t_engine:7.1f} us {gbs(t_engine):5.0f} GB/s"]
+        for bt in (8, 16, 32, 64):
+            err = float((merge_blocked(a, la, b, lb, tokens, bt).float() - want.float()).abs().max())
+            t = bench_us(lambda bt=bt: merge_blocked(a, la, b, lb, tokens, bt))
+            cells.append(f"block {bt} {t:7.1f} us {gbs(t):5.0f} GB/s ({t_engine / t:.2f}x, |diff| {err:.0e})")
+        print(f"tokens {tokens:>6}: " + " | ".join(cells), flush=True)
+        del a, b, la, lb, want
         torch.cuda.empty_cache()
 
 

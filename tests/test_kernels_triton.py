@@ -655,8 +655,10 @@ def _sdpa_top_left(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 def check_cudnn_merge(device: str, dtype: torch.dtype, d: int) -> None:
     """cudnn_prompt.merge against float32 torch: two partials laid out as cuDNN returns them ([1, H, S, D]
     viewed as [S, H, D] rows), S padded past the rows kept; rows counts that fill the merge's blocks, leave a
-    block part-full and are under one block; log-sum-exps far apart (one side's weight underflows)."""
+    block part-full and are under one block; log-sum-exps far apart (one side's weight underflows). The same
+    for the blocked candidate that experiments.tune_attention --only cudnn-merge times against it."""
     from engine.kernels import cudnn_prompt
+    from experiments.tune_attention import merge_blocked
 
     h = 3
     for seed, (tokens, rows) in enumerate(((1, 16), (31, 32), (32, 48), (33, 64), (100, 128))):
@@ -667,9 +669,10 @@ def check_cudnn_merge(device: str, dtype: torch.dtype, d: int) -> None:
         want_w = torch.softmax(torch.stack([la, lb]), dim=0)  # [2, 1, H, S]
         want = (a.float() * want_w[0, ..., None] + b.float() * want_w[1, ..., None])[0].permute(1, 0, 2)[:tokens]
         as_rows = lambda t: t.to(device)[0].permute(1, 0, 2)  # noqa: E731
-        got = cudnn_prompt.merge(as_rows(a), la.to(device), as_rows(b), lb.to(device), tokens)
-        assert got.shape == (tokens, h, d) and got.dtype == dtype, (got.shape, got.dtype)
-        _assert_close(got.cpu(), want.to(dtype), dtype, f"cudnn merge tokens={tokens} rows={rows}")
+        for name, merge in (("engine", cudnn_prompt.merge), ("blocked candidate", merge_blocked)):
+            got = merge(as_rows(a), la.to(device), as_rows(b), lb.to(device), tokens)
+            assert got.shape == (tokens, h, d) and got.dtype == dtype, (name, got.shape, got.dtype)
+            _assert_close(got.cpu(), want.to(dtype), dtype, f"cudnn merge, {name}, tokens={tokens} rows={rows}")
 
 
 def _skip_where_the_route_is_off(device: str) -> None:

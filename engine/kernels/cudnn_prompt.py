@@ -138,30 +138,21 @@ def attend(
 
 
 @triton.jit
-def _merge_kernel(
-    a_ptr, b_ptr, la_ptr, lb_ptr, o_ptr, a_st0, a_st1, b_st0, b_st1, o_st0, o_st1, S, T,
-    D: tl.constexpr, BLOCK_T: tl.constexpr,
-):  # fmt: skip
-    """BLOCK_T rows (tokens t of head h) of two attention partials over disjoint keys, merged by their natural
-    log-sum-exps (la, lb [H, S] contiguous): out = (a e^la + b e^lb) / (e^la + e^lb). A head's rows of cuDNN's
-    outputs are contiguous, so a program reads two [BLOCK_T, D] blocks and writes one."""
+def _merge_kernel(a_ptr, b_ptr, la_ptr, lb_ptr, o_ptr, a_st0, a_st1, b_st0, b_st1, o_st0, o_st1, S, D: tl.constexpr):
+    """Row (token t, head h) of two attention partials over disjoint keys, merged by their natural log-sum-exps
+    (la, lb [H, S] contiguous): out = (a e^la + b e^lb) / (e^la + e^lb)."""
+    t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D)
-    live = t < T
-    la = tl.load(la_ptr + h * S + t, mask=live, other=0.0)
-    lb = tl.load(lb_ptr + h * S + t, mask=live, other=0.0)
+    la = tl.load(la_ptr + h * S + t)
+    lb = tl.load(lb_ptr + h * S + t)
     top = tl.maximum(la, lb)
     wa = tl.exp(la - top)
     wb = tl.exp(lb - top)
-    rows = live[:, None]
-    a = tl.load(a_ptr + t[:, None] * a_st0 + h * a_st1 + d[None, :], mask=rows, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + t[:, None] * b_st0 + h * b_st1 + d[None, :], mask=rows, other=0.0).to(tl.float32)
-    out = (a * wa[:, None] + b * wb[:, None]) / (wa + wb)[:, None]
-    tl.store(o_ptr + t[:, None] * o_st0 + h * o_st1 + d[None, :], out.to(o_ptr.dtype.element_ty), mask=rows)
-
-
-MERGE_BLOCK_T = 32  # rows a merge program takes: 32 x 128 elements of each input, 4 warps
+    a = tl.load(a_ptr + t * a_st0 + h * a_st1 + d).to(tl.float32)
+    b = tl.load(b_ptr + t * b_st0 + h * b_st1 + d).to(tl.float32)
+    out = (a * wa + b * wb) / (wa + wb)
+    tl.store(o_ptr + t * o_st0 + h * o_st1 + d, out.to(o_ptr.dtype.element_ty))
 
 
 def merge(a: torch.Tensor, lse_a: torch.Tensor, b: torch.Tensor, lse_b: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -169,11 +160,7 @@ def merge(a: torch.Tensor, lse_a: torch.Tensor, b: torch.Tensor, lse_b: torch.Te
     rows, h, d = a.shape
     out = torch.empty((tokens, h, d), dtype=a.dtype, device=a.device)
     la, lb = (x.reshape(h, rows).contiguous() for x in (lse_a, lse_b))
-    grid = (triton.cdiv(tokens, MERGE_BLOCK_T), h)
-    _merge_kernel[grid](
-        a, b, la, lb, out, *a.stride()[:2], *b.stride()[:2], *out.stride()[:2], rows, tokens, D=d,
-        BLOCK_T=MERGE_BLOCK_T, num_warps=4,
-    )  # fmt: skip
+    _merge_kernel[(tokens, h)](a, b, la, lb, out, *a.stride()[:2], *b.stride()[:2], *out.stride()[:2], rows, D=d)
     return out
 
 
