@@ -336,19 +336,14 @@ def _wait_for_ranks(store, procs: list) -> None:
     import time
 
     deadline = time.monotonic() + START_TIMEOUT_S
-    waiting = dict(enumerate(procs, start=1))
-    while waiting:
-        for rank, proc in list(waiting.items()):
-            if store.check([f"tandem/up/{rank}"]):
-                del waiting[rank]
-                continue
-            code = proc.poll()
-            if code is not None:
-                raise RankExited(
-                    f"tensor-parallel rank {rank} exited with code {code} before joining (its error is above)"
-                )
-        if waiting and time.monotonic() > deadline:
-            raise RuntimeError(f"tensor-parallel ranks {sorted(waiting)} did not join within {START_TIMEOUT_S:.0f} s")
+    keys = [f"tandem/up/{rank}" for rank in range(1, len(procs) + 1)]
+    while not store.check(keys):
+        ended = _ended(procs)
+        if ended is not None:
+            raise RankExited("tensor-parallel rank %d exited with code %d before joining (its error is above)" % ended)
+        if time.monotonic() > deadline:
+            waiting = [rank for rank, key in enumerate(keys, start=1) if not store.check([key])]
+            raise RuntimeError(f"tensor-parallel ranks {waiting} did not join within {START_TIMEOUT_S:.0f} s")
         time.sleep(0.05)
 
 
