@@ -791,18 +791,6 @@ def test_tiny_fp8_model_on_gpu(tmp_path):
     assert (l1[:same] - l0[:same]).norm() / l0[:same].norm() < 0.08
 
 
-if __name__ == "__main__":
-    # the subprocesses:  TRITON_INTERPRET=1 python tests/test_fp8_weights.py --interpret
-    #                    python tests/test_fp8_weights.py --compile-sm90
-    torch.set_num_threads(1)
-    if sys.argv[1:2] == ["--compile-sm90"]:
-        print(json.dumps(compile_for_hopper()))
-    elif sys.argv[1:2] == ["--interpret"] and os.environ.get("TRITON_INTERPRET") == "1":
-        print(json.dumps(interpreter_cases()))
-    else:
-        sys.exit("usage: TRITON_INTERPRET=1 python tests/test_fp8_weights.py --interpret | --compile-sm90")
-
-
 def test_the_step_cost_prices_the_weights_as_loaded():
     """make_step_cost (the admission policy's prediction) prices the weights the engine loaded: an FP8
     checkpoint's with quantization=none is an FP8 decode step, half the weight bytes' time."""
@@ -860,3 +848,15 @@ def test_quant_method_fp8_reads_e4m3_however_it_is_spelled():
     for fmt in ({}, {"fmt": None}, {"fmt": "E4M3"}, {"fmt": "e4m3"}):
         found = checkpoint_format({"quantization_config": {"quant_method": "fp8", **fmt}})
         assert (found.method, found.strategy) == ("fp8", "tensor"), fmt
+
+
+if __name__ == "__main__":
+    # the subprocesses:  TRITON_INTERPRET=1 python tests/test_fp8_weights.py --interpret
+    #                    python tests/test_fp8_weights.py --compile-sm90
+    torch.set_num_threads(1)
+    if sys.argv[1:2] == ["--compile-sm90"]:
+        print(json.dumps(compile_for_hopper()))
+    elif sys.argv[1:2] == ["--interpret"] and os.environ.get("TRITON_INTERPRET") == "1":
+        print(json.dumps(interpreter_cases()))
+    else:
+        sys.exit("usage: TRITON_INTERPRET=1 python tests/test_fp8_weights.py --interpret | --compile-sm90")
